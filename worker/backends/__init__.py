@@ -1,0 +1,1 @@
+"""Compute backends: `numpy_ref` (the reference, `--device cpu`) and `cuda` (the product)."""

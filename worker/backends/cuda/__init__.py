@@ -1,0 +1,1 @@
+"""CUDA backend: context, weights arena, kernel registry compiled from cuda_src/, graphs, runner."""

@@ -1,0 +1,1 @@
+"""Backend-independent generation: sequence state, sampling, stop strings, the decode loop."""

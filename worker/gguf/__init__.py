@@ -1,0 +1,1 @@
+"""GGUF files: memory-mapped reading with validation, hyperparameters, NumPy dequantization, synthetic models."""

@@ -1,0 +1,1 @@
+"""NATS: connection, JetStream streams and consumers, embedded nats-server, public client."""
