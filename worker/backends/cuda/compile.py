@@ -1,0 +1,89 @@
+"""Kernel registry: compiles `cuda_src/<name>.cu` through PyCUDA at startup, cached by hash.
+
+`#include "x.cuh"` lines that name files in cuda_src/ are expanded before hashing, so a change
+to a shared header invalidates every module that uses it; the cache key also covers the nvcc
+flags, the target architecture and the nvcc version. A warm start compiles nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+CUDA_SRC = Path(__file__).resolve().parents[3] / "cuda_src"
+# Keep in step with scripts/check-kernels.sh (CI compiles with the same flags).
+NVCC_OPTIONS: tuple[str, ...] = ("-std=c++17", "-O3", "-Xptxas=-warn-spills")
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def kernel_cache_dir() -> Path:
+    env = os.environ.get("WORKER_ORCD_CACHE")
+    base = Path(env) if env else Path.home() / ".cache" / "worker-orcd"
+    return base / "kernels"
+
+
+def expand_includes(path: Path, seen: set[Path] | None = None) -> str:
+    """Source text with local includes inlined (each header once)."""
+    seen = set() if seen is None else seen
+    text = path.read_text()
+
+    def repl(m: re.Match[str]) -> str:
+        inc = (path.parent / m.group(1)).resolve()
+        if not inc.exists():
+            return m.group(0)  # a system header: leave for nvcc
+        if inc in seen:
+            return f"// {m.group(1)} already included"
+        seen.add(inc)
+        return f"// begin {m.group(1)}\n{expand_includes(inc, seen)}\n// end {m.group(1)}"
+
+    return _INCLUDE.sub(repl, text)
+
+
+@cache
+def nvcc_version() -> str:
+    out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def cache_key(source: str, arch: str) -> str:
+    h = hashlib.sha256()
+    for part in (source, arch, " ".join(NVCC_OPTIONS), nvcc_version()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def compile_cubin(name: str, arch: str) -> tuple[bytes, bool]:
+    """(cubin, compiled_now) for cuda_src/<name>.cu and e.g. arch='sm_90'."""
+    source = expand_includes(CUDA_SRC / f"{name}.cu")
+    cached = kernel_cache_dir() / f"{name}-{arch}-{cache_key(source, arch)}.cubin"
+    if cached.exists():
+        return cached.read_bytes(), False
+    from pycuda.compiler import compile as pycuda_compile  # GPU hosts only
+
+    cubin: bytes = pycuda_compile(
+        source,
+        options=list(NVCC_OPTIONS),
+        arch=arch,
+        no_extern_c=True,  # sources declare their entry points extern "C" themselves
+        cache_dir=False,  # our key covers headers and flags; PyCUDA's covers neither
+        include_dirs=[str(CUDA_SRC)],
+    )
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(cubin)
+    tmp.replace(cached)
+    return cubin, True
+
+
+def load_module(name: str, arch: str) -> Any:
+    """A pycuda.driver.Module for cuda_src/<name>.cu; needs a current context."""
+    import pycuda.driver as drv
+
+    cubin, _ = compile_cubin(name, arch)
+    return drv.module_from_buffer(cubin)
