@@ -14,13 +14,14 @@ class Tokenizer(Protocol):
     add_bos: bool
     add_eos: bool
 
-    def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def encode(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         """Text to ids. add_special: prepend BOS / append EOS as the model's flags say.
         parse_special: special/control tokens written in the text become their ids."""
         ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        ...
+    def decode(self, ids: Sequence[int]) -> str: ...
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (b'' for control tokens not rendered)."""
@@ -30,5 +31,6 @@ class Tokenizer(Protocol):
         """End of generation: EOS, EOT and the like from the metadata."""
         ...
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        ...
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str: ...
