@@ -1,0 +1,330 @@
+"""Public async client of the worker's NATS interface (SPEC §3, §5).
+
+    async with await OrcdClient.connect("nats://127.0.0.1:4222") as client:
+        async for event in client.generate("qwen2-5-0-5b", prompt="Write a haiku", seed=1):
+            if isinstance(event, Token):
+                print(event.t, end="")
+
+`generate` subscribes to ``orcd.events.<job_id>`` before it publishes the job, so no event is
+missed. If the live stream shows a gap (a token index skipped, or silence longer than
+`gap_timeout_s`, e.g. across a NATS outage) it fills it from JetStream (ORCD_EVENTS), so the
+caller sees every event of every attempt exactly once, in order. `replay` reads a job's whole
+stored stream; `cancel` and `health` are request-reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from worker.nats.jetstream import connect, stream_names
+from worker.protocol import (
+    CancelReply,
+    ChatMessage,
+    End,
+    Error,
+    Event,
+    Health,
+    Job,
+    Started,
+    Subjects,
+    Token,
+    decode_cancel_reply,
+    decode_event,
+    decode_health,
+    encode,
+)
+
+_EventKey = tuple[int, str, int]
+
+
+def is_terminal(event: Event) -> bool:
+    return isinstance(event, End | Error)
+
+
+class OrcdClient:
+    def __init__(self, nc: NatsClient, prefix: str = "orcd") -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(prefix)
+        self._jobs_stream, self._events_stream = stream_names(self.subjects)
+
+    @classmethod
+    async def connect(cls, url: str, prefix: str = "orcd") -> OrcdClient:
+        nc = await connect(url, name=f"orcd-client-{uuid.uuid4().hex[:8]}")
+        return cls(nc, prefix)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    async def __aenter__(self) -> OrcdClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ jobs
+
+    @staticmethod
+    def make_job(
+        *,
+        prompt: str | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+        job_id: str | None = None,
+        **params: Any,
+    ) -> Job:
+        msgs = None if messages is None else [ChatMessage(**m) for m in messages]  # type: ignore[arg-type]
+        return Job(job_id=job_id or uuid.uuid4().hex, prompt=prompt, messages=msgs, **params)
+
+    async def submit(self, model_ref: str, job: Job | bytes) -> None:
+        """Publish a job (a Job, or raw bytes - for testing the worker's validation) and wait
+        for JetStream to store it. A Job is de-duplicated by its job_id (2-minute window)."""
+        if isinstance(job, Job):
+            headers = {"Nats-Msg-Id": job.job_id}
+            await self.js.publish(self.subjects.jobs(model_ref), encode(job), headers=headers)
+        else:
+            await self.js.publish(self.subjects.jobs(model_ref), job)
+
+    async def generate(
+        self,
+        model_ref: str,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+        job_id: str | None = None,
+        timeout_s: float | None = None,
+        gap_timeout_s: float = 5.0,
+        **params: Any,
+    ) -> AsyncIterator[Event]:
+        """Submit a job and yield its events until the terminal one."""
+        job = self.make_job(prompt=prompt, messages=messages, job_id=job_id, **params)
+        async for event in self.run_job(
+            model_ref, job, timeout_s=timeout_s, gap_timeout_s=gap_timeout_s
+        ):
+            yield event
+
+    async def run_job(
+        self,
+        model_ref: str,
+        job: Job | bytes,
+        *,
+        job_id: str | None = None,
+        timeout_s: float | None = None,
+        gap_timeout_s: float = 5.0,
+    ) -> AsyncIterator[Event]:
+        jid = job.job_id if isinstance(job, Job) else job_id
+        if jid is None:
+            raise ValueError("job_id is needed to follow a raw job")
+        async for event in self.follow(
+            jid,
+            timeout_s=timeout_s,
+            gap_timeout_s=gap_timeout_s,
+            before_first=lambda: self.submit(model_ref, job),
+        ):
+            yield event
+
+    async def follow(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float | None = None,
+        gap_timeout_s: float = 5.0,
+        before_first: Any = None,
+    ) -> AsyncIterator[Event]:
+        """Yield a job's events (live, gaps filled from JetStream) until the terminal one.
+        `before_first` (an async callable) runs once the live subscription is in place."""
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.nc.subscribe(self.subjects.events(job_id), cb=on_msg)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        seen: set[_EventKey] = set()
+        attempt = 0
+        next_i = 0
+        try:
+            await self.nc.flush()
+            if before_first is not None:
+                await before_first()
+            while True:
+                wait = gap_timeout_s
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                    if wait <= 0:
+                        raise TimeoutError(f"job {job_id}: no terminal event in {timeout_s} s")
+                gap = False
+                try:
+                    msg = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    gap = True
+                    event = None
+                else:
+                    event = decode_event(msg.data)
+                    if _live_key(event, attempt) in seen:
+                        continue
+                    if isinstance(event, Token) and event.i != next_i:
+                        gap = True
+                if gap:
+                    # fill from JetStream: every stored event not yet yielded, in order
+                    stored = await self.replay(job_id)
+                    done = False
+                    for ev, k in _keyed(stored):
+                        attempt, next_i = _advance(ev, attempt, next_i)
+                        if k in seen:
+                            continue
+                        seen.add(k)
+                        yield ev
+                        if is_terminal(ev):
+                            done = True
+                            break
+                    if done:
+                        return
+                    continue
+                assert event is not None
+                key = _live_key(event, attempt)
+                if key in seen:
+                    continue
+                seen.add(key)
+                attempt, next_i = _advance(event, attempt, next_i)
+                yield event
+                if is_terminal(event):
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def replay(self, job_id: str, timeout_s: float = 5.0) -> list[Event]:
+        """Every event of `job_id` stored in ORCD_EVENTS, in stored order."""
+        subject = self.subjects.events(job_id)
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=30.0,
+            filter_subject=subject,
+        )
+        psub = await self.js.pull_subscribe(subject, stream=self._events_stream, config=config)
+        out: list[Event] = []
+        try:
+            info = await psub.consumer_info()
+            remaining = info.num_pending or 0
+            while remaining > 0:
+                try:
+                    msgs = await psub.fetch(min(remaining, 256), timeout=timeout_s)
+                except nats.errors.TimeoutError:
+                    break
+                for m in msgs:
+                    out.append(decode_event(m.data))
+                    remaining = m.metadata.num_pending
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+            with contextlib.suppress(Exception):
+                name = (await psub.consumer_info()).name
+                await self.js.delete_consumer(self._events_stream, name)
+        return out
+
+    # ------------------------------------------------------------------ control
+
+    async def cancel(self, job_id: str, timeout_s: float = 0.5) -> list[CancelReply]:
+        """Ask every worker to cancel `job_id`; returns the replies that came in `timeout_s`
+        (stops early once the worker running the job answered)."""
+        inbox = self.nc.new_inbox()
+        replies: list[CancelReply] = []
+        got_running = asyncio.Event()
+
+        async def on_reply(msg: Msg) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                reply = decode_cancel_reply(msg.data)
+                replies.append(reply)
+                if reply.status in ("cancelling", "already_cancelling", "already_finished"):
+                    got_running.set()
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(self.subjects.cancel, encode({"job_id": job_id}), reply=inbox)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(got_running.wait(), timeout_s)
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    async def health(self, worker_id: str | None = None, timeout_s: float = 2.0) -> Health:
+        """Health of one worker (or of whichever worker answers ``orcd.health`` first)."""
+        subject = self.subjects.health(worker_id) if worker_id else self.subjects.health_all
+        msg = await self.nc.request(subject, b"", timeout=timeout_s)
+        return decode_health(msg.data)
+
+    async def health_all(self, timeout_s: float = 0.5) -> list[Health]:
+        """Health of every worker that answers ``orcd.health`` within `timeout_s`."""
+        inbox = self.nc.new_inbox()
+        out: list[Health] = []
+
+        async def on_reply(msg: Msg) -> None:
+            out.append(decode_health(msg.data))
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(self.subjects.health_all, b"", reply=inbox)
+            await asyncio.sleep(timeout_s)
+        finally:
+            await sub.unsubscribe()
+        return out
+
+    async def shutdown(self, worker_id: str, timeout_s: float = 2.0) -> bytes:
+        msg = await self.nc.request(self.subjects.shutdown(worker_id), b"", timeout=timeout_s)
+        return bytes(msg.data)
+
+    async def metrics(self, worker_id: str, timeout_s: float = 2.0) -> str:
+        msg = await self.nc.request(self.subjects.metrics(worker_id), b"", timeout=timeout_s)
+        return bytes(msg.data).decode()
+
+
+def _advance(event: Event, attempt: int, next_i: int) -> tuple[int, int]:
+    if isinstance(event, Started):
+        return event.attempt, 0
+    if isinstance(event, Token):
+        return attempt, event.i + 1
+    return attempt, next_i
+
+
+def _live_key(event: Event, attempt: int) -> _EventKey:
+    if isinstance(event, Started):
+        return (event.attempt, "started", 0)
+    return (attempt, type(event).__name__, event.i if isinstance(event, Token) else 0)
+
+
+def _keyed(events: list[Event]) -> list[tuple[Event, _EventKey]]:
+    out: list[tuple[Event, _EventKey]] = []
+    attempt = 0
+    for ev in events:
+        if isinstance(ev, Started):
+            attempt = ev.attempt
+            out.append((ev, (attempt, "started", 0)))
+        else:
+            i = ev.i if isinstance(ev, Token) else 0
+            out.append((ev, (attempt, type(ev).__name__, i)))
+    return out
+
+
+def final_attempt(events: list[Event]) -> list[Event]:
+    """The events of the last attempt in a replayed stream (from its `started` on)."""
+    starts = [k for k, ev in enumerate(events) if isinstance(ev, Started)]
+    return events[starts[-1] :] if starts else []

