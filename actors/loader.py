@@ -1,0 +1,141 @@
+"""Loader actor: mmap -> validate -> tokenizer -> backend (weights to the device) -> ready.
+
+Runs its work on the backend thread (the backend is created, and later used, only there) and
+narrates ``model_load_start``, ``model_load_progress`` (0/25/50/75/100: file validated,
+tokenizer built, weights and KV cache in place, warm-up step done) and
+``model_load_complete``. A load failure raises ModelLoadError / InsufficientVram, which the
+supervisor turns into exit code 1 with the message (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from actors.backend_thread import BackendThread
+from worker.backends.base import Backend
+from worker.config import WorkerConfig
+from worker.narration import narrate
+from worker.tokenizer.base import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    backend: Backend
+    tokenizer: Tokenizer
+    model_name: str
+    quant_kind: str
+    architecture: str
+    load_seconds: float
+
+
+def quant_kind_of(gguf_file: Any) -> str:
+    """The file's quantization mix name (Q4_K_M, ...), else its most common tensor type."""
+    ft = gguf_file.metadata.get("general.file_type")
+    if isinstance(ft, int):
+        try:
+            import gguf
+
+            name = gguf.LlamaFileType(ft).name
+            return name.removeprefix("MOSTLY_")
+        except (ValueError, ImportError):
+            pass
+    by_bytes: Counter[str] = Counter()
+    for t in gguf_file.tensors.values():
+        by_bytes[t.ggml_type.name] += t.nbytes
+    return by_bytes.most_common(1)[0][0] if by_bytes else "unknown"
+
+
+def _call_with_supported(ctor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call `ctor` with the keyword arguments its signature accepts (the CUDA backend takes
+    device options the NumPy one does not)."""
+    try:
+        params = inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        return ctor(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return ctor(*args, **kwargs)
+    return ctor(*args, **{k: v for k, v in kwargs.items() if k in params and v is not None})
+
+
+def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
+    """The whole load; runs on the backend thread."""
+    from worker.gguf.reader import open_gguf
+    from worker.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    narrate("model_load_start", f"loading {cfg.model}", path=str(cfg.model), device=cfg.device)
+    narrate("model_load_progress", "0%", percent=0)
+    gguf_file = open_gguf(cfg.model)
+    quant = quant_kind_of(gguf_file)
+    narrate(
+        "model_load_progress",
+        "25%: file validated",
+        percent=25,
+        architecture=gguf_file.architecture,
+        tensors=len(gguf_file.tensors),
+    )
+    tokenizer = load_tokenizer(
+        gguf_file.metadata, model_path=cfg.model, tokenizer_json=cfg.tokenizer
+    )
+    narrate("model_load_progress", "50%: tokenizer ready", percent=50, tokenizer=tokenizer.kind)
+
+    def progress(fraction: float) -> None:  # optional weights-copy progress from the backend
+        narrate(
+            "model_load_progress_detail", f"weights {fraction:.0%}", fraction=round(fraction, 3)
+        )
+
+    options: dict[str, Any] = {
+        "ctx_size": cfg.ctx_size,
+        "kv_cache_size_mb": cfg.kv_cache_size_mb,
+        "gpu_device": cfg.gpu_device,
+        "device": cfg.gpu_device,
+        "h2d_chunk_mb": cfg.h2d_chunk_mb,
+        "progress": progress,
+    }
+    backend: Backend
+    if cfg.device == "cpu":
+        from worker.backends.numpy_ref import NumpyBackend
+
+        backend = _call_with_supported(NumpyBackend, gguf_file, **options)
+    else:
+        from worker.backends.cuda import CudaBackend  # type: ignore[attr-defined]
+
+        backend = _call_with_supported(CudaBackend, gguf_file, **options)
+    narrate(
+        "model_load_progress",
+        "75%: weights and KV cache in place",
+        percent=75,
+        context_length=backend.context_length,
+    )
+    # warm-up: one token through the model so the first job pays no first-call costs
+    backend.reset()
+    warm_id = tokenizer.bos_id if tokenizer.bos_id is not None else 0
+    backend.forward([warm_id])
+    backend.reset()
+    narrate("model_load_progress", "100%: warm-up done", percent=100)
+    name = gguf_file.metadata.get("general.name")
+    model_name = name if isinstance(name, str) and name else cfg.model.name
+    seconds = time.perf_counter() - t0
+    narrate(
+        "model_load_complete",
+        f"loaded {model_name} in {seconds:.2f} s",
+        load_seconds=round(seconds, 3),
+        quant_kind=quant,
+        vram_bytes_used=backend.info.vram_bytes_used,
+    )
+    return LoadedModel(
+        backend=backend,
+        tokenizer=tokenizer,
+        model_name=model_name,
+        quant_kind=quant,
+        architecture=gguf_file.architecture,
+        load_seconds=seconds,
+    )
+
+
+async def load(thread: BackendThread, cfg: WorkerConfig) -> LoadedModel:
+    return await thread.call(load_model_blocking, cfg)
