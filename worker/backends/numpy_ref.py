@@ -1,0 +1,202 @@
+"""`--device cpu`: the NumPy reference backend (SPEC §4), the oracle the CUDA backend is
+held to.
+
+Weights stay as mapped in the GGUF file; float32 dequantized copies are cached up to
+`dequant_cache_mb` (first come, first kept; anything past the budget is dequantized again
+on every use, so a model larger than the budget still runs, only slower). F32 tensors are
+used straight from the mapping (zero copy). Embedding lookups dequantize only the rows
+they need; MoE experts are dequantized (and cached) one expert matrix at a time.
+
+The forward pass is worker.models (one recipe per architecture), float32 throughout, with
+a float32 KV cache sized to `ctx_size` tokens. Prefill runs in chunks of `prefill_chunk`
+tokens (bounded attention-score memory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGMLQuantizationType
+
+from worker.backends.base import BackendInfo, ResidencyReport
+from worker.engine.params import SamplingParams
+from worker.errors import ContextLengthExceeded, ModelLoadError
+from worker.gguf import quants
+from worker.gguf.hparams import HParams, load_hparams
+from worker.gguf.reader import GGUFFile, open_gguf
+from worker.models.base import DecoderModel, build_model
+from worker.models.common import F32, KVCache
+
+# Enough for the real Qwen2.5-0.5B fully dequantized (about 2.0 GB of matrices besides the
+# token embedding, which is read row by row); Phi-3-mini (about 15 GB as float32) keeps
+# 6 GiB cached and dequantizes the rest per use, well inside a 24 GiB machine.
+DEFAULT_DEQUANT_CACHE_MB = int(os.environ.get("WORKER_ORCD_DEQUANT_CACHE_MB", "6144"))
+DEFAULT_CTX_CAP = 4096
+
+
+class GGUFWeights:
+    """The `worker.models.common.Weights` view of a GGUFFile with a bounded float32 cache."""
+
+    def __init__(self, gf: GGUFFile, cache_mb: int = DEFAULT_DEQUANT_CACHE_MB) -> None:
+        self.gf = gf
+        self.budget = max(0, int(cache_mb)) << 20
+        self.cached_bytes = 0
+        self._cache: dict[str | tuple[str, int], F32] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.gf.tensors
+
+    def _keep(self, key: str | tuple[str, int], arr: F32) -> F32:
+        if self.cached_bytes + arr.nbytes <= self.budget:
+            self._cache[key] = arr
+            self.cached_bytes += arr.nbytes
+        return arr
+
+    def get(self, name: str) -> F32:
+        hit = self._cache.get(name)
+        if hit is not None:
+            return hit
+        info = self.gf.tensors[name]
+        if info.ggml_type == GGMLQuantizationType.F32:
+            arr: F32 = self.gf.raw(name).view(np.float32).reshape(info.np_shape)
+            self._cache[name] = arr  # a view of the mapping: costs no memory
+            return arr
+        return self._keep(name, self.gf.dequantize(name))
+
+    def _row_bytes(self, name: str) -> tuple[npt.NDArray[np.uint8], int, int]:
+        info = self.gf.tensors[name]
+        ne0 = info.shape[0]
+        n_rows = info.n_elements // ne0
+        raw = self.gf.raw(name).reshape(n_rows, info.nbytes // n_rows)
+        return raw, ne0, n_rows
+
+    def rows(self, name: str, idx: npt.NDArray[np.int64]) -> F32:
+        hit = self._cache.get(name)
+        if hit is not None:
+            return hit.reshape(-1, hit.shape[-1])[idx]
+        info = self.gf.tensors[name]
+        raw, ne0, n_rows = self._row_bytes(name)
+        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+            raise IndexError(f"{name}: row index out of range 0..{n_rows - 1}")
+        flat = quants.dequantize(raw[idx], info.ggml_type, idx.size * ne0)
+        return flat.reshape(idx.size, ne0)
+
+    def expert(self, name: str, e: int) -> F32:
+        key = (name, e)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        whole = self._cache.get(name)
+        if whole is not None:
+            return whole[e]
+        info = self.gf.tensors[name]
+        if len(info.shape) != 3 or not 0 <= e < info.shape[2]:
+            raise IndexError(f"{name}: no expert {e} in shape {info.shape}")
+        per = info.nbytes // info.shape[2]
+        raw = self.gf.raw(name)[e * per : (e + 1) * per]
+        mat = quants.dequantize(raw, info.ggml_type, info.shape[0] * info.shape[1])
+        return self._keep(key, mat.reshape(info.shape[1], info.shape[0]))
+
+    def preload(self) -> None:
+        """Dequantize into the cache now (in file order) as far as the budget goes."""
+        for name, info in self.gf.tensors.items():
+            if self.cached_bytes >= self.budget:
+                break
+            if name == "token_embd.weight" and "output.weight" in self.gf.tensors:
+                continue  # read row by row; only the LM head needs it whole
+            if len(info.shape) == 3:
+                continue  # experts load on first use
+            self.get(name)
+
+
+class NumpyBackend:
+    """The Backend protocol over the NumPy reference models (device "cpu")."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | GGUFFile,
+        *,
+        ctx_size: int | None = None,
+        dequant_cache_mb: int = DEFAULT_DEQUANT_CACHE_MB,
+        kv_dtype: npt.DTypeLike = np.float32,
+        prefill_chunk: int = 256,
+        preload: bool = True,
+    ) -> None:
+        self._owns_file = not isinstance(model, GGUFFile)
+        self.gf: GGUFFile = model if isinstance(model, GGUFFile) else open_gguf(Path(model))
+        try:
+            self.hp: HParams = load_hparams(self.gf)
+            n_ctx = ctx_size if ctx_size is not None else min(self.hp.n_ctx_train, DEFAULT_CTX_CAP)
+            if n_ctx <= 0:
+                raise ModelLoadError(self.gf.path, f"ctx_size must be > 0, got {n_ctx}")
+            self.weights = GGUFWeights(self.gf, dequant_cache_mb)
+            self.model: DecoderModel = build_model(self.hp, self.weights, n_ctx=n_ctx)
+            if preload:
+                self.weights.preload()
+        except BaseException:
+            if self._owns_file:
+                self.gf.close()
+            raise
+        self.info = BackendInfo(device="cpu", resident=False)
+        self.vocab_size = self.hp.n_vocab
+        self.context_length = n_ctx
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.kv = KVCache(self.hp, n_ctx, kv_dtype)
+        self._n_past = 0
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def reset(self) -> None:
+        self._n_past = 0  # stale cache rows are overwritten before they are ever read
+
+    def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        n = len(ids)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if self._n_past + n > self.context_length:
+            raise ContextLengthExceeded(
+                f"{self._n_past} tokens in context + {n} new > context length {self.context_length}"
+            )
+        outs: list[F32] = []
+        last: F32 | None = None
+        for s in range(0, n, self.prefill_chunk):
+            chunk = ids[s : s + self.prefill_chunk]
+            is_last = s + self.prefill_chunk >= n
+            want_all = all_logits
+            out = self.model.forward(chunk, self.kv, self._n_past, all_logits=want_all)
+            self._n_past += len(chunk)
+            if all_logits:
+                outs.append(out)
+            elif is_last:
+                last = out
+        if all_logits:
+            return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+        assert last is not None
+        return last.astype(np.float32, copy=False)
+
+    def forward_sample(
+        self,
+        ids: Sequence[int],
+        params: SamplingParams,
+        draw: float,
+        generated: Sequence[int],
+    ) -> int:
+        from worker.engine.sampling import sample
+
+        logits = self.forward(ids)
+        return int(sample(logits, params, draw, generated))
+
+    def check_residency(self) -> ResidencyReport:
+        # Host memory by design (resident=False): there is no device memory to verify.
+        return ResidencyReport(ok=True, checked=0)
+
+    def close(self) -> None:
+        self.weights._cache.clear()
+        if self._owns_file:
+            self.gf.close()
