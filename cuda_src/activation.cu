@@ -1,0 +1,36 @@
+// Gated and plain activations over float32 rows. Strided so that a fused gate+up matmul
+// output ([gate | up] per row, Phi-3) and separate buffers (Qwen2, Llama) both work.
+#include "common.cuh"
+
+// out[r][i] = silu(gate[r][i]) * up[r][i]; grid (ceil(n/256), rows), block 256.
+extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                      float* __restrict__ out, int n, int gate_stride,
+                                      int up_stride, int out_stride) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const size_t r = blockIdx.y;
+  const float g = gate[r * gate_stride + i];
+  const float u = up[r * up_stride + i];
+  out[r * out_stride + i] = g / (1.0f + expf(-g)) * u;
+}
+
+// gpt-oss: g = min(g, limit); u = clamp(u, -limit, limit); out = g * sigmoid(alpha * g) * (u + 1).
+extern "C" __global__ void swiglu_oai_f32(const float* __restrict__ gate,
+                                          const float* __restrict__ up, float* __restrict__ out,
+                                          int n, int gate_stride, int up_stride, int out_stride,
+                                          float alpha, float limit) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const size_t r = blockIdx.y;
+  const float g = fminf(gate[r * gate_stride + i], limit);
+  const float u = fminf(fmaxf(up[r * up_stride + i], -limit), limit);
+  out[r * out_stride + i] = g / (1.0f + expf(-alpha * g)) * (u + 1.0f);
+}
+
+// GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). In place ok.
+extern "C" __global__ void gelu_f32(const float* __restrict__ x, float* __restrict__ out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float v = x[i];
+  out[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}

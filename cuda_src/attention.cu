@@ -1,0 +1,118 @@
+// Attention over the FP16 KV cache for prefill (many query rows) and decode (one row), causal,
+// GQA/MHA, optional sliding window and gpt-oss sinks. Split-K over the key length:
+// attn_split computes, per (query row, head, key chunk), the chunk's max score m, the sum of
+// exp(score - m) l and the unnormalised exp-weighted sum of values; attn_combine merges the
+// chunks in a fixed order (no atomics), so results are bit-identical run to run.
+//
+// The query position is pos0[0] + row, read from device memory, and the chunk length is
+// derived in the kernel from the current key length (ceil((pos0 + n_tokens) / n_split)), so
+// one captured decode graph with a fixed grid covers every step and every block has work;
+// chunks with no visible key write l = 0 and are skipped by the combine.
+#include "common.cuh"
+
+#define AT 128  // threads per attn_split block; head_dim <= AT, head_dim % 8 == 0
+
+// grid (n_split, n_head, n_tokens), block AT.
+// q: row t, head h at q + t*q_stride + h*head_dim (float). kc/vc: [ctx][n_kv][head_dim] half.
+// opart: [n_tokens][n_head][n_split][head_dim]; ml: [n_tokens][n_head][n_split][2].
+// Key j is visible to query position p iff j <= p and (window <= 0 or p - j < window).
+// Dynamic shared memory: max_chunk floats (the host sizes it for the largest key length).
+extern "C" __global__ void __launch_bounds__(AT)
+    attn_split(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
+               const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
+               const int* __restrict__ pos0, int n_tokens, int n_head, int n_kv, int head_dim,
+               int n_split, int max_chunk, float scale, int window) {
+  extern __shared__ float sp[];
+  __shared__ float sq[AT];
+  __shared__ float sacc[AT];
+  __shared__ float sh[32];
+  const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const int qpos = pos0[0] + t;
+  int chunk = (pos0[0] + n_tokens + n_split - 1) / n_split;
+  if (chunk > max_chunk) chunk = 0;  // the host never allows this; write nothing out of bounds
+  const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
+  const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
+  const size_t pidx = ((size_t)t * n_head + h) * n_split + s;
+  if (j0 >= j1) {
+    if (threadIdx.x == 0) {
+      ml[2 * pidx] = -CUDART_INF_F;
+      ml[2 * pidx + 1] = 0.0f;
+    }
+    return;
+  }
+  const int kh = h / (n_head / n_kv);
+  const float* qr = q + (size_t)t * q_stride + (size_t)h * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += AT) sq[d] = qr[d] * scale;
+  __syncthreads();
+  const int n = j1 - j0;
+  float lmax = -CUDART_INF_F;
+  for (int jj = threadIdx.x; jj < n; jj += AT) {
+    const __half* kr = kc + ((size_t)(j0 + jj) * n_kv + kh) * head_dim;
+    float acc = 0.0f;
+    for (int d = 0; d < head_dim; d += 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(kr + d);
+      const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __half22float2(h2[e]);
+        acc = fmaf(sq[d + 2 * e], f.x, acc);
+        acc = fmaf(sq[d + 2 * e + 1], f.y, acc);
+      }
+    }
+    sp[jj] = acc;
+    lmax = fmaxf(lmax, acc);
+  }
+  const float m = block_max(lmax, sh);
+  float lsum = 0.0f;
+  for (int jj = threadIdx.x; jj < n; jj += AT) {
+    const float p = expf(sp[jj] - m);
+    sp[jj] = p;
+    lsum += p;
+  }
+  const float l = block_sum(lsum, sh);  // its barriers also publish sp
+  const int G = AT / head_dim, g = threadIdx.x / head_dim, d = threadIdx.x % head_dim;
+  float acc = 0.0f;
+  if (g < G) {
+    const __half* vb = vc + (size_t)kh * head_dim + d;
+    const size_t vstride = (size_t)n_kv * head_dim;
+    for (int jj = g; jj < n; jj += G) acc = fmaf(sp[jj], __half2float(vb[(size_t)(j0 + jj) * vstride]), acc);
+  }
+  sacc[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x < head_dim) {
+    float o = 0.0f;
+    for (int gg = 0; gg < G; ++gg) o += sacc[gg * head_dim + threadIdx.x];
+    opart[pidx * head_dim + threadIdx.x] = o;
+  }
+  if (threadIdx.x == 0) {
+    ml[2 * pidx] = m;
+    ml[2 * pidx + 1] = l;
+  }
+}
+
+// grid (n_head, n_tokens), block >= head_dim (multiple of 32). sinks: per-head logit that joins
+// the softmax denominator only (gpt-oss), or null. out row t at out + t*out_stride.
+extern "C" __global__ void attn_combine(const float* __restrict__ opart,
+                                        const float* __restrict__ ml,
+                                        const float* __restrict__ sinks, float* __restrict__ out,
+                                        int out_stride, int n_head, int head_dim, int n_split) {
+  const int h = blockIdx.x, t = blockIdx.y;
+  const size_t base = ((size_t)t * n_head + h) * n_split;
+  float M = sinks ? sinks[h] : -CUDART_INF_F;
+  for (int s = 0; s < n_split; ++s)
+    if (ml[2 * (base + s) + 1] > 0.0f) M = fmaxf(M, ml[2 * (base + s)]);
+  float L = sinks ? expf(sinks[h] - M) : 0.0f;
+  for (int s = 0; s < n_split; ++s) {
+    const float l = ml[2 * (base + s) + 1];
+    if (l > 0.0f) L += l * expf(ml[2 * (base + s)] - M);
+  }
+  const float inv = 1.0f / L;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < n_split; ++s) {
+      const float l = ml[2 * (base + s) + 1];
+      if (l > 0.0f) o += opart[(base + s) * head_dim + d] * expf(ml[2 * (base + s)] - M);
+    }
+    out[(size_t)t * out_stride + (size_t)h * head_dim + d] = o * inv;
+  }
+}

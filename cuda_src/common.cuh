@@ -1,0 +1,40 @@
+// Shared helpers for H7's kernels: deterministic block reductions (fixed shape, fixed order).
+#pragma once
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `sh` needs 32 floats. The order of the
+// additions depends only on blockDim, so the result is bit-identical run to run.
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  v = (lane < nw) ? sh[lane] : 0.0f;
+  v = warp_sum(v);
+  return v;
+}
+
+__device__ __forceinline__ float block_max(float v, float* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  v = (lane < nw) ? sh[lane] : -CUDART_INF_F;
+  v = warp_max(v);
+  return v;
+}

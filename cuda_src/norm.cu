@@ -1,0 +1,60 @@
+// RMSNorm and LayerNorm over rows of float32, optionally fused with the residual add that
+// precedes them (x += delta; out = norm(x) * w [+ b]). One block per row, FP32 throughout.
+#include "common.cuh"
+
+extern "C" __global__ void rmsnorm_f32(float* __restrict__ x, const float* __restrict__ delta,
+                                       const float* __restrict__ w, float* __restrict__ out,
+                                       int n, float eps) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  float* xr = x + row * n;
+  const float* dr = delta ? delta + row * n : nullptr;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = xr[i];
+    if (dr) {
+      v += dr[i];
+      xr[i] = v;  // fused residual: x now holds the sum
+    }
+    ss += v * v;
+  }
+  ss = block_sum(ss, sh);
+  const float r = rsqrtf(ss / (float)n + eps);
+  float* o = out + row * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = xr[i] * r;
+    o[i] = w ? v * w[i] : v;
+  }
+}
+
+extern "C" __global__ void layernorm_f32(float* __restrict__ x, const float* __restrict__ delta,
+                                         const float* __restrict__ w, const float* __restrict__ b,
+                                         float* __restrict__ out, int n, float eps) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  float* xr = x + row * n;
+  const float* dr = delta ? delta + row * n : nullptr;
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = xr[i];
+    if (dr) {
+      v += dr[i];
+      xr[i] = v;
+    }
+    s += v;
+  }
+  const float mean = block_sum(s, sh) / (float)n;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float d = xr[i] - mean;
+    ss += d * d;
+  }
+  const float r = rsqrtf(block_sum(ss, sh) / (float)n + eps);
+  float* o = out + row * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = (xr[i] - mean) * r;
+    if (w) v *= w[i];
+    if (b) v += b[i];
+    o[i] = v;
+  }
+}

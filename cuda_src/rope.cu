@@ -1,0 +1,72 @@
+// Attention input stage, fused: bias add on q/k/v, rotary embedding of q and k, and the FP16
+// store of k and v into the KV cache at the sequence position read from device memory (so a
+// captured decode graph replays for every step).
+//
+// Rotation: angle(pos, i) = pos * inv_freq[i] for pair i < n_rot/2, computed in double;
+// inv_freq is prepared by the host and already folds in the base, linear scaling, Phi-3
+// long/short factors and the YaRN ramp (all linear in pos); `mscale` multiplies cos and sin
+// (YaRN attention factor). mode 0: no rotation (learned positions), 1: normal (adjacent
+// pairs 2i, 2i+1), 2: NeoX (pairs i, i + n_rot/2). Dims at or past n_rot pass through.
+#include "common.cuh"
+
+__device__ __forceinline__ float rope_elem(const float* __restrict__ v, int d, int n_rot, int mode,
+                                           double pos, const double* __restrict__ inv_freq,
+                                           float mscale) {
+  if (mode == 0 || d >= n_rot) return v[d];
+  const int half = n_rot >> 1;
+  int i, lo, hi;
+  bool first;
+  if (mode == 2) {
+    i = d < half ? d : d - half;
+    lo = i;
+    hi = i + half;
+    first = d < half;
+  } else {
+    i = d >> 1;
+    lo = 2 * i;
+    hi = lo + 1;
+    first = (d & 1) == 0;
+  }
+  double sn, cs;
+  sincos(pos * inv_freq[i], &sn, &cs);
+  const float c = (float)cs * mscale, s = (float)sn * mscale;
+  return first ? v[lo] * c - v[hi] * s : v[lo] * s + v[hi] * c;
+}
+
+// grid (n_tokens, n_head + n_kv); block >= 32 threads; head_dim <= 256.
+// q rows: q + t * q_stride (rotated in place); k, v rows: k + t * kv_stride.
+// kcache/vcache of this layer: [ctx][n_kv][head_dim] half; token t goes to row pos0[0] + t.
+extern "C" __global__ void qkv_rope_store(
+    float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    const float* __restrict__ bq, const float* __restrict__ bk, const float* __restrict__ bv,
+    __half* __restrict__ kcache, __half* __restrict__ vcache, const int* __restrict__ pos0,
+    int n_head, int n_kv, int head_dim, int n_rot, int q_stride, int kv_stride,
+    const double* __restrict__ inv_freq, float mscale, int mode, int ctx) {
+  __shared__ float sv[256];
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int pos = pos0[0] + t;
+  const double dpos = (double)pos;
+  if (h < n_head) {
+    float* qr = q + (size_t)t * q_stride + (size_t)h * head_dim;
+    const float* b = bq ? bq + (size_t)h * head_dim : nullptr;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) sv[d] = qr[d] + (b ? b[d] : 0.0f);
+    __syncthreads();
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
+      qr[d] = rope_elem(sv, d, n_rot, mode, dpos, inv_freq, mscale);
+    return;
+  }
+  if (pos < 0 || pos >= ctx) return;  // the host refuses this before launch; never write OOB
+  const int kh = h - n_head;
+  const float* kr = k + (size_t)t * kv_stride + (size_t)kh * head_dim;
+  const float* vr = v + (size_t)t * kv_stride + (size_t)kh * head_dim;
+  const float* b = bk ? bk + (size_t)kh * head_dim : nullptr;
+  const float* bvv = bv ? bv + (size_t)kh * head_dim : nullptr;
+  const size_t crow = ((size_t)pos * n_kv + kh) * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    sv[d] = kr[d] + (b ? b[d] : 0.0f);
+    vcache[crow + d] = __float2half_rn(vr[d] + (bvv ? bvv[d] : 0.0f));
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
+    kcache[crow + d] = __float2half_rn(rope_elem(sv, d, n_rot, mode, dpos, inv_freq, mscale));
+}

@@ -1,0 +1,299 @@
+// Token choice on the GPU so that only the chosen id crosses to the host.
+// Greedy: a two-stage argmax (ties: lowest index), fixed reduction order.
+#include "common.cuh"
+
+__device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi) {
+  // NaN never wins; on equal values the lower index does.
+  if (ov > v || (ov == v && oi < i) || (v != v && ov == ov)) {
+    v = ov;
+    i = oi;
+  }
+}
+
+__device__ __forceinline__ void block_argmax(float& v, int& i, float* shv, int* shi) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    argmax_merge(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+  if (lane == 0) {
+    shv[wid] = v;
+    shi[wid] = i;
+  }
+  __syncthreads();
+  if (wid == 0) {
+    v = lane < nw ? shv[lane] : -CUDART_INF_F;
+    i = lane < nw ? shi[lane] : 0x7fffffff;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      argmax_merge(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+  }
+}
+
+// Stage 1: grid n_blocks, block 256 (power of two >= 32); block b covers a contiguous slice.
+extern "C" __global__ void argmax_partial(const float* __restrict__ x, int n,
+                                          float* __restrict__ pv, int* __restrict__ pi) {
+  __shared__ float shv[32];
+  __shared__ int shi[32];
+  const int per = (n + gridDim.x - 1) / gridDim.x;
+  const int lo = blockIdx.x * per, hi = min(n, lo + per);
+  float v = -CUDART_INF_F;
+  int i = 0x7fffffff;
+  for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) argmax_merge(v, i, x[j], j);
+  block_argmax(v, i, shv, shi);
+  if (threadIdx.x == 0) {
+    pv[blockIdx.x] = v;
+    pi[blockIdx.x] = i;
+  }
+}
+
+// Stage 2: one block reduces the n_part partials and writes the id.
+extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi,
+                                        int n_part, int* __restrict__ out) {
+  __shared__ float shv[32];
+  __shared__ int shi[32];
+  float v = -CUDART_INF_F;
+  int i = 0x7fffffff;
+  for (int j = threadIdx.x; j < n_part; j += blockDim.x) argmax_merge(v, i, pv[j], pi[j]);
+  block_argmax(v, i, shv, shi);
+  if (threadIdx.x == 0) out[0] = i == 0x7fffffff ? 0 : i;
+}
+
+// ---------------------------------------------------------------------------------------
+// Full sampler, bit-exact with worker/engine/sampling.py: float32 steps with the _rn
+// intrinsics (no FMA contraction), integer weights floor(exp32(x) * 2^40), and every
+// order-dependent step (top-k, top-p, the draw) as a radix selection over the 64-bit
+// candidate key ((0x7FFFFFFF - monotone(x)) << 32 | id) with integer counts / weights summed
+// by shared-memory integer atomics (exact, so the order of the additions cannot matter).
+// One block of SAMPLE_THREADS threads; `xbuf` is a scratch vector of n floats.
+
+#define SAMPLE_THREADS 1024
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float exp32_w(float x) {
+  // worker.engine.sampling.exp32: Cody-Waite by ln 2, degree-7 Horner, ldexp(., n + 40).
+  // Constants rounded decimal -> double -> float, exactly as np.float32(python float).
+  const float n = rintf(__fmul_rn(x, (float)1.44269504088896341));
+  float r = __fsub_rn(x, __fmul_rn(n, (float)0.693359375));
+  r = __fsub_rn(r, __fmul_rn(n, (float)-2.12194440e-4));
+  const float c[8] = {(float)(1.0 / 5040), (float)(1.0 / 720), (float)(1.0 / 120),
+                      (float)(1.0 / 24),   (float)(1.0 / 6),   (float)(1.0 / 2),
+                      1.0f,                1.0f};
+  float p = c[0];
+#pragma unroll
+  for (int k = 1; k < 8; ++k) p = __fadd_rn(__fmul_rn(p, r), c[k]);
+  return ldexpf(p, (int)n + 40);
+}
+
+__device__ __forceinline__ u64 weight_of(float x) {
+  if (!(x >= -28.0f)) return 0ull;
+  return (u64)floorf(exp32_w(x));
+}
+
+__device__ __forceinline__ u64 key_of(float x, int id) {
+  const int b = __float_as_int(x);
+  const long long s = b >= 0 ? (long long)b : (long long)(b ^ 0x7FFFFFFF);
+  return ((u64)(0x7FFFFFFFll - s) << 32) | (u64)(unsigned)id;
+}
+
+struct SampleState {
+  u64 hist[256];
+  u64 prefix;
+  u64 target;
+  float red_f[32];
+  int red_i[32];
+  u64 red_u[32];
+};
+
+__device__ __forceinline__ u64 block_sum_u64(u64 v, SampleState& st) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (lane == 0) st.red_u[wid] = v;
+  __syncthreads();
+  v = lane < (SAMPLE_THREADS >> 5) ? st.red_u[lane] : 0ull;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Kept: x >= -28, key <= klim, and (when need_w) weight >= wfloor (wfloor >= 1).
+// Returns the key of the first kept element, in key order, whose inclusive cumulative count
+// (by_count) or weight exceeds target.
+__device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, bool need_w,
+                            u64 wfloor, bool by_count, u64 target, SampleState& st) {
+  if (threadIdx.x == 0) {
+    st.prefix = 0ull;
+    st.target = target;
+  }
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) st.hist[b] = 0ull;
+    __syncthreads();
+    const u64 pre = st.prefix;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float x = xbuf[i];
+      if (!(x >= -28.0f)) continue;
+      const u64 key = key_of(x, i);
+      if (key > klim) continue;
+      if (shift < 56 && (key >> (shift + 8)) != (pre >> (shift + 8))) continue;
+      u64 add = 1ull;
+      if (need_w || !by_count) {
+        const u64 w = weight_of(x);
+        if (need_w && w < wfloor) continue;
+        if (!by_count) add = w;
+      }
+      atomicAdd(&st.hist[(key >> shift) & 255ull], add);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      u64 acc = 0ull, t = st.target;
+      int sel = 255;
+      for (int b = 0; b < 256; ++b) {
+        if (acc + st.hist[b] > t) {
+          sel = b;
+          break;
+        }
+        acc += st.hist[b];
+      }
+      st.target = t - acc;
+      st.prefix = pre | ((u64)sel << shift);
+    }
+    __syncthreads();
+  }
+  return st.prefix;
+}
+
+// ceil or floor of (m * 2^-sh) * total, exactly (m < 2^53).
+__device__ __forceinline__ u64 mul_shift(u64 m, int sh, u64 total, bool ceil_) {
+  const unsigned __int128 prod = (unsigned __int128)m * total;
+  if (sh >= 128) return (ceil_ && prod != 0) ? 1ull : 0ull;
+  unsigned __int128 q = prod >> sh;
+  if (ceil_ && sh > 0 && (q << sh) != prod) q += 1;
+  return (u64)q;
+}
+
+// out[0] = chosen id; out[1] = 0 ok, 1 NaN in the logits.
+// pen_ids: distinct ids (n_pen of them) for the repetition penalty (applied when pen != 1).
+// top_p = top_p_m * 2^-top_p_sh (top_p_sh < 0: off); draw = draw_m * 2^-draw_sh;
+// wfloor = ceil(min_p * 2^40) (1 when min_p is off).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_full(const float* __restrict__ logits, int n, const int* __restrict__ pen_ids,
+                int n_pen, float pen, float temperature, int top_k, u64 top_p_m, int top_p_sh,
+                u64 wfloor, u64 draw_m, int draw_sh, float* __restrict__ xbuf,
+                int* __restrict__ out) {
+  __shared__ SampleState st;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  // 1. penalty (distinct ids), written into xbuf as l; NaN check.
+  int nan_seen = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float l = logits[i];
+    nan_seen |= (l != l);
+    xbuf[i] = l;
+  }
+  nan_seen = __syncthreads_or(nan_seen);
+  if (nan_seen) {
+    if (threadIdx.x == 0) {
+      out[0] = 0;
+      out[1] = 1;
+    }
+    return;
+  }
+  if (pen != 1.0f) {
+    for (int j = threadIdx.x; j < n_pen; j += blockDim.x) {
+      const int id = pen_ids[j];
+      if (id < 0 || id >= n) continue;
+      const float l = logits[id];
+      xbuf[id] = l > 0.0f ? __fdiv_rn(l, pen) : __fmul_rn(l, pen);
+    }
+  }
+  __syncthreads();
+  // 2. greedy: argmax of the penalized logits, lowest index on ties.
+  if (temperature == 0.0f) {
+    float v = -CUDART_INF_F;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float x = xbuf[i];
+      if (x > v || (x == v && i < bi)) {
+        v = x;
+        bi = i;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > v || (ov == v && oi < bi)) {
+        v = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) {
+      st.red_f[wid] = v;
+      st.red_i[wid] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float bv = st.red_f[0];
+      int b = st.red_i[0];
+      for (int w = 1; w < (SAMPLE_THREADS >> 5); ++w)
+        if (st.red_f[w] > bv || (st.red_f[w] == bv && st.red_i[w] < b)) {
+          bv = st.red_f[w];
+          b = st.red_i[w];
+        }
+      out[0] = b == 0x7fffffff ? 0 : b;
+      out[1] = 0;
+    }
+    return;
+  }
+  // 3. z = l / T; x = (z - max z) + 0 (or 0 / -inf when the max is infinite).
+  float zmax = -CUDART_INF_F;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float z = __fdiv_rn(xbuf[i], temperature);
+    xbuf[i] = z;
+    zmax = fmaxf(zmax, z);
+  }
+  zmax = block_max(zmax, st.red_f);
+  const bool finite = isfinite(zmax);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float z = xbuf[i];
+    xbuf[i] = finite ? __fadd_rn(__fsub_rn(z, zmax), 0.0f) : (z == zmax ? 0.0f : -CUDART_INF_F);
+  }
+  __syncthreads();
+  // 4. top-k over the candidates (x >= -28).
+  u64 klim = ~0ull;
+  if (top_k > 0) {
+    u64 cnt = 0ull;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) cnt += (xbuf[i] >= -28.0f) ? 1ull : 0ull;
+    cnt = block_sum_u64(cnt, st);
+    if ((u64)top_k < cnt)
+      klim = radix_select(xbuf, n, ~0ull, false, 1ull, true, (u64)(top_k - 1), st);
+  }
+  // 5-6. weights; top-p.
+  if (top_p_sh >= 0) {
+    u64 tot = 0ull;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float x = xbuf[i];
+      if (x >= -28.0f && key_of(x, i) <= klim) tot += weight_of(x);
+    }
+    tot = block_sum_u64(tot, st);
+    u64 need = mul_shift(top_p_m, top_p_sh, tot, true);
+    if (need < 1ull) need = 1ull;
+    klim = radix_select(xbuf, n, klim, true, 1ull, false, need - 1ull, st);
+  }
+  // 7. min-p floor; 8. the draw.
+  u64 tot = 0ull;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = xbuf[i];
+    if (x >= -28.0f && key_of(x, i) <= klim) {
+      const u64 w = weight_of(x);
+      if (w >= wfloor) tot += w;
+    }
+  }
+  tot = block_sum_u64(tot, st);
+  const u64 target = mul_shift(draw_m, draw_sh, tot, false);
+  const u64 key = radix_select(xbuf, n, klim, true, wfloor, false, target, st);
+  if (threadIdx.x == 0) {
+    out[0] = (int)(key & 0xFFFFFFFFull);
+    out[1] = 0;
+  }
+}
