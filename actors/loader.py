@@ -92,7 +92,6 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         "ctx_size": cfg.ctx_size,
         "kv_cache_size_mb": cfg.kv_cache_size_mb,
         "gpu_device": cfg.gpu_device,
-        "device": cfg.gpu_device,
         "h2d_chunk_mb": cfg.h2d_chunk_mb,
         "progress": progress,
     }

@@ -60,8 +60,12 @@ class OrcdClient:
         self._jobs_stream, self._events_stream = stream_names(self.subjects)
 
     @classmethod
-    async def connect(cls, url: str, prefix: str = "orcd") -> OrcdClient:
-        nc = await connect(url, name=f"orcd-client-{uuid.uuid4().hex[:8]}")
+    async def connect(
+        cls, url: str, prefix: str = "orcd", connect_timeout_s: float = 10.0
+    ) -> OrcdClient:
+        nc = await connect(
+            url, name=f"orcd-client-{uuid.uuid4().hex[:8]}", connect_timeout_s=connect_timeout_s
+        )
         return cls(nc, prefix)
 
     async def close(self) -> None:

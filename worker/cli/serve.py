@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import anyio
@@ -36,5 +37,10 @@ def run(args: argparse.Namespace) -> int:
         log_prompts=cfg.log_prompts,
     )
     from actors.supervisor import run_worker
+
+    id_file = os.environ.get("WORKER_ORCD_ID_FILE")
+    if id_file:  # lets a container healthcheck ask this worker's own health subject
+        with open(id_file, "w") as f:
+            f.write(cfg.worker_id + "\n")
 
     return anyio.run(run_worker, cfg)
