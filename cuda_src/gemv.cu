@@ -1,0 +1,184 @@
+// Decode matrix-vector products: y[b] = W x[b] (+ bias) (+ residual[b]) for b < ntok <= 8.
+//
+// W: N rows of K elements in any ggml type of quant.cuh, row-major, rows of row_bytes =
+// K/QK*BYTES bytes, base 16-byte aligned. x, y, bias, residual: fp32. FP32 accumulation.
+//
+// Design (docs/kernels.md has the numbers): a block of 128 threads owns GEMV_R consecutive
+// rows. It streams each row through shared memory in chunks of whole quant blocks (about
+// 2 KB per row per chunk) with 16-byte, fully coalesced, evict-first loads, whatever the block
+// size (17, 18, 22, 34, 210 bytes are not 16-byte multiples), double-buffered: the loads of
+// chunk c+1 are issued into registers before chunk c is dequantized. Each thread then takes
+// 8-element groups: consecutive threads take consecutive groups, so the x reads of a warp are
+// contiguous 1 KB spans, and each x value read serves all GEMV_R rows and the dequantized
+// weights serve all ntok tokens. The final reduction is a fixed shuffle tree plus a fixed-order
+// sum over the 4 warps: no atomics, results are bit-identical run to run.
+#include "quant.cuh"
+
+#define GEMV_THREADS 128
+#define GEMV_R 4
+#define GEMV_CHUNK 2048
+
+template <int T> struct GemvCfg {
+  static constexpr int BYTES = QTraits<T>::BYTES;
+  static constexpr int QK = QTraits<T>::QK;
+  static constexpr int CB = GEMV_CHUNK / BYTES > 0 ? GEMV_CHUNK / BYTES : 1;  // blocks/chunk
+  static constexpr int CBYTES = CB * BYTES;
+  // a chunk of one row spans at most CBYTES+30 bytes of 16-byte pieces once aligned down
+  static constexpr int PIECES = (CBYTES + 30) / 16 + 1;
+  static constexpr int SROW = PIECES * 16;
+  static constexpr int NL = (GEMV_R * PIECES + GEMV_THREADS - 1) / GEMV_THREADS;
+};
+
+__device__ __forceinline__ uint4 load_piece(const uint8_t* __restrict__ W, long long addr,
+                                            long long total) {
+  if (addr + 16 <= total) return __ldcs(reinterpret_cast<const uint4*>(W + addr));
+  // the last piece of the matrix: byte loads, never past its end
+  uint32_t v[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (addr + i < total) v[i >> 2] |= (uint32_t)W[addr + i] << (8 * (i & 3));
+  return make_uint4(v[0], v[1], v[2], v[3]);
+}
+
+// One tile of GEMV_R rows starting at r0. Must be called by all GEMV_THREADS threads.
+template <int T, int NB>
+__device__ __forceinline__ void gemv_tile(const uint8_t* __restrict__ W, long long row_bytes,
+                                          int N, int K, const float* __restrict__ x,
+                                          long long ldx, int ntok, const float* __restrict__ bias,
+                                          const float* residual, float* y, long long ldy,
+                                          int r0) {
+  using C = GemvCfg<T>;
+  __shared__ __align__(16) uint8_t st[2][GEMV_R][C::SROW];
+  __shared__ float red[GEMV_THREADS / 32][GEMV_R * NB];
+  const int tid = threadIdx.x;
+  const int nr = min(GEMV_R, N - r0);
+  const int nblk = K / C::QK;
+  const long long total = (long long)N * row_bytes;
+  const int nchunk = (nblk + C::CB - 1) / C::CB;
+
+  float acc[GEMV_R][NB];
+#pragma unroll
+  for (int r = 0; r < GEMV_R; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
+
+  uint4 v[C::NL];
+#pragma unroll
+  for (int i = 0; i < C::NL; ++i) v[i] = make_uint4(0, 0, 0, 0);
+  auto issue = [&](int c) {
+    const int j0 = c * C::CB;
+    const int nb = min(C::CB, nblk - j0);
+#pragma unroll
+    for (int i = 0; i < C::NL; ++i) {
+      const int p = tid + i * GEMV_THREADS;
+      const int r = p / C::PIECES, q = p % C::PIECES;
+      if (r < nr) {
+        const long long start = (long long)(r0 + r) * row_bytes + (long long)j0 * C::BYTES;
+        const long long a0 = start & ~15LL;
+        const long long a1 = (start + (long long)nb * C::BYTES + 15) & ~15LL;
+        const long long addr = a0 + 16LL * q;
+        if (addr < a1) v[i] = load_piece(W, addr, total);
+      }
+    }
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < C::NL; ++i) {
+      const int p = tid + i * GEMV_THREADS;
+      const int r = p / C::PIECES, q = p % C::PIECES;
+      if (r < GEMV_R) *reinterpret_cast<uint4*>(&st[buf][r][16 * q]) = v[i];
+    }
+  };
+
+  issue(0);
+  stash(0);
+  __syncthreads();
+  for (int c = 0; c < nchunk; ++c) {
+    const int buf = c & 1;
+    if (c + 1 < nchunk) issue(c + 1);
+    const int j0 = c * C::CB;
+    const int nb = min(C::CB, nblk - j0);
+    const int ngroups = nb * (C::QK / 8);
+    for (int qg = tid; qg < ngroups; qg += GEMV_THREADS) {
+      const int jj = qg / (C::QK / 8), g = qg % (C::QK / 8);
+      const int k = (j0 + jj) * C::QK + 8 * g;
+      float xv[NB][8];
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        if (b < ntok) {
+          const float4 lo = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k));
+          const float4 hi = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k + 4));
+          xv[b][0] = lo.x; xv[b][1] = lo.y; xv[b][2] = lo.z; xv[b][3] = lo.w;
+          xv[b][4] = hi.x; xv[b][5] = hi.y; xv[b][6] = hi.z; xv[b][7] = hi.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xv[b][i] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < GEMV_R; ++r) {
+        if (r < nr) {
+          const int off =
+              (int)(((long long)(r0 + r) * row_bytes + (long long)j0 * C::BYTES) & 15LL);
+          float w[8];
+          dequant8<T>(&st[buf][r][off + jj * C::BYTES], g, w);
+#pragma unroll
+          for (int b = 0; b < NB; ++b)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[r][b] = fmaf(w[i], xv[b][i], acc[r][b]);
+        }
+      }
+    }
+    if (c + 1 < nchunk) stash(buf ^ 1);
+    __syncthreads();
+  }
+
+  const int lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+  for (int r = 0; r < GEMV_R; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float s = acc[r][b];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0) red[warp][r * NB + b] = s;
+    }
+  __syncthreads();
+  if (tid < GEMV_R * NB) {
+    const int r = tid / NB, b = tid % NB;
+    if (r < nr && b < ntok) {
+      float s = red[0][tid];
+#pragma unroll
+      for (int w = 1; w < GEMV_THREADS / 32; ++w) s += red[w][tid];
+      const int row = r0 + r;
+      if (bias) s += bias[row];
+      if (residual) s += residual[b * ldy + row];
+      y[b * ldy + row] = s;
+    }
+  }
+}
+
+#ifndef GEMV_CORE_ONLY
+// gemv_<type>_nb<NB>: grid (ceil(N / GEMV_R)), block GEMV_THREADS.
+template <int T, int NB>
+__device__ __forceinline__ void gemv_entry(const uint8_t* W, long long row_bytes, int N, int K,
+                                           const float* x, long long ldx, int ntok,
+                                           const float* bias, const float* residual, float* y,
+                                           long long ldy) {
+  gemv_tile<T, NB>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy,
+                   blockIdx.x * GEMV_R);
+}
+
+#define GEMV_INST(TY, NAME, NB)                                                              \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_nb##NB(           \
+      const uint8_t* W, long long row_bytes, int N, int K, const float* x, long long ldx,   \
+      int ntok, const float* bias, const float* residual, float* y, long long ldy) {        \
+    gemv_entry<TY, NB>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy);            \
+  }
+#define GEMV_ALL_NB(TY, NAME) \
+  GEMV_INST(TY, NAME, 1)      \
+  GEMV_INST(TY, NAME, 2)      \
+  GEMV_INST(TY, NAME, 4)      \
+  GEMV_INST(TY, NAME, 8)
+FOR_EACH_QTYPE(GEMV_ALL_NB)
+#endif

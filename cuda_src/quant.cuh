@@ -1,0 +1,250 @@
+// ggml tensor block layouts and in-kernel dequantization, shared by every matrix kernel.
+//
+// Type ids are ggml's (GGMLQuantizationType), so the Python side passes them through as-is.
+// Every type is described as blocks of QK elements stored in BYTES bytes; a row of K elements
+// is K/QK consecutive blocks (K must be a multiple of QK; for F32/F16/BF16 QK is 32 by our
+// convention, so rows are whole 32-element groups).
+//
+// The one primitive is dequant8<T>(blk, g, w): the 8 consecutive elements 8g..8g+7 of the
+// block at `blk` as floats. It works on global or shared memory and needs only the alignment
+// that ggml's layout guarantees when the block array starts 16-byte aligned (2 bytes for the
+// 18/22/34/210-byte blocks, 1 byte for MXFP4's 17-byte blocks), so it reads with 1-, 2- or
+// 4-byte loads as the layout allows.
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+enum QType : int {
+  QT_F32 = 0,
+  QT_F16 = 1,
+  QT_Q4_0 = 2,
+  QT_Q4_1 = 3,
+  QT_Q5_0 = 6,
+  QT_Q5_1 = 7,
+  QT_Q8_0 = 8,
+  QT_Q4_K = 12,
+  QT_Q5_K = 13,
+  QT_Q6_K = 14,
+  QT_BF16 = 30,
+  QT_MXFP4 = 39,
+};
+
+template <int T> struct QTraits;
+template <> struct QTraits<QT_F32> { static constexpr int QK = 32, BYTES = 128; };
+template <> struct QTraits<QT_F16> { static constexpr int QK = 32, BYTES = 64; };
+template <> struct QTraits<QT_BF16> { static constexpr int QK = 32, BYTES = 64; };
+template <> struct QTraits<QT_Q4_0> { static constexpr int QK = 32, BYTES = 18; };
+template <> struct QTraits<QT_Q4_1> { static constexpr int QK = 32, BYTES = 20; };
+template <> struct QTraits<QT_Q5_0> { static constexpr int QK = 32, BYTES = 22; };
+template <> struct QTraits<QT_Q5_1> { static constexpr int QK = 32, BYTES = 24; };
+template <> struct QTraits<QT_Q8_0> { static constexpr int QK = 32, BYTES = 34; };
+template <> struct QTraits<QT_MXFP4> { static constexpr int QK = 32, BYTES = 17; };
+template <> struct QTraits<QT_Q4_K> { static constexpr int QK = 256, BYTES = 144; };
+template <> struct QTraits<QT_Q5_K> { static constexpr int QK = 256, BYTES = 176; };
+template <> struct QTraits<QT_Q6_K> { static constexpr int QK = 256, BYTES = 210; };
+
+// ---- small load helpers -------------------------------------------------------------------
+__device__ __forceinline__ float qf16(const uint8_t* p) {
+  return __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(p)));
+}
+__device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) {
+  return *reinterpret_cast<const uint16_t*>(p);
+}
+// 4 bytes from a 2-byte-aligned address.
+__device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
+  return ld_u16(p) | (ld_u16(p + 2) << 16);
+}
+__device__ __forceinline__ uint32_t ld_u32_a4(const uint8_t* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+// 4 bytes from any address.
+__device__ __forceinline__ uint32_t ld_u32_a1(const uint8_t* p) {
+  return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+// Unpack 8 nibbles (bytes b[0..7] given as lo/hi words, nibble at shift sh) into q[0..7].
+__device__ __forceinline__ void nib8(uint32_t lo, uint32_t hi, int sh, int q[8]) {
+  lo >>= sh;
+  hi >>= sh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = (lo >> (8 * i)) & 0xF;
+    q[4 + i] = (hi >> (8 * i)) & 0xF;
+  }
+}
+
+// 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block (12 packed bytes).
+__device__ __forceinline__ void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// ---- dequant8 ------------------------------------------------------------------------------
+template <int T> __device__ __forceinline__ void dequant8(const uint8_t* blk, int g, float w[8]);
+
+template <> __device__ __forceinline__ void dequant8<QT_F32>(const uint8_t* blk, int g, float w[8]) {
+  const float* p = reinterpret_cast<const float*>(blk) + 8 * g;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = p[i];
+}
+
+template <> __device__ __forceinline__ void dequant8<QT_F16>(const uint8_t* blk, int g, float w[8]) {
+  const uint8_t* p = blk + 16 * g;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t v = ld_u32_a4(p + 4 * i);
+    w[2 * i] = __half2float(__ushort_as_half((unsigned short)(v & 0xFFFF)));
+    w[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(v >> 16)));
+  }
+}
+
+template <> __device__ __forceinline__ void dequant8<QT_BF16>(const uint8_t* blk, int g, float w[8]) {
+  const uint8_t* p = blk + 16 * g;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t v = ld_u32_a4(p + 4 * i);
+    w[2 * i] = __uint_as_float(v << 16);
+    w[2 * i + 1] = __uint_as_float(v & 0xFFFF0000u);
+  }
+}
+
+// Q4_0: d(f16) qs[16]; element j<16 = low nibble of qs[j], j>=16 = high nibble of qs[j-16].
+template <> __device__ __forceinline__ void dequant8<QT_Q4_0>(const uint8_t* blk, int g, float w[8]) {
+  const float d = qf16(blk);
+  const uint8_t* p = blk + 2 + (g & 1) * 8;
+  int q[8];
+  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = (float)(q[i] - 8) * d;
+}
+
+// Q4_1: d m qs[16]; value = q*d + m.
+template <> __device__ __forceinline__ void dequant8<QT_Q4_1>(const uint8_t* blk, int g, float w[8]) {
+  const float d = qf16(blk), m = qf16(blk + 2);
+  const uint8_t* p = blk + 4 + (g & 1) * 8;
+  int q[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = (float)q[i] * d + m;
+}
+
+// Q5_0: d qh[4] qs[16]; 5th bit of element j is bit j of qh; value = (q-16)*d.
+template <> __device__ __forceinline__ void dequant8<QT_Q5_0>(const uint8_t* blk, int g, float w[8]) {
+  const float d = qf16(blk);
+  const uint32_t qh = ld_u32_a2(blk + 2) >> (8 * g);
+  const uint8_t* p = blk + 6 + (g & 1) * 8;
+  int q[8];
+  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = (float)((q[i] | (((qh >> i) & 1) << 4)) - 16) * d;
+}
+
+// Q5_1: d m qh[4] qs[16]; value = q*d + m.
+template <> __device__ __forceinline__ void dequant8<QT_Q5_1>(const uint8_t* blk, int g, float w[8]) {
+  const float d = qf16(blk), m = qf16(blk + 2);
+  const uint32_t qh = ld_u32_a4(blk + 4) >> (8 * g);
+  const uint8_t* p = blk + 8 + (g & 1) * 8;
+  int q[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = (float)(q[i] | (((qh >> i) & 1) << 4)) * d + m;
+}
+
+// Q8_0: d qs[32] (int8).
+template <> __device__ __forceinline__ void dequant8<QT_Q8_0>(const uint8_t* blk, int g, float w[8]) {
+  const float d = qf16(blk);
+  const uint8_t* p = blk + 2 + 8 * g;
+  const uint32_t lo = ld_u32_a2(p), hi = ld_u32_a2(p + 4);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = (float)(int8_t)(lo >> (8 * i)) * d;
+    w[4 + i] = (float)(int8_t)(hi >> (8 * i)) * d;
+  }
+}
+
+// MXFP4: e (E8M0 exponent) qs[16]; e2m1 codes, ggml's doubled table times 2^(e-128).
+__device__ __forceinline__ float e8m0_half(uint32_t e) {
+  return __uint_as_float(e < 2 ? (0x00200000u << e) : ((e - 1) << 23));
+}
+__device__ __forceinline__ float e2m1_doubled(int c) {
+  // 0 1 2 3 4 6 8 12, sign in bit 3
+  const int mag = c & 7;
+  const int v = mag < 5 ? mag : (mag == 5 ? 6 : (mag == 6 ? 8 : 12));
+  return (float)((c & 8) ? -v : v);
+}
+template <> __device__ __forceinline__ void dequant8<QT_MXFP4>(const uint8_t* blk, int g, float w[8]) {
+  const float d = e8m0_half(blk[0]);
+  const uint8_t* p = blk + 1 + (g & 1) * 8;
+  int q[8];
+  nib8(ld_u32_a1(p), ld_u32_a1(p + 4), (g >> 1) * 4, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = e2m1_doubled(q[i]) * d;
+}
+
+// Q4_K: d dmin scales[12] qs[128]; sub-block s (32 elements) = nibble (s&1) of qs[32*(s/2)..].
+template <> __device__ __forceinline__ void dequant8<QT_Q4_K>(const uint8_t* blk, int g, float w[8]) {
+  const int s = g >> 2, l0 = (g & 3) * 8;
+  int sc, mn;
+  scale_min_k4(blk + 4, s, sc, mn);
+  const float d = qf16(blk) * (float)sc, m = qf16(blk + 2) * (float)mn;
+  const uint8_t* p = blk + 16 + 32 * (s >> 1) + l0;
+  int q[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = (float)q[i] * d - m;
+}
+
+// Q5_K: d dmin scales[12] qh[32] qs[128]; 5th bit of sub-block s element l is bit s of qh[l].
+template <> __device__ __forceinline__ void dequant8<QT_Q5_K>(const uint8_t* blk, int g, float w[8]) {
+  const int s = g >> 2, l0 = (g & 3) * 8;
+  int sc, mn;
+  scale_min_k4(blk + 4, s, sc, mn);
+  const float d = qf16(blk) * (float)sc, m = qf16(blk + 2) * (float)mn;
+  const uint8_t* p = blk + 48 + 32 * (s >> 1) + l0;
+  const uint32_t hlo = ld_u32_a4(blk + 16 + l0) >> s, hhi = ld_u32_a4(blk + 16 + l0 + 4) >> s;
+  int q[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, q);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = (float)(q[i] | (((hlo >> (8 * i)) & 1) << 4)) * d - m;
+    w[4 + i] = (float)(q[4 + i] | (((hhi >> (8 * i)) & 1) << 4)) * d - m;
+  }
+}
+
+// Q6_K: ql[128] qh[64] scales[16] (int8) d; element e: half n=e/128, r=e%128, quarter k=r/32,
+// l=r%32: low 4 bits from ql[64n + 32(k&1) + l] nibble (k>>1), high 2 bits from
+// qh[32n + l] bits 2k, scale scales[8n + l/16 + 2k]; value = d*scale*(q-32).
+template <> __device__ __forceinline__ void dequant8<QT_Q6_K>(const uint8_t* blk, int g, float w[8]) {
+  const int e0 = 8 * g, n = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
+  const float d = qf16(blk + 208) * (float)(int8_t)blk[192 + 8 * n + (l0 >> 4) + 2 * k];
+  const uint8_t* pl = blk + 64 * n + 32 * (k & 1) + l0;
+  const uint8_t* ph = blk + 128 + 32 * n + l0;
+  int q[8];
+  nib8(ld_u32_a2(pl), ld_u32_a2(pl + 4), (k >> 1) * 4, q);
+  const uint32_t hlo = ld_u32_a2(ph) >> (2 * k), hhi = ld_u32_a2(ph + 4) >> (2 * k);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = (float)((q[i] | (((hlo >> (8 * i)) & 3) << 4)) - 32) * d;
+    w[4 + i] = (float)((q[4 + i] | (((hhi >> (8 * i)) & 3) << 4)) - 32) * d;
+  }
+}
+
+// Dispatch helper: instantiate MACRO(type_id, Name) for every supported type.
+#define FOR_EACH_QTYPE(X) \
+  X(QT_F32, f32)          \
+  X(QT_F16, f16)          \
+  X(QT_BF16, bf16)        \
+  X(QT_Q4_0, q4_0)        \
+  X(QT_Q4_1, q4_1)        \
+  X(QT_Q5_0, q5_0)        \
+  X(QT_Q5_1, q5_1)        \
+  X(QT_Q8_0, q8_0)        \
+  X(QT_Q4_K, q4_k)        \
+  X(QT_Q5_K, q5_k)        \
+  X(QT_Q6_K, q6_k)        \
+  X(QT_MXFP4, mxfp4)
