@@ -1,0 +1,342 @@
+"""The reference sampler: logits of one position -> one token id.
+
+Every backend must pick the same id as `sample()` for the same float32 logits, `params`,
+`draw` and `generated`. To make that possible on a GPU, the pipeline is specified exactly:
+the only floating-point operations are single IEEE float32 additions, multiplications and
+divisions (correctly rounded on every device; on CUDA use the `__f*_rn` intrinsics so no
+FMA contraction happens), and every sum, threshold and comparison after the exponential
+is done on integers, so the order of a reduction can never change the result.
+
+Pipeline (SamplingParams documents the same order):
+
+1. Repetition penalty `p` (1 = off) over the *distinct* ids in `generated`:
+   `l = l / f32(p)` where `l > 0`, else `l = l * f32(p)`. (0 < p < 1 boosts repeats; p = 0
+   makes every positive repeated logit +inf, i.e. forces a repeat.)
+2. Temperature `T`: `T == 0` -> greedy: the argmax of the penalized logits, lowest index on
+   ties (nothing below applies). Otherwise `z = l / f32(T)` (float32).
+3. `x = (z - max(z)) + 0.0` in float32 (`+0.0` turns -0.0 into +0.0; where `z == max(z)`,
+   `x = 0`, which also covers an infinite max). The candidate order used by every later
+   step is: `x` descending, ties by lower token id.
+4. Top-k (`k = 0` off): keep the first `k` candidates in that order.
+5. Softmax weights as integers (the "float64 or float32" choice: neither; see below):
+   `w = floor(exp32(x) * 2**40)` for `x >= -28`, else `w = 0`, where `exp32` is the
+   fixed float32 routine `_exp32` below (Cody-Waite reduction by ln 2 and a degree-7
+   Horner polynomial, every step one rounded float32 operation, then an exact `ldexp`).
+   The max token has `w = 2**40` exactly; a token 28 nats below the max or further has
+   weight 0 and can never be drawn. The mass this drops is below `vocab * 2**-40` of the
+   total (< 2e-7 for 201088 tokens). Tokens with `w = 0` are discarded. `Z = sum(w)`
+   (exact in int64: at most 2**18 tokens * 2**40).
+6. Top-p (`top_p >= 1` off): keep the shortest prefix, in candidate order, whose
+   cumulative weight is `>= top_p * Z` (compared exactly, as rationals); at least one.
+7. Min-p (`min_p <= 0` off): keep tokens with `w >= min_p * w_max` (exactly; `w_max` is
+   the first candidate's weight). Applied to the same weights as top-p, so 6 and 7 are
+   plain set filters and commute.
+8. Draw: `S = sum of kept w`; walk the kept tokens in candidate order and return the first
+   whose inclusive cumulative weight is `> draw * S` (exact rational comparison; `draw` is
+   a float64 in [0, 1), from worker.engine.rng.uniform).
+
+Why integers: a float softmax would make the chosen id depend on how a device associates
+its sums and on its `exp`'s last bit; with `_exp32` built from rounded float32 steps and
+exact integer sums, a GPU implementation can reproduce every id bit for bit.
+
+Speed: no full sort. Order-dependent steps (top-k, top-p, the draw) are selections, found
+by counting / summing above float32 thresholds of `x` and then ordering only the (usually
+tiny) band that holds the crossing; a weighted quickselect handles very flat
+distributions. About 1 ms per call for a 151936-token vocab on the CI machine (see
+BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+
+import numpy as np
+
+from worker.engine.params import SamplingParams
+from worker.errors import ErrorCode, WorkerError
+
+__all__ = ["WEIGHT_BITS", "X_CUTOFF", "exp32", "sample", "sampling_weights"]
+
+WEIGHT_BITS = 40
+X_CUTOFF = np.float32(-28.0)
+
+_F32 = np.float32
+_LOG2E = _F32(1.44269504088896341)
+# ln 2 split so that n * _LN2_HI is exact for |n| < 2**15 (9 significant bits).
+_LN2_HI = _F32(0.693359375)
+_LN2_LO = _F32(-2.12194440e-4)
+# Taylor coefficients of exp(r), |r| <= 0.35: degree 7 keeps the error near 1e-8.
+_COEFFS = tuple(_F32(c) for c in (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0))
+_TOP_EDGES = tuple(_F32(v) for v in (-1.0, -2.0, -4.0))
+_BINS_PER_NAT = 256
+_EMPTY = np.empty(0, dtype=np.int64)
+_SMALL = 4096  # at most this many candidates: order them with one sort
+
+
+def exp32(x: np.ndarray) -> np.ndarray:
+    """exp(x) * 2**WEIGHT_BITS for float32 x in [-28, 0], as float32 (not yet floored).
+
+    Each statement is one correctly rounded float32 operation (or an exact one), in this
+    order: n = rint(x * log2e); r = (x - n * LN2_HI) - n * LN2_LO; Horner over _COEFFS
+    (p = c0; p = p * r + c for the rest, as two roundings); then p * 2**(n + 40) exactly.
+    """
+    x = np.asarray(x, dtype=_F32)
+    n = np.multiply(x, _LOG2E)
+    np.rint(n, out=n)
+    t = np.multiply(n, _LN2_HI)
+    r = np.subtract(x, t)
+    np.multiply(n, _LN2_LO, out=t)
+    r -= t
+    p = np.multiply(r, _COEFFS[0])
+    p += _COEFFS[1]
+    for c in _COEFFS[2:]:
+        p *= r
+        p += c
+    # 2**(n + 40) built from its float32 bits (n >= -41, so always a normal number).
+    scale = n.astype(np.int32)
+    scale += 127 + WEIGHT_BITS
+    scale <<= 23
+    p *= scale.view(_F32)
+    return p
+
+
+def sampling_weights(x: np.ndarray) -> np.ndarray:
+    """Integer weights (step 5) of float32 offsets x = z - max(z) <= 0."""
+    low = x < X_CUTOFF
+    if low.any():
+        w = exp32(np.maximum(x, X_CUTOFF)).astype(np.int64)
+        w[low] = 0
+        return w
+    return exp32(x).astype(np.int64)  # truncation == floor: the values are positive
+
+
+_ARANGE: dict[int, np.ndarray] = {}
+
+
+def _arange(n: int) -> np.ndarray:
+    a = _ARANGE.get(n)
+    if a is None:
+        a = _ARANGE[n] = np.arange(n, dtype=np.int64)
+    return a
+
+
+def _ceil_mul(f: float, n: int) -> int:
+    """ceil(f * n) exactly, for a float f and an int n."""
+    fr = Fraction(f) * n
+    return -((-fr.numerator) // fr.denominator)
+
+
+def _floor_mul(f: float, n: int) -> int:
+    fr = Fraction(f) * n
+    return fr.numerator // fr.denominator
+
+
+def _keys(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """uint64 keys whose ascending order is the candidate order (x desc, id asc)."""
+    b = x.view(np.int32).astype(np.int64)
+    s = np.where(b >= 0, b, b ^ 0x7FFFFFFF)  # monotone in x as a signed integer
+    return ((np.int64(0x7FFFFFFF) - s).astype(np.uint64) << np.uint64(32)) | ids.astype(np.uint64)
+
+
+def _order(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of a small candidate set in candidate order."""
+    return np.lexsort((ids, -x))
+
+
+class _Set:
+    """Candidates as parallel arrays: token ids, float32 offsets x, int64 weights w."""
+
+    __slots__ = ("ids", "w", "x")
+
+    def __init__(self, ids: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+        self.ids = ids
+        self.x = x
+        self.w = w
+
+    def take(self, sel: np.ndarray) -> _Set:
+        w = self.w[sel] if self.w.size else self.w  # weights may not be computed yet
+        return _Set(self.ids[sel], self.x[sel], w)
+
+
+def _crossing_sorted(weights: np.ndarray, target: int) -> int:
+    """Position of the first element whose inclusive cumulative weight exceeds target."""
+    cum = np.cumsum(weights)
+    pos = int(np.searchsorted(cum, target, side="right"))
+    if pos >= len(cum):
+        raise AssertionError("sampling target beyond the total weight")
+    return pos
+
+
+def _quickselect(keys: np.ndarray, w: np.ndarray, target: int) -> int:
+    """Key of the first element (ascending key order) whose cumulative weight > target.
+    Keys are distinct; deterministic pivots (median of a strided sample)."""
+    acc = 0
+    while keys.size > _SMALL:
+        step = max(1, keys.size // 31)
+        sample = np.sort(keys[::step])
+        pivot = sample[len(sample) // 2]
+        lo = keys < pivot
+        m = int(w[lo].sum())
+        if acc + m > target:
+            keys, w = keys[lo], w[lo]
+        else:
+            acc += m
+            hi = ~lo
+            keys, w = keys[hi], w[hi]
+    order = np.argsort(keys)
+    pos = _crossing_sorted(w[order], target - acc)
+    return int(keys[order[pos]])
+
+
+def _finish(sub: _Set, w: np.ndarray, target: int) -> tuple[float, int]:
+    """Exact crossing inside a set that is already known to hold it."""
+    if sub.x.size <= _SMALL:
+        order = _order(sub.x, sub.ids)
+        pos = order[_crossing_sorted(w[order], target)]
+        return float(sub.x[pos]), int(sub.ids[pos])
+    key = _quickselect(_keys(sub.x, sub.ids), w, target)
+    tok = key & 0xFFFFFFFF
+    where = int(np.flatnonzero(sub.ids == tok)[0])
+    return float(sub.x[where]), tok
+
+
+def _select(cands: _Set, target: int, *, by_count: bool) -> tuple[float, int]:
+    """The (x, id) of the first candidate, in candidate order, whose inclusive cumulative
+    weight (or count, when by_count) exceeds target; 0 <= target < total is required.
+
+    Large sets: first a few cheap threshold sums near the top (the usual, peaked case);
+    failing that, a histogram of x in bins of 1/256 nat (bin = floor(-x * 256), monotone in
+    x, so bins are contiguous runs of the candidate order) locates the bin that holds the
+    crossing, and only that bin is ordered."""
+    x = cands.x
+    if x.size <= _SMALL:
+        w = np.ones(x.size, dtype=np.int64) if by_count else cands.w
+        return _finish(cands, w, target)
+    for edge in _TOP_EDGES:
+        idx = np.flatnonzero(x >= edge)
+        if idx.size > _SMALL:
+            break
+        sub = cands.take(idx)
+        mass = idx.size if by_count else int(sub.w.sum())
+        if mass > target:
+            w = np.ones(idx.size, dtype=np.int64) if by_count else sub.w
+            return _finish(sub, w, target)
+    bins = np.multiply(x, _F32(-_BINS_PER_NAT))  # exact: a power-of-two scale
+    np.floor(bins, out=bins)
+    b = bins.astype(np.intp)
+    counts = np.bincount(b)
+    if by_count:
+        cum = np.cumsum(counts)
+        k_lo = k_hi = int(np.searchsorted(cum, target, side="right"))
+    else:
+        # Weighted per-bin sums are slow in NumPy; bound them instead. Every weight in bin
+        # j lies in [W(j+1), W(j)] with W(j) = exp(-j / 256) * 2**40 (widened by 1e-6 for the
+        # polynomial's error), so the crossing bin is between the first bin whose upper
+        # cumulative bound exceeds target and the first whose lower bound does.
+        edges = np.exp(-np.arange(counts.size + 1) / _BINS_PER_NAT) * float(1 << WEIGHT_BITS)
+        upper = np.cumsum(counts * (edges[:-1] * (1 + 1e-6) + 1))
+        lower = np.cumsum(counts * np.maximum(edges[1:] * (1 - 1e-6) - 1, 0.0))
+        k_lo = int(np.searchsorted(upper, target, side="right"))
+        k_hi = min(int(np.searchsorted(lower, target, side="right")), counts.size - 1)
+    above = b < k_lo
+    before = int(np.count_nonzero(above)) if by_count else int(cands.w[above].sum())
+    sub = cands.take(np.flatnonzero((b >= k_lo) & (b <= k_hi)))
+    w = np.ones(sub.x.size, dtype=np.int64) if by_count else sub.w
+    if not 0 <= target - before < int(w.sum()):  # cannot happen if the bounds hold
+        w_all = np.ones(x.size, dtype=np.int64) if by_count else cands.w
+        return _finish(cands, w_all, target)
+    return _finish(sub, w, target - before)
+
+
+def _keep_through(cands: _Set, x_k: float, id_k: int) -> _Set:
+    """Keep the candidates up to and including (x_k, id_k) in candidate order."""
+    xk = _F32(x_k)
+    keep = (cands.x > xk) | ((cands.x == xk) & (cands.ids <= id_k))
+    return cands.take(np.flatnonzero(keep))
+
+
+def _penalize(logits: np.ndarray, penalty: float, generated: Sequence[int]) -> np.ndarray:
+    ids = np.unique(np.asarray(generated, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < logits.size)]
+    if ids.size == 0:
+        return logits
+    out = logits.copy()
+    vals = out[ids]
+    p = _F32(penalty)
+    with np.errstate(divide="ignore"):
+        out[ids] = np.where(vals > 0, vals / p, vals * p)
+    return out
+
+
+def _check(params: SamplingParams, draw: float) -> None:
+    if not (params.temperature >= 0.0 and np.isfinite(params.temperature)):
+        raise ValueError(f"temperature must be finite and >= 0, got {params.temperature}")
+    if not params.repetition_penalty >= 0.0:
+        raise ValueError(f"repetition_penalty must be >= 0, got {params.repetition_penalty}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {params.top_k}")
+    if not 0.0 <= params.top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {params.top_p}")
+    if not 0.0 <= params.min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {params.min_p}")
+    if not 0.0 <= draw < 1.0:
+        raise ValueError(f"draw must be in [0, 1), got {draw}")
+
+
+def sample(
+    logits: np.ndarray, params: SamplingParams, draw: float, generated: Sequence[int]
+) -> int:
+    """Pick the next token id from one position's logits (see the module docstring)."""
+    _check(params, draw)
+    l = np.asarray(logits, dtype=_F32)
+    if l.ndim != 1 or l.size == 0:
+        raise ValueError(f"logits must be a non-empty vector, got shape {l.shape}")
+    if np.isnan(l).any():
+        raise WorkerError(ErrorCode.INTERNAL, "NaN in logits")
+    if params.repetition_penalty != 1.0 and len(generated):
+        l = _penalize(l, params.repetition_penalty, generated)
+    if params.greedy:
+        return int(np.argmax(l))
+
+    with np.errstate(over="ignore"):
+        x = np.divide(l, _F32(params.temperature))
+    zmax = x.max()
+    if np.isfinite(zmax):
+        x -= zmax
+        x += _F32(0.0)
+    else:  # +inf (forced by penalty 0 or tiny T) or every logit -inf
+        x = np.where(x == zmax, _F32(0.0), _F32(-np.inf)).astype(_F32)
+
+    # Only tokens within 28 nats of the max can carry weight.
+    inside = x >= X_CUTOFF
+    if inside.all():
+        cands = _Set(_arange(x.size), x, _EMPTY)
+    else:
+        ids = np.flatnonzero(inside)
+        cands = _Set(ids, x[ids], _EMPTY)
+    if 0 < params.top_k < cands.ids.size:
+        x_k, id_k = _select(cands, params.top_k - 1, by_count=True)
+        cands = _keep_through(cands, x_k, id_k)
+    cands.w = sampling_weights(cands.x)
+    nz = cands.w > 0
+    if not nz.all():
+        cands = cands.take(np.flatnonzero(nz))
+    if cands.ids.size == 1:
+        return int(cands.ids[0])
+
+    if params.top_p < 1.0:
+        total = int(cands.w.sum())
+        need = max(1, _ceil_mul(params.top_p, total))
+        x_p, id_p = _select(cands, need - 1, by_count=False)
+        cands = _keep_through(cands, x_p, id_p)
+    if params.min_p > 0.0:
+        w_max = 1 << WEIGHT_BITS  # x = 0 for the first candidate, exp32(0) = 1 exactly
+        floor_w = _ceil_mul(params.min_p, w_max)
+        keep = cands.w >= floor_w
+        if not keep.all():
+            cands = cands.take(np.flatnonzero(keep))
+
+    total = int(cands.w.sum())
+    _, tok = _select(cands, _floor_mul(draw, total), by_count=False)
+    return tok
