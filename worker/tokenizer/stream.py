@@ -1,0 +1,70 @@
+"""Streaming detokenizer (SPEC §2): token ids in, text out, only ever complete UTF-8.
+
+Bytes of a code point split across tokens wait for the token that completes it; nothing is
+lost: `flush()` at the end of the stream returns what is still held (an incomplete trailing
+sequence becomes U+FFFD then, and only then). `text` is everything emitted so far, for
+matching stop strings."""
+
+from __future__ import annotations
+
+import codecs
+
+from worker.tokenizer.base import Tokenizer
+
+
+class StreamDecoder:
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True) -> None:
+        """skip_special: control tokens add no text (as `token_bytes` says); with False
+        they are rendered as their text, as `decode(ids)` does."""
+        self._tok = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._parts: list[str] = []
+        self._text_cache: str | None = ""
+        self._fragment_start = True
+        self._ids = 0
+
+    def _piece(self, token_id: int) -> bytes:
+        piece = getattr(self._tok, "piece", None)
+        if piece is not None:  # our backends: same spacing rule as decode()
+            data: bytes = piece(
+                token_id, fragment_start=self._fragment_start, skip_special=self._skip_special
+            )
+            is_special = getattr(self._tok, "is_special", None)
+            self._fragment_start = bool(is_special(token_id)) if is_special else False
+            return data
+        return self._tok.token_bytes(token_id)
+
+    def push(self, token_id: int) -> str:
+        """Text completed by this token (may be empty while a code point is split)."""
+        text = self._utf8.decode(self._piece(token_id), final=False)
+        self._ids += 1
+        if text:
+            self._parts.append(text)
+            self._text_cache = None
+        return text
+
+    def flush(self) -> str:
+        """End of stream: whatever is held back (U+FFFD for an incomplete sequence)."""
+        text = self._utf8.decode(b"", final=True)
+        if text:
+            self._parts.append(text)
+            self._text_cache = None
+        return text
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes held back, waiting for the rest of their code point."""
+        return self._utf8.getstate()[0]
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        if self._text_cache is None:
+            self._text_cache = "".join(self._parts)
+            self._parts = [self._text_cache]
+        return self._text_cache
+
+    @property
+    def tokens_seen(self) -> int:
+        return self._ids
