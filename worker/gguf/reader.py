@@ -32,18 +32,9 @@ import numpy.typing as npt
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from worker.errors import ModelLoadError
-from worker.gguf import quants
+from worker.gguf import hparams, quants
 
 SUPPORTED_ARCHITECTURES: Final[tuple[str, ...]] = ("qwen2", "phi3", "gpt-oss", "llama", "gpt2")
-
-# Metadata every supported architecture must carry (as positive integers), prefixed
-# "<arch>."; the per-architecture hyperparameter object (hparams.py) adds the rest.
-REQUIRED_ARCH_KEYS: Final[tuple[str, ...]] = (
-    "context_length",
-    "embedding_length",
-    "block_count",
-    "attention.head_count",
-)
 
 GGUF_MAGIC: Final = b"GGUF"
 GGUF_VERSION: Final = 3
@@ -356,14 +347,31 @@ def _open_map(path: Path) -> mmap.mmap:
         os.close(fd)
 
 
-def _positive_int(path: Path, md: dict[str, Any], types: dict[str, Any], key: str) -> None:
-    if key not in md:
-        raise ModelLoadError(path, f"required metadata key '{key}' is missing")
-    value = md[key]
-    if types[key][0] not in _INT_TYPES or value <= 0:
-        raise ModelLoadError(
-            path, f"metadata key '{key}' must be a positive integer, found {value!r}"
-        )
+_FLOAT_TYPES: Final = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
+
+
+def _check_required(
+    path: Path, md: dict[str, Any], types: dict[str, tuple[GGUFValueType, ...]], arch: str
+) -> None:
+    """The keys hparams.required_keys(arch) names: present, and numbers where numbers are
+    meant (a per-layer array of them is allowed, as llama.cpp does)."""
+    for key in hparams.required_keys(arch):
+        if key not in md:
+            raise ModelLoadError(path, f"required metadata key '{key}' is missing")
+        if key == "general.architecture":
+            continue
+        vtypes = types[key]
+        value = md[key]
+        if vtypes[0] == GGUFValueType.ARRAY:
+            vtype = vtypes[1] if len(vtypes) > 1 else GGUFValueType.ARRAY
+            values = value
+        else:
+            vtype, values = vtypes[0], [value]
+        is_eps = key.endswith("epsilon")
+        ok_types = _FLOAT_TYPES | _INT_TYPES if is_eps else _INT_TYPES
+        if vtype not in ok_types or not values or any(v <= 0 for v in values):
+            what = "a positive number" if is_eps else "a positive integer"
+            raise ModelLoadError(path, f"metadata key '{key}' must be {what}, found {value!r}")
 
 
 def _check_architecture(
@@ -378,12 +386,11 @@ def _check_architecture(
     arch = md["general.architecture"]
     if not isinstance(arch, str):
         raise ModelLoadError(path, f"general.architecture must be a string, found {arch!r}")
-    if arch not in supported:
+    if arch not in supported or arch not in hparams.SUPPORTED_ARCHS:
         raise ModelLoadError(
             path, f"unsupported architecture '{arch}' (supported: {', '.join(supported)})"
         )
-    for key in REQUIRED_ARCH_KEYS:
-        _positive_int(path, md, types, f"{arch}.{key}")
+    _check_required(path, md, types, arch)
     return arch
 
 
@@ -545,6 +552,17 @@ def _parse(path: Path, mm: mmap.mmap, supported: Iterable[str]) -> GGUFFile:
     )
 
 
+def _check_hparams(gf: GGUFFile) -> None:
+    """Everything else the forward pass needs (hparams.load_hparams: head counts that
+    divide, rope dims, expert counts...), so a file that opens is a file that can run."""
+    try:
+        hparams.load_hparams(gf)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a metadata value of an unexpected kind
+        raise ModelLoadError(gf.path, f"bad hyperparameter metadata: {exc}") from exc
+
+
 def open_gguf(
     path: str | os.PathLike[str],
     *,
@@ -554,7 +572,9 @@ def open_gguf(
     p = Path(path)
     mm = _open_map(p)
     try:
-        return _parse(p, mm, supported_architectures)
+        gf = _parse(p, mm, supported_architectures)
+        _check_hparams(gf)
     except BaseException:
         mm.close()
         raise
+    return gf
