@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from actors.backend_thread import BackendThread
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
+from worker.errors import ErrorCode, WorkerError
 from worker.narration import narrate
 from worker.tokenizer.base import Tokenizer
 
@@ -30,23 +30,6 @@ class LoadedModel:
     quant_kind: str
     architecture: str
     load_seconds: float
-
-
-def quant_kind_of(gguf_file: Any) -> str:
-    """The file's quantization mix name (Q4_K_M, ...), else its most common tensor type."""
-    ft = gguf_file.metadata.get("general.file_type")
-    if isinstance(ft, int):
-        try:
-            import gguf
-
-            name = gguf.LlamaFileType(ft).name
-            return name.removeprefix("MOSTLY_")
-        except (ValueError, ImportError):
-            pass
-    by_bytes: Counter[str] = Counter()
-    for t in gguf_file.tensors.values():
-        by_bytes[t.ggml_type.name] += t.nbytes
-    return by_bytes.most_common(1)[0][0] if by_bytes else "unknown"
 
 
 def _call_with_supported(ctor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -63,6 +46,7 @@ def _call_with_supported(ctor: Any, *args: Any, **kwargs: Any) -> Any:
 
 def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     """The whole load; runs on the backend thread."""
+    from worker.gguf.estimate import quant_kind
     from worker.gguf.reader import open_gguf
     from worker.tokenizer import load_tokenizer
 
@@ -70,7 +54,7 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     narrate("model_load_start", f"loading {cfg.model}", path=str(cfg.model), device=cfg.device)
     narrate("model_load_progress", "0%", percent=0)
     gguf_file = open_gguf(cfg.model)
-    quant = quant_kind_of(gguf_file)
+    quant = quant_kind(gguf_file)
     narrate(
         "model_load_progress",
         "25%: file validated",
@@ -101,9 +85,19 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
 
         backend = _call_with_supported(NumpyBackend, gguf_file, **options)
     else:
-        from worker.backends.cuda import CudaBackend  # type: ignore[attr-defined]
+        try:
+            from worker.backends.cuda import CudaBackend  # type: ignore[attr-defined]
 
-        backend = _call_with_supported(CudaBackend, gguf_file, **options)
+            backend = _call_with_supported(CudaBackend, gguf_file, **options)
+        except WorkerError:
+            raise
+        except Exception as exc:  # no driver, no device, pycuda missing: never fall back
+            raise WorkerError(
+                ErrorCode.CUDA_ERROR,
+                f"CUDA backend unavailable on GPU {cfg.gpu_device} "
+                f"({type(exc).__name__}: {exc}); use --device cpu for the NumPy reference",
+                retriable=False,
+            ) from exc
     narrate(
         "model_load_progress",
         "75%: weights and KV cache in place",
