@@ -1,0 +1,665 @@
+"""CudaBackend: the Backend protocol on one NVIDIA GPU (SPEC §4).
+
+Startup: one context (context.py), the model's tensors in one 256-byte-aligned arena
+(quantized as stored; only 1-D vectors that are not F32 are widened to F32), loaded through
+pinned double-buffered staging (loader.py), an FP16 KV cache sized from the context size and
+capped to what fits, and fixed scratch buffers. Nothing is allocated per job.
+
+Per step: the per-architecture layer recipe over H8's matrix kernels (matmul.py) and H7's
+kernels (kernels.py). Everything that changes per step (the token ids, the position) lives
+in device memory, so one CUDA graph captured for a one-token step replays for every decode
+step; prefill runs eagerly in chunks of `ubatch` tokens.
+
+Must be created and used on one thread (the one that owns the context).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.backends.base import BackendInfo, ResidencyReport
+from worker.backends.cuda.arena import MIB, DevBuf, align_up, kv_bytes_per_token, plan_arena
+from worker.backends.cuda.kernels import ARGMAX_BLOCKS, AttnShape, Kernels, attn_split_count
+from worker.engine.params import SamplingParams
+from worker.errors import (
+    ContextLengthExceeded,
+    CudaError,
+    ErrorCode,
+    InsufficientVram,
+    ModelLoadError,
+    WorkerError,
+)
+from worker.gguf.hparams import HParams, load_hparams
+from worker.gguf.reader import GGUFFile, open_gguf
+
+F32_TYPE = 0
+DECODE_SPLITS = 16  # attention key chunks per head for a decode step (fixed in the graph)
+PREFILL_MAX_SPLITS = 16
+LOGIT_ROWS = 64  # rows of logits computed per pass when all positions are wanted
+RESERVE_BYTES = 256 * MIB  # left free for the driver, graphs and PyCUDA's own needs
+ROPE_MODE = {"none": 0, "normal": 1, "neox": 2}
+
+Buf = tuple[int, int]  # (ptr, nbytes) as matmul.py takes it
+
+
+def _b(d: DevBuf) -> Buf:
+    return (d.ptr, d.nbytes)
+
+
+def rope_inv_freq(hp: HParams, factors: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """Per-pair angle rate (float64) with base, factors, linear / YaRN scaling folded in,
+    and the cos/sin magnitude; the same function as worker.models.common.rope_angles."""
+    rope = hp.rope
+    half = rope.n_dims // 2
+    i = np.arange(half, dtype=np.float64)
+    inv = rope.theta ** (-2.0 * i / rope.n_dims)
+    if factors is not None:
+        inv = inv / factors.astype(np.float64)[:half]
+    mscale = rope.yarn_attn_factor
+    if rope.scaling == "linear":
+        inv = inv * rope.freq_scale
+    elif rope.scaling == "yarn":
+        fs = rope.freq_scale
+        if rope.yarn_ext_factor != 0.0:
+            from worker.models.common import _yarn_corr_dim
+
+            lo = _yarn_corr_dim(rope.n_dims, rope.orig_ctx, rope.yarn_beta_fast, rope.theta)
+            hi = _yarn_corr_dim(rope.n_dims, rope.orig_ctx, rope.yarn_beta_slow, rope.theta)
+            if rope.yarn_truncate:
+                lo, hi = math.floor(lo), math.ceil(hi)
+            lo, hi = max(0.0, lo), min(rope.n_dims - 1.0, hi)
+            y = (i - lo) / max(0.001, hi - lo)
+            mix = (1.0 - np.clip(y, 0.0, 1.0)) * rope.yarn_ext_factor
+            inv = inv * (fs * (1.0 - mix) + mix)
+        else:
+            inv = inv * fs
+        mscale = rope.yarn_mscale
+    return inv.astype(np.float64), float(mscale)
+
+
+@dataclass(frozen=True, slots=True)
+class _W:
+    """A weight matrix in the arena, in matmul.py's terms."""
+
+    ptr: int
+    qtype: int
+    rows: int
+    cols: int
+    nbytes: int
+
+
+class CudaBackend:
+    """See the module docstring. `model`: a path or an open GGUFFile."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | GGUFFile,
+        *,
+        ctx_size: int | None = None,
+        kv_cache_size_mb: int | None = None,
+        gpu_device: int = 0,
+        h2d_chunk_mb: float = 1.0,
+        progress: Callable[[float], None] | None = None,
+        ubatch: int = 512,
+        graphs: bool = True,
+        sync_each: bool = False,
+    ) -> None:
+        self._owns_file = not isinstance(model, GGUFFile)
+        self.gf: GGUFFile = model if isinstance(model, GGUFFile) else open_gguf(Path(model))
+        self.path = self.gf.path
+        self.ctx: Any = None
+        try:
+            self._init(
+                ctx_size,
+                kv_cache_size_mb,
+                gpu_device,
+                h2d_chunk_mb,
+                progress,
+                ubatch,
+                graphs,
+                sync_each,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    # ================================================================== startup
+
+    def _init(
+        self,
+        ctx_size: int | None,
+        kv_cache_size_mb: int | None,
+        gpu_device: int,
+        h2d_chunk_mb: float,
+        progress: Callable[[float], None] | None,
+        ubatch: int,
+        graphs: bool,
+        sync_each: bool,
+    ) -> None:
+        from worker.backends.cuda.context import CudaContext
+        from worker.backends.cuda.loader import upload
+        from worker.backends.cuda.matmul import MatmulKernels
+
+        t_start = time.perf_counter()
+        hp = load_hparams(self.gf)
+        self.hp = hp
+        if hp.arch not in ("qwen2", "llama", "phi3", "gpt2"):
+            raise ModelLoadError(
+                self.path, f"architecture {hp.arch!r} is not on the CUDA backend yet"
+            )
+        if hp.head_dim != hp.head_dim_v:
+            raise ModelLoadError(self.path, "head_dim_v != head_dim is not supported")
+        self.ubatch = max(1, ubatch)
+        self.use_graphs = graphs
+        self.ctx = ctx = CudaContext(gpu_device)
+        t_k = time.perf_counter()
+        self.k = Kernels(ctx, sync_each=sync_each)
+        self.mm = MatmulKernels(ctx.facts.arch)
+        self.kernel_load_s = time.perf_counter() - t_k
+
+        # ---- what goes into the arena
+        sources: dict[str, np.ndarray] = {}
+        self.qtypes: dict[str, int] = {}
+        for name, ti in self.gf.tensors.items():
+            widen = ti.ggml_type != F32_TYPE and (
+                len(ti.shape) == 1 or name == "position_embd.weight"
+            )
+            if widen:
+                arr = np.ascontiguousarray(self.gf.dequantize(name), dtype=np.float32)
+                sources[name] = arr.reshape(-1).view(np.uint8)
+                self.qtypes[name] = F32_TYPE
+            else:
+                sources[name] = self.gf.raw(name)
+                self.qtypes[name] = int(ti.ggml_type)
+        # rope angle table (float64) as one more arena entry
+        factors = self._rope_factors(ctx_size)
+        inv, self.rope_mscale = rope_inv_freq(hp, factors)
+        if hp.rope.type != "none":
+            sources["__rope_inv_freq"] = inv.view(np.uint8)
+        plan = plan_arena((n, a.nbytes) for n, a in sources.items())
+        self.plan = plan
+
+        # ---- scratch
+        E, V = hp.n_embd, hp.n_vocab
+        B = self.ubatch
+        self.qkv_dim = hp.q_dim + 2 * hp.kv_dim
+        ff = hp.n_ff
+        scratch_items = [
+            ("x", B * E * 4),
+            ("xn", B * E * 4),
+            ("qkv", B * self.qkv_dim * 4),
+            ("attn", B * hp.q_dim * 4),
+            ("gu", B * 2 * ff * 4),
+            ("act", B * ff * 4),
+            ("logits", max(LOGIT_ROWS, 1) * V * 4),
+            ("xbuf", V * 4),
+            ("opart", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * hp.head_dim * 4),
+            ("ml", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * 2 * 4),
+            ("ids", B * 4),
+            ("pos", 256),
+            ("argv", ARGMAX_BLOCKS * 4),
+            ("argi", ARGMAX_BLOCKS * 4),
+            ("out", 256),
+        ]
+        splan = plan_arena(scratch_items)
+
+        # ---- VRAM budget and context length
+        per_tok = kv_bytes_per_token(hp.n_layer, hp.n_head_kv, hp.head_dim, hp.head_dim_v)
+        pen_per_tok = 4  # repetition-penalty id list
+        free, total = ctx.mem_info()
+        fixed = plan.total + splan.total
+        want = ctx_size if ctx_size is not None else hp.n_ctx_train
+        if kv_cache_size_mb is not None:
+            want = min(want, kv_cache_size_mb * MIB // per_tok)
+        room = free - fixed - RESERVE_BYTES
+        n_ctx = min(want, max(0, room // (per_tok + pen_per_tok)))
+        min_ctx = min(want, 16)
+        if n_ctx < min_ctx or n_ctx <= 0:
+            need = fixed + RESERVE_BYTES + min_ctx * (per_tok + pen_per_tok)
+            raise InsufficientVram(
+                f"model {self.path} needs {need} bytes of VRAM on GPU {gpu_device} "
+                f"(weights {plan.total}, scratch {splan.total}, KV for {min_ctx} tokens, "
+                f"reserve {RESERVE_BYTES}) but {free} bytes are free"
+            )
+        self.context_length = int(n_ctx)
+        self.vocab_size = V
+
+        # ---- allocate and load
+        self.arena = ctx.alloc(plan.total, "weights arena")
+        self.load_stats = upload(
+            ctx,
+            self.arena,
+            plan,
+            sources,
+            chunk_bytes=max(1, int(h2d_chunk_mb * MIB)),
+            progress=progress,
+        )
+        kv_layer = self.context_length * hp.n_head_kv * hp.head_dim * 2
+        self.kv = ctx.alloc(align_up(kv_layer) * 2 * hp.n_layer, "KV cache")
+        self.kv_layer_bytes = align_up(kv_layer)
+        self.scratch = ctx.alloc(splan.total, "scratch")
+        self.pen = ctx.alloc(self.context_length * 4, "penalty ids")
+        self.s = {n: self.scratch.view(splan.offsets[n], splan.sizes[n], n) for n in splan.offsets}
+        self._host_pos = ctx.drv.pagelocked_empty(2, np.int32)
+        self._host_out = ctx.drv.pagelocked_empty(2, np.int32)
+        self._n_past = 0
+        self._graphs: dict[str, Any] = {}
+        self.load_seconds = time.perf_counter() - t_start
+
+        resid = self.check_residency()
+        self.info = BackendInfo(
+            device="cuda",
+            resident=resid.ok,
+            gpu_device=gpu_device,
+            gpu_name=ctx.facts.name,
+            sm=ctx.facts.sm,
+            cuda_runtime_version=ctx.facts.driver_version,
+            vram_total_bytes=total,
+            vram_bytes_used=ctx.used_bytes,
+        )
+        if not resid.ok:
+            raise CudaError(f"residency check failed at load: {resid.failures[:3]}")
+
+    def _rope_factors(self, ctx_size: int | None) -> np.ndarray | None:
+        t = self.gf.tensors
+        hp = self.hp
+        n_ctx = ctx_size if ctx_size is not None else min(hp.n_ctx_train, 4096)
+        if hp.arch == "phi3":
+            long_, short = "rope_factors_long.weight" in t, "rope_factors_short.weight" in t
+            if long_ and (n_ctx > hp.rope.orig_ctx or not short):
+                return self.gf.dequantize("rope_factors_long.weight").reshape(-1)
+            if short:
+                return self.gf.dequantize("rope_factors_short.weight").reshape(-1)
+        if "rope_freqs.weight" in t:
+            return self.gf.dequantize("rope_freqs.weight").reshape(-1)
+        return None
+
+    # ================================================================== tensors
+
+    def _t(self, name: str) -> DevBuf:
+        return self.arena.view(self.plan.offsets[name], self.plan.sizes[name], name)
+
+    def _opt(self, name: str) -> Buf | None:
+        return _b(self._t(name)) if name in self.plan.offsets else None
+
+    def _w(self, name: str) -> _W:
+        ti = self.gf.tensors[name]
+        rows = 1
+        for d in ti.shape[1:]:
+            rows *= d
+        return _W(
+            self.arena.ptr + self.plan.offsets[name],
+            self.qtypes[name],
+            rows,
+            ti.shape[0],
+            self.plan.sizes[name],
+        )
+
+    def _kv(self, layer: int) -> tuple[DevBuf, DevBuf]:
+        base = 2 * layer * self.kv_layer_bytes
+        kb = self.kv.view(base, self.kv_layer_bytes, f"K[{layer}]")
+        vb = self.kv.view(base + self.kv_layer_bytes, self.kv_layer_bytes, f"V[{layer}]")
+        return kb, vb
+
+    def _rows(self, name: str, row0: int, row_elems: int) -> Buf:
+        """(ptr, bytes to the end) of scratch buffer `name` from row row0."""
+        d = self.s[name]
+        off = row0 * row_elems * 4
+        return (d.ptr + off, d.nbytes - off)
+
+    def _lin(
+        self,
+        wname: str,
+        x: Buf,
+        y: Buf,
+        n: int,
+        *,
+        ldx: int | None = None,
+        ldy: int | None = None,
+        residual: Buf | None = None,
+        bias: str | None = None,
+    ) -> None:
+        from worker.backends.cuda.matmul import QWeight
+
+        w = self._w(wname)
+        qw = QWeight(ptr=w.ptr, qtype=w.qtype, rows=w.rows, cols=w.cols, nbytes=w.nbytes)
+        b = self._opt(bias) if bias else None
+        self.mm.linear(
+            qw, x, y, n, stream=self.ctx.stream, bias=b, residual=residual, ldx=ldx, ldy=ldy
+        )
+        if self.k.sync_each:
+            self.ctx.sync(f"matmul {wname}")
+
+    def _norm(self, x: DevBuf, out: DevBuf, prefix: str, rows: int) -> None:
+        hp = self.hp
+        w = self._t(f"{prefix}.weight")
+        if hp.norm == "rms":
+            self.k.rmsnorm(x, w, out, rows, hp.n_embd, hp.norm_eps)
+        else:
+            bname = f"{prefix}.bias"
+            b = self._t(bname) if bname in self.plan.offsets else None
+            self.k.layernorm(x, w, b, out, rows, hp.n_embd, hp.norm_eps)
+
+    # ================================================================== the recipe
+
+    def _enqueue_layers(self, n: int, kv_max: int) -> None:
+        """Queue embedding + every block for the n tokens in s['ids'] at position s['pos'].
+        Leaves the final residual stream in s['x'] (rows 0..n-1). kv_max: pos0 + n bound."""
+        hp, k, s = self.hp, self.k, self.s
+        E, qd, kvd, QKV = hp.n_embd, hp.q_dim, hp.kv_dim, self.qkv_dim
+        from worker.backends.cuda.matmul import QWeight
+
+        emb = self._w("token_embd.weight")
+        self.mm.embed(
+            QWeight(emb.ptr, emb.qtype, emb.rows, emb.cols, emb.nbytes),
+            _b(s["ids"]),
+            n,
+            _b(s["x"]),
+            stream=self.ctx.stream,
+        )
+        if hp.learned_pos:
+            pe = self.gf.tensors["position_embd.weight"]
+            k.add_pos_embd(
+                s["x"], self._t("position_embd.weight"), s["pos"], n, E, pe.shape[1], kv_max
+            )
+        decode = n == 1
+        if decode:
+            n_split = DECODE_SPLITS
+            max_chunk = -(-self.context_length // n_split)
+        else:
+            n_split = attn_split_count(kv_max, PREFILL_MAX_SPLITS, 64)
+            max_chunk = -(-kv_max // n_split)
+        shape = AttnShape(n, hp.n_head, hp.n_head_kv, hp.head_dim, n_split, max_chunk)
+        scale = 1.0 / math.sqrt(hp.head_dim)
+        mode = ROPE_MODE[hp.rope.type]
+        inv = self._t("__rope_inv_freq") if mode else s["pos"]
+        qkv = s["qkv"]
+        q_b = (qkv.ptr, qkv.nbytes)
+        k_b = (qkv.ptr + qd * 4, qkv.nbytes - qd * 4)
+        v_b = (qkv.ptr + (qd + kvd) * 4, qkv.nbytes - (qd + kvd) * 4)
+        sinks_name = None
+        for il in range(hp.n_layer):
+            p = f"blk.{il}"
+            self._norm(s["x"], s["xn"], f"{p}.attn_norm", n)
+            xn = _b(s["xn"])
+            if f"{p}.attn_qkv.weight" in self.plan.offsets:
+                self._lin(f"{p}.attn_qkv.weight", xn, q_b, n, ldy=QKV, bias=f"{p}.attn_qkv.bias")
+            else:
+                self._lin(f"{p}.attn_q.weight", xn, q_b, n, ldy=QKV, bias=f"{p}.attn_q.bias")
+                self._lin(f"{p}.attn_k.weight", xn, k_b, n, ldy=QKV, bias=f"{p}.attn_k.bias")
+                self._lin(f"{p}.attn_v.weight", xn, v_b, n, ldy=QKV, bias=f"{p}.attn_v.bias")
+            kc, vc = self._kv(il)
+            k.qkv_rope_store(
+                q=qkv,
+                k=qkv.view(qd * 4, qkv.nbytes - qd * 4),
+                v=qkv.view((qd + kvd) * 4, qkv.nbytes - (qd + kvd) * 4),
+                bq=None,
+                bk=None,
+                bv=None,
+                kcache=kc,
+                vcache=vc,
+                pos=s["pos"],
+                n_tokens=n,
+                n_head=hp.n_head,
+                n_kv=hp.n_head_kv,
+                head_dim=hp.head_dim,
+                n_rot=hp.rope.n_dims if mode else 0,
+                q_stride=QKV,
+                kv_stride=QKV,
+                inv_freq=inv,
+                mscale=self.rope_mscale,
+                mode=mode,
+                ctx=self.context_length,
+                max_pos=kv_max,
+            )
+            window = hp.sliding_window if hp.is_swa(il) else 0
+            k.attention(
+                q=qkv,
+                q_stride=QKV,
+                kcache=kc,
+                vcache=vc,
+                opart=s["opart"],
+                ml=s["ml"],
+                pos=s["pos"],
+                out=s["attn"],
+                out_stride=qd,
+                shape=shape,
+                ctx=self.context_length,
+                max_kv=kv_max,
+                scale=scale,
+                window=window,
+                sinks=self._t(sinks_name) if sinks_name else None,
+            )
+            x = _b(s["x"])
+            self._lin(
+                f"{p}.attn_output.weight",
+                _b(s["attn"]),
+                x,
+                n,
+                residual=x,
+                bias=f"{p}.attn_output.bias",
+            )
+            self._norm(s["x"], s["xn"], f"{p}.ffn_norm", n)
+            self._ffn(il, n)
+
+    def _ffn(self, il: int, n: int) -> None:
+        hp, k, s = self.hp, self.k, self.s
+        p = f"blk.{il}"
+        ff = hp.n_ff
+        xn, gu, act, x = _b(s["xn"]), s["gu"], s["act"], _b(s["x"])
+        if hp.arch == "gpt2":
+            self._lin(f"{p}.ffn_up.weight", xn, _b(act), n, bias=f"{p}.ffn_up.bias")
+            k.gelu(act, act, n * ff)
+        else:
+            if f"{p}.ffn_gate.weight" in self.plan.offsets:
+                self._lin(f"{p}.ffn_gate.weight", xn, _b(gu), n, ldy=2 * ff)
+                self._lin(
+                    f"{p}.ffn_up.weight", xn, (gu.ptr + ff * 4, gu.nbytes - ff * 4), n, ldy=2 * ff
+                )
+            else:  # phi3: ffn_up rows are [gate; up]
+                self._lin(f"{p}.ffn_up.weight", xn, _b(gu), n)
+            k.swiglu(gu, gu.view(ff * 4, gu.nbytes - ff * 4), act, n, ff, 2 * ff, 2 * ff, ff)
+        self._lin(f"{p}.ffn_down.weight", _b(act), x, n, residual=x, bias=f"{p}.ffn_down.bias")
+
+    def _lm_head(self, row0: int, rows: int) -> None:
+        """logits[0..rows) = head(norm(x[row0..row0+rows)))."""
+        hp, s = self.hp, self.s
+        E = hp.n_embd
+        xr = s["x"].view(row0 * E * 4, rows * E * 4, "x rows")
+        self._norm(xr, s["xn"], "output_norm", rows)
+        head = "output.weight" if "output.weight" in self.plan.offsets else "token_embd.weight"
+        self._lin(head, _b(s["xn"]), _b(s["logits"]), rows, bias=None)
+
+    # ================================================================== steps
+
+    def _set_inputs(self, ids: Sequence[int], pos: int) -> None:
+        n = len(ids)
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
+        drv, st = self.ctx.drv, self.ctx.stream
+        st.synchronize()  # the pinned staging below may still feed an earlier copy
+        self._host_pos[0] = pos
+        drv.memcpy_htod_async(self.s["pos"].ptr, self._host_pos[:1], st)
+        if n == 1:
+            self._host_pos[1] = int(arr[0])
+            drv.memcpy_htod_async(self.s["ids"].ptr, self._host_pos[1:2], st)
+        else:
+            drv.memcpy_htod_async(self.s["ids"].ptr, arr.astype(np.int32), st)
+
+    def _decode_graph(self, greedy: bool) -> Any:
+        key = "greedy" if greedy else "logits"
+        g = self._graphs.get(key)
+        if g is None:
+            with self.ctx.capture() as cap:
+                self._enqueue_decode(greedy)
+            g = cap.graph
+            self._graphs[key] = g
+        return g
+
+    def _enqueue_decode(self, greedy: bool) -> None:
+        self._enqueue_layers(1, self.context_length)
+        self._lm_head(0, 1)
+        if greedy:
+            s = self.s
+            self.k.argmax(s["logits"], self.vocab_size, s["argv"], s["argi"], s["out"])
+
+    def _check_len(self, n: int) -> None:
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if self._n_past + n > self.context_length:
+            raise ContextLengthExceeded(
+                f"{self._n_past} tokens in context + {n} new > context length {self.context_length}"
+            )
+
+    def _run(self, ids: Sequence[int], *, all_logits: bool, greedy_tail: bool) -> np.ndarray | None:
+        """Run ids; return all logits (all_logits) or leave the last row's logits in
+        s['logits'][0] (and, with greedy_tail on a one-token graph step, the argmax in out)."""
+        n = len(ids)
+        self._check_len(n)
+        V = self.vocab_size
+        outs: list[np.ndarray] = []
+        for c0 in range(0, n, self.ubatch):
+            chunk = ids[c0 : c0 + self.ubatch]
+            m = len(chunk)
+            pos = self._n_past
+            self._set_inputs(chunk, pos)
+            if m == 1 and self.use_graphs and not all_logits:
+                self._decode_graph(greedy_tail).launch("decode graph")
+                self._n_past += 1
+                continue
+            if m == 1 and not all_logits:
+                self._enqueue_decode(greedy_tail)
+                self._n_past += 1
+                continue
+            self._enqueue_layers(m, pos + m)
+            self._n_past += m
+            if all_logits:
+                for r0 in range(0, m, LOGIT_ROWS):
+                    rows = min(LOGIT_ROWS, m - r0)
+                    self._lm_head(r0, rows)
+                    host = np.empty((rows, V), np.float32)
+                    self.ctx.dtoh(host, self.s["logits"])
+                    outs.append(host)
+            elif c0 + self.ubatch >= n:
+                self._lm_head(m - 1, 1)
+                if greedy_tail:
+                    s = self.s
+                    self.k.argmax(s["logits"], V, s["argv"], s["argi"], s["out"])
+        self.ctx.sync("forward")
+        return np.concatenate(outs, axis=0) if all_logits else None
+
+    # ================================================================== Backend protocol
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def reset(self) -> None:
+        self._n_past = 0
+
+    def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        try:
+            out = self._run(ids, all_logits=all_logits, greedy_tail=False)
+        except BaseException:
+            self._recover()
+            raise
+        if all_logits:
+            assert out is not None
+            return out
+        host = np.empty(self.vocab_size, np.float32)
+        self.ctx.dtoh(host, self.s["logits"])
+        return host
+
+    def forward_sample(
+        self,
+        ids: Sequence[int],
+        params: SamplingParams,
+        draw: float,
+        generated: Sequence[int],
+    ) -> int:
+        from worker.engine.sampling import _check
+
+        _check(params, draw)
+        pen = params.repetition_penalty != 1.0 and len(generated) > 0
+        greedy_fast = params.greedy and not pen
+        try:
+            self._run(ids, all_logits=False, greedy_tail=greedy_fast)
+            if not greedy_fast:
+                self._sample(params, draw, generated if pen else ())
+            out = self._host_out
+            self.ctx.drv.memcpy_dtoh_async(out, self.s["out"].ptr, self.ctx.stream)
+            self.ctx.sync("sampling")
+        except BaseException:
+            self._recover()
+            raise
+        if not greedy_fast and int(out[1]) == 1:
+            raise WorkerError(ErrorCode.INTERNAL, "NaN in logits")
+        return int(out[0])
+
+    def _sample(self, params: SamplingParams, draw: float, generated: Sequence[int]) -> None:
+        uniq = np.unique(np.asarray(generated, dtype=np.int64))
+        uniq = uniq[(uniq >= 0) & (uniq < self.vocab_size)].astype(np.int32)
+        if uniq.size > self.pen.nbytes // 4:
+            raise WorkerError(ErrorCode.INTERNAL, "penalty history longer than the context")
+        if uniq.size:
+            self.ctx.drv.memcpy_htod_async(self.pen.ptr, uniq, self.ctx.stream)
+        s = self.s
+        self.k.sample_full(
+            logits=s["logits"],
+            n=self.vocab_size,
+            pen_ids=self.pen,
+            n_pen=int(uniq.size),
+            penalty=float(np.float32(params.repetition_penalty)),
+            temperature=float(np.float32(params.temperature)),
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            draw=draw,
+            xbuf=s["xbuf"],
+            out=s["out"],
+        )
+        self.ctx.sync("sample_full")
+
+    def _recover(self) -> None:
+        """After a failed step the sequence is undefined: start over (the next job resets)."""
+        self._n_past = 0
+
+    def check_residency(self) -> ResidencyReport:
+        if self.ctx is None:
+            return ResidencyReport(ok=False, checked=0, failures=["no context"])
+        failures: list[str] = []
+        checked = 0
+        ptrs: list[tuple[str, int]] = []
+        for a in self.ctx.allocations():
+            ptrs += [(a.name, a.ptr), (f"{a.name} end", a.ptr + a.nbytes - 1)]
+        for name, off in self.plan.offsets.items():
+            ptrs.append((name, self.arena.ptr + off))
+        for name, p in ptrs:
+            checked += 1
+            problem = self.ctx.pointer_problem(p)
+            if problem:
+                failures.append(f"{name}: {problem}")
+        return ResidencyReport(ok=not failures, checked=checked, failures=failures)
+
+    def vram_bytes_used(self) -> int:
+        return int(self.ctx.used_bytes) if self.ctx is not None else 0
+
+    def close(self) -> None:
+        for g in getattr(self, "_graphs", {}).values():
+            g.destroy()
+        if getattr(self, "_graphs", None):
+            self._graphs.clear()
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+        if self._owns_file and not self.gf.closed:
+            self.gf.close()

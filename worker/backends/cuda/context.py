@@ -1,0 +1,243 @@
+"""The process's one CUDA context (SPEC §4), its stream, plain device allocations and
+VRAM accounting, pointer residency checks, and CUDA graphs through `cuda.bindings`.
+
+The context is the device's primary context, retained through PyCUDA and made current on
+the thread that creates `CudaContext`; PyCUDA (module loads, launches, copies) and
+cuda.bindings (graphs, cuPointerGetAttribute) therefore work on the same context and stream.
+Every method must be called from that thread (worker/backends/base.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from worker.backends.cuda.arena import DevBuf
+from worker.errors import CudaError, VramOom
+
+
+def _cu() -> Any:
+    """cuda.bindings.driver (cuda-bindings >= 12.6), or the older cuda.cuda module."""
+    import importlib
+
+    try:
+        return importlib.import_module("cuda.bindings.driver")
+    except ImportError:  # pragma: no cover - older layout
+        return importlib.import_module("cuda.cuda")
+
+
+def _check_cu(result: Any, what: str) -> Any:
+    """Unpack a cuda.bindings (err, *values) tuple; raise CudaError naming `what`."""
+    cu = _cu()
+    err = result[0]
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(err)
+        raise CudaError(f"{what}: {name.decode() if isinstance(name, bytes) else name}")
+    rest = result[1:]
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else rest
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    index: int
+    name: str
+    sm: str  # "9.0"
+    arch: str  # "sm_90"
+    total_bytes: int
+    driver_version: str
+    multiprocessors: int
+
+
+class CudaContext:
+    """One per process. Owns the stream, every allocation and the graphs made on it."""
+
+    def __init__(self, device: int = 0) -> None:
+        import pycuda.driver as drv
+
+        self.drv = drv
+        drv.init()
+        if device < 0 or device >= drv.Device.count():
+            raise CudaError(f"GPU {device} does not exist ({drv.Device.count()} visible)")
+        dev = drv.Device(device)
+        self.device = dev
+        self.ctx = dev.retain_primary_context()
+        self.ctx.push()
+        self.limits_applied: dict[str, str] = {}
+        # SPEC §4: no device-side malloc heap, prefer L1 over shared memory.
+        try:
+            drv.Context.set_limit(drv.limit.MALLOC_HEAP_SIZE, 0)
+            self.limits_applied["malloc_heap"] = "0"
+        except drv.Error as exc:  # the driver may round the heap up; record what it says
+            self.limits_applied["malloc_heap"] = f"refused: {exc}"
+        drv.Context.set_cache_config(drv.func_cache.PREFER_L1)
+        self.limits_applied["cache_config"] = "prefer_l1"
+        self.stream = drv.Stream()
+        major, minor = dev.compute_capability()
+        ver = drv.get_driver_version()
+        self.facts = DeviceFacts(
+            index=device,
+            name=dev.name(),
+            sm=f"{major}.{minor}",
+            arch=f"sm_{major}{minor}",
+            total_bytes=dev.total_memory(),
+            driver_version=f"{ver // 1000}.{(ver % 1000) // 10}",
+            multiprocessors=dev.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT),
+        )
+        self._allocs: dict[int, tuple[Any, int, str]] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ memory
+
+    def mem_info(self) -> tuple[int, int]:
+        free, total = self.drv.mem_get_info()
+        return int(free), int(total)
+
+    def alloc(self, nbytes: int, what: str) -> DevBuf:
+        """A plain device allocation (cuMemAlloc). Out of memory is VramOom naming `what`."""
+        if nbytes <= 0:
+            raise ValueError(f"{what}: allocation of {nbytes} bytes")
+        try:
+            a = self.drv.mem_alloc(nbytes)
+        except self.drv.MemoryError as exc:
+            free, _ = self.mem_info()
+            raise VramOom(
+                f"{what}: cannot allocate {nbytes} bytes on GPU {self.facts.index} "
+                f"({free} bytes free): {exc}"
+            ) from exc
+        ptr = int(a)
+        self._allocs[ptr] = (a, nbytes, what)
+        return DevBuf(ptr, nbytes, what)
+
+    def free(self, buf: DevBuf) -> None:
+        entry = self._allocs.pop(buf.ptr, None)
+        if entry is not None:
+            entry[0].free()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(n for _, n, _ in self._allocs.values())
+
+    def allocations(self) -> list[DevBuf]:
+        return [DevBuf(p, n, w) for p, (_, n, w) in self._allocs.items()]
+
+    # ------------------------------------------------------------------ copies
+
+    def htod(self, dst: DevBuf, src: Any, offset: int = 0) -> None:
+        """Synchronous copy of a host array (any dtype) into dst at offset."""
+        nbytes = int(src.nbytes)
+        if offset < 0 or offset + nbytes > dst.nbytes:
+            raise CudaError(f"htod into {dst.name}: {nbytes} bytes at {offset} overflow")
+        self.stream.synchronize()
+        self.drv.memcpy_htod(dst.ptr + offset, src)
+
+    def dtoh(self, dst: Any, src: DevBuf, offset: int = 0) -> None:
+        nbytes = int(dst.nbytes)
+        if offset < 0 or offset + nbytes > src.nbytes:
+            raise CudaError(f"dtoh from {src.name}: {nbytes} bytes at {offset} overflow")
+        self.sync(f"before reading {src.name}")
+        self.drv.memcpy_dtoh(dst, src.ptr + offset)
+
+    def sync(self, what: str) -> None:
+        """Wait for the stream; an asynchronous fault becomes CudaError naming `what`."""
+        try:
+            self.stream.synchronize()
+        except self.drv.Error as exc:
+            raise CudaError(f"{what}: {exc}") from exc
+
+    # ------------------------------------------------------------------ residency
+
+    def pointer_problem(self, ptr: int) -> str | None:
+        """None when ptr is device memory with no host mapping, else what is wrong."""
+        cu = _cu()
+        attr = cu.CUpointer_attribute
+        err, mtype = cu.cuPointerGetAttribute(
+            attr.CU_POINTER_ATTRIBUTE_MEMORY_TYPE, cu.CUdeviceptr(ptr)
+        )
+        if err != cu.CUresult.CUDA_SUCCESS:
+            return f"cuPointerGetAttribute(MEMORY_TYPE) failed: {err}"
+        if int(mtype) != int(cu.CUmemorytype.CU_MEMORYTYPE_DEVICE):
+            return f"memory type {int(mtype)} is not DEVICE"
+        err, managed = cu.cuPointerGetAttribute(
+            attr.CU_POINTER_ATTRIBUTE_IS_MANAGED, cu.CUdeviceptr(ptr)
+        )
+        if err == cu.CUresult.CUDA_SUCCESS and int(managed):
+            return "managed (unified) memory"
+        err, host = cu.cuPointerGetAttribute(
+            attr.CU_POINTER_ATTRIBUTE_HOST_POINTER, cu.CUdeviceptr(ptr)
+        )
+        if err == cu.CUresult.CUDA_SUCCESS and int(host) != 0:
+            return f"has a host pointer {int(host):#x}"
+        return None
+
+    # ------------------------------------------------------------------ graphs
+
+    def capture(self) -> GraphCapture:
+        return GraphCapture(self)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.stream.synchronize()
+        for a, _, _ in list(self._allocs.values()):
+            with contextlib.suppress(Exception):
+                a.free()
+        self._allocs.clear()
+        with contextlib.suppress(Exception):
+            self.ctx.pop()
+        with contextlib.suppress(Exception):
+            self.ctx.detach()
+
+
+class GraphCapture:
+    """`with ctx.capture() as cap:` records every launch queued on ctx.stream (PyCUDA
+    launches included) into a CUDA graph; `cap.graph` is then an instantiated `CudaGraph`."""
+
+    def __init__(self, ctx: CudaContext) -> None:
+        self.ctx = ctx
+        self.graph: CudaGraph | None = None
+
+    def __enter__(self) -> GraphCapture:
+        cu = _cu()
+        self.ctx.sync("before graph capture")
+        _check_cu(
+            cu.cuStreamBeginCapture(
+                cu.CUstream(self.ctx.stream.handle),
+                cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            ),
+            "cuStreamBeginCapture",
+        )
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        cu = _cu()
+        res = cu.cuStreamEndCapture(cu.CUstream(self.ctx.stream.handle))
+        if exc_type is not None:
+            if res[0] == cu.CUresult.CUDA_SUCCESS and res[1] is not None:
+                cu.cuGraphDestroy(res[1])
+            return
+        graph = _check_cu(res, "cuStreamEndCapture")
+        try:
+            exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        finally:
+            cu.cuGraphDestroy(graph)
+        self.graph = CudaGraph(self.ctx, exe)
+
+
+class CudaGraph:
+    def __init__(self, ctx: CudaContext, exe: Any) -> None:
+        self.ctx = ctx
+        self.exe = exe
+
+    def launch(self, what: str = "graph") -> None:
+        cu = _cu()
+        _check_cu(cu.cuGraphLaunch(self.exe, cu.CUstream(self.ctx.stream.handle)), what)
+
+    def destroy(self) -> None:
+        if self.exe is not None:
+            _cu().cuGraphExecDestroy(self.exe)
+            self.exe = None
