@@ -13,6 +13,21 @@
 #pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <string.h>
+
+// Device functions here are also host-callable so that CI (no GPU) can check dequant8 against
+// the NumPy reference with a host program built by nvcc (tests/unit/cuda/test_matmul_args.py).
+#define QDEV __host__ __device__ __forceinline__
+
+QDEV float q_bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
 
 enum QType : int {
   QT_F32 = 0,
@@ -44,26 +59,26 @@ template <> struct QTraits<QT_Q5_K> { static constexpr int QK = 256, BYTES = 176
 template <> struct QTraits<QT_Q6_K> { static constexpr int QK = 256, BYTES = 210; };
 
 // ---- small load helpers -------------------------------------------------------------------
-__device__ __forceinline__ float qf16(const uint8_t* p) {
+QDEV float qf16(const uint8_t* p) {
   return __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(p)));
 }
-__device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) {
+QDEV uint32_t ld_u16(const uint8_t* p) {
   return *reinterpret_cast<const uint16_t*>(p);
 }
 // 4 bytes from a 2-byte-aligned address.
-__device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
+QDEV uint32_t ld_u32_a2(const uint8_t* p) {
   return ld_u16(p) | (ld_u16(p + 2) << 16);
 }
-__device__ __forceinline__ uint32_t ld_u32_a4(const uint8_t* p) {
+QDEV uint32_t ld_u32_a4(const uint8_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 // 4 bytes from any address.
-__device__ __forceinline__ uint32_t ld_u32_a1(const uint8_t* p) {
+QDEV uint32_t ld_u32_a1(const uint8_t* p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
 // Unpack 8 nibbles (bytes b[0..7] given as lo/hi words, nibble at shift sh) into q[0..7].
-__device__ __forceinline__ void nib8(uint32_t lo, uint32_t hi, int sh, int q[8]) {
+QDEV void nib8(uint32_t lo, uint32_t hi, int sh, int q[8]) {
   lo >>= sh;
   hi >>= sh;
 #pragma unroll
@@ -74,7 +89,7 @@ __device__ __forceinline__ void nib8(uint32_t lo, uint32_t hi, int sh, int q[8])
 }
 
 // 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block (12 packed bytes).
-__device__ __forceinline__ void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
+QDEV void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
   if (j < 4) {
     sc = s[j] & 63;
     m = s[j + 4] & 63;
@@ -85,15 +100,15 @@ __device__ __forceinline__ void scale_min_k4(const uint8_t* s, int j, int& sc, i
 }
 
 // ---- dequant8 ------------------------------------------------------------------------------
-template <int T> __device__ __forceinline__ void dequant8(const uint8_t* blk, int g, float w[8]);
+template <int T> QDEV void dequant8(const uint8_t* blk, int g, float w[8]);
 
-template <> __device__ __forceinline__ void dequant8<QT_F32>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_F32>(const uint8_t* blk, int g, float w[8]) {
   const float* p = reinterpret_cast<const float*>(blk) + 8 * g;
 #pragma unroll
   for (int i = 0; i < 8; ++i) w[i] = p[i];
 }
 
-template <> __device__ __forceinline__ void dequant8<QT_F16>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_F16>(const uint8_t* blk, int g, float w[8]) {
   const uint8_t* p = blk + 16 * g;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -103,18 +118,18 @@ template <> __device__ __forceinline__ void dequant8<QT_F16>(const uint8_t* blk,
   }
 }
 
-template <> __device__ __forceinline__ void dequant8<QT_BF16>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_BF16>(const uint8_t* blk, int g, float w[8]) {
   const uint8_t* p = blk + 16 * g;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint32_t v = ld_u32_a4(p + 4 * i);
-    w[2 * i] = __uint_as_float(v << 16);
-    w[2 * i + 1] = __uint_as_float(v & 0xFFFF0000u);
+    w[2 * i] = q_bits_float(v << 16);
+    w[2 * i + 1] = q_bits_float(v & 0xFFFF0000u);
   }
 }
 
 // Q4_0: d(f16) qs[16]; element j<16 = low nibble of qs[j], j>=16 = high nibble of qs[j-16].
-template <> __device__ __forceinline__ void dequant8<QT_Q4_0>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q4_0>(const uint8_t* blk, int g, float w[8]) {
   const float d = qf16(blk);
   const uint8_t* p = blk + 2 + (g & 1) * 8;
   int q[8];
@@ -124,7 +139,7 @@ template <> __device__ __forceinline__ void dequant8<QT_Q4_0>(const uint8_t* blk
 }
 
 // Q4_1: d m qs[16]; value = q*d + m.
-template <> __device__ __forceinline__ void dequant8<QT_Q4_1>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q4_1>(const uint8_t* blk, int g, float w[8]) {
   const float d = qf16(blk), m = qf16(blk + 2);
   const uint8_t* p = blk + 4 + (g & 1) * 8;
   int q[8];
@@ -134,29 +149,29 @@ template <> __device__ __forceinline__ void dequant8<QT_Q4_1>(const uint8_t* blk
 }
 
 // Q5_0: d qh[4] qs[16]; 5th bit of element j is bit j of qh; value = (q-16)*d.
-template <> __device__ __forceinline__ void dequant8<QT_Q5_0>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q5_0>(const uint8_t* blk, int g, float w[8]) {
   const float d = qf16(blk);
   const uint32_t qh = ld_u32_a2(blk + 2) >> (8 * g);
   const uint8_t* p = blk + 6 + (g & 1) * 8;
   int q[8];
   nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, q);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = (float)((q[i] | (((qh >> i) & 1) << 4)) - 16) * d;
+  for (int i = 0; i < 8; ++i) w[i] = (float)((q[i] | (int)(((qh >> i) & 1) << 4)) - 16) * d;
 }
 
 // Q5_1: d m qh[4] qs[16]; value = q*d + m.
-template <> __device__ __forceinline__ void dequant8<QT_Q5_1>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q5_1>(const uint8_t* blk, int g, float w[8]) {
   const float d = qf16(blk), m = qf16(blk + 2);
   const uint32_t qh = ld_u32_a4(blk + 4) >> (8 * g);
   const uint8_t* p = blk + 8 + (g & 1) * 8;
   int q[8];
   nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, q);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = (float)(q[i] | (((qh >> i) & 1) << 4)) * d + m;
+  for (int i = 0; i < 8; ++i) w[i] = (float)(q[i] | (int)(((qh >> i) & 1) << 4)) * d + m;
 }
 
 // Q8_0: d qs[32] (int8).
-template <> __device__ __forceinline__ void dequant8<QT_Q8_0>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q8_0>(const uint8_t* blk, int g, float w[8]) {
   const float d = qf16(blk);
   const uint8_t* p = blk + 2 + 8 * g;
   const uint32_t lo = ld_u32_a2(p), hi = ld_u32_a2(p + 4);
@@ -168,16 +183,16 @@ template <> __device__ __forceinline__ void dequant8<QT_Q8_0>(const uint8_t* blk
 }
 
 // MXFP4: e (E8M0 exponent) qs[16]; e2m1 codes, ggml's doubled table times 2^(e-128).
-__device__ __forceinline__ float e8m0_half(uint32_t e) {
-  return __uint_as_float(e < 2 ? (0x00200000u << e) : ((e - 1) << 23));
+QDEV float e8m0_half(uint32_t e) {
+  return q_bits_float(e < 2 ? (0x00200000u << e) : ((e - 1) << 23));
 }
-__device__ __forceinline__ float e2m1_doubled(int c) {
+QDEV float e2m1_doubled(int c) {
   // 0 1 2 3 4 6 8 12, sign in bit 3
   const int mag = c & 7;
   const int v = mag < 5 ? mag : (mag == 5 ? 6 : (mag == 6 ? 8 : 12));
   return (float)((c & 8) ? -v : v);
 }
-template <> __device__ __forceinline__ void dequant8<QT_MXFP4>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_MXFP4>(const uint8_t* blk, int g, float w[8]) {
   const float d = e8m0_half(blk[0]);
   const uint8_t* p = blk + 1 + (g & 1) * 8;
   int q[8];
@@ -187,7 +202,7 @@ template <> __device__ __forceinline__ void dequant8<QT_MXFP4>(const uint8_t* bl
 }
 
 // Q4_K: d dmin scales[12] qs[128]; sub-block s (32 elements) = nibble (s&1) of qs[32*(s/2)..].
-template <> __device__ __forceinline__ void dequant8<QT_Q4_K>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q4_K>(const uint8_t* blk, int g, float w[8]) {
   const int s = g >> 2, l0 = (g & 3) * 8;
   int sc, mn;
   scale_min_k4(blk + 4, s, sc, mn);
@@ -200,7 +215,7 @@ template <> __device__ __forceinline__ void dequant8<QT_Q4_K>(const uint8_t* blk
 }
 
 // Q5_K: d dmin scales[12] qh[32] qs[128]; 5th bit of sub-block s element l is bit s of qh[l].
-template <> __device__ __forceinline__ void dequant8<QT_Q5_K>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q5_K>(const uint8_t* blk, int g, float w[8]) {
   const int s = g >> 2, l0 = (g & 3) * 8;
   int sc, mn;
   scale_min_k4(blk + 4, s, sc, mn);
@@ -211,15 +226,15 @@ template <> __device__ __forceinline__ void dequant8<QT_Q5_K>(const uint8_t* blk
   nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, q);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    w[i] = (float)(q[i] | (((hlo >> (8 * i)) & 1) << 4)) * d - m;
-    w[4 + i] = (float)(q[4 + i] | (((hhi >> (8 * i)) & 1) << 4)) * d - m;
+    w[i] = (float)(q[i] | (int)(((hlo >> (8 * i)) & 1) << 4)) * d - m;
+    w[4 + i] = (float)(q[4 + i] | (int)(((hhi >> (8 * i)) & 1) << 4)) * d - m;
   }
 }
 
 // Q6_K: ql[128] qh[64] scales[16] (int8) d; element e: half n=e/128, r=e%128, quarter k=r/32,
 // l=r%32: low 4 bits from ql[64n + 32(k&1) + l] nibble (k>>1), high 2 bits from
 // qh[32n + l] bits 2k, scale scales[8n + l/16 + 2k]; value = d*scale*(q-32).
-template <> __device__ __forceinline__ void dequant8<QT_Q6_K>(const uint8_t* blk, int g, float w[8]) {
+template <> QDEV void dequant8<QT_Q6_K>(const uint8_t* blk, int g, float w[8]) {
   const int e0 = 8 * g, n = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
   const float d = qf16(blk + 208) * (float)(int8_t)blk[192 + 8 * n + (l0 >> 4) + 2 * k];
   const uint8_t* pl = blk + 64 * n + 32 * (k & 1) + l0;
@@ -229,8 +244,8 @@ template <> __device__ __forceinline__ void dequant8<QT_Q6_K>(const uint8_t* blk
   const uint32_t hlo = ld_u32_a2(ph) >> (2 * k), hhi = ld_u32_a2(ph + 4) >> (2 * k);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    w[i] = (float)((q[i] | (((hlo >> (8 * i)) & 3) << 4)) - 32) * d;
-    w[4 + i] = (float)((q[4 + i] | (((hhi >> (8 * i)) & 3) << 4)) - 32) * d;
+    w[i] = (float)((q[i] | (int)(((hlo >> (8 * i)) & 3) << 4)) - 32) * d;
+    w[4 + i] = (float)((q[4 + i] | (int)(((hhi >> (8 * i)) & 3) << 4)) - 32) * d;
   }
 }
 

@@ -1,0 +1,184 @@
+"""Matrix-kernel checks that need no GPU (tests/gpu/ has the on-device ones).
+
+* Every argument check of worker/backends/cuda/matmul.py refuses a bad launch before anything
+  is queued, with the kernel's name, and accepts the good one.
+* dequant8 of cuda_src/quant.cuh (the one dequantization routine every matrix kernel uses),
+  compiled for the host by nvcc, equals worker.gguf.quants' NumPy dequantization for all
+  twelve types on random blocks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.backends.cuda.matmul import (
+    DevBuf,
+    KernelArgumentError,
+    QWeight,
+    plan_embed,
+    plan_gemm,
+    plan_gemv,
+    plan_moe,
+)
+from worker.backends.cuda.quant_layout import LAYOUTS, layout, random_matrix
+from worker.errors import CudaError, ErrorCode
+
+CUDA_SRC = Path(__file__).resolve().parents[3] / "cuda_src"
+A = 1 << 20  # a 256-byte-aligned fake device address
+
+
+def weight(qtype: int = 12, rows: int = 64, cols: int = 512, experts: int = 1) -> QWeight:
+    nbytes = experts * rows * layout(qtype).row_bytes(cols)
+    return QWeight(A, qtype, rows, cols, nbytes, experts)
+
+
+def bufs(w: QWeight, ntok: int) -> tuple[DevBuf, DevBuf]:
+    x = DevBuf(1 << 30, ntok * w.cols * 4)
+    y = DevBuf(1 << 31, ntok * w.rows * 4)
+    return x, y
+
+
+def test_good_gemv_plan_has_grid_and_args() -> None:
+    w = weight()
+    x, y = bufs(w, 3)
+    launch = plan_gemv(w, x, y, 3, bias=DevBuf(1 << 32, w.rows * 4))
+    assert launch.kernel == "gemv_q4_k_nb4"
+    assert launch.grid == (16, 1, 1) and launch.block == (128, 1, 1)
+    assert launch.args == (A, 2 * 144, 64, 512, x.ptr, 512, 3, 1 << 32, 0, y.ptr, 64)
+    assert len(launch.args) == len(launch.arg_format)
+
+
+def test_good_gemm_embed_moe_plans() -> None:
+    w = weight(8, rows=130, cols=96)
+    x, y = bufs(w, 77)
+    g = plan_gemm(w, x, y, 77)
+    assert g.kernel == "gemm_q8_0" and g.grid == (2, 3, 1)
+    e = plan_embed(w, DevBuf(1 << 33, 4 * 5), 5, DevBuf(1 << 34, 5 * 96 * 4))
+    assert e.kernel == "embed_q8_0" and e.grid == (1, 5, 1)
+    we = weight(39, rows=2880, cols=2880, experts=32)
+    ids = DevBuf(1 << 33, 4 * 4)
+    xm, ym = DevBuf(1 << 30, 2880 * 4 * 4), DevBuf(1 << 31, 4 * 2880 * 4)
+    m = plan_moe(we, ids, 1, 4, xm, ym, per_slot_input=True)
+    assert m.kernel == "moe_gemv_mxfp4" and m.grid == (720, 4, 1)
+    assert m.args[1] == 2880 * 90 * 17 and m.args[10] == 2880  # expert bytes, slot stride
+    mg = plan_moe(
+        we,
+        DevBuf(1 << 33, 4 * 400),
+        100,
+        4,
+        DevBuf(1 << 30, 100 * 2880 * 4),
+        DevBuf(1 << 31, 400 * 2880 * 4),
+        per_slot_input=False,
+    )
+    assert mg.kernel == "moe_gemm_mxfp4" and mg.grid == (7, 45, 32)
+    for launch in (g, e, m, mg):
+        assert len(launch.args) == len(launch.arg_format)
+
+
+def refused(fn: object, *args: object, **kw: object) -> KernelArgumentError:
+    with pytest.raises(KernelArgumentError) as ei:
+        fn(*args, **kw)  # type: ignore[operator]
+    err = ei.value
+    assert isinstance(err, CudaError) and isinstance(err, ValueError)
+    assert err.code == ErrorCode.CUDA_ERROR
+    return err
+
+
+def test_out_of_range_requests_are_refused_with_the_kernel_name() -> None:
+    w = weight()
+    x, y = bufs(w, 2)
+    # y too small for two tokens: the write would run past the buffer
+    err = refused(plan_gemv, w, x, DevBuf(y.ptr, y.nbytes - 4), 2)
+    assert "gemv_q4_k_nb2" in str(err) and "y buffer" in str(err)
+    refused(plan_gemv, w, DevBuf(x.ptr, x.nbytes - 4), y, 2)  # x short
+    refused(plan_gemv, w, x, y, 9)  # too many tokens for the gemv
+    refused(plan_gemv, w, x, y, 0)
+    refused(plan_gemv, QWeight(A, 12, 64, 512, 64 * 288 - 1), x, y, 1)  # weights short
+    refused(plan_gemv, QWeight(A + 16, 12, 64, 512, 64 * 288), x, y, 1)  # misaligned weights
+    refused(plan_gemv, QWeight(A, 12, 64, 500, 10**6), x, y, 1)  # K not a multiple of 256
+    refused(plan_gemv, QWeight(A, 10, 64, 512, 10**6), x, y, 1)  # Q2_K: no kernel
+    refused(plan_gemv, w, DevBuf(x.ptr + 4, x.nbytes), y, 1)  # x not 16-byte aligned
+    refused(plan_gemv, w, x, y, 2, ldx=510)  # stride shorter than the row
+    refused(plan_gemv, w, x, y, 1, bias=DevBuf(1 << 32, 4 * 63))  # bias short
+    refused(plan_gemv, w, x, DevBuf(x.ptr + 64, y.nbytes), 1)  # y overlaps x
+    refused(plan_gemv, w, x, y, 1, residual=DevBuf(y.ptr + 4, y.nbytes))  # partial alias
+    plan_gemv(w, x, y, 1, residual=y)  # in-place residual is fine
+    refused(plan_gemm, w, x, DevBuf(y.ptr, 63 * 4 * 10), 10)
+    refused(plan_gemm, weight(experts=2), x, y, 10)  # expert tensor through plain gemm
+
+
+def test_embed_and_moe_refusals() -> None:
+    w = weight(6, rows=1000, cols=64)
+    out = DevBuf(1 << 34, 3 * 64 * 4)
+    refused(plan_embed, w, DevBuf(1 << 33, 8), 3, out)  # ids buffer holds 2, not 3
+    refused(plan_embed, w, DevBuf(1 << 33, 12), 3, DevBuf(out.ptr, out.nbytes - 4))
+    refused(plan_embed, w, DevBuf(1 << 33, 12), 3, out, ldo=62)
+    we = weight(39, rows=64, cols=64, experts=8)
+    xm, ym, ids = DevBuf(1 << 30, 4 * 64 * 4), DevBuf(1 << 31, 4 * 64 * 4), DevBuf(1 << 33, 16)
+    plan_moe(we, ids, 1, 4, xm, ym, per_slot_input=True)
+    refused(plan_moe, we, ids, 1, 9, xm, ym, per_slot_input=True)  # topk > experts
+    refused(plan_moe, we, DevBuf(1 << 33, 12), 1, 4, xm, ym, per_slot_input=True)
+    refused(plan_moe, we, ids, 1, 4, DevBuf(xm.ptr, 64 * 4 * 3), ym, per_slot_input=True)
+    refused(plan_moe, we, ids, 1, 4, xm, ym, per_slot_input=True, bias=DevBuf(1 << 32, 64 * 4))
+    refused(plan_moe, we, ids, 1, 4, xm, ym, per_slot_input=True, form="dense")
+
+
+HARNESS = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include "quant.cuh"
+template <int T> void run(const std::vector<uint8_t>& raw, int nblk, std::vector<float>& out) {
+  constexpr int QK = QTraits<T>::QK, BYTES = QTraits<T>::BYTES;
+  out.resize((size_t)nblk * QK);
+  for (int b = 0; b < nblk; ++b)
+    for (int g = 0; g < QK / 8; ++g)
+      dequant8<T>(&raw[(size_t)b * BYTES], g, &out[(size_t)b * QK + 8 * g]);
+}
+int main(int argc, char** argv) {
+  int type = atoi(argv[1]), nblk = atoi(argv[2]);
+  FILE* f = fopen(argv[3], "rb");
+  std::vector<uint8_t> raw;
+  int c;
+  while ((c = fgetc(f)) != EOF) raw.push_back((uint8_t)c);
+  fclose(f);
+  std::vector<float> out;
+  switch (type) {
+#define CASE(TY, NAME) case TY: run<TY>(raw, nblk, out); break;
+    FOR_EACH_QTYPE(CASE)
+    default: return 2;
+  }
+  FILE* o = fopen(argv[4], "wb");
+  fwrite(out.data(), 4, out.size(), o);
+  fclose(o);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is required (CI has it)")
+def test_dequant8_matches_numpy_reference_for_every_type(tmp_path: Path) -> None:
+    src = tmp_path / "harness.cu"
+    src.write_text(HARNESS)
+    exe = tmp_path / "harness"
+    subprocess.run(
+        ["nvcc", "-std=c++17", "-O1", f"-I{CUDA_SRC}", str(src), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
+    rng = np.random.default_rng(7)
+    for qtype, lay in LAYOUTS.items():
+        rows, cols = 5, lay.qk * 3
+        raw, ref = random_matrix(qtype, rows, cols, rng)
+        inp, outp = tmp_path / f"{lay.name}.bin", tmp_path / f"{lay.name}.out"
+        inp.write_bytes(raw.tobytes())
+        nblk = rows * cols // lay.qk
+        subprocess.run([str(exe), str(qtype), str(nblk), str(inp), str(outp)], check=True)
+        got = np.fromfile(outp, dtype=np.float32).reshape(rows, cols)
+        # Same float32 formula as ggml up to FMA contraction: at most a rounding apart.
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-9, err_msg=lay.name)

@@ -1,0 +1,482 @@
+"""Launch wrappers for the quantized matrix kernels (gemv, gemm, embedding, MoE).
+
+How to call (everything on the thread that owns the CUDA context, context current):
+
+    from worker.backends.cuda.matmul import MatmulKernels, QWeight, DevBuf
+    mm = MatmulKernels("sm_90")          # loads cuda_src/{gemv,gemm,embed,moe}.cu (hash cache)
+    w = QWeight(ptr=arena_ptr + off, qtype=12, rows=N, cols=K, nbytes=tensor_nbytes)
+    mm.linear(w, x=DevBuf(x_ptr, x_nbytes), y=DevBuf(y_ptr, y_nbytes), ntok=M,
+              bias=DevBuf(b_ptr, b_nbytes) or None, residual=None, stream=stream)
+
+- Pointers: a `DevBuf(ptr, nbytes)`, a `(ptr, nbytes)` tuple whose ptr is an int or a
+  `pycuda.driver.DeviceAllocation`, or a pycuda `GPUArray` (its gpudata and nbytes). The
+  nbytes is what the wrapper checks every access against; for a view into an arena give the
+  bytes from ptr to the end of the view.
+- Weights: `QWeight` = ggml type id (`gguf.GGMLQuantizationType` value), rows N, columns K
+  (ggml ne1, ne0), 256-byte-aligned pointer, nbytes >= N * row_bytes; experts > 1 for a 3-D
+  expert tensor [experts][N][K] (MoE).
+- Activations are float32, row-major: x[t] at x + t*ldx (elements), y[t] at y + t*ldy.
+  ldx defaults to K and ldy to N. x must be 16-byte aligned with ldx % 4 == 0.
+- `linear` computes y[t] = W x[t] (+ bias) (+ residual[t]) for t < ntok: ntok <= 8 runs the
+  decode gemv (weights read once for all ntok), more runs the tensor-core gemm (prefill).
+  `residual` has y's layout and may be y itself (in-place residual add); y must not overlap x.
+- `stream`: a `pycuda.driver.Stream` or None (the null stream). Launches are asynchronous and
+  only enqueue work, so H7 can capture them: begin capture with cuda.bindings on
+  `stream.handle`, call the wrappers, end capture. The argument checks run in Python before
+  anything is queued; a bad argument raises `KernelArgumentError` (a `CudaError`, code
+  CUDA_ERROR, and a `ValueError`) naming the kernel; a failed launch raises `CudaError`
+  naming the kernel. Errors of the running kernel surface at the caller's next synchronize.
+- `plan_*` functions do the checks and return the `Launch` (kernel name, grid, block, args)
+  without a GPU; `MatmulKernels.run(launch, stream)` queues one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from worker.backends.cuda.quant_layout import LAYOUTS, QLayout, layout
+from worker.errors import CudaError
+
+GEMV_THREADS = 128
+GEMV_ROWS = 4  # rows per gemv block (GEMV_R in gemv.cu)
+GEMV_MAX_TOKENS = 8
+GEMM_THREADS = 128
+GEMM_TILE = 64  # GEMM_BM == GEMM_BN in gemm.cu
+EMBED_THREADS = 128
+WEIGHT_ALIGN = 256
+MAX_GRID_YZ = 65535
+INT32_MAX = 2**31 - 1
+
+MODULES = ("gemv", "gemm", "embed", "moe")
+
+# Kernel parameter formats for pycuda's prepare(): P pointer, q int64, i int32.
+_ARG_FORMATS: dict[str, str] = {
+    "gemv": "PqiiPqiPPPq",
+    "gemm": "PqiiPqiPPPq",
+    "embed": "PqiiPPq",
+    "moe_gemv": "PqqiiiPiPqqPPq",
+    "moe_gemm": "PqqiiPiiPqqPPq",
+}
+
+
+class KernelArgumentError(CudaError, ValueError):
+    """A launch refused before it was queued: shapes, strides, alignment or bounds."""
+
+    def __init__(self, kernel: str, problem: str) -> None:
+        super().__init__(f"{kernel}: {problem}")
+        self.kernel = kernel
+
+
+@dataclass(frozen=True)
+class DevBuf:
+    """A device address and the number of bytes readable/writable from it."""
+
+    ptr: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A (possibly quantized) weight matrix in VRAM: rows x cols, ggml type id qtype."""
+
+    ptr: int
+    qtype: int
+    rows: int
+    cols: int
+    nbytes: int
+    experts: int = 1
+
+    @property
+    def layout(self) -> QLayout:
+        return layout(self.qtype)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.layout.row_bytes(self.cols)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One checked kernel launch: what `MatmulKernels.run` queues."""
+
+    module: str
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[int, ...]
+    arg_format: str
+
+
+BufLike = DevBuf | tuple[Any, int] | Any
+
+
+def as_buf(obj: BufLike) -> DevBuf:
+    """DevBuf from a DevBuf, a (ptr|DeviceAllocation, nbytes) tuple or a pycuda GPUArray."""
+    if isinstance(obj, DevBuf):
+        return obj
+    if isinstance(obj, tuple) and len(obj) == 2:
+        return DevBuf(int(obj[0]), int(obj[1]))
+    if hasattr(obj, "gpudata") and hasattr(obj, "nbytes"):
+        return DevBuf(int(obj.gpudata), int(obj.nbytes))
+    raise TypeError(f"not a device buffer with a known size: {type(obj).__name__}")
+
+
+def _opt_buf(obj: BufLike | None) -> DevBuf | None:
+    return None if obj is None else as_buf(obj)
+
+
+def _need(kernel: str, ok: bool, problem: str) -> None:
+    if not ok:
+        raise KernelArgumentError(kernel, problem)
+
+
+def _check_weight(kernel: str, w: QWeight) -> QLayout:
+    try:
+        lay = layout(w.qtype)
+        lay.row_bytes(w.cols)
+    except ValueError as e:
+        raise KernelArgumentError(kernel, str(e)) from None
+    _need(kernel, 1 <= w.rows <= INT32_MAX, f"weight rows {w.rows} out of range")
+    _need(kernel, w.cols <= INT32_MAX, f"weight cols {w.cols} out of range")
+    _need(kernel, w.experts >= 1, f"experts {w.experts} < 1")
+    _need(kernel, w.ptr > 0, "weight pointer is null")
+    _need(kernel, w.ptr % WEIGHT_ALIGN == 0, f"weight pointer {w.ptr:#x} not 256-byte aligned")
+    need = w.experts * w.rows * lay.row_bytes(w.cols)
+    _need(kernel, w.nbytes >= need, f"weight buffer {w.nbytes} bytes < {need} needed")
+    return lay
+
+
+def _check_f32(
+    kernel: str, what: str, b: DevBuf, rows: int, cols: int, ld: int, *, align: int = 4
+) -> tuple[int, int]:
+    """Check a float32 [rows][cols] view with row stride ld; return its byte range."""
+    _need(kernel, b.ptr > 0, f"{what} pointer is null")
+    _need(kernel, b.ptr % align == 0, f"{what} pointer {b.ptr:#x} not {align}-byte aligned")
+    _need(kernel, ld >= cols, f"{what} row stride {ld} < row length {cols}")
+    need = ((rows - 1) * ld + cols) * 4
+    _need(kernel, b.nbytes >= need, f"{what} buffer {b.nbytes} bytes < {need} needed")
+    return b.ptr, b.ptr + need
+
+
+def _disjoint(kernel: str, a: tuple[int, int], b: tuple[int, int], what: str) -> None:
+    _need(kernel, a[1] <= b[0] or b[1] <= a[0], f"{what} overlap")
+
+
+def plan_gemv(
+    w: QWeight,
+    x: BufLike,
+    y: BufLike,
+    ntok: int = 1,
+    *,
+    bias: BufLike | None = None,
+    residual: BufLike | None = None,
+    ldx: int | None = None,
+    ldy: int | None = None,
+) -> Launch:
+    """Decode form: y[t] = W x[t] (+bias) (+residual[t]) for t < ntok <= 8."""
+    lay = _check_weight(_kname("gemv", w.qtype), w)
+    kernel = f"gemv_{lay.name}"
+    _need(kernel, w.experts == 1, "an expert tensor needs moe_gemv")
+    _need(kernel, 1 <= ntok <= GEMV_MAX_TOKENS, f"ntok {ntok} not in 1..{GEMV_MAX_TOKENS}")
+    nb = 1 << (ntok - 1).bit_length()
+    kernel = f"gemv_{lay.name}_nb{nb}"
+    return _plan_linear(
+        kernel,
+        "gemv",
+        w,
+        lay,
+        x,
+        y,
+        ntok,
+        bias,
+        residual,
+        ldx,
+        ldy,
+        grid=(-(-w.rows // GEMV_ROWS), 1, 1),
+        block=(GEMV_THREADS, 1, 1),
+    )
+
+
+def plan_gemm(
+    w: QWeight,
+    x: BufLike,
+    y: BufLike,
+    m: int,
+    *,
+    bias: BufLike | None = None,
+    residual: BufLike | None = None,
+    ldx: int | None = None,
+    ldy: int | None = None,
+) -> Launch:
+    """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores."""
+    lay = _check_weight(_kname("gemm", w.qtype), w)
+    kernel = f"gemm_{lay.name}"
+    _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
+    _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
+    tiles_n = -(-w.rows // GEMM_TILE)
+    _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
+    return _plan_linear(
+        kernel,
+        "gemm",
+        w,
+        lay,
+        x,
+        y,
+        m,
+        bias,
+        residual,
+        ldx,
+        ldy,
+        grid=(-(-m // GEMM_TILE), tiles_n, 1),
+        block=(GEMM_THREADS, 1, 1),
+    )
+
+
+def _kname(prefix: str, qtype: int) -> str:
+    """Kernel name for messages: prefix_<type> when the type is known."""
+    lay = LAYOUTS.get(int(qtype))
+    return f"{prefix}_{lay.name}" if lay else prefix
+
+
+def _plan_linear(
+    kernel: str,
+    module: str,
+    w: QWeight,
+    lay: QLayout,
+    x: BufLike,
+    y: BufLike,
+    ntok: int,
+    bias: BufLike | None,
+    residual: BufLike | None,
+    ldx: int | None,
+    ldy: int | None,
+    *,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+) -> Launch:
+    n, k = w.rows, w.cols
+    ldx = k if ldx is None else ldx
+    ldy = n if ldy is None else ldy
+    _need(kernel, ldx % 4 == 0, f"x row stride {ldx} not a multiple of 4 elements")
+    xb, yb = as_buf(x), as_buf(y)
+    bb, rb = _opt_buf(bias), _opt_buf(residual)
+    xr = _check_f32(kernel, "x", xb, ntok, k, ldx, align=16)
+    yr = _check_f32(kernel, "y", yb, ntok, n, ldy)
+    _disjoint(kernel, xr, yr, "x and y")
+    _disjoint(kernel, (w.ptr, w.ptr + w.nbytes), yr, "weights and y")
+    if bb is not None:
+        _check_f32(kernel, "bias", bb, 1, n, n)
+    if rb is not None:
+        rr = _check_f32(kernel, "residual", rb, ntok, n, ldy)
+        _need(
+            kernel,
+            rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0],
+            "residual must be y itself or not overlap it",
+        )
+    args = (
+        w.ptr,
+        lay.row_bytes(k),
+        n,
+        k,
+        xb.ptr,
+        ldx,
+        ntok,
+        bb.ptr if bb else 0,
+        rb.ptr if rb else 0,
+        yb.ptr,
+        ldy,
+    )
+    return Launch(module, kernel, grid, block, args, _ARG_FORMATS[module])
+
+
+def plan_embed(w: QWeight, ids: BufLike, n: int, out: BufLike, *, ldo: int | None = None) -> Launch:
+    """out[i] = row ids[i] of w as float32, i < n (ids int32 on the device; a bad id -> NaN)."""
+    lay = _check_weight(_kname("embed", w.qtype), w)
+    kernel = f"embed_{lay.name}"
+    _need(kernel, w.experts == 1, "embedding table must be 2-D")
+    _need(kernel, 1 <= n <= MAX_GRID_YZ, f"row count {n} not in 1..{MAX_GRID_YZ}")
+    ldo = w.cols if ldo is None else ldo
+    _need(kernel, ldo % 4 == 0, f"out row stride {ldo} not a multiple of 4 elements")
+    ib, ob = as_buf(ids), as_buf(out)
+    _need(kernel, ib.ptr > 0 and ib.ptr % 4 == 0, "ids pointer null or not 4-byte aligned")
+    _need(kernel, ib.nbytes >= 4 * n, f"ids buffer {ib.nbytes} bytes < {4 * n} needed")
+    orng = _check_f32(kernel, "out", ob, n, w.cols, ldo, align=16)
+    _disjoint(kernel, (ib.ptr, ib.ptr + 4 * n), orng, "ids and out")
+    grid = (-(-(w.cols // 8) // EMBED_THREADS), n, 1)
+    args = (w.ptr, lay.row_bytes(w.cols), w.rows, w.cols, ib.ptr, ob.ptr, ldo)
+    return Launch("embed", kernel, grid, (EMBED_THREADS, 1, 1), args, _ARG_FORMATS["embed"])
+
+
+def plan_moe(
+    w: QWeight,
+    ids: BufLike,
+    ntok: int,
+    topk: int,
+    x: BufLike,
+    y: BufLike,
+    *,
+    per_slot_input: bool,
+    bias: BufLike | None = None,
+    ldx_tok: int | None = None,
+    form: str = "auto",
+) -> Launch:
+    """Expert matmuls: y[t*topk+s] = W[ids[t*topk+s]] x(t, s) (+ bias[expert]).
+
+    w: expert tensor [experts][N][K]; ids: int32 [ntok*topk] on the device; x(t, s) =
+    x + t*ldx_tok + s*K when per_slot_input (down projection) else x + t*ldx_tok (gate/up);
+    ldx_tok defaults to topk*K or K accordingly. y: float32 [ntok*topk][N]. bias: float32
+    [experts][N]. form: "gemv" (decode), "gemm" (prefill), "auto" (gemv for ntok <= 2).
+    """
+    lay = _check_weight(_kname("moe", w.qtype), w)
+    _need("moe", form in ("auto", "gemv", "gemm"), f"unknown form {form!r}")
+    if form == "auto":
+        form = "gemv" if ntok <= 2 else "gemm"
+    kernel = f"moe_{form}_{lay.name}"
+    n, k = w.rows, w.cols
+    _need(kernel, 1 <= topk <= w.experts, f"topk {topk} not in 1..{w.experts}")
+    _need(kernel, ntok >= 1, f"ntok {ntok} < 1")
+    n_assign = ntok * topk
+    _need(kernel, n_assign <= MAX_GRID_YZ, f"{n_assign} assignments exceed the grid limit")
+    _need(kernel, w.experts <= MAX_GRID_YZ, f"{w.experts} experts exceed the grid limit")
+    ldx_slot = k if per_slot_input else 0
+    if ldx_tok is None:
+        ldx_tok = topk * k if per_slot_input else k
+    _need(kernel, ldx_tok % 4 == 0, f"x token stride {ldx_tok} not a multiple of 4 elements")
+    _need(kernel, ldx_tok >= (topk * k if per_slot_input else k), "x token stride too small")
+    xb, yb, ib = as_buf(x), as_buf(y), as_buf(ids)
+    bb = _opt_buf(bias)
+    xr = _check_f32(kernel, "x", xb, ntok, topk * k if per_slot_input else k, ldx_tok, align=16)
+    yr = _check_f32(kernel, "y", yb, n_assign, n, n)
+    _disjoint(kernel, xr, yr, "x and y")
+    _need(kernel, ib.ptr > 0 and ib.ptr % 4 == 0, "ids pointer null or not 4-byte aligned")
+    _need(kernel, ib.nbytes >= 4 * n_assign, f"ids buffer {ib.nbytes} bytes < {4 * n_assign}")
+    _disjoint(kernel, (ib.ptr, ib.ptr + 4 * n_assign), yr, "ids and y")
+    if bb is not None:
+        _check_f32(kernel, "bias", bb, w.experts, n, n)
+    bptr = bb.ptr if bb else 0
+    if form == "gemv":
+        grid = (-(-n // GEMV_ROWS), n_assign, 1)
+        args: tuple[int, ...] = (
+            w.ptr,
+            w.expert_bytes,
+            lay.row_bytes(k),
+            n,
+            k,
+            w.experts,
+            ib.ptr,
+            topk,
+            xb.ptr,
+            ldx_tok,
+            ldx_slot,
+            bptr,
+            yb.ptr,
+            n,
+        )
+        return Launch("moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"])
+    tiles_n = -(-n // GEMM_TILE)
+    _need(kernel, tiles_n <= MAX_GRID_YZ, f"{n} rows exceed the grid limit")
+    grid = (-(-n_assign // GEMM_TILE), tiles_n, w.experts)
+    args = (
+        w.ptr,
+        w.expert_bytes,
+        lay.row_bytes(k),
+        n,
+        k,
+        ib.ptr,
+        n_assign,
+        topk,
+        xb.ptr,
+        ldx_tok,
+        ldx_slot,
+        bptr,
+        yb.ptr,
+        n,
+    )
+    return Launch("moe", kernel, grid, (GEMM_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemm"])
+
+
+class MatmulKernels:
+    """Loaded modules and prepared functions; create and use on the CUDA context thread."""
+
+    def __init__(self, arch: str | None = None) -> None:
+        from worker.backends.cuda.compile import load_module
+
+        if arch is None:
+            import pycuda.driver as drv
+
+            major, minor = drv.Context.get_device().compute_capability()
+            arch = f"sm_{major}{minor}"
+        self.arch = arch
+        self._modules = {name: load_module(name, arch) for name in MODULES}
+        self._funcs: dict[str, Any] = {}
+
+    def _func(self, launch: Launch) -> Any:
+        fn = self._funcs.get(launch.kernel)
+        if fn is None:
+            try:
+                fn = self._modules[launch.module].get_function(launch.kernel)
+            except Exception as e:  # pycuda.driver.LogicError: named function not found
+                raise CudaError(f"{launch.kernel}: not in module {launch.module}: {e}") from e
+            fn.prepare(launch.arg_format)
+            self._funcs[launch.kernel] = fn
+        return fn
+
+    def run(self, launch: Launch, stream: Any = None) -> None:
+        """Queue a checked launch on `stream` (pycuda Stream or None)."""
+        fn = self._func(launch)
+        try:
+            fn.prepared_async_call(launch.grid, launch.block, stream, *launch.args)
+        except Exception as e:  # pycuda.driver.Error and subclasses
+            raise CudaError(f"{launch.kernel}: launch failed: {e}") from e
+
+    # Convenience: check and queue in one call.
+    def gemv(
+        self, w: QWeight, x: BufLike, y: BufLike, ntok: int = 1, *, stream: Any = None, **kw: Any
+    ) -> None:
+        self.run(plan_gemv(w, x, y, ntok, **kw), stream)
+
+    def gemm(
+        self, w: QWeight, x: BufLike, y: BufLike, m: int, *, stream: Any = None, **kw: Any
+    ) -> None:
+        self.run(plan_gemm(w, x, y, m, **kw), stream)
+
+    def linear(
+        self, w: QWeight, x: BufLike, y: BufLike, ntok: int, *, stream: Any = None, **kw: Any
+    ) -> None:
+        """gemv for ntok <= 8 (decode, weights read once), tensor-core gemm above."""
+        if ntok <= GEMV_MAX_TOKENS:
+            self.gemv(w, x, y, ntok, stream=stream, **kw)
+        else:
+            self.gemm(w, x, y, ntok, stream=stream, **kw)
+
+    def embed(
+        self,
+        w: QWeight,
+        ids: BufLike,
+        n: int,
+        out: BufLike,
+        *,
+        stream: Any = None,
+        ldo: int | None = None,
+    ) -> None:
+        self.run(plan_embed(w, ids, n, out, ldo=ldo), stream)
+
+    def moe(
+        self,
+        w: QWeight,
+        ids: BufLike,
+        ntok: int,
+        topk: int,
+        x: BufLike,
+        y: BufLike,
+        *,
+        per_slot_input: bool,
+        stream: Any = None,
+        **kw: Any,
+    ) -> None:
+        self.run(plan_moe(w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, **kw), stream)
