@@ -531,8 +531,8 @@ def _parse(path: Path, mm: mmap.mmap, supported: Iterable[str]) -> GGUFFile:
         data_offset = -(-cur.pos // alignment) * alignment
         if raw_infos and data_offset > cur.size:
             raise cur.fail(
-                f"tensor data section would start at offset {data_offset}, past the end "
-                f"of the {cur.size}-byte file"
+                f"tensor data lies outside the file: the data section would start at "
+                f"offset {data_offset}, past the end of the {cur.size}-byte file"
             )
 
         arch = _check_architecture(path, metadata, types, supported)
