@@ -4,13 +4,17 @@
 streamed now. Text that could still be the beginning of a stop string is held back until
 the following text decides it; when a stop string completes, everything before it is
 released, the stop string and anything after it are dropped, and `stopped` becomes true.
+Which stop string wins does not depend on how the text is cut into pieces: it is the one
+that completes first reading the text character by character (the longest, if several
+complete at the same character).
 `flush()` releases whatever is still held once generation ends for another reason, so no
 text is ever lost.
 
 Correctness argument for the hold-back rule: the matcher holds the longest suffix of the
 pending text that is a proper prefix of some stop string. Any stop occurrence that starts
 in already released text would make a longer such suffix, so it cannot exist; searching the
-held text plus the new piece therefore finds every match, and the earliest one wins.
+held text plus the new piece therefore finds every match (the first occurrence of a stop
+string is also the one that completes first).
 """
 
 from __future__ import annotations
@@ -43,16 +47,16 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._held + text
-        best: int | None = None
+        best: tuple[int, int] | None = None  # (end, start) of the match that completes first
         for s in self.stops:
             pos = buf.find(s)
-            if pos >= 0 and (best is None or pos < best):
-                best = pos
+            if pos >= 0 and (best is None or (pos + len(s), pos) < best):
+                best = (pos + len(s), pos)
                 self.matched = s
         if best is not None:
             self._held = ""
             self.stopped = True
-            return buf[:best]
+            return buf[: best[1]]
         keep = self._partial_suffix(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]
