@@ -119,8 +119,11 @@ class SynthSpec:
 
     def scaled(self, **overrides: Any) -> SynthSpec:
         """A copy with scale overrides; the vocabulary's normal-token count follows n_vocab
-        (the special tokens are kept) unless given."""
+        (the special tokens are kept) unless given, MHA architectures keep n_head_kv ==
+        n_head, and gpt-oss's expert width follows n_embd."""
         spec = replace(self, **overrides)
+        if spec.arch in ("gpt2", "phi3") and "n_head" in overrides and "n_head_kv" not in overrides:
+            spec = replace(spec, n_head_kv=spec.n_head)  # multi-head attention
         if "n_vocab" in overrides and "n_tok_normal" not in overrides:
             spec = replace(spec, n_tok_normal=_default_normal(spec.arch, spec.n_vocab))
         if "n_embd" in overrides and "n_ff_exp" not in overrides and spec.n_expert:

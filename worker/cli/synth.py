@@ -1,0 +1,87 @@
+"""`worker-orcd synth`: write a synthetic GGUF model with the real layout of an architecture."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from worker.gguf.synth import ARCHS, MIXES, SIZES, SynthError, preset, write_synthetic
+
+_OVERRIDES: tuple[tuple[str, str, str], ...] = (
+    ("--layers", "n_layer", "number of blocks"),
+    ("--embd", "n_embd", "embedding width"),
+    ("--heads", "n_head", "query heads"),
+    ("--kv-heads", "n_head_kv", "key/value heads"),
+    ("--head-dim", "head_dim", "head size"),
+    ("--ff", "n_ff", "feed-forward width"),
+    ("--vocab", "n_vocab", "vocabulary size (special tokens kept)"),
+    ("--ctx", "n_ctx", "training context length"),
+    ("--experts", "n_expert", "experts (gpt-oss)"),
+    ("--experts-used", "n_expert_used", "experts per token (gpt-oss)"),
+    ("--expert-ff", "n_ff_exp", "expert feed-forward width (gpt-oss)"),
+    ("--sliding-window", "sliding_window", "sliding-window size"),
+)
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "synth",
+        help="write a random-weight GGUF with a real model's layout",
+        description=(
+            "Write a GGUF file with random weights in the exact tensor layout, types and "
+            "metadata of a real model (qwen2: Qwen2.5-0.5B, phi3: Phi-3-mini-4k, gpt-oss: "
+            "GPT-OSS-20B, llama: Llama-3.2-1B, gpt2: GPT-2 124M), full size or tiny."
+        ),
+    )
+    p.add_argument("--arch", required=True, choices=ARCHS)
+    p.add_argument("--size", default="full", choices=SIZES)
+    p.add_argument(
+        "--mix",
+        default=None,
+        choices=MIXES,
+        help="quant mix (default: q4_k_m; mxfp4 for gpt-oss)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .gguf path")
+    for flag, field_name, text in _OVERRIDES:
+        p.add_argument(flag, dest=field_name, type=int, default=None, help=text)
+    p.add_argument(
+        "--rope-factors",
+        action="store_true",
+        help="phi3: add rope_factors_long/short tensors (128k variant)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--progress", action="store_true", help="progress on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = preset(args.arch, args.size, mix=args.mix, seed=args.seed)
+        overrides: dict[str, Any] = {
+            f: getattr(args, f) for _, f, _ in _OVERRIDES if getattr(args, f) is not None
+        }
+        if args.rope_factors:
+            overrides["rope_factors"] = True
+        if overrides:
+            spec = spec.scaled(**overrides)
+        spec.validate()
+    except SynthError as exc:
+        print(f"worker-orcd synth: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{100 * done // max(total, 1):3d}% of {total >> 20} MiB", end="", file=sys.stderr)
+
+    report = write_synthetic(args.out, spec, progress=progress if args.progress else None)
+    if args.progress:
+        print(file=sys.stderr)
+    if args.json:
+        d = report.as_dict()
+        d.pop("tensors")
+        print(json.dumps(d))
+    else:
+        print(report.summary())
+    return 0
