@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Time the matrix kernels on the GPU for every matrix shape of the three target models.
+
+    python3 scripts/gpu_matmul_bench.py [--json OUT.json] [--quick]
+
+Prints, per shape: weight bytes, gemv time (one token), GB/s and the fraction of the
+device-to-device copy bandwidth measured in the same run (the ceiling), gemm (512 tokens) time
+and TFLOP/s; then the sum over one decoded token's matrices per model (a matmul-only decode
+ceiling in tokens/s) and a few multi-token gemv and MoE figures.
+
+Timing: CUDA events around R back-to-back launches, queued behind a ~10 ms spin kernel so
+that the host's launch cost (several µs per PyCUDA launch) is not in the numbers, median of
+5 such batches. Each launch reads a different copy of the weights (copies adding up to
+>= 256 MB, five times the 50 MB L2), as in a real decode step where no matrix is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.backends.cuda.matmul import MatmulKernels, QWeight
+from worker.backends.cuda.quant_layout import layout, random_matrix
+
+# (model, matrix, rows N, cols K, ggml type, matrices of this kind per decoded token)
+SHAPES: list[tuple[str, str, int, int, int, int]] = [
+    ("qwen2.5-0.5b", "attn_q", 896, 896, 6, 24),
+    ("qwen2.5-0.5b", "attn_k", 128, 896, 6, 24),
+    ("qwen2.5-0.5b", "attn_v q5_0", 128, 896, 6, 12),
+    ("qwen2.5-0.5b", "attn_v q8_0", 128, 896, 8, 12),
+    ("qwen2.5-0.5b", "attn_output", 896, 896, 6, 24),
+    ("qwen2.5-0.5b", "ffn_gate", 4864, 896, 6, 24),
+    ("qwen2.5-0.5b", "ffn_up", 4864, 896, 6, 24),
+    ("qwen2.5-0.5b", "ffn_down q4_k", 896, 4864, 12, 12),
+    ("qwen2.5-0.5b", "ffn_down q6_k", 896, 4864, 14, 12),
+    ("qwen2.5-0.5b", "output", 151936, 896, 8, 1),
+    ("phi3-mini", "attn_qkv", 9216, 3072, 13, 32),
+    ("phi3-mini", "attn_output", 3072, 3072, 12, 32),
+    ("phi3-mini", "ffn_up (gate+up)", 16384, 3072, 12, 32),
+    ("phi3-mini", "ffn_down q4_k", 3072, 8192, 12, 16),
+    ("phi3-mini", "ffn_down q6_k", 3072, 8192, 14, 16),
+    ("phi3-mini", "output", 32064, 3072, 14, 1),
+    ("gpt-oss-20b", "attn_q", 4096, 2880, 8, 24),
+    ("gpt-oss-20b", "attn_k", 512, 2880, 8, 24),
+    ("gpt-oss-20b", "attn_v", 512, 2880, 8, 24),
+    ("gpt-oss-20b", "attn_output", 2880, 4096, 8, 24),
+    ("gpt-oss-20b", "output", 201088, 2880, 8, 1),
+]
+ROTATE_BYTES = 256 << 20
+
+SPIN_SRC = """
+extern "C" __global__ void spin(long long cycles) {
+  long long t0 = clock64();
+  while (clock64() - t0 < cycles) {}
+}
+"""
+
+
+class Bench:
+    def __init__(self) -> None:
+        import pycuda.driver as drv
+        import pycuda.gpuarray as ga
+        from pycuda.compiler import SourceModule
+
+        drv.init()
+        self.ctx = drv.Device(0).retain_primary_context()
+        self.ctx.push()
+        self.drv, self.ga = drv, ga
+        self.dev = drv.Context.get_device()
+        self.name = self.dev.name()
+        self.clock_khz = self.dev.get_attribute(drv.device_attribute.CLOCK_RATE)
+        self.spin = SourceModule(SPIN_SRC, no_extern_c=True).get_function("spin")
+        self.mm = MatmulKernels()
+        self.stream = drv.Stream()
+        self.rng = np.random.default_rng(0)
+
+    def time_batch(self, launch: Any, reps: int, batches: int = 5) -> float:
+        """Median seconds per launch; launch(i) queues the i-th launch on self.stream."""
+        drv = self.drv
+        launch(0)  # warm-up
+        times = []
+        for _ in range(batches):
+            start, end = drv.Event(), drv.Event()
+            self.spin(np.int64(self.clock_khz * 10), block=(1, 1, 1), stream=self.stream)
+            start.record(self.stream)
+            for i in range(reps):
+                launch(i)
+            end.record(self.stream)
+            end.synchronize()
+            times.append(start.time_till(end) / 1e3 / reps)
+        return statistics.median(times)
+
+    def copy_bandwidth(self) -> float:
+        n = 1 << 30
+        a, b = self.drv.mem_alloc(n), self.drv.mem_alloc(n)
+        self.drv.memset_d8(int(a), 1, n)
+
+        def launch(_: int) -> None:
+            self.drv.memcpy_dtod_async(b, a, n, self.stream)
+
+        t = self.time_batch(launch, 10)
+        return 2 * n / t  # bytes read + written
+
+    def weights(self, qtype: int, n: int, k: int, copies: int) -> list[QWeight]:
+        """`copies` copies of one random matrix, 256-byte aligned, in one allocation."""
+        raw, _ = random_matrix(qtype, n, k, self.rng)
+        step = -(-raw.nbytes // 256) * 256
+        buf = self.drv.mem_alloc(step * copies)
+        self._keep = [*getattr(self, "_keep", []), buf]
+        self.drv.memcpy_htod(buf, raw)
+        for i in range(1, copies):
+            self.drv.memcpy_dtod(int(buf) + i * step, buf, raw.nbytes)
+        return [QWeight(int(buf) + i * step, qtype, n, k, raw.nbytes) for i in range(copies)]
+
+    def release(self) -> None:
+        self._keep = []
+        self.drv.Context.synchronize()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
+    args = ap.parse_args()
+    b = Bench()
+    mm, ga = b.mm, b.ga
+    bw = b.copy_bandwidth()
+    print(f"device: {b.name}; device-to-device copy {bw / 1e9:.0f} GB/s (read+write)")
+    rows: list[dict[str, Any]] = []
+    shapes = SHAPES[::4] if args.quick else SHAPES
+    hdr = f"{'model':13} {'matrix':18} {'N':>6} {'K':>5} {'type':5} {'MB':>7}"
+    print(f"{hdr} {'gemv us':>8} {'GB/s':>6} {'%bw':>4} {'gemm512 us':>10} {'TFLOP/s':>7}")
+    for model, mat, n, k, qtype, count in shapes:
+        lay = layout(qtype)
+        nbytes = n * lay.row_bytes(k)
+        copies = max(1, min(4096, -(-ROTATE_BYTES // nbytes)))
+        ws = b.weights(qtype, n, k, copies)
+        x = ga.to_gpu(b.rng.standard_normal((512, k), dtype=np.float32))
+        y = ga.empty((512, n), np.float32)
+        xb, yb = (int(x.gpudata), x.nbytes), (int(y.gpudata), y.nbytes)
+
+        def gemv(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb) -> None:
+            mm.gemv(ws[i % len(ws)], xb, yb, 1, stream=b.stream)
+
+        def gemm(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb) -> None:
+            mm.gemm(ws[i % len(ws)], xb, yb, 512, stream=b.stream)
+
+        t1 = b.time_batch(gemv, 200)
+        tg = b.time_batch(gemm, 10 if nbytes < (64 << 20) else 3)
+        row: dict[str, Any] = {
+            "model": model,
+            "matrix": mat,
+            "N": n,
+            "K": k,
+            "type": lay.name,
+            "count": count,
+            "bytes": nbytes,
+            "gemv_s": t1,
+            "gemv_GBps": nbytes / t1 / 1e9,
+            "gemv_frac_bw": nbytes / t1 / bw,
+            "gemm512_s": tg,
+            "gemm512_TFLOPs": 2 * 512 * n * k / tg / 1e12,
+        }
+        rows.append(row)
+        print(
+            f"{model:13} {mat:18} {n:6} {k:5} {lay.name:5} {nbytes / 1e6:7.2f} "
+            f"{t1 * 1e6:8.2f} {row['gemv_GBps']:6.0f} {100 * row['gemv_frac_bw']:4.0f} "
+            f"{tg * 1e6:10.1f} {row['gemm512_TFLOPs']:7.1f}"
+        )
+        b.release()
+
+    print("\nper decoded token, matrices only (sum of gemv times x count):")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        t = sum(r["gemv_s"] * r["count"] for r in rs)
+        by = sum(r["bytes"] * r["count"] for r in rs)
+        print(
+            f"  {model:13} {by / 1e9:.3f} GB in {t * 1e6:.0f} us -> {by / t / 1e9:.0f} GB/s, "
+            f"{1 / t:.0f} tok/s ceiling from matmuls (floor at copy bw {by / bw * 1e6:.0f} us)"
+        )
+
+    extra: dict[str, Any] = {}
+    # weights reused across tokens: gemv for 2, 4, 8 tokens on Phi-3's gate_up
+    ws = b.weights(12, 16384, 3072, 8)
+    x = ga.to_gpu(b.rng.standard_normal((8, 3072), dtype=np.float32))
+    y = ga.empty((8, 16384), np.float32)
+    for nt in (1, 2, 4, 8):
+        t = b.time_batch(lambda i, nt=nt: mm.gemv(ws[i % 8], x, y, nt, stream=b.stream), 48)
+        extra[f"phi3_ffn_up_gemv_ntok{nt}_us"] = t * 1e6
+        print(f"phi3 ffn_up q4_k gemv ntok={nt}: {t * 1e6:.1f} us")
+    b.release()
+
+    # gpt-oss MoE: 32 MXFP4 experts 2880x2880, top-4
+    n_exp, n, k = 32, 2880, 2880
+    raw = np.concatenate([random_matrix(39, n, k, b.rng)[0] for _ in range(n_exp)])
+    wd = ga.to_gpu(raw)
+    we = QWeight(int(wd.gpudata), 39, n, k, raw.nbytes, experts=n_exp)
+    per_tok = 4 * n * layout(39).row_bytes(k)
+    for ntok in (1, 512):
+        if ntok == 1:  # 8 disjoint expert sets in turn: every launch reads new weights
+            sets = b.rng.permutation(n_exp).astype(np.int32).reshape(8, 4)
+        else:
+            sets = np.stack([b.rng.choice(n_exp, 4, replace=False) for _ in range(ntok)])
+            sets = sets.astype(np.int32).reshape(1, -1)
+        ids = [ga.to_gpu(np.ascontiguousarray(s)) for s in sets]
+        x = ga.to_gpu(b.rng.standard_normal((ntok, k), dtype=np.float32))
+        y = ga.empty((ntok * 4, n), np.float32)
+        form = "gemv" if ntok == 1 else "gemm"
+        t = b.time_batch(
+            lambda i, ids=ids, x=x, y=y, ntok=ntok, form=form: mm.moe(
+                we,
+                ids[i % len(ids)],
+                ntok,
+                4,
+                x,
+                y,
+                per_slot_input=False,
+                form=form,
+                stream=b.stream,
+            ),
+            48 if ntok == 1 else 5,
+        )
+        if ntok == 1:
+            extra["gptoss_moe_gemv_us"] = t * 1e6
+            print(
+                f"gpt-oss moe_gemv 4 experts x {n}x{k} mxfp4: {t * 1e6:.1f} us, "
+                f"{per_tok / t / 1e9:.0f} GB/s ({100 * per_tok / t / bw:.0f}% of copy bw)"
+            )
+        else:
+            extra["gptoss_moe_gemm512_us"] = t * 1e6
+            print(
+                f"gpt-oss moe_gemm 512 tokens x top-4: {t * 1e6:.0f} us, "
+                f"{2 * 512 * 4 * n * k / t / 1e12:.1f} TFLOP/s"
+            )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"device": b.name, "copy_GBps": bw / 1e9, "rows": rows, "extra": extra}, indent=1
+            )
+        )
+    b.ctx.pop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

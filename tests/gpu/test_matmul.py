@@ -1,0 +1,208 @@
+"""On-device checks of the decode gemv and prefill gemm kernels against the NumPy reference.
+
+Reference: worker.gguf.quants dequantizes the same random blocks (worker.gguf.synth_blocks,
+every code point of every format), the product is taken in float64.
+Bounds, as ||y - ref|| / ||ref||:
+* gemv: FP32 products and sums of float32 inputs -> 2e-5 (seen values are ~1e-7 to 1e-6);
+* gemm: X and the dequantized W are rounded to fp16 for the tensor cores (relative rounding
+  up to 2^-11 = 4.9e-4 per operand, about 2.8e-4 rms), products exact and sums in fp32, so a
+  random-sign dot carries about 4e-4 relative error -> 2e-3.
+Every output is poisoned with NaN first and must be fully written; every launch is run twice
+and must give bit-identical results; an out-of-range launch must be refused before it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from worker.backends.cuda.matmul import KernelArgumentError, MatmulKernels, QWeight
+from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
+
+pytestmark = pytest.mark.gpu
+
+GEMV_BOUND = 2e-5
+GEMM_BOUND = 2e-3
+TYPES = sorted(LAYOUTS)
+QK = {t: LAYOUTS[t].qk for t in TYPES}
+
+# Real matrices (rows N, columns K, type) of the three target models.
+REAL_SHAPES = [
+    ("qwen.attn_q", 896, 896, 6),
+    ("qwen.attn_k", 128, 896, 6),
+    ("qwen.attn_v", 128, 896, 8),
+    ("qwen.ffn_up", 4864, 896, 6),
+    ("qwen.ffn_down.q4k", 896, 4864, 12),
+    ("qwen.ffn_down.q6k", 896, 4864, 14),
+    ("qwen.output", 151936, 896, 8),
+    ("phi3.attn_qkv", 9216, 3072, 13),
+    ("phi3.attn_output", 3072, 3072, 12),
+    ("phi3.ffn_up", 16384, 3072, 12),
+    ("phi3.ffn_down", 3072, 8192, 14),
+    ("phi3.output", 32064, 3072, 14),
+    ("gptoss.attn_q", 4096, 2880, 8),
+    ("gptoss.attn_k", 512, 2880, 8),
+    ("gptoss.attn_output", 2880, 4096, 8),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Iterator[Any]:
+    import pycuda.driver as drv
+
+    drv.init()
+    ctx = drv.Device(0).retain_primary_context()
+    ctx.push()
+    try:
+        yield drv
+    finally:
+        drv.Context.synchronize()
+        ctx.pop()
+
+
+@pytest.fixture(scope="module")
+def mm(gpu: Any) -> MatmulKernels:
+    return MatmulKernels()
+
+
+def upload(a: np.ndarray) -> Any:
+    import pycuda.gpuarray as ga
+
+    return ga.to_gpu(np.ascontiguousarray(a))
+
+
+def poisoned(shape: tuple[int, ...]) -> Any:
+    import pycuda.gpuarray as ga
+
+    y = ga.empty(shape, np.float32)
+    y.fill(np.float32(np.nan))
+    return y
+
+
+def qweight(raw_dev: Any, qtype: int, rows: int, cols: int) -> QWeight:
+    return QWeight(int(raw_dev.gpudata), qtype, rows, cols, int(raw_dev.nbytes))
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    assert np.isfinite(got).all(), "output has NaN/inf: not every element was written"
+    return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def reference(dense: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ dense.astype(np.float64).T
+
+
+def run_linear(
+    mm: MatmulKernels,
+    gpu: Any,
+    qtype: int,
+    n: int,
+    k: int,
+    ntok: int,
+    rng: np.random.Generator,
+    *,
+    with_bias: bool = False,
+    with_residual: bool = False,
+    form: str = "linear",
+) -> tuple[float, bool]:
+    raw, dense = random_matrix(qtype, n, k, rng)
+    x = rng.standard_normal((ntok, k), dtype=np.float32)
+    ref = reference(dense, x)
+    w_dev, x_dev = upload(raw), upload(x)
+    w = qweight(w_dev, qtype, n, k)
+    kw: dict[str, Any] = {}
+    if with_bias:
+        bias = rng.standard_normal(n, dtype=np.float32)
+        ref = ref + bias
+        kw["bias"] = upload(bias)
+    if with_residual:
+        res = rng.standard_normal((ntok, n), dtype=np.float32)
+        ref = ref + res
+        kw["residual"] = upload(res)
+    outs = []
+    for _ in range(2):
+        y = poisoned((ntok, n))
+        getattr(mm, form)(w, x_dev, y, ntok, **kw)
+        gpu.Context.synchronize()
+        outs.append(y.get())
+    same = outs[0].tobytes() == outs[1].tobytes()
+    return rel_err(outs[0], ref), same
+
+
+def small_shapes(qtype: int) -> list[tuple[int, int]]:
+    qk = QK[qtype]
+    return [(1, qk), (37, 3 * qk), (133, 896 if qk == 32 else 1280)]
+
+
+@pytest.mark.parametrize("ntok", [1, 3, 8])
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_gemv_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, ntok: int) -> None:
+    rng = np.random.default_rng(1000 * qtype + ntok)
+    for n, k in small_shapes(qtype):
+        err, same = run_linear(
+            mm,
+            gpu,
+            qtype,
+            n,
+            k,
+            ntok,
+            rng,
+            with_bias=ntok == 3,
+            with_residual=ntok == 8,
+            form="gemv",
+        )
+        assert err < GEMV_BOUND, (LAYOUTS[qtype].name, n, k, ntok, err)
+        assert same, "gemv is not bit-identical run to run"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_gemm_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+    rng = np.random.default_rng(77 + qtype)
+    for (n, k), m in zip(small_shapes(qtype), (9, 77, 200), strict=True):
+        err, same = run_linear(
+            mm, gpu, qtype, n, k, m, rng, with_bias=m == 77, with_residual=m == 200, form="gemm"
+        )
+        assert err < GEMM_BOUND, (LAYOUTS[qtype].name, n, k, m, err)
+        assert same, "gemm is not bit-identical run to run"
+
+
+@pytest.mark.parametrize(("name", "n", "k", "qtype"), REAL_SHAPES, ids=[s[0] for s in REAL_SHAPES])
+def test_real_model_shapes(
+    mm: MatmulKernels, gpu: Any, name: str, n: int, k: int, qtype: int
+) -> None:
+    rng = np.random.default_rng(n + k)
+    err, same = run_linear(mm, gpu, qtype, n, k, 1, rng, with_bias=True)
+    assert err < GEMV_BOUND and same, (name, "gemv", err)
+    err, same = run_linear(mm, gpu, qtype, n, k, 67, rng, with_residual=True, form="linear")
+    assert err < GEMM_BOUND and same, (name, "gemm", err)
+
+
+def test_in_place_residual_add(mm: MatmulKernels, gpu: Any) -> None:
+    rng = np.random.default_rng(5)
+    n, k = 896, 4864
+    raw, dense = random_matrix(14, n, k, rng)
+    for ntok in (1, 40):
+        x = rng.standard_normal((ntok, k), dtype=np.float32)
+        res = rng.standard_normal((ntok, n), dtype=np.float32)
+        y = upload(res)
+        mm.linear(qweight(upload(raw), 14, n, k), upload(x), y, ntok, residual=y)
+        gpu.Context.synchronize()
+        bound = GEMV_BOUND if ntok <= 8 else GEMM_BOUND
+        assert rel_err(y.get(), reference(dense, x) + res) < bound
+
+
+def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu: Any) -> None:
+    rng = np.random.default_rng(9)
+    n, k = 256, 512
+    raw, _ = random_matrix(12, n, k, rng)
+    w = qweight(upload(raw), 12, n, k)
+    x = upload(rng.standard_normal((4, k), dtype=np.float32))
+    y = poisoned((3, n))  # room for 3 tokens, asked for 4
+    for form in ("gemv", "gemm"):
+        with pytest.raises(KernelArgumentError, match=f"{form}_q4_k.*y buffer"):
+            getattr(mm, form)(w, x, y, 4)
+    gpu.Context.synchronize()
+    assert np.isnan(y.get()).all(), "a refused launch must not have run"
