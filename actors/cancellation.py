@@ -71,6 +71,7 @@ class ActiveJob:
     job_id: str
     cancel: threading.Event
     cancel_requested_at: float | None = None
+    tokens_after_cancel: int = 0  # token events emitted once the flag was set
 
 
 class CancelRegistry:

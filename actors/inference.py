@@ -140,6 +140,8 @@ def run_job_blocking(
             last_t[0] = now
             count[0] += 1
             output.append(text)
+            if ticket.active.cancel.is_set():
+                ticket.active.tokens_after_cancel += 1
             emit(Token(job_id=job.job_id, i=i, t=text, id=token_id))
             if now - last_t[1] >= METRICS_EVENT_INTERVAL_S:
                 last_t[1] = now
@@ -187,6 +189,7 @@ def run_job_blocking(
                 f"stopped {latency:.2f} ms after the cancel",
                 job_id=job.job_id,
                 cancel_latency_ms=round(latency, 3),
+                tokens_after_cancel=ticket.active.tokens_after_cancel,
             )
         return Error(job_id=job.job_id, code=exc.code, message=exc.message, retriable=exc.retriable)
     except Exception as exc:  # a bug or backend failure in one job: report it, keep serving

@@ -52,26 +52,34 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
 
     t0 = time.perf_counter()
     narrate("model_load_start", f"loading {cfg.model}", path=str(cfg.model), device=cfg.device)
-    narrate("model_load_progress", "0%", percent=0)
+    emitted: set[int] = set()
+
+    def milestone(percent: int, what: str, **fields: Any) -> None:
+        if percent not in emitted:
+            emitted.add(percent)
+            narrate("model_load_progress", f"{percent}%: {what}", percent=percent, **fields)
+
+    def progress(fraction: float) -> None:
+        """Weights-copy progress from the backend (the CUDA one reports its chunked H2D
+        copy): 25/50/75 % are the copy's quarters."""
+        for pct in (25, 50, 75):
+            if fraction * 100 >= pct:
+                milestone(pct, "weights copied", fraction=round(fraction, 3))
+
+    milestone(0, "starting")
     gguf_file = open_gguf(cfg.model)
     quant = quant_kind(gguf_file)
     narrate(
-        "model_load_progress",
-        "25%: file validated",
-        percent=25,
+        "model_load_validated",
+        "file validated",
         architecture=gguf_file.architecture,
         tensors=len(gguf_file.tensors),
+        quant_kind=quant,
     )
     tokenizer = load_tokenizer(
         gguf_file.metadata, model_path=cfg.model, tokenizer_json=cfg.tokenizer
     )
-    narrate("model_load_progress", "50%: tokenizer ready", percent=50, tokenizer=tokenizer.kind)
-
-    def progress(fraction: float) -> None:  # optional weights-copy progress from the backend
-        narrate(
-            "model_load_progress_detail", f"weights {fraction:.0%}", fraction=round(fraction, 3)
-        )
-
+    narrate("model_load_tokenizer", "tokenizer ready", tokenizer=tokenizer.kind)
     options: dict[str, Any] = {
         "ctx_size": cfg.ctx_size,
         "kv_cache_size_mb": cfg.kv_cache_size_mb,
@@ -86,7 +94,7 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         backend = _call_with_supported(NumpyBackend, gguf_file, **options)
     else:
         try:
-            from worker.backends.cuda import CudaBackend  # type: ignore[attr-defined]
+            from worker.backends.cuda import CudaBackend
 
             backend = _call_with_supported(CudaBackend, gguf_file, **options)
         except WorkerError:
@@ -98,18 +106,15 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
                 f"({type(exc).__name__}: {exc}); use --device cpu for the NumPy reference",
                 retriable=False,
             ) from exc
-    narrate(
-        "model_load_progress",
-        "75%: weights and KV cache in place",
-        percent=75,
-        context_length=backend.context_length,
-    )
+    # a backend without copy progress (NumPy) reaches the milestones when it is built
+    for pct in (25, 50, 75):
+        milestone(pct, "weights and KV cache in place", context_length=backend.context_length)
     # warm-up: one token through the model so the first job pays no first-call costs
     backend.reset()
     warm_id = tokenizer.bos_id if tokenizer.bos_id is not None else 0
     backend.forward([warm_id])
     backend.reset()
-    narrate("model_load_progress", "100%: warm-up done", percent=100)
+    milestone(100, "warm-up done")
     name = gguf_file.metadata.get("general.name")
     model_name = name if isinstance(name, str) and name else cfg.model.name
     seconds = time.perf_counter() - t0

@@ -36,6 +36,7 @@ from worker.protocol import (
     Event,
     Health,
     Job,
+    Metrics,
     Started,
     Subjects,
     Token,
@@ -310,9 +311,14 @@ def _advance(event: Event, attempt: int, next_i: int) -> tuple[int, int]:
 
 
 def _live_key(event: Event, attempt: int) -> _EventKey:
+    """Identity of an event within a job: (attempt, kind, position)."""
     if isinstance(event, Started):
         return (event.attempt, "started", 0)
-    return (attempt, type(event).__name__, event.i if isinstance(event, Token) else 0)
+    if isinstance(event, Token):
+        return (attempt, "token", event.i)
+    if isinstance(event, Metrics):
+        return (attempt, "metrics", event.tokens)
+    return (attempt, type(event).__name__, 0)
 
 
 def _keyed(events: list[Event]) -> list[tuple[Event, _EventKey]]:
@@ -321,10 +327,7 @@ def _keyed(events: list[Event]) -> list[tuple[Event, _EventKey]]:
     for ev in events:
         if isinstance(ev, Started):
             attempt = ev.attempt
-            out.append((ev, (attempt, "started", 0)))
-        else:
-            i = ev.i if isinstance(ev, Token) else 0
-            out.append((ev, (attempt, type(ev).__name__, i)))
+        out.append((ev, _live_key(ev, attempt)))
     return out
 
 

@@ -197,18 +197,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A deeper tiny qwen2 (8 layers): a 2048-token greedy job runs for several seconds,
-    long enough to cancel, kill or disconnect mid-job."""
-    from worker.gguf.synth import preset, write_synthetic
-
-    path = tmp_path_factory.mktemp("models") / "slow-qwen2.gguf"
-    spec = preset("qwen2", "tiny", seed=11).scaled(n_ctx=4096, n_layer=8, n_embd=896, n_ff=1536)
-    write_synthetic(path, spec)
-    return path
-
-
 async def collect(events: AsyncIterator[Any]) -> list[Any]:
     return [ev async for ev in events]
 

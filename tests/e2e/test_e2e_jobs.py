@@ -80,6 +80,20 @@ async def test_job_stream_and_determinism(
     stored = await client.replay("det-1")
     check_stream(stored, "det-1")
     assert [e.id for e in stored if isinstance(e, Token)] == runs[1]
+    # narration: every lifecycle event, each with the worker's context fields
+    for name in (
+        "startup",
+        "model_load_start",
+        "model_load_complete",
+        "ready",
+        "execute_start",
+        "execute_end",
+    ):
+        rec = w.events(name)[0]
+        assert rec["worker_id"] == w.worker_id and rec["model_ref"] == REF, rec
+        assert "gpu_device" in rec and "job_id" in rec
+    assert [r["percent"] for r in w.events("model_load_progress")] == [0, 25, 50, 75, 100]
+    assert w.events("execute_end")[0]["job_id"] == "det-0"
     # the prompt itself is never logged without --log-prompts
     assert "Hello there" not in w.output()
     start = w.events("execute_start")[0]

@@ -1,0 +1,165 @@
+"""Failures around a running job: kill -9 of the worker (redelivery to a second worker),
+nats-server restart (reconnect, nothing lost), shutdown request and SIGTERM (drain, exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from worker.client import OrcdClient, final_attempt
+from worker.nats.server import EmbeddedNatsServer
+from worker.protocol import End, Event, Started, Token
+
+REF = "tiny"
+LONG = {"prompt": "x", "max_tokens": 2048, "temperature": 0.0}
+
+
+def complete(events: list[Event], job_id: str) -> End:
+    assert isinstance(events[0], Started) and isinstance(events[-1], End), (events[:1], events[-1:])
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert [t.i for t in tokens] == list(range(len(tokens)))
+    assert all(e.job_id == job_id for e in events)
+    end = events[-1]
+    assert end.tokens_out == len(tokens)
+    return end
+
+
+async def wait_tokens(events: list[Event], n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(isinstance(e, Token) for e in events) < n:
+        assert time.monotonic() < deadline, "job produced no tokens"
+        await asyncio.sleep(0.02)
+
+
+async def test_kill_9_mid_job_second_worker_completes_it(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    flags = ("--ctx-size", "4096", "--ack-wait-s", "2")
+    a = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    b = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    a.wait_ready()
+    b.wait_ready()
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for ev in client.generate(REF, job_id="k9", timeout_s=180, gap_timeout_s=2, **LONG):
+            seen.append(ev)
+
+    task = asyncio.create_task(follow())
+    await wait_tokens(seen, 10)
+    first = seen[0]
+    assert isinstance(first, Started) and first.attempt == 1
+    victim, survivor = (a, b) if first.worker_id == a.worker_id else (b, a)
+    os.kill(victim.pid, signal.SIGKILL)
+    await asyncio.wait_for(task, 150)
+    starts = [e for e in seen if isinstance(e, Started)]
+    assert [s.attempt for s in starts] == [1, 2]
+    assert starts[1].worker_id == survivor.worker_id
+    complete(final_attempt(seen), "k9")
+    # a late client replaying ORCD_EVENTS sees the whole second attempt
+    stored = await client.replay("k9")
+    end = complete(final_attempt(stored), "k9")
+    assert end.tokens_out == seen[-1].tokens_out  # type: ignore[union-attr]
+    assert [e.attempt for e in stored if isinstance(e, Started)] == [1, 2]
+
+
+async def test_nats_restart_mid_job_nothing_lost(
+    tmp_path: Path, spawn_worker: Any, tiny_model: Path
+) -> None:
+    srv = EmbeddedNatsServer(store_dir=tmp_path / "nats-restart")
+    srv.start()
+    client = await OrcdClient.connect(srv.url)
+    try:
+        w = spawn_worker(tiny_model, srv.url, REF, "--ctx-size", "4096").wait_ready()
+        seen: list[Event] = []
+
+        async def follow() -> None:
+            async for ev in client.generate(
+                REF, job_id="restart", timeout_s=180, gap_timeout_s=2, **LONG
+            ):
+                seen.append(ev)
+
+        task = asyncio.create_task(follow())
+        await wait_tokens(seen, 20)
+        srv.stop()  # SIGTERM: the server goes away mid-job
+        await asyncio.sleep(1.5)
+        srv.start()
+        await asyncio.wait_for(task, 150)
+        end = complete(seen, "restart")  # the live stream, gaps filled from JetStream
+        stored = await client.replay("restart")
+        assert [e for e in stored] == seen  # exactly once, in order, nothing lost
+        assert end.tokens_out > 20
+        w.wait_event("nats_reconnected", 10)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if (await client.health(w.worker_id)).status == "healthy":
+                    break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        evs = [ev async for ev in client.generate(REF, prompt="hi", max_tokens=3, timeout_s=60)]
+        complete(evs, evs[0].job_id)
+    finally:
+        await client.close()
+        srv.cleanup()
+
+
+async def test_shutdown_request_mid_job_finishes_it_and_exits_0(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    w = spawn_worker(tiny_model, nats_server.url, REF, "--ctx-size", "4096").wait_ready()
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for ev in client.generate(
+            REF, job_id="drain", prompt="x", max_tokens=400, temperature=0.0, timeout_s=120
+        ):
+            seen.append(ev)
+
+    task = asyncio.create_task(follow())
+    await wait_tokens(seen, 5)
+    reply = await client.shutdown(w.worker_id)
+    assert b'"draining"' in reply and b'"drain"' in reply
+    t0 = time.monotonic()
+    await asyncio.wait_for(task, 60)
+    complete(seen, "drain")
+    assert await asyncio.to_thread(w.wait_exit, 35) == 0
+    assert time.monotonic() - t0 < 30
+    assert w.events("shutdown")
+
+
+async def test_sigterm_mid_job_finishes_it_and_exits_0(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    w = spawn_worker(tiny_model, nats_server.url, REF, "--ctx-size", "4096").wait_ready()
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for ev in client.generate(
+            REF, job_id="term", prompt="x", max_tokens=300, temperature=0.0, timeout_s=120
+        ):
+            seen.append(ev)
+
+    task = asyncio.create_task(follow())
+    await wait_tokens(seen, 5)
+    w.signal(signal.SIGTERM)
+    await asyncio.wait_for(task, 60)
+    complete(seen, "term")
+    assert await asyncio.to_thread(w.wait_exit, 35) == 0
+    # nothing left in the queue for this model
+    assert (await client.js.stream_info("ORCD_JOBS")).state.messages == 0
