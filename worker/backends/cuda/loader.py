@@ -101,7 +101,7 @@ def upload(
             if f:
                 e.synchronize()
         for b in staging:
-            b.base.free()
+            _free_pinned(b)
     secs = time.perf_counter() - t0
     if progress:
         progress(1.0)
@@ -127,4 +127,11 @@ def measure_h2d(ctx: Any, nbytes: int = 256 * MIB, repeats: int = 3) -> float:
         return best
     finally:
         ctx.free(dev)
-        host.base.free()
+        _free_pinned(host)
+
+
+def _free_pinned(arr: np.ndarray) -> None:
+    """Release a pagelocked_empty array's pinned memory now (not at garbage collection)."""
+    free = getattr(arr.base, "free", None)
+    if free is not None:
+        free()

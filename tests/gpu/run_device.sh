@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# H7's full device call: warm the kernel cache and write the synthetic model in parallel,
+# then the GPU tests (kernels, whole model) and the bench. Logs under $OUT.
+# usage (device): source .device/setup.sh && bash tests/gpu/run_device.sh [pytest -k expr]
+set -uo pipefail
+OUT=${OUT:-/tmp/h7out}
+mkdir -p "$OUT"
+export WORKER_ORCD_SYNTH_DIR=/tmp/synth
+mkdir -p "$WORKER_ORCD_SYNTH_DIR"
+MODEL=$WORKER_ORCD_SYNTH_DIR/qwen2-full-q4_k_m.gguf
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+for m in norm rope attention activation elementwise sampling gemv gemm embed moe; do
+  python3 -c "from worker.backends.cuda.compile import compile_cubin; compile_cubin('$m', 'sm_90')" &
+done
+python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$MODEL', preset('qwen2', 'full', mix='q4_k_m', seed=1))" &
+wait
+echo "prep: $(( $(date +%s) - t0 )) s" | tee "$OUT/prep.txt"
+K=${1:-}
+timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -s -p no:cacheprovider -rf \
+  tests/gpu/test_kernels.py tests/gpu/test_model.py ${K:+-k "$K"} 2>&1 | tee "$OUT/pytest.log" | grep -v "^\s*$" | tail -60
+timeout ${BENCH_TIMEOUT:-150} python3 -m worker bench --model "$MODEL" --ctx-size 4096 2>&1 | tee "$OUT/bench.json"

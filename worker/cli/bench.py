@@ -1,0 +1,193 @@
+"""`worker-orcd bench --model PATH`: SPEC §6 figures of the CUDA backend as one JSON object.
+
+Measured here (on the GPU, in this process): load time with a cold and a warm kernel cache
+(two loads; the cold one compiles into an empty cache directory), the weights upload rate
+next to a plain pinned host-to-device copy, prompt processing (pp512: a 512-token prompt,
+median of `--reps`), decode (tg128: 128 greedy one-token graph steps after a 512-token
+prompt, tokens/s), the GPU name and the commit. Fields that need a live worker over NATS
+(TTFT and inter-token p50/p95/p99) are listed under `missing` rather than estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure prompt and decode speed and load time on the GPU (SPEC §6)",
+        description="Load MODEL on the GPU and print one JSON object: pp512, tg128, load "
+        "time with a cold and a warm kernel cache, H2D rates, GPU name, commit.",
+    )
+    p.add_argument("--model", type=Path, required=True, metavar="PATH", help="GGUF file")
+    p.add_argument("--gpu-device", type=int, default=0, metavar="N")
+    p.add_argument("--ctx-size", type=int, default=4096, metavar="N")
+    p.add_argument("--pp", type=int, default=512, metavar="N", help="prompt length (512)")
+    p.add_argument("--tg", type=int, default=128, metavar="N", help="decode steps (128)")
+    p.add_argument("--reps", type=int, default=5, metavar="N", help="repetitions (median)")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold-cache load")
+    p.add_argument("--no-graphs", action="store_true", help="eager decode (for comparison)")
+    p.set_defaults(func=run)
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _load(path: Path, args: argparse.Namespace, cache_dir: str | None) -> tuple[Any, float]:
+    from worker.backends.cuda import CudaBackend
+
+    old = os.environ.get("WORKER_ORCD_CACHE")
+    if cache_dir is not None:
+        os.environ["WORKER_ORCD_CACHE"] = cache_dir
+    try:
+        t0 = time.perf_counter()
+        be = CudaBackend(
+            path,
+            ctx_size=args.ctx_size,
+            gpu_device=args.gpu_device,
+            graphs=not args.no_graphs,
+        )
+        return be, time.perf_counter() - t0
+    finally:
+        if cache_dir is not None:
+            if old is None:
+                os.environ.pop("WORKER_ORCD_CACHE", None)
+            else:
+                os.environ["WORKER_ORCD_CACHE"] = old
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from worker.backends.cuda.loader import measure_h2d
+    from worker.engine.params import SamplingParams
+
+    result: dict[str, Any] = {"model": str(args.model), "commit": _commit()}
+    if not args.no_cold:
+        with tempfile.TemporaryDirectory() as cold:
+            be, secs = _load(args.model, args, cold)
+            result["load_s_cold_kernel_cache"] = round(secs, 3)
+            result["kernel_load_s_cold"] = round(be.kernel_load_s, 3)
+            be.close()
+    be, secs = _load(args.model, args, None)  # the default cache (warm after one load)
+    if args.no_cold:
+        be.close()
+        be, secs = _load(args.model, args, None)
+    result["load_s_warm_kernel_cache"] = round(secs, 3)
+    result["kernel_load_s_warm"] = round(be.kernel_load_s, 3)
+    result["weights_upload_gb_s"] = round(be.load_stats.gb_per_s, 2)
+    result["weights_bytes"] = be.load_stats.bytes
+    result["h2d_plain_pinned_gb_s"] = round(measure_h2d(be.ctx), 2)
+    result["gpu"] = be.info.gpu_name
+    result["sm"] = be.info.sm
+    result["driver"] = be.info.cuda_runtime_version
+    result["arch"] = be.hp.arch
+    result["ctx_size"] = be.context_length
+    result["vram_bytes_used"] = be.vram_bytes_used()
+    result["graphs"] = be.use_graphs
+    rng = np.random.default_rng(0)
+    V = be.vocab_size
+    prompt = [int(t) for t in rng.integers(0, V, size=args.pp)]
+    # pp: one forward over the prompt (logits of the last position), median of reps
+    pp_times = []
+    be.reset()
+    be.forward(prompt)  # warm-up
+    for _ in range(args.reps):
+        be.reset()
+        t0 = time.perf_counter()
+        be.forward(prompt)
+        pp_times.append(time.perf_counter() - t0)
+    pp_s = statistics.median(pp_times)
+    result[f"pp{args.pp}_tok_s"] = round(args.pp / pp_s, 1)
+    # tg: greedy decode steps after the prompt; only the id crosses to the host each step
+    greedy = SamplingParams(temperature=0.0)
+    tg_rates = []
+    step_us: list[float] = []
+    for rep in range(max(1, args.reps // 2) + 1):
+        be.reset()
+        tok = be.forward_sample(prompt, greedy, 0.0, [])
+        steps = []
+        t0 = time.perf_counter()
+        for _ in range(args.tg):
+            s0 = time.perf_counter()
+            tok = be.forward_sample([tok], greedy, 0.0, [])
+            steps.append(time.perf_counter() - s0)
+        el = time.perf_counter() - t0
+        if rep > 0:  # the first repetition captures the graph
+            tg_rates.append(args.tg / el)
+            step_us += [s * 1e6 for s in steps]
+    result[f"tg{args.tg}_tok_s"] = round(statistics.median(tg_rates), 1)
+    step_us.sort()
+    result["decode_step_us_p50"] = round(step_us[len(step_us) // 2], 1)
+    result["decode_step_us_p99"] = round(step_us[int(len(step_us) * 0.99)], 1)
+    # sampled decode (temperature 0.8, top-p 0.9, top-k 40): the GPU sampler's cost
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
+    be.reset()
+    tok = be.forward_sample(prompt, params, 0.5, [])
+    t0 = time.perf_counter()
+    gen: list[int] = []
+    for i in range(32):
+        tok = be.forward_sample([tok], params, (i * 0.618) % 1.0, gen)
+        gen.append(tok)
+    result["tg_sampled_tok_s"] = round(32 / (time.perf_counter() - t0), 1)
+    floor_bytes = _decode_weight_bytes(be)
+    result["weight_bytes_per_token"] = floor_bytes
+    tg = result[f"tg{args.tg}_tok_s"]
+    result["decode_floor_fraction_at_3TB_s"] = round(tg * floor_bytes / 3.0e12, 3)
+    result["missing"] = [
+        "ttft_ms_p50/p95/p99 over NATS (needs a live worker: bench --suite)",
+        "inter_token_ms_p50/p95/p99 over NATS",
+    ]
+    be.close()
+    return result
+
+
+def _decode_weight_bytes(be: Any) -> int:
+    """Bytes of weights one decode step reads: every tensor once, except the embedding
+    table, of which one row is read (unless it is also the LM head)."""
+    total = 0
+    tied = "output.weight" not in be.gf.tensors
+    for name, ti in be.gf.tensors.items():
+        if name == "token_embd.weight" and not tied:
+            total += ti.nbytes // max(1, ti.shape[1] if len(ti.shape) > 1 else 1)
+        else:
+            total += ti.nbytes
+    return int(total)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = measure(args)
+    except Exception as exc:  # report, do not hide: one JSON object either way
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return 0
