@@ -83,7 +83,7 @@ COMMON_TEXTS: list[str] = [
     "ALL CAPS SENTENCE AND CamelCaseWord and snake_case_word",
     "a" * 50,
     "!!!???...---",
-    (_LONG * 12),
+    (_LONG * 24),
 ]
 
 

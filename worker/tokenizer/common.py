@@ -36,6 +36,11 @@ EOG_TEXTS = frozenset(
         "<EOT>",
         "_<EOT>",
         "<｜end▁of▁sentence｜>",
+        # FIM pad / repo / file-separator tokens end a generation too (Qwen2.5-Coder).
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|fim_repo|>",
+        "<|file_sep|>",
     }
 )
 
@@ -61,9 +66,16 @@ BYTE_TO_CHAR: list[str] = _byte_level_table()
 CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
 
 
+_TO_LATIN1 = {ord(c): b for b, c in enumerate(BYTE_TO_CHAR)}
+
+
 def byte_level_to_bytes(token: str) -> bytes:
     """The bytes a byte-level BPE token stands for. A character outside the byte alphabet
     (only seen in hand-made vocabularies) stands for its own UTF-8."""
+    try:
+        return token.translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        pass
     out = bytearray()
     for ch in token:
         b = CHAR_TO_BYTE.get(ch)
@@ -78,15 +90,14 @@ def bytes_to_byte_level(data: bytes) -> str:
     return "".join(BYTE_TO_CHAR[b] for b in data)
 
 
-def eog_ids(
-    tokens: Iterable[str], named: Iterable[int | None], types: list[int] | None = None
-) -> frozenset[int]:
+def eog_ids(tokens: Iterable[str], named: Iterable[int | None]) -> frozenset[int]:
     """End-of-generation ids: the ids the metadata names (EOS, EOT, EOM, FIM pad/rep/sep)
-    plus every control-like token whose text is a known turn end. In a gpt-oss (harmony)
-    vocabulary, which has <|return|>, <|end|> only closes a message and is not an end."""
+    plus every token whose text is a known turn end (as llama.cpp decides). In a gpt-oss
+    (harmony) vocabulary, which has <|return|>, <|end|> only closes a message and is not an
+    end."""
     found: dict[str, int] = {}
     for i, t in enumerate(tokens):
-        if t in EOG_TEXTS and (types is None or types[i] != TOKEN_NORMAL) and t not in found:
+        if t in EOG_TEXTS and t not in found:
             found[t] = i
     ids = {i for i in named if i is not None}
     if "<|return|>" in found and "<|end|>" in found:
@@ -159,6 +170,8 @@ class MetadataReader:
         v = self.md[key]
         if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
             raise self.fail(f"metadata {key} must be an array of strings")
+        if isinstance(v, list) and all(type(x) is str for x in v):
+            return v
         out: list[str] = []
         for i, item in enumerate(v):
             if isinstance(item, bytes):

@@ -133,11 +133,12 @@ class GGUFTokenizer:
         self._visible: list[bool] = [
             t not in (TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_UNKNOWN) for t in types
         ]
-        self._eog = eog_ids(tokens, [self.eos_id, eot, eom, *fim], types)
+        self._eog = eog_ids(tokens, [self.eos_id, eot, eom, *fim])
 
-        self._token_to_id: dict[str, int] = {}
-        for i, t in enumerate(tokens):
-            self._token_to_id.setdefault(t, i)
+        # First id of each text (a vocabulary may hold a text twice).
+        self._token_to_id: dict[str, int] = dict(
+            zip(reversed(tokens), range(n - 1, -1, -1), strict=False)
+        )
 
         self._core = self._build_core(md, spm, pre, scores, parse_special=True)
         self._core_plain: tokenizers.Tokenizer | None = None
@@ -179,10 +180,7 @@ class GGUFTokenizer:
         return ModelLoadError(self.source, problem)
 
     def _vocab_dict(self) -> dict[str, int]:
-        vocab: dict[str, int] = {}
-        for i, t in enumerate(self.tokens):
-            vocab.setdefault(t, i)
-        return vocab
+        return self._token_to_id
 
     def _build_core(
         self,
@@ -233,19 +231,9 @@ class GGUFTokenizer:
         raw = md.str_list("tokenizer.ggml.merges")
         if raw is None:
             raise md.fail("byte-level BPE vocabulary without tokenizer.ggml.merges")
-        merges: list[tuple[str, str]] = []
-        for k, m in enumerate(raw):
-            cut = m.find(" ", 1)
-            if cut < 0:
-                raise md.fail(f"tokenizer.ggml.merges[{k}] = {m!r} is not 'left right'")
-            a, b = m[:cut], m[cut + 1 :]
-            if a not in vocab or b not in vocab or a + b not in vocab:
-                missing = next(x for x in (a, b, a + b) if x not in vocab)
-                raise md.fail(
-                    f"tokenizer.ggml.merges[{k}] = {m!r} refers to {missing!r}, "
-                    "which is not in the vocabulary"
-                )
-            merges.append((a, b))
+        merges: list[tuple[str, str]] = [tuple(m.split(" ", 1)) for m in raw]  # type: ignore[misc]
+        if any(len(p) != 2 or not p[0] for p in merges):
+            merges = [self._split_merge(md, k, m) for k, m in enumerate(raw)]
         lacking = [b for b in range(256) if bytes_to_byte_level(bytes([b])) not in vocab]
         if lacking:
             raise md.fail(
@@ -254,8 +242,22 @@ class GGUFTokenizer:
             )
         try:
             return BPE(vocab, merges, ignore_merges=pre.ignore_merges)
-        except Exception as exc:  # the library's own consistency checks
+        except Exception as exc:  # the library checks every merge; name the bad one
+            for k, (a, b) in enumerate(merges):
+                missing = next((x for x in (a, b, a + b) if x not in vocab), None)
+                if missing is not None:
+                    raise md.fail(
+                        f"tokenizer.ggml.merges[{k}] = {raw[k]!r} refers to {missing!r}, "
+                        "which is not in the vocabulary"
+                    ) from exc
             raise md.fail(f"cannot build the BPE model: {exc}") from exc
+
+    @staticmethod
+    def _split_merge(md: MetadataReader, k: int, m: str) -> tuple[str, str]:
+        cut = m.find(" ", 1)  # a token may itself start with a space
+        if cut < 0:
+            raise md.fail(f"tokenizer.ggml.merges[{k}] = {m!r} is not 'left right'")
+        return m[:cut], m[cut + 1 :]
 
     def _spm_model(
         self, md: MetadataReader, vocab: dict[str, int], scores: list[float] | None
@@ -314,7 +316,14 @@ class GGUFTokenizer:
         self, text: str, *, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
         core = self._core if parse_special else self._plain()
-        ids: list[int] = core.encode(text, add_special_tokens=False).ids if text else []
+        ids: list[int] = []
+        if text:
+            # encode_batch_fast skips the offset bookkeeping we never use (2x faster).
+            fast = getattr(core, "encode_batch_fast", None)
+            if fast is not None:
+                ids = fast([text], add_special_tokens=False)[0].ids
+            else:
+                ids = core.encode(text, add_special_tokens=False).ids
         if add_special:
             if self.add_bos and self.bos_id is not None:
                 ids.insert(0, self.bos_id)
