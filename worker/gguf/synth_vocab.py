@@ -174,9 +174,11 @@ def spm_vocab(
     if n_pieces < 1:
         raise ValueError("SPM vocabulary too small for its byte tokens")
     sp = "\u2581"  # ▁, SentencePiece's space
-    singles = [sp, *"etaoinshrdlcumwfgypbvkjxqzETAOINSHRDLCUMWFGYPBVKJXQZ0123456789.,"]
-    singles = singles[: min(len(singles), n_pieces)]
-    grown = _grow(singles, _weighted_units(), sp, n_pieces - len(singles), seed, max_len=16)
+    units = _weighted_units()
+    singles = [sp, *dict.fromkeys(units)]  # every character a merge can append
+    if n_pieces < len(singles):
+        raise ValueError(f"SPM vocabulary needs at least {len(singles) + 259} pieces")
+    grown = _grow(singles, units, sp, n_pieces - len(singles), seed, max_len=16)
     pieces = singles + [a + b for a, b in grown]
     # Multi-character pieces rank by creation order; the single characters score lowest
     # among the normal pieces, as in real SPM models.
