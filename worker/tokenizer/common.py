@@ -66,14 +66,14 @@ BYTE_TO_CHAR: list[str] = _byte_level_table()
 CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
 
 
-_TO_LATIN1 = {ord(c): b for b, c in enumerate(BYTE_TO_CHAR)}
+TO_LATIN1 = {ord(c): b for b, c in enumerate(BYTE_TO_CHAR)}
 
 
 def byte_level_to_bytes(token: str) -> bytes:
     """The bytes a byte-level BPE token stands for. A character outside the byte alphabet
     (only seen in hand-made vocabularies) stands for its own UTF-8."""
     try:
-        return token.translate(_TO_LATIN1).encode("latin-1")
+        return token.translate(TO_LATIN1).encode("latin-1")
     except UnicodeEncodeError:
         pass
     out = bytearray()

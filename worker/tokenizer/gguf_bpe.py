@@ -16,6 +16,7 @@ end-of-generation rules are ours and follow llama.cpp's.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from worker.tokenizer.common import (
     TOKEN_UNUSED,
     TOKEN_USER_DEFINED,
     VALID_TOKEN_TYPES,
+    TO_LATIN1,
     MetadataReader,
     byte_level_to_bytes,
     bytes_to_byte_level,
@@ -129,7 +131,7 @@ class GGUFTokenizer:
 
         # Rendering of each token, and which tokens are matched whole in text.
         self._special = [t in (TOKEN_CONTROL, TOKEN_USER_DEFINED) for t in types]
-        self._pieces: list[bytes] = [self._piece_bytes(i) for i in range(n)]
+        self._pieces: list[bytes] = self._all_piece_bytes()
         self._visible: list[bool] = [
             t not in (TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_UNKNOWN) for t in types
         ]
@@ -158,6 +160,25 @@ class GGUFTokenizer:
         )
 
     # --- construction ---------------------------------------------------------------
+
+    def _all_piece_bytes(self) -> list[bytes]:
+        if self.model == "gpt2":
+            # Fast path: every byte-level character is one byte, so translate the whole
+            # vocabulary at once and cut it at the token lengths.
+            blob_text = "".join(self.tokens).translate(TO_LATIN1)
+            try:
+                blob = blob_text.encode("latin-1")
+            except UnicodeEncodeError:
+                blob = b""
+            if blob:
+                ends = list(itertools.accumulate(map(len, self.tokens)))
+                starts = [0, *ends[:-1]]
+                plain = (TOKEN_NORMAL, TOKEN_BYTE, 0)
+                return [
+                    blob[a:b] if typ in plain else tok.encode("utf-8")
+                    for a, b, typ, tok in zip(starts, ends, self.types, self.tokens, strict=True)
+                ]
+        return [self._piece_bytes(i) for i in range(self.vocab_size)]
 
     def _piece_bytes(self, i: int) -> bytes:
         tok, typ = self.tokens[i], self.types[i]
