@@ -283,6 +283,16 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the pool object but not its threads: start a fresh one.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _run_blocks(func: Callable[[U8, F32], None], blocks: U8, out: F32, step: int) -> None:
     for start in range(0, blocks.shape[0], step):
         stop = start + step

@@ -263,3 +263,17 @@ def test_several_blocks_keep_their_own_scales() -> None:
     hi = [(b >> 4) - 8 for b in range(0, 32, 2)]
     for row, d in zip(got, (1.0, -2.0, 0.0), strict=True):
         assert row.tolist() == [d * v for v in lo + hi]
+
+
+def test_threaded_dequantize_works_in_a_forked_child() -> None:
+    """The thread pool is per process: a child forked after the parent used it still gets
+    its big tensors dequantized (instead of waiting forever on the parent's threads)."""
+    import multiprocessing
+
+    t = T.Q8_0
+    raw = random_blocks(t, quants._PARALLEL_ELEMENTS // 32 + 5, np.random.default_rng(9))
+    expected = dequantize(raw, t)  # starts the pool here
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(dequantize, (raw, t)).get(timeout=30)
+    np.testing.assert_array_equal(got, expected)
