@@ -71,8 +71,8 @@ def test_embedding_rows(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
         raw, dense = random_matrix(qtype, rows, cols, rng)
         ids = rng.integers(0, rows, 37).astype(np.int32)
         ids[:3] = (0, rows - 1, ids[5])  # both ends and a repeat
-        w = QWeight(int(upload(raw).gpudata), qtype, rows, cols, raw.nbytes)
-        ids_dev = upload(ids)
+        w_dev, ids_dev = upload(raw), upload(ids)  # referenced until the kernels are done
+        w = QWeight(int(w_dev.gpudata), qtype, rows, cols, raw.nbytes)
         outs = []
         for _ in range(2):
             out = poisoned((len(ids), cols))
@@ -87,17 +87,18 @@ def test_embedding_rows(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
 def test_embedding_bad_id_gives_nan_rows(mm: MatmulKernels, gpu: Any) -> None:
     rng = np.random.default_rng(3)
     raw, dense = random_matrix(6, 50, 896, rng)
-    w = QWeight(int(upload(raw).gpudata), 6, 50, 896, raw.nbytes)
-    ids = np.array([3, -1, 50, 49], dtype=np.int32)
+    w_dev = upload(raw)
+    w = QWeight(int(w_dev.gpudata), 6, 50, 896, raw.nbytes)
+    ids_dev = upload(np.array([3, -1, 50, 49], dtype=np.int32))
     out = poisoned((4, 896))
     out.fill(np.float32(0))
-    mm.embed(w, upload(ids), 4, out)
+    mm.embed(w, ids_dev, 4, out)
     gpu.Context.synchronize()
     got = out.get()
     assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
     np.testing.assert_allclose(got[[0, 3]], dense[[3, 49]], rtol=2e-6, atol=1e-9)
     with pytest.raises(KernelArgumentError, match="embed_q5_0"):
-        mm.embed(w, upload(ids), 5, out)  # ids buffer and out hold 4 rows, not 5
+        mm.embed(w, ids_dev, 5, out)  # ids buffer and out hold 4 rows, not 5
 
 
 def route(rng: np.random.Generator, ntok: int, n_expert: int, topk: int) -> np.ndarray:
@@ -130,7 +131,8 @@ def moe_case(
             e = ids[t, s]
             xs = x[t, s if per_slot else 0].astype(np.float64)
             ref[t * topk + s] = denses[e].astype(np.float64) @ xs + bias[e]
-    w = QWeight(int(upload(raw).gpudata), qtype, n, k, raw.nbytes, experts=n_expert)
+    w_dev = upload(raw)
+    w = QWeight(int(w_dev.gpudata), qtype, n, k, raw.nbytes, experts=n_expert)
     ids_dev, x_dev, b_dev = upload(ids.reshape(-1)), upload(x), upload(bias)
     outs = []
     for _ in range(2):
@@ -162,24 +164,15 @@ def test_moe_gptoss_shapes(mm: MatmulKernels, gpu: Any) -> None:
 def test_moe_gemv_bad_expert_id_gives_nan(mm: MatmulKernels, gpu: Any) -> None:
     rng = np.random.default_rng(11)
     raw = np.concatenate([random_matrix(39, 64, 64, rng)[0] for _ in range(4)])
-    w = QWeight(int(upload(raw).gpudata), 39, 64, 64, raw.nbytes, experts=4)
+    w_dev = upload(raw)  # every device buffer stays referenced until the kernel is done
+    w = QWeight(int(w_dev.gpudata), 39, 64, 64, raw.nbytes, experts=4)
     x = upload(rng.standard_normal(64, dtype=np.float32))
+    ids_dev = upload(np.array([1, 7], dtype=np.int32))
     y = poisoned((2, 64))
     y.fill(np.float32(0))
-    mm.moe(
-        w, upload(np.array([1, 7], dtype=np.int32)), 1, 2, x, y, per_slot_input=False, form="gemv"
-    )
+    mm.moe(w, ids_dev, 1, 2, x, y, per_slot_input=False, form="gemv")
     gpu.Context.synchronize()
     got = y.get()
     assert np.isfinite(got[0]).all() and np.isnan(got[1]).all()
     with pytest.raises(KernelArgumentError, match="moe_gemv_mxfp4"):
-        mm.moe(
-            w,
-            upload(np.array([1, 2], dtype=np.int32)),
-            1,
-            5,
-            x,
-            y,
-            per_slot_input=False,
-            form="gemv",
-        )
+        mm.moe(w, ids_dev, 1, 5, x, y, per_slot_input=False, form="gemv")

@@ -187,8 +187,8 @@ def test_in_place_residual_add(mm: MatmulKernels, gpu: Any) -> None:
     for ntok in (1, 40):
         x = rng.standard_normal((ntok, k), dtype=np.float32)
         res = rng.standard_normal((ntok, n), dtype=np.float32)
-        y = upload(res)
-        mm.linear(qweight(upload(raw), 14, n, k), upload(x), y, ntok, residual=y)
+        y, w_dev, x_dev = upload(res), upload(raw), upload(x)  # keep every buffer alive
+        mm.linear(qweight(w_dev, 14, n, k), x_dev, y, ntok, residual=y)
         gpu.Context.synchronize()
         bound = GEMV_BOUND if ntok <= 8 else GEMM_BOUND
         assert rel_err(y.get(), reference(dense, x) + res) < bound
@@ -198,7 +198,8 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
     rng = np.random.default_rng(9)
     n, k = 256, 512
     raw, _ = random_matrix(12, n, k, rng)
-    w = qweight(upload(raw), 12, n, k)
+    w_dev = upload(raw)
+    w = qweight(w_dev, 12, n, k)
     x = upload(rng.standard_normal((4, k), dtype=np.float32))
     y = poisoned((3, n))  # room for 3 tokens, asked for 4
     for form in ("gemv", "gemm"):
