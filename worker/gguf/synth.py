@@ -114,6 +114,7 @@ class SynthSpec:
     tied_output: bool = False  # no output.weight (the LM head is token_embd)
     rope_factors: bool = False  # phi3 128k-style rope_factors_long/short tensors
     name: str = ""
+    size_label: str = ""  # general.size_label of the real model (full size only)
     size: str = "custom"
     std: float = 0.02  # standard deviation of weight matrices after dequantization
 
@@ -129,7 +130,7 @@ class SynthSpec:
         if "n_embd" in overrides and "n_ff_exp" not in overrides and spec.n_expert:
             spec = replace(spec, n_ff_exp=spec.n_embd)
         if overrides.keys() - {"mix", "seed", "name", "std"}:
-            spec = replace(spec, size="custom")
+            spec = replace(spec, size="custom", size_label="")
         return spec
 
     @property
@@ -254,13 +255,14 @@ _FULL: dict[str, dict[str, Any]] = {
     "qwen2": dict(
         n_layer=24, n_embd=896, n_head=14, n_head_kv=2, head_dim=64, n_ff=4864,
         n_vocab=151936, n_tok_normal=151643, n_ctx=32768, rope_theta=1e6, norm_eps=1e-6,
-        name="Qwen2.5 0.5B Instruct (synthetic)",
+        name="Qwen2.5 0.5B Instruct (synthetic)", size_label="0.5B",
     ),
     # Phi-3-mini-4k-instruct
     "phi3": dict(
         n_layer=32, n_embd=3072, n_head=32, n_head_kv=32, head_dim=96, n_ff=8192,
         n_vocab=32064, n_tok_normal=32000, n_ctx=4096, rope_theta=10000.0, norm_eps=1e-5,
         sliding_window=2047, rope_orig_ctx=4096, name="Phi 3 Mini 4k Instruct (synthetic)",
+        size_label="3.8B",
     ),
     # gpt-oss-20b
     "gpt-oss": dict(
@@ -268,20 +270,20 @@ _FULL: dict[str, dict[str, Any]] = {
         n_vocab=201088, n_tok_normal=199998, n_ctx=131072, rope_theta=150000.0,
         norm_eps=1e-5, n_expert=32, n_expert_used=4, n_ff_exp=2880, sliding_window=128,
         rope_scaling_factor=32.0, rope_orig_ctx=4096, mix="mxfp4",
-        name="Gpt Oss 20b (synthetic)",
+        name="Gpt Oss 20b (synthetic)", size_label="20B",
     ),
     # Llama-3.2-1B-Instruct: tied embeddings, llama3 rope scaling as rope_freqs.weight
     "llama": dict(
         n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192,
         n_vocab=128256, n_tok_normal=128000, n_ctx=131072, rope_theta=500000.0,
         norm_eps=1e-5, rope_scaling_factor=32.0, rope_orig_ctx=8192, tied_output=True,
-        name="Llama 3.2 1B Instruct (synthetic)",
+        name="Llama 3.2 1B Instruct (synthetic)", size_label="1B",
     ),
     # GPT-2 (124M)
     "gpt2": dict(
         n_layer=12, n_embd=768, n_head=12, n_head_kv=12, head_dim=64, n_ff=3072,
         n_vocab=50257, n_tok_normal=50256, n_ctx=1024, norm_eps=1e-5,
-        name="GPT-2 124M (synthetic)",
+        name="GPT-2 124M (synthetic)", size_label="124M",
     ),
 }  # fmt: skip
 
@@ -314,6 +316,7 @@ def preset(arch: str, size: str = "full", *, mix: str | None = None, seed: int =
     if size == "tiny":
         fields.update(_TINY[arch])
         fields["name"] = fields["name"].replace("(synthetic)", "tiny (synthetic)")
+        fields["size_label"] = ""
     spec = SynthSpec(arch=arch, size=size, seed=seed, **fields)
     if mix is not None:
         spec = replace(spec, mix=mix)
@@ -510,6 +513,8 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, vocab: Vocab, n_tensors: int) 
     a = spec.arch
     w.add_type("model")
     w.add_name(spec.name or f"{a} (synthetic)")
+    if spec.size_label:
+        w.add_size_label(spec.size_label)
     w.add_description(
         f"worker-orcd synthetic model: random weights, seed {spec.seed}, size {spec.size}, "
         f"mix {spec.mix}"
@@ -642,9 +647,12 @@ def write_synthetic(
         pad = -fout.tell() % align
         if pad:
             fout.write(b"\0" * pad)
-    finally:
         w.close()
-    tmp.replace(path)
+        tmp.replace(path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     bytes_by_type: dict[str, int] = {}
     count_by_type: dict[str, int] = {}
     for t in tensors:

@@ -314,3 +314,18 @@ def test_llama3_rope_freqs_values(tmp_path: Path) -> None:
     assert f[0] == 1.0 and f[-1] == 32.0
     assert (np.diff(f) >= 0).all()
     assert ((f > 1.0) & (f < 32.0)).any()
+
+
+def test_progress_and_no_partial_file_on_failure(tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    report = write_synthetic(
+        tmp_path / "ok.gguf", preset("phi3", "tiny"), progress=lambda d, t: seen.append((d, t))
+    )
+    assert len(seen) == report.n_tensors and seen[-1] == (report.tensor_bytes,) * 2
+
+    def boom(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic(tmp_path / "bad.gguf", preset("phi3", "tiny"), progress=boom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.gguf"]
