@@ -132,29 +132,36 @@ def _q4_1(blocks: U8, out: F32) -> None:
     out += m
 
 
-def _q5_bits(qh: U8) -> U8:
-    """qh (nb, 4) bytes of a little-endian u32 -> (nb, 32) with bit j of qh at index j."""
-    return np.unpackbits(qh, axis=1, bitorder="little")
+def _bit_lut(set_value: int, clear_value: int) -> npt.NDArray[np.uint64]:
+    """byte -> 8 bytes, byte k = set_value if bit k of the byte is set else clear_value,
+    stored as one uint64 per byte value so a single gather expands a byte of bits."""
+    bits = (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1
+    table = np.where(bits == 1, set_value, clear_value).astype(np.int8)
+    return table.view(np.uint64).reshape(256)
+
+
+# Q5_0 folds the "- 16" into the 5th bit: 0 when set, -16 when clear.
+_Q5_0_HIGH = _bit_lut(0, -16)
+_Q5_1_HIGH = _bit_lut(16, 0)
+
+
+def _q5_high(qh: U8, lut: npt.NDArray[np.uint64]) -> npt.NDArray[np.int8]:
+    """qh (nb, 4) bytes of a little-endian u32 -> (nb, 32): element j from bit j."""
+    return lut[qh].view(np.int8)
 
 
 def _q5_0(blocks: U8, out: F32) -> None:
     d = _f16(blocks, 0)
-    q = _nibbles32(blocks[:, 6:22])
-    hb = _q5_bits(blocks[:, 2:6])
-    hb <<= 4
-    q |= hb
-    qi = q.view(np.int8)
-    qi -= 16
-    np.multiply(qi, d, out=out)
+    q = _nibbles32(blocks[:, 6:22]).view(np.int8)
+    q += _q5_high(blocks[:, 2:6], _Q5_0_HIGH)
+    np.multiply(q, d, out=out)
 
 
 def _q5_1(blocks: U8, out: F32) -> None:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     q = _nibbles32(blocks[:, 8:24])
-    hb = _q5_bits(blocks[:, 4:8])
-    hb <<= 4
-    q |= hb
+    q |= _q5_high(blocks[:, 4:8], _Q5_1_HIGH).view(np.uint8)
     np.multiply(q, d, out=out)
     out += m
 
