@@ -28,6 +28,7 @@ from tokenizers.models import BPE
 
 from worker.tokenizer.chat import ChatTemplate
 from worker.tokenizer.common import (
+    TO_LATIN1,
     TOKEN_BYTE,
     TOKEN_CONTROL,
     TOKEN_NORMAL,
@@ -35,7 +36,6 @@ from worker.tokenizer.common import (
     TOKEN_UNUSED,
     TOKEN_USER_DEFINED,
     VALID_TOKEN_TYPES,
-    TO_LATIN1,
     MetadataReader,
     byte_level_to_bytes,
     bytes_to_byte_level,
