@@ -538,7 +538,9 @@ def _parse(path: Path, mm: mmap.mmap, supported: Iterable[str]) -> GGUFFile:
         arch = _check_architecture(path, metadata, types, supported)
         tensors = _build_tensors(path, raw_infos, data_offset, alignment, cur.size)
     finally:
-        buf.release()
+        # A traceback may still hold a numpy view of `buf`; never mask the real error.
+        with contextlib.suppress(BufferError):
+            buf.release()
     return GGUFFile(
         path,
         mm,
