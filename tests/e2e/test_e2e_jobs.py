@@ -258,6 +258,27 @@ async def test_health_heartbeat_metrics(
     assert (await client.health(w.worker_id)).jobs_completed == 1
 
 
+async def test_inference_timeout_ends_the_job_and_the_worker_goes_on(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+    gather: Any,
+) -> None:
+    w = spawn_worker(
+        tiny_model, nats_server.url, REF, "--ctx-size", "4096", "--inference-timeout-sec", "0.3"
+    ).wait_ready()
+    evs = await gather(
+        client.generate(REF, prompt="x", max_tokens=2048, temperature=0.0, timeout_s=60)
+    )
+    assert isinstance(evs[0], Started) and isinstance(evs[-1], Error)
+    assert evs[-1].code is ErrorCode.INFERENCE_TIMEOUT and evs[-1].retriable
+    evs = await gather(client.generate(REF, prompt="hi", max_tokens=2, timeout_s=60))
+    assert isinstance(evs[-1], End)
+    assert (await client.health(w.worker_id)).status == "healthy"
+    assert 'outcome="INFERENCE_TIMEOUT"} 1.0' in await client.metrics(w.worker_id)
+
+
 def test_bad_model_file_exits_1_with_the_reason(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
