@@ -364,7 +364,10 @@ class GGUFTokenizer:
         fragment_start = True
         for i in ids:
             piece = self.piece(i, fragment_start=fragment_start, skip_special=skip_special)
-            fragment_start = self._special[i] if 0 <= i < self.vocab_size else False
+            shown = self._visible[i] or not skip_special
+            fragment_start = self._special[i] or (
+                fragment_start and not (shown and self._pieces[i])
+            )
             out.append(piece)
         return out
 

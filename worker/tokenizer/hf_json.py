@@ -112,6 +112,7 @@ class HFJsonTokenizer:
         self._byte_level = "ByteLevel" in kinds
         self._spm = bool(kinds & {"Metaspace", "ByteFallback", "Replace"}) and not self._byte_level
         self._pieces = [self._piece_bytes(i) for i in range(n)]
+        self._strip_first_space = self._spm and bool(kinds & {"Strip", "Metaspace"})
 
         named = [self.eos_id]
         if metadata is not None:
@@ -170,7 +171,14 @@ class HFJsonTokenizer:
             )
         if skip_special and self._special[token_id]:
             return b""
-        return self._pieces[token_id]
+        p = self._pieces[token_id]
+        if fragment_start and self._strip_first_space and p.startswith(b" "):
+            return p[1:]  # as the decoder's Strip / Metaspace does at the start
+        return p
+
+    def starts_fragment_after(self, token_id: int) -> bool:
+        """The leading-space rule of SentencePiece decoders applies once, at the start."""
+        return False
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.piece(token_id, fragment_start=False, skip_special=True)

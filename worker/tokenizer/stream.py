@@ -27,11 +27,16 @@ class StreamDecoder:
     def _piece(self, token_id: int) -> bytes:
         piece = getattr(self._tok, "piece", None)
         if piece is not None:  # our backends: same spacing rule as decode()
-            data: bytes = piece(
-                token_id, fragment_start=self._fragment_start, skip_special=self._skip_special
+            skip = self._skip_special
+            raw: bytes = piece(token_id, fragment_start=False, skip_special=skip)
+            data: bytes = (
+                piece(token_id, fragment_start=True, skip_special=skip)
+                if self._fragment_start
+                else raw
             )
-            is_special = getattr(self._tok, "is_special", None)
-            self._fragment_start = bool(is_special(token_id)) if is_special else False
+            after = getattr(self._tok, "starts_fragment_after", None)
+            at_start = self._fragment_start and not raw  # nothing shown yet
+            self._fragment_start = at_start or (bool(after(token_id)) if after else False)
             return data
         return self._tok.token_bytes(token_id)
 

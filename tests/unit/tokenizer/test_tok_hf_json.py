@@ -105,3 +105,39 @@ def test_bad_tokenizer_json(tmp_path: Path) -> None:
     # Beside a model, a broken tokenizer.json is an error too, not a silent fallback.
     with pytest.raises(ModelLoadError):
         load_tokenizer({}, model_path=tmp_path / "m.gguf")
+
+
+def test_sentencepiece_style_tokenizer_json(
+    tmp_path: Path, spm_metadata: dict[str, Any], golden: Any
+) -> None:
+    """A Llama-2-style tokenizer.json (Metaspace-like normalizer, byte fallback, a decoder
+    that drops the leading space): decode and the stream agree, bytes split across <0xNN>
+    tokens are held back."""
+    from worker.tokenizer.gguf_bpe import GGUFTokenizer
+
+    core = Tokenizer.from_str(GGUFTokenizer(spm_metadata)._core.to_str())
+    core.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    path = tmp_path / "tokenizer.json"
+    core.save(str(path))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "<|endoftext|>"})
+    )
+    tok = load_tokenizer(spm_metadata, model_path=tmp_path / "model.gguf")
+    assert tok.kind == "hf-json" and tok.bos_id == 1
+    for v in golden("spm")["vectors"][:45]:
+        text = v["text"]
+        if "<|" in text:
+            continue
+        assert tok.encode(text, add_special=False) == v["ids"]
+        ids = [1, *v["ids"]]
+        dec = StreamDecoder(tok)
+        pushed = [dec.push(i) for i in ids]
+        assert "".join(pushed) + dec.flush() == tok.decode(ids, skip_special=True) == text
+        assert all("\ufffd" not in p for p in pushed)

@@ -70,3 +70,22 @@ def test_out_of_range_ids(qwen_tok: GGUFTokenizer, bad: int) -> None:
 def test_unused_tokens_render_nothing(qwen_tok: GGUFTokenizer) -> None:
     pad = qwen_tok.token_to_id("[PAD151665]")
     assert pad == 151665 and qwen_tok.token_bytes(pad) == b""
+
+
+def test_spm_drops_only_the_one_prefix_space(spm_tok: GGUFTokenizer) -> None:
+    from worker.tokenizer.stream import StreamDecoder
+
+    space = spm_tok.token_to_id("▁")
+    word = spm_tok.token_to_id("▁the")
+    assert space is not None and word is not None
+    bos, end = spm_tok.bos_id or 1, spm_tok.token_to_id("<|end|>") or -1
+    for ids, text, skip in [
+        ([space, space, word], "  the", False),
+        ([bos, space, word], " the", True),
+        ([bos, space, word], "<s> the", False),
+        ([word, end, word], "the<|end|>the", False),
+        ([word, end, word], "thethe", True),
+    ]:
+        assert spm_tok.decode(ids, skip_special=skip) == text
+        dec = StreamDecoder(spm_tok, skip_special=skip)
+        assert "".join(dec.push(i) for i in ids) + dec.flush() == text
