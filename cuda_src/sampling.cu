@@ -130,6 +130,10 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
     for (int b = threadIdx.x; b < 256; b += blockDim.x) st.hist[b] = 0ull;
     __syncthreads();
     const u64 pre = st.prefix;
+    // Run-length accumulation per thread: most elements share the top digits, so adding
+    // each one atomically would serialise the block on one shared counter.
+    int cur = -1;
+    u64 acc = 0ull;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       const float x = xbuf[i];
       if (!(x >= -28.0f)) continue;
@@ -142,8 +146,15 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
         if (need_w && w < wfloor) continue;
         if (!by_count) add = w;
       }
-      atomicAdd(&st.hist[(key >> shift) & 255ull], add);
+      const int bin = (int)((key >> shift) & 255ull);
+      if (bin != cur) {
+        if (cur >= 0) atomicAdd(&st.hist[cur], acc);
+        cur = bin;
+        acc = 0ull;
+      }
+      acc += add;
     }
+    if (cur >= 0) atomicAdd(&st.hist[cur], acc);
     __syncthreads();
     if (threadIdx.x == 0) {
       u64 acc = 0ull, t = st.target;

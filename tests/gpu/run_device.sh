@@ -19,4 +19,15 @@ echo "prep: $(( $(date +%s) - t0 )) s" | tee "$OUT/prep.txt"
 K=${1:-}
 timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -s -p no:cacheprovider -rf \
   tests/gpu/test_kernels.py tests/gpu/test_model.py ${K:+-k "$K"} 2>&1 | tee "$OUT/pytest.log" | grep -v "^\s*$" | tail -60
+if [ -n "${PROFILE:-}" ]; then
+  timeout 120 python3 tests/gpu/profile_decode.py "$MODEL" 4096 2>&1 | grep -v Warning | tee "$OUT/profile.txt"
+fi
+if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -m gpu \
+      -p no:cacheprovider tests/gpu/test_kernels.py -k "${SANITIZE_K:-qwen2 and 1-0 or attention and one or rmsnorm or case1]}" \
+      2>&1 | tail -8 | tee "$OUT/sanitizer-$tool.txt"
+    echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer-$tool.txt"
+  done
+fi
 timeout ${BENCH_TIMEOUT:-150} python3 -m worker bench --model "$MODEL" --ctx-size 4096 2>&1 | tee "$OUT/bench.json"
