@@ -13,15 +13,34 @@ from worker.tokenizer.base import Tokenizer
 
 
 class StreamDecoder:
-    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        skip_special: bool = True,
+        at_start: bool = False,
+        after_token: int | None = None,
+    ) -> None:
         """skip_special: control tokens add no text (as `token_bytes` says); with False
-        they are rendered as their text, as `decode(ids)` does."""
+        they are rendered as their text, as `decode(ids)` does.
+
+        Where the stream sits in the text matters only for SentencePiece vocabularies,
+        whose `decode` drops the space `encode` put in front of each text fragment:
+        - default: the tokens continue a prompt (generation), so a leading '▁' is a real
+          space and is kept, as it is in decode(prompt + generated);
+        - after_token: the prompt's last token; after a special token a new fragment starts
+          and its leading space is dropped, again as decode(prompt + generated) does;
+        - at_start=True: the stream is the whole text, concatenation == decode(ids)."""
         self._tok = tokenizer
         self._skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._parts: list[str] = []
         self._text_cache: str | None = ""
-        self._fragment_start = True
+        after = getattr(tokenizer, "starts_fragment_after", None)
+        if after_token is not None and after is not None:
+            self._fragment_start = bool(after(after_token))
+        else:
+            self._fragment_start = at_start
         self._ids = 0
 
     def _piece(self, token_id: int) -> bytes:

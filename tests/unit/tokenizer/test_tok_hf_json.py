@@ -137,7 +137,7 @@ def test_sentencepiece_style_tokenizer_json(
             continue
         assert tok.encode(text, add_special=False) == v["ids"]
         ids = [1, *v["ids"]]
-        dec = StreamDecoder(tok)
+        dec = StreamDecoder(tok, at_start=True)
         pushed = [dec.push(i) for i in ids]
         assert "".join(pushed) + dec.flush() == tok.decode(ids, skip_special=True) == text
         assert all("\ufffd" not in p for p in pushed)

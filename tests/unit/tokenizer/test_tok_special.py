@@ -87,5 +87,5 @@ def test_spm_drops_only_the_one_prefix_space(spm_tok: GGUFTokenizer) -> None:
         ([word, end, word], "thethe", True),
     ]:
         assert spm_tok.decode(ids, skip_special=skip) == text
-        dec = StreamDecoder(spm_tok, skip_special=skip)
+        dec = StreamDecoder(spm_tok, skip_special=skip, at_start=True)
         assert "".join(dec.push(i) for i in ids) + dec.flush() == text

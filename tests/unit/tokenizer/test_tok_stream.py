@@ -28,7 +28,7 @@ _SETTINGS = settings(
 
 
 def _stream(tok: Any, ids: list[int]) -> tuple[list[str], str]:
-    dec = StreamDecoder(tok)
+    dec = StreamDecoder(tok, at_start=True)
     outs = [dec.push(i) for i in ids]
     tail = dec.flush()
     assert dec.text == "".join(outs) + tail
@@ -132,6 +132,24 @@ def test_control_tokens_add_no_text(qwen_tok: GGUFTokenizer, spm_tok: GGUFTokeni
     # at the start, as decode drops it.
     ids = spm_tok.encode("Hello world")
     assert ids[0] == spm_tok.bos_id
-    sdec = StreamDecoder(spm_tok)
+    sdec = StreamDecoder(spm_tok, at_start=True)
     assert [sdec.push(i) for i in ids] == ["", "Hello", " world"]
     assert spm_tok.token_bytes(ids[1]).startswith(b" ")
+
+
+def test_generation_continues_the_prompt(spm_tok: GGUFTokenizer) -> None:
+    """Generated tokens stream as decode(prompt + generated) minus decode(prompt): the
+    space of a leading '▁' is real text after a plain prompt, and dropped after a special
+    token (where encode would have put it)."""
+    gen = spm_tok.encode("Paris is big", add_special=False)  # "▁Par", ...
+    assert spm_tok.token_text(gen[0]).startswith("▁")
+    for prompt_text in ["The capital of France is", "<|user|>\nQ<|end|><|assistant|>"]:
+        prompt = spm_tok.encode(prompt_text)
+        dec = StreamDecoder(spm_tok, after_token=prompt[-1], skip_special=False)
+        streamed = "".join(dec.push(i) for i in gen) + dec.flush()
+        whole = spm_tok.decode(prompt + gen)
+        assert whole.startswith(spm_tok.decode(prompt))
+        assert streamed == whole[len(spm_tok.decode(prompt)) :]
+    # With no prompt token given, the stream is taken as a continuation: the space stays.
+    dec = StreamDecoder(spm_tok)
+    assert dec.push(gen[0]).startswith(" ")

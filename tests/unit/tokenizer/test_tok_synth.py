@@ -28,7 +28,7 @@ def test_synthetic_vocabulary(arch: str, tmp_path: Path) -> None:
         ids = tok.encode(text, add_special=False)
         assert all(0 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == text
-        dec = StreamDecoder(tok)
+        dec = StreamDecoder(tok, at_start=True)
         assert "".join(dec.push(i) for i in ids) + dec.flush() == text
     with_special = tok.encode("hi")
     assert (with_special[0] == tok.bos_id) == tok.add_bos
