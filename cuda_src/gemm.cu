@@ -34,16 +34,21 @@ __device__ __forceinline__ uint32_t pack_h2(float a, float b) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-// Called by all GEMM_THREADS threads after s_xoff/s_yoff (GEMM_BM entries each) are set and
-// a __syncthreads(). Computes rows n0..n0+63 of W for the (up to) 64 token rows.
-template <int T>
+// Called by all BM*2 threads after s_xoff/s_yoff (BM entries each) are set and a
+// __syncthreads(). Computes rows n0..n0+63 of W for the (up to) BM token rows. BM = 64 (4
+// warps) or 128 (8 warps: twice the tokens per dequantized W tile, half the dequant work per
+// product; the warps are laid out (BM/32) x 2, each owning a 32x32 accumulator).
+template <int T, int BM = GEMM_BM>
 __device__ __forceinline__ void gemm_tile(const uint8_t* __restrict__ W, long long row_bytes,
                                           int N, int K, const float* __restrict__ X,
                                           const long long* s_xoff, const long long* s_yoff,
                                           float* Y, const float* __restrict__ bias,
                                           const float* residual, int n0) {
   constexpr int QK = QTraits<T>::QK, BYTES = QTraits<T>::BYTES, GPB = QK / 8;
-  __shared__ __align__(16) __half As[2][GEMM_BM * GEMM_LDA];
+  constexpr int NT = BM * 2;                    // threads
+  constexpr int XL = BM * (GEMM_BK / 4) / NT;   // float4 X loads per thread (4)
+  constexpr int WL = GEMM_BN * (GEMM_BK / 8) / NT;  // W groups per thread (2 or 1)
+  __shared__ __align__(16) __half As[2][BM * GEMM_LDA];
   __shared__ __align__(16) __half Bs[2][GEMM_BN * GEMM_LDA];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 1, wn = warp & 1, gq = lane >> 2, cq = lane & 3;
@@ -57,19 +62,19 @@ __device__ __forceinline__ void gemm_tile(const uint8_t* __restrict__ W, long lo
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  float4 xr[4];
-  uint4 wr[2];
+  float4 xr[XL];
+  uint4 wr[WL];
   auto load = [&](int kt) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int idx = tid + i * GEMM_THREADS, row = idx >> 3, c = idx & 7;
+    for (int i = 0; i < XL; ++i) {
+      const int idx = tid + i * NT, row = idx >> 3, c = idx & 7;
       const long long off = s_xoff[row];
       xr[i] = off >= 0 ? __ldg(reinterpret_cast<const float4*>(X + off + kt * GEMM_BK + 4 * c))
                        : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * GEMM_THREADS, row = idx >> 2, gi = idx & 3;
+    for (int i = 0; i < WL; ++i) {
+      const int idx = tid + i * NT, row = idx >> 2, gi = idx & 3;
       const int n = n0 + row;
       if (n < N) {
         const int kq = kt * (GEMM_BK / 8) + gi;
@@ -84,14 +89,14 @@ __device__ __forceinline__ void gemm_tile(const uint8_t* __restrict__ W, long lo
   };
   auto stash = [&](int buf) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int idx = tid + i * GEMM_THREADS, row = idx >> 3, c = idx & 7;
+    for (int i = 0; i < XL; ++i) {
+      const int idx = tid + i * NT, row = idx >> 3, c = idx & 7;
       uint2 h = make_uint2(pack_h2(xr[i].x, xr[i].y), pack_h2(xr[i].z, xr[i].w));
       *reinterpret_cast<uint2*>(&As[buf][row * GEMM_LDA + 4 * c]) = h;
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * GEMM_THREADS, row = idx >> 2, gi = idx & 3;
+    for (int i = 0; i < WL; ++i) {
+      const int idx = tid + i * NT, row = idx >> 2, gi = idx & 3;
       *reinterpret_cast<uint4*>(&Bs[buf][row * GEMM_LDA + 8 * gi]) = wr[i];
     }
   };
@@ -151,29 +156,36 @@ __device__ __forceinline__ void gemm_tile(const uint8_t* __restrict__ W, long lo
 }
 
 #ifndef GEMM_CORE_ONLY
-// gemm_<type>: grid (ceil(M/64), ceil(N/64)), block GEMM_THREADS. Blocks sharing a W tile
-// are adjacent in launch order, so the W tile is read from DRAM about once.
-template <int T>
+// gemm_<type> (BM=64, 128 threads) and gemm128_<type> (BM=128, 256 threads): grid
+// (ceil(M/BM), ceil(N/64)). Blocks sharing a W tile are adjacent in launch order, so the W
+// tile is read from DRAM about once.
+template <int T, int BM>
 __device__ __forceinline__ void gemm_entry(const uint8_t* W, long long row_bytes, int N, int K,
                                            const float* X, long long ldx, int M,
                                            const float* bias, const float* residual, float* Y,
                                            long long ldy) {
-  __shared__ long long s_xoff[GEMM_BM], s_yoff[GEMM_BM];
-  const int m0 = blockIdx.x * GEMM_BM;
-  if (threadIdx.x < GEMM_BM) {
+  __shared__ long long s_xoff[BM], s_yoff[BM];
+  const int m0 = blockIdx.x * BM;
+  if (threadIdx.x < BM) {
     const int m = m0 + threadIdx.x;
     s_xoff[threadIdx.x] = m < M ? (long long)m * ldx : -1;
     s_yoff[threadIdx.x] = m < M ? (long long)m * ldy : -1;
   }
   __syncthreads();
-  gemm_tile<T>(W, row_bytes, N, K, X, s_xoff, s_yoff, Y, bias, residual, blockIdx.y * GEMM_BN);
+  gemm_tile<T, BM>(W, row_bytes, N, K, X, s_xoff, s_yoff, Y, bias, residual,
+                   blockIdx.y * GEMM_BN);
 }
 
 #define GEMM_INST(TY, NAME)                                                                 \
-  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##NAME(                  \
+  extern "C" __global__ void __launch_bounds__(128) gemm_##NAME(                           \
       const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,  \
       int M, const float* bias, const float* residual, float* Y, long long ldy) {          \
-    gemm_entry<TY>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);                  \
+    gemm_entry<TY, 64>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);              \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) gemm128_##NAME(                        \
+      const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,  \
+      int M, const float* bias, const float* residual, float* Y, long long ldy) {          \
+    gemm_entry<TY, 128>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);             \
   }
 FOR_EACH_QTYPE(GEMM_INST)
 #endif

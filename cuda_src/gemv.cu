@@ -17,6 +17,7 @@
 #define GEMV_THREADS 128
 #define GEMV_R 4
 #define GEMV_CHUNK 2048
+#define GEMV_STAGES 3
 
 template <int T> struct GemvCfg {
   static constexpr int BYTES = QTraits<T>::BYTES;
@@ -29,45 +30,43 @@ template <int T> struct GemvCfg {
   static constexpr int NL = (GEMV_R * PIECES + GEMV_THREADS - 1) / GEMV_THREADS;
 };
 
-__device__ __forceinline__ uint4 load_piece(const uint8_t* __restrict__ W, long long addr,
-                                            long long total) {
-  if (addr + 16 <= total) return __ldcs(reinterpret_cast<const uint4*>(W + addr));
-  // the last piece of the matrix: byte loads, never past its end
-  uint32_t v[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int i = 0; i < 16; ++i)
-    if (addr + i < total) v[i >> 2] |= (uint32_t)W[addr + i] << (8 * (i & 3));
-  return make_uint4(v[0], v[1], v[2], v[3]);
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// One tile of GEMV_R rows starting at r0. Must be called by all GEMV_THREADS threads.
+// Rows [tile*GEMV_R, +GEMV_R) for tile = tile0, tile0 + tile_step, ... < ceil(N/GEMV_R).
+// Must be called by all GEMV_THREADS threads of the block. The block's work is a sequence of
+// (tile, chunk) steps; chunk loads go global -> shared with cp.async (16 bytes each, the last
+// piece of the matrix zero-filled past its end) GEMV_STAGES-1 steps ahead of the compute.
 template <int T, int NB>
-__device__ __forceinline__ void gemv_tile(const uint8_t* __restrict__ W, long long row_bytes,
-                                          int N, int K, const float* __restrict__ x,
-                                          long long ldx, int ntok, const float* __restrict__ bias,
-                                          const float* residual, float* y, long long ldy,
-                                          int r0) {
+__device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long long row_bytes,
+                                         int N, int K, const float* __restrict__ x,
+                                         long long ldx, int ntok, const float* __restrict__ bias,
+                                         const float* residual, float* y, long long ldy,
+                                         int tile0, int tile_step) {
   using C = GemvCfg<T>;
-  __shared__ __align__(16) uint8_t st[2][GEMV_R][C::SROW];
+  __shared__ __align__(16) uint8_t st[GEMV_STAGES][GEMV_R][C::SROW];
   __shared__ float red[GEMV_THREADS / 32][GEMV_R * NB];
-  const int tid = threadIdx.x;
-  const int nr = min(GEMV_R, N - r0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int ntiles = (N + GEMV_R - 1) / GEMV_R;
+  if (tile0 >= ntiles) return;
   const int nblk = K / C::QK;
   const long long total = (long long)N * row_bytes;
   const int nchunk = (nblk + C::CB - 1) / C::CB;
+  const int my_tiles = (ntiles - tile0 + tile_step - 1) / tile_step;
+  const int nsteps = my_tiles * nchunk;
 
-  float acc[GEMV_R][NB];
-#pragma unroll
-  for (int r = 0; r < GEMV_R; ++r)
-#pragma unroll
-    for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
-
-  uint4 v[C::NL];
-#pragma unroll
-  for (int i = 0; i < C::NL; ++i) v[i] = make_uint4(0, 0, 0, 0);
-  auto issue = [&](int c) {
-    const int j0 = c * C::CB;
-    const int nb = min(C::CB, nblk - j0);
+  auto issue = [&](int s) {
+    const int tile = tile0 + (s / nchunk) * tile_step, c = s % nchunk;
+    const int r0 = tile * GEMV_R, nr = min(GEMV_R, N - r0);
+    const int j0 = c * C::CB, nb = min(C::CB, nblk - j0);
+    uint8_t(*dst)[C::SROW] = st[s % GEMV_STAGES];
 #pragma unroll
     for (int i = 0; i < C::NL; ++i) {
       const int p = tid + i * GEMV_THREADS;
@@ -77,32 +76,31 @@ __device__ __forceinline__ void gemv_tile(const uint8_t* __restrict__ W, long lo
         const long long a0 = start & ~15LL;
         const long long a1 = (start + (long long)nb * C::BYTES + 15) & ~15LL;
         const long long addr = a0 + 16LL * q;
-        if (addr < a1) v[i] = load_piece(W, addr, total);
+        if (addr < a1) cp_async16(&dst[r][16 * q], W + addr, (int)min(16LL, total - addr));
       }
     }
   };
-  auto stash = [&](int buf) {
-#pragma unroll
-    for (int i = 0; i < C::NL; ++i) {
-      const int p = tid + i * GEMV_THREADS;
-      const int r = p / C::PIECES, q = p % C::PIECES;
-      if (r < GEMV_R) *reinterpret_cast<uint4*>(&st[buf][r][16 * q]) = v[i];
-    }
-  };
 
-  issue(0);
-  stash(0);
-  __syncthreads();
-  for (int c = 0; c < nchunk; ++c) {
-    const int buf = c & 1;
-    if (c + 1 < nchunk) issue(c + 1);
-    const int j0 = c * C::CB;
-    const int nb = min(C::CB, nblk - j0);
+  float acc[GEMV_R][NB];
+#pragma unroll
+  for (int r = 0; r < GEMV_R; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < GEMV_STAGES - 1; ++s) {
+    if (s < nsteps) issue(s);
+    cp_async_commit();
+  }
+  for (int s = 0; s < nsteps; ++s) {
+    const int tile = tile0 + (s / nchunk) * tile_step, c = s % nchunk;
+    const int r0 = tile * GEMV_R, nr = min(GEMV_R, N - r0);
+    const int j0 = c * C::CB, nb = min(C::CB, nblk - j0);
     const int ngroups = nb * (C::QK / 8);
-    for (int qg = tid; qg < ngroups; qg += GEMV_THREADS) {
-      const int jj = qg / (C::QK / 8), g = qg % (C::QK / 8);
-      const int k = (j0 + jj) * C::QK + 8 * g;
-      float xv[NB][8];
+    // x of this thread's first group: fetched while the weights are still in flight
+    float xv[NB][8];
+    auto load_x = [&](int qg) {
+      const int k = (j0 + qg / (C::QK / 8)) * C::QK + 8 * (qg % (C::QK / 8));
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         if (b < ntok) {
@@ -115,13 +113,24 @@ __device__ __forceinline__ void gemv_tile(const uint8_t* __restrict__ W, long lo
           for (int i = 0; i < 8; ++i) xv[b][i] = 0.f;
         }
       }
+    };
+    if (tid < ngroups) load_x(tid);
+    cp_async_wait<GEMV_STAGES - 2>();
+    __syncthreads();  // step s's chunk is in shared memory; step s-1's stage is free
+    if (s + GEMV_STAGES - 1 < nsteps) issue(s + GEMV_STAGES - 1);
+    cp_async_commit();
+
+    const uint8_t(*src)[C::SROW] = st[s % GEMV_STAGES];
+    for (int qg = tid; qg < ngroups; qg += GEMV_THREADS) {
+      if (qg != tid) load_x(qg);
+      const int jj = qg / (C::QK / 8), g = qg % (C::QK / 8);
 #pragma unroll
       for (int r = 0; r < GEMV_R; ++r) {
         if (r < nr) {
           const int off =
               (int)(((long long)(r0 + r) * row_bytes + (long long)j0 * C::BYTES) & 15LL);
           float w[8];
-          dequant8<T>(&st[buf][r][off + jj * C::BYTES], g, w);
+          dequant8<T>(&src[r][off + jj * C::BYTES], g, w);
 #pragma unroll
           for (int b = 0; b < NB; ++b)
 #pragma unroll
@@ -129,44 +138,47 @@ __device__ __forceinline__ void gemv_tile(const uint8_t* __restrict__ W, long lo
         }
       }
     }
-    if (c + 1 < nchunk) stash(buf ^ 1);
-    __syncthreads();
-  }
 
-  const int lane = tid & 31, warp = tid >> 5;
+    if (c == nchunk - 1) {  // tile done: fixed-order reduction, epilogue, reset
 #pragma unroll
-  for (int r = 0; r < GEMV_R; ++r)
+      for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      float s = acc[r][b];
+        for (int b = 0; b < NB; ++b) {
+          float v = acc[r][b];
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) red[warp][r * NB + b] = s;
-    }
-  __syncthreads();
-  if (tid < GEMV_R * NB) {
-    const int r = tid / NB, b = tid % NB;
-    if (r < nr && b < ntok) {
-      float s = red[0][tid];
+          for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+          if (lane == 0) red[warp][r * NB + b] = v;
+          acc[r][b] = 0.f;
+        }
+      __syncthreads();
+      if (tid < GEMV_R * NB) {
+        const int r = tid / NB, b = tid % NB;
+        if (r < nr && b < ntok) {
+          float v = red[0][tid];
 #pragma unroll
-      for (int w = 1; w < GEMV_THREADS / 32; ++w) s += red[w][tid];
-      const int row = r0 + r;
-      if (bias) s += bias[row];
-      if (residual) s += residual[b * ldy + row];
-      y[b * ldy + row] = s;
+          for (int w = 1; w < GEMV_THREADS / 32; ++w) v += red[w][tid];
+          const int row = r0 + r;
+          if (bias) v += bias[row];
+          if (residual) v += residual[b * ldy + row];
+          y[b * ldy + row] = v;
+        }
+      }
+      // red is next written after the next step's __syncthreads: no second barrier needed
     }
   }
+  cp_async_wait<0>();
 }
 
 #ifndef GEMV_CORE_ONLY
-// gemv_<type>_nb<NB>: grid (ceil(N / GEMV_R)), block GEMV_THREADS.
+// gemv_<type>_nb<NB>: grid (G), block GEMV_THREADS, G <= ceil(N / GEMV_R) (persistent blocks:
+// block b takes tiles b, b+G, ...; the wrapper picks G = what fits on the GPU at once).
 template <int T, int NB>
 __device__ __forceinline__ void gemv_entry(const uint8_t* W, long long row_bytes, int N, int K,
                                            const float* x, long long ldx, int ntok,
                                            const float* bias, const float* residual, float* y,
                                            long long ldy) {
-  gemv_tile<T, NB>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy,
-                   blockIdx.x * GEMV_R);
+  gemv_run<T, NB>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy, blockIdx.x,
+                  gridDim.x);
 }
 
 #define GEMV_INST(TY, NAME, NB)                                                              \

@@ -5,8 +5,8 @@
 // token's hidden state, as for gate/up; ldx_slot = K: per-slot inputs, as for down).
 // Output of assignment a: Y + a*ldy.
 //
-// moe_gemv_<type>: decode form, grid (ceil(N/GEMV_R), n_assign): each block runs the gemv core
-//   for one assignment's expert matrix. An id outside [0, n_expert) writes NaN rows.
+// moe_gemv_<type>: decode form, grid (G, n_assign), G <= ceil(N/GEMV_R): the blocks of column a
+//   run the persistent gemv core over assignment a's expert matrix. An id outside [0, n_expert) writes NaN rows.
 // moe_gemm_<type>: prefill form, grid (ceil(n_assign/64), ceil(N/64), n_expert): block
 //   (z, y, e) collects, in assignment order, the z-th group of 64 assignments routed to expert
 //   e (a block-wide ballot scan of ids; blocks past the expert's count exit) and runs the
@@ -25,17 +25,16 @@ __device__ __forceinline__ void moe_gemv_entry(const uint8_t* W, long long exper
                                                const float* B, float* Y, long long ldy) {
   const int a = blockIdx.y;
   const int e = ids[a];
-  const int r0 = blockIdx.x * GEMV_R;
   float* y = Y + (long long)a * ldy;
   if (e < 0 || e >= n_expert) {
-    if (threadIdx.x < GEMV_R && r0 + (int)threadIdx.x < N)
-      y[r0 + threadIdx.x] = __int_as_float(0x7fc00000);
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < N; r += gridDim.x * blockDim.x)
+      y[r] = __int_as_float(0x7fc00000);
     return;
   }
   const int t = a / topk, slot = a % topk;
-  gemv_tile<T, 1>(W + (long long)e * expert_bytes, row_bytes, N, K,
-                  X + (long long)t * ldx_tok + (long long)slot * ldx_slot, 0, 1,
-                  B ? B + (long long)e * N : nullptr, nullptr, y, 0, r0);
+  gemv_run<T, 1>(W + (long long)e * expert_bytes, row_bytes, N, K,
+                 X + (long long)t * ldx_tok + (long long)slot * ldx_slot, 0, 1,
+                 B ? B + (long long)e * N : nullptr, nullptr, y, 0, blockIdx.x, gridDim.x);
 }
 
 template <int T>

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.backends.cuda.matmul import MatmulKernels, QWeight
+from worker.backends.cuda.matmul import MatmulKernels, QWeight, plan_gemm
 from worker.backends.cuda.quant_layout import layout, random_matrix
 
 # (model, matrix, rows N, cols K, ggml type, matrices of this kind per decoded token)
@@ -150,11 +150,14 @@ def main() -> int:
         def gemv(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb) -> None:
             mm.gemv(ws[i % len(ws)], xb, yb, 1, stream=b.stream)
 
-        def gemm(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb) -> None:
-            mm.gemm(ws[i % len(ws)], xb, yb, 512, stream=b.stream)
+        def gemm(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb, tm: int = 64) -> None:
+            mm.gemm(ws[i % len(ws)], xb, yb, 512, stream=b.stream, tile_m=tm)
 
         t1 = b.time_batch(gemv, 200)
-        tg = b.time_batch(gemm, 10 if nbytes < (64 << 20) else 3)
+        reps = 10 if nbytes < (64 << 20) else 3
+        tg64 = b.time_batch(gemm, reps)
+        tg128 = b.time_batch(lambda i: gemm(i, tm=128), reps)
+        tg = min(tg64, tg128)
         row: dict[str, Any] = {
             "model": model,
             "matrix": mat,
@@ -168,12 +171,16 @@ def main() -> int:
             "gemv_frac_bw": nbytes / t1 / bw,
             "gemm512_s": tg,
             "gemm512_TFLOPs": 2 * 512 * n * k / tg / 1e12,
+            "gemm512_tile64_s": tg64,
+            "gemm512_tile128_s": tg128,
+            "gemm_auto_kernel": plan_gemm(ws[0], xb, yb, 512).kernel,
         }
         rows.append(row)
         print(
             f"{model:13} {mat:18} {n:6} {k:5} {lay.name:5} {nbytes / 1e6:7.2f} "
             f"{t1 * 1e6:8.2f} {row['gemv_GBps']:6.0f} {100 * row['gemv_frac_bw']:4.0f} "
-            f"{tg * 1e6:10.1f} {row['gemm512_TFLOPs']:7.1f}"
+            f"{tg * 1e6:10.1f} {row['gemm512_TFLOPs']:7.1f} "
+            f"(64: {tg64 * 1e6:.0f}, 128: {tg128 * 1e6:.0f}, auto {row['gemm_auto_kernel']})"
         )
         b.release()
 

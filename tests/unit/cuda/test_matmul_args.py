@@ -53,6 +53,21 @@ def test_good_gemv_plan_has_grid_and_args() -> None:
     assert len(launch.args) == len(launch.arg_format)
 
 
+def test_gemm_tile_choice_and_persistent_gemv() -> None:
+    w = weight(12, rows=16384, cols=3072)
+    x, y = bufs(w, 512)
+    big = plan_gemm(w, x, y, 512)
+    assert big.kernel == "gemm128_q4_k" and big.grid == (4, 256, 1) and big.block == (256, 1, 1)
+    small = plan_gemm(w, x, y, 512, tile_m=64)
+    assert small.kernel == "gemm_q4_k" and small.grid == (8, 256, 1)
+    assert (
+        plan_gemm(weight(12, rows=896, cols=4864), *bufs(weight(12, 896, 4864), 512), 512).kernel
+        == "gemm_q4_k"
+    )
+    refused(plan_gemm, w, x, y, 512, tile_m=32)
+    assert plan_gemv(w, x, y, 1).persistent and not big.persistent
+
+
 def test_good_gemm_embed_moe_plans() -> None:
     w = weight(8, rows=130, cols=96)
     x, y = bufs(w, 77)

@@ -42,7 +42,8 @@ GEMV_THREADS = 128
 GEMV_ROWS = 4  # rows per gemv block (GEMV_R in gemv.cu)
 GEMV_MAX_TOKENS = 8
 GEMM_THREADS = 128
-GEMM_TILE = 64  # GEMM_BM == GEMM_BN in gemm.cu
+GEMM_TILE = 64  # GEMM_BN (weight rows per block) in gemm.cu; token tile 64 or 128
+GEMM_BIG_MIN_BLOCKS = 264  # use the 128-token tile when it still gives this many blocks
 EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
@@ -110,6 +111,9 @@ class Launch:
     block: tuple[int, int, int]
     args: tuple[int, ...]
     arg_format: str
+    # grid[0] may be lowered (persistent blocks loop over their share): MatmulKernels.run caps
+    # it at what is resident on the GPU at once, divided by grid[1] * grid[2].
+    persistent: bool = False
 
 
 BufLike = DevBuf | tuple[Any, int] | Any
@@ -212,14 +216,23 @@ def plan_gemm(
     residual: BufLike | None = None,
     ldx: int | None = None,
     ldy: int | None = None,
+    tile_m: int | None = None,
 ) -> Launch:
-    """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores."""
+    """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores.
+
+    tile_m: tokens per block, 64 (gemm_<type>) or 128 (gemm128_<type>); by default 128 when
+    that still makes GEMM_BIG_MIN_BLOCKS blocks (about two per SM), else 64."""
     lay = _check_weight(_kname("gemm", w.qtype), w)
     kernel = f"gemm_{lay.name}"
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
     _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
     tiles_n = -(-w.rows // GEMM_TILE)
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
+    if tile_m is None:
+        tile_m = 128 if -(-m // 128) * tiles_n >= GEMM_BIG_MIN_BLOCKS else 64
+    _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
+    if tile_m == 128:
+        kernel = f"gemm128_{lay.name}"
     return _plan_linear(
         kernel,
         "gemm",
@@ -232,8 +245,8 @@ def plan_gemm(
         residual,
         ldx,
         ldy,
-        grid=(-(-m // GEMM_TILE), tiles_n, 1),
-        block=(GEMM_THREADS, 1, 1),
+        grid=(-(-m // tile_m), tiles_n, 1),
+        block=(2 * tile_m, 1, 1),
     )
 
 
@@ -291,7 +304,7 @@ def _plan_linear(
         yb.ptr,
         ldy,
     )
-    return Launch(module, kernel, grid, block, args, _ARG_FORMATS[module])
+    return Launch(module, kernel, grid, block, args, _ARG_FORMATS[module], module == "gemv")
 
 
 def plan_embed(w: QWeight, ids: BufLike, n: int, out: BufLike, *, ldo: int | None = None) -> Launch:
@@ -377,7 +390,9 @@ def plan_moe(
             yb.ptr,
             n,
         )
-        return Launch("moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"])
+        return Launch(
+            "moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"], True
+        )
     tiles_n = -(-n // GEMM_TILE)
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{n} rows exceed the grid limit")
     grid = (-(-n_assign // GEMM_TILE), tiles_n, w.experts)
@@ -400,6 +415,22 @@ def plan_moe(
     return Launch("moe", kernel, grid, (GEMM_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemm"])
 
 
+def _prefer_shared(fn: Any) -> None:
+    """Ask for the largest shared-memory carveout for this function: the gemv pipeline and the
+    gemm tiles live in shared memory, and the context prefers L1 (SPEC §4), which would cut
+    the blocks resident per SM."""
+    import pycuda.driver as drv
+
+    carve = getattr(drv.function_attribute, "PREFERRED_SHARED_MEMORY_CARVEOUT", None)
+    try:
+        if carve is not None:
+            fn.set_attribute(carve, 100)
+        else:
+            fn.set_cache_config(drv.func_cache.PREFER_SHARED)
+    except (AttributeError, drv.Error):  # older pycuda or driver: the cache-config hint
+        fn.set_cache_config(drv.func_cache.PREFER_SHARED)
+
+
 class MatmulKernels:
     """Loaded modules and prepared functions; create and use on the CUDA context thread."""
 
@@ -414,6 +445,15 @@ class MatmulKernels:
         self.arch = arch
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
+        self._resident: dict[str, int] = {}
+        import pycuda.driver as drv
+
+        dev = drv.Context.get_device()
+        attr = drv.device_attribute
+        self._sms = int(dev.get_attribute(attr.MULTIPROCESSOR_COUNT))
+        self._sm_regs = int(dev.get_attribute(attr.MAX_REGISTERS_PER_MULTIPROCESSOR))
+        self._sm_smem = int(dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR))
+        self._sm_threads = int(dev.get_attribute(attr.MAX_THREADS_PER_MULTIPROCESSOR))
 
     def _func(self, launch: Launch) -> Any:
         fn = self._funcs.get(launch.kernel)
@@ -423,14 +463,33 @@ class MatmulKernels:
             except Exception as e:  # pycuda.driver.LogicError: named function not found
                 raise CudaError(f"{launch.kernel}: not in module {launch.module}: {e}") from e
             fn.prepare(launch.arg_format)
+            _prefer_shared(fn)
             self._funcs[launch.kernel] = fn
+            self._resident[launch.kernel] = self._sms * self._blocks_per_sm(fn, launch.block[0])
         return fn
+
+    def _blocks_per_sm(self, fn: Any, threads: int) -> int:
+        """Blocks of fn resident on one SM (registers, shared memory, threads)."""
+        warps = -(-threads // 32)
+        regs_per_warp = -(-max(1, int(fn.num_regs)) * 32 // 256) * 256
+        by_regs = (self._sm_regs // regs_per_warp) // warps
+        by_smem = self._sm_smem // (int(fn.shared_size_bytes) + 1024)
+        by_threads = self._sm_threads // threads
+        return max(1, min(by_regs, by_smem, by_threads, 32))
+
+    def resident_blocks(self, kernel: str) -> int:
+        """Blocks of a loaded kernel resident on the whole GPU at once (after its first use)."""
+        return self._resident[kernel]
 
     def run(self, launch: Launch, stream: Any = None) -> None:
         """Queue a checked launch on `stream` (pycuda Stream or None)."""
         fn = self._func(launch)
+        grid = launch.grid
+        if launch.persistent:
+            per = max(1, self._resident[launch.kernel] // (grid[1] * grid[2]))
+            grid = (min(grid[0], per), grid[1], grid[2])
         try:
-            fn.prepared_async_call(launch.grid, launch.block, stream, *launch.args)
+            fn.prepared_async_call(grid, launch.block, stream, *launch.args)
         except Exception as e:  # pycuda.driver.Error and subclasses
             raise CudaError(f"{launch.kernel}: launch failed: {e}") from e
 
