@@ -14,10 +14,13 @@ control magnitude are then overwritten, vectorized over all blocks of the chunk:
 
 Quant nibbles / bytes stay uniformly random, which exercises every code point of every
 format. All values are finite and no f16 scale is subnormal for the default std 0.02.
+F32/F16/BF16 values are normal draws taken from a 65536-level quantile table by random 16-bit
+indices (exactly reproducible, ~5x faster than `standard_normal`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import BinaryIO
 
 import numpy as np
@@ -82,8 +85,17 @@ def _jitter(b: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     return np.float32(0.75) + b.astype(np.float32) * np.float32(0.5 / 256)
 
 
-def _put_f16(blocks: npt.NDArray[np.uint8], at: int, values: npt.NDArray[np.float32]) -> None:
-    blocks[:, at : at + 2] = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
+_BYTES = np.arange(256, dtype=np.uint8)
+
+
+def _f16_bits(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]:
+    """float32 values -> their f16 bit patterns."""
+    return values.astype("<f2").view(np.uint16)
+
+
+def _set_f16(blocks: npt.NDArray[np.uint8], at: int, bits: npt.NDArray[np.uint16]) -> None:
+    """Store one f16 per block at byte offset `at` (even; every block size used is even)."""
+    blocks.view("<u2")[:, at // 2] = bits
 
 
 def _pack_k_scales(sc: npt.NDArray[np.uint8], m: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -119,38 +131,44 @@ def random_blocks(
     whose dequantized values have mean ~0 and standard deviation ~`std`."""
     ts = type_size(qtype)
     blocks = _raw(rng, n_blocks * ts).reshape(n_blocks, ts)
+    # Scales are functions of one or two random bytes already in the block, so they are
+    # computed once per byte value and gathered (much faster than per-block float math).
     if qtype == T.Q8_0:  # f16 d, int8 qs[32]
-        d = std / _STD_INT8 * _jitter(blocks[:, 0])
-        _put_f16(blocks, 0, d)
+        d = std / _STD_INT8 * _jitter(_BYTES)
+        _set_f16(blocks, 0, _f16_bits(d)[blocks[:, 0]])
     elif qtype in (T.Q4_0, T.Q5_0):  # f16 d, (qh[4]), qs[16]: (q - 8|16) * d
         # The codes are offset by -1/2 on average; a random sign of d (ggml's own d is
         # signed for these formats) keeps the tensor mean at zero.
         q_std = _STD_UNIFORM_4 if qtype == T.Q4_0 else _STD_UNIFORM_5
-        d = std / q_std * _jitter(blocks[:, 0])
-        d = np.where(blocks[:, 1] & 1, -d, d).astype(np.float32)
-        _put_f16(blocks, 0, d)
+        d = std / q_std * _jitter(_BYTES)
+        table = _f16_bits(np.concatenate([d, -d]))  # index: jitter byte + 256 * sign bit
+        idx = blocks[:, 0].astype(np.intp) + ((blocks[:, 1] & 1).astype(np.intp) << 8)
+        _set_f16(blocks, 0, table[idx])
     elif qtype in (T.Q4_1, T.Q5_1):  # f16 d, f16 m, ...: q * d + m
         q_std, q_mean = (_STD_UNIFORM_4, 7.5) if qtype == T.Q4_1 else (_STD_UNIFORM_5, 15.5)
-        d = std / q_std * _jitter(blocks[:, 0])
-        m = -q_mean * d * (np.float32(0.9) + np.float32(0.2 / 256) * blocks[:, 2])
-        _put_f16(blocks, 0, d)
-        _put_f16(blocks, 2, m.astype(np.float32))
+        d = std / q_std * _jitter(_BYTES)
+        m = -q_mean * d[:, None] * (np.float32(0.9) + np.float32(0.2 / 256) * _BYTES[None, :])
+        d_tab, m_tab = _f16_bits(d), _f16_bits(m.astype(np.float32).ravel())
+        b0, b2 = blocks[:, 0].astype(np.intp), blocks[:, 2].astype(np.intp)
+        _set_f16(blocks, 2, m_tab[(b0 << 8) + b2])
+        _set_f16(blocks, 0, d_tab[b0])
     elif qtype in (T.Q4_K, T.Q5_K):  # f16 d, f16 dmin, scales[12], (qh[32]), qs[128]
         q_std, q_mean = (_STD_UNIFORM_4, 7.5) if qtype == T.Q4_K else (_STD_UNIFORM_5, 15.5)
         sc, m = _k_scales(blocks, 4)
-        d = std / (q_std * 19.5) * _jitter(blocks[:, 0])
+        d = std / (q_std * 19.5) * _jitter(_BYTES)
         # value = d*sc*q - dmin*m with m ~ 2*sc: dmin = d*mean(q)/2 centres every sub-block.
         dmin = d * np.float32(q_mean / 2)
-        _put_f16(blocks, 0, d)
-        _put_f16(blocks, 2, dmin)
+        b0 = blocks[:, 0].copy()
+        _set_f16(blocks, 0, _f16_bits(d)[b0])
+        _set_f16(blocks, 2, _f16_bits(dmin)[b0])
         blocks[:, 4:16] = _pack_k_scales(sc, m)
     elif qtype == T.Q6_K:  # ql[128], qh[64], int8 scales[16], f16 d: d*sc*(q - 32)
         raw_sc = blocks[:, 192:208]
         mag = (4 + raw_sc % 12).astype(np.int8)
         sign = np.where(raw_sc & 0x80, -1, 1).astype(np.int8)
         blocks[:, 192:208] = (mag * sign).view(np.uint8)
-        d = std / (_STD_UNIFORM_6 * 9.5) * _jitter(blocks[:, 208])
-        _put_f16(blocks, 208, d)
+        d = std / (_STD_UNIFORM_6 * 9.5) * _jitter(_BYTES)
+        _set_f16(blocks, 208, _f16_bits(d)[blocks[:, 208]])
     elif qtype == T.MXFP4:  # e8m0 e, qs[16]: kvalue * 2^(e - 128)
         # exponent = centre or centre - 1 (RMS factor ~0.79 of the centre's)
         center = round(float(np.log2(std / _RMS_MXFP4))) + 128
@@ -167,6 +185,15 @@ def to_bf16_bits(x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+@functools.cache
+def _normal_levels() -> npt.NDArray[np.float64]:
+    """65536 sorted standard-normal levels (an empirical quantile table, exactly mean 0 and
+    std 1). A random 16-bit index into it is a normal draw at a fraction of the cost of
+    `standard_normal`, which matters for multi-GB F16/F32 files."""
+    x = np.sort(np.random.Generator(np.random.SFC64(0x5EED)).standard_normal(1 << 16))
+    return (x - x.mean()) / x.std()
+
+
 def random_floats(
     qtype: GGMLQuantizationType,
     n: int,
@@ -175,17 +202,18 @@ def random_floats(
     mean: float = 0.0,
 ) -> npt.NDArray[np.generic]:
     """`n` normal values N(mean, std) stored as F32, F16 or BF16 (BF16 as uint16 bits)."""
-    x = rng.standard_normal(n, dtype=np.float32)
-    x *= np.float32(std)
-    if mean:
-        x += np.float32(mean)
+    levels = (_normal_levels() * std + mean).astype(np.float32)
+    table: npt.NDArray[np.generic]
     if qtype == T.F32:
-        return x
-    if qtype == T.F16:
-        return x.astype(np.float16)
-    if qtype == T.BF16:
-        return to_bf16_bits(x)
-    raise ValueError(f"{qtype.name} is not a float type")
+        table = levels
+    elif qtype == T.F16:
+        table = levels.astype(np.float16)
+    elif qtype == T.BF16:
+        table = to_bf16_bits(levels)
+    else:
+        raise ValueError(f"{qtype.name} is not a float type")
+    idx = _raw(rng, 2 * n).view("<u2")
+    return table[idx]
 
 
 def write_random_tensor(
@@ -215,7 +243,7 @@ def write_random_tensor(
         return int(data.nbytes)
     written = 0
     if qtype in FLOAT_TYPES:
-        per_chunk = max(1, CHUNK_BYTES // 4)
+        per_chunk = max(4, CHUNK_BYTES // 16 * 4)  # whole 64-bit words of 16-bit indices
         left = n_elements
         while left:
             n = min(per_chunk, left)
