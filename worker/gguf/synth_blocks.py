@@ -158,9 +158,9 @@ def random_blocks(
         d = std / (q_std * 19.5) * _jitter(_BYTES)
         # value = d*sc*q - dmin*m with m ~ 2*sc: dmin = d*mean(q)/2 centres every sub-block.
         dmin = d * np.float32(q_mean / 2)
-        b0 = blocks[:, 0].copy()
-        _set_f16(blocks, 0, _f16_bits(d)[b0])
-        _set_f16(blocks, 2, _f16_bits(dmin)[b0])
+        jit = blocks[:, 0].copy()
+        _set_f16(blocks, 0, _f16_bits(d)[jit])
+        _set_f16(blocks, 2, _f16_bits(dmin)[jit])
         blocks[:, 4:16] = _pack_k_scales(sc, m)
     elif qtype == T.Q6_K:  # ql[128], qh[64], int8 scales[16], f16 d: d*sc*(q - 32)
         raw_sc = blocks[:, 192:208]
