@@ -244,7 +244,12 @@ def build_hf_model(gf: GGUFFile, dtype: str = "float64") -> Any:
     import transformers as tf
 
     cfg, sd, cls_name = hf_config_and_state(gf)
-    model = getattr(tf, cls_name)(cfg)
+    try:  # every parameter is overwritten below: skip the (slow) random initialisation
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        model = getattr(tf, cls_name)(cfg)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied heads share storage with the embedding; anything else missing is a mapping bug.
