@@ -47,14 +47,13 @@ class WorkerProc:
             "cpu",
             "--model",
             str(model),
-            "--nats-url",
-            nats_url,
             "--model-ref",
             model_ref,
             "--worker-id",
             self.worker_id,
             "--log-format",
             "json",
+            *(["--nats-url", nats_url] if nats_url else []),
             *extra,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

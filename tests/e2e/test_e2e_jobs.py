@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -337,3 +338,53 @@ def test_device_defaults_to_cuda_never_silently_cpu(tmp_path: Path, tiny_model: 
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert '"device": "cpu"' not in proc.stderr
     assert "CUDA" in proc.stderr
+
+
+async def test_embedded_server_submit_and_health_cli(
+    tmp_path: Path, spawn_worker: Any, tiny_model: Path
+) -> None:
+    """`serve` without --nats-url starts its own nats-server and says where; `submit` prints
+    the text, then a summary line; `health` exits 0 for a healthy worker."""
+    w = spawn_worker(tiny_model, "", REF, "--ctx-size", "128")  # no --nats-url
+    try:
+        rec = w.wait_event("nats_embedded", 60)
+        url = rec["nats_url"]
+        assert url.startswith("nats://127.0.0.1:")
+        w.wait_ready()
+        cli = [sys.executable, "-m", "worker"]
+        out = subprocess.run(
+            [
+                *cli,
+                "submit",
+                "--nats-url",
+                url,
+                "--model-ref",
+                REF,
+                "--max-tokens",
+                "6",
+                "--seed",
+                "9",
+                "--temperature",
+                "0",
+                "hello",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        summary = out.stdout.strip().splitlines()[-1]
+        assert "6 out" in summary and "max_tokens" in summary, out.stdout
+        health = subprocess.run(
+            [*cli, "health", "--nats-url", url, "--worker-id", w.worker_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert health.returncode == 0 and '"status":"healthy"' in health.stdout
+    finally:
+        w.stop()
+    assert w.proc.returncode == 0
+    # the embedded server went away with the worker
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1).close()
