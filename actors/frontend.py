@@ -133,6 +133,7 @@ class Frontend:
 
         async def on_shutdown(msg: Msg) -> None:
             narrate("shutdown_requested", "shutdown requested over NATS")
+            self.state.set_draining()
             if msg.reply:
                 reply = ShutdownReply(
                     worker_id=self.cfg.worker_id,
