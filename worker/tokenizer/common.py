@@ -21,6 +21,10 @@ VALID_TOKEN_TYPES = frozenset(range(7))
 
 # Texts of tokens that end a generation when the vocabulary has them (besides the EOS, EOT
 # and EOM ids the metadata names): chat-turn ends of the model families we serve.
+# Control tokens of the gpt-oss "harmony" format that are always rendered in the output (as
+# llama.cpp does), so a client can tell the analysis channel from the final answer.
+ALWAYS_RENDERED = frozenset({"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"})
+
 EOG_TEXTS = frozenset(
     {
         "<|eot_id|>",

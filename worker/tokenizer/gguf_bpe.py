@@ -28,6 +28,7 @@ from tokenizers.models import BPE
 
 from worker.tokenizer.chat import ChatTemplate
 from worker.tokenizer.common import (
+    ALWAYS_RENDERED,
     TO_LATIN1,
     TOKEN_BYTE,
     TOKEN_CONTROL,
@@ -129,18 +130,22 @@ class GGUFTokenizer:
         if self.add_eos and self.eos_id is None:
             raise md.fail("tokenizer.ggml.add_eos_token is set but there is no EOS token")
 
+        # First id of each text (a vocabulary may hold a text twice).
+        self._token_to_id: dict[str, int] = dict(
+            zip(reversed(tokens), range(n - 1, -1, -1), strict=False)
+        )
+
         # Rendering of each token, and which tokens are matched whole in text.
         self._special = [t in (TOKEN_CONTROL, TOKEN_USER_DEFINED) for t in types]
         self._pieces: list[bytes] = self._all_piece_bytes()
         self._visible: list[bool] = [
             t not in (TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_UNKNOWN) for t in types
         ]
+        for text in ALWAYS_RENDERED:
+            tid = self._token_to_id.get(text)
+            if tid is not None:
+                self._visible[tid] = True
         self._eog = eog_ids(tokens, [self.eos_id, eot, eom, *fim])
-
-        # First id of each text (a vocabulary may hold a text twice).
-        self._token_to_id: dict[str, int] = dict(
-            zip(reversed(tokens), range(n - 1, -1, -1), strict=False)
-        )
 
         self._core = self._build_core(md, spm, pre, scores, parse_special=True)
         self._core_plain: tokenizers.Tokenizer | None = None

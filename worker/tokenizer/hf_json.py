@@ -14,7 +14,12 @@ import tokenizers
 
 from worker.errors import ModelLoadError
 from worker.tokenizer.chat import ChatTemplate
-from worker.tokenizer.common import MetadataReader, byte_level_to_bytes, eog_ids
+from worker.tokenizer.common import (
+    ALWAYS_RENDERED,
+    MetadataReader,
+    byte_level_to_bytes,
+    eog_ids,
+)
 
 _SPM_SPACE = "\u2581"
 _HUGE = 10**12  # transformers writes 1e30 for "no limit"
@@ -83,6 +88,9 @@ class HFJsonTokenizer:
             if isinstance(a, dict) and a.get("special")
         }
         self._special = [i in special_ids for i in range(n)]
+        self._hidden = [
+            self._special[i] and self.tokens[i] not in ALWAYS_RENDERED for i in range(n)
+        ]
         added_ids = {a.get("id") for a in spec.get("added_tokens") or [] if isinstance(a, dict)}
         self._added = [i in added_ids for i in range(n)]
 
@@ -169,7 +177,7 @@ class HFJsonTokenizer:
             raise ValueError(
                 f"token id {token_id} is out of range (vocabulary of {self.vocab_size})"
             )
-        if skip_special and self._special[token_id]:
+        if skip_special and self._hidden[token_id]:
             return b""
         p = self._pieces[token_id]
         if fragment_start and self._strip_first_space and p.startswith(b" "):

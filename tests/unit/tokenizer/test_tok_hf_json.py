@@ -80,10 +80,12 @@ def test_beside_the_model_is_chosen(
 
 def test_parse_special_and_stream(model_dir: Path) -> None:
     tok = load_tokenizer({}, tokenizer_json=model_dir / "tokenizer.json")
+    end = tok.encode("<|end|>", add_special=False)
+    assert len(end) == 1 and tok.token_bytes(end[0]) == b""
     start = tok.encode("<|start|>", add_special=False)
-    assert len(start) == 1 and tok.token_bytes(start[0]) == b""
-    plain = tok.encode("<|start|>", add_special=False, parse_special=False)
-    assert len(plain) > 1 and tok.decode(plain) == "<|start|>"
+    assert len(start) == 1 and tok.token_bytes(start[0]) == b"<|start|>"  # harmony: shown
+    plain = tok.encode("<|end|>", add_special=False, parse_special=False)
+    assert len(plain) > 1 and tok.decode(plain) == "<|end|>"
     ids = tok.encode("añ 🦊 数", add_special=False)
     dec = StreamDecoder(tok)
     assert "".join(dec.push(i) for i in ids) + dec.flush() == "añ 🦊 数"

@@ -24,6 +24,14 @@ def test_harmony_eog(o200k_tok: GGUFTokenizer) -> None:
     assert o200k_tok.is_eog(t("<|return|>") or -1) and o200k_tok.is_eog(t("<|call|>") or -1)
     assert o200k_tok.is_eog(t("<|endoftext|>") or -1)
     assert not o200k_tok.is_eog(t("<|end|>") or -1)  # ends a message, not the generation
+    # The harmony structure tokens are rendered in the stream (the client needs the channel),
+    # <|end|> and the ends are not.
+    for text in ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"):
+        assert o200k_tok.token_bytes(t(text) or -1) == text.encode()
+    for text in ("<|end|>", "<|return|>", "<|endoftext|>"):
+        assert o200k_tok.token_bytes(t(text) or -1) == b""
+    ids = o200k_tok.encode("<|channel|>final<|message|>Hi<|end|>", add_special=False)
+    assert o200k_tok.decode(ids, skip_special=True) == "<|channel|>final<|message|>Hi"
 
 
 def test_eot_and_eom_from_metadata(spm_metadata: dict[str, Any]) -> None:
