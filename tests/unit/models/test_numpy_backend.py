@@ -1,0 +1,140 @@
+"""NumpyBackend over tiny synthetic models: the Backend contract and the invariants of the
+forward pass (chunking, cache reuse, dequant budget) that parity tests do not cover."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.backends.base import Backend
+from worker.backends.numpy_ref import GGUFWeights, NumpyBackend
+from worker.engine.params import SamplingParams
+from worker.engine.sampling import sample
+from worker.errors import ContextLengthExceeded, ModelLoadError
+from worker.gguf.hparams import load_hparams
+from worker.gguf.reader import open_gguf
+from worker.gguf.synth import preset, write_synthetic
+from worker.models.base import build_model, model_class
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gpt-oss", "gpt2"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    arch = request.param
+    mix = "mxfp4" if arch == "gpt-oss" else "q4_k_m"
+    path = tmp_path_factory.mktemp("tiny") / f"{arch}.gguf"
+    write_synthetic(path, replace(preset(arch, "tiny", mix=mix, seed=3), std=0.15))
+    return path
+
+
+@pytest.fixture
+def backend(tiny: Path) -> Iterator[NumpyBackend]:
+    b = NumpyBackend(tiny, ctx_size=40)
+    yield b
+    b.close()
+
+
+IDS = [5, 17, 3, 99, 42, 7, 250, 1, 64, 128, 33, 2, 9, 77, 300, 11, 18, 21, 400, 6]
+
+
+def test_contract_and_info(backend: NumpyBackend) -> None:
+    b: Backend = backend
+    assert b.info.device == "cpu" and b.info.resident is False
+    assert b.context_length == 40 and b.n_past == 0
+    assert b.vocab_size == backend.hp.n_vocab
+    assert b.check_residency().ok
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> None:
+    """Same math, different BLAS blocking (gemm vs gemv): float32 rounding only."""
+    a2, b2 = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+    err = np.linalg.norm(a2 - b2, axis=-1) / np.linalg.norm(b2, axis=-1)
+    assert err.max() <= 1e-5, err
+
+
+def test_chunked_prefill_and_decode_equal_one_pass(tiny: Path, backend: NumpyBackend) -> None:
+    full = backend.forward(IDS, all_logits=True)
+    assert full.shape == (len(IDS), backend.vocab_size) and full.dtype == np.float32
+    assert backend.n_past == len(IDS)
+    chunked = NumpyBackend(tiny, ctx_size=40, prefill_chunk=7)
+    try:
+        _close(chunked.forward(IDS, all_logits=True), full)
+        chunked.reset()
+        last = chunked.forward(IDS[:12])
+        _close(last, full[11])
+        for i in range(12, len(IDS)):
+            _close(chunked.forward([IDS[i]]), full[i])
+    finally:
+        chunked.close()
+
+
+def test_reset_reuses_cache_and_repeats_exactly(backend: NumpyBackend) -> None:
+    a = backend.forward(IDS[:10], all_logits=True)
+    backend.forward(IDS[10:])
+    backend.reset()
+    assert backend.n_past == 0
+    b = backend.forward(IDS[:10], all_logits=True)
+    np.testing.assert_array_equal(a, b)  # same machine, same inputs: bit-identical
+
+
+def test_context_length_exceeded(backend: NumpyBackend) -> None:
+    backend.forward(IDS * 2)  # exactly 40
+    with pytest.raises(ContextLengthExceeded):
+        backend.forward([1])
+    backend.reset()
+    with pytest.raises(ContextLengthExceeded):
+        backend.forward(list(range(41)))
+    assert backend.n_past == 0
+
+
+def test_dequant_budget_zero_gives_identical_logits(tiny: Path, backend: NumpyBackend) -> None:
+    want = backend.forward(IDS, all_logits=True)
+    lean = NumpyBackend(tiny, ctx_size=40, dequant_cache_mb=0)
+    try:
+        assert lean.weights.cached_bytes == 0
+        np.testing.assert_array_equal(lean.forward(IDS, all_logits=True), want)
+        assert lean.weights.cached_bytes == 0
+    finally:
+        lean.close()
+
+
+def test_forward_sample_matches_reference_sampler(backend: NumpyBackend) -> None:
+    logits = backend.forward(IDS[:8])
+    backend.reset()
+    p = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
+    got = backend.forward_sample(IDS[:8], p, 0.37, [3, 4])
+    assert got == sample(logits, p, 0.37, [3, 4])
+    backend.reset()
+    assert backend.forward_sample(IDS[:8], SamplingParams(temperature=0.0), 0.5, []) == int(
+        np.argmax(logits)
+    )
+
+
+def test_row_and_expert_access_equal_full_dequantization(tiny: Path) -> None:
+    with open_gguf(tiny) as gf:
+        w = GGUFWeights(gf, cache_mb=0)
+        idx = np.array([0, 7, 3, 7])
+        full = gf.dequantize("token_embd.weight")
+        np.testing.assert_array_equal(w.rows("token_embd.weight", idx), full[idx])
+        name = "blk.0.ffn_gate_exps.weight"
+        if name in gf.tensors:
+            whole = gf.dequantize(name)
+            for e in range(whole.shape[0]):
+                np.testing.assert_array_equal(w.expert(name, e), whole[e])
+
+
+def test_missing_tensor_and_unknown_arch_are_load_errors(tiny: Path) -> None:
+    with open_gguf(tiny) as gf:
+        hp = load_hparams(gf)
+
+        class Without(GGUFWeights):
+            def has(self, name: str) -> bool:
+                return name != "blk.1.attn_output.weight" and super().has(name)
+
+        with pytest.raises(ModelLoadError, match=r"blk\.1\.attn_output\.weight"):
+            build_model(hp, Without(gf))
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'mamba'"):
+        model_class("mamba")
