@@ -163,3 +163,25 @@ async def test_sigterm_mid_job_finishes_it_and_exits_0(
     assert await asyncio.to_thread(w.wait_exit, 35) == 0
     # nothing left in the queue for this model
     assert (await client.js.stream_info("ORCD_JOBS")).state.messages == 0
+
+
+async def test_in_progress_acks_keep_a_long_job_from_redelivery(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    """A job running longer than the ack wait (2 s) is not redelivered to an idle second
+    worker while its worker is alive: in-progress acks keep it."""
+    flags = ("--ctx-size", "4096", "--ack-wait-s", "2")
+    a = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    b = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    a.wait_ready()
+    b.wait_ready()
+    t0 = time.monotonic()
+    evs = [ev async for ev in client.generate(REF, job_id="long", timeout_s=180, **LONG)]
+    took = time.monotonic() - t0
+    end = complete(evs, "long")
+    assert [e.attempt for e in evs if isinstance(e, Started)] == [1]
+    assert took > 2.5, f"job too short ({took:.1f} s) to outlast the 2 s ack wait"
+    print(f"long job: {end.tokens_out} tokens in {took:.1f} s, one attempt")
