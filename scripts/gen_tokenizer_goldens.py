@@ -19,6 +19,7 @@ Run: .venv/bin/python scripts/gen_tokenizer_goldens.py
 
 from __future__ import annotations
 
+import functools
 import gzip
 import inspect
 import io
@@ -249,6 +250,23 @@ HARMONY_SPECIALS = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_tables() -> tuple[dict[int, str], dict[str, int]]:
+    """GPT-2's byte <-> character table, from transformers (not from worker/tokenizer)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_char: dict[int, str] = bytes_to_unicode()
+    return to_char, {c: b for b, c in to_char.items()}
+
+
+def bytes_to_byte_level(data: bytes) -> str:
+    return "".join(_byte_tables()[0][b] for b in data)
+
+
+def byte_level_to_bytes(token: str) -> bytes:
+    return bytes(_byte_tables()[1][c] for c in token)
+
+
 def _o200k_ranks() -> tuple[dict[bytes, int], str]:
     import tiktoken_ext.openai_public as oai
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -275,7 +293,6 @@ def _o200k_ranks() -> tuple[dict[bytes, int], str]:
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
-    from worker.tokenizer.common import byte_level_to_bytes
 
     ranks: dict[bytes, int] = {}
     for b in range(256):
@@ -305,8 +322,6 @@ def _split_by_ranks(piece: bytes, ranks: dict[bytes, int], limit: int) -> list[b
 
 def gen_byte_level_families() -> list[dict[str, Any]]:
     import tiktoken
-
-    from worker.tokenizer.common import bytes_to_byte_level
 
     ranks, o200k_pat = _o200k_ranks()
     by_rank = sorted(ranks, key=ranks.__getitem__)
