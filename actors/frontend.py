@@ -104,7 +104,12 @@ class Frontend:
         )
         self._connected = True
         self.js = self.nc.jetstream(publish_async_max_pending=8192)
-        await ensure_streams(self.js, self.subjects, events_max_age_s=self.cfg.events_max_age_s)
+        await ensure_streams(
+            self.js,
+            self.subjects,
+            events_max_age_s=self.cfg.events_max_age_s,
+            replicas=self.cfg.stream_replicas,
+        )
         narrate("nats_connected", f"connected to {url}", nats_url=url)
 
     async def _reply(self, subject: str, payload: bytes) -> None:

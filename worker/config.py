@@ -36,6 +36,7 @@ class WorkerConfig:
     tokenizer: Path | None = None
     subject_prefix: str = "orcd"
     events_max_age_s: float = 24 * 3600.0
+    stream_replicas: int = 1  # 3 on a nats-server cluster (R3)
     heartbeat_interval_s: float = 5.0
     residency_interval_s: float = 60.0
     ack_wait_s: float = 30.0  # JetStream redelivers a job after this long without progress
@@ -59,6 +60,8 @@ class WorkerConfig:
             raise ValueError("--inference-timeout-sec must be positive")
         if self.heartbeat_interval_s <= 0 or self.ack_wait_s <= 1:
             raise ValueError("heartbeat interval must be > 0 and ack wait > 1 s")
+        if not 1 <= self.stream_replicas <= 5:
+            raise ValueError("--stream-replicas must be 1-5")
         if self.log_format not in ("json", "pretty"):
             raise ValueError("--log-format must be json or pretty")
 
@@ -84,6 +87,7 @@ _ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("tokenizer", Path),
     ("subject_prefix", str),
     ("events_max_age_s", float),
+    ("stream_replicas", int),
     ("heartbeat_interval_s", float),
     ("residency_interval_s", float),
     ("ack_wait_s", float),
@@ -115,6 +119,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json to use (hf-json)")
     p.add_argument("--subject-prefix", help="NATS subject prefix (default orcd)")
     p.add_argument("--events-max-age-s", type=float, help="ORCD_EVENTS max age (default 24 h)")
+    p.add_argument(
+        "--stream-replicas", type=int, help="replicas of streams created here (3 on a cluster)"
+    )
     p.add_argument("--heartbeat-interval-s", type=float, help="heartbeat period (default 5 s)")
     p.add_argument("--residency-interval-s", type=float, help="VRAM residency check period")
     p.add_argument("--ack-wait-s", type=float, help="JetStream ack wait (default 30 s)")

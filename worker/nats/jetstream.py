@@ -94,7 +94,7 @@ async def connect(
 
 
 async def ensure_streams(
-    js: JetStreamContext, subjects: Subjects, *, events_max_age_s: float
+    js: JetStreamContext, subjects: Subjects, *, events_max_age_s: float, replicas: int = 1
 ) -> None:
     jobs_name, events_name = stream_names(subjects)
     await _ensure_stream(
@@ -104,6 +104,7 @@ async def ensure_streams(
             subjects=[subjects.jobs_wildcard],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            num_replicas=replicas,
             duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
         ),
     )
@@ -114,6 +115,7 @@ async def ensure_streams(
             subjects=[subjects.events_wildcard],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
+            num_replicas=replicas,
             max_age=events_max_age_s,
             duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
         ),
