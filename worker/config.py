@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class WorkerConfig:
         if not self.model_ref:
             object.__setattr__(self, "model_ref", model_ref_from_name(self.model.name))
         validate_model_ref(self.model_ref)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", self.worker_id):
+            raise ValueError(
+                f"--worker-id {self.worker_id!r} must be 1-128 characters of [A-Za-z0-9_-] "
+                "(a UUID is); it is part of NATS subjects"
+            )
         Subjects(self.subject_prefix)  # validates
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"--device must be cuda or cpu, not {self.device!r}")

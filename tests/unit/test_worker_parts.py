@@ -109,6 +109,8 @@ def test_config_flags_override_environment(tmp_path: Path) -> None:
         config_from_args(p.parse_args([]), {})
     with pytest.raises(ValueError, match="model ref"):
         config_from_args(p.parse_args(["--model", "m.gguf", "--model-ref", "a.b"]), {})
+    with pytest.raises(ValueError, match="worker-id"):
+        config_from_args(p.parse_args(["--model", "m.gguf", "--worker-id", "a.b"]), {})
     with pytest.raises(ValueError, match="max-tokens-out"):
         config_from_args(p.parse_args(["--model", "m.gguf", "--max-tokens-out", "5000"]), {})
 
