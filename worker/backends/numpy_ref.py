@@ -15,7 +15,7 @@ tokens (bounded attention-score memory).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,16 +101,21 @@ class GGUFWeights:
         mat = quants.dequantize(raw, info.ggml_type, info.shape[0] * info.shape[1])
         return self._keep(key, mat.reshape(info.shape[1], info.shape[0]))
 
-    def preload(self) -> None:
-        """Dequantize into the cache now (in file order) as far as the budget goes."""
-        for name, info in self.gf.tensors.items():
-            if self.cached_bytes >= self.budget:
-                break
-            if name == "token_embd.weight" and "output.weight" in self.gf.tensors:
-                continue  # read row by row; only the LM head needs it whole
-            if len(info.shape) == 3:
-                continue  # experts load on first use
-            self.get(name)
+    def preload(self, progress: Callable[[float], None] | None = None) -> None:
+        """Dequantize into the cache now (in file order) as far as the budget goes;
+        `progress(fraction)` after each tensor."""
+        items = list(self.gf.tensors.items())
+        for i, (name, info) in enumerate(items):
+            skip = (
+                self.cached_bytes >= self.budget
+                # read row by row; only the LM head needs it whole
+                or (name == "token_embd.weight" and "output.weight" in self.gf.tensors)
+                or len(info.shape) == 3  # experts load on first use
+            )
+            if not skip:
+                self.get(name)
+            if progress is not None:
+                progress((i + 1) / len(items))
 
 
 class NumpyBackend:
@@ -125,18 +130,32 @@ class NumpyBackend:
         kv_dtype: npt.DTypeLike = np.float32,
         prefill_chunk: int = 256,
         preload: bool = True,
+        kv_cache_size_mb: int | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> None:
+        """`model`: a path or an open GGUFFile (then left open on close()).
+        `ctx_size`: KV capacity in tokens (default min(n_ctx_train, 4096)), capped so the
+        KV cache fits `kv_cache_size_mb` when that is given. `dequant_cache_mb`: budget of
+        dequantized float32 weight copies. `progress(fraction)`: weight preload progress."""
         self._owns_file = not isinstance(model, GGUFFile)
         self.gf: GGUFFile = model if isinstance(model, GGUFFile) else open_gguf(Path(model))
         try:
             self.hp: HParams = load_hparams(self.gf)
             n_ctx = ctx_size if ctx_size is not None else min(self.hp.n_ctx_train, DEFAULT_CTX_CAP)
+            if kv_cache_size_mb is not None:
+                per_token = (
+                    self.hp.n_layer
+                    * self.hp.n_head_kv
+                    * (self.hp.head_dim + self.hp.head_dim_v)
+                    * np.dtype(kv_dtype).itemsize
+                )
+                n_ctx = min(n_ctx, (int(kv_cache_size_mb) << 20) // per_token)
             if n_ctx <= 0:
                 raise ModelLoadError(self.gf.path, f"ctx_size must be > 0, got {n_ctx}")
             self.weights = GGUFWeights(self.gf, dequant_cache_mb)
             self.model: DecoderModel = build_model(self.hp, self.weights, n_ctx=n_ctx)
             if preload:
-                self.weights.preload()
+                self.weights.preload(progress)
         except BaseException:
             if self._owns_file:
                 self.gf.close()

@@ -138,3 +138,16 @@ def test_missing_tensor_and_unknown_arch_are_load_errors(tiny: Path) -> None:
             build_model(hp, Without(gf))
     with pytest.raises(ModelLoadError, match="unsupported architecture 'mamba'"):
         model_class("mamba")
+
+
+def test_kv_budget_caps_context_and_progress_reaches_one(tiny: Path) -> None:
+    seen: list[float] = []
+    b = NumpyBackend(tiny, kv_cache_size_mb=1, progress=seen.append)
+    try:
+        hp = b.hp
+        per_token = hp.n_layer * hp.n_head_kv * (hp.head_dim + hp.head_dim_v) * 4
+        assert b.context_length == min(hp.n_ctx_train, 4096, (1 << 20) // per_token)
+        assert b.kv.nbytes <= 1 << 20
+        assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+    finally:
+        b.close()
