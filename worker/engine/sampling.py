@@ -68,9 +68,12 @@ _LN2_HI = _F32(0.693359375)
 _LN2_LO = _F32(-2.12194440e-4)
 # Taylor coefficients of exp(r), |r| <= 0.35: degree 7 keeps the error near 1e-8.
 _COEFFS = tuple(_F32(c) for c in (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0))
-_TOP_EDGES = tuple(_F32(v) for v in (-1.0, -2.0, -4.0))
+_TOP_EDGES = tuple(_F32(v) for v in (-4.0, -2.0, -1.0))
 _BINS_PER_NAT = 256
-_EMPTY = np.empty(0, dtype=np.int64)
+_N_BINS = int(-X_CUTOFF) * _BINS_PER_NAT + 1  # bins 0..7168 cover x in [-28, 0]
+_EDGES = np.exp(-np.arange(_N_BINS + 1) / _BINS_PER_NAT) * float(1 << WEIGHT_BITS)
+_W_HI = _EDGES[:-1] * (1 + 1e-6) + 1  # per-bin upper bound of a weight (float64)
+_W_LO = np.maximum(_EDGES[1:] * (1 - 1e-6) - 1, 0.0)  # lower bound of a nonzero weight
 _SMALL = 4096  # at most this many candidates: order them with one sort
 
 
@@ -111,16 +114,6 @@ def sampling_weights(x: np.ndarray) -> np.ndarray:
     return exp32(x).astype(np.int64)  # truncation == floor: the values are positive
 
 
-_ARANGE: dict[int, np.ndarray] = {}
-
-
-def _arange(n: int) -> np.ndarray:
-    a = _ARANGE.get(n)
-    if a is None:
-        a = _ARANGE[n] = np.arange(n, dtype=np.int64)
-    return a
-
-
 def _ceil_mul(f: float, n: int) -> int:
     """ceil(f * n) exactly, for a float f and an int n."""
     fr = Fraction(f) * n
@@ -134,29 +127,9 @@ def _floor_mul(f: float, n: int) -> int:
 
 def _keys(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """uint64 keys whose ascending order is the candidate order (x desc, id asc)."""
-    b = x.view(np.int32).astype(np.int64)
-    s = np.where(b >= 0, b, b ^ 0x7FFFFFFF)  # monotone in x as a signed integer
+    bits = x.view(np.int32).astype(np.int64)
+    s = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in x as a signed integer
     return ((np.int64(0x7FFFFFFF) - s).astype(np.uint64) << np.uint64(32)) | ids.astype(np.uint64)
-
-
-def _order(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Positions of a small candidate set in candidate order."""
-    return np.lexsort((ids, -x))
-
-
-class _Set:
-    """Candidates as parallel arrays: token ids, float32 offsets x, int64 weights w."""
-
-    __slots__ = ("ids", "w", "x")
-
-    def __init__(self, ids: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
-        self.ids = ids
-        self.x = x
-        self.w = w
-
-    def take(self, sel: np.ndarray) -> _Set:
-        w = self.w[sel] if self.w.size else self.w  # weights may not be computed yet
-        return _Set(self.ids[sel], self.x[sel], w)
 
 
 def _crossing_sorted(weights: np.ndarray, target: int) -> int:
@@ -189,71 +162,72 @@ def _quickselect(keys: np.ndarray, w: np.ndarray, target: int) -> int:
     return int(keys[order[pos]])
 
 
-def _finish(sub: _Set, w: np.ndarray, target: int) -> tuple[float, int]:
-    """Exact crossing inside a set that is already known to hold it."""
-    if sub.x.size <= _SMALL:
-        order = _order(sub.x, sub.ids)
+def _finish(ids: np.ndarray, x: np.ndarray, w: np.ndarray, target: int) -> tuple[float, int]:
+    """Exact crossing inside a subset (ids, their x and weights) known to hold it, with
+    `target` counted from the subset's start."""
+    if ids.size <= _SMALL:
+        order = np.lexsort((ids, -x))
         pos = order[_crossing_sorted(w[order], target)]
-        return float(sub.x[pos]), int(sub.ids[pos])
-    key = _quickselect(_keys(sub.x, sub.ids), w, target)
+        return float(x[pos]), int(ids[pos])
+    key = _quickselect(_keys(x, ids), w, target)
     tok = key & 0xFFFFFFFF
-    where = int(np.flatnonzero(sub.ids == tok)[0])
-    return float(sub.x[where]), tok
+    return float(x[np.flatnonzero(ids == tok)[0]]), tok
 
 
-def _select(cands: _Set, target: int, *, by_count: bool) -> tuple[float, int]:
-    """The (x, id) of the first candidate, in candidate order, whose inclusive cumulative
-    weight (or count, when by_count) exceeds target; 0 <= target < total is required.
+def _select(x: np.ndarray, w: np.ndarray | None, target: int) -> tuple[float, int]:
+    """The (x, id) of the first token, in candidate order, whose inclusive cumulative weight
+    exceeds target; w=None counts the candidates (x >= -28) instead. Arrays are full-length
+    (position = token id); filtered-out tokens have weight 0, which can never be chosen.
 
-    Large sets: first a few cheap threshold sums near the top (the usual, peaked case);
-    failing that, a histogram of x in bins of 1/256 nat (bin = floor(-x * 256), monotone in
-    x, so bins are contiguous runs of the candidate order) locates the bin that holds the
-    crossing, and only that bin is ordered."""
-    x = cands.x
-    if x.size <= _SMALL:
-        w = np.ones(x.size, dtype=np.int64) if by_count else cands.w
-        return _finish(cands, w, target)
-    for edge in _TOP_EDGES:
+    First a few cheap threshold sums near the top (the usual, peaked case); failing that, a
+    histogram of x in bins of 1/256 nat (bin = floor(-x * 256), monotone in x, so bins are
+    contiguous runs of the candidate order) locates the bins that can hold the crossing,
+    and only those tokens are ordered."""
+    for edge in _TOP_EDGES:  # widest first: one pass settles the usual case
         idx = np.flatnonzero(x >= edge)
         if idx.size > _SMALL:
-            break
-        sub = cands.take(idx)
-        mass = idx.size if by_count else int(sub.w.sum())
-        if mass > target:
-            w = np.ones(idx.size, dtype=np.int64) if by_count else sub.w
-            return _finish(sub, w, target)
+            continue
+        ws = np.ones(idx.size, dtype=np.int64) if w is None else w[idx]
+        if int(ws.sum()) > target:
+            return _finish(idx, x[idx], ws, target)
+        break  # a narrower edge holds even less
+    out = _N_BINS  # tokens that cannot be chosen: x < -28, or weight 0
     bins = np.multiply(x, _F32(-_BINS_PER_NAT))  # exact: a power-of-two scale
     np.floor(bins, out=bins)
+    np.minimum(bins, _F32(out), out=bins)  # also maps -inf (+inf after the scale)
     b = bins.astype(np.intp)
-    counts = np.bincount(b)
-    if by_count:
-        cum = np.cumsum(counts)
-        k_lo = k_hi = int(np.searchsorted(cum, target, side="right"))
+    if w is not None:
+        b[w == 0] = out
+    counts = np.bincount(b, minlength=out + 1)[:out]
+    if w is None:
+        k_lo = k_hi = int(np.searchsorted(np.cumsum(counts), target, side="right"))
     else:
-        # Weighted per-bin sums are slow in NumPy; bound them instead. Every weight in bin
-        # j lies in [W(j+1), W(j)] with W(j) = exp(-j / 256) * 2**40 (widened by 1e-6 for the
-        # polynomial's error), so the crossing bin is between the first bin whose upper
-        # cumulative bound exceeds target and the first whose lower bound does.
-        edges = np.exp(-np.arange(counts.size + 1) / _BINS_PER_NAT) * float(1 << WEIGHT_BITS)
-        upper = np.cumsum(counts * (edges[:-1] * (1 + 1e-6) + 1))
-        lower = np.cumsum(counts * np.maximum(edges[1:] * (1 - 1e-6) - 1, 0.0))
+        # Weighted per-bin sums are slow in NumPy; bound them instead. Every nonzero weight
+        # in bin j lies in [W(j+1) - 1, W(j)], W(j) = exp(-j / 256) * 2**40 (widened by 1e-6
+        # for the polynomial's error), so the crossing bin lies between the first bin whose
+        # upper cumulative bound exceeds target and the first whose lower bound does.
+        upper = np.cumsum(counts * _W_HI)
+        lower = np.cumsum(counts * _W_LO)
         k_lo = int(np.searchsorted(upper, target, side="right"))
-        k_hi = min(int(np.searchsorted(lower, target, side="right")), counts.size - 1)
+        k_hi = min(int(np.searchsorted(lower, target, side="right")), out - 1)
     above = b < k_lo
-    before = int(np.count_nonzero(above)) if by_count else int(cands.w[above].sum())
-    sub = cands.take(np.flatnonzero((b >= k_lo) & (b <= k_hi)))
-    w = np.ones(sub.x.size, dtype=np.int64) if by_count else sub.w
-    if not 0 <= target - before < int(w.sum()):  # cannot happen if the bounds hold
-        w_all = np.ones(x.size, dtype=np.int64) if by_count else cands.w
-        return _finish(cands, w_all, target)
-    return _finish(sub, w, target - before)
+    before = int(np.count_nonzero(above)) if w is None else int((w * above).sum())
+    idx = np.flatnonzero((b >= k_lo) & (b <= k_hi))
+    ws = np.ones(idx.size, dtype=np.int64) if w is None else w[idx]
+    if not 0 <= target - before < int(ws.sum()):  # cannot happen while the bounds hold
+        idx = np.flatnonzero(x >= X_CUTOFF) if w is None else np.flatnonzero(w)
+        ws = np.ones(idx.size, dtype=np.int64) if w is None else w[idx]
+        return _finish(idx, x[idx], ws, target)
+    return _finish(idx, x[idx], ws, target - before)
 
 
-def _keep_through(cands: _Set, x_k: float, id_k: int) -> _Set:
-    """Keep the candidates up to and including (x_k, id_k) in candidate order."""
+def _through(x: np.ndarray, x_k: float, id_k: int) -> np.ndarray:
+    """Mask of the tokens up to and including (x_k, id_k) in candidate order."""
     xk = _F32(x_k)
-    keep = (cands.x > xk) | ((cands.x == xk) & (cands.ids <= id_k))
-    return cands.take(np.flatnonzero(keep))
+    keep = x > xk
+    ties = np.flatnonzero(x == xk)
+    keep[ties[ties <= id_k]] = True
+    return keep
 
 
 def _penalize(logits: np.ndarray, penalty: float, generated: Sequence[int]) -> np.ndarray:
@@ -308,35 +282,20 @@ def sample(
     else:  # +inf (forced by penalty 0 or tiny T) or every logit -inf
         x = np.where(x == zmax, _F32(0.0), _F32(-np.inf)).astype(_F32)
 
-    # Only tokens within 28 nats of the max can carry weight.
-    inside = x >= X_CUTOFF
-    if inside.all():
-        cands = _Set(_arange(x.size), x, _EMPTY)
+    # Arrays stay full-length (position = token id): filters zero weights, never gather.
+    if params.top_k > 0 and params.top_k < int(np.count_nonzero(x >= X_CUTOFF)):
+        x_k, id_k = _select(x, None, params.top_k - 1)
+        kept = np.flatnonzero(_through(x, x_k, id_k))
+        w = np.zeros(x.size, dtype=np.int64)
+        w[kept] = sampling_weights(x[kept])  # weights of the k survivors only
     else:
-        ids = np.flatnonzero(inside)
-        cands = _Set(ids, x[ids], _EMPTY)
-    if 0 < params.top_k < cands.ids.size:
-        x_k, id_k = _select(cands, params.top_k - 1, by_count=True)
-        cands = _keep_through(cands, x_k, id_k)
-    cands.w = sampling_weights(cands.x)
-    nz = cands.w > 0
-    if not nz.all():
-        cands = cands.take(np.flatnonzero(nz))
-    if cands.ids.size == 1:
-        return int(cands.ids[0])
-
+        w = sampling_weights(x)  # 0 below the cutoff
     if params.top_p < 1.0:
-        total = int(cands.w.sum())
-        need = max(1, _ceil_mul(params.top_p, total))
-        x_p, id_p = _select(cands, need - 1, by_count=False)
-        cands = _keep_through(cands, x_p, id_p)
+        need = max(1, _ceil_mul(params.top_p, int(w.sum())))
+        x_p, id_p = _select(x, w, need - 1)
+        w *= _through(x, x_p, id_p)
     if params.min_p > 0.0:
-        w_max = 1 << WEIGHT_BITS  # x = 0 for the first candidate, exp32(0) = 1 exactly
-        floor_w = _ceil_mul(params.min_p, w_max)
-        keep = cands.w >= floor_w
-        if not keep.all():
-            cands = cands.take(np.flatnonzero(keep))
-
-    total = int(cands.w.sum())
-    _, tok = _select(cands, _floor_mul(draw, total), by_count=False)
+        # the first candidate has x = 0 and exp32(0) = 1 exactly: w_max = 2**40
+        w *= w >= _ceil_mul(params.min_p, 1 << WEIGHT_BITS)
+    _, tok = _select(x, w, _floor_mul(draw, int(w.sum())))
     return tok
