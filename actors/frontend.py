@@ -77,12 +77,13 @@ class Frontend:
         self._subs: list[Subscription] = []
         self._jobs_stream, self._events_stream = stream_names(self.subjects)
         self._connected = False
+        self._closing = False
 
     # ----------------------------------------------------------------- connection
 
     async def connect(self, url: str) -> None:
         async def on_disconnect() -> None:
-            if self._connected:
+            if self._connected and not self._closing:
                 narrate(
                     "nats_disconnected", "lost the NATS connection; reconnecting", level="WARNING"
                 )
@@ -272,6 +273,10 @@ class Frontend:
                             outcome = "ok" if isinstance(ev, End) else ev.code.value
                             self.metrics.outcome(outcome)
                             if isinstance(ev, Error):
+                                if ev.code is ErrorCode.CUDA_ERROR:
+                                    # a CUDA error may have poisoned the context: report it
+                                    # so the orchestrator can restart this worker
+                                    self.state.set_unhealthy(f"CUDA error: {ev.message}")
                                 narrate(
                                     "error",
                                     f"{ev.code}: {ev.message}",
@@ -360,6 +365,7 @@ class Frontend:
         nc = self.nc
         if nc is None:
             return
+        self._closing = True
         with contextlib.suppress(Exception):
             await nc.publish(self.subjects.heartbeat(self.cfg.worker_id), self.state.health_bytes())
         for sub in self._subs:
