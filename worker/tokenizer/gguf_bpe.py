@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import tokenizers
@@ -427,7 +426,3 @@ class GGUFTokenizer:
         return ChatTemplate.render_or_fail(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt
         )
-
-
-def gguf_tokenizer(metadata: Mapping[str, Any], *, model_path: Path | None = None) -> GGUFTokenizer:
-    return GGUFTokenizer(metadata, source=model_path if model_path is not None else "<metadata>")

@@ -63,7 +63,7 @@ class HFJsonTokenizer:
             raw = path.read_text(encoding="utf-8")
             spec = json.loads(raw)
             self._core = tokenizers.Tokenizer.from_str(raw)
-        except (OSError, ValueError, Exception) as exc:
+        except Exception as exc:  # unreadable file, bad JSON, or a spec the library rejects
             raise ModelLoadError(path, f"cannot load tokenizer.json: {exc}") from exc
         self._core_plain: tokenizers.Tokenizer | None = None
         self._raw = raw
