@@ -1,8 +1,10 @@
 // Attention over the FP16 KV cache for prefill (many query rows) and decode (one row), causal,
-// GQA/MHA, optional sliding window and gpt-oss sinks. Split-K over the key length:
-// attn_split computes, per (query row, head, key chunk), the chunk's max score m, the sum of
-// exp(score - m) l and the unnormalised exp-weighted sum of values; attn_combine merges the
-// chunks in a fixed order (no atomics), so results are bit-identical run to run.
+// GQA/MHA, optional sliding window and gpt-oss sinks. Split-K over the key length, one
+// launch: each block of attn_split computes, per (query row, head, key chunk), the chunk's
+// max score m, the sum of exp(score - m) l and the unnormalised exp-weighted sum of values;
+// the last block of a (row, head) to finish (a ticket counter, reset by that block) merges
+// the chunks in a fixed order, so results are bit-identical run to run whatever order the
+// blocks ran in (the atomic only picks which block merges, never the order of a sum).
 //
 // The query position is pos0[0] + row, read from device memory, and the chunk length is
 // derived in the kernel from the current key length (ceil((pos0 + n_tokens) / n_split)), so
@@ -12,34 +14,12 @@
 
 #define AT 128  // threads per attn_split block; head_dim <= AT, head_dim % 8 == 0
 
-// grid (n_split, n_head, n_tokens), block AT.
-// q: row t, head h at q + t*q_stride + h*head_dim (float). kc/vc: [ctx][n_kv][head_dim] half.
-// opart: [n_tokens][n_head][n_split][head_dim]; ml: [n_tokens][n_head][n_split][2].
-// Key j is visible to query position p iff j <= p and (window <= 0 or p - j < window).
-// Dynamic shared memory: max_chunk floats (the host sizes it for the largest key length).
-extern "C" __global__ void __launch_bounds__(AT)
-    attn_split(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
-               const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
-               const int* __restrict__ pos0, int n_tokens, int n_head, int n_kv, int head_dim,
-               int n_split, int max_chunk, float scale, int window) {
-  extern __shared__ float sp[];
-  __shared__ float sq[AT];
-  __shared__ float sacc[AT];
-  __shared__ float sh[32];
-  const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
-  const int qpos = pos0[0] + t;
-  int chunk = (pos0[0] + n_tokens + n_split - 1) / n_split;
-  if (chunk > max_chunk) chunk = 0;  // the host never allows this; write nothing out of bounds
-  const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
-  const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
-  const size_t pidx = ((size_t)t * n_head + h) * n_split + s;
-  if (j0 >= j1) {
-    if (threadIdx.x == 0) {
-      ml[2 * pidx] = -CUDART_INF_F;
-      ml[2 * pidx + 1] = 0.0f;
-    }
-    return;
-  }
+// One chunk's partial result (see attn_split).
+__device__ __forceinline__ void attn_chunk(
+    const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
+    const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml, float* sp,
+    float* sq, float* sacc, float* sh, size_t pidx, int t, int h, int n_head, int n_kv,
+    int head_dim, int j0, int j1, float scale) {
   const int kh = h / (n_head / n_kv);
   const float* qr = q + (size_t)t * q_stride + (size_t)h * head_dim;
   for (int d = threadIdx.x; d < head_dim; d += AT) sq[d] = qr[d] * scale;
@@ -75,7 +55,8 @@ extern "C" __global__ void __launch_bounds__(AT)
   if (g < G) {
     const __half* vb = vc + (size_t)kh * head_dim + d;
     const size_t vstride = (size_t)n_kv * head_dim;
-    for (int jj = g; jj < n; jj += G) acc = fmaf(sp[jj], __half2float(vb[(size_t)(j0 + jj) * vstride]), acc);
+    for (int jj = g; jj < n; jj += G)
+      acc = fmaf(sp[jj], __half2float(vb[(size_t)(j0 + jj) * vstride]), acc);
   }
   sacc[threadIdx.x] = acc;
   __syncthreads();
@@ -90,29 +71,68 @@ extern "C" __global__ void __launch_bounds__(AT)
   }
 }
 
-// grid (n_head, n_tokens), block >= head_dim (multiple of 32). sinks: per-head logit that joins
-// the softmax denominator only (gpt-oss), or null. out row t at out + t*out_stride.
-extern "C" __global__ void attn_combine(const float* __restrict__ opart,
-                                        const float* __restrict__ ml,
-                                        const float* __restrict__ sinks, float* __restrict__ out,
-                                        int out_stride, int n_head, int head_dim, int n_split) {
-  const int h = blockIdx.x, t = blockIdx.y;
+
+// grid (n_split, n_head, n_tokens), block AT.
+// q: row t, head h at q + t*q_stride + h*head_dim (float). kc/vc: [ctx][n_kv][head_dim] half.
+// opart: [n_tokens][n_head][n_split][head_dim]; ml: [n_tokens][n_head][n_split][2].
+// Key j is visible to query position p iff j <= p and (window <= 0 or p - j < window).
+// Dynamic shared memory: max_chunk floats (the host sizes it for the largest key length).
+// sinks: per-head logit that joins the softmax denominator only (gpt-oss), or null.
+// out row t at out + t*out_stride. tickets: n_tokens*n_head zeroed uints (left zeroed).
+extern "C" __global__ void __launch_bounds__(AT)
+    attn_split(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
+               const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
+               const int* __restrict__ pos0, int n_tokens, int n_head, int n_kv, int head_dim,
+               int n_split, int max_chunk, float scale, int window,
+               const float* __restrict__ sinks, float* __restrict__ out, int out_stride,
+               unsigned int* __restrict__ tickets) {
+  extern __shared__ float sp[];
+  __shared__ float sq[AT];
+  __shared__ float sacc[AT];
+  __shared__ float sh[32];
+  __shared__ unsigned int s_ticket;
+  const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const int qpos = pos0[0] + t;
+  int chunk = (pos0[0] + n_tokens + n_split - 1) / n_split;
+  if (chunk > max_chunk) chunk = 0;  // the host never allows this; write nothing out of bounds
+  const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
+  const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
+  const size_t pidx = ((size_t)t * n_head + h) * n_split + s;
+  if (j0 >= j1) {
+    if (threadIdx.x == 0) {
+      ml[2 * pidx] = -CUDART_INF_F;
+      ml[2 * pidx + 1] = 0.0f;
+    }
+  } else {
+    attn_chunk(q, q_stride, kc, vc, opart, ml, sp, sq, sacc, sh, pidx, t, h, n_head, n_kv,
+               head_dim, j0, j1, scale);
+  }
+  // The last block of this (row, head) merges the chunks.
+  __threadfence();
+  __syncthreads();
+  const unsigned int slot = (unsigned int)t * n_head + h;
+  if (threadIdx.x == 0) s_ticket = atomicAdd(&tickets[slot], 1u);
+  __syncthreads();
+  if (s_ticket != (unsigned int)(n_split - 1)) return;
+  __threadfence();
   const size_t base = ((size_t)t * n_head + h) * n_split;
   float M = sinks ? sinks[h] : -CUDART_INF_F;
-  for (int s = 0; s < n_split; ++s)
-    if (ml[2 * (base + s) + 1] > 0.0f) M = fmaxf(M, ml[2 * (base + s)]);
+  for (int c = 0; c < n_split; ++c)
+    if (__ldcg(&ml[2 * (base + c) + 1]) > 0.0f) M = fmaxf(M, __ldcg(&ml[2 * (base + c)]));
   float L = sinks ? expf(sinks[h] - M) : 0.0f;
-  for (int s = 0; s < n_split; ++s) {
-    const float l = ml[2 * (base + s) + 1];
-    if (l > 0.0f) L += l * expf(ml[2 * (base + s)] - M);
+  for (int c = 0; c < n_split; ++c) {
+    const float l = __ldcg(&ml[2 * (base + c) + 1]);
+    if (l > 0.0f) L += l * expf(__ldcg(&ml[2 * (base + c)]) - M);
   }
   const float inv = 1.0f / L;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+  for (int d = threadIdx.x; d < head_dim; d += AT) {
     float o = 0.0f;
-    for (int s = 0; s < n_split; ++s) {
-      const float l = ml[2 * (base + s) + 1];
-      if (l > 0.0f) o += opart[(base + s) * head_dim + d] * expf(ml[2 * (base + s)] - M);
+    for (int c = 0; c < n_split; ++c) {
+      const float l = __ldcg(&ml[2 * (base + c) + 1]);
+      if (l > 0.0f)
+        o += __ldcg(&opart[(base + c) * head_dim + d]) * expf(__ldcg(&ml[2 * (base + c)]) - M);
     }
     out[(size_t)t * out_stride + (size_t)h * head_dim + d] = o * inv;
   }
+  if (threadIdx.x == 0) tickets[slot] = 0u;  // ready for the next launch (graph replay)
 }

@@ -30,18 +30,27 @@ def main() -> None:
     be.reset()
     tok = be.forward_sample(prompt, greedy, 0.0, [])
     tok = be.forward_sample([tok], greedy, 0.0, [])  # captures the graph
-    g = be._decode_graph(True)
-    s, e = drv.Event(), drv.Event()
-    gpu_ms = []
-    for _ in range(50):
-        n = be.n_past
-        be._set_inputs([tok], n)
-        s.record(st)
-        g.launch()
-        e.record(st)
-        e.synchronize()
-        gpu_ms.append(e.time_since(s))
-    print(f"graph replay GPU time: median {np.median(gpu_ms) * 1e3:.1f} us")
+
+    def graph_us() -> float:
+        g = be._decode_graph(True)
+        s, e = drv.Event(), drv.Event()
+        gpu_ms = []
+        for _ in range(50):
+            be._set_inputs([tok], be.n_past - 1)  # replay the same position
+            s.record(st)
+            g.launch()
+            e.record(st)
+            e.synchronize()
+            gpu_ms.append(e.time_since(s))
+        return float(np.median(gpu_ms) * 1e3)
+
+    print(f"graph replay GPU time: median {graph_us():.1f} us (prefer-L1 context)")
+    for cname in ("PREFER_NONE", "PREFER_SHARED", "PREFER_L1"):
+        drv.Context.set_cache_config(getattr(drv.func_cache, cname))
+        for gr in be._graphs.values():
+            gr.destroy()
+        be._graphs.clear()
+        print(f"  cache config {cname}: graph replay {graph_us():.1f} us")
     host = []
     for _ in range(50):
         t0 = time.perf_counter()

@@ -186,6 +186,7 @@ def _attn_case(
     kv_max = pos0 + n_tok
     max_chunk = -(-kv_max // n_split)
     shape = AttnShape(n_tok, nh, nkv, hd, n_split, max_chunk)
+    tickets = dev.put(np.zeros(n_tok * nh, np.uint32))
     out = dev.poison(n_tok * nh * hd * 4)
     scale = 1.0 / np.sqrt(hd)
     kern.attention(
@@ -198,6 +199,7 @@ def _attn_case(
         pos=dev.put(np.array([pos0], np.int32)),
         out=out,
         out_stride=nh * hd,
+        tickets=tickets,
         shape=shape,
         ctx=ctx,
         max_kv=kv_max,
@@ -234,6 +236,7 @@ def _attn_case(
         pos0,
         AttnOptions(scale=float(scale), window=window, sinks=sk),
     )
+    assert not dev.get(tickets, (n_tok * nh,), np.uint32).any()  # left zeroed for reuse
     assert rel_err(dev.get(out, (n_tok, nh * hd)), ref) < 2e-5
 
 
@@ -288,6 +291,7 @@ def test_attention_deterministic(kern: Any, dev: Any) -> None:
             pos=dev.put(np.array([2000], np.int32)),
             out=out,
             out_stride=896,
+            tickets=dev.put(np.zeros(64, np.uint32)),
             shape=AttnShape(1, 14, 2, 64, 16, 128),
             ctx=2048,
             max_kv=2001,
@@ -444,6 +448,7 @@ def test_out_of_range_launches_are_refused(kern: Any, dev: Any) -> None:
             pos=dev.put(np.array([0], np.int32)),
             out=dev.poison(896 * 4),
             out_stride=896,
+            tickets=dev.put(np.zeros(64, np.uint32)),
             shape=AttnShape(1, 14, 2, 64, 1, 128),
             ctx=100,
             max_kv=101,

@@ -206,3 +206,34 @@ def test_rope_table_matches_reference_angles(rope: RopeParams) -> None:
         theta = pos.astype(np.float64)[:, None] * inv[None, :]
         np.testing.assert_allclose(np.cos(theta) * mscale, cos_ref, atol=2e-6, rtol=0)
         np.testing.assert_allclose(np.sin(theta) * mscale, sin_ref, atol=2e-6, rtol=0)
+
+
+def test_arena_order_puts_fusable_projections_side_by_side() -> None:
+    from worker.backends.cuda.backend import arena_order
+
+    names = [
+        "token_embd.weight",
+        "blk.0.attn_k.bias",
+        "blk.0.attn_k.weight",
+        "blk.0.attn_norm.weight",
+        "blk.0.attn_output.weight",
+        "blk.0.attn_q.bias",
+        "blk.0.attn_q.weight",
+        "blk.0.attn_v.bias",
+        "blk.0.attn_v.weight",
+        "blk.0.ffn_down.weight",
+        "blk.0.ffn_gate.weight",
+        "blk.0.ffn_norm.weight",
+        "blk.0.ffn_up.weight",
+        "blk.1.attn_qkv.weight",
+        "output_norm.weight",
+    ]
+    order = arena_order(names)
+    assert sorted(order) == sorted(names)
+    i = order.index
+    assert i("blk.0.attn_k.weight") == i("blk.0.attn_q.weight") + 1
+    assert i("blk.0.attn_v.weight") == i("blk.0.attn_k.weight") + 1
+    assert i("blk.0.attn_k.bias") == i("blk.0.attn_q.bias") + 1
+    assert i("blk.0.attn_v.bias") == i("blk.0.attn_k.bias") + 1
+    assert i("blk.0.ffn_up.weight") == i("blk.0.ffn_gate.weight") + 1
+    assert order[0] == "token_embd.weight" and order[-1] == "output_norm.weight"

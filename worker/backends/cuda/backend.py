@@ -85,6 +85,33 @@ def rope_inv_freq(hp: HParams, factors: np.ndarray | None) -> tuple[np.ndarray, 
     return inv.astype(np.float64), float(mscale)
 
 
+_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def arena_order(names: list[str]) -> list[str]:
+    """File order, except that each layer's q/k/v (and gate/up) weights, and separately
+    their biases, are placed one after another so that one launch can cover them."""
+    present = set(names)
+    done: set[str] = set()
+    order: list[str] = []
+    for name in names:
+        if name in done:
+            continue
+        parts = name.split(".")
+        group: list[str] = [name]
+        if len(parts) == 4 and parts[0] == "blk":
+            for g in _GROUPS:
+                if parts[2] in g:
+                    group = [f"blk.{parts[1]}.{m}.{parts[3]}" for m in g]
+                    group = [m for m in group if m in present]
+                    break
+        for m in group:
+            if m not in done:
+                done.add(m)
+                order.append(m)
+    return order
+
+
 @dataclass(frozen=True, slots=True)
 class _W:
     """A weight matrix in the arena, in matmul.py's terms."""
@@ -165,10 +192,11 @@ class CudaBackend:
         self.mm = MatmulKernels(ctx.facts.arch)
         self.kernel_load_s = time.perf_counter() - t_k
 
-        # ---- what goes into the arena
+        # ---- what goes into the arena (matrices that one launch can cover placed adjacently)
         sources: dict[str, np.ndarray] = {}
         self.qtypes: dict[str, int] = {}
-        for name, ti in self.gf.tensors.items():
+        for name in arena_order(list(self.gf.tensors)):
+            ti = self.gf.tensors[name]
             widen = ti.ggml_type != F32_TYPE and (
                 len(ti.shape) == 1 or name == "position_embd.weight"
             )
@@ -203,8 +231,8 @@ class CudaBackend:
             ("xbuf", V * 4),
             ("opart", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * hp.head_dim * 4),
             ("ml", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * 2 * 4),
-            ("ids", B * 4),
-            ("pos", 256),
+            ("io", (B + 1) * 4),  # [position, token ids...]: one copy per decode step
+            ("tickets", B * hp.n_head * 4),
             ("argv", ARGMAX_BLOCKS * 4),
             ("argi", ARGMAX_BLOCKS * 4),
             ("out", 256),
@@ -248,7 +276,16 @@ class CudaBackend:
         self.scratch = ctx.alloc(splan.total, "scratch")
         self.pen = ctx.alloc(self.context_length * 4, "penalty ids")
         self.s = {n: self.scratch.view(splan.offsets[n], splan.sizes[n], n) for n in splan.offsets}
+        self.s["pos"] = self.s["io"].view(0, 4, "pos")
+        self.s["ids"] = self.s["io"].view(4, B * 4, "ids")
+        ctx.htod(self.s["tickets"], np.zeros(B * hp.n_head, np.uint32))
+        self._qkv_plan = [
+            self._group(self._qkv_names(il), hp.q_dim, hp.kv_dim) for il in range(hp.n_layer)
+        ]
+        self._gu_plan = [self._group(self._gu_names(il), ff, ff) for il in range(hp.n_layer)]
         self._host_pos = ctx.drv.pagelocked_empty(2, np.int32)
+        self._io_done = ctx.drv.Event()
+        self._io_done.record(ctx.stream)
         self._host_out = ctx.drv.pagelocked_empty(2, np.int32)
         self._n_past = 0
         self._graphs: dict[str, Any] = {}
@@ -338,6 +375,75 @@ class CudaBackend:
         if self.k.sync_each:
             self.ctx.sync(f"matmul {wname}")
 
+    def _qkv_names(self, il: int) -> list[str]:
+        p = f"blk.{il}"
+        if f"{p}.attn_qkv.weight" in self.plan.offsets:
+            return [f"{p}.attn_qkv"]
+        return [f"{p}.attn_q", f"{p}.attn_k", f"{p}.attn_v"]
+
+    def _gu_names(self, il: int) -> list[str]:
+        p = f"blk.{il}"
+        if f"{p}.ffn_gate.weight" in self.plan.offsets:
+            return [f"{p}.ffn_gate", f"{p}.ffn_up"]
+        if self.hp.arch == "gpt2":
+            return []
+        return [f"{p}.ffn_up"]
+
+    def _group(self, prefixes: list[str], first_cols: int, other_cols: int) -> list[Any]:
+        """Launch plan for projections whose outputs sit side by side in one row: adjacent
+        matrices of one type and width (and their biases, if all have adjacent ones) become
+        one matrix with the rows of all. Returns (QWeight, bias, output column) per launch."""
+        from worker.backends.cuda.matmul import QWeight
+
+        out: list[Any] = []
+        col = 0
+        run: list[str] = []
+        run_col = 0
+
+        def flush() -> None:
+            if not run:
+                return
+            ws = [self._w(f"{r}.weight") for r in run]
+            qw = QWeight(
+                ptr=ws[0].ptr,
+                qtype=ws[0].qtype,
+                rows=sum(w.rows for w in ws),
+                cols=ws[0].cols,
+                nbytes=sum(w.nbytes for w in ws),
+            )
+            bnames = [f"{r}.bias" for r in run]
+            bias: Buf | None = None
+            if bnames[0] in self.plan.offsets:
+                b0 = self._t(bnames[0])
+                bias = (b0.ptr, sum(self.plan.sizes[b] for b in bnames))
+            out.append((qw, bias, run_col))
+
+        def joins(prev: str, nxt: str) -> bool:
+            a, b = self._w(f"{prev}.weight"), self._w(f"{nxt}.weight")
+            if a.qtype != b.qtype or a.cols != b.cols or b.ptr != a.ptr + a.nbytes:
+                return False
+            ba, bb = f"{prev}.bias", f"{nxt}.bias"
+            if (ba in self.plan.offsets) != (bb in self.plan.offsets):
+                return False
+            if ba in self.plan.offsets:
+                return self._t(bb).ptr == self._t(ba).ptr + self.plan.sizes[ba]
+            return True
+
+        for i, pre in enumerate(prefixes):
+            if run and joins(run[-1], pre):
+                run.append(pre)
+            else:
+                flush()
+                run, run_col = [pre], col
+            col += first_cols if i == 0 else other_cols
+        flush()
+        return out
+
+    def _mm_run(self, qw: Any, x: Buf, y: Buf, n: int, *, ldy: int, bias: Buf | None) -> None:
+        self.mm.linear(qw, x, y, n, stream=self.ctx.stream, bias=bias, ldy=ldy)
+        if self.k.sync_each:
+            self.ctx.sync("matmul")
+
     def _norm(self, x: DevBuf, out: DevBuf, prefix: str, rows: int) -> None:
         hp = self.hp
         w = self._t(f"{prefix}.weight")
@@ -382,20 +488,14 @@ class CudaBackend:
         mode = ROPE_MODE[hp.rope.type]
         inv = self._t("__rope_inv_freq") if mode else s["pos"]
         qkv = s["qkv"]
-        q_b = (qkv.ptr, qkv.nbytes)
-        k_b = (qkv.ptr + qd * 4, qkv.nbytes - qd * 4)
-        v_b = (qkv.ptr + (qd + kvd) * 4, qkv.nbytes - (qd + kvd) * 4)
         sinks_name = None
         for il in range(hp.n_layer):
             p = f"blk.{il}"
             self._norm(s["x"], s["xn"], f"{p}.attn_norm", n)
             xn = _b(s["xn"])
-            if f"{p}.attn_qkv.weight" in self.plan.offsets:
-                self._lin(f"{p}.attn_qkv.weight", xn, q_b, n, ldy=QKV, bias=f"{p}.attn_qkv.bias")
-            else:
-                self._lin(f"{p}.attn_q.weight", xn, q_b, n, ldy=QKV, bias=f"{p}.attn_q.bias")
-                self._lin(f"{p}.attn_k.weight", xn, k_b, n, ldy=QKV, bias=f"{p}.attn_k.bias")
-                self._lin(f"{p}.attn_v.weight", xn, v_b, n, ldy=QKV, bias=f"{p}.attn_v.bias")
+            for qw, bias, col in self._qkv_plan[il]:
+                y = (qkv.ptr + col * 4, qkv.nbytes - col * 4)
+                self._mm_run(qw, xn, y, n, ldy=QKV, bias=bias)
             kc, vc = self._kv(il)
             k.qkv_rope_store(
                 q=qkv,
@@ -431,6 +531,7 @@ class CudaBackend:
                 pos=s["pos"],
                 out=s["attn"],
                 out_stride=qd,
+                tickets=s["tickets"],
                 shape=shape,
                 ctx=self.context_length,
                 max_kv=kv_max,
@@ -459,13 +560,10 @@ class CudaBackend:
             self._lin(f"{p}.ffn_up.weight", xn, _b(act), n, bias=f"{p}.ffn_up.bias")
             k.gelu(act, act, n * ff)
         else:
-            if f"{p}.ffn_gate.weight" in self.plan.offsets:
-                self._lin(f"{p}.ffn_gate.weight", xn, _b(gu), n, ldy=2 * ff)
-                self._lin(
-                    f"{p}.ffn_up.weight", xn, (gu.ptr + ff * 4, gu.nbytes - ff * 4), n, ldy=2 * ff
+            for qw, bias, col in self._gu_plan[il]:  # gate and up (phi3: fused ffn_up)
+                self._mm_run(
+                    qw, xn, (gu.ptr + col * 4, gu.nbytes - col * 4), n, ldy=2 * ff, bias=bias
                 )
-            else:  # phi3: ffn_up rows are [gate; up]
-                self._lin(f"{p}.ffn_up.weight", xn, _b(gu), n)
             k.swiglu(gu, gu.view(ff * 4, gu.nbytes - ff * 4), act, n, ff, 2 * ff, 2 * ff, ff)
         self._lin(f"{p}.ffn_down.weight", _b(act), x, n, residual=x, bias=f"{p}.ffn_down.bias")
 
@@ -486,14 +584,18 @@ class CudaBackend:
         if arr.min() < 0 or arr.max() >= self.vocab_size:
             raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
         drv, st = self.ctx.drv, self.ctx.stream
-        st.synchronize()  # the pinned staging below may still feed an earlier copy
-        self._host_pos[0] = pos
-        drv.memcpy_htod_async(self.s["pos"].ptr, self._host_pos[:1], st)
         if n == 1:
+            self._io_done.synchronize()  # the pinned staging may still feed the last copy
+            self._host_pos[0] = pos
             self._host_pos[1] = int(arr[0])
-            drv.memcpy_htod_async(self.s["ids"].ptr, self._host_pos[1:2], st)
+            drv.memcpy_htod_async(self.s["io"].ptr, self._host_pos, st)
+            self._io_done.record(st)
         else:
-            drv.memcpy_htod_async(self.s["ids"].ptr, arr.astype(np.int32), st)
+            st.synchronize()
+            io = np.empty(n + 1, np.int32)
+            io[0] = pos
+            io[1:] = arr
+            drv.memcpy_htod(self.s["io"].ptr, io)
 
     def _decode_graph(self, greedy: bool) -> Any:
         key = "greedy" if greedy else "logits"

@@ -116,8 +116,7 @@ class Kernels:
             ("norm", "rmsnorm_f32"): "PPPPif",
             ("norm", "layernorm_f32"): "PPPPPif",
             ("rope", "qkv_rope_store"): "PPPPPPPPPiiiiiiPfii",
-            ("attention", "attn_split"): "PiPPPPPiiiiiifi",
-            ("attention", "attn_combine"): "PPPPiiii",
+            ("attention", "attn_split"): "PiPPPPPiiiiiifiPPiP",
             ("activation", "swiglu_f32"): "PPPiiii",
             ("activation", "swiglu_oai_f32"): "PPPiiiiff",
             ("activation", "gelu_f32"): "PPi",
@@ -299,6 +298,7 @@ class Kernels:
         pos: DevBuf,
         out: DevBuf,
         out_stride: int,
+        tickets: DevBuf,
         shape: AttnShape,
         ctx: int,
         max_kv: int,
@@ -306,7 +306,8 @@ class Kernels:
         window: int = 0,
         sinks: DevBuf | None = None,
     ) -> None:
-        """max_kv: the host's bound on pos0 + n_tokens (the longest key length)."""
+        """max_kv: the host's bound on pos0 + n_tokens (the longest key length).
+        tickets: n_tokens * n_head zeroed uint32 (the kernel leaves them zeroed)."""
         k = "attn_split"
         s = shape
         s.check(k)
@@ -321,13 +322,9 @@ class Kernels:
         need(k, opart, parts * s.head_dim * F32, "opart")
         need(k, ml, parts * 2 * F32, "ml")
         need(k, pos, 4, "pos")
-        need(
-            "attn_combine",
-            out,
-            strided_extent(s.n_tokens, out_stride, s.n_head * s.head_dim),
-            "out",
-        )
-        need("attn_combine", sinks, s.n_head * F32 if sinks is not None else 0, "sinks")
+        need(k, out, strided_extent(s.n_tokens, out_stride, s.n_head * s.head_dim), "out")
+        need(k, sinks, s.n_head * F32 if sinks is not None else 0, "sinks")
+        need(k, tickets, s.n_tokens * s.n_head * 4, "tickets")
         self.launch(
             k,
             (s.n_split, s.n_head, s.n_tokens),
@@ -347,20 +344,11 @@ class Kernels:
             s.max_chunk,
             scale,
             window,
-            shared=s.max_chunk * F32,
-        )
-        self.launch(
-            "attn_combine",
-            (s.n_head, s.n_tokens),
-            (max(32, (s.head_dim + 31) // 32 * 32),),
-            opart.ptr,
-            ml.ptr,
             ptr(sinks),
             out.ptr,
             out_stride,
-            s.n_head,
-            s.head_dim,
-            s.n_split,
+            tickets.ptr,
+            shared=s.max_chunk * F32,
         )
 
     # ------------------------------------------------------------------ activations
