@@ -5,7 +5,7 @@
 //
 // Design (docs/kernels.md has the numbers): a block of 128 threads owns GEMV_R consecutive
 // rows. It streams each row through shared memory in chunks of whole quant blocks (about
-// 2 KB per row per chunk) with 16-byte, fully coalesced, evict-first loads, whatever the block
+// 2.5 KB per row per chunk) with 16-byte, fully coalesced, evict-first loads, whatever the block
 // size (17, 18, 22, 34, 210 bytes are not 16-byte multiples), double-buffered: the loads of
 // chunk c+1 are issued into registers before chunk c is dequantized. Each thread then takes
 // 8-element groups: consecutive threads take consecutive groups, so the x reads of a warp are
@@ -16,7 +16,7 @@
 
 #define GEMV_THREADS 128
 #define GEMV_R 4
-#define GEMV_CHUNK 2048
+#define GEMV_CHUNK 2560
 #define GEMV_STAGES 3
 
 template <int T> struct GemvCfg {
@@ -40,24 +40,26 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Rows [tile*GEMV_R, +GEMV_R) for tile = tile0, tile0 + tile_step, ... < ceil(N/GEMV_R).
+// Rows [tile*GEMV_R, +GEMV_R) for tile = tile0, tile0 + tile_step, ... < ceil(N/GEMV_R) of the
+// matrix that starts w_off bytes after W (W 16-byte aligned; w_off any, e.g. an expert's).
 // Must be called by all GEMV_THREADS threads of the block. The block's work is a sequence of
 // (tile, chunk) steps; chunk loads go global -> shared with cp.async (16 bytes each, the last
 // piece of the matrix zero-filled past its end) GEMV_STAGES-1 steps ahead of the compute.
 template <int T, int NB>
-__device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long long row_bytes,
-                                         int N, int K, const float* __restrict__ x,
-                                         long long ldx, int ntok, const float* __restrict__ bias,
-                                         const float* residual, float* y, long long ldy,
-                                         int tile0, int tile_step) {
+__device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long long w_off,
+                                         long long row_bytes, int N, int K,
+                                         const float* __restrict__ x, long long ldx, int ntok,
+                                         const float* __restrict__ bias, const float* residual,
+                                         float* y, long long ldy, int tile0, int tile_step) {
   using C = GemvCfg<T>;
+  constexpr int GPB = C::QK / 8;  // 8-element groups per quant block
   __shared__ __align__(16) uint8_t st[GEMV_STAGES][GEMV_R][C::SROW];
   __shared__ float red[GEMV_THREADS / 32][GEMV_R * NB];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int ntiles = (N + GEMV_R - 1) / GEMV_R;
   if (tile0 >= ntiles) return;
   const int nblk = K / C::QK;
-  const long long total = (long long)N * row_bytes;
+  const long long total = w_off + (long long)N * row_bytes;  // end of the matrix, from W
   const int nchunk = (nblk + C::CB - 1) / C::CB;
   const int my_tiles = (ntiles - tile0 + tile_step - 1) / tile_step;
   const int nsteps = my_tiles * nchunk;
@@ -65,18 +67,19 @@ __device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long lon
   auto issue = [&](int s) {
     const int tile = tile0 + (s / nchunk) * tile_step, c = s % nchunk;
     const int r0 = tile * GEMV_R, nr = min(GEMV_R, N - r0);
-    const int j0 = c * C::CB, nb = min(C::CB, nblk - j0);
+    const int j0 = c * C::CB;
+    const long long seg = (long long)min(C::CB, nblk - j0) * C::BYTES;
     uint8_t(*dst)[C::SROW] = st[s % GEMV_STAGES];
 #pragma unroll
-    for (int i = 0; i < C::NL; ++i) {
-      const int p = tid + i * GEMV_THREADS;
-      const int r = p / C::PIECES, q = p % C::PIECES;
+    for (int r = 0; r < GEMV_R; ++r) {
       if (r < nr) {
-        const long long start = (long long)(r0 + r) * row_bytes + (long long)j0 * C::BYTES;
+        const long long start = w_off + (long long)(r0 + r) * row_bytes + (long long)j0 * C::BYTES;
         const long long a0 = start & ~15LL;
-        const long long a1 = (start + (long long)nb * C::BYTES + 15) & ~15LL;
-        const long long addr = a0 + 16LL * q;
-        if (addr < a1) cp_async16(&dst[r][16 * q], W + addr, (int)min(16LL, total - addr));
+        const int n16 = (int)((((start + seg + 15) & ~15LL) - a0) >> 4);
+        for (int q = tid; q < n16; q += GEMV_THREADS) {
+          const long long addr = a0 + 16LL * q;
+          cp_async16(&dst[r][16 * q], W + addr, (int)min(16LL, total - addr));
+        }
       }
     }
   };
@@ -95,12 +98,12 @@ __device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long lon
   for (int s = 0; s < nsteps; ++s) {
     const int tile = tile0 + (s / nchunk) * tile_step, c = s % nchunk;
     const int r0 = tile * GEMV_R, nr = min(GEMV_R, N - r0);
-    const int j0 = c * C::CB, nb = min(C::CB, nblk - j0);
-    const int ngroups = nb * (C::QK / 8);
+    const int j0 = c * C::CB;
+    const int ngroups = min(C::CB, nblk - j0) * GPB;
     // x of this thread's first group: fetched while the weights are still in flight
     float xv[NB][8];
     auto load_x = [&](int qg) {
-      const int k = (j0 + qg / (C::QK / 8)) * C::QK + 8 * (qg % (C::QK / 8));
+      const int k = (j0 + qg / GPB) * C::QK + 8 * (qg % GPB);
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         if (b < ntok) {
@@ -120,21 +123,37 @@ __device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long lon
     if (s + GEMV_STAGES - 1 < nsteps) issue(s + GEMV_STAGES - 1);
     cp_async_commit();
 
-    const uint8_t(*src)[C::SROW] = st[s % GEMV_STAGES];
+    const uint8_t* rowp[GEMV_R];
+#pragma unroll
+    for (int r = 0; r < GEMV_R; ++r) {
+      const long long start = w_off + (long long)(r0 + r) * row_bytes + (long long)j0 * C::BYTES;
+      rowp[r] = &st[s % GEMV_STAGES][r][(int)(start & 15LL)];
+    }
     for (int qg = tid; qg < ngroups; qg += GEMV_THREADS) {
       if (qg != tid) load_x(qg);
-      const int jj = qg / (C::QK / 8), g = qg % (C::QK / 8);
+      const int jj = qg / GPB, g = qg % GPB;
+      float sx[NB];
+      if (HasMin<T>::value) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          sx[b] = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) sx[b] += xv[b][i];
+        }
+      }
 #pragma unroll
       for (int r = 0; r < GEMV_R; ++r) {
         if (r < nr) {
-          const int off =
-              (int)(((long long)(r0 + r) * row_bytes + (long long)j0 * C::BYTES) & 15LL);
-          float w[8];
-          dequant8<T>(&src[r][off + jj * C::BYTES], g, w);
+          float q[8], d, m;
+          decode8<T>(rowp[r] + jj * C::BYTES, g, q, d, m);
 #pragma unroll
-          for (int b = 0; b < NB; ++b)
+          for (int b = 0; b < NB; ++b) {
+            float dot = q[0] * xv[b][0];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[r][b] = fmaf(w[i], xv[b][i], acc[r][b]);
+            for (int i = 1; i < 8; ++i) dot = fmaf(q[i], xv[b][i], dot);
+            acc[r][b] = fmaf(dot, d, acc[r][b]);
+            if (HasMin<T>::value) acc[r][b] = fmaf(m, sx[b], acc[r][b]);
+          }
         }
       }
     }
@@ -177,7 +196,7 @@ __device__ __forceinline__ void gemv_entry(const uint8_t* W, long long row_bytes
                                            const float* x, long long ldx, int ntok,
                                            const float* bias, const float* residual, float* y,
                                            long long ldy) {
-  gemv_run<T, NB>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy, blockIdx.x,
+  gemv_run<T, NB>(W, 0, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy, blockIdx.x,
                   gridDim.x);
 }
 

@@ -32,7 +32,7 @@ __device__ __forceinline__ void moe_gemv_entry(const uint8_t* W, long long exper
     return;
   }
   const int t = a / topk, slot = a % topk;
-  gemv_run<T, 1>(W + (long long)e * expert_bytes, row_bytes, N, K,
+  gemv_run<T, 1>(W, (long long)e * expert_bytes, row_bytes, N, K,
                  X + (long long)t * ldx_tok + (long long)slot * ldx_slot, 0, 1,
                  B ? B + (long long)e * N : nullptr, nullptr, y, 0, blockIdx.x, gridDim.x);
 }

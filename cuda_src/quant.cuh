@@ -99,87 +99,117 @@ QDEV void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
   }
 }
 
-// ---- dequant8 ------------------------------------------------------------------------------
-template <int T> QDEV void dequant8(const uint8_t* blk, int g, float w[8]);
+// ---- decode8 / dequant8 ---------------------------------------------------------------------
+// decode8<T>(blk, g, q, d, m): element 8g+i of the block is q[i]*d + m, with q[i] small exact
+// integers (or the value itself for the float types, d = 1, m = 0) and (d, m) shared by the 8
+// elements. The gemv factors d and m out of its dot products (sum q*x, then *d, + m*sum x),
+// which saves a multiply per weight; dequant8 applies them (used by gemm and embedding).
+// QTraits<T>::HAS_MIN says whether m can be non-zero.
+template <int T> struct HasMin { static constexpr bool value = false; };
+template <> struct HasMin<QT_Q4_1> { static constexpr bool value = true; };
+template <> struct HasMin<QT_Q5_1> { static constexpr bool value = true; };
+template <> struct HasMin<QT_Q4_K> { static constexpr bool value = true; };
+template <> struct HasMin<QT_Q5_K> { static constexpr bool value = true; };
 
-template <> QDEV void dequant8<QT_F32>(const uint8_t* blk, int g, float w[8]) {
+template <int T> QDEV void decode8(const uint8_t* blk, int g, float q[8], float& d, float& m);
+
+template <>
+QDEV void decode8<QT_F32>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const float* p = reinterpret_cast<const float*>(blk) + 8 * g;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = p[i];
+  for (int i = 0; i < 8; ++i) q[i] = p[i];
+  d = 1.f;
+  m = 0.f;
 }
 
-template <> QDEV void dequant8<QT_F16>(const uint8_t* blk, int g, float w[8]) {
+template <>
+QDEV void decode8<QT_F16>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 16 * g;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint32_t v = ld_u32_a4(p + 4 * i);
-    w[2 * i] = __half2float(__ushort_as_half((unsigned short)(v & 0xFFFF)));
-    w[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(v >> 16)));
+    q[2 * i] = __half2float(__ushort_as_half((unsigned short)(v & 0xFFFF)));
+    q[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(v >> 16)));
   }
+  d = 1.f;
+  m = 0.f;
 }
 
-template <> QDEV void dequant8<QT_BF16>(const uint8_t* blk, int g, float w[8]) {
+template <>
+QDEV void decode8<QT_BF16>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 16 * g;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint32_t v = ld_u32_a4(p + 4 * i);
-    w[2 * i] = q_bits_float(v << 16);
-    w[2 * i + 1] = q_bits_float(v & 0xFFFF0000u);
+    q[2 * i] = q_bits_float(v << 16);
+    q[2 * i + 1] = q_bits_float(v & 0xFFFF0000u);
   }
+  d = 1.f;
+  m = 0.f;
 }
 
 // Q4_0: d(f16) qs[16]; element j<16 = low nibble of qs[j], j>=16 = high nibble of qs[j-16].
-template <> QDEV void dequant8<QT_Q4_0>(const uint8_t* blk, int g, float w[8]) {
-  const float d = qf16(blk);
+template <>
+QDEV void decode8<QT_Q4_0>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 2 + (g & 1) * 8;
-  int q[8];
-  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, q);
+  int n[8];
+  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, n);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = (float)(q[i] - 8) * d;
+  for (int i = 0; i < 8; ++i) q[i] = (float)(n[i] - 8);
+  d = qf16(blk);
+  m = 0.f;
 }
 
 // Q4_1: d m qs[16]; value = q*d + m.
-template <> QDEV void dequant8<QT_Q4_1>(const uint8_t* blk, int g, float w[8]) {
-  const float d = qf16(blk), m = qf16(blk + 2);
+template <>
+QDEV void decode8<QT_Q4_1>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 4 + (g & 1) * 8;
-  int q[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, q);
+  int n[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, n);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = (float)q[i] * d + m;
+  for (int i = 0; i < 8; ++i) q[i] = (float)n[i];
+  d = qf16(blk);
+  m = qf16(blk + 2);
 }
 
 // Q5_0: d qh[4] qs[16]; 5th bit of element j is bit j of qh; value = (q-16)*d.
-template <> QDEV void dequant8<QT_Q5_0>(const uint8_t* blk, int g, float w[8]) {
-  const float d = qf16(blk);
+template <>
+QDEV void decode8<QT_Q5_0>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint32_t qh = ld_u32_a2(blk + 2) >> (8 * g);
   const uint8_t* p = blk + 6 + (g & 1) * 8;
-  int q[8];
-  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, q);
+  int n[8];
+  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, n);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = (float)((q[i] | (int)(((qh >> i) & 1) << 4)) - 16) * d;
+  for (int i = 0; i < 8; ++i) q[i] = (float)((n[i] | (int)(((qh >> i) & 1) << 4)) - 16);
+  d = qf16(blk);
+  m = 0.f;
 }
 
 // Q5_1: d m qh[4] qs[16]; value = q*d + m.
-template <> QDEV void dequant8<QT_Q5_1>(const uint8_t* blk, int g, float w[8]) {
-  const float d = qf16(blk), m = qf16(blk + 2);
+template <>
+QDEV void decode8<QT_Q5_1>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint32_t qh = ld_u32_a4(blk + 4) >> (8 * g);
   const uint8_t* p = blk + 8 + (g & 1) * 8;
-  int q[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, q);
+  int n[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, n);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = (float)(q[i] | (int)(((qh >> i) & 1) << 4)) * d + m;
+  for (int i = 0; i < 8; ++i) q[i] = (float)(n[i] | (int)(((qh >> i) & 1) << 4));
+  d = qf16(blk);
+  m = qf16(blk + 2);
 }
 
 // Q8_0: d qs[32] (int8).
-template <> QDEV void dequant8<QT_Q8_0>(const uint8_t* blk, int g, float w[8]) {
-  const float d = qf16(blk);
+template <>
+QDEV void decode8<QT_Q8_0>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 2 + 8 * g;
   const uint32_t lo = ld_u32_a2(p), hi = ld_u32_a2(p + 4);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    w[i] = (float)(int8_t)(lo >> (8 * i)) * d;
-    w[4 + i] = (float)(int8_t)(hi >> (8 * i)) * d;
+    q[i] = (float)(int8_t)(lo >> (8 * i));
+    q[4 + i] = (float)(int8_t)(hi >> (8 * i));
   }
+  d = qf16(blk);
+  m = 0.f;
 }
 
 // MXFP4: e (E8M0 exponent) qs[16]; e2m1 codes, ggml's doubled table times 2^(e-128).
@@ -192,61 +222,78 @@ QDEV float e2m1_doubled(int c) {
   const int v = mag < 5 ? mag : (mag == 5 ? 6 : (mag == 6 ? 8 : 12));
   return (float)((c & 8) ? -v : v);
 }
-template <> QDEV void dequant8<QT_MXFP4>(const uint8_t* blk, int g, float w[8]) {
-  const float d = e8m0_half(blk[0]);
+template <>
+QDEV void decode8<QT_MXFP4>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 1 + (g & 1) * 8;
-  int q[8];
-  nib8(ld_u32_a1(p), ld_u32_a1(p + 4), (g >> 1) * 4, q);
+  int n[8];
+  nib8(ld_u32_a1(p), ld_u32_a1(p + 4), (g >> 1) * 4, n);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = e2m1_doubled(q[i]) * d;
+  for (int i = 0; i < 8; ++i) q[i] = e2m1_doubled(n[i]);
+  d = e8m0_half(blk[0]);
+  m = 0.f;
 }
 
-// Q4_K: d dmin scales[12] qs[128]; sub-block s (32 elements) = nibble (s&1) of qs[32*(s/2)..].
-template <> QDEV void dequant8<QT_Q4_K>(const uint8_t* blk, int g, float w[8]) {
+// Q4_K: d dmin scales[12] qs[128]; sub-block s (32 elements) = nibble (s&1) of qs[32*(s/2)..];
+// value = (d*sc)*q - (dmin*mn).
+template <>
+QDEV void decode8<QT_Q4_K>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const int s = g >> 2, l0 = (g & 3) * 8;
   int sc, mn;
   scale_min_k4(blk + 4, s, sc, mn);
-  const float d = qf16(blk) * (float)sc, m = qf16(blk + 2) * (float)mn;
   const uint8_t* p = blk + 16 + 32 * (s >> 1) + l0;
-  int q[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, q);
+  int n[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, n);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) w[i] = (float)q[i] * d - m;
+  for (int i = 0; i < 8; ++i) q[i] = (float)n[i];
+  d = qf16(blk) * (float)sc;
+  m = -(qf16(blk + 2) * (float)mn);
 }
 
 // Q5_K: d dmin scales[12] qh[32] qs[128]; 5th bit of sub-block s element l is bit s of qh[l].
-template <> QDEV void dequant8<QT_Q5_K>(const uint8_t* blk, int g, float w[8]) {
+template <>
+QDEV void decode8<QT_Q5_K>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const int s = g >> 2, l0 = (g & 3) * 8;
   int sc, mn;
   scale_min_k4(blk + 4, s, sc, mn);
-  const float d = qf16(blk) * (float)sc, m = qf16(blk + 2) * (float)mn;
   const uint8_t* p = blk + 48 + 32 * (s >> 1) + l0;
   const uint32_t hlo = ld_u32_a4(blk + 16 + l0) >> s, hhi = ld_u32_a4(blk + 16 + l0 + 4) >> s;
-  int q[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, q);
+  int n[8];
+  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, n);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    w[i] = (float)(q[i] | (int)(((hlo >> (8 * i)) & 1) << 4)) * d - m;
-    w[4 + i] = (float)(q[4 + i] | (int)(((hhi >> (8 * i)) & 1) << 4)) * d - m;
+    q[i] = (float)(n[i] | (int)(((hlo >> (8 * i)) & 1) << 4));
+    q[4 + i] = (float)(n[4 + i] | (int)(((hhi >> (8 * i)) & 1) << 4));
   }
+  d = qf16(blk) * (float)sc;
+  m = -(qf16(blk + 2) * (float)mn);
 }
 
 // Q6_K: ql[128] qh[64] scales[16] (int8) d; element e: half n=e/128, r=e%128, quarter k=r/32,
 // l=r%32: low 4 bits from ql[64n + 32(k&1) + l] nibble (k>>1), high 2 bits from
-// qh[32n + l] bits 2k, scale scales[8n + l/16 + 2k]; value = d*scale*(q-32).
-template <> QDEV void dequant8<QT_Q6_K>(const uint8_t* blk, int g, float w[8]) {
-  const int e0 = 8 * g, n = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
-  const float d = qf16(blk + 208) * (float)(int8_t)blk[192 + 8 * n + (l0 >> 4) + 2 * k];
-  const uint8_t* pl = blk + 64 * n + 32 * (k & 1) + l0;
-  const uint8_t* ph = blk + 128 + 32 * n + l0;
-  int q[8];
-  nib8(ld_u32_a2(pl), ld_u32_a2(pl + 4), (k >> 1) * 4, q);
+// qh[32n + l] bits 2k, scale scales[8n + l/16 + 2k]; value = (d*scale)*(q-32).
+template <>
+QDEV void decode8<QT_Q6_K>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
+  const int e0 = 8 * g, h = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
+  const uint8_t* pl = blk + 64 * h + 32 * (k & 1) + l0;
+  const uint8_t* ph = blk + 128 + 32 * h + l0;
+  int n[8];
+  nib8(ld_u32_a2(pl), ld_u32_a2(pl + 4), (k >> 1) * 4, n);
   const uint32_t hlo = ld_u32_a2(ph) >> (2 * k), hhi = ld_u32_a2(ph + 4) >> (2 * k);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    w[i] = (float)((q[i] | (int)(((hlo >> (8 * i)) & 3) << 4)) - 32) * d;
-    w[4 + i] = (float)((q[4 + i] | (int)(((hhi >> (8 * i)) & 3) << 4)) - 32) * d;
+    q[i] = (float)((n[i] | (int)(((hlo >> (8 * i)) & 3) << 4)) - 32);
+    q[4 + i] = (float)((n[4 + i] | (int)(((hhi >> (8 * i)) & 3) << 4)) - 32);
   }
+  d = qf16(blk + 208) * (float)(int8_t)blk[192 + 8 * h + (l0 >> 4) + 2 * k];
+  m = 0.f;
+}
+
+// The 8 elements 8g..8g+7 of the block at blk as floats (ggml's values, to a rounding).
+template <int T> QDEV void dequant8(const uint8_t* blk, int g, float w[8]) {
+  float q[8], d, m;
+  decode8<T>(blk, g, q, d, m);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = q[i] * d + m;
 }
 
 // Dispatch helper: instantiate MACRO(type_id, Name) for every supported type.
