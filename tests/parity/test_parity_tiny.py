@@ -34,7 +34,8 @@ CASES = [
     ("qwen2", "f32", {}),
     ("qwen2", "q4_k_m", {}),
     ("phi3", "f32", {}),
-    ("phi3", "q4_k_m", {"rope_factors": True}),
+    ("phi3", "q4_k_m", {"rope_factors": True}),  # short factors (context <= original)
+    ("phi3", "f16", {"rope_factors": True, "rope_orig_ctx": 16}),  # long factors
     ("gpt-oss", "f32", {}),
     ("gpt-oss", "mxfp4", {}),
     ("llama", "f32", {}),
@@ -44,7 +45,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "mix", "extra"), CASES, ids=[f"{a}-{m}" for a, m, _ in CASES])
+@pytest.mark.parametrize(
+    ("arch", "mix", "extra"), CASES, ids=[f"{a}-{m}-{i}" for i, (a, m, _) in enumerate(CASES)]
+)
 def test_logits_match_transformers(
     arch: str, mix: str, extra: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -63,7 +63,7 @@ class RopeParams:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_ext_factor: float = 0.0  # 1.0 when scaling == "yarn" (llama.cpp's default)
-    yarn_attn_factor: float = 1.0  # {arch}.rope.scaling.yarn_attn_factor / attn_factor
+    yarn_attn_factor: float = 1.0  # {arch}.rope.scaling.attn_factor (cos/sin magnitude)
     yarn_log_mul: float = 0.0  # {arch}.rope.scaling.yarn_log_multiplier (0 = absent)
     yarn_truncate: bool = True  # llama.cpp floors/ceils the correction dims
     has_factors: bool = False  # phi3 rope_factors_long/short or llama rope_freqs tensors
@@ -278,9 +278,9 @@ def load_hparams(
     if factor <= 0.0:
         factor = 1.0
     scaling: RopeScaling = scaling_name  # type: ignore[assignment]
-    attn_factor = as_float(
-        "rope.scaling.yarn_attn_factor", as_float("rope.scaling.attn_factor", 1.0)
-    )
+    # llama.cpp multiplies cos/sin by rope.scaling.attn_factor (phi3 longrope writes it);
+    # under YaRN it recomputes the YaRN part from the factor (see RopeParams.yarn_mscale).
+    attn_factor = as_float("rope.scaling.attn_factor", 1.0)
     has_factors = bool(
         {"rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight"} & names
     )
