@@ -369,8 +369,9 @@ def test_draws_follow_the_filtered_softmax(params: SamplingParams) -> None:
 
 
 def test_speed_on_a_qwen_sized_vocab() -> None:
-    """< 2 ms per call on an idle machine; asserted with slack (5 ms, best of several
-    samples) because CI shares its two cores with other jobs."""
+    """About 1-2 ms per call here (BENCHMARKS.md); asserted with slack (8 ms, median of
+    best-of-3) because CI shares its two cores with other jobs. A full sort of the
+    vocabulary alone takes 20 ms, so a regression to sorting still fails."""
     rng = np.random.default_rng(6)
     rows = [lm_like(rng, 151_936, 2.5) for _ in range(8)]
     gen = list(range(0, 3000, 11))
@@ -387,4 +388,4 @@ def test_speed_on_a_qwen_sized_vocab() -> None:
                 sample(r, params, uniform(i, rep), gen)
                 times.append(time.perf_counter() - t)
             best.append(min(times))
-        assert float(np.median(best)) < 5e-3, (params, best)
+        assert float(np.median(best)) < 8e-3, (params, best)
