@@ -95,33 +95,127 @@ __device__ __forceinline__ u64 key_of(float x, int id) {
   return ((u64)(0x7FFFFFFFll - s) << 32) | (u64)(unsigned)id;
 }
 
-struct SampleState {
+// ---- grid-wide pieces. The sampler runs as a grid of up to SAMPLE_MAX_GRID blocks that
+// are all resident at once (gridDim.x <= number of SMs, one block per SM), joined by a
+// software barrier; cross-block values go through global memory (read with __ldcg, L2) in
+// ping-pong slots, so a block one barrier ahead never overwrites what a slower one reads.
+#define SAMPLE_MAX_GRID 64
+
+struct GridScratch {
+  u64 part_u[2][SAMPLE_MAX_GRID];
+  float part_f[2][SAMPLE_MAX_GRID];
+  int part_i[2][SAMPLE_MAX_GRID];
+  u64 hist[2][SAMPLE_MAX_GRID][256];
+};
+
+struct SampleShared {
   u64 hist[256];
   u64 prefix;
   u64 target;
+  u64 red_u[32];
   float red_f[32];
   int red_i[32];
-  u64 red_u[32];
 };
 
-__device__ __forceinline__ u64 block_sum_u64(u64 v, SampleState& st) {
+__device__ __forceinline__ void grid_sync(unsigned int* bar) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile unsigned int* gen = bar + 1;
+    const unsigned int g = *gen;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      while (*gen == g) __nanosleep(20);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+__device__ u64 grid_sum_u64(u64 v, GridScratch* gs, unsigned int* bar, int& ph,
+                            SampleShared& st) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
   if (lane == 0) st.red_u[wid] = v;
   __syncthreads();
-  v = lane < (SAMPLE_THREADS >> 5) ? st.red_u[lane] : 0ull;
+  if (threadIdx.x == 0) {
+    u64 b = 0ull;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) b += st.red_u[w];
+    gs->part_u[ph][blockIdx.x] = b;
+  }
+  grid_sync(bar);
+  if (wid == 0) {
+    u64 r = 0ull;
+    for (int b = lane; b < (int)gridDim.x; b += 32) r += __ldcg(&gs->part_u[ph][b]);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+    if (lane == 0) st.red_u[0] = r;
+  }
+  __syncthreads();
+  const u64 r = st.red_u[0];
+  __syncthreads();
+  ph ^= 1;
+  return r;
+}
+
+__device__ __forceinline__ void argmax_pair(float& v, int& i, float ov, int oi) {
+  if (ov > v || (ov == v && oi < i)) {
+    v = ov;
+    i = oi;
+  }
+}
+
+// Grid max (want_idx false) or argmax with lowest index on ties (want_idx true).
+__device__ void grid_argmax(float& v, int& idx, GridScratch* gs, unsigned int* bar, int& ph,
+                            SampleShared& st) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    argmax_pair(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
+  if (lane == 0) {
+    st.red_f[wid] = v;
+    st.red_i[wid] = idx;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float bv = st.red_f[0];
+    int bi = st.red_i[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) argmax_pair(bv, bi, st.red_f[w], st.red_i[w]);
+    gs->part_f[ph][blockIdx.x] = bv;
+    gs->part_i[ph][blockIdx.x] = bi;
+  }
+  grid_sync(bar);
+  if (wid == 0) {
+    float bv = -CUDART_INF_F;
+    int bi = 0x7fffffff;
+    for (int b = lane; b < (int)gridDim.x; b += 32)
+      argmax_pair(bv, bi, __ldcg(&gs->part_f[ph][b]), __ldcg(&gs->part_i[ph][b]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      argmax_pair(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    if (lane == 0) {
+      st.red_f[0] = bv;
+      st.red_i[0] = bi;
+    }
+  }
+  __syncthreads();
+  v = st.red_f[0];
+  idx = st.red_i[0];
+  __syncthreads();
+  ph ^= 1;
 }
 
 // Kept: x >= -28, key <= klim, and (when need_w) weight >= wfloor (wfloor >= 1).
 // Returns the key of the first kept element, in key order, whose inclusive cumulative count
-// (by_count) or weight exceeds target.
+// (by_count) or weight exceeds target. Eight passes of 8-bit digits; integer histograms.
 __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, bool need_w,
-                            u64 wfloor, bool by_count, u64 target, SampleState& st) {
+                            u64 wfloor, bool by_count, u64 target, GridScratch* gs,
+                            unsigned int* bar, int& ph, SampleShared& st) {
+  const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
   if (threadIdx.x == 0) {
     st.prefix = 0ull;
     st.target = target;
@@ -134,7 +228,7 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
     // each one atomically would serialise the block on one shared counter.
     int cur = -1;
     u64 acc = 0ull;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = gtid; i < n; i += gstride) {
       const float x = xbuf[i];
       if (!(x >= -28.0f)) continue;
       const u64 key = key_of(x, i);
@@ -156,20 +250,29 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
     }
     if (cur >= 0) atomicAdd(&st.hist[cur], acc);
     __syncthreads();
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) gs->hist[ph][blockIdx.x][b] = st.hist[b];
+    grid_sync(bar);
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+      u64 tot = 0ull;
+      for (int g = 0; g < (int)gridDim.x; ++g) tot += __ldcg(&gs->hist[ph][g][b]);
+      st.hist[b] = tot;
+    }
+    __syncthreads();
     if (threadIdx.x == 0) {
-      u64 acc = 0ull, t = st.target;
+      u64 a = 0ull, t = st.target;
       int sel = 255;
       for (int b = 0; b < 256; ++b) {
-        if (acc + st.hist[b] > t) {
+        if (a + st.hist[b] > t) {
           sel = b;
           break;
         }
-        acc += st.hist[b];
+        a += st.hist[b];
       }
-      st.target = t - acc;
+      st.target = t - a;
       st.prefix = pre | ((u64)sel << shift);
     }
     __syncthreads();
+    ph ^= 1;
   }
   return st.prefix;
 }
@@ -184,126 +287,104 @@ __device__ __forceinline__ u64 mul_shift(u64 m, int sh, u64 total, bool ceil_) {
 }
 
 // out[0] = chosen id; out[1] = 0 ok, 1 NaN in the logits.
+// grid: <= SAMPLE_MAX_GRID blocks (all co-resident), block SAMPLE_THREADS.
 // pen_ids: distinct ids (n_pen of them) for the repetition penalty (applied when pen != 1).
 // top_p = top_p_m * 2^-top_p_sh (top_p_sh < 0: off); draw = draw_m * 2^-draw_sh;
-// wfloor = ceil(min_p * 2^40) (1 when min_p is off).
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+// wfloor = ceil(min_p * 2^40) (1 when min_p is off). xbuf: n floats of scratch;
+// gscratch: a GridScratch; bar: two zeroed uints (left consistent for the next launch).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
     sample_full(const float* __restrict__ logits, int n, const int* __restrict__ pen_ids,
                 int n_pen, float pen, float temperature, int top_k, u64 top_p_m, int top_p_sh,
                 u64 wfloor, u64 draw_m, int draw_sh, float* __restrict__ xbuf,
-                int* __restrict__ out) {
-  __shared__ SampleState st;
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  // 1. penalty (distinct ids), written into xbuf as l; NaN check.
-  int nan_seen = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+                int* __restrict__ out, GridScratch* gs, unsigned int* bar) {
+  __shared__ SampleShared st;
+  const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
+  int ph = 0;
+  // 1. copy with the NaN check; the penalty (distinct ids) after a barrier.
+  u64 nan_seen = 0ull;
+  for (int i = gtid; i < n; i += gstride) {
     const float l = logits[i];
-    nan_seen |= (l != l);
+    nan_seen |= (l != l) ? 1ull : 0ull;
     xbuf[i] = l;
   }
-  nan_seen = __syncthreads_or(nan_seen);
+  nan_seen = grid_sum_u64(nan_seen, gs, bar, ph, st);
   if (nan_seen) {
-    if (threadIdx.x == 0) {
+    if (gtid == 0) {
       out[0] = 0;
       out[1] = 1;
     }
     return;
   }
   if (pen != 1.0f) {
-    for (int j = threadIdx.x; j < n_pen; j += blockDim.x) {
+    for (int j = gtid; j < n_pen; j += gstride) {
       const int id = pen_ids[j];
       if (id < 0 || id >= n) continue;
       const float l = logits[id];
       xbuf[id] = l > 0.0f ? __fdiv_rn(l, pen) : __fmul_rn(l, pen);
     }
+    grid_sync(bar);
   }
-  __syncthreads();
   // 2. greedy: argmax of the penalized logits, lowest index on ties.
   if (temperature == 0.0f) {
     float v = -CUDART_INF_F;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const float x = xbuf[i];
-      if (x > v || (x == v && i < bi)) {
-        v = x;
-        bi = i;
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > v || (ov == v && oi < bi)) {
-        v = ov;
-        bi = oi;
-      }
-    }
-    if (lane == 0) {
-      st.red_f[wid] = v;
-      st.red_i[wid] = bi;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float bv = st.red_f[0];
-      int b = st.red_i[0];
-      for (int w = 1; w < (SAMPLE_THREADS >> 5); ++w)
-        if (st.red_f[w] > bv || (st.red_f[w] == bv && st.red_i[w] < b)) {
-          bv = st.red_f[w];
-          b = st.red_i[w];
-        }
-      out[0] = b == 0x7fffffff ? 0 : b;
+    for (int i = gtid; i < n; i += gstride) argmax_pair(v, bi, __ldcg(&xbuf[i]), i);
+    grid_argmax(v, bi, gs, bar, ph, st);
+    if (gtid == 0) {
+      out[0] = bi == 0x7fffffff ? 0 : bi;
       out[1] = 0;
     }
     return;
   }
-  // 3. z = l / T; x = (z - max z) + 0 (or 0 / -inf when the max is infinite).
+  // 3. z = l / T; x = (z - max z) + 0 (or 0 / -inf when the max is infinite). Each thread
+  // only ever touches its own elements from here on, so plain loads are coherent.
   float zmax = -CUDART_INF_F;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float z = __fdiv_rn(xbuf[i], temperature);
+  int dummy = 0;
+  for (int i = gtid; i < n; i += gstride) {
+    const float z = __fdiv_rn(__ldcg(&xbuf[i]), temperature);
     xbuf[i] = z;
     zmax = fmaxf(zmax, z);
   }
-  zmax = block_max(zmax, st.red_f);
+  grid_argmax(zmax, dummy, gs, bar, ph, st);
   const bool finite = isfinite(zmax);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+  for (int i = gtid; i < n; i += gstride) {
     const float z = xbuf[i];
     xbuf[i] = finite ? __fadd_rn(__fsub_rn(z, zmax), 0.0f) : (z == zmax ? 0.0f : -CUDART_INF_F);
   }
-  __syncthreads();
   // 4. top-k over the candidates (x >= -28).
   u64 klim = ~0ull;
   if (top_k > 0) {
     u64 cnt = 0ull;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) cnt += (xbuf[i] >= -28.0f) ? 1ull : 0ull;
-    cnt = block_sum_u64(cnt, st);
+    for (int i = gtid; i < n; i += gstride) cnt += (xbuf[i] >= -28.0f) ? 1ull : 0ull;
+    cnt = grid_sum_u64(cnt, gs, bar, ph, st);
     if ((u64)top_k < cnt)
-      klim = radix_select(xbuf, n, ~0ull, false, 1ull, true, (u64)(top_k - 1), st);
+      klim = radix_select(xbuf, n, ~0ull, false, 1ull, true, (u64)(top_k - 1), gs, bar, ph, st);
   }
   // 5-6. weights; top-p.
   if (top_p_sh >= 0) {
     u64 tot = 0ull;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = gtid; i < n; i += gstride) {
       const float x = xbuf[i];
       if (x >= -28.0f && key_of(x, i) <= klim) tot += weight_of(x);
     }
-    tot = block_sum_u64(tot, st);
+    tot = grid_sum_u64(tot, gs, bar, ph, st);
     u64 need = mul_shift(top_p_m, top_p_sh, tot, true);
     if (need < 1ull) need = 1ull;
-    klim = radix_select(xbuf, n, klim, true, 1ull, false, need - 1ull, st);
+    klim = radix_select(xbuf, n, klim, true, 1ull, false, need - 1ull, gs, bar, ph, st);
   }
   // 7. min-p floor; 8. the draw.
   u64 tot = 0ull;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+  for (int i = gtid; i < n; i += gstride) {
     const float x = xbuf[i];
     if (x >= -28.0f && key_of(x, i) <= klim) {
       const u64 w = weight_of(x);
       if (w >= wfloor) tot += w;
     }
   }
-  tot = block_sum_u64(tot, st);
+  tot = grid_sum_u64(tot, gs, bar, ph, st);
   const u64 target = mul_shift(draw_m, draw_sh, tot, false);
-  const u64 key = radix_select(xbuf, n, klim, true, wfloor, false, target, st);
-  if (threadIdx.x == 0) {
+  const u64 key = radix_select(xbuf, n, klim, true, wfloor, false, target, gs, bar, ph, st);
+  if (gtid == 0) {
     out[0] = (int)(key & 0xFFFFFFFFull);
     out[1] = 0;
   }

@@ -9,7 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker.backends.cuda.kernels import AttnShape, LaunchRefused, attn_split_count
+from worker.backends.cuda.kernels import (
+    SAMPLE_SCRATCH_BYTES,
+    AttnShape,
+    LaunchRefused,
+    attn_split_count,
+)
 from worker.engine.params import SamplingParams
 from worker.engine.sampling import sample
 from worker.gguf.hparams import RopeParams
@@ -389,6 +394,7 @@ def test_sampler_matches_reference(
     gen_u = np.unique(np.asarray(generated, np.int64)).astype(np.int32)
     pen = dev.put(gen_u if gen_u.size else np.zeros(1, np.int32))
     xbuf, out = dev.poison(n * 4), dev.put(np.array([-1, -1], np.int32))
+    gs, bar = dev.poison(SAMPLE_SCRATCH_BYTES), dev.put(np.zeros(2, np.uint32))
     lb = dev.put(logits)
     for j in range(5):
         draw = float(rng.random())
@@ -405,6 +411,8 @@ def test_sampler_matches_reference(
             draw=draw,
             xbuf=xbuf,
             out=out,
+            gscratch=gs,
+            barrier=bar,
         )
         got = dev.get(out, (2,), np.int32)
         want = sample(logits, params, draw, generated)
@@ -429,6 +437,8 @@ def test_sampler_reports_nan(kern: Any, dev: Any) -> None:
         draw=0.5,
         xbuf=dev.poison(400),
         out=out,
+        gscratch=dev.poison(SAMPLE_SCRATCH_BYTES),
+        barrier=dev.put(np.zeros(2, np.uint32)),
     )
     assert int(dev.get(out, (2,), np.int32)[1]) == 1
 

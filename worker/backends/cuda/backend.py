@@ -27,7 +27,13 @@ import numpy as np
 
 from worker.backends.base import BackendInfo, ResidencyReport
 from worker.backends.cuda.arena import MIB, DevBuf, align_up, kv_bytes_per_token, plan_arena
-from worker.backends.cuda.kernels import ARGMAX_BLOCKS, AttnShape, Kernels, attn_split_count
+from worker.backends.cuda.kernels import (
+    ARGMAX_BLOCKS,
+    SAMPLE_SCRATCH_BYTES,
+    AttnShape,
+    Kernels,
+    attn_split_count,
+)
 from worker.engine.params import SamplingParams
 from worker.errors import (
     ContextLengthExceeded,
@@ -229,6 +235,8 @@ class CudaBackend:
             ("act", B * ff * 4),
             ("logits", max(LOGIT_ROWS, 1) * V * 4),
             ("xbuf", V * 4),
+            ("gscratch", SAMPLE_SCRATCH_BYTES),
+            ("barrier", 8),
             ("opart", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * hp.head_dim * 4),
             ("ml", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * 2 * 4),
             ("io", (B + 1) * 4),  # [position, token ids...]: one copy per decode step
@@ -279,6 +287,7 @@ class CudaBackend:
         self.s["pos"] = self.s["io"].view(0, 4, "pos")
         self.s["ids"] = self.s["io"].view(4, B * 4, "ids")
         ctx.htod(self.s["tickets"], np.zeros(B * hp.n_head, np.uint32))
+        ctx.htod(self.s["barrier"], np.zeros(2, np.uint32))
         self._qkv_plan = [
             self._group(self._qkv_names(il), hp.q_dim, hp.kv_dim) for il in range(hp.n_layer)
         ]
@@ -728,6 +737,8 @@ class CudaBackend:
             draw=draw,
             xbuf=s["xbuf"],
             out=s["out"],
+            gscratch=s["gscratch"],
+            barrier=s["barrier"],
         )
         self.ctx.sync("sample_full")
 

@@ -21,6 +21,10 @@ F32 = 4
 F16 = 2
 ATTN_THREADS = 128  # attention.cu AT
 SAMPLE_THREADS = 1024  # sampling.cu
+SAMPLE_GRID = 32  # blocks of the grid-wide sampler (<= SAMPLE_MAX_GRID, all co-resident)
+SAMPLE_MAX_GRID = 64
+# sizeof(GridScratch) in sampling.cu: part_u, part_f, part_i, hist ping-pong slots
+SAMPLE_SCRATCH_BYTES = 2 * SAMPLE_MAX_GRID * (8 + 4 + 4) + 2 * SAMPLE_MAX_GRID * 256 * 8
 ARGMAX_BLOCKS = 128
 MAX_DYN_SMEM = 48 * 1024
 
@@ -125,7 +129,7 @@ class Kernels:
             ("elementwise", "topk_softmax_f32"): "PiiPP",
             ("sampling", "argmax_partial"): "PiPP",
             ("sampling", "argmax_final"): "PPiP",
-            ("sampling", "sample_full"): "PiPiffiQiQQiPP",
+            ("sampling", "sample_full"): "PiPiffiQiQQiPPPP",
         }
         self.fn: dict[str, Any] = {}
         for (mod, name), s in sig.items():
@@ -458,7 +462,10 @@ class Kernels:
         draw: float,
         xbuf: DevBuf,
         out: DevBuf,
+        gscratch: DevBuf,
+        barrier: DevBuf,
     ) -> None:
+        """barrier: two zeroed uint32 (left consistent for the next launch)."""
         k = "sample_full"
         positive(k, n=n)
         if n_pen < 0:
@@ -467,12 +474,15 @@ class Kernels:
         need(k, xbuf, n * F32, "xbuf")
         need(k, pen_ids, n_pen * 4, "pen_ids")
         need(k, out, 8, "out")
+        need(k, gscratch, SAMPLE_SCRATCH_BYTES, "gscratch", 16)
+        need(k, barrier, 8, "barrier")
+        grid = min(SAMPLE_GRID, self.ctx.facts.multiprocessors)
         tp_m, tp_sh = (0, -1) if top_p >= 1.0 else exact_fraction(top_p)
         wfloor = 1 if min_p <= 0.0 else max(1, ceil_mul_pow2(min_p, 40))
         d_m, d_sh = exact_fraction(draw)
         self.launch(
             k,
-            (1,),
+            (grid,),
             (SAMPLE_THREADS,),
             logits.ptr,
             n,
@@ -488,6 +498,8 @@ class Kernels:
             d_sh,
             xbuf.ptr,
             out.ptr,
+            gscratch.ptr,
+            barrier.ptr,
         )
 
 
