@@ -153,7 +153,9 @@ class NumpyBackend:
             if n_ctx <= 0:
                 raise ModelLoadError(self.gf.path, f"ctx_size must be > 0, got {n_ctx}")
             self.weights = GGUFWeights(self.gf, dequant_cache_mb)
-            self.model: DecoderModel = build_model(self.hp, self.weights, n_ctx=n_ctx)
+            self.model: DecoderModel = build_model(
+                self.hp, self.weights, n_ctx=n_ctx, path=self.gf.path
+            )
             if preload:
                 self.weights.preload(progress)
         except BaseException:

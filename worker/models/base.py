@@ -36,9 +36,17 @@ class DecoderModel:
 
     arch: ClassVar[str] = ""
 
-    def __init__(self, hp: HParams, weights: Weights, *, n_ctx: int | None = None) -> None:
+    def __init__(
+        self,
+        hp: HParams,
+        weights: Weights,
+        *,
+        n_ctx: int | None = None,
+        path: object = "<model>",
+    ) -> None:
+        self.path = path
         if hp.arch != self.arch:
-            raise ModelLoadError("<model>", f"{type(self).__name__} cannot run {hp.arch!r}")
+            raise ModelLoadError(path, f"{type(self).__name__} cannot run {hp.arch!r}")
         self.hp = hp
         self.w = weights
         self.n_ctx = n_ctx if n_ctx is not None else min(hp.n_ctx_train, 4096)
@@ -59,7 +67,7 @@ class DecoderModel:
             need += self.block_tensors(il)
         for name in need:
             if not self.w.has(name):
-                raise ModelLoadError("<model>", f"missing tensor {name!r} for {self.hp.arch}")
+                raise ModelLoadError(self.path, f"missing tensor {name!r} for {self.hp.arch}")
 
     def _freq_factors(self) -> F32 | None:
         if self.w.has("rope_freqs.weight"):
@@ -172,5 +180,9 @@ def model_class(arch: str, path: object = "<model>") -> type[DecoderModel]:
         ) from None
 
 
-def build_model(hp: HParams, weights: Weights, *, n_ctx: int | None = None) -> DecoderModel:
-    return model_class(hp.arch)(hp, weights, n_ctx=n_ctx)
+def build_model(
+    hp: HParams, weights: Weights, *, n_ctx: int | None = None, path: object = "<model>"
+) -> DecoderModel:
+    """The architecture's adapter over `weights`; ModelLoadError (naming `path`) for an
+    unknown architecture or a missing tensor."""
+    return model_class(hp.arch, path)(hp, weights, n_ctx=n_ctx, path=path)

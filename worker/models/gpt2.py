@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from worker.errors import ModelLoadError
 from worker.models.base import DecoderModel, register
 from worker.models.common import F32, gelu_tanh
 
@@ -28,9 +29,7 @@ class Gpt2Model(DecoderModel):
     def check_tensors(self) -> None:
         super().check_tensors()
         if not self.w.has("position_embd.weight"):
-            from worker.errors import ModelLoadError
-
-            raise ModelLoadError("<model>", "missing tensor 'position_embd.weight' for gpt2")
+            raise ModelLoadError(self.path, "missing tensor 'position_embd.weight' for gpt2")
 
     def embed(self, ids: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]) -> F32:
         return self.w.rows("token_embd.weight", ids) + self.w.rows(

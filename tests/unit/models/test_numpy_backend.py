@@ -134,8 +134,9 @@ def test_missing_tensor_and_unknown_arch_are_load_errors(tiny: Path) -> None:
             def has(self, name: str) -> bool:
                 return name != "blk.1.attn_output.weight" and super().has(name)
 
-        with pytest.raises(ModelLoadError, match=r"blk\.1\.attn_output\.weight"):
-            build_model(hp, Without(gf))
+        with pytest.raises(ModelLoadError, match=r"blk\.1\.attn_output\.weight") as err:
+            build_model(hp, Without(gf), path=tiny)
+        assert str(tiny) in str(err.value)
     with pytest.raises(ModelLoadError, match="unsupported architecture 'mamba'"):
         model_class("mamba")
 
@@ -151,3 +152,16 @@ def test_kv_budget_caps_context_and_progress_reaches_one(tiny: Path) -> None:
         assert seen and seen[-1] == 1.0 and seen == sorted(seen)
     finally:
         b.close()
+
+
+def test_float16_kv_cache_stays_close(tiny: Path, backend: NumpyBackend) -> None:
+    want = backend.forward(IDS, all_logits=True)
+    half = NumpyBackend(tiny, ctx_size=40, kv_dtype=np.float16)
+    try:
+        assert half.kv.k[0].dtype == np.float16
+        got = half.forward(IDS[:10], all_logits=True)
+        got = np.concatenate([got, half.forward(IDS[10:], all_logits=True)])
+        err = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert err.max() < 5e-3  # fp16 K/V rounding (2^-11 relative) only
+    finally:
+        half.close()
