@@ -67,7 +67,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
     p.add_argument("--seed", type=_seed, default=None, metavar="S", help="default: random")
     p.add_argument(
-        "--stop", action="append", default=[], metavar="S", help="stop string (repeatable)"
+        "--stop",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="stop strings (--stop A B, or --stop A --stop B)",
     )
     p.add_argument(
         "--ctx-size", type=_positive_int, default=None, metavar="N", help="KV cache tokens"
