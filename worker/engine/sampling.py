@@ -77,6 +77,7 @@ _N_BINS = int(-X_CUTOFF) * _BINS_PER_NAT + 1  # bins 0..7168 cover x in [-28, 0]
 _EDGES = np.exp(-np.arange(_N_BINS + 1) / _BINS_PER_NAT) * float(1 << WEIGHT_BITS)
 _W_HI = _EDGES[:-1] * (1 + 1e-6) + 1  # per-bin upper bound of a weight (float64)
 _W_LO = np.maximum(_EDGES[1:] * (1 - 1e-6) - 1, 0.0)  # lower bound of a nonzero weight
+_BLOCK = 32768  # elements per cache-sized block in sampling_weights
 _SMALL = 4096  # at most this many candidates: order them with one sort
 
 
@@ -108,13 +109,41 @@ def exp32(x: np.ndarray) -> np.ndarray:
 
 
 def sampling_weights(x: np.ndarray) -> np.ndarray:
-    """Integer weights (step 5) of float32 offsets x = z - max(z) <= 0."""
-    low = x < X_CUTOFF
-    if low.any():
-        w = exp32(np.maximum(x, X_CUTOFF)).astype(np.int64)
-        w[low] = 0
-        return w
-    return exp32(x).astype(np.int64)  # truncation == floor: the values are positive
+    """Integer weights (step 5) of float32 offsets x = z - max(z) <= 0:
+    floor(exp32(x)) for x >= -28, else 0.
+
+    The same float32 operations as `exp32`, in the same order, but run block by block
+    (32768 elements) in preallocated buffers: the working set stays in cache, which makes
+    this about four times faster than whole-vector passes on a 151936-token vocabulary."""
+    x = np.asarray(x, dtype=_F32)
+    out = np.empty(x.size, dtype=np.int64)
+    blk = min(_BLOCK, x.size)
+    xc, n, t, r, p = (np.empty(blk, dtype=_F32) for _ in range(5))
+    sc = np.empty(blk, dtype=np.int32)
+    for s in range(0, x.size, blk):
+        m = min(blk, x.size - s)
+        xb = x[s : s + m]
+        xcb, nb, tb, rb, pb, scb = xc[:m], n[:m], t[:m], r[:m], p[:m], sc[:m]
+        np.maximum(xb, X_CUTOFF, out=xcb)
+        np.multiply(xcb, _LOG2E, out=nb)
+        np.rint(nb, out=nb)
+        np.multiply(nb, _LN2_HI, out=tb)
+        np.subtract(xcb, tb, out=rb)
+        np.multiply(nb, _LN2_LO, out=tb)
+        rb -= tb
+        np.multiply(rb, _COEFFS[0], out=pb)
+        pb += _COEFFS[1]
+        for c in _COEFFS[2:]:
+            pb *= rb
+            pb += c
+        scb[...] = nb
+        scb += 127 + WEIGHT_BITS
+        scb <<= 23
+        pb *= scb.view(_F32)
+        ob = out[s : s + m]
+        ob[...] = pb  # float32 -> int64 truncates, i.e. floors these positive values
+        ob *= xb >= X_CUTOFF
+    return out
 
 
 def _ceil_mul(f: float, n: int) -> int:
@@ -177,10 +206,47 @@ def _finish(ids: np.ndarray, x: np.ndarray, w: np.ndarray, target: int) -> tuple
     return float(x[np.flatnonzero(ids == tok)[0]]), tok
 
 
-def _select(x: np.ndarray, w: np.ndarray | None, target: int) -> tuple[float, int]:
+class _Bins:
+    """bin = floor(-x * 256) per token (capped at _N_BINS), computed once per sample() call
+    (block by block, like the weights) and only if a selection needs the histogram.
+
+    `filtered` is set once top-p or min-p has zeroed weights of tokens that could otherwise
+    carry weight: those must then be moved out of the histogram. Tokens whose weight is 0
+    only because they lie below the cutoff need no such care: their bins' lower weight
+    bound is already 0."""
+
+    __slots__ = ("_b", "filtered", "x")
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.filtered = False
+        self._b: np.ndarray | None = None
+
+    def get(self, w: np.ndarray | None) -> np.ndarray:
+        if self._b is None:
+            x = self.x
+            self._b = np.empty(x.size, dtype=np.intp)
+            blk = min(_BLOCK, x.size)
+            buf = np.empty(blk, dtype=_F32)
+            for s in range(0, x.size, blk):
+                m = min(blk, x.size - s)
+                bb = buf[:m]
+                np.multiply(x[s : s + m], _F32(-_BINS_PER_NAT), out=bb)  # exact (power of 2)
+                np.floor(bb, out=bb)
+                np.minimum(bb, _F32(_N_BINS), out=bb)  # also maps -inf (+inf once scaled)
+                self._b[s : s + m] = bb
+        if w is not None and self.filtered:
+            return np.where(w > 0, self._b, _N_BINS)
+        return self._b
+
+
+def _select(
+    x: np.ndarray, w: np.ndarray | None, target: int, bins: _Bins | None = None
+) -> tuple[float, int]:
     """The (x, id) of the first token, in candidate order, whose inclusive cumulative weight
-    exceeds target; w=None counts the candidates (x >= -28) instead. Arrays are full-length
-    (position = token id); filtered-out tokens have weight 0, which can never be chosen.
+    exceeds target; w=None counts the candidates (x >= -28) instead. Positions in x stand
+    for token ids (same order; returned as the id); filtered-out tokens have weight 0,
+    which can never be chosen.
 
     First a few cheap threshold sums near the top (the usual, peaked case); failing that, a
     histogram of x in bins of 1/256 nat (bin = floor(-x * 256), monotone in x, so bins are
@@ -194,16 +260,12 @@ def _select(x: np.ndarray, w: np.ndarray | None, target: int) -> tuple[float, in
         if int(ws.sum()) > target:
             return _finish(idx, x[idx], ws, target)
         break  # a narrower edge holds even less
-    out = _N_BINS  # tokens that cannot be chosen: x < -28, or weight 0
-    bins = np.multiply(x, _F32(-_BINS_PER_NAT))  # exact: a power-of-two scale
-    np.floor(bins, out=bins)
-    np.minimum(bins, _F32(out), out=bins)  # also maps -inf (+inf after the scale)
-    b = bins.astype(np.intp)
-    if w is not None:
-        b[w == 0] = out
+    out = _N_BINS  # the bin of tokens that cannot be chosen: x < -28, or weight 0
+    b = (bins or _Bins(x)).get(w)
     counts = np.bincount(b, minlength=out + 1)[:out]
+    cum_counts = np.cumsum(counts)
     if w is None:
-        k_lo = k_hi = int(np.searchsorted(np.cumsum(counts), target, side="right"))
+        k_lo = k_hi = int(np.searchsorted(cum_counts, target, side="right"))
     else:
         # Weighted per-bin sums are slow in NumPy; bound them instead. Every nonzero weight
         # in bin j lies in [W(j+1) - 1, W(j)], W(j) = exp(-j / 256) * 2**40 (widened by 1e-6
@@ -213,10 +275,18 @@ def _select(x: np.ndarray, w: np.ndarray | None, target: int) -> tuple[float, in
         lower = np.cumsum(counts * _W_LO)
         k_lo = int(np.searchsorted(upper, target, side="right"))
         k_hi = min(int(np.searchsorted(lower, target, side="right")), out - 1)
-    above = b < k_lo
-    before = int(np.count_nonzero(above)) if w is None else int((w * above).sum())
-    idx = np.flatnonzero((b >= k_lo) & (b <= k_hi))
-    ws = np.ones(idx.size, dtype=np.int64) if w is None else w[idx]
+    # Tokens in bins <= k_hi: those before the band (their total is `before`) and the band.
+    upto = np.flatnonzero(b <= k_hi)
+    bu = b[upto]
+    in_band = bu >= k_lo
+    idx = upto[in_band]
+    if w is None:
+        before = int(upto.size - idx.size)
+        ws = np.ones(idx.size, dtype=np.int64)
+    else:
+        wu = w[upto]
+        ws = wu[in_band]
+        before = int(wu.sum()) - int(ws.sum())
     if not 0 <= target - before < int(ws.sum()):  # cannot happen while the bounds hold
         idx = np.flatnonzero(x >= X_CUTOFF) if w is None else np.flatnonzero(w)
         ws = np.ones(idx.size, dtype=np.int64) if w is None else w[idx]
@@ -225,7 +295,8 @@ def _select(x: np.ndarray, w: np.ndarray | None, target: int) -> tuple[float, in
 
 
 def _through(x: np.ndarray, x_k: float, id_k: int) -> np.ndarray:
-    """Mask of the tokens up to and including (x_k, id_k) in candidate order."""
+    """Mask of the tokens up to and including (x_k, id_k) in candidate order (ids are
+    positions in x, whose order is the token-id order)."""
     xk = _F32(x_k)
     keep = x > xk
     ties = np.flatnonzero(x == xk)
@@ -286,19 +357,23 @@ def sample(
         x = np.where(x == zmax, _F32(0.0), _F32(-np.inf)).astype(_F32)
 
     # Arrays stay full-length (position = token id): filters zero weights, never gather.
+    # After top-k only the k survivors remain, in id order (position order = id order).
+    ids: np.ndarray | None = None
+    bins = _Bins(x)
     if params.top_k > 0 and params.top_k < int(np.count_nonzero(x >= X_CUTOFF)):
-        x_k, id_k = _select(x, None, params.top_k - 1)
-        kept = np.flatnonzero(_through(x, x_k, id_k))
-        w = np.zeros(x.size, dtype=np.int64)
-        w[kept] = sampling_weights(x[kept])  # weights of the k survivors only
-    else:
-        w = sampling_weights(x)  # 0 below the cutoff
+        x_k, pos_k = _select(x, None, params.top_k - 1, bins)
+        ids = np.flatnonzero(_through(x, x_k, pos_k))
+        x = x[ids]
+        bins = _Bins(x)
+    w = sampling_weights(x)  # 0 below the cutoff
     if params.top_p < 1.0:
         need = max(1, _ceil_mul(params.top_p, int(w.sum())))
-        x_p, id_p = _select(x, w, need - 1)
-        w *= _through(x, x_p, id_p)
+        x_p, pos_p = _select(x, w, need - 1, bins)
+        w *= _through(x, x_p, pos_p)
+        bins.filtered = True
     if params.min_p > 0.0:
         # the first candidate has x = 0 and exp32(0) = 1 exactly: w_max = 2**40
         w *= w >= _ceil_mul(params.min_p, 1 << WEIGHT_BITS)
-    _, tok = _select(x, w, _floor_mul(draw, int(w.sum())))
-    return tok
+        bins.filtered = True
+    _, pos = _select(x, w, _floor_mul(draw, int(w.sum())), bins)
+    return pos if ids is None else int(ids[pos])

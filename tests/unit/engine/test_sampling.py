@@ -389,3 +389,16 @@ def test_speed_on_a_qwen_sized_vocab() -> None:
                 times.append(time.perf_counter() - t)
             best.append(min(times))
         assert float(np.median(best)) < 8e-3, (params, best)
+
+
+def test_blocked_weights_equal_the_spec_exp32() -> None:
+    """sampling_weights runs exp32's float32 steps block by block; it must give exactly
+    floor(exp32(x)) above the cutoff and 0 below, for every block boundary and size."""
+    rng = np.random.default_rng(12)
+    for size in (1, 7, 32768, 32769, 151_936):
+        x = -np.abs(rng.standard_normal(size).astype(F32) * F32(12.0))
+        x[:: max(1, size // 5)] = F32(0.0)
+        if size > 3:
+            x[1], x[2] = -np.inf, X_CUTOFF
+        want = np.where(x >= X_CUTOFF, np.floor(exp32(np.maximum(x, X_CUTOFF))).astype(np.int64), 0)
+        assert np.array_equal(sampling_weights(x), want)
