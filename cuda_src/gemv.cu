@@ -3,14 +3,13 @@
 // W: N rows of K elements in any ggml type of quant.cuh, row-major, rows of row_bytes =
 // K/QK*BYTES bytes, base 16-byte aligned. x, y, bias, residual: fp32. FP32 accumulation.
 //
-// Design (docs/kernels.md has the numbers): a block of 128 threads owns GEMV_R consecutive
-// rows. It streams each row through shared memory in chunks of whole quant blocks (about
-// 2.5 KB per row per chunk) with 16-byte, fully coalesced, evict-first loads, whatever the block
-// size (17, 18, 22, 34, 210 bytes are not 16-byte multiples), double-buffered: the loads of
-// chunk c+1 are issued into registers before chunk c is dequantized. Each thread then takes
-// 8-element groups: consecutive threads take consecutive groups, so the x reads of a warp are
-// contiguous 1 KB spans, and each x value read serves all GEMV_R rows and the dequantized
-// weights serve all ntok tokens. The final reduction is a fixed shuffle tree plus a fixed-order
+// Design (docs/kernels.md has the numbers): a block of 128 threads works on tiles of GEMV_R
+// consecutive rows. It streams each row through shared memory in chunks of whole quant blocks
+// (about 2.5 KB per row per chunk) with 16-byte, fully coalesced cp.async copies, whatever the
+// block size (17, 18, 22, 34, 210 bytes are not 16-byte multiples), in a GEMV_STAGES-deep
+// pipeline over the block's (tile, chunk) steps. Each thread then takes 8-element groups: consecutive threads take consecutive groups, so the x reads of a warp are
+// contiguous 1 KB spans, each x value read serves all GEMV_R rows and each decoded weight
+// serves all ntok tokens; block scales are applied once per 8-element dot (decode8). The final reduction is a fixed shuffle tree plus a fixed-order
 // sum over the 4 warps: no atomics, results are bit-identical run to run.
 #include "quant.cuh"
 
@@ -35,6 +34,16 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem),
                "r"(src_bytes));
 }
+// The last 16-byte piece of a matrix (n < 16 bytes left): plain byte loads, zero-filled. Not a
+// short src-size cp.async, which compute-sanitizer memcheck counted as a 16-byte read past the
+// allocation (run 3). Out of line: it runs once per matrix and would cost registers inline.
+__device__ __noinline__ void copy_tail(uint8_t* smem, const uint8_t* gmem, int n) {
+  uint32_t v[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (i < n) v[i >> 2] |= (uint32_t)gmem[i] << (8 * (i & 3));
+  *reinterpret_cast<uint4*>(smem) = make_uint4(v[0], v[1], v[2], v[3]);
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -44,7 +53,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // matrix that starts w_off bytes after W (W 16-byte aligned; w_off any, e.g. an expert's).
 // Must be called by all GEMV_THREADS threads of the block. The block's work is a sequence of
 // (tile, chunk) steps; chunk loads go global -> shared with cp.async (16 bytes each, the last
-// piece of the matrix zero-filled past its end) GEMV_STAGES-1 steps ahead of the compute.
+// piece of the matrix by byte loads, zero-filled) GEMV_STAGES-1 steps ahead of the compute.
 template <int T, int NB>
 __device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long long w_off,
                                          long long row_bytes, int N, int K,
@@ -78,7 +87,11 @@ __device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long lon
         const int n16 = (int)((((start + seg + 15) & ~15LL) - a0) >> 4);
         for (int q = tid; q < n16; q += GEMV_THREADS) {
           const long long addr = a0 + 16LL * q;
-          cp_async16(&dst[r][16 * q], W + addr, (int)min(16LL, total - addr));
+          if (addr + 16 <= total) {
+            cp_async16(&dst[r][16 * q], W + addr, 16);
+          } else {
+            copy_tail(&dst[r][16 * q], W + addr, (int)(total - addr));
+          }
         }
       }
     }
@@ -189,8 +202,9 @@ __device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long lon
 }
 
 #ifndef GEMV_CORE_ONLY
-// gemv_<type>_nb<NB>: grid (G), block GEMV_THREADS, G <= ceil(N / GEMV_R) (persistent blocks:
-// block b takes tiles b, b+G, ...; the wrapper picks G = what fits on the GPU at once).
+// gemv_<type>_nb<NB>: grid (G), block GEMV_THREADS, G <= ceil(N / GEMV_R): block b takes tiles
+// b, b+G, ... The wrapper launches one block per tile by default (G = ceil(N/GEMV_R)), or
+// persistent blocks (G = what is resident at once) when asked; docs/kernels.md compares them.
 template <int T, int NB>
 __device__ __forceinline__ void gemv_entry(const uint8_t* W, long long row_bytes, int N, int K,
                                            const float* x, long long ldx, int ntok,

@@ -137,7 +137,10 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     shapes = SHAPES[::4] if args.quick else SHAPES
     hdr = f"{'model':13} {'matrix':18} {'N':>6} {'K':>5} {'type':5} {'MB':>7}"
-    print(f"{hdr} {'gemv us':>8} {'GB/s':>6} {'%bw':>4} {'gemm512 us':>10} {'TFLOP/s':>7}")
+    print(
+        f"{hdr} {'gemv us':>8} {'GB/s':>6} {'%bw':>4} {'persist':>7} "
+        f"{'gemm512 us':>10} {'TFLOP/s':>7}"
+    )
     for model, mat, n, k, qtype, count in shapes:
         lay = layout(qtype)
         nbytes = n * lay.row_bytes(k)
@@ -153,7 +156,10 @@ def main() -> int:
         def gemm(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb, tm: int = 64) -> None:
             mm.gemm(ws[i % len(ws)], xb, yb, 512, stream=b.stream, tile_m=tm)
 
-        t1 = b.time_batch(gemv, 200)
+        mm.persistent_gemv = True
+        t1_pers = b.time_batch(gemv, 200)  # persistent blocks
+        mm.persistent_gemv = False
+        t1 = b.time_batch(gemv, 200)  # one block per 4-row tile (the default)
         reps = 10 if nbytes < (64 << 20) else 3
         tg64 = b.time_batch(gemm, reps)
         tg128 = b.time_batch(lambda i: gemm(i, tm=128), reps)
@@ -167,6 +173,7 @@ def main() -> int:
             "count": count,
             "bytes": nbytes,
             "gemv_s": t1,
+            "gemv_persistent_s": t1_pers,
             "gemv_GBps": nbytes / t1 / 1e9,
             "gemv_frac_bw": nbytes / t1 / bw,
             "gemm512_s": tg,
@@ -179,6 +186,7 @@ def main() -> int:
         print(
             f"{model:13} {mat:18} {n:6} {k:5} {lay.name:5} {nbytes / 1e6:7.2f} "
             f"{t1 * 1e6:8.2f} {row['gemv_GBps']:6.0f} {100 * row['gemv_frac_bw']:4.0f} "
+            f"{t1_pers * 1e6:7.2f} "
             f"{tg * 1e6:10.1f} {row['gemm512_TFLOPs']:7.1f} "
             f"(64: {tg64 * 1e6:.0f}, 128: {tg128 * 1e6:.0f}, auto {row['gemm_auto_kernel']})"
         )

@@ -62,8 +62,9 @@ def test_gemm_tile_choice_and_persistent_gemv() -> None:
     assert small.kernel == "gemm_q4_k" and small.grid == (8, 256, 1)
     assert (
         plan_gemm(weight(12, rows=896, cols=4864), *bufs(weight(12, 896, 4864), 512), 512).kernel
-        == "gemm_q4_k"
+        == "gemm128_q4_k"
     )
+    assert plan_gemm(w, x, y, 127).kernel == "gemm_q4_k"
     refused(plan_gemm, w, x, y, 512, tile_m=32)
     assert plan_gemv(w, x, y, 1).persistent and not big.persistent
 

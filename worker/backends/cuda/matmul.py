@@ -43,7 +43,7 @@ GEMV_ROWS = 4  # rows per gemv block (GEMV_R in gemv.cu)
 GEMV_MAX_TOKENS = 8
 GEMM_THREADS = 128
 GEMM_TILE = 64  # GEMM_BN (weight rows per block) in gemm.cu; token tile 64 or 128
-GEMM_BIG_MIN_BLOCKS = 264  # use the 128-token tile when it still gives this many blocks
+GEMM_BIG_MIN_TOKENS = 128  # use the 128-token tile from this many tokens on (docs/kernels.md)
 EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
@@ -220,8 +220,9 @@ def plan_gemm(
 ) -> Launch:
     """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores.
 
-    tile_m: tokens per block, 64 (gemm_<type>) or 128 (gemm128_<type>); by default 128 when
-    that still makes GEMM_BIG_MIN_BLOCKS blocks (about two per SM), else 64."""
+    tile_m: tokens per block, 64 (gemm_<type>) or 128 (gemm128_<type>); by default 128 from
+    GEMM_BIG_MIN_TOKENS tokens on (faster on 19 of the 21 model shapes at 512 tokens on an
+    H100, 11 µs slower on Qwen's 4864x896 gate/up), else 64."""
     lay = _check_weight(_kname("gemm", w.qtype), w)
     kernel = f"gemm_{lay.name}"
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
@@ -229,7 +230,7 @@ def plan_gemm(
     tiles_n = -(-w.rows // GEMM_TILE)
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
     if tile_m is None:
-        tile_m = 128 if -(-m // 128) * tiles_n >= GEMM_BIG_MIN_BLOCKS else 64
+        tile_m = 128 if m >= GEMM_BIG_MIN_TOKENS else 64
     _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
     if tile_m == 128:
         kernel = f"gemm128_{lay.name}"
@@ -434,7 +435,11 @@ def _prefer_shared(fn: Any) -> None:
 class MatmulKernels:
     """Loaded modules and prepared functions; create and use on the CUDA context thread."""
 
-    def __init__(self, arch: str | None = None) -> None:
+    def __init__(self, arch: str | None = None, *, persistent_gemv: bool = False) -> None:
+        """persistent_gemv: cap gemv grids at the blocks resident at once (each block walks
+        several row tiles with loads in flight across tiles); default: one block per 4-row
+        tile, the policy of the fastest measured version on large matrices (docs/kernels.md;
+        scripts/gpu_matmul_bench.py times both)."""
         from worker.backends.cuda.compile import load_module
 
         if arch is None:
@@ -443,6 +448,7 @@ class MatmulKernels:
             major, minor = drv.Context.get_device().compute_capability()
             arch = f"sm_{major}{minor}"
         self.arch = arch
+        self.persistent_gemv = persistent_gemv
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._resident: dict[str, int] = {}
@@ -485,7 +491,7 @@ class MatmulKernels:
         """Queue a checked launch on `stream` (pycuda Stream or None)."""
         fn = self._func(launch)
         grid = launch.grid
-        if launch.persistent:
+        if launch.persistent and self.persistent_gemv:
             per = max(1, self._resident[launch.kernel] // (grid[1] * grid[2]))
             grid = (min(grid[0], per), grid[1], grid[2])
         try:
