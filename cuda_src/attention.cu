@@ -14,7 +14,9 @@
 
 #define AT 128  // threads per attn_split block; head_dim <= AT, head_dim % 8 == 0
 
-// One chunk's partial result (see attn_split).
+// One chunk's partial result (see attn_split). Loads are batched (a key row's 16-byte
+// pieces, eight value rows) so that several are in flight per thread: a decode step is
+// latency-bound, not bandwidth-bound.
 __device__ __forceinline__ void attn_chunk(
     const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
     const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml, float* sp,
@@ -27,16 +29,22 @@ __device__ __forceinline__ void attn_chunk(
   const int n = j1 - j0;
   float lmax = -CUDART_INF_F;
   for (int jj = threadIdx.x; jj < n; jj += AT) {
-    const __half* kr = kc + ((size_t)(j0 + jj) * n_kv + kh) * head_dim;
-    float acc = 0.0f;
-    for (int d = 0; d < head_dim; d += 8) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(kr + d);
-      const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+    const uint4* kr = reinterpret_cast<const uint4*>(kc + ((size_t)(j0 + jj) * n_kv + kh) * head_dim);
+    uint4 raw[AT / 8];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 f = __half22float2(h2[e]);
-        acc = fmaf(sq[d + 2 * e], f.x, acc);
-        acc = fmaf(sq[d + 2 * e + 1], f.y, acc);
+    for (int c = 0; c < AT / 8; ++c)
+      if (c * 8 < head_dim) raw[c] = __ldg(kr + c);
+    float acc = 0.0f;
+#pragma unroll
+    for (int c = 0; c < AT / 8; ++c) {
+      if (c * 8 < head_dim) {
+        const __half2* h2 = reinterpret_cast<const __half2*>(&raw[c]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __half22float2(h2[e]);
+          acc = fmaf(sq[c * 8 + 2 * e], f.x, acc);
+          acc = fmaf(sq[c * 8 + 2 * e + 1], f.y, acc);
+        }
       }
     }
     sp[jj] = acc;
@@ -53,10 +61,21 @@ __device__ __forceinline__ void attn_chunk(
   const int G = AT / head_dim, g = threadIdx.x / head_dim, d = threadIdx.x % head_dim;
   float acc = 0.0f;
   if (g < G) {
-    const __half* vb = vc + (size_t)kh * head_dim + d;
+    const unsigned short* vb =
+        reinterpret_cast<const unsigned short*>(vc) + (size_t)kh * head_dim + d;
     const size_t vstride = (size_t)n_kv * head_dim;
-    for (int jj = g; jj < n; jj += G)
-      acc = fmaf(sp[jj], __half2float(vb[(size_t)(j0 + jj) * vstride]), acc);
+    int jj = g;
+    for (; jj + 7 * G < n; jj += 8 * G) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        v[u] = __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj + u * G) * vstride)));
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc = fmaf(sp[jj + u * G], v[u], acc);
+    }
+    for (; jj < n; jj += G)
+      acc = fmaf(sp[jj], __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj) * vstride))),
+                 acc);
   }
   sacc[threadIdx.x] = acc;
   __syncthreads();
@@ -70,7 +89,6 @@ __device__ __forceinline__ void attn_chunk(
     ml[2 * pidx + 1] = l;
   }
 }
-
 
 // grid (n_split, n_head, n_tokens), block AT.
 // q: row t, head h at q + t*q_stride + h*head_dim (float). kc/vc: [ctx][n_kv][head_dim] half.
@@ -89,6 +107,7 @@ extern "C" __global__ void __launch_bounds__(AT)
   extern __shared__ float sp[];
   __shared__ float sq[AT];
   __shared__ float sacc[AT];
+  __shared__ float scw[AT];
   __shared__ float sh[32];
   __shared__ unsigned int s_ticket;
   const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
@@ -116,21 +135,31 @@ extern "C" __global__ void __launch_bounds__(AT)
   if (s_ticket != (unsigned int)(n_split - 1)) return;
   __threadfence();
   const size_t base = ((size_t)t * n_head + h) * n_split;
-  float M = sinks ? sinks[h] : -CUDART_INF_F;
-  for (int c = 0; c < n_split; ++c)
-    if (__ldcg(&ml[2 * (base + c) + 1]) > 0.0f) M = fmaxf(M, __ldcg(&ml[2 * (base + c)]));
-  float L = sinks ? expf(sinks[h] - M) : 0.0f;
-  for (int c = 0; c < n_split; ++c) {
-    const float l = __ldcg(&ml[2 * (base + c) + 1]);
-    if (l > 0.0f) L += l * expf(__ldcg(&ml[2 * (base + c)]) - M);
+  if (threadIdx.x < n_split) {  // n_split <= AT (host-checked)
+    scw[threadIdx.x] = __ldcg(&ml[2 * (base + threadIdx.x)]);
+    sacc[threadIdx.x] = __ldcg(&ml[2 * (base + threadIdx.x) + 1]);
   }
-  const float inv = 1.0f / L;
+  __syncthreads();
+  if (threadIdx.x == 0) {  // fixed order over the chunks
+    float M = sinks ? sinks[h] : -CUDART_INF_F;
+    for (int c = 0; c < n_split; ++c)
+      if (sacc[c] > 0.0f) M = fmaxf(M, scw[c]);
+    float L = sinks ? expf(sinks[h] - M) : 0.0f;
+    for (int c = 0; c < n_split; ++c) {
+      const float w = sacc[c] > 0.0f ? expf(scw[c] - M) : 0.0f;
+      if (sacc[c] > 0.0f) L += sacc[c] * w;
+      scw[c] = w;  // chunk weight; 0 for an empty chunk
+    }
+    sh[0] = 1.0f / L;
+  }
+  __syncthreads();
+  const float inv = sh[0];
   for (int d = threadIdx.x; d < head_dim; d += AT) {
     float o = 0.0f;
+#pragma unroll 8
     for (int c = 0; c < n_split; ++c) {
-      const float l = __ldcg(&ml[2 * (base + c) + 1]);
-      if (l > 0.0f)
-        o += __ldcg(&opart[(base + c) * head_dim + d]) * expf(__ldcg(&ml[2 * (base + c)]) - M);
+      const float v = sacc[c] > 0.0f ? __ldcg(&opart[(base + c) * head_dim + d]) : 0.0f;
+      o += v * scw[c];
     }
     out[(size_t)t * out_stride + (size_t)h * head_dim + d] = o * inv;
   }

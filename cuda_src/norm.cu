@@ -10,6 +10,7 @@ extern "C" __global__ void rmsnorm_f32(float* __restrict__ x, const float* __res
   float* xr = x + row * n;
   const float* dr = delta ? delta + row * n : nullptr;
   float ss = 0.0f;
+#pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     float v = xr[i];
     if (dr) {
@@ -21,6 +22,7 @@ extern "C" __global__ void rmsnorm_f32(float* __restrict__ x, const float* __res
   ss = block_sum(ss, sh);
   const float r = rsqrtf(ss / (float)n + eps);
   float* o = out + row * n;
+#pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float v = xr[i] * r;
     o[i] = w ? v * w[i] : v;
@@ -35,6 +37,7 @@ extern "C" __global__ void layernorm_f32(float* __restrict__ x, const float* __r
   float* xr = x + row * n;
   const float* dr = delta ? delta + row * n : nullptr;
   float s = 0.0f;
+#pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     float v = xr[i];
     if (dr) {
@@ -45,12 +48,14 @@ extern "C" __global__ void layernorm_f32(float* __restrict__ x, const float* __r
   }
   const float mean = block_sum(s, sh) / (float)n;
   float ss = 0.0f;
+#pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float d = xr[i] - mean;
     ss += d * d;
   }
   const float r = rsqrtf(block_sum(ss, sh) / (float)n + eps);
   float* o = out + row * n;
+#pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     float v = (xr[i] - mean) * r;
     if (w) v *= w[i];

@@ -91,6 +91,8 @@ class AttnShape:
         )
         if self.n_head % self.n_kv:
             raise LaunchRefused(kernel, f"n_head {self.n_head} not a multiple of {self.n_kv}")
+        if self.n_split > ATTN_THREADS:
+            raise LaunchRefused(kernel, f"n_split {self.n_split} > {ATTN_THREADS}")
         if self.head_dim > ATTN_THREADS or self.head_dim % 8:
             raise LaunchRefused(kernel, f"head_dim {self.head_dim} must be <= 128, % 8 == 0")
         if self.max_chunk * F32 > MAX_DYN_SMEM:
