@@ -247,6 +247,7 @@ def test_context_cap_and_prompt_too_long(tiny_file: GGUFFile, tok: Tokenizer) ->
 def test_cancel_is_checked_before_every_forward(
     backend: NumpyBackend, tok: Tokenizer, prompt_ids: list[int]
 ) -> None:
+    free, _ = run(backend, tok, GenerationRequest(prompt_ids, 10, GREEDY))
     calls = []
 
     def cancel_on_fifth() -> bool:
@@ -256,13 +257,19 @@ def test_cancel_is_checked_before_every_forward(
     rec = Recorder()
     with pytest.raises(Cancelled) as info:
         generate(
-            backend, tok, GenerationRequest(prompt_ids, 50, GREEDY), should_cancel=cancel_on_fifth
+            backend,
+            tok,
+            GenerationRequest(prompt_ids, 50, GREEDY),
+            should_cancel=cancel_on_fifth,
+            on_token=rec,
         )
-    assert info.value.code is ErrorCode.CANCELLED
+    assert info.value.code is ErrorCode.CANCELLED and not info.value.retriable
     assert len(calls) == 5  # raised at once
     # prefill, then three decode steps, then the cancel: nothing ran after it
     assert backend.n_past == len(prompt_ids) + 3
-    assert len(rec.events) == 0  # (this recorder was not attached)
+    # tokens 0..3 were sampled; their events (at most 4, one may wait on held text) went out
+    assert 3 <= len(rec.events) <= 4
+    assert rec.ids == list(free.token_ids[: len(rec.events)])
 
 
 def test_deadline(backend: NumpyBackend, tok: Tokenizer, prompt_ids: list[int]) -> None:
