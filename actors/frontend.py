@@ -78,6 +78,7 @@ class Frontend:
         self._jobs_stream, self._events_stream = stream_names(self.subjects)
         self._connected = False
         self._closing = False
+        self.reconnects = 0
 
     # ----------------------------------------------------------------- connection
 
@@ -91,6 +92,7 @@ class Frontend:
 
         async def on_reconnect() -> None:
             self._connected = True
+            self.reconnects += 1
             narrate("nats_reconnected", f"reconnected to {url}")
 
         async def on_error(exc: Exception) -> None:
@@ -227,8 +229,7 @@ class Frontend:
                 f"{job_id}.{seq}.{attempt}",
                 self._events_stream,
             )
-            await pub.publish(encode(err))
-            await pub.confirm()
+            await pub.finish(encode(err))
             await self._ack(msg, job_id)
             self.registry.end(job_id)
             self.metrics.outcome(ErrorCode.CANCELLED.value)
@@ -241,6 +242,7 @@ class Frontend:
             self.subjects.events(job_id),
             f"{job_id}.{seq}.{attempt}",
             self._events_stream,
+            epoch=lambda: self.reconnects,
         )
         abandon = False
         try:
@@ -269,21 +271,10 @@ class Frontend:
                         continue
                     if isinstance(ev, End | Error):
                         if not abandon:
-                            await pub.publish(encode(ev))
-                            outcome = "ok" if isinstance(ev, End) else ev.code.value
-                            self.metrics.outcome(outcome)
-                            if isinstance(ev, Error):
-                                if ev.code is ErrorCode.CUDA_ERROR:
-                                    # a CUDA error may have poisoned the context: report it
-                                    # so the orchestrator can restart this worker
-                                    self.state.set_unhealthy(f"CUDA error: {ev.message}")
-                                narrate(
-                                    "error",
-                                    f"{ev.code}: {ev.message}",
-                                    level="WARNING",
-                                    job_id=job_id,
-                                    code=ev.code.value,
-                                )
+                            # terminal event: only after every earlier one is stored; the
+                            # in-progress acks keep running meanwhile (an outage may last)
+                            stored = await pub.finish(encode(ev))
+                            self._after_terminal(ev, job_id, stored, pub.republished)
                         break
                     if not abandon:
                         await pub.publish(encode(ev))
@@ -292,19 +283,37 @@ class Frontend:
                 with contextlib.suppress(Exception):
                     await msg.nak()
             else:
-                if not await pub.confirm():
-                    narrate(
-                        "error",
-                        "events could not be confirmed stored",
-                        level="ERROR",
-                        job_id=job_id,
-                    )
                 await self._ack(msg, job_id)
                 self.state.jobs_completed += 1
         finally:
             self.registry.end(job_id)
             self.state.active_job_id = None
             self.metrics.active.set(0)
+
+    def _after_terminal(self, ev: End | Error, job_id: str, stored: bool, republished: int) -> None:
+        self.metrics.outcome("ok" if isinstance(ev, End) else ev.code.value)
+        if isinstance(ev, Error):
+            if ev.code is ErrorCode.CUDA_ERROR:
+                # a CUDA error may have poisoned the context: report it so the orchestrator
+                # can restart this worker
+                self.state.set_unhealthy(f"CUDA error: {ev.message}")
+            narrate(
+                "error",
+                f"{ev.code}: {ev.message}",
+                level="WARNING",
+                job_id=job_id,
+                code=ev.code.value,
+            )
+        if not stored:
+            narrate("error", "events could not be confirmed stored", level="ERROR", job_id=job_id)
+        if republished:
+            narrate(
+                "events_republished",
+                f"{republished} events re-sent after an unconfirmed store",
+                level="WARNING",
+                job_id=job_id,
+                count=republished,
+            )
 
     def _js(self) -> JetStreamContext:
         assert self.js is not None
@@ -351,8 +360,7 @@ class Frontend:
                 f"{exc.job_id}.{seq}.rej",
                 self._events_stream,
             )
-            await pub.publish(encode(err))
-            await pub.confirm(deadline_s=10.0)
+            await pub.finish(encode(err), deadline_s=10.0)
         else:
             err = Error(
                 job_id=exc.raw_job_id or "", code=exc.code, message=exc.message, retriable=False

@@ -165,48 +165,50 @@ class OrcdClient:
         seen: set[_EventKey] = set()
         attempt = 0
         next_i = 0
+        in_gap = False
+        last_replay = 0.0
         try:
             await self.nc.flush()
             if before_first is not None:
                 await before_first()
             while True:
-                wait = gap_timeout_s
+                wait = 0.5 if in_gap else gap_timeout_s
                 if deadline is not None:
                     wait = min(wait, deadline - loop.time())
                     if wait <= 0:
                         raise TimeoutError(f"job {job_id}: no terminal event in {timeout_s} s")
-                gap = False
+                event: Event | None = None
                 try:
                     msg = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
                     gap = True
-                    event = None
                 else:
                     event = decode_event(msg.data)
                     if _live_key(event, attempt) in seen:
                         continue
-                    if isinstance(event, Token) and event.i != next_i:
-                        gap = True
+                    gap = in_gap or _skips(event, next_i)
                 if gap:
-                    # fill from JetStream: every stored event not yet yielded, in order
-                    stored = await self.replay(job_id)
-                    done = False
-                    for ev, k in _keyed(stored):
-                        attempt, next_i = _advance(ev, attempt, next_i)
+                    # something was missed (an outage): take it from JetStream, in order;
+                    # live events meanwhile are dropped, the stream has them too
+                    if event is not None and loop.time() - last_replay < 0.5:
+                        continue
+                    last_replay = loop.time()
+                    in_gap = False
+                    for ev, k in _keyed(await self.replay(job_id)):
                         if k in seen:
+                            attempt, next_i = _advance(ev, attempt, next_i)
                             continue
+                        if isinstance(ev, Token) and ev.i != next_i:
+                            in_gap = True  # not stored yet: the worker re-sends it
+                            break
                         seen.add(k)
+                        attempt, next_i = _advance(ev, attempt, next_i)
                         yield ev
                         if is_terminal(ev):
-                            done = True
-                            break
-                    if done:
-                        return
+                            return
                     continue
                 assert event is not None
                 key = _live_key(event, attempt)
-                if key in seen:
-                    continue
                 seen.add(key)
                 attempt, next_i = _advance(event, attempt, next_i)
                 yield event
@@ -217,7 +219,9 @@ class OrcdClient:
                 await sub.unsubscribe()
 
     async def replay(self, job_id: str, timeout_s: float = 5.0) -> list[Event]:
-        """Every event of `job_id` stored in ORCD_EVENTS, in stored order."""
+        """Every event of `job_id` stored in ORCD_EVENTS, attempt by attempt: `started`, its
+        tokens by index (an event re-sent after an outage may be stored late), then the
+        terminal event."""
         subject = self.subjects.events(job_id)
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.ALL,
@@ -244,7 +248,7 @@ class OrcdClient:
             with contextlib.suppress(Exception):
                 name = (await psub.consumer_info()).name
                 await self.js.delete_consumer(self._events_stream, name)
-        return out
+        return normalize(out)
 
     # ------------------------------------------------------------------ control
 
@@ -302,6 +306,17 @@ class OrcdClient:
         return bytes(msg.data).decode()
 
 
+def _skips(event: Event, next_i: int) -> bool:
+    """The live event shows that something before it was missed."""
+    if isinstance(event, Token):
+        return event.i != next_i
+    if isinstance(event, End):
+        return event.tokens_out != next_i
+    if isinstance(event, Metrics):
+        return event.tokens > next_i
+    return False
+
+
 def _advance(event: Event, attempt: int, next_i: int) -> tuple[int, int]:
     if isinstance(event, Started):
         return event.attempt, 0
@@ -328,6 +343,38 @@ def _keyed(events: list[Event]) -> list[tuple[Event, _EventKey]]:
         if isinstance(ev, Started):
             attempt = ev.attempt
         out.append((ev, _live_key(ev, attempt)))
+    return out
+
+
+def normalize(events: list[Event]) -> list[Event]:
+    """Stored events in protocol order: per attempt (each `started` opens one), `started`,
+    then tokens by index with each `metrics` event after the token it counts, then the
+    terminal event; duplicates dropped."""
+    segments: list[list[Event]] = [[]]
+    for ev in events:
+        if isinstance(ev, Started):
+            segments.append([ev])
+        else:
+            segments[-1].append(ev)
+    out: list[Event] = []
+    for seg in segments:
+        if not seg:
+            continue
+        head = [e for e in seg[:1] if isinstance(e, Started)]
+        tokens: dict[int, Token] = {}
+        metrics: dict[int, Metrics] = {}
+        terminal: list[Event] = []
+        for e in seg:
+            if isinstance(e, Token):
+                tokens.setdefault(e.i, e)
+            elif isinstance(e, Metrics):
+                metrics.setdefault(e.tokens, e)
+            elif isinstance(e, End | Error):
+                terminal.append(e)
+        body: list[tuple[int, int, Event]] = [(i, 0, t) for i, t in tokens.items()]
+        body += [(n - 1, 1, m) for n, m in metrics.items()]
+        body.sort(key=lambda x: (x[0], x[1]))
+        out += head + [e for _, _, e in body] + terminal[:1]
     return out
 
 

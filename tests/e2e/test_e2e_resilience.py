@@ -97,6 +97,9 @@ async def test_nats_restart_mid_job_nothing_lost(
         assert [e for e in stored] == seen  # exactly once, in order, nothing lost
         assert end.tokens_out > 20
         w.wait_event("nats_reconnected", 10)
+        print(
+            f"events re-sent by the worker: {[r['count'] for r in w.events('events_republished')]}"
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -108,6 +111,9 @@ async def test_nats_restart_mid_job_nothing_lost(
             await asyncio.sleep(0.2)
         evs = [ev async for ev in client.generate(REF, prompt="hi", max_tokens=3, timeout_s=60)]
         complete(evs, evs[0].job_id)
+        print(
+            f"events re-sent by the worker: {[r['count'] for r in w.events('events_republished')]}"
+        )
     finally:
         await client.close()
         srv.cleanup()

@@ -174,29 +174,70 @@ async def job_subscription(
 
 
 class EventPublisher:
-    """Ordered, confirmed publishing of one job attempt's events (see module doc)."""
+    """Confirmed publishing of one job attempt's events (see the module doc).
 
-    def __init__(self, js: JetStreamContext, subject: str, msg_id_prefix: str, stream: str) -> None:
+    Events go out pipelined (`publish`); `finish` publishes the terminal event only after
+    every earlier event is confirmed stored (re-sending, with the same ``Nats-Msg-Id``, any
+    whose store was not confirmed), and then confirms the terminal event itself. So whoever
+    reads ORCD_EVENTS up to a terminal event has every event of that attempt; an event
+    re-sent after an outage may sit later in the stream than its index says (readers order
+    tokens by ``i``: worker.client does).
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subject: str,
+        msg_id_prefix: str,
+        stream: str,
+        epoch: Callable[[], int] | None = None,
+    ) -> None:
+        self._epoch = epoch  # bumps on every reconnect: time to repair what the outage lost
+        self._seen_epoch = epoch() if epoch is not None else 0
         self._js = js
         self._subject = subject
         self._prefix = msg_id_prefix
         self._stream = stream
+        self._n = 0
         self._sent: list[tuple[str, bytes, asyncio.Future[Any] | None]] = []
+        self.republished = 0  # events sent again (their store was not confirmed)
+
+    def _next_id(self) -> str:
+        msg_id = f"{self._prefix}.{self._n}"
+        self._n += 1
+        return msg_id
 
     async def publish(self, payload: bytes) -> None:
-        msg_id = f"{self._prefix}.{len(self._sent)}"
+        if self._epoch is not None and self._epoch() != self._seen_epoch:
+            # reconnected since the last event: store what the outage lost before going on,
+            # so readers of the stream see the gap closed within seconds
+            self._seen_epoch = self._epoch()
+            await self.confirm()
+        msg_id = self._next_id()
         fut: asyncio.Future[Any] | None
         try:
             fut = await self._js.publish_async(
                 self._subject, payload, wait_stall=5.0, headers={"Nats-Msg-Id": msg_id}
             )
         except Exception:
-            fut = None  # confirmed (re-published) in `confirm`
+            fut = None  # re-sent by `confirm`
         self._sent.append((msg_id, payload, fut))
 
+    async def _publish_sync(self, msg_id: str, payload: bytes, deadline: float) -> bool:
+        while True:
+            try:
+                await self._js.publish(
+                    self._subject, payload, timeout=2.0, headers={"Nats-Msg-Id": msg_id}
+                )
+                return True
+            except Exception:
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.25)
+
     async def confirm(self, deadline_s: float = 60.0) -> bool:
-        """Wait until every event is stored; re-publish, in order, from the first that is not.
-        Returns False if the deadline passes first."""
+        """Wait until every event published so far is stored; re-send, in order, from the
+        first one that is not confirmed. False if the deadline passes first."""
         deadline = time.monotonic() + deadline_s
         first_missing: int | None = None
         for k, (_, _, fut) in enumerate(self._sent):
@@ -219,15 +260,14 @@ class EventPublisher:
             if fut is not None and not fut.done():
                 fut.cancel()  # releases nats-py's pending-publish slot
         for msg_id, payload, _ in self._sent[first_missing:]:
-            while True:
-                try:
-                    await self._js.publish(
-                        self._subject, payload, timeout=2.0, headers={"Nats-Msg-Id": msg_id}
-                    )
-                    break
-                except Exception:
-                    if time.monotonic() >= deadline:
-                        return False
-                    await asyncio.sleep(0.25)
+            self.republished += 1
+            if not await self._publish_sync(msg_id, payload, deadline):
+                return False
         self._sent.clear()
         return True
+
+    async def finish(self, payload: bytes, deadline_s: float = 60.0) -> bool:
+        """Publish the terminal event after every earlier one is stored, and confirm it."""
+        deadline = time.monotonic() + deadline_s
+        ok = await self.confirm(deadline_s)
+        return await self._publish_sync(self._next_id(), payload, deadline) and ok
