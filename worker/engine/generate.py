@@ -203,7 +203,7 @@ def generate(
         backend.forward(prompt[s : s + chunk])
     last = prompt[(n_prompt - 1) // chunk * chunk :]
 
-    decoder = StreamDecoder(tokenizer)
+    decoder = StreamDecoder(tokenizer, after_token=prompt[-1])  # spacing as decode(prompt + out)
     matcher = StopMatcher(req.stop)
     generated: list[int] = []
     pieces: list[str] = []
