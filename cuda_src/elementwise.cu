@@ -75,3 +75,15 @@ extern "C" __global__ void topk_softmax_f32(const float* __restrict__ logits, in
     }
   }
 }
+
+// MoE output: x[t][i] += sum over slots s < k (in order) of w[t*k+s] * y[t*k+s][i].
+// grid (ceil(n/256), rows), block 256.
+extern "C" __global__ void moe_combine_f32(float* __restrict__ x, const float* __restrict__ y,
+                                           const float* __restrict__ w, int n, int k) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const size_t t = blockIdx.y;
+  float acc = 0.0f;
+  for (int s = 0; s < k; ++s) acc = fmaf(w[t * k + s], y[(t * k + s) * n + i], acc);
+  x[t * n + i] += acc;
+}

@@ -10,11 +10,18 @@ mkdir -p "$WORKER_ORCD_SYNTH_DIR"
 MODEL=$WORKER_ORCD_SYNTH_DIR/qwen2-full-q4_k_m.gguf
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
+PIDS=()
 for m in norm rope attention activation elementwise sampling gemv gemm embed moe; do
   python3 -c "from worker.backends.cuda.compile import compile_cubin; compile_cubin('$m', 'sm_90')" &
+  PIDS+=($!)
 done
 python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$MODEL', preset('qwen2', 'full', mix='q4_k_m', seed=1))" &
-wait
+PIDS+=($!)
+if [ -n "${PHI3:-}" ]; then  # full-size Phi-3-mini layout, written while the tests run
+  (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$WORKER_ORCD_SYNTH_DIR/phi3-full-q4_k_m.gguf', preset('phi3', 'full', mix='q4_k_m', seed=1))" > "$OUT/phi3-synth.txt" 2>&1; echo done >> "$OUT/phi3-synth.txt") &
+  PHI3_PID=$!
+fi
+wait "${PIDS[@]}"
 echo "prep: $(( $(date +%s) - t0 )) s" | tee "$OUT/prep.txt"
 K=${1:-}
 timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -s -p no:cacheprovider -rf \
@@ -31,3 +38,8 @@ if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 timeout ${BENCH_TIMEOUT:-150} python3 -m worker bench --model "$MODEL" --ctx-size 4096 2>&1 | tee "$OUT/bench.json"
+if [ -n "${PHI3:-}" ]; then
+  wait "$PHI3_PID"
+  timeout 120 python3 -m worker bench --model "$WORKER_ORCD_SYNTH_DIR/phi3-full-q4_k_m.gguf" \
+    --ctx-size 4096 --no-cold --reps 3 2>&1 | tee "$OUT/bench-phi3.json"
+fi

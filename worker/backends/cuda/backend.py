@@ -184,7 +184,7 @@ class CudaBackend:
         t_start = time.perf_counter()
         hp = load_hparams(self.gf)
         self.hp = hp
-        if hp.arch not in ("qwen2", "llama", "phi3", "gpt2"):
+        if hp.arch not in ("qwen2", "llama", "phi3", "gpt2", "gpt-oss"):
             raise ModelLoadError(
                 self.path, f"architecture {hp.arch!r} is not on the CUDA backend yet"
             )
@@ -234,6 +234,12 @@ class CudaBackend:
             ("gu", B * 2 * ff * 4),
             ("act", B * ff * 4),
             ("logits", max(LOGIT_ROWS, 1) * V * 4),
+            ("router", B * max(1, hp.n_expert) * 4),
+            ("eidx", B * max(1, hp.n_expert_used) * 4),
+            ("ew", B * max(1, hp.n_expert_used) * 4),
+            ("eg", B * hp.n_expert_used * hp.n_ff_exp * 4),
+            ("eu", B * hp.n_expert_used * hp.n_ff_exp * 4),
+            ("ed", B * hp.n_expert_used * E * 4),
             ("xbuf", V * 4),
             ("gscratch", SAMPLE_SCRATCH_BYTES),
             ("barrier", 8),
@@ -394,7 +400,7 @@ class CudaBackend:
         p = f"blk.{il}"
         if f"{p}.ffn_gate.weight" in self.plan.offsets:
             return [f"{p}.ffn_gate", f"{p}.ffn_up"]
-        if self.hp.arch == "gpt2":
+        if self.hp.arch in ("gpt2", "gpt-oss"):
             return []
         return [f"{p}.ffn_up"]
 
@@ -497,7 +503,6 @@ class CudaBackend:
         mode = ROPE_MODE[hp.rope.type]
         inv = self._t("__rope_inv_freq") if mode else s["pos"]
         qkv = s["qkv"]
-        sinks_name = None
         for il in range(hp.n_layer):
             p = f"blk.{il}"
             self._norm(s["x"], s["xn"], f"{p}.attn_norm", n)
@@ -546,7 +551,7 @@ class CudaBackend:
                 max_kv=kv_max,
                 scale=scale,
                 window=window,
-                sinks=self._t(sinks_name) if sinks_name else None,
+                sinks=self._t(f"{p}.attn_sinks.weight") if hp.has_sinks else None,
             )
             x = _b(s["x"])
             self._lin(
@@ -557,8 +562,12 @@ class CudaBackend:
                 residual=x,
                 bias=f"{p}.attn_output.bias",
             )
-            self._norm(s["x"], s["xn"], f"{p}.ffn_norm", n)
-            self._ffn(il, n)
+            if hp.arch == "gpt-oss":
+                self._norm(s["x"], s["xn"], f"{p}.post_attention_norm", n)
+                self._moe(il, n)
+            else:
+                self._norm(s["x"], s["xn"], f"{p}.ffn_norm", n)
+                self._ffn(il, n)
 
     def _ffn(self, il: int, n: int) -> None:
         hp, k, s = self.hp, self.k, self.s
@@ -575,6 +584,66 @@ class CudaBackend:
                 )
             k.swiglu(gu, gu.view(ff * 4, gu.nbytes - ff * 4), act, n, ff, 2 * ff, 2 * ff, ff)
         self._lin(f"{p}.ffn_down.weight", _b(act), x, n, residual=x, bias=f"{p}.ffn_down.bias")
+
+    def _experts(self, name: str) -> Any:
+        from worker.backends.cuda.matmul import QWeight
+
+        ti = self.gf.tensors[name]
+        k_, n_, e_ = ti.shape  # ggml ne: [K, N, experts]
+        return QWeight(
+            ptr=self.arena.ptr + self.plan.offsets[name],
+            qtype=self.qtypes[name],
+            rows=n_,
+            cols=k_,
+            nbytes=self.plan.sizes[name],
+            experts=e_,
+        )
+
+    def _moe(self, il: int, n: int) -> None:
+        """gpt-oss: router top-k + softmax over the chosen, expert gate/up (+bias), clamped
+        SwiGLU, expert down (+bias), weighted sum into the residual stream."""
+        hp, k, s = self.hp, self.k, self.s
+        p = f"blk.{il}"
+        kk, ff = hp.n_expert_used, hp.n_ff_exp
+        self._lin(
+            f"{p}.ffn_gate_inp.weight",
+            _b(s["xn"]),
+            _b(s["router"]),
+            n,
+            bias=f"{p}.ffn_gate_inp.bias",
+        )
+        k.topk_softmax(s["router"], n, hp.n_expert, kk, s["eidx"], s["ew"])
+        form = "gemv" if n <= 2 else "gemm"
+        st = self.ctx.stream
+        for which, dst in (("gate", "eg"), ("up", "eu")):
+            self.mm.moe(
+                self._experts(f"{p}.ffn_{which}_exps.weight"),
+                _b(s["eidx"]),
+                n,
+                kk,
+                _b(s["xn"]),
+                _b(s[dst]),
+                per_slot_input=False,
+                stream=st,
+                bias=self._opt(f"{p}.ffn_{which}_exps.bias"),
+                form=form,
+            )
+        k.swiglu(s["eg"], s["eu"], s["eg"], n * kk, ff, ff, ff, ff, oai=(1.702, 7.0))
+        self.mm.moe(
+            self._experts(f"{p}.ffn_down_exps.weight"),
+            _b(s["eidx"]),
+            n,
+            kk,
+            _b(s["eg"]),
+            _b(s["ed"]),
+            per_slot_input=True,
+            stream=st,
+            bias=self._opt(f"{p}.ffn_down_exps.bias"),
+            form=form,
+        )
+        k.moe_combine(s["x"], s["ed"], s["ew"], n, hp.n_embd, kk)
+        if self.k.sync_each:
+            self.ctx.sync("moe")
 
     def _lm_head(self, row0: int, rows: int) -> None:
         """logits[0..rows) = head(norm(x[row0..row0+rows)))."""

@@ -129,6 +129,7 @@ class Kernels:
             ("elementwise", "add_f32"): "PPiii",
             ("elementwise", "add_pos_embd_f32"): "PPPii",
             ("elementwise", "topk_softmax_f32"): "PiiPP",
+            ("elementwise", "moe_combine_f32"): "PPPii",
             ("sampling", "argmax_partial"): "PiPP",
             ("sampling", "argmax_final"): "PPiP",
             ("sampling", "sample_full"): "PiPiffiQiQQiPPPP",
@@ -437,6 +438,15 @@ class Kernels:
         need(kn, idx, rows * k * 4, "idx")
         need(kn, w, rows * k * F32, "w")
         self.launch(kn, (rows,), (32,), logits.ptr, n_exp, k, idx.ptr, w.ptr)
+
+    def moe_combine(self, x: DevBuf, y: DevBuf, w: DevBuf, rows: int, n: int, k: int) -> None:
+        """x[t] += sum_s w[t, s] * y[t*k + s] (slots in order)."""
+        kn = "moe_combine_f32"
+        positive(kn, rows=rows, n=n, k=k)
+        need(kn, x, rows * n * F32, "x")
+        need(kn, y, rows * k * n * F32, "y")
+        need(kn, w, rows * k * F32, "w")
+        self.launch(kn, ((n + 255) // 256, rows), (256,), x.ptr, y.ptr, w.ptr, n, k)
 
     # ------------------------------------------------------------------ sampling
 
