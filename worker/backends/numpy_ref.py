@@ -101,7 +101,10 @@ class GGUFWeights:
         return name in self.gf.tensors
 
     def _keep(self, key: str | tuple[str, int], arr: F32) -> F32:
+        """Cache `arr` (column-major) if it fits the budget; otherwise hand it out as is
+        (it is dequantized again on its next use)."""
         if self.cached_bytes + arr.nbytes <= self.budget:
+            arr = _col_major(arr)
             self._cache[key] = arr
             self.cached_bytes += arr.nbytes
         return arr
@@ -115,7 +118,7 @@ class GGUFWeights:
             arr: F32 = self.gf.raw(name).view(np.float32).reshape(info.np_shape)
             self._cache[name] = arr  # a view of the mapping: costs no memory
             return arr
-        return self._keep(name, _col_major(self.gf.dequantize(name)))
+        return self._keep(name, self.gf.dequantize(name))
 
     def _row_bytes(self, name: str) -> tuple[npt.NDArray[np.uint8], int, int]:
         info = self.gf.tensors[name]
@@ -149,7 +152,7 @@ class GGUFWeights:
         per = info.nbytes // info.shape[2]
         raw = self.gf.raw(name)[e * per : (e + 1) * per]
         mat = quants.dequantize(raw, info.ggml_type, info.shape[0] * info.shape[1])
-        return self._keep(key, _col_major(mat.reshape(info.shape[1], info.shape[0])))
+        return self._keep(key, mat.reshape(info.shape[1], info.shape[0]))
 
     def preload(self, progress: Callable[[float], None] | None = None) -> None:
         """Dequantize into the cache now (in file order) as far as the budget goes;
