@@ -56,6 +56,14 @@ def _pretty_format(record: Any) -> str:
         k for k in extra if k not in _CORE_KEYS and not k.startswith("_") and k != "gpu_device"
     ]
     tail = "".join(f" {k}={{extra[{k}]}}" for k in fields)
+    pct = extra.get("percent")
+    if extra.get("event") == "model_load_progress" and isinstance(pct, int):
+        filled = max(0, min(20, pct // 5))
+        bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+        return (
+            "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+            "<cyan>{extra[event]}</cyan> " + bar + "{message}\n"
+        )
     return (
         "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
         "<cyan>{extra[event]}</cyan>" + job + " {message}" + tail + "\n{exception}"
