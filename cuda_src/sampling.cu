@@ -252,12 +252,21 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
     __syncthreads();
     for (int b = threadIdx.x; b < 256; b += blockDim.x) gs->hist[ph][blockIdx.x][b] = st.hist[b];
     grid_sync(bar);
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+    // Merge the blocks' histograms: thread (quarter qq, bin b) sums every fourth block's
+    // count with its loads unrolled (all in flight), then the quarters are added (integers).
+    {
+      const int b = threadIdx.x & 255, qq = threadIdx.x >> 8;
       u64 tot = 0ull;
-      for (int g = 0; g < (int)gridDim.x; ++g) tot += __ldcg(&gs->hist[ph][g][b]);
-      st.hist[b] = tot;
+#pragma unroll 4
+      for (int g = qq; g < (int)gridDim.x; g += 4) tot += __ldcg(&gs->hist[ph][g][b]);
+      __syncthreads();
+      if (qq == 0) st.hist[b] = tot;
+      __syncthreads();
+      for (int r = 1; r < 4; ++r) {
+        if (qq == r) st.hist[b] += tot;
+        __syncthreads();
+      }
     }
-    __syncthreads();
     if (threadIdx.x == 0) {
       u64 a = 0ull, t = st.target;
       int sel = 255;
