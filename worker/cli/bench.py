@@ -37,10 +37,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--reps", type=int, default=5, metavar="N", help="repetitions (median)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache load")
     p.add_argument("--no-graphs", action="store_true", help="eager decode (for comparison)")
+    p.add_argument(
+        "--sweep-splits",
+        default="",
+        metavar="LIST",
+        help="also time tg at these attention key-chunk counts, e.g. 8,16,32",
+    )
     p.set_defaults(func=run)
 
 
 def _commit() -> str:
+    """The checkout's commit; WORKER_ORCD_COMMIT names it where no .git travels along."""
+    if os.environ.get("WORKER_ORCD_COMMIT"):
+        return os.environ["WORKER_ORCD_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -144,6 +153,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             tg_rates.append(args.tg / el)
             step_us += [s * 1e6 for s in steps]
     result[f"tg{args.tg}_tok_s"] = round(statistics.median(tg_rates), 1)
+    result["decode_splits"] = be.decode_splits
+    if args.sweep_splits:
+        sweep = {}
+        default = be.decode_splits
+        for n_split in [int(v) for v in args.sweep_splits.split(",") if v.strip()]:
+            be.set_decode_splits(n_split)
+            be.reset()
+            tok = be.forward_sample(prompt, greedy, 0.0, [])
+            tok = be.forward_sample([tok], greedy, 0.0, [])  # capture
+            t0 = time.perf_counter()
+            for _ in range(args.tg):
+                tok = be.forward_sample([tok], greedy, 0.0, [])
+            sweep[str(n_split)] = round(args.tg / (time.perf_counter() - t0), 1)
+        be.set_decode_splits(default)
+        result["tg_by_decode_splits"] = sweep
     step_us.sort()
     result["decode_step_us_p50"] = round(step_us[len(step_us) // 2], 1)
     result["decode_step_us_p99"] = round(step_us[int(len(step_us) * 0.99)], 1)

@@ -191,6 +191,7 @@ class CudaBackend:
         if hp.head_dim != hp.head_dim_v:
             raise ModelLoadError(self.path, "head_dim_v != head_dim is not supported")
         self.ubatch = max(1, ubatch)
+        self.decode_splits = DECODE_SPLITS
         self.use_graphs = graphs
         self.ctx = ctx = CudaContext(gpu_device)
         t_k = time.perf_counter()
@@ -493,7 +494,7 @@ class CudaBackend:
             )
         decode = n == 1
         if decode:
-            n_split = DECODE_SPLITS
+            n_split = self.decode_splits
             max_chunk = -(-self.context_length // n_split)
         else:
             n_split = attn_split_count(kv_max, PREFILL_MAX_SPLITS, 64)
@@ -814,6 +815,15 @@ class CudaBackend:
     def _recover(self) -> None:
         """After a failed step the sequence is undefined: start over (the next job resets)."""
         self._n_past = 0
+
+    def set_decode_splits(self, n: int) -> None:
+        """Key chunks per head for a one-token step (re-captures the decode graphs)."""
+        if not 1 <= n <= min(128, self.ubatch * PREFILL_MAX_SPLITS):
+            raise ValueError(f"decode splits must be in 1..128, got {n}")
+        self.decode_splits = n
+        for g in self._graphs.values():
+            g.destroy()
+        self._graphs.clear()
 
     def check_residency(self) -> ResidencyReport:
         if self.ctx is None:
