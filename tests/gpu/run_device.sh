@@ -21,6 +21,10 @@ if [ -n "${PHI3:-}" ]; then  # full-size Phi-3-mini layout, written while the te
   (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$WORKER_ORCD_SYNTH_DIR/phi3-full-q4_k_m.gguf', preset('phi3', 'full', mix='q4_k_m', seed=1))" > "$OUT/phi3-synth.txt" 2>&1; echo done >> "$OUT/phi3-synth.txt") &
   PHI3_PID=$!
 fi
+if [ -n "${GPTOSS:-}" ]; then  # full-size GPT-OSS-20B MXFP4 layout (about 12 GB)
+  (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$WORKER_ORCD_SYNTH_DIR/gpt-oss-full-mxfp4.gguf', preset('gpt-oss', 'full', mix='mxfp4', seed=1))" > "$OUT/gptoss-synth.txt" 2>&1; echo done >> "$OUT/gptoss-synth.txt") &
+  GPTOSS_PID=$!
+fi
 wait "${PIDS[@]}"
 echo "prep: $(( $(date +%s) - t0 )) s" | tee "$OUT/prep.txt"
 K=${1:-}
@@ -42,4 +46,9 @@ if [ -n "${PHI3:-}" ]; then
   wait "$PHI3_PID"
   timeout 120 python3 -m worker bench --model "$WORKER_ORCD_SYNTH_DIR/phi3-full-q4_k_m.gguf" \
     --ctx-size 4096 --no-cold --reps 3 2>&1 | tee "$OUT/bench-phi3.json"
+fi
+if [ -n "${GPTOSS:-}" ]; then
+  timeout 150 tail --pid="$GPTOSS_PID" -f /dev/null
+  timeout 120 python3 -m worker bench --model "$WORKER_ORCD_SYNTH_DIR/gpt-oss-full-mxfp4.gguf" \
+    --ctx-size 4096 --no-cold --reps 3 2>&1 | tee "$OUT/bench-gptoss.json"
 fi

@@ -195,12 +195,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def _decode_weight_bytes(be: Any) -> int:
     """Bytes of weights one decode step reads: every tensor once, except the embedding
-    table, of which one row is read (unless it is also the LM head)."""
+    table, of which one row is read (unless it is also the LM head), and expert tensors,
+    of which the chosen experts' share is read."""
     total = 0
     tied = "output.weight" not in be.gf.tensors
+    hp = be.hp
     for name, ti in be.gf.tensors.items():
         if name == "token_embd.weight" and not tied:
             total += ti.nbytes // max(1, ti.shape[1] if len(ti.shape) > 1 else 1)
+        elif "_exps." in name and hp.n_expert:  # MoE: the chosen experts only
+            total += ti.nbytes * hp.n_expert_used // hp.n_expert
         else:
             total += ti.nbytes
     return int(total)
