@@ -86,6 +86,11 @@ def hf_config_and_state(gf: GGUFFile) -> tuple[Any, dict[str, npt.NDArray[Any]],
     """(transformers config, state dict of float32 arrays, model class name)."""
     import transformers as tf
 
+    if int(tf.__version__.split(".")[0]) < 5:
+        # The configs below use transformers 5's `rope_parameters`; 4.x would silently
+        # ignore them and run with default RoPE.
+        raise RuntimeError(f"parity needs transformers >= 5, found {tf.__version__}")
+
     hp = load_hparams(gf)
     t = {name: gf.dequantize(name) for name in gf.tensors}
     tied = "output.weight" not in t
