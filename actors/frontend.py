@@ -33,6 +33,7 @@ from worker.errors import ErrorCode
 from worker.metrics import WorkerMetrics
 from worker.narration import narrate
 from worker.nats.jetstream import (
+    PUBLISH_ASYNC_MAX_PENDING,
     EventPublisher,
     connect,
     ensure_streams,
@@ -106,7 +107,7 @@ class Frontend:
             on_error=on_error,
         )
         self._connected = True
-        self.js = self.nc.jetstream(publish_async_max_pending=8192)
+        self.js = self.nc.jetstream(publish_async_max_pending=PUBLISH_ASYNC_MAX_PENDING)
         await ensure_streams(
             self.js,
             self.subjects,

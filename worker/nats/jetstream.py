@@ -36,6 +36,8 @@ from nats.js.api import (
 from worker.protocol import EVENTS_STREAM, JOBS_STREAM, Subjects, consumer_name
 
 EVENTS_DUPLICATE_WINDOW_S = 120.0
+PUBLISH_ASYNC_MAX_PENDING = 8192
+STALL_CHECK_PENDING = PUBLISH_ASYNC_MAX_PENDING // 2
 
 
 def stream_names(subjects: Subjects) -> tuple[str, str]:
@@ -216,8 +218,12 @@ class EventPublisher:
         msg_id = self._next_id()
         fut: asyncio.Future[Any] | None
         try:
+            # wait_stall makes nats-py wrap the semaphore in asyncio.wait_for (a task per
+            # event, ~10x the cost of the publish): only pay it when the window is nearly
+            # full (acks stalled by an outage), so a stall still fails after 5 s
+            stall = 5.0 if self._js.publish_async_pending() >= STALL_CHECK_PENDING else None
             fut = await self._js.publish_async(
-                self._subject, payload, wait_stall=5.0, headers={"Nats-Msg-Id": msg_id}
+                self._subject, payload, wait_stall=stall, headers={"Nats-Msg-Id": msg_id}
             )
         except Exception:
             fut = None  # re-sent by `confirm`
