@@ -88,20 +88,22 @@ def ours_logits(
     with open_gguf(path) as gf:
         hp = load_hparams(gf)
         model = build_model(hp, GGUFWeights(gf), n_ctx=64)
-        kv = KVCache(hp, 64)
+        kv = KVCache(hp, max(64, len(ids)))
         rows = [model.forward(ids[:prompt_len], kv, 0, all_logits=True)]
         for i in range(prompt_len, len(ids)):
             rows.append(model.forward(ids[i : i + 1], kv, i, all_logits=True))
         return np.concatenate(rows, axis=0)
 
 
-def run_parity(path: Path, ids: list[int], bound: float) -> ParityResult:
+def run_parity(
+    path: Path, ids: list[int], bound: float, prompt_len: int = PROMPT_LEN
+) -> ParityResult:
     ref = parity_hf().hf_logits_for_file(path, ids, "float64")
-    ours = ours_logits(path, ids)
+    ours = ours_logits(path, ids, prompt_len)
     err = rel_err(ours, ref)
     return ParityResult(
-        prefill_err=err[:PROMPT_LEN],
-        decode_err=err[PROMPT_LEN:],
+        prefill_err=err[:prompt_len],
+        decode_err=err[prompt_len:],
         top1_bad=top1_disagreements(ours, ref, bound),
         ours=ours,
         ref=ref,

@@ -67,3 +67,18 @@ def test_logits_match_transformers(
     # The logits carry signal (a broken model producing ~0 would pass a relative test
     # against a reference that is also ~0 only if both were degenerate).
     assert np.std(res.ref) > 1e-3
+
+
+def test_gpt_oss_window_inside_a_long_prefill(tmp_path: Path) -> None:
+    """A 40-token prompt (the 16-token window of the even layers slides inside the prefill
+    chunk) and 8 decode steps."""
+    spec = replace(preset("gpt-oss", "tiny", mix="mxfp4", seed=5), std=0.15, n_ctx=4096)
+    path = tmp_path / "gpt-oss-long.gguf"
+    write_synthetic(path, spec)
+    assert spec.sliding_window == 16
+    ids = np.random.default_rng(12).integers(0, spec.n_vocab, 48).tolist()
+    res = run_parity(path, ids, BOUND, prompt_len=40)
+    print(f"gpt-oss long: max rel err {res.max_err:.2e}")
+    assert res.prefill_err.shape == (40,)
+    assert res.max_err <= BOUND
+    assert res.top1_bad == []
