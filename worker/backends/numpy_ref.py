@@ -42,11 +42,13 @@ DEFAULT_CTX_CAP = 4096
 class _BlasThreads:
     """Best-effort control of the thread count of NumPy's bundled OpenBLAS.
 
-    A decode step is a chain of matrix-vector products: memory-bound, so one thread reads
-    nearly as fast as two, and on a busy machine OpenBLAS's threads waiting on each other
-    make two threads several times slower (measured on the 2-core dev box under load:
-    3.6 tok/s with one thread, 0.6 with two). Prefill (matrix-matrix) keeps the default.
-    Without a recognisable OpenBLAS this does nothing.
+    OpenBLAS's worker threads spin while they wait for each other, so as soon as the cores
+    are shared (the engine's other threads, other processes) more than one thread turns
+    slow instead of fast. Measured on the 2-core dev box under load (real Qwen2.5-0.5B):
+    decode 3.6 tok/s with one thread vs 0.6 with two; a 36-token prefill 1.4 s vs 8-11 s.
+    A decode step is memory-bound anyway (one thread streams nearly as fast as two). So the
+    backend runs its forward passes with one thread by default. Without a recognisable
+    OpenBLAS this does nothing.
     """
 
     def __init__(self) -> None:
@@ -185,13 +187,13 @@ class NumpyBackend:
         preload: bool = True,
         kv_cache_size_mb: int | None = None,
         progress: Callable[[float], None] | None = None,
-        decode_blas_threads: int | None = 1,
+        blas_threads: int | None = 1,
     ) -> None:
         """`model`: a path or an open GGUFFile (then left open on close()).
         `ctx_size`: KV capacity in tokens (default min(n_ctx_train, 4096)), capped so the
         KV cache fits `kv_cache_size_mb` when that is given. `dequant_cache_mb`: budget of
         dequantized float32 weight copies. `progress(fraction)`: weight preload progress.
-        `decode_blas_threads`: OpenBLAS threads for single-token steps (None = unchanged)."""
+        `blas_threads`: OpenBLAS threads during forward (None = leave NumPy's setting)."""
         self._owns_file = not isinstance(model, GGUFFile)
         self.gf: GGUFFile = model if isinstance(model, GGUFFile) else open_gguf(Path(model))
         try:
@@ -221,7 +223,7 @@ class NumpyBackend:
         self.vocab_size = self.hp.n_vocab
         self.context_length = n_ctx
         self.prefill_chunk = max(1, prefill_chunk)
-        self.decode_blas_threads = decode_blas_threads
+        self.blas_threads = blas_threads
         self.kv = KVCache(self.hp, n_ctx, kv_dtype)
         self._n_past = 0
 
@@ -240,9 +242,9 @@ class NumpyBackend:
             raise ContextLengthExceeded(
                 f"{self._n_past} tokens in context + {n} new > context length {self.context_length}"
             )
-        if n == 1 and self.decode_blas_threads is not None:
+        if self.blas_threads is not None:
             before = _BLAS.get()
-            _BLAS.set(self.decode_blas_threads)
+            _BLAS.set(self.blas_threads)
             try:
                 return self._forward(ids, all_logits)
             finally:
