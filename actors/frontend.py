@@ -274,8 +274,9 @@ class Frontend:
                         if not abandon:
                             # terminal event: only after every earlier one is stored; the
                             # in-progress acks keep running meanwhile (an outage may last)
+                            self._record_outcome(ev, job_id)  # before a client can see it
                             stored = await pub.finish(encode(ev))
-                            self._after_terminal(ev, job_id, stored, pub.republished)
+                            self._after_terminal(job_id, stored, pub.republished)
                         break
                     if not abandon:
                         await pub.publish(encode(ev))
@@ -291,7 +292,7 @@ class Frontend:
             self.state.active_job_id = None
             self.metrics.active.set(0)
 
-    def _after_terminal(self, ev: End | Error, job_id: str, stored: bool, republished: int) -> None:
+    def _record_outcome(self, ev: End | Error, job_id: str) -> None:
         self.metrics.outcome("ok" if isinstance(ev, End) else ev.code.value)
         if isinstance(ev, Error):
             if ev.code is ErrorCode.CUDA_ERROR:
@@ -305,6 +306,8 @@ class Frontend:
                 job_id=job_id,
                 code=ev.code.value,
             )
+
+    def _after_terminal(self, job_id: str, stored: bool, republished: int) -> None:
         if not stored:
             narrate("error", "events could not be confirmed stored", level="ERROR", job_id=job_id)
         if republished:

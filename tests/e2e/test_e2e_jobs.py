@@ -256,6 +256,10 @@ async def test_health_heartbeat_metrics(
     assert "orcd_uptime_seconds" in text and "orcd_vram_bytes_used" in text
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         assert b'orcd_requests_total{outcome="ok"} 1.0' in resp.read()
+    for _ in range(100):  # counted once the job is acked, just after its terminal event
+        if (await client.health(w.worker_id)).jobs_completed == 1:
+            break
+        await asyncio.sleep(0.05)
     assert (await client.health(w.worker_id)).jobs_completed == 1
 
 
