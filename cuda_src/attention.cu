@@ -10,7 +10,7 @@
 // derived in the kernel from the current key length (ceil((pos0 + n_tokens) / n_split)), so
 // one captured decode graph with a fixed grid covers every step and every block has work;
 // chunks with no visible key write l = 0 and are skipped by the combine.
-#include "common.cuh"
+#include "rope.cuh"
 
 #define AT 128  // threads per attn_split block; head_dim <= AT, head_dim % 8 == 0
 
@@ -21,19 +21,30 @@ __device__ __forceinline__ void attn_chunk(
     const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
     const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml, float* sp,
     float* sq, float* sacc, float* sh, size_t pidx, int t, int h, int n_head, int n_kv,
-    int head_dim, int j0, int j1, float scale) {
+    int head_dim, int j0, int j1, float scale, const __half* kcur, const __half* vcur,
+    int cur_jj) {
+  // kcur/vcur (shared memory): key and value of chunk entry cur_jj when they are not read
+  // from the cache (the fused decode path); q is then already in sq, scaled.
   const int kh = h / (n_head / n_kv);
-  const float* qr = q + (size_t)t * q_stride + (size_t)h * head_dim;
-  for (int d = threadIdx.x; d < head_dim; d += AT) sq[d] = qr[d] * scale;
+  if (q) {
+    const float* qr = q + (size_t)t * q_stride + (size_t)h * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += AT) sq[d] = qr[d] * scale;
+  }
   __syncthreads();
   const int n = j1 - j0;
   float lmax = -CUDART_INF_F;
   for (int jj = threadIdx.x; jj < n; jj += AT) {
     const uint4* kr = reinterpret_cast<const uint4*>(kc + ((size_t)(j0 + jj) * n_kv + kh) * head_dim);
     uint4 raw[AT / 8];
+    if (jj == cur_jj) {
 #pragma unroll
-    for (int c = 0; c < AT / 8; ++c)
-      if (c * 8 < head_dim) raw[c] = __ldg(kr + c);
+      for (int c = 0; c < AT / 8; ++c)
+        if (c * 8 < head_dim) raw[c] = reinterpret_cast<const uint4*>(kcur)[c];
+    } else {
+#pragma unroll
+      for (int c = 0; c < AT / 8; ++c)
+        if (c * 8 < head_dim) raw[c] = __ldg(kr + c);
+    }
     float acc = 0.0f;
 #pragma unroll
     for (int c = 0; c < AT / 8; ++c) {
@@ -69,12 +80,17 @@ __device__ __forceinline__ void attn_chunk(
       float v[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u)
-        v[u] = __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj + u * G) * vstride)));
+        v[u] = jj + u * G == cur_jj
+                   ? __half2float(vcur[d])
+                   : __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj + u * G) * vstride)));
 #pragma unroll
       for (int u = 0; u < 8; ++u) acc = fmaf(sp[jj + u * G], v[u], acc);
     }
     for (; jj < n; jj += G)
-      acc = fmaf(sp[jj], __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj) * vstride))),
+      acc = fmaf(sp[jj],
+                 jj == cur_jj
+                     ? __half2float(vcur[d])
+                     : __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj) * vstride))),
                  acc);
   }
   sacc[threadIdx.x] = acc;
@@ -90,43 +106,12 @@ __device__ __forceinline__ void attn_chunk(
   }
 }
 
-// grid (n_split, n_head, n_tokens), block AT.
-// q: row t, head h at q + t*q_stride + h*head_dim (float). kc/vc: [ctx][n_kv][head_dim] half.
-// opart: [n_tokens][n_head][n_split][head_dim]; ml: [n_tokens][n_head][n_split][2].
-// Key j is visible to query position p iff j <= p and (window <= 0 or p - j < window).
-// Dynamic shared memory: max_chunk floats (the host sizes it for the largest key length).
-// sinks: per-head logit that joins the softmax denominator only (gpt-oss), or null.
-// out row t at out + t*out_stride. tickets: n_tokens*n_head zeroed uints (left zeroed).
-extern "C" __global__ void __launch_bounds__(AT)
-    attn_split(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
-               const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
-               const int* __restrict__ pos0, int n_tokens, int n_head, int n_kv, int head_dim,
-               int n_split, int max_chunk, float scale, int window,
-               const float* __restrict__ sinks, float* __restrict__ out, int out_stride,
-               unsigned int* __restrict__ tickets) {
-  extern __shared__ float sp[];
-  __shared__ float sq[AT];
-  __shared__ float sacc[AT];
-  __shared__ float scw[AT];
-  __shared__ float sh[32];
-  __shared__ unsigned int s_ticket;
-  const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
-  const int qpos = pos0[0] + t;
-  int chunk = (pos0[0] + n_tokens + n_split - 1) / n_split;
-  if (chunk > max_chunk) chunk = 0;  // the host never allows this; write nothing out of bounds
-  const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
-  const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
-  const size_t pidx = ((size_t)t * n_head + h) * n_split + s;
-  if (j0 >= j1) {
-    if (threadIdx.x == 0) {
-      ml[2 * pidx] = -CUDART_INF_F;
-      ml[2 * pidx + 1] = 0.0f;
-    }
-  } else {
-    attn_chunk(q, q_stride, kc, vc, opart, ml, sp, sq, sacc, sh, pidx, t, h, n_head, n_kv,
-               head_dim, j0, j1, scale);
-  }
-  // The last block of this (row, head) merges the chunks.
+// The last block of a (row, head) to arrive merges its chunks (see the file comment).
+__device__ __forceinline__ void attn_merge(
+    const float* __restrict__ ml, const float* __restrict__ opart, const float* __restrict__ sinks,
+    float* __restrict__ out, int out_stride, unsigned int* __restrict__ tickets, float* sacc,
+    float* scw, float* sh, unsigned int& s_ticket, int t, int h, int n_head, int head_dim,
+    int n_split) {
   __threadfence();
   __syncthreads();
   const unsigned int slot = (unsigned int)t * n_head + h;
@@ -164,4 +149,115 @@ extern "C" __global__ void __launch_bounds__(AT)
     out[(size_t)t * out_stride + (size_t)h * head_dim + d] = o * inv;
   }
   if (threadIdx.x == 0) tickets[slot] = 0u;  // ready for the next launch (graph replay)
+}
+
+// grid (n_split, n_head, n_tokens), block AT.
+// q: row t, head h at q + t*q_stride + h*head_dim (float). kc/vc: [ctx][n_kv][head_dim] half.
+// opart: [n_tokens][n_head][n_split][head_dim]; ml: [n_tokens][n_head][n_split][2].
+// Key j is visible to query position p iff j <= p and (window <= 0 or p - j < window).
+// Dynamic shared memory: max_chunk floats (the host sizes it for the largest key length).
+// sinks: per-head logit that joins the softmax denominator only (gpt-oss), or null.
+// out row t at out + t*out_stride. tickets: n_tokens*n_head zeroed uints (left zeroed).
+extern "C" __global__ void __launch_bounds__(AT)
+    attn_split(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
+               const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
+               const int* __restrict__ pos0, int n_tokens, int n_head, int n_kv, int head_dim,
+               int n_split, int max_chunk, float scale, int window,
+               const float* __restrict__ sinks, float* __restrict__ out, int out_stride,
+               unsigned int* __restrict__ tickets) {
+  extern __shared__ float sp[];
+  __shared__ float sq[AT];
+  __shared__ float sacc[AT];
+  __shared__ float scw[AT];
+  __shared__ float sh[32];
+  __shared__ unsigned int s_ticket;
+  const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const int qpos = pos0[0] + t;
+  int chunk = (pos0[0] + n_tokens + n_split - 1) / n_split;
+  if (chunk > max_chunk) chunk = 0;  // the host never allows this; write nothing out of bounds
+  const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
+  const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
+  const size_t pidx = ((size_t)t * n_head + h) * n_split + s;
+  if (j0 >= j1) {
+    if (threadIdx.x == 0) {
+      ml[2 * pidx] = -CUDART_INF_F;
+      ml[2 * pidx + 1] = 0.0f;
+    }
+  } else {
+    attn_chunk(q, q_stride, kc, vc, opart, ml, sp, sq, sacc, sh, pidx, t, h, n_head, n_kv,
+               head_dim, j0, j1, scale, nullptr, nullptr, -1);
+  }
+  attn_merge(ml, opart, sinks, out, out_stride, tickets, sacc, scw, sh, s_ticket, t, h, n_head,
+             head_dim, n_split);
+}
+
+// Decode (one token) with the RoPE + KV-store stage fused in: qkv holds the token's raw
+// [q | k | v] projections (biases added). Each block rotates its q head itself; the block
+// whose chunk ends at the current position takes that key and value from the projections
+// (rotated, rounded to FP16 exactly as the cache would hold them) instead of the cache, and
+// one block per KV head (q head h % gqa == 0) stores them into the cache for later steps.
+// Same arithmetic as qkv_rope_store followed by attn_split. grid (n_split, n_head), block AT.
+extern "C" __global__ void __launch_bounds__(AT)
+    attn_decode_rope(const float* __restrict__ qkv, __half* __restrict__ kc,
+                     __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
+                     const int* __restrict__ pos0, int n_head, int n_kv, int head_dim,
+                     int n_split, int max_chunk, float scale, int window,
+                     const float* __restrict__ sinks, float* __restrict__ out,
+                     unsigned int* __restrict__ tickets, const double* __restrict__ inv_freq,
+                     float mscale, int mode, int n_rot, int ctx) {
+  extern __shared__ float sp[];
+  __shared__ float sq[AT];
+  __shared__ float sacc[AT];
+  __shared__ float scw[AT];
+  __shared__ float sh[32];
+  __shared__ float sraw[AT];
+  __shared__ __align__(16) __half kcur[AT];
+  __shared__ __align__(16) __half vcur[AT];
+  __shared__ unsigned int s_ticket;
+  const int s = blockIdx.x, h = blockIdx.y;
+  const int pos = pos0[0];
+  const double dpos = (double)pos;
+  const int gqa = n_head / n_kv, kh = h / gqa;
+  int chunk = (pos + 1 + n_split - 1) / n_split;
+  if (chunk > max_chunk || pos >= ctx) chunk = 0;  // never allowed by the host
+  const int kv_begin = window > 0 ? max(0, pos - window + 1) : 0;
+  const int j0 = max(kv_begin, s * chunk), j1 = min(pos + 1, (s + 1) * chunk);
+  const size_t pidx = (size_t)h * n_split + s;
+  // q head h, rotated and scaled
+  for (int d = threadIdx.x; d < head_dim; d += AT) sraw[d] = qkv[(size_t)h * head_dim + d];
+  __syncthreads();
+  for (int d = threadIdx.x; d < head_dim; d += AT)
+    sq[d] = rope_elem(sraw, d, n_rot, mode, dpos, inv_freq, mscale) * scale;
+  __syncthreads();
+  const bool has_cur = j0 < j1 && j1 - 1 == pos;
+  if (has_cur) {
+    const float* kr = qkv + (size_t)n_head * head_dim + (size_t)kh * head_dim;
+    const float* vr = qkv + (size_t)(n_head + n_kv) * head_dim + (size_t)kh * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += AT) {
+      sraw[d] = kr[d];
+      vcur[d] = __float2half_rn(vr[d] + 0.0f);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < head_dim; d += AT)
+      kcur[d] = __float2half_rn(rope_elem(sraw, d, n_rot, mode, dpos, inv_freq, mscale));
+    __syncthreads();
+    if (h % gqa == 0) {
+      const size_t crow = ((size_t)pos * n_kv + kh) * head_dim;
+      for (int d = threadIdx.x; d < head_dim; d += AT) {
+        kc[crow + d] = kcur[d];
+        vc[crow + d] = vcur[d];
+      }
+    }
+  }
+  if (j0 >= j1) {
+    if (threadIdx.x == 0) {
+      ml[2 * pidx] = -CUDART_INF_F;
+      ml[2 * pidx + 1] = 0.0f;
+    }
+  } else {
+    attn_chunk(nullptr, 0, kc, vc, opart, ml, sp, sq, sacc, sh, pidx, 0, h, n_head, n_kv,
+               head_dim, j0, j1, scale, kcur, vcur, has_cur ? j1 - 1 - j0 : -1);
+  }
+  attn_merge(ml, opart, sinks, out, head_dim * n_head, tickets, sacc, scw, sh, s_ticket, 0, h,
+             n_head, head_dim, n_split);
 }

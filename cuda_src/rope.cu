@@ -7,31 +7,7 @@
 // long/short factors and the YaRN ramp (all linear in pos); `mscale` multiplies cos and sin
 // (YaRN attention factor). mode 0: no rotation (learned positions), 1: normal (adjacent
 // pairs 2i, 2i+1), 2: NeoX (pairs i, i + n_rot/2). Dims at or past n_rot pass through.
-#include "common.cuh"
-
-__device__ __forceinline__ float rope_elem(const float* __restrict__ v, int d, int n_rot, int mode,
-                                           double pos, const double* __restrict__ inv_freq,
-                                           float mscale) {
-  if (mode == 0 || d >= n_rot) return v[d];
-  const int half = n_rot >> 1;
-  int i, lo, hi;
-  bool first;
-  if (mode == 2) {
-    i = d < half ? d : d - half;
-    lo = i;
-    hi = i + half;
-    first = d < half;
-  } else {
-    i = d >> 1;
-    lo = 2 * i;
-    hi = lo + 1;
-    first = (d & 1) == 0;
-  }
-  double sn, cs;
-  sincos(pos * inv_freq[i], &sn, &cs);
-  const float c = (float)cs * mscale, s = (float)sn * mscale;
-  return first ? v[lo] * c - v[hi] * s : v[lo] * s + v[hi] * c;
-}
+#include "rope.cuh"
 
 // grid (n_tokens, n_head + n_kv); block >= 32 threads; head_dim <= 256.
 // q rows: q + t * q_stride (rotated in place); k, v rows: k + t * kv_stride.

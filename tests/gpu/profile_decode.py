@@ -51,6 +51,13 @@ def main() -> None:
             gr.destroy()
         be._graphs.clear()
         print(f"  cache config {cname}: graph replay {graph_us():.1f} us")
+    for splits in (8, 16, 32):
+        be.set_decode_splits(splits)
+        for fused in (False, True):
+            be.set_fused_decode(fused)
+            print(f"  decode splits {splits}, fused rope+attention {fused}: {graph_us():.1f} us")
+    be.set_decode_splits(16)
+    be.set_fused_decode(False)
     host = []
     for _ in range(50):
         t0 = time.perf_counter()

@@ -41,7 +41,7 @@ if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
     echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer-$tool.txt"
   done
 fi
-timeout ${BENCH_TIMEOUT:-150} python3 -m worker bench --model "$MODEL" --ctx-size 4096 --sweep-splits 4,8,16,32 2>&1 | tee "$OUT/bench.json"
+timeout ${BENCH_TIMEOUT:-150} python3 -m worker bench --model "$MODEL" --ctx-size 4096 --sweep-splits 4,8,16,32 --sweep-fused 2>&1 | tee "$OUT/bench.json"
 if [ -n "${PHI3:-}" ]; then
   wait "$PHI3_PID"
   timeout 120 python3 -m worker bench --model "$WORKER_ORCD_SYNTH_DIR/phi3-full-q4_k_m.gguf" \

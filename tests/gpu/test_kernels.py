@@ -491,3 +491,114 @@ def test_out_of_range_launches_are_refused(kern: Any, dev: Any) -> None:
     # the context is still healthy afterwards
     kern.rmsnorm(x, None, x, 1, 896, 1e-6)
     kern.ctx.sync("after refused launches")
+
+
+@pytest.mark.parametrize(
+    "nh,nkv,hd,pos0,window,sinks,rope_key",
+    [
+        (14, 2, 64, 0, 0, False, "qwen2"),
+        (14, 2, 64, 639, 0, False, "qwen2"),
+        (64, 8, 64, 1000, 128, True, "gpt-oss-yarn"),
+        (64, 8, 64, 1001, 0, True, "gpt-oss-yarn"),
+        (32, 32, 96, 77, 0, False, "phi3-partial"),
+    ],
+)
+def test_fused_decode_attention_equals_two_launches(
+    kern: Any,
+    dev: Any,
+    nh: int,
+    nkv: int,
+    hd: int,
+    pos0: int,
+    window: int,
+    sinks: bool,
+    rope_key: str,
+) -> None:
+    """attn_decode_rope == qkv_rope_store then attn_split, on the same inputs."""
+    from worker.backends.cuda.backend import rope_inv_freq
+    from worker.gguf.hparams import HParams
+
+    rope = ROPES[rope_key][0]
+    hp = HParams(
+        arch="qwen2",
+        n_layer=1,
+        n_embd=nh * hd,
+        n_head=nh,
+        n_head_kv=nkv,
+        head_dim=hd,
+        head_dim_v=hd,
+        n_ff=8,
+        n_vocab=8,
+        n_ctx_train=4096,
+        norm="rms",
+        norm_eps=1e-6,
+        rope=rope,
+    )
+    inv, mscale = rope_inv_freq(hp, None)
+    ctx, n_split = 2048, 16
+    rng = np.random.default_rng(pos0 + nh)
+    width = (nh + 2 * nkv) * hd
+    qkv = rng.standard_normal(width).astype(np.float32)
+    cache_k = rng.standard_normal((ctx, nkv, hd)).astype(np.float16)
+    cache_v = rng.standard_normal((ctx, nkv, hd)).astype(np.float16)
+    sk = dev.put(rng.standard_normal(nh).astype(np.float32)) if sinks else None
+    shape = AttnShape(1, nh, nkv, hd, n_split, -(-ctx // n_split))
+    pos = dev.put(np.array([pos0], np.int32))
+    b_inv = dev.put(inv)
+    outs, caches = [], []
+    for fused in (False, True):
+        b_qkv = dev.put(qkv)
+        kc, vc = dev.put(cache_k), dev.put(cache_v)
+        out = dev.poison(nh * hd * 4)
+        common = dict(
+            kcache=kc,
+            vcache=vc,
+            opart=dev.poison(nh * n_split * hd * 4),
+            ml=dev.poison(nh * n_split * 8),
+            pos=pos,
+            out=out,
+            tickets=dev.put(np.zeros(nh, np.uint32)),
+            shape=shape,
+            ctx=ctx,
+            scale=1.0 / np.sqrt(hd),
+            window=window,
+            sinks=sk,
+        )
+        if fused:
+            kern.attention_decode_rope(
+                qkv=b_qkv, inv_freq=b_inv, mscale=mscale, mode=2, n_rot=rope.n_dims, **common
+            )
+        else:
+            ko, vo = nh * hd * 4, (nh + nkv) * hd * 4
+            kern.qkv_rope_store(
+                q=b_qkv,
+                k=b_qkv.view(ko, b_qkv.nbytes - ko),
+                v=b_qkv.view(vo, b_qkv.nbytes - vo),
+                bq=None,
+                bk=None,
+                bv=None,
+                kcache=kc,
+                vcache=vc,
+                pos=pos,
+                n_tokens=1,
+                n_head=nh,
+                n_kv=nkv,
+                head_dim=hd,
+                n_rot=rope.n_dims,
+                q_stride=width,
+                kv_stride=width,
+                inv_freq=b_inv,
+                mscale=mscale,
+                mode=2,
+                ctx=ctx,
+                max_pos=pos0 + 1,
+            )
+            kern.attention(q=b_qkv, q_stride=width, out_stride=nh * hd, max_kv=pos0 + 1, **common)
+        outs.append(dev.get(out, (nh * hd,)))
+        caches.append(
+            (dev.get(kc, (ctx, nkv, hd), np.float16), dev.get(vc, (ctx, nkv, hd), np.float16))
+        )
+    assert rel_err(outs[1], outs[0]) < 1e-6
+    assert np.array_equal(caches[0][0], caches[1][0])
+    assert np.array_equal(caches[0][1], caches[1][1])
+    print(f"\nfused decode attention bit-identical: {np.array_equal(outs[0], outs[1])}")

@@ -110,6 +110,19 @@ def test_decode_is_deterministic_and_graph_equals_eager(qwen_path: Path, cuda_be
     finally:
         eager.close()
     assert np.array_equal(a, c), "graph replay differs from eager launches"
+    cuda_be.set_fused_decode(not cuda_be.fused_decode)  # the other decode attention path
+    try:
+        d = _teacher_forced(cuda_be, prompt, more)
+        d2 = _teacher_forced(cuda_be, prompt, more)
+    finally:
+        cuda_be.set_fused_decode(not cuda_be.fused_decode)
+    assert np.array_equal(d, d2)
+    rel = float(np.max(np.linalg.norm(d - a, axis=1) / np.linalg.norm(a, axis=1)))
+    print(
+        f"\nfused vs two-launch decode attention: max rel {rel:.2e}, "
+        f"identical {np.array_equal(a, d)}"
+    )
+    assert rel < 1e-5
 
 
 def test_forward_sample_matches_reference_sampler(cuda_be: Any) -> None:

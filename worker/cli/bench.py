@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="LIST",
         help="also time tg at these attention key-chunk counts, e.g. 8,16,32",
     )
+    p.add_argument("--sweep-fused", action="store_true", help="also time the other decode path")
     p.set_defaults(func=run)
 
 
@@ -168,6 +169,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             sweep[str(n_split)] = round(args.tg / (time.perf_counter() - t0), 1)
         be.set_decode_splits(default)
         result["tg_by_decode_splits"] = sweep
+    if args.sweep_fused:  # the other decode attention path (RoPE + KV store fused or not)
+        be.set_fused_decode(not be.fused_decode)
+        rates = []
+        for _ in range(2):
+            be.reset()
+            tok = be.forward_sample(prompt, greedy, 0.0, [])
+            tok = be.forward_sample([tok], greedy, 0.0, [])
+            t0 = time.perf_counter()
+            for _ in range(args.tg):
+                tok = be.forward_sample([tok], greedy, 0.0, [])
+            rates.append(args.tg / (time.perf_counter() - t0))
+        result[f"tg_fused_decode_{be.fused_decode}"] = round(max(rates), 1)
+        be.set_fused_decode(not be.fused_decode)
+    result["fused_decode"] = be.fused_decode
     step_us.sort()
     result["decode_step_us_p50"] = round(step_us[len(step_us) // 2], 1)
     result["decode_step_us_p99"] = round(step_us[int(len(step_us) * 0.99)], 1)

@@ -49,6 +49,7 @@ from worker.gguf.reader import GGUFFile, open_gguf
 F32_TYPE = 0
 DECODE_SPLITS = 16  # attention key chunks per head for a decode step (fixed in the graph)
 PREFILL_MAX_SPLITS = 16
+FUSED_DECODE = False  # one-token steps: RoPE + KV store inside the attention launch
 LOGIT_ROWS = 64  # rows of logits computed per pass when all positions are wanted
 RESERVE_BYTES = 256 * MIB  # left free for the driver, graphs and PyCUDA's own needs
 ROPE_MODE = {"none": 0, "normal": 1, "neox": 2}
@@ -192,6 +193,7 @@ class CudaBackend:
             raise ModelLoadError(self.path, "head_dim_v != head_dim is not supported")
         self.ubatch = max(1, ubatch)
         self.decode_splits = DECODE_SPLITS
+        self.fused_decode = FUSED_DECODE
         self.use_graphs = graphs
         self.ctx = ctx = CudaContext(gpu_device)
         t_k = time.perf_counter()
@@ -476,7 +478,7 @@ class CudaBackend:
         """Queue embedding + every block for the n tokens in s['ids'] at position s['pos'].
         Leaves the final residual stream in s['x'] (rows 0..n-1). kv_max: pos0 + n bound."""
         hp, k, s = self.hp, self.k, self.s
-        E, qd, kvd, QKV = hp.n_embd, hp.q_dim, hp.kv_dim, self.qkv_dim
+        E, QKV = hp.n_embd, self.qkv_dim
         from worker.backends.cuda.matmul import QWeight
 
         emb = self._w("token_embd.weight")
@@ -512,48 +514,30 @@ class CudaBackend:
                 y = (qkv.ptr + col * 4, qkv.nbytes - col * 4)
                 self._mm_run(qw, xn, y, n, ldy=QKV, bias=bias)
             kc, vc = self._kv(il)
-            k.qkv_rope_store(
-                q=qkv,
-                k=qkv.view(qd * 4, qkv.nbytes - qd * 4),
-                v=qkv.view((qd + kvd) * 4, qkv.nbytes - (qd + kvd) * 4),
-                bq=None,
-                bk=None,
-                bv=None,
-                kcache=kc,
-                vcache=vc,
-                pos=s["pos"],
-                n_tokens=n,
-                n_head=hp.n_head,
-                n_kv=hp.n_head_kv,
-                head_dim=hp.head_dim,
-                n_rot=hp.rope.n_dims if mode else 0,
-                q_stride=QKV,
-                kv_stride=QKV,
-                inv_freq=inv,
-                mscale=self.rope_mscale,
-                mode=mode,
-                ctx=self.context_length,
-                max_pos=kv_max,
-            )
             window = hp.sliding_window if hp.is_swa(il) else 0
-            k.attention(
-                q=qkv,
-                q_stride=QKV,
-                kcache=kc,
-                vcache=vc,
-                opart=s["opart"],
-                ml=s["ml"],
-                pos=s["pos"],
-                out=s["attn"],
-                out_stride=qd,
-                tickets=s["tickets"],
-                shape=shape,
-                ctx=self.context_length,
-                max_kv=kv_max,
-                scale=scale,
-                window=window,
-                sinks=self._t(f"{p}.attn_sinks.weight") if hp.has_sinks else None,
-            )
+            sinks = self._t(f"{p}.attn_sinks.weight") if hp.has_sinks else None
+            if decode and self.fused_decode:
+                k.attention_decode_rope(
+                    qkv=qkv,
+                    kcache=kc,
+                    vcache=vc,
+                    opart=s["opart"],
+                    ml=s["ml"],
+                    pos=s["pos"],
+                    out=s["attn"],
+                    tickets=s["tickets"],
+                    shape=shape,
+                    ctx=self.context_length,
+                    scale=scale,
+                    inv_freq=inv,
+                    mscale=self.rope_mscale,
+                    mode=mode,
+                    n_rot=hp.rope.n_dims if mode else 0,
+                    window=window,
+                    sinks=sinks,
+                )
+            else:
+                self._rope_attention(il, n, kv_max, shape, scale, mode, inv, window, sinks)
             x = _b(s["x"])
             self._lin(
                 f"{p}.attn_output.weight",
@@ -569,6 +553,64 @@ class CudaBackend:
             else:
                 self._norm(s["x"], s["xn"], f"{p}.ffn_norm", n)
                 self._ffn(il, n)
+
+    def _rope_attention(
+        self,
+        il: int,
+        n: int,
+        kv_max: int,
+        shape: AttnShape,
+        scale: float,
+        mode: int,
+        inv: DevBuf,
+        window: int,
+        sinks: DevBuf | None,
+    ) -> None:
+        hp, k, s = self.hp, self.k, self.s
+        qd, kvd, QKV = hp.q_dim, hp.kv_dim, self.qkv_dim
+        qkv = s["qkv"]
+        kc, vc = self._kv(il)
+        k.qkv_rope_store(
+            q=qkv,
+            k=qkv.view(qd * 4, qkv.nbytes - qd * 4),
+            v=qkv.view((qd + kvd) * 4, qkv.nbytes - (qd + kvd) * 4),
+            bq=None,
+            bk=None,
+            bv=None,
+            kcache=kc,
+            vcache=vc,
+            pos=s["pos"],
+            n_tokens=n,
+            n_head=hp.n_head,
+            n_kv=hp.n_head_kv,
+            head_dim=hp.head_dim,
+            n_rot=hp.rope.n_dims if mode else 0,
+            q_stride=QKV,
+            kv_stride=QKV,
+            inv_freq=inv,
+            mscale=self.rope_mscale,
+            mode=mode,
+            ctx=self.context_length,
+            max_pos=kv_max,
+        )
+        k.attention(
+            q=qkv,
+            q_stride=QKV,
+            kcache=kc,
+            vcache=vc,
+            opart=s["opart"],
+            ml=s["ml"],
+            pos=s["pos"],
+            out=s["attn"],
+            out_stride=qd,
+            tickets=s["tickets"],
+            shape=shape,
+            ctx=self.context_length,
+            max_kv=kv_max,
+            scale=scale,
+            window=window,
+            sinks=sinks,
+        )
 
     def _ffn(self, il: int, n: int) -> None:
         hp, k, s = self.hp, self.k, self.s
@@ -815,6 +857,13 @@ class CudaBackend:
     def _recover(self) -> None:
         """After a failed step the sequence is undefined: start over (the next job resets)."""
         self._n_past = 0
+
+    def set_fused_decode(self, on: bool) -> None:
+        """One-token steps with RoPE + KV store inside the attention launch (re-captures)."""
+        self.fused_decode = on
+        for g in self._graphs.values():
+            g.destroy()
+        self._graphs.clear()
 
     def set_decode_splits(self, n: int) -> None:
         """Key chunks per head for a one-token step (re-captures the decode graphs)."""

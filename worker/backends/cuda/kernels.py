@@ -123,6 +123,7 @@ class Kernels:
             ("norm", "layernorm_f32"): "PPPPPif",
             ("rope", "qkv_rope_store"): "PPPPPPPPPiiiiiiPfii",
             ("attention", "attn_split"): "PiPPPPPiiiiiifiPPiP",
+            ("attention", "attn_decode_rope"): "PPPPPPiiiiifiPPPPfiii",
             ("activation", "swiglu_f32"): "PPPiiii",
             ("activation", "swiglu_oai_f32"): "PPPiiiiff",
             ("activation", "gelu_f32"): "PPi",
@@ -355,6 +356,78 @@ class Kernels:
             out.ptr,
             out_stride,
             tickets.ptr,
+            shared=s.max_chunk * F32,
+        )
+
+    def attention_decode_rope(
+        self,
+        *,
+        qkv: DevBuf,
+        kcache: DevBuf,
+        vcache: DevBuf,
+        opart: DevBuf,
+        ml: DevBuf,
+        pos: DevBuf,
+        out: DevBuf,
+        tickets: DevBuf,
+        shape: AttnShape,
+        ctx: int,
+        scale: float,
+        inv_freq: DevBuf,
+        mscale: float,
+        mode: int,
+        n_rot: int,
+        window: int = 0,
+        sinks: DevBuf | None = None,
+    ) -> None:
+        """One decode token: RoPE + KV store + attention in one launch (attn_decode_rope).
+        qkv: the token's raw [q | k | v]; positions up to ctx - 1 (the kernel writes nothing
+        for a position at or past ctx; the caller checks first)."""
+        k = "attn_decode_rope"
+        s = shape
+        s.check(k)
+        if s.n_tokens != 1:
+            raise LaunchRefused(k, "decode only (one token)")
+        if s.max_chunk * s.n_split < ctx:
+            raise LaunchRefused(k, f"{s.n_split} chunks of {s.max_chunk} < {ctx} keys")
+        if mode not in (0, 1, 2) or n_rot > s.head_dim or n_rot % 2 or n_rot < 0:
+            raise LaunchRefused(k, f"rope mode {mode} / n_rot {n_rot}")
+        width = (s.n_head + 2 * s.n_kv) * s.head_dim
+        need(k, qkv, width * F32, "qkv")
+        need(k, kcache, ctx * s.n_kv * s.head_dim * F16, "kcache", 16)
+        need(k, vcache, ctx * s.n_kv * s.head_dim * F16, "vcache", 16)
+        need(k, opart, s.n_head * s.n_split * s.head_dim * F32, "opart")
+        need(k, ml, s.n_head * s.n_split * 2 * F32, "ml")
+        need(k, pos, 4, "pos")
+        need(k, out, s.n_head * s.head_dim * F32, "out")
+        need(k, tickets, s.n_head * 4, "tickets")
+        need(k, sinks, s.n_head * F32 if sinks is not None else 0, "sinks")
+        need(k, inv_freq, (n_rot // 2) * 8 if mode else 0, "inv_freq", 8)
+        self.launch(
+            k,
+            (s.n_split, s.n_head),
+            (ATTN_THREADS,),
+            qkv.ptr,
+            kcache.ptr,
+            vcache.ptr,
+            opart.ptr,
+            ml.ptr,
+            pos.ptr,
+            s.n_head,
+            s.n_kv,
+            s.head_dim,
+            s.n_split,
+            s.max_chunk,
+            scale,
+            window,
+            ptr(sinks),
+            out.ptr,
+            tickets.ptr,
+            inv_freq.ptr,
+            mscale,
+            mode,
+            n_rot,
+            ctx,
             shared=s.max_chunk * F32,
         )
 
