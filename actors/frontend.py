@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ from worker.protocol import (
     Event,
     InvalidJob,
     ShutdownReply,
+    consumer_name,
     decode_job,
     encode,
 )
@@ -152,8 +154,16 @@ class Frontend:
                 await self._reply(msg.reply, encode(reply))
             self.shutdown.set()
 
+        async def on_max_deliveries(msg: Msg) -> None:
+            await self._give_up(msg.data)
+
+        jobs_stream, _ = stream_names(self.subjects)
+        durable = consumer_name(self.cfg.model_ref)
+        advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{jobs_stream}.{durable}"
         wid = self.cfg.worker_id
         self._subs = [
+            # one worker of the model ref (queue group) ends a job that ran out of attempts
+            await nc.subscribe(advisory, queue=f"{durable}-max-deliveries", cb=on_max_deliveries),
             await nc.subscribe(self.subjects.health(wid), cb=on_health),
             await nc.subscribe(self.subjects.health_all, cb=on_health),
             await nc.subscribe(self.subjects.metrics(wid), cb=on_metrics),
@@ -318,6 +328,40 @@ class Frontend:
                 job_id=job_id,
                 count=republished,
             )
+
+    async def _give_up(self, advisory: bytes) -> None:
+        """A job was delivered --max-deliver times without being acked (its workers died or
+        hung each time): end it with an `error` event and remove it, so no client waits on
+        a job JetStream will never deliver again."""
+        try:
+            info = json.loads(advisory)
+            seq = int(info["stream_seq"])
+            deliveries = int(info.get("deliveries", 0))
+            raw = await self._js().get_msg(self._jobs_stream, seq)
+        except Exception as exc:
+            narrate("max_deliveries_unreadable", f"{type(exc).__name__}: {exc}", level="ERROR")
+            return
+        try:
+            job_id: str | None = decode_job(raw.data or b"").job_id
+        except InvalidJob as exc:
+            job_id = exc.job_id
+        message = (
+            f"job delivered {deliveries} times without finishing (its workers stopped or "
+            "timed out each time); not retried"
+        )
+        narrate("error", message, level="ERROR", job_id=job_id, code=ErrorCode.INTERNAL.value)
+        self.metrics.outcome("MAX_DELIVERIES")
+        if job_id is not None:
+            err = Error(job_id=job_id, code=ErrorCode.INTERNAL, message=message, retriable=False)
+            pub = EventPublisher(
+                self._js(),
+                self.subjects.events(job_id),
+                f"{job_id}.{seq}.max",
+                self._events_stream,
+            )
+            await pub.finish(encode(err), deadline_s=10.0)
+        with contextlib.suppress(Exception):
+            await self._js().delete_msg(self._jobs_stream, seq)
 
     def _js(self) -> JetStreamContext:
         assert self.js is not None

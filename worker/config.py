@@ -66,6 +66,8 @@ class WorkerConfig:
             raise ValueError("--inference-timeout-sec must be positive")
         if self.heartbeat_interval_s <= 0 or self.ack_wait_s <= 1:
             raise ValueError("heartbeat interval must be > 0 and ack wait > 1 s")
+        if self.max_deliver < 1:
+            raise ValueError("--max-deliver must be at least 1")
         if not 1 <= self.stream_replicas <= 5:
             raise ValueError("--stream-replicas must be 1-5")
         if self.log_format not in ("json", "pretty"):
@@ -97,6 +99,7 @@ _ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("heartbeat_interval_s", float),
     ("residency_interval_s", float),
     ("ack_wait_s", float),
+    ("max_deliver", int),
     ("h2d_chunk_mb", int),
 )
 
@@ -131,6 +134,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-interval-s", type=float, help="heartbeat period (default 5 s)")
     p.add_argument("--residency-interval-s", type=float, help="VRAM residency check period")
     p.add_argument("--ack-wait-s", type=float, help="JetStream ack wait (default 30 s)")
+    p.add_argument(
+        "--max-deliver", type=int, help="deliveries of a job before it is given up (default 5)"
+    )
     p.add_argument("--h2d-chunk-mb", type=int, help="host-to-device copy chunk (default 1)")
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from worker.client import OrcdClient, final_attempt
+from worker.errors import ErrorCode
 from worker.nats.server import EmbeddedNatsServer
-from worker.protocol import End, Event, Started, Token
+from worker.protocol import End, Error, Event, Started, Token
 
 REF = "tiny"
 LONG = {"prompt": "x", "max_tokens": 2048, "temperature": 0.0}
@@ -191,3 +192,37 @@ async def test_in_progress_acks_keep_a_long_job_from_redelivery(
     assert [e.attempt for e in evs if isinstance(e, Started)] == [1]
     assert took > 2.5, f"job too short ({took:.1f} s) to outlast the 2 s ack wait"
     print(f"long job: {end.tokens_out} tokens in {took:.1f} s, one attempt")
+
+
+async def test_job_out_of_deliveries_ends_with_an_error(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    """With --max-deliver 1, a job whose worker dies is not redelivered: another worker of
+    the model ref ends it with an error event (no client waits forever) and removes it."""
+    flags = ("--ctx-size", "4096", "--ack-wait-s", "2", "--max-deliver", "1")
+    a = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    b = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    a.wait_ready()
+    b.wait_ready()
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for ev in client.generate(REF, job_id="doomed", timeout_s=120, **LONG):
+            seen.append(ev)
+
+    task = asyncio.create_task(follow())
+    await wait_tokens(seen, 5)
+    first = seen[0]
+    assert isinstance(first, Started)
+    victim, survivor = (a, b) if first.worker_id == a.worker_id else (b, a)
+    os.kill(victim.pid, signal.SIGKILL)
+    await asyncio.wait_for(task, 60)
+    last = seen[-1]
+    assert isinstance(last, Error) and last.code is ErrorCode.INTERNAL and not last.retriable
+    assert "delivered 1 times" in last.message
+    assert [e.attempt for e in seen if isinstance(e, Started)] == [1]
+    assert survivor.events("error")
+    assert (await client.js.stream_info("ORCD_JOBS")).state.messages == 0
