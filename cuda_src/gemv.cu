@@ -201,10 +201,10 @@ __device__ __forceinline__ void gemv_run(const uint8_t* __restrict__ W, long lon
   cp_async_wait<0>();
 }
 
+
 #ifndef GEMV_CORE_ONLY
-// gemv_<type>_nb<NB>: grid (G), block GEMV_THREADS, G <= ceil(N / GEMV_R): block b takes tiles
-// b, b+G, ... The wrapper launches one block per tile by default (G = ceil(N/GEMV_R)), or
-// persistent blocks (G = what is resident at once) when asked; docs/kernels.md compares them.
+// ---- v3 entry points (kept selectable for comparison: gemv3_<type>_nb<NB>) ----------------
+// grid (G), block GEMV_THREADS, G <= ceil(N / GEMV_R): block b takes 4-row tiles b, b+G, ...
 template <int T, int NB>
 __device__ __forceinline__ void gemv_entry(const uint8_t* W, long long row_bytes, int N, int K,
                                            const float* x, long long ldx, int ntok,
@@ -214,16 +214,316 @@ __device__ __forceinline__ void gemv_entry(const uint8_t* W, long long row_bytes
                   gridDim.x);
 }
 
-#define GEMV_INST(TY, NAME, NB)                                                              \
-  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_nb##NB(           \
+#define GEMV3_INST(TY, NAME, NB)                                                             \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv3_##NAME##_nb##NB(          \
       const uint8_t* W, long long row_bytes, int N, int K, const float* x, long long ldx,   \
       int ntok, const float* bias, const float* residual, float* y, long long ldy) {        \
     gemv_entry<TY, NB>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy);            \
   }
-#define GEMV_ALL_NB(TY, NAME) \
-  GEMV_INST(TY, NAME, 1)      \
-  GEMV_INST(TY, NAME, 2)      \
-  GEMV_INST(TY, NAME, 4)      \
-  GEMV_INST(TY, NAME, 8)
-FOR_EACH_QTYPE(GEMV_ALL_NB)
+#define GEMV3_ALL_NB(TY, NAME) \
+  GEMV3_INST(TY, NAME, 1)      \
+  GEMV3_INST(TY, NAME, 2)      \
+  GEMV3_INST(TY, NAME, 4)      \
+  GEMV3_INST(TY, NAME, 8)
+FOR_EACH_QTYPE(GEMV3_ALL_NB)
+
+// ---- v4: one warp per RW rows, no block-wide barriers (the default) ------------------------
+//
+// A block is GEMV4_WARPS independent warps; warp w of tile t owns rows
+// (t*GEMV4_WARPS + w)*RW .. +RW. A warp walks its rows' quant blocks in chunks of CB whole
+// blocks (at most 512*U bytes of 16-byte pieces per row once the chunk start is aligned
+// down): every lane first issues its U 16-byte, L1-bypassing loads per row (RW*U loads, all
+// independent, in flight together), then stores them to the warp's own shared-memory slice,
+// __syncwarp, and decodes 8-element groups from there (lane l takes groups l, l+32, ...: the x
+// reads of a warp are contiguous 16-byte vectors, each x value serves the RW rows).
+// Integer codes become floats without I2F (quarter-rate on sm_90): 2^23 + c is the float
+// with bit pattern 0x4B000000 | c, so c - off = that float - (2^23 + off), exactly.
+// Reduction: a fixed xor-shuffle tree per row; lane 0 writes. No atomics, no cross-warp
+// data: results are bit-identical run to run.
+#define GEMV4_WARPS 4
+
+__device__ __forceinline__ float g4_mf(uint32_t c) { return __uint_as_float(0x4B000000u | c); }
+
+__device__ __forceinline__ uint4 g4_ld16(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+// The last 16-byte piece of the matrix when fewer than 16 bytes are left: byte loads, zeros
+// after (never a read past the matrix; compute-sanitizer memcheck, docs/kernels.md).
+__device__ __noinline__ uint4 g4_ld_tail(const uint8_t* p, int n) {
+  uint32_t v[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (i < n) v[i >> 2] |= (uint32_t)p[i] << (8 * (i & 3));
+  return make_uint4(v[0], v[1], v[2], v[3]);
+}
+
+// g4_dec<T>: decode8<T>'s contract (element 8g+i = q[i]*d + m) with the integer codes turned
+// into floats by g4_mf; types without a specialisation use decode8 itself.
+template <int T>
+__device__ __forceinline__ void g4_dec(const uint8_t* blk, int g, float q[8], float& d,
+                                       float& m) {
+  decode8<T>(blk, g, q, d, m);
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q8_0>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const uint8_t* p = blk + 2 + 8 * g;
+  const uint32_t lo = ld_u32_a2(p) ^ 0x80808080u, hi = ld_u32_a2(p + 4) ^ 0x80808080u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf((lo >> (8 * i)) & 0xFF) - 8388736.f;  // 2^23 + 128
+    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xFF) - 8388736.f;
+  }
+  d = qf16(blk);
+  m = 0.f;
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q4_0>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const uint8_t* p = blk + 2 + (g & 1) * 8;
+  const int sh = (g >> 1) * 4;
+  const uint32_t lo = ld_u32_a2(p) >> sh, hi = ld_u32_a2(p + 4) >> sh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf((lo >> (8 * i)) & 0xF) - 8388616.f;  // 2^23 + 8
+    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xF) - 8388616.f;
+  }
+  d = qf16(blk);
+  m = 0.f;
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q4_1>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const uint8_t* p = blk + 4 + (g & 1) * 8;
+  const int sh = (g >> 1) * 4;
+  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf((lo >> (8 * i)) & 0xF) - 8388608.f;
+    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xF) - 8388608.f;
+  }
+  d = qf16(blk);
+  m = qf16(blk + 2);
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q5_0>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const uint32_t qh = ld_u32_a2(blk + 2) >> (8 * g);
+  const uint8_t* p = blk + 6 + (g & 1) * 8;
+  const int sh = (g >> 1) * 4;
+  const uint32_t lo = ld_u32_a2(p) >> sh, hi = ld_u32_a2(p + 4) >> sh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((qh >> i) & 1) << 4)) - 8388624.f;  // 2^23 + 16
+    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((qh >> (4 + i)) & 1) << 4)) - 8388624.f;
+  }
+  d = qf16(blk);
+  m = 0.f;
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q5_1>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const uint32_t qh = ld_u32_a4(blk + 4) >> (8 * g);
+  const uint8_t* p = blk + 8 + (g & 1) * 8;
+  const int sh = (g >> 1) * 4;
+  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((qh >> i) & 1) << 4)) - 8388608.f;
+    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((qh >> (4 + i)) & 1) << 4)) - 8388608.f;
+  }
+  d = qf16(blk);
+  m = qf16(blk + 2);
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q4_K>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const int s = g >> 2, l0 = (g & 3) * 8;
+  int sc, mn;
+  scale_min_k4(blk + 4, s, sc, mn);
+  const uint8_t* p = blk + 16 + 32 * (s >> 1) + l0;
+  const int sh = (s & 1) * 4;
+  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf((lo >> (8 * i)) & 0xF) - 8388608.f;
+    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xF) - 8388608.f;
+  }
+  d = qf16(blk) * (g4_mf(sc) - 8388608.f);
+  m = -(qf16(blk + 2) * (g4_mf(mn) - 8388608.f));
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q5_K>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const int s = g >> 2, l0 = (g & 3) * 8;
+  int sc, mn;
+  scale_min_k4(blk + 4, s, sc, mn);
+  const uint8_t* p = blk + 48 + 32 * (s >> 1) + l0;
+  const uint32_t hlo = ld_u32_a4(blk + 16 + l0) >> s, hhi = ld_u32_a4(blk + 16 + l0 + 4) >> s;
+  const int sh = (s & 1) * 4;
+  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((hlo >> (8 * i)) & 1) << 4)) - 8388608.f;
+    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((hhi >> (8 * i)) & 1) << 4)) - 8388608.f;
+  }
+  d = qf16(blk) * (g4_mf(sc) - 8388608.f);
+  m = -(qf16(blk + 2) * (g4_mf(mn) - 8388608.f));
+}
+template <>
+__device__ __forceinline__ void g4_dec<QT_Q6_K>(const uint8_t* blk, int g, float q[8], float& d,
+                                                float& m) {
+  const int e0 = 8 * g, h = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
+  const uint8_t* pl = blk + 64 * h + 32 * (k & 1) + l0;
+  const uint8_t* ph = blk + 128 + 32 * h + l0;
+  const int sh = (k >> 1) * 4;
+  const uint32_t lo = ld_u32_a2(pl) >> sh, hi = ld_u32_a2(pl + 4) >> sh;
+  const uint32_t hlo = ld_u32_a2(ph) >> (2 * k), hhi = ld_u32_a2(ph + 4) >> (2 * k);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((hlo >> (8 * i)) & 3) << 4)) - 8388640.f;  // +32
+    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((hhi >> (8 * i)) & 3) << 4)) - 8388640.f;
+  }
+  const uint32_t sc = blk[192 + 8 * h + (l0 >> 4) + 2 * k] ^ 0x80u;  // int8 scale + 128
+  d = qf16(blk + 208) * (g4_mf(sc) - 8388736.f);
+  m = 0.f;
+}
+
+template <int T, int NB, int RW, int U>
+__device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long long row_bytes,
+                                          int N, int K, const float* __restrict__ x,
+                                          long long ldx, int ntok,
+                                          const float* __restrict__ bias, const float* residual,
+                                          float* y, long long ldy) {
+  constexpr int BYTES = QTraits<T>::BYTES, QK = QTraits<T>::QK, GPB = QK / 8;
+  constexpr int SPAN = 512 * U;            // bytes of one row's chunk in shared memory
+  constexpr int CB = (SPAN - 15) / BYTES;  // whole blocks per chunk: start&15 <= 15
+  static_assert(CB >= 1, "chunk too small for one block");
+  __shared__ __align__(16) uint8_t sm[GEMV4_WARPS][RW][SPAN];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nblk = K / QK;
+  const long long total = (long long)N * row_bytes;
+  uint8_t(*mine)[SPAN] = sm[warp];
+  for (int r0 = (blockIdx.x * GEMV4_WARPS + warp) * RW; r0 < N;
+       r0 += gridDim.x * GEMV4_WARPS * RW) {
+    const int nr = min(RW, N - r0);
+    float acc[RW][NB];
+#pragma unroll
+    for (int r = 0; r < RW; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
+    for (int j0 = 0; j0 < nblk; j0 += CB) {
+      const int cb = min(CB, nblk - j0);
+      uint4 buf[RW][U];
+      int off[RW], n16[RW];
+#pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        const long long start = (long long)(r0 + r) * row_bytes + (long long)j0 * BYTES;
+        const long long a0 = start & ~15LL;
+        off[r] = (int)(start - a0);
+        n16[r] = r < nr ? (off[r] + cb * BYTES + 15) >> 4 : 0;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int qp = lane + 32 * u;
+          if (qp < n16[r]) {
+            const long long addr = a0 + 16LL * qp;
+            buf[r][u] = addr + 16 <= total ? g4_ld16(W + addr)
+                                           : g4_ld_tail(W + addr, (int)(total - addr));
+          }
+        }
+      }
+      __syncwarp();  // every lane is done reading the previous chunk
+#pragma unroll
+      for (int r = 0; r < RW; ++r)
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int qp = lane + 32 * u;
+          if (qp < n16[r]) *reinterpret_cast<uint4*>(&mine[r][16 * qp]) = buf[r][u];
+        }
+      __syncwarp();
+      const int ngroups = cb * GPB;
+      for (int qg = lane; qg < ngroups; qg += 32) {
+        const int jj = qg / GPB, g = qg % GPB;
+        const int k = (j0 + jj) * QK + 8 * g;
+        float xv[NB][8];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          if (b < ntok) {
+            const float4 lo = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k));
+            const float4 hi = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k + 4));
+            xv[b][0] = lo.x; xv[b][1] = lo.y; xv[b][2] = lo.z; xv[b][3] = lo.w;
+            xv[b][4] = hi.x; xv[b][5] = hi.y; xv[b][6] = hi.z; xv[b][7] = hi.w;
+          } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xv[b][i] = 0.f;
+          }
+        }
+        float sx[NB];
+        if (HasMin<T>::value) {
+#pragma unroll
+          for (int b = 0; b < NB; ++b) {
+            sx[b] = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sx[b] += xv[b][i];
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+          if (r < nr) {
+            float q[8], d, m;
+            g4_dec<T>(&mine[r][off[r] + jj * BYTES], g, q, d, m);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+              float dot = q[0] * xv[b][0];
+#pragma unroll
+              for (int i = 1; i < 8; ++i) dot = fmaf(q[i], xv[b][i], dot);
+              acc[r][b] = fmaf(dot, d, acc[r][b]);
+              if (HasMin<T>::value) acc[r][b] = fmaf(m, sx[b], acc[r][b]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RW; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        float v = acc[r][b];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && r < nr && b < ntok) {
+          const int row = r0 + r;
+          if (bias) v += bias[row];
+          if (residual) v += residual[b * ldy + row];
+          y[b * ldy + row] = v;
+        }
+      }
+  }
+}
+
+// gemv_<type>_nb<NB>[_r<RW>]: grid (G), block 32*GEMV4_WARPS, G <= ceil(N / (4*RW)): block b
+// takes row tiles b, b+G, ... of 4*RW rows (the wrapper launches one block per tile).
+#define GEMV4_INST(TY, NAME, NB, RW, U, SUFFIX)                                               \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                              \
+      gemv_##NAME##_nb##NB##SUFFIX(const uint8_t* W, long long row_bytes, int N, int K,       \
+                                   const float* x, long long ldx, int ntok, const float* bias, \
+                                   const float* residual, float* y, long long ldy) {          \
+    gemv4_run<TY, NB, RW, U>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy);       \
+  }
+#define GEMV4_ALL(TY, NAME)              \
+  GEMV4_INST(TY, NAME, 1, 1, 8, )        \
+  GEMV4_INST(TY, NAME, 2, 1, 8, )        \
+  GEMV4_INST(TY, NAME, 4, 1, 8, )        \
+  GEMV4_INST(TY, NAME, 8, 1, 8, )        \
+  GEMV4_INST(TY, NAME, 1, 2, 4, _r2)     \
+  GEMV4_INST(TY, NAME, 2, 2, 4, _r2)     \
+  GEMV4_INST(TY, NAME, 4, 2, 4, _r2)     \
+  GEMV4_INST(TY, NAME, 8, 2, 4, _r2)     \
+  GEMV4_INST(TY, NAME, 1, 4, 2, _r4)     \
+  GEMV4_INST(TY, NAME, 2, 4, 2, _r4)
+FOR_EACH_QTYPE(GEMV4_ALL)
 #endif

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Time the matrix kernels on the GPU for every matrix shape of the three target models.
 
-    python3 scripts/gpu_matmul_bench.py [--json OUT.json] [--quick]
+    python3 scripts/gpu_matmul_bench.py [--json OUT.json] [--quick] [--no-gemm]
 
-Prints, per shape: weight bytes, gemv time (one token), GB/s and the fraction of the
-device-to-device copy bandwidth measured in the same run (the ceiling), gemm (512 tokens) time
-and TFLOP/s; then the sum over one decoded token's matrices per model (a matmul-only decode
-ceiling in tokens/s) and a few multi-token gemv and MoE figures.
+Prints, per shape: weight bytes, gemv time (one token) of the default kernel (v4), GB/s and
+the fraction of the device-to-device copy bandwidth measured in the same run (the ceiling),
+the same for the previous kernel (v3) and for each v4 rows-per-warp variant (r1, r2, r4),
+gemm (512 tokens) time and TFLOP/s; then the sum over one decoded token's matrices per model
+(a matmul-only decode ceiling in tokens/s, v4 and v3) and a few multi-token gemv and MoE
+figures.
 
 Timing: CUDA events around R back-to-back launches, queued behind a ~10 ms spin kernel so
 that the host's launch cost (several µs per PyCUDA launch) is not in the numbers, median of
@@ -27,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.backends.cuda.matmul import MatmulKernels, QWeight, plan_gemm
+from worker.backends.cuda.matmul import MatmulKernels, QWeight, plan_gemm, plan_gemv
 from worker.backends.cuda.quant_layout import layout, random_matrix
 
 # (model, matrix, rows N, cols K, ggml type, matrices of this kind per decoded token)
@@ -129,6 +131,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
+    ap.add_argument("--no-gemm", action="store_true", help="gemv only (skip the 512-token gemm)")
     args = ap.parse_args()
     b = Bench()
     mm, ga = b.mm, b.ga
@@ -138,8 +141,8 @@ def main() -> int:
     shapes = SHAPES[::4] if args.quick else SHAPES
     hdr = f"{'model':13} {'matrix':18} {'N':>6} {'K':>5} {'type':5} {'MB':>7}"
     print(
-        f"{hdr} {'gemv us':>8} {'GB/s':>6} {'%bw':>4} {'persist':>7} "
-        f"{'gemm512 us':>10} {'TFLOP/s':>7}"
+        f"{hdr} {'gemv us':>8} {'GB/s':>6} {'%bw':>4} {'v3 us':>7} {'v3 %bw':>6} "
+        f"{'r1 us':>7} {'r2 us':>7} {'r4 us':>7} {'gemm512 us':>10} {'TFLOP/s':>7}"
     )
     for model, mat, n, k, qtype, count in shapes:
         lay = layout(qtype)
@@ -150,19 +153,24 @@ def main() -> int:
         y = ga.empty((512, n), np.float32)
         xb, yb = (int(x.gpudata), x.nbytes), (int(y.gpudata), y.nbytes)
 
-        def gemv(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb) -> None:
-            mm.gemv(ws[i % len(ws)], xb, yb, 1, stream=b.stream)
+        def gemv(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb, **kw: Any) -> None:
+            mm.gemv(ws[i % len(ws)], xb, yb, 1, stream=b.stream, **kw)
 
         def gemm(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb, tm: int = 64) -> None:
             mm.gemm(ws[i % len(ws)], xb, yb, 512, stream=b.stream, tile_m=tm)
 
-        mm.persistent_gemv = True
-        t1_pers = b.time_batch(gemv, 200)  # persistent blocks
-        mm.persistent_gemv = False
-        t1 = b.time_batch(gemv, 200)  # one block per 4-row tile (the default)
+        t1 = b.time_batch(gemv, 200)  # the default kernel (v4, rows per warp by rule)
+        t1_v3 = b.time_batch(lambda i: gemv(i, version=3), 200)  # previous kernel
+        t_rw = {
+            rw: b.time_batch(lambda i, rw=rw: gemv(i, rows_per_warp=rw), 200) for rw in (1, 2, 4)
+        }
+        t1_again = b.time_batch(gemv, 200)  # the default once more: run-to-run spread
         reps = 10 if nbytes < (64 << 20) else 3
-        tg64 = b.time_batch(gemm, reps)
-        tg128 = b.time_batch(lambda i: gemm(i, tm=128), reps)
+        if args.no_gemm:
+            tg64 = tg128 = float("nan")
+        else:
+            tg64 = b.time_batch(gemm, reps)
+            tg128 = b.time_batch(lambda i: gemm(i, tm=128), reps)
         tg = min(tg64, tg128)
         row: dict[str, Any] = {
             "model": model,
@@ -173,9 +181,15 @@ def main() -> int:
             "count": count,
             "bytes": nbytes,
             "gemv_s": t1,
-            "gemv_persistent_s": t1_pers,
+            "gemv_repeat_s": t1_again,
+            "gemv_kernel": plan_gemv(ws[0], xb, yb, 1).kernel,
+            "gemv_v3_s": t1_v3,
+            "gemv_r1_s": t_rw[1],
+            "gemv_r2_s": t_rw[2],
+            "gemv_r4_s": t_rw[4],
             "gemv_GBps": nbytes / t1 / 1e9,
             "gemv_frac_bw": nbytes / t1 / bw,
+            "gemv_v3_frac_bw": nbytes / t1_v3 / bw,
             "gemm512_s": tg,
             "gemm512_TFLOPs": 2 * 512 * n * k / tg / 1e12,
             "gemm512_tile64_s": tg64,
@@ -186,9 +200,10 @@ def main() -> int:
         print(
             f"{model:13} {mat:18} {n:6} {k:5} {lay.name:5} {nbytes / 1e6:7.2f} "
             f"{t1 * 1e6:8.2f} {row['gemv_GBps']:6.0f} {100 * row['gemv_frac_bw']:4.0f} "
-            f"{t1_pers * 1e6:7.2f} "
+            f"{t1_v3 * 1e6:7.2f} {100 * row['gemv_v3_frac_bw']:6.0f} "
+            f"{t_rw[1] * 1e6:7.2f} {t_rw[2] * 1e6:7.2f} {t_rw[4] * 1e6:7.2f} "
             f"{tg * 1e6:10.1f} {row['gemm512_TFLOPs']:7.1f} "
-            f"(64: {tg64 * 1e6:.0f}, 128: {tg128 * 1e6:.0f}, auto {row['gemm_auto_kernel']})"
+            f"(again {t1_again * 1e6:.2f}; {row['gemv_kernel']})"
         )
         b.release()
 
@@ -196,10 +211,12 @@ def main() -> int:
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
         t = sum(r["gemv_s"] * r["count"] for r in rs)
+        t3 = sum(r["gemv_v3_s"] * r["count"] for r in rs)
         by = sum(r["bytes"] * r["count"] for r in rs)
         print(
             f"  {model:13} {by / 1e9:.3f} GB in {t * 1e6:.0f} us -> {by / t / 1e9:.0f} GB/s, "
-            f"{1 / t:.0f} tok/s ceiling from matmuls (floor at copy bw {by / bw * 1e6:.0f} us)"
+            f"{1 / t:.0f} tok/s ceiling from matmuls (floor at copy bw {by / bw * 1e6:.0f} us); "
+            f"v3: {t3 * 1e6:.0f} us, {1 / t3:.0f} tok/s"
         )
 
     extra: dict[str, Any] = {}
@@ -209,8 +226,12 @@ def main() -> int:
     y = ga.empty((8, 16384), np.float32)
     for nt in (1, 2, 4, 8):
         t = b.time_batch(lambda i, nt=nt: mm.gemv(ws[i % 8], x, y, nt, stream=b.stream), 48)
+        t3 = b.time_batch(
+            lambda i, nt=nt: mm.gemv(ws[i % 8], x, y, nt, stream=b.stream, version=3), 48
+        )
         extra[f"phi3_ffn_up_gemv_ntok{nt}_us"] = t * 1e6
-        print(f"phi3 ffn_up q4_k gemv ntok={nt}: {t * 1e6:.1f} us")
+        extra[f"phi3_ffn_up_gemv_v3_ntok{nt}_us"] = t3 * 1e6
+        print(f"phi3 ffn_up q4_k gemv ntok={nt}: {t * 1e6:.1f} us (v3 {t3 * 1e6:.1f} us)")
     b.release()
 
     # gpt-oss MoE: 32 MXFP4 experts 2880x2880, top-4

@@ -107,13 +107,14 @@ def run_linear(
     with_bias: bool = False,
     with_residual: bool = False,
     form: str = "linear",
+    launch_kw: dict[str, Any] | None = None,
 ) -> tuple[float, bool]:
     raw, dense = random_matrix(qtype, n, k, rng)
     x = rng.standard_normal((ntok, k), dtype=np.float32)
     ref = reference(dense, x)
     w_dev, x_dev = upload(raw), upload(x)
     w = qweight(w_dev, qtype, n, k)
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = dict(launch_kw or {})
     if with_bias:
         bias = rng.standard_normal(n, dtype=np.float32)
         ref = ref + bias
@@ -155,6 +156,47 @@ def test_gemv_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, ntok: i
             form="gemv",
         )
         assert err < GEMV_BOUND, (LAYOUTS[qtype].name, n, k, ntok, err)
+        assert same, "gemv is not bit-identical run to run"
+
+
+# The gemv kernels the wrappers can launch: v4 with 1, 2 or 4 rows per warp, and v3.
+GEMV_VARIANTS: list[tuple[str, dict[str, int]]] = [
+    ("r1", {"rows_per_warp": 1}),
+    ("r2", {"rows_per_warp": 2}),
+    ("r4", {"rows_per_warp": 4}),
+    ("v3", {"version": 3}),
+]
+
+
+@pytest.mark.parametrize("variant", GEMV_VARIANTS, ids=[v[0] for v in GEMV_VARIANTS])
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_gemv_variants_match_reference(
+    mm: MatmulKernels, gpu: Any, qtype: int, variant: tuple[str, dict[str, int]]
+) -> None:
+    """Every gemv variant at shapes that leave a warp's last rows empty (N not a multiple of
+    the rows per block), rows that are one chunk, and rows of several chunks (K of 160 or 40
+    blocks: more than one chunk for every variant), for 1, 2 and 5 tokens (5: not for r4)."""
+    name, kw = variant
+    rng = np.random.default_rng(31 * qtype + len(name))
+    qk = QK[qtype]
+    cases = [(1, qk, 1), (37, 3 * qk, 2), (45, (160 if qk == 32 else 40) * qk, 1)]
+    if name != "r4":
+        cases.append((133, 896 if qk == 32 else 1280, 5))
+    for n, k, ntok in cases:
+        err, same = run_linear(
+            mm,
+            gpu,
+            qtype,
+            n,
+            k,
+            ntok,
+            rng,
+            with_bias=ntok == 2,
+            with_residual=ntok == 5,
+            form="gemv",
+            launch_kw=kw,
+        )
+        assert err < GEMV_BOUND, (LAYOUTS[qtype].name, name, n, k, ntok, err)
         assert same, "gemv is not bit-identical run to run"
 
 

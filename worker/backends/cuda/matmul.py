@@ -39,7 +39,9 @@ from worker.backends.cuda.quant_layout import LAYOUTS, QLayout, layout
 from worker.errors import CudaError
 
 GEMV_THREADS = 128
-GEMV_ROWS = 4  # rows per gemv block (GEMV_R in gemv.cu)
+GEMV_ROWS = 4  # rows per block of the v3 gemv core (GEMV_R in gemv.cu; moe_gemv uses it)
+GEMV_WARPS = 4  # warps per block of the v4 gemv (GEMV4_WARPS in gemv.cu)
+GEMV_VERSION = 4  # default decode gemv: 4 (warp per rows) or 3 (staged block tiles)
 GEMV_MAX_TOKENS = 8
 GEMM_THREADS = 128
 GEMM_TILE = 64  # GEMM_BN (weight rows per block) in gemm.cu; token tile 64 or 128
@@ -181,14 +183,30 @@ def plan_gemv(
     residual: BufLike | None = None,
     ldx: int | None = None,
     ldy: int | None = None,
+    version: int = GEMV_VERSION,
+    rows_per_warp: int | None = None,
 ) -> Launch:
-    """Decode form: y[t] = W x[t] (+bias) (+residual[t]) for t < ntok <= 8."""
+    """Decode form: y[t] = W x[t] (+bias) (+residual[t]) for t < ntok <= 8.
+
+    version 4 (default): gemv_<type>_nb<NB>[_r2|_r4], each warp owns rows_per_warp rows
+    (1, 2 or 4; 4 only for ntok <= 2; default from gemv_rows_per_warp), 4 warps a block.
+    version 3: the previous staged-tile kernel gemv3_<type>_nb<NB> (4 rows a block), kept
+    for comparison (scripts/gpu_matmul_bench.py; docs/kernels.md)."""
     lay = _check_weight(_kname("gemv", w.qtype), w)
     kernel = f"gemv_{lay.name}"
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemv")
     _need(kernel, 1 <= ntok <= GEMV_MAX_TOKENS, f"ntok {ntok} not in 1..{GEMV_MAX_TOKENS}")
+    _need(kernel, version in (3, 4), f"gemv version {version} not 3 or 4")
     nb = 1 << (ntok - 1).bit_length()
-    kernel = f"gemv_{lay.name}_nb{nb}"
+    if version == 3:
+        kernel = f"gemv3_{lay.name}_nb{nb}"
+        rows_per_block = GEMV_ROWS
+    else:
+        rw = gemv_rows_per_warp(w.rows, nb) if rows_per_warp is None else rows_per_warp
+        _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
+        _need(kernel, rw < 4 or nb <= 2, "rows_per_warp 4 needs ntok <= 2")
+        kernel = f"gemv_{lay.name}_nb{nb}" + ("" if rw == 1 else f"_r{rw}")
+        rows_per_block = GEMV_WARPS * rw
     return _plan_linear(
         kernel,
         "gemv",
@@ -201,9 +219,20 @@ def plan_gemv(
         residual,
         ldx,
         ldy,
-        grid=(-(-w.rows // GEMV_ROWS), 1, 1),
+        grid=(-(-w.rows // rows_per_block), 1, 1),
         block=(GEMV_THREADS, 1, 1),
     )
+
+
+def gemv_rows_per_warp(rows: int, nb: int) -> int:
+    """Rows per warp of the v4 gemv: more rows share each x value read (fewer L1 bytes per
+    weight byte) but give fewer warps; small matrices keep one row per warp so that all SMs
+    get work (docs/kernels.md, v4)."""
+    if rows >= 65536 and nb <= 2:
+        return 4
+    if rows >= 8192:
+        return 2
+    return 1
 
 
 def plan_gemm(
@@ -435,11 +464,17 @@ def _prefer_shared(fn: Any) -> None:
 class MatmulKernels:
     """Loaded modules and prepared functions; create and use on the CUDA context thread."""
 
-    def __init__(self, arch: str | None = None, *, persistent_gemv: bool = False) -> None:
+    def __init__(
+        self,
+        arch: str | None = None,
+        *,
+        persistent_gemv: bool = False,
+        gemv_version: int = GEMV_VERSION,
+    ) -> None:
         """persistent_gemv: cap gemv grids at the blocks resident at once (each block walks
-        several row tiles with loads in flight across tiles); default: one block per 4-row
-        tile, the policy of the fastest measured version on large matrices (docs/kernels.md;
-        scripts/gpu_matmul_bench.py times both)."""
+        several row tiles); default: one block per row tile (docs/kernels.md).
+        gemv_version: 4 (default) or 3, the decode gemv `gemv`/`linear` launch
+        (scripts/gpu_matmul_bench.py compares them on one card)."""
         from worker.backends.cuda.compile import load_module
 
         if arch is None:
@@ -449,6 +484,7 @@ class MatmulKernels:
             arch = f"sm_{major}{minor}"
         self.arch = arch
         self.persistent_gemv = persistent_gemv
+        self.gemv_version = gemv_version
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._resident: dict[str, int] = {}
@@ -503,6 +539,7 @@ class MatmulKernels:
     def gemv(
         self, w: QWeight, x: BufLike, y: BufLike, ntok: int = 1, *, stream: Any = None, **kw: Any
     ) -> None:
+        kw.setdefault("version", self.gemv_version)
         self.run(plan_gemv(w, x, y, ntok, **kw), stream)
 
     def gemm(
