@@ -379,7 +379,7 @@ def vocab_for(arch: str, n_vocab: int, n_normal: int) -> Vocab:
         v.bos_id, v.eos_id, v.pad_id = n_normal, n_normal + 4, n_normal + 1
         v.chat_template = GPT_OSS_TEMPLATE
     elif arch == "gpt2":
-        v = bpe_vocab(n_normal, [("<|endoftext|>", _C)], pre="gpt2", seed=5, n_vocab=n_vocab)
+        v = bpe_vocab(n_normal, [("<|endoftext|>", _C)], pre="gpt-2", seed=5, n_vocab=n_vocab)
         v.bos_id = v.eos_id = n_normal
     elif arch == "phi3":
         v = spm_vocab(n_normal, PHI3_ADDED, n_vocab, seed=6)

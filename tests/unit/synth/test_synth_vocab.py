@@ -37,7 +37,7 @@ REAL = {
          128255: "<|reserved_special_token_247|>"},
         128000, 128009, None, "llama-bpe",
     ),
-    "gpt2": (50257, {50256: "<|endoftext|>"}, 50256, 50256, None, "gpt2"),
+    "gpt2": (50257, {50256: "<|endoftext|>"}, 50256, 50256, None, "gpt-2"),  # llama.cpp: "gpt-2"
     "phi3": (
         32064,
         {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<0x00>", 258: "<0xFF>", 32000: "<|endoftext|>",
