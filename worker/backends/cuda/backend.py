@@ -49,7 +49,9 @@ from worker.gguf.reader import GGUFFile, open_gguf
 F32_TYPE = 0
 DECODE_SPLITS = 16  # attention key chunks per head for a decode step (fixed in the graph)
 PREFILL_MAX_SPLITS = 16
-FUSED_DECODE = False  # one-token steps: RoPE + KV store inside the attention launch
+# One-token steps with RoPE + KV store inside the attention launch: bit-identical logits to
+# the two-launch path, 909 vs 874-897 tok/s on an H100 (BENCHMARKS.md, GPU section).
+FUSED_DECODE = True
 LOGIT_ROWS = 64  # rows of logits computed per pass when all positions are wanted
 RESERVE_BYTES = 256 * MIB  # left free for the driver, graphs and PyCUDA's own needs
 ROPE_MODE = {"none": 0, "normal": 1, "neox": 2}
