@@ -15,6 +15,7 @@ Must be created and used on one thread (the one that owns the context).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -891,6 +892,11 @@ class CudaBackend:
             problem = self.ctx.pointer_problem(p)
             if problem:
                 failures.append(f"{name}: {problem}")
+        info = getattr(self, "info", None)
+        if info is not None:  # health reads this cached copy (no GPU call on its path)
+            self.info = dataclasses.replace(
+                info, resident=not failures, vram_bytes_used=self.ctx.used_bytes
+            )
         return ResidencyReport(ok=not failures, checked=checked, failures=failures)
 
     def vram_bytes_used(self) -> int:
