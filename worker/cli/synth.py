@@ -52,6 +52,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="phi3: add rope_factors_long/short tensors (128k variant)",
     )
+    p.add_argument(
+        "--tied-output",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop output.weight (LM head = token_embd); default as the real model",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="progress on stderr")
     p.set_defaults(func=run)
@@ -65,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.rope_factors:
             overrides["rope_factors"] = True
+        if args.tied_output is not None:
+            overrides["tied_output"] = args.tied_output
         if overrides:
             spec = spec.scaled(**overrides)
         spec.validate()

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from gguf import GGUFWriter
-from gguf.constants import GGMLQuantizationType, LlamaFileType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType, RopeScalingType
 
 from worker.gguf.synth_blocks import tensor_nbytes, write_random_tensor
 from worker.gguf.synth_vocab import Vocab, vocab_for
@@ -426,8 +426,7 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def _row_fallback(qtype: GGMLQuantizationType, row: int) -> GGMLQuantizationType:
-    from gguf.constants import GGML_QUANT_SIZES
-
+    """llama.cpp's type fallback for rows that are not a whole number of blocks."""
     if row % GGML_QUANT_SIZES[qtype][0] == 0:
         return qtype
     qtype = _K_FALLBACK.get(qtype, qtype)
@@ -509,7 +508,7 @@ def _phi3_rope_factors(spec: SynthSpec, long: bool) -> npt.NDArray[np.float32]:
     return (1.0 + (top - 1.0) * x**3).astype(np.float32)
 
 
-def _add_metadata(w: GGUFWriter, spec: SynthSpec, vocab: Vocab, n_tensors: int) -> None:
+def _add_metadata(w: GGUFWriter, spec: SynthSpec, vocab: Vocab) -> None:
     a = spec.arch
     w.add_type("model")
     w.add_name(spec.name or f"{a} (synthetic)")
@@ -546,7 +545,7 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, vocab: Vocab, n_tensors: int) 
         w.add_expert_used_count(spec.n_expert_used)
         w.add_sliding_window(spec.sliding_window)
         w.add_expert_feed_forward_length(spec.n_ff_exp)
-        w.add_rope_scaling_type(_yarn())
+        w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(spec.rope_scaling_factor)
         w.add_rope_scaling_orig_ctx_len(spec.rope_orig_ctx)
     w.add_file_type(int(FILE_TYPES[spec.mix]))
@@ -575,12 +574,6 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, vocab: Vocab, n_tensors: int) 
     if vocab.chat_template is not None:
         w.add_chat_template(vocab.chat_template)
     w.add_quantization_version(2)
-
-
-def _yarn() -> Any:
-    from gguf.constants import RopeScalingType
-
-    return RopeScalingType.YARN
 
 
 def make_vocab(spec: SynthSpec) -> Vocab:
@@ -614,7 +607,7 @@ def write_synthetic(
     tmp = path.with_name(path.name + ".partial")
     w = GGUFWriter(tmp, spec.arch, use_temp_file=False)
     try:
-        _add_metadata(w, spec, vocab, len(tensors))
+        _add_metadata(w, spec, vocab)
         for t in tensors:
             w.add_tensor_info(
                 t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype

@@ -42,6 +42,22 @@ def test_synth_command_overrides_and_json(
     assert {t.tensor_type.name for t in reader.tensors} == {"Q6_K", "F32"}
 
 
+def test_synth_command_tied_output(tmp_path: Path) -> None:
+    out = tmp_path / "t.gguf"
+    assert (
+        main(["synth", "--arch", "qwen2", "--size", "tiny", "--tied-output", "--out", str(out)])
+        == 0
+    )
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names
+    out2 = tmp_path / "u.gguf"
+    assert (
+        main(["synth", "--arch", "llama", "--size", "tiny", "--no-tied-output", "--out", str(out2)])
+        == 0
+    )
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(out2).tensors}
+
+
 def test_synth_command_rejects_impossible_requests(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
