@@ -8,8 +8,10 @@ import asyncio
 import hashlib
 import io
 import json
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,17 @@ async def test_backend_thread_runs_every_call_on_one_dedicated_thread() -> None:
         t.stop()
 
 
+@pytest.fixture
+def restore_loguru() -> Iterator[None]:
+    yield
+    from loguru import logger
+
+    logger.remove()
+    logger.configure(extra={})
+    logger.add(sys.stderr)
+
+
+@pytest.mark.usefixtures("restore_loguru")
 def test_narration_json_lines_and_prompt_privacy() -> None:
     out = io.StringIO()
     setup_logging("json", worker_id="w1", model_ref="m", gpu_device=0, stream=out)
