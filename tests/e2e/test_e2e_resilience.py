@@ -13,7 +13,7 @@ from typing import Any
 from worker.client import OrcdClient, final_attempt
 from worker.errors import ErrorCode
 from worker.nats.server import EmbeddedNatsServer
-from worker.protocol import End, Error, Event, Started, Token
+from worker.protocol import End, Error, Event, Metrics, Started, Token
 
 REF = "tiny"
 LONG = {"prompt": "x", "max_tokens": 2048, "temperature": 0.0}
@@ -185,6 +185,8 @@ async def test_in_progress_acks_keep_a_long_job_from_redelivery(
     b = spawn_worker(tiny_model, nats_server.url, REF, *flags)
     a.wait_ready()
     b.wait_ready()
+    # orcd.health is answered by every worker
+    assert {h.worker_id for h in await client.health_all()} == {a.worker_id, b.worker_id}
     t0 = time.monotonic()
     evs = [ev async for ev in client.generate(REF, job_id="long", timeout_s=180, **LONG)]
     took = time.monotonic() - t0
@@ -192,6 +194,9 @@ async def test_in_progress_acks_keep_a_long_job_from_redelivery(
     assert [e.attempt for e in evs if isinstance(e, Started)] == [1]
     assert took > 2.5, f"job too short ({took:.1f} s) to outlast the 2 s ack wait"
     print(f"long job: {end.tokens_out} tokens in {took:.1f} s, one attempt")
+    # periodic metrics events (one a second) count the tokens so far
+    counts = [e.tokens for e in evs if isinstance(e, Metrics)]
+    assert counts and counts == sorted(counts) and counts[-1] <= end.tokens_out
 
 
 async def test_job_out_of_deliveries_ends_with_an_error(
