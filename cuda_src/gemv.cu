@@ -393,6 +393,140 @@ __device__ __forceinline__ void g4_dec<QT_Q6_K>(const uint8_t* blk, int g, float
   m = 0.f;
 }
 
+// ---- G4<T>::dot: one 8-element group of one row into acc[NB] ------------------------------
+// Default: g4_dec, then sum q*x, times d, plus m * sum x. For the K-quants (the bulk of
+// Phi-3's and Qwen's ffn_down bytes) a cheaper form: a b-bit code c becomes the float
+// 1 + c/2^b with one byte permute (bits 0x3F800000 | c << (23-b), exact), so
+// sum c*x = 2^b * (sum (1 + c/2^b) x - sum x): per weight one PRMT and one FFMA, the shifts
+// and masks done 4 codes at a time (bytes 0x80 | c << (7-b) built with one LOP3), and sum x
+// shared by all rows. The cancellation costs a few float32 roundings of sum |x| per group
+// (relative error ~1e-6 of the product, tests bound 2e-5).
+template <int T> struct G4 {
+  static constexpr bool NEED_SX = HasMin<T>::value;
+  template <int NB>
+  static __device__ __forceinline__ void dot(const uint8_t* blk, int g, const float (&xv)[NB][8],
+                                             const float (&sx)[NB], float (&acc)[NB]) {
+    float q[8], d, m;
+    g4_dec<T>(blk, g, q, d, m);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float dp = q[0] * xv[b][0];
+#pragma unroll
+      for (int i = 1; i < 8; ++i) dp = fmaf(q[i], xv[b][i], dp);
+      acc[b] = fmaf(dp, d, acc[b]);
+      if (HasMin<T>::value) acc[b] = fmaf(m, sx[b], acc[b]);
+    }
+  }
+};
+
+// byte i of t (0x80 | c << (7-b)) as the float 1 + c/2^b
+__device__ __forceinline__ float g4_unit(uint32_t t, int i) {
+  return __uint_as_float(__byte_perm(t, 0x3Fu, 0x4055u | (i << 8)));
+}
+// sum over 8 codes (bytes of t0, t1) of (1 + c/2^b) x, per token
+template <int NB>
+__device__ __forceinline__ void g4_unit_dot(uint32_t t0, uint32_t t1, const float (&xv)[NB][8],
+                                            float (&dp)[NB]) {
+  float f[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[i] = g4_unit(t0, i);
+    f[4 + i] = g4_unit(t1, i);
+  }
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    float v = f[0] * xv[b][0];
+#pragma unroll
+    for (int i = 1; i < 8; ++i) v = fmaf(f[i], xv[b][i], v);
+    dp[b] = v;
+  }
+}
+// Q4_K/Q5_K 6-bit scale and min of sub-block s without a branch (lanes of a warp take
+// different sub-blocks); blk 4-byte aligned (144/176-byte blocks of a 16-byte aligned row).
+__device__ __forceinline__ void g4_scale_min_k4(const uint8_t* blk, int s, float& sc,
+                                                float& mn) {
+  const uint32_t w0 = ld_u32_a4(blk + 4), w1 = ld_u32_a4(blk + 8), w2 = ld_u32_a4(blk + 12);
+  const int sh = 8 * (s & 3);
+  const uint32_t a = w0 >> sh, bb = w1 >> sh, c = w2 >> sh;
+  const uint32_t sc_lo = a & 63, mn_lo = bb & 63;
+  const uint32_t sc_hi = (c & 15) | ((a >> 2) & 0x30), mn_hi = ((c >> 4) & 15) | ((bb >> 2) & 0x30);
+  sc = g4_mf(s < 4 ? sc_lo : sc_hi) - 8388608.f;
+  mn = g4_mf(s < 4 ? mn_lo : mn_hi) - 8388608.f;
+}
+template <> struct G4<QT_Q4_K> {
+  static constexpr bool NEED_SX = true;
+  template <int NB>
+  static __device__ __forceinline__ void dot(const uint8_t* blk, int g, const float (&xv)[NB][8],
+                                             const float (&sx)[NB], float (&acc)[NB]) {
+    const int s = g >> 2, l0 = (g & 3) * 8;
+    float sc, mn;
+    g4_scale_min_k4(blk, s, sc, mn);
+    const uint8_t* p = blk + 16 + 32 * (s >> 1) + l0;
+    const int sh = (s & 1) * 4;
+    const uint32_t w0 = ld_u32_a4(p) >> sh, w1 = ld_u32_a4(p + 4) >> sh;
+    const uint32_t t0 = ((w0 << 3) & 0x78787878u) | 0x80808080u;
+    const uint32_t t1 = ((w1 << 3) & 0x78787878u) | 0x80808080u;
+    float dp[NB];
+    g4_unit_dot<NB>(t0, t1, xv, dp);
+    const float d = qf16(blk) * sc * 16.f, m = -(qf16(blk + 2) * mn);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      acc[b] = fmaf(dp[b] - sx[b], d, acc[b]);
+      acc[b] = fmaf(m, sx[b], acc[b]);
+    }
+  }
+};
+template <> struct G4<QT_Q5_K> {
+  static constexpr bool NEED_SX = true;
+  template <int NB>
+  static __device__ __forceinline__ void dot(const uint8_t* blk, int g, const float (&xv)[NB][8],
+                                             const float (&sx)[NB], float (&acc)[NB]) {
+    const int s = g >> 2, l0 = (g & 3) * 8;
+    float sc, mn;
+    g4_scale_min_k4(blk, s, sc, mn);
+    const uint8_t* p = blk + 48 + 32 * (s >> 1) + l0;
+    const int sh = (s & 1) * 4;
+    const uint32_t w0 = ld_u32_a4(p) >> sh, w1 = ld_u32_a4(p + 4) >> sh;
+    const uint32_t h0 = ld_u32_a4(blk + 16 + l0) >> s, h1 = ld_u32_a4(blk + 20 + l0) >> s;
+    const uint32_t t0 = ((w0 << 2) & 0x3C3C3C3Cu) | ((h0 << 6) & 0x40404040u) | 0x80808080u;
+    const uint32_t t1 = ((w1 << 2) & 0x3C3C3C3Cu) | ((h1 << 6) & 0x40404040u) | 0x80808080u;
+    float dp[NB];
+    g4_unit_dot<NB>(t0, t1, xv, dp);
+    const float d = qf16(blk) * sc * 32.f, m = -(qf16(blk + 2) * mn);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      acc[b] = fmaf(dp[b] - sx[b], d, acc[b]);
+      acc[b] = fmaf(m, sx[b], acc[b]);
+    }
+  }
+};
+template <> struct G4<QT_Q6_K> {
+  static constexpr bool NEED_SX = true;
+  template <int NB>
+  static __device__ __forceinline__ void dot(const uint8_t* blk, int g, const float (&xv)[NB][8],
+                                             const float (&sx)[NB], float (&acc)[NB]) {
+    const int e0 = 8 * g, h = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
+    const uint8_t* pl = blk + 64 * h + 32 * (k & 1) + l0;
+    const uint8_t* ph = blk + 128 + 32 * h + l0;
+    const int sh = (k >> 1) * 4;
+    const uint32_t w0 = ld_u32_a2(pl) >> sh, w1 = ld_u32_a2(pl + 4) >> sh;
+    const uint32_t h0 = ld_u32_a2(ph) >> (2 * k), h1 = ld_u32_a2(ph + 4) >> (2 * k);
+    const uint32_t t0 = ((w0 << 1) & 0x1E1E1E1Eu) | ((h0 << 5) & 0x60606060u) | 0x80808080u;
+    const uint32_t t1 = ((w1 << 1) & 0x1E1E1E1Eu) | ((h1 << 5) & 0x60606060u) | 0x80808080u;
+    float dp[NB];
+    g4_unit_dot<NB>(t0, t1, xv, dp);
+    const uint32_t scb = blk[192 + 8 * h + (l0 >> 4) + 2 * k] ^ 0x80u;  // int8 scale + 128
+    const float dd = qf16(blk + 208) * (g4_mf(scb) - 8388736.f);
+    // value = dd * (c - 32): sum = 64 dd (dp - sx) - 32 dd sx
+    const float d = dd * 64.f, m = dd * -32.f;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      acc[b] = fmaf(dp[b] - sx[b], d, acc[b]);
+      acc[b] = fmaf(m, sx[b], acc[b]);
+    }
+  }
+};
+
 template <int T, int NB, int RW, int U>
 __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long long row_bytes,
                                           int N, int K, const float* __restrict__ x,
@@ -447,7 +581,9 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
       __syncwarp();
       const int ngroups = cb * GPB;
       for (int qg = lane; qg < ngroups; qg += 32) {
-        const int jj = qg / GPB, g = qg % GPB;
+        // K-quants (32 groups a block): lane l always takes group l, so its sub-block
+        // constants stay in registers across iterations
+        const int jj = GPB == 32 ? qg >> 5 : qg / GPB, g = GPB == 32 ? lane : qg % GPB;
         const int k = (j0 + jj) * QK + 8 * g;
         float xv[NB][8];
 #pragma unroll
@@ -463,29 +599,17 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
           }
         }
         float sx[NB];
-        if (HasMin<T>::value) {
 #pragma unroll
-          for (int b = 0; b < NB; ++b) {
-            sx[b] = 0.f;
+        for (int b = 0; b < NB; ++b) {
+          sx[b] = 0.f;
+          if (G4<T>::NEED_SX) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) sx[b] += xv[b][i];
           }
         }
 #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-          if (r < nr) {
-            float q[8], d, m;
-            g4_dec<T>(&mine[r][off[r] + jj * BYTES], g, q, d, m);
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-              float dot = q[0] * xv[b][0];
-#pragma unroll
-              for (int i = 1; i < 8; ++i) dot = fmaf(q[i], xv[b][i], dot);
-              acc[r][b] = fmaf(dot, d, acc[r][b]);
-              if (HasMin<T>::value) acc[r][b] = fmaf(m, sx[b], acc[r][b]);
-            }
-          }
-        }
+        for (int r = 0; r < RW; ++r)
+          if (r < nr) G4<T>::template dot<NB>(&mine[r][off[r] + jj * BYTES], g, xv, sx, acc[r]);
       }
     }
 #pragma unroll
