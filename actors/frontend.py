@@ -186,13 +186,23 @@ class Frontend:
     async def job_loop(self, links: FrontendLinks) -> None:
         """Pull and serve jobs one at a time until shutdown is requested."""
         assert self.js is not None
-        psub = await job_subscription(
-            self.js,
-            self.subjects,
-            self.cfg.model_ref,
-            ack_wait_s=self.cfg.ack_wait_s,
-            max_deliver=self.cfg.max_deliver,
-        )
+        while True:  # NATS may be away right now: wait for it
+            try:
+                psub = await job_subscription(
+                    self.js,
+                    self.subjects,
+                    self.cfg.model_ref,
+                    ack_wait_s=self.cfg.ack_wait_s,
+                    max_deliver=self.cfg.max_deliver,
+                )
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                narrate("consumer_unavailable", f"{type(exc).__name__}: {exc}", level="WARNING")
+                if self.shutdown.is_set():
+                    return
+                await anyio.sleep(1.0)
         narrate(
             "ready",
             f"serving {self.subjects.jobs(self.cfg.model_ref)}",
@@ -212,6 +222,10 @@ class Frontend:
                     await anyio.sleep(0.25)
                     continue
                 for msg in msgs:
+                    if self.shutdown.is_set():  # fetched while shutdown began: hand it back
+                        with contextlib.suppress(Exception):
+                            await msg.nak()
+                        continue
                     await self.handle(msg, links)
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
