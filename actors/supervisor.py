@@ -8,7 +8,8 @@
 
 Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT or the shutdown request: stop pulling,
 finish the active job, free the device, exit within 30 s); 1 when the model cannot be
-loaded (message with the reason); 2 when an actor crashed (logged, then a clean shutdown).
+loaded (message with the reason); 2 when an actor crashed or the worker cannot start
+(logged, then a clean shutdown).
 """
 
 from __future__ import annotations
@@ -74,25 +75,14 @@ class Supervisor:
             model=str(cfg.model),
             pid=__import__("os").getpid(),
         )
-        url = cfg.nats_url
-        if url is None:
-            self.embedded = EmbeddedNatsServer(store_dir=cfg.nats_store_dir)
-            self.embedded.start()
-            url = self.embedded.url
-            narrate(
-                "nats_embedded",
-                f"started embedded nats-server with JetStream at {url} "
-                f"(store {self.embedded.store_dir})",
-                nats_url=url,
-                store_dir=str(self.embedded.store_dir),
-            )
-        if cfg.metrics_port is not None:
-            self.metrics.serve_http(cfg.metrics_port)
-            narrate(
-                "metrics_http", f"metrics on :{cfg.metrics_port}/metrics", port=cfg.metrics_port
-            )
-        self.thread.start()
         try:
+            url = self._start_nats()
+            if cfg.metrics_port is not None:
+                self.metrics.serve_http(cfg.metrics_port)
+                narrate(
+                    "metrics_http", f"metrics on :{cfg.metrics_port}/metrics", port=cfg.metrics_port
+                )
+            self.thread.start()
             await self.frontend.connect(url)
             try:
                 await self._serve()
@@ -105,14 +95,30 @@ class Supervisor:
         except Exception as exc:
             narrate(
                 "error",
-                f"actor crashed: {type(exc).__name__}: {exc}",
+                f"fatal: {type(exc).__name__}: {exc}; shutting down",
                 level="CRITICAL",
                 exc_info=True,
             )
+            print(f"worker-orcd: fatal: {type(exc).__name__}: {exc}", file=sys.stderr)
             self.exit_code = EXIT_ACTOR_CRASHED
         finally:
             await self._cleanup()
         return self.exit_code
+
+    def _start_nats(self) -> str:
+        if self.cfg.nats_url is not None:
+            return self.cfg.nats_url
+        self.embedded = EmbeddedNatsServer(store_dir=self.cfg.nats_store_dir)
+        self.embedded.start()
+        url = self.embedded.url
+        narrate(
+            "nats_embedded",
+            f"started embedded nats-server with JetStream at {url} "
+            f"(store {self.embedded.store_dir})",
+            nats_url=url,
+            store_dir=str(self.embedded.store_dir),
+        )
+        return url
 
     async def _serve(self) -> None:
         cfg = self.cfg

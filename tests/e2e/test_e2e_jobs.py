@@ -392,3 +392,41 @@ async def test_embedded_server_submit_and_health_cli(
     # the embedded server went away with the worker
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1).close()
+
+
+def test_fatal_startup_error_is_logged_cleaned_up_and_exits_nonzero(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A failure outside any job (here: the metrics port is taken) is logged, the worker
+    cleans up (its embedded nats-server is stopped) and exits 2 - it does not hang."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "serve",
+                "--device",
+                "cpu",
+                "--model",
+                str(tiny_model),
+                "--metrics-port",
+                str(port),
+                "--log-format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    fatal = [r for r in records if r["event"] == "error" and r["level"] == "CRITICAL"]
+    assert fatal and "Address already in use" in fatal[0]["msg"]
+    assert records[-1]["event"] == "shutdown" and records[-1]["exit_code"] == 2
+    url = next(r["nats_url"] for r in records if r["event"] == "nats_embedded")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1).close()
