@@ -64,8 +64,8 @@ class WorkerConfig:
             raise ValueError("--ctx-size must be positive")
         if self.inference_timeout_sec <= 0:
             raise ValueError("--inference-timeout-sec must be positive")
-        if self.heartbeat_interval_s <= 0 or self.ack_wait_s <= 1:
-            raise ValueError("heartbeat interval must be > 0 and ack wait > 1 s")
+        if self.heartbeat_interval_s <= 0 or self.ack_wait_s < 1:
+            raise ValueError("heartbeat interval must be > 0 and ack wait >= 1 s")
         if self.max_deliver < 1:
             raise ValueError("--max-deliver must be at least 1")
         if not 1 <= self.stream_replicas <= 5:

@@ -130,9 +130,7 @@ async def test_shutdown_request_mid_job_finishes_it_and_exits_0(
     seen: list[Event] = []
 
     async def follow() -> None:
-        async for ev in client.generate(
-            REF, job_id="drain", prompt="x", max_tokens=400, temperature=0.0, timeout_s=120
-        ):
+        async for ev in client.generate(REF, job_id="drain", timeout_s=120, **LONG):
             seen.append(ev)
 
     task = asyncio.create_task(follow())
@@ -157,9 +155,7 @@ async def test_sigterm_mid_job_finishes_it_and_exits_0(
     seen: list[Event] = []
 
     async def follow() -> None:
-        async for ev in client.generate(
-            REF, job_id="term", prompt="x", max_tokens=300, temperature=0.0, timeout_s=120
-        ):
+        async for ev in client.generate(REF, job_id="term", timeout_s=120, **LONG):
             seen.append(ev)
 
     task = asyncio.create_task(follow())
@@ -178,9 +174,9 @@ async def test_in_progress_acks_keep_a_long_job_from_redelivery(
     spawn_worker: Any,
     tiny_model: Path,
 ) -> None:
-    """A job running longer than the ack wait (2 s) is not redelivered to an idle second
+    """A job running longer than the ack wait (1 s) is not redelivered to an idle second
     worker while its worker is alive: in-progress acks keep it."""
-    flags = ("--ctx-size", "4096", "--ack-wait-s", "2")
+    flags = ("--ctx-size", "4096", "--ack-wait-s", "1")
     a = spawn_worker(tiny_model, nats_server.url, REF, *flags)
     b = spawn_worker(tiny_model, nats_server.url, REF, *flags)
     a.wait_ready()
@@ -192,7 +188,7 @@ async def test_in_progress_acks_keep_a_long_job_from_redelivery(
     took = time.monotonic() - t0
     end = complete(evs, "long")
     assert [e.attempt for e in evs if isinstance(e, Started)] == [1]
-    assert took > 2.5, f"job too short ({took:.1f} s) to outlast the 2 s ack wait"
+    assert took > 1.5, f"job too short ({took:.1f} s) to outlast the 1 s ack wait"
     print(f"long job: {end.tokens_out} tokens in {took:.1f} s, one attempt")
     # periodic metrics events (one a second) count the tokens so far
     counts = [e.tokens for e in evs if isinstance(e, Metrics)]
