@@ -41,7 +41,7 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType, RopeScalingType
 
 from worker.gguf.synth_blocks import tensor_nbytes, write_random_tensor
-from worker.gguf.synth_vocab import Vocab, vocab_for
+from worker.gguf.synth_vocab import Vocab, min_normal_tokens, vocab_for
 
 T = GGMLQuantizationType
 
@@ -169,7 +169,14 @@ class SynthSpec:
         else:
             need(self.n_ff > 0, "n_ff must be > 0")
             need(self.n_expert == 0, "experts are only supported for gpt-oss")
-        need(self.n_tok_normal > 0, "n_tok_normal must be > 0")
+        lo = min_normal_tokens("llama" if self.arch == "phi3" else "gpt2")
+        need(self.n_tok_normal >= lo, f"the vocabulary needs at least {lo} normal tokens")
+        n_special = _SPECIAL_COUNTS[self.arch]
+        need(
+            self.n_tok_normal + n_special <= self.n_vocab,
+            f"n_vocab {self.n_vocab} cannot hold {self.n_tok_normal} normal and "
+            f"{n_special} special tokens (minimum n_vocab {lo + n_special})",
+        )
         need(self.std > 0 and math.isfinite(self.std), "std must be a positive number")
 
 

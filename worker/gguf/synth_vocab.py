@@ -330,6 +330,14 @@ GPT_OSS_TEMPLATE = (
 )
 
 
+def min_normal_tokens(model: str) -> int:
+    """The smallest normal-token count a vocabulary of this tokenizer model can have: the 256
+    byte tokens (BPE), or the 3 control + 256 byte tokens and one piece per character (SPM)."""
+    if model == "gpt2":
+        return 256
+    return 3 + 256 + 1 + len(dict.fromkeys(_weighted_units()))
+
+
 def _fill_specials(specials: list[tuple[str, int]], first_id: int) -> list[tuple[str, int]]:
     return [(t.format(id=first_id + k), ty) for k, (t, ty) in enumerate(specials)]
 

@@ -283,6 +283,9 @@ def test_scaled_overrides(tmp_path: Path) -> None:
         ("qwen2", {"n_head_kv": 3}, "multiple of n_head_kv"),
         ("gpt2", {"n_head": 8}, "n_embd"),
         ("phi3", {"n_head_kv": 4}, "multi-head"),
+        ("phi3", {"n_vocab": 300}, "normal tokens"),
+        ("qwen2", {"n_vocab": 270}, "normal tokens"),
+        ("gpt2", {"n_tok_normal": 600}, "cannot hold"),
     ],
 )
 def test_invalid_specs_are_rejected(arch: str, overrides: dict[str, int], message: str) -> None:
