@@ -119,6 +119,9 @@ def _weighted_units() -> list[str]:
     return units
 
 
+_ACCENTED = "éèàáâêôüöäïçñíóúß"
+
+
 def bpe_vocab(
     n_normal: int,
     specials: list[tuple[str, int]],
@@ -135,7 +138,19 @@ def bpe_vocab(
     byte_chars = [c for _, c in bytes_to_unicode()]
     to_char = dict(bytes_to_unicode())
     units = [to_char[ord(c)] for c in _weighted_units()] + [to_char[ord("\n")]] * 2
-    pairs = _grow(byte_chars, units, to_char[ord(" ")], n_normal - 256, seed, max_len=16)
+    # The first merges join the two UTF-8 bytes of common accented letters (as real byte-level
+    # vocabularies do, e.g. "Ã ©" -> "Ã©" for é), so tokens also span multi-byte characters.
+    first = [(to_char[ch.encode()[0]], to_char[ch.encode()[1]]) for ch in _ACCENTED]
+    first = first[: n_normal - 256]
+    joined = [a + b for a, b in first]
+    pairs = first + _grow(
+        byte_chars + joined,
+        units + joined,
+        to_char[ord(" ")],
+        n_normal - 256 - len(first),
+        seed,
+        max_len=16,
+    )
     tokens = byte_chars + [a + b for a, b in pairs]
     merges = [f"{a} {b}" for a, b in pairs]
     types = [int(TokenType.NORMAL)] * len(tokens)
