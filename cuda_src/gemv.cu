@@ -241,6 +241,10 @@ FOR_EACH_QTYPE(GEMV3_ALL_NB)
 // Reduction: a fixed xor-shuffle tree per row; lane 0 writes. No atomics, no cross-warp
 // data: results are bit-identical run to run.
 #define GEMV4_WARPS 4
+// blocks per SM the register allocation must allow: 6 (24 warps, <= 80 registers) for one
+// token and 1-2 rows per warp, where ptxas otherwise takes up to 120 for no gain in speed;
+// no bound elsewhere (a bound there spills)
+#define GEMV4_MINB(NB, RW) ((NB) == 1 && (RW) <= 2 ? 6 : 1)
 
 __device__ __forceinline__ float g4_mf(uint32_t c) { return __uint_as_float(0x4B000000u | c); }
 
@@ -540,99 +544,144 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
   __shared__ __align__(16) uint8_t sm[GEMV4_WARPS][RW][SPAN];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nblk = K / QK;
+  const int nch = (nblk + CB - 1) / CB;  // chunks per row
   const long long total = (long long)N * row_bytes;
   uint8_t(*mine)[SPAN] = sm[warp];
-  for (int r0 = (blockIdx.x * GEMV4_WARPS + warp) * RW; r0 < N;
-       r0 += gridDim.x * GEMV4_WARPS * RW) {
-    const int nr = min(RW, N - r0);
-    float acc[RW][NB];
+  // x prefetched one group ahead for 1-2 tokens (for more tokens the registers cost more
+  // occupancy than the latency it hides)
+  constexpr bool GEMV4_XPF = NB <= 2;
+  // The warp's steps: (tile t, chunk c) for t = blockIdx.x, +gridDim.x, ... and c < nch; the
+  // loads of the next step are in flight while the current one is decoded.
+  int t = blockIdx.x, c = 0;
+  if ((t * GEMV4_WARPS + warp) * RW >= N) return;
+  uint4 buf[RW][U];
+  int off[RW], n16[RW];
+  auto issue = [&](int ti, int ci) {
+    const int r0 = (ti * GEMV4_WARPS + warp) * RW, nr = min(RW, N - r0);
+    const int j0 = ci * CB, cb = min(CB, nblk - j0);
 #pragma unroll
-    for (int r = 0; r < RW; ++r)
+    for (int r = 0; r < RW; ++r) {
+      const long long start = (long long)(r0 + r) * row_bytes + (long long)j0 * BYTES;
+      const long long a0 = start & ~15LL;
+      off[r] = (int)(start - a0);
+      n16[r] = r < nr ? (off[r] + cb * BYTES + 15) >> 4 : 0;
 #pragma unroll
-      for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
-    for (int j0 = 0; j0 < nblk; j0 += CB) {
-      const int cb = min(CB, nblk - j0);
-      uint4 buf[RW][U];
-      int off[RW], n16[RW];
-#pragma unroll
-      for (int r = 0; r < RW; ++r) {
-        const long long start = (long long)(r0 + r) * row_bytes + (long long)j0 * BYTES;
-        const long long a0 = start & ~15LL;
-        off[r] = (int)(start - a0);
-        n16[r] = r < nr ? (off[r] + cb * BYTES + 15) >> 4 : 0;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int qp = lane + 32 * u;
-          if (qp < n16[r]) {
-            const long long addr = a0 + 16LL * qp;
-            buf[r][u] = addr + 16 <= total ? g4_ld16(W + addr)
-                                           : g4_ld_tail(W + addr, (int)(total - addr));
-          }
+      for (int u = 0; u < U; ++u) {
+        const int qp = lane + 32 * u;
+        if (qp < n16[r]) {
+          const long long addr = a0 + 16LL * qp;
+          buf[r][u] = addr + 16 <= total ? g4_ld16(W + addr)
+                                         : g4_ld_tail(W + addr, (int)(total - addr));
         }
       }
-      __syncwarp();  // every lane is done reading the previous chunk
+    }
+  };
+  issue(t, c);
+  float acc[RW][NB];
+#pragma unroll
+  for (int r = 0; r < RW; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
+  // x of a lane's group: 8 floats per token, L1-cached
+  auto load_x = [&](float (&xv)[NB][8], int j0, int qg) {
+    const int jj = GPB == 32 ? qg >> 5 : qg / GPB, g = GPB == 32 ? lane : qg % GPB;
+    const int k = (j0 + jj) * QK + 8 * g;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      if (b < ntok) {
+        const float4 lo = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k));
+        const float4 hi = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k + 4));
+        xv[b][0] = lo.x; xv[b][1] = lo.y; xv[b][2] = lo.z; xv[b][3] = lo.w;
+        xv[b][4] = hi.x; xv[b][5] = hi.y; xv[b][6] = hi.z; xv[b][7] = hi.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xv[b][i] = 0.f;
+      }
+    }
+  };
+  while (true) {
+    const int j0 = c * CB, cb = min(CB, nblk - j0);
+    const int ngroups = cb * GPB;
+    // the x of this step's first group: requested before waiting for the weights; each
+    // iteration below requests the next group's x before decoding its own
+    float xn[NB][8];
+    if (GEMV4_XPF) load_x(xn, j0, lane < ngroups ? lane : 0);
+    __syncwarp();  // every lane is done reading the previous step's chunk
+    int coff[RW];
+#pragma unroll
+    for (int r = 0; r < RW; ++r) {
+      coff[r] = off[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int qp = lane + 32 * u;
+        if (qp < n16[r]) *reinterpret_cast<uint4*>(&mine[r][16 * qp]) = buf[r][u];
+      }
+    }
+    __syncwarp();
+    int nt = t, nc = c + 1;
+    if (nc == nch) {
+      nc = 0;
+      nt = t + gridDim.x;
+    }
+    const bool more = (nt * GEMV4_WARPS + warp) * RW < N;
+    if (more) issue(nt, nc);
+
+    const int r0 = (t * GEMV4_WARPS + warp) * RW, nr = min(RW, N - r0);
+    for (int qg = lane; qg < ngroups; qg += 32) {
+      // K-quants (32 groups a block): lane l always takes group l, so its sub-block
+      // constants stay in registers across iterations
+      const int jj = GPB == 32 ? qg >> 5 : qg / GPB, g = GPB == 32 ? lane : qg % GPB;
+      float xv[NB][8];
+      if (GEMV4_XPF) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xv[b][i] = xn[b][i];
+        if (qg + 32 < ngroups) load_x(xn, j0, qg + 32);
+      } else {
+        load_x(xv, j0, qg);
+      }
+      float sx[NB];
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        sx[b] = 0.f;
+        if (G4<T>::NEED_SX) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) sx[b] += xv[b][i];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < RW; ++r)
+        if (r < nr) G4<T>::template dot<NB>(&mine[r][coff[r] + jj * BYTES], g, xv, sx, acc[r]);
+    }
+    if (c == nch - 1) {  // the warp's rows of tile t are done
 #pragma unroll
       for (int r = 0; r < RW; ++r)
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int qp = lane + 32 * u;
-          if (qp < n16[r]) *reinterpret_cast<uint4*>(&mine[r][16 * qp]) = buf[r][u];
-        }
-      __syncwarp();
-      const int ngroups = cb * GPB;
-      for (int qg = lane; qg < ngroups; qg += 32) {
-        // K-quants (32 groups a block): lane l always takes group l, so its sub-block
-        // constants stay in registers across iterations
-        const int jj = GPB == 32 ? qg >> 5 : qg / GPB, g = GPB == 32 ? lane : qg % GPB;
-        const int k = (j0 + jj) * QK + 8 * g;
-        float xv[NB][8];
-#pragma unroll
         for (int b = 0; b < NB; ++b) {
-          if (b < ntok) {
-            const float4 lo = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k));
-            const float4 hi = __ldg(reinterpret_cast<const float4*>(x + b * ldx + k + 4));
-            xv[b][0] = lo.x; xv[b][1] = lo.y; xv[b][2] = lo.z; xv[b][3] = lo.w;
-            xv[b][4] = hi.x; xv[b][5] = hi.y; xv[b][6] = hi.z; xv[b][7] = hi.w;
-          } else {
+          float v = acc[r][b];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) xv[b][i] = 0.f;
+          for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+          if (lane == 0 && r < nr && b < ntok) {
+            const int row = r0 + r;
+            if (bias) v += bias[row];
+            if (residual) v += residual[b * ldy + row];
+            y[b * ldy + row] = v;
           }
+          acc[r][b] = 0.f;
         }
-        float sx[NB];
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          sx[b] = 0.f;
-          if (G4<T>::NEED_SX) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) sx[b] += xv[b][i];
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < RW; ++r)
-          if (r < nr) G4<T>::template dot<NB>(&mine[r][off[r] + jj * BYTES], g, xv, sx, acc[r]);
-      }
     }
-#pragma unroll
-    for (int r = 0; r < RW; ++r)
-#pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        float v = acc[r][b];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && r < nr && b < ntok) {
-          const int row = r0 + r;
-          if (bias) v += bias[row];
-          if (residual) v += residual[b * ldy + row];
-          y[b * ldy + row] = v;
-        }
-      }
+    if (!more) break;
+    t = nt;
+    c = nc;
   }
 }
 
 // gemv_<type>_nb<NB>[_r<RW>]: grid (G), block 32*GEMV4_WARPS, G <= ceil(N / (4*RW)): block b
-// takes row tiles b, b+G, ... of 4*RW rows (the wrapper launches one block per tile).
+// takes row tiles b, b+G, ... of 4*RW rows (the wrapper caps G at the blocks resident at
+// once, so that each warp has a next tile to load while it decodes the current one).
 #define GEMV4_INST(TY, NAME, NB, RW, U, SUFFIX)                                               \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                              \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS, GEMV4_MINB(NB, RW))          \
       gemv_##NAME##_nb##NB##SUFFIX(const uint8_t* W, long long row_bytes, int N, int K,       \
                                    const float* x, long long ldx, int ntok, const float* bias, \
                                    const float* residual, float* y, long long ldy) {          \

@@ -19,6 +19,7 @@ that the host's launch cost (several µs per PyCUDA launch) is not in the number
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -100,6 +101,43 @@ class Bench:
             times.append(start.time_till(end) / 1e3 / reps)
         return statistics.median(times)
 
+    def time_graph(self, launch: Any, reps: int, batches: int = 5) -> float:
+        """Median seconds per launch when `reps` launches are replayed as one CUDA graph (as
+        the decode step runs them): the launch gaps of small kernels shrink. NaN if
+        cuda.bindings is missing."""
+        try:
+            cu = importlib.import_module("cuda.bindings.driver")
+        except ImportError:
+            return float("nan")
+
+        def ok(res: Any, what: str) -> Any:
+            if res[0] != cu.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"{what}: {res[0]}")
+            return res[1] if len(res) > 1 else None
+
+        st = cu.CUstream(self.stream.handle)
+        launch(0)
+        self.stream.synchronize()
+        mode = cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        ok(cu.cuStreamBeginCapture(st, mode), "cuStreamBeginCapture")
+        for i in range(reps):
+            launch(i)
+        graph = ok(cu.cuStreamEndCapture(st), "cuStreamEndCapture")
+        exe = ok(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        cu.cuGraphDestroy(graph)
+        ok(cu.cuGraphLaunch(exe, st), "cuGraphLaunch")  # warm-up
+        times = []
+        for _ in range(batches):
+            start, end = self.drv.Event(), self.drv.Event()
+            self.spin(np.int64(self.clock_khz * 10), block=(1, 1, 1), stream=self.stream)
+            start.record(self.stream)
+            ok(cu.cuGraphLaunch(exe, st), "cuGraphLaunch")
+            end.record(self.stream)
+            end.synchronize()
+            times.append(start.time_till(end) / 1e3 / reps)
+        cu.cuGraphExecDestroy(exe)
+        return statistics.median(times)
+
     def copy_bandwidth(self) -> float:
         n = 1 << 30
         a, b = self.drv.mem_alloc(n), self.drv.mem_alloc(n)
@@ -165,6 +203,11 @@ def main() -> int:
             rw: b.time_batch(lambda i, rw=rw: gemv(i, rows_per_warp=rw), 200) for rw in (1, 2, 4)
         }
         t1_again = b.time_batch(gemv, 200)  # the default once more: run-to-run spread
+        mm.gemv_cap = False
+        t1_nocap = b.time_batch(gemv, 200)  # v4, one block per row tile
+        mm.gemv_cap = True
+        tgr = b.time_graph(gemv, 200)  # v4 launches replayed as one CUDA graph
+        tgr_v3 = b.time_graph(lambda i: gemv(i, version=3), 200)
         reps = 10 if nbytes < (64 << 20) else 3
         if args.no_gemm:
             tg64 = tg128 = float("nan")
@@ -184,6 +227,9 @@ def main() -> int:
             "gemv_repeat_s": t1_again,
             "gemv_kernel": plan_gemv(ws[0], xb, yb, 1).kernel,
             "gemv_v3_s": t1_v3,
+            "gemv_nocap_s": t1_nocap,
+            "gemv_graph_s": tgr,
+            "gemv_v3_graph_s": tgr_v3,
             "gemv_r1_s": t_rw[1],
             "gemv_r2_s": t_rw[2],
             "gemv_r4_s": t_rw[4],
@@ -203,7 +249,8 @@ def main() -> int:
             f"{t1_v3 * 1e6:7.2f} {100 * row['gemv_v3_frac_bw']:6.0f} "
             f"{t_rw[1] * 1e6:7.2f} {t_rw[2] * 1e6:7.2f} {t_rw[4] * 1e6:7.2f} "
             f"{tg * 1e6:10.1f} {row['gemm512_TFLOPs']:7.1f} "
-            f"(again {t1_again * 1e6:.2f}; {row['gemv_kernel']})"
+            f"(again {t1_again * 1e6:.2f}; nocap {t1_nocap * 1e6:.2f}; graph {tgr * 1e6:.2f}, "
+            f"v3 graph {tgr_v3 * 1e6:.2f}; {row['gemv_kernel']})"
         )
         b.release()
 
@@ -212,11 +259,14 @@ def main() -> int:
         rs = [r for r in rows if r["model"] == model]
         t = sum(r["gemv_s"] * r["count"] for r in rs)
         t3 = sum(r["gemv_v3_s"] * r["count"] for r in rs)
+        tg = sum(r["gemv_graph_s"] * r["count"] for r in rs)
+        tg3 = sum(r["gemv_v3_graph_s"] * r["count"] for r in rs)
         by = sum(r["bytes"] * r["count"] for r in rs)
         print(
             f"  {model:13} {by / 1e9:.3f} GB in {t * 1e6:.0f} us -> {by / t / 1e9:.0f} GB/s, "
             f"{1 / t:.0f} tok/s ceiling from matmuls (floor at copy bw {by / bw * 1e6:.0f} us); "
-            f"v3: {t3 * 1e6:.0f} us, {1 / t3:.0f} tok/s"
+            f"v3: {t3 * 1e6:.0f} us, {1 / t3:.0f} tok/s; in a graph: {tg * 1e6:.0f} us "
+            f"({1 / tg:.0f} tok/s), v3 {tg3 * 1e6:.0f} us ({1 / tg3:.0f} tok/s)"
         )
 
     extra: dict[str, Any] = {}

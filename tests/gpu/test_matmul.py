@@ -160,10 +160,14 @@ def test_gemv_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, ntok: i
 
 
 # The gemv kernels the wrappers can launch: v4 with 1, 2 or 4 rows per warp, and v3.
+# max_blocks=2: each block walks several row tiles (the next tile's loads in flight).
 GEMV_VARIANTS: list[tuple[str, dict[str, int]]] = [
     ("r1", {"rows_per_warp": 1}),
     ("r2", {"rows_per_warp": 2}),
     ("r4", {"rows_per_warp": 4}),
+    ("r1_2blocks", {"rows_per_warp": 1, "max_blocks": 2}),
+    ("r2_2blocks", {"rows_per_warp": 2, "max_blocks": 2}),
+    ("r4_2blocks", {"rows_per_warp": 4, "max_blocks": 2}),
     ("v3", {"version": 3}),
 ]
 
@@ -180,7 +184,7 @@ def test_gemv_variants_match_reference(
     rng = np.random.default_rng(31 * qtype + len(name))
     qk = QK[qtype]
     cases = [(1, qk, 1), (37, 3 * qk, 2), (45, (160 if qk == 32 else 40) * qk, 1)]
-    if name != "r4":
+    if not name.startswith("r4"):
         cases.append((133, 896 if qk == 32 else 1280, 5))
     for n, k, ntok in cases:
         err, same = run_linear(

@@ -32,7 +32,7 @@ How to call (everything on the thread that owns the CUDA context, context curren
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from worker.backends.cuda.quant_layout import LAYOUTS, QLayout, layout
@@ -116,6 +116,9 @@ class Launch:
     # grid[0] may be lowered (persistent blocks loop over their share): MatmulKernels.run caps
     # it at what is resident on the GPU at once, divided by grid[1] * grid[2].
     persistent: bool = False
+    # grid[0] is capped at the blocks resident at once (MatmulKernels.gemv_cap): the v4 gemv,
+    # whose warps load their next row tile while decoding the current one.
+    cap_resident: bool = False
 
 
 BufLike = DevBuf | tuple[Any, int] | Any
@@ -185,13 +188,16 @@ def plan_gemv(
     ldy: int | None = None,
     version: int = GEMV_VERSION,
     rows_per_warp: int | None = None,
+    max_blocks: int | None = None,
 ) -> Launch:
     """Decode form: y[t] = W x[t] (+bias) (+residual[t]) for t < ntok <= 8.
 
     version 4 (default): gemv_<type>_nb<NB>[_r2|_r4], each warp owns rows_per_warp rows
     (1, 2 or 4; 4 only for ntok <= 2; default from gemv_rows_per_warp), 4 warps a block.
     version 3: the previous staged-tile kernel gemv3_<type>_nb<NB> (4 rows a block), kept
-    for comparison (scripts/gpu_matmul_bench.py; docs/kernels.md)."""
+    for comparison (scripts/gpu_matmul_bench.py; docs/kernels.md).
+    max_blocks: at most this many blocks (each walks every max_blocks-th row tile); the v4
+    launch is also capped at the blocks resident at once by MatmulKernels.run."""
     lay = _check_weight(_kname("gemv", w.qtype), w)
     kernel = f"gemv_{lay.name}"
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemv")
@@ -207,7 +213,11 @@ def plan_gemv(
         _need(kernel, rw < 4 or nb <= 2, "rows_per_warp 4 needs ntok <= 2")
         kernel = f"gemv_{lay.name}_nb{nb}" + ("" if rw == 1 else f"_r{rw}")
         rows_per_block = GEMV_WARPS * rw
-    return _plan_linear(
+    blocks = -(-w.rows // rows_per_block)
+    if max_blocks is not None:
+        _need(kernel, max_blocks >= 1, f"max_blocks {max_blocks} < 1")
+        blocks = min(blocks, max_blocks)
+    launch = _plan_linear(
         kernel,
         "gemv",
         w,
@@ -219,9 +229,10 @@ def plan_gemv(
         residual,
         ldx,
         ldy,
-        grid=(-(-w.rows // rows_per_block), 1, 1),
+        grid=(blocks, 1, 1),
         block=(GEMV_THREADS, 1, 1),
     )
+    return replace(launch, cap_resident=version == 4)
 
 
 def gemv_rows_per_warp(rows: int, nb: int) -> int:
@@ -485,6 +496,7 @@ class MatmulKernels:
         self.arch = arch
         self.persistent_gemv = persistent_gemv
         self.gemv_version = gemv_version
+        self.gemv_cap = True  # cap v4 gemv grids at the resident blocks (bench compares)
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._resident: dict[str, int] = {}
@@ -530,6 +542,8 @@ class MatmulKernels:
         if launch.persistent and self.persistent_gemv:
             per = max(1, self._resident[launch.kernel] // (grid[1] * grid[2]))
             grid = (min(grid[0], per), grid[1], grid[2])
+        elif launch.cap_resident and self.gemv_cap:
+            grid = (min(grid[0], self._resident[launch.kernel]), grid[1], grid[2])
         try:
             fn.prepared_async_call(grid, launch.block, stream, *launch.args)
         except Exception as e:  # pycuda.driver.Error and subclasses
