@@ -151,7 +151,7 @@ class Supervisor:
                 JobLimits(cfg.max_tokens_out, cfg.inference_timeout_sec),
                 cfg.worker_id,
                 self.metrics,
-                lambda busy: None,
+                self._on_busy,
             )
             tg.start_soon(
                 vram_monitor_actor,
@@ -166,6 +166,13 @@ class Supervisor:
             await self.frontend.job_loop(links)
             # drained (shutdown): stop the other actors
             tg.cancel_scope.cancel()
+
+    def _on_busy(self, busy: bool) -> None:
+        """After each job: refresh the cached device info health reports (an attribute the
+        backend keeps current; no device call here)."""
+        if not busy and self.model is not None:
+            self.state.info = self.model.backend.info
+            self.metrics.vram_bytes.set(self.state.info.vram_bytes_used)
 
     async def _load(self) -> LoadedModel:
         model = await load(self.thread, self.cfg)
