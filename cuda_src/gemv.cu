@@ -241,10 +241,6 @@ FOR_EACH_QTYPE(GEMV3_ALL_NB)
 // Reduction: a fixed xor-shuffle tree per row; lane 0 writes. No atomics, no cross-warp
 // data: results are bit-identical run to run.
 #define GEMV4_WARPS 4
-// blocks per SM the register allocation must allow: 6 (24 warps, <= 80 registers) for one
-// token and 1-2 rows per warp, where ptxas otherwise takes up to 120 for no gain in speed;
-// no bound elsewhere (a bound there spills)
-#define GEMV4_MINB(NB, RW) ((NB) == 1 && (RW) <= 2 ? 6 : 1)
 
 __device__ __forceinline__ float g4_mf(uint32_t c) { return __uint_as_float(0x4B000000u | c); }
 
@@ -531,7 +527,19 @@ template <> struct G4<QT_Q6_K> {
   }
 };
 
-template <int T, int NB, int RW, int U>
+// Modes of gemv4_run (docs/kernels.md, runs 4-6):
+//   GEMV4_PLAIN: a warp loads its step's pieces to registers (RW*U 16-byte loads in flight),
+//     stages them in shared memory, decodes; one row tile per block (grid = tiles).
+//   GEMV4_XPF: the same, plus each lane's x of the next group requested before decoding the
+//     current one (lone-warp latency on small matrices; 8 more registers).
+//   GEMV4_ASYNC: the warp walks (tile, chunk) steps over a grid capped at the resident blocks,
+//     two shared-memory stages filled by cp.async (no registers held): step s+1 is in flight
+//     while step s is decoded.
+#define GEMV4_PLAIN 0
+#define GEMV4_XPF 1
+#define GEMV4_ASYNC 2
+
+template <int T, int NB, int RW, int U, int MODE>
 __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long long row_bytes,
                                           int N, int K, const float* __restrict__ x,
                                           long long ldx, int ntok,
@@ -540,49 +548,14 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
   constexpr int BYTES = QTraits<T>::BYTES, QK = QTraits<T>::QK, GPB = QK / 8;
   constexpr int SPAN = 512 * U;            // bytes of one row's chunk in shared memory
   constexpr int CB = (SPAN - 15) / BYTES;  // whole blocks per chunk: start&15 <= 15
+  constexpr int NSTAGE = MODE == GEMV4_ASYNC ? 2 : 1;
   static_assert(CB >= 1, "chunk too small for one block");
-  __shared__ __align__(16) uint8_t sm[GEMV4_WARPS][RW][SPAN];
+  __shared__ __align__(16) uint8_t sm[NSTAGE][GEMV4_WARPS][RW][SPAN];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nblk = K / QK;
   const int nch = (nblk + CB - 1) / CB;  // chunks per row
   const long long total = (long long)N * row_bytes;
-  uint8_t(*mine)[SPAN] = sm[warp];
-  // x prefetched one group ahead for 1-2 tokens (for more tokens the registers cost more
-  // occupancy than the latency it hides)
-  constexpr bool GEMV4_XPF = NB <= 2;
-  // The warp's steps: (tile t, chunk c) for t = blockIdx.x, +gridDim.x, ... and c < nch; the
-  // loads of the next step are in flight while the current one is decoded.
-  int t = blockIdx.x, c = 0;
-  if ((t * GEMV4_WARPS + warp) * RW >= N) return;
-  uint4 buf[RW][U];
-  int off[RW], n16[RW];
-  auto issue = [&](int ti, int ci) {
-    const int r0 = (ti * GEMV4_WARPS + warp) * RW, nr = min(RW, N - r0);
-    const int j0 = ci * CB, cb = min(CB, nblk - j0);
-#pragma unroll
-    for (int r = 0; r < RW; ++r) {
-      const long long start = (long long)(r0 + r) * row_bytes + (long long)j0 * BYTES;
-      const long long a0 = start & ~15LL;
-      off[r] = (int)(start - a0);
-      n16[r] = r < nr ? (off[r] + cb * BYTES + 15) >> 4 : 0;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int qp = lane + 32 * u;
-        if (qp < n16[r]) {
-          const long long addr = a0 + 16LL * qp;
-          buf[r][u] = addr + 16 <= total ? g4_ld16(W + addr)
-                                         : g4_ld_tail(W + addr, (int)(total - addr));
-        }
-      }
-    }
-  };
-  issue(t, c);
-  float acc[RW][NB];
-#pragma unroll
-  for (int r = 0; r < RW; ++r)
-#pragma unroll
-    for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
-  // x of a lane's group: 8 floats per token, L1-cached
+
   auto load_x = [&](float (&xv)[NB][8], int j0, int qg) {
     const int jj = GPB == 32 ? qg >> 5 : qg / GPB, g = GPB == 32 ? lane : qg % GPB;
     const int k = (j0 + jj) * QK + 8 * g;
@@ -599,40 +572,34 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
       }
     }
   };
-  while (true) {
-    const int j0 = c * CB, cb = min(CB, nblk - j0);
+  // the 16-byte pieces of step (ti, ci): row r's chunk starts at byte off(r) of its slice
+  auto piece_count = [&](int r0, int nr, int r, int ci, int& off) {
+    const int j0 = ci * CB, cb = min(CB, nblk - j0);
+    const long long start = (long long)(r0 + r) * row_bytes + (long long)j0 * BYTES;
+    off = (int)(start & 15);
+    return r < nr ? (off + cb * BYTES + 15) >> 4 : 0;
+  };
+  auto piece_addr = [&](int r0, int r, int ci, int qp) {
+    const long long start = (long long)(r0 + r) * row_bytes + (long long)ci * CB * BYTES;
+    return (start & ~15LL) + 16LL * qp;
+  };
+  // decode step (r0, ci) from stage slice st; accumulate; write the rows after their last chunk
+  auto decode = [&](uint8_t(*st)[SPAN], int r0, int ci, float (&acc)[RW][NB]) {
+    const int nr = min(RW, N - r0);
+    const int j0 = ci * CB, cb = min(CB, nblk - j0);
     const int ngroups = cb * GPB;
-    // the x of this step's first group: requested before waiting for the weights; each
-    // iteration below requests the next group's x before decoding its own
-    float xn[NB][8];
-    if (GEMV4_XPF) load_x(xn, j0, lane < ngroups ? lane : 0);
-    __syncwarp();  // every lane is done reading the previous step's chunk
     int coff[RW];
 #pragma unroll
-    for (int r = 0; r < RW; ++r) {
-      coff[r] = off[r];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int qp = lane + 32 * u;
-        if (qp < n16[r]) *reinterpret_cast<uint4*>(&mine[r][16 * qp]) = buf[r][u];
-      }
-    }
-    __syncwarp();
-    int nt = t, nc = c + 1;
-    if (nc == nch) {
-      nc = 0;
-      nt = t + gridDim.x;
-    }
-    const bool more = (nt * GEMV4_WARPS + warp) * RW < N;
-    if (more) issue(nt, nc);
-
-    const int r0 = (t * GEMV4_WARPS + warp) * RW, nr = min(RW, N - r0);
+    for (int r = 0; r < RW; ++r)
+      coff[r] = (int)(((long long)(r0 + r) * row_bytes + (long long)j0 * BYTES) & 15);
+    float xn[NB][8];
+    if (MODE == GEMV4_XPF) load_x(xn, j0, lane < ngroups ? lane : 0);
     for (int qg = lane; qg < ngroups; qg += 32) {
       // K-quants (32 groups a block): lane l always takes group l, so its sub-block
       // constants stay in registers across iterations
       const int jj = GPB == 32 ? qg >> 5 : qg / GPB, g = GPB == 32 ? lane : qg % GPB;
       float xv[NB][8];
-      if (GEMV4_XPF) {
+      if (MODE == GEMV4_XPF) {
 #pragma unroll
         for (int b = 0; b < NB; ++b)
 #pragma unroll
@@ -652,9 +619,9 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
       }
 #pragma unroll
       for (int r = 0; r < RW; ++r)
-        if (r < nr) G4<T>::template dot<NB>(&mine[r][coff[r] + jj * BYTES], g, xv, sx, acc[r]);
+        if (r < nr) G4<T>::template dot<NB>(&st[r][coff[r] + jj * BYTES], g, xv, sx, acc[r]);
     }
-    if (c == nch - 1) {  // the warp's rows of tile t are done
+    if (ci == nch - 1) {  // the warp's rows are done
 #pragma unroll
       for (int r = 0; r < RW; ++r)
 #pragma unroll
@@ -671,32 +638,124 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
           acc[r][b] = 0.f;
         }
     }
-    if (!more) break;
-    t = nt;
-    c = nc;
+  };
+
+  float acc[RW][NB];
+#pragma unroll
+  for (int r = 0; r < RW; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
+
+  if constexpr (MODE != GEMV4_ASYNC) {
+    uint8_t(*mine)[SPAN] = sm[0][warp];
+    for (int r0 = (blockIdx.x * GEMV4_WARPS + warp) * RW; r0 < N;
+         r0 += gridDim.x * GEMV4_WARPS * RW) {
+      const int nr = min(RW, N - r0);
+      for (int ci = 0; ci < nch; ++ci) {
+        uint4 buf[RW][U];
+        int n16[RW];
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+          int off;
+          n16[r] = piece_count(r0, nr, r, ci, off);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int qp = lane + 32 * u;
+            if (qp < n16[r]) {
+              const long long addr = piece_addr(r0, r, ci, qp);
+              buf[r][u] = addr + 16 <= total ? g4_ld16(W + addr)
+                                             : g4_ld_tail(W + addr, (int)(total - addr));
+            }
+          }
+        }
+        __syncwarp();  // every lane is done reading the previous chunk
+#pragma unroll
+        for (int r = 0; r < RW; ++r)
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int qp = lane + 32 * u;
+            if (qp < n16[r]) *reinterpret_cast<uint4*>(&mine[r][16 * qp]) = buf[r][u];
+          }
+        __syncwarp();
+        decode(mine, r0, ci, acc);
+      }
+    }
+  } else {
+    auto issue = [&](int ti, int ci, int stage) {
+      const int r0 = (ti * GEMV4_WARPS + warp) * RW, nr = min(RW, N - r0);
+      uint8_t(*dst)[SPAN] = sm[stage][warp];
+#pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        int off;
+        const int n16 = piece_count(r0, nr, r, ci, off);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int qp = lane + 32 * u;
+          if (qp < n16) {
+            const long long addr = piece_addr(r0, r, ci, qp);
+            if (addr + 16 <= total) {
+              cp_async16(&dst[r][16 * qp], W + addr, 16);
+            } else {
+              *reinterpret_cast<uint4*>(&dst[r][16 * qp]) =
+                  g4_ld_tail(W + addr, (int)(total - addr));
+            }
+          }
+        }
+      }
+      cp_async_commit();
+    };
+    int t = blockIdx.x, c = 0, stage = 0;
+    if ((t * GEMV4_WARPS + warp) * RW >= N) return;
+    issue(t, c, 0);
+    while (true) {
+      int nt = t, nc = c + 1;
+      if (nc == nch) {
+        nc = 0;
+        nt = t + gridDim.x;
+      }
+      const bool more = (nt * GEMV4_WARPS + warp) * RW < N;
+      if (more) {
+        issue(nt, nc, stage ^ 1);
+      } else {
+        cp_async_commit();  // an empty group keeps "all but the newest" meaning step s
+      }
+      cp_async_wait<1>();
+      __syncwarp();  // every lane's copies of step s are visible to the warp
+      decode(sm[stage][warp], (t * GEMV4_WARPS + warp) * RW, c, acc);
+      __syncwarp();  // step s's stage is read before step s+2 is issued into it
+      if (!more) break;
+      t = nt;
+      c = nc;
+      stage ^= 1;
+    }
+    cp_async_wait<0>();
   }
 }
 
-// gemv_<type>_nb<NB>[_r<RW>]: grid (G), block 32*GEMV4_WARPS, G <= ceil(N / (4*RW)): block b
-// takes row tiles b, b+G, ... of 4*RW rows (the wrapper caps G at the blocks resident at
-// once, so that each warp has a next tile to load while it decodes the current one).
-#define GEMV4_INST(TY, NAME, NB, RW, U, SUFFIX)                                               \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS, GEMV4_MINB(NB, RW))          \
+// gemv_<type>_nb<NB>[_x|_a][_r<RW>]: grid (G), block 32*GEMV4_WARPS, G <= ceil(N / (4*RW)):
+// block b takes row tiles b, b+G, ... of 4*RW rows. Plain and _x (x prefetch): the wrapper
+// launches one block per tile; _a (cp.async walk): capped at the blocks resident at once.
+#define GEMV4_INST(TY, NAME, NB, RW, U, MODE, SUFFIX)                                         \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                              \
       gemv_##NAME##_nb##NB##SUFFIX(const uint8_t* W, long long row_bytes, int N, int K,       \
                                    const float* x, long long ldx, int ntok, const float* bias, \
                                    const float* residual, float* y, long long ldy) {          \
-    gemv4_run<TY, NB, RW, U>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy);       \
+    gemv4_run<TY, NB, RW, U, MODE>(W, row_bytes, N, K, x, ldx, ntok, bias, residual, y, ldy); \
   }
-#define GEMV4_ALL(TY, NAME)              \
-  GEMV4_INST(TY, NAME, 1, 1, 8, )        \
-  GEMV4_INST(TY, NAME, 2, 1, 8, )        \
-  GEMV4_INST(TY, NAME, 4, 1, 8, )        \
-  GEMV4_INST(TY, NAME, 8, 1, 8, )        \
-  GEMV4_INST(TY, NAME, 1, 2, 4, _r2)     \
-  GEMV4_INST(TY, NAME, 2, 2, 4, _r2)     \
-  GEMV4_INST(TY, NAME, 4, 2, 4, _r2)     \
-  GEMV4_INST(TY, NAME, 8, 2, 4, _r2)     \
-  GEMV4_INST(TY, NAME, 1, 4, 2, _r4)     \
-  GEMV4_INST(TY, NAME, 2, 4, 2, _r4)
+#define GEMV4_ALL(TY, NAME)                              \
+  GEMV4_INST(TY, NAME, 1, 1, 8, GEMV4_PLAIN, )           \
+  GEMV4_INST(TY, NAME, 2, 1, 8, GEMV4_PLAIN, )           \
+  GEMV4_INST(TY, NAME, 4, 1, 8, GEMV4_PLAIN, )           \
+  GEMV4_INST(TY, NAME, 8, 1, 8, GEMV4_PLAIN, )           \
+  GEMV4_INST(TY, NAME, 1, 2, 4, GEMV4_PLAIN, _r2)        \
+  GEMV4_INST(TY, NAME, 2, 2, 4, GEMV4_PLAIN, _r2)        \
+  GEMV4_INST(TY, NAME, 4, 2, 4, GEMV4_PLAIN, _r2)        \
+  GEMV4_INST(TY, NAME, 8, 2, 4, GEMV4_PLAIN, _r2)        \
+  GEMV4_INST(TY, NAME, 1, 4, 2, GEMV4_PLAIN, _r4)        \
+  GEMV4_INST(TY, NAME, 2, 4, 2, GEMV4_PLAIN, _r4)        \
+  GEMV4_INST(TY, NAME, 1, 1, 8, GEMV4_XPF, _x)           \
+  GEMV4_INST(TY, NAME, 1, 1, 4, GEMV4_ASYNC, _a)         \
+  GEMV4_INST(TY, NAME, 1, 2, 2, GEMV4_ASYNC, _a_r2)      \
+  GEMV4_INST(TY, NAME, 1, 4, 1, GEMV4_ASYNC, _a_r4)
 FOR_EACH_QTYPE(GEMV4_ALL)
 #endif

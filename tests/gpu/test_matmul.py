@@ -160,14 +160,17 @@ def test_gemv_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, ntok: i
 
 
 # The gemv kernels the wrappers can launch: v4 with 1, 2 or 4 rows per warp, and v3.
-# max_blocks=2: each block walks several row tiles (the next tile's loads in flight).
-GEMV_VARIANTS: list[tuple[str, dict[str, int]]] = [
-    ("r1", {"rows_per_warp": 1}),
-    ("r2", {"rows_per_warp": 2}),
-    ("r4", {"rows_per_warp": 4}),
-    ("r1_2blocks", {"rows_per_warp": 1, "max_blocks": 2}),
-    ("r2_2blocks", {"rows_per_warp": 2, "max_blocks": 2}),
-    ("r4_2blocks", {"rows_per_warp": 4, "max_blocks": 2}),
+# max_blocks=2: each block walks several row tiles. xpf and async run one token only.
+GEMV_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("r1", {"mode": "plain", "rows_per_warp": 1}),
+    ("r2", {"mode": "plain", "rows_per_warp": 2}),
+    ("r4", {"mode": "plain", "rows_per_warp": 4}),
+    ("r2_2blocks", {"mode": "plain", "rows_per_warp": 2, "max_blocks": 2}),
+    ("xpf", {"mode": "xpf"}),
+    ("async_r1", {"mode": "async", "rows_per_warp": 1}),
+    ("async_r1_2blocks", {"mode": "async", "rows_per_warp": 1, "max_blocks": 2}),
+    ("async_r2_2blocks", {"mode": "async", "rows_per_warp": 2, "max_blocks": 2}),
+    ("async_r4_2blocks", {"mode": "async", "rows_per_warp": 4, "max_blocks": 2}),
     ("v3", {"version": 3}),
 ]
 
@@ -175,7 +178,7 @@ GEMV_VARIANTS: list[tuple[str, dict[str, int]]] = [
 @pytest.mark.parametrize("variant", GEMV_VARIANTS, ids=[v[0] for v in GEMV_VARIANTS])
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
 def test_gemv_variants_match_reference(
-    mm: MatmulKernels, gpu: Any, qtype: int, variant: tuple[str, dict[str, int]]
+    mm: MatmulKernels, gpu: Any, qtype: int, variant: tuple[str, dict[str, Any]]
 ) -> None:
     """Every gemv variant at shapes that leave a warp's last rows empty (N not a multiple of
     the rows per block), rows that are one chunk, and rows of several chunks (K of 160 or 40
@@ -183,9 +186,12 @@ def test_gemv_variants_match_reference(
     name, kw = variant
     rng = np.random.default_rng(31 * qtype + len(name))
     qk = QK[qtype]
-    cases = [(1, qk, 1), (37, 3 * qk, 2), (45, (160 if qk == 32 else 40) * qk, 1)]
-    if not name.startswith("r4"):
+    one = kw.get("mode") in ("xpf", "async")
+    cases = [(1, qk, 1), (37, 3 * qk, 1 if one else 2), (45, (160 if qk == 32 else 40) * qk, 1)]
+    if not one and kw.get("rows_per_warp") != 4:
         cases.append((133, 896 if qk == 32 else 1280, 5))
+    else:
+        cases.append((133, 896 if qk == 32 else 1280, 1))
     for n, k, ntok in cases:
         err, same = run_linear(
             mm,

@@ -189,6 +189,7 @@ def plan_gemv(
     version: int = GEMV_VERSION,
     rows_per_warp: int | None = None,
     max_blocks: int | None = None,
+    mode: str | None = None,
 ) -> Launch:
     """Decode form: y[t] = W x[t] (+bias) (+residual[t]) for t < ntok <= 8.
 
@@ -196,8 +197,11 @@ def plan_gemv(
     (1, 2 or 4; 4 only for ntok <= 2; default from gemv_rows_per_warp), 4 warps a block.
     version 3: the previous staged-tile kernel gemv3_<type>_nb<NB> (4 rows a block), kept
     for comparison (scripts/gpu_matmul_bench.py; docs/kernels.md).
-    max_blocks: at most this many blocks (each walks every max_blocks-th row tile); the v4
-    launch is also capped at the blocks resident at once by MatmulKernels.run."""
+    mode (v4): "plain" (loads to registers, then decode; one block per row tile), "xpf"
+    (plain plus x requested one group ahead; one token, one row per warp), "async" (cp.async
+    into two shared stages, warps walk row tiles over a grid capped at the resident blocks;
+    one token); default from gemv_mode.
+    max_blocks: at most this many blocks (each walks every max_blocks-th row tile)."""
     lay = _check_weight(_kname("gemv", w.qtype), w)
     kernel = f"gemv_{lay.name}"
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemv")
@@ -208,10 +212,17 @@ def plan_gemv(
         kernel = f"gemv3_{lay.name}_nb{nb}"
         rows_per_block = GEMV_ROWS
     else:
-        rw = gemv_rows_per_warp(w.rows, nb) if rows_per_warp is None else rows_per_warp
+        dmode, drw = gemv_mode(w.rows, nb)
+        if mode is None:
+            mode = dmode if rows_per_warp is None else "plain"
+        rw = (drw if mode == dmode else 1) if rows_per_warp is None else rows_per_warp
+        _need(kernel, mode in ("plain", "xpf", "async"), f"gemv mode {mode!r} unknown")
+        _need(kernel, mode == "plain" or nb == 1, f"gemv mode {mode} needs ntok 1")
         _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
         _need(kernel, rw < 4 or nb <= 2, "rows_per_warp 4 needs ntok <= 2")
-        kernel = f"gemv_{lay.name}_nb{nb}" + ("" if rw == 1 else f"_r{rw}")
+        _need(kernel, mode != "xpf" or rw == 1, "gemv mode xpf has one row per warp")
+        tag = {"plain": "", "xpf": "_x", "async": "_a"}[mode]
+        kernel = f"gemv_{lay.name}_nb{nb}{tag}" + ("" if rw == 1 else f"_r{rw}")
         rows_per_block = GEMV_WARPS * rw
     blocks = -(-w.rows // rows_per_block)
     if max_blocks is not None:
@@ -232,18 +243,18 @@ def plan_gemv(
         grid=(blocks, 1, 1),
         block=(GEMV_THREADS, 1, 1),
     )
-    return replace(launch, cap_resident=version == 4)
+    return replace(launch, cap_resident=version == 4 and mode == "async")
 
 
-def gemv_rows_per_warp(rows: int, nb: int) -> int:
-    """Rows per warp of the v4 gemv: more rows share each x value read (fewer L1 bytes per
-    weight byte) but give fewer warps; small matrices keep one row per warp so that all SMs
-    get work (docs/kernels.md, v4)."""
-    if rows >= 65536 and nb <= 2:
-        return 4
-    if rows >= 8192:
-        return 2
-    return 1
+def gemv_mode(rows: int, nb: int) -> tuple[str, int]:
+    """Default (mode, rows per warp) of the v4 gemv for a matrix of `rows` rows and nb tokens
+    (docs/kernels.md, runs 4-6 on an H100): more rows per warp share each x read but give
+    fewer warps; matrices of few rows, where a warp is alone on its SM, request x ahead."""
+    if rows >= 32768 and nb <= 2:
+        return "plain", 4
+    if rows >= 4096:
+        return "plain", 2
+    return ("xpf" if nb == 1 else "plain"), 1
 
 
 def plan_gemm(
