@@ -19,6 +19,7 @@ import pytest
 from worker.backends.cuda.matmul import (
     DevBuf,
     KernelArgumentError,
+    Launch,
     QWeight,
     plan_embed,
     plan_gemm,
@@ -198,3 +199,37 @@ def test_dequant8_matches_numpy_reference_for_every_type(tmp_path: Path) -> None
         got = np.fromfile(outp, dtype=np.float32).reshape(rows, cols)
         # Same float32 formula as ggml up to FMA contraction: at most a rounding apart.
         np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-9, err_msg=lay.name)
+
+
+def test_gemv_default_modes_grids_and_refusals() -> None:
+    """The v4 gemv picks its mode and rows per warp by matrix size (docs/kernels.md, run 6);
+    only the async walk with 2-4 rows per warp is capped at the resident blocks."""
+
+    def plan(n: int, k: int, qtype: int, ntok: int = 1, **kw: object) -> Launch:
+        w = weight(qtype, rows=n, cols=k)
+        return plan_gemv(w, *bufs(w, ntok), ntok, **kw)  # type: ignore[arg-type]
+
+    head = plan(151936, 896, 8)
+    assert head.kernel == "gemv_q8_0_nb1_a_r2" and head.grid == (18992, 1, 1)
+    assert head.cap_resident
+    up = plan(16384, 3072, 12)
+    assert up.kernel == "gemv_q4_k_nb1_a" and up.grid == (4096, 1, 1) and not up.cap_resident
+    assert plan(4864, 896, 6).kernel == "gemv_q5_0_nb1_r2"
+    assert plan(3072, 8192, 12).kernel == "gemv_q4_k_nb1"
+    small = plan(896, 4864, 14)
+    assert small.kernel == "gemv_q6_k_nb1_x" and small.grid == (224, 1, 1)
+    assert plan(151936, 896, 8, 2).kernel == "gemv_q8_0_nb2_r4"
+    assert plan(16384, 3072, 12, 8).kernel == "gemv_q4_k_nb8_r2"
+    assert plan(64, 512, 12, 1, version=3).kernel == "gemv3_q4_k_nb1"
+    assert plan(64, 512, 12, 1, rows_per_warp=2).kernel == "gemv_q4_k_nb1_r2"
+    assert plan(100, 512, 12, 1, mode="async", max_blocks=3).grid == (3, 1, 1)
+    w = weight(12, rows=64, cols=512)
+    x, y = bufs(w, 4)
+    refused(plan_gemv, w, x, y, 2, mode="xpf")  # xpf: one token
+    refused(plan_gemv, w, x, y, 2, mode="async")  # async: one token
+    refused(plan_gemv, w, x, y, 1, mode="xpf", rows_per_warp=2)
+    refused(plan_gemv, w, x, y, 4, rows_per_warp=4)  # r4: at most 2 tokens
+    refused(plan_gemv, w, x, y, 1, rows_per_warp=3)
+    refused(plan_gemv, w, x, y, 1, mode="fast")
+    refused(plan_gemv, w, x, y, 1, version=5)
+    refused(plan_gemv, w, x, y, 1, max_blocks=0)

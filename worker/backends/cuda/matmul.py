@@ -199,8 +199,8 @@ def plan_gemv(
     for comparison (scripts/gpu_matmul_bench.py; docs/kernels.md).
     mode (v4): "plain" (loads to registers, then decode; one block per row tile), "xpf"
     (plain plus x requested one group ahead; one token, one row per warp), "async" (cp.async
-    into two shared stages, warps walk row tiles over a grid capped at the resident blocks;
-    one token); default from gemv_mode.
+    into two shared stages, warps walk row tiles; with 2-4 rows per warp the grid is capped
+    at the resident blocks; one token); default from gemv_mode.
     max_blocks: at most this many blocks (each walks every max_blocks-th row tile)."""
     lay = _check_weight(_kname("gemv", w.qtype), w)
     kernel = f"gemv_{lay.name}"
@@ -243,18 +243,27 @@ def plan_gemv(
         grid=(blocks, 1, 1),
         block=(GEMV_THREADS, 1, 1),
     )
-    return replace(launch, cap_resident=version == 4 and mode == "async")
+    # the async walk with one row per warp measured faster with one block per tile (run 6)
+    return replace(launch, cap_resident=version == 4 and mode == "async" and rw >= 2)
 
 
 def gemv_mode(rows: int, nb: int) -> tuple[str, int]:
-    """Default (mode, rows per warp) of the v4 gemv for a matrix of `rows` rows and nb tokens
-    (docs/kernels.md, runs 4-6 on an H100): more rows per warp share each x read but give
-    fewer warps; matrices of few rows, where a warp is alone on its SM, request x ahead."""
+    """Default (mode, rows per warp) of the v4 gemv for a matrix of `rows` rows and nb tokens,
+    the fastest measured per class in run 6 (docs/kernels.md, H100): for one token, the
+    cp.async walk for large matrices (2 rows per warp, capped grid, from 32768 rows; 1 row,
+    one block per tile, from 8192), plain loads for mid-sized ones (2 rows per warp from 4096),
+    and x requested ahead where a warp is nearly alone on its SM (up to 1024 rows)."""
+    if nb == 1:
+        if rows >= 32768:
+            return "async", 2
+        if rows >= 8192:
+            return "async", 1
+        if rows > 1024:
+            return "plain", 2 if rows >= 4096 else 1
+        return "xpf", 1
     if rows >= 32768 and nb <= 2:
         return "plain", 4
-    if rows >= 4096:
-        return "plain", 2
-    return ("xpf" if nb == 1 else "plain"), 1
+    return "plain", 2 if rows >= 4096 else 1
 
 
 def plan_gemm(
