@@ -3,7 +3,12 @@
 // W: N rows of K elements in any ggml type of quant.cuh, row-major, rows of row_bytes =
 // K/QK*BYTES bytes, base 16-byte aligned. x, y, bias, residual: fp32. FP32 accumulation.
 //
-// Design (docs/kernels.md has the numbers): a block of 128 threads works on tiles of GEMV_R
+// Two designs live here (docs/kernels.md has the numbers). The default decode kernels are v4
+// (gemv_<type>_nb<NB>[_x|_a][_r2|_r4], further down: independent warps, each owning 1-4 rows,
+// no block barriers). The v3 core below (gemv_run, kernels gemv3_<type>_nb<NB>) is kept for
+// comparison and is the core of moe_gemv (moe.cu).
+//
+// v3 design: a block of 128 threads works on tiles of GEMV_R
 // consecutive rows. It streams each row through shared memory in chunks of whole quant blocks
 // (about 2.5 KB per row per chunk) with 16-byte, fully coalesced cp.async copies, whatever the
 // block size (17, 18, 22, 34, 210 bytes are not 16-byte multiples), in a GEMV_STAGES-deep
