@@ -194,7 +194,7 @@ def plan_gemv(
     """Decode form: y[t] = W x[t] (+bias) (+residual[t]) for t < ntok <= 8.
 
     version 4 (default): gemv_<type>_nb<NB>[_r2|_r4], each warp owns rows_per_warp rows
-    (1, 2 or 4; 4 only for ntok <= 2; default from gemv_rows_per_warp), 4 warps a block.
+    (1, 2 or 4; 4 only for ntok <= 2; default from gemv_mode), 4 warps a block.
     version 3: the previous staged-tile kernel gemv3_<type>_nb<NB> (4 rows a block), kept
     for comparison (scripts/gpu_matmul_bench.py; docs/kernels.md).
     mode (v4): "plain" (loads to registers, then decode; one block per row tile), "xpf"
