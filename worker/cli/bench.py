@@ -6,6 +6,12 @@ next to a plain pinned host-to-device copy, prompt processing (pp512: a 512-toke
 median of `--reps`), decode (tg128: 128 greedy one-token graph steps after a 512-token
 prompt, tokens/s), the GPU name and the commit. Fields that need a live worker over NATS
 (TTFT and inter-token p50/p95/p99) are listed under `missing` rather than estimated.
+
+`worker-orcd bench --suite --model PATH [--device cuda|cpu] [--nats-url URL] ...` instead runs
+the seed's performance suite against a live worker (worker.nats.suite.run_live_suite): it
+starts nats-server (unless --nats-url) and `worker-orcd serve` subprocesses and prints one
+JSON object with load, TTFT, inter-token, health, cancel and shutdown p50/p95/p99, VRAM back
+at baseline, and pass/fail against the SPEC §6 targets.
 """
 
 from __future__ import annotations
@@ -44,6 +50,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="also time tg at these attention key-chunk counts, e.g. 8,16,32",
     )
     p.add_argument("--sweep-fused", action="store_true", help="also time the other decode path")
+    s = p.add_argument_group("--suite", "the performance suite against a live worker over NATS")
+    s.add_argument(
+        "--suite",
+        action="store_true",
+        help="run `worker-orcd serve` subprocesses and measure them over NATS (SPEC §6)",
+    )
+    s.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="worker backend")
+    s.add_argument("--nats-url", default=None, help="NATS URL (default: start nats-server)")
+    s.add_argument("--model-ref", default="bench-suite", metavar="R")
+    s.add_argument("--jobs", type=int, default=20, metavar="N", help="TTFT/inter-token jobs")
+    s.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens per job")
+    s.add_argument(
+        "--prompt-tokens", type=int, default=32, metavar="N", help="prompt length in tokens"
+    )
+    s.add_argument("--health-requests", type=int, default=1000, metavar="N")
+    s.add_argument("--cancel-runs", type=int, default=10, metavar="N")
+    s.add_argument("--vram-jobs", type=int, default=100, metavar="N")
+    s.add_argument(
+        "--loads", type=int, default=1, metavar="N", help="warm worker starts (load, shutdown)"
+    )
+    s.add_argument("--load-timeout-s", type=float, default=600.0, metavar="S")
     p.set_defaults(func=run)
 
 
@@ -225,9 +252,36 @@ def _decode_weight_bytes(be: Any) -> int:
     return int(total)
 
 
+def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
+    from worker.nats.suite import LiveSuiteOptions, run_live_suite
+
+    opts = LiveSuiteOptions(
+        model=args.model,
+        device=args.device,
+        gpu_device=args.gpu_device,
+        nats_url=args.nats_url,
+        model_ref=args.model_ref,
+        ctx_size=args.ctx_size,
+        jobs=args.jobs,
+        max_tokens=args.max_tokens,
+        prompt_tokens=args.prompt_tokens,
+        health_requests=args.health_requests,
+        cancel_runs=args.cancel_runs,
+        vram_jobs=args.vram_jobs,
+        loads=args.loads,
+        cold=not args.no_cold,
+        load_timeout_s=args.load_timeout_s,
+    )
+    result = asyncio.run(run_live_suite(opts))
+    result["commit"] = _commit()
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        result = measure(args)
+        result = measure_suite(args) if args.suite else measure(args)
     except Exception as exc:  # report, do not hide: one JSON object either way
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 1

@@ -9,12 +9,18 @@ SPEC targets. Everything is measured from the client side, the way a user sees i
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from worker.client import OrcdClient
-from worker.protocol import End, Error, Token
+from worker.nats.live import WorkerProc, shutdown_and_wait, wait_healthy
+from worker.nats.server import EmbeddedNatsServer
+from worker.protocol import End, Error, Health, Started, Token
 
 TARGETS_MS = {
     "ttft_p95": 20.0,
@@ -38,17 +44,21 @@ def percentiles(values_s: list[float]) -> dict[str, float | int]:
 
 async def _timed_job(
     client: OrcdClient, model_ref: str, prompt: str, max_tokens: int
-) -> tuple[float, list[float], End | Error]:
+) -> tuple[float, list[float], End | Error, int]:
+    """(TTFT s, inter-token gaps s, terminal event, prompt tokens) of one greedy job."""
     t0 = time.perf_counter()
     last: float | None = None
     ttft = float("nan")
     gaps: list[float] = []
     terminal: End | Error | None = None
+    prompt_tokens = -1
     async for ev in client.generate(
         model_ref, prompt=prompt, max_tokens=max_tokens, temperature=0.0, seed=1, timeout_s=600
     ):
         now = time.perf_counter()
-        if isinstance(ev, Token):
+        if isinstance(ev, Started):
+            prompt_tokens = ev.prompt_tokens
+        elif isinstance(ev, Token):
             if last is None:
                 ttft = now - t0
             else:
@@ -57,7 +67,7 @@ async def _timed_job(
         elif isinstance(ev, End | Error):
             terminal = ev
     assert terminal is not None
-    return ttft, gaps, terminal
+    return ttft, gaps, terminal, prompt_tokens
 
 
 async def _cancel_once(client: OrcdClient, model_ref: str, prompt: str) -> float | None:
@@ -100,8 +110,10 @@ async def run_suite(
     health_requests: int = 1000,
     cancel_runs: int = 10,
     vram_jobs: int = 100,
+    prompt: str | None = None,
 ) -> dict[str, Any]:
-    prompt = " ".join(["token"] * prompt_words)  # about 32 tokens with a chat-less prompt
+    if prompt is None:
+        prompt = " ".join(["token"] * prompt_words)  # about 32 tokens with a chat-less prompt
     out: dict[str, Any] = {"model_ref": model_ref, "worker_id": worker_id}
     health0 = await client.health(worker_id)
     out["device"] = health0.device
@@ -110,11 +122,16 @@ async def run_suite(
     # time to first token and inter-token latency over NATS
     ttfts: list[float] = []
     gaps: list[float] = []
+    errors: list[str] = []
     for _ in range(jobs):
-        ttft, g, terminal = await _timed_job(client, model_ref, prompt, max_tokens)
+        ttft, g, terminal, n_prompt = await _timed_job(client, model_ref, prompt, max_tokens)
+        out["prompt_tokens"] = n_prompt
         if isinstance(terminal, End):
             ttfts.append(ttft)
             gaps += g
+        else:
+            errors.append(f"{terminal.code}: {terminal.message}")
+    out["job_errors"] = errors
     out["ttft"] = percentiles(ttfts)
     out["inter_token"] = percentiles(gaps)
 
@@ -153,3 +170,231 @@ async def run_suite(
         "vram_back_at_baseline": after == base,
     }
     return out
+
+
+@dataclass
+class LiveSuiteOptions:
+    """What `bench --suite` runs: the model, where, and how many of each measurement."""
+
+    model: Path
+    device: str = "cuda"
+    gpu_device: int = 0
+    nats_url: str | None = None  # None: start an embedded nats-server
+    model_ref: str = "bench-suite"
+    ctx_size: int | None = None
+    jobs: int = 20
+    max_tokens: int = 64
+    prompt_tokens: int = 32  # the prompt is built with the model's own tokenizer
+    health_requests: int = 1000
+    cancel_runs: int = 10
+    vram_jobs: int = 100
+    loads: int = 1  # warm starts (each gives a load and a shutdown sample)
+    cold: bool = True  # on cuda: one start first with an empty kernel cache
+    load_timeout_s: float = 600.0
+    serve_flags: list[str] = field(default_factory=list)
+
+
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "small",
+    "robots",
+    "count",
+    "prime",
+    "numbers",
+    "under",
+    "the",
+    "bright",
+    "morning",
+    "sun",
+    "and",
+    "write",
+    "short",
+    "notes",
+    "about",
+    "fast",
+    "kernels",
+]
+
+
+def prompt_of_tokens(model: Path, n_tokens: int) -> tuple[str, int]:
+    """A plain-text prompt of ordinary words that the model's tokenizer encodes to as many
+    tokens as fit in `n_tokens` (special tokens included); returns it and its token count."""
+    from worker.gguf.reader import open_gguf
+    from worker.tokenizer.loader import load_tokenizer
+
+    with open_gguf(model) as gf:
+        tok = load_tokenizer(gf.metadata, model_path=model)
+        words: list[str] = []
+        best = (_WORDS[0], len(tok.encode(_WORDS[0])))
+        for i in range(4 * n_tokens):
+            words.append(_WORDS[i % len(_WORDS)])
+            text = " ".join(words)
+            n = len(tok.encode(text))
+            if n > n_tokens:
+                break
+            best = (text, n)
+    return best
+
+
+def _gpu_name(index: int) -> str | None:
+    """The card's name from nvidia-smi (the bench process opens no CUDA context of its own,
+    so the worker's device memory figures are its own)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", str(index)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+async def run_live_suite(opts: LiveSuiteOptions) -> dict[str, Any]:
+    """Start nats-server (unless a URL is given) and `worker-orcd serve` subprocesses, and
+    measure everything SPEC §6's `bench --suite` lists, from the client side:
+
+    * load time: process start -> first ``healthy`` health reply; on cuda one start with an
+      empty kernel cache (cold) and `loads` starts with that cache filled (warm);
+    * TTFT, inter-token, health and cancel latency (`run_suite`) and VRAM back at its
+      baseline after `vram_jobs` jobs, on the last worker started;
+    * shutdown time: shutdown request -> process exit, for every worker started, and the
+      exit codes (SPEC: 0 within 30 s).
+    """
+    server: EmbeddedNatsServer | None = None
+    url = opts.nats_url
+    if url is None:
+        server = EmbeddedNatsServer()
+        server.start()
+        url = server.url
+    workers: list[WorkerProc] = []
+    cache = tempfile.TemporaryDirectory(prefix="orcd-bench-cache-")
+    try:
+        client = await OrcdClient.connect(url)
+        try:
+            return await _live(opts, client, url, server is not None, workers, cache.name)
+        finally:
+            await client.close()
+    finally:
+        for w in workers:
+            w.stop()
+        if server is not None:
+            server.cleanup()
+        cache.cleanup()
+
+
+async def _live(
+    opts: LiveSuiteOptions,
+    client: OrcdClient,
+    url: str,
+    embedded: bool,
+    workers: list[WorkerProc],
+    cache_dir: str,
+) -> dict[str, Any]:
+    flags = list(opts.serve_flags)
+    if opts.ctx_size is not None:
+        flags += ["--ctx-size", str(opts.ctx_size)]
+    if opts.device == "cuda":
+        flags += ["--gpu-device", str(opts.gpu_device)]
+    cuda = opts.device == "cuda"
+    # On cuda every start gets its own kernel cache directory: empty for the cold start,
+    # the one the cold start filled for the warm ones (or the default cache without --cold).
+    env = {"WORKER_ORCD_CACHE": cache_dir} if cuda and opts.cold else None
+
+    def spawn() -> WorkerProc:
+        w = WorkerProc(opts.model, url, opts.model_ref, *flags, device=opts.device, env=env)
+        workers.append(w)
+        return w
+
+    prompt, _ = prompt_of_tokens(opts.model, opts.prompt_tokens)
+    cold_s: list[float] = []
+    warm_s: list[float] = []
+    shutdown_s: list[float] = []
+    exit_codes: list[int] = []
+    health: Health | None = None
+    n_starts = max(1, opts.loads) + (1 if cuda and opts.cold else 0)
+    out: dict[str, Any] = {}
+    for i in range(n_starts):
+        w = spawn()
+        secs, health = await wait_healthy(client, w, timeout=opts.load_timeout_s)
+        (cold_s if cuda and opts.cold and i == 0 else warm_s).append(secs)
+        if i == n_starts - 1:
+            out = await run_suite(
+                client,
+                opts.model_ref,
+                w.worker_id,
+                jobs=opts.jobs,
+                max_tokens=opts.max_tokens,
+                prompt=prompt,
+                health_requests=opts.health_requests,
+                cancel_runs=opts.cancel_runs,
+                vram_jobs=opts.vram_jobs,
+            )
+        secs, rc = await shutdown_and_wait(client, w)
+        shutdown_s.append(secs)
+        exit_codes.append(rc)
+    assert health is not None
+
+    result: dict[str, Any] = {
+        "suite": True,
+        "model": str(opts.model),
+        "device": health.device,
+        "gpu": _gpu_name(opts.gpu_device) if cuda else None,
+        "gpu_device": health.gpu_device,
+        "sm": health.sm,
+        "cuda_runtime_version": health.cuda_runtime_version,
+        "quant_kind": health.quant_kind,
+        "context_length": health.context_length,
+        "worker_version": health.version,
+        "nats_url": url,
+        "embedded_nats": embedded,
+        "prompt_tokens": out.get("prompt_tokens"),
+        "max_tokens": opts.max_tokens,
+    }
+    load: dict[str, Any] = {"warm": percentiles(warm_s)}
+    if cold_s:
+        load["cold_kernel_cache"] = percentiles(cold_s)
+    elif cuda:
+        load["warm_is"] = "the default kernel cache (no cold start was run)"
+    result["load"] = load
+    for key in ("ttft", "inter_token", "health", "cancel"):
+        result[key] = out[key]
+    result["abort"] = {"cancelled": out["cancel"], "abandoned": None}
+    result["vram"] = out["vram"]
+    result["shutdown"] = {**percentiles(shutdown_s), "exit_codes": exit_codes}
+    result["job_errors"] = out["job_errors"]
+    result["targets_ms"] = {**TARGETS_MS, "warm_load": 3000.0, "shutdown": 30000.0}
+    warm_p95 = result["load"]["warm"].get("p95_ms")
+    shut_max = max(shutdown_s) if shutdown_s else None
+    passes = dict(out["pass"])
+    passes["warm_load_lt_3s"] = warm_p95 is not None and warm_p95 < 3000.0
+    passes["shutdown_lt_30s_exit_0"] = (
+        shut_max is not None and shut_max < 30.0 and all(rc == 0 for rc in exit_codes)
+    )
+    result["pass"] = passes
+    result["pass_all"] = all(passes.values())
+    missing = [
+        "abandoned: the worker has no way to notice that a client went away (events go to "
+        "the ORCD_EVENTS stream for replay whether or not anyone listens, so an abandoned "
+        "job runs to its end); only the cancelled case is measured",
+    ]
+    if not cuda:
+        missing.append(
+            "vram: the cpu backend holds no device memory (vram_bytes_used is 0), so the "
+            "baseline check is trivially true; it means something on cuda only"
+        )
+        missing.append("load cold vs warm kernel cache: cuda only (cpu compiles no kernels)")
+    result["missing"] = missing
+    return result

@@ -1,0 +1,89 @@
+"""`worker-orcd bench --suite` as a user runs it: a real subprocess that starts its own
+nats-server and `worker-orcd serve` children on the tiny CPU model, and prints one JSON
+object with every figure of SPEC §6's suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _check_percentiles(fig: dict[str, Any], n: int) -> None:
+    assert fig["n"] == n, fig
+    assert 0 < fig["p50_ms"] <= fig["p95_ms"] <= fig["p99_ms"], fig
+
+
+def test_bench_suite_cpu(tiny_model: Path) -> None:
+    cmd = [
+        str(Path(sys.executable).parent / "worker-orcd"),
+        "bench",
+        "--suite",
+        "--device",
+        "cpu",
+        "--model",
+        str(tiny_model),
+        "--jobs",
+        "3",
+        "--max-tokens",
+        "8",
+        "--prompt-tokens",
+        "32",
+        "--health-requests",
+        "40",
+        "--cancel-runs",
+        "2",
+        "--vram-jobs",
+        "5",
+        "--loads",
+        "2",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout  # one JSON object, nothing else on stdout
+    out = json.loads(lines[0])
+    print(json.dumps(out, indent=1))
+
+    assert out["suite"] is True and out["device"] == "cpu" and out["gpu"] is None
+    assert out["embedded_nats"] is True and out["nats_url"].startswith("nats://127.0.0.1:")
+    assert out["model"] == str(tiny_model) and out["commit"]
+    assert 0 < out["prompt_tokens"] <= 32
+    assert out["job_errors"] == []
+
+    _check_percentiles(out["load"]["warm"], 2)  # two starts on cpu, no cold-cache start
+    assert "cold_kernel_cache" not in out["load"]
+    _check_percentiles(out["ttft"], 3)
+    _check_percentiles(out["inter_token"], 3 * 7)  # 8 tokens: 7 gaps per job
+    _check_percentiles(out["health"], 40)
+    _check_percentiles(out["cancel"], 2)
+    assert out["abort"]["cancelled"] == out["cancel"]
+    assert out["abort"]["abandoned"] is None
+    assert any(m.startswith("abandoned:") for m in out["missing"])
+    assert out["vram"] == {"baseline_bytes": 0, "after_bytes": 0, "jobs": 5}
+
+    shutdown = out["shutdown"]
+    assert shutdown["exit_codes"] == [0, 0]
+    _check_percentiles({k: v for k, v in shutdown.items() if k != "exit_codes"}, 2)
+    assert shutdown["p99_ms"] < 30_000
+
+    passes = out["pass"]
+    assert set(passes) == {
+        "ttft_p95_lt_20ms",
+        "inter_token_p95_lt_1_5ms",
+        "health_p99_lt_2ms",
+        "cancel_p95_lt_10ms",
+        "vram_back_at_baseline",
+        "warm_load_lt_3s",
+        "shutdown_lt_30s_exit_0",
+    }
+    assert all(isinstance(v, bool) for v in passes.values())
+    # pass/fail follows the figures against the targets
+    assert passes["ttft_p95_lt_20ms"] == (out["ttft"]["p95_ms"] < 20.0)
+    assert passes["warm_load_lt_3s"] == (out["load"]["warm"]["p95_ms"] < 3000.0)
+    assert passes["shutdown_lt_30s_exit_0"] and passes["vram_back_at_baseline"]
+    assert out["pass_all"] == all(passes.values())
