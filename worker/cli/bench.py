@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     s.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="worker backend")
     s.add_argument("--nats-url", default=None, help="NATS URL (default: start nats-server)")
-    s.add_argument("--model-ref", default="bench-suite", metavar="R")
+    s.add_argument(
+        "--model-ref",
+        default=None,
+        metavar="R",
+        help="model reference the suite's workers serve (default: bench-suite-<random>, so "
+        "workers already on a shared --nats-url never take the suite's jobs)",
+    )
     s.add_argument("--jobs", type=int, default=20, metavar="N", help="TTFT/inter-token jobs")
     s.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens per job")
     s.add_argument(
@@ -262,7 +269,7 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         gpu_device=args.gpu_device,
         nats_url=args.nats_url,
-        model_ref=args.model_ref,
+        model_ref=args.model_ref or f"bench-suite-{uuid.uuid4().hex[:8]}",
         ctx_size=args.ctx_size,
         jobs=args.jobs,
         max_tokens=args.max_tokens,

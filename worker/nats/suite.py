@@ -358,6 +358,7 @@ async def _live(
         "quant_kind": health.quant_kind,
         "context_length": health.context_length,
         "worker_version": health.version,
+        "model_ref": opts.model_ref,
         "nats_url": url,
         "embedded_nats": embedded,
         "prompt_tokens": out.get("prompt_tokens"),
