@@ -32,6 +32,7 @@ How to call (everything on the thread that owns the CUDA context, context curren
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +42,11 @@ from worker.errors import CudaError
 GEMV_THREADS = 128
 GEMV_ROWS = 4  # rows per block of the v3 gemv core (GEMV_R in gemv.cu; moe_gemv uses it)
 GEMV_WARPS = 4  # warps per block of the v4 gemv (GEMV4_WARPS in gemv.cu)
-GEMV_VERSION = 4  # default decode gemv: 4 (warp per rows) or 3 (staged block tiles)
+# Default decode gemv: 4 (warp per rows) or 3 (staged block tiles). The environment variables
+# WORKER_ORCD_GEMV_VERSION and WORKER_ORCD_GEMV_MODE ("plain:2", "async:1", ...) override the
+# defaults for A/B benchmarks on one warm card (scripts/device/gemv_ab.sh).
+GEMV_VERSION = int(os.environ.get("WORKER_ORCD_GEMV_VERSION", "4"))
+_FORCED_MODE = os.environ.get("WORKER_ORCD_GEMV_MODE", "")
 GEMV_MAX_TOKENS = 8
 GEMM_THREADS = 128
 GEMM_TILE = 64  # GEMM_BN (weight rows per block) in gemm.cu; token tile 64 or 128
@@ -253,6 +258,9 @@ def gemv_mode(rows: int, nb: int) -> tuple[str, int]:
     cp.async walk for large matrices (2 rows per warp, capped grid, from 32768 rows; 1 row,
     one block per tile, from 8192), plain loads for mid-sized ones (2 rows per warp from 4096),
     and x requested ahead where a warp is nearly alone on its SM (up to 1024 rows)."""
+    if _FORCED_MODE:
+        mode, _, rpw = _FORCED_MODE.partition(":")
+        return mode, int(rpw or 1)
     if nb == 1:
         if rows >= 32768:
             return "async", 2
