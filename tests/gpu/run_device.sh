@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --form
 t0=$(date +%s)
 PIDS=()
 for m in norm rope attention activation elementwise sampling gemv gemm embed moe; do
-  python3 -c "from worker.backends.cuda.compile import compile_cubin; compile_cubin('$m', 'sm_90')" &
+  python3 -c "from worker.backends.cuda.compile import prewarm; prewarm('sm_90', ['$m'])" &
   PIDS+=($!)
 done
 python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$MODEL', preset('qwen2', 'full', mix='q4_k_m', seed=1))" &

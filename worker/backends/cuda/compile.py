@@ -11,6 +11,8 @@ import hashlib
 import os
 import re
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -58,12 +60,51 @@ def cache_key(source: str, arch: str) -> str:
     return h.hexdigest()[:32]
 
 
-def compile_cubin(name: str, arch: str) -> tuple[bytes, bool]:
-    """(cubin, compiled_now) for cuda_src/<name>.cu and e.g. arch='sm_90'."""
+_prewarm_lock = threading.Lock()
+_prewarmed: set[tuple[str, str]] = set()
+
+
+def module_names() -> list[str]:
+    return sorted(p.stem for p in CUDA_SRC.glob("*.cu"))
+
+
+def cached_path(name: str, arch: str) -> Path:
     source = expand_includes(CUDA_SRC / f"{name}.cu")
-    cached = kernel_cache_dir() / f"{name}-{arch}-{cache_key(source, arch)}.cubin"
+    return kernel_cache_dir() / f"{name}-{arch}-{cache_key(source, arch)}.cubin"
+
+
+def prewarm(arch: str, names: list[str] | None = None) -> list[str]:
+    """Compile every module missing from the cache, in parallel (one nvcc per core);
+    returns the names compiled now. A cold start costs the slowest module, not the sum."""
+    todo = [n for n in (names or module_names()) if not cached_path(n, arch).exists()]
+    if not todo:
+        return []
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvcc") as pool:
+        list(pool.map(lambda n: _compile_one(n, arch), todo))
+    return todo
+
+
+def compile_cubin(name: str, arch: str) -> tuple[bytes, bool]:
+    """(cubin, compiled_now) for cuda_src/<name>.cu and e.g. arch='sm_90'.
+
+    The first cache miss for an arch (a cold start) compiles every module at once."""
+    cached = cached_path(name, arch)
     if cached.exists():
         return cached.read_bytes(), False
+    with _prewarm_lock:
+        first = (str(kernel_cache_dir()), arch) not in _prewarmed
+        _prewarmed.add((str(kernel_cache_dir()), arch))
+    if first:
+        prewarm(arch)
+        if cached.exists():
+            return cached.read_bytes(), True
+    return _compile_one(name, arch), True
+
+
+def _compile_one(name: str, arch: str) -> bytes:
+    source = expand_includes(CUDA_SRC / f"{name}.cu")
+    cached = kernel_cache_dir() / f"{name}-{arch}-{cache_key(source, arch)}.cubin"
     from pycuda.compiler import compile as pycuda_compile  # GPU hosts only
 
     cubin: bytes = pycuda_compile(
@@ -75,10 +116,10 @@ def compile_cubin(name: str, arch: str) -> tuple[bytes, bool]:
         include_dirs=[str(CUDA_SRC)],
     )
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp = cached.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(cubin)
     tmp.replace(cached)
-    return cubin, True
+    return cubin
 
 
 def load_module(name: str, arch: str) -> Any:
