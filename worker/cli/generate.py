@@ -18,17 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from worker.backends.base import Backend
+from worker.cli._argtypes import positive_int
 from worker.engine.params import SamplingParams
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -59,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="cuda: the GPU backend (default); cpu: the NumPy reference backend",
     )
     p.add_argument("--gpu-device", type=int, default=0, metavar="N", help="GPU index (cuda)")
-    p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N")
+    p.add_argument("--max-tokens", type=positive_int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
@@ -75,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="stop strings (--stop A B, or --stop A --stop B)",
     )
     p.add_argument(
-        "--ctx-size", type=_positive_int, default=None, metavar="N", help="KV cache tokens"
+        "--ctx-size", type=positive_int, default=None, metavar="N", help="KV cache tokens"
     )
     p.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json to use")
     p.set_defaults(func=run)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker.cli._argtypes import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
@@ -27,23 +29,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("model", metavar="MODEL", type=Path, help="path of the GGUF file")
     p.add_argument(
         "--ctx-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="context size for the KV cache estimate (default: the model's context length)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
 
 
 def _plain(value: Any) -> Any:
