@@ -40,20 +40,6 @@ _STD_INT8 = float(np.sqrt((256**2 - 1) / 12))  # 73.9, int8 -128..127
 _RMS_MXFP4 = float(np.sqrt(np.mean(np.square([0, 1, 2, 3, 4, 6, 8, 12]))))
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
-SUPPORTED_TYPES = (
-    T.F32,
-    T.F16,
-    T.BF16,
-    T.Q4_0,
-    T.Q4_1,
-    T.Q5_0,
-    T.Q5_1,
-    T.Q8_0,
-    T.Q4_K,
-    T.Q5_K,
-    T.Q6_K,
-    T.MXFP4,
-)
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
