@@ -3,7 +3,10 @@
 For each `Ticket` from the frontend it prepares the prompt, publishes `started`, runs the
 engine's decode loop (worker.engine.generate) on the backend thread with the job's cancel
 flag (checked every decode step), a deadline (--inference-timeout-sec) and a token callback,
-and finishes with exactly one terminal event (`end` or `error`). Events leave the backend
+and finishes with exactly one terminal event (`end` or `error`). A job whose prompt is
+longer than the context (CONTEXT_LENGTH_EXCEEDED) or that may need more KV cache than this
+worker holds (VRAM_OOM, retriable) gets its `error` before `started` and before any work
+(worker.engine.generate.plan_job). Events leave the backend
 thread through ``loop.call_soon_threadsafe`` into a bounded channel the frontend drains, so
 the decode loop never waits on NATS. Any exception of a job becomes that job's `error`
 event (``INTERNAL`` if it is not a WorkerError): a job never takes the process down.
@@ -76,7 +79,7 @@ def run_job_blocking(
     metrics: WorkerMetrics,
 ) -> End | Error:
     """Everything of one job that touches the backend; runs on the backend thread."""
-    from worker.engine.generate import GenerateRequest, generate, prepare_prompt
+    from worker.engine.generate import GenerateRequest, generate, plan_job, prepare_prompt
 
     job = ticket.job
     tok = model.tokenizer
@@ -97,14 +100,17 @@ def run_job_blocking(
                     ErrorCode.INVALID_REQUEST,
                     f"stop string {s[:40]!r} is {n} tokens long, at most {MAX_STOP_TOKENS} allowed",
                 )
-        if len(prompt_ids) >= backend.context_length:
-            raise WorkerError(
-                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"prompt is {len(prompt_ids)} tokens; the context holds {backend.context_length}"
-                " (at least one token must be left to generate)",
-            )
-        seed = job.seed if job.seed is not None else new_seed()
         max_tokens = min(job.max_tokens, limits.max_tokens_out)
+        # SPEC §4: a prompt longer than the context -> CONTEXT_LENGTH_EXCEEDED; a job that may
+        # need more KV slots than the cache holds -> VRAM_OOM. Decided here, before `started`
+        # and any work (generate() applies the same plan_job again before its first forward).
+        plan_job(
+            len(prompt_ids),
+            max_tokens,
+            context_length=model.context_length,
+            kv_capacity=backend.context_length,
+        )
+        seed = job.seed if job.seed is not None else new_seed()
         emit(
             Started(
                 job_id=job.job_id,
@@ -160,6 +166,7 @@ def run_job_blocking(
             should_cancel=ticket.active.cancel.is_set,
             deadline=time.monotonic() + limits.inference_timeout_s,
             on_token=on_token,
+            context_length=model.context_length,
         )
         metrics.tokens.inc(result.tokens_out)
         narrate(

@@ -30,6 +30,10 @@ class LoadedModel:
     quant_kind: str
     architecture: str
     load_seconds: float
+    # The job-facing context in tokens (SPEC §4): --ctx-size, else the model's training
+    # context. The KV capacity is backend.context_length (--ctx-size / --kv-cache-size-mb /
+    # what fits); a job needing more KV than that gets VRAM_OOM, not a smaller context.
+    context_length: int
 
 
 def _call_with_supported(ctor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -47,6 +51,7 @@ def _call_with_supported(ctor: Any, *args: Any, **kwargs: Any) -> Any:
 def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     """The whole load; runs on the backend thread."""
     from worker.gguf.estimate import quant_kind
+    from worker.gguf.hparams import load_hparams
     from worker.gguf.reader import open_gguf
     from worker.tokenizer import load_tokenizer
 
@@ -115,6 +120,9 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     backend.forward([warm_id])
     backend.reset()
     milestone(100, "warm-up done")
+    context_length = (
+        cfg.ctx_size if cfg.ctx_size is not None else load_hparams(gguf_file).n_ctx_train
+    )
     name = gguf_file.metadata.get("general.name")
     model_name = name if isinstance(name, str) and name else cfg.model.name
     seconds = time.perf_counter() - t0
@@ -124,7 +132,19 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         load_seconds=round(seconds, 3),
         quant_kind=quant,
         vram_bytes_used=backend.info.vram_bytes_used,
+        context_length=context_length,
+        kv_cache_tokens=backend.context_length,
     )
+    if backend.context_length < context_length:
+        narrate(
+            "kv_cache_smaller_than_context",
+            f"the KV cache holds {backend.context_length} tokens, the context is "
+            f"{context_length}: jobs that may need more KV get VRAM_OOM",
+            # expected without --ctx-size (KV "capped to fit"); asked for, it is worth a look
+            level="INFO" if cfg.ctx_size is None else "WARNING",
+            context_length=context_length,
+            kv_cache_tokens=backend.context_length,
+        )
     return LoadedModel(
         backend=backend,
         tokenizer=tokenizer,
@@ -132,6 +152,7 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         quant_kind=quant,
         architecture=gguf_file.architecture,
         load_seconds=seconds,
+        context_length=context_length,
     )
 
 

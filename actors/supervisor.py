@@ -182,7 +182,7 @@ class Supervisor:
         st.quant_kind = model.quant_kind
         st.tokenizer_kind = model.tokenizer.kind
         st.vocab_size = model.backend.vocab_size
-        st.context_length = model.backend.context_length
+        st.context_length = model.context_length  # job-facing; KV capacity may be less
         await check_once(self.thread, model, st, self.metrics)
         return model
 

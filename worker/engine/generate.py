@@ -9,7 +9,8 @@ the owning thread and adds no per-token thread hop, which an iterator driven fro
 loop would. `generate()` returns the `End` summary; failures are raised as WorkerError:
 `Cancelled` (checked before every forward), `INFERENCE_TIMEOUT` (the `deadline`, a
 `time.monotonic()` value, checked before every forward), `ContextLengthExceeded`
-(the prompt does not leave room for one generated token).
+(the prompt is longer than the context) and `VramOom` (the job may need more KV slots than
+the cache holds), both before any forward.
 
 Semantics (SPEC §3, §4):
 - The prompt is prefilled in chunks of `prefill_chunk` tokens (cancel and deadline are
@@ -19,10 +20,16 @@ Semantics (SPEC §3, §4):
   the generated ids so far (not the prompt).
 - EOS / EOT (`tokenizer.is_eog`) ends generation with `stop_reason="eos"`; that token is
   not streamed and not counted in `tokens_out`.
-- Context limit: a prompt of `n` tokens needs `n < context_length`, else
-  ContextLengthExceeded. The last generated token is sampled but never fed back, so up to
-  `context_length - n + 1` tokens can be generated; `max_tokens` is capped to that, and
-  hitting the cap reports `stop_reason="max_tokens"` (SPEC: max_tokens is capped by context).
+- Context and KV capacity (SPEC §4, `plan_job`): the *context* is the job-facing limit
+  (the worker's --ctx-size, else the model's training context; `generate(context_length=)`,
+  default the backend's KV capacity); the *KV capacity* is `backend.context_length`, the
+  tokens the KV cache could be allocated for. A prompt of `n` tokens longer than the context
+  (`n > context`) raises ContextLengthExceeded (not retriable). The last generated token is
+  sampled but never fed back, so up to `context - n + 1` tokens can be generated;
+  `max_tokens` is capped to that (SPEC: max_tokens is capped by context), and hitting the
+  cap reports `stop_reason="max_tokens"`. The job then fills up to
+  `n + limit - 1 = min(n + max_tokens - 1, context)` KV slots; if that is more than the KV
+  capacity it raises VramOom (retriable: another worker may hold more) before any forward.
 - Stop strings match the decoded text (worker.engine.stop); text before the match is
   streamed, the stop string and whatever follows are not; the tokens that produced them are
   still reported (with the text they may release, possibly empty) and counted.
@@ -46,7 +53,7 @@ from worker.backends.base import Backend
 from worker.engine import rng
 from worker.engine.params import SamplingParams
 from worker.engine.stop import StopMatcher
-from worker.errors import Cancelled, ContextLengthExceeded, ErrorCode, WorkerError
+from worker.errors import Cancelled, ContextLengthExceeded, ErrorCode, VramOom, WorkerError
 from worker.tokenizer.base import Tokenizer
 from worker.tokenizer.stream import StreamDecoder
 
@@ -54,9 +61,11 @@ __all__ = [
     "End",
     "GenerateRequest",
     "GenerationRequest",
+    "JobPlan",
     "StopReason",
     "TokenOut",
     "generate",
+    "plan_job",
     "prepare_prompt",
 ]
 
@@ -127,6 +136,52 @@ def _never() -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """What a job may do, decided before any work (see `plan_job`)."""
+
+    limit: int  # tokens it may generate: max_tokens capped by the context
+    kv_tokens: int  # KV slots it fills at most (n_past + prompt + limit - 1)
+
+
+def plan_job(
+    n_prompt: int,
+    max_tokens: int,
+    *,
+    context_length: int,
+    kv_capacity: int,
+    n_past: int = 0,
+) -> JobPlan:
+    """The SPEC §4 context / KV-capacity rule, the one place it is decided.
+
+    `context_length` is the job-facing context, `kv_capacity` the tokens the KV cache holds,
+    `n_past` tokens already in the sequence (0 for a fresh job). Raises
+    ContextLengthExceeded when the prompt is longer than what is left of the context, and
+    VramOom when the job, with max_tokens capped by the context, may need more KV slots than
+    the cache holds. The last generated token is sampled but never fed back, so it takes no
+    KV slot.
+    """
+    if n_prompt < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, "the prompt has no tokens")
+    if max_tokens < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_tokens must be >= 1, got {max_tokens}")
+    room = context_length - n_past
+    if n_prompt > room:
+        held = f" ({n_past} already in the sequence)" if n_past else ""
+        raise ContextLengthExceeded(
+            f"prompt is {n_prompt} tokens; the context is {context_length} tokens{held}"
+        )
+    limit = min(max_tokens, room - n_prompt + 1)
+    kv_tokens = n_past + n_prompt + limit - 1
+    if kv_tokens > kv_capacity:
+        raise VramOom(
+            f"job needs {kv_tokens} KV cache tokens (prompt {n_prompt} + up to {limit - 1} "
+            f"generated tokens fed back; max_tokens {max_tokens} capped by the context of "
+            f"{context_length}), this worker's KV cache holds {kv_capacity} tokens"
+        )
+    return JobPlan(limit=limit, kv_tokens=kv_tokens)
+
+
 def prepare_prompt(
     tokenizer: Tokenizer,
     prompt: str | None = None,
@@ -166,29 +221,27 @@ def generate(
     on_token: OnToken | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     reset: bool = True,
+    context_length: int | None = None,
 ) -> End:
     """Run one generation to its end on the calling thread (see the module docstring).
 
-    `reset=True` starts from an empty KV cache (backend.reset()).
+    `reset=True` starts from an empty KV cache (backend.reset()). `context_length`: the
+    job-facing context (default: the backend's KV capacity, so only the context rule
+    applies); the context / KV-capacity rule (`plan_job`) is checked before any forward.
     """
     t0 = time.perf_counter()
     prompt = list(req.prompt_ids)
     n_prompt = len(prompt)
-    if n_prompt == 0:
-        raise WorkerError(ErrorCode.INVALID_REQUEST, "the prompt has no tokens")
-    if req.max_tokens < 1:
-        raise WorkerError(
-            ErrorCode.INVALID_REQUEST, f"max_tokens must be >= 1, got {req.max_tokens}"
-        )
     if reset:
         backend.reset()
-    room = backend.context_length - backend.n_past
-    if n_prompt >= room:
-        raise ContextLengthExceeded(
-            f"prompt is {n_prompt} tokens; the context holds {room} more"
-            " (at least one position must be left to generate)"
-        )
-    limit = min(req.max_tokens, room - n_prompt + 1)
+    kv_capacity = backend.context_length
+    limit = plan_job(
+        n_prompt,
+        req.max_tokens,
+        context_length=kv_capacity if context_length is None else context_length,
+        kv_capacity=kv_capacity,
+        n_past=backend.n_past,
+    ).limit
 
     def check() -> None:
         if should_cancel():

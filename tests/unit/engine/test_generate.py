@@ -238,8 +238,13 @@ def test_context_cap_and_prompt_too_long(tiny_file: GGUFFile, tok: Tokenizer) ->
     check_events(end, rec, tok)
     end, _ = run(small, tok, GenerationRequest(prompt[:23], 5, GREEDY))  # room for 10
     assert end.tokens_out == 5 or end.stop_reason == "eos"
+    # SPEC §4: only a prompt *longer* than the context is rejected; one that fills it
+    # exactly still yields the token sampled from its last position (never fed back)
+    end, _ = run(small, tok, GenerationRequest((prompt * 2)[:32], 5, GREEDY))
+    assert end.tokens_out == 1 or (end.stop_reason == "eos" and end.tokens_out == 0)
+    assert small.n_past == 32
     with pytest.raises(ContextLengthExceeded):
-        generate(small, tok, GenerationRequest((prompt * 2)[:32], 5, GREEDY))
+        generate(small, tok, GenerationRequest((prompt * 2)[:33], 5, GREEDY))
     end, _ = run(small, tok, GenerationRequest((prompt * 2)[:31], 5, GREEDY))
     assert end.tokens_out == 2 or (end.stop_reason == "eos" and end.tokens_out < 2)
 
