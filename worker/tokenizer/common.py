@@ -1,13 +1,15 @@
 """Pieces shared by the tokenizer backends: GGUF token types, the GPT-2 byte<->char table,
-end-of-generation token names and metadata value checks."""
+end-of-generation token names, metadata value checks and the per-token queries both
+backends answer from the same tables (`TokenTable`)."""
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from worker.errors import ModelLoadError
+from worker.tokenizer.chat import ChatTemplate
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 TOKEN_UNDEFINED = 0
@@ -210,3 +212,45 @@ class MetadataReader:
         except (TypeError, ValueError) as exc:
             raise self.fail(f"metadata {key} must be an array of numbers") from exc
         return out
+
+
+# --- per-token queries -----------------------------------------------------------------
+
+
+class TokenTable:
+    """The `Tokenizer` queries that gguf-bpe and hf-json answer the same way, from the
+    tables each fills in its constructor: `tokens` (text of each id), `_special` (special
+    flag of each id), `_eog` (end-of-generation ids) and `chat_template`."""
+
+    vocab_size: int
+    tokens: list[str]
+    chat_template: ChatTemplate | None
+    _special: list[bool]
+    _eog: frozenset[int]
+
+    def check_id(self, token_id: int) -> None:
+        """ValueError unless `token_id` is an id of this vocabulary."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(
+                f"token id {token_id} is out of range (vocabulary of {self.vocab_size})"
+            )
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokens[token_id]
+
+    def is_special(self, token_id: int) -> bool:
+        return 0 <= token_id < self.vocab_size and self._special[token_id]
+
+    def is_eog(self, token_id: int) -> bool:
+        return token_id in self._eog
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        return self._eog
+
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
+        return ChatTemplate.render_or_fail(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt
+        )

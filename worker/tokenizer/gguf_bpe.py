@@ -37,6 +37,7 @@ from worker.tokenizer.common import (
     TOKEN_USER_DEFINED,
     VALID_TOKEN_TYPES,
     MetadataReader,
+    TokenTable,
     byte_level_to_bytes,
     bytes_to_byte_level,
     eog_ids,
@@ -51,7 +52,7 @@ def _byte_piece(b: int) -> str:
     return f"<0x{b:02X}>"
 
 
-class GGUFTokenizer:
+class GGUFTokenizer(TokenTable):
     """A `Tokenizer` (worker/tokenizer/base.py) built from GGUF tokenizer metadata."""
 
     kind = "gguf-bpe"
@@ -376,10 +377,7 @@ class GGUFTokenizer:
         return out
 
     def piece(self, token_id: int, *, fragment_start: bool, skip_special: bool) -> bytes:
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(
-                f"token id {token_id} is out of range (vocabulary of {self.vocab_size})"
-            )
+        self.check_id(token_id)
         if skip_special and not self._visible[token_id]:
             return b""
         p = self._pieces[token_id]
@@ -398,31 +396,8 @@ class GGUFTokenizer:
         return 0 <= token_id < self.vocab_size and self._special[token_id]
 
     def token_bytes(self, token_id: int) -> bytes:
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(
-                f"token id {token_id} is out of range (vocabulary of {self.vocab_size})"
-            )
+        self.check_id(token_id)
         return self._pieces[token_id] if self._visible[token_id] else b""
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokens[token_id]
 
     def token_to_id(self, text: str) -> int | None:
         return self._token_to_id.get(text)
-
-    def is_special(self, token_id: int) -> bool:
-        return 0 <= token_id < self.vocab_size and self._special[token_id]
-
-    def is_eog(self, token_id: int) -> bool:
-        return token_id in self._eog
-
-    @property
-    def eog_ids(self) -> frozenset[int]:
-        return self._eog
-
-    def render_chat(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
-    ) -> str:
-        return ChatTemplate.render_or_fail(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt
-        )

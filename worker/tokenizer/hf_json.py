@@ -17,6 +17,7 @@ from worker.tokenizer.chat import ChatTemplate
 from worker.tokenizer.common import (
     ALWAYS_RENDERED,
     MetadataReader,
+    TokenTable,
     byte_level_to_bytes,
     eog_ids,
 )
@@ -54,7 +55,7 @@ def _decoder_kinds(spec: object) -> set[str]:
     return kinds
 
 
-class HFJsonTokenizer:
+class HFJsonTokenizer(TokenTable):
     kind = "hf-json"
 
     def __init__(self, path: Path, *, metadata: Mapping[str, Any] | None = None) -> None:
@@ -173,10 +174,7 @@ class HFJsonTokenizer:
         return str(self._core.decode(list(ids), skip_special_tokens=skip_special))
 
     def piece(self, token_id: int, *, fragment_start: bool, skip_special: bool) -> bytes:
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(
-                f"token id {token_id} is out of range (vocabulary of {self.vocab_size})"
-            )
+        self.check_id(token_id)
         if skip_special and self._hidden[token_id]:
             return b""
         p = self._pieces[token_id]
@@ -191,26 +189,6 @@ class HFJsonTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self.piece(token_id, fragment_start=False, skip_special=True)
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokens[token_id]
-
     def token_to_id(self, text: str) -> int | None:
         tid = self._core.token_to_id(text)
         return None if tid is None else int(tid)
-
-    def is_special(self, token_id: int) -> bool:
-        return 0 <= token_id < self.vocab_size and self._special[token_id]
-
-    def is_eog(self, token_id: int) -> bool:
-        return token_id in self._eog
-
-    @property
-    def eog_ids(self) -> frozenset[int]:
-        return self._eog
-
-    def render_chat(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
-    ) -> str:
-        return ChatTemplate.render_or_fail(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt
-        )
