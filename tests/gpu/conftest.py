@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from worker.backends.cuda.arena import DevBuf
+from worker.backends.cuda.matmul import MatmulKernels
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,27 @@ def cuda_ctx() -> Iterator[Any]:
     ctx = CudaContext(0)
     yield ctx
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Iterator[Any]:
+    """PyCUDA's driver module with the device's primary context current (matmul, embedding
+    and MoE tests), one per test module."""
+    import pycuda.driver as drv
+
+    drv.init()
+    ctx = drv.Device(0).retain_primary_context()
+    ctx.push()
+    try:
+        yield drv
+    finally:
+        drv.Context.synchronize()
+        ctx.pop()
+
+
+@pytest.fixture(scope="module")
+def mm(gpu: Any) -> MatmulKernels:
+    return MatmulKernels()
 
 
 @pytest.fixture(scope="session")

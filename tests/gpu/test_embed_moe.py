@@ -9,11 +9,11 @@ reads outside the table.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from pycuda_arrays import poisoned, rel_err, upload
 
 from worker.backends.cuda.matmul import KernelArgumentError, MatmulKernels, QWeight
 from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
@@ -21,44 +21,6 @@ from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
 pytestmark = pytest.mark.gpu
 
 TYPES = sorted(LAYOUTS)
-
-
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Any]:
-    import pycuda.driver as drv
-
-    drv.init()
-    ctx = drv.Device(0).retain_primary_context()
-    ctx.push()
-    try:
-        yield drv
-    finally:
-        drv.Context.synchronize()
-        ctx.pop()
-
-
-@pytest.fixture(scope="module")
-def mm(gpu: Any) -> MatmulKernels:
-    return MatmulKernels()
-
-
-def upload(a: np.ndarray) -> Any:
-    import pycuda.gpuarray as ga
-
-    return ga.to_gpu(np.ascontiguousarray(a))
-
-
-def poisoned(shape: tuple[int, ...]) -> Any:
-    import pycuda.gpuarray as ga
-
-    y = ga.empty(shape, np.float32)
-    y.fill(np.float32(np.nan))
-    return y
-
-
-def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    assert np.isfinite(got).all(), "output has NaN/inf: not every element was written"
-    return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])

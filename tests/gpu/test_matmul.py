@@ -13,11 +13,11 @@ and must give bit-identical results; an out-of-range launch must be refused befo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from pycuda_arrays import poisoned, rel_err, upload
 
 from worker.backends.cuda.matmul import KernelArgumentError, MatmulKernels, QWeight
 from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
@@ -49,46 +49,8 @@ REAL_SHAPES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Any]:
-    import pycuda.driver as drv
-
-    drv.init()
-    ctx = drv.Device(0).retain_primary_context()
-    ctx.push()
-    try:
-        yield drv
-    finally:
-        drv.Context.synchronize()
-        ctx.pop()
-
-
-@pytest.fixture(scope="module")
-def mm(gpu: Any) -> MatmulKernels:
-    return MatmulKernels()
-
-
-def upload(a: np.ndarray) -> Any:
-    import pycuda.gpuarray as ga
-
-    return ga.to_gpu(np.ascontiguousarray(a))
-
-
-def poisoned(shape: tuple[int, ...]) -> Any:
-    import pycuda.gpuarray as ga
-
-    y = ga.empty(shape, np.float32)
-    y.fill(np.float32(np.nan))
-    return y
-
-
 def qweight(raw_dev: Any, qtype: int, rows: int, cols: int) -> QWeight:
     return QWeight(int(raw_dev.gpudata), qtype, rows, cols, int(raw_dev.nbytes))
-
-
-def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    assert np.isfinite(got).all(), "output has NaN/inf: not every element was written"
-    return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
 def reference(dense: np.ndarray, x: np.ndarray) -> np.ndarray:
