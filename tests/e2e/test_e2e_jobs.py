@@ -38,6 +38,17 @@ def check_stream(events: list[Any], job_id: str) -> End:
     return end
 
 
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m worker serve ARGS --log-format json` run to its exit (60 s at most), its
+    output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "serve", *args, "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 async def test_job_stream_and_determinism(
     nats_server: EmbeddedNatsServer,
     client: OrcdClient,
@@ -289,25 +300,7 @@ def test_bad_model_file_exits_1_with_the_reason(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     srv = EmbeddedNatsServer(store_dir=tmp_path / "nats")
     with srv:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "serve",
-                "--device",
-                "cpu",
-                "--model",
-                str(bad),
-                "--nats-url",
-                srv.url,
-                "--log-format",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = run_serve("--device", "cpu", "--model", str(bad), "--nats-url", srv.url)
     assert proc.returncode == 1, proc.stderr
     assert "MODEL_LOAD_FAILED" in proc.stderr and str(bad) in proc.stderr
 
@@ -322,23 +315,7 @@ def test_device_defaults_to_cuda_never_silently_cpu(tmp_path: Path, tiny_model: 
     if has_gpu:
         pytest.skip("a GPU is present: the CUDA path is covered by the gpu tests")
     with EmbeddedNatsServer(store_dir=tmp_path / "nats") as srv:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "serve",
-                "--model",
-                str(tiny_model),
-                "--nats-url",
-                srv.url,
-                "--log-format",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = run_serve("--model", str(tiny_model), "--nats-url", srv.url)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert '"device": "cpu"' not in proc.stderr
     assert "CUDA" in proc.stderr
@@ -403,25 +380,7 @@ def test_fatal_startup_error_is_logged_cleaned_up_and_exits_nonzero(
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "serve",
-                "--device",
-                "cpu",
-                "--model",
-                str(tiny_model),
-                "--metrics-port",
-                str(port),
-                "--log-format",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = run_serve("--device", "cpu", "--model", str(tiny_model), "--metrics-port", str(port))
     assert proc.returncode == 2, proc.stderr[-2000:]
     records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     fatal = [r for r in records if r["event"] == "error" and r["level"] == "CRITICAL"]
