@@ -113,7 +113,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], help="compute backend (default cuda)")
     p.add_argument("--nats-url", help="NATS server URL (default: start an embedded nats-server)")
     p.add_argument("--model-ref", help="model reference R: jobs come from orcd.jobs.R")
-    p.add_argument("--ctx-size", type=int, help="KV cache capacity in tokens")
+    p.add_argument(
+        "--ctx-size",
+        type=int,
+        help="context in tokens (default: the model's); the KV cache is sized for it, capped "
+        "to fit --kv-cache-size-mb / VRAM (a job needing more KV gets VRAM_OOM)",
+    )
     p.add_argument("--max-tokens-out", type=int, help="cap on max_tokens per job (<= 2048)")
     p.add_argument("--inference-timeout-sec", type=float, help="per-job time limit")
     p.add_argument("--kv-cache-size-mb", type=int, help="KV cache budget in MiB")
