@@ -46,16 +46,25 @@ extern "C" __global__ void argmax_partial(const float* __restrict__ x, int n,
   }
 }
 
-// Stage 2: one block reduces the n_part partials and writes the id.
+// Stage 2: one block reduces the n_part partials and writes the id. io (or null): the decode
+// step's [position, token] input; it is advanced to [position + 1, id], so that a step queued
+// right behind this one (the backend's speculative greedy step) decodes the id just chosen.
 extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi,
-                                        int n_part, int* __restrict__ out) {
+                                        int n_part, int* __restrict__ out, int* __restrict__ io) {
   __shared__ float shv[32];
   __shared__ int shi[32];
   float v = -CUDART_INF_F;
   int i = 0x7fffffff;
   for (int j = threadIdx.x; j < n_part; j += blockDim.x) argmax_merge(v, i, pv[j], pi[j]);
   block_argmax(v, i, shv, shi);
-  if (threadIdx.x == 0) out[0] = i == 0x7fffffff ? 0 : i;
+  if (threadIdx.x == 0) {
+    const int id = i == 0x7fffffff ? 0 : i;
+    out[0] = id;
+    if (io) {
+      io[0] += 1;
+      io[1] = id;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ PREFILL_MAX_SPLITS = 16
 # One-token steps with RoPE + KV store inside the attention launch: bit-identical logits to
 # the two-launch path, 909 vs 874-897 tok/s on an H100 (BENCHMARKS.md, GPU section).
 FUSED_DECODE = True
+# Greedy one-token steps: queue the next step behind the current one before reading its id
+# (the argmax advances [position, token] on the device), so that the GPU never waits for the
+# host's read-back, return and next launch. WORKER_ORCD_SPEC_DECODE=0 turns it off (A/B).
+SPEC_DECODE = os.environ.get("WORKER_ORCD_SPEC_DECODE", "1") != "0"
 LOGIT_ROWS = 64  # rows of logits computed per pass when all positions are wanted
 RESERVE_BYTES = 256 * MIB  # left free for the driver, graphs and PyCUDA's own needs
 ROPE_MODE = {"none": 0, "normal": 1, "neox": 2}
@@ -308,6 +312,14 @@ class CudaBackend:
         self._io_done = ctx.drv.Event()
         self._io_done.record(ctx.stream)
         self._host_out = ctx.drv.pagelocked_empty(2, np.int32)
+        # speculative greedy steps: two read-back slots, each with its own event
+        self.spec_decode = SPEC_DECODE and graphs
+        self._spec_out = [ctx.drv.pagelocked_empty(2, np.int32) for _ in range(2)]
+        self._spec_done = [ctx.drv.Event() for _ in range(2)]
+        self._spec_slot = 0
+        # a queued step: (position, the token it decodes, its slot); the token is the id the
+        # step before it returned
+        self._spec: tuple[int, int, int] | None = None
         self._n_past = 0
         self._graphs: dict[str, Any] = {}
         self.load_seconds = time.perf_counter() - t_start
@@ -736,7 +748,7 @@ class CudaBackend:
         self._lm_head(0, 1)
         if greedy:
             s = self.s
-            self.k.argmax(s["logits"], self.vocab_size, s["argv"], s["argi"], s["out"])
+            self.k.argmax(s["logits"], self.vocab_size, s["argv"], s["argi"], s["out"], io=s["io"])
 
     def _check_len(self, n: int) -> None:
         if n == 0:
@@ -749,6 +761,7 @@ class CudaBackend:
     def _run(self, ids: Sequence[int], *, all_logits: bool, greedy_tail: bool) -> np.ndarray | None:
         """Run ids; return all logits (all_logits) or leave the last row's logits in
         s['logits'][0] (and, with greedy_tail on a one-token graph step, the argmax in out)."""
+        self._drain()
         n = len(ids)
         self._check_len(n)
         V = self.vocab_size
@@ -790,6 +803,7 @@ class CudaBackend:
         return self._n_past
 
     def reset(self) -> None:
+        self._drain()
         self._n_past = 0
 
     def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
@@ -817,6 +831,12 @@ class CudaBackend:
         _check(params, draw)
         pen = params.repetition_penalty != 1.0 and len(generated) > 0
         greedy_fast = params.greedy and not pen
+        if greedy_fast and len(ids) == 1 and self.spec_decode:
+            try:
+                return self._greedy_step(int(ids[0]))
+            except BaseException:
+                self._recover()
+                raise
         try:
             self._run(ids, all_logits=False, greedy_tail=greedy_fast)
             if not greedy_fast:
@@ -830,6 +850,50 @@ class CudaBackend:
         if not greedy_fast and int(out[1]) == 1:
             raise WorkerError(ErrorCode.INTERNAL, "NaN in logits")
         return int(out[0])
+
+    def _drain(self) -> None:
+        """Wait for a queued speculative step and forget it (its KV row at position n_past
+        is rewritten by whatever step comes next at that position)."""
+        if self._spec is not None:
+            self._spec = None
+            self.ctx.sync("speculative decode step")
+
+    def _greedy_step(self, tok: int) -> int:
+        """One greedy graph step for `tok` at n_past; queues the next step (its input is this
+        step's argmax, set on the device) before waiting for this one's id."""
+        pos = self._n_past
+        spec, self._spec = self._spec, None
+        if spec is not None and spec[0] == pos and spec[1] == tok:
+            slot = spec[2]  # already queued behind the previous step
+        else:
+            if spec is not None:
+                self.ctx.sync("speculative decode step")  # a different token: redo it
+            self._check_len(1)
+            if not 0 <= tok < self.vocab_size:
+                raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
+            slot = self._spec_slot = self._spec_slot ^ 1
+            self._queue_greedy(pos, tok, slot)
+        self._n_past = pos + 1
+        nxt = -1
+        if self._n_past < self.context_length:
+            nxt = slot ^ 1
+            self._queue_greedy(self._n_past, None, nxt)
+            self._spec_slot = nxt
+        self._spec_done[slot].synchronize()
+        out = int(self._spec_out[slot][0])
+        if nxt >= 0:
+            self._spec = (self._n_past, out, nxt)
+        return out
+
+    def _queue_greedy(self, pos: int, tok: int | None, slot: int) -> None:
+        """Queue one greedy graph step at pos (tok None: the input left on the device by the
+        step queued just before) and the read-back of its id into slot."""
+        st = self.ctx.stream
+        if tok is not None:
+            self._set_inputs([tok], pos)
+        self._decode_graph(True).launch("decode graph")
+        self.ctx.drv.memcpy_dtoh_async(self._spec_out[slot], self.s["out"].ptr, st)
+        self._spec_done[slot].record(st)
 
     def _sample(self, params: SamplingParams, draw: float, generated: Sequence[int]) -> None:
         uniq = np.unique(np.asarray(generated, dtype=np.int64))
@@ -859,10 +923,12 @@ class CudaBackend:
 
     def _recover(self) -> None:
         """After a failed step the sequence is undefined: start over (the next job resets)."""
+        self._spec = None
         self._n_past = 0
 
     def set_fused_decode(self, on: bool) -> None:
         """One-token steps with RoPE + KV store inside the attention launch (re-captures)."""
+        self._drain()
         self.fused_decode = on
         for g in self._graphs.values():
             g.destroy()
@@ -872,6 +938,7 @@ class CudaBackend:
         """Key chunks per head for a one-token step (re-captures the decode graphs)."""
         if not 1 <= n <= min(128, self.ubatch * PREFILL_MAX_SPLITS):
             raise ValueError(f"decode splits must be in 1..128, got {n}")
+        self._drain()
         self.decode_splits = n
         for g in self._graphs.values():
             g.destroy()
@@ -903,6 +970,11 @@ class CudaBackend:
         return int(self.ctx.used_bytes) if self.ctx is not None else 0
 
     def close(self) -> None:
+        if getattr(self, "_spec", None) is not None and self.ctx is not None:
+            try:
+                self._drain()
+            except Exception:  # closing anyway: a failed queued step has nothing to report
+                self._spec = None
         for g in getattr(self, "_graphs", {}).values():
             g.destroy()
         if getattr(self, "_graphs", None):

@@ -132,13 +132,19 @@ class Kernels:
             ("elementwise", "topk_softmax_f32"): "PiiPP",
             ("elementwise", "moe_combine_f32"): "PPPii",
             ("sampling", "argmax_partial"): "PiPP",
-            ("sampling", "argmax_final"): "PPiP",
+            ("sampling", "argmax_final"): "PPiPP",
             ("sampling", "sample_full"): "PiPiffiQiQQiPPPP",
         }
+        from worker.backends.cuda.matmul import _prefer_shared
+
         self.fn: dict[str, Any] = {}
         for (mod, name), s in sig.items():
             f = self.mods[mod].get_function(name)
             f.prepare(s)
+            # the same shared-memory carveout as every matmul kernel: where two kernels in a
+            # row ask for different carveouts, each SM drains and reconfigures between them
+            # (~150 such switches per Qwen decode step cost ~190 us, docs/kernels.md)
+            _prefer_shared(f)
             self.fn[name] = f
 
     def launch(
@@ -523,14 +529,27 @@ class Kernels:
 
     # ------------------------------------------------------------------ sampling
 
-    def argmax(self, x: DevBuf, n: int, part_v: DevBuf, part_i: DevBuf, out: DevBuf) -> None:
+    def argmax(
+        self,
+        x: DevBuf,
+        n: int,
+        part_v: DevBuf,
+        part_i: DevBuf,
+        out: DevBuf,
+        io: DevBuf | None = None,
+    ) -> None:
+        """out[0] = argmax(x[:n]) (ties: lowest index). io: a decode step's [position, token]
+        (int32), advanced on the device to [position + 1, the id] (chained greedy steps)."""
         positive("argmax_partial", n=n)
+        need("argmax_final", io, 8 if io is not None else 0, "io")
         need("argmax_partial", x, n * F32, "x")
         need("argmax_partial", part_v, ARGMAX_BLOCKS * F32, "part_v")
         need("argmax_partial", part_i, ARGMAX_BLOCKS * 4, "part_i")
         need("argmax_final", out, 4, "out")
         self.launch("argmax_partial", (ARGMAX_BLOCKS,), (256,), x.ptr, n, part_v.ptr, part_i.ptr)
-        self.launch("argmax_final", (1,), (128,), part_v.ptr, part_i.ptr, ARGMAX_BLOCKS, out.ptr)
+        self.launch(
+            "argmax_final", (1,), (128,), part_v.ptr, part_i.ptr, ARGMAX_BLOCKS, out.ptr, ptr(io)
+        )
 
     def sample_full(
         self,
