@@ -107,6 +107,7 @@ def main() -> int:
     )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    b.ctx.pop()  # PyCUDA aborts at exit with a context still pushed (rc 134 in call 1)
     return 0
 
 
