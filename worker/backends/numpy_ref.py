@@ -172,6 +172,36 @@ class GGUFWeights:
             if progress is not None:
                 progress((i + 1) / len(items))
 
+    def preload_experts(self, threads: int = 1) -> None:
+        """Dequantize every expert matrix into the cache now (as far as the budget goes),
+        `threads` at a time: NumPy releases the GIL inside its array operations, so a
+        many-core machine fills a large cache several times faster than first use would."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [
+            (name, e)
+            for name, info in self.gf.tensors.items()
+            if len(info.shape) == 3
+            for e in range(info.shape[2])
+        ]
+
+        def one(job: tuple[str, int]) -> tuple[tuple[str, int], F32]:
+            name, e = job
+            info = self.gf.tensors[name]
+            per = info.nbytes // info.shape[2]
+            raw = self.gf.raw(name)[e * per : (e + 1) * per]
+            mat = quants.dequantize(raw, info.ggml_type, info.shape[0] * info.shape[1])
+            return job, _col_major(mat.reshape(info.shape[1], info.shape[0]))
+
+        with ThreadPoolExecutor(max(1, threads)) as ex:
+            for i in range(0, len(jobs), 4 * max(1, threads)):  # bounded memory in flight
+                batch = [j for j in jobs[i : i + 4 * max(1, threads)] if j not in self._cache]
+                for key, arr in ex.map(one, batch):
+                    if self.cached_bytes + arr.nbytes > self.budget:
+                        return
+                    self._cache[key] = arr
+                    self.cached_bytes += arr.nbytes
+
 
 class NumpyBackend:
     """The Backend protocol over the NumPy reference models (device "cpu")."""

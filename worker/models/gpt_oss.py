@@ -8,15 +8,23 @@ the router softmax and summed over the token's k experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import numpy.typing as npt
 
 from worker.models.base import DecoderModel, register
 from worker.models.common import F32, AttnOptions, linear, moe_route, swiglu_oai
+
+# route_hook(layer, router logits [n, n_expert]) -> (expert ids [n, k], weights [n, k]):
+# replaces moe_route when set (a test feeds another backend's routing through it).
+RouteHook = Callable[[int, F32], tuple[npt.NDArray[np.int64], F32]]
 
 
 @register
 class GptOssModel(DecoderModel):
     arch = "gpt-oss"
+    route_hook: RouteHook | None = None
 
     def block_tensors(self, il: int) -> list[str]:
         p = f"blk.{il}"
@@ -46,7 +54,10 @@ class GptOssModel(DecoderModel):
     def ffn(self, il: int, h: F32) -> F32:
         p = f"blk.{il}"
         router = self.proj(h, f"{p}.ffn_gate_inp")
-        idx, weight = moe_route(router, self.hp.n_expert_used)
+        if self.route_hook is not None:
+            idx, weight = self.route_hook(il, router)
+        else:
+            idx, weight = moe_route(router, self.hp.n_expert_used)
         out = np.zeros_like(h)
         for e in np.unique(idx):
             tok, slot = np.nonzero(idx == e)

@@ -165,3 +165,51 @@ def test_float16_kv_cache_stays_close(tiny: Path, backend: NumpyBackend) -> None
         assert err.max() < 5e-3  # fp16 K/V rounding (2^-11 relative) only
     finally:
         half.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-moe") / "gpt-oss.gguf"
+    write_synthetic(path, replace(preset("gpt-oss", "tiny", mix="mxfp4", seed=3), std=0.15))
+    return path
+
+
+def test_preloaded_experts_and_forced_routing(tiny_moe: Path) -> None:
+    """The two hooks the full-size GPU test relies on (tests/gpu/test_model_full.py):
+    experts dequantized in threads give the same logits as on first use, and feeding the
+    model its own routing through route_hook reproduces the unhooked logits exactly, while
+    another routing changes them."""
+    from worker.models.common import moe_route
+
+    plain = NumpyBackend(tiny_moe, ctx_size=40)
+    try:
+        want = plain.forward(IDS, all_logits=True)
+        hp = plain.hp
+    finally:
+        plain.close()
+    seen: list[tuple[int, np.ndarray]] = []
+
+    def record(il: int, router: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx, w = moe_route(router, hp.n_expert_used)
+        seen.append((il, idx))
+        return idx, w
+
+    other = NumpyBackend(tiny_moe, ctx_size=40)
+    try:
+        other.weights.preload_experts(threads=3)
+        n_exp = sum(1 for k in other.weights._cache if isinstance(k, tuple))
+        assert n_exp == 3 * hp.n_layer * hp.n_expert
+        other.model.route_hook = record  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(other.forward(IDS, all_logits=True), want)
+        assert [il for il, _ in seen] == list(range(hp.n_layer))
+        assert all(idx.shape == (len(IDS), hp.n_expert_used) for _, idx in seen)
+
+        def shifted(il: int, router: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            idx, w = moe_route(router, hp.n_expert_used)
+            return (idx + 1) % hp.n_expert, w
+
+        other.reset()
+        other.model.route_hook = shifted  # type: ignore[attr-defined]
+        assert not np.allclose(other.forward(IDS, all_logits=True), want, rtol=1e-3)
+    finally:
+        other.close()

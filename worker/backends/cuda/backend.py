@@ -322,6 +322,9 @@ class CudaBackend:
         self._spec: tuple[int, int, int] | None = None
         self._n_past = 0
         self._graphs: dict[str, Any] = {}
+        # (layer, expert ids [n, k]) per MoE layer run, in order, while a test traces the
+        # routing (trace_routing; eager launches only: a graph replay runs no Python)
+        self.route_trace: list[tuple[int, np.ndarray]] | None = None
         self.load_seconds = time.perf_counter() - t_start
 
         resid = self.check_residency()
@@ -671,6 +674,10 @@ class CudaBackend:
             bias=f"{p}.ffn_gate_inp.bias",
         )
         k.topk_softmax(s["router"], n, hp.n_expert, kk, s["eidx"], s["ew"])
+        if self.route_trace is not None:  # a test's view of the routing (eager mode only)
+            ids = np.empty((n, kk), np.int32)
+            self.ctx.dtoh(ids, s["eidx"])
+            self.route_trace.append((il, ids))
         form = "gemv" if n <= 2 else "gemm"
         st = self.ctx.stream
         for which, dst in (("gate", "eg"), ("up", "eu")):
@@ -702,6 +709,15 @@ class CudaBackend:
         k.moe_combine(s["x"], s["ed"], s["ew"], n, hp.n_embd, kk)
         if self.k.sync_each:
             self.ctx.sync("moe")
+
+    def trace_routing(self, on: bool) -> list[tuple[int, np.ndarray]]:
+        """Record each MoE layer's expert ids from now on (on) or stop (off); returns the
+        list being filled. Only for a backend made with graphs=False."""
+        if on and self.use_graphs:
+            raise ValueError("routing can only be traced with graphs=False")
+        trace: list[tuple[int, np.ndarray]] = []
+        self.route_trace = trace if on else None
+        return trace
 
     def _lm_head(self, row0: int, rows: int) -> None:
         """logits[0..rows) = head(norm(x[row0..row0+rows)))."""
