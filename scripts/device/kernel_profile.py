@@ -79,7 +79,10 @@ def main() -> int:
     greedy = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, be.vocab_size, a.prompt)]
-    out: dict[str, Any] = {"model": os.path.basename(a.model), "device": torch.cuda.get_device_name()}
+    out: dict[str, Any] = {
+        "model": os.path.basename(a.model),
+        "device": torch.cuda.get_device_name(),
+    }
     with tempfile.TemporaryDirectory() as d:
         # decode: warm the graph, then profile `steps` greedy steps
         tok = be.forward_sample(prompt[:64], greedy, 0.0, [])
