@@ -189,3 +189,244 @@ __device__ __forceinline__ void gemm_entry(const uint8_t* W, long long row_bytes
   }
 FOR_EACH_QTYPE(GEMM_INST)
 #endif
+
+// ---- gemm v2 tile geometry (also outside the kernels: host code and tests read Smem) ----
+namespace g2 {
+constexpr int BN = 128, BK = 32, LD = 40, THREADS = 256;
+template <int T> struct Cfg {
+  static constexpr int QK = QTraits<T>::QK, BYTES = QTraits<T>::BYTES;
+  static constexpr int KC = QK > 128 ? QK : 128;       // elements per raw chunk
+  static constexpr int SEG = KC / QK * BYTES;           // bytes of a row's chunk
+  static constexpr int WIN = (SEG + 30) / 16 * 16;      // >= 16-byte cover of any SEG bytes
+  static constexpr int NPC = WIN / 16;                  // pieces per row and chunk (at most)
+  static constexpr int P = (NPC % 2 == 0) ? WIN + 16 : WIN;  // row pitch: odd 16-byte count
+  static constexpr int SPC = KC / BK;                   // K steps per chunk
+};
+template <int T, int BM> struct Smem {
+  static constexpr int bytes = 2 * (BM + BN) * LD * 2 + 2 * BN * Cfg<T>::P;
+};
+
+}  // namespace g2
+
+#ifndef GEMM_CORE_ONLY
+// ---- gemm v2 (dense prefill; H11, docs/kernels.md "H11: prefill gemm v2") -------------------
+// gemm2_<type>_m128 / _m64: a block of 256 threads (8 warps, 2 x 4) computes BM tokens x 128
+// weight rows (warp tile BM/2 x 32, mma.sync m16n8k16 fp16 -> fp32), K step 32. Per block:
+// * the raw quantized bytes of the W tile travel global -> shared by cp.async, one chunk of
+//   KC = max(QK, 128) elements per row (16-byte pieces covering the row's byte range; the one
+//   piece that would cross the end of the matrix is copied with byte loads), double-buffered
+//   a whole chunk ahead, so dequantization never waits on global memory;
+// * each K step's W tile (128 x 32) is dequantized once (dequant8 from shared memory) into a
+//   padded fp16 tile, one step ahead of the tensor cores;
+// * the X tile (fp32) is requested into registers one step ahead, converted to fp16 and stored
+//   after the current step's mma (|X| < 65504 assumed, as in v1);
+// * fragments come from ldmatrix.x4 (80-byte rows: conflict-free); one __syncthreads per step
+//   plus one per chunk. No split-K, no atomics: bit-identical run to run.
+// Shared memory is dynamic (g2::Smem<T, BM>::bytes, mirrored by gemm2_smem_bytes in matmul.py
+// and checked against it in tests/unit/cuda/test_matmul_args.py); the kernel traps if launched
+// with less.
+namespace g2 {
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void ldsm4(uint32_t r[4], const __half* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <int T, int BM>
+__device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row_bytes, int N,
+                                    int K, const float* __restrict__ X, long long ldx, int M,
+                                    const float* __restrict__ bias, const float* residual,
+                                    float* Y, long long ldy) {
+  using C = Cfg<T>;
+  constexpr int MI = BM / 32;                          // m16 tiles per warp
+  constexpr int XL = BM * (BK / 4) / THREADS;          // float4 X loads per thread: 4 or 2
+  constexpr int WL = BN * (BK / 8) / THREADS;          // 8-element W groups per thread: 2
+  constexpr int CPI = (BN * C::NPC + THREADS - 1) / THREADS;  // piece slots per thread
+  extern __shared__ __align__(16) uint8_t g2_smem[];
+  __half* As = reinterpret_cast<__half*>(g2_smem);     // [2][BM * LD]
+  __half* Bs = As + 2 * BM * LD;                       // [2][BN * LD]
+  uint8_t* Raw = reinterpret_cast<uint8_t*>(Bs + 2 * BN * LD);  // [2][BN * P]
+  {
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < static_cast<unsigned>(Smem<T, BM>::bytes)) __trap();
+  }
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3, gq = lane >> 2, cq = lane & 3;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int nk = K / BK, nc = (K + C::KC - 1) / C::KC;
+  const long long wend = (long long)N * row_bytes;
+  const unsigned rb15 = static_cast<unsigned>(row_bytes & 15);
+
+  // raw bytes of chunk c (elements c*KC ..) of the block's rows -> Raw[c & 1]
+  auto issue_chunk = [&](int c) {
+    uint8_t* dst = Raw + (c & 1) * (BN * C::P);
+    const long long cb = (long long)c * C::SEG;
+    const long long rest = row_bytes - cb;
+    const int seg = rest < C::SEG ? static_cast<int>(rest) : C::SEG;
+#pragma unroll
+    for (int i = 0; i < CPI; ++i) {
+      const int idx = tid + i * THREADS;
+      if (idx >= BN * C::NPC) break;
+      const int r = idx / C::NPC, p = idx - r * C::NPC;
+      const int n = n0 + r;
+      if (n >= N) continue;
+      const long long a = (long long)n * row_bytes + cb;
+      const long long gp = (a & ~15LL) + 16 * p;
+      if (gp >= a + seg) continue;
+      uint8_t* d = dst + r * C::P + 16 * p;
+      if (gp + 16 <= wend) {
+        cp16(d, W + gp);
+      } else {
+        for (int b = 0; b < 16; ++b) d[b] = gp + b < wend ? W[gp + b] : 0;
+      }
+    }
+  };
+  // dequantize K step kt (its chunk is in Raw) -> Bs[buf]
+  auto dequant_step = [&](int kt, int buf) {
+    const int c = kt / C::SPC;
+    const int ke = (kt - c * C::SPC) * BK;
+    const uint8_t* src = Raw + (c & 1) * (BN * C::P);
+    __half* dst = Bs + buf * (BN * LD);
+    const unsigned coff = static_cast<unsigned>(c) * static_cast<unsigned>(C::SEG & 15);
+#pragma unroll
+    for (int i = 0; i < WL; ++i) {
+      const int idx = tid + i * THREADS, r = idx >> 2, gi = idx & 3;
+      const int n = n0 + r;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (n < N) {
+        const unsigned off = (static_cast<unsigned>(n) * rb15 + coff) & 15u;
+        const int e = ke + 8 * gi;
+        float w[8];
+        dequant8<T>(src + r * C::P + off + (e / C::QK) * C::BYTES, (e % C::QK) >> 3, w);
+        v = make_uint4(pack_h2(w[0], w[1]), pack_h2(w[2], w[3]), pack_h2(w[4], w[5]),
+                       pack_h2(w[6], w[7]));
+      }
+      *reinterpret_cast<uint4*>(dst + r * LD + 8 * gi) = v;
+    }
+  };
+  float4 xr[XL];
+  auto load_x = [&](int kt) {
+#pragma unroll
+    for (int i = 0; i < XL; ++i) {
+      const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
+      const int m = m0 + row;
+      xr[i] = m < M ? __ldg(reinterpret_cast<const float4*>(X + (long long)m * ldx + kt * BK +
+                                                            4 * c4))
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  auto store_x = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < XL; ++i) {
+      const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
+      *reinterpret_cast<uint2*>(As + buf * (BM * LD) + row * LD + 4 * c4) =
+          make_uint2(pack_h2(xr[i].x, xr[i].y), pack_h2(xr[i].z, xr[i].w));
+    }
+  };
+
+  float acc[MI][4][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // ldmatrix lane addresses (halves) within a buffer
+  const int a_off = (wm * (BM / 2) + (lane & 15)) * LD + (lane >> 4) * 8;
+  const int b_off = (wn * 32 + (lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8;
+
+  issue_chunk(0);
+  cp_commit();
+  if (nc > 1) issue_chunk(1);
+  cp_commit();
+  load_x(0);
+  cp_wait1();
+  __syncthreads();
+  dequant_step(0, 0);
+  store_x(0);
+  __syncthreads();
+
+  for (int kt = 0; kt < nk; ++kt) {
+    const int buf = kt & 1;
+    const bool more = kt + 1 < nk;
+    if (more) {
+      if ((kt + 1) % C::SPC == 0) {  // step kt+1 opens chunk c: chunk c+1's buffer is free
+        const int c = (kt + 1) / C::SPC;
+        if (c + 1 < nc) issue_chunk(c + 1);
+        cp_commit();
+        cp_wait1();  // chunk c has landed (this thread's pieces) ...
+        __syncthreads();  // ... and everyone's
+      }
+      dequant_step(kt + 1, buf ^ 1);
+      load_x(kt + 1);  // after the dequant: its registers are not held through it
+    }
+    const __half* Ab = As + buf * (BM * LD);
+    const __half* Bb = Bs + buf * (BN * LD);
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      uint32_t a[MI][4], b[4][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) ldsm4(a[mi], Ab + a_off + mi * 16 * LD + ks);
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        uint32_t t[4];
+        ldsm4(t, Bb + b_off + nj * 16 * LD + ks);
+        b[2 * nj][0] = t[0];
+        b[2 * nj][1] = t[1];
+        b[2 * nj + 1][0] = t[2];
+        b[2 * nj + 1][1] = t[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816(acc[mi][ni], a[mi], b[ni]);
+    }
+    if (more) store_x(buf ^ 1);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + wm * (BM / 2) + mi * 16 + gq + 8 * h;
+      if (m >= M) continue;
+      const long long yo = (long long)m * ldy;
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = n0 + wn * 32 + ni * 8 + 2 * cq + e;
+          if (n < N) {
+            float s = acc[mi][ni][2 * h + e];
+            if (bias) s += bias[n];
+            if (residual) s += residual[yo + n];
+            Y[yo + n] = s;
+          }
+        }
+    }
+}
+}  // namespace g2
+
+#define GEMM2_INST(TY, NAME)                                                                 \
+  extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m128(                 \
+      const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \
+      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
+    g2::run<TY, 128>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);               \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m64(                  \
+      const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \
+      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
+    g2::run<TY, 64>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);                \
+  }
+FOR_EACH_QTYPE(GEMM2_INST)
+#endif

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Time the matrix kernels on the GPU for every matrix shape of the three target models.
 
-    python3 scripts/gpu_matmul_bench.py [--json OUT.json] [--quick] [--no-gemm]
+    python3 scripts/gpu_matmul_bench.py [--json OUT.json] [--quick] [--no-gemm] [--gemm-only]
 
 Prints, per shape: weight bytes, gemv time (one token) of the default kernel (v4), GB/s and
 the fraction of the device-to-device copy bandwidth measured in the same run (the ceiling),
 the same for the previous kernel (v3) and for each v4 rows-per-warp variant (r1, r2, r4),
 gemm (512 tokens) time and TFLOP/s; then the sum over one decoded token's matrices per model
 (a matmul-only decode ceiling in tokens/s, v4 and v3) and a few multi-token gemv and MoE
-figures.
+figures. --gemm-only: the prefill gemm alone, v1 (64 and 128-token tiles) against v2 (64,
+128, the default pick, and the default once more for the spread) at 512 tokens, all in one
+process, then the sum per model (a matmul-only pp512 figure).
 
 Timing: CUDA events around R back-to-back launches, queued behind a ~10 ms spin kernel so
 that the host's launch cost (several µs per PyCUDA launch) is not in the numbers, median of
@@ -165,13 +167,89 @@ class Bench:
         self.drv.Context.synchronize()
 
 
+def gemm_ab(b: Bench, shapes: list[tuple[str, str, int, int, int, int]], m: int) -> list[Any]:
+    """Old (v1) and new (v2) prefill gemm per shape at m tokens, same process and card."""
+    mm, ga = b.mm, b.ga
+    variants = [
+        ("v1_64", {"version": 1, "tile_m": 64}),
+        ("v1_128", {"version": 1, "tile_m": 128}),
+        ("v2_64", {"version": 2, "tile_m": 64}),
+        ("v2_128", {"version": 2, "tile_m": 128}),
+        ("v2", {"version": 2}),
+        ("v2_again", {"version": 2}),
+    ]
+    print(f"\ngemm, {m} tokens, us (TFLOP/s of the best v1 and of the default v2)")
+    names = " ".join(f"{v[0]:>9}" for v in variants)
+    head = f"{'model':13} {'matrix':18} {'N':>6} {'K':>5} {'type':5}"
+    print(f"{head} {names} {'v1 TF':>6} {'v2 TF':>6}")
+    rows: list[dict[str, Any]] = []
+    for model, mat, n, k, qtype, count in shapes:
+        lay = layout(qtype)
+        nbytes = n * lay.row_bytes(k)
+        copies = max(1, min(64, -(-ROTATE_BYTES // nbytes)))
+        ws = b.weights(qtype, n, k, copies)
+        x = ga.to_gpu(b.rng.standard_normal((m, k), dtype=np.float32))
+        y = ga.empty((m, n), np.float32)
+        xb, yb = (int(x.gpudata), x.nbytes), (int(y.gpudata), y.nbytes)
+        reps = 10 if nbytes < (64 << 20) else 3
+        t: dict[str, float] = {}
+        for name, kw in variants:
+
+            def launch(
+                i: int, kw: dict[str, int] = kw, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb
+            ) -> None:
+                mm.gemm(ws[i % len(ws)], xb, yb, m, stream=b.stream, **kw)
+
+            t[name] = b.time_batch(launch, reps)
+        flop = 2 * m * n * k
+        t1 = min(t["v1_64"], t["v1_128"])
+        row = {
+            "model": model,
+            "matrix": mat,
+            "N": n,
+            "K": k,
+            "type": lay.name,
+            "count": count,
+            "m": m,
+            "times_s": t,
+            "v2_kernel": plan_gemm(ws[0], xb, yb, m, version=2).kernel,
+            "v1_best_TFLOPs": flop / t1 / 1e12,
+            "v2_TFLOPs": flop / t["v2"] / 1e12,
+        }
+        rows.append(row)
+        cells = " ".join(f"{t[v[0]] * 1e6:9.1f}" for v in variants)
+        print(
+            f"{model:13} {mat:18} {n:6} {k:5} {lay.name:5} {cells} "
+            f"{row['v1_best_TFLOPs']:6.1f} {row['v2_TFLOPs']:6.1f}  {row['v2_kernel']}"
+        )
+        b.release()
+    print(f"\nper {m}-token prefill, matrices only (sum of time x count):")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        t1 = sum(min(r["times_s"]["v1_64"], r["times_s"]["v1_128"]) * r["count"] for r in rs)
+        t2 = sum(r["times_s"]["v2"] * r["count"] for r in rs)
+        print(
+            f"  {model:13} v1 best tile {t1 * 1e3:.2f} ms ({m / t1:.0f} tok/s), "
+            f"v2 {t2 * 1e3:.2f} ms ({m / t2:.0f} tok/s), {t1 / t2:.2f}x"
+        )
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     ap.add_argument("--no-gemm", action="store_true", help="gemv only (skip the 512-token gemm)")
+    ap.add_argument("--gemm-only", action="store_true", help="gemm v1 vs v2 only (512 tokens)")
     args = ap.parse_args()
     b = Bench()
+    if args.gemm_only:
+        print(f"device: {b.name}")
+        rows_g = gemm_ab(b, SHAPES[::4] if args.quick else SHAPES, 512)
+        if args.json:
+            args.json.write_text(json.dumps({"device": b.name, "gemm": rows_g}, indent=1))
+        b.ctx.pop()
+        return 0
     mm, ga = b.mm, b.ga
     bw = b.copy_bandwidth()
     print(f"device: {b.name}; device-to-device copy {bw / 1e9:.0f} GB/s (read+write)")

@@ -4,9 +4,9 @@ Reference: worker.gguf.quants dequantizes the same random blocks (worker.gguf.sy
 every code point of every format), the product is taken in float64.
 Bounds, as ||y - ref|| / ||ref||:
 * gemv: FP32 products and sums of float32 inputs -> 2e-5 (seen values are ~1e-7 to 1e-6);
-* gemm: X and the dequantized W are rounded to fp16 for the tensor cores (relative rounding
-  up to 2^-11 = 4.9e-4 per operand, about 2.8e-4 rms), products exact and sums in fp32, so a
-  random-sign dot carries about 4e-4 relative error -> 2e-3.
+* gemm (v1 and v2 alike): X and the dequantized W are rounded to fp16 for the tensor cores
+  (relative rounding up to 2^-11 = 4.9e-4 per operand, about 2.8e-4 rms), products exact and
+  sums in fp32, so a random-sign dot carries about 4e-4 relative error -> 2e-3.
 Every output is poisoned with NaN first and must be fully written; every launch is run twice
 and must give bit-identical results; an out-of-range launch must be refused before it runs.
 """
@@ -172,15 +172,57 @@ def test_gemv_variants_match_reference(
         assert same, "gemv is not bit-identical run to run"
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
-def test_gemm_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+def test_gemm_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, version: int) -> None:
     rng = np.random.default_rng(77 + qtype)
     for (n, k), m in zip(small_shapes(qtype), (9, 77, 200), strict=True):
         err, same = run_linear(
-            mm, gpu, qtype, n, k, m, rng, with_bias=m == 77, with_residual=m == 200, form="gemm"
+            mm,
+            gpu,
+            qtype,
+            n,
+            k,
+            m,
+            rng,
+            with_bias=m == 77,
+            with_residual=m == 200,
+            form="gemm",
+            launch_kw={"version": version},
         )
-        assert err < GEMM_BOUND, (LAYOUTS[qtype].name, n, k, m, err)
+        assert err < GEMM_BOUND, (LAYOUTS[qtype].name, version, n, k, m, err)
         assert same, "gemm is not bit-identical run to run"
+
+
+@pytest.mark.parametrize("tile_m", [64, 128])
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_gemm2_tiles_and_chunks(mm: MatmulKernels, gpu: Any, qtype: int, tile_m: int) -> None:
+    """gemm v2 (gemm2_<type>_m64/_m128) at shapes that end inside a token tile (M not a
+    multiple of 64 or 128), inside a 128-row tile (N), inside a raw chunk of max(QK, 128)
+    elements (K = 13 blocks for the 32-element types) and with several chunks (both shared
+    buffers reused); matrices whose byte size is not a multiple of 16, so the last 16-byte
+    piece is copied byte by byte."""
+    rng = np.random.default_rng(500 + 7 * qtype + tile_m)
+    qk = QK[qtype]
+    cases = [(1, qk, 1), (37, 3 * qk, 130), (200, 13 * qk, 77), (129, 5 * qk, 257)]
+    if qk == 32:
+        cases.append((131, 40 * qk, 129))  # 10 chunks of 128 elements
+    for i, (n, k, m) in enumerate(cases):
+        err, same = run_linear(
+            mm,
+            gpu,
+            qtype,
+            n,
+            k,
+            m,
+            rng,
+            with_bias=i % 2 == 1,
+            with_residual=i % 3 == 2,
+            form="gemm",
+            launch_kw={"version": 2, "tile_m": tile_m},
+        )
+        assert err < GEMM_BOUND, (LAYOUTS[qtype].name, tile_m, n, k, m, err)
+        assert same, "gemm v2 is not bit-identical run to run"
 
 
 @pytest.mark.parametrize(("name", "n", "k", "qtype"), REAL_SHAPES, ids=[s[0] for s in REAL_SHAPES])
@@ -194,15 +236,29 @@ def test_real_model_shapes(
     assert err < GEMM_BOUND and same, (name, "gemm", err)
 
 
+@pytest.mark.parametrize(("name", "n", "k", "qtype"), REAL_SHAPES, ids=[s[0] for s in REAL_SHAPES])
+def test_gemm2_real_model_shapes(
+    mm: MatmulKernels, gpu: Any, name: str, n: int, k: int, qtype: int
+) -> None:
+    """gemm v2 on every real matrix at 300 tokens (the default tile) and, for the 64-token
+    tile, at 64 tokens; results bit-identical to a rerun."""
+    rng = np.random.default_rng(3 * n + k)
+    for m, kw in ((300, {"version": 2}), (64, {"version": 2, "tile_m": 64})):
+        err, same = run_linear(
+            mm, gpu, qtype, n, k, m, rng, with_bias=m == 64, form="gemm", launch_kw=kw
+        )
+        assert err < GEMM_BOUND and same, (name, m, err, same)
+
+
 def test_in_place_residual_add(mm: MatmulKernels, gpu: Any) -> None:
     rng = np.random.default_rng(5)
     n, k = 896, 4864
     raw, dense = random_matrix(14, n, k, rng)
-    for ntok in (1, 40):
+    for ntok, kw in ((1, {}), (40, {"version": 1}), (40, {"version": 2})):
         x = rng.standard_normal((ntok, k), dtype=np.float32)
         res = rng.standard_normal((ntok, n), dtype=np.float32)
         y, w_dev, x_dev = upload(res), upload(raw), upload(x)  # keep every buffer alive
-        mm.linear(qweight(w_dev, 14, n, k), x_dev, y, ntok, residual=y)
+        mm.linear(qweight(w_dev, 14, n, k), x_dev, y, ntok, residual=y, **kw)
         gpu.Context.synchronize()
         bound = GEMV_BOUND if ntok <= 8 else GEMM_BOUND
         assert rel_err(y.get(), reference(dense, x) + res) < bound
@@ -219,5 +275,7 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
     for form in ("gemv", "gemm"):
         with pytest.raises(KernelArgumentError, match=f"{form}_q4_k.*y buffer"):
             getattr(mm, form)(w, x, y, 4)
+    with pytest.raises(KernelArgumentError, match=r"gemm2_q4_k_m64.*y buffer"):
+        mm.gemm(w, x, y, 4, version=2)
     gpu.Context.synchronize()
     assert np.isnan(y.get()).all(), "a refused launch must not have run"

@@ -21,6 +21,7 @@ from worker.backends.cuda.matmul import (
     KernelArgumentError,
     Launch,
     QWeight,
+    gemm2_smem_bytes,
     plan_embed,
     plan_gemm,
     plan_gemv,
@@ -233,3 +234,64 @@ def test_gemv_default_modes_grids_and_refusals() -> None:
     refused(plan_gemv, w, x, y, 1, mode="fast")
     refused(plan_gemv, w, x, y, 1, version=5)
     refused(plan_gemv, w, x, y, 1, max_blocks=0)
+
+
+SMEM_HARNESS = r"""
+#define GEMM_CORE_ONLY
+#include "gemm.cu"
+#include <cstdio>
+#define SMEM_ROW(TY, NAME) \
+  printf("%d %d %d\n", (int)TY, g2::Smem<TY, 64>::bytes, g2::Smem<TY, 128>::bytes);
+int main() {
+  FOR_EACH_QTYPE(SMEM_ROW)
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is required (CI has it)")
+def test_gemm2_shared_memory_formula_matches_the_kernel(tmp_path: Path) -> None:
+    """plan_gemm passes gemm2_smem_bytes as the dynamic shared memory of gemm v2; it must be
+    the kernel's own g2::Smem (the kernel traps when launched with less), for every type."""
+    src = tmp_path / "smem.cu"
+    src.write_text(SMEM_HARNESS)
+    exe = tmp_path / "smem"
+    cmd = ["nvcc", "-std=c++17", "-O1", f"-I{CUDA_SRC}", str(src), "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    seen = set()
+    for line in out.split("\n"):
+        if not line.strip():
+            continue
+        qtype, b64, b128 = (int(v) for v in line.split())
+        lay = LAYOUTS[qtype]
+        assert (gemm2_smem_bytes(lay, 64), gemm2_smem_bytes(lay, 128)) == (b64, b128), lay.name
+        assert b128 <= 227 * 1024  # the per-block limit of sm_90
+        seen.add(qtype)
+    assert seen == set(LAYOUTS)
+
+
+def test_gemm2_plans_tiles_and_refusals() -> None:
+    """gemm v2: 128 weight rows per block, 256 threads, the 128-token tile when it gives at
+    least one block per SM of an H100 (132), else 64 tokens; dynamic shared memory attached."""
+
+    def plan(n: int, k: int, qtype: int, m: int, **kw: object) -> Launch:
+        w = weight(qtype, rows=n, cols=k)
+        return plan_gemm(w, *bufs(w, m), m, version=2, **kw)  # type: ignore[arg-type]
+
+    up = plan(16384, 3072, 12, 512)
+    assert up.kernel == "gemm2_q4_k_m128" and up.grid == (4, 128, 1) and up.block == (256, 1, 1)
+    assert up.shared == gemm2_smem_bytes(layout(12), 128) and up.args[6] == 512
+    down = plan(896, 4864, 14, 512)  # 4 x 7 blocks of 128 tokens: too few, 64-token tiles
+    assert down.kernel == "gemm2_q6_k_m64" and down.grid == (8, 7, 1)
+    assert down.shared == gemm2_smem_bytes(layout(14), 64)
+    head = plan(151936, 896, 8, 300)
+    assert head.kernel == "gemm2_q8_0_m128" and head.grid == (3, 1187, 1)
+    assert plan(130, 96, 8, 77, tile_m=128).grid == (1, 2, 1)
+    w = weight(12, rows=64, cols=512)
+    x, y = bufs(w, 10)
+    refused(plan_gemm, w, x, y, 10, version=3)
+    refused(plan_gemm, w, x, y, 10, version=2, tile_m=32)
+    err = refused(plan_gemm, w, x, DevBuf(y.ptr, 63 * 4 * 10), 10, version=2)
+    assert "gemm2_q4_k_m64" in str(err)
+    assert plan_gemm(w, x, y, 10, version=1).shared == 0

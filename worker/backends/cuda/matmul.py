@@ -51,6 +51,14 @@ GEMV_MAX_TOKENS = 8
 GEMM_THREADS = 128
 GEMM_TILE = 64  # GEMM_BN (weight rows per block) in gemm.cu; token tile 64 or 128
 GEMM_BIG_MIN_TOKENS = 128  # use the 128-token tile from this many tokens on (docs/kernels.md)
+# Prefill gemm: 2 (gemm2_<type>_m128/_m64: 128-row tiles, raw weights staged by cp.async,
+# dynamic shared memory) or 1 (gemm_/gemm128_<type>, kept for comparison). The environment
+# variable WORKER_ORCD_GEMM_VERSION overrides the default (A/B runs on one warm card).
+GEMM_VERSION = int(os.environ.get("WORKER_ORCD_GEMM_VERSION", "1"))
+GEMM2_ROWS = 128  # g2::BN in gemm.cu: weight rows per block
+GEMM2_THREADS = 256  # g2::THREADS
+GEMM2_LD = 40  # g2::LD: halves per row of the fp16 tiles
+GEMM2_ONE_WAVE = 132  # blocks of the 128-token tile below which the 64-token tile is used
 EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
@@ -124,6 +132,8 @@ class Launch:
     # grid[0] is capped at the blocks resident at once (MatmulKernels.gemv_cap): the v4 gemv,
     # whose warps load their next row tile while decoding the current one.
     cap_resident: bool = False
+    # dynamic shared memory bytes (gemm v2); above 48 KB the function's limit is raised
+    shared: int = 0
 
 
 BufLike = DevBuf | tuple[Any, int] | Any
@@ -285,16 +295,46 @@ def plan_gemm(
     ldx: int | None = None,
     ldy: int | None = None,
     tile_m: int | None = None,
+    version: int | None = None,
 ) -> Launch:
     """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores.
 
-    tile_m: tokens per block, 64 (gemm_<type>) or 128 (gemm128_<type>); by default 128 from
+    version 2: gemm2_<type>_m<tile_m>, 128 weight rows per block, 256 threads, dynamic
+    shared memory (gemm2_smem_bytes); tile_m 128 by default when that gives at least
+    GEMM2_ONE_WAVE blocks, else 64 (more blocks for shapes with few row tiles).
+    version 1: gemm_<type> / gemm128_<type> (64 weight rows per block); tile_m 128 from
     GEMM_BIG_MIN_TOKENS tokens on (faster on 19 of the 21 model shapes at 512 tokens on an
-    H100, 11 µs slower on Qwen's 4864x896 gate/up), else 64."""
+    H100, 11 µs slower on Qwen's 4864x896 gate/up), else 64.
+    Default version: GEMM_VERSION."""
     lay = _check_weight(_kname("gemm", w.qtype), w)
     kernel = f"gemm_{lay.name}"
+    version = GEMM_VERSION if version is None else version
+    _need(kernel, version in (1, 2), f"gemm version {version} not 1 or 2")
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
     _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
+    if version == 2:
+        tiles_n = -(-w.rows // GEMM2_ROWS)
+        _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
+        if tile_m is None:
+            tile_m = 128 if -(-m // 128) * tiles_n >= GEMM2_ONE_WAVE else 64
+        _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
+        kernel = f"gemm2_{lay.name}_m{tile_m}"
+        launch = _plan_linear(
+            kernel,
+            "gemm",
+            w,
+            lay,
+            x,
+            y,
+            m,
+            bias,
+            residual,
+            ldx,
+            ldy,
+            grid=(-(-m // tile_m), tiles_n, 1),
+            block=(GEMM2_THREADS, 1, 1),
+        )
+        return replace(launch, shared=gemm2_smem_bytes(lay, tile_m))
     tiles_n = -(-w.rows // GEMM_TILE)
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
     if tile_m is None:
@@ -317,6 +357,18 @@ def plan_gemm(
         grid=(-(-m // tile_m), tiles_n, 1),
         block=(2 * tile_m, 1, 1),
     )
+
+
+def gemm2_smem_bytes(lay: QLayout, tile_m: int) -> int:
+    """Dynamic shared memory of gemm2_<type>_m<tile_m> (g2::Smem in gemm.cu, same formula):
+    two fp16 X tiles and two fp16 W tiles of GEMM2_LD halves a row, and two raw chunks of
+    128 rows, each row a 16-byte cover of max(QK, 128) elements' bytes at an odd multiple of
+    16 bytes (the kernel traps when launched with less)."""
+    kc = max(lay.qk, 128)
+    seg = kc // lay.qk * lay.block_bytes
+    win = (seg + 30) // 16 * 16
+    pitch = win + 16 if (win // 16) % 2 == 0 else win
+    return 2 * (tile_m + GEMM2_ROWS) * GEMM2_LD * 2 + 2 * GEMM2_ROWS * pitch
 
 
 def _kname(prefix: str, qtype: int) -> str:
@@ -500,6 +552,16 @@ def _prefer_shared(fn: Any) -> None:
         fn.set_cache_config(drv.func_cache.PREFER_SHARED)
 
 
+def _allow_dynamic_shared(fn: Any, kernel: str, nbytes: int) -> None:
+    """Raise fn's dynamic shared-memory limit to nbytes (needed above 48 KB)."""
+    import pycuda.driver as drv
+
+    try:
+        fn.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+    except (AttributeError, drv.Error) as e:
+        raise CudaError(f"{kernel}: cannot allow {nbytes} bytes of shared memory: {e}") from e
+
+
 class MatmulKernels:
     """Loaded modules and prepared functions; create and use on the CUDA context thread."""
 
@@ -546,6 +608,8 @@ class MatmulKernels:
                 raise CudaError(f"{launch.kernel}: not in module {launch.module}: {e}") from e
             fn.prepare(launch.arg_format)
             _prefer_shared(fn)
+            if launch.shared > 48 * 1024:
+                _allow_dynamic_shared(fn, launch.kernel, launch.shared)
             self._funcs[launch.kernel] = fn
             self._resident[launch.kernel] = self._sms * self._blocks_per_sm(fn, launch.block[0])
         return fn
@@ -573,7 +637,9 @@ class MatmulKernels:
         elif launch.cap_resident and self.gemv_cap:
             grid = (min(grid[0], self._resident[launch.kernel]), grid[1], grid[2])
         try:
-            fn.prepared_async_call(grid, launch.block, stream, *launch.args)
+            fn.prepared_async_call(
+                grid, launch.block, stream, *launch.args, shared_size=launch.shared
+            )
         except Exception as e:  # pycuda.driver.Error and subclasses
             raise CudaError(f"{launch.kernel}: launch failed: {e}") from e
 
