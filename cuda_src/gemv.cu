@@ -231,6 +231,7 @@ __device__ __forceinline__ void gemv_entry(const uint8_t* W, long long row_bytes
   GEMV3_INST(TY, NAME, 4)      \
   GEMV3_INST(TY, NAME, 8)
 FOR_EACH_QTYPE(GEMV3_ALL_NB)
+#endif  // GEMV_CORE_ONLY: the v4 device functions below are shared with moe.cu
 
 // ---- v4: one warp per RW rows, no block-wide barriers (the default) ------------------------
 //
@@ -740,6 +741,7 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
 // gemv_<type>_nb<NB>[_x|_a][_r<RW>]: grid (G), block 32*GEMV4_WARPS, G <= ceil(N / (4*RW)):
 // block b takes row tiles b, b+G, ... of 4*RW rows. Plain and _x (x prefetch): the wrapper
 // launches one block per tile; _a (cp.async walk): capped at the blocks resident at once.
+#ifndef GEMV_CORE_ONLY
 #define GEMV4_INST(TY, NAME, NB, RW, U, MODE, SUFFIX)                                         \
   extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                              \
       gemv_##NAME##_nb##NB##SUFFIX(const uint8_t* W, long long row_bytes, int N, int K,       \

@@ -4,7 +4,9 @@ Same reference and bounds as test_matmul.py: embedding rows equal the NumPy dequ
 to within one float32 rounding (rtol 2e-6); moe_gemv (FP32) within 2e-5 and moe_gemm (fp16
 tensor-core operands) within 2e-3 relative to a float64 product; outputs poisoned with NaN
 first; bit-identical repeated runs; an invalid id gives NaN (embedding, moe_gemv) and never
-reads outside the table.
+reads outside the table. Every moe_gemv variant (v4 with 1/2/4 rows per warp, v3) for every
+type; the routing pre-pass's lists and tile table against NumPy; the routed moe_gemm
+bit-identical to the previous (ballot-scan) kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import numpy as np
 import pytest
 from pycuda_arrays import poisoned, rel_err, upload
 
-from worker.backends.cuda.matmul import KernelArgumentError, MatmulKernels, QWeight
+from worker.backends.cuda.matmul import (
+    KernelArgumentError,
+    MatmulKernels,
+    QWeight,
+    moe_workspace_bytes,
+    plan_moe_route,
+)
 from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
 
 pytestmark = pytest.mark.gpu
@@ -81,16 +89,49 @@ def moe_case(
     per_slot: bool,
     form: str,
     rng: np.random.Generator,
+    *,
+    ids: np.ndarray | None = None,
+    **kw: Any,
 ) -> tuple[float, bool]:
+    """Relative error of moe against a float64 product, and whether two runs are identical.
+    ids: [ntok][topk] routing (default: random distinct experts per token); kw: plan_moe's."""
+    out, ref = moe_run(
+        mm, gpu, qtype, n_expert, n, k, ntok, topk, per_slot, form, rng, ids=ids, **kw
+    )
+    return rel_err(out[0], ref), out[0].tobytes() == out[1].tobytes()
+
+
+def moe_run(
+    mm: MatmulKernels,
+    gpu: Any,
+    qtype: int,
+    n_expert: int,
+    n: int,
+    k: int,
+    ntok: int,
+    topk: int,
+    per_slot: bool,
+    form: str,
+    rng: np.random.Generator,
+    *,
+    ids: np.ndarray | None = None,
+    **kw: Any,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Two runs' outputs (poisoned with NaN first) and the float64 reference (rows of invalid
+    ids: NaN)."""
     raws, denses = zip(*(random_matrix(qtype, n, k, rng) for _ in range(n_expert)), strict=True)
     raw = np.concatenate(raws)
     bias = rng.standard_normal((n_expert, n), dtype=np.float32)
-    ids = route(rng, ntok, n_expert, topk)
+    if ids is None:
+        ids = route(rng, ntok, n_expert, topk)
     x = rng.standard_normal((ntok, topk if per_slot else 1, k), dtype=np.float32)
     ref = np.empty((ntok * topk, n))
     for t in range(ntok):
         for s in range(topk):
             e = ids[t, s]
+            if not 0 <= e < n_expert:
+                ref[t * topk + s] = np.nan
+                continue
             xs = x[t, s if per_slot else 0].astype(np.float64)
             ref[t * topk + s] = denses[e].astype(np.float64) @ xs + bias[e]
     w_dev = upload(raw)
@@ -99,10 +140,12 @@ def moe_case(
     outs = []
     for _ in range(2):
         y = poisoned((ntok * topk, n))
-        mm.moe(w, ids_dev, ntok, topk, x_dev, y, per_slot_input=per_slot, bias=b_dev, form=form)
+        mm.moe(
+            w, ids_dev, ntok, topk, x_dev, y, per_slot_input=per_slot, bias=b_dev, form=form, **kw
+        )
         gpu.Context.synchronize()
         outs.append(y.get())
-    return rel_err(outs[0], ref), outs[0].tobytes() == outs[1].tobytes()
+    return outs, ref
 
 
 @pytest.mark.parametrize("qtype", [39, 8, 12], ids=["mxfp4", "q8_0", "q4_k"])
@@ -138,3 +181,122 @@ def test_moe_gemv_bad_expert_id_gives_nan(mm: MatmulKernels, gpu: Any) -> None:
     assert np.isfinite(got[0]).all() and np.isnan(got[1]).all()
     with pytest.raises(KernelArgumentError, match="moe_gemv_mxfp4"):
         mm.moe(w, ids_dev, 1, 5, x, y, per_slot_input=False, form="gemv")
+
+
+GEMV_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("r1", {"rows_per_warp": 1}),
+    ("r2", {"rows_per_warp": 2}),
+    ("r4", {"rows_per_warp": 4}),
+    ("v3", {"version": 3}),
+]
+
+
+@pytest.mark.parametrize("variant", GEMV_VARIANTS, ids=[v[0] for v in GEMV_VARIANTS])
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_moe_gemv_variants_every_type(
+    mm: MatmulKernels, gpu: Any, qtype: int, variant: tuple[str, dict[str, Any]]
+) -> None:
+    """133 rows (partial row tiles), experts starting at any byte offset (K = 2 blocks), and a
+    2880-column shape (several chunks per row for 4 rows per warp); 1 and 2 tokens, shared
+    and per-slot inputs."""
+    rng = np.random.default_rng(qtype * 7 + len(variant[0]))
+    qk = LAYOUTS[qtype].qk
+    shapes = (
+        (133, 2 * qk, 1, False),
+        (133, 2 * qk, 2, True),
+        (70, 2880 if qk == 32 else 3072, 2, True),
+    )
+    for n, k, ntok, per_slot in shapes:
+        err, same = moe_case(mm, gpu, qtype, 6, n, k, ntok, 3, per_slot, "gemv", rng, **variant[1])
+        assert err < 2e-5 and same, (variant[0], n, k, ntok, err)
+
+
+@pytest.mark.parametrize("rw", [1, 2, 4])
+def test_moe_gemv_v4_bad_id_rows_are_nan(mm: MatmulKernels, gpu: Any, rw: int) -> None:
+    rng = np.random.default_rng(rw)
+    ids = np.array([[2, -1, 6, 1]], np.int32)  # -1 and 6 (== n_expert) are invalid
+    out, ref = moe_run(mm, gpu, 39, 6, 133, 64, 1, 4, False, "gemv", rng, ids=ids, rows_per_warp=rw)
+    got = out[0]
+    assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
+    assert rel_err(got[[0, 3]], ref[[0, 3]]) < 2e-5
+
+
+def read_route(
+    mm: MatmulKernels, gpu: Any, ids: np.ndarray, n_expert: int, tile_m: int
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Run moe_route on ids; return (ntiles, tiles [ntiles][4], list [n_assign])."""
+    import pycuda.gpuarray as ga
+
+    n = len(ids)
+    nbytes = moe_workspace_bytes(n, n_expert, tile_m)
+    ws = ga.empty(nbytes // 4, np.int32)
+    ws.fill(np.int32(-7))
+    ids_dev = upload(ids.astype(np.int32))
+    mm.run(plan_moe_route(ids_dev, n, n_expert, ws, tile_m=tile_m))
+    gpu.Context.synchronize()
+    h = ws.get()
+    ntiles = int(h[0])
+    bound = (nbytes - 16 - 4 * n) // 16
+    tiles = h[4 : 4 + 4 * bound].reshape(bound, 4)[:ntiles]
+    return ntiles, tiles, h[4 + 4 * bound :]
+
+
+def check_route(ids: np.ndarray, n_expert: int, tile_m: int, got: tuple[int, Any, Any]) -> None:
+    ntiles, tiles, lst = got
+    valid = (ids >= 0) & (ids < n_expert)
+    order = np.argsort(np.where(valid, ids, n_expert), kind="stable")[: int(valid.sum())]
+    assert (lst[: len(order)] == order).all()  # grouped by expert, ascending within one
+    want = []
+    off = 0
+    for e in range(n_expert):
+        c = int((ids == e).sum())
+        want += [(e, off + j, min(tile_m, c - j), 0) for j in range(0, c, tile_m)]
+        off += c
+    assert ntiles == len(want)
+    assert [tuple(int(v) for v in t) for t in tiles] == want
+
+
+@pytest.mark.parametrize("tile_m", [64, 128])
+def test_moe_route_lists_and_tiles(mm: MatmulKernels, gpu: Any, tile_m: int) -> None:
+    rng = np.random.default_rng(tile_m)
+    cases = [
+        route(rng, 96, 32, 4).reshape(-1),  # gpt-oss-like, 384 assignments
+        np.full(300, 7, np.int32),  # every assignment on one expert (several tiles)
+        rng.choice([3, 9], 130).astype(np.int32),  # two experts used, the rest empty
+        np.array([5], np.int32),  # a single assignment
+        rng.integers(0, 128, 5000).astype(np.int32),  # more assignments than threads
+        np.concatenate([route(rng, 40, 16, 4).reshape(-1), [-1, 16, 2, -5]]).astype(np.int32),
+    ]
+    for ids, n_expert in zip(cases, (32, 8, 16, 6, 128, 16), strict=True):
+        first = read_route(mm, gpu, ids, n_expert, tile_m)
+        check_route(ids, n_expert, tile_m, first)
+        again = read_route(mm, gpu, ids, n_expert, tile_m)
+        assert first[0] == again[0] and (first[2] == again[2]).all()
+
+
+def test_moe_gemm_routed_matches_previous_kernel(mm: MatmulKernels, gpu: Any) -> None:
+    """The routed gemm (tile 64) gives the previous kernel's bytes; tile 128 within 2e-3; every
+    token on the same 4 experts (several tiles an expert), 70 tokens (partial tiles)."""
+    for qtype, n, k in ((39, 133, 64), (12, 96, 512), (8, 200, 96)):
+        for ids_kind in ("random", "concentrated"):
+            outs = {}
+            for name, kw in (("v3", {"version": 3}), ("64", {}), ("128", {"tile_m": 128})):
+                rng = np.random.default_rng(qtype)  # same weights, inputs, routing per variant
+                ids = route(rng, 70, 8, 4) if ids_kind == "random" else None
+                if ids is None:
+                    ids = np.tile(np.array([5, 0, 7, 2], np.int32), (70, 1))
+                out, ref = moe_run(mm, gpu, qtype, 8, n, k, 70, 4, True, "gemm", rng, ids=ids, **kw)
+                assert rel_err(out[0], ref) < 2e-3, (qtype, ids_kind, name)
+                assert out[0].tobytes() == out[1].tobytes()
+                outs[name] = out[0]
+            assert outs["64"].tobytes() == outs["v3"].tobytes(), (qtype, ids_kind)
+
+
+def test_moe_gemm_invalid_ids_left_unwritten(mm: MatmulKernels, gpu: Any) -> None:
+    rng = np.random.default_rng(5)
+    ids = route(rng, 20, 8, 2)
+    ids[3, 1], ids[11, 0] = -1, 8
+    out, ref = moe_run(mm, gpu, 8, 8, 64, 64, 20, 2, False, "gemm", rng, ids=ids)
+    bad = np.isnan(ref[:, 0])
+    assert bad.sum() == 2 and np.isnan(out[0][bad]).all()
+    assert rel_err(out[0][~bad], ref[~bad]) < 2e-3

@@ -22,10 +22,13 @@ from worker.backends.cuda.matmul import (
     Launch,
     QWeight,
     gemm2_smem_bytes,
+    moe_tile_bound,
+    moe_workspace_bytes,
     plan_embed,
     plan_gemm,
     plan_gemv,
     plan_moe,
+    plan_moe_route,
 )
 from worker.backends.cuda.quant_layout import LAYOUTS, layout, random_matrix
 from worker.errors import CudaError, ErrorCode
@@ -82,8 +85,11 @@ def test_good_gemm_embed_moe_plans() -> None:
     ids = DevBuf(1 << 33, 4 * 4)
     xm, ym = DevBuf(1 << 30, 2880 * 4 * 4), DevBuf(1 << 31, 4 * 2880 * 4)
     m = plan_moe(we, ids, 1, 4, xm, ym, per_slot_input=True)
-    assert m.kernel == "moe_gemv_mxfp4" and m.grid == (720, 4, 1)
+    assert m.kernel == "moe_gemv_mxfp4_r2" and m.grid == (360, 4, 1) and not m.persistent
     assert m.args[1] == 2880 * 90 * 17 and m.args[10] == 2880  # expert bytes, slot stride
+    m3 = plan_moe(we, ids, 1, 4, xm, ym, per_slot_input=True, version=3)
+    assert m3.kernel == "moe_gemv3_mxfp4" and m3.grid == (720, 4, 1) and m3.persistent
+    ws = DevBuf(1 << 32, moe_workspace_bytes(400, 32, 64))
     mg = plan_moe(
         we,
         DevBuf(1 << 33, 4 * 400),
@@ -92,9 +98,12 @@ def test_good_gemm_embed_moe_plans() -> None:
         DevBuf(1 << 30, 100 * 2880 * 4),
         DevBuf(1 << 31, 400 * 2880 * 4),
         per_slot_input=False,
+        workspace=ws,
     )
-    assert mg.kernel == "moe_gemm_mxfp4" and mg.grid == (7, 45, 32)
-    for launch in (g, e, m, mg):
+    # tiles: at most ceil(400/64) + 32 (one partial tile per used expert)
+    assert mg.kernel == "moe_gemm_mxfp4" and mg.grid == (39, 45, 1) and mg.block == (128, 1, 1)
+    assert mg.args[5:8] == (ws.ptr, ws.ptr + 16, ws.ptr + 16 + 16 * 39)
+    for launch in (g, e, m, m3, mg):
         assert len(launch.args) == len(launch.arg_format)
 
 
@@ -144,6 +153,76 @@ def test_embed_and_moe_refusals() -> None:
     refused(plan_moe, we, ids, 1, 4, DevBuf(xm.ptr, 64 * 4 * 3), ym, per_slot_input=True)
     refused(plan_moe, we, ids, 1, 4, xm, ym, per_slot_input=True, bias=DevBuf(1 << 32, 64 * 4))
     refused(plan_moe, we, ids, 1, 4, xm, ym, per_slot_input=True, form="dense")
+
+
+def test_moe_variants_route_and_workspace_checks() -> None:
+    we = weight(39, rows=133, cols=64, experts=8)
+    ids = DevBuf(1 << 33, 4 * 4 * 70)
+    x1, y1 = DevBuf(1 << 30, 4 * 64 * 4), DevBuf(1 << 31, 4 * 133 * 4)
+    for rw, grid0 in ((1, 34), (2, 17), (4, 9)):  # ceil(133 / (4 warps * rw))
+        la = plan_moe(we, ids, 1, 4, x1, y1, per_slot_input=True, rows_per_warp=rw)
+        assert la.kernel == "moe_gemv_mxfp4" + ("" if rw == 1 else f"_r{rw}")
+        assert la.grid == (grid0, 4, 1) and la.block == (128, 1, 1)
+    refused(plan_moe, we, ids, 1, 4, x1, y1, per_slot_input=True, rows_per_warp=3)
+    refused(plan_moe, we, ids, 1, 4, x1, y1, per_slot_input=True, version=2)
+    xg, yg = DevBuf(1 << 30, 70 * 64 * 4), DevBuf(1 << 31, 280 * 133 * 4)
+    need = moe_workspace_bytes(280, 8, 64)
+    assert need == 16 + 16 * (5 + 8) + 4 * 280
+    ws = DevBuf(1 << 32, need)
+    g = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws)
+    assert g.kernel == "moe_gemm_mxfp4" and g.grid == (13, 3, 1)
+    ws128 = DevBuf(1 << 32, moe_workspace_bytes(280, 8, 128))
+    g128 = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws128, tile_m=128)
+    assert g128.kernel == "moe_gemm128_mxfp4" and g128.grid == (11, 3, 1)
+    assert g128.block == (256, 1, 1)
+    g3 = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, version=3)
+    assert g3.kernel == "moe_gemm3_mxfp4" and g3.grid == (5, 3, 8)
+    for launch in (g, g128, g3):
+        assert len(launch.args) == len(launch.arg_format)
+    refused(plan_moe, we, ids, 70, 4, xg, yg, per_slot_input=False)  # no workspace
+    short = DevBuf(ws.ptr, need - 4)
+    refused(plan_moe, we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=short)
+    refused(plan_moe, we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws, tile_m=32)
+    on_y = DevBuf(yg.ptr + 64, need)
+    refused(plan_moe, we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=on_y)
+    odd = DevBuf(ws.ptr + 4, need)
+    refused(plan_moe, we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=odd)
+    many = weight(39, rows=64, cols=64, experts=2048)
+    refused(
+        plan_moe,
+        many,
+        ids,
+        70,
+        4,
+        xg,
+        DevBuf(yg.ptr, 280 * 64 * 4),
+        per_slot_input=False,
+        workspace=DevBuf(1 << 32, 1 << 20),
+    )  # more experts than moe_route's tables
+    r = plan_moe_route(ids, 280, 8, ws)
+    assert r.kernel == "moe_route" and r.grid == (1, 1, 1) and r.block == (1024, 1, 1)
+    assert r.args == (ids.ptr, 280, 8, 64, ws.ptr, ws.ptr + 16, ws.ptr + 16 + 16 * 13)
+    assert len(r.args) == len(r.arg_format)
+    refused(plan_moe_route, ids, 280, 8, short)
+    refused(plan_moe_route, DevBuf(ids.ptr, 4 * 279), 280, 8, ws)  # ids short
+    refused(plan_moe_route, ids, 280, 2000, DevBuf(1 << 32, 1 << 20))  # experts > 1024
+    refused(plan_moe_route, ids, 0, 8, ws)
+    refused(plan_moe_route, DevBuf(ws.ptr, 4 * 280), 280, 8, ws)  # ids inside the workspace
+
+
+def test_moe_tile_bound_covers_every_routing() -> None:
+    """moe_tile_bound >= the tiles moe_route makes (sum of ceil(count / tile)) for random,
+    skewed and one-expert routings; the grid has exactly that many tile slots."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n_exp = int(rng.integers(1, 200))
+        n = int(rng.integers(1, 3000))
+        tile = int(rng.choice([64, 128]))
+        p = rng.dirichlet(np.full(n_exp, float(rng.choice([0.05, 1.0, 50.0]))))
+        counts = np.bincount(rng.choice(n_exp, n, p=p), minlength=n_exp)
+        tiles = int(sum(-(-int(c) // tile) for c in counts))
+        assert tiles <= moe_tile_bound(n, n_exp, tile)
+    assert moe_tile_bound(300, 8, 64) == 5 + 8 and moe_tile_bound(3, 32, 64) == 1 + 3
 
 
 HARNESS = r"""

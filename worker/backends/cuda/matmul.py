@@ -72,8 +72,16 @@ _ARG_FORMATS: dict[str, str] = {
     "gemm": "PqiiPqiPPPq",
     "embed": "PqiiPPq",
     "moe_gemv": "PqqiiiPiPqqPPq",
-    "moe_gemm": "PqqiiPiiPqqPPq",
+    "moe_gemm": "PqqiiPPPiPqqPPq",
+    "moe_gemm3": "PqqiiPiiPqqPPq",
+    "moe_route": "PiiiPPP",
 }
+# MoE (moe.cu; docs/kernels.md "H10: MoE kernels"): moe_gemv's default rows per warp, the
+# routing pre-pass's block and expert limit, the prefill token tiles.
+MOE_GEMV_ROWS_PER_WARP = 2
+MOE_ROUTE_THREADS = 1024
+MOE_MAX_EXPERTS = 1024  # moe_route's shared-memory tables (MOE_MAX_EXPERTS in moe.cu)
+MOE_GEMM_TILE_M = 64  # default token tile of moe_gemm (64: moe_gemm_<type>, 128: moe_gemm128)
 
 
 class KernelArgumentError(CudaError, ValueError):
@@ -446,6 +454,61 @@ def plan_embed(w: QWeight, ids: BufLike, n: int, out: BufLike, *, ldo: int | Non
     return Launch("embed", kernel, grid, (EMBED_THREADS, 1, 1), args, _ARG_FORMATS["embed"])
 
 
+def moe_tile_bound(n_assign: int, n_experts: int, tile_m: int) -> int:
+    """Upper bound on the routed token tiles of moe_gemm: sum over experts of
+    ceil(count / tile_m) <= ceil(n_assign / tile_m) + (experts with a non-zero count)."""
+    return -(-n_assign // tile_m) + min(n_experts, n_assign)
+
+
+def moe_workspace_bytes(n_assign: int, n_experts: int, tile_m: int) -> int:
+    """Bytes of moe_route's workspace: the tile count (16 bytes), the tile table (16 bytes a
+    tile: expert, first list entry, rows, 0) and the sorted assignment list (4 bytes each)."""
+    return 16 + 16 * moe_tile_bound(n_assign, n_experts, tile_m) + 4 * n_assign
+
+
+def _moe_ws_ptrs(ws: DevBuf, n_assign: int, n_experts: int, tile_m: int) -> tuple[int, int, int]:
+    """(ntiles, tiles, list) pointers inside a routing workspace."""
+    bound = moe_tile_bound(n_assign, n_experts, tile_m)
+    return ws.ptr, ws.ptr + 16, ws.ptr + 16 + 16 * bound
+
+
+def _check_moe_ws(kernel: str, ws: DevBuf, n_assign: int, n_experts: int, tile_m: int) -> None:
+    _need(kernel, ws.ptr > 0 and ws.ptr % 16 == 0, "workspace pointer null or not 16-byte aligned")
+    need = moe_workspace_bytes(n_assign, n_experts, tile_m)
+    _need(kernel, ws.nbytes >= need, f"workspace {ws.nbytes} bytes < {need} needed")
+
+
+def plan_moe_route(
+    ids: BufLike,
+    n_assign: int,
+    n_experts: int,
+    workspace: BufLike,
+    *,
+    tile_m: int = MOE_GEMM_TILE_M,
+) -> Launch:
+    """The routing pre-pass of moe_gemm: per-expert lists of the assignments (ascending within
+    an expert, experts ascending) and the table of token tiles of at most tile_m rows, written
+    into `workspace` (moe_workspace_bytes); ids outside [0, n_experts) are in no list."""
+    kernel = "moe_route"
+    _need(kernel, 1 <= n_assign <= INT32_MAX // 2, f"n_assign {n_assign} out of range")
+    _need(
+        kernel,
+        1 <= n_experts <= MOE_MAX_EXPERTS,
+        f"{n_experts} experts not in 1..{MOE_MAX_EXPERTS}",
+    )
+    _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
+    ib, wb = as_buf(ids), as_buf(workspace)
+    _need(kernel, ib.ptr > 0 and ib.ptr % 4 == 0, "ids pointer null or not 4-byte aligned")
+    _need(kernel, ib.nbytes >= 4 * n_assign, f"ids buffer {ib.nbytes} bytes < {4 * n_assign}")
+    _check_moe_ws(kernel, wb, n_assign, n_experts, tile_m)
+    need = moe_workspace_bytes(n_assign, n_experts, tile_m)
+    _disjoint(kernel, (ib.ptr, ib.ptr + 4 * n_assign), (wb.ptr, wb.ptr + need), "ids and workspace")
+    args = (ib.ptr, n_assign, n_experts, tile_m, *_moe_ws_ptrs(wb, n_assign, n_experts, tile_m))
+    return Launch(
+        "moe", kernel, (1, 1, 1), (MOE_ROUTE_THREADS, 1, 1), args, _ARG_FORMATS["moe_route"]
+    )
+
+
 def plan_moe(
     w: QWeight,
     ids: BufLike,
@@ -458,6 +521,10 @@ def plan_moe(
     bias: BufLike | None = None,
     ldx_tok: int | None = None,
     form: str = "auto",
+    version: int = 4,
+    rows_per_warp: int | None = None,
+    tile_m: int | None = None,
+    workspace: BufLike | None = None,
 ) -> Launch:
     """Expert matmuls: y[t*topk+s] = W[ids[t*topk+s]] x(t, s) (+ bias[expert]).
 
@@ -465,18 +532,25 @@ def plan_moe(
     x + t*ldx_tok + s*K when per_slot_input (down projection) else x + t*ldx_tok (gate/up);
     ldx_tok defaults to topk*K or K accordingly. y: float32 [ntok*topk][N]. bias: float32
     [experts][N]. form: "gemv" (decode), "gemm" (prefill), "auto" (gemv for ntok <= 2).
+
+    version 4 (default): gemv = moe_gemv_<type>[_r2|_r4], a warp per rows_per_warp rows (1, 2
+    or 4; default MOE_GEMV_ROWS_PER_WARP) of one assignment, grid (ceil(N / (4 rows_per_warp)),
+    n_assign); gemm = moe_gemm_<type> (tile_m 64) or moe_gemm128_<type> (128) over the token
+    tiles that plan_moe_route's pre-pass wrote into `workspace` (required; the pre-pass must be
+    queued before it on the same stream, for the same ids, experts and tile_m: MatmulKernels.moe
+    does both). version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot
+    scan of every id in every block), kept for comparisons (scripts/gpu_matmul_bench.py).
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
     _need("moe", form in ("auto", "gemv", "gemm"), f"unknown form {form!r}")
     if form == "auto":
         form = "gemv" if ntok <= 2 else "gemm"
     kernel = f"moe_{form}_{lay.name}"
+    _need(kernel, version in (3, 4), f"moe version {version} not 3 or 4")
     n, k = w.rows, w.cols
     _need(kernel, 1 <= topk <= w.experts, f"topk {topk} not in 1..{w.experts}")
     _need(kernel, ntok >= 1, f"ntok {ntok} < 1")
     n_assign = ntok * topk
-    _need(kernel, n_assign <= MAX_GRID_YZ, f"{n_assign} assignments exceed the grid limit")
-    _need(kernel, w.experts <= MAX_GRID_YZ, f"{w.experts} experts exceed the grid limit")
     ldx_slot = k if per_slot_input else 0
     if ldx_tok is None:
         ldx_tok = topk * k if per_slot_input else k
@@ -494,7 +568,7 @@ def plan_moe(
         _check_f32(kernel, "bias", bb, w.experts, n, n)
     bptr = bb.ptr if bb else 0
     if form == "gemv":
-        grid = (-(-n // GEMV_ROWS), n_assign, 1)
+        _need(kernel, n_assign <= MAX_GRID_YZ, f"{n_assign} assignments exceed the grid limit")
         args: tuple[int, ...] = (
             w.ptr,
             w.expert_bytes,
@@ -511,20 +585,72 @@ def plan_moe(
             yb.ptr,
             n,
         )
-        return Launch(
-            "moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"], True
-        )
+        if version == 3:
+            grid = (-(-n // GEMV_ROWS), n_assign, 1)
+            return Launch(
+                "moe",
+                f"moe_gemv3_{lay.name}",
+                grid,
+                (GEMV_THREADS, 1, 1),
+                args,
+                _ARG_FORMATS["moe_gemv"],
+                True,
+            )
+        rw = MOE_GEMV_ROWS_PER_WARP if rows_per_warp is None else rows_per_warp
+        _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
+        kernel += "" if rw == 1 else f"_r{rw}"
+        grid = (-(-n // (GEMV_WARPS * rw)), n_assign, 1)
+        return Launch("moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"])
     tiles_n = -(-n // GEMM_TILE)
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{n} rows exceed the grid limit")
-    grid = (-(-n_assign // GEMM_TILE), tiles_n, w.experts)
+    if version == 3:
+        _need(kernel, n_assign <= INT32_MAX // 2, f"{n_assign} assignments out of range")
+        _need(kernel, w.experts <= MAX_GRID_YZ, f"{w.experts} experts exceed the grid limit")
+        grid = (-(-n_assign // GEMM_TILE), tiles_n, w.experts)
+        args = (
+            w.ptr,
+            w.expert_bytes,
+            lay.row_bytes(k),
+            n,
+            k,
+            ib.ptr,
+            n_assign,
+            topk,
+            xb.ptr,
+            ldx_tok,
+            ldx_slot,
+            bptr,
+            yb.ptr,
+            n,
+        )
+        return Launch(
+            "moe",
+            f"moe_gemm3_{lay.name}",
+            grid,
+            (GEMM_THREADS, 1, 1),
+            args,
+            _ARG_FORMATS["moe_gemm3"],
+        )
+    tm = MOE_GEMM_TILE_M if tile_m is None else tile_m
+    _need(kernel, tm in (64, 128), f"tile_m {tm} not 64 or 128")
+    _need(kernel, w.experts <= MOE_MAX_EXPERTS, f"{w.experts} experts > {MOE_MAX_EXPERTS}")
+    _need(kernel, n_assign <= INT32_MAX // 2, f"{n_assign} assignments out of range")
+    _need(kernel, workspace is not None, "the routed gemm needs a workspace (plan_moe_route)")
+    wb = as_buf(workspace)
+    _check_moe_ws(kernel, wb, n_assign, w.experts, tm)
+    wr = (wb.ptr, wb.ptr + moe_workspace_bytes(n_assign, w.experts, tm))
+    _disjoint(kernel, wr, yr, "workspace and y")
+    _disjoint(kernel, wr, xr, "workspace and x")
+    if tm == 128:
+        kernel = f"moe_gemm128_{lay.name}"
+    grid = (moe_tile_bound(n_assign, w.experts, tm), tiles_n, 1)
     args = (
         w.ptr,
         w.expert_bytes,
         lay.row_bytes(k),
         n,
         k,
-        ib.ptr,
-        n_assign,
+        *_moe_ws_ptrs(wb, n_assign, w.experts, tm),
         topk,
         xb.ptr,
         ldx_tok,
@@ -533,7 +659,7 @@ def plan_moe(
         yb.ptr,
         n,
     )
-    return Launch("moe", kernel, grid, (GEMM_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemm"])
+    return Launch("moe", kernel, grid, (2 * tm, 1, 1), args, _ARG_FORMATS["moe_gemm"])
 
 
 def _prefer_shared(fn: Any) -> None:
@@ -590,6 +716,8 @@ class MatmulKernels:
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._resident: dict[str, int] = {}
+        self._moe_ws: DevBuf | None = None  # moe_route's workspace (MatmulKernels.moe)
+        self._moe_ws_keep: list[Any] = []
         import pycuda.driver as drv
 
         dev = drv.Context.get_device()
@@ -689,4 +817,34 @@ class MatmulKernels:
         stream: Any = None,
         **kw: Any,
     ) -> None:
-        self.run(plan_moe(w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, **kw), stream)
+        """plan_moe's launch; the routed gemm (prefill, version 4) first queues the routing
+        pre-pass into this object's workspace. The workspace is shared by every call: queue
+        all MoE launches of one MatmulKernels on one stream (the backend does)."""
+        form = kw.get("form", "auto")
+        gemm = form == "gemm" or (form == "auto" and ntok > 2)
+        if not gemm or kw.get("version", 4) != 4:
+            self.run(
+                plan_moe(w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, **kw), stream
+            )
+            return
+        tm = kw.pop("tile_m", None) or MOE_GEMM_TILE_M
+        n_assign = ntok * topk
+        ws = self._moe_workspace(moe_workspace_bytes(n_assign, w.experts, tm))
+        launch = plan_moe(
+            w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, tile_m=tm, workspace=ws, **kw
+        )
+        route = plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm)
+        self.run(route, stream)
+        self.run(launch, stream)
+
+    def _moe_workspace(self, nbytes: int) -> DevBuf:
+        """The routing workspace, grown (never shrunk, never freed while this object lives, so a
+        launch still queued on the old one stays valid) to at least nbytes."""
+        if self._moe_ws is None or self._moe_ws.nbytes < nbytes:
+            import pycuda.driver as drv
+
+            size = max(1 << 16, 1 << (nbytes - 1).bit_length())
+            alloc = drv.mem_alloc(size)
+            self._moe_ws_keep.append(alloc)
+            self._moe_ws = DevBuf(int(alloc), size)
+        return self._moe_ws
