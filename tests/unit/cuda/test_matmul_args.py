@@ -89,6 +89,9 @@ def test_good_gemm_embed_moe_plans() -> None:
     assert m.args[1] == 2880 * 90 * 17 and m.args[10] == 2880  # expert bytes, slot stride
     m3 = plan_moe(we, ids, 1, 4, xm, ym, per_slot_input=True, version=3)
     assert m3.kernel == "moe_gemv3_mxfp4" and m3.grid == (720, 4, 1) and m3.persistent
+    ids2, x2, y2 = DevBuf(1 << 33, 4 * 8), DevBuf(1 << 30, 2 * 2880 * 4), DevBuf(1 << 31, 8 * 11520)
+    m2 = plan_moe(we, ids2, 2, 4, x2, y2, per_slot_input=False)  # two tokens: 4 rows a warp
+    assert m2.kernel == "moe_gemv_mxfp4_r4" and m2.grid == (180, 8, 1)
     ws = DevBuf(1 << 32, moe_workspace_bytes(400, 32, 64))
     mg = plan_moe(
         we,

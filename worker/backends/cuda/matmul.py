@@ -51,14 +51,17 @@ GEMV_MAX_TOKENS = 8
 GEMM_THREADS = 128
 GEMM_TILE = 64  # GEMM_BN (weight rows per block) in gemm.cu; token tile 64 or 128
 GEMM_BIG_MIN_TOKENS = 128  # use the 128-token tile from this many tokens on (docs/kernels.md)
-# Prefill gemm: 2 (gemm2_<type>_m128/_m64: 128-row tiles, raw weights staged by cp.async,
-# dynamic shared memory) or 1 (gemm_/gemm128_<type>, kept for comparison). The environment
-# variable WORKER_ORCD_GEMM_VERSION overrides the default (A/B runs on one warm card).
+# Prefill gemm: 3 (gemm_x16 converts X to fp16 into a workspace, then gemm3_<type>_m128/_m64),
+# 2 (gemm2_<type>_m128/_m64: X converted inside; both: 128-row tiles, raw weights staged by
+# cp.async, dynamic shared memory) or 1 (gemm_/gemm128_<type>, kept for comparison). The
+# environment variable WORKER_ORCD_GEMM_VERSION overrides the default (A/B runs on one card).
 GEMM_VERSION = int(os.environ.get("WORKER_ORCD_GEMM_VERSION", "1"))
 GEMM2_ROWS = 128  # g2::BN in gemm.cu: weight rows per block
 GEMM2_THREADS = 256  # g2::THREADS
 GEMM2_LD = 40  # g2::LD: halves per row of the fp16 tiles
 GEMM2_ONE_WAVE = 132  # blocks of the 128-token tile below which the 64-token tile is used
+GEMM3_X_STAGES = 3  # g2::XS: fp16 X tiles in flight (gemm3)
+X16_THREADS = 128  # gemm_x16: 8 elements a thread
 EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
@@ -70,6 +73,7 @@ MODULES = ("gemv", "gemm", "embed", "moe")
 _ARG_FORMATS: dict[str, str] = {
     "gemv": "PqiiPqiPPPq",
     "gemm": "PqiiPqiPPPq",
+    "gemm_x16": "PqiiPq",
     "embed": "PqiiPPq",
     "moe_gemv": "PqqiiiPiPqqPPq",
     "moe_gemm": "PqqiiPPPiPqqPPq",
@@ -78,7 +82,7 @@ _ARG_FORMATS: dict[str, str] = {
 }
 # MoE (moe.cu; docs/kernels.md "H10: MoE kernels"): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
-MOE_GEMV_ROWS_PER_WARP = 2
+MOE_GEMV_ROWS_PER_WARP = (2, 4)  # for 1 token, for 2 (H100, docs/kernels.md H10 run 1)
 MOE_ROUTE_THREADS = 1024
 MOE_MAX_EXPERTS = 1024  # moe_route's shared-memory tables (MOE_MAX_EXPERTS in moe.cu)
 MOE_GEMM_TILE_M = 64  # default token tile of moe_gemm (64: moe_gemm_<type>, 128: moe_gemm128)
@@ -304,12 +308,15 @@ def plan_gemm(
     ldy: int | None = None,
     tile_m: int | None = None,
     version: int | None = None,
+    xh: BufLike | None = None,
 ) -> Launch:
     """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores.
 
     version 2: gemm2_<type>_m<tile_m>, 128 weight rows per block, 256 threads, dynamic
     shared memory (gemm2_smem_bytes); tile_m 128 by default when that gives at least
     GEMM2_ONE_WAVE blocks, else 64 (more blocks for shapes with few row tiles).
+    version 3: gemm3_<type>_m<tile_m>, the same tiles reading X as fp16 from `xh` (m rows of
+    K halves, written first by plan_gemm_x16's launch; MatmulKernels.gemm does both).
     version 1: gemm_<type> / gemm128_<type> (64 weight rows per block); tile_m 128 from
     GEMM_BIG_MIN_TOKENS tokens on (faster on 19 of the 21 model shapes at 512 tokens on an
     H100, 11 µs slower on Qwen's 4864x896 gate/up), else 64.
@@ -317,16 +324,16 @@ def plan_gemm(
     lay = _check_weight(_kname("gemm", w.qtype), w)
     kernel = f"gemm_{lay.name}"
     version = GEMM_VERSION if version is None else version
-    _need(kernel, version in (1, 2), f"gemm version {version} not 1 or 2")
+    _need(kernel, version in (1, 2, 3), f"gemm version {version} not 1, 2 or 3")
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
     _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
-    if version == 2:
+    if version >= 2:
         tiles_n = -(-w.rows // GEMM2_ROWS)
         _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
         if tile_m is None:
             tile_m = 128 if -(-m // 128) * tiles_n >= GEMM2_ONE_WAVE else 64
         _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
-        kernel = f"gemm2_{lay.name}_m{tile_m}"
+        kernel = f"gemm{version}_{lay.name}_m{tile_m}"
         launch = _plan_linear(
             kernel,
             "gemm",
@@ -342,7 +349,18 @@ def plan_gemm(
             grid=(-(-m // tile_m), tiles_n, 1),
             block=(GEMM2_THREADS, 1, 1),
         )
-        return replace(launch, shared=gemm2_smem_bytes(lay, tile_m))
+        if version == 2:
+            return replace(launch, shared=gemm2_smem_bytes(lay, tile_m))
+        _need(kernel, xh is not None, "version 3 needs the fp16 X workspace xh")
+        assert xh is not None
+        hb, yb = as_buf(xh), as_buf(y)
+        hbytes = m * w.cols * 2  # m rows of K halves
+        _need(kernel, hb.ptr > 0 and hb.ptr % 16 == 0, "xh pointer null or not 16-byte aligned")
+        _need(kernel, hb.nbytes >= hbytes, f"xh buffer {hb.nbytes} bytes < {hbytes} needed")
+        ybytes = ((m - 1) * (w.rows if ldy is None else ldy) + w.rows) * 4
+        _disjoint(kernel, (hb.ptr, hb.ptr + hbytes), (yb.ptr, yb.ptr + ybytes), "xh and y")
+        args = (*launch.args[:4], hb.ptr, w.cols, *launch.args[6:])
+        return replace(launch, args=args, shared=gemm2_smem_bytes(lay, tile_m, x_stages=3))
     tiles_n = -(-w.rows // GEMM_TILE)
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
     if tile_m is None:
@@ -367,16 +385,34 @@ def plan_gemm(
     )
 
 
-def gemm2_smem_bytes(lay: QLayout, tile_m: int) -> int:
-    """Dynamic shared memory of gemm2_<type>_m<tile_m> (g2::Smem in gemm.cu, same formula):
-    two fp16 X tiles and two fp16 W tiles of GEMM2_LD halves a row, and two raw chunks of
-    128 rows, each row a 16-byte cover of max(QK, 128) elements' bytes at an odd multiple of
-    16 bytes (the kernel traps when launched with less)."""
+def plan_gemm_x16(x: BufLike, xh: BufLike, m: int, k: int, *, ldx: int | None = None) -> Launch:
+    """gemm3's pre-pass: xh[t][j] = fp16(x[t][j]) for t < m, j < k (xh rows of k halves)."""
+    kernel = "gemm_x16"
+    ldx = k if ldx is None else ldx
+    _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
+    _need(kernel, 8 <= k <= INT32_MAX and k % 8 == 0, f"row length {k} not a multiple of 8")
+    _need(kernel, ldx % 4 == 0, f"x row stride {ldx} not a multiple of 4 elements")
+    xb, hb = as_buf(x), as_buf(xh)
+    xr = _check_f32(kernel, "x", xb, m, k, ldx, align=16)
+    _need(kernel, hb.ptr > 0 and hb.ptr % 16 == 0, "xh pointer null or not 16-byte aligned")
+    _need(kernel, hb.nbytes >= m * k * 2, f"xh buffer {hb.nbytes} bytes < {m * k * 2} needed")
+    _disjoint(kernel, xr, (hb.ptr, hb.ptr + m * k * 2), "x and xh")
+    grid = (m, -(-k // (8 * X16_THREADS)), 1)
+    args = (xb.ptr, ldx, m, k, hb.ptr, k)
+    return Launch("gemm", kernel, grid, (X16_THREADS, 1, 1), args, _ARG_FORMATS["gemm_x16"])
+
+
+def gemm2_smem_bytes(lay: QLayout, tile_m: int, *, x_stages: int = 2) -> int:
+    """Dynamic shared memory of gemm2_<type>_m<tile_m> (g2::Smem in gemm.cu, same formula;
+    x_stages=3: gemm3's, g2::Smem3): x_stages fp16 X tiles and two fp16 W tiles of GEMM2_LD
+    halves a row, and two raw chunks of 128 rows, each row a 16-byte cover of max(QK, 128)
+    elements' bytes at an odd multiple of 16 bytes (the kernel traps when launched with
+    less)."""
     kc = max(lay.qk, 128)
     seg = kc // lay.qk * lay.block_bytes
     win = (seg + 30) // 16 * 16
     pitch = win + 16 if (win // 16) % 2 == 0 else win
-    return 2 * (tile_m + GEMM2_ROWS) * GEMM2_LD * 2 + 2 * GEMM2_ROWS * pitch
+    return (x_stages * tile_m + 2 * GEMM2_ROWS) * GEMM2_LD * 2 + 2 * GEMM2_ROWS * pitch
 
 
 def _kname(prefix: str, qtype: int) -> str:
@@ -533,13 +569,14 @@ def plan_moe(
     ldx_tok defaults to topk*K or K accordingly. y: float32 [ntok*topk][N]. bias: float32
     [experts][N]. form: "gemv" (decode), "gemm" (prefill), "auto" (gemv for ntok <= 2).
 
-    version 4 (default): gemv = moe_gemv_<type>[_r2|_r4], a warp per rows_per_warp rows (1, 2
-    or 4; default MOE_GEMV_ROWS_PER_WARP) of one assignment, grid (ceil(N / (4 rows_per_warp)),
-    n_assign); gemm = moe_gemm_<type> (tile_m 64) or moe_gemm128_<type> (128) over the token
-    tiles that plan_moe_route's pre-pass wrote into `workspace` (required; the pre-pass must be
-    queued before it on the same stream, for the same ids, experts and tile_m: MatmulKernels.moe
-    does both). version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot
-    scan of every id in every block), kept for comparisons (scripts/gpu_matmul_bench.py).
+    version 4 (default): gemv = moe_gemv_<type>[_r2|_r4], a warp per rows_per_warp rows
+    (1, 2 or 4; default MOE_GEMV_ROWS_PER_WARP: 2 for one token, 4 for two) of one
+    assignment, grid (ceil(N / (4 rows_per_warp)), n_assign); gemm = moe_gemm_<type>
+    (tile_m 64) or moe_gemm128_<type> (128) over the token tiles that plan_moe_route's
+    pre-pass wrote into `workspace` (required; the pre-pass must be queued before it on the
+    same stream, for the same ids, experts and tile_m: MatmulKernels.moe does both).
+    version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot scan of every
+    id in every block), kept for comparisons (scripts/device/moe_bench.py).
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
     _need("moe", form in ("auto", "gemv", "gemm"), f"unknown form {form!r}")
@@ -596,7 +633,7 @@ def plan_moe(
                 _ARG_FORMATS["moe_gemv"],
                 True,
             )
-        rw = MOE_GEMV_ROWS_PER_WARP if rows_per_warp is None else rows_per_warp
+        rw = MOE_GEMV_ROWS_PER_WARP[ntok > 1] if rows_per_warp is None else rows_per_warp
         _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
         kernel += "" if rw == 1 else f"_r{rw}"
         grid = (-(-n // (GEMV_WARPS * rw)), n_assign, 1)
@@ -715,6 +752,8 @@ class MatmulKernels:
         self.gemv_cap = True  # cap v4 gemv grids at the resident blocks (bench compares)
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
+        self._x16: DevBuf | None = None  # gemm3's fp16 X workspace (_x16_workspace)
+        self._x16_keep: list[Any] = []
         self._resident: dict[str, int] = {}
         self._moe_ws: DevBuf | None = None  # moe_route's workspace (MatmulKernels.moe)
         self._moe_ws_keep: list[Any] = []
@@ -781,7 +820,28 @@ class MatmulKernels:
     def gemm(
         self, w: QWeight, x: BufLike, y: BufLike, m: int, *, stream: Any = None, **kw: Any
     ) -> None:
+        """Prefill product (plan_gemm). Version 3 first converts x to fp16 into this object's
+        workspace (grown on demand; launches on one stream are ordered, so consecutive calls
+        may share it — calls on two streams at once must not use version 3)."""
+        if kw.get("version", GEMM_VERSION) == 3 and "xh" not in kw:
+            ws = self._x16_workspace(m * w.cols * 2)
+            self.run(plan_gemm_x16(x, ws, m, w.cols, ldx=kw.get("ldx")), stream)
+            kw = {**kw, "xh": ws}
         self.run(plan_gemm(w, x, y, m, **kw), stream)
+
+    def _x16_workspace(self, nbytes: int) -> DevBuf:
+        """A device buffer of at least nbytes for gemm3's fp16 X (kept for the object's life;
+        a larger request allocates a larger one and keeps the old, which queued launches may
+        still read)."""
+        if self._x16 is None or self._x16.nbytes < nbytes:
+            import pycuda.driver as drv
+
+            size = max(nbytes, 1 << 20)
+            size = 1 << (size - 1).bit_length()
+            alloc = drv.mem_alloc(size)
+            self._x16_keep.append(alloc)
+            self._x16 = DevBuf(int(alloc), size)
+        return self._x16
 
     def linear(
         self, w: QWeight, x: BufLike, y: BufLike, ntok: int, *, stream: Any = None, **kw: Any
