@@ -6,6 +6,7 @@
 extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                       float* __restrict__ out, int n, int gate_stride,
                                       int up_stride, int out_stride) {
+  pdl_start();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const size_t r = blockIdx.y;
@@ -19,6 +20,7 @@ extern "C" __global__ void swiglu_oai_f32(const float* __restrict__ gate,
                                           const float* __restrict__ up, float* __restrict__ out,
                                           int n, int gate_stride, int up_stride, int out_stride,
                                           float alpha, float limit) {
+  pdl_start();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const size_t r = blockIdx.y;
@@ -29,6 +31,7 @@ extern "C" __global__ void swiglu_oai_f32(const float* __restrict__ gate,
 
 // GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). In place ok.
 extern "C" __global__ void gelu_f32(const float* __restrict__ x, float* __restrict__ out, int n) {
+  pdl_start();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const float v = x[i];

@@ -194,6 +194,7 @@ extern "C" __global__ void __launch_bounds__(AT)
   __shared__ float scw[AT];
   __shared__ float sh[32];
   __shared__ unsigned int s_ticket;
+  pdl_start();
   const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
   const int qpos = pos0[0] + t;
   int chunk = (pos0[0] + n_tokens + n_split - 1) / n_split;
@@ -238,6 +239,7 @@ extern "C" __global__ void __launch_bounds__(AT)
   __shared__ double sfreq[AT / 2];
   __shared__ __align__(16) __half kcur[AT];
   __shared__ __align__(16) __half vcur[AT];
+  pdl_start();
   __shared__ unsigned int s_ticket;
   const int s = blockIdx.x, h = blockIdx.y;
   const int gqa = n_head / n_kv, kh = h / gqa;

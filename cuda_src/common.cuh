@@ -1,6 +1,7 @@
 // Shared helpers for H7's kernels: deterministic block reductions (fixed shape, fixed order).
 #pragma once
 #include <cuda_fp16.h>
+#include "pdl.cuh"
 #include <math_constants.h>
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -5,6 +5,7 @@
 // x[r][i] += y[r][i] (y_stride 0: broadcast one row, i.e. a bias). grid (ceil(n/256), rows).
 extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, int n,
                                    int x_stride, int y_stride) {
+  pdl_start();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const size_t r = blockIdx.y;
@@ -15,6 +16,7 @@ extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restric
 extern "C" __global__ void add_pos_embd_f32(float* __restrict__ x,
                                             const float* __restrict__ pos_emb,
                                             const int* __restrict__ pos0, int n, int n_pos) {
+  pdl_start();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int t = blockIdx.y;
@@ -29,6 +31,7 @@ extern "C" __global__ void add_pos_embd_f32(float* __restrict__ x,
 extern "C" __global__ void topk_softmax_f32(const float* __restrict__ logits, int n_exp, int k,
                                             int* __restrict__ out_idx,
                                             float* __restrict__ out_w) {
+  pdl_start();
   const size_t r = blockIdx.x;
   const int lane = threadIdx.x;
   float v[8];
@@ -80,6 +83,7 @@ extern "C" __global__ void topk_softmax_f32(const float* __restrict__ logits, in
 // grid (ceil(n/256), rows), block 256.
 extern "C" __global__ void moe_combine_f32(float* __restrict__ x, const float* __restrict__ y,
                                            const float* __restrict__ w, int n, int k) {
+  pdl_start();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const size_t t = blockIdx.y;

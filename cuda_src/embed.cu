@@ -9,6 +9,7 @@ __device__ __forceinline__ void embed_row(const uint8_t* __restrict__ W, long lo
                                           int n_rows, int K, const int* __restrict__ ids,
                                           float* out, long long ldo) {
   constexpr int QK = QTraits<T>::QK, BYTES = QTraits<T>::BYTES, GPB = QK / 8;
+  pdl_start();
   const int q = blockIdx.x * blockDim.x + threadIdx.x;
   if (8 * q >= K) return;
   const int id = ids[blockIdx.y];

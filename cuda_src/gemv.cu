@@ -561,6 +561,7 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
   const int nblk = K / QK;
   const int nch = (nblk + CB - 1) / CB;  // chunks per row
   const long long total = (long long)N * row_bytes;
+  pdl_trigger();  // the weights below never depend on an earlier kernel: pdl.cuh
 
   auto load_x = [&](float (&xv)[NB][8], int j0, int qg) {
     const int jj = GPB == 32 ? qg >> 5 : qg / GPB, g = GPB == 32 ? lane : qg % GPB;
@@ -654,6 +655,7 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
 
   if constexpr (MODE != GEMV4_ASYNC) {
     uint8_t(*mine)[SPAN] = sm[0][warp];
+    bool waited = false;
     for (int r0 = (blockIdx.x * GEMV4_WARPS + warp) * RW; r0 < N;
          r0 += gridDim.x * GEMV4_WARPS * RW) {
       const int nr = min(RW, N - r0);
@@ -674,6 +676,10 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
             }
           }
         }
+        if (!waited) {  // the first weights are in flight: now wait for x (and for y's readers)
+          pdl_wait();
+          waited = true;
+        }
         __syncwarp();  // every lane is done reading the previous chunk
 #pragma unroll
         for (int r = 0; r < RW; ++r)
@@ -686,6 +692,7 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
         decode(mine, r0, ci, acc);
       }
     }
+    if (!waited) pdl_wait();  // a warp with no rows: every block waits (pdl.cuh)
   } else {
     auto issue = [&](int ti, int ci, int stage) {
       const int r0 = (ti * GEMV4_WARPS + warp) * RW, nr = min(RW, N - r0);
@@ -711,8 +718,12 @@ __device__ __forceinline__ void gemv4_run(const uint8_t* __restrict__ W, long lo
       cp_async_commit();
     };
     int t = blockIdx.x, c = 0, stage = 0;
-    if ((t * GEMV4_WARPS + warp) * RW >= N) return;
+    if ((t * GEMV4_WARPS + warp) * RW >= N) {
+      pdl_wait();
+      return;
+    }
     issue(t, c, 0);
+    pdl_wait();  // the first step's weights are in flight
     while (true) {
       int nt = t, nc = c + 1;
       if (nc == nch) {

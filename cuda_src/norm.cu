@@ -6,6 +6,7 @@ extern "C" __global__ void rmsnorm_f32(float* __restrict__ x, const float* __res
                                        const float* __restrict__ w, float* __restrict__ out,
                                        int n, float eps) {
   __shared__ float sh[32];
+  pdl_start();
   const size_t row = blockIdx.x;
   float* xr = x + row * n;
   const float* dr = delta ? delta + row * n : nullptr;
@@ -33,6 +34,7 @@ extern "C" __global__ void layernorm_f32(float* __restrict__ x, const float* __r
                                          const float* __restrict__ w, const float* __restrict__ b,
                                          float* __restrict__ out, int n, float eps) {
   __shared__ float sh[32];
+  pdl_start();
   const size_t row = blockIdx.x;
   float* xr = x + row * n;
   const float* dr = delta ? delta + row * n : nullptr;

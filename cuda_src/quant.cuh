@@ -12,6 +12,7 @@
 // 4-byte loads as the layout allows.
 #pragma once
 #include <cuda_fp16.h>
+#include "pdl.cuh"
 #include <stdint.h>
 #include <string.h>
 

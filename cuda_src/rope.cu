@@ -19,6 +19,7 @@ extern "C" __global__ void qkv_rope_store(
     int n_head, int n_kv, int head_dim, int n_rot, int q_stride, int kv_stride,
     const double* __restrict__ inv_freq, float mscale, int mode, int ctx) {
   __shared__ float sv[256];
+  pdl_start();
   const int t = blockIdx.x, h = blockIdx.y;
   const int pos = pos0[0] + t;
   const double dpos = (double)pos;

@@ -34,6 +34,7 @@ extern "C" __global__ void argmax_partial(const float* __restrict__ x, int n,
                                           float* __restrict__ pv, int* __restrict__ pi) {
   __shared__ float shv[32];
   __shared__ int shi[32];
+  pdl_start();
   const int per = (n + gridDim.x - 1) / gridDim.x;
   const int lo = blockIdx.x * per, hi = min(n, lo + per);
   float v = -CUDART_INF_F;
@@ -53,6 +54,7 @@ extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int*
                                         int n_part, int* __restrict__ out, int* __restrict__ io) {
   __shared__ float shv[32];
   __shared__ int shi[32];
+  pdl_start();
   float v = -CUDART_INF_F;
   int i = 0x7fffffff;
   for (int j = threadIdx.x; j < n_part; j += blockDim.x) argmax_merge(v, i, pv[j], pi[j]);

@@ -125,6 +125,34 @@ def test_decode_is_deterministic_and_graph_equals_eager(qwen_path: Path, cuda_be
     assert rel < 1e-5
 
 
+def test_programmatic_launch_changes_no_bit(cuda_be: Any) -> None:
+    """The decode graphs with programmatic kernel-to-kernel edges (cuda_src/pdl.cuh) give
+    the same logits and the same greedy tokens as without them."""
+    from worker.engine.params import SamplingParams
+
+    prompt, more = _sequence(cuda_be.vocab_size, 30, 16)
+    greedy = SamplingParams(temperature=0.0)
+    out = {}
+    for on in (True, False):
+        cuda_be.set_pdl(on)
+        try:
+            logits = _teacher_forced(cuda_be, prompt, more)
+            edges = cuda_be.pdl_edges
+            cuda_be.reset()
+            tok, toks = cuda_be.forward_sample(prompt, greedy, 0.0, []), []
+            for _ in range(24):
+                tok = cuda_be.forward_sample([tok], greedy, 0.0, [])
+                toks.append(tok)
+        finally:
+            cuda_be.set_pdl(None)
+        out[on] = (logits, toks, edges)
+    print(f"\nPDL edges converted: {out[True][2][0]} of {out[True][2][1]}")
+    assert out[True][2][0] > 0.9 * out[True][2][1], "most decode edges should be programmatic"
+    assert out[False][2][0] == 0
+    assert np.array_equal(out[True][0], out[False][0])
+    assert out[True][1] == out[False][1]
+
+
 def test_forward_sample_matches_reference_sampler(cuda_be: Any) -> None:
     prompt, more = _sequence(cuda_be.vocab_size, 10, 6)
     configs = [

@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="also time tg at these attention key-chunk counts, e.g. 8,16,32",
     )
     p.add_argument("--sweep-fused", action="store_true", help="also time the other decode path")
+    p.add_argument(
+        "--sweep-pdl",
+        action="store_true",
+        help="also time decode with programmatic dependent launch off and on (twice each)",
+    )
     s = p.add_argument_group("--suite", "the performance suite against a live worker over NATS")
     s.add_argument(
         "--suite",
@@ -217,6 +222,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result[f"tg_fused_decode_{be.fused_decode}"] = round(max(rates), 1)
         be.set_fused_decode(not be.fused_decode)
     result["fused_decode"] = be.fused_decode
+    if args.sweep_pdl:  # programmatic dependent launch in the decode graph off / on, twice
+        for on in (False, True, False, True):
+            be.set_pdl(on)
+            be.reset()
+            tok = be.forward_sample(prompt, greedy, 0.0, [])
+            tok = be.forward_sample([tok], greedy, 0.0, [])  # capture
+            t0 = time.perf_counter()
+            for _ in range(args.tg):
+                tok = be.forward_sample([tok], greedy, 0.0, [])
+            key = f"tg_pdl_{'on' if on else 'off'}"
+            result.setdefault(key, []).append(round(args.tg / (time.perf_counter() - t0), 1))
+            if on:
+                result["pdl_edges"] = list(be.pdl_edges)
+        be.set_pdl(None)
     step_us.sort()
     result["decode_step_us_p50"] = round(step_us[len(step_us) // 2], 1)
     result["decode_step_us_p99"] = round(step_us[int(len(step_us) * 0.99)], 1)

@@ -325,6 +325,8 @@ class CudaBackend:
         # (layer, expert ids [n, k]) per MoE layer run, in order, while a test traces the
         # routing (trace_routing; eager launches only: a graph replay runs no Python)
         self.route_trace: list[tuple[int, np.ndarray]] | None = None
+        self.pdl: bool | None = None  # set_pdl
+        self.pdl_edges = (0, 0)  # programmatic / all edges of the last captured graph
         self.load_seconds = time.perf_counter() - t_start
 
         resid = self.check_residency()
@@ -753,9 +755,10 @@ class CudaBackend:
         key = "greedy" if greedy else "logits"
         g = self._graphs.get(key)
         if g is None:
-            with self.ctx.capture() as cap:
+            with self.ctx.capture(self.pdl) as cap:
                 self._enqueue_decode(greedy)
             g = cap.graph
+            self.pdl_edges = cap.pdl_edges
             self._graphs[key] = g
         return g
 
@@ -941,6 +944,15 @@ class CudaBackend:
         """After a failed step the sequence is undefined: start over (the next job resets)."""
         self._spec = None
         self._n_past = 0
+
+    def set_pdl(self, on: bool | None) -> None:
+        """Programmatic dependent launch inside the decode graphs (cuda_src/pdl.cuh; None:
+        the default, WORKER_ORCD_PDL and sm_90+); re-captures."""
+        self._drain()
+        self.pdl = on
+        for g in self._graphs.values():
+            g.destroy()
+        self._graphs.clear()
 
     def set_fused_decode(self, on: bool) -> None:
         """One-token steps with RoPE + KV store inside the attention launch (re-captures)."""

@@ -10,8 +10,11 @@ Every method must be called from that thread (worker/backends/base.py).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
+
+from loguru import logger
 
 from worker.backends.cuda.arena import DevBuf
 from worker.errors import CudaError, VramOom
@@ -174,8 +177,11 @@ class CudaContext:
 
     # ------------------------------------------------------------------ graphs
 
-    def capture(self) -> GraphCapture:
-        return GraphCapture(self)
+    def capture(self, pdl: bool | None = None) -> GraphCapture:
+        """pdl: make kernel-to-kernel edges programmatic (None: PDL_DEFAULT and sm_90+)."""
+        if pdl is None:
+            pdl = PDL_DEFAULT and int(self.facts.sm.split(".")[0]) >= 9
+        return GraphCapture(self, pdl)
 
     def close(self) -> None:
         if self._closed:
@@ -193,12 +199,92 @@ class CudaContext:
             self.ctx.detach()
 
 
+# Programmatic dependent launch (cuda_src/pdl.cuh): kernels whose every block calls
+# pdl_wait() before touching activations or writing; only edges into these become
+# programmatic. Names are exact, or prefixes ending in "_" for families made by a macro
+# (gemv_<type>...: the v4 gemv; not gemv3_, not moe_*). tests/unit/cuda/test_pdl.py checks
+# this list against the sources. WORKER_ORCD_PDL=0 turns it off.
+PDL_KERNELS = (
+    "gemv_",
+    "embed_",
+    "rmsnorm_f32",
+    "layernorm_f32",
+    "swiglu_f32",
+    "swiglu_oai_f32",
+    "gelu_f32",
+    "add_f32",
+    "add_pos_embd_f32",
+    "topk_softmax_f32",
+    "moe_combine_f32",
+    "argmax_partial",
+    "argmax_final",
+    "attn_split",
+    "attn_decode_rope",
+    "qkv_rope_store",
+)
+PDL_DEFAULT = os.environ.get("WORKER_ORCD_PDL", "1") != "0"
+
+
+def pdl_aware(name: str) -> bool:
+    return any(name.startswith(p) if p.endswith("_") else name == p for p in PDL_KERNELS)
+
+
+def make_edges_programmatic(graph: Any) -> tuple[int, int]:
+    """Turn each kernel -> PDL-aware kernel edge of `graph` (not yet instantiated) into a
+    programmatic one: the dependent launches once every block of the first has started
+    (griddepcontrol.launch_dependents) and waits in pdl_wait(). Returns (converted, edges)."""
+    cu = _cu()
+    n = _check_cu(cu.cuGraphGetEdges(graph, 0), "cuGraphGetEdges")[-1]
+    if not n:
+        return 0, 0
+    frm, to, data, n = _check_cu(cu.cuGraphGetEdges(graph, n), "cuGraphGetEdges")
+    kernel = cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL
+    names: dict[int, str | None] = {}
+
+    def kname(node: Any) -> str | None:
+        key = int(node)
+        if key not in names:
+            names[key] = None
+            if _check_cu(cu.cuGraphNodeGetType(node), "cuGraphNodeGetType") == kernel:
+                params = _check_cu(cu.cuGraphKernelNodeGetParams(node), "kernel node params")
+                raw = _check_cu(cu.cuFuncGetName(params.func), "cuFuncGetName")
+                names[key] = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return names[key]
+
+    pick = [
+        i
+        for i in range(n)
+        if int(data[i].type) == 0  # a default edge
+        and kname(frm[i]) is not None
+        and pdl_aware(kname(to[i]) or "")
+    ]
+    if not pick:
+        return 0, n
+    f, t = [frm[i] for i in pick], [to[i] for i in pick]
+    _check_cu(
+        cu.cuGraphRemoveDependencies(graph, f, t, [data[i] for i in pick], len(pick)),
+        "cuGraphRemoveDependencies",
+    )
+    edges = []
+    for _ in pick:
+        e = cu.CUgraphEdgeData()
+        e.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
+        e.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+        edges.append(e)
+    _check_cu(cu.cuGraphAddDependencies(graph, f, t, edges, len(pick)), "cuGraphAddDependencies")
+    return len(pick), n
+
+
 class GraphCapture:
     """`with ctx.capture() as cap:` records every launch queued on ctx.stream (PyCUDA
-    launches included) into a CUDA graph; `cap.graph` is then an instantiated `CudaGraph`."""
+    launches included) into a CUDA graph; `cap.graph` is then an instantiated `CudaGraph`.
+    pdl: kernel-to-kernel edges made programmatic before instantiation (see PDL_KERNELS);
+    `cap.pdl_edges` = (converted, all edges)."""
 
-    def __init__(self, ctx: CudaContext) -> None:
+    def __init__(self, ctx: CudaContext, pdl: bool = False) -> None:
         self.ctx = ctx
+        self.pdl = pdl
+        self.pdl_edges = (0, 0)
         self.graph: CudaGraph | None = None
 
     def __enter__(self) -> GraphCapture:
@@ -221,10 +307,25 @@ class GraphCapture:
                 cu.cuGraphDestroy(res[1])
             return
         graph = _check_cu(res, "cuStreamEndCapture")
+        plain = None
         try:
-            exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+            if self.pdl:
+                # a driver that refuses the edges or the instantiation gets the graph as
+                # captured (no PDL) rather than an error
+                plain = _check_cu(cu.cuGraphClone(graph), "cuGraphClone")
+                try:
+                    self.pdl_edges = make_edges_programmatic(graph)
+                    exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+                except CudaError as e:
+                    logger.warning("programmatic dependent launch not used: {}", e)
+                    self.pdl_edges = (0, self.pdl_edges[1])
+                    exe = _check_cu(cu.cuGraphInstantiate(plain, 0), "cuGraphInstantiate")
+            else:
+                exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         finally:
             cu.cuGraphDestroy(graph)
+            if plain is not None:
+                cu.cuGraphDestroy(plain)
         self.graph = CudaGraph(self.ctx, exe)
 
 

@@ -1,0 +1,57 @@
+"""Programmatic dependent launch: the list of PDL-aware kernels (context.PDL_KERNELS), whose
+incoming decode-graph edges become programmatic, must name only kernels that wait in every
+block (cuda_src/pdl.cuh); a kernel listed without the wait would race its predecessor."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from worker.backends.cuda.context import PDL_KERNELS, pdl_aware
+
+SRC = Path(__file__).resolve().parents[3] / "cuda_src"
+
+
+def _sources() -> str:
+    return "\n".join(p.read_text() for p in sorted(SRC.glob("*.cu")))
+
+
+def _body(src: str, name: str) -> str:
+    """From the definition of `name` to the next kernel or device function definition."""
+    m = re.search(rf"\bvoid\s+(__launch_bounds__\([^)]*\)\s+)?{re.escape(name)}\s*\(", src)
+    assert m, f"{name} not found in cuda_src"
+    rest = src[m.end() :]
+    end = re.search(r'extern "C"|\n(template <|__device__)', rest)
+    return rest[: end.start()] if end else rest
+
+
+@pytest.mark.parametrize("name", [p for p in PDL_KERNELS if not p.endswith("_")])
+def test_every_listed_kernel_waits(name: str) -> None:
+    body = _body(_sources(), name)
+    assert "pdl_start()" in body or "pdl_wait()" in body, f"{name} lists PDL but never waits"
+
+
+def test_macro_families_wait_in_their_core() -> None:
+    src = _sources()
+    gemv = _body(src, "gemv4_run")
+    # plain/xpf: after the first loads and for a warp without rows; async: both exits
+    assert gemv.count("pdl_wait()") >= 3 and "pdl_trigger()" in gemv
+    assert "pdl_start()" in _body(src, "embed_row")
+    # the families' kernels are made from those cores only
+    assert re.search(r"gemv_##NAME##_nb##NB##SUFFIX[^{]*\{\s*\\\s*gemv4_run", src)
+    assert re.search(r"embed_##NAME[^{]*\{\s*\\\s*embed_row", src)
+
+
+def test_names_that_must_not_get_programmatic_edges() -> None:
+    for name in ("gemv3_q4_k_nb1", "moe_gemv_mxfp4", "moe_gemm_q8_0", "sample_full", "gemm_q4_k"):
+        assert not pdl_aware(name), name
+    for name in ("gemv_q4_k_nb1", "gemv_q8_0_nb1_a_r2", "embed_q6_k", "rmsnorm_f32"):
+        assert pdl_aware(name), name
+    assert not pdl_aware("rmsnorm_f32x")  # exact names are exact
+
+
+def test_pdl_instructions_only_for_sm90() -> None:
+    text = (SRC / "pdl.cuh").read_text()
+    assert text.count("__CUDA_ARCH__ >= 900") == 2
