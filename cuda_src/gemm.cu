@@ -205,6 +205,11 @@ template <int T> struct Cfg {
 template <int T, int BM> struct Smem {
   static constexpr int bytes = 2 * (BM + BN) * LD * 2 + 2 * BN * Cfg<T>::P;
 };
+// gemm3 (fp16 X from a pre-pass, cp.async into XS stages): XS X tiles instead of 2.
+constexpr int XS = 3;
+template <int T, int BM> struct Smem3 {
+  static constexpr int bytes = (XS * BM + 2 * BN) * LD * 2 + 2 * BN * Cfg<T>::P;
+};
 
 }  // namespace g2
 
@@ -222,13 +227,23 @@ template <int T, int BM> struct Smem {
 //   after the current step's mma (|X| < 65504 assumed, as in v1);
 // * fragments come from ldmatrix.x4 (80-byte rows: conflict-free); one __syncthreads per step
 //   plus one per chunk. No split-K, no atomics: bit-identical run to run.
-// Shared memory is dynamic (g2::Smem<T, BM>::bytes, mirrored by gemm2_smem_bytes in matmul.py
+// gemm3_<type>_m128 / _m64: the same with X already fp16 (gemm_x16 pre-pass into a workspace):
+// the X tile goes global -> shared by cp.async through 3 stages, two steps ahead, with no
+// conversion and no registers held; one __syncthreads per step (the chunk waits ride on it).
+// Shared memory is dynamic (g2::Smem<T, BM>::bytes, g2::Smem3 for gemm3, mirrored by gemm2_smem_bytes in matmul.py
 // and checked against it in tests/unit/cuda/test_matmul_args.py); the kernel traps if launched
 // with less.
 namespace g2 {
 __device__ __forceinline__ void cp16(void* dst, const void* src) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+}
+// 16 bytes, or 16 zero bytes when !valid (nothing read)
+__device__ __forceinline__ void cp16z(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n)
+               : "memory");
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
@@ -239,24 +254,30 @@ __device__ __forceinline__ void ldsm4(uint32_t r[4], const __half* p) {
                : "r"(s));
 }
 
-template <int T, int BM>
+// XH = false: gemm2 (X fp32, converted in the kernel, one step ahead through registers).
+// XH = true: gemm3 (X already fp16, row stride ldx halves, 16-byte aligned rows: cp.async into
+// XS stages, XS-1 steps ahead; no conversion, no registers held; one barrier per step).
+template <int T, int BM, bool XH, typename XT>
 __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row_bytes, int N,
-                                    int K, const float* __restrict__ X, long long ldx, int M,
+                                    int K, const XT* __restrict__ X, long long ldx, int M,
                                     const float* __restrict__ bias, const float* residual,
                                     float* Y, long long ldy) {
   using C = Cfg<T>;
   constexpr int MI = BM / 32;                          // m16 tiles per warp
   constexpr int XL = BM * (BK / 4) / THREADS;          // float4 X loads per thread: 4 or 2
+  constexpr int XP = BM * (BK / 8) / THREADS;          // 16-byte fp16 X pieces per thread: 2 or 1
   constexpr int WL = BN * (BK / 8) / THREADS;          // 8-element W groups per thread: 2
   constexpr int CPI = (BN * C::NPC + THREADS - 1) / THREADS;  // piece slots per thread
+  constexpr int NXS = XH ? XS : 2;                     // X tiles in shared memory
+  constexpr int SMEM = XH ? Smem3<T, BM>::bytes : Smem<T, BM>::bytes;
   extern __shared__ __align__(16) uint8_t g2_smem[];
-  __half* As = reinterpret_cast<__half*>(g2_smem);     // [2][BM * LD]
-  __half* Bs = As + 2 * BM * LD;                       // [2][BN * LD]
+  __half* As = reinterpret_cast<__half*>(g2_smem);     // [NXS][BM * LD]
+  __half* Bs = As + NXS * BM * LD;                     // [2][BN * LD]
   uint8_t* Raw = reinterpret_cast<uint8_t*>(Bs + 2 * BN * LD);  // [2][BN * P]
   {
     unsigned dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < static_cast<unsigned>(Smem<T, BM>::bytes)) __trap();
+    if (dyn < static_cast<unsigned>(SMEM)) __trap();
   }
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3, gq = lane >> 2, cq = lane & 3;
@@ -312,23 +333,49 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
       *reinterpret_cast<uint4*>(dst + r * LD + 8 * gi) = v;
     }
   };
-  float4 xr[XL];
+  float4 xr[XH ? 1 : XL];
   auto load_x = [&](int kt) {
+    if constexpr (!XH) {
 #pragma unroll
-    for (int i = 0; i < XL; ++i) {
-      const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
-      const int m = m0 + row;
-      xr[i] = m < M ? __ldg(reinterpret_cast<const float4*>(X + (long long)m * ldx + kt * BK +
-                                                            4 * c4))
-                    : make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int i = 0; i < XL; ++i) {
+        const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
+        const int m = m0 + row;
+        xr[i] = m < M ? __ldg(reinterpret_cast<const float4*>(X + (long long)m * ldx + kt * BK +
+                                                              4 * c4))
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
     }
   };
   auto store_x = [&](int buf) {
+    if constexpr (!XH) {
 #pragma unroll
-    for (int i = 0; i < XL; ++i) {
-      const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
-      *reinterpret_cast<uint2*>(As + buf * (BM * LD) + row * LD + 4 * c4) =
-          make_uint2(pack_h2(xr[i].x, xr[i].y), pack_h2(xr[i].z, xr[i].w));
+      for (int i = 0; i < XL; ++i) {
+        const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
+        *reinterpret_cast<uint2*>(As + buf * (BM * LD) + row * LD + 4 * c4) =
+            make_uint2(pack_h2(xr[i].x, xr[i].y), pack_h2(xr[i].z, xr[i].w));
+      }
+    }
+  };
+  // gemm3: the fp16 X tile of step kt -> As[stage] by cp.async (rows past M: zeros)
+  const XT* xrow[XH ? XP : 1];
+  bool xok[XH ? XP : 1];
+  if constexpr (XH) {
+#pragma unroll
+    for (int i = 0; i < XP; ++i) {
+      const int idx = tid + i * THREADS, row = idx >> 2, p = idx & 3;
+      const int m = m0 + row;
+      xok[i] = m < M;
+      xrow[i] = X + (xok[i] ? (long long)m * ldx : 0) + 8 * p;
+    }
+  }
+  auto issue_x = [&](int kt, int stage) {
+    if constexpr (XH) {
+#pragma unroll
+      for (int i = 0; i < XP; ++i) {
+        const int idx = tid + i * THREADS, row = idx >> 2, p = idx & 3;
+        cp16z(As + stage * (BM * LD) + row * LD + 8 * p, xrow[i] + (xok[i] ? kt * BK : 0),
+              xok[i]);
+      }
     }
   };
 
@@ -344,33 +391,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
   const int a_off = (wm * (BM / 2) + (lane & 15)) * LD + (lane >> 4) * 8;
   const int b_off = (wn * 32 + (lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8;
 
-  issue_chunk(0);
-  cp_commit();
-  if (nc > 1) issue_chunk(1);
-  cp_commit();
-  load_x(0);
-  cp_wait1();
-  __syncthreads();
-  dequant_step(0, 0);
-  store_x(0);
-  __syncthreads();
-
-  for (int kt = 0; kt < nk; ++kt) {
-    const int buf = kt & 1;
-    const bool more = kt + 1 < nk;
-    if (more) {
-      if ((kt + 1) % C::SPC == 0) {  // step kt+1 opens chunk c: chunk c+1's buffer is free
-        const int c = (kt + 1) / C::SPC;
-        if (c + 1 < nc) issue_chunk(c + 1);
-        cp_commit();
-        cp_wait1();  // chunk c has landed (this thread's pieces) ...
-        __syncthreads();  // ... and everyone's
-      }
-      dequant_step(kt + 1, buf ^ 1);
-      load_x(kt + 1);  // after the dequant: its registers are not held through it
-    }
-    const __half* Ab = As + buf * (BM * LD);
-    const __half* Bb = Bs + buf * (BN * LD);
+  auto mma_step = [&](const __half* Ab, const __half* Bb) {
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
       uint32_t a[MI][4], b[4][2];
@@ -390,8 +411,68 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma16816(acc[mi][ni], a[mi], b[ni]);
     }
-    if (more) store_x(buf ^ 1);
+  };
+
+  if constexpr (!XH) {
+    issue_chunk(0);
+    cp_commit();
+    if (nc > 1) issue_chunk(1);
+    cp_commit();
+    load_x(0);
+    cp_wait1();
     __syncthreads();
+    dequant_step(0, 0);
+    store_x(0);
+    __syncthreads();
+
+    for (int kt = 0; kt < nk; ++kt) {
+      const int buf = kt & 1;
+      const bool more = kt + 1 < nk;
+      if (more) {
+        if ((kt + 1) % C::SPC == 0) {  // step kt+1 opens chunk c: chunk c+1's buffer is free
+          const int c = (kt + 1) / C::SPC;
+          if (c + 1 < nc) issue_chunk(c + 1);
+          cp_commit();
+          cp_wait1();       // chunk c has landed (this thread's pieces) ...
+          __syncthreads();  // ... and everyone's
+        }
+        dequant_step(kt + 1, buf ^ 1);
+        load_x(kt + 1);  // after the dequant: its registers are not held through it
+      }
+      mma_step(As + buf * (BM * LD), Bs + buf * (BN * LD));
+      if (more) store_x(buf ^ 1);
+      __syncthreads();
+    }
+  } else {
+    // cp.async groups: group i holds X(i) (+ a raw chunk); groups 0 and 1 are issued here,
+    // iteration kt commits group kt+2 (X(kt+2), and chunk c+1 when step kt+1 opens chunk c).
+    static_assert(XS == 3, "the group bookkeeping below assumes 3 X stages");
+    static_assert(C::SPC >= XS - 1, "a raw chunk must land before its first step");
+    issue_x(0, 0);
+    issue_chunk(0);
+    cp_commit();
+    if (nk > 1) issue_x(1, 1);
+    if (nc > 1) issue_chunk(1);
+    cp_commit();
+    cp_wait1();  // group 0: X(0) and chunk 0 (this thread's pieces) ...
+    __syncthreads();  // ... and everyone's
+    dequant_step(0, 0);
+    __syncthreads();
+    for (int kt = 0; kt < nk; ++kt) {
+      // X(kt+2) -> stage (kt+2) % 3 = that of step kt-1, whose mma ended before the barrier
+      // that closed the last iteration
+      if (kt + 2 < nk) issue_x(kt + 2, (kt + 2) % XS);
+      if ((kt + 1) % C::SPC == 0) {  // step kt+1 opens chunk c; chunk c+1 goes to the buffer
+        const int c = (kt + 1) / C::SPC;  // of chunk c-1, last read by the dequant of step kt
+        if (c + 1 < nc) issue_chunk(c + 1);  // (last iteration, before its closing barrier)
+      }
+      cp_commit();  // group kt+2
+      // chunk of step kt+1: in a group <= kt, complete since the last closing barrier
+      if (kt + 1 < nk) dequant_step(kt + 1, (kt + 1) & 1);
+      mma_step(As + (kt % XS) * (BM * LD), Bs + (kt & 1) * (BN * LD));
+      cp_wait1();       // groups <= kt+1 complete: X(kt+1) (this thread's pieces) ...
+      __syncthreads();  // ... everyone's, and Bs[(kt+1) & 1]; stage kt % 3 free again
+    }
   }
 
 #pragma unroll
@@ -421,12 +502,36 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
   extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m128(                 \
       const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \
       int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
-    g2::run<TY, 128>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);               \
+    g2::run<TY, 128, false>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);        \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m64(                  \
       const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \
       int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
-    g2::run<TY, 64>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);                \
+    g2::run<TY, 64, false>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);         \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 2) gemm3_##NAME##_m128(                 \
+      const uint8_t* W, long long row_bytes, int N, int K, const __half* X, long long ldx,  \
+      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
+    g2::run<TY, 128, true>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);         \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 2) gemm3_##NAME##_m64(                  \
+      const uint8_t* W, long long row_bytes, int N, int K, const __half* X, long long ldx,  \
+      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
+    g2::run<TY, 64, true>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);          \
   }
 FOR_EACH_QTYPE(GEMM2_INST)
+
+// gemm3's pre-pass: Xh[m][k] = fp16(X[m][k]) for m < M, k < K (K a multiple of 8, X rows
+// 16-byte aligned); grid (M, ceil(K / 1024)), 128 threads, 8 elements a thread.
+extern "C" __global__ void __launch_bounds__(128) gemm_x16(const float* __restrict__ X,
+                                                          long long ldx, int M, int K,
+                                                          __half* __restrict__ Xh,
+                                                          long long ldh) {
+  const int m = blockIdx.x, k = 8 * (blockIdx.y * 128 + threadIdx.x);
+  if (m >= M || k >= K) return;
+  const float4* src = reinterpret_cast<const float4*>(X + (long long)m * ldx + k);
+  const float4 a = __ldg(src), b = __ldg(src + 1);
+  *reinterpret_cast<uint4*>(Xh + (long long)m * ldh + k) =
+      make_uint4(pack_h2(a.x, a.y), pack_h2(a.z, a.w), pack_h2(b.x, b.y), pack_h2(b.z, b.w));
+}
 #endif

@@ -8,9 +8,10 @@ the fraction of the device-to-device copy bandwidth measured in the same run (th
 the same for the previous kernel (v3) and for each v4 rows-per-warp variant (r1, r2, r4),
 gemm (512 tokens) time and TFLOP/s; then the sum over one decoded token's matrices per model
 (a matmul-only decode ceiling in tokens/s, v4 and v3) and a few multi-token gemv and MoE
-figures. --gemm-only: the prefill gemm alone, v1 (64 and 128-token tiles) against v2 (64,
-128, the default pick, and the default once more for the spread) at 512 tokens, all in one
-process, then the sum per model (a matmul-only pp512 figure).
+figures. --gemm-only: the prefill gemm alone, v1 (64 and 128-token tiles) against v2 and v3
+(64, 128, the default pick; v3's default once more for the spread; v3 includes its fp16
+conversion of X) at 512 tokens, all in one process, then the sum per model (a matmul-only
+pp512 figure).
 
 Timing: CUDA events around R back-to-back launches, queued behind a ~10 ms spin kernel so
 that the host's launch cost (several µs per PyCUDA launch) is not in the numbers, median of
@@ -176,12 +177,15 @@ def gemm_ab(b: Bench, shapes: list[tuple[str, str, int, int, int, int]], m: int)
         ("v2_64", {"version": 2, "tile_m": 64}),
         ("v2_128", {"version": 2, "tile_m": 128}),
         ("v2", {"version": 2}),
-        ("v2_again", {"version": 2}),
+        ("v3_64", {"version": 3, "tile_m": 64}),
+        ("v3_128", {"version": 3, "tile_m": 128}),
+        ("v3", {"version": 3}),
+        ("v3_again", {"version": 3}),
     ]
-    print(f"\ngemm, {m} tokens, us (TFLOP/s of the best v1 and of the default v2)")
+    print(f"\ngemm, {m} tokens, us (TFLOP/s: best v1, default v2, default v3 with its x16 pass)")
     names = " ".join(f"{v[0]:>9}" for v in variants)
     head = f"{'model':13} {'matrix':18} {'N':>6} {'K':>5} {'type':5}"
-    print(f"{head} {names} {'v1 TF':>6} {'v2 TF':>6}")
+    print(f"{head} {names} {'v1 TF':>6} {'v2 TF':>6} {'v3 TF':>6}")
     rows: list[dict[str, Any]] = []
     for model, mat, n, k, qtype, count in shapes:
         lay = layout(qtype)
@@ -215,12 +219,14 @@ def gemm_ab(b: Bench, shapes: list[tuple[str, str, int, int, int, int]], m: int)
             "v2_kernel": plan_gemm(ws[0], xb, yb, m, version=2).kernel,
             "v1_best_TFLOPs": flop / t1 / 1e12,
             "v2_TFLOPs": flop / t["v2"] / 1e12,
+            "v3_TFLOPs": flop / t["v3"] / 1e12,
         }
         rows.append(row)
         cells = " ".join(f"{t[v[0]] * 1e6:9.1f}" for v in variants)
         print(
             f"{model:13} {mat:18} {n:6} {k:5} {lay.name:5} {cells} "
-            f"{row['v1_best_TFLOPs']:6.1f} {row['v2_TFLOPs']:6.1f}  {row['v2_kernel']}"
+            f"{row['v1_best_TFLOPs']:6.1f} {row['v2_TFLOPs']:6.1f} {row['v3_TFLOPs']:6.1f}  "
+            f"{row['v2_kernel']}"
         )
         b.release()
     print(f"\nper {m}-token prefill, matrices only (sum of time x count):")
@@ -228,9 +234,13 @@ def gemm_ab(b: Bench, shapes: list[tuple[str, str, int, int, int, int]], m: int)
         rs = [r for r in rows if r["model"] == model]
         t1 = sum(min(r["times_s"]["v1_64"], r["times_s"]["v1_128"]) * r["count"] for r in rs)
         t2 = sum(r["times_s"]["v2"] * r["count"] for r in rs)
+        t3 = sum(r["times_s"]["v3"] * r["count"] for r in rs)
+        tb = sum(min(r["times_s"][v] for v in ("v2", "v3")) * r["count"] for r in rs)
         print(
             f"  {model:13} v1 best tile {t1 * 1e3:.2f} ms ({m / t1:.0f} tok/s), "
-            f"v2 {t2 * 1e3:.2f} ms ({m / t2:.0f} tok/s), {t1 / t2:.2f}x"
+            f"v2 {t2 * 1e3:.2f} ms ({m / t2:.0f} tok/s, {t1 / t2:.2f}x), "
+            f"v3 {t3 * 1e3:.2f} ms ({m / t3:.0f} tok/s, {t1 / t3:.2f}x), "
+            f"best of v2/v3 per shape {tb * 1e3:.2f} ms ({m / tb:.0f} tok/s)"
         )
     return rows
 

@@ -26,6 +26,9 @@ pytestmark = pytest.mark.gpu
 
 GEMV_BOUND = 2e-5
 GEMM_BOUND = 2e-3
+# gemm against a reference whose X and W are rounded to fp16 first (what the tensor cores
+# multiply): only the fp32 summation order and rare 1-ulp fp16 rounding differences remain.
+GEMM_FP16_EXACT_BOUND = 1e-4
 TYPES = sorted(LAYOUTS)
 QK = {t: LAYOUTS[t].qk for t in TYPES}
 
@@ -70,20 +73,25 @@ def run_linear(
     with_residual: bool = False,
     form: str = "linear",
     launch_kw: dict[str, Any] | None = None,
+    fp16_errs: list[float] | None = None,
 ) -> tuple[float, bool]:
+    """(relative error against the float64 reference, bit-identical rerun); with fp16_errs,
+    also appends the error against the reference on fp16-rounded X and W."""
     raw, dense = random_matrix(qtype, n, k, rng)
     x = rng.standard_normal((ntok, k), dtype=np.float32)
     ref = reference(dense, x)
+    want16 = fp16_errs is not None  # only then: a second float64 product
+    ref16 = reference(dense.astype(np.float16), x.astype(np.float16)) if want16 else ref
     w_dev, x_dev = upload(raw), upload(x)
     w = qweight(w_dev, qtype, n, k)
     kw: dict[str, Any] = dict(launch_kw or {})
     if with_bias:
         bias = rng.standard_normal(n, dtype=np.float32)
-        ref = ref + bias
+        ref, ref16 = ref + bias, ref16 + bias
         kw["bias"] = upload(bias)
     if with_residual:
         res = rng.standard_normal((ntok, n), dtype=np.float32)
-        ref = ref + res
+        ref, ref16 = ref + res, ref16 + res
         kw["residual"] = upload(res)
     outs = []
     for _ in range(2):
@@ -92,6 +100,8 @@ def run_linear(
         gpu.Context.synchronize()
         outs.append(y.get())
     same = outs[0].tobytes() == outs[1].tobytes()
+    if fp16_errs is not None:
+        fp16_errs.append(rel_err(outs[0], ref16))
     return rel_err(outs[0], ref), same
 
 
@@ -172,7 +182,7 @@ def test_gemv_variants_match_reference(
         assert same, "gemv is not bit-identical run to run"
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
 def test_gemm_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, version: int) -> None:
     rng = np.random.default_rng(77 + qtype)
@@ -194,20 +204,27 @@ def test_gemm_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, version
         assert same, "gemm is not bit-identical run to run"
 
 
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("tile_m", [64, 128])
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
-def test_gemm2_tiles_and_chunks(mm: MatmulKernels, gpu: Any, qtype: int, tile_m: int) -> None:
-    """gemm v2 (gemm2_<type>_m64/_m128) at shapes that end inside a token tile (M not a
-    multiple of 64 or 128), inside a 128-row tile (N), inside a raw chunk of max(QK, 128)
-    elements (K = 13 blocks for the 32-element types) and with several chunks (both shared
-    buffers reused); matrices whose byte size is not a multiple of 16, so the last 16-byte
-    piece is copied byte by byte."""
-    rng = np.random.default_rng(500 + 7 * qtype + tile_m)
+def test_gemm2_tiles_and_chunks(
+    mm: MatmulKernels, gpu: Any, qtype: int, tile_m: int, version: int
+) -> None:
+    """gemm v2/v3 (gemm2_/gemm3_<type>_m64/_m128) at shapes that end inside a token tile (M
+    not a multiple of 64 or 128, one token), inside a 128-row tile (N), inside a raw chunk of
+    max(QK, 128) elements (K = 13 blocks for the 32-element types), with one K step and with
+    many chunks (every shared buffer reused); matrices whose byte size is not a multiple of
+    16, so the last 16-byte piece is copied byte by byte. Besides the usual bound, the result
+    must match the product of the fp16-rounded operands to GEMM_FP16_EXACT_BOUND (a wrong
+    offset anywhere shows up far above it). A lone output element can sit near zero, so the
+    one-row case has 9 tokens (relative errors of single dots are not bounded by 2e-3)."""
+    rng = np.random.default_rng(500 + 7 * qtype + tile_m + version)
     qk = QK[qtype]
-    cases = [(1, qk, 1), (37, 3 * qk, 130), (200, 13 * qk, 77), (129, 5 * qk, 257)]
+    cases = [(1, qk, 9), (37, qk, 1), (37, 3 * qk, 130), (200, 13 * qk, 77), (129, 5 * qk, 257)]
     if qk == 32:
         cases.append((131, 40 * qk, 129))  # 10 chunks of 128 elements
     for i, (n, k, m) in enumerate(cases):
+        errs16: list[float] = []
         err, same = run_linear(
             mm,
             gpu,
@@ -219,10 +236,12 @@ def test_gemm2_tiles_and_chunks(mm: MatmulKernels, gpu: Any, qtype: int, tile_m:
             with_bias=i % 2 == 1,
             with_residual=i % 3 == 2,
             form="gemm",
-            launch_kw={"version": 2, "tile_m": tile_m},
+            launch_kw={"version": version, "tile_m": tile_m},
+            fp16_errs=errs16,
         )
-        assert err < GEMM_BOUND, (LAYOUTS[qtype].name, tile_m, n, k, m, err)
-        assert same, "gemm v2 is not bit-identical run to run"
+        what = (LAYOUTS[qtype].name, version, tile_m, n, k, m, err, errs16)
+        assert err < GEMM_BOUND and errs16[0] < GEMM_FP16_EXACT_BOUND, what
+        assert same, "gemm v2/v3 is not bit-identical run to run"
 
 
 @pytest.mark.parametrize(("name", "n", "k", "qtype"), REAL_SHAPES, ids=[s[0] for s in REAL_SHAPES])
@@ -236,14 +255,15 @@ def test_real_model_shapes(
     assert err < GEMM_BOUND and same, (name, "gemm", err)
 
 
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize(("name", "n", "k", "qtype"), REAL_SHAPES, ids=[s[0] for s in REAL_SHAPES])
 def test_gemm2_real_model_shapes(
-    mm: MatmulKernels, gpu: Any, name: str, n: int, k: int, qtype: int
+    mm: MatmulKernels, gpu: Any, name: str, n: int, k: int, qtype: int, version: int
 ) -> None:
-    """gemm v2 on every real matrix at 300 tokens (the default tile) and, for the 64-token
+    """gemm v2/v3 on every real matrix at 300 tokens (the default tile) and, for the 64-token
     tile, at 64 tokens; results bit-identical to a rerun."""
     rng = np.random.default_rng(3 * n + k)
-    for m, kw in ((300, {"version": 2}), (64, {"version": 2, "tile_m": 64})):
+    for m, kw in ((300, {"version": version}), (64, {"version": version, "tile_m": 64})):
         err, same = run_linear(
             mm, gpu, qtype, n, k, m, rng, with_bias=m == 64, form="gemm", launch_kw=kw
         )
@@ -254,7 +274,7 @@ def test_in_place_residual_add(mm: MatmulKernels, gpu: Any) -> None:
     rng = np.random.default_rng(5)
     n, k = 896, 4864
     raw, dense = random_matrix(14, n, k, rng)
-    for ntok, kw in ((1, {}), (40, {"version": 1}), (40, {"version": 2})):
+    for ntok, kw in ((1, {}), (40, {"version": 1}), (40, {"version": 2}), (40, {"version": 3})):
         x = rng.standard_normal((ntok, k), dtype=np.float32)
         res = rng.standard_normal((ntok, n), dtype=np.float32)
         y, w_dev, x_dev = upload(res), upload(raw), upload(x)  # keep every buffer alive
@@ -275,7 +295,8 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
     for form in ("gemv", "gemm"):
         with pytest.raises(KernelArgumentError, match=f"{form}_q4_k.*y buffer"):
             getattr(mm, form)(w, x, y, 4)
-    with pytest.raises(KernelArgumentError, match=r"gemm2_q4_k_m64.*y buffer"):
-        mm.gemm(w, x, y, 4, version=2)
+    for version in (2, 3):  # v3: its fp16 conversion of x must not run either
+        with pytest.raises(KernelArgumentError, match=rf"gemm{version}_q4_k_m64.*y buffer"):
+            mm.gemm(w, x, y, 4, version=version)
     gpu.Context.synchronize()
     assert np.isnan(y.get()).all(), "a refused launch must not have run"

@@ -26,6 +26,7 @@ from worker.backends.cuda.matmul import (
     moe_workspace_bytes,
     plan_embed,
     plan_gemm,
+    plan_gemm_x16,
     plan_gemv,
     plan_moe,
     plan_moe_route,
@@ -322,8 +323,9 @@ SMEM_HARNESS = r"""
 #define GEMM_CORE_ONLY
 #include "gemm.cu"
 #include <cstdio>
-#define SMEM_ROW(TY, NAME) \
-  printf("%d %d %d\n", (int)TY, g2::Smem<TY, 64>::bytes, g2::Smem<TY, 128>::bytes);
+#define SMEM_ROW(TY, NAME)                                                                  \
+  printf("%d %d %d %d %d\n", (int)TY, g2::Smem<TY, 64>::bytes, g2::Smem<TY, 128>::bytes,    \
+         g2::Smem3<TY, 64>::bytes, g2::Smem3<TY, 128>::bytes);
 int main() {
   FOR_EACH_QTYPE(SMEM_ROW)
   return 0;
@@ -345,17 +347,19 @@ def test_gemm2_shared_memory_formula_matches_the_kernel(tmp_path: Path) -> None:
     for line in out.split("\n"):
         if not line.strip():
             continue
-        qtype, b64, b128 = (int(v) for v in line.split())
+        qtype, b64, b128, c64, c128 = (int(v) for v in line.split())
         lay = LAYOUTS[qtype]
         assert (gemm2_smem_bytes(lay, 64), gemm2_smem_bytes(lay, 128)) == (b64, b128), lay.name
-        assert b128 <= 227 * 1024  # the per-block limit of sm_90
+        got3 = (gemm2_smem_bytes(lay, 64, x_stages=3), gemm2_smem_bytes(lay, 128, x_stages=3))
+        assert got3 == (c64, c128), lay.name
+        assert max(b128, c128) <= 227 * 1024  # the per-block limit of sm_90
         seen.add(qtype)
     assert seen == set(LAYOUTS)
 
 
 def test_gemm2_plans_tiles_and_refusals() -> None:
     """gemm v2: 128 weight rows per block, 256 threads, the 128-token tile when it gives at
-    least one block per SM of an H100 (132), else 64 tokens; dynamic shared memory attached."""
+    least 64 blocks, else 64 tokens; dynamic shared memory attached."""
 
     def plan(n: int, k: int, qtype: int, m: int, **kw: object) -> Launch:
         w = weight(qtype, rows=n, cols=k)
@@ -370,6 +374,7 @@ def test_gemm2_plans_tiles_and_refusals() -> None:
     head = plan(151936, 896, 8, 300)
     assert head.kernel == "gemm2_q8_0_m128" and head.grid == (3, 1187, 1)
     assert plan(130, 96, 8, 77, tile_m=128).grid == (1, 2, 1)
+    assert plan(3072, 3072, 12, 512).kernel == "gemm2_q4_k_m128"  # 4 x 24 = 96 blocks
     w = weight(12, rows=64, cols=512)
     x, y = bufs(w, 10)
     refused(plan_gemm, w, x, y, 10, version=3)
@@ -377,3 +382,26 @@ def test_gemm2_plans_tiles_and_refusals() -> None:
     err = refused(plan_gemm, w, x, DevBuf(y.ptr, 63 * 4 * 10), 10, version=2)
     assert "gemm2_q4_k_m64" in str(err)
     assert plan_gemm(w, x, y, 10, version=1).shared == 0
+
+
+def test_gemm3_plans_the_fp16_prepass_and_refusals() -> None:
+    """gemm v3 reads X as fp16 from a workspace that plan_gemm_x16's launch fills: the gemm's
+    X argument is the workspace with row stride K; both launches are checked."""
+    w = weight(12, rows=16384, cols=3072)
+    x, y = bufs(w, 512)
+    xh = DevBuf(1 << 33, 512 * 3072 * 2)
+    g = plan_gemm(w, x, y, 512, version=3, xh=xh)
+    assert g.kernel == "gemm3_q4_k_m128" and g.grid == (4, 128, 1) and g.block == (256, 1, 1)
+    assert g.args[4] == xh.ptr and g.args[5] == 3072 and g.args[6] == 512
+    assert g.shared == gemm2_smem_bytes(layout(12), 128, x_stages=3)
+    c = plan_gemm_x16(x, xh, 512, 3072)
+    assert c.kernel == "gemm_x16" and c.grid == (512, 3, 1) and c.block == (128, 1, 1)
+    assert c.args == (x.ptr, 3072, 512, 3072, xh.ptr, 3072)
+    assert len(c.args) == len(c.arg_format) and len(g.args) == len(g.arg_format)
+    refused(plan_gemm, w, x, y, 512, version=3)  # no workspace
+    refused(plan_gemm, w, x, y, 512, version=3, xh=DevBuf(xh.ptr, xh.nbytes - 2))  # short
+    refused(plan_gemm, w, x, y, 512, version=3, xh=DevBuf(xh.ptr + 8, xh.nbytes))  # alignment
+    refused(plan_gemm, w, x, y, 512, version=3, xh=DevBuf(y.ptr, xh.nbytes))  # overlaps y
+    refused(plan_gemm_x16, x, DevBuf(x.ptr + 16, xh.nbytes), 512, 3072)  # overlaps x
+    refused(plan_gemm_x16, x, xh, 512, 3068)  # K not a multiple of 8
+    refused(plan_gemm_x16, DevBuf(x.ptr, x.nbytes - 4), xh, 512, 3072)  # x short

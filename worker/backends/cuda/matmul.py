@@ -59,7 +59,9 @@ GEMM_VERSION = int(os.environ.get("WORKER_ORCD_GEMM_VERSION", "1"))
 GEMM2_ROWS = 128  # g2::BN in gemm.cu: weight rows per block
 GEMM2_THREADS = 256  # g2::THREADS
 GEMM2_LD = 40  # g2::LD: halves per row of the fp16 tiles
-GEMM2_ONE_WAVE = 132  # blocks of the 128-token tile below which the 64-token tile is used
+# v2/v3 token tile: 128 when that gives at least this many blocks, else 64 (run 1, H100:
+# 128 won at 92-128 blocks, 64 at 16-28 blocks)
+GEMM2_MIN_BLOCKS_128 = 64
 GEMM3_X_STAGES = 3  # g2::XS: fp16 X tiles in flight (gemm3)
 X16_THREADS = 128  # gemm_x16: 8 elements a thread
 EMBED_THREADS = 128
@@ -79,6 +81,7 @@ _ARG_FORMATS: dict[str, str] = {
     "moe_gemm": "PqqiiPPPiPqqPPq",
     "moe_gemm3": "PqqiiPiiPqqPPq",
     "moe_route": "PiiiPPP",
+    "moe_gemv_pair": "PPqqiiiPiPqqPPPPq",
 }
 # MoE (moe.cu; docs/kernels.md "H10: MoE kernels"): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
@@ -314,7 +317,7 @@ def plan_gemm(
 
     version 2: gemm2_<type>_m<tile_m>, 128 weight rows per block, 256 threads, dynamic
     shared memory (gemm2_smem_bytes); tile_m 128 by default when that gives at least
-    GEMM2_ONE_WAVE blocks, else 64 (more blocks for shapes with few row tiles).
+    GEMM2_MIN_BLOCKS_128 blocks, else 64 (more blocks for shapes with few row tiles).
     version 3: gemm3_<type>_m<tile_m>, the same tiles reading X as fp16 from `xh` (m rows of
     K halves, written first by plan_gemm_x16's launch; MatmulKernels.gemm does both).
     version 1: gemm_<type> / gemm128_<type> (64 weight rows per block); tile_m 128 from
@@ -331,7 +334,7 @@ def plan_gemm(
         tiles_n = -(-w.rows // GEMM2_ROWS)
         _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
         if tile_m is None:
-            tile_m = 128 if -(-m // 128) * tiles_n >= GEMM2_ONE_WAVE else 64
+            tile_m = 128 if -(-m // 128) * tiles_n >= GEMM2_MIN_BLOCKS_128 else 64
         _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
         kernel = f"gemm{version}_{lay.name}_m{tile_m}"
         launch = _plan_linear(
@@ -823,10 +826,14 @@ class MatmulKernels:
         """Prefill product (plan_gemm). Version 3 first converts x to fp16 into this object's
         workspace (grown on demand; launches on one stream are ordered, so consecutive calls
         may share it — calls on two streams at once must not use version 3)."""
-        if kw.get("version", GEMM_VERSION) == 3 and "xh" not in kw:
+        version = kw.get("version")
+        if (GEMM_VERSION if version is None else version) == 3 and "xh" not in kw:
             ws = self._x16_workspace(m * w.cols * 2)
-            self.run(plan_gemm_x16(x, ws, m, w.cols, ldx=kw.get("ldx")), stream)
-            kw = {**kw, "xh": ws}
+            conv = plan_gemm_x16(x, ws, m, w.cols, ldx=kw.get("ldx"))
+            main = plan_gemm(w, x, y, m, xh=ws, **kw)  # both checked before either is queued
+            self.run(conv, stream)
+            self.run(main, stream)
+            return
         self.run(plan_gemm(w, x, y, m, **kw), stream)
 
     def _x16_workspace(self, nbytes: int) -> DevBuf:
