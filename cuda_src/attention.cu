@@ -297,3 +297,291 @@ extern "C" __global__ void __launch_bounds__(AT)
   attn_merge(ml, opart, sinks, out, head_dim * n_head, tickets, sacc, scw, sh, s_ticket, 0, h,
              n_head, head_dim, n_split);
 }
+
+// ==================================================================== tensor-core prefill
+// attn_prefill_tc_d<D> (H12): FlashAttention-2-style prefill attention on the tensor cores,
+// one launch, no workspace, no atomics. A block of 4 warps takes 64 query rows (16 a warp)
+// of one query head; it streams 64-key tiles of its KV head's K and V from the FP16 cache
+// through shared memory (cp.async, two stages: the next tile is in flight while this one is
+// used), S = Q K^T and O += P V with mma.sync m16n8k16 (fp16 operands, fp32 accumulators),
+// and an online softmax in fp32 per row: a running max m (log2 domain: q is scaled by
+// scale * log2(e) before its FP16 conversion, so p = exp2(s - m)) and a running sum l of the
+// FP16-rounded p that the P V product uses (numerator and denominator see the same p).
+// Key j is visible to query position p = pos0[0] + t iff j <= p and (window <= 0 or
+// p - j < window), as in attn_split; tiles wholly past the block's causal limit or before
+// its window are never loaded. The sink logit (gpt-oss) joins the denominator at the end.
+// Every sum runs in a fixed order: bit-identical run to run.
+// The first block (blockIdx.x 0) takes the last (longest) query tile.
+#define TC_BM 64
+#define TC_BN 64
+#define TC_THREADS 128  // 4 warps; __launch_bounds__(.., 2): no spills at D = 128 (208 regs)
+
+__device__ __forceinline__ unsigned tc_smem(const void* p) {
+  return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void tc_cp16(unsigned dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void tc_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void tc_ldm4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
+                                        unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void tc_ldm4t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
+                                         unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+// c += a (16x16, row) * b (16x8, col); fp16 inputs, fp32 accumulators.
+__device__ __forceinline__ void tc_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a half2 (lo in the low 16 bits: the lower column of an mma fragment).
+__device__ __forceinline__ unsigned tc_pack(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// q: row t, head h at q + t*q_stride + h*D (fp32, RoPE applied; 8-byte aligned rows).
+// kc/vc: [ctx][n_kv][D] half. out row t at out + t*out_stride (+ h*D). grid
+// (ceil(n_tokens / 64), n_head), block 128, dynamic shared memory 2*2*64*(D+8) halves.
+// scale_log2: the softmax scale times log2(e). sinks: one logit per head (natural log
+// domain, as the model stores it) or null.
+template <int D>
+__device__ __forceinline__ void attn_prefill_tc_body(
+    const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
+    const __half* __restrict__ vc, const int* __restrict__ pos0p, int n_tokens, int n_head,
+    int n_kv, float scale_log2, int window, const float* __restrict__ sinks,
+    float* __restrict__ out, int out_stride) {
+  constexpr int LD = D + 8;  // halves per shared row: 16 bytes of padding, conflict-free
+  constexpr int KS = D / 16;  // k-steps of Q K^T
+  constexpr int NT = D / 8;  // 8-wide column tiles of O
+  constexpr int CH = D / 8;  // 16-byte pieces per K or V row
+  extern __shared__ __align__(16) unsigned char tc_smem_raw[];
+  __half* sK = reinterpret_cast<__half*>(tc_smem_raw);  // [2][TC_BN][LD]
+  __half* sV = sK + 2 * TC_BN * LD;  // [2][TC_BN][LD]
+
+  const int n_qt = (n_tokens + TC_BM - 1) / TC_BM;
+  const int qt = n_qt - 1 - (int)blockIdx.x;
+  const int h = blockIdx.y;
+  const int kh = h / (n_head / n_kv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, tig = lane & 3;
+  const int pos0 = pos0p[0];
+  const int t_first = qt * TC_BM;
+  const int t_last = min(t_first + TC_BM, n_tokens) - 1;
+  const int kv_hi = pos0 + t_last + 1;  // keys [kv_lo, kv_hi) are visible to some row
+  const int kv_lo = window > 0 ? max(0, pos0 + t_first - window + 1) : 0;
+  const int tile0 = kv_lo / TC_BN, tile1 = (kv_hi + TC_BN - 1) / TC_BN;
+  const size_t kv_row = (size_t)n_kv * D;  // halves from one position to the next
+
+  // this thread's two rows: t0 (fragment row g) and t1 (row g + 8) of the warp's 16;
+  // rows past n_tokens compute on the last row's data and are not stored
+  const int t0 = t_first + warp * 16 + g, t1 = t0 + 8;
+  const int tq0 = min(t0, n_tokens - 1), tq1 = min(t1, n_tokens - 1);
+  const int qp0 = pos0 + tq0, qp1 = pos0 + tq1;
+
+  // Q as A fragments (row-major 16x16 per k-step), scaled, FP16, held for the whole block
+  unsigned qa[KS][4];
+  {
+    const float* q0 = q + (size_t)tq0 * q_stride + (size_t)h * D + 2 * tig;
+    const float* q1 = q + (size_t)tq1 * q_stride + (size_t)h * D + 2 * tig;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const float2 a = *reinterpret_cast<const float2*>(q0 + ks * 16);
+      const float2 b = *reinterpret_cast<const float2*>(q1 + ks * 16);
+      const float2 c = *reinterpret_cast<const float2*>(q0 + ks * 16 + 8);
+      const float2 d = *reinterpret_cast<const float2*>(q1 + ks * 16 + 8);
+      qa[ks][0] = tc_pack(a.x * scale_log2, a.y * scale_log2);
+      qa[ks][1] = tc_pack(b.x * scale_log2, b.y * scale_log2);
+      qa[ks][2] = tc_pack(c.x * scale_log2, c.y * scale_log2);
+      qa[ks][3] = tc_pack(d.x * scale_log2, d.y * scale_log2);
+    }
+  }
+
+  // K and V rows of tile `tile` into stage `st`; rows outside [kv_lo, kv_hi) are zeroed
+  // (never read: they may lie past the cache or hold stale values)
+  auto load_tile = [&](int tile, int st) {
+    const int j0 = tile * TC_BN;
+    __half* dk = sK + st * TC_BN * LD;
+    __half* dv = sV + st * TC_BN * LD;
+#pragma unroll
+    for (int c = threadIdx.x; c < TC_BN * CH; c += TC_THREADS) {
+      const int r = c / CH, col = (c % CH) * 8;
+      const int j = j0 + r;
+      const bool ok = j >= kv_lo && j < kv_hi;
+      const size_t off = (size_t)(ok ? j : kv_lo) * kv_row + (size_t)kh * D + col;
+      tc_cp16(tc_smem(dk + r * LD + col), kc + off, ok ? 16 : 0);
+      tc_cp16(tc_smem(dv + r * LD + col), vc + off, ok ? 16 : 0);
+    }
+    tc_commit();
+  };
+
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F;  // running max (log2 domain) of rows t0, t1
+  float l0 = 0.0f, l1 = 0.0f;  // this thread's part of the running sums (its 2 columns of 8)
+  // the block's smallest query position: a tile is free of masking when every key in it is
+  // visible to every row of the block
+  const int qmin = pos0 + t_first, qmax = pos0 + t_last;
+
+  load_tile(tile0, 0);
+  for (int it = tile0; it < tile1; ++it) {
+    const int st = (it - tile0) & 1;
+    if (it + 1 < tile1) {
+      load_tile(it + 1, st ^ 1);
+      tc_wait<1>();
+    } else {
+      tc_wait<0>();
+    }
+    __syncthreads();
+    const __half* ks_ = sK + st * TC_BN * LD;
+    const __half* vs_ = sV + st * TC_BN * LD;
+
+    // S = Q K^T: 8 column tiles of 8 keys; ldmatrix x4 gives the B fragments of two
+    // column tiles (keys np*16 .. +15) for one k-step
+    float s[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        unsigned b0, b1, b2, b3;
+        const int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int dim = ks * 16 + (((lane >> 3) & 1) << 3);
+        tc_ldm4(b0, b1, b2, b3, tc_smem(ks_ + key * LD + dim));
+        tc_mma(s[2 * np], qa[ks], b0, b1);
+        tc_mma(s[2 * np + 1], qa[ks], b2, b3);
+      }
+    }
+
+    const int j0 = it * TC_BN;
+    const bool full = j0 + TC_BN - 1 <= qmin && (window <= 0 || qmax - j0 < window);
+    if (!full) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + n * 8 + 2 * tig + (e & 1);
+          const int qp = e < 2 ? qp0 : qp1;
+          const bool ok = j <= qp && (window <= 0 || qp - j < window);
+          if (!ok) s[n][e] = -CUDART_INF_F;
+        }
+      }
+    }
+
+    // online softmax: the new running max over the row's 4 threads (fixed shuffle order)
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // a row with no visible key yet keeps max -inf: subtract 0 then (every p is 0)
+    const float b0 = mx0 == -CUDART_INF_F ? 0.0f : mx0;
+    const float b1 = mx1 == -CUDART_INF_F ? 0.0f : mx1;
+    const float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);  // 0 while m was -inf
+    m0 = mx0;
+    m1 = mx1;
+    l0 *= c0;
+    l1 *= c1;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= c0;
+      o[n][1] *= c0;
+      o[n][2] *= c1;
+      o[n][3] *= c1;
+    }
+    // P (FP16) as A fragments of 4 k-steps of 16 keys: column tiles 2kk and 2kk + 1
+    unsigned pa[4][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const __half2 h0 = __floats2half2_rn(exp2f(s[n][0] - b0), exp2f(s[n][1] - b0));
+      const __half2 h1 = __floats2half2_rn(exp2f(s[n][2] - b1), exp2f(s[n][3] - b1));
+      const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
+      l0 += f0.x + f0.y;
+      l1 += f1.x + f1.y;
+      pa[n >> 1][(n & 1) * 2] = *reinterpret_cast<const unsigned*>(&h0);
+      pa[n >> 1][(n & 1) * 2 + 1] = *reinterpret_cast<const unsigned*>(&h1);
+    }
+
+    // O += P V: ldmatrix.trans of V rows (keys) gives the B fragments of two 8-wide column
+    // tiles (dims np*16 .. +15) for one k-step of 16 keys
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        unsigned v0, v1, v2, v3;
+        const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        const int dim = np * 16 + ((lane >> 4) << 3);
+        tc_ldm4t(v0, v1, v2, v3, tc_smem(vs_ + key * LD + dim));
+        tc_mma(o[2 * np], pa[kk], v0, v1);
+        tc_mma(o[2 * np + 1], pa[kk], v2, v3);
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's load
+  }
+
+  // full row sums (the 4 threads of a row, fixed order), the sink, normalisation
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  float f0 = 1.0f / l0, f1 = 1.0f / l1;
+  if (sinks) {
+    const float sk = sinks[h] * 1.4426950408889634f;
+    const float M0 = fmaxf(m0, sk), M1 = fmaxf(m1, sk);
+    const float e0 = exp2f(m0 - M0), e1 = exp2f(m1 - M1);
+    f0 = e0 / (l0 * e0 + exp2f(sk - M0));
+    f1 = e1 / (l1 * e1 + exp2f(sk - M1));
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int col = h * D + n * 8 + 2 * tig;
+    if (t0 < n_tokens)
+      *reinterpret_cast<float2*>(out + (size_t)t0 * out_stride + col) =
+          make_float2(o[n][0] * f0, o[n][1] * f0);
+    if (t1 < n_tokens)
+      *reinterpret_cast<float2*>(out + (size_t)t1 * out_stride + col) =
+          make_float2(o[n][2] * f1, o[n][3] * f1);
+  }
+}
+
+#define TC_KERNEL(D)                                                                         \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) attn_prefill_tc_d##D(         \
+      const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,              \
+      const __half* __restrict__ vc, const int* __restrict__ pos0, int n_tokens, int n_head, \
+      int n_kv, float scale_log2, int window, const float* __restrict__ sinks,               \
+      float* __restrict__ out, int out_stride) {                                             \
+    attn_prefill_tc_body<D>(q, q_stride, kc, vc, pos0, n_tokens, n_head, n_kv, scale_log2,   \
+                            window, sinks, out, out_stride);                                 \
+  }
+TC_KERNEL(32)
+TC_KERNEL(64)
+TC_KERNEL(80)
+TC_KERNEL(96)
+TC_KERNEL(128)

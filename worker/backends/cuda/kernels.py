@@ -99,6 +99,77 @@ class AttnShape:
             raise LaunchRefused(kernel, f"chunk {self.max_chunk} exceeds shared memory")
 
 
+# attn_prefill_tc_d<D> (attention.cu): head dims with a kernel, query rows and keys per tile,
+# threads per block
+TC_HEAD_DIMS = (32, 64, 80, 96, 128)
+TC_BM = 64
+TC_BN = 64
+TC_THREADS = 128
+LOG2E = 1.4426950408889634
+
+
+def attn_tc_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of attn_prefill_tc_d<head_dim>: two stages of a K and a V tile,
+    rows padded by 8 halves."""
+    return 2 * 2 * TC_BN * (head_dim + 8) * F16
+
+
+@dataclass(frozen=True, slots=True)
+class TcLaunch:
+    kernel: str
+    grid: tuple[int, int]
+    shared: int
+
+
+def check_attn_prefill_tc(
+    *,
+    q: DevBuf,
+    q_stride: int,
+    kcache: DevBuf,
+    vcache: DevBuf,
+    pos: DevBuf,
+    out: DevBuf,
+    out_stride: int,
+    n_tokens: int,
+    n_head: int,
+    n_kv: int,
+    head_dim: int,
+    ctx: int,
+    max_kv: int,
+    window: int,
+    sinks: DevBuf | None,
+) -> TcLaunch:
+    """Every check of a tensor-core prefill attention launch (pure: no GPU needed).
+    max_kv: the host's bound on pos0 + n_tokens (the kernel reads keys up to it)."""
+    k = "attn_prefill_tc"
+    positive(k, n_tokens=n_tokens, n_head=n_head, n_kv=n_kv, head_dim=head_dim, ctx=ctx)
+    if head_dim not in TC_HEAD_DIMS:
+        raise LaunchRefused(k, f"head_dim {head_dim} has no kernel (have {TC_HEAD_DIMS})")
+    if n_head % n_kv:
+        raise LaunchRefused(k, f"n_head {n_head} not a multiple of {n_kv}")
+    if n_head > 65535:
+        raise LaunchRefused(k, f"n_head {n_head} > 65535 (grid y)")
+    if not isinstance(window, int) or window < 0:
+        raise LaunchRefused(k, f"window must be a non-negative int, got {window!r}")
+    if max_kv > ctx:
+        raise LaunchRefused(k, f"key length {max_kv} exceeds the cache ({ctx})")
+    if max_kv < n_tokens:
+        raise LaunchRefused(k, f"key length {max_kv} shorter than the {n_tokens} queries")
+    width = n_head * head_dim
+    if q_stride < width or out_stride < width:
+        raise LaunchRefused(k, "row strides shorter than the rows")
+    if q_stride % 2 or out_stride % 2:
+        raise LaunchRefused(k, "row strides must be even (8-byte float2 accesses)")
+    need(k, q, strided_extent(n_tokens, q_stride, width), "q", 8)
+    need(k, out, strided_extent(n_tokens, out_stride, width), "out", 8)
+    need(k, kcache, ctx * n_kv * head_dim * F16, "kcache", 16)
+    need(k, vcache, ctx * n_kv * head_dim * F16, "vcache", 16)
+    need(k, pos, 4, "pos")
+    need(k, sinks, n_head * F32 if sinks is not None else 0, "sinks")
+    grid = (-(-n_tokens // TC_BM), n_head)
+    return TcLaunch(f"attn_prefill_tc_d{head_dim}", grid, attn_tc_smem_bytes(head_dim))
+
+
 def attn_split_count(kv_len: int, max_split: int, min_chunk: int = 32) -> int:
     """Splits for a key length: enough parallelism, at least `min_chunk` keys each."""
     return max(1, min(max_split, math.ceil(kv_len / min_chunk)))
@@ -124,6 +195,7 @@ class Kernels:
             ("rope", "qkv_rope_store"): "PPPPPPPPPiiiiiiPfii",
             ("attention", "attn_split"): "PiPPPPPiiiiiifiPPiP",
             ("attention", "attn_decode_rope"): "PPPPPPiiiiifiPPPPfiii",
+            **{("attention", f"attn_prefill_tc_d{d}"): "PiPPPiiifiPPi" for d in TC_HEAD_DIMS},
             ("activation", "swiglu_f32"): "PPPiiii",
             ("activation", "swiglu_oai_f32"): "PPPiiiiff",
             ("activation", "gelu_f32"): "PPi",
@@ -146,6 +218,13 @@ class Kernels:
             # (~150 such switches per Qwen decode step cost ~190 us, docs/kernels.md)
             _prefer_shared(f)
             self.fn[name] = f
+        from worker.backends.cuda.matmul import _allow_dynamic_shared
+
+        for d in TC_HEAD_DIMS:
+            nb = attn_tc_smem_bytes(d)
+            if nb > MAX_DYN_SMEM:
+                name = f"attn_prefill_tc_d{d}"
+                _allow_dynamic_shared(self.fn[name], name, nb)
 
     def launch(
         self,
@@ -363,6 +442,66 @@ class Kernels:
             out_stride,
             tickets.ptr,
             shared=s.max_chunk * F32,
+        )
+
+    def attention_prefill_tc(
+        self,
+        *,
+        q: DevBuf,
+        q_stride: int,
+        kcache: DevBuf,
+        vcache: DevBuf,
+        pos: DevBuf,
+        out: DevBuf,
+        out_stride: int,
+        n_tokens: int,
+        n_head: int,
+        n_kv: int,
+        head_dim: int,
+        ctx: int,
+        max_kv: int,
+        scale: float,
+        window: int = 0,
+        sinks: DevBuf | None = None,
+    ) -> None:
+        """Prefill attention on the tensor cores (attn_prefill_tc_d<head_dim>): the same
+        function and output layout as `attention` (attn_split) with FP16 Q and P (see
+        docs/kernels.md, H12); no workspace, no tickets. max_kv: bound on pos0 + n_tokens."""
+        t = check_attn_prefill_tc(
+            q=q,
+            q_stride=q_stride,
+            kcache=kcache,
+            vcache=vcache,
+            pos=pos,
+            out=out,
+            out_stride=out_stride,
+            n_tokens=n_tokens,
+            n_head=n_head,
+            n_kv=n_kv,
+            head_dim=head_dim,
+            ctx=ctx,
+            max_kv=max_kv,
+            window=window,
+            sinks=sinks,
+        )
+        self.launch(
+            t.kernel,
+            t.grid,
+            (TC_THREADS,),
+            q.ptr,
+            q_stride,
+            kcache.ptr,
+            vcache.ptr,
+            pos.ptr,
+            n_tokens,
+            n_head,
+            n_kv,
+            scale * LOG2E,
+            window,
+            ptr(sinks),
+            out.ptr,
+            out_stride,
+            shared=t.shared,
         )
 
     def attention_decode_rope(
