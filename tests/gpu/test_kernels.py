@@ -306,6 +306,238 @@ def test_attention_deterministic(kern: Any, dev: Any) -> None:
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
+# ---------------------------------------------------------------- tensor-core prefill (H12)
+# attn_prefill_tc_d<D>: Q (scaled by scale*log2 e) and P are rounded to FP16 for the tensor
+# cores (K and V are FP16 in the cache already); each rounding is <= 2^-11 relative, the
+# scores move by ~|q||k| 2^-11 and O = sum p v / sum p uses the same rounded p in both sums.
+# The kernel's tiling emulated in NumPy (tests/unit/cuda/test_attn_args.py) lands at
+# 1.5e-4..2.5e-4 on these input scales; the bound is 2e-3 (fp32 kernels: 2e-5).
+TC_BOUND = 2e-3
+
+
+def _attn_tc_run(
+    kern: Any,
+    dev: Any,
+    q: np.ndarray,
+    kc: np.ndarray,
+    vc: np.ndarray,
+    pos0: int,
+    nh: int,
+    nkv: int,
+    window: int,
+    sk: np.ndarray | None,
+    pad_rows: int = 1,
+) -> np.ndarray:
+    """One tc launch; the output buffer has pad_rows poisoned rows past the tokens and a
+    4-float gap between rows (out_stride > width): both must stay NaN."""
+    n, hd = q.shape[0], kc.shape[2]
+    width = nh * hd
+    stride = width + 4
+    out = dev.poison((n + pad_rows) * stride * 4)
+    kern.attention_prefill_tc(
+        q=dev.put(q),
+        q_stride=width,
+        kcache=dev.put(kc),
+        vcache=dev.put(vc),
+        pos=dev.put(np.array([pos0], np.int32)),
+        out=out,
+        out_stride=stride,
+        n_tokens=n,
+        n_head=nh,
+        n_kv=nkv,
+        head_dim=hd,
+        ctx=kc.shape[0],
+        max_kv=pos0 + n,
+        scale=float(1.0 / np.sqrt(hd)),
+        window=window,
+        sinks=dev.put(sk) if sk is not None else None,
+    )
+    full = dev.get(out, (n + pad_rows, stride))
+    assert np.isnan(full[n:]).all(), "tc wrote past the last token"
+    assert np.isnan(full[:, width:]).all(), "tc wrote into the row gap"
+    return np.ascontiguousarray(full[:n, :width])
+
+
+def _attn_tc_case(
+    kern: Any,
+    dev: Any,
+    n_tok: int,
+    pos0: int,
+    nh: int,
+    nkv: int,
+    hd: int,
+    window: int,
+    sinks: bool,
+    seed: int = 0,
+) -> float:
+    rng = np.random.default_rng(seed * 1009 + pos0 * 7 + n_tok)
+    kv_max = pos0 + n_tok
+    ctx = kv_max + 5
+    kc = (rng.standard_normal((ctx, nkv, hd)) * 0.5).astype(np.float16)
+    vc = rng.standard_normal((ctx, nkv, hd)).astype(np.float16)
+    kc[kv_max:] = np.nan  # past the keys: never read (a NaN would reach every output)
+    vc[kv_max:] = np.nan
+    q = rng.standard_normal((n_tok, nh * hd)).astype(np.float32)
+    sk = (rng.standard_normal(nh) * 2).astype(np.float32) if sinks else None
+    got = _attn_tc_run(kern, dev, q, kc, vc, pos0, nh, nkv, window, sk)
+    from worker.gguf.hparams import HParams
+
+    hp = HParams(
+        arch="qwen2",
+        n_layer=1,
+        n_embd=nh * hd,
+        n_head=nh,
+        n_head_kv=nkv,
+        head_dim=hd,
+        head_dim_v=hd,
+        n_ff=8,
+        n_vocab=8,
+        n_ctx_train=ctx,
+        norm="rms",
+        norm_eps=1e-6,
+        rope=RopeParams(type="none"),
+    )
+    cache = KVCache(hp, ctx)
+    cache.k[0][:] = kc.astype(np.float32)
+    cache.v[0][:] = vc.astype(np.float32)
+    ref = attention(
+        q.reshape(n_tok, nh, hd),
+        cache,
+        0,
+        cache.k[0][pos0:kv_max].copy(),
+        cache.v[0][pos0:kv_max].copy(),
+        pos0,
+        AttnOptions(scale=float(1.0 / np.sqrt(hd)), window=window, sinks=sk),
+    )
+    err = rel_err(got, ref)
+    assert err < TC_BOUND, (n_tok, pos0, nh, nkv, hd, window, sinks, err)
+    return err
+
+
+@pytest.mark.parametrize(
+    "n_tok,pos0,nh,nkv,hd,window,sinks",
+    [
+        (1, 0, 14, 2, 64, 0, False),  # one token (a 1-row tile)
+        (37, 0, 14, 2, 64, 0, False),  # qwen2, odd length
+        (512, 0, 14, 2, 64, 0, False),  # qwen2 pp512
+        (600, 0, 14, 2, 64, 0, False),
+        (512, 0, 32, 32, 96, 0, False),  # phi3 (MHA, head_dim 96)
+        (129, 0, 32, 32, 96, 2047, False),  # phi3's window (wider than the prompt)
+        (512, 0, 64, 8, 64, 128, True),  # gpt-oss sliding layer
+        (512, 0, 64, 8, 64, 0, True),  # gpt-oss full layer
+        (333, 0, 64, 8, 64, 128, True),
+        (70, 300, 64, 8, 64, 128, True),  # second prefill chunk, window + sinks
+        (100, 512, 32, 32, 96, 0, False),  # second chunk after 512 tokens
+        (64, 64, 14, 2, 64, 0, False),  # tile-aligned second chunk
+        (3, 600, 8, 2, 128, 0, False),  # llama head_dim 128, short chunk far in
+        (200, 17, 8, 2, 128, 0, False),
+        (77, 5, 7, 1, 80, 0, True),  # GQA 7, head_dim 80
+        (130, 0, 16, 2, 32, 16, True),  # tiny presets: head_dim 32, window 16
+        (65, 0, 8, 8, 32, 0, False),
+        (257, 0, 4, 4, 64, 0, False),  # gpt2 (MHA 64)
+        (129, 31, 8, 1, 64, 1, False),  # window 1: only the own key
+    ],
+)
+def test_attention_tc(
+    kern: Any,
+    dev: Any,
+    n_tok: int,
+    pos0: int,
+    nh: int,
+    nkv: int,
+    hd: int,
+    window: int,
+    sinks: bool,
+) -> None:
+    _attn_tc_case(kern, dev, n_tok, pos0, nh, nkv, hd, window, sinks)
+
+
+def test_attention_tc_lengths(kern: Any, dev: Any) -> None:
+    """Every tile edge from 1 to 600 tokens (and a sample in between), GQA 2 and 8,
+    fresh prompts and second chunks."""
+    lengths = sorted(
+        set(range(1, 601, 29))
+        | {2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 599, 600}
+    )
+    worst = 0.0
+    for i, n in enumerate(lengths):
+        nh, nkv = (8, 1) if i % 2 else (4, 2)
+        pos0 = 0 if i % 3 else 97 * (i % 7)
+        window = 128 if i % 4 == 1 else 0
+        worst = max(worst, _attn_tc_case(kern, dev, n, pos0, nh, nkv, 64, window, i % 4 == 1, i))
+    print(f"tc lengths 1..600: worst rel err {worst:.2e}")
+
+
+@pytest.mark.parametrize("nh,nkv,hd", [(14, 2, 64), (32, 32, 96), (64, 8, 64), (8, 2, 128)])
+def test_attention_tc_matches_split(kern: Any, dev: Any, nh: int, nkv: int, hd: int) -> None:
+    """The new prefill kernel and the old one on the same cache and q (real shapes, 300
+    tokens after 211 earlier ones)."""
+    n, pos0 = 300, 211
+    kv = pos0 + n
+    rng = np.random.default_rng(nh + hd)
+    kc = (rng.standard_normal((kv, nkv, hd)) * 0.5).astype(np.float16)
+    vc = rng.standard_normal((kv, nkv, hd)).astype(np.float16)
+    q = rng.standard_normal((n, nh * hd)).astype(np.float32)
+    sk = rng.standard_normal(nh).astype(np.float32) if nh == 64 else None
+    window = 128 if nh == 64 else 0
+    got = _attn_tc_run(kern, dev, q, kc, vc, pos0, nh, nkv, window, sk)
+    n_split = attn_split_count(kv, 16, 64)
+    out = dev.poison(n * nh * hd * 4)
+    kern.attention(
+        q=dev.put(q),
+        q_stride=nh * hd,
+        kcache=dev.put(kc),
+        vcache=dev.put(vc),
+        opart=dev.poison(n * nh * n_split * hd * 4),
+        ml=dev.poison(n * nh * n_split * 8),
+        pos=dev.put(np.array([pos0], np.int32)),
+        out=out,
+        out_stride=nh * hd,
+        tickets=dev.put(np.zeros(n * nh, np.uint32)),
+        shape=AttnShape(n, nh, nkv, hd, n_split, -(-kv // n_split)),
+        ctx=kv,
+        max_kv=kv,
+        scale=float(1.0 / np.sqrt(hd)),
+        window=window,
+        sinks=dev.put(sk) if sk is not None else None,
+    )
+    assert rel_err(got, dev.get(out, (n, nh * hd))) < TC_BOUND
+
+
+def test_attention_tc_deterministic(kern: Any, dev: Any) -> None:
+    rng = np.random.default_rng(11)
+    n, pos0, nh, nkv, hd = 450, 70, 64, 8, 64
+    kc = rng.standard_normal((n + pos0, nkv, hd)).astype(np.float16)
+    vc = rng.standard_normal((n + pos0, nkv, hd)).astype(np.float16)
+    q = rng.standard_normal((n, nh * hd)).astype(np.float32)
+    sk = rng.standard_normal(nh).astype(np.float32)
+    outs = [_attn_tc_run(kern, dev, q, kc, vc, pos0, nh, nkv, 128, sk) for _ in range(3)]
+    outs += [_attn_tc_run(kern, dev, q, kc, vc, pos0, nh, nkv, 0, sk) for _ in range(2)]
+    assert all(np.array_equal(outs[0], o) for o in outs[1:3])
+    assert np.array_equal(outs[3], outs[4])
+
+
+def test_attention_tc_refuses(kern: Any, dev: Any) -> None:
+    with pytest.raises(LaunchRefused, match="attn_prefill_tc"):
+        kern.attention_prefill_tc(
+            q=dev.poison(2 * 896 * 4),
+            q_stride=896,
+            kcache=dev.poison(100 * 128 * 2),
+            vcache=dev.poison(100 * 128 * 2),
+            pos=dev.put(np.array([0], np.int32)),
+            out=dev.poison(896 * 4),  # one row for two tokens
+            out_stride=896,
+            n_tokens=2,
+            n_head=14,
+            n_kv=2,
+            head_dim=64,
+            ctx=100,
+            max_kv=2,
+            scale=0.125,
+        )
+    kern.ctx.sync("after a refused tc launch")
+
+
 @pytest.mark.parametrize("rows,n", [(1, 4864), (5, 4864), (3, 8192), (2, 7)])
 def test_swiglu_variants(kern: Any, dev: Any, rows: int, n: int) -> None:
     rng = np.random.default_rng(n + rows)
