@@ -31,6 +31,7 @@ from worker.backends.cuda.arena import MIB, DevBuf, align_up, kv_bytes_per_token
 from worker.backends.cuda.kernels import (
     ARGMAX_BLOCKS,
     SAMPLE_SCRATCH_BYTES,
+    TC_HEAD_DIMS,
     AttnShape,
     Kernels,
     attn_split_count,
@@ -50,6 +51,10 @@ from worker.gguf.reader import GGUFFile, open_gguf
 F32_TYPE = 0
 DECODE_SPLITS = 16  # attention key chunks per head for a decode step (fixed in the graph)
 PREFILL_MAX_SPLITS = 16
+# Prefill attention (more than one token): "tc" = attn_prefill_tc, the tensor-core kernel
+# (docs/kernels.md, H12), where the head dim has one, else attn_split; "split" = attn_split
+# always (the previous path; A/B). Decode steps always use attn_split / attn_decode_rope.
+PREFILL_ATTN = os.environ.get("WORKER_ORCD_PREFILL_ATTN", "tc")
 # One-token steps with RoPE + KV store inside the attention launch: bit-identical logits to
 # the two-launch path, 909 vs 874-897 tok/s on an H100 (BENCHMARKS.md, GPU section).
 FUSED_DECODE = True
@@ -201,6 +206,7 @@ class CudaBackend:
         self.ubatch = max(1, ubatch)
         self.decode_splits = DECODE_SPLITS
         self.fused_decode = FUSED_DECODE
+        self.prefill_attn = PREFILL_ATTN  # "tc" | "split" (read at every enqueue)
         self.use_graphs = graphs
         self.ctx = ctx = CudaContext(gpu_device)
         t_k = time.perf_counter()
@@ -613,6 +619,26 @@ class CudaBackend:
             ctx=self.context_length,
             max_pos=kv_max,
         )
+        if n > 1 and self.prefill_attn == "tc" and hp.head_dim in TC_HEAD_DIMS:
+            k.attention_prefill_tc(
+                q=qkv,
+                q_stride=QKV,
+                kcache=kc,
+                vcache=vc,
+                pos=s["pos"],
+                out=s["attn"],
+                out_stride=qd,
+                n_tokens=n,
+                n_head=hp.n_head,
+                n_kv=hp.n_head_kv,
+                head_dim=hp.head_dim,
+                ctx=self.context_length,
+                max_kv=kv_max,
+                scale=scale,
+                window=window,
+                sinks=sinks,
+            )
+            return
         k.attention(
             q=qkv,
             q_stride=QKV,
