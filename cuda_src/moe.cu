@@ -11,6 +11,7 @@
 //   structure (every lane issues its 16-byte L1-bypassing loads of a chunk, stages them in
 //   the warp's own shared slice, decodes; no block barrier), for one token. MXFP4 has its own
 //   decoder (MoeDot below). An id outside [0, n_expert) writes NaN rows.
+// moe_gemv_pair_<type>_r2|_r4: gate and up (two tensors, one routing, one x) in one launch.
 // moe_gemv3_<type>: the previous kernel (v3 staged-tile core, grid (G, n_assign)), kept for
 //   same-run comparisons.
 // Prefill:
@@ -203,13 +204,13 @@ __device__ __forceinline__ void moe_gemv4_rows(const uint8_t* __restrict__ W, lo
   }
 }
 
+// Block (blockIdx.x, a) of moe_gemv: rows (4 blockIdx.x + warp)*RW .. of assignment a.
 template <int T, int RW, int U>
 __device__ __forceinline__ void moe_gemv4_entry(const uint8_t* W, long long expert_bytes,
                                                 long long row_bytes, int N, int K, int n_expert,
                                                 const int* ids, int topk, const float* X,
                                                 long long ldx_tok, long long ldx_slot,
-                                                const float* B, float* Y, long long ldy) {
-  const int a = blockIdx.y;
+                                                const float* B, float* Y, long long ldy, int a) {
   const int e = ids[a];
   float* y = Y + (long long)a * ldy;
   if (e < 0 || e >= n_expert) {
@@ -358,7 +359,19 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
   const uint8_t *W, long long expert_bytes, long long row_bytes, int N, int K, int n_expert, \
       const int *ids, int topk, const float *X, long long ldx_tok, long long ldx_slot,       \
       const float *B, float *Y, long long ldy
-#define MOE_GEMV_PASS W, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok, ldx_slot, B, Y, ldy
+#define MOE_GEMV_PASS \
+  W, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok, ldx_slot, B, Y, ldy, blockIdx.y
+// moe_gemv_pair_<type>_r<RW>: two expert tensors of one shape and type with the same routing
+// and input (gpt-oss's gate and up) in one launch, grid (ceil(N / (4*RW)), 2*n_assign): rows
+// blockIdx.y < n_assign are W0's (bias B0, out Y0), the rest W1's; each output row is the same
+// arithmetic as moe_gemv_<type>_r<RW>'s.
+#define MOE_PAIR_ARGS                                                                        \
+  const uint8_t *W0, const uint8_t *W1, long long expert_bytes, long long row_bytes, int N,  \
+      int K, int n_expert, const int *ids, int topk, const float *X, long long ldx_tok,      \
+      long long ldx_slot, const float *B0, const float *B1, float *Y0, float *Y1, long long ldy
+#define MOE_PAIR_PASS                                                                        \
+  second ? W1 : W0, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok, ldx_slot, \
+      second ? B1 : B0, second ? Y1 : Y0, ldy, (int)blockIdx.y - (second ? n_assign : 0)
 #define MOE_GEMM_ARGS                                                                         \
   const uint8_t *W, long long expert_bytes, long long row_bytes, int N, int K,               \
       const int *ntiles, const int4 *tiles, const int *list, int topk, const float *X,       \
@@ -379,8 +392,21 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
       moe_gemv_##NAME##_r4(MOE_GEMV_ARGS) {                                                    \
     moe_gemv4_entry<TY, 4, 2>(MOE_GEMV_PASS);                                                  \
   }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
+      moe_gemv_pair_##NAME##_r2(MOE_PAIR_ARGS) {                                               \
+    const int n_assign = gridDim.y >> 1;                                                       \
+    const bool second = (int)blockIdx.y >= n_assign;                                           \
+    moe_gemv4_entry<TY, 2, 4>(MOE_PAIR_PASS);                                                  \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
+      moe_gemv_pair_##NAME##_r4(MOE_PAIR_ARGS) {                                               \
+    const int n_assign = gridDim.y >> 1;                                                       \
+    const bool second = (int)blockIdx.y >= n_assign;                                           \
+    moe_gemv4_entry<TY, 4, 2>(MOE_PAIR_PASS);                                                  \
+  }                                                                                            \
   extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv3_##NAME(MOE_GEMV_ARGS) { \
-    moe_gemv3_entry<TY>(MOE_GEMV_PASS);                                                        \
+    moe_gemv3_entry<TY>(W, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok,    \
+                        ldx_slot, B, Y, ldy);                                                        \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(128) moe_gemm_##NAME(MOE_GEMM_ARGS) {           \
     moe_gemm4_entry<TY, 64>(MOE_GEMM_PASS);                                                    \

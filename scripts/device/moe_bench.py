@@ -7,6 +7,7 @@ kernels"): gpt-oss-20b's experts, 32 MXFP4 matrices of 2880x2880, top-4.
 Decode (1 and 2 tokens): moe_gemv3 (previous kernel) and moe_gemv with 1/2/4 rows per warp,
 as back-to-back stream launches and replayed in a CUDA graph (how the decode step runs them);
 8 disjoint expert sets in turn, so every launch reads weights no earlier launch left in L2.
+Gate and up as two launches against one moe_gemv_pair launch.
 Prefill (128 and 512 tokens, random top-4 routing): moe_gemm3 (ballot scan) against the routing
 pre-pass + routed gemm with 64- and 128-token tiles, and the pre-pass alone. Timing as in
 scripts/gpu_matmul_bench.py (events around launches queued behind a spin kernel, median of 5).
@@ -48,6 +49,8 @@ def main() -> int:
     raw = np.concatenate([random_matrix(39, N, K, b.rng)[0] for _ in range(N_EXP)])
     wd = ga.to_gpu(raw)
     we = QWeight(int(wd.gpudata), 39, N, K, raw.nbytes, experts=N_EXP)
+    wd2 = wd.copy()  # the "up" tensor of the gate+up timings: same bytes, other addresses
+    we2 = QWeight(int(wd2.gpudata), 39, N, K, raw.nbytes, experts=N_EXP)
     expert_bytes = N * layout(39).row_bytes(K)
     out: dict[str, Any] = {"device": b.name, "copy_GBps": bw / 1e9, "decode": {}, "prefill": {}}
 
@@ -105,6 +108,48 @@ def main() -> int:
                     f"{t * 1e6:7.2f} / {tg * 1e6:7.2f} us  {nbytes / t / 1e9:6.0f} GB/s "
                     f"{100 * nbytes / t / bw:4.0f} %"
                 )
+        # gate and up: two moe_gemv launches against one moe_gemv_pair launch (a copy of the
+        # experts at other addresses stands for the second tensor)
+        x = ga.to_gpu(b.rng.standard_normal((ntok, K), dtype=np.float32))
+        y0, y1 = ga.empty((n_assign, N), np.float32), ga.empty((n_assign, N), np.float32)
+        for name, pair in (("two_launches", 0), ("pair_r2", 2), ("pair_r4", 4)):
+
+            def gate_up(
+                i: int,
+                pair: int = pair,
+                x: Any = x,
+                y0: Any = y0,
+                y1: Any = y1,
+                ntok: int = ntok,
+                ids: list[Any] = ids,
+            ) -> None:
+                if pair:
+                    mm.moe_pair(
+                        we,
+                        we2,
+                        ids[i % 8],
+                        ntok,
+                        TOPK,
+                        x,
+                        y0,
+                        y1,
+                        stream=b.stream,
+                        rows_per_warp=pair,
+                    )
+                    return
+                for w, y in ((we, y0), (we2, y1)):
+                    mm.moe(w, ids[i % 8], ntok, TOPK, x, y, per_slot_input=False, stream=b.stream)
+
+            t = b.time_batch(gate_up, 48)
+            tg = b.time_graph(gate_up, 48)
+            out["decode"][f"ntok{ntok}_gate_up_{name}"] = {
+                "stream_us": t * 1e6,
+                "graph_us": tg * 1e6,
+            }
+            print(
+                f"  ntok {ntok} gate+up {name:12} {t * 1e6:7.2f} / {tg * 1e6:7.2f} us  "
+                f"{2 * nbytes / t / 1e9:6.0f} GB/s {100 * 2 * nbytes / t / bw:4.0f} %"
+            )
         b.drv.Context.synchronize()
 
     print("\nprefill, us per launch (TFLOP/s)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call (H10, docs/kernels.md "H10: MoE kernels"): the card, the MoE GPU tests
-# (tests/gpu/test_embed_moe.py) and the MoE bench (previous and new kernels in one process on
-# one card, scripts/device/moe_bench.py). From the repository root on the device:
+# (tests/gpu/test_embed_moe.py), the tiny gpt-oss model test and the MoE bench (previous and
+# new kernels in one process on one card, scripts/device/moe_bench.py). From the repository root on the device:
 #   source .device/setup.sh && export WORKER_ORCD_CACHE=$PWD/.kcache PYTHONUNBUFFERED=1 && \
 #   bash scripts/device/moe_check.sh
 # with the cubins prebuilt here (scripts/device/prebuild_cubins.py .kcache) and carried.
@@ -19,6 +19,12 @@ timeout "$T_TESTS" python3 -m pytest -q -m gpu tests/gpu/test_embed_moe.py \
 echo "tests rc=$?"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+# the whole gpt-oss layer recipe on a tiny real-layout file (backend._moe: routed gemm for the
+# prompt, the gate+up pair and moe_gemv for decode) against the NumPy reference
+timeout "${T_MODEL:-90}" python3 -m pytest -q -m gpu tests/gpu/test_model.py -k "gpt-oss" \
+  -s -p no:cacheprovider > "$OUT/model.log" 2>&1
+echo "model test rc=$?"
+grep -E "passed|failed|error|max rel" "$OUT/model.log" | tail -4
 timeout "$T_BENCH" python3 scripts/device/moe_bench.py --json "$OUT/moe_bench.json" \
   > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"

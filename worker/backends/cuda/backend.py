@@ -708,19 +708,37 @@ class CudaBackend:
             self.route_trace.append((il, ids))
         form = "gemv" if n <= 2 else "gemm"
         st = self.ctx.stream
-        for which, dst in (("gate", "eg"), ("up", "eu")):
-            self.mm.moe(
-                self._experts(f"{p}.ffn_{which}_exps.weight"),
+        wg, wu = (self._experts(f"{p}.ffn_{w}_exps.weight") for w in ("gate", "up"))
+        shape = (wg.qtype, wg.rows, wg.cols, wg.experts)
+        if form == "gemv" and shape == (wu.qtype, wu.rows, wu.cols, wu.experts):
+            # decode: gate and up in one launch (docs/kernels.md, H10)
+            self.mm.moe_pair(
+                wg,
+                wu,
                 _b(s["eidx"]),
                 n,
                 kk,
                 _b(s["xn"]),
-                _b(s[dst]),
-                per_slot_input=False,
+                _b(s["eg"]),
+                _b(s["eu"]),
                 stream=st,
-                bias=self._opt(f"{p}.ffn_{which}_exps.bias"),
-                form=form,
+                bias0=self._opt(f"{p}.ffn_gate_exps.bias"),
+                bias1=self._opt(f"{p}.ffn_up_exps.bias"),
             )
+        else:
+            for wt, which, dst in ((wg, "gate", "eg"), (wu, "up", "eu")):
+                self.mm.moe(
+                    wt,
+                    _b(s["eidx"]),
+                    n,
+                    kk,
+                    _b(s["xn"]),
+                    _b(s[dst]),
+                    per_slot_input=False,
+                    stream=st,
+                    bias=self._opt(f"{p}.ffn_{which}_exps.bias"),
+                    form=form,
+                )
         k.swiglu(s["eg"], s["eu"], s["eg"], n * kk, ff, ff, ff, ff, oai=(1.702, 7.0))
         self.mm.moe(
             self._experts(f"{p}.ffn_down_exps.weight"),
