@@ -20,11 +20,14 @@ echo "tests rc=$?"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
 # the whole gpt-oss layer recipe on a tiny real-layout file (backend._moe: routed gemm for the
-# prompt, the gate+up pair and moe_gemv for decode) against the NumPy reference
-timeout "${T_MODEL:-90}" python3 -m pytest -q -m gpu tests/gpu/test_model.py -k "gpt-oss" \
-  -s -p no:cacheprovider > "$OUT/model.log" 2>&1
-echo "model test rc=$?"
-grep -E "passed|failed|error|max rel" "$OUT/model.log" | tail -4
+# prefill, the gate+up pair (WORKER_ORCD_MOE_PAIR=1) or two launches, and moe_gemv for decode)
+# against the NumPy reference
+for pair in 0 1; do
+  WORKER_ORCD_MOE_PAIR=$pair timeout "${T_MODEL:-90}" python3 -m pytest -q -m gpu \
+    tests/gpu/test_model.py -k "gpt-oss" -s -p no:cacheprovider > "$OUT/model_pair$pair.log" 2>&1
+  echo "model test (MOE_PAIR=$pair) rc=$?"
+  grep -E "passed|failed|error|max rel" "$OUT/model_pair$pair.log" | tail -4
+done
 timeout "$T_BENCH" python3 scripts/device/moe_bench.py --json "$OUT/moe_bench.json" \
   > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"

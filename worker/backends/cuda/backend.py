@@ -706,12 +706,14 @@ class CudaBackend:
             ids = np.empty((n, kk), np.int32)
             self.ctx.dtoh(ids, s["eidx"])
             self.route_trace.append((il, ids))
+        from worker.backends.cuda.matmul import MOE_PAIR
+
         form = "gemv" if n <= 2 else "gemm"
         st = self.ctx.stream
         wg, wu = (self._experts(f"{p}.ffn_{w}_exps.weight") for w in ("gate", "up"))
         shape = (wg.qtype, wg.rows, wg.cols, wg.experts)
-        if form == "gemv" and shape == (wu.qtype, wu.rows, wu.cols, wu.experts):
-            # decode: gate and up in one launch (docs/kernels.md, H10)
+        if MOE_PAIR and form == "gemv" and shape == (wu.qtype, wu.rows, wu.cols, wu.experts):
+            # decode: gate and up in one launch (docs/kernels.md, H10; opt-in until measured)
             self.mm.moe_pair(
                 wg,
                 wu,
