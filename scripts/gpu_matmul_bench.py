@@ -33,7 +33,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.backends.cuda.matmul import MatmulKernels, QWeight, plan_gemm, plan_gemv
+from worker.backends.cuda.matmul import (
+    MatmulKernels,
+    QWeight,
+    gemm_version,
+    plan_gemm,
+    plan_gemv,
+)
 from worker.backends.cuda.quant_layout import layout, random_matrix
 
 # (model, matrix, rows N, cols K, ggml type, matrices of this kind per decoded token)
@@ -283,7 +289,7 @@ def main() -> int:
             mm.gemv(ws[i % len(ws)], xb, yb, 1, stream=b.stream, **kw)
 
         def gemm(i: int, ws: list[QWeight] = ws, xb: Any = xb, yb: Any = yb, tm: int = 64) -> None:
-            mm.gemm(ws[i % len(ws)], xb, yb, 512, stream=b.stream, tile_m=tm)
+            mm.gemm(ws[i % len(ws)], xb, yb, 512, stream=b.stream, tile_m=tm, version=1)
 
         t1 = b.time_batch(gemv, 200)  # the default kernel (v4, rows per warp by rule)
         t1_v3 = b.time_batch(lambda i: gemv(i, version=3), 200)  # previous kernel
@@ -334,7 +340,8 @@ def main() -> int:
             "gemm512_TFLOPs": 2 * 512 * n * k / tg / 1e12,
             "gemm512_tile64_s": tg64,
             "gemm512_tile128_s": tg128,
-            "gemm_auto_kernel": plan_gemm(ws[0], xb, yb, 512).kernel,
+            "gemm_v1_auto_kernel": plan_gemm(ws[0], xb, yb, 512, version=1).kernel,
+            "gemm_default_version": gemm_version(ws[0]),
         }
         rows.append(row)
         print(

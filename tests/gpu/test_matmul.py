@@ -292,9 +292,9 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
     w = qweight(w_dev, 12, n, k)
     x = upload(rng.standard_normal((4, k), dtype=np.float32))
     y = poisoned((3, n))  # room for 3 tokens, asked for 4
-    for form in ("gemv", "gemm"):
+    for form, kw in (("gemv", {}), ("gemm", {"version": 1})):
         with pytest.raises(KernelArgumentError, match=f"{form}_q4_k.*y buffer"):
-            getattr(mm, form)(w, x, y, 4)
+            getattr(mm, form)(w, x, y, 4, **kw)
     for version in (2, 3):  # v3: its fp16 conversion of x must not run either
         with pytest.raises(KernelArgumentError, match=rf"gemm{version}_q4_k_m64.*y buffer"):
             mm.gemm(w, x, y, 4, version=version)

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 
 from worker.backends.cuda.matmul import (
+    GEMM_VERSION,
     DevBuf,
     KernelArgumentError,
     Launch,
     QWeight,
     gemm2_smem_bytes,
+    gemm_version,
     moe_tile_bound,
     moe_workspace_bytes,
     plan_embed,
@@ -63,15 +65,17 @@ def test_good_gemv_plan_has_grid_and_args() -> None:
 def test_gemm_tile_choice_and_persistent_gemv() -> None:
     w = weight(12, rows=16384, cols=3072)
     x, y = bufs(w, 512)
-    big = plan_gemm(w, x, y, 512)
+    big = plan_gemm(w, x, y, 512, version=1)
     assert big.kernel == "gemm128_q4_k" and big.grid == (4, 256, 1) and big.block == (256, 1, 1)
-    small = plan_gemm(w, x, y, 512, tile_m=64)
+    small = plan_gemm(w, x, y, 512, tile_m=64, version=1)
     assert small.kernel == "gemm_q4_k" and small.grid == (8, 256, 1)
     assert (
-        plan_gemm(weight(12, rows=896, cols=4864), *bufs(weight(12, 896, 4864), 512), 512).kernel
+        plan_gemm(
+            weight(12, rows=896, cols=4864), *bufs(weight(12, 896, 4864), 512), 512, version=1
+        ).kernel
         == "gemm128_q4_k"
     )
-    assert plan_gemm(w, x, y, 127).kernel == "gemm_q4_k"
+    assert plan_gemm(w, x, y, 127, version=1).kernel == "gemm_q4_k"
     refused(plan_gemm, w, x, y, 512, tile_m=32)
     assert plan_gemv(w, x, y, 1).persistent and not big.persistent
 
@@ -79,7 +83,7 @@ def test_gemm_tile_choice_and_persistent_gemv() -> None:
 def test_good_gemm_embed_moe_plans() -> None:
     w = weight(8, rows=130, cols=96)
     x, y = bufs(w, 77)
-    g = plan_gemm(w, x, y, 77)
+    g = plan_gemm(w, x, y, 77, version=1)
     assert g.kernel == "gemm_q8_0" and g.grid == (2, 3, 1)
     e = plan_embed(w, DevBuf(1 << 33, 4 * 5), 5, DevBuf(1 << 34, 5 * 96 * 4))
     assert e.kernel == "embed_q8_0" and e.grid == (1, 5, 1)
@@ -427,3 +431,19 @@ def test_gemm3_plans_the_fp16_prepass_and_refusals() -> None:
     refused(plan_gemm_x16, x, DevBuf(x.ptr + 16, xh.nbytes), 512, 3072)  # overlaps x
     refused(plan_gemm_x16, x, xh, 512, 3068)  # K not a multiple of 8
     refused(plan_gemm_x16, DevBuf(x.ptr, x.nbytes - 4), xh, 512, 3072)  # x short
+
+
+def test_gemm_default_version_by_matrix_size() -> None:
+    """Without WORKER_ORCD_GEMM_VERSION: v3 (fp16 X pre-pass) for matrices of >= 8 Mi weights,
+    v2 below (run 2: the pre-pass's extra launch costs more than it saves on Qwen's small
+    matrices in a launch-bound prefill); plan_gemm's default follows it."""
+    if GEMM_VERSION is not None:
+        pytest.skip("WORKER_ORCD_GEMM_VERSION is set")
+    assert gemm_version(weight(12, rows=3072, cols=3072)) == 3  # Phi-3 attn_output: 9.4 Mi
+    assert gemm_version(weight(12, rows=16384, cols=3072)) == 3
+    assert gemm_version(weight(6, rows=4864, cols=896)) == 2  # Qwen ffn_up: 4.2 Mi
+    assert gemm_version(weight(12, rows=896, cols=4864)) == 2
+    w = weight(6, rows=896, cols=896)
+    assert plan_gemm(w, *bufs(w, 512), 512).kernel == "gemm2_q5_0_m64"
+    big = weight(12, rows=3072, cols=3072)
+    refused(plan_gemm, big, *bufs(big, 512), 512)  # v3 by default: needs the workspace

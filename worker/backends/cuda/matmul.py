@@ -54,8 +54,15 @@ GEMM_BIG_MIN_TOKENS = 128  # use the 128-token tile from this many tokens on (do
 # Prefill gemm: 3 (gemm_x16 converts X to fp16 into a workspace, then gemm3_<type>_m128/_m64),
 # 2 (gemm2_<type>_m128/_m64: X converted inside; both: 128-row tiles, raw weights staged by
 # cp.async, dynamic shared memory) or 1 (gemm_/gemm128_<type>, kept for comparison). The
-# environment variable WORKER_ORCD_GEMM_VERSION overrides the default (A/B runs on one card).
-GEMM_VERSION = int(os.environ.get("WORKER_ORCD_GEMM_VERSION", "1"))
+# environment variable WORKER_ORCD_GEMM_VERSION (1, 2 or 3) overrides the default, which is
+# per matrix (gemm_version): 3 for matrices of at least GEMM3_MIN_ELEMENTS weights, else 2
+# (docs/kernels.md "H11", run 2 on an H100: v3 is faster on the GPU for every shape, but its
+# extra launch and checks cost ~15 us of host time, and Qwen2.5-0.5B's eager prefill is
+# launch-bound: pp512 53.5k tok/s with v2 everywhere, 38-40k with v3 everywhere; Phi-3-mini
+# 13.4k with v2, 15.9k with v3).
+_GEMM_ENV = os.environ.get("WORKER_ORCD_GEMM_VERSION", "")
+GEMM_VERSION: int | None = int(_GEMM_ENV) if _GEMM_ENV else None
+GEMM3_MIN_ELEMENTS = 8 << 20
 GEMM2_ROWS = 128  # g2::BN in gemm.cu: weight rows per block
 GEMM2_THREADS = 256  # g2::THREADS
 GEMM2_LD = 40  # g2::LD: halves per row of the fp16 tiles
@@ -326,10 +333,10 @@ def plan_gemm(
     version 1: gemm_<type> / gemm128_<type> (64 weight rows per block); tile_m 128 from
     GEMM_BIG_MIN_TOKENS tokens on (faster on 19 of the 21 model shapes at 512 tokens on an
     H100, 11 µs slower on Qwen's 4864x896 gate/up), else 64.
-    Default version: GEMM_VERSION."""
+    Default version: gemm_version(w) (MatmulKernels.gemm supplies xh when it picks 3)."""
     lay = _check_weight(_kname("gemm", w.qtype), w)
     kernel = f"gemm_{lay.name}"
-    version = GEMM_VERSION if version is None else version
+    version = gemm_version(w) if version is None else version
     _need(kernel, version in (1, 2, 3), f"gemm version {version} not 1, 2 or 3")
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
     _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
@@ -389,6 +396,14 @@ def plan_gemm(
         grid=(-(-m // tile_m), tiles_n, 1),
         block=(2 * tile_m, 1, 1),
     )
+
+
+def gemm_version(w: QWeight) -> int:
+    """Default prefill gemm version for w: WORKER_ORCD_GEMM_VERSION if set, else 3 (fp16 X
+    pre-pass) for matrices of at least GEMM3_MIN_ELEMENTS weights, 2 below."""
+    if GEMM_VERSION is not None:
+        return GEMM_VERSION
+    return 3 if w.rows * w.cols >= GEMM3_MIN_ELEMENTS else 2
 
 
 def plan_gemm_x16(x: BufLike, xh: BufLike, m: int, k: int, *, ldx: int | None = None) -> Launch:
@@ -896,7 +911,7 @@ class MatmulKernels:
         workspace (grown on demand; launches on one stream are ordered, so consecutive calls
         may share it — calls on two streams at once must not use version 3)."""
         version = kw.get("version")
-        if (GEMM_VERSION if version is None else version) == 3 and "xh" not in kw:
+        if (gemm_version(w) if version is None else version) == 3 and "xh" not in kw:
             ws = self._x16_workspace(m * w.cols * 2)
             conv = plan_gemm_x16(x, ws, m, w.cols, ldx=kw.get("ldx"))
             main = plan_gemm(w, x, y, m, xh=ws, **kw)  # both checked before either is queued
