@@ -55,6 +55,11 @@ PREFILL_MAX_SPLITS = 16
 # (docs/kernels.md, H12), where the head dim has one, else attn_split; "split" = attn_split
 # always (the previous path; A/B). Decode steps always use attn_split / attn_decode_rope.
 PREFILL_ATTN = os.environ.get("WORKER_ORCD_PREFILL_ATTN", "tc")
+# tc's critical path is one block streaming every key tile of its rows, attn_split spreads
+# the keys over up to 16 splits: a short chunk far into the context (few query rows, many
+# keys) stays on attn_split. A guess until attn_bench.py's short-chunk rows are measured.
+TC_MIN_TOKENS = 32
+TC_SHORT_KV = 1024
 # One-token steps with RoPE + KV store inside the attention launch: bit-identical logits to
 # the two-launch path, 909 vs 874-897 tok/s on an H100 (BENCHMARKS.md, GPU section).
 FUSED_DECODE = True
@@ -619,7 +624,8 @@ class CudaBackend:
             ctx=self.context_length,
             max_pos=kv_max,
         )
-        if n > 1 and self.prefill_attn == "tc" and hp.head_dim in TC_HEAD_DIMS:
+        use_tc = n >= TC_MIN_TOKENS or (n > 1 and kv_max <= TC_SHORT_KV)
+        if use_tc and self.prefill_attn == "tc" and hp.head_dim in TC_HEAD_DIMS:
             k.attention_prefill_tc(
                 q=qkv,
                 q_stride=QKV,
