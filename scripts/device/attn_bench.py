@@ -5,7 +5,8 @@ card (docs/kernels.md "H12: tensor-core prefill attention"), at the real models'
     python3 scripts/device/attn_bench.py [--tokens 512] [--json OUT.json]
 
 Each shape: one layer's attention for a prompt of --tokens tokens at position 0 (and a
-second chunk of the same length after them), the split count the backend uses
+second chunk of the same length after them; and short chunks of 4..64 tokens ending at
+position 4096, unless --no-short), the split count the backend uses
 (attn_split_count(kv, 16, 64)); the median over 7 batches of 20 back-to-back launches timed
 with events, queued behind a 10 ms spin kernel (the host's launch rate stays out). Also the
 two outputs' relative difference (each against the other: the GPU tests check each against
@@ -198,6 +199,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-short", action="store_true", help="skip the short-chunk rows")
     args = ap.parse_args()
     ctx = CudaContext(0)
     k = Kernels(ctx, sync_each=False)
@@ -211,14 +213,23 @@ def main() -> int:
     for pos0 in (0, n):
         for name, nh, nkv, hd, window, sinks in SHAPES:
             rows.append(bench_shape(ctx, spin, k, rng, n, pos0, name, nh, nkv, hd, window, sinks))
-    print(f"\nprefill attention, {n} tokens, us per layer (median of 7 x 20 launches)")
+    # short chunks far into the context (few query rows, ~4k keys): where the backend's
+    # TC_MIN_TOKENS / TC_SHORT_KV rule keeps attn_split; these rows say where tc starts to win
+    if not args.no_short:
+        for m in (4, 16, 32, 64):
+            for name, nh, nkv, hd, window, sinks in SHAPES[:4]:
+                rows.append(
+                    bench_shape(ctx, spin, k, rng, m, 4096 - m, name, nh, nkv, hd, window, sinks)
+                )
+    print("\nprefill attention, us per layer (median of 7 x 20 launches)")
     print(
-        f"{'shape':16s} {'pos0':>5s} {'split':>9s} {'tc':>9s} {'tc again':>9s} {'x':>6s} "
-        f"{'tile TF/s':>9s} {'rel diff':>9s}"
+        f"{'shape':16s} {'tok':>4s} {'pos0':>5s} {'split':>9s} {'tc':>9s} {'tc again':>9s} "
+        f"{'x':>6s} {'tile TF/s':>9s} {'rel diff':>9s}"
     )
     for r in rows:
         print(
-            f"{r['shape']:16s} {r['pos0']:5d} {r['split_us']:9.1f} {r['tc_us']:9.1f} "
+            f"{r['shape']:16s} {r['tokens']:4d} {r['pos0']:5d} {r['split_us']:9.1f} "
+            f"{r['tc_us']:9.1f} "
             f"{r['tc_us_again']:9.1f} {r['speedup']:6.1f} {r['tc_tile_tflops']:9.1f} "
             f"{r['tc_vs_split_rel']:9.1e}"
         )
