@@ -59,6 +59,8 @@ def main() -> int:
         ("r1", {"rows_per_warp": 1}),
         ("r2", {"rows_per_warp": 2}),
         ("r4", {"rows_per_warp": 4}),
+        ("r2o", {"rows_per_warp": 2, "opt": True}),
+        ("r4o", {"rows_per_warp": 4, "opt": True}),
         ("default", {}),
     ]
     print("\ndecode, us per launch (stream / graph), GB/s and % of copy bw of the stream time")

@@ -187,6 +187,8 @@ GEMV_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("r1", {"rows_per_warp": 1}),
     ("r2", {"rows_per_warp": 2}),
     ("r4", {"rows_per_warp": 4}),
+    ("r2o", {"rows_per_warp": 2, "opt": True}),
+    ("r4o", {"rows_per_warp": 4, "opt": True}),
     ("v3", {"version": 3}),
 ]
 
@@ -211,11 +213,12 @@ def test_moe_gemv_variants_every_type(
         assert err < 2e-5 and same, (variant[0], n, k, ntok, err)
 
 
-@pytest.mark.parametrize("rw", [1, 2, 4])
-def test_moe_gemv_v4_bad_id_rows_are_nan(mm: MatmulKernels, gpu: Any, rw: int) -> None:
+@pytest.mark.parametrize("rw, opt", [(1, False), (2, False), (4, False), (2, True), (4, True)])
+def test_moe_gemv_v4_bad_id_rows_are_nan(mm: MatmulKernels, gpu: Any, rw: int, opt: bool) -> None:
     rng = np.random.default_rng(rw)
     ids = np.array([[2, -1, 6, 1]], np.int32)  # -1 and 6 (== n_expert) are invalid
-    out, ref = moe_run(mm, gpu, 39, 6, 133, 64, 1, 4, False, "gemv", rng, ids=ids, rows_per_warp=rw)
+    kw: dict[str, Any] = {"rows_per_warp": rw, "opt": opt}
+    out, ref = moe_run(mm, gpu, 39, 6, 133, 64, 1, 4, False, "gemv", rng, ids=ids, **kw)
     got = out[0]
     assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
     assert rel_err(got[[0, 3]], ref[[0, 3]]) < 2e-5

@@ -582,6 +582,7 @@ def plan_moe(
     rows_per_warp: int | None = None,
     tile_m: int | None = None,
     workspace: BufLike | None = None,
+    opt: bool = False,
 ) -> Launch:
     """Expert matmuls: y[t*topk+s] = W[ids[t*topk+s]] x(t, s) (+ bias[expert]).
 
@@ -598,6 +599,8 @@ def plan_moe(
     same stream, for the same ids, experts and tile_m: MatmulKernels.moe does both).
     version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot scan of every
     id in every block), kept for comparisons (scripts/device/moe_bench.py).
+    opt (gemv, 2 or 4 rows per warp): moe_gemv_<type>_r<2|4>o, the same rows with the group
+    loop's addresses by increments and no per-row branch (not yet timed: docs/kernels.md H10).
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
     _need("moe", form in ("auto", "gemv", "gemm"), f"unknown form {form!r}")
@@ -656,7 +659,8 @@ def plan_moe(
             )
         rw = MOE_GEMV_ROWS_PER_WARP[ntok > 1] if rows_per_warp is None else rows_per_warp
         _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
-        kernel += "" if rw == 1 else f"_r{rw}"
+        _need(kernel, not opt or rw in (2, 4), "opt needs 2 or 4 rows per warp")
+        kernel += ("" if rw == 1 else f"_r{rw}") + ("o" if opt else "")
         grid = (-(-n // (GEMV_WARPS * rw)), n_assign, 1)
         return Launch("moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"])
     tiles_n = -(-n // GEMM_TILE)
