@@ -182,9 +182,9 @@ __device__ __forceinline__ void moe_gemv4_rows(const uint8_t* __restrict__ W, lo
       static_assert(32 % GPB == 0, "groups per block must divide the warp");
       const int g = lane % GPB;
       const float* xp = x + (long long)(j0 + lane / GPB) * QK;
-      int bo[RW];
+      int bo[RW], bo0[RW];
 #pragma unroll
-      for (int r = 0; r < RW; ++r) bo[r] = coff[r] + (lane / GPB) * BYTES;
+      for (int r = 0; r < RW; ++r) bo[r] = bo0[r] = coff[r] + (lane / GPB) * BYTES;
       for (int jj = lane / GPB; jj < cb; jj += BPI, xp += BPI * QK) {
         float xv[1][8];
         const float4 lo = __ldg(reinterpret_cast<const float4*>(xp + MoeDot<T>::xoff(g, 0)));
@@ -197,7 +197,9 @@ __device__ __forceinline__ void moe_gemv4_rows(const uint8_t* __restrict__ W, lo
                   ((xv[0][4] + xv[0][5]) + (xv[0][6] + xv[0][7]));
 #pragma unroll
         for (int r = 0; r < RW; ++r) {
-          MoeDot<T>::dot(&mine[r][bo[r]], bo[r], g, xv, sx, acc[r]);
+          // a step moves the stage offset by BPI*BYTES: a multiple of 4 keeps bo's alignment
+          MoeDot<T>::dot(&mine[r][bo[r]], (BPI * BYTES) % 4 == 0 ? bo0[r] : bo[r], g, xv, sx,
+                         acc[r]);
           bo[r] += BPI * BYTES;
         }
       }
