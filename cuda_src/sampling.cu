@@ -306,18 +306,30 @@ __device__ __forceinline__ u64 mul_shift(u64 m, int sh, u64 total, bool ceil_) {
   return (u64)q;
 }
 
-// out[0] = chosen id; out[1] = 0 ok, 1 NaN in the logits.
-// grid: <= SAMPLE_MAX_GRID blocks (all co-resident), block SAMPLE_THREADS.
+// The result: out[0] = chosen id; out[1] = 0 ok, 1 NaN in the logits. io (or null): the
+// decode step's [position, token] input, advanced to [position + 1, id] as argmax_final does,
+// so that a step queued behind this one decodes the id just drawn.
+__device__ __forceinline__ void sample_done(int gtid, int id, int nan, int* out, int* io) {
+  if (gtid == 0) {
+    out[0] = id;
+    out[1] = nan;
+    if (io) {
+      io[0] += 1;
+      io[1] = id;
+    }
+  }
+}
+
+// out: as above. grid: <= SAMPLE_MAX_GRID blocks (all co-resident), block SAMPLE_THREADS.
 // pen_ids: distinct ids (n_pen of them) for the repetition penalty (applied when pen != 1).
 // top_p = top_p_m * 2^-top_p_sh (top_p_sh < 0: off); draw = draw_m * 2^-draw_sh;
 // wfloor = ceil(min_p * 2^40) (1 when min_p is off). xbuf: n floats of scratch;
 // gscratch: a GridScratch; bar: two zeroed uints (left consistent for the next launch).
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
-    sample_full(const float* __restrict__ logits, int n, const int* __restrict__ pen_ids,
-                int n_pen, float pen, float temperature, int top_k, u64 top_p_m, int top_p_sh,
-                u64 wfloor, u64 draw_m, int draw_sh, float* __restrict__ xbuf,
-                int* __restrict__ out, GridScratch* gs, unsigned int* bar) {
-  __shared__ SampleShared st;
+__device__ __forceinline__ void sample_body(
+    const float* __restrict__ logits, int n, const int* __restrict__ pen_ids, int n_pen,
+    float pen, float temperature, int top_k, u64 top_p_m, int top_p_sh, u64 wfloor, u64 draw_m,
+    int draw_sh, float* __restrict__ xbuf, int* __restrict__ out, GridScratch* gs,
+    unsigned int* bar, int* io, SampleShared& st) {
   const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
   int ph = 0;
   // 1. copy with the NaN check; the penalty (distinct ids) after a barrier.
@@ -329,10 +341,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
   }
   nan_seen = grid_sum_u64(nan_seen, gs, bar, ph, st);
   if (nan_seen) {
-    if (gtid == 0) {
-      out[0] = 0;
-      out[1] = 1;
-    }
+    sample_done(gtid, 0, 1, out, io);
     return;
   }
   if (pen != 1.0f) {
@@ -350,10 +359,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
     int bi = 0x7fffffff;
     for (int i = gtid; i < n; i += gstride) argmax_pair(v, bi, __ldcg(&xbuf[i]), i);
     grid_argmax(v, bi, gs, bar, ph, st);
-    if (gtid == 0) {
-      out[0] = bi == 0x7fffffff ? 0 : bi;
-      out[1] = 0;
-    }
+    sample_done(gtid, bi == 0x7fffffff ? 0 : bi, 0, out, io);
     return;
   }
   // 3. z = l / T; x = (z - max z) + 0 (or 0 / -inf when the max is infinite). Each thread
@@ -404,8 +410,34 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
   tot = grid_sum_u64(tot, gs, bar, ph, st);
   const u64 target = mul_shift(draw_m, draw_sh, tot, false);
   const u64 key = radix_select(xbuf, n, klim, true, wfloor, false, target, gs, bar, ph, st);
-  if (gtid == 0) {
-    out[0] = (int)(key & 0xFFFFFFFFull);
-    out[1] = 0;
-  }
+  sample_done(gtid, (int)(key & 0xFFFFFFFFull), 0, out, io);
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
+    sample_full(const float* __restrict__ logits, int n, const int* __restrict__ pen_ids,
+                int n_pen, float pen, float temperature, int top_k, u64 top_p_m, int top_p_sh,
+                u64 wfloor, u64 draw_m, int draw_sh, float* __restrict__ xbuf,
+                int* __restrict__ out, GridScratch* gs, unsigned int* bar) {
+  __shared__ SampleShared st;
+  sample_body(logits, n, pen_ids, n_pen, pen, temperature, top_k, top_p_m, top_p_sh, wfloor,
+              draw_m, draw_sh, xbuf, out, gs, bar, nullptr, st);
+}
+
+// The same sampler with its settings read from device memory, so that a captured decode
+// graph can end with it and the host changes only the 48 bytes of `a` (the draw) per step.
+// Layout (worker/backends/cuda/kernels.py SAMPLE_ARGS): three u64 then six 32-bit fields.
+struct SampleArgs {
+  u64 top_p_m, wfloor, draw_m;
+  float pen, temperature;
+  int n_pen, top_k, top_p_sh, draw_sh;
+};
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
+    sample_dev(const float* __restrict__ logits, int n, const int* __restrict__ pen_ids,
+               const SampleArgs* __restrict__ a, float* __restrict__ xbuf,
+               int* __restrict__ out, GridScratch* gs, unsigned int* bar, int* io) {
+  __shared__ SampleShared st;
+  const SampleArgs v = *a;
+  sample_body(logits, n, pen_ids, v.n_pen, v.pen, v.temperature, v.top_k, v.top_p_m,
+              v.top_p_sh, v.wfloor, v.draw_m, v.draw_sh, xbuf, out, gs, bar, io, st);
 }

@@ -177,6 +177,38 @@ def test_forward_sample_matches_reference_sampler(cuda_be: Any) -> None:
             gen.append(got)
 
 
+def test_sampled_steps_queued_ahead_match_one_at_a_time(cuda_be: Any) -> None:
+    """Sampled steps told the next draw queue the next step (the sampled decode graph ends
+    in sample_dev and leaves its id on the device): the tokens are those of the same steps
+    run one at a time, also when a call then carries another draw or asks for greedy."""
+    prompt, _ = _sequence(cuda_be.vocab_size, 12, 0)
+    greedy = SamplingParams(temperature=0.0)
+    configs = [
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=40),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.2, min_p=0.02),
+    ]
+    draws = [(0.11 + 0.37 * i) % 1.0 for i in range(30)]
+    for params in configs:
+        runs = []
+        for ahead in (True, False):
+            cuda_be.reset()
+            tok = cuda_be.forward_sample(
+                prompt, params, draws[0], [], next_draw=draws[1] if ahead else None
+            )
+            toks = [tok]
+            for i in range(1, 26):
+                p = greedy if i == 19 else params
+                nd = draws[i + 1] if ahead else None
+                if ahead and i == 12:
+                    nd = 0.5  # the next call carries draws[13]: the queued step is redone
+                tok = cuda_be.forward_sample([tok], p, draws[i], toks, next_draw=nd)
+                toks.append(tok)
+            runs.append(toks)
+        assert runs[0] == runs[1], params
+        assert len(set(runs[0])) > 5  # really drawn, not stuck on one id
+
+
 def test_context_limit_residency_and_vram_baseline(cuda_be: Any) -> None:
     assert cuda_be.check_residency().ok
     rep = cuda_be.check_residency()

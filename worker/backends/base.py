@@ -65,12 +65,15 @@ class Backend(Protocol):
         params: SamplingParams,
         draw: float,
         generated: Sequence[int],
+        next_draw: float | None = None,
     ) -> int:
         """`forward(ids)` then pick the next token from the last position's logits.
 
         `generated` are the ids sampled so far in this job (repetition-penalty history);
         `draw` is the uniform in [0, 1) for this step (worker.engine.rng.uniform). Must match
         worker.engine.sampling.sample() on the same logits; only the id leaves the device.
+        `next_draw`: the draw the next call will carry, when the caller knows it (a hint: a
+        backend may start the next step early with it; the result never depends on it).
         """
         ...
 

@@ -306,6 +306,7 @@ class NumpyBackend:
         params: SamplingParams,
         draw: float,
         generated: Sequence[int],
+        next_draw: float | None = None,  # a hint this backend has no use for
     ) -> int:
         from worker.engine.sampling import sample
 

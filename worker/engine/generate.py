@@ -132,6 +132,11 @@ class End:
 OnToken = Callable[[int, str, int], None]
 
 
+def _next(seed: int, i: int, limit: int) -> float | None:
+    """The draw of token i when the job may still produce it (i < limit), else None."""
+    return rng.uniform(seed, i) if i < limit else None
+
+
 def _never() -> bool:
     return False
 
@@ -268,7 +273,10 @@ def generate(
             on_token(ev.i, ev.text, ev.id)
 
     check()
-    tok = backend.forward_sample(last, params, rng.uniform(req.seed, 0), generated)
+    # next_draw: the draw of the following call, so a backend can queue that step early
+    tok = backend.forward_sample(
+        last, params, rng.uniform(req.seed, 0), generated, next_draw=_next(req.seed, 1, limit)
+    )
     t_first = time.perf_counter()
     steps = 0
     reason: StopReason
@@ -304,7 +312,13 @@ def generate(
         else:
             emit(TokenOut(i, text, tok))
         check()
-        tok = backend.forward_sample([tok], params, rng.uniform(req.seed, i + 1), generated)
+        tok = backend.forward_sample(
+            [tok],
+            params,
+            rng.uniform(req.seed, i + 1),
+            generated,
+            next_draw=_next(req.seed, i + 2, limit),
+        )
         steps += 1
     t_end = time.perf_counter()
     decode_s = t_end - t_first

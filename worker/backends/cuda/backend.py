@@ -30,11 +30,13 @@ from worker.backends.base import BackendInfo, ResidencyReport
 from worker.backends.cuda.arena import MIB, DevBuf, align_up, kv_bytes_per_token, plan_arena
 from worker.backends.cuda.kernels import (
     ARGMAX_BLOCKS,
+    SAMPLE_ARGS_BYTES,
     SAMPLE_SCRATCH_BYTES,
     TC_HEAD_DIMS,
     AttnShape,
     Kernels,
     attn_split_count,
+    sample_args,
 )
 from worker.engine.params import SamplingParams
 from worker.errors import (
@@ -264,6 +266,7 @@ class CudaBackend:
             ("xbuf", V * 4),
             ("gscratch", SAMPLE_SCRATCH_BYTES),
             ("barrier", 8),
+            ("sargs", SAMPLE_ARGS_BYTES),  # sample_dev's settings for the sampled graph
             ("opart", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * hp.head_dim * 4),
             ("ml", max(B * PREFILL_MAX_SPLITS, DECODE_SPLITS) * hp.n_head * 2 * 4),
             ("io", (B + 1) * 4),  # [position, token ids...]: one copy per decode step
@@ -327,10 +330,12 @@ class CudaBackend:
         self.spec_decode = SPEC_DECODE and graphs
         self._spec_out = [ctx.drv.pagelocked_empty(2, np.int32) for _ in range(2)]
         self._spec_done = [ctx.drv.Event() for _ in range(2)]
+        self._sargs_host = [ctx.drv.pagelocked_empty(SAMPLE_ARGS_BYTES, np.uint8) for _ in range(2)]
         self._spec_slot = 0
         # a queued step: (position, the token it decodes, its slot); the token is the id the
         # step before it returned
-        self._spec: tuple[int, int, int] | None = None
+        # the queued step: (position, token, slot, (params, draw) or None for greedy)
+        self._spec: tuple[int, int, int, tuple[SamplingParams, float] | None] | None = None
         self._n_past = 0
         self._graphs: dict[str, Any] = {}
         # (layer, expert ids [n, k]) per MoE layer run, in order, while a test traces the
@@ -803,23 +808,38 @@ class CudaBackend:
             io[1:] = arr
             drv.memcpy_htod(self.s["io"].ptr, io)
 
-    def _decode_graph(self, greedy: bool) -> Any:
-        key = "greedy" if greedy else "logits"
+    def _decode_graph(self, tail: bool | str) -> Any:
+        """The captured one-token step ending in "logits", "greedy" (argmax) or "sampled"
+        (sample_dev on the settings in s['sargs']); True/False mean greedy/logits."""
+        key = tail if isinstance(tail, str) else ("greedy" if tail else "logits")
         g = self._graphs.get(key)
         if g is None:
             with self.ctx.capture(self.pdl) as cap:
-                self._enqueue_decode(greedy)
+                self._enqueue_decode(key)
             g = cap.graph
             self.pdl_edges = cap.pdl_edges
             self._graphs[key] = g
         return g
 
-    def _enqueue_decode(self, greedy: bool) -> None:
+    def _enqueue_decode(self, tail: bool | str) -> None:
+        key = tail if isinstance(tail, str) else ("greedy" if tail else "logits")
         self._enqueue_layers(1, self.context_length)
         self._lm_head(0, 1)
-        if greedy:
-            s = self.s
+        s = self.s
+        if key == "greedy":
             self.k.argmax(s["logits"], self.vocab_size, s["argv"], s["argi"], s["out"], io=s["io"])
+        elif key == "sampled":
+            self.k.sample_dev(
+                logits=s["logits"],
+                n=self.vocab_size,
+                pen_ids=self.pen,
+                args=s["sargs"],
+                xbuf=s["xbuf"],
+                out=s["out"],
+                gscratch=s["gscratch"],
+                barrier=s["barrier"],
+                io=s["io"],
+            )
 
     def _check_len(self, n: int) -> None:
         if n == 0:
@@ -896,15 +916,23 @@ class CudaBackend:
         params: SamplingParams,
         draw: float,
         generated: Sequence[int],
+        next_draw: float | None = None,
     ) -> int:
+        """Backend.forward_sample. `next_draw`: the draw the caller will pass with the next
+        token; with it a sampled step (no repetition penalty) queues the next step before
+        returning, as greedy steps always do."""
         from worker.engine.sampling import _check
 
         _check(params, draw)
         pen = params.repetition_penalty != 1.0 and len(generated) > 0
         greedy_fast = params.greedy and not pen
-        if greedy_fast and len(ids) == 1 and self.spec_decode:
+        if len(ids) == 1 and self.spec_decode and not pen:
+            if next_draw is not None:
+                _check(params, next_draw)
             try:
-                return self._greedy_step(int(ids[0]))
+                if greedy_fast:
+                    return self._graph_step(int(ids[0]), None)
+                return self._graph_step(int(ids[0]), (params, draw, next_draw))
             except BaseException:
                 self._recover()
                 raise
@@ -929,12 +957,18 @@ class CudaBackend:
             self._spec = None
             self.ctx.sync("speculative decode step")
 
-    def _greedy_step(self, tok: int) -> int:
-        """One greedy graph step for `tok` at n_past; queues the next step (its input is this
-        step's argmax, set on the device) before waiting for this one's id."""
+    def _graph_step(
+        self, tok: int, sampled: tuple[SamplingParams, float, float | None] | None
+    ) -> int:
+        """One graph step for `tok` at n_past, greedy (sampled None) or drawn with
+        (params, draw, next_draw); queues the next step (its input is this step's id, set on
+        the device) before waiting for this one's id: always when greedy, when next_draw is
+        given when sampled. The queued step is used if the next call asks for exactly that
+        (position, token, settings, draw); anything else waits for it and forgets it."""
         pos = self._n_past
+        want = None if sampled is None else (sampled[0], sampled[1])
         spec, self._spec = self._spec, None
-        if spec is not None and spec[0] == pos and spec[1] == tok:
+        if spec is not None and spec[0] == pos and spec[1] == tok and spec[3] == want:
             slot = spec[2]  # already queued behind the previous step
         else:
             if spec is not None:
@@ -943,26 +977,55 @@ class CudaBackend:
             if not 0 <= tok < self.vocab_size:
                 raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
             slot = self._spec_slot = self._spec_slot ^ 1
-            self._queue_greedy(pos, tok, slot)
+            self._queue_step(pos, tok, slot, want)
         self._n_past = pos + 1
-        nxt = -1
-        if self._n_past < self.context_length:
+        nxt, nwant = -1, None
+        if sampled is not None and sampled[2] is not None:
+            nwant = (sampled[0], sampled[2])
+        if self._n_past < self.context_length and (sampled is None or nwant is not None):
             nxt = slot ^ 1
-            self._queue_greedy(self._n_past, None, nxt)
+            self._queue_step(self._n_past, None, nxt, nwant)
             self._spec_slot = nxt
         self._spec_done[slot].synchronize()
-        out = int(self._spec_out[slot][0])
+        out, nan = int(self._spec_out[slot][0]), int(self._spec_out[slot][1])
+        if sampled is not None and nan == 1:
+            self._drain_queued(nxt)
+            raise WorkerError(ErrorCode.INTERNAL, "NaN in logits")
         if nxt >= 0:
-            self._spec = (self._n_past, out, nxt)
+            self._spec = (self._n_past, out, nxt, nwant)
         return out
 
-    def _queue_greedy(self, pos: int, tok: int | None, slot: int) -> None:
-        """Queue one greedy graph step at pos (tok None: the input left on the device by the
-        step queued just before) and the read-back of its id into slot."""
+    def _drain_queued(self, slot: int) -> None:
+        if slot >= 0:
+            self._spec_done[slot].synchronize()
+
+    def _queue_step(
+        self, pos: int, tok: int | None, slot: int, sampled: tuple[SamplingParams, float] | None
+    ) -> None:
+        """Queue one graph step at pos (tok None: the input left on the device by the step
+        queued just before; sampled: (params, draw) for the sampled graph, else greedy) and
+        the read-back of its [id, NaN flag] into slot."""
         st = self.ctx.stream
         if tok is not None:
             self._set_inputs([tok], pos)
-        self._decode_graph(True).launch("decode graph")
+        if sampled is not None:
+            params, draw = sampled
+            host = self._sargs_host[slot]
+            self._spec_done[slot].synchronize()  # its last copy out of this staging is done
+            host[:] = np.frombuffer(
+                sample_args(
+                    n_pen=0,
+                    penalty=float(np.float32(params.repetition_penalty)),
+                    temperature=float(np.float32(params.temperature)),
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                    min_p=params.min_p,
+                    draw=draw,
+                ),
+                np.uint8,
+            )
+            self.ctx.drv.memcpy_htod_async(self.s["sargs"].ptr, host, st)
+        self._decode_graph("sampled" if sampled is not None else "greedy").launch("decode graph")
         self.ctx.drv.memcpy_dtoh_async(self._spec_out[slot], self.s["out"].ptr, st)
         self._spec_done[slot].record(st)
 

@@ -206,6 +206,7 @@ class Kernels:
             ("sampling", "argmax_partial"): "PiPP",
             ("sampling", "argmax_final"): "PPiPP",
             ("sampling", "sample_full"): "PiPiffiQiQQiPPPP",
+            ("sampling", "sample_dev"): "PiPPPPPPP",
         }
         from worker.backends.cuda.matmul import _prefer_shared
 
@@ -720,9 +721,7 @@ class Kernels:
         need(k, gscratch, SAMPLE_SCRATCH_BYTES, "gscratch", 16)
         need(k, barrier, 8, "barrier")
         grid = min(SAMPLE_GRID, self.ctx.facts.multiprocessors)
-        tp_m, tp_sh = (0, -1) if top_p >= 1.0 else exact_fraction(top_p)
-        wfloor = 1 if min_p <= 0.0 else max(1, ceil_mul_pow2(min_p, 40))
-        d_m, d_sh = exact_fraction(draw)
+        tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(top_p, min_p, draw)
         self.launch(
             k,
             (grid,),
@@ -744,6 +743,81 @@ class Kernels:
             gscratch.ptr,
             barrier.ptr,
         )
+
+    def sample_dev(
+        self,
+        *,
+        logits: DevBuf,
+        n: int,
+        pen_ids: DevBuf,
+        args: DevBuf,
+        xbuf: DevBuf,
+        out: DevBuf,
+        gscratch: DevBuf,
+        barrier: DevBuf,
+        io: DevBuf | None,
+    ) -> None:
+        """sample_full with its settings in device memory (`args`: SAMPLE_ARGS_BYTES written
+        from sample_args()), so a captured graph can end with it; io as for argmax."""
+        k = "sample_dev"
+        positive(k, n=n)
+        need(k, logits, n * F32, "logits")
+        need(k, xbuf, n * F32, "xbuf")
+        need(k, args, SAMPLE_ARGS_BYTES, "args", 8)
+        need(k, out, 8, "out")
+        need(k, gscratch, SAMPLE_SCRATCH_BYTES, "gscratch", 16)
+        need(k, barrier, 8, "barrier")
+        need(k, io, 8 if io is not None else 0, "io")
+        grid = min(SAMPLE_GRID, self.ctx.facts.multiprocessors)
+        self.launch(
+            k,
+            (grid,),
+            (SAMPLE_THREADS,),
+            logits.ptr,
+            n,
+            pen_ids.ptr,
+            args.ptr,
+            xbuf.ptr,
+            out.ptr,
+            gscratch.ptr,
+            barrier.ptr,
+            ptr(io),
+        )
+
+
+# sample_dev's SampleArgs (cuda_src/sampling.cu): top_p_m, wfloor, draw_m (u64), pen,
+# temperature (f32), n_pen, top_k, top_p_sh, draw_sh (i32); little-endian, no padding.
+SAMPLE_ARGS_BYTES = 48
+
+
+def sample_fixed_point(top_p: float, min_p: float, draw: float) -> tuple[int, int, int, int, int]:
+    """(top_p_m, top_p_sh, wfloor, draw_m, draw_sh): top_p = m * 2^-sh exactly (sh -1: off),
+    wfloor = ceil(min_p * 2^40) (1: off), draw = m * 2^-sh exactly."""
+    tp_m, tp_sh = (0, -1) if top_p >= 1.0 else exact_fraction(top_p)
+    wfloor = 1 if min_p <= 0.0 else max(1, ceil_mul_pow2(min_p, 40))
+    d_m, d_sh = exact_fraction(draw)
+    return tp_m, tp_sh, wfloor, d_m, d_sh
+
+
+def sample_args(
+    *,
+    n_pen: int,
+    penalty: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    draw: float,
+) -> bytes:
+    """The SAMPLE_ARGS_BYTES that sample_dev reads: the same values sample_full is passed."""
+    import struct
+
+    if n_pen < 0 or top_k < 0:
+        raise ValueError("negative penalty count or top_k")
+    tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(top_p, min_p, draw)
+    return struct.pack(
+        "<QQQffiiii", tp_m, wfloor, d_m, penalty, temperature, n_pen, top_k, tp_sh, d_sh
+    )
 
 
 def exact_fraction(f: float) -> tuple[int, int]:
