@@ -111,12 +111,15 @@ __device__ __forceinline__ u64 key_of(float x, int id) {
 // software barrier; cross-block values go through global memory (read with __ldcg, L2) in
 // ping-pong slots, so a block one barrier ahead never overwrites what a slower one reads.
 #define SAMPLE_MAX_GRID 64
+#define SAMPLE_SMALL_K 1024  // top-k up to this finishes in one block (sample_small)
 
 struct GridScratch {
   u64 part_u[2][SAMPLE_MAX_GRID];
   float part_f[2][SAMPLE_MAX_GRID];
   int part_i[2][SAMPLE_MAX_GRID];
   u64 hist[2][SAMPLE_MAX_GRID][256];
+  u64 small_key[SAMPLE_SMALL_K];
+  unsigned int small_n;
 };
 
 struct SampleShared {
@@ -306,6 +309,89 @@ __device__ __forceinline__ u64 mul_shift(u64 m, int sh, u64 total, bool ceil_) {
   return (u64)q;
 }
 
+// After top-k (klim: the key of the k-th candidate, k <= SAMPLE_SMALL_K): the k kept keys
+// are gathered (any order), then block 0 sorts them and does top-p, min-p and the draw over
+// that list alone - the same selections radix_select makes over the whole vocabulary (first
+// element in key order whose inclusive cumulative weight exceeds the target, weights of 0
+// or under the min-p floor skipped), with the same integer sums, so the same id - instead of
+// 16 more grid-wide passes. Returns the id in block 0 (other blocks return -1).
+__device__ int sample_small(const float* __restrict__ xbuf, int n, u64 klim, u64 top_p_m,
+                            int top_p_sh, u64 wfloor, u64 draw_m, int draw_sh,
+                            GridScratch* gs, unsigned int* bar) {
+  __shared__ u64 skey[SAMPLE_SMALL_K];
+  __shared__ u64 sw[SAMPLE_SMALL_K];
+  __shared__ int s_id;
+  const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
+  for (int i = gtid; i < n; i += gstride) {
+    const float x = xbuf[i];
+    if (!(x >= -28.0f)) continue;
+    const u64 key = key_of(x, i);
+    if (key > klim) continue;
+    const unsigned int slot = atomicAdd(&gs->small_n, 1u);
+    if (slot < SAMPLE_SMALL_K) gs->small_key[slot] = key;
+  }
+  grid_sync(bar);
+  if (blockIdx.x != 0) return -1;
+  const int m = min((int)__ldcg(&gs->small_n), SAMPLE_SMALL_K);
+  int np2 = 1;
+  while (np2 < m) np2 <<= 1;
+  for (int i = threadIdx.x; i < np2; i += blockDim.x) skey[i] = i < m ? __ldcg(&gs->small_key[i]) : ~0ull;
+  __syncthreads();
+  for (int k = 2; k <= np2; k <<= 1) {  // bitonic sort, ascending keys (x descending)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < np2; i += blockDim.x) {
+        const int p = i ^ j;
+        if (p > i) {
+          const u64 a = skey[i], b = skey[p];
+          if ((a > b) == ((i & k) == 0)) {
+            skey[i] = b;
+            skey[p] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int i = threadIdx.x; i < m; i += blockDim.x)
+    sw[i] = weight_of(__ldcg(&xbuf[(int)(skey[i] & 0xFFFFFFFFull)]));
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int last = m - 1;
+    if (top_p_sh >= 0) {
+      u64 tot = 0ull;
+      for (int i = 0; i < m; ++i) tot += sw[i];
+      u64 need = mul_shift(top_p_m, top_p_sh, tot, true);
+      if (need < 1ull) need = 1ull;
+      u64 a = 0ull;
+      for (int i = 0; i < m; ++i) {
+        if (sw[i] < 1ull) continue;
+        a += sw[i];
+        if (a > need - 1ull) {
+          last = i;
+          break;
+        }
+      }
+    }
+    u64 tot = 0ull;
+    for (int i = 0; i <= last; ++i)
+      if (sw[i] >= wfloor) tot += sw[i];
+    const u64 target = mul_shift(draw_m, draw_sh, tot, false);
+    u64 a = 0ull;
+    int pick = last;
+    for (int i = 0; i <= last; ++i) {
+      if (sw[i] < wfloor) continue;
+      a += sw[i];
+      if (a > target) {
+        pick = i;
+        break;
+      }
+    }
+    s_id = (int)(skey[pick] & 0xFFFFFFFFull);
+  }
+  __syncthreads();
+  return s_id;
+}
+
 // The result: out[0] = chosen id; out[1] = 0 ok, 1 NaN in the logits. io (or null): the
 // decode step's [position, token] input, advanced to [position + 1, id] as argmax_final does,
 // so that a step queued behind this one decodes the id just drawn.
@@ -339,6 +425,7 @@ __device__ __forceinline__ void sample_body(
     nan_seen |= (l != l) ? 1ull : 0ull;
     xbuf[i] = l;
   }
+  if (gtid == 0) gs->small_n = 0u;  // made visible by the barrier inside grid_sum_u64
   nan_seen = grid_sum_u64(nan_seen, gs, bar, ph, st);
   if (nan_seen) {
     sample_done(gtid, 0, 1, out, io);
@@ -383,8 +470,15 @@ __device__ __forceinline__ void sample_body(
     u64 cnt = 0ull;
     for (int i = gtid; i < n; i += gstride) cnt += (xbuf[i] >= -28.0f) ? 1ull : 0ull;
     cnt = grid_sum_u64(cnt, gs, bar, ph, st);
-    if ((u64)top_k < cnt)
+    if ((u64)top_k < cnt) {
       klim = radix_select(xbuf, n, ~0ull, false, 1ull, true, (u64)(top_k - 1), gs, bar, ph, st);
+      if (top_k <= SAMPLE_SMALL_K) {
+        const int id = sample_small(xbuf, n, klim, top_p_m, top_p_sh, wfloor, draw_m, draw_sh,
+                                    gs, bar);
+        if (blockIdx.x == 0) sample_done(gtid, id, 0, out, io);
+        return;
+      }
+    }
   }
   // 5-6. weights; top-p.
   if (top_p_sh >= 0) {

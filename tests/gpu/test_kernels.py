@@ -595,14 +595,14 @@ def test_argmax(kern: Any, dev: Any, n: int) -> None:
 def _sampler_cases() -> list[tuple[int, SamplingParams, int]]:
     cases = []
     rng = np.random.default_rng(0)
-    for i in range(40):
+    for i in range(64):
         cases.append(
             (
                 i,
                 SamplingParams(
                     temperature=float(rng.choice([0.0, 0.3, 0.7, 1.0, 1.5, 2.0])),
                     top_p=float(rng.choice([1.0, 0.9, 0.5, 0.05, 0.0])),
-                    top_k=int(rng.choice([0, 0, 1, 5, 40, 1000])),
+                    top_k=int(rng.choice([0, 0, 1, 5, 40, 1000, 1024, 1025])),  # 1024: one block
                     min_p=float(rng.choice([0.0, 0.0, 0.05, 0.3])),
                     repetition_penalty=float(rng.choice([1.0, 1.0, 1.1, 0.8, 0.0])),
                 ),

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from worker.backends.cuda.kernels import SAMPLE_ARGS_BYTES, sample_args, sample_fixed_point
+from worker.backends.cuda.kernels import (
+    SAMPLE_ARGS_BYTES,
+    SAMPLE_MAX_GRID,
+    SAMPLE_SCRATCH_BYTES,
+    SAMPLE_SMALL_K,
+    sample_args,
+    sample_fixed_point,
+)
 
 CUDA_SRC = Path(__file__).resolve().parents[3] / "cuda_src"
 
@@ -58,3 +65,25 @@ def test_c_struct_layout_matches(tmp_path: Path) -> None:
         int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True).stdout.split()
     ]
     assert got == [SAMPLE_ARGS_BYTES, 0, 8, 16, 24, 28, 32, 36, 40, 44]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is required (CI has it)")
+def test_grid_scratch_size_matches(tmp_path: Path) -> None:
+    """The backend allocates SAMPLE_SCRATCH_BYTES for the sampler's GridScratch."""
+    src = (CUDA_SRC / "sampling.cu").read_text()
+    m = re.search(r"struct GridScratch \{.*?\};", src, re.S)
+    assert m, "GridScratch not found in sampling.cu"
+    consts = {"SAMPLE_MAX_GRID": SAMPLE_MAX_GRID, "SAMPLE_SMALL_K": SAMPLE_SMALL_K}
+    for name, value in consts.items():
+        assert re.search(rf"#define {name} {value}\b", src), name
+    prog = tmp_path / "scratch.cu"
+    prog.write_text(
+        "#include <cstdio>\ntypedef unsigned long long u64;\n"
+        + "".join(f"#define {k} {v}\n" for k, v in consts.items())
+        + m.group(0)
+        + '\nint main() { printf("%zu\\n", sizeof(GridScratch)); }\n'
+    )
+    exe = tmp_path / "scratch"
+    subprocess.run(["nvcc", "-std=c++17", str(prog), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    assert int(out) == SAMPLE_SCRATCH_BYTES

@@ -24,7 +24,11 @@ SAMPLE_THREADS = 1024  # sampling.cu
 SAMPLE_GRID = 32  # blocks of the grid-wide sampler (<= SAMPLE_MAX_GRID, all co-resident)
 SAMPLE_MAX_GRID = 64
 # sizeof(GridScratch) in sampling.cu: part_u, part_f, part_i, hist ping-pong slots
-SAMPLE_SCRATCH_BYTES = 2 * SAMPLE_MAX_GRID * (8 + 4 + 4) + 2 * SAMPLE_MAX_GRID * 256 * 8
+SAMPLE_SMALL_K = 1024  # top-k up to this finishes in one block (sampling.cu sample_small)
+# sizeof(GridScratch): partials, histograms, the gathered top-k keys and their count (padded)
+SAMPLE_SCRATCH_BYTES = (
+    2 * SAMPLE_MAX_GRID * (8 + 4 + 4) + 2 * SAMPLE_MAX_GRID * 256 * 8 + SAMPLE_SMALL_K * 8 + 8
+)
 ARGMAX_BLOCKS = 128
 MAX_DYN_SMEM = 48 * 1024
 
