@@ -118,12 +118,16 @@ struct GridScratch {
   float part_f[2][SAMPLE_MAX_GRID];
   int part_i[2][SAMPLE_MAX_GRID];
   u64 hist[2][SAMPLE_MAX_GRID][256];
+  unsigned int hcnt[2][SAMPLE_MAX_GRID][256];
   u64 small_key[SAMPLE_SMALL_K];
+  u64 found;
   unsigned int small_n;
 };
 
 struct SampleShared {
   u64 hist[256];
+  unsigned int cnt[256];
+  int single;
   u64 prefix;
   u64 target;
   u64 red_u[32];
@@ -225,7 +229,10 @@ __device__ void grid_argmax(float& v, int& idx, GridScratch* gs, unsigned int* b
 
 // Kept: x >= -28, key <= klim, and (when need_w) weight >= wfloor (wfloor >= 1).
 // Returns the key of the first kept element, in key order, whose inclusive cumulative count
-// (by_count) or weight exceeds target. Eight passes of 8-bit digits; integer histograms.
+// (by_count) or weight exceeds target. Up to eight passes of 8-bit digits; integer histograms.
+// A pass also counts the kept elements per digit: once the chosen digit holds exactly one
+// element, the answer is that element's key (the later passes could only narrow the prefix
+// down to it), found in one more pass - for distinct logits usually after 3 of the 8.
 __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, bool need_w,
                             u64 wfloor, bool by_count, u64 target, GridScratch* gs,
                             unsigned int* bar, int& ph, SampleShared& st) {
@@ -235,13 +242,17 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
     st.target = target;
   }
   for (int shift = 56; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) st.hist[b] = 0ull;
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+      st.hist[b] = 0ull;
+      st.cnt[b] = 0u;
+    }
     __syncthreads();
     const u64 pre = st.prefix;
     // Run-length accumulation per thread: most elements share the top digits, so adding
     // each one atomically would serialise the block on one shared counter.
     int cur = -1;
     u64 acc = 0ull;
+    unsigned int accn = 0u;
     for (int i = gtid; i < n; i += gstride) {
       const float x = xbuf[i];
       if (!(x >= -28.0f)) continue;
@@ -256,28 +267,49 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
       }
       const int bin = (int)((key >> shift) & 255ull);
       if (bin != cur) {
-        if (cur >= 0) atomicAdd(&st.hist[cur], acc);
+        if (cur >= 0) {
+          atomicAdd(&st.hist[cur], acc);
+          atomicAdd(&st.cnt[cur], accn);
+        }
         cur = bin;
         acc = 0ull;
+        accn = 0u;
       }
       acc += add;
+      accn += 1u;
     }
-    if (cur >= 0) atomicAdd(&st.hist[cur], acc);
+    if (cur >= 0) {
+      atomicAdd(&st.hist[cur], acc);
+      atomicAdd(&st.cnt[cur], accn);
+    }
     __syncthreads();
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) gs->hist[ph][blockIdx.x][b] = st.hist[b];
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+      gs->hist[ph][blockIdx.x][b] = st.hist[b];
+      gs->hcnt[ph][blockIdx.x][b] = st.cnt[b];
+    }
     grid_sync(bar);
     // Merge the blocks' histograms: thread (quarter qq, bin b) sums every fourth block's
     // count with its loads unrolled (all in flight), then the quarters are added (integers).
     {
       const int b = threadIdx.x & 255, qq = threadIdx.x >> 8;
       u64 tot = 0ull;
+      unsigned int totn = 0u;
 #pragma unroll 4
-      for (int g = qq; g < (int)gridDim.x; g += 4) tot += __ldcg(&gs->hist[ph][g][b]);
+      for (int g = qq; g < (int)gridDim.x; g += 4) {
+        tot += __ldcg(&gs->hist[ph][g][b]);
+        totn += __ldcg(&gs->hcnt[ph][g][b]);
+      }
       __syncthreads();
-      if (qq == 0) st.hist[b] = tot;
+      if (qq == 0) {
+        st.hist[b] = tot;
+        st.cnt[b] = totn;
+      }
       __syncthreads();
       for (int r = 1; r < 4; ++r) {
-        if (qq == r) st.hist[b] += tot;
+        if (qq == r) {
+          st.hist[b] += tot;
+          st.cnt[b] += totn;
+        }
         __syncthreads();
       }
     }
@@ -293,9 +325,25 @@ __device__ u64 radix_select(const float* __restrict__ xbuf, int n, u64 klim, boo
       }
       st.target = t - a;
       st.prefix = pre | ((u64)sel << shift);
+      st.single = shift > 0 && st.cnt[sel] == 1u;
     }
     __syncthreads();
     ph ^= 1;
+    if (st.single) {  // one kept element has this prefix: it is the answer
+      const u64 want = st.prefix >> shift;
+      for (int i = gtid; i < n; i += gstride) {
+        const float x = xbuf[i];
+        if (!(x >= -28.0f)) continue;
+        const u64 key = key_of(x, i);
+        if (key > klim || (key >> shift) != want) continue;
+        if (need_w && weight_of(x) < wfloor) continue;
+        gs->found = key;
+      }
+      grid_sync(bar);
+      const u64 key = __ldcg(&gs->found);
+      __syncthreads();  // st is reused by the caller
+      return key;
+    }
   }
   return st.prefix;
 }

@@ -27,7 +27,11 @@ SAMPLE_MAX_GRID = 64
 SAMPLE_SMALL_K = 1024  # top-k up to this finishes in one block (sampling.cu sample_small)
 # sizeof(GridScratch): partials, histograms, the gathered top-k keys and their count (padded)
 SAMPLE_SCRATCH_BYTES = (
-    2 * SAMPLE_MAX_GRID * (8 + 4 + 4) + 2 * SAMPLE_MAX_GRID * 256 * 8 + SAMPLE_SMALL_K * 8 + 8
+    2 * SAMPLE_MAX_GRID * (8 + 4 + 4)
+    + 2 * SAMPLE_MAX_GRID * 256 * (8 + 4)
+    + SAMPLE_SMALL_K * 8
+    + 8
+    + 8
 )
 ARGMAX_BLOCKS = 128
 MAX_DYN_SMEM = 48 * 1024
