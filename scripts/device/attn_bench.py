@@ -214,7 +214,7 @@ def main() -> int:
         for name, nh, nkv, hd, window, sinks in SHAPES:
             rows.append(bench_shape(ctx, spin, k, rng, n, pos0, name, nh, nkv, hd, window, sinks))
     # short chunks far into the context (few query rows, ~4k keys): where the backend's
-    # TC_MIN_TOKENS / TC_SHORT_KV rule keeps attn_split; these rows say where tc starts to win
+    # TC_MIN_ROWS / TC_SHORT_KV rule keeps attn_split; these rows say where tc starts to win
     if not args.no_short:
         for m in (4, 16, 32, 64):
             for name, nh, nkv, hd, window, sinks in SHAPES[:4]:

@@ -58,9 +58,11 @@ PREFILL_MAX_SPLITS = 16
 # always (the previous path; A/B). Decode steps always use attn_split / attn_decode_rope.
 PREFILL_ATTN = os.environ.get("WORKER_ORCD_PREFILL_ATTN", "tc")
 # tc's critical path is one block streaming every key tile of its rows, attn_split spreads
-# the keys over up to 16 splits: a short chunk far into the context (few query rows, many
-# keys) stays on attn_split. A guess until attn_bench.py's short-chunk rows are measured.
-TC_MIN_TOKENS = 32
+# the keys over up to 16 splits: a short chunk far into the context stays on attn_split when
+# it has few (query row, head) pairs. Measured at 4096 keys (H100, docs/kernels.md, "Lead"):
+# Qwen (14 heads) 4 tokens split 34 us / tc 64, 16 tokens split 95 / tc 64; Phi-3 (32
+# heads) and GPT-OSS (64) 4 tokens split 145 / 107 us, tc 83 / 64.
+TC_MIN_ROWS = 128  # tokens x query heads
 TC_SHORT_KV = 1024
 # One-token steps with RoPE + KV store inside the attention launch: bit-identical logits to
 # the two-launch path, 909 vs 874-897 tok/s on an H100 (BENCHMARKS.md, GPU section).
@@ -629,7 +631,7 @@ class CudaBackend:
             ctx=self.context_length,
             max_pos=kv_max,
         )
-        use_tc = n >= TC_MIN_TOKENS or (n > 1 and kv_max <= TC_SHORT_KV)
+        use_tc = n > 1 and (n * hp.n_head >= TC_MIN_ROWS or kv_max <= TC_SHORT_KV)
         if use_tc and self.prefill_attn == "tc" and hp.head_dim in TC_HEAD_DIMS:
             k.attention_prefill_tc(
                 q=qkv,
