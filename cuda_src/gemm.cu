@@ -213,7 +213,6 @@ template <int T, int BM> struct Smem3 {
 
 }  // namespace g2
 
-#ifndef GEMM_CORE_ONLY
 // ---- gemm v2 (dense prefill; H11, docs/kernels.md "H11: prefill gemm v2") -------------------
 // gemm2_<type>_m128 / _m64: a block of 256 threads (8 warps, 2 x 4) computes BM tokens x 128
 // weight rows (warp tile BM/2 x 32, mma.sync m16n8k16 fp16 -> fp32), K step 32. Per block:
@@ -257,11 +256,17 @@ __device__ __forceinline__ void ldsm4(uint32_t r[4], const __half* p) {
 // XH = false: gemm2 (X fp32, converted in the kernel, one step ahead through registers).
 // XH = true: gemm3 (X already fp16, row stride ldx halves, 16-byte aligned rows: cp.async into
 // XS stages, XS-1 steps ahead; no conversion, no registers held; one barrier per step).
-template <int T, int BM, bool XH, typename XT>
+// GA = true (gathered rows, moe.cu's routed gemm; gemm2 only): token row r of the tile is
+// X + gx[r] and Y + gy[r] (gx, gy: BM offsets in shared memory, -1 = no row; ldx, ldy, M and
+// blockIdx.x unused) and the matrix starts w_off bytes after W (any alignment; W itself
+// 16-byte aligned). GA = false compiles to the dense kernels as before (w_off, gx, gy unused).
+template <int T, int BM, bool XH, typename XT, bool GA = false>
 __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row_bytes, int N,
                                     int K, const XT* __restrict__ X, long long ldx, int M,
                                     const float* __restrict__ bias, const float* residual,
-                                    float* Y, long long ldy) {
+                                    float* Y, long long ldy, const long long* gx = nullptr,
+                                    const long long* gy = nullptr, long long w_off = 0) {
+  static_assert(!(GA && XH), "gathered rows: gemm2 (fp32 X) only");
   using C = Cfg<T>;
   constexpr int MI = BM / 32;                          // m16 tiles per warp
   constexpr int XL = BM * (BK / 4) / THREADS;          // float4 X loads per thread: 4 or 2
@@ -283,8 +288,10 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
   const int wm = warp >> 2, wn = warp & 3, gq = lane >> 2, cq = lane & 3;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const int nk = K / BK, nc = (K + C::KC - 1) / C::KC;
-  const long long wend = (long long)N * row_bytes;
+  const long long wo = GA ? w_off : 0LL;  // GA = false: the constant 0
+  const long long wend = wo + (long long)N * row_bytes;
   const unsigned rb15 = static_cast<unsigned>(row_bytes & 15);
+  const unsigned wo15 = static_cast<unsigned>(wo & 15);
 
   // raw bytes of chunk c (elements c*KC ..) of the block's rows -> Raw[c & 1]
   auto issue_chunk = [&](int c) {
@@ -299,7 +306,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
       const int r = idx / C::NPC, p = idx - r * C::NPC;
       const int n = n0 + r;
       if (n >= N) continue;
-      const long long a = (long long)n * row_bytes + cb;
+      const long long a = wo + (long long)n * row_bytes + cb;
       const long long gp = (a & ~15LL) + 16 * p;
       if (gp >= a + seg) continue;
       uint8_t* d = dst + r * C::P + 16 * p;
@@ -323,7 +330,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
       const int n = n0 + r;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (n < N) {
-        const unsigned off = (static_cast<unsigned>(n) * rb15 + coff) & 15u;
+        const unsigned off = (wo15 + static_cast<unsigned>(n) * rb15 + coff) & 15u;
         const int e = ke + 8 * gi;
         float w[8];
         dequant8<T>(src + r * C::P + off + (e / C::QK) * C::BYTES, (e % C::QK) >> 3, w);
@@ -339,10 +346,16 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 #pragma unroll
       for (int i = 0; i < XL; ++i) {
         const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
-        const int m = m0 + row;
-        xr[i] = m < M ? __ldg(reinterpret_cast<const float4*>(X + (long long)m * ldx + kt * BK +
-                                                              4 * c4))
-                      : make_float4(0.f, 0.f, 0.f, 0.f);
+        if constexpr (GA) {
+          const long long xo = gx[row];
+          xr[i] = xo >= 0 ? __ldg(reinterpret_cast<const float4*>(X + xo + kt * BK + 4 * c4))
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+        } else {
+          const int m = m0 + row;
+          xr[i] = m < M ? __ldg(reinterpret_cast<const float4*>(X + (long long)m * ldx +
+                                                                kt * BK + 4 * c4))
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
       }
     }
   };
@@ -480,8 +493,14 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int m = m0 + wm * (BM / 2) + mi * 16 + gq + 8 * h;
-      if (m >= M) continue;
-      const long long yo = (long long)m * ldy;
+      long long yo;
+      if constexpr (GA) {
+        yo = gy[m - m0];
+        if (yo < 0) continue;
+      } else {
+        if (m >= M) continue;
+        yo = (long long)m * ldy;
+      }
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -498,6 +517,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 }
 }  // namespace g2
 
+#ifndef GEMM_CORE_ONLY
 #define GEMM2_INST(TY, NAME)                                                                 \
   extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m128(                 \
       const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \

@@ -25,6 +25,8 @@
 //   block (i, y) takes tile i of the table (blocks past the table's length exit) and runs the
 //   tensor-core gemm core on its rows for weight rows 64y... Assignments with an id outside
 //   [0, n_expert) are left unwritten (the caller validated routing on the device).
+// moe_gemm5_<type>_m128 / _m64: the same tile table on gemm.cu's gemm2 core (128 weight rows a
+//   block, raw weights staged by cp.async, ldmatrix) with gathered token rows.
 // moe_gemm3_<type>: the previous prefill kernel, grid (ceil(n_assign/64), ceil(N/64),
 //   n_expert), each block ballot-scanning every id; kept for same-run comparisons.
 #define GEMV_CORE_ONLY
@@ -349,6 +351,40 @@ __device__ __forceinline__ void moe_gemm4_entry(const uint8_t* W, long long expe
                    B ? B + (long long)tl.x * N : nullptr, nullptr, blockIdx.y * GEMM_BN);
 }
 
+// moe_gemm5_<type>_m<BM> (docs/kernels.md "H13: routed MoE prefill on the gemm2 core"): the
+// same tile table and grid rows as moe_gemm, 128 weight rows a block (grid (tile bound,
+// ceil(N/128)), 256 threads, dynamic shared memory g2::Smem<T, BM>): block (i, y) takes tile i
+// (its expert's matrix at W + expert*expert_bytes, any alignment) and runs the dense gemm2 core
+// with gathered rows (GA): row r of the tile reads X + xoff[r] and writes Y + yoff[r] (-1: no
+// row, nothing read or written). Bias per expert; no residual.
+template <int T, int BM>
+__device__ __forceinline__ void moe_gemm5_entry(const uint8_t* W, long long expert_bytes,
+                                                long long row_bytes, int N, int K,
+                                                const int* ntiles, const int4* tiles,
+                                                const int* list, int topk, const float* X,
+                                                long long ldx_tok, long long ldx_slot,
+                                                const float* B, float* Y, long long ldy) {
+  __shared__ long long s_xoff[BM], s_yoff[BM];
+  if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
+  const int4 tl = tiles[blockIdx.x];
+  const int tid = threadIdx.x;
+  if (tid < BM) {
+    long long xo = -1, yo = -1;
+    if (tid < tl.z) {
+      const int a = list[tl.y + tid];
+      const int t = a / topk, slot = a % topk;
+      xo = (long long)t * ldx_tok + (long long)slot * ldx_slot;
+      yo = (long long)a * ldy;
+    }
+    s_xoff[tid] = xo;
+    s_yoff[tid] = yo;
+  }
+  __syncthreads();
+  g2::run<T, BM, false, float, true>(W, row_bytes, N, K, X, 0, 0,
+                                     B ? B + (long long)tl.x * N : nullptr, nullptr, Y, 0,
+                                     s_xoff, s_yoff, (long long)tl.x * expert_bytes);
+}
+
 template <int T>
 __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expert_bytes,
                                                 long long row_bytes, int N, int K,
@@ -454,6 +490,12 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256) moe_gemm128_##NAME(MOE_GEMM_ARGS) {        \
     moe_gemm4_entry<TY, 128>(MOE_GEMM_PASS);                                                   \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m128(MOE_GEMM_ARGS) { \
+    moe_gemm5_entry<TY, 128>(MOE_GEMM_PASS);                                                   \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m64(MOE_GEMM_ARGS) {  \
+    moe_gemm5_entry<TY, 64>(MOE_GEMM_PASS);                                                    \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) moe_gemm3_##NAME(                 \
       const uint8_t* W, long long expert_bytes, long long row_bytes, int N, int K,             \

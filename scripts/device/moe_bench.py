@@ -9,8 +9,10 @@ as back-to-back stream launches and replayed in a CUDA graph (how the decode ste
 8 disjoint expert sets in turn, so every launch reads weights no earlier launch left in L2.
 Gate and up as two launches against one moe_gemv_pair launch.
 Prefill (128 and 512 tokens, random top-4 routing): moe_gemm3 (ballot scan) against the routing
-pre-pass + routed gemm with 64- and 128-token tiles, and the pre-pass alone. Timing as in
-scripts/gpu_matmul_bench.py (events around launches queued behind a spin kernel, median of 5).
+pre-pass + routed gemm, version 4 (gemm_tile core) and version 5 (gemm2 core, docs/kernels.md
+"H13"), each with 64- and 128-token tiles (version 5 timed twice: the spread), the default,
+and the pre-pass alone. Timing as in scripts/gpu_matmul_bench.py (events around launches
+queued behind a spin kernel, median of 5). --prefill-only skips the decode part.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ N_EXP, N, K, TOPK = 32, 2880, 2880, 4
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--prefill-only", action="store_true")
     args = ap.parse_args()
     b = Bench()
     mm, ga = b.mm, b.ga
@@ -64,7 +67,7 @@ def main() -> int:
         ("default", {}),
     ]
     print("\ndecode, us per launch (stream / graph), GB/s and % of copy bw of the stream time")
-    for ntok in (1, 2):
+    for ntok in () if args.prefill_only else (1, 2):
         n_assign = ntok * TOPK
         # 8 disjoint expert sets per token in turn (141 MB of weights cycled: > L2)
         sets = [b.rng.permutation(N_EXP).astype(np.int32) for _ in range(ntok)]
@@ -164,8 +167,12 @@ def main() -> int:
         flop = 2 * n_assign * N * K
         for name, kw in (
             ("v3", {"version": 3}),
-            ("tile64", {"tile_m": 64}),
-            ("tile128", {"tile_m": 128}),
+            ("v4_tile64", {"version": 4, "tile_m": 64}),
+            ("v4_tile128", {"version": 4, "tile_m": 128}),
+            ("v5_tile64", {"version": 5, "tile_m": 64}),
+            ("v5_tile128", {"version": 5, "tile_m": 128}),
+            ("v5_tile64_again", {"version": 5, "tile_m": 64}),
+            ("v5_tile128_again", {"version": 5, "tile_m": 128}),
             ("default", {}),
         ):
 
@@ -187,7 +194,7 @@ def main() -> int:
 
             t = b.time_batch(launch_g, 5)
             out["prefill"][f"ntok{ntok}_{name}"] = {"us": t * 1e6, "TFLOPs": flop / t / 1e12}
-            print(f"  {ntok:4} tokens {name:8} {t * 1e6:8.1f} us  {flop / t / 1e12:5.1f} TFLOP/s")
+            print(f"  {ntok:4} tokens {name:16} {t * 1e6:8.1f} us  {flop / t / 1e12:5.1f} TFLOP/s")
         ws = ga.empty(moe_workspace_bytes(n_assign, N_EXP, 64) // 4 + 4, np.int32)
         route = plan_moe_route(ids_dev, n_assign, N_EXP, ws)
         t = b.time_batch(lambda i, route=route: mm.run(route, b.stream), 20)

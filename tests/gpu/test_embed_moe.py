@@ -6,7 +6,12 @@ tensor-core operands) within 2e-3 relative to a float64 product; outputs poisone
 first; bit-identical repeated runs; an invalid id gives NaN (embedding, moe_gemv) and never
 reads outside the table. Every moe_gemv variant (v4 with 1/2/4 rows per warp, v3) for every
 type; the routing pre-pass's lists and tile table against NumPy; the routed moe_gemm
-bit-identical to the previous (ballot-scan) kernel.
+bit-identical to the previous (ballot-scan) kernel. The routed gemm on the gemm2 core
+(version 5, moe_gemm5_<type>_m64/_m128): every type at odd shapes with empty experts and
+invalid ids, one expert taking every assignment, gpt-oss's shapes at 128 and 512 tokens,
+against float64 (2e-3) and the product of the fp16-rounded operands (1e-4, as the dense gemm2
+tests), reruns bit-identical, rows outside the assignments (and past them) untouched, and the
+bytes of version 4.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from worker.backends.cuda.matmul import (
     KernelArgumentError,
     MatmulKernels,
     QWeight,
+    moe5_tile_m,
     moe_workspace_bytes,
     plan_moe_route,
 )
@@ -283,7 +289,11 @@ def test_moe_gemm_routed_matches_previous_kernel(mm: MatmulKernels, gpu: Any) ->
     for qtype, n, k in ((39, 133, 64), (12, 96, 512), (8, 200, 96)):
         for ids_kind in ("random", "concentrated"):
             outs = {}
-            for name, kw in (("v3", {"version": 3}), ("64", {}), ("128", {"tile_m": 128})):
+            for name, kw in (
+                ("v3", {"version": 3}),
+                ("64", {"version": 4}),
+                ("128", {"version": 4, "tile_m": 128}),
+            ):
                 rng = np.random.default_rng(qtype)  # same weights, inputs, routing per variant
                 ids = route(rng, 70, 8, 4) if ids_kind == "random" else None
                 if ids is None:
@@ -338,3 +348,156 @@ def test_moe_pair_equals_two_launches(mm: MatmulKernels, gpu: Any, qtype: int, r
             g, w_ = got.get(), want.get()
             assert np.isnan(g[1]).all() and np.isfinite(np.delete(g, 1, axis=0)).all()
             assert g.tobytes() == w_.tobytes(), (qtype, rw, ntok)
+
+
+# ---- routed gemm on the gemm2 core (version 5; docs/kernels.md "H13") ------------------------
+GEMM_BOUND = 2e-3  # float64 reference (test_matmul.py's gemm bound)
+GEMM_FP16_EXACT_BOUND = 1e-4  # reference of the fp16-rounded operands (test_matmul.py's)
+POISON = np.float32(np.nan).view(np.uint32)
+
+
+class Experts:
+    """n_expert random matrices of one type on the device, their float64 dequantization and
+    its fp16-rounded twin, and a bias per expert."""
+
+    def __init__(self, qtype: int, n_expert: int, n: int, k: int, rng: np.random.Generator):
+        raws, denses = zip(*(random_matrix(qtype, n, k, rng) for _ in range(n_expert)), strict=True)
+        raw = np.concatenate(raws)
+        self.dense = list(denses)
+        self.bias = rng.standard_normal((n_expert, n), dtype=np.float32)
+        self.w_dev, self.b_dev = upload(raw), upload(self.bias)
+        self.w = QWeight(int(self.w_dev.gpudata), qtype, n, k, raw.nbytes, experts=n_expert)
+        self.n_expert, self.n, self.k = n_expert, n, k
+
+    def reference(self, ids: np.ndarray, xa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float64, fp16-operand) products of assignment a's expert and input xa[a] (+ bias),
+        one matmul per expert; rows of invalid ids NaN."""
+        flat = ids.reshape(-1)
+        ref = np.full((len(flat), self.n), np.nan)
+        ref16 = ref.copy()
+        x16 = xa.astype(np.float16).astype(np.float64)
+        for e in range(self.n_expert):
+            sel = flat == e
+            if not sel.any():
+                continue
+            d = self.dense[e].astype(np.float64)
+            ref[sel] = xa[sel].astype(np.float64) @ d.T + self.bias[e]
+            d16 = self.dense[e].astype(np.float16).astype(np.float64)
+            ref16[sel] = x16[sel] @ d16.T + self.bias[e]
+        return ref, ref16
+
+
+def routed5(
+    mm: MatmulKernels,
+    gpu: Any,
+    ex: Experts,
+    ids: np.ndarray,
+    per_slot: bool,
+    rng: np.random.Generator,
+    **kw: Any,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Two runs of the routed gemm (version 5 unless kw says otherwise) into outputs of
+    n_assign + 3 rows poisoned with NaN; returns (outputs, ref, ref16, valid rows)."""
+    ntok, topk = ids.shape
+    n_assign = ntok * topk
+    x = rng.standard_normal((ntok, topk if per_slot else 1, ex.k), dtype=np.float32)
+    a = np.arange(n_assign)
+    xa = x[a // topk, a % topk if per_slot else 0]
+    ref, ref16 = ex.reference(ids, xa)
+    ids_dev, x_dev = upload(ids.reshape(-1)), upload(x)
+    kw.setdefault("version", 5)
+    outs = []
+    for _ in range(2):
+        y = poisoned((n_assign + 3, ex.n))
+        mm.moe(
+            ex.w,
+            ids_dev,
+            ntok,
+            topk,
+            x_dev,
+            y,
+            per_slot_input=per_slot,
+            bias=ex.b_dev,
+            form="gemm",
+            **kw,
+        )
+        gpu.Context.synchronize()
+        outs.append(y.get())
+    flat = ids.reshape(-1)
+    return outs, ref, ref16, (flat >= 0) & (flat < ex.n_expert)
+
+
+def check5(
+    outs: list[np.ndarray], ref: np.ndarray, ref16: np.ndarray, valid: np.ndarray, what: object
+) -> None:
+    got = outs[0]
+    n_assign = len(valid)
+    assert outs[0].tobytes() == outs[1].tobytes(), ("rerun differs", what)
+    untouched = np.concatenate([np.flatnonzero(~valid), np.arange(n_assign, n_assign + 3)])
+    assert (got[untouched].view(np.uint32) == POISON).all(), ("row written", what)
+    err = rel_err(got[:n_assign][valid], ref[valid])
+    err16 = rel_err(got[:n_assign][valid], ref16[valid])
+    assert err < GEMM_BOUND and err16 < GEMM_FP16_EXACT_BOUND, (what, err, err16)
+
+
+@pytest.mark.parametrize("tile_m", [64, 128])
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_moe_gemm5_every_type(mm: MatmulKernels, gpu: Any, qtype: int, tile_m: int) -> None:
+    """Odd shapes: 133 and 200 weight rows (a partial 128-row tile), K of 3 blocks (experts at
+    odd byte offsets, a partial raw chunk) and 1280/2560 columns (several chunks); 37 tokens x
+    top-3 = 111 assignments (no multiple of the tile), expert 4 of 6 empty, two invalid ids."""
+    rng = np.random.default_rng(qtype * 3 + tile_m)
+    qk = LAYOUTS[qtype].qk
+    for n, k, per_slot in ((133, 3 * qk, True), (200, 1280 if qk == 32 else 2560, False)):
+        ex = Experts(qtype, 6, n, k, rng)
+        ids = np.stack([rng.choice([0, 1, 2, 3, 5], 3, replace=False) for _ in range(37)])
+        ids = ids.astype(np.int32)
+        ids[5, 1], ids[20, 2] = -1, 6
+        outs, ref, ref16, valid = routed5(mm, gpu, ex, ids, per_slot, rng, tile_m=tile_m)
+        check5(outs, ref, ref16, valid, (n, k))
+
+
+@pytest.mark.parametrize("qtype", [39, 12, 8], ids=["mxfp4", "q4_k", "q8_0"])
+def test_moe_gemm5_one_expert_takes_all(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+    """Every assignment on expert 5 of 8 (300 assignments: 3 tiles of 128 or 5 of 64, the
+    last partial); the other experts empty."""
+    rng = np.random.default_rng(qtype + 300)
+    ex = Experts(qtype, 8, 160, 2 * max(LAYOUTS[qtype].qk, 128), rng)
+    ids = np.full((150, 2), 5, np.int32)
+    for tile_m in (64, 128):
+        outs, ref, ref16, valid = routed5(mm, gpu, ex, ids, True, rng, tile_m=tile_m)
+        check5(outs, ref, ref16, valid, tile_m)
+
+
+def test_moe_gemm5_gptoss_shapes(mm: MatmulKernels, gpu: Any) -> None:
+    """gpt-oss-20b's experts: 32 MXFP4 matrices of 2880x2880, top-4 random routing; 512 tokens
+    with a shared input (gate/up) and 128 with per-slot inputs (down), both tiles."""
+    rng = np.random.default_rng(2048)
+    ex = Experts(39, 32, 2880, 2880, rng)
+    for ntok, per_slot in ((512, False), (128, True)):
+        ids = route(rng, ntok, 32, 4)
+        for tile_m in (64, 128):
+            outs, ref, ref16, valid = routed5(mm, gpu, ex, ids, per_slot, rng, tile_m=tile_m)
+            check5(outs, ref, ref16, valid, (ntok, tile_m))
+        assert moe5_tile_m(ntok * 4, 32) == (128 if ntok == 512 else 64)
+
+
+@pytest.mark.parametrize("qtype", [39, 12, 8, 14], ids=["mxfp4", "q4_k", "q8_0", "q6_k"])
+def test_moe_gemm5_equals_version4_bytes(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+    """Same fp16 operands, same k16 order of mma.sync, same fp32 epilogue: the gemm2-core kernel
+    gives version 4's bytes (both tiles), so a wrong row, column or offset cannot hide in the
+    error bound."""
+    rng = np.random.default_rng(qtype + 4)
+    ex = Experts(qtype, 8, 133, 2 * max(LAYOUTS[qtype].qk, 128), rng)
+    ids = route(rng, 70, 8, 4)
+    ids[3, 2] = -1
+    got = {}
+    for name, kw in (
+        ("v4", {"version": 4}),
+        ("v5_64", {"tile_m": 64}),
+        ("v5_128", {"tile_m": 128}),
+    ):
+        outs, _, _, _ = routed5(mm, gpu, ex, ids, True, np.random.default_rng(9), **kw)
+        got[name] = outs[0]
+    assert got["v5_64"].tobytes() == got["v4"].tobytes()
+    assert got["v5_128"].tobytes() == got["v4"].tobytes()

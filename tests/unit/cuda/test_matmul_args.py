@@ -18,12 +18,15 @@ import pytest
 
 from worker.backends.cuda.matmul import (
     GEMM_VERSION,
+    MOE5_MIN_AVG_128,
+    MOE_GEMM_VERSION,
     DevBuf,
     KernelArgumentError,
     Launch,
     QWeight,
     gemm2_smem_bytes,
     gemm_version,
+    moe5_tile_m,
     moe_tile_bound,
     moe_workspace_bytes,
     plan_embed,
@@ -108,6 +111,7 @@ def test_good_gemm_embed_moe_plans() -> None:
         DevBuf(1 << 31, 400 * 2880 * 4),
         per_slot_input=False,
         workspace=ws,
+        version=4,
     )
     # tiles: at most ceil(400/64) + 32 (one partial tile per used expert)
     assert mg.kernel == "moe_gemm_mxfp4" and mg.grid == (39, 45, 1) and mg.block == (128, 1, 1)
@@ -181,10 +185,12 @@ def test_moe_variants_route_and_workspace_checks() -> None:
     need = moe_workspace_bytes(280, 8, 64)
     assert need == 16 + 16 * (5 + 8) + 4 * 280
     ws = DevBuf(1 << 32, need)
-    g = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws)
+    g = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws, version=4)
     assert g.kernel == "moe_gemm_mxfp4" and g.grid == (13, 3, 1)
     ws128 = DevBuf(1 << 32, moe_workspace_bytes(280, 8, 128))
-    g128 = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws128, tile_m=128)
+    g128 = plan_moe(
+        we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws128, tile_m=128, version=4
+    )
     assert g128.kernel == "moe_gemm128_mxfp4" and g128.grid == (11, 3, 1)
     assert g128.block == (256, 1, 1)
     g3 = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, version=3)
@@ -450,3 +456,58 @@ def test_gemm_default_version_by_matrix_size() -> None:
     assert plan_gemm(w, *bufs(w, 512), 512).kernel == "gemm2_q5_0_m64"
     big = weight(12, rows=3072, cols=3072)
     refused(plan_gemm, big, *bufs(big, 512), 512)  # v3 by default: needs the workspace
+
+
+def test_moe_gemm5_plans() -> None:
+    """The routed gemm on the gemm2 core: moe_gemm5_<type>_m<tile>, 256 threads, grid (tile
+    bound, ceil(N / 128)), gemm2's dynamic shared memory; tile 128 from an average of
+    MOE5_MIN_AVG_128 assignments per expert; same workspace checks as version 4."""
+    we = weight(39, rows=2880, cols=2880, experts=32)
+    for ntok, tile, tiles in ((512, 128, 16 + 32), (128, 64, 8 + 32), (96, 64, 6 + 32)):
+        n_assign = ntok * 4
+        assert moe5_tile_m(n_assign, 32) == tile
+        ws = DevBuf(1 << 32, moe_workspace_bytes(n_assign, 32, tile))
+        ids = DevBuf(1 << 33, 4 * n_assign)
+        x, y = DevBuf(1 << 30, ntok * 2880 * 4), DevBuf(1 << 31, n_assign * 2880 * 4)
+        g = plan_moe(we, ids, ntok, 4, x, y, per_slot_input=False, workspace=ws, version=5)
+        assert g.kernel == f"moe_gemm5_mxfp4_m{tile}" and g.block == (256, 1, 1)
+        assert g.grid == (tiles, 23, 1) and g.shared == gemm2_smem_bytes(layout(39), tile)
+        assert g.args[5:8] == (ws.ptr, ws.ptr + 16, ws.ptr + 16 + 16 * tiles)
+        assert len(g.args) == len(g.arg_format)
+        if MOE_GEMM_VERSION == 5:  # the default of the gemm form (no environment override)
+            d = plan_moe(we, ids, ntok, 4, x, y, per_slot_input=False, workspace=ws)
+            assert d.kernel == g.kernel and d.grid == g.grid
+    edge = MOE5_MIN_AVG_128 * 32
+    assert moe5_tile_m(edge, 32) == 128 and moe5_tile_m(edge - 1, 32) == 64
+    we8 = weight(12, rows=133, cols=512, experts=8)
+    ids = DevBuf(1 << 33, 4 * 280)
+    xg, yg = DevBuf(1 << 30, 280 * 512 * 4), DevBuf(1 << 31, 280 * 133 * 4)
+    ws = DevBuf(1 << 32, moe_workspace_bytes(280, 8, 128))
+    ws64 = DevBuf(1 << 32, moe_workspace_bytes(280, 8, 64))
+    g = plan_moe(we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws64, version=5)
+    # 280 assignments on 8 experts (avg 35): 64-token tiles; 133 rows: 2 row tiles of 128
+    assert g.kernel == "moe_gemm5_q4_k_m64" and g.grid == (5 + 8, 2, 1)
+    g = plan_moe(we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, version=5, tile_m=128)
+    assert g.kernel == "moe_gemm5_q4_k_m128" and g.grid == (3 + 8, 2, 1)
+    assert g.shared == gemm2_smem_bytes(layout(12), 128)
+    refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, version=5)  # no workspace
+    short = DevBuf(ws.ptr, moe_workspace_bytes(280, 8, 128) - 4)
+    refused(
+        plan_moe,
+        we8,
+        ids,
+        70,
+        4,
+        xg,
+        yg,
+        per_slot_input=True,
+        workspace=short,
+        version=5,
+        tile_m=128,
+    )
+    refused(
+        plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, version=5, tile_m=96
+    )
+    # version 5 is a gemm; the decode form refuses it
+    refused(plan_moe, we8, ids, 1, 4, xg, yg, per_slot_input=True, form="gemv", version=5)
+    refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, version=6)

@@ -96,6 +96,14 @@ MOE_GEMV_ROWS_PER_WARP = (2, 4)  # for 1 token, for 2 (H100, docs/kernels.md H10
 MOE_ROUTE_THREADS = 1024
 MOE_MAX_EXPERTS = 1024  # moe_route's shared-memory tables (MOE_MAX_EXPERTS in moe.cu)
 MOE_GEMM_TILE_M = 64  # default token tile of moe_gemm (64: moe_gemm_<type>, 128: moe_gemm128)
+# Routed prefill gemm (docs/kernels.md "H13"): 5 = moe_gemm5_<type>_m128/_m64 (gemm2 core, 128
+# weight rows a block, gathered token rows), 4 = moe_gemm/moe_gemm128 (gemm_tile core), 3 =
+# moe_gemm3 (ballot scan). WORKER_ORCD_MOE_GEMM_VERSION overrides the default (A/B runs).
+_MOE_GEMM_ENV = os.environ.get("WORKER_ORCD_MOE_GEMM_VERSION", "")
+MOE_GEMM_VERSION = int(_MOE_GEMM_ENV) if _MOE_GEMM_ENV else 5
+# v5 token tile: 128 when the assignments per expert average at least this many (fewer, fuller
+# tiles: one 128-row tile costs ~1.3 64-row tiles in the dense gemm2 at 512 tokens), else 64
+MOE5_MIN_AVG_128 = 56
 # The backend's decode runs gate and up as one moe_gemv_pair launch only with
 # MoE decode: gate and up in one launch (moe_gemv_pair). On by default since its GPU tests
 # passed and it measured 316 -> 332 tok/s on GPT-OSS-20B (H100, docs/kernels.md);
@@ -580,7 +588,7 @@ def plan_moe(
     bias: BufLike | None = None,
     ldx_tok: int | None = None,
     form: str = "auto",
-    version: int = 4,
+    version: int | None = None,
     rows_per_warp: int | None = None,
     tile_m: int | None = None,
     workspace: BufLike | None = None,
@@ -599,8 +607,13 @@ def plan_moe(
     (tile_m 64) or moe_gemm128_<type> (128) over the token tiles that plan_moe_route's
     pre-pass wrote into `workspace` (required; the pre-pass must be queued before it on the
     same stream, for the same ids, experts and tile_m: MatmulKernels.moe does both).
+    version 5 (gemm only; the default of the gemm form, MOE_GEMM_VERSION): moe_gemm5_<type>_m64
+    or _m128 over the same tile table (plan_moe_route with the same tile_m), on the dense
+    gemm2 core (128 weight rows a block, 256 threads, dynamic shared memory
+    gemm2_smem_bytes); tile_m default moe5_tile_m.
     version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot scan of every
     id in every block), kept for comparisons (scripts/device/moe_bench.py).
+    Default version: 4 for gemv, MOE_GEMM_VERSION for gemm.
     opt (gemv, 2 or 4 rows per warp): moe_gemv_<type>_r<2|4>o, the same rows with the group
     loop's addresses by increments and no per-row branch (not yet timed: docs/kernels.md H10).
     """
@@ -609,7 +622,12 @@ def plan_moe(
     if form == "auto":
         form = "gemv" if ntok <= 2 else "gemm"
     kernel = f"moe_{form}_{lay.name}"
-    _need(kernel, version in (3, 4), f"moe version {version} not 3 or 4")
+    if version is None:
+        version = 4 if form == "gemv" else MOE_GEMM_VERSION
+    if form == "gemv":
+        _need(kernel, version in (3, 4), f"moe gemv version {version} not 3 or 4")
+    else:
+        _need(kernel, version in (3, 4, 5), f"moe gemm version {version} not 3, 4 or 5")
     n, k = w.rows, w.cols
     _need(kernel, 1 <= topk <= w.experts, f"topk {topk} not in 1..{w.experts}")
     _need(kernel, ntok >= 1, f"ntok {ntok} < 1")
@@ -665,7 +683,7 @@ def plan_moe(
         kernel += ("" if rw == 1 else f"_r{rw}") + ("o" if opt else "")
         grid = (-(-n // (GEMV_WARPS * rw)), n_assign, 1)
         return Launch("moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"])
-    tiles_n = -(-n // GEMM_TILE)
+    tiles_n = -(-n // (GEMM2_ROWS if version == 5 else GEMM_TILE))
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{n} rows exceed the grid limit")
     if version == 3:
         _need(kernel, n_assign <= INT32_MAX // 2, f"{n_assign} assignments out of range")
@@ -695,7 +713,12 @@ def plan_moe(
             args,
             _ARG_FORMATS["moe_gemm3"],
         )
-    tm = MOE_GEMM_TILE_M if tile_m is None else tile_m
+    if tile_m is not None:
+        tm = tile_m
+    elif version == 5:
+        tm = moe5_tile_m(n_assign, w.experts)
+    else:
+        tm = MOE_GEMM_TILE_M
     _need(kernel, tm in (64, 128), f"tile_m {tm} not 64 or 128")
     _need(kernel, w.experts <= MOE_MAX_EXPERTS, f"{w.experts} experts > {MOE_MAX_EXPERTS}")
     _need(kernel, n_assign <= INT32_MAX // 2, f"{n_assign} assignments out of range")
@@ -705,7 +728,9 @@ def plan_moe(
     wr = (wb.ptr, wb.ptr + moe_workspace_bytes(n_assign, w.experts, tm))
     _disjoint(kernel, wr, yr, "workspace and y")
     _disjoint(kernel, wr, xr, "workspace and x")
-    if tm == 128:
+    if version == 5:
+        kernel = f"moe_gemm5_{lay.name}_m{tm}"
+    elif tm == 128:
         kernel = f"moe_gemm128_{lay.name}"
     grid = (moe_tile_bound(n_assign, w.experts, tm), tiles_n, 1)
     args = (
@@ -723,7 +748,23 @@ def plan_moe(
         yb.ptr,
         n,
     )
+    if version == 5:
+        return Launch(
+            "moe",
+            kernel,
+            grid,
+            (GEMM2_THREADS, 1, 1),
+            args,
+            _ARG_FORMATS["moe_gemm"],
+            shared=gemm2_smem_bytes(lay, tm),
+        )
     return Launch("moe", kernel, grid, (2 * tm, 1, 1), args, _ARG_FORMATS["moe_gemm"])
+
+
+def moe5_tile_m(n_assign: int, n_experts: int) -> int:
+    """Default token tile of moe_gemm5: 128 when the assignments per expert average at least
+    MOE5_MIN_AVG_128 (gpt-oss at 512 tokens: 64), else 64."""
+    return 128 if n_assign >= MOE5_MIN_AVG_128 * n_experts else 64
 
 
 def plan_moe_pair(
@@ -979,16 +1020,34 @@ class MatmulKernels:
         all MoE launches of one MatmulKernels on one stream (the backend does)."""
         form = kw.get("form", "auto")
         gemm = form == "gemm" or (form == "auto" and ntok > 2)
-        if not gemm or kw.get("version", 4) != 4:
+        version = kw.pop("version", None)
+        if gemm and version is None:
+            version = MOE_GEMM_VERSION
+        if not gemm or version not in (4, 5):
             self.run(
-                plan_moe(w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, **kw), stream
+                plan_moe(
+                    w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, version=version, **kw
+                ),
+                stream,
             )
             return
-        tm = kw.pop("tile_m", None) or MOE_GEMM_TILE_M
         n_assign = ntok * topk
+        tm = kw.pop("tile_m", None) or (
+            moe5_tile_m(n_assign, w.experts) if version == 5 else MOE_GEMM_TILE_M
+        )
         ws = self._moe_workspace(moe_workspace_bytes(n_assign, w.experts, tm))
         launch = plan_moe(
-            w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, tile_m=tm, workspace=ws, **kw
+            w,
+            ids,
+            ntok,
+            topk,
+            x,
+            y,
+            per_slot_input=per_slot_input,
+            version=version,
+            tile_m=tm,
+            workspace=ws,
+            **kw,
         )
         route = plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm)
         self.run(route, stream)
