@@ -569,6 +569,30 @@ def test_gelu_and_add(kern: Any, dev: Any, n: int) -> None:
     assert np.array_equal(dev.get(bz, (5, 7)), z + bias)
 
 
+@pytest.mark.parametrize("rows,k,bias", [(32, 2880, True), (7, 64, False), (3, 4100, True)])
+def test_router_rowdot(kern: Any, dev: Any, rows: int, k: int, bias: bool) -> None:
+    """rowdot_f32 (the decode router): y = W x + b against float64, bit-identical reruns;
+    4100 columns take the loop past the 4 loads a thread issued before the wait."""
+    rng = np.random.default_rng(rows * k)
+    w = rng.standard_normal((rows, k)).astype(np.float32)
+    x = rng.standard_normal(k).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32) if bias else None
+    bw, bx, y = dev.put(w), dev.put(x), dev.poison(rows * 4)
+    bb = dev.put(b) if b is not None else None
+    kern.rowdot(bw, rows, k, bx, bb, y)
+    got = dev.get(y, (rows,))
+    want = w.astype(np.float64) @ x.astype(np.float64) + (b if b is not None else 0.0)
+    # fp32 sums of k products: relative to sum |w x|, ~k * 2^-24 in the worst case
+    scale = np.abs(w.astype(np.float64)) @ np.abs(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / scale) < k * 2.0**-24
+    kern.rowdot(bw, rows, k, bx, bb, y)
+    assert np.array_equal(dev.get(y, (rows,)), got)
+    with pytest.raises(LaunchRefused, match="rowdot_f32"):
+        kern.rowdot(bw, rows, k + 2, bx, bb, y)  # not a multiple of 4
+    with pytest.raises(LaunchRefused, match="rowdot_f32"):
+        kern.rowdot(bw, rows + 1, k, bx, bb, y)  # one row past the matrix
+
+
 @pytest.mark.parametrize("rows,n_exp,k", [(1, 32, 4), (7, 32, 4), (3, 128, 8), (2, 5, 2)])
 def test_router_topk_softmax(kern: Any, dev: Any, rows: int, n_exp: int, k: int) -> None:
     rng = np.random.default_rng(rows * n_exp)

@@ -707,13 +707,20 @@ class CudaBackend:
         hp, k, s = self.hp, self.k, self.s
         p = f"blk.{il}"
         kk, ff = hp.n_expert_used, hp.n_ff_exp
-        self._lin(
-            f"{p}.ffn_gate_inp.weight",
-            _b(s["xn"]),
-            _b(s["router"]),
-            n,
-            bias=f"{p}.ffn_gate_inp.bias",
-        )
+        rname = f"{p}.ffn_gate_inp.weight"
+        if n == 1 and self.qtypes[rname] == F32_TYPE and hp.n_embd % 4 == 0:
+            # decode: a block a router row, all its loads at once (elementwise.cu rowdot_f32)
+            bname = f"{p}.ffn_gate_inp.bias"
+            k.rowdot(
+                self._t(rname),
+                hp.n_expert,
+                hp.n_embd,
+                s["xn"],
+                self._t(bname) if bname in self.plan.offsets else None,
+                s["router"],
+            )
+        else:
+            self._lin(rname, _b(s["xn"]), _b(s["router"]), n, bias=f"{p}.ffn_gate_inp.bias")
         k.topk_softmax(s["router"], n, hp.n_expert, kk, s["eidx"], s["ew"])
         if self.route_trace is not None:  # a test's view of the routing (eager mode only)
             ids = np.empty((n, kk), np.int32)

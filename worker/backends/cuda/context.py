@@ -216,6 +216,7 @@ PDL_KERNELS = (
     "add_pos_embd_f32",
     "topk_softmax_f32",
     "moe_combine_f32",
+    "rowdot_f32",
     "argmax_partial",
     "argmax_final",
     "attn_split",

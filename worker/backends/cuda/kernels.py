@@ -211,6 +211,7 @@ class Kernels:
             ("elementwise", "add_pos_embd_f32"): "PPPii",
             ("elementwise", "topk_softmax_f32"): "PiiPP",
             ("elementwise", "moe_combine_f32"): "PPPii",
+            ("elementwise", "rowdot_f32"): "PiPPP",
             ("sampling", "argmax_partial"): "PiPP",
             ("sampling", "argmax_final"): "PPiPP",
             ("sampling", "sample_full"): "PiPiffiQiQQiPPPP",
@@ -665,6 +666,21 @@ class Kernels:
         need(kn, idx, rows * k * 4, "idx")
         need(kn, w, rows * k * F32, "w")
         self.launch(kn, (rows,), (32,), logits.ptr, n_exp, k, idx.ptr, w.ptr)
+
+    def rowdot(
+        self, w: DevBuf, rows: int, k: int, x: DevBuf, bias: DevBuf | None, y: DevBuf
+    ) -> None:
+        """y[r] = w[r] . x (+ bias[r]) for r < rows: an F32 matrix [rows][k], one token
+        (the gpt-oss router; elementwise.cu rowdot_f32)."""
+        kn = "rowdot_f32"
+        positive(kn, rows=rows, k=k)
+        if k % 4:
+            raise LaunchRefused(kn, f"k {k} not a multiple of 4")
+        need(kn, w, rows * k * F32, "w", 16)
+        need(kn, x, k * F32, "x", 16)
+        need(kn, bias, rows * F32 if bias is not None else 0, "bias")
+        need(kn, y, rows * F32, "y")
+        self.launch(kn, (rows,), (256,), w.ptr, k, x.ptr, ptr(bias), y.ptr)
 
     def moe_combine(self, x: DevBuf, y: DevBuf, w: DevBuf, rows: int, n: int, k: int) -> None:
         """x[t] += sum_s w[t, s] * y[t*k + s] (slots in order)."""
