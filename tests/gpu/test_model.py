@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from logits_check import compare_logits, teacher_forced, token_sequence
 
 from worker.engine.params import SamplingParams
 from worker.engine.sampling import sample
@@ -52,18 +53,10 @@ def cuda_be(qwen_path: Path) -> Iterator[Any]:
 
 
 def _sequence(vocab: int, n_prompt: int = 24, n_more: int = 32) -> tuple[list[int], list[int]]:
-    rng = np.random.default_rng(42)
-    return (
-        [int(t) for t in rng.integers(0, vocab, n_prompt)],
-        [int(t) for t in rng.integers(0, vocab, n_more)],
-    )
+    return token_sequence(vocab, n_prompt, n_more, seed=42)
 
 
-def _teacher_forced(be: Any, prompt: list[int], more: list[int]) -> np.ndarray:
-    be.reset()
-    rows = [be.forward(prompt, all_logits=True)]
-    rows += [be.forward([t])[None, :] for t in more]
-    return np.concatenate(rows, axis=0)
+_teacher_forced = teacher_forced
 
 
 def test_qwen2_logits_match_numpy_reference(qwen_path: Path, cuda_be: Any) -> None:
@@ -76,25 +69,10 @@ def test_qwen2_logits_match_numpy_reference(qwen_path: Path, cuda_be: Any) -> No
         ref = _teacher_forced(ref_be, prompt, more)
     finally:
         ref_be.close()
-    assert got.shape == ref.shape == (len(prompt) + len(more), cuda_be.vocab_size)
-    assert np.isfinite(got).all()
-    rels, checked, worst = [], 0, 0.0
-    for i in range(got.shape[0]):
-        g, r = got[i].astype(np.float64), ref[i].astype(np.float64)
-        rel = float(np.linalg.norm(g - r) / np.linalg.norm(r))
-        rels.append(rel)
-        err = float(np.max(np.abs(g - r)))
-        top2 = np.sort(r)[-2:]
-        if top2[1] - top2[0] > 2 * err:
-            checked += 1
-            assert int(np.argmax(g)) == int(np.argmax(r)), f"top-1 differs at position {i}"
-        worst = max(worst, err)
-    print(
-        f"\nqwen2 teacher-forced: max rel {max(rels):.3e} (prefill {max(rels[: len(prompt)]):.3e},"
-        f" decode {max(rels[len(prompt) :]):.3e}), max abs {worst:.3e}, "
-        f"top-1 checked at {checked}/{got.shape[0]}"
-    )
-    assert max(rels) < REL_BOUND, rels
+    assert got.shape == (len(prompt) + len(more), cuda_be.vocab_size)
+    diff = compare_logits(got, ref)
+    print("\n" + diff.summary("qwen2 teacher-forced", len(prompt)))
+    assert max(diff.rels) < REL_BOUND, diff.rels
 
 
 def test_decode_is_deterministic_and_graph_equals_eager(qwen_path: Path, cuda_be: Any) -> None:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from logits_check import compare_logits, teacher_forced, token_sequence
 
 pytestmark = pytest.mark.gpu
 
@@ -48,21 +48,6 @@ def _synth(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not p.exists():
         write_synthetic(p, preset(arch, "full", mix=FULL[arch], seed=1))
     return p
-
-
-def _sequence(vocab: int) -> tuple[list[int], list[int]]:
-    rng = np.random.default_rng(7)
-    return (
-        [int(t) for t in rng.integers(0, vocab, N_PROMPT)],
-        [int(t) for t in rng.integers(0, vocab, N_MORE)],
-    )
-
-
-def _teacher_forced(be: Any, prompt: list[int], more: list[int]) -> np.ndarray:
-    be.reset()
-    rows = [be.forward(prompt, all_logits=True)]
-    rows += [be.forward([t])[None, :] for t in more]
-    return np.concatenate(rows, axis=0)
 
 
 def _cache_budget_mb() -> int:
@@ -122,9 +107,9 @@ def test_full_size_logits_match_reference(
     be = CudaBackend(path, ctx_size=CTX, graphs=False)
     try:
         vocab, k = be.vocab_size, be.hp.n_expert_used
-        prompt, more = _sequence(vocab)
+        prompt, more = token_sequence(vocab, N_PROMPT, N_MORE, seed=7)
         trace = be.trace_routing(True) if k else []
-        got = _teacher_forced(be, prompt, more)
+        got = teacher_forced(be, prompt, more)
         be.trace_routing(False)
     finally:
         be.close()
@@ -141,28 +126,15 @@ def test_full_size_logits_match_reference(
             ref_be.weights.preload_experts(threads)
             hook = _ForcedRouting(trace, k)
             ref_be.model.route_hook = hook  # type: ignore[attr-defined]
-        ref = _teacher_forced(ref_be, prompt, more)
+        ref = teacher_forced(ref_be, prompt, more)
     finally:
         ref_be.close()
 
     n = len(prompt) + len(more)
-    assert got.shape == ref.shape == (n, vocab)
-    assert np.isfinite(got).all()
-    rels, checked, worst = [], 0, 0.0
-    for i in range(n):
-        g, r = got[i].astype(np.float64), ref[i].astype(np.float64)
-        rels.append(float(np.linalg.norm(g - r) / np.linalg.norm(r)))
-        err = float(np.max(np.abs(g - r)))
-        top2 = np.sort(r)[-2:]
-        if top2[1] - top2[0] > 2 * err:
-            checked += 1
-            assert int(np.argmax(g)) == int(np.argmax(r)), f"top-1 differs at position {i}"
-        worst = max(worst, err)
-    msg = (
-        f"\n{arch} full teacher-forced: max rel {max(rels):.3e} (prefill "
-        f"{max(rels[: len(prompt)]):.3e}, decode {max(rels[len(prompt) :]):.3e}), max abs "
-        f"{worst:.3e}, top-1 checked at {checked}/{n}"
-    )
+    assert got.shape == (n, vocab)
+    diff = compare_logits(got, ref)
+    rels = diff.rels
+    msg = "\n" + diff.summary(f"{arch} full teacher-forced", len(prompt))
     if hook is not None:
         assert len(hook.rows) == be.hp.n_layer * n, "the reference did not use every routing"
         differ = [row for row in hook.rows if not row[2]]
