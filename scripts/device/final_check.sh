@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/final}; L=/tmp/final_logs; mkdir -p "$OUT" $L
 (bash scripts/device/llama_baseline.sh $L >$L/llama_build.log 2>&1) &
 B=$!
 S=/tmp/synth; mkdir -p $S; export WORKER_ORCD_SYNTH_DIR=$S
-syn() { python3 -m worker synth --arch "$1" --size full --mix "$2" --seed 1 --out "$S/$1-full-$2.gguf" >/dev/null; }
+source scripts/device/lib.sh
 syn qwen2 q4_k_m &
 Q=$!
 (syn phi3 q4_k_m; syn gpt-oss mxfp4) &

@@ -7,21 +7,15 @@
 # usage (device): source .device/setup.sh && bash scripts/device/full_check.sh
 # carry: .device and a kernel cache prebuilt here (prebuild_cubins.py) named by WORKER_ORCD_CACHE
 set -uo pipefail
-OUT=${OUT:-/tmp/full_check}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/full_check}; L=$OUT; mkdir -p "$OUT"
 S=/tmp/synth; mkdir -p $S
 export WORKER_ORCD_SYNTH_DIR=$S
+source scripts/device/lib.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/nvidia-smi.txt"
-syn() { python3 -m worker synth --arch "$1" --size full --mix "$2" --seed 1 --out "$S/$1-full-$2.gguf" >/dev/null; }
 syn qwen2 q4_k_m &
 Q=$!
 (syn phi3 q4_k_m; syn gpt-oss mxfp4) &
 P=$!
-t() {  # name timeout pytest-args...
-  local name=$1 to=$2; shift 2
-  local t0; t0=$(date +%s)
-  timeout "$to" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rfE "$@" >"$OUT/$name.log" 2>&1
-  echo "$name rc=$? $(( $(date +%s) - t0 )) s: $(grep -E '(passed|failed|error)' "$OUT/$name.log" | tail -1)"
-}
 t matmul 150 tests/gpu/test_matmul.py tests/gpu/test_embed_moe.py
 t cold 150 tests/gpu/test_kernel_cache_cold.py
 wait $Q

@@ -7,18 +7,11 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/integration}; L=/tmp/integration_logs; mkdir -p "$OUT" $L
 S=/tmp/synth; mkdir -p $S; export WORKER_ORCD_SYNTH_DIR=$S
-syn() { python3 -m worker synth --arch "$1" --size full --mix "$2" --seed 1 --out "$S/$1-full-$2.gguf" >/dev/null; }
+source scripts/device/lib.sh
 syn qwen2 q4_k_m &
 Q=$!
 (syn phi3 q4_k_m; syn gpt-oss mxfp4) &
 P=$!
-t() {  # name timeout pytest-args...
-  local name=$1 to=$2; shift 2
-  local t0; t0=$(date +%s)
-  timeout "$to" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rfE "$@" >"$L/$name.log" 2>&1
-  echo "$name rc=$? $(( $(date +%s) - t0 )) s: $(grep -E '(passed|failed|error)' "$L/$name.log" | tail -1)"
-  grep -E "^FAILED|^ERROR" "$L/$name.log" | head -8
-}
 t matmul 200 tests/gpu/test_matmul.py tests/gpu/test_embed_moe.py
 wait $Q
 t kernels_model 200 tests/gpu/test_kernels.py tests/gpu/test_model.py
