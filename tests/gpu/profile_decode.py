@@ -32,7 +32,7 @@ def main() -> None:
     tok = be.forward_sample([tok], greedy, 0.0, [])  # captures the graph
 
     def graph_us() -> float:
-        g = be._decode_graph(True)
+        g = be._decode_graph("greedy")
         s, e = drv.Event(), drv.Event()
         gpu_ms = []
         for _ in range(50):
@@ -114,7 +114,7 @@ def main() -> None:
     steps = 5
     for _ in range(steps):
         be._set_inputs([tok], be.n_past)
-        be._enqueue_decode(True)
+        be._enqueue_decode("greedy")
         be._n_past += 1
     be.ctx.sync("profile")
     rows = sorted(times.items(), key=lambda kv: -sum(kv[1]))

@@ -78,6 +78,18 @@ ROPE_MODE = {"none": 0, "normal": 1, "neox": 2}
 Buf = tuple[int, int]  # (ptr, nbytes) as matmul.py takes it
 
 
+def _sampler(params: SamplingParams) -> dict[str, Any]:
+    """The settings sample_full / sample_args take from a job's SamplingParams (float32
+    penalty and temperature, as the reference sampler uses them)."""
+    return {
+        "penalty": float(np.float32(params.repetition_penalty)),
+        "temperature": float(np.float32(params.temperature)),
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
+    }
+
+
 def _b(d: DevBuf) -> Buf:
     return (d.ptr, d.nbytes)
 
@@ -201,7 +213,7 @@ class CudaBackend:
     ) -> None:
         from worker.backends.cuda.context import CudaContext
         from worker.backends.cuda.loader import upload
-        from worker.backends.cuda.matmul import MatmulKernels
+        from worker.backends.cuda.matmul import MOE_PAIR, MatmulKernels
 
         t_start = time.perf_counter()
         hp = load_hparams(self.gf)
@@ -216,6 +228,7 @@ class CudaBackend:
         self.decode_splits = DECODE_SPLITS
         self.fused_decode = FUSED_DECODE
         self.prefill_attn = PREFILL_ATTN  # "tc" | "split" (read at every enqueue)
+        self.moe_pair = MOE_PAIR  # MoE decode: gate and up in one launch
         self.use_graphs = graphs
         self.ctx = ctx = CudaContext(gpu_device)
         t_k = time.perf_counter()
@@ -334,9 +347,8 @@ class CudaBackend:
         self._spec_done = [ctx.drv.Event() for _ in range(2)]
         self._sargs_host = [ctx.drv.pagelocked_empty(SAMPLE_ARGS_BYTES, np.uint8) for _ in range(2)]
         self._spec_slot = 0
-        # a queued step: (position, the token it decodes, its slot); the token is the id the
-        # step before it returned
-        # the queued step: (position, token, slot, (params, draw) or None for greedy)
+        # a queued step: (position, the token it decodes, its slot, (params, draw) when
+        # sampled / None when greedy); the token is the id the step before it returned
         self._spec: tuple[int, int, int, tuple[SamplingParams, float] | None] | None = None
         self._n_past = 0
         self._graphs: dict[str, Any] = {}
@@ -726,14 +738,12 @@ class CudaBackend:
             ids = np.empty((n, kk), np.int32)
             self.ctx.dtoh(ids, s["eidx"])
             self.route_trace.append((il, ids))
-        from worker.backends.cuda.matmul import MOE_PAIR
-
         form = "gemv" if n <= 2 else "gemm"
         st = self.ctx.stream
         wg, wu = (self._experts(f"{p}.ffn_{w}_exps.weight") for w in ("gate", "up"))
         shape = (wg.qtype, wg.rows, wg.cols, wg.experts)
-        if MOE_PAIR and form == "gemv" and shape == (wu.qtype, wu.rows, wu.cols, wu.experts):
-            # decode: gate and up in one launch (docs/kernels.md, H10; opt-in until measured)
+        if self.moe_pair and form == "gemv" and shape == (wu.qtype, wu.rows, wu.cols, wu.experts):
+            # decode: gate and up in one launch (docs/kernels.md, H10)
             self.mm.moe_pair(
                 wg,
                 wu,
@@ -817,27 +827,26 @@ class CudaBackend:
             io[1:] = arr
             drv.memcpy_htod(self.s["io"].ptr, io)
 
-    def _decode_graph(self, tail: bool | str) -> Any:
-        """The captured one-token step ending in "logits", "greedy" (argmax) or "sampled"
-        (sample_dev on the settings in s['sargs']); True/False mean greedy/logits."""
-        key = tail if isinstance(tail, str) else ("greedy" if tail else "logits")
-        g = self._graphs.get(key)
+    def _decode_graph(self, tail: str) -> Any:
+        """The captured one-token step (_enqueue_decode) ending in `tail`."""
+        g = self._graphs.get(tail)
         if g is None:
             with self.ctx.capture(self.pdl) as cap:
-                self._enqueue_decode(key)
+                self._enqueue_decode(tail)
             g = cap.graph
             self.pdl_edges = cap.pdl_edges
-            self._graphs[key] = g
+            self._graphs[tail] = g
         return g
 
-    def _enqueue_decode(self, tail: bool | str) -> None:
-        key = tail if isinstance(tail, str) else ("greedy" if tail else "logits")
+    def _enqueue_decode(self, tail: str) -> None:
+        """One-token step ending in "logits" (logits row 0 only), "greedy" (argmax) or
+        "sampled" (sample_dev on the settings in s['sargs'])."""
         self._enqueue_layers(1, self.context_length)
         self._lm_head(0, 1)
         s = self.s
-        if key == "greedy":
+        if tail == "greedy":
             self.k.argmax(s["logits"], self.vocab_size, s["argv"], s["argi"], s["out"], io=s["io"])
-        elif key == "sampled":
+        elif tail == "sampled":
             self.k.sample_dev(
                 logits=s["logits"],
                 n=self.vocab_size,
@@ -871,12 +880,12 @@ class CudaBackend:
             m = len(chunk)
             pos = self._n_past
             self._set_inputs(chunk, pos)
-            if m == 1 and self.use_graphs and not all_logits:
-                self._decode_graph(greedy_tail).launch("decode graph")
-                self._n_past += 1
-                continue
             if m == 1 and not all_logits:
-                self._enqueue_decode(greedy_tail)
+                tail = "greedy" if greedy_tail else "logits"
+                if self.use_graphs:
+                    self._decode_graph(tail).launch("decode graph")
+                else:
+                    self._enqueue_decode(tail)
                 self._n_past += 1
                 continue
             self._enqueue_layers(m, pos + m)
@@ -998,15 +1007,12 @@ class CudaBackend:
         self._spec_done[slot].synchronize()
         out, nan = int(self._spec_out[slot][0]), int(self._spec_out[slot][1])
         if sampled is not None and nan == 1:
-            self._drain_queued(nxt)
+            if nxt >= 0:
+                self._spec_done[nxt].synchronize()  # the step queued behind it is forgotten
             raise WorkerError(ErrorCode.INTERNAL, "NaN in logits")
         if nxt >= 0:
             self._spec = (self._n_past, out, nxt, nwant)
         return out
-
-    def _drain_queued(self, slot: int) -> None:
-        if slot >= 0:
-            self._spec_done[slot].synchronize()
 
     def _queue_step(
         self, pos: int, tok: int | None, slot: int, sampled: tuple[SamplingParams, float] | None
@@ -1021,18 +1027,7 @@ class CudaBackend:
             params, draw = sampled
             host = self._sargs_host[slot]
             self._spec_done[slot].synchronize()  # its last copy out of this staging is done
-            host[:] = np.frombuffer(
-                sample_args(
-                    n_pen=0,
-                    penalty=float(np.float32(params.repetition_penalty)),
-                    temperature=float(np.float32(params.temperature)),
-                    top_k=params.top_k,
-                    top_p=params.top_p,
-                    min_p=params.min_p,
-                    draw=draw,
-                ),
-                np.uint8,
-            )
+            host[:] = np.frombuffer(sample_args(n_pen=0, draw=draw, **_sampler(params)), np.uint8)
             self.ctx.drv.memcpy_htod_async(self.s["sargs"].ptr, host, st)
         self._decode_graph("sampled" if sampled is not None else "greedy").launch("decode graph")
         self.ctx.drv.memcpy_dtoh_async(self._spec_out[slot], self.s["out"].ptr, st)
@@ -1051,12 +1046,8 @@ class CudaBackend:
             n=self.vocab_size,
             pen_ids=self.pen,
             n_pen=int(uniq.size),
-            penalty=float(np.float32(params.repetition_penalty)),
-            temperature=float(np.float32(params.temperature)),
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
             draw=draw,
+            **_sampler(params),
             xbuf=s["xbuf"],
             out=s["out"],
             gscratch=s["gscratch"],
@@ -1069,32 +1060,31 @@ class CudaBackend:
         self._spec = None
         self._n_past = 0
 
-    def set_pdl(self, on: bool | None) -> None:
-        """Programmatic dependent launch inside the decode graphs (cuda_src/pdl.cuh; None:
-        the default, WORKER_ORCD_PDL and sm_90+); re-captures."""
+    def _drop_graphs(self) -> None:
+        """Before a setting that changes what a step launches: the queued step finished,
+        every captured graph destroyed (the next step captures again)."""
         self._drain()
-        self.pdl = on
         for g in self._graphs.values():
             g.destroy()
         self._graphs.clear()
 
+    def set_pdl(self, on: bool | None) -> None:
+        """Programmatic dependent launch inside the decode graphs (cuda_src/pdl.cuh; None:
+        the default, WORKER_ORCD_PDL and sm_90+); re-captures."""
+        self._drop_graphs()
+        self.pdl = on
+
     def set_fused_decode(self, on: bool) -> None:
         """One-token steps with RoPE + KV store inside the attention launch (re-captures)."""
-        self._drain()
+        self._drop_graphs()
         self.fused_decode = on
-        for g in self._graphs.values():
-            g.destroy()
-        self._graphs.clear()
 
     def set_decode_splits(self, n: int) -> None:
         """Key chunks per head for a one-token step (re-captures the decode graphs)."""
         if not 1 <= n <= min(128, self.ubatch * PREFILL_MAX_SPLITS):
             raise ValueError(f"decode splits must be in 1..128, got {n}")
-        self._drain()
+        self._drop_graphs()
         self.decode_splits = n
-        for g in self._graphs.values():
-            g.destroy()
-        self._graphs.clear()
 
     def check_residency(self) -> ResidencyReport:
         if self.ctx is None:
