@@ -11,6 +11,7 @@ synchronisation, is also a CudaError naming the kernel. The checks are pure func
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,9 @@ ATTN_THREADS = 128  # attention.cu AT
 SAMPLE_THREADS = 1024  # sampling.cu
 SAMPLE_GRID = 32  # blocks of the grid-wide sampler (<= SAMPLE_MAX_GRID, all co-resident)
 SAMPLE_MAX_GRID = 64
-# sizeof(GridScratch) in sampling.cu: part_u, part_f, part_i, hist ping-pong slots
 SAMPLE_SMALL_K = 1024  # top-k up to this finishes in one block (sampling.cu sample_small)
-# sizeof(GridScratch): partials, histograms, the gathered top-k keys and their count (padded)
+# sizeof(GridScratch) in sampling.cu: part_u/f/i and the histograms' sums and counts in
+# ping-pong slots, the gathered top-k keys, the found key, the gathered count (padded)
 SAMPLE_SCRATCH_BYTES = (
     2 * SAMPLE_MAX_GRID * (8 + 4 + 4)
     + 2 * SAMPLE_MAX_GRID * 256 * (8 + 4)
@@ -735,16 +736,10 @@ class Kernels:
     ) -> None:
         """barrier: two zeroed uint32 (left consistent for the next launch)."""
         k = "sample_full"
-        positive(k, n=n)
         if n_pen < 0:
             raise LaunchRefused(k, "negative penalty count")
-        need(k, logits, n * F32, "logits")
-        need(k, xbuf, n * F32, "xbuf")
         need(k, pen_ids, n_pen * 4, "pen_ids")
-        need(k, out, 8, "out")
-        need(k, gscratch, SAMPLE_SCRATCH_BYTES, "gscratch", 16)
-        need(k, barrier, 8, "barrier")
-        grid = min(SAMPLE_GRID, self.ctx.facts.multiprocessors)
+        grid = self._sampler_grid(k, n, logits, xbuf, out, gscratch, barrier)
         tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(top_p, min_p, draw)
         self.launch(
             k,
@@ -768,6 +763,18 @@ class Kernels:
             barrier.ptr,
         )
 
+    def _sampler_grid(
+        self, k: str, n: int, logits: DevBuf, xbuf: DevBuf, out: DevBuf, gs: DevBuf, bar: DevBuf
+    ) -> int:
+        """The checks sample_full and sample_dev share; their grid (co-resident blocks)."""
+        positive(k, n=n)
+        need(k, logits, n * F32, "logits")
+        need(k, xbuf, n * F32, "xbuf")
+        need(k, out, 8, "out")
+        need(k, gs, SAMPLE_SCRATCH_BYTES, "gscratch", 16)
+        need(k, bar, 8, "barrier")
+        return min(SAMPLE_GRID, self.ctx.facts.multiprocessors)
+
     def sample_dev(
         self,
         *,
@@ -784,15 +791,9 @@ class Kernels:
         """sample_full with its settings in device memory (`args`: SAMPLE_ARGS_BYTES written
         from sample_args()), so a captured graph can end with it; io as for argmax."""
         k = "sample_dev"
-        positive(k, n=n)
-        need(k, logits, n * F32, "logits")
-        need(k, xbuf, n * F32, "xbuf")
         need(k, args, SAMPLE_ARGS_BYTES, "args", 8)
-        need(k, out, 8, "out")
-        need(k, gscratch, SAMPLE_SCRATCH_BYTES, "gscratch", 16)
-        need(k, barrier, 8, "barrier")
         need(k, io, 8 if io is not None else 0, "io")
-        grid = min(SAMPLE_GRID, self.ctx.facts.multiprocessors)
+        grid = self._sampler_grid(k, n, logits, xbuf, out, gscratch, barrier)
         self.launch(
             k,
             (grid,),
@@ -834,8 +835,6 @@ def sample_args(
     draw: float,
 ) -> bytes:
     """The SAMPLE_ARGS_BYTES that sample_dev reads: the same values sample_full is passed."""
-    import struct
-
     if n_pen < 0 or top_k < 0:
         raise ValueError("negative penalty count or top_k")
     tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(top_p, min_p, draw)
