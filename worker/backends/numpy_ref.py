@@ -151,10 +151,15 @@ class GGUFWeights:
         info = self.gf.tensors[name]
         if len(info.shape) != 3 or not 0 <= e < info.shape[2]:
             raise IndexError(f"{name}: no expert {e} in shape {info.shape}")
+        return self._keep(key, self._dequant_expert(name, e))
+
+    def _dequant_expert(self, name: str, e: int) -> F32:
+        """Expert e of a [experts][N][K] tensor as a float32 [N][K] matrix."""
+        info = self.gf.tensors[name]
         per = info.nbytes // info.shape[2]
         raw = self.gf.raw(name)[e * per : (e + 1) * per]
         mat = quants.dequantize(raw, info.ggml_type, info.shape[0] * info.shape[1])
-        return self._keep(key, mat.reshape(info.shape[1], info.shape[0]))
+        return mat.reshape(info.shape[1], info.shape[0])
 
     def preload(self, progress: Callable[[float], None] | None = None) -> None:
         """Dequantize into the cache now (in file order) as far as the budget goes;
@@ -184,18 +189,14 @@ class GGUFWeights:
             if len(info.shape) == 3
             for e in range(info.shape[2])
         ]
+        threads = max(1, threads)
 
         def one(job: tuple[str, int]) -> tuple[tuple[str, int], F32]:
-            name, e = job
-            info = self.gf.tensors[name]
-            per = info.nbytes // info.shape[2]
-            raw = self.gf.raw(name)[e * per : (e + 1) * per]
-            mat = quants.dequantize(raw, info.ggml_type, info.shape[0] * info.shape[1])
-            return job, _col_major(mat.reshape(info.shape[1], info.shape[0]))
+            return job, _col_major(self._dequant_expert(*job))
 
-        with ThreadPoolExecutor(max(1, threads)) as ex:
-            for i in range(0, len(jobs), 4 * max(1, threads)):  # bounded memory in flight
-                batch = [j for j in jobs[i : i + 4 * max(1, threads)] if j not in self._cache]
+        with ThreadPoolExecutor(threads) as ex:
+            for i in range(0, len(jobs), 4 * threads):  # bounded memory in flight
+                batch = [j for j in jobs[i : i + 4 * threads] if j not in self._cache]
                 for key, arr in ex.map(one, batch):
                     if self.cached_bytes + arr.nbytes > self.budget:
                         return
