@@ -86,6 +86,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=run)
 
 
+def _greedy_rate(be: Any, prompt: list[int], greedy: Any, n: int) -> float:
+    """Decode tokens/s with `greedy` settings over n steps after the prompt and one step
+    (which captures the decode graph when the backend's settings just changed)."""
+    be.reset()
+    tok = be.forward_sample(prompt, greedy, 0.0, [])
+    tok = be.forward_sample([tok], greedy, 0.0, [])
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = be.forward_sample([tok], greedy, 0.0, [])
+    return n / (time.perf_counter() - t0)
+
+
 def _commit() -> str:
     """The checkout's commit; WORKER_ORCD_COMMIT names it where no .git travels along."""
     if os.environ.get("WORKER_ORCD_COMMIT"):
@@ -199,40 +211,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         default = be.decode_splits
         for n_split in [int(v) for v in args.sweep_splits.split(",") if v.strip()]:
             be.set_decode_splits(n_split)
-            be.reset()
-            tok = be.forward_sample(prompt, greedy, 0.0, [])
-            tok = be.forward_sample([tok], greedy, 0.0, [])  # capture
-            t0 = time.perf_counter()
-            for _ in range(args.tg):
-                tok = be.forward_sample([tok], greedy, 0.0, [])
-            sweep[str(n_split)] = round(args.tg / (time.perf_counter() - t0), 1)
+            sweep[str(n_split)] = round(_greedy_rate(be, prompt, greedy, args.tg), 1)
         be.set_decode_splits(default)
         result["tg_by_decode_splits"] = sweep
     if args.sweep_fused:  # the other decode attention path (RoPE + KV store fused or not)
         be.set_fused_decode(not be.fused_decode)
-        rates = []
-        for _ in range(2):
-            be.reset()
-            tok = be.forward_sample(prompt, greedy, 0.0, [])
-            tok = be.forward_sample([tok], greedy, 0.0, [])
-            t0 = time.perf_counter()
-            for _ in range(args.tg):
-                tok = be.forward_sample([tok], greedy, 0.0, [])
-            rates.append(args.tg / (time.perf_counter() - t0))
+        rates = [_greedy_rate(be, prompt, greedy, args.tg) for _ in range(2)]
         result[f"tg_fused_decode_{be.fused_decode}"] = round(max(rates), 1)
         be.set_fused_decode(not be.fused_decode)
     result["fused_decode"] = be.fused_decode
     if args.sweep_pdl:  # programmatic dependent launch in the decode graph off / on, twice
         for on in (False, True, False, True):
             be.set_pdl(on)
-            be.reset()
-            tok = be.forward_sample(prompt, greedy, 0.0, [])
-            tok = be.forward_sample([tok], greedy, 0.0, [])  # capture
-            t0 = time.perf_counter()
-            for _ in range(args.tg):
-                tok = be.forward_sample([tok], greedy, 0.0, [])
             key = f"tg_pdl_{'on' if on else 'off'}"
-            result.setdefault(key, []).append(round(args.tg / (time.perf_counter() - t0), 1))
+            result.setdefault(key, []).append(round(_greedy_rate(be, prompt, greedy, args.tg), 1))
             if on:
                 result["pdl_edges"] = list(be.pdl_edges)
         be.set_pdl(None)
