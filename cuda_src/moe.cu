@@ -324,16 +324,13 @@ extern "C" __global__ void __launch_bounds__(MOE_ROUTE_THREADS)
 }
 
 // ---- prefill: gemm over the routed tiles ------------------------------------------------------
-template <int T, int BM>
-__device__ __forceinline__ void moe_gemm4_entry(const uint8_t* W, long long expert_bytes,
-                                                long long row_bytes, int N, int K,
-                                                const int* ntiles, const int4* tiles,
-                                                const int* list, int topk, const float* X,
-                                                long long ldx_tok, long long ldx_slot,
-                                                const float* B, float* Y, long long ldy) {
-  __shared__ long long s_xoff[BM], s_yoff[BM];
-  if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
-  const int4 tl = tiles[blockIdx.x];
+// The row offsets of tile tl (expert tl.x, tl.z assignments from list[tl.y]): row r reads
+// X + s_xoff[r] and writes Y + s_yoff[r], -1 past the tile's rows; ends with a barrier.
+template <int BM>
+__device__ __forceinline__ void moe_tile_rows(int4 tl, const int* list, int topk,
+                                              long long ldx_tok, long long ldx_slot,
+                                              long long ldy, long long* s_xoff,
+                                              long long* s_yoff) {
   const int tid = threadIdx.x;
   if (tid < BM) {
     long long xo = -1, yo = -1;
@@ -347,6 +344,19 @@ __device__ __forceinline__ void moe_gemm4_entry(const uint8_t* W, long long expe
     s_yoff[tid] = yo;
   }
   __syncthreads();
+}
+
+template <int T, int BM>
+__device__ __forceinline__ void moe_gemm4_entry(const uint8_t* W, long long expert_bytes,
+                                                long long row_bytes, int N, int K,
+                                                const int* ntiles, const int4* tiles,
+                                                const int* list, int topk, const float* X,
+                                                long long ldx_tok, long long ldx_slot,
+                                                const float* B, float* Y, long long ldy) {
+  __shared__ long long s_xoff[BM], s_yoff[BM];
+  if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
+  const int4 tl = tiles[blockIdx.x];
+  moe_tile_rows<BM>(tl, list, topk, ldx_tok, ldx_slot, ldy, s_xoff, s_yoff);
   gemm_tile<T, BM>(W + (long long)tl.x * expert_bytes, row_bytes, N, K, X, s_xoff, s_yoff, Y,
                    B ? B + (long long)tl.x * N : nullptr, nullptr, blockIdx.y * GEMM_BN);
 }
@@ -367,19 +377,7 @@ __device__ __forceinline__ void moe_gemm5_entry(const uint8_t* W, long long expe
   __shared__ long long s_xoff[BM], s_yoff[BM];
   if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
   const int4 tl = tiles[blockIdx.x];
-  const int tid = threadIdx.x;
-  if (tid < BM) {
-    long long xo = -1, yo = -1;
-    if (tid < tl.z) {
-      const int a = list[tl.y + tid];
-      const int t = a / topk, slot = a % topk;
-      xo = (long long)t * ldx_tok + (long long)slot * ldx_slot;
-      yo = (long long)a * ldy;
-    }
-    s_xoff[tid] = xo;
-    s_yoff[tid] = yo;
-  }
-  __syncthreads();
+  moe_tile_rows<BM>(tl, list, topk, ldx_tok, ldx_slot, ldy, s_xoff, s_yoff);
   g2::run<T, BM, false, float, true>(W, row_bytes, N, K, X, 0, 0,
                                      B ? B + (long long)tl.x * N : nullptr, nullptr, Y, 0,
                                      s_xoff, s_yoff, (long long)tl.x * expert_bytes);
