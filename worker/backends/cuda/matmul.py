@@ -353,48 +353,18 @@ def plan_gemm(
     _need(kernel, version in (1, 2, 3), f"gemm version {version} not 1, 2 or 3")
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
     _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
-    if version >= 2:
-        tiles_n = -(-w.rows // GEMM2_ROWS)
-        _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
-        if tile_m is None:
-            tile_m = 128 if -(-m // 128) * tiles_n >= GEMM2_MIN_BLOCKS_128 else 64
-        _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
-        kernel = f"gemm{version}_{lay.name}_m{tile_m}"
-        launch = _plan_linear(
-            kernel,
-            "gemm",
-            w,
-            lay,
-            x,
-            y,
-            m,
-            bias,
-            residual,
-            ldx,
-            ldy,
-            grid=(-(-m // tile_m), tiles_n, 1),
-            block=(GEMM2_THREADS, 1, 1),
-        )
-        if version == 2:
-            return replace(launch, shared=gemm2_smem_bytes(lay, tile_m))
-        _need(kernel, xh is not None, "version 3 needs the fp16 X workspace xh")
-        assert xh is not None
-        hb, yb = as_buf(xh), as_buf(y)
-        hbytes = m * w.cols * 2  # m rows of K halves
-        _need(kernel, hb.ptr > 0 and hb.ptr % 16 == 0, "xh pointer null or not 16-byte aligned")
-        _need(kernel, hb.nbytes >= hbytes, f"xh buffer {hb.nbytes} bytes < {hbytes} needed")
-        ybytes = ((m - 1) * (w.rows if ldy is None else ldy) + w.rows) * 4
-        _disjoint(kernel, (hb.ptr, hb.ptr + hbytes), (yb.ptr, yb.ptr + ybytes), "xh and y")
-        args = (*launch.args[:4], hb.ptr, w.cols, *launch.args[6:])
-        return replace(launch, args=args, shared=gemm2_smem_bytes(lay, tile_m, x_stages=3))
-    tiles_n = -(-w.rows // GEMM_TILE)
+    tiles_n = -(-w.rows // (GEMM2_ROWS if version >= 2 else GEMM_TILE))
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
-    if tile_m is None:
+    if tile_m is None and version >= 2:
+        tile_m = 128 if -(-m // 128) * tiles_n >= GEMM2_MIN_BLOCKS_128 else 64
+    elif tile_m is None:
         tile_m = 128 if m >= GEMM_BIG_MIN_TOKENS else 64
     _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
-    if tile_m == 128:
+    if version >= 2:
+        kernel = f"gemm{version}_{lay.name}_m{tile_m}"
+    elif tile_m == 128:
         kernel = f"gemm128_{lay.name}"
-    return _plan_linear(
+    launch = _plan_linear(
         kernel,
         "gemm",
         w,
@@ -407,8 +377,22 @@ def plan_gemm(
         ldx,
         ldy,
         grid=(-(-m // tile_m), tiles_n, 1),
-        block=(2 * tile_m, 1, 1),
+        block=(GEMM2_THREADS if version >= 2 else 2 * tile_m, 1, 1),
     )
+    if version == 1:
+        return launch
+    if version == 2:
+        return replace(launch, shared=gemm2_smem_bytes(lay, tile_m))
+    _need(kernel, xh is not None, "version 3 needs the fp16 X workspace xh")
+    assert xh is not None
+    hb, yb = as_buf(xh), as_buf(y)
+    hbytes = m * w.cols * 2  # m rows of K halves
+    _need(kernel, hb.ptr > 0 and hb.ptr % 16 == 0, "xh pointer null or not 16-byte aligned")
+    _need(kernel, hb.nbytes >= hbytes, f"xh buffer {hb.nbytes} bytes < {hbytes} needed")
+    ybytes = ((m - 1) * (w.rows if ldy is None else ldy) + w.rows) * 4
+    _disjoint(kernel, (hb.ptr, hb.ptr + hbytes), (yb.ptr, yb.ptr + ybytes), "xh and y")
+    args = (*launch.args[:4], hb.ptr, w.cols, *launch.args[6:])
+    return replace(launch, args=args, shared=gemm2_smem_bytes(lay, tile_m, x_stages=3))
 
 
 def gemm_version(w: QWeight) -> int:
