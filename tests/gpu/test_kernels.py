@@ -170,6 +170,51 @@ def test_qkv_rope_store(kern: Any, dev: Any, which: str, n_tok: int, pos0: int) 
     assert np.isnan(kcache[pos0 + n_tok :].astype(np.float32)).all()
 
 
+def _ref_attention(
+    q: np.ndarray,
+    kc: np.ndarray,
+    vc: np.ndarray,
+    pos0: int,
+    nh: int,
+    scale: float,
+    window: int,
+    sinks: np.ndarray | None,
+) -> np.ndarray:
+    """The NumPy reference attention of q's rows (positions pos0 ...) over an FP16 cache
+    kc/vc [ctx][n_kv][head_dim] (float32 copies), keys up to the last query's position."""
+    from worker.gguf.hparams import HParams
+
+    ctx, nkv, hd = kc.shape
+    n_tok, kv_max = q.shape[0], pos0 + q.shape[0]
+    hp = HParams(
+        arch="qwen2",
+        n_layer=1,
+        n_embd=nh * hd,
+        n_head=nh,
+        n_head_kv=nkv,
+        head_dim=hd,
+        head_dim_v=hd,
+        n_ff=8,
+        n_vocab=8,
+        n_ctx_train=ctx,
+        norm="rms",
+        norm_eps=1e-6,
+        rope=RopeParams(type="none"),
+    )
+    cache = KVCache(hp, ctx)
+    cache.k[0][:] = kc.astype(np.float32)
+    cache.v[0][:] = vc.astype(np.float32)
+    return attention(
+        q.reshape(n_tok, nh, hd),
+        cache,
+        0,
+        cache.k[0][pos0:kv_max].copy(),
+        cache.v[0][pos0:kv_max].copy(),
+        pos0,
+        AttnOptions(scale=scale, window=window, sinks=sinks),
+    )
+
+
 def _attn_case(
     kern: Any,
     dev: Any,
@@ -212,35 +257,7 @@ def _attn_case(
         window=window,
         sinks=dev.put(sk) if sk is not None else None,
     )
-    from worker.gguf.hparams import HParams
-
-    hp = HParams(
-        arch="qwen2",
-        n_layer=1,
-        n_embd=nh * hd,
-        n_head=nh,
-        n_head_kv=nkv,
-        head_dim=hd,
-        head_dim_v=hd,
-        n_ff=8,
-        n_vocab=8,
-        n_ctx_train=ctx,
-        norm="rms",
-        norm_eps=1e-6,
-        rope=RopeParams(type="none"),
-    )
-    cache = KVCache(hp, ctx)
-    cache.k[0][:] = kc.astype(np.float32)
-    cache.v[0][:] = vc.astype(np.float32)
-    ref = attention(
-        q.reshape(n_tok, nh, hd),
-        cache,
-        0,
-        cache.k[0][pos0:kv_max].copy(),
-        cache.v[0][pos0:kv_max].copy(),
-        pos0,
-        AttnOptions(scale=float(scale), window=window, sinks=sk),
-    )
+    ref = _ref_attention(q, kc, vc, pos0, nh, float(scale), window, sk)
     assert not dev.get(tickets, (n_tok * nh,), np.uint32).any()  # left zeroed for reuse
     assert rel_err(dev.get(out, (n_tok, nh * hd)), ref) < 2e-5
 
@@ -380,35 +397,7 @@ def _attn_tc_case(
     q = rng.standard_normal((n_tok, nh * hd)).astype(np.float32)
     sk = (rng.standard_normal(nh) * 2).astype(np.float32) if sinks else None
     got = _attn_tc_run(kern, dev, q, kc, vc, pos0, nh, nkv, window, sk)
-    from worker.gguf.hparams import HParams
-
-    hp = HParams(
-        arch="qwen2",
-        n_layer=1,
-        n_embd=nh * hd,
-        n_head=nh,
-        n_head_kv=nkv,
-        head_dim=hd,
-        head_dim_v=hd,
-        n_ff=8,
-        n_vocab=8,
-        n_ctx_train=ctx,
-        norm="rms",
-        norm_eps=1e-6,
-        rope=RopeParams(type="none"),
-    )
-    cache = KVCache(hp, ctx)
-    cache.k[0][:] = kc.astype(np.float32)
-    cache.v[0][:] = vc.astype(np.float32)
-    ref = attention(
-        q.reshape(n_tok, nh, hd),
-        cache,
-        0,
-        cache.k[0][pos0:kv_max].copy(),
-        cache.v[0][pos0:kv_max].copy(),
-        pos0,
-        AttnOptions(scale=float(1.0 / np.sqrt(hd)), window=window, sinks=sk),
-    )
+    ref = _ref_attention(q, kc, vc, pos0, nh, float(1.0 / np.sqrt(hd)), window, sk)
     err = rel_err(got, ref)
     assert err < TC_BOUND, (n_tok, pos0, nh, nkv, hd, window, sinks, err)
     return err

@@ -56,17 +56,14 @@ def _sequence(vocab: int, n_prompt: int = 24, n_more: int = 32) -> tuple[list[in
     return token_sequence(vocab, n_prompt, n_more, seed=42)
 
 
-_teacher_forced = teacher_forced
-
-
 def test_qwen2_logits_match_numpy_reference(qwen_path: Path, cuda_be: Any) -> None:
     from worker.backends.numpy_ref import NumpyBackend
 
     prompt, more = _sequence(cuda_be.vocab_size)
-    got = _teacher_forced(cuda_be, prompt, more)
+    got = teacher_forced(cuda_be, prompt, more)
     ref_be = NumpyBackend(qwen_path, ctx_size=CTX)
     try:
-        ref = _teacher_forced(ref_be, prompt, more)
+        ref = teacher_forced(ref_be, prompt, more)
     finally:
         ref_be.close()
     assert got.shape == (len(prompt) + len(more), cuda_be.vocab_size)
@@ -77,21 +74,21 @@ def test_qwen2_logits_match_numpy_reference(qwen_path: Path, cuda_be: Any) -> No
 
 def test_decode_is_deterministic_and_graph_equals_eager(qwen_path: Path, cuda_be: Any) -> None:
     prompt, more = _sequence(cuda_be.vocab_size, 40, 12)
-    a = _teacher_forced(cuda_be, prompt, more)
-    b = _teacher_forced(cuda_be, prompt, more)
+    a = teacher_forced(cuda_be, prompt, more)
+    b = teacher_forced(cuda_be, prompt, more)
     assert np.array_equal(a, b), "logits differ between identical runs"
     from worker.backends.cuda import CudaBackend
 
     eager = CudaBackend(qwen_path, ctx_size=CTX, graphs=False)
     try:
-        c = _teacher_forced(eager, prompt, more)
+        c = teacher_forced(eager, prompt, more)
     finally:
         eager.close()
     assert np.array_equal(a, c), "graph replay differs from eager launches"
     cuda_be.set_fused_decode(not cuda_be.fused_decode)  # the other decode attention path
     try:
-        d = _teacher_forced(cuda_be, prompt, more)
-        d2 = _teacher_forced(cuda_be, prompt, more)
+        d = teacher_forced(cuda_be, prompt, more)
+        d2 = teacher_forced(cuda_be, prompt, more)
     finally:
         cuda_be.set_fused_decode(not cuda_be.fused_decode)
     assert np.array_equal(d, d2)
@@ -114,7 +111,7 @@ def test_programmatic_launch_changes_no_bit(cuda_be: Any) -> None:
     for on in (True, False):
         cuda_be.set_pdl(on)
         try:
-            logits = _teacher_forced(cuda_be, prompt, more)
+            logits = teacher_forced(cuda_be, prompt, more)
             edges = cuda_be.pdl_edges
             cuda_be.reset()
             tok, toks = cuda_be.forward_sample(prompt, greedy, 0.0, []), []
@@ -233,13 +230,13 @@ def test_every_architecture_tiny_matches_reference(
     be = CudaBackend(path, ctx_size=CTX)
     try:
         prompt, more = _sequence(be.vocab_size, 40, 32)  # > the gpt-oss tiny window (16)
-        got = _teacher_forced(be, prompt, more)
-        again = _teacher_forced(be, prompt, more)
+        got = teacher_forced(be, prompt, more)
+        again = teacher_forced(be, prompt, more)
     finally:
         be.close()
     ref_be = NumpyBackend(path, ctx_size=CTX)
     try:
-        ref = _teacher_forced(ref_be, prompt, more)
+        ref = teacher_forced(ref_be, prompt, more)
     finally:
         ref_be.close()
     assert np.array_equal(got, again)
