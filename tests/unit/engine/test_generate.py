@@ -5,7 +5,7 @@ strings, EOS, the context cap, cancel, deadline, chunked prefill and UTF-8 strea
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -130,6 +130,42 @@ def test_seeded_sampling_is_reproducible_and_uses_draw_i(
     assert a.token_ids != c.token_ids
     ids = list(a.token_ids)
     assert replay(backend, prompt_ids, ids, params, 42) == ids
+
+
+class DrawLog(NumpyBackend):
+    """The NumPy backend, noting the (draw, next_draw) of every forward_sample call."""
+
+    calls: list[tuple[float, float | None]]
+
+    def forward_sample(
+        self,
+        ids: Sequence[int],
+        params: SamplingParams,
+        draw: float,
+        generated: Sequence[int],
+        next_draw: float | None = None,
+    ) -> int:
+        self.calls.append((draw, next_draw))
+        return super().forward_sample(ids, params, draw, generated, next_draw)
+
+
+@pytest.mark.parametrize("max_tokens", [3, 12])
+def test_each_step_names_the_next_draw(
+    tiny_file: GGUFFile, tok: Tokenizer, prompt_ids: list[int], max_tokens: int
+) -> None:
+    """A backend may queue step i + 1 early (the CUDA backend does): generate() tells it that
+    step's draw, uniform(seed, i + 1), while the job may still produce it, else None."""
+    be = DrawLog(tiny_file, ctx_size=256)
+    be.calls = []
+    end, _ = run(be, tok, GenerationRequest(prompt_ids, max_tokens, GREEDY, seed=7))
+    n = len(be.calls)
+    assert n == end.tokens_out + (end.stop_reason == "eos")
+    assert [d for d, _ in be.calls] == [uniform(7, i) for i in range(n)]
+    assert [x for _, x in be.calls] == [
+        uniform(7, i + 1) if i + 1 < max_tokens else None for i in range(n)
+    ]
+    if max_tokens == 3:
+        assert end.stop_reason == "max_tokens" and be.calls[-1][1] is None
 
 
 def test_generate_request_from_flat_job_fields(prompt_ids: list[int]) -> None:
