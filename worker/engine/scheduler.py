@@ -1,0 +1,480 @@
+"""Continuous batching: the set of running sequences, and one step for all of them at a time.
+
+`Scheduler` owns every job the engine holds, from `add()` to its terminal event:
+
+- Admission (start of every step, first come first served): a waiting job starts when a slot
+  is free (`max_batch`) and the KV blocks it may ever need can be reserved
+  (worker.engine.block_manager); its cached prompt prefix is mapped instead of computed. A
+  job that could never fit (more KV than the whole cache, or a prompt longer than the
+  context) is refused at `add()` with the error it gets.
+- The step: every sequence past its prompt feeds back the token it sampled last step (one
+  row each); sequences still in their prompt get prefill chunks, first come first served,
+  up to `prefill_chunk` prompt tokens in the step. So a long prompt is spread over several
+  steps and never stalls the running streams for its whole prefill.
+- After the step: each sampled token goes through the sequence's UTF-8 stream decoder and
+  stop strings; a sequence ends on EOS, a stop string or its token limit, and frees its slot
+  and blocks at once. Cancels and deadlines are applied at step boundaries.
+
+Token semantics are those of a single job (worker.engine.generate documents them): EOS is
+not streamed or counted, text held back for a split code point or a possible stop string
+rides on the next token's event, the draw for generated token i is `uniform(seed, i)`.
+
+Nothing here knows about NATS, threads or devices; the inference actor drives `step()` on
+the backend's thread and turns the returned events into protocol events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from worker.engine import rng
+from worker.engine.batch import BatchBackend, Chunk, SampleSpec
+from worker.engine.block_manager import Allocation, BlockManager
+from worker.engine.params import SamplingParams
+from worker.engine.stop import StopMatcher
+from worker.errors import (
+    Cancelled,
+    ContextLengthExceeded,
+    ErrorCode,
+    VramOom,
+    WorkerError,
+)
+from worker.tokenizer.base import Tokenizer
+from worker.tokenizer.stream import StreamDecoder
+
+__all__ = [
+    "Admitted",
+    "Failed",
+    "Finished",
+    "JobPlan",
+    "Request",
+    "Scheduler",
+    "StopReason",
+    "TokenOut",
+    "plan_job",
+]
+
+StopReason = Literal["eos", "max_tokens", "stop"]
+CancelStatus = Literal["running", "queued", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """What a job may do, decided before any work (see `plan_job`)."""
+
+    limit: int  # tokens it may generate: max_tokens capped by the context
+    kv_tokens: int  # KV positions it fills at most (prompt + limit - 1)
+
+
+def plan_job(n_prompt: int, max_tokens: int, *, context_length: int, kv_capacity: int) -> JobPlan:
+    """The context / KV-capacity rule, the one place it is decided.
+
+    `context_length` is the job-facing context, `kv_capacity` the most positions the KV cache
+    could ever give one job. A prompt longer than the context -> ContextLengthExceeded (not
+    retriable). The last generated token is sampled but never fed back, so up to
+    `context - n + 1` tokens can be generated; max_tokens is capped to that (hitting the cap
+    reports `max_tokens`). The job then fills `n + limit - 1` positions; more than the KV
+    capacity -> VramOom (retriable: another worker may hold more).
+    """
+    if n_prompt < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, "the prompt has no tokens")
+    if max_tokens < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_tokens must be >= 1, got {max_tokens}")
+    if n_prompt > context_length:
+        raise ContextLengthExceeded(
+            f"prompt is {n_prompt} tokens; the context is {context_length} tokens"
+        )
+    limit = min(max_tokens, context_length - n_prompt + 1)
+    kv_tokens = n_prompt + limit - 1
+    if kv_tokens > kv_capacity:
+        raise VramOom(
+            f"job needs {kv_tokens} KV cache tokens (prompt {n_prompt} + up to {limit - 1} "
+            f"generated tokens fed back; max_tokens {max_tokens} capped by the context of "
+            f"{context_length}), this worker's KV cache holds {kv_capacity} tokens"
+        )
+    return JobPlan(limit=limit, kv_tokens=kv_tokens)
+
+
+@dataclass(slots=True)
+class Request:
+    """One job as the engine sees it (prompt already tokenized)."""
+
+    job_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    stop: Sequence[str] = ()
+    deadline: float | None = None  # time.monotonic() after which it fails INFERENCE_TIMEOUT
+    received: float = field(default_factory=time.perf_counter)
+
+
+# ---------------------------------------------------------------- events out of a step
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    job_id: str
+    prompt_tokens: int
+    cached_tokens: int  # prompt positions served by the prefix cache
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOut:
+    job_id: str
+    i: int  # 0-based index of the generated token
+    text: str  # valid UTF-8, possibly empty
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    job_id: str
+    tokens_out: int
+    stop_reason: StopReason
+    prompt_tokens: int
+    ttft_ms: float
+    decode_time_ms: float
+    tokens_per_s: float
+    token_ids: tuple[int, ...]
+    # with Scheduler(keep_logits=True): the logits each token was drawn from (tests)
+    logits: tuple[np.ndarray, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    job_id: str
+    error: WorkerError
+
+
+EngineEvent = Admitted | TokenOut | Finished | Failed
+
+
+class _Seq:
+    __slots__ = (
+        "alloc",
+        "computed",
+        "decoder",
+        "generated",
+        "held",
+        "limit",
+        "logits",
+        "matcher",
+        "n_prompt",
+        "req",
+        "slot",
+        "steps",
+        "t_first",
+        "t_start",
+    )
+
+    def __init__(self, req: Request, plan: JobPlan, tokenizer: Tokenizer) -> None:
+        self.req = req
+        self.n_prompt = len(req.prompt_ids)
+        self.limit = plan.limit
+        self.alloc: Allocation | None = None
+        self.slot = -1
+        self.computed = 0  # positions whose KV is written
+        self.generated: list[int] = []
+        self.decoder = StreamDecoder(tokenizer, after_token=req.prompt_ids[-1])
+        self.matcher = StopMatcher(req.stop)
+        self.held: TokenOut | None = None  # a token whose text waits on the next step
+        self.steps = 0  # decode steps (each feeds one generated token back)
+        self.t_start = req.received
+        self.t_first = 0.0
+        self.logits: list[np.ndarray] = []
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < self.n_prompt
+
+
+class Scheduler:
+    """See the module docstring. Single-threaded: the backend's thread drives it."""
+
+    def __init__(
+        self,
+        backend: BatchBackend,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int | None = None,
+        prefill_chunk: int = 512,
+        context_length: int | None = None,
+        prefix_cache: bool = True,
+        keep_logits: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.keep_logits = keep_logits
+        self.tok = tokenizer
+        self.max_batch = min(max_batch or backend.max_batch, backend.max_batch)
+        self.prefill_chunk = max(1, min(prefill_chunk, backend.max_step_tokens))
+        self.align = max(1, backend.chunk_align)
+        # the job-facing context; what one job can be given is kv_capacity (plan_job)
+        self.context_length = context_length or backend.context_length
+        self.blocks = BlockManager(backend.n_blocks, backend.block_size, prefix_cache=prefix_cache)
+        self.kv_capacity = min(backend.context_length, backend.n_blocks * backend.block_size)
+        self.waiting: deque[_Seq] = deque()
+        self.running: dict[str, _Seq] = {}
+        self._free_slots = list(range(self.max_batch - 1, -1, -1))
+        self.steps = 0
+        self.step_tokens = 0
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    @property
+    def jobs(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def free_capacity(self) -> int:
+        """Jobs the engine can take now without one of them having to wait for a slot."""
+        return max(0, self.max_batch - self.jobs)
+
+    def holds(self, job_id: str) -> bool:
+        return job_id in self.running or any(s.req.job_id == job_id for s in self.waiting)
+
+    def add(self, req: Request) -> Failed | None:
+        """Queue a job; a job that can never run is refused here (its Failed event)."""
+        try:
+            if self.holds(req.job_id):
+                raise WorkerError(
+                    ErrorCode.INVALID_REQUEST, f"job {req.job_id} is already running here"
+                )
+            plan = plan_job(
+                len(req.prompt_ids),
+                req.max_tokens,
+                context_length=self.context_length,
+                kv_capacity=self.kv_capacity,
+            )
+            if max(req.prompt_ids) >= self.backend.vocab_size or min(req.prompt_ids) < 0:
+                raise WorkerError(ErrorCode.INVALID_REQUEST, "prompt token id out of range")
+        except WorkerError as exc:
+            return Failed(req.job_id, exc)
+        self.waiting.append(_Seq(req, plan, self.tok))
+        return None
+
+    def cancel(
+        self, job_id: str, error: WorkerError | None = None
+    ) -> tuple[CancelStatus, Failed | None]:
+        """End a job now (between steps) with `error` (default CANCELLED)."""
+        err = error or Cancelled()
+        seq = self.running.pop(job_id, None)
+        if seq is not None:
+            self._free(seq)
+            return "running", Failed(job_id, err)
+        for s in self.waiting:
+            if s.req.job_id == job_id:
+                self.waiting.remove(s)
+                return "queued", Failed(job_id, err)
+        return "unknown", None
+
+    def fail_all(self, error: WorkerError) -> list[EngineEvent]:
+        """End every job held (a device failure): each gets `error`."""
+        out: list[EngineEvent] = []
+        for job_id in list(self.running) + [s.req.job_id for s in self.waiting]:
+            _, ev = self.cancel(job_id, error)
+            if ev is not None:
+                out.append(ev)
+        return out
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[EngineEvent]:
+        """Admit, run one backend step for every running sequence, post-process."""
+        events: list[EngineEvent] = []
+        self._expire(events)
+        self._admit(events)
+        if not self.running:
+            return events
+        chunks, seqs = self._plan()
+        out = self.backend.step(chunks)
+        self.steps += 1
+        now = time.perf_counter()
+        for k, (ch, seq, tok) in enumerate(zip(chunks, seqs, out.ids, strict=True)):
+            seq.computed = ch.start + len(ch.tokens)
+            if ch.prefill:
+                assert seq.alloc is not None
+                self.blocks.publish(seq.alloc, seq.computed)
+            if ch.sample is not None:
+                if self.keep_logits:
+                    rows = out.logits[k]
+                    assert rows is not None
+                    seq.logits.append(rows[-1].copy())
+                self._on_token(seq, tok, now, events)
+        return events
+
+    def _expire(self, events: list[EngineEvent]) -> None:
+        now = time.monotonic()
+        late = [
+            s.req.job_id
+            for s in (*self.running.values(), *self.waiting)
+            if s.req.deadline is not None and now > s.req.deadline
+        ]
+        for job_id in late:
+            _, ev = self.cancel(
+                job_id, WorkerError(ErrorCode.INFERENCE_TIMEOUT, "inference deadline exceeded")
+            )
+            if ev is not None:
+                events.append(ev)
+
+    def _admit(self, events: list[EngineEvent]) -> None:
+        while self.waiting and self._free_slots:
+            seq = self.waiting[0]
+            kv_tokens = seq.n_prompt + seq.limit - 1
+            alloc = self.blocks.admit(seq.req.prompt_ids, kv_tokens, self.align)
+            if alloc is None:
+                return  # first come first served: the head waits for blocks
+            self.waiting.popleft()
+            if alloc.copies:
+                self.backend.copy_blocks(alloc.copies)
+                alloc.copies.clear()
+            seq.alloc = alloc
+            seq.computed = alloc.cached_tokens
+            seq.slot = self._free_slots.pop()
+            self.running[seq.req.job_id] = seq
+            events.append(Admitted(seq.req.job_id, seq.n_prompt, alloc.cached_tokens))
+
+    def _plan(self) -> tuple[list[Chunk], list[_Seq]]:
+        chunks: list[Chunk] = []
+        seqs: list[_Seq] = []
+        budget = self.prefill_chunk
+        room = self.backend.max_step_tokens
+        # decode rows first: every sequence past its prompt advances one token each step
+        for seq in self.running.values():
+            if seq.prefilling:
+                continue
+            assert seq.alloc is not None
+            pos = seq.computed
+            self.blocks.grow(seq.alloc, pos + 1)
+            i = len(seq.generated)
+            chunks.append(
+                Chunk(
+                    slot=seq.slot,
+                    tokens=(seq.generated[-1],),
+                    start=pos,
+                    blocks=seq.alloc.table,
+                    prefill=False,
+                    sample=self._sample_spec(seq, i),
+                    logits=self.keep_logits,
+                )
+            )
+            seqs.append(seq)
+            room -= 1
+        first = True
+        for seq in self.running.values():
+            if not seq.prefilling or budget <= 0 or room <= 0:
+                continue
+            assert seq.alloc is not None
+            pos = seq.computed
+            n = seq.n_prompt - pos
+            if self.align > 1:
+                n = min(n, self.align - pos % self.align)
+                if n > min(budget, room) and not first:
+                    continue  # cut only at multiples of align: wait for a later step
+            else:
+                n = min(n, budget, room)
+            first = False
+            budget -= n
+            room -= n
+            end = pos + n
+            self.blocks.grow(seq.alloc, end)
+            chunks.append(
+                Chunk(
+                    slot=seq.slot,
+                    tokens=seq.req.prompt_ids[pos:end],
+                    start=pos,
+                    blocks=seq.alloc.table,
+                    prefill=True,
+                    sample=self._sample_spec(seq, 0) if end == seq.n_prompt else None,
+                    logits=self.keep_logits and end == seq.n_prompt,
+                )
+            )
+            seqs.append(seq)
+        self.step_tokens = sum(len(c.tokens) for c in chunks)
+        return chunks, seqs
+
+    def _sample_spec(self, seq: _Seq, i: int) -> SampleSpec:
+        seed = seq.req.seed
+        return SampleSpec(
+            params=seq.req.params,
+            draw=rng.uniform(seed, i),
+            history=seq.generated,
+            next_draw=rng.uniform(seed, i + 1) if i + 1 < seq.limit else None,
+        )
+
+    # ------------------------------------------------------------------ after the step
+
+    def _on_token(self, seq: _Seq, tok: int, now: float, events: list[EngineEvent]) -> None:
+        if not seq.generated:
+            seq.t_first = now
+        else:
+            seq.steps += 1
+        job_id = seq.req.job_id
+        if self.tok.is_eog(tok):
+            tail = seq.matcher.push(seq.decoder.flush())
+            tail += seq.matcher.flush()
+            if seq.held is not None:
+                h = seq.held
+                events.append(TokenOut(job_id, h.i, h.text + tail, h.id))
+                seq.held = None
+            self._finish(seq, "eos", now, events)
+            return
+        i = len(seq.generated)
+        seq.generated.append(tok)
+        if seq.held is not None:
+            events.append(seq.held)
+            seq.held = None
+        text = seq.matcher.push(seq.decoder.push(tok))
+        if seq.matcher.stopped:
+            events.append(TokenOut(job_id, i, text, tok))
+            self._finish(seq, "stop", now, events)
+            return
+        if len(seq.generated) >= seq.limit:
+            text += seq.matcher.push(seq.decoder.flush())
+            if not seq.matcher.stopped:
+                text += seq.matcher.flush()
+            events.append(TokenOut(job_id, i, text, tok))
+            self._finish(seq, "stop" if seq.matcher.stopped else "max_tokens", now, events)
+            return
+        ev = TokenOut(job_id, i, text, tok)
+        if seq.decoder.pending or seq.matcher.held:
+            seq.held = ev
+        else:
+            events.append(ev)
+
+    def _finish(self, seq: _Seq, reason: StopReason, now: float, events: list[EngineEvent]) -> None:
+        del self.running[seq.req.job_id]
+        self._free(seq)
+        decode_s = now - seq.t_first
+        events.append(
+            Finished(
+                job_id=seq.req.job_id,
+                tokens_out=len(seq.generated),
+                stop_reason=reason,
+                prompt_tokens=seq.n_prompt,
+                ttft_ms=(seq.t_first - seq.t_start) * 1000.0,
+                decode_time_ms=decode_s * 1000.0,
+                tokens_per_s=seq.steps / decode_s if seq.steps and decode_s > 0 else 0.0,
+                token_ids=tuple(seq.generated),
+                logits=tuple(seq.logits),
+            )
+        )
+
+    def _free(self, seq: _Seq) -> None:
+        if seq.alloc is not None:
+            self.blocks.release(seq.alloc)
+            seq.alloc = None
+        if seq.slot >= 0:
+            self.backend.release_slot(seq.slot)
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
