@@ -1,142 +1,37 @@
-"""Cancellation actor (SPEC §3 Cancel).
+"""Cancellation actor: ``orcd.cancel`` requests in, `CancelJob` messages out.
 
-The frontend hands every ``orcd.cancel`` message to this actor over a channel. The actor
-owns the `CancelRegistry`:
-
-- the running job: its `threading.Event` is set; the engine checks it every decode step, so
-  the job stops within one step and ends with ``CANCELLED``;
-- any other job: its id is remembered in a bounded TTL set; if this worker reaches that job
-  it ends ``CANCELLED`` without running;
-- a job this worker already finished: nothing to do, and the reply says so.
-
-Repeated cancels are idempotent and say so (``already_cancelling`` / ``already_recorded``).
+The frontend hands every cancel message over raw; this actor validates it (a bad payload is
+answered with an error reply and goes no further) and passes the cancel to the inference
+actor, which alone knows which jobs run or wait here. There it takes effect at the next step
+boundary: a running or queued job ends with ``CANCELLED`` and the reply says
+``cancelling``; a job this worker finished says ``already_finished``; any other job id is
+remembered for an hour (``recorded``), so that if this worker reaches the job it ends
+``CANCELLED`` without running. Repeats are idempotent (``already_recorded``).
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream
-
+from actors.messages import CancelJob, CancelPayload, InferenceIn, Outgoing, Reply
 from worker.errors import WorkerError
 from worker.narration import narrate
-from worker.protocol import CancelReply, CancelStatus, ErrorReply, decode_cancel, encode
-
-
-class TtlSet:
-    """Job ids with an expiry; at most `max_items` (oldest dropped first)."""
-
-    def __init__(self, ttl_s: float, max_items: int) -> None:
-        self.ttl_s = ttl_s
-        self.max_items = max_items
-        self._items: OrderedDict[str, float] = OrderedDict()
-
-    def _expire(self, now: float) -> None:
-        while self._items:
-            _key, expires = next(iter(self._items.items()))
-            if expires > now and len(self._items) <= self.max_items:
-                break
-            self._items.popitem(last=False)
-
-    def add(self, key: str, now: float | None = None) -> bool:
-        """Add `key`; False if it was already present (and not expired)."""
-        now = time.monotonic() if now is None else now
-        self._expire(now)
-        present = key in self._items
-        self._items[key] = now + self.ttl_s
-        self._items.move_to_end(key)
-        self._expire(now)
-        return not present
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        expires = self._items.get(key)
-        return expires is not None and expires > time.monotonic()
-
-    def discard(self, key: str) -> None:
-        self._items.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-@dataclass
-class ActiveJob:
-    job_id: str
-    cancel: threading.Event
-    cancel_requested_at: float | None = None
-    tokens_after_cancel: int = 0  # token events emitted once the flag was set
-
-
-class CancelRegistry:
-    def __init__(self, ttl_s: float = 3600.0, max_items: int = 10000) -> None:
-        self.pending = TtlSet(ttl_s, max_items)  # cancelled before this worker reached them
-        self.finished = TtlSet(ttl_s, max_items)  # finished here recently
-        self.active: ActiveJob | None = None
-
-    def begin(self, job_id: str) -> ActiveJob:
-        job = ActiveJob(job_id, threading.Event())
-        if job_id in self.pending:
-            # cancel arrived while the job was being set up
-            job.cancel.set()
-            job.cancel_requested_at = time.perf_counter()
-        self.active = job
-        return job
-
-    def end(self, job_id: str) -> None:
-        if self.active is not None and self.active.job_id == job_id:
-            self.active = None
-        self.pending.discard(job_id)
-        self.finished.add(job_id)
-
-    def take_pending(self, job_id: str) -> bool:
-        """True if `job_id` was cancelled before it was reached (it must end CANCELLED)."""
-        return job_id in self.pending
-
-    def cancel(self, job_id: str) -> CancelStatus:
-        active = self.active
-        if active is not None and active.job_id == job_id:
-            if active.cancel.is_set():
-                return "already_cancelling"
-            active.cancel_requested_at = time.perf_counter()
-            active.cancel.set()
-            return "cancelling"
-        if job_id in self.finished:
-            return "already_finished"
-        return "recorded" if self.pending.add(job_id) else "already_recorded"
-
-
-CancelMsg = tuple[bytes, str | None]  # (payload, reply subject)
+from worker.protocol import ErrorReply, decode_cancel, encode
 
 
 async def cancellation_actor(
-    inbox: MemoryObjectReceiveStream[CancelMsg],
-    registry: CancelRegistry,
-    worker_id: str,
-    reply: Callable[[str, bytes], Awaitable[None]],
+    inbox: MemoryObjectReceiveStream[CancelPayload],
+    inference: MemoryObjectSendStream[InferenceIn],
+    replies: MemoryObjectSendStream[Outgoing],
 ) -> None:
-    async with inbox:
-        async for payload, reply_to in inbox:
+    async with inbox, inference, replies:
+        async for msg in inbox:
             try:
-                req = decode_cancel(payload)
+                req = decode_cancel(msg.data)
             except WorkerError as exc:
                 narrate("cancel_invalid", exc.message, level="WARNING")
-                if reply_to:
-                    await reply(reply_to, encode(ErrorReply(error=exc.code, message=exc.message)))
+                if msg.reply_to:
+                    payload = encode(ErrorReply(error=exc.code, message=exc.message))
+                    await replies.send(Reply(msg.reply_to, payload))
                 continue
-            status = registry.cancel(req.job_id)
-            narrate("cancel", f"cancel request: {status}", job_id=req.job_id, status=status)
-            if reply_to:
-                try:
-                    await reply(
-                        reply_to,
-                        encode(CancelReply(job_id=req.job_id, status=status, worker_id=worker_id)),
-                    )
-                except (msgspec.EncodeError, OSError) as exc:  # pragma: no cover
-                    narrate("cancel_reply_failed", str(exc), level="WARNING")
+            await inference.send(CancelJob(req.job_id, msg.reply_to))

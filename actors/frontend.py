@@ -2,12 +2,16 @@
 
 - request-reply: health (``orcd.health.<id>``, ``orcd.health``), metrics
   (``orcd.metrics.<id>``), shutdown (``orcd.control.<id>.shutdown``); cancel messages
-  (``orcd.cancel``) are forwarded to the cancellation actor;
+  (``orcd.cancel``) go to the cancellation actor;
 - a heartbeat publish of the health payload every few seconds;
-- the job loop: pull one job at a time from the shared durable consumer, decode and validate
-  it (invalid: `error` event + ``term``), end queued-cancelled jobs ``CANCELLED``, hand valid
-  ones to the inference actor, publish that job's events in order, keep the message alive
-  with in-progress acks, confirm every event stored and only then ack.
+- jobs: pull from the shared durable consumer only as many as there is room for in the
+  running batch (the rest stay queued in ORCD_JOBS for any worker), decode and validate each
+  (invalid: `error` event + ``term``), hand valid ones to the inference actor, keep every
+  held message alive with in-progress acks;
+- the inference actor's output: each job's events published in order (pipelined), cancel
+  replies, device status for health; after a job's terminal event, every event of it
+  confirmed stored, then the ack (a device failure naks instead, so another worker redoes
+  the job).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import nats.errors
@@ -26,15 +31,21 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from actors.cancellation import CancelMsg, CancelRegistry
-from actors.inference import Ticket
+from actors.messages import (
+    CancelPayload,
+    DeviceStatus,
+    InferenceIn,
+    JobEvents,
+    NewJob,
+    Outgoing,
+    Reply,
+)
 from actors.state import WorkerState
 from worker.config import WorkerConfig
 from worker.errors import ErrorCode
 from worker.metrics import WorkerMetrics
 from worker.narration import narrate
 from worker.nats.jetstream import (
-    PUBLISH_ASYNC_MAX_PENDING,
     EventPublisher,
     connect,
     ensure_streams,
@@ -44,7 +55,6 @@ from worker.nats.jetstream import (
 from worker.protocol import (
     End,
     Error,
-    Event,
     InvalidJob,
     ShutdownReply,
     consumer_name,
@@ -53,11 +63,16 @@ from worker.protocol import (
 )
 
 
-@dataclass
-class FrontendLinks:
-    tickets: MemoryObjectSendStream[Ticket]  # -> inference
-    events: MemoryObjectReceiveStream[Event]  # <- inference
-    cancels: MemoryObjectSendStream[CancelMsg]  # -> cancellation
+@dataclass(eq=False)
+class _Held:
+    """A job pulled from JetStream and not yet acked."""
+
+    msg: Msg
+    job_id: str
+    attempt: int
+    pub: EventPublisher
+    started: asyncio.Task[None] | None = None  # the publisher's start() (base count)
+    terminal: bool = False
 
 
 class Frontend:
@@ -66,15 +81,16 @@ class Frontend:
         cfg: WorkerConfig,
         state: WorkerState,
         metrics: WorkerMetrics,
-        registry: CancelRegistry,
         shutdown: anyio.Event,
     ) -> None:
         self.cfg = cfg
         self.subjects = cfg.subjects
         self.state = state
         self.metrics = metrics
-        self.registry = registry
         self.shutdown = shutdown
+        self.held: dict[str, _Held] = {}
+        self._room = anyio.Event()  # set when a held job ends (room to pull more)
+        self.failed = False  # the device failed: drain and exit non-zero
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
@@ -109,7 +125,7 @@ class Frontend:
             on_error=on_error,
         )
         self._connected = True
-        self.js = self.nc.jetstream(publish_async_max_pending=PUBLISH_ASYNC_MAX_PENDING)
+        self.js = self.nc.jetstream()
         await ensure_streams(
             self.js,
             self.subjects,
@@ -123,7 +139,7 @@ class Frontend:
         with contextlib.suppress(Exception):
             await self.nc.publish(subject, payload)
 
-    async def subscribe_control(self, cancels: MemoryObjectSendStream[CancelMsg]) -> None:
+    async def subscribe_control(self, cancels: MemoryObjectSendStream[CancelPayload]) -> None:
         nc = self.nc
         assert nc is not None
 
@@ -138,7 +154,7 @@ class Frontend:
 
         async def on_cancel(msg: Msg) -> None:
             try:
-                cancels.send_nowait((bytes(msg.data), msg.reply or None))
+                cancels.send_nowait(CancelPayload(bytes(msg.data), msg.reply or None))
             except anyio.WouldBlock:
                 narrate("cancel_dropped", "cancellation actor busy", level="WARNING")
 
@@ -183,35 +199,72 @@ class Frontend:
 
     # ----------------------------------------------------------------- jobs
 
-    async def job_loop(self, links: FrontendLinks) -> None:
-        """Pull and serve jobs one at a time until shutdown is requested."""
+    async def serve(
+        self,
+        jobs: MemoryObjectSendStream[InferenceIn],
+        outbox: MemoryObjectReceiveStream[Outgoing],
+        capacity: int,
+    ) -> None:
+        """Pull jobs while there is room, publish what the inference actor sends, until a
+        shutdown is requested and every held job has ended (or the grace time is over)."""
+        async with jobs, outbox, anyio.create_task_group() as tg:
+            tg.start_soon(self._publish_loop, outbox)
+            tg.start_soon(self._keep_alive_loop)
+            await self._pull_loop(jobs, capacity)
+            # draining: the running jobs finish; after the grace they are handed back
+            with anyio.move_on_after(self.cfg.shutdown_grace_s):
+                while self.held:
+                    self._room = anyio.Event()
+                    await self._room.wait()
+            for h in list(self.held.values()):
+                narrate(
+                    "shutdown_abandon",
+                    "grace over: job left for redelivery",
+                    level="WARNING",
+                    job_id=h.job_id,
+                )
+                await self._nak(h)
+            tg.cancel_scope.cancel()
+
+    async def _subscription(self) -> Any:
         assert self.js is not None
         while True:  # NATS may be away right now: wait for it
             try:
-                psub = await job_subscription(
+                return await job_subscription(
                     self.js,
                     self.subjects,
                     self.cfg.model_ref,
                     ack_wait_s=self.cfg.ack_wait_s,
                     max_deliver=self.cfg.max_deliver,
                 )
-                break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 narrate("consumer_unavailable", f"{type(exc).__name__}: {exc}", level="WARNING")
                 if self.shutdown.is_set():
-                    return
+                    return None
                 await anyio.sleep(1.0)
+
+    async def _pull_loop(self, jobs: MemoryObjectSendStream[InferenceIn], capacity: int) -> None:
+        psub = await self._subscription()
+        if psub is None:
+            return
         narrate(
             "ready",
-            f"serving {self.subjects.jobs(self.cfg.model_ref)}",
+            f"serving {self.subjects.jobs(self.cfg.model_ref)} (up to {capacity} jobs at once)",
             jobs_subject=self.subjects.jobs(self.cfg.model_ref),
+            max_batch=capacity,
         )
-        async with links.tickets, links.events:
-            while not self.shutdown.is_set():
+        try:
+            while not self.shutdown.is_set() and not self.failed:
+                room = capacity - len(self.held)
+                if room <= 0:
+                    self._room = anyio.Event()
+                    with anyio.move_on_after(1.0):
+                        await self._room.wait()
+                    continue
                 try:
-                    msgs = await psub.fetch(1, timeout=1.0)
+                    msgs = await psub.fetch(room, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
                 except asyncio.CancelledError:
@@ -222,15 +275,16 @@ class Frontend:
                     await anyio.sleep(0.25)
                     continue
                 for msg in msgs:
-                    if self.shutdown.is_set():  # fetched while shutdown began: hand it back
+                    if self.shutdown.is_set() or self.failed:  # hand it back
                         with contextlib.suppress(Exception):
                             await msg.nak()
                         continue
-                    await self.handle(msg, links)
+                    await self._accept(msg, jobs)
+        finally:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
-    async def handle(self, msg: Msg, links: FrontendLinks) -> None:
+    async def _accept(self, msg: Msg, jobs: MemoryObjectSendStream[InferenceIn]) -> None:
         meta = msg.metadata
         attempt = int(meta.num_delivered or 1)
         seq = meta.sequence.stream
@@ -240,81 +294,99 @@ class Frontend:
             await self._reject(msg, exc, seq)
             return
         job_id = job.job_id
-        if self.registry.take_pending(job_id):
-            narrate("cancelled", "job cancelled before it started", job_id=job_id)
-            err = Error(
-                job_id=job_id,
-                code=ErrorCode.CANCELLED,
-                message="job cancelled before it started",
-                retriable=False,
-            )
-            pub = EventPublisher(
-                self._js(),
-                self.subjects.events(job_id),
-                f"{job_id}.{seq}.{attempt}",
-                self._events_stream,
-            )
-            await pub.finish(encode(err))
-            await self._ack(msg, job_id)
-            self.registry.end(job_id)
-            self.metrics.outcome(ErrorCode.CANCELLED.value)
+        if job_id in self.held:
+            # the same job id twice at once: the second is refused without an event (its
+            # subject belongs to the running one, whose clients must see only its events)
+            dup = InvalidJob(f"job {job_id} is already running on this worker", None, job_id)
+            await self._reject(msg, dup, seq)
             return
-        active = self.registry.begin(job_id)
-        self.state.active_job_id = job_id
-        self.metrics.active.set(1)
         pub = EventPublisher(
+            self._nc(),
             self._js(),
             self.subjects.events(job_id),
             f"{job_id}.{seq}.{attempt}",
             self._events_stream,
-            epoch=lambda: self.reconnects,
         )
-        abandon = False
-        try:
-            await links.tickets.send(Ticket(job=job, attempt=attempt, active=active))
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_alive, msg)
-                grace_at: float | None = None
-                while True:
-                    if self.shutdown.is_set() and grace_at is None:
-                        grace_at = time.monotonic() + self.cfg.shutdown_grace_s
-                    timeout = 1.0 if grace_at is None else max(0.05, grace_at - time.monotonic())
-                    ev: Event | None = None
-                    with anyio.move_on_after(timeout):
-                        ev = await links.events.receive()
-                    if ev is None:
-                        if grace_at is not None and time.monotonic() >= grace_at and not abandon:
-                            # shutdown grace is over: stop the job; another worker redoes it
-                            narrate(
-                                "shutdown_abandon",
-                                "grace over: job left for redelivery",
-                                level="WARNING",
-                                job_id=job_id,
-                            )
-                            abandon = True
-                            active.cancel.set()
-                        continue
-                    if isinstance(ev, End | Error):
-                        if not abandon:
-                            # terminal event: only after every earlier one is stored; the
-                            # in-progress acks keep running meanwhile (an outage may last)
-                            self._record_outcome(ev, job_id)  # before a client can see it
-                            stored = await pub.finish(encode(ev))
-                            self._after_terminal(job_id, stored, pub.republished)
-                        break
-                    if not abandon:
-                        await pub.publish(encode(ev))
-                tg.cancel_scope.cancel()
-            if abandon:
+        h = _Held(msg, job_id, attempt, pub)
+        h.started = asyncio.ensure_future(pub.start())
+        self.held[job_id] = h
+        self._update_running()
+        await jobs.send(NewJob(job, attempt))
+
+    async def _publish_loop(self, outbox: MemoryObjectReceiveStream[Outgoing]) -> None:
+        async with anyio.create_task_group() as tg:
+            async for item in outbox:
+                if isinstance(item, JobEvents):
+                    for ev in item.events:
+                        h = self.held.get(ev.job_id)
+                        if h is None or h.terminal:
+                            continue  # handed back (shutdown) or a late duplicate
+                        if h.started is not None:
+                            if not h.started.done():
+                                await h.started
+                            h.started = None
+                        if isinstance(ev, End | Error):
+                            h.terminal = True
+                            tg.start_soon(self._finish, h, ev)
+                        else:
+                            await h.pub.publish(encode(ev))
+                elif isinstance(item, Reply):
+                    await self._reply(item.subject, item.payload)
+                elif isinstance(item, DeviceStatus):
+                    self._device_status(item)
+
+    def _device_status(self, st: DeviceStatus) -> None:
+        if st.info is not None:
+            self.state.info = st.info
+            self.metrics.vram_bytes.set(st.info.vram_bytes_used)
+        if st.resident is not None:
+            self.state.resident = st.resident
+        if st.unhealthy_reason is not None:
+            self.state.set_unhealthy(st.unhealthy_reason)
+        if st.fatal and not self.failed:
+            self.failed = True
+            narrate("shutdown", "device failure: draining, then exiting", level="CRITICAL")
+            self.shutdown.set()
+
+    async def _finish(self, h: _Held, ev: End | Error) -> None:
+        """Terminal event: only after every earlier one is stored (the in-progress acks keep
+        running meanwhile, an outage may last), then the ack; a CUDA error naks instead."""
+        self._record_outcome(ev, h.job_id)  # before a client can see it
+        stored = await h.pub.finish(encode(ev))
+        self._after_terminal(h.job_id, stored, h.pub.republished)
+        if isinstance(ev, Error) and ev.code is ErrorCode.CUDA_ERROR:
+            await self._nak(h)  # another worker redoes it
+            return
+        await self._ack(h.msg, h.job_id)
+        self.state.jobs_completed += 1
+        self._release(h)
+
+    def _release(self, h: _Held) -> None:
+        if self.held.get(h.job_id) is h:
+            del self.held[h.job_id]
+        self._update_running()
+        self._room.set()
+
+    def _update_running(self) -> None:
+        self.state.running_jobs = len(self.held)
+        self.state.active_job_id = next(iter(self.held), None)
+        self.metrics.active.set(len(self.held))
+
+    async def _nak(self, h: _Held) -> None:
+        with contextlib.suppress(Exception):
+            await h.msg.nak()
+        h.terminal = True
+        self._release(h)
+
+    async def _keep_alive_loop(self) -> None:
+        """In-progress acks for every held job (JetStream redelivers a job whose worker
+        stops sending them)."""
+        period = max(0.5, min(5.0, self.cfg.ack_wait_s / 3))
+        while True:
+            await anyio.sleep(period)
+            for h in list(self.held.values()):
                 with contextlib.suppress(Exception):
-                    await msg.nak()
-            else:
-                await self._ack(msg, job_id)
-                self.state.jobs_completed += 1
-        finally:
-            self.registry.end(job_id)
-            self.state.active_job_id = None
-            self.metrics.active.set(0)
+                    await h.msg.in_progress()
 
     def _record_outcome(self, ev: End | Error, job_id: str) -> None:
         self.metrics.outcome("ok" if isinstance(ev, End) else ev.code.value)
@@ -368,6 +440,7 @@ class Frontend:
         if job_id is not None:
             err = Error(job_id=job_id, code=ErrorCode.INTERNAL, message=message, retriable=False)
             pub = EventPublisher(
+                self._nc(),
                 self._js(),
                 self.subjects.events(job_id),
                 f"{job_id}.{seq}.max",
@@ -381,12 +454,9 @@ class Frontend:
         assert self.js is not None
         return self.js
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        period = max(0.5, min(5.0, self.cfg.ack_wait_s / 3))
-        while True:
-            await anyio.sleep(period)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+    def _nc(self) -> NatsClient:
+        assert self.nc is not None
+        return self.nc
 
     async def _ack(self, msg: Msg, job_id: str) -> None:
         deadline = time.monotonic() + self.cfg.ack_wait_s
@@ -417,6 +487,7 @@ class Frontend:
         if exc.job_id is not None:
             err = Error(job_id=exc.job_id, code=exc.code, message=exc.message, retriable=False)
             pub = EventPublisher(
+                self._nc(),
                 self._js(),
                 self.subjects.events(exc.job_id),
                 f"{exc.job_id}.{seq}.rej",

@@ -1,37 +1,60 @@
-"""Inference actor: one job at a time on the backend thread.
+"""Inference actor: the jobs this worker holds, run together in one batch on the engine thread.
 
-For each `Ticket` from the frontend it prepares the prompt, publishes `started`, runs the
-engine's decode loop (worker.engine.generate) on the backend thread with the job's cancel
-flag (checked every decode step), a deadline (--inference-timeout-sec) and a token callback,
-and finishes with exactly one terminal event (`end` or `error`). A job whose prompt is
-longer than the context (CONTEXT_LENGTH_EXCEEDED) or that may need more KV cache than this
-worker holds (VRAM_OOM, retriable) gets its `error` before `started` and before any work
-(worker.engine.generate.plan_job). Events leave the backend
-thread through ``loop.call_soon_threadsafe`` into a bounded channel the frontend drains, so
-the decode loop never waits on NATS. Any exception of a job becomes that job's `error`
-event (``INTERNAL`` if it is not a WorkerError): a job never takes the process down.
+Two halves joined by anyio's thread bridge:
+
+- the async half (`inference_actor`) takes `NewJob`, `CancelJob` and `ResidencyCheck` messages,
+  turns each job into an engine `Request` (chat template, tokenization, checks that need
+  the tokenizer) and hands it to the engine thread; a job that is invalid here gets its
+  `error` event at once;
+- the engine thread (`EngineLoop.run`, started with `anyio.to_thread.run_sync` so it lives
+  on one OS thread for the worker's whole life, as a CUDA context must) loads the model,
+  then loops: take what arrived (between two steps), run one `Scheduler` step for every
+  running job, send the step's protocol events to the frontend. Cancels take effect at the
+  next step boundary, so a running job stops within one step.
+
+Every job ends with exactly one terminal event (`end` or `error`). A failure of one job
+(e.g. NaN logits) is that job's `error`; a failed step is a device failure: every job it held
+gets CUDA_ERROR, health turns unhealthy and the worker drains and exits non-zero, so its
+supervisor restarts it and JetStream redelivers the jobs.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from actors.backend_thread import BackendThread
-from actors.cancellation import ActiveJob
-from actors.loader import LoadedModel
+from actors.loader import LoadedModel, load_model_blocking
+from actors.messages import (
+    Admit,
+    CancelJob,
+    DeviceStatus,
+    EngineIn,
+    InferenceIn,
+    JobEvents,
+    NewJob,
+    Outgoing,
+    Reply,
+)
+from worker.config import WorkerConfig
+from worker.engine.generate import prepare_prompt
+from worker.engine.params import SamplingParams
 from worker.engine.rng import new_seed
-from worker.errors import ErrorCode, WorkerError
+from worker.engine.scheduler import Admitted, Failed, Finished, Request, Scheduler, TokenOut
+from worker.errors import Cancelled, CudaError, ErrorCode, WorkerError
 from worker.metrics import WorkerMetrics
 from worker.narration import narrate, text_fields
 from worker.protocol import (
     MAX_STOP_TOKENS,
+    CancelReply,
+    CancelStatus,
     End,
     Error,
     Event,
@@ -39,222 +62,451 @@ from worker.protocol import (
     Metrics,
     Started,
     Token,
+    encode,
     rfc3339_now,
 )
 
 METRICS_EVENT_INTERVAL_S = 1.0
+RECENT_JOBS = 10000  # job ids remembered for idempotent cancel replies
+PENDING_CANCEL_TTL_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """What the rest of the worker needs to know about the loaded model."""
+
+    model_name: str
+    quant_kind: str
+    tokenizer_kind: str
+    vocab_size: int
+    context_length: int
+    kv_capacity_tokens: int
+    max_batch: int
+    info: Any  # BackendInfo
 
 
 @dataclass
-class Ticket:
-    """A validated job handed from the frontend to the inference actor."""
-
+class _Job:
     job: Job
     attempt: int
-    active: ActiveJob
-    received_at: float = field(default_factory=time.perf_counter)
+    seed: int
+    t0: float  # receipt (perf_counter)
+    last: float = 0.0  # last token (for the inter-token histogram)
+    last_metrics: float = 0.0
+    tokens: int = 0
+    text: list[str] = field(default_factory=list)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # token times
 
 
-@dataclass
-class JobLimits:
-    max_tokens_out: int
-    inference_timeout_s: float
+class _Recent:
+    """Bounded, expiring set of job ids."""
+
+    def __init__(self, max_items: int, ttl_s: float = float("inf")) -> None:
+        self.max_items, self.ttl_s = max_items, ttl_s
+        self._d: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, key: str) -> bool:
+        """Add; False when it was already there."""
+        fresh = key not in self
+        self._d[key] = time.monotonic() + self.ttl_s
+        self._d.move_to_end(key)
+        while len(self._d) > self.max_items:
+            self._d.popitem(last=False)
+        return fresh
+
+    def __contains__(self, key: object) -> bool:
+        exp = self._d.get(key) if isinstance(key, str) else None
+        return exp is not None and exp > time.monotonic()
+
+    def discard(self, key: str) -> None:
+        self._d.pop(key, None)
 
 
-def _emitter(
-    loop: asyncio.AbstractEventLoop, events: MemoryObjectSendStream[Event]
-) -> Callable[[Event], None]:
-    def emit(ev: Event) -> None:
-        loop.call_soon_threadsafe(events.send_nowait, ev)
+class EngineLoop:
+    """The engine thread's loop (see the module docstring). Only `run` runs on that thread;
+    it talks to the event loop through anyio.from_thread."""
 
-    return emit
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        inbox: MemoryObjectReceiveStream[EngineIn],
+        outbox: MemoryObjectSendStream[Outgoing],
+        loaded: MemoryObjectSendStream[ModelSummary],
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.cfg = cfg
+        self.inbox = inbox
+        self.outbox = outbox
+        self.loaded = loaded
+        self.metrics = metrics
+        self.jobs: dict[str, _Job] = {}
+        self.finished = _Recent(RECENT_JOBS)
+        self.pending_cancels = _Recent(RECENT_JOBS, PENDING_CANCEL_TTL_S)
+        self.model: LoadedModel | None = None
+        self.sched: Scheduler | None = None
+        self._out: list[Event] = []
+        self._replies: list[Reply] = []
 
+    # ------------------------------------------------------------------ thread side
 
-def run_job_blocking(
-    model: LoadedModel,
-    ticket: Ticket,
-    limits: JobLimits,
-    worker_id: str,
-    emit: Callable[[Event], None],
-    metrics: WorkerMetrics,
-) -> End | Error:
-    """Everything of one job that touches the backend; runs on the backend thread."""
-    from worker.engine.generate import GenerateRequest, generate, plan_job, prepare_prompt
+    def run(self) -> None:
+        cfg = self.cfg
+        self.model = model = load_model_blocking(cfg)
+        try:
+            backend = model.backend
+            self.sched = Scheduler(
+                backend,
+                model.tokenizer,
+                max_batch=cfg.max_batch,
+                prefill_chunk=cfg.prefill_chunk,
+                context_length=model.context_length,
+                prefix_cache=cfg.prefix_cache,
+            )
+            summary = ModelSummary(
+                model_name=model.model_name,
+                quant_kind=model.quant_kind,
+                tokenizer_kind=model.tokenizer.kind,
+                vocab_size=backend.vocab_size,
+                context_length=model.context_length,
+                kv_capacity_tokens=self.sched.kv_capacity,
+                max_batch=self.sched.max_batch,
+                info=backend.info,
+            )
+            anyio.from_thread.run(self.loaded.send, summary)
+            self._loop()
+        finally:
+            model.backend.close()
 
-    job = ticket.job
-    tok = model.tokenizer
-    backend = model.backend
-    t_start = time.perf_counter()
-    try:
-        prompt_ids = prepare_prompt(
-            tok,
-            prompt=job.prompt,
-            messages=None
-            if job.messages is None
-            else [{"role": m.role, "content": m.content} for m in job.messages],
-        )
-        for s in job.stop:
-            n = len(tok.encode(s, add_special=False, parse_special=False))
-            if n > MAX_STOP_TOKENS:
-                raise WorkerError(
-                    ErrorCode.INVALID_REQUEST,
-                    f"stop string {s[:40]!r} is {n} tokens long, at most {MAX_STOP_TOKENS} allowed",
+    def _loop(self) -> None:
+        sched = self.sched
+        assert sched is not None
+        while True:
+            if sched.idle:
+                try:
+                    first = anyio.from_thread.run(self.inbox.receive)
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+                msgs = [first, *anyio.from_thread.run_sync(self._take)]
+            else:
+                msgs = anyio.from_thread.run_sync(self._take)
+            stop = False
+            for m in msgs:
+                if m is None:
+                    stop = True
+                else:
+                    self._handle(m)
+            if not sched.idle:
+                self._step()
+            if self._out or self._replies:
+                self._flush()
+            if stop:
+                for ev in sched.fail_all(Cancelled("the worker is shutting down")):
+                    self._emit_engine(ev)
+                if self._out:
+                    self._flush()
+                return
+
+    def _take(self) -> list[EngineIn | None]:
+        """Everything waiting in the inbox (runs on the event loop); None marks its end."""
+        out: list[EngineIn | None] = []
+        while True:
+            try:
+                out.append(self.inbox.receive_nowait())
+            except anyio.WouldBlock:
+                return out
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                out.append(None)
+                return out
+
+    def _flush(self) -> None:
+        batch: list[Outgoing] = []
+        if self._out:
+            batch.append(JobEvents(self._out))
+        batch.extend(self._replies)
+        self._out, self._replies = [], []
+        for item in batch:
+            try:
+                anyio.from_thread.run(self.outbox.send, item)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the frontend is gone: shutting down
+
+    def _handle(self, m: EngineIn) -> None:
+        if isinstance(m, Admit):
+            self._admit(m)
+        elif isinstance(m, CancelJob):
+            self._cancel(m)
+        else:
+            result: Any
+            try:
+                backend = self.model.backend if self.model is not None else None
+                assert backend is not None
+                result = (backend.check_residency(), backend.info)
+            except Exception as exc:
+                result = exc
+            anyio.from_thread.run_sync(m.reply.send_nowait, result)
+
+    def _admit(self, m: Admit) -> None:
+        sched = self.sched
+        assert sched is not None
+        job_id = m.job.job_id
+        self.finished.discard(job_id)
+        self.jobs[job_id] = _Job(m.job, m.attempt, m.request.seed, m.request.received)
+        if job_id in self.pending_cancels:
+            self.pending_cancels.discard(job_id)
+            narrate("cancelled", "job cancelled before it started", job_id=job_id)
+            self._emit_engine(Failed(job_id, Cancelled("job cancelled before it started")))
+            return
+        failed = sched.add(m.request)
+        if failed is not None:
+            self._emit_engine(failed)
+
+    def _cancel(self, m: CancelJob) -> None:
+        sched = self.sched
+        assert sched is not None
+        status: CancelStatus
+        where, ev = sched.cancel(m.job_id, Cancelled(m.reason))
+        if ev is not None:
+            status = "cancelling"
+            info = self.jobs.get(m.job_id)
+            if info is not None:
+                latency = (time.perf_counter() - m.requested) * 1000
+                narrate(
+                    "cancelled",
+                    f"stopped {latency:.2f} ms after the cancel ({where})",
+                    job_id=m.job_id,
+                    cancel_latency_ms=round(latency, 3),
+                    reason=m.reason,
+                    # tokens that went out after the cancel was asked for (the step in flight)
+                    tokens_after_cancel=sum(t > m.requested for t in info.recent),
                 )
-        max_tokens = min(job.max_tokens, limits.max_tokens_out)
-        # SPEC §4: a prompt longer than the context -> CONTEXT_LENGTH_EXCEEDED; a job that may
-        # need more KV slots than the cache holds -> VRAM_OOM. Decided here, before `started`
-        # and any work (generate() applies the same plan_job again before its first forward).
-        plan_job(
-            len(prompt_ids),
-            max_tokens,
-            context_length=model.context_length,
-            kv_capacity=backend.context_length,
-        )
-        seed = job.seed if job.seed is not None else new_seed()
-        emit(
-            Started(
-                job_id=job.job_id,
-                model=model.model_name,
-                started_at=rfc3339_now(),
-                seed=seed,
-                prompt_tokens=len(prompt_ids),
-                attempt=ticket.attempt,
-                worker_id=worker_id,
+            self._emit_engine(ev)
+        elif m.job_id in self.finished:
+            status = "already_finished"
+        else:
+            status = "recorded" if self.pending_cancels.add(m.job_id) else "already_recorded"
+        narrate("cancel", f"cancel request: {status}", job_id=m.job_id, status=status)
+        if m.reply_to:
+            payload = encode(
+                CancelReply(job_id=m.job_id, status=status, worker_id=self.cfg.worker_id)
+            )
+            self._replies.append(Reply(m.reply_to, payload))
+
+    def _step(self) -> None:
+        sched = self.sched
+        assert sched is not None
+        try:
+            events = sched.step()
+        except Exception as exc:
+            self._device_failed(exc)
+            return
+        for ev in events:
+            self._emit_engine(ev)
+
+    def _device_failed(self, exc: Exception) -> None:
+        """A step failed: every job held ends with the error; on a CUDA error the device is
+        suspect, so the worker reports unhealthy and drains (the supervisor exits non-zero)."""
+        sched = self.sched
+        assert sched is not None
+        fatal = isinstance(exc, CudaError) or self.cfg.device == "cuda"
+        err = (
+            exc
+            if isinstance(exc, WorkerError) and exc.code is ErrorCode.CUDA_ERROR
+            else WorkerError(
+                ErrorCode.CUDA_ERROR if fatal else ErrorCode.INTERNAL,
+                f"{type(exc).__name__}: {exc}",
+                retriable=True,
             )
         )
-        request = GenerateRequest(
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
+        narrate(
+            "error",
+            f"step failed: {type(exc).__name__}: {exc}",
+            level="CRITICAL" if fatal else "ERROR",
+            exc_info=True,
+            code=err.code.value,
+        )
+        for ev in sched.fail_all(err):
+            self._emit_engine(ev)
+        if fatal:
+            self._out_status(DeviceStatus(unhealthy_reason=f"device failure: {exc}", fatal=True))
+
+    def _out_status(self, st: DeviceStatus) -> None:
+        if self._out:
+            self._flush()
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            anyio.from_thread.run(self.outbox.send, st)
+
+    # ------------------------------------------------------------------ engine -> protocol
+
+    def _emit_engine(self, ev: Admitted | TokenOut | Finished | Failed) -> None:
+        info = self.jobs.get(ev.job_id)
+        if info is None:  # pragma: no cover - every event belongs to a job we registered
+            return
+        out = self._out
+        now = time.perf_counter()
+        m = self.metrics
+        if isinstance(ev, TokenOut):
+            if info.tokens == 0:
+                m.ttft.observe(now - info.t0)
+            else:
+                m.inter_token.observe(now - info.last)
+            info.last = now
+            info.recent.append(now)
+            info.tokens += 1
+            if self.cfg.log_prompts:
+                info.text.append(ev.text)
+            out.append(Token(job_id=ev.job_id, i=ev.i, t=ev.text, id=ev.id))
+            if now - info.last_metrics >= METRICS_EVENT_INTERVAL_S:
+                info.last_metrics = now
+                out.append(
+                    Metrics(
+                        job_id=ev.job_id,
+                        tokens=info.tokens,
+                        tokens_per_s=round(info.tokens / max(now - info.t0, 1e-9), 3),
+                    )
+                )
+            return
+        if isinstance(ev, Admitted):
+            info.last_metrics = now
+            job = info.job
+            narrate(
+                "execute_start",
+                f"attempt {info.attempt}",
+                job_id=ev.job_id,
+                attempt=info.attempt,
+                max_tokens=job.max_tokens,
+                temperature=job.temperature,
+                prompt_tokens=ev.prompt_tokens,
+                cached_tokens=ev.cached_tokens,
+                **(
+                    text_fields("prompt", job.prompt)
+                    if job.prompt is not None
+                    else text_fields("prompt", "".join(x.content for x in job.messages or []))
+                ),
+            )
+            model = self.model
+            assert model is not None
+            out.append(
+                Started(
+                    job_id=ev.job_id,
+                    model=model.model_name,
+                    started_at=rfc3339_now(),
+                    seed=info.seed,
+                    prompt_tokens=ev.prompt_tokens,
+                    attempt=info.attempt,
+                    worker_id=self.cfg.worker_id,
+                )
+            )
+            return
+        del self.jobs[ev.job_id]
+        self.finished.add(ev.job_id)
+        if isinstance(ev, Finished):
+            m.tokens.inc(ev.tokens_out)
+            narrate(
+                "execute_end",
+                f"{ev.tokens_out} tokens, {ev.stop_reason}",
+                job_id=ev.job_id,
+                tokens_out=ev.tokens_out,
+                stop_reason=ev.stop_reason,
+                ttft_ms=round(ev.ttft_ms, 3),
+                tokens_per_s=round(ev.tokens_per_s, 2),
+                **text_fields("output", "".join(info.text)),
+            )
+            out.append(
+                End(
+                    job_id=ev.job_id,
+                    tokens_out=ev.tokens_out,
+                    stop_reason=ev.stop_reason,
+                    prompt_tokens=ev.prompt_tokens,
+                    ttft_ms=round(ev.ttft_ms, 3),
+                    decode_time_ms=round(ev.decode_time_ms, 3),
+                    tokens_per_s=round(ev.tokens_per_s, 3),
+                )
+            )
+        else:
+            e = ev.error
+            out.append(
+                Error(job_id=ev.job_id, code=e.code, message=e.message, retriable=e.retriable)
+            )
+
+
+# ---------------------------------------------------------------- the async half
+
+
+def prepare_request(model_tok: Any, job: Job, received: float, cfg: WorkerConfig) -> Request:
+    """The engine request of a job: prompt ids (chat template applied), limits, seed.
+    Raises WorkerError(INVALID_REQUEST) for what only the tokenizer can check."""
+    ids = prepare_prompt(
+        model_tok,
+        prompt=job.prompt,
+        messages=None
+        if job.messages is None
+        else [{"role": m.role, "content": m.content} for m in job.messages],
+    )
+    for s in job.stop:
+        n = len(model_tok.encode(s, add_special=False, parse_special=False))
+        if n > MAX_STOP_TOKENS:
+            raise WorkerError(
+                ErrorCode.INVALID_REQUEST,
+                f"stop string {s[:40]!r} is {n} tokens long, at most {MAX_STOP_TOKENS} allowed",
+            )
+    return Request(
+        job_id=job.job_id,
+        prompt_ids=ids,
+        max_tokens=min(job.max_tokens, cfg.max_tokens_out),
+        params=SamplingParams(
             temperature=job.temperature,
             top_p=job.top_p,
             top_k=job.top_k,
             min_p=job.min_p,
             repetition_penalty=job.repetition_penalty,
-            stop=list(job.stop),
-            seed=seed,
-        )
-        output: list[str] = []
-        last_t = [t_start, t_start]  # [previous token time, last metrics event time]
-        count = [0]
-
-        def on_token(i: int, text: str, token_id: int) -> None:
-            now = time.perf_counter()
-            if count[0] == 0:
-                metrics.ttft.observe(now - t_start)
-            else:
-                metrics.inter_token.observe(now - last_t[0])
-            last_t[0] = now
-            count[0] += 1
-            output.append(text)
-            if ticket.active.cancel.is_set():
-                ticket.active.tokens_after_cancel += 1
-            emit(Token(job_id=job.job_id, i=i, t=text, id=token_id))
-            if now - last_t[1] >= METRICS_EVENT_INTERVAL_S:
-                last_t[1] = now
-                emit(
-                    Metrics(
-                        job_id=job.job_id,
-                        tokens=count[0],
-                        tokens_per_s=round(count[0] / max(now - t_start, 1e-9), 3),
-                    )
-                )
-
-        result = generate(
-            backend,
-            tok,
-            request,
-            should_cancel=ticket.active.cancel.is_set,
-            deadline=time.monotonic() + limits.inference_timeout_s,
-            on_token=on_token,
-            context_length=model.context_length,
-        )
-        metrics.tokens.inc(result.tokens_out)
-        narrate(
-            "execute_end",
-            f"{result.tokens_out} tokens, {result.stop_reason}",
-            job_id=job.job_id,
-            tokens_out=result.tokens_out,
-            stop_reason=result.stop_reason,
-            ttft_ms=round(result.ttft_ms, 3),
-            tokens_per_s=round(result.tokens_per_s, 2),
-            **text_fields("output", "".join(output)),
-        )
-        return End(
-            job_id=job.job_id,
-            tokens_out=result.tokens_out,
-            stop_reason=result.stop_reason,
-            prompt_tokens=len(prompt_ids),
-            ttft_ms=round(result.ttft_ms, 3),
-            decode_time_ms=round(result.decode_time_ms, 3),
-            tokens_per_s=round(result.tokens_per_s, 3),
-        )
-    except WorkerError as exc:
-        if exc.code is ErrorCode.CANCELLED and ticket.active.cancel_requested_at is not None:
-            latency = (time.perf_counter() - ticket.active.cancel_requested_at) * 1000
-            narrate(
-                "cancelled",
-                f"stopped {latency:.2f} ms after the cancel",
-                job_id=job.job_id,
-                cancel_latency_ms=round(latency, 3),
-                tokens_after_cancel=ticket.active.tokens_after_cancel,
-            )
-        return Error(job_id=job.job_id, code=exc.code, message=exc.message, retriable=exc.retriable)
-    except Exception as exc:  # a bug or backend failure in one job: report it, keep serving
-        narrate(
-            "error",
-            f"job failed: {type(exc).__name__}: {exc}",
-            level="ERROR",
-            job_id=job.job_id,
-            exc_info=True,
-        )
-        return Error(
-            job_id=job.job_id,
-            code=ErrorCode.INTERNAL,
-            message=f"{type(exc).__name__}: {exc}",
-            retriable=True,
-        )
-    finally:
-        try:
-            backend.reset()
-        except Exception as exc:  # pragma: no cover
-            narrate("error", f"backend reset failed: {exc}", level="ERROR", job_id=job.job_id)
+        ),
+        seed=job.seed if job.seed is not None else new_seed(),
+        stop=list(job.stop),
+        deadline=time.monotonic() + cfg.inference_timeout_sec,
+        received=received,
+    )
 
 
 async def inference_actor(
-    tickets: MemoryObjectReceiveStream[Ticket],
-    events: MemoryObjectSendStream[Event],
-    thread: BackendThread,
-    model: LoadedModel,
-    limits: JobLimits,
-    worker_id: str,
+    cfg: WorkerConfig,
+    inbox: MemoryObjectReceiveStream[InferenceIn],
+    engine_tx: MemoryObjectSendStream[EngineIn],
+    engine_rx: MemoryObjectReceiveStream[EngineIn],
+    outbox: MemoryObjectSendStream[Outgoing],
+    loaded: MemoryObjectSendStream[ModelSummary],
     metrics: WorkerMetrics,
-    on_busy: Callable[[bool], Any],
 ) -> None:
-    loop = asyncio.get_running_loop()
-    async with tickets, events:
-        async for ticket in tickets:
-            job = ticket.job
-            narrate(
-                "execute_start",
-                f"attempt {ticket.attempt}",
-                job_id=job.job_id,
-                attempt=ticket.attempt,
-                max_tokens=job.max_tokens,
-                temperature=job.temperature,
-                **(
-                    text_fields("prompt", job.prompt)
-                    if job.prompt is not None
-                    else text_fields("prompt", "".join(m.content for m in job.messages or []))
-                ),
-            )
-            on_busy(True)
-            emit = _emitter(loop, events)
-            try:
-                terminal = await thread.call(
-                    run_job_blocking, model, ticket, limits, worker_id, emit, metrics
-                )
-            finally:
-                on_busy(False)
-            # The terminal event follows every event the thread emitted (FIFO callbacks).
-            await anyio.lowlevel.checkpoint()
-            await events.send(terminal)
+    """Load the model on the engine thread, then serve (see the module docstring)."""
+    loop = EngineLoop(cfg, engine_rx, outbox.clone(), loaded, metrics)
+    limiter = anyio.CapacityLimiter(1)
+
+    async def forward() -> None:
+        async with inbox, engine_tx:
+            async for m in inbox:
+                if isinstance(m, NewJob):
+                    model = loop.model
+                    assert model is not None, "jobs arrive only after the model is loaded"
+                    try:
+                        req = prepare_request(model.tokenizer, m.job, m.received, cfg)
+                    except WorkerError as exc:
+                        await outbox.send(
+                            JobEvents(
+                                [
+                                    Error(
+                                        job_id=m.job.job_id,
+                                        code=exc.code,
+                                        message=exc.message,
+                                        retriable=exc.retriable,
+                                    )
+                                ]
+                            )
+                        )
+                        continue
+                    await engine_tx.send(Admit(req, m.job, m.attempt))
+                else:
+                    await engine_tx.send(m)
+
+    async with outbox, anyio.create_task_group() as tg:
+        tg.start_soon(forward)
+        await anyio.to_thread.run_sync(loop.run, limiter=limiter)
+        tg.cancel_scope.cancel()

@@ -1,10 +1,11 @@
-"""Loader actor: mmap -> validate -> tokenizer -> backend (weights to the device) -> ready.
+"""Loading: mmap -> validate -> tokenizer -> backend (weights to the device) -> ready.
 
-Runs its work on the backend thread (the backend is created, and later used, only there) and
-narrates ``model_load_start``, ``model_load_progress`` (0/25/50/75/100: file validated,
-tokenizer built, weights and KV cache in place, warm-up step done) and
+Runs on the engine thread (the backend is created, and later used, only there: see
+actors/inference.py) and narrates ``model_load_start``, ``model_load_progress``
+(0/25/50/75/100: file validated, tokenizer built, weights and KV cache in place, warm-up
+step done) and
 ``model_load_complete``. A load failure raises ModelLoadError / InsufficientVram, which the
-supervisor turns into exit code 1 with the message (SPEC §4).
+supervisor turns into exit code 1 with the message.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from actors.backend_thread import BackendThread
-from worker.backends.base import Backend
 from worker.config import WorkerConfig
+from worker.engine.batch import BatchBackend
 from worker.errors import ErrorCode, WorkerError
 from worker.narration import narrate
 from worker.tokenizer.base import Tokenizer
@@ -24,15 +24,15 @@ from worker.tokenizer.base import Tokenizer
 
 @dataclass
 class LoadedModel:
-    backend: Backend
+    backend: BatchBackend
     tokenizer: Tokenizer
     model_name: str
     quant_kind: str
     architecture: str
     load_seconds: float
-    # The job-facing context in tokens (SPEC §4): --ctx-size, else the model's training
-    # context. The KV capacity is backend.context_length (--ctx-size / --kv-cache-size-mb /
-    # what fits); a job needing more KV than that gets VRAM_OOM, not a smaller context.
+    # The job-facing context in tokens: --ctx-size, else the model's training context. What
+    # one job can be given is bounded by the KV pool (--kv-cache-size-mb / what fits); a job
+    # needing more KV than that gets VRAM_OOM, not a smaller context.
     context_length: int
 
 
@@ -49,7 +49,7 @@ def _call_with_supported(ctor: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
-    """The whole load; runs on the backend thread."""
+    """The whole load; runs on the engine thread."""
     from worker.gguf.estimate import quant_kind
     from worker.gguf.hparams import load_hparams
     from worker.gguf.reader import open_gguf
@@ -91,8 +91,9 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         "gpu_device": cfg.gpu_device,
         "h2d_chunk_mb": cfg.h2d_chunk_mb,
         "progress": progress,
+        "max_batch": cfg.max_batch,
     }
-    backend: Backend
+    backend: BatchBackend
     if cfg.device == "cpu":
         from worker.backends.numpy_ref import NumpyBackend
 
@@ -115,10 +116,10 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     for pct in (25, 50, 75):
         milestone(pct, "weights and KV cache in place", context_length=backend.context_length)
     # warm-up: one token through the model so the first job pays no first-call costs
-    backend.reset()
+    from worker.engine.single import SingleSequence
+
     warm_id = tokenizer.bos_id if tokenizer.bos_id is not None else 0
-    backend.forward([warm_id])
-    backend.reset()
+    SingleSequence(backend).forward([warm_id])
     milestone(100, "warm-up done")
     context_length = (
         cfg.ctx_size if cfg.ctx_size is not None else load_hparams(gguf_file).n_ctx_train
@@ -133,17 +134,19 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         quant_kind=quant,
         vram_bytes_used=backend.info.vram_bytes_used,
         context_length=context_length,
-        kv_cache_tokens=backend.context_length,
+        kv_cache_tokens=backend.n_blocks * backend.block_size,
+        max_batch=backend.max_batch,
     )
-    if backend.context_length < context_length:
+    per_job = min(backend.context_length, backend.n_blocks * backend.block_size)
+    if per_job < context_length:
         narrate(
             "kv_cache_smaller_than_context",
-            f"the KV cache holds {backend.context_length} tokens, the context is "
-            f"{context_length}: jobs that may need more KV get VRAM_OOM",
+            f"one job can be given {per_job} KV positions, the context is {context_length}: "
+            "jobs that may need more get VRAM_OOM",
             # expected without --ctx-size (KV "capped to fit"); asked for, it is worth a look
             level="INFO" if cfg.ctx_size is None else "WARNING",
             context_length=context_length,
-            kv_cache_tokens=backend.context_length,
+            kv_cache_tokens=per_job,
         )
     return LoadedModel(
         backend=backend,
@@ -154,7 +157,3 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         load_seconds=seconds,
         context_length=context_length,
     )
-
-
-async def load(thread: BackendThread, cfg: WorkerConfig) -> LoadedModel:
-    return await thread.call(load_model_blocking, cfg)

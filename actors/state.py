@@ -1,5 +1,5 @@
-"""The worker's cached state: what health reports, updated by the actors, read without any
-device call (SPEC §3 Health: answered from cached state)."""
+"""The worker's cached state: what health reports. The frontend owns it (other actors send
+it `DeviceStatus` messages); health is answered from it without any device call."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ class WorkerState:
     context_length: int = 0
     active_job_id: str | None = None
     jobs_completed: int = 0
+    running_jobs: int = 0
+    max_batch: int = 0
     draining: bool = False
     unhealthy_reason: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -65,6 +67,8 @@ class WorkerState:
             active_job_id=self.active_job_id,
             jobs_completed=self.jobs_completed,
             version=__version__,
+            running_jobs=self.running_jobs,
+            max_batch=self.max_batch,
         )
 
     def health_bytes(self) -> bytes:

@@ -1,19 +1,24 @@
 """Supervisor: one anyio task group, and every channel between the actors, in one place.
 
-    frontend ──tickets (0: one job at a time)──► inference ──► backend thread (engine)
-    frontend ◄──events (bounded)────────────────  inference
-    frontend ──cancels (bounded)──► cancellation ── sets the running job's flag
-    vram_monitor ── residency checks on the backend thread ── cached health state
-    loader ── runs once on the backend thread before the job loop starts
+    frontend ──jobs──────────────► inference ──engine (thread bridge)──► engine thread
+    cancellation ──cancels───────► inference                             (scheduler, backend)
+    vram_monitor ──checks────────► inference
+    frontend ◄──outbox (events, replies, device status)── inference, cancellation, vram_monitor
+    frontend ──cancel payloads──► cancellation
+
+The model is loaded on the engine thread (inside the inference actor) before the frontend
+pulls any job.
 
 Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT or the shutdown request: stop pulling,
-finish the active job, free the device, exit within 30 s); 1 when the model cannot be
+finish the running jobs, free the device, exit within 30 s); 1 when the model cannot be
 loaded (message with the reason); 2 when an actor crashed or the worker cannot start
-(logged, then a clean shutdown).
+(logged, then a clean shutdown); 3 after a device failure (every job it held was reported
+CUDA_ERROR and handed back for redelivery; a supervisor should restart the worker).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -21,11 +26,10 @@ from typing import Any
 
 import anyio
 
-from actors.backend_thread import BackendThread
-from actors.cancellation import CancelMsg, CancelRegistry, cancellation_actor
-from actors.frontend import Frontend, FrontendLinks
-from actors.inference import JobLimits, Ticket, inference_actor
-from actors.loader import LoadedModel, load
+from actors.cancellation import cancellation_actor
+from actors.frontend import Frontend
+from actors.inference import ModelSummary, inference_actor
+from actors.messages import CancelPayload, EngineIn, InferenceIn, Outgoing
 from actors.state import WorkerState
 from actors.vram_monitor import check_once, vram_monitor_actor
 from worker import __version__
@@ -34,15 +38,16 @@ from worker.errors import WorkerError
 from worker.metrics import WorkerMetrics
 from worker.narration import narrate
 from worker.nats.server import EmbeddedNatsServer
-from worker.protocol import Event
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1
 EXIT_ACTOR_CRASHED = 2
+EXIT_DEVICE_FAILED = 3
 
-# The events channel holds at most one job's events: max_tokens (2048) tokens, one metrics
-# event per second, started and the terminal event.
-EVENTS_CAPACITY = 4096 + 256
+# The outbox carries one message per engine step (all of its events) plus replies and
+# status; a bounded buffer lets the engine run ahead of publishing without waiting.
+OUTBOX_CAPACITY = 256
+INBOX_CAPACITY = 1024
 CANCELS_CAPACITY = 256
 
 
@@ -57,11 +62,9 @@ class Supervisor:
             gpu_device=cfg.gpu_device if cfg.device == "cuda" else None,
         )
         self.metrics = WorkerMetrics(cfg.worker_id, cfg.model_ref)
-        self.registry = CancelRegistry()
-        self.thread = BackendThread()
         self.shutdown = anyio.Event()
-        self.frontend = Frontend(cfg, self.state, self.metrics, self.registry, self.shutdown)
-        self.model: LoadedModel | None = None
+        self.frontend = Frontend(cfg, self.state, self.metrics, self.shutdown)
+        self.model: ModelSummary | None = None
         self.embedded: EmbeddedNatsServer | None = None
         self.exit_code = EXIT_OK
 
@@ -73,7 +76,7 @@ class Supervisor:
             version=__version__,
             device=cfg.device,
             model=str(cfg.model),
-            pid=__import__("os").getpid(),
+            pid=os.getpid(),
         )
         try:
             url = self._start_nats()
@@ -82,12 +85,13 @@ class Supervisor:
                 narrate(
                     "metrics_http", f"metrics on :{cfg.metrics_port}/metrics", port=cfg.metrics_port
                 )
-            self.thread.start()
             await self.frontend.connect(url)
             try:
                 await self._serve()
             except BaseExceptionGroup as group:
                 raise _first(group) from None
+            if self.frontend.failed:
+                self.exit_code = EXIT_DEVICE_FAILED
         except WorkerError as exc:  # model load failure, insufficient VRAM
             narrate("error", exc.message, level="ERROR", code=exc.code.value)
             print(f"worker-orcd: {exc.code}: {exc.message}", file=sys.stderr)
@@ -123,68 +127,51 @@ class Supervisor:
     async def _serve(self) -> None:
         cfg = self.cfg
         # ---- every channel of the process ------------------------------------------------
-        tickets_tx, tickets_rx = anyio.create_memory_object_stream[Ticket](0)
-        events_tx, events_rx = anyio.create_memory_object_stream[Event](EVENTS_CAPACITY)
-        cancels_tx, cancels_rx = anyio.create_memory_object_stream[CancelMsg](CANCELS_CAPACITY)
+        jobs_tx, jobs_rx = anyio.create_memory_object_stream[InferenceIn](INBOX_CAPACITY)
+        engine_tx, engine_rx = anyio.create_memory_object_stream[EngineIn](INBOX_CAPACITY)
+        outbox_tx, outbox_rx = anyio.create_memory_object_stream[Outgoing](OUTBOX_CAPACITY)
+        cancels_tx, cancels_rx = anyio.create_memory_object_stream[CancelPayload](CANCELS_CAPACITY)
+        loaded_tx, loaded_rx = anyio.create_memory_object_stream[ModelSummary](1)
         # ----------------------------------------------------------------------------------
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals, tg.cancel_scope)
             await self.frontend.subscribe_control(cancels_tx)
             tg.start_soon(self.frontend.heartbeat)
+            tg.start_soon(cancellation_actor, cancels_rx, jobs_tx.clone(), outbox_tx.clone())
             tg.start_soon(
-                cancellation_actor,
-                cancels_rx,
-                self.registry,
-                cfg.worker_id,
-                self.frontend._reply,
+                inference_actor,
+                cfg,
+                jobs_rx,
+                engine_tx,
+                engine_rx,
+                outbox_tx.clone(),
+                loaded_tx,
+                self.metrics,
             )
-            self.model = model = await self._load()
+            async with loaded_rx:
+                try:
+                    self.model = model = await loaded_rx.receive()
+                except anyio.EndOfStream:
+                    return  # the load failed: the inference actor's error ends the group
+            st = self.state
+            st.model = model.model_name
+            st.info = model.info
+            st.quant_kind = model.quant_kind
+            st.tokenizer_kind = model.tokenizer_kind
+            st.vocab_size = model.vocab_size
+            st.context_length = model.context_length
+            st.max_batch = model.max_batch
+            await check_once(jobs_tx, outbox_tx)  # answered before any job; status queued
             if self.shutdown.is_set():
                 tg.cancel_scope.cancel()
                 return
             tg.start_soon(
-                inference_actor,
-                tickets_rx,
-                events_tx,
-                self.thread,
-                model,
-                JobLimits(cfg.max_tokens_out, cfg.inference_timeout_sec),
-                cfg.worker_id,
-                self.metrics,
-                self._on_busy,
-            )
-            tg.start_soon(
-                vram_monitor_actor,
-                self.thread,
-                model,
-                self.state,
-                self.metrics,
-                cfg.residency_interval_s,
+                vram_monitor_actor, jobs_tx.clone(), outbox_tx.clone(), cfg.residency_interval_s
             )
             self.state.set_ready()
-            links = FrontendLinks(tickets=tickets_tx, events=events_rx, cancels=cancels_tx)
-            await self.frontend.job_loop(links)
+            await self.frontend.serve(jobs_tx, outbox_rx, model.max_batch)
             # drained (shutdown): stop the other actors
             tg.cancel_scope.cancel()
-
-    def _on_busy(self, busy: bool) -> None:
-        """After each job: refresh the cached device info health reports (an attribute the
-        backend keeps current; no device call here)."""
-        if not busy and self.model is not None:
-            self.state.info = self.model.backend.info
-            self.metrics.vram_bytes.set(self.state.info.vram_bytes_used)
-
-    async def _load(self) -> LoadedModel:
-        model = await load(self.thread, self.cfg)
-        st = self.state
-        st.model = model.model_name
-        st.info = model.backend.info
-        st.quant_kind = model.quant_kind
-        st.tokenizer_kind = model.tokenizer.kind
-        st.vocab_size = model.backend.vocab_size
-        st.context_length = model.context_length  # job-facing; KV capacity may be less
-        await check_once(self.thread, model, st, self.metrics)
-        return model
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -211,13 +198,6 @@ class Supervisor:
         self.state.set_draining()
         with anyio.CancelScope(shield=True):
             await self.frontend.close()
-            if self.model is not None:
-                model = self.model
-                try:
-                    await self.thread.call(model.backend.close)
-                except Exception as exc:
-                    narrate("error", f"backend close failed: {exc}", level="ERROR")
-            self.thread.stop()
             self.metrics.close()
             if self.embedded is not None:
                 self.embedded.cleanup()

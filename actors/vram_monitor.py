@@ -1,27 +1,34 @@
-"""VRAM monitor actor: every --residency-interval-s, asks the backend thread for a residency
-check (weights and KV verified in device memory) and refreshes the cached device info that
-health and metrics report. A failed check logs a critical event and turns health
-``unhealthy`` (SPEC §4)."""
+"""VRAM monitor actor: every --residency-interval-s, has the engine thread check residency
+(weights and KV verified in device memory, between two steps) and sends the refreshed device
+info to the frontend, which caches what health and metrics report. A failed check logs a
+critical event and turns health ``unhealthy``."""
 
 from __future__ import annotations
 
-import anyio
+from typing import Any
 
-from actors.backend_thread import BackendThread
-from actors.loader import LoadedModel
-from actors.state import WorkerState
-from worker.backends.base import ResidencyReport
-from worker.metrics import WorkerMetrics
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from actors.messages import DeviceStatus, InferenceIn, Outgoing, ResidencyCheck
+from worker.backends.base import BackendInfo, ResidencyReport
 from worker.narration import narrate
 
 
 async def check_once(
-    thread: BackendThread, model: LoadedModel, state: WorkerState, metrics: WorkerMetrics
+    inference: MemoryObjectSendStream[InferenceIn],
+    status: MemoryObjectSendStream[Outgoing],
 ) -> ResidencyReport:
-    report: ResidencyReport = await thread.call(model.backend.check_residency)
-    state.info = model.backend.info  # refreshed by the backend on its thread
-    metrics.vram_bytes.set(state.info.vram_bytes_used)
-    state.resident = state.info.resident and report.ok
+    """One check, answered by the engine thread; the result goes to the frontend."""
+    tx, rx = anyio.create_memory_object_stream[Any](1)
+    async with rx:
+        await inference.send(ResidencyCheck(tx))
+        result = await rx.receive()
+    if isinstance(result, BaseException):
+        raise result
+    report, info = result
+    assert isinstance(report, ResidencyReport) and isinstance(info, BackendInfo)
+    reason = None
     if not report.ok:
         narrate(
             "residency_failed",
@@ -29,17 +36,19 @@ async def check_once(
             level="CRITICAL",
             failures=report.failures[:10],
         )
-        state.set_unhealthy("VRAM residency check failed")
+        reason = "VRAM residency check failed"
+    await status.send(
+        DeviceStatus(info=info, resident=info.resident and report.ok, unhealthy_reason=reason)
+    )
     return report
 
 
 async def vram_monitor_actor(
-    thread: BackendThread,
-    model: LoadedModel,
-    state: WorkerState,
-    metrics: WorkerMetrics,
+    inference: MemoryObjectSendStream[InferenceIn],
+    status: MemoryObjectSendStream[Outgoing],
     interval_s: float,
 ) -> None:
-    while True:
-        await anyio.sleep(interval_s)
-        await check_once(thread, model, state, metrics)
+    async with inference, status:
+        while True:
+            await anyio.sleep(interval_s)
+            await check_once(inference, status)

@@ -45,6 +45,11 @@ class WorkerConfig:
     h2d_chunk_mb: int = 1
     shutdown_grace_s: float = 25.0
     nats_store_dir: Path | None = None  # embedded server's JetStream directory
+    # continuous batching: most jobs in the running batch (None: the backend's default,
+    # from its KV budget), prompt tokens prefilled per step, prompt-prefix sharing
+    max_batch: int | None = None
+    prefill_chunk: int = 512
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if not self.model_ref:
@@ -70,6 +75,10 @@ class WorkerConfig:
             raise ValueError("--max-deliver must be at least 1")
         if not 1 <= self.stream_replicas <= 5:
             raise ValueError("--stream-replicas must be 1-5")
+        if self.max_batch is not None and not 1 <= self.max_batch <= 256:
+            raise ValueError("--max-batch must be 1-256")
+        if self.prefill_chunk < 1:
+            raise ValueError("--prefill-chunk must be positive")
         if self.log_format not in ("json", "pretty"):
             raise ValueError("--log-format must be json or pretty")
 
@@ -101,6 +110,8 @@ _ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("ack_wait_s", float),
     ("max_deliver", int),
     ("h2d_chunk_mb", int),
+    ("max_batch", int),
+    ("prefill_chunk", int),
 )
 
 
@@ -143,6 +154,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-deliver", type=int, help="deliveries of a job before it is given up (default 5)"
     )
     p.add_argument("--h2d-chunk-mb", type=int, help="host-to-device copy chunk (default 1)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="most jobs decoded together, 1-256 (default: the backend's, from the KV budget)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="prompt tokens prefilled per step beside the running jobs (default 512)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=None,
+        help="do not share KV blocks of identical prompt prefixes between jobs",
+    )
 
 
 def config_from_args(
@@ -165,6 +193,10 @@ def config_from_args(
     if lp is None:
         lp = env.get(ENV_PREFIX + "LOG_PROMPTS", "").lower() in ("1", "true", "yes")
     values["log_prompts"] = bool(lp)
+    pc = getattr(args, "prefix_cache", None)
+    if pc is None:
+        pc = env.get(ENV_PREFIX + "PREFIX_CACHE", "1").lower() not in ("0", "false", "no")
+    values["prefix_cache"] = bool(pc)
     if "model" not in values:
         raise ValueError("--model is required (or WORKER_ORCD_MODEL)")
     return WorkerConfig(**values)  # type: ignore[arg-type]

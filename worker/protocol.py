@@ -324,9 +324,11 @@ class Health(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     uptime_seconds: float
     sm: str | None
     cuda_runtime_version: str | None
-    active_job_id: str | None
+    active_job_id: str | None  # the longest-running job of the batch, if any
     jobs_completed: int
     version: str
+    running_jobs: int = 0  # jobs this worker holds now (running or waiting for KV blocks)
+    max_batch: int = 0  # most jobs it runs together
 
 
 _health_decoder: Final = msgspec.json.Decoder(Health)

@@ -29,6 +29,7 @@ from parity_harness import parity_hf, rel_err, top1_disagreements
 
 from worker.backends.numpy_ref import NumpyBackend
 from worker.engine.params import SamplingParams
+from worker.engine.single import SingleSequence
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
@@ -63,17 +64,18 @@ def test_real_qwen_teacher_forced_vs_transformers(real_qwen: Path) -> None:
     ids = PROMPT + GREEDY16
     backend = NumpyBackend(real_qwen)
     try:
-        ours = backend.forward(ids, all_logits=True)
+        seq = SingleSequence(backend)
+        ours = seq.forward(ids, all_logits=True)
         assert ours.shape == (len(ids), 151936) and ours.dtype == np.float32
         # Free-running greedy decode, twice: identical, and equal to the pinned ids.
         runs = []
         for _ in range(2):
-            backend.reset()
+            seq.reset()
             out: list[int] = []
-            nxt = backend.forward_sample(PROMPT, SamplingParams(temperature=0.0), 0.0, out)
+            nxt = seq.forward_sample(PROMPT, SamplingParams(temperature=0.0), 0.0, out)
             while len(out) < 8:
                 out.append(nxt)
-                nxt = backend.forward_sample([nxt], SamplingParams(temperature=0.0), 0.0, out)
+                nxt = seq.forward_sample([nxt], SamplingParams(temperature=0.0), 0.0, out)
             runs.append(out)
         assert runs[0] == runs[1]
         assert runs[0] == GREEDY16[:8]

@@ -15,6 +15,7 @@ import pytest
 from worker.backends.numpy_ref import NumpyBackend
 from worker.engine.generate import GenerationRequest, generate, prepare_prompt
 from worker.engine.params import SamplingParams
+from worker.engine.single import SingleSequence
 from worker.gguf.reader import open_gguf
 from worker.tokenizer.base import Tokenizer
 from worker.tokenizer.loader import load_tokenizer
@@ -77,8 +78,7 @@ def test_pinned_ids_teacher_forced_with_margin(qwen: tuple[NumpyBackend, Tokeniz
     backend, tok = qwen
     ids = prepare_prompt(tok, messages=HAIKU)
     assert tok.is_eog(PINNED[-1])
-    backend.reset()
-    logits = backend.forward(ids + PINNED[:-1], all_logits=True)[len(ids) - 1 :]
+    logits = SingleSequence(backend).forward(ids + PINNED[:-1], all_logits=True)[len(ids) - 1 :]
     assert logits.shape == (len(PINNED), backend.vocab_size)
     for j, want in enumerate(PINNED):
         row = logits[j]

@@ -1,86 +1,37 @@
-"""Unit tests of the worker's own parts: cancel registry and TTL set, backend thread,
+"""Unit tests of the worker's own parts: the recent-job-id set behind cancel replies,
 narration (JSON lines, prompt hashing), config precedence, metrics text."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import io
 import json
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from actors.backend_thread import BackendThread
-from actors.cancellation import CancelRegistry, TtlSet
+from actors.inference import _Recent
 from worker.config import add_serve_arguments, config_from_args
 from worker.metrics import WorkerMetrics
 from worker.narration import narrate, setup_logging, text_fields
 
 
-def test_ttl_set_expires_and_is_bounded() -> None:
-    s = TtlSet(ttl_s=10.0, max_items=3)
-    now = time.monotonic()
-    assert s.add("a", now) and not s.add("a", now)
+def test_recent_job_ids_expire_and_are_bounded() -> None:
+    s = _Recent(max_items=3, ttl_s=10.0)
+    assert s.add("a") and not s.add("a")
     for k in "bcd":
-        s.add(k, now)
-    assert len(s) == 3 and "a" not in s  # oldest dropped at the bound
-    short = TtlSet(ttl_s=0.01, max_items=10)
+        s.add(k)
+    assert "a" not in s and all(k in s for k in "bcd")  # oldest dropped at the bound
+    short = _Recent(max_items=10, ttl_s=0.01)
     short.add("x")
     time.sleep(0.02)
     assert "x" not in short
+    s.discard("b")
+    assert "b" not in s
 
 
-def test_cancel_registry_states() -> None:
-    reg = CancelRegistry()
-    assert reg.cancel("q") == "recorded"
-    assert reg.cancel("q") == "already_recorded"
-    assert reg.take_pending("q")
-    job = reg.begin("r")
-    assert not job.cancel.is_set()
-    assert reg.cancel("r") == "cancelling" and job.cancel.is_set()
-    assert reg.cancel("r") == "already_cancelling"
-    reg.end("r")
-    assert reg.active is None and reg.cancel("r") == "already_finished"
-    # a cancel that raced the job's start is applied when it begins
-    assert reg.cancel("late") == "recorded"
-    assert reg.begin("late").cancel.is_set()
-
-
-async def test_backend_thread_runs_every_call_on_one_dedicated_thread() -> None:
-    t = BackendThread()
-    t.start()
-    try:
-        idents = await asyncio.gather(*(t.call(threading.get_ident) for _ in range(50)))
-        assert len(set(idents)) == 1 and idents[0] != threading.get_ident()
-        assert idents[0] == t.ident
-
-        def boom() -> None:
-            raise ValueError("bad")
-
-        with pytest.raises(ValueError, match="bad"):
-            await t.call(boom)
-        assert await t.call(lambda: 7) == 7  # still alive after an exception
-    finally:
-        t.stop()
-
-
-@pytest.fixture
-def restore_loguru() -> Iterator[None]:
-    yield
-    from loguru import logger
-
-    logger.remove()
-    logger.configure(extra={})
-    logger.add(sys.stderr)
-
-
-@pytest.mark.usefixtures("restore_loguru")
 def test_narration_json_lines_and_prompt_privacy() -> None:
     out = io.StringIO()
     setup_logging("json", worker_id="w1", model_ref="m", gpu_device=0, stream=out)

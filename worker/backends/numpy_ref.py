@@ -24,19 +24,22 @@ import numpy.typing as npt
 from gguf import GGMLQuantizationType
 
 from worker.backends.base import BackendInfo, ResidencyReport
-from worker.engine.params import SamplingParams
+from worker.engine.batch import Chunk, StepOutput
 from worker.errors import ContextLengthExceeded, ModelLoadError
 from worker.gguf import quants
 from worker.gguf.hparams import HParams, load_hparams
 from worker.gguf.reader import GGUFFile, open_gguf
 from worker.models.base import DecoderModel, build_model
-from worker.models.common import F32, KVCache
+from worker.models.common import F32, PagedKV
 
 # Enough for the real Qwen2.5-0.5B fully dequantized (about 2.0 GB of matrices besides the
 # token embedding, which is read row by row); Phi-3-mini (about 15 GB as float32) keeps
 # 6 GiB cached and dequantizes the rest per use, well inside a 24 GiB machine.
 DEFAULT_DEQUANT_CACHE_MB = int(os.environ.get("WORKER_ORCD_DEQUANT_CACHE_MB", "6144"))
 DEFAULT_CTX_CAP = 4096
+DEFAULT_MAX_BATCH = 8
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class _BlasThreads:
@@ -205,41 +208,67 @@ class GGUFWeights:
 
 
 class NumpyBackend:
-    """The Backend protocol over the NumPy reference models (device "cpu")."""
+    """The batched backend protocol (worker.engine.batch) over the NumPy reference models.
+
+    A step runs its chunks one after another, each exactly as it would run alone (one
+    forward per chunk, prompt chunks cut at multiples of `chunk_align` positions), so a
+    job's results never depend on what else is in the step. The KV cache is a pool of
+    blocks (worker.models.common.PagedKV) addressed through each chunk's block table.
+    """
 
     def __init__(
         self,
         model: str | os.PathLike[str] | GGUFFile,
         *,
         ctx_size: int | None = None,
+        kv_tokens: int | None = None,
+        kv_cache_size_mb: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         dequant_cache_mb: int = DEFAULT_DEQUANT_CACHE_MB,
         kv_dtype: npt.DTypeLike = np.float32,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         preload: bool = True,
-        kv_cache_size_mb: int | None = None,
         progress: Callable[[float], None] | None = None,
         blas_threads: int | None = 1,
     ) -> None:
         """`model`: a path or an open GGUFFile (then left open on close()).
-        `ctx_size`: KV capacity in tokens (default min(n_ctx_train, 4096)), capped so the
-        KV cache fits `kv_cache_size_mb` when that is given. `dequant_cache_mb`: budget of
-        dequantized float32 weight copies. `progress(fraction)`: weight preload progress.
-        `blas_threads`: OpenBLAS threads during forward (None = leave NumPy's setting)."""
+        `ctx_size`: most positions one sequence may hold (default min(n_ctx_train, 4096)).
+        `kv_tokens`: positions in the KV pool, all sequences together (default
+        `max_batch` x ctx_size, at least one block), capped so the pool fits
+        `kv_cache_size_mb` when that is given. `dequant_cache_mb`: budget of dequantized
+        float32 weight copies. `progress(fraction)`: weight preload progress.
+        `prefill_chunk`: prompt positions one forward runs at most; prompts are cut at its
+        multiples (`chunk_align`). `blas_threads`: OpenBLAS threads during a step (None =
+        leave NumPy's setting)."""
         self._owns_file = not isinstance(model, GGUFFile)
         self.gf: GGUFFile = model if isinstance(model, GGUFFile) else open_gguf(Path(model))
         try:
             self.hp: HParams = load_hparams(self.gf)
             n_ctx = ctx_size if ctx_size is not None else min(self.hp.n_ctx_train, DEFAULT_CTX_CAP)
-            if kv_cache_size_mb is not None:
+            if n_ctx <= 0:
+                raise ModelLoadError(self.gf.path, f"ctx_size must be > 0, got {n_ctx}")
+            bs = max(1, block_size)
+            if kv_cache_size_mb is None:  # whole blocks, at least one
+                pool = kv_tokens if kv_tokens is not None else max(1, max_batch) * n_ctx
+                pool = max(1, -(-pool // bs)) * bs
+            else:
                 per_token = (
                     self.hp.n_layer
                     * self.hp.n_head_kv
                     * (self.hp.head_dim + self.hp.head_dim_v)
                     * np.dtype(kv_dtype).itemsize
                 )
-                n_ctx = min(n_ctx, (int(kv_cache_size_mb) << 20) // per_token)
-            if n_ctx <= 0:
-                raise ModelLoadError(self.gf.path, f"ctx_size must be > 0, got {n_ctx}")
+                pool = min(
+                    kv_tokens if kv_tokens is not None else max(1, max_batch) * n_ctx,
+                    (int(kv_cache_size_mb) << 20) // per_token,
+                )
+                pool = pool // bs * bs
+            if pool < bs:
+                raise ModelLoadError(
+                    self.gf.path,
+                    f"the KV cache budget holds {pool} positions, less than one block of {bs}",
+                )
             self.weights = GGUFWeights(self.gf, dequant_cache_mb)
             self.model: DecoderModel = build_model(
                 self.hp, self.weights, n_ctx=n_ctx, path=self.gf.path
@@ -252,67 +281,72 @@ class NumpyBackend:
             raise
         self.info = BackendInfo(device="cpu", resident=False)
         self.vocab_size = self.hp.n_vocab
-        self.context_length = n_ctx
-        self.prefill_chunk = max(1, prefill_chunk)
+        self.block_size = bs
+        self.n_blocks = pool // bs
+        self.context_length = min(n_ctx, self.n_blocks * bs)
+        self.max_batch = max(1, max_batch)
+        self.chunk_align = max(1, prefill_chunk)
+        self.max_step_tokens = 1 << 20  # chunks run one at a time: no step buffer to fill
         self.blas_threads = blas_threads
-        self.kv = KVCache(self.hp, n_ctx, kv_dtype)
-        self._n_past = 0
+        self.kv = PagedKV(self.hp, self.n_blocks, bs, kv_dtype)
 
-    @property
-    def n_past(self) -> int:
-        return self._n_past
-
-    def reset(self) -> None:
-        self._n_past = 0  # stale cache rows are overwritten before they are ever read
-
-    def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
-        n = len(ids)
-        if n == 0:
-            raise ValueError("forward needs at least one token")
-        if self._n_past + n > self.context_length:
-            raise ContextLengthExceeded(
-                f"{self._n_past} tokens in context + {n} new > context length {self.context_length}"
-            )
+    def step(self, chunks: Sequence[Chunk]) -> StepOutput:
         if self.blas_threads is not None:
             before = _BLAS.get()
             _BLAS.set(self.blas_threads)
             try:
-                return self._forward(ids, all_logits)
+                return self._step(chunks)
             finally:
                 _BLAS.set(before)
-        return self._forward(ids, all_logits)
+        return self._step(chunks)
 
-    def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        n = len(ids)
-        outs: list[F32] = []
-        last: F32 | None = None
-        for s in range(0, n, self.prefill_chunk):
-            chunk = ids[s : s + self.prefill_chunk]
-            is_last = s + self.prefill_chunk >= n
-            want_all = all_logits
-            out = self.model.forward(chunk, self.kv, self._n_past, all_logits=want_all)
-            self._n_past += len(chunk)
-            if all_logits:
-                outs.append(out)
-            elif is_last:
-                last = out
-        if all_logits:
-            return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
-        assert last is not None
-        return last.astype(np.float32, copy=False)
-
-    def forward_sample(
-        self,
-        ids: Sequence[int],
-        params: SamplingParams,
-        draw: float,
-        generated: Sequence[int],
-        next_draw: float | None = None,  # a hint this backend has no use for
-    ) -> int:
+    def _step(self, chunks: Sequence[Chunk]) -> StepOutput:
         from worker.engine.sampling import sample
 
-        logits = self.forward(ids)
-        return int(sample(logits, params, draw, generated))
+        out = StepOutput(ids=[], logits=[])
+        for ch in chunks:
+            n = len(ch.tokens)
+            if n == 0:
+                raise ValueError("a chunk needs at least one token")
+            end = ch.start + n
+            if end > self.context_length or end > len(ch.blocks) * self.block_size:
+                raise ContextLengthExceeded(
+                    f"positions up to {end} exceed the context ({self.context_length}) "
+                    f"or the chunk's {len(ch.blocks)} blocks"
+                )
+            kv = self.kv.view(ch.blocks)
+            parts: list[F32] = []
+            last: F32 | None = None
+            pos = ch.start
+            while pos < end:  # cut at multiples of chunk_align, as the scheduler does
+                stop = min(end, (pos // self.chunk_align + 1) * self.chunk_align)
+                res = self.model.forward(
+                    ch.tokens[pos - ch.start : stop - ch.start], kv, pos, all_logits=ch.logits
+                )
+                if ch.logits:
+                    parts.append(res)
+                else:
+                    last = res
+                pos = stop
+            logits = np.concatenate(parts, axis=0) if ch.logits else None
+            out.logits.append(logits.astype(np.float32, copy=False) if logits is not None else None)
+            if ch.sample is None:
+                out.ids.append(-1)
+                continue
+            row = logits[-1] if logits is not None else last
+            assert row is not None
+            sp = ch.sample
+            out.ids.append(
+                int(sample(row.astype(np.float32, copy=False), sp.params, sp.draw, sp.history))
+            )
+        return out
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        for src, dst in pairs:
+            self.kv.copy_block(src, dst)
+
+    def release_slot(self, slot: int) -> None:
+        pass  # nothing is cached per slot
 
     def check_residency(self) -> ResidencyReport:
         # Host memory by design (resident=False): there is no device memory to verify.

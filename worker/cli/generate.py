@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.backends.base import Backend
 from worker.cli._argtypes import positive_int
+from worker.engine.batch import BatchBackend
 from worker.engine.params import SamplingParams
 
 
@@ -72,12 +72,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=run)
 
 
-def load_backend(args: argparse.Namespace, gguf_file: Any) -> Backend:
+def load_backend(args: argparse.Namespace, gguf_file: Any) -> BatchBackend:
     """The backend named by --device; CUDA failures are errors, never a CPU fallback."""
     if args.device == "cpu":
         from worker.backends.numpy_ref import NumpyBackend
 
-        return NumpyBackend(gguf_file, ctx_size=args.ctx_size)
+        return NumpyBackend(gguf_file, ctx_size=args.ctx_size, max_batch=1)
     from worker.errors import ErrorCode, WorkerError
 
     try:
@@ -90,8 +90,8 @@ def load_backend(args: argparse.Namespace, gguf_file: Any) -> Backend:
             retriable=False,
         ) from exc
     try:
-        backend: Backend = CudaBackend(
-            gguf_file, ctx_size=args.ctx_size, gpu_device=args.gpu_device
+        backend: BatchBackend = CudaBackend(
+            gguf_file, ctx_size=args.ctx_size, gpu_device=args.gpu_device, max_batch=1
         )
     except WorkerError:
         raise

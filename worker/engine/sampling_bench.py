@@ -45,6 +45,7 @@ def synthetic_rows(n: int, vocab: int = 151_936, seed: int = 0) -> list[np.ndarr
 def model_rows(path: Path) -> list[np.ndarray]:
     from worker.backends.numpy_ref import NumpyBackend
     from worker.engine.generate import GenerationRequest, generate, prepare_prompt
+    from worker.engine.single import SingleSequence
     from worker.gguf.reader import open_gguf
     from worker.tokenizer.loader import load_tokenizer
 
@@ -55,8 +56,7 @@ def model_rows(path: Path) -> list[np.ndarray]:
             tok, messages=[{"role": "user", "content": "Write a haiku about GPU computing"}]
         )
         out = generate(backend, tok, GenerationRequest(ids, 16, SamplingParams(temperature=0)))
-        backend.reset()
-        logits = backend.forward(ids + list(out.token_ids), all_logits=True)
+        logits = SingleSequence(backend).forward(ids + list(out.token_ids), all_logits=True)
         backend.close()
     return [np.ascontiguousarray(r) for r in logits[len(ids) - 1 :]]
 

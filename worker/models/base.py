@@ -19,7 +19,7 @@ from worker.gguf.hparams import HParams
 from worker.models.common import (
     F32,
     AttnOptions,
-    KVCache,
+    KVStore,
     Weights,
     apply_rope,
     as_ids,
@@ -106,7 +106,7 @@ class DecoderModel:
     # -------------------------------------------------------------- forward
 
     def attn_block(
-        self, il: int, x: F32, kv: KVCache, start_pos: int, rope: tuple[F32, F32] | None
+        self, il: int, x: F32, kv: KVStore, start_pos: int, rope: tuple[F32, F32] | None
     ) -> F32:
         hp = self.hp
         t = x.shape[0]
@@ -124,7 +124,7 @@ class DecoderModel:
     def forward(
         self,
         ids: Sequence[int] | npt.NDArray[np.integer],
-        kv: KVCache,
+        kv: KVStore,
         start_pos: int,
         *,
         all_logits: bool = False,

@@ -45,6 +45,20 @@ class Weights(Protocol):
         ...
 
 
+class KVStore(Protocol):
+    """One sequence's keys and values, position-indexed, as the attention reads them."""
+
+    n_ctx: int  # positions it can hold
+
+    def write(self, layer: int, start: int, k: F32, v: F32) -> None:
+        """Store k/v [T, n_kv, d] at positions start..start+T-1."""
+        ...
+
+    def read(self, layer: int, lo: int, end: int) -> tuple[F32, F32]:
+        """Keys and values [end - lo, n_kv, d] of positions lo..end-1."""
+        ...
+
+
 class KVCache:
     """Per-layer K and V for one sequence: [n_ctx, n_head_kv, head_dim] float32 each."""
 
@@ -56,6 +70,61 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def write(self, layer: int, start: int, k: F32, v: F32) -> None:
+        self.k[layer][start : start + len(k)] = k
+        self.v[layer][start : start + len(v)] = v
+
+    def read(self, layer: int, lo: int, end: int) -> tuple[F32, F32]:
+        return self.k[layer][lo:end], self.v[layer][lo:end]
+
+
+class PagedKV:
+    """Pool of KV blocks shared by many sequences: per layer [n_blocks * block_size, n_kv, d]
+    (block b holds pool rows b*block_size ..). `view(table)` is one sequence's KVStore."""
+
+    def __init__(
+        self, hp: HParams, n_blocks: int, block_size: int, dtype: npt.DTypeLike = np.float32
+    ) -> None:
+        self.n_blocks, self.block_size = n_blocks, block_size
+        rows = n_blocks * block_size
+        self.k = [np.zeros((rows, hp.n_head_kv, hp.head_dim), dtype) for _ in range(hp.n_layer)]
+        self.v = [np.zeros((rows, hp.n_head_kv, hp.head_dim_v), dtype) for _ in range(hp.n_layer)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        for a in (*self.k, *self.v):
+            a[dst * bs : (dst + 1) * bs] = a[src * bs : (src + 1) * bs]
+
+    def view(self, table: Sequence[int]) -> PagedView:
+        return PagedView(self, table)
+
+
+class PagedView:
+    """A KVStore over the blocks `table` of a PagedKV (position p -> block table[p // bs])."""
+
+    def __init__(self, pool: PagedKV, table: Sequence[int]) -> None:
+        self.pool = pool
+        self.table = np.asarray(table, dtype=np.int64)
+        self.n_ctx = len(table) * pool.block_size
+
+    def _rows(self, lo: int, end: int) -> npt.NDArray[np.int64]:
+        pos = np.arange(lo, end, dtype=np.int64)
+        bs = self.pool.block_size
+        return self.table[pos // bs] * bs + pos % bs
+
+    def write(self, layer: int, start: int, k: F32, v: F32) -> None:
+        rows = self._rows(start, start + len(k))
+        self.pool.k[layer][rows] = k
+        self.pool.v[layer][rows] = v
+
+    def read(self, layer: int, lo: int, end: int) -> tuple[F32, F32]:
+        rows = self._rows(lo, end)
+        return self.pool.k[layer][rows], self.pool.v[layer][rows]
 
 
 # ---------------------------------------------------------------- norms and activations
@@ -198,7 +267,7 @@ class AttnOptions:
 
 def attention(
     q: F32,
-    kv: KVCache,
+    kv: KVStore,
     layer: int,
     k_new: F32,
     v_new: F32,
@@ -214,13 +283,13 @@ def attention(
     t_len, n_head, d = q.shape
     n_kv = k_new.shape[1]
     end = start_pos + t_len
-    kv.k[layer][start_pos:end] = k_new
-    kv.v[layer][start_pos:end] = v_new
+    kv.write(layer, start_pos, k_new, v_new)
     lo = 0
     if opts.window > 0:
         lo = max(0, start_pos - opts.window + 1)
-    keys = kv.k[layer][lo:end].astype(np.float32, copy=False)  # [S, n_kv, d]
-    vals = kv.v[layer][lo:end].astype(np.float32, copy=False)
+    keys, vals = kv.read(layer, lo, end)
+    keys = keys.astype(np.float32, copy=False)  # [S, n_kv, d]
+    vals = vals.astype(np.float32, copy=False)
     s_len = end - lo
     g = n_head // n_kv
     # [n_kv, g*T, d] @ [n_kv, d, S] -> [n_kv, g*T, S]

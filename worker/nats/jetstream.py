@@ -1,4 +1,4 @@
-"""NATS connection and the JetStream objects of SPEC §3.
+"""NATS connection and the JetStream objects of the worker's interface (docs/protocol.md).
 
 - `connect`: a nats-py connection that reconnects forever (an outage is waited out).
 - `ensure_streams`: ORCD_JOBS (work queue over ``orcd.jobs.>``) and ORCD_EVENTS (limits
@@ -6,18 +6,19 @@
   created if missing; an existing stream is used as it is.
 - `job_subscription`: the durable pull consumer ``orcd-<ref>`` shared by every worker of a
   model reference (explicit ack, ack wait, bounded redeliveries).
-- `EventPublisher`: publishes one attempt's events in order through JetStream with a
-  ``Nats-Msg-Id`` per event (``<job>.<attempt>.<seq>``); before the job is acked every event
-  is confirmed stored, and any event whose store was not confirmed (an outage) is published
-  again - the duplicate window drops the copies that did arrive, so nothing is lost.
+- `EventPublisher`: publishes one attempt's events in order with a ``Nats-Msg-Id`` per event
+  (``<job>.<seq>.<attempt>.<n>``) as plain publishes the stream captures; before the terminal
+  event (and the ack) every event is confirmed stored, and if an outage lost some they are
+  published again - the duplicate window drops the copies that did arrive, so nothing is
+  lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import nats
 import nats.errors
@@ -176,58 +177,60 @@ async def job_subscription(
 
 
 class EventPublisher:
-    """Confirmed publishing of one job attempt's events (see the module doc).
+    """One job attempt's events, in order, captured by ORCD_EVENTS (see the module doc).
 
-    Events go out pipelined (`publish`); `finish` publishes the terminal event only after
-    every earlier event is confirmed stored (re-sending, with the same ``Nats-Msg-Id``, any
-    whose store was not confirmed), and then confirms the terminal event itself. So whoever
-    reads ORCD_EVENTS up to a terminal event has every event of that attempt; an event
-    re-sent after an outage may sit later in the stream than its index says (readers order
-    tokens by ``i``: worker.client does).
+    Events go out as plain publishes carrying a ``Nats-Msg-Id`` (``<prefix>.<n>``): no round
+    trip per event, so a worker streaming tens of thousands of tokens a second spends a few
+    microseconds on each. The stream stores them in the order they were sent. `finish` makes
+    sure that before the terminal event goes out every earlier one is stored: it waits until
+    the stream holds them all (its per-subject count, measured against the count before the
+    first event of the attempt); whatever an outage lost is published again, each confirmed,
+    and the duplicate window drops copies that did arrive. Then the terminal event itself is
+    published and confirmed. So whoever reads ORCD_EVENTS up to a terminal event has every
+    event of that attempt (an event re-sent after an outage may sit later in the stream than
+    its index says; readers order tokens by ``i``, as worker.client does).
     """
 
     def __init__(
         self,
+        nc: NatsClient,
         js: JetStreamContext,
         subject: str,
         msg_id_prefix: str,
         stream: str,
-        epoch: Callable[[], int] | None = None,
     ) -> None:
-        self._epoch = epoch  # bumps on every reconnect: time to repair what the outage lost
-        self._seen_epoch = epoch() if epoch is not None else 0
+        self._nc = nc
         self._js = js
         self._subject = subject
         self._prefix = msg_id_prefix
         self._stream = stream
-        self._n = 0
-        self._sent: list[tuple[str, bytes, asyncio.Future[Any] | None]] = []
+        self._sent: list[tuple[str, bytes]] = []
+        self._base: int | None = None
         self.republished = 0  # events sent again (their store was not confirmed)
 
-    def _next_id(self) -> str:
-        msg_id = f"{self._prefix}.{self._n}"
-        self._n += 1
-        return msg_id
+    async def _count(self) -> int:
+        info = await self._js.stream_info(self._stream, subjects_filter=self._subject)
+        subjects = info.state.subjects or {}
+        return int(subjects.get(self._subject, 0))
+
+    async def start(self, deadline_s: float = 10.0) -> None:
+        """Note how many events the subject holds before this attempt publishes any."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                self._base = await self._count()
+                return
+            except Exception:
+                if time.monotonic() >= deadline:
+                    self._base = None  # unknown: finish() re-sends everything, confirmed
+                    return
+                await asyncio.sleep(0.25)
 
     async def publish(self, payload: bytes) -> None:
-        if self._epoch is not None and self._epoch() != self._seen_epoch:
-            # reconnected since the last event: store what the outage lost before going on,
-            # so readers of the stream see the gap closed within seconds
-            self._seen_epoch = self._epoch()
-            await self.confirm()
-        msg_id = self._next_id()
-        fut: asyncio.Future[Any] | None
-        try:
-            # wait_stall makes nats-py wrap the semaphore in asyncio.wait_for (a task per
-            # event, ~10x the cost of the publish): only pay it when the window is nearly
-            # full (acks stalled by an outage), so a stall still fails after 5 s
-            stall = 5.0 if self._js.publish_async_pending() >= STALL_CHECK_PENDING else None
-            fut = await self._js.publish_async(
-                self._subject, payload, wait_stall=stall, headers={"Nats-Msg-Id": msg_id}
-            )
-        except Exception:
-            fut = None  # re-sent by `confirm`
-        self._sent.append((msg_id, payload, fut))
+        msg_id = f"{self._prefix}.{len(self._sent)}"
+        self._sent.append((msg_id, payload))
+        with contextlib.suppress(Exception):  # an outage: finish() re-sends it
+            await self._nc.publish(self._subject, payload, headers={"Nats-Msg-Id": msg_id})
 
     async def _publish_sync(self, msg_id: str, payload: bytes, deadline: float) -> bool:
         while True:
@@ -241,39 +244,37 @@ class EventPublisher:
                     return False
                 await asyncio.sleep(0.25)
 
-    async def confirm(self, deadline_s: float = 60.0) -> bool:
-        """Wait until every event published so far is stored; re-send, in order, from the
-        first one that is not confirmed. False if the deadline passes first."""
+    async def confirm(self, deadline_s: float = 60.0, settle_s: float = 2.0) -> bool:
+        """Wait until every event published so far is stored (the stream stores plain
+        publishes a little after they are sent: give it `settle_s`); then re-send, confirmed
+        and in order, all of them if some are still missing. False if the deadline passes."""
         deadline = time.monotonic() + deadline_s
-        first_missing: int | None = None
-        for k, (_, _, fut) in enumerate(self._sent):
-            ok = False
-            if fut is not None:
-                try:
-                    await asyncio.wait_for(
-                        asyncio.shield(fut), max(0.1, min(5.0, deadline - time.monotonic()))
-                    )
-                    ok = fut.exception() is None
-                except Exception:
-                    ok = False
-            if not ok:
-                first_missing = k
-                break
-        if first_missing is None:
-            self._sent.clear()
+        if not self._sent:
             return True
-        for _, _, fut in self._sent[first_missing:]:
-            if fut is not None and not fut.done():
-                fut.cancel()  # releases nats-py's pending-publish slot
-        for msg_id, payload, _ in self._sent[first_missing:]:
+        if self._base is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=max(1, int(settle_s)))
+            settle = time.monotonic() + settle_s
+            delay = 0.002
+            while True:
+                try:
+                    if await self._count() >= self._base + len(self._sent):
+                        return True
+                except Exception:
+                    pass
+                if time.monotonic() >= min(settle, deadline):
+                    break
+                await asyncio.sleep(delay)
+                delay = min(0.1, delay * 2)
+        for msg_id, payload in self._sent:
             self.republished += 1
             if not await self._publish_sync(msg_id, payload, deadline):
                 return False
-        self._sent.clear()
         return True
 
     async def finish(self, payload: bytes, deadline_s: float = 60.0) -> bool:
         """Publish the terminal event after every earlier one is stored, and confirm it."""
         deadline = time.monotonic() + deadline_s
         ok = await self.confirm(deadline_s)
-        return await self._publish_sync(self._next_id(), payload, deadline) and ok
+        msg_id = f"{self._prefix}.{len(self._sent)}"
+        return await self._publish_sync(msg_id, payload, deadline) and ok

@@ -48,7 +48,7 @@ def test_prefix_hit_shares_blocks_and_never_covers_the_last_prompt_token() -> No
     bm.grow(a, 13)
     bm.publish(a, 13)
     assert bm.cached == 3
-    b = bm.admit(prompt + [99, 98], kv_tokens=20)
+    b = bm.admit([*prompt, 99, 98], kv_tokens=20)
     assert b is not None and b.cached_tokens == 12 and b.table == a.table[:3]
     assert not b.copies
     # the same prompt again: 12 positions cached, 13th computed in a fresh block

@@ -1,5 +1,5 @@
-"""The decode loop over the real NumPy backend on a tiny synthetic qwen2 model (H2's
-worker/gguf/synth.py), with its real GGUF tokenizer: token feeding, seeded draws, stop
+"""One job through generate() over the real NumPy backend on a tiny synthetic qwen2 model
+(worker/gguf/synth.py), with its real GGUF tokenizer: token feeding, seeded draws, stop
 strings, EOS, the context cap, cancel, deadline, chunked prefill and UTF-8 streaming."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from worker.backends.numpy_ref import NumpyBackend
+from worker.engine.batch import Chunk, StepOutput
 from worker.engine.generate import (
     End,
     GenerateRequest,
@@ -21,6 +22,7 @@ from worker.engine.generate import (
 from worker.engine.params import SamplingParams
 from worker.engine.rng import uniform
 from worker.engine.sampling import sample
+from worker.engine.single import SingleSequence
 from worker.errors import Cancelled, ContextLengthExceeded, ErrorCode, WorkerError
 from worker.gguf.reader import GGUFFile, open_gguf
 from worker.gguf.synth import preset, write_synthetic
@@ -45,9 +47,39 @@ def tok(tiny_file: GGUFFile) -> Tokenizer:
     return load_tokenizer(tiny_file.metadata)
 
 
+class StepLog(NumpyBackend):
+    """The NumPy backend, noting every chunk it runs: (start, tokens, draw, next_draw)."""
+
+    calls: list[tuple[int, int, float | None, float | None]]
+
+    def step(self, chunks: Sequence[Chunk]) -> StepOutput:
+        for c in chunks:
+            s = c.sample
+            self.calls.append(
+                (
+                    c.start,
+                    len(c.tokens),
+                    None if s is None else s.draw,
+                    None if s is None else s.next_draw,
+                )
+            )
+        return super().step(chunks)
+
+    @property
+    def n_past(self) -> int:
+        """Positions the last generate() filled (the calls are cleared before each run)."""
+        return max((a + n for a, n, _, _ in self.calls), default=0)
+
+
+def _log(tiny_file: GGUFFile, **kw: int) -> StepLog:
+    be = StepLog(tiny_file, **kw)  # type: ignore[arg-type]
+    be.calls = []
+    return be
+
+
 @pytest.fixture(scope="module")
-def backend(tiny_file: GGUFFile) -> NumpyBackend:
-    return NumpyBackend(tiny_file, ctx_size=256)
+def backend(tiny_file: GGUFFile) -> StepLog:
+    return _log(tiny_file, ctx_size=256, max_batch=1)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +107,8 @@ def run(
     backend: NumpyBackend, tok: Tokenizer, req: GenerationRequest, **kw: object
 ) -> tuple[End, Recorder]:
     rec = Recorder()
+    if isinstance(backend, StepLog):
+        backend.calls = []
     end = generate(backend, tok, req, on_token=rec, **kw)  # type: ignore[arg-type]
     return end, rec
 
@@ -91,16 +125,16 @@ def check_events(end: End, rec: Recorder, tok: Tokenizer) -> None:
 def replay(
     backend: NumpyBackend, prompt: list[int], ids: list[int], params: SamplingParams, seed: int
 ) -> list[int]:
-    """The loop re-done by hand with backend.forward and sample(): the same forward calls
+    """The loop re-done by hand with one sequence and sample(): the same forward calls
     (prompt at once, then one token at a time), draw i = uniform(seed, i), history = ids so
     far. Returns the ids this picks; must equal what generate() produced."""
-    backend.reset()
-    logits = backend.forward(prompt)
+    seq = SingleSequence(backend)
+    logits = seq.forward(prompt)
     picked = []
     for i, t in enumerate(ids):
         picked.append(sample(logits, params, uniform(seed, i), ids[:i]))
         if i + 1 < len(ids):
-            logits = backend.forward([t])
+            logits = seq.forward([t])
     return picked
 
 
@@ -132,40 +166,23 @@ def test_seeded_sampling_is_reproducible_and_uses_draw_i(
     assert replay(backend, prompt_ids, ids, params, 42) == ids
 
 
-class DrawLog(NumpyBackend):
-    """The NumPy backend, noting the (draw, next_draw) of every forward_sample call."""
-
-    calls: list[tuple[float, float | None]]
-
-    def forward_sample(
-        self,
-        ids: Sequence[int],
-        params: SamplingParams,
-        draw: float,
-        generated: Sequence[int],
-        next_draw: float | None = None,
-    ) -> int:
-        self.calls.append((draw, next_draw))
-        return super().forward_sample(ids, params, draw, generated, next_draw)
-
-
 @pytest.mark.parametrize("max_tokens", [3, 12])
 def test_each_step_names_the_next_draw(
     tiny_file: GGUFFile, tok: Tokenizer, prompt_ids: list[int], max_tokens: int
 ) -> None:
     """A backend may queue step i + 1 early (the CUDA backend does): generate() tells it that
     step's draw, uniform(seed, i + 1), while the job may still produce it, else None."""
-    be = DrawLog(tiny_file, ctx_size=256)
-    be.calls = []
+    be = _log(tiny_file, ctx_size=256)
     end, _ = run(be, tok, GenerationRequest(prompt_ids, max_tokens, GREEDY, seed=7))
-    n = len(be.calls)
+    calls = [(d, x) for _, _, d, x in be.calls if d is not None]
+    n = len(calls)
     assert n == end.tokens_out + (end.stop_reason == "eos")
-    assert [d for d, _ in be.calls] == [uniform(7, i) for i in range(n)]
-    assert [x for _, x in be.calls] == [
+    assert [d for d, _ in calls] == [uniform(7, i) for i in range(n)]
+    assert [x for _, x in calls] == [
         uniform(7, i + 1) if i + 1 < max_tokens else None for i in range(n)
     ]
     if max_tokens == 3:
-        assert end.stop_reason == "max_tokens" and be.calls[-1][1] is None
+        assert end.stop_reason == "max_tokens" and calls[-1][1] is None
 
 
 def test_generate_request_from_flat_job_fields(prompt_ids: list[int]) -> None:
@@ -233,10 +250,10 @@ def test_eos_ends_generation_and_is_not_streamed(
     check_events(end, rec, tok)
     ids = list(end.token_ids)
     # the token after the last streamed one is an end-of-generation token
-    backend.reset()
-    backend.forward(prompt_ids)
+    seq = SingleSequence(backend)
+    seq.forward(prompt_ids)
     for t in ids:
-        last = backend.forward([t])
+        last = seq.forward([t])
     nxt = sample(last, params, uniform(seed, len(ids)), ids)
     assert tok.is_eog(nxt)
     assert end.tokens_out == len(ids)
@@ -263,7 +280,7 @@ def test_streamed_text_is_the_utf8_decoding_of_the_bytes(
 
 
 def test_context_cap_and_prompt_too_long(tiny_file: GGUFFile, tok: Tokenizer) -> None:
-    small = NumpyBackend(tiny_file, ctx_size=32)
+    small = _log(tiny_file, ctx_size=32)
     prompt = (prepare_prompt(tok, prompt=PROMPT) * 2)[:24]
     end, rec = run(small, tok, GenerationRequest(prompt, 100, SamplingParams(temperature=1.0)))
     if end.stop_reason == "max_tokens":
@@ -274,8 +291,8 @@ def test_context_cap_and_prompt_too_long(tiny_file: GGUFFile, tok: Tokenizer) ->
     check_events(end, rec, tok)
     end, _ = run(small, tok, GenerationRequest(prompt[:23], 5, GREEDY))  # room for 10
     assert end.tokens_out == 5 or end.stop_reason == "eos"
-    # SPEC §4: only a prompt *longer* than the context is rejected; one that fills it
-    # exactly still yields the token sampled from its last position (never fed back)
+    # only a prompt *longer* than the context is rejected; one that fills it exactly still
+    # yields the token sampled from its last position (never fed back)
     end, _ = run(small, tok, GenerationRequest((prompt * 2)[:32], 5, GREEDY))
     assert end.tokens_out == 1 or (end.stop_reason == "eos" and end.tokens_out == 0)
     assert small.n_past == 32
@@ -296,6 +313,7 @@ def test_cancel_is_checked_before_every_forward(
         return len(calls) >= 5
 
     rec = Recorder()
+    backend.calls = []
     with pytest.raises(Cancelled) as info:
         generate(
             backend,
@@ -313,7 +331,8 @@ def test_cancel_is_checked_before_every_forward(
     assert rec.ids == list(free.token_ids[: len(rec.events)])
 
 
-def test_deadline(backend: NumpyBackend, tok: Tokenizer, prompt_ids: list[int]) -> None:
+def test_deadline(backend: StepLog, tok: Tokenizer, prompt_ids: list[int]) -> None:
+    backend.calls = []
     with pytest.raises(WorkerError) as info:
         generate(
             backend, tok, GenerationRequest(prompt_ids, 5, GREEDY), deadline=time.monotonic() - 1
@@ -340,11 +359,13 @@ def test_deadline(backend: NumpyBackend, tok: Tokenizer, prompt_ids: list[int]) 
 
 
 def test_chunked_prefill_matches_one_shot(
-    backend: NumpyBackend, tok: Tokenizer, prompt_ids: list[int]
+    tiny_file: GGUFFile, tok: Tokenizer, prompt_ids: list[int]
 ) -> None:
     long = prompt_ids * 3
-    one, _ = run(backend, tok, GenerationRequest(long, 8, GREEDY))
+    backend = _log(tiny_file, ctx_size=256, prefill_chunk=5)  # prompts cut every 5 positions
+    one, _ = run(_log(tiny_file, ctx_size=256), tok, GenerationRequest(long, 8, GREEDY))
     chunked, _ = run(backend, tok, GenerationRequest(long, 8, GREEDY), prefill_chunk=5)
+    assert [n for _, n, _, _ in backend.calls[:3]] == [5, 5, 5]
     assert chunked.token_ids == one.token_ids
     assert backend.n_past == len(long) + chunked.tokens_out - 1
     # and the cancel flag is consulted between prefill chunks
@@ -354,6 +375,7 @@ def test_chunked_prefill_matches_one_shot(
         calls.append(1)
         return len(calls) == 2
 
+    backend.calls = []
     with pytest.raises(Cancelled):
         generate(
             backend,
@@ -389,5 +411,4 @@ def test_prepare_prompt(tok: Tokenizer) -> None:
 
 
 def test_logits_stay_finite(backend: NumpyBackend, prompt_ids: list[int]) -> None:
-    backend.reset()
-    assert np.isfinite(backend.forward(prompt_ids)).all()
+    assert np.isfinite(SingleSequence(backend).forward(prompt_ids)).all()

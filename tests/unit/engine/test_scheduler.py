@@ -30,7 +30,10 @@ from worker.gguf.synth import preset, write_synthetic
 from worker.tokenizer.base import Tokenizer
 from worker.tokenizer.loader import load_tokenizer
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
+WORDS = (
+    *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"),
+    *("while", "seven", "wizards", "quietly", "hum"),
+)
 
 
 @pytest.fixture(scope="module", params=["qwen2", "gpt-oss"])

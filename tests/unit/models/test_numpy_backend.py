@@ -1,5 +1,6 @@
-"""NumpyBackend over tiny synthetic models: the Backend contract and the invariants of the
-forward pass (chunking, cache reuse, dequant budget) that parity tests do not cover."""
+"""NumpyBackend over tiny synthetic models: the batched-backend contract and the invariants
+of the forward pass (chunking, paged cache reuse, dequant budget) that parity tests do not
+cover."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.backends.base import Backend
 from worker.backends.numpy_ref import GGUFWeights, NumpyBackend
+from worker.engine.batch import BatchBackend, Chunk, SampleSpec
 from worker.engine.params import SamplingParams
 from worker.engine.sampling import sample
+from worker.engine.single import SingleSequence
 from worker.errors import ContextLengthExceeded, ModelLoadError
 from worker.gguf.hparams import load_hparams
 from worker.gguf.reader import open_gguf
@@ -41,11 +43,34 @@ IDS = [5, 17, 3, 99, 42, 7, 250, 1, 64, 128, 33, 2, 9, 77, 300, 11, 18, 21, 400,
 
 
 def test_contract_and_info(backend: NumpyBackend) -> None:
-    b: Backend = backend
+    b: BatchBackend = backend
     assert b.info.device == "cpu" and b.info.resident is False
-    assert b.context_length == 40 and b.n_past == 0
+    assert b.context_length == 40 and b.n_blocks * b.block_size >= 40
     assert b.vocab_size == backend.hp.n_vocab
     assert b.check_residency().ok
+
+
+def test_a_step_of_several_chunks_equals_each_alone(backend: NumpyBackend) -> None:
+    """Two sequences in one step, over their own blocks, give what each gives alone; the
+    block table decides where the KV lives (a copied block reads back the same)."""
+    bs = backend.block_size
+    a = Chunk(slot=0, tokens=IDS[:9], start=0, blocks=[0], prefill=True, logits=True)
+    b = Chunk(slot=1, tokens=IDS[5:], start=0, blocks=[2], prefill=True, logits=True)
+    both = backend.step([a, b])
+    alone_b = backend.step([Chunk(1, IDS[5:], 0, [3], True, logits=True)])
+    assert both.ids == [-1, -1]
+    assert both.logits[1] is not None and alone_b.logits[0] is not None
+    np.testing.assert_array_equal(both.logits[1], alone_b.logits[0])
+    # decode on top of block 0, then the same after copying block 0 to block 1
+    p = SamplingParams(temperature=0.0)
+    nxt = Chunk(0, [IDS[9]], 9, [0], False, sample=SampleSpec(p, 0.5, []), logits=True)
+    one = backend.step([nxt])
+    backend.copy_blocks([(0, 1)])
+    two = backend.step([Chunk(0, [IDS[9]], 9, [1], False, sample=SampleSpec(p, 0.5, []))])
+    assert one.ids == two.ids and one.ids[0] >= 0
+    assert one.logits[0] is not None
+    assert one.ids[0] == int(np.argmax(one.logits[0][-1]))
+    assert bs > 9
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> None:
@@ -56,59 +81,67 @@ def _close(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def test_chunked_prefill_and_decode_equal_one_pass(tiny: Path, backend: NumpyBackend) -> None:
-    full = backend.forward(IDS, all_logits=True)
+    seq = SingleSequence(backend)
+    full = seq.forward(IDS, all_logits=True)
     assert full.shape == (len(IDS), backend.vocab_size) and full.dtype == np.float32
-    assert backend.n_past == len(IDS)
+    assert seq.n_past == len(IDS)
     chunked = NumpyBackend(tiny, ctx_size=40, prefill_chunk=7)
     try:
-        _close(chunked.forward(IDS, all_logits=True), full)
-        chunked.reset()
-        last = chunked.forward(IDS[:12])
+        cs = SingleSequence(chunked)
+        _close(cs.forward(IDS, all_logits=True), full)
+        cs.reset()
+        last = cs.forward(IDS[:12])
         _close(last, full[11])
         for i in range(12, len(IDS)):
-            _close(chunked.forward([IDS[i]]), full[i])
+            _close(cs.forward([IDS[i]]), full[i])
     finally:
         chunked.close()
 
 
 def test_reset_reuses_cache_and_repeats_exactly(backend: NumpyBackend) -> None:
-    a = backend.forward(IDS[:10], all_logits=True)
-    backend.forward(IDS[10:])
-    backend.reset()
-    assert backend.n_past == 0
-    b = backend.forward(IDS[:10], all_logits=True)
+    seq = SingleSequence(backend)
+    a = seq.forward(IDS[:10], all_logits=True)
+    seq.forward(IDS[10:])
+    seq.reset()
+    assert seq.n_past == 0
+    b = seq.forward(IDS[:10], all_logits=True)
     np.testing.assert_array_equal(a, b)  # same machine, same inputs: bit-identical
 
 
 def test_context_length_exceeded(backend: NumpyBackend) -> None:
-    backend.forward(IDS * 2)  # exactly 40
+    seq = SingleSequence(backend)
+    seq.forward(IDS * 2)  # exactly 40
     with pytest.raises(ContextLengthExceeded):
-        backend.forward([1])
-    backend.reset()
+        seq.forward([1])
+    seq.reset()
     with pytest.raises(ContextLengthExceeded):
-        backend.forward(list(range(41)))
-    assert backend.n_past == 0
+        seq.forward(list(range(41)))
+    assert seq.n_past == 0
+    # the backend itself refuses positions past the chunk's blocks or the context
+    with pytest.raises(ContextLengthExceeded):
+        backend.step([Chunk(0, list(range(41)), 0, [0], True)])
 
 
 def test_dequant_budget_zero_gives_identical_logits(tiny: Path, backend: NumpyBackend) -> None:
-    want = backend.forward(IDS, all_logits=True)
+    want = SingleSequence(backend).forward(IDS, all_logits=True)
     lean = NumpyBackend(tiny, ctx_size=40, dequant_cache_mb=0)
     try:
         assert lean.weights.cached_bytes == 0
-        np.testing.assert_array_equal(lean.forward(IDS, all_logits=True), want)
+        np.testing.assert_array_equal(SingleSequence(lean).forward(IDS, all_logits=True), want)
         assert lean.weights.cached_bytes == 0
     finally:
         lean.close()
 
 
 def test_forward_sample_matches_reference_sampler(backend: NumpyBackend) -> None:
-    logits = backend.forward(IDS[:8])
-    backend.reset()
+    seq = SingleSequence(backend)
+    logits = seq.forward(IDS[:8])
+    seq.reset()
     p = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
-    got = backend.forward_sample(IDS[:8], p, 0.37, [3, 4])
+    got = seq.forward_sample(IDS[:8], p, 0.37, [3, 4])
     assert got == sample(logits, p, 0.37, [3, 4])
-    backend.reset()
-    assert backend.forward_sample(IDS[:8], SamplingParams(temperature=0.0), 0.5, []) == int(
+    seq.reset()
+    assert seq.forward_sample(IDS[:8], SamplingParams(temperature=0.0), 0.5, []) == int(
         np.argmax(logits)
     )
 
@@ -147,7 +180,9 @@ def test_kv_budget_caps_context_and_progress_reaches_one(tiny: Path) -> None:
     try:
         hp = b.hp
         per_token = hp.n_layer * hp.n_head_kv * (hp.head_dim + hp.head_dim_v) * 4
-        assert b.context_length == min(hp.n_ctx_train, 4096, (1 << 20) // per_token)
+        pool = (1 << 20) // per_token // b.block_size * b.block_size
+        assert b.n_blocks * b.block_size == pool
+        assert b.context_length == min(hp.n_ctx_train, 4096, pool)
         assert b.kv.nbytes <= 1 << 20
         assert seen and seen[-1] == 1.0 and seen == sorted(seen)
     finally:
@@ -155,12 +190,13 @@ def test_kv_budget_caps_context_and_progress_reaches_one(tiny: Path) -> None:
 
 
 def test_float16_kv_cache_stays_close(tiny: Path, backend: NumpyBackend) -> None:
-    want = backend.forward(IDS, all_logits=True)
+    want = SingleSequence(backend).forward(IDS, all_logits=True)
     half = NumpyBackend(tiny, ctx_size=40, kv_dtype=np.float16)
     try:
         assert half.kv.k[0].dtype == np.float16
-        got = half.forward(IDS[:10], all_logits=True)
-        got = np.concatenate([got, half.forward(IDS[10:], all_logits=True)])
+        hs = SingleSequence(half)
+        got = hs.forward(IDS[:10], all_logits=True)
+        got = np.concatenate([got, hs.forward(IDS[10:], all_logits=True)])
         err = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
         assert err.max() < 5e-3  # fp16 K/V rounding (2^-11 relative) only
     finally:
@@ -183,7 +219,7 @@ def test_preloaded_experts_and_forced_routing(tiny_moe: Path) -> None:
 
     plain = NumpyBackend(tiny_moe, ctx_size=40)
     try:
-        want = plain.forward(IDS, all_logits=True)
+        want = SingleSequence(plain).forward(IDS, all_logits=True)
         hp = plain.hp
     finally:
         plain.close()
@@ -200,7 +236,8 @@ def test_preloaded_experts_and_forced_routing(tiny_moe: Path) -> None:
         n_exp = sum(1 for k in other.weights._cache if isinstance(k, tuple))
         assert n_exp == 3 * hp.n_layer * hp.n_expert
         other.model.route_hook = record  # type: ignore[attr-defined]
-        np.testing.assert_array_equal(other.forward(IDS, all_logits=True), want)
+        seq = SingleSequence(other)
+        np.testing.assert_array_equal(seq.forward(IDS, all_logits=True), want)
         assert [il for il, _ in seen] == list(range(hp.n_layer))
         assert all(idx.shape == (len(IDS), hp.n_expert_used) for _, idx in seen)
 
@@ -208,8 +245,8 @@ def test_preloaded_experts_and_forced_routing(tiny_moe: Path) -> None:
             idx, w = moe_route(router, hp.n_expert_used)
             return (idx + 1) % hp.n_expert, w
 
-        other.reset()
+        seq.reset()
         other.model.route_hook = shifted  # type: ignore[attr-defined]
-        assert not np.allclose(other.forward(IDS, all_logits=True), want, rtol=1e-3)
+        assert not np.allclose(seq.forward(IDS, all_logits=True), want, rtol=1e-3)
     finally:
         other.close()
