@@ -92,6 +92,7 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         "h2d_chunk_mb": cfg.h2d_chunk_mb,
         "progress": progress,
         "max_batch": cfg.max_batch,
+        "prefill_chunk": cfg.prefill_chunk,
     }
     backend: BatchBackend
     if cfg.device == "cpu":

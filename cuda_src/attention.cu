@@ -1,51 +1,46 @@
-// Attention over the FP16 KV cache for prefill (many query rows) and decode (one row), causal,
-// GQA/MHA, optional sliding window and gpt-oss sinks. Split-K over the key length, one
-// launch: each block of attn_split computes, per (query row, head, key chunk), the chunk's
-// max score m, the sum of exp(score - m) l and the unnormalised exp-weighted sum of values;
-// the last block of a (row, head) to finish (a ticket counter, reset by that block) merges
-// the chunks in a fixed order, so results are bit-identical run to run whatever order the
-// blocks ran in (the atomic only picks which block merges, never the order of a sum).
+// Attention over the paged FP16 KV cache, causal, GQA/MHA, optional sliding window and
+// gpt-oss sinks. The cache of a layer is a pool of blocks of KV_BLOCK positions
+// ([n_blocks * KV_BLOCK][n_kv][head_dim] half for K, the same for V); a sequence's position
+// j lives in pool row bt[j / KV_BLOCK] * KV_BLOCK + j % KV_BLOCK, bt being its block table.
 //
-// The query position is pos0[0] + row, read from device memory, and the chunk length is
-// derived in the kernel from the current key length (ceil((pos0 + n_tokens) / n_split)), so
-// one captured decode graph with a fixed grid covers every step and every block has work;
-// chunks with no visible key write l = 0 and are skipped by the combine.
+// Decode (attn_paged_decode): one query row per sequence, each with its own position and
+// block table. Split-K over the key length: each block computes, per (row, head, key chunk),
+// the chunk's max score m, the sum of exp(score - m) l and the unnormalised exp-weighted sum
+// of values; the last block of a (row, head) to finish (a ticket counter, reset by that
+// block) merges the chunks in a fixed order, so results are bit-identical run to run
+// whatever order the blocks ran in (the atomic only picks which block merges, never the
+// order of a sum). A row's chunks depend only on its own position (ceil((pos + 1) / n_split)
+// keys each), never on the other rows: a sequence's result is the same in any batch.
+//
+// Prefill (attn_prefill_tc_d<D>): see below; also one row's arithmetic never depends on the
+// other rows of its tile or on how its prompt was cut into chunks.
 #include "rope.cuh"
 
-#define AT 128  // threads per attn_split block; head_dim <= AT, head_dim % 8 == 0
+#define AT 128  // threads per decode block; head_dim <= AT, head_dim % 8 == 0
 
-// One chunk's partial result (see attn_split). Loads are batched (a key row's 16-byte
-// pieces, eight value rows) so that several are in flight per thread: a decode step is
+__device__ __forceinline__ size_t kv_row(const int* __restrict__ bt, int j) {
+  return (size_t)bt[j / KV_BLOCK] * KV_BLOCK + (j % KV_BLOCK);
+}
+
+// One chunk's partial result (see attn_paged_decode). Loads are batched (a key row's 16-byte
+// pieces, sixteen value rows) so that several are in flight per thread: a decode step is
 // latency-bound, not bandwidth-bound.
-template <bool kDecode>
 __device__ __forceinline__ void attn_chunk(
-    const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
-    const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml, float* sp,
-    float* sq, float* sacc, float* sh, size_t pidx, int t, int h, int n_head, int n_kv,
-    int head_dim, int j0, int j1, float scale, const __half* kcur, const __half* vcur,
-    int cur_jj) {
-  // kcur/vcur (shared memory): key and value of chunk entry cur_jj when they are not read
-  // from the cache (the fused decode path); q is then already in sq, scaled.
-  const int kh = h / (n_head / n_kv);
-  if (q) {
-    const float* qr = q + (size_t)t * q_stride + (size_t)h * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += AT) sq[d] = qr[d] * scale;
-  }
+    const float* __restrict__ qr, const __half* __restrict__ kc, const __half* __restrict__ vc,
+    const int* __restrict__ bt, float* __restrict__ opart, float* __restrict__ ml, float* sp,
+    float* sq, float* sacc, float* sh, size_t pidx, int kh, int n_kv, int head_dim, int j0,
+    int j1, float scale) {
+  for (int d = threadIdx.x; d < head_dim; d += AT) sq[d] = qr[d] * scale;
   __syncthreads();
   const int n = j1 - j0;
   float lmax = -CUDART_INF_F;
   for (int jj = threadIdx.x; jj < n; jj += AT) {
-    const uint4* kr = reinterpret_cast<const uint4*>(kc + ((size_t)(j0 + jj) * n_kv + kh) * head_dim);
+    const uint4* kr =
+        reinterpret_cast<const uint4*>(kc + (kv_row(bt, j0 + jj) * n_kv + kh) * head_dim);
     uint4 raw[AT / 8];
-    if (jj == cur_jj) {
 #pragma unroll
-      for (int c = 0; c < AT / 8; ++c)
-        if (c * 8 < head_dim) raw[c] = reinterpret_cast<const uint4*>(kcur)[c];
-    } else {
-#pragma unroll
-      for (int c = 0; c < AT / 8; ++c)
-        if (c * 8 < head_dim) raw[c] = __ldg(kr + c);
-    }
+    for (int c = 0; c < AT / 8; ++c)
+      if (c * 8 < head_dim) raw[c] = __ldg(kr + c);
     float acc = 0.0f;
 #pragma unroll
     for (int c = 0; c < AT / 8; ++c) {
@@ -72,49 +67,24 @@ __device__ __forceinline__ void attn_chunk(
   const float l = block_sum(lsum, sh);  // its barriers also publish sp
   const int G = AT / head_dim, g = threadIdx.x / head_dim, d = threadIdx.x % head_dim;
   float acc = 0.0f;
-  if (kDecode && g < G) {
+  if (g < G) {
     // VB value rows per batch, all requested before the first is used (predicated at the
     // end of the chunk, so a short chunk is one round trip, not one per leftover row); the
-    // sum runs over the rows in the same order as a row-at-a-time loop would. Decode only:
-    // for prefill (many blocks, throughput-bound) it measured 18-23 % slower (pp512).
+    // sum runs over the rows in the same order as a row-at-a-time loop would.
     constexpr int VB = 16;
-    const unsigned short* vb =
-        reinterpret_cast<const unsigned short*>(vc) + (size_t)kh * head_dim + d;
+    const unsigned short* vb = reinterpret_cast<const unsigned short*>(vc) + (size_t)kh * head_dim + d;
     const size_t vstride = (size_t)n_kv * head_dim;
     for (int jj = g; jj < n; jj += VB * G) {
       unsigned short r[VB];  // raw halves, all requested before any is used
 #pragma unroll
       for (int u = 0; u < VB; ++u)  // past the chunk: its last row again, unused
-        r[u] = __ldg(vb + (size_t)(j0 + min(jj + u * G, n - 1)) * vstride);
+        r[u] = __ldg(vb + kv_row(bt, j0 + min(jj + u * G, n - 1)) * vstride);
 #pragma unroll
       for (int u = 0; u < VB; ++u) {
         const int j = jj + u * G;
-        const float v = j == cur_jj ? __half2float(vcur[d]) : __half2float(__ushort_as_half(r[u]));
-        if (j < n) acc = fmaf(sp[j], v, acc);
+        if (j < n) acc = fmaf(sp[j], __half2float(__ushort_as_half(r[u])), acc);
       }
     }
-  }
-  if (!kDecode && g < G) {
-    const unsigned short* vb =
-        reinterpret_cast<const unsigned short*>(vc) + (size_t)kh * head_dim + d;
-    const size_t vstride = (size_t)n_kv * head_dim;
-    int jj = g;
-    for (; jj + 7 * G < n; jj += 8 * G) {
-      float v[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        v[u] = jj + u * G == cur_jj
-                   ? __half2float(vcur[d])
-                   : __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj + u * G) * vstride)));
-#pragma unroll
-      for (int u = 0; u < 8; ++u) acc = fmaf(sp[jj + u * G], v[u], acc);
-    }
-    for (; jj < n; jj += G)
-      acc = fmaf(sp[jj],
-                 jj == cur_jj
-                     ? __half2float(vcur[d])
-                     : __half2float(__ushort_as_half(__ldg(vb + (size_t)(j0 + jj) * vstride))),
-                 acc);
   }
   sacc[threadIdx.x] = acc;
   __syncthreads();
@@ -174,20 +144,21 @@ __device__ __forceinline__ void attn_merge(
   if (threadIdx.x == 0) tickets[slot] = 0u;  // ready for the next launch (graph replay)
 }
 
-// grid (n_split, n_head, n_tokens), block AT.
-// q: row t, head h at q + t*q_stride + h*head_dim (float). kc/vc: [ctx][n_kv][head_dim] half.
-// opart: [n_tokens][n_head][n_split][head_dim]; ml: [n_tokens][n_head][n_split][2].
-// Key j is visible to query position p iff j <= p and (window <= 0 or p - j < window).
-// Dynamic shared memory: max_chunk floats (the host sizes it for the largest key length).
+// grid (n_split, n_head, n_rows), block AT.
+// Row t: query q + t*q_stride (+ h*head_dim), float, RoPE applied; its position pos[t] (keys
+// 0..pos[t] are visible, minus the window); its block table bt + t*bt_stride. A row whose
+// position is negative is padding: it writes zeros. kc/vc: this layer's pools.
+// opart: [n_rows][n_head][n_split][head_dim]; ml: [n_rows][n_head][n_split][2].
+// Dynamic shared memory: max_chunk floats (the host sizes it for the longest row).
 // sinks: per-head logit that joins the softmax denominator only (gpt-oss), or null.
-// out row t at out + t*out_stride. tickets: n_tokens*n_head zeroed uints (left zeroed).
+// out row t at out + t*out_stride. tickets: n_rows*n_head zeroed uints (left zeroed).
 extern "C" __global__ void __launch_bounds__(AT)
-    attn_split(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
-               const __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
-               const int* __restrict__ pos0, int n_tokens, int n_head, int n_kv, int head_dim,
-               int n_split, int max_chunk, float scale, int window,
-               const float* __restrict__ sinks, float* __restrict__ out, int out_stride,
-               unsigned int* __restrict__ tickets) {
+    attn_paged_decode(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
+                      const __half* __restrict__ vc, const int* __restrict__ bt, int bt_stride,
+                      const int* __restrict__ pos, float* __restrict__ opart,
+                      float* __restrict__ ml, int n_head, int n_kv, int head_dim, int n_split,
+                      int max_chunk, float scale, int window, const float* __restrict__ sinks,
+                      float* __restrict__ out, int out_stride, unsigned int* __restrict__ tickets) {
   extern __shared__ float sp[];
   __shared__ float sq[AT];
   __shared__ float sacc[AT];
@@ -196,9 +167,9 @@ extern "C" __global__ void __launch_bounds__(AT)
   __shared__ unsigned int s_ticket;
   pdl_start();
   const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
-  const int qpos = pos0[0] + t;
-  int chunk = (pos0[0] + n_tokens + n_split - 1) / n_split;
-  if (chunk > max_chunk) chunk = 0;  // the host never allows this; write nothing out of bounds
+  const int qpos = pos[t];
+  int chunk = (qpos + 1 + n_split - 1) / n_split;
+  if (chunk > max_chunk || qpos < 0) chunk = 0;  // padding row (or never allowed by the host)
   const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
   const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
   const size_t pidx = ((size_t)t * n_head + h) * n_split + s;
@@ -208,98 +179,16 @@ extern "C" __global__ void __launch_bounds__(AT)
       ml[2 * pidx + 1] = 0.0f;
     }
   } else {
-    attn_chunk<false>(q, q_stride, kc, vc, opart, ml, sp, sq, sacc, sh, pidx, t, h, n_head, n_kv,
-               head_dim, j0, j1, scale, nullptr, nullptr, -1);
+    attn_chunk(q + (size_t)t * q_stride + (size_t)h * head_dim, kc, vc, bt + (size_t)t * bt_stride,
+               opart, ml, sp, sq, sacc, sh, pidx, h / (n_head / n_kv), n_kv, head_dim, j0, j1,
+               scale);
   }
   attn_merge(ml, opart, sinks, out, out_stride, tickets, sacc, scw, sh, s_ticket, t, h, n_head,
              head_dim, n_split);
 }
 
-// Decode (one token) with the RoPE + KV-store stage fused in: qkv holds the token's raw
-// [q | k | v] projections (biases added). Each block rotates its q head itself; the block
-// whose chunk ends at the current position takes that key and value from the projections
-// (rotated, rounded to FP16 exactly as the cache would hold them) instead of the cache, and
-// one block per KV head (q head h % gqa == 0) stores them into the cache for later steps.
-// Same arithmetic as qkv_rope_store followed by attn_split. grid (n_split, n_head), block AT.
-extern "C" __global__ void __launch_bounds__(AT)
-    attn_decode_rope(const float* __restrict__ qkv, __half* __restrict__ kc,
-                     __half* __restrict__ vc, float* __restrict__ opart, float* __restrict__ ml,
-                     const int* __restrict__ pos0, int n_head, int n_kv, int head_dim,
-                     int n_split, int max_chunk, float scale, int window,
-                     const float* __restrict__ sinks, float* __restrict__ out,
-                     unsigned int* __restrict__ tickets, const double* __restrict__ inv_freq,
-                     float mscale, int mode, int n_rot, int ctx) {
-  extern __shared__ float sp[];
-  __shared__ float sq[AT];
-  __shared__ float sacc[AT];
-  __shared__ float scw[AT];
-  __shared__ float sh[32];
-  __shared__ float sraw[AT];
-  __shared__ float skraw[AT];
-  __shared__ double sfreq[AT / 2];
-  __shared__ __align__(16) __half kcur[AT];
-  __shared__ __align__(16) __half vcur[AT];
-  pdl_start();
-  __shared__ unsigned int s_ticket;
-  const int s = blockIdx.x, h = blockIdx.y;
-  const int gqa = n_head / n_kv, kh = h / gqa;
-  // Everything that does not depend on the position is requested first, in one round trip
-  // with the position itself: this block's q head, its KV head's k and v, the RoPE
-  // frequencies (head_dim <= AT, so one element per thread).
-  const int tid = threadIdx.x;
-  float qraw = 0.0f, kraw = 0.0f, vraw = 0.0f;
-  if (tid < head_dim) {
-    qraw = qkv[(size_t)h * head_dim + tid];
-    kraw = qkv[(size_t)(n_head + kh) * head_dim + tid];
-    vraw = qkv[(size_t)(n_head + n_kv + kh) * head_dim + tid];
-  }
-  if (mode != 0 && tid < (n_rot >> 1)) sfreq[tid] = inv_freq[tid];
-  const int pos = pos0[0];
-  const double dpos = (double)pos;
-  int chunk = (pos + 1 + n_split - 1) / n_split;
-  if (chunk > max_chunk || pos >= ctx) chunk = 0;  // never allowed by the host
-  const int kv_begin = window > 0 ? max(0, pos - window + 1) : 0;
-  const int j0 = max(kv_begin, s * chunk), j1 = min(pos + 1, (s + 1) * chunk);
-  const size_t pidx = (size_t)h * n_split + s;
-  // q head h, rotated and scaled; the current key (rotated) and value when this block's
-  // chunk ends at the position
-  const bool has_cur = j0 < j1 && j1 - 1 == pos;
-  if (tid < head_dim) {
-    sraw[tid] = qraw;
-    skraw[tid] = kraw;
-    vcur[tid] = __float2half_rn(vraw + 0.0f);
-  }
-  __syncthreads();
-  if (tid < head_dim) {
-    sq[tid] = rope_elem(sraw, tid, n_rot, mode, dpos, sfreq, mscale) * scale;
-    if (has_cur)
-      kcur[tid] = __float2half_rn(rope_elem(skraw, tid, n_rot, mode, dpos, sfreq, mscale));
-  }
-  __syncthreads();
-  if (has_cur) {
-    if (h % gqa == 0) {
-      const size_t crow = ((size_t)pos * n_kv + kh) * head_dim;
-      for (int d = threadIdx.x; d < head_dim; d += AT) {
-        kc[crow + d] = kcur[d];
-        vc[crow + d] = vcur[d];
-      }
-    }
-  }
-  if (j0 >= j1) {
-    if (threadIdx.x == 0) {
-      ml[2 * pidx] = -CUDART_INF_F;
-      ml[2 * pidx + 1] = 0.0f;
-    }
-  } else {
-    attn_chunk<true>(nullptr, 0, kc, vc, opart, ml, sp, sq, sacc, sh, pidx, 0, h, n_head, n_kv,
-               head_dim, j0, j1, scale, kcur, vcur, has_cur ? j1 - 1 - j0 : -1);
-  }
-  attn_merge(ml, opart, sinks, out, head_dim * n_head, tickets, sacc, scw, sh, s_ticket, 0, h,
-             n_head, head_dim, n_split);
-}
-
 // ==================================================================== tensor-core prefill
-// attn_prefill_tc_d<D> (H12): FlashAttention-2-style prefill attention on the tensor cores,
+// attn_prefill_tc_d<D>: FlashAttention-2-style prefill attention on the tensor cores,
 // one launch, no workspace, no atomics. A block of 4 warps takes 64 query rows (16 a warp)
 // of one query head; it streams 64-key tiles of its KV head's K and V from the FP16 cache
 // through shared memory (cp.async, two stages: the next tile is in flight while this one is
@@ -307,10 +196,15 @@ extern "C" __global__ void __launch_bounds__(AT)
 // and an online softmax in fp32 per row: a running max m (log2 domain: q is scaled by
 // scale * log2(e) before its FP16 conversion, so p = exp2(s - m)) and a running sum l of the
 // FP16-rounded p that the P V product uses (numerator and denominator see the same p).
-// Key j is visible to query position p = pos0[0] + t iff j <= p and (window <= 0 or
-// p - j < window), as in attn_split; tiles wholly past the block's causal limit or before
-// its window are never loaded. The sink logit (gpt-oss) joins the denominator at the end.
-// Every sum runs in a fixed order: bit-identical run to run.
+// One launch covers the prompt chunks of several sequences (grid z): sequence z's chunk is
+// query rows row0[z] .. row0[z] + n_tok[z] - 1 at positions pos0[z] .., over its block
+// table bt + z*bt_stride. A key tile is exactly one KV block (TC_BN == KV_BLOCK).
+// Key j is visible to query position p iff j <= p and (window <= 0 or p - j < window);
+// tiles wholly past the block's causal limit or before its window are never loaded. The
+// sink logit (gpt-oss) joins the denominator at the end. Every sum runs in a fixed order:
+// bit-identical run to run. A row's result does not depend on the other rows of its tile:
+// the tiles it does not see are masked to -inf (their p is exactly 0, the running max and sum
+// are unchanged), so how a prompt is cut into chunks changes no bit.
 // The first block (blockIdx.x 0) takes the last (longest) query tile.
 #define TC_BM 64
 #define TC_BN 64
@@ -361,16 +255,21 @@ __device__ __forceinline__ unsigned tc_pack(float lo, float hi) {
 }
 
 // q: row t, head h at q + t*q_stride + h*D (fp32, RoPE applied; 8-byte aligned rows).
-// kc/vc: [ctx][n_kv][D] half. out row t at out + t*out_stride (+ h*D). grid
-// (ceil(n_tokens / 64), n_head), block 128, dynamic shared memory 2*2*64*(D+8) halves.
-// scale_log2: the softmax scale times log2(e). sinks: one logit per head (natural log
-// domain, as the model stores it) or null.
+// kc/vc: this layer's pools. out row t at out + t*out_stride (+ h*D). grid
+// (ceil(max n_tok / 64), n_head, n_seq), block 128, dynamic shared memory 2*2*64*(D+8)
+// halves. seq: [n_seq][3] ints (row0, n_tok, pos0). scale_log2: the softmax scale times
+// log2(e). sinks: one logit per head (natural log domain, as the model stores it) or null.
 template <int D>
 __device__ __forceinline__ void attn_prefill_tc_body(
-    const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
-    const __half* __restrict__ vc, const int* __restrict__ pos0p, int n_tokens, int n_head,
-    int n_kv, float scale_log2, int window, const float* __restrict__ sinks,
-    float* __restrict__ out, int out_stride) {
+    const float* __restrict__ q_all, int q_stride, const __half* __restrict__ kc,
+    const __half* __restrict__ vc, const int* __restrict__ seq, const int* __restrict__ bt_all,
+    int bt_stride, int n_head, int n_kv, float scale_log2, int window,
+    const float* __restrict__ sinks, float* __restrict__ out_all, int out_stride) {
+  static_assert(TC_BN == KV_BLOCK, "a key tile is one KV block");
+  const int row0 = seq[3 * blockIdx.z], n_tokens = seq[3 * blockIdx.z + 1];
+  const int* __restrict__ bt = bt_all + (size_t)blockIdx.z * bt_stride;
+  const float* __restrict__ q = q_all + (size_t)row0 * q_stride;
+  float* __restrict__ out = out_all + (size_t)row0 * out_stride;
   constexpr int LD = D + 8;  // halves per shared row: 16 bytes of padding, conflict-free
   constexpr int KS = D / 16;  // k-steps of Q K^T
   constexpr int NT = D / 8;  // 8-wide column tiles of O
@@ -380,18 +279,19 @@ __device__ __forceinline__ void attn_prefill_tc_body(
   __half* sV = sK + 2 * TC_BN * LD;  // [2][TC_BN][LD]
 
   const int n_qt = (n_tokens + TC_BM - 1) / TC_BM;
+  if ((int)blockIdx.x >= n_qt) return;  // a shorter chunk than the launch's longest
   const int qt = n_qt - 1 - (int)blockIdx.x;
   const int h = blockIdx.y;
   const int kh = h / (n_head / n_kv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
-  const int pos0 = pos0p[0];
+  const int pos0 = seq[3 * blockIdx.z + 2];
   const int t_first = qt * TC_BM;
   const int t_last = min(t_first + TC_BM, n_tokens) - 1;
   const int kv_hi = pos0 + t_last + 1;  // keys [kv_lo, kv_hi) are visible to some row
   const int kv_lo = window > 0 ? max(0, pos0 + t_first - window + 1) : 0;
   const int tile0 = kv_lo / TC_BN, tile1 = (kv_hi + TC_BN - 1) / TC_BN;
-  const size_t kv_row = (size_t)n_kv * D;  // halves from one position to the next
+  const size_t kv_pitch = (size_t)n_kv * D;  // halves from one pool row to the next
 
   // this thread's two rows: t0 (fragment row g) and t1 (row g + 8) of the warp's 16;
   // rows past n_tokens compute on the last row's data and are not stored
@@ -421,6 +321,7 @@ __device__ __forceinline__ void attn_prefill_tc_body(
   // (never read: they may lie past the cache or hold stale values)
   auto load_tile = [&](int tile, int st) {
     const int j0 = tile * TC_BN;
+    const size_t base = (size_t)bt[tile] * KV_BLOCK;  // the tile's KV block
     __half* dk = sK + st * TC_BN * LD;
     __half* dv = sV + st * TC_BN * LD;
 #pragma unroll
@@ -428,7 +329,7 @@ __device__ __forceinline__ void attn_prefill_tc_body(
       const int r = c / CH, col = (c % CH) * 8;
       const int j = j0 + r;
       const bool ok = j >= kv_lo && j < kv_hi;
-      const size_t off = (size_t)(ok ? j : kv_lo) * kv_row + (size_t)kh * D + col;
+      const size_t off = (base + (ok ? r : 0)) * kv_pitch + (size_t)kh * D + col;
       tc_cp16(tc_smem(dk + r * LD + col), kc + off, ok ? 16 : 0);
       tc_cp16(tc_smem(dv + r * LD + col), vc + off, ok ? 16 : 0);
     }
@@ -571,14 +472,16 @@ __device__ __forceinline__ void attn_prefill_tc_body(
   }
 }
 
-#define TC_KERNEL(D)                                                                         \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) attn_prefill_tc_d##D(         \
-      const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,              \
-      const __half* __restrict__ vc, const int* __restrict__ pos0, int n_tokens, int n_head, \
-      int n_kv, float scale_log2, int window, const float* __restrict__ sinks,               \
-      float* __restrict__ out, int out_stride) {                                             \
-    attn_prefill_tc_body<D>(q, q_stride, kc, vc, pos0, n_tokens, n_head, n_kv, scale_log2,   \
-                            window, sinks, out, out_stride);                                 \
+#define TC_KERNEL(D)                                                                        \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) attn_prefill_tc_d##D(        \
+      const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,             \
+      const __half* __restrict__ vc, const int* __restrict__ seq,                           \
+      const int* __restrict__ bt, int bt_stride, int n_head, int n_kv, float scale_log2,    \
+      int window, const float* __restrict__ sinks, float* __restrict__ out,                 \
+      int out_stride) {                                                                     \
+    pdl_start();                                                                            \
+    attn_prefill_tc_body<D>(q, q_stride, kc, vc, seq, bt, bt_stride, n_head, n_kv,          \
+                            scale_log2, window, sinks, out, out_stride);                    \
   }
 TC_KERNEL(32)
 TC_KERNEL(64)

@@ -1,8 +1,13 @@
-// Shared helpers for H7's kernels: deterministic block reductions (fixed shape, fixed order).
+// Shared helpers of the kernels: deterministic block reductions (fixed shape, fixed order),
+// and the paged KV cache's block size.
 #pragma once
 #include <cuda_fp16.h>
 #include "pdl.cuh"
 #include <math_constants.h>
+
+// Positions per KV-cache block (worker/backends/cuda/kv.py KV_BLOCK mirrors it; the
+// tensor-core prefill attention streams one block per key tile).
+#define KV_BLOCK 64
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -1,5 +1,6 @@
 // Small elementwise pieces of the layer recipes: bias and residual adds, learned position
-// embeddings read at the device-held position, and the gpt-oss router (top-k + softmax).
+// embeddings read at device-held positions, the gpt-oss router (top-k + softmax), and the
+// row gather that picks the rows whose logits a step needs.
 #include "common.cuh"
 
 // x[r][i] += y[r][i] (y_stride 0: broadcast one row, i.e. a bias). grid (ceil(n/256), rows).
@@ -12,15 +13,15 @@ extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restric
   x[r * x_stride + i] += y[r * y_stride + i];
 }
 
-// x[t][i] += pos_emb[pos0[0] + t][i] (GPT-2 learned positions, float32 table of n_pos rows).
+// x[t][i] += pos_emb[pos[t]][i] (GPT-2 learned positions, float32 table of n_pos rows).
 extern "C" __global__ void add_pos_embd_f32(float* __restrict__ x,
                                             const float* __restrict__ pos_emb,
-                                            const int* __restrict__ pos0, int n, int n_pos) {
+                                            const int* __restrict__ pos, int n, int n_pos) {
   pdl_start();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int t = blockIdx.y;
-  const int p = pos0[0] + t;
+  const int p = pos[t];
   if (p < 0 || p >= n_pos) return;
   x[(size_t)t * n + i] += pos_emb[(size_t)p * n + i];
 }
@@ -92,46 +93,14 @@ extern "C" __global__ void moe_combine_f32(float* __restrict__ x, const float* _
   x[t * n + i] += acc;
 }
 
-// y[r] = W[r] . x (+ bias[r]) for an F32 matrix with few rows (gpt-oss's router: 32 x 2880),
-// one token. The generic gemv gives such a matrix one warp a row and walks each row in three
-// dependent chunks (7.9 us for 32 x 2880 on an H100); here a block of 256 threads takes one
-// row with up to 4 float4 loads a thread in flight at once (K <= 4096 in one round trip),
-// issued before pdl_wait (the weights depend on no earlier kernel). Fixed summation order.
-// grid (N), block 256; K % 4 == 0; W and x 16-byte aligned.
-extern "C" __global__ void __launch_bounds__(256)
-    rowdot_f32(const float* __restrict__ W, int K, const float* __restrict__ x,
-               const float* __restrict__ bias, float* __restrict__ y) {
-  __shared__ float sh[32];
-  pdl_trigger();
-  const int row = blockIdx.x, k4 = K >> 2;
-  const float4* w4 = reinterpret_cast<const float4*>(W + (size_t)row * K);
-  const float4* x4 = reinterpret_cast<const float4*>(x);
-  float4 wv[4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int i = threadIdx.x + 256 * u;
-    if (i < k4) wv[u] = __ldg(w4 + i);
-  }
-  pdl_wait();
-  float acc = 0.0f;
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int i = threadIdx.x + 256 * u;
-    if (i < k4) {
-      const float4 xv = x4[i];
-      acc = fmaf(wv[u].x, xv.x, acc);
-      acc = fmaf(wv[u].y, xv.y, acc);
-      acc = fmaf(wv[u].z, xv.z, acc);
-      acc = fmaf(wv[u].w, xv.w, acc);
-    }
-  }
-  for (int i = threadIdx.x + 1024; i < k4; i += 256) {  // K > 4096
-    const float4 wq = __ldg(w4 + i), xv = x4[i];
-    acc = fmaf(wq.x, xv.x, acc);
-    acc = fmaf(wq.y, xv.y, acc);
-    acc = fmaf(wq.z, xv.z, acc);
-    acc = fmaf(wq.w, xv.w, acc);
-  }
-  acc = block_sum(acc, sh);
-  if (threadIdx.x == 0) y[row] = bias ? acc + bias[row] : acc;
+// out[r][i] = x[idx[r]][i] for r < rows, i < n (row strides in elements). grid
+// (ceil(n/256), rows), block 256.
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, int x_stride,
+                                           const int* __restrict__ idx, float* __restrict__ out,
+                                           int out_stride, int n) {
+  pdl_start();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int r = blockIdx.y;
+  out[(size_t)r * out_stride + i] = x[(size_t)idx[r] * x_stride + i];
 }

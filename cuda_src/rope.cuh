@@ -1,4 +1,4 @@
-// Rotary embedding of one element (shared by rope.cu and attention.cu's fused decode path).
+// Rotary embedding of one element (rope.cu).
 // Rotation: angle(pos, i) = pos * inv_freq[i] for pair i < n_rot/2, computed in double;
 // `mscale` multiplies cos and sin. mode 0: none, 1: normal (2i, 2i+1), 2: NeoX (i, i+n_rot/2).
 #pragma once

@@ -1,81 +1,7 @@
-// Token choice on the GPU so that only the chosen id crosses to the host.
-// Greedy: a two-stage argmax (ties: lowest index), fixed reduction order.
+// Token choice on the GPU so that only the chosen ids cross to the host: the reference
+// sampler's pipeline (worker/engine/sampling.py) with integer weights, so a reduction order
+// can never change the chosen id; greedy is its temperature-0 case (lowest index on ties).
 #include "common.cuh"
-
-__device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi) {
-  // NaN never wins; on equal values the lower index does.
-  if (ov > v || (ov == v && oi < i) || (v != v && ov == ov)) {
-    v = ov;
-    i = oi;
-  }
-}
-
-__device__ __forceinline__ void block_argmax(float& v, int& i, float* shv, int* shi) {
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    argmax_merge(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
-  if (lane == 0) {
-    shv[wid] = v;
-    shi[wid] = i;
-  }
-  __syncthreads();
-  if (wid == 0) {
-    v = lane < nw ? shv[lane] : -CUDART_INF_F;
-    i = lane < nw ? shi[lane] : 0x7fffffff;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-      argmax_merge(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
-  }
-}
-
-// Stage 1: grid n_blocks, block 256 (power of two >= 32); block b covers a contiguous slice.
-extern "C" __global__ void argmax_partial(const float* __restrict__ x, int n,
-                                          float* __restrict__ pv, int* __restrict__ pi) {
-  __shared__ float shv[32];
-  __shared__ int shi[32];
-  pdl_start();
-  const int per = (n + gridDim.x - 1) / gridDim.x;
-  const int lo = blockIdx.x * per, hi = min(n, lo + per);
-  float v = -CUDART_INF_F;
-  int i = 0x7fffffff;
-  for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) argmax_merge(v, i, x[j], j);
-  block_argmax(v, i, shv, shi);
-  if (threadIdx.x == 0) {
-    pv[blockIdx.x] = v;
-    pi[blockIdx.x] = i;
-  }
-}
-
-// Stage 2: one block reduces the n_part partials and writes the id. io (or null): the decode
-// step's [position, token] input; it is advanced to [position + 1, id], so that a step queued
-// right behind this one (the backend's speculative greedy step) decodes the id just chosen.
-extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi,
-                                        int n_part, int* __restrict__ out, int* __restrict__ io) {
-  __shared__ float shv[32];
-  __shared__ int shi[32];
-  pdl_start();
-  float v = -CUDART_INF_F;
-  int i = 0x7fffffff;
-  for (int j = threadIdx.x; j < n_part; j += blockDim.x) argmax_merge(v, i, pv[j], pi[j]);
-  block_argmax(v, i, shv, shi);
-  if (threadIdx.x == 0) {
-    const int id = i == 0x7fffffff ? 0 : i;
-    out[0] = id;
-    if (io) {
-      io[0] += 1;
-      io[1] = id;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Full sampler, bit-exact with worker/engine/sampling.py: float32 steps with the _rn
-// intrinsics (no FMA contraction), integer weights floor(exp32(x) * 2^40), and every
-// order-dependent step (top-k, top-p, the draw) as a radix selection over the 64-bit
-// candidate key ((0x7FFFFFFF - monotone(x)) << 32 | id) with integer counts / weights summed
-// by shared-memory integer atomics (exact, so the order of the additions cannot matter).
-// One block of SAMPLE_THREADS threads; `xbuf` is a scratch vector of n floats.
 
 #define SAMPLE_THREADS 1024
 typedef unsigned long long u64;
@@ -440,22 +366,17 @@ __device__ int sample_small(const float* __restrict__ xbuf, int n, u64 klim, u64
   return s_id;
 }
 
-// The result: out[0] = chosen id; out[1] = 0 ok, 1 NaN in the logits. io (or null): the
-// decode step's [position, token] input, advanced to [position + 1, id] as argmax_final does,
-// so that a step queued behind this one decodes the id just drawn.
-__device__ __forceinline__ void sample_done(int gtid, int id, int nan, int* out, int* io) {
+// The result: out[0] = chosen id; out[1] = 0 ok, 1 NaN in the logits.
+__device__ __forceinline__ void sample_done(int gtid, int id, int nan, int* out) {
   if (gtid == 0) {
     out[0] = id;
     out[1] = nan;
-    if (io) {
-      io[0] += 1;
-      io[1] = id;
-    }
   }
 }
 
 // out: as above. grid: <= SAMPLE_MAX_GRID blocks (all co-resident), block SAMPLE_THREADS.
-// pen_ids: distinct ids (n_pen of them) for the repetition penalty (applied when pen != 1).
+// pen_ids: n_pen ids for the repetition penalty (applied when pen != 1; a repeated id is
+// harmless: the penalized value is computed from the original logit).
 // top_p = top_p_m * 2^-top_p_sh (top_p_sh < 0: off); draw = draw_m * 2^-draw_sh;
 // wfloor = ceil(min_p * 2^40) (1 when min_p is off). xbuf: n floats of scratch;
 // gscratch: a GridScratch; bar: two zeroed uints (left consistent for the next launch).
@@ -463,10 +384,10 @@ __device__ __forceinline__ void sample_body(
     const float* __restrict__ logits, int n, const int* __restrict__ pen_ids, int n_pen,
     float pen, float temperature, int top_k, u64 top_p_m, int top_p_sh, u64 wfloor, u64 draw_m,
     int draw_sh, float* __restrict__ xbuf, int* __restrict__ out, GridScratch* gs,
-    unsigned int* bar, int* io, SampleShared& st) {
+    unsigned int* bar, SampleShared& st) {
   const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
   int ph = 0;
-  // 1. copy with the NaN check; the penalty (distinct ids) after a barrier.
+  // 1. copy with the NaN check; the penalty after a barrier.
   u64 nan_seen = 0ull;
   for (int i = gtid; i < n; i += gstride) {
     const float l = logits[i];
@@ -476,7 +397,7 @@ __device__ __forceinline__ void sample_body(
   if (gtid == 0) gs->small_n = 0u;  // made visible by the barrier inside grid_sum_u64
   nan_seen = grid_sum_u64(nan_seen, gs, bar, ph, st);
   if (nan_seen) {
-    sample_done(gtid, 0, 1, out, io);
+    sample_done(gtid, 0, 1, out);
     return;
   }
   if (pen != 1.0f) {
@@ -494,7 +415,7 @@ __device__ __forceinline__ void sample_body(
     int bi = 0x7fffffff;
     for (int i = gtid; i < n; i += gstride) argmax_pair(v, bi, __ldcg(&xbuf[i]), i);
     grid_argmax(v, bi, gs, bar, ph, st);
-    sample_done(gtid, bi == 0x7fffffff ? 0 : bi, 0, out, io);
+    sample_done(gtid, bi == 0x7fffffff ? 0 : bi, 0, out);
     return;
   }
   // 3. z = l / T; x = (z - max z) + 0 (or 0 / -inf when the max is infinite). Each thread
@@ -523,7 +444,7 @@ __device__ __forceinline__ void sample_body(
       if (top_k <= SAMPLE_SMALL_K) {
         const int id = sample_small(xbuf, n, klim, top_p_m, top_p_sh, wfloor, draw_m, draw_sh,
                                     gs, bar);
-        if (blockIdx.x == 0) sample_done(gtid, id, 0, out, io);
+        if (blockIdx.x == 0) sample_done(gtid, id, 0, out);
         return;
       }
     }
@@ -552,22 +473,16 @@ __device__ __forceinline__ void sample_body(
   tot = grid_sum_u64(tot, gs, bar, ph, st);
   const u64 target = mul_shift(draw_m, draw_sh, tot, false);
   const u64 key = radix_select(xbuf, n, klim, true, wfloor, false, target, gs, bar, ph, st);
-  sample_done(gtid, (int)(key & 0xFFFFFFFFull), 0, out, io);
+  sample_done(gtid, (int)(key & 0xFFFFFFFFull), 0, out);
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
-    sample_full(const float* __restrict__ logits, int n, const int* __restrict__ pen_ids,
-                int n_pen, float pen, float temperature, int top_k, u64 top_p_m, int top_p_sh,
-                u64 wfloor, u64 draw_m, int draw_sh, float* __restrict__ xbuf,
-                int* __restrict__ out, GridScratch* gs, unsigned int* bar) {
-  __shared__ SampleShared st;
-  sample_body(logits, n, pen_ids, n_pen, pen, temperature, top_k, top_p_m, top_p_sh, wfloor,
-              draw_m, draw_sh, xbuf, out, gs, bar, nullptr, st);
-}
-
-// The same sampler with its settings read from device memory, so that a captured decode
-// graph can end with it and the host changes only the 48 bytes of `a` (the draw) per step.
-// Layout (worker/backends/cuda/kernels.py SAMPLE_ARGS): three u64 then six 32-bit fields.
+// One launch for a whole step: row r of `logits` (row stride ldl) is sampled with args[r]
+// by the blocks (blockIdx.x, r), G = gridDim.x of them (all of a row's blocks co-resident;
+// rows need not be), with scratch xbuf + r*n, gs + r, bar + 2*r, out + 2*r. The penalty ids
+// of row r are its sequence's generated ids, hist + slot[r] * hist_stride (args[r].n_pen of
+// them; duplicates are harmless: the penalty is computed from the original logit), and the
+// chosen id is appended there at index n_pen, so the next step of that sequence finds its
+// whole history without a copy from the host. The chosen id never depends on G.
 struct SampleArgs {
   u64 top_p_m, wfloor, draw_m;
   float pen, temperature;
@@ -575,11 +490,19 @@ struct SampleArgs {
 };
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
-    sample_dev(const float* __restrict__ logits, int n, const int* __restrict__ pen_ids,
-               const SampleArgs* __restrict__ a, float* __restrict__ xbuf,
-               int* __restrict__ out, GridScratch* gs, unsigned int* bar, int* io) {
+    sample_rows(const float* __restrict__ logits, long long ldl, int n,
+                const SampleArgs* __restrict__ args, const int* __restrict__ slot,
+                int* __restrict__ hist, int hist_stride, float* __restrict__ xbuf,
+                int* __restrict__ out, GridScratch* gs, unsigned int* bar) {
   __shared__ SampleShared st;
-  const SampleArgs v = *a;
-  sample_body(logits, n, pen_ids, v.n_pen, v.pen, v.temperature, v.top_k, v.top_p_m,
-              v.top_p_sh, v.wfloor, v.draw_m, v.draw_sh, xbuf, out, gs, bar, io, st);
+  pdl_start();
+  const int r = blockIdx.y;
+  const SampleArgs v = args[r];
+  int* h = hist + (size_t)slot[r] * hist_stride;
+  sample_body(logits + (size_t)r * ldl, n, h, v.n_pen, v.pen, v.temperature, v.top_k,
+              v.top_p_m, v.top_p_sh, v.wfloor, v.draw_m, v.draw_sh, xbuf + (size_t)r * n,
+              out + 2 * r, gs + r, bar + 2 * r, st);
+  // the thread that wrote the result appends it to the history (not after a NaN)
+  if (blockIdx.x == 0 && threadIdx.x == 0 && out[2 * r + 1] == 0 && v.n_pen < hist_stride)
+    h[v.n_pen] = out[2 * r];
 }

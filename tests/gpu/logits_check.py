@@ -1,5 +1,6 @@
-"""Teacher-forced whole-model logits and their comparison (SPEC §7), shared by
-test_model.py (Qwen2.5 full size, tiny layouts) and test_model_full.py (Phi-3, GPT-OSS)."""
+"""Teacher-forced whole-model logits and their comparison (docs/design.md, correctness),
+shared by test_model.py (Qwen2.5 full size, tiny layouts) and test_model_full.py (Phi-3,
+GPT-OSS)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ def token_sequence(
 
 
 def teacher_forced(be: Any, prompt: list[int], more: list[int]) -> np.ndarray:
-    """Logits at every position: the prompt in one prefill, then each further token alone."""
-    be.reset()
-    rows = [be.forward(prompt, all_logits=True)]
-    rows += [be.forward([t])[None, :] for t in more]
+    """Logits at every position: the prompt as prompt tokens (one chunk), then each further
+    token alone as a generated token fed back (the decode path)."""
+    from worker.engine.single import SingleSequence
+
+    seq = SingleSequence(be)
+    rows = [seq.forward(prompt, all_logits=True)]
+    rows += [seq.forward([t])[None, :] for t in more]
     return np.concatenate(rows, axis=0)
 
 

@@ -501,3 +501,40 @@ def test_moe_gemm5_equals_version4_bytes(mm: MatmulKernels, gpu: Any, qtype: int
         got[name] = outs[0]
     assert got["v5_64"].tobytes() == got["v4"].tobytes()
     assert got["v5_128"].tobytes() == got["v4"].tobytes()
+
+
+@pytest.mark.parametrize("per_slot", [False, True], ids=["shared_x", "per_slot_x"])
+def test_moe_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, per_slot: bool) -> None:
+    """In invariant mode the routed tensor-core product serves every token count: token t's
+    expert rows are bit-identical when it is routed alone, among 2, 7 or 64 tokens (other
+    tokens share its experts' tiles or not), with MXFP4 experts at gpt-oss's width."""
+    rng = np.random.default_rng(64 + per_slot)
+    n_exp, topk, n, k = 32, 4, 384, 2880
+    raws = [random_matrix(39, n, k, rng)[0] for _ in range(n_exp)]
+    raw = np.concatenate(raws)
+    w_dev = upload(raw)
+    w = QWeight(int(w_dev.gpudata), 39, n, k, raw.nbytes, experts=n_exp)
+    b_dev = upload(rng.standard_normal((n_exp, n), dtype=np.float32))
+    ids = route(rng, 64, n_exp, topk)
+    x = rng.standard_normal((64, topk if per_slot else 1, k), dtype=np.float32)
+    outs = {}
+    mm.invariant = True
+    try:
+        for m in (1, 2, 7, 64):
+            y = poisoned((m * topk, n))
+            mm.moe(
+                w,
+                upload(ids[:m].reshape(-1)),
+                m,
+                topk,
+                upload(x[:m]),
+                y,
+                per_slot_input=per_slot,
+                bias=b_dev,
+            )
+            gpu.Context.synchronize()
+            outs[m] = y.get()
+    finally:
+        mm.invariant = False
+    for m, y in outs.items():
+        assert np.array_equal(y.view(np.uint32), outs[64][: m * topk].view(np.uint32)), m

@@ -300,3 +300,37 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
             mm.gemm(w, x, y, 4, version=version)
     gpu.Context.synchronize()
     assert np.isnan(y.get()).all(), "a refused launch must not have run"
+
+
+# ---------------------------------------------------------------------- batch invariance
+
+INVARIANT_ROWS = [1, 2, 7, 64, 65, 130, 512]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+    """In invariant mode every row count takes the tensor-core form (either version, 64- or
+    128-row tiles as the count decides): the first rows of X give bit-identical outputs in
+    launches of 1, 2, 7, 64, 65, 130 and 512 rows, each row equal to the same row in any
+    other launch, at the real widths (the version switches with the matrix size)."""
+    rng = np.random.default_rng(qtype)
+    for n, k in ((896, 896 if QK[qtype] == 32 else 1024), (4864, 1024)):
+        raw, dense = random_matrix(qtype, n, k, rng)
+        w = qweight(upload(raw), qtype, n, k)
+        x = rng.standard_normal((max(INVARIANT_ROWS), k), dtype=np.float32)
+        bias = upload(rng.standard_normal(n, dtype=np.float32))
+        mm.invariant = True
+        try:
+            outs = {}
+            for m in INVARIANT_ROWS:
+                y = poisoned((m, n))
+                mm.linear(w, upload(x[:m]), y, m, bias=bias)
+                gpu.Context.synchronize()
+                outs[m] = y.get()
+        finally:
+            mm.invariant = False
+        full = outs[max(INVARIANT_ROWS)]
+        for m, y in outs.items():
+            assert np.array_equal(y.view(np.uint32), full[:m].view(np.uint32)), (n, k, m)
+        # and the rows are what they should be
+        assert rel_err(full, reference(dense, x) + bias.get()) < GEMM_BOUND

@@ -1,16 +1,23 @@
-"""Whole-model checks of CudaBackend against the NumPy reference (SPEC §7), on a synthetic
-full-size Qwen2.5-0.5B Q4_K_M file generated on the device (worker.gguf.synth; set
-WORKER_ORCD_SYNTH_DIR to share it between runs).
+"""Whole-model checks of CudaBackend: against the NumPy reference, and batch invariance.
 
-Teacher-forced: both backends get the same prompt (prefill) and then the same 32 further
-tokens one at a time (CUDA: the graph-captured decode step). At every position the relative
-error of the logits vector must be within REL_BOUND, and the top-1 token must agree wherever
-the reference's top-2 gap exceeds twice that position's largest absolute logit error (beyond
-that, no error of that size can swap the two)."""
+On a synthetic full-size Qwen2.5-0.5B Q4_K_M file generated on the device (worker.gguf.synth;
+set WORKER_ORCD_SYNTH_DIR to share it between runs) and tiny real-layout files of every
+architecture:
+
+* Teacher-forced: both backends get the same prompt (prompt tokens) and then the same 32
+  further tokens one at a time (generated tokens fed back). At every position the relative
+  error of the logits vector must be within REL_BOUND, and the top-1 token must agree
+  wherever the reference's top-2 gap exceeds twice that position's largest absolute error.
+* Batch invariance: jobs with their own prompts and sampling settings, run through the
+  scheduler alone and in random batches of 2-64 (graph-replayed decode steps, prompt chunks
+  mixed in): the same ids and bit-identical logits at every step; a shared prompt prefix
+  served from the prefix cache changes no bit either.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +28,16 @@ from logits_check import compare_logits, teacher_forced, token_sequence
 
 from worker.engine.params import SamplingParams
 from worker.engine.sampling import sample
+from worker.engine.scheduler import Admitted, EngineEvent, Finished, Request, Scheduler
+from worker.engine.single import SingleSequence
 from worker.errors import ContextLengthExceeded
 
 pytestmark = pytest.mark.gpu
 
-# Prefill runs H8's tensor-core gemm with fp16-rounded operands (2^-11 each), the KV cache is
-# FP16: 24 layers of that against the float32 reference.
+# The tensor-core matrix products round their operands to fp16 (2^-11 each), the KV cache
+# is FP16: 24 layers of that against the float32 reference.
 REL_BOUND = 2e-2
-CTX = 256
+CTX = 2048
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +56,7 @@ def qwen_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cuda_be(qwen_path: Path) -> Iterator[Any]:
     from worker.backends.cuda import CudaBackend
 
-    be = CudaBackend(qwen_path, ctx_size=CTX)
+    be = CudaBackend(qwen_path, ctx_size=CTX, max_batch=64, kv_cache_size_mb=2048)
     yield be
     be.close()
 
@@ -61,7 +70,7 @@ def test_qwen2_logits_match_numpy_reference(qwen_path: Path, cuda_be: Any) -> No
 
     prompt, more = _sequence(cuda_be.vocab_size)
     got = teacher_forced(cuda_be, prompt, more)
-    ref_be = NumpyBackend(qwen_path, ctx_size=CTX)
+    ref_be = NumpyBackend(qwen_path, ctx_size=256, max_batch=1)
     try:
         ref = teacher_forced(ref_be, prompt, more)
     finally:
@@ -72,64 +81,50 @@ def test_qwen2_logits_match_numpy_reference(qwen_path: Path, cuda_be: Any) -> No
     assert max(diff.rels) < REL_BOUND, diff.rels
 
 
-def test_decode_is_deterministic_and_graph_equals_eager(qwen_path: Path, cuda_be: Any) -> None:
-    prompt, more = _sequence(cuda_be.vocab_size, 40, 12)
-    a = teacher_forced(cuda_be, prompt, more)
-    b = teacher_forced(cuda_be, prompt, more)
-    assert np.array_equal(a, b), "logits differ between identical runs"
+def _greedy_ids(be: Any, prompt: list[int], n: int) -> list[int]:
+    seq = SingleSequence(be)
+    g = SamplingParams(temperature=0.0)
+    tok = seq.forward_sample(prompt, g, 0.0, [])
+    out = [tok]
+    for _ in range(n - 1):
+        tok = seq.forward_sample([tok], g, 0.0, out)
+        out.append(tok)
+    return out
+
+
+def test_deterministic_graph_equals_eager_pdl_changes_no_bit(qwen_path: Path, cuda_be: Any) -> None:
+    """Repeated runs, graph replay against eager launches, and programmatic dependent
+    launch on and off: the same logits and the same greedy ids."""
     from worker.backends.cuda import CudaBackend
 
-    eager = CudaBackend(qwen_path, ctx_size=CTX, graphs=False)
+    prompt, more = _sequence(cuda_be.vocab_size, 40, 12)
+    a = teacher_forced(cuda_be, prompt, more)
+    assert np.array_equal(a, teacher_forced(cuda_be, prompt, more)), "runs differ"
+    ids = _greedy_ids(cuda_be, prompt, 40)  # decode steps replay the bucket-1 graph
+    eager = CudaBackend(qwen_path, ctx_size=CTX, max_batch=4, graphs=False)
     try:
-        c = teacher_forced(eager, prompt, more)
+        assert np.array_equal(a, teacher_forced(eager, prompt, more))
+        assert _greedy_ids(eager, prompt, 40) == ids, "graph replay differs from eager"
     finally:
         eager.close()
-    assert np.array_equal(a, c), "graph replay differs from eager launches"
-    cuda_be.set_fused_decode(not cuda_be.fused_decode)  # the other decode attention path
-    try:
-        d = teacher_forced(cuda_be, prompt, more)
-        d2 = teacher_forced(cuda_be, prompt, more)
-    finally:
-        cuda_be.set_fused_decode(not cuda_be.fused_decode)
-    assert np.array_equal(d, d2)
-    rel = float(np.max(np.linalg.norm(d - a, axis=1) / np.linalg.norm(a, axis=1)))
-    print(
-        f"\nfused vs two-launch decode attention: max rel {rel:.2e}, "
-        f"identical {np.array_equal(a, d)}"
-    )
-    assert rel < 1e-5
-
-
-def test_programmatic_launch_changes_no_bit(cuda_be: Any) -> None:
-    """The decode graphs with programmatic kernel-to-kernel edges (cuda_src/pdl.cuh) give
-    the same logits and the same greedy tokens as without them."""
-    from worker.engine.params import SamplingParams
-
-    prompt, more = _sequence(cuda_be.vocab_size, 30, 16)
-    greedy = SamplingParams(temperature=0.0)
-    out = {}
     for on in (True, False):
         cuda_be.set_pdl(on)
         try:
-            logits = teacher_forced(cuda_be, prompt, more)
+            assert _greedy_ids(cuda_be, prompt, 40) == ids
             edges = cuda_be.pdl_edges
-            cuda_be.reset()
-            tok, toks = cuda_be.forward_sample(prompt, greedy, 0.0, []), []
-            for _ in range(24):
-                tok = cuda_be.forward_sample([tok], greedy, 0.0, [])
-                toks.append(tok)
         finally:
             cuda_be.set_pdl(None)
-        out[on] = (logits, toks, edges)
-    print(f"\nPDL edges converted: {out[True][2][0]} of {out[True][2][1]}")
-    assert out[True][2][0] > 0.9 * out[True][2][1], "most decode edges should be programmatic"
-    assert out[False][2][0] == 0
-    assert np.array_equal(out[True][0], out[False][0])
-    assert out[True][1] == out[False][1]
+        print(f"\nPDL {on}: edges converted {edges[0]} of {edges[1]}")
+        if on:
+            assert edges[0] > 0.5 * edges[1], "most step-graph edges should be programmatic"
+        else:
+            assert edges[0] == 0
 
 
-def test_forward_sample_matches_reference_sampler(cuda_be: Any) -> None:
-    prompt, more = _sequence(cuda_be.vocab_size, 10, 6)
+def test_sampled_ids_match_reference_sampler(cuda_be: Any) -> None:
+    """The step's sampler picks, from the logits the same step computed, the reference
+    sampler's id, with the repetition-penalty history kept on the device."""
+    prompt, _ = _sequence(cuda_be.vocab_size, 10, 6)
     configs = [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.0, repetition_penalty=1.3),
@@ -138,73 +133,162 @@ def test_forward_sample_matches_reference_sampler(cuda_be: Any) -> None:
         SamplingParams(temperature=1.5),
     ]
     for params in configs:
-        cuda_be.reset()
-        cuda_be.forward(prompt)
+        sched = Scheduler(cuda_be, _tok(), keep_logits=True, prefix_cache=False)
+        sched.add(Request("s", prompt, max_tokens=12, params=params, seed=9))
+        fin = _drain(sched)["s"][-1]
+        assert isinstance(fin, Finished)
         gen: list[int] = []
-        for step, t in enumerate(more):
-            draw = (0.37 + 0.61 * step) % 1.0
-            # the same state twice: logits (forward) and then the sampled id (forward_sample)
-            n = cuda_be.n_past
-            logits = cuda_be.forward([t])
-            cuda_be._n_past = n  # re-run the same position (overwrites the same KV row)
-            got = cuda_be.forward_sample([t], params, draw, gen)
-            assert got == sample(logits, params, draw, gen), (params, step)
-            gen.append(got)
+        from worker.engine.rng import uniform
 
-
-def test_sampled_steps_queued_ahead_match_one_at_a_time(cuda_be: Any) -> None:
-    """Sampled steps told the next draw queue the next step (the sampled decode graph ends
-    in sample_dev and leaves its id on the device): the tokens are those of the same steps
-    run one at a time, also when a call then carries another draw or asks for greedy."""
-    prompt, _ = _sequence(cuda_be.vocab_size, 12, 0)
-    greedy = SamplingParams(temperature=0.0)
-    configs = [
-        SamplingParams(temperature=0.8, top_p=0.9, top_k=40),
-        SamplingParams(temperature=1.0),
-        SamplingParams(temperature=1.2, min_p=0.02),
-    ]
-    draws = [(0.11 + 0.37 * i) % 1.0 for i in range(30)]
-    for params in configs:
-        runs = []
-        for ahead in (True, False):
-            cuda_be.reset()
-            tok = cuda_be.forward_sample(
-                prompt, params, draws[0], [], next_draw=draws[1] if ahead else None
-            )
-            toks = [tok]
-            for i in range(1, 26):
-                p = greedy if i == 19 else params
-                nd = draws[i + 1] if ahead else None
-                if ahead and i == 12:
-                    nd = 0.5  # the next call carries draws[13]: the queued step is redone
-                tok = cuda_be.forward_sample([tok], p, draws[i], toks, next_draw=nd)
-                toks.append(tok)
-            runs.append(toks)
-        assert runs[0] == runs[1], params
-        assert len(set(runs[0])) > 5  # really drawn, not stuck on one id
+        for i, (tok, logits) in enumerate(zip(fin.token_ids, fin.logits, strict=False)):
+            assert tok == sample(logits, params, uniform(9, i), gen), (params, i)
+            gen.append(tok)
 
 
 def test_context_limit_residency_and_vram_baseline(cuda_be: Any) -> None:
-    assert cuda_be.check_residency().ok
     rep = cuda_be.check_residency()
-    assert rep.checked > 100 and not rep.failures
+    assert rep.ok and rep.checked > 100 and not rep.failures
     used = cuda_be.vram_bytes_used()
     free_before = cuda_be.ctx.mem_info()[0]
-    cuda_be.reset()
+    seq = SingleSequence(cuda_be)
     with pytest.raises(ContextLengthExceeded):
-        cuda_be.forward(list(range(CTX + 1)))
+        seq.forward(list(range(CTX + 1)))
     for _ in range(5):  # a few "jobs": nothing is allocated per job
-        cuda_be.reset()
-        tok = cuda_be.forward_sample(list(range(30)), SamplingParams(temperature=0.0), 0.0, [])
-        for _ in range(5):
-            tok = cuda_be.forward_sample([tok], SamplingParams(temperature=0.0), 0.0, [])
+        _greedy_ids(cuda_be, list(range(30)), 6)
     assert cuda_be.vram_bytes_used() == used
     assert cuda_be.ctx.mem_info()[0] == free_before
     with pytest.raises(ValueError):
-        cuda_be.forward([cuda_be.vocab_size])
-    cuda_be.reset()
-    cuda_be.forward([1, 2, 3])  # still healthy
+        SingleSequence(cuda_be).forward([cuda_be.vocab_size])
+    SingleSequence(cuda_be).forward([1, 2, 3])  # still healthy
 
+
+# ---------------------------------------------------------------------- batch invariance
+
+
+_TOK: Any = None
+
+
+def _tok() -> Any:
+    """A tokenizer for the scheduler: the synthetic files carry the real vocabularies."""
+    return _TOK
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tokenizer(qwen_path: Path) -> None:
+    from worker.gguf.reader import open_gguf
+    from worker.tokenizer.loader import load_tokenizer
+
+    global _TOK
+    with open_gguf(qwen_path) as gf:
+        _TOK = load_tokenizer(gf.metadata)
+
+
+def _drain(sched: Scheduler) -> dict[str, list[EngineEvent]]:
+    out: dict[str, list[EngineEvent]] = {}
+    for _ in range(100000):
+        if sched.idle:
+            return out
+        for ev in sched.step():
+            out.setdefault(ev.job_id, []).append(ev)
+    raise AssertionError("the scheduler did not finish")
+
+
+def _jobs(vocab: int, n: int, seed: int, prefix: list[int] | None = None) -> list[Request]:
+    rnd = random.Random(seed)
+    reqs = []
+    for k in range(n):
+        sampled = k % 2 == 1
+        body = [rnd.randrange(100, vocab) for _ in range(rnd.randrange(1, 300))]
+        reqs.append(
+            Request(
+                job_id=f"j{k}",
+                prompt_ids=(prefix or []) + body,
+                max_tokens=rnd.randrange(4, 40),
+                params=SamplingParams(
+                    temperature=rnd.choice([0.7, 1.0, 1.3]) if sampled else 0.0,
+                    top_k=rnd.choice([0, 40]),
+                    top_p=rnd.choice([1.0, 0.9]),
+                    min_p=rnd.choice([0.0, 0.05]),
+                    repetition_penalty=rnd.choice([1.0, 1.2]),
+                ),
+                seed=rnd.randrange(1 << 62),
+            )
+        )
+    return reqs
+
+
+def _copy(r: Request) -> Request:
+    return Request(r.job_id, list(r.prompt_ids), r.max_tokens, r.params, r.seed, list(r.stop))
+
+
+def _run(be: Any, reqs: list[Request], **kw: Any) -> dict[str, list[EngineEvent]]:
+    sched = Scheduler(be, _tok(), keep_logits=True, **kw)
+    for r in reqs:
+        assert sched.add(_copy(r)) is None
+    out = _drain(sched)
+    sched.blocks.check()
+    assert sched.blocks.used == 0
+    return out
+
+
+def _same(a: Finished, b: Finished, what: str) -> None:
+    assert a.token_ids == b.token_ids, what
+    assert len(a.logits) == len(b.logits)
+    for i, (x, y) in enumerate(zip(a.logits, b.logits, strict=True)):
+        assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), f"{what}: step {i}"
+
+
+def test_batch_invariance_full_size(cuda_be: Any) -> None:
+    """64 jobs alone, then together (prefill chunks of 64 tokens mixed with the decode
+    rows, so prompts are cut differently), then in random batches of 2-63: every job's ids
+    and every step's logits bit-identical."""
+    reqs = _jobs(cuda_be.vocab_size, 64, seed=1)
+    alone = {}
+    for r in reqs[:16] + reqs[-4:]:
+        fin = _run(cuda_be, [r], max_batch=1, prefill_chunk=512)[r.job_id][-1]
+        assert isinstance(fin, Finished)
+        alone[r.job_id] = fin
+    together = _run(cuda_be, reqs, max_batch=64, prefill_chunk=64)
+    for job_id, fin in alone.items():
+        got = together[job_id][-1]
+        assert isinstance(got, Finished)
+        _same(fin, got, f"{job_id} among 64")
+    rnd = random.Random(5)
+    for size in (2, 7, 33, 63):
+        group = rnd.sample(reqs, size)
+        some = _run(cuda_be, group, max_batch=size, prefill_chunk=rnd.choice([1, 37, 512]))
+        for r in group:
+            want = together[r.job_id][-1]
+            got = some[r.job_id][-1]
+            assert isinstance(want, Finished) and isinstance(got, Finished)
+            _same(want, got, f"{r.job_id} among {size}")
+
+
+def test_prefix_cache_changes_no_bit(cuda_be: Any) -> None:
+    """Eight jobs sharing a 1,000-token prefix: the later ones map the cached blocks
+    (including a whole prompt that is one cached prefix: copy-on-write of its last block)
+    and produce exactly what they produce computing everything."""
+    rnd = random.Random(3)
+    prefix = [rnd.randrange(100, cuda_be.vocab_size) for _ in range(1000)]
+    reqs = _jobs(cuda_be.vocab_size, 7, seed=4, prefix=prefix)
+    reqs.append(Request("whole", list(prefix[:960]), max_tokens=8, seed=1))  # 15 full blocks
+    cold = {r.job_id: _run(cuda_be, [r], prefix_cache=False)[r.job_id][-1] for r in reqs}
+    sched = Scheduler(cuda_be, _tok(), keep_logits=True)
+    sched.add(_copy(reqs[0]))
+    _drain(sched)
+    for r in reqs[1:]:
+        sched.add(_copy(r))
+    events = _drain(sched)
+    for r in reqs[1:]:
+        adm = events[r.job_id][0]
+        assert isinstance(adm, Admitted) and adm.cached_tokens >= 960, adm
+        got, want = events[r.job_id][-1], cold[r.job_id]
+        assert isinstance(got, Finished) and isinstance(want, Finished)
+        _same(want, got, f"{r.job_id} with the prefix cached")
+    sched.blocks.check()
+
+
+# ---------------------------------------------------------------------- every architecture
 
 ARCH_MIX = {
     "qwen2": "q4_k_m",
@@ -216,25 +300,51 @@ ARCH_MIX = {
 
 
 @pytest.mark.parametrize("arch", sorted(ARCH_MIX))
-def test_every_architecture_tiny_matches_reference(
-    arch: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_every_architecture_tiny(arch: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Each layer recipe (tiny real-layout files: same tensor names, types and metadata as
-    the full models), teacher-forced over a prompt and 32 decode steps."""
+    the full models): teacher-forced over a prompt and 32 decode steps against the NumPy
+    reference; batch-invariant through the scheduler (alone vs 9 together)."""
     from worker.backends.cuda import CudaBackend
     from worker.backends.numpy_ref import NumpyBackend
+    from worker.gguf.reader import open_gguf
     from worker.gguf.synth import preset, write_synthetic
+    from worker.tokenizer.loader import load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny") / f"{arch}.gguf"
     write_synthetic(path, preset(arch, "tiny", mix=ARCH_MIX[arch], seed=3))
-    be = CudaBackend(path, ctx_size=CTX)
+    with open_gguf(path) as gf:
+        tok = load_tokenizer(gf.metadata)
+    be = CudaBackend(path, ctx_size=256, max_batch=16)
     try:
         prompt, more = _sequence(be.vocab_size, 40, 32)  # > the gpt-oss tiny window (16)
         got = teacher_forced(be, prompt, more)
         again = teacher_forced(be, prompt, more)
+        rnd = random.Random(7)
+        reqs = [
+            Request(
+                f"t{k}",
+                [rnd.randrange(be.vocab_size) for _ in range(rnd.randrange(1, 90))],
+                max_tokens=rnd.randrange(3, 30),
+                params=SamplingParams(temperature=0.0 if k % 2 else 0.9, top_k=20),
+                seed=k,
+            )
+            for k in range(9)
+        ]
+
+        def run(rs: list[Request], mb: int) -> dict[str, list[EngineEvent]]:
+            sched = Scheduler(be, tok, keep_logits=True, max_batch=mb, prefill_chunk=29)
+            for r in rs:
+                assert sched.add(_copy(r)) is None
+            return _drain(sched)
+
+        together = run(reqs, 9)
+        for r in reqs:
+            a, b = run([r], 1)[r.job_id][-1], together[r.job_id][-1]
+            assert isinstance(a, Finished) and isinstance(b, Finished)
+            _same(a, b, f"{arch} {r.job_id}")
     finally:
         be.close()
-    ref_be = NumpyBackend(path, ctx_size=CTX)
+    ref_be = NumpyBackend(path, ctx_size=256, max_batch=1)
     try:
         ref = teacher_forced(ref_be, prompt, more)
     finally:

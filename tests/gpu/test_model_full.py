@@ -115,7 +115,7 @@ def test_full_size_logits_match_reference(
         be.close()
     threads = os.cpu_count() or 1
     ref_be = NumpyBackend(
-        path, ctx_size=CTX, dequant_cache_mb=_cache_budget_mb(), blas_threads=threads
+        path, ctx_size=CTX, dequant_cache_mb=_cache_budget_mb(), blas_threads=threads, max_batch=1
     )
     try:
         hook = None

@@ -45,17 +45,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache load")
     p.add_argument("--no-graphs", action="store_true", help="eager decode (for comparison)")
     p.add_argument(
-        "--sweep-splits",
+        "--max-batch", type=int, default=None, metavar="N", help="backend max batch (default: KV)"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="prompt tokens a step in the batched runs (2048)",
+    )
+    p.add_argument(
+        "--no-invariant",
+        action="store_true",
+        help="batch invariance off: 1-8 row steps use the decode gemv (A/B its cost)",
+    )
+    p.add_argument(
+        "--batch",
         default="",
         metavar="LIST",
-        help="also time tg at these attention key-chunk counts, e.g. 8,16,32",
+        help="also run llama-batched-bench's measurement for these B, e.g. 1,8,32,64,128, "
+        "and print its table",
     )
-    p.add_argument("--sweep-fused", action="store_true", help="also time the other decode path")
-    p.add_argument(
-        "--sweep-pdl",
-        action="store_true",
-        help="also time decode with programmatic dependent launch off and on (twice each)",
-    )
+    p.add_argument("--batch-pp", type=int, default=128, metavar="N", help="PP of --batch (128)")
+    p.add_argument("--batch-tg", type=int, default=128, metavar="N", help="TG of --batch (128)")
     s = p.add_argument_group("--suite", "the performance suite against a live worker over NATS")
     s.add_argument(
         "--suite",
@@ -84,18 +96,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     s.add_argument("--load-timeout-s", type=float, default=600.0, metavar="S")
     p.set_defaults(func=run)
-
-
-def _greedy_rate(be: Any, prompt: list[int], greedy: Any, n: int) -> float:
-    """Decode tokens/s with `greedy` settings over n steps after the prompt and one step
-    (which captures the decode graph when the backend's settings just changed)."""
-    be.reset()
-    tok = be.forward_sample(prompt, greedy, 0.0, [])
-    tok = be.forward_sample([tok], greedy, 0.0, [])
-    t0 = time.perf_counter()
-    for _ in range(n):
-        tok = be.forward_sample([tok], greedy, 0.0, [])
-    return n / (time.perf_counter() - t0)
 
 
 def _commit() -> str:
@@ -134,6 +134,9 @@ def _load(path: Path, args: argparse.Namespace, cache_dir: str | None) -> tuple[
             ctx_size=args.ctx_size,
             gpu_device=args.gpu_device,
             graphs=not args.no_graphs,
+            max_batch=args.max_batch,
+            prefill_chunk=args.prefill_chunk,
+            batch_invariant=not args.no_invariant,
         )
         return be, time.perf_counter() - t0
     finally:
@@ -149,6 +152,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from worker.backends.cuda.loader import measure_h2d
     from worker.engine.params import SamplingParams
+    from worker.engine.single import SingleSequence
 
     result: dict[str, Any] = {"model": str(args.model), "commit": _commit()}
     if not args.no_cold:
@@ -171,91 +175,123 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result["driver"] = be.info.cuda_runtime_version
     result["arch"] = be.hp.arch
     result["ctx_size"] = be.context_length
+    result["max_batch"] = be.max_batch
+    result["kv_blocks"] = be.n_blocks
     result["vram_bytes_used"] = be.vram_bytes_used()
     result["graphs"] = be.use_graphs
+    result["batch_invariant"] = be.invariant
     rng = np.random.default_rng(0)
     V = be.vocab_size
     prompt = [int(t) for t in rng.integers(0, V, size=args.pp)]
-    # pp: one forward over the prompt (logits of the last position), median of reps
-    pp_times = []
-    be.reset()
-    be.forward(prompt)  # warm-up
-    for _ in range(args.reps):
-        be.reset()
-        t0 = time.perf_counter()
-        be.forward(prompt)
-        pp_times.append(time.perf_counter() - t0)
-    pp_s = statistics.median(pp_times)
-    result[f"pp{args.pp}_tok_s"] = round(args.pp / pp_s, 1)
-    # tg: greedy decode steps after the prompt; only the id crosses to the host each step
     greedy = SamplingParams(temperature=0.0)
+    seq = SingleSequence(be)
+    # pp: the prompt as one chunk ending in the first token, median of reps
+    seq.forward_sample(prompt, greedy, 0.0, [])  # warm-up
+    pp_times = []
+    for _ in range(args.reps):
+        seq.reset()
+        t0 = time.perf_counter()
+        seq.forward_sample(prompt, greedy, 0.0, [])
+        pp_times.append(time.perf_counter() - t0)
+    result["pp_tokens"] = args.pp
+    result["pp_tok_s"] = round(args.pp / statistics.median(pp_times), 1)
+    # tg: greedy decode steps after the prompt (graph replays of the one-row bucket)
     tg_rates = []
-    step_us: list[float] = []
-    for rep in range(max(1, args.reps // 2) + 1):
-        be.reset()
-        tok = be.forward_sample(prompt, greedy, 0.0, [])
-        steps = []
+    for _ in range(args.reps):
+        seq.reset()
+        tok = seq.forward_sample(prompt, greedy, 0.0, [])
+        tok = seq.forward_sample([tok], greedy, 0.0, [])
         t0 = time.perf_counter()
         for _ in range(args.tg):
-            s0 = time.perf_counter()
-            tok = be.forward_sample([tok], greedy, 0.0, [])
-            steps.append(time.perf_counter() - s0)
-        el = time.perf_counter() - t0
-        if rep > 0:  # the first repetition captures the graph
-            tg_rates.append(args.tg / el)
-            step_us += [s * 1e6 for s in steps]
-    result[f"tg{args.tg}_tok_s"] = round(statistics.median(tg_rates), 1)
-    result["decode_splits"] = be.decode_splits
-    if args.sweep_splits:
-        sweep = {}
-        default = be.decode_splits
-        for n_split in [int(v) for v in args.sweep_splits.split(",") if v.strip()]:
-            be.set_decode_splits(n_split)
-            sweep[str(n_split)] = round(_greedy_rate(be, prompt, greedy, args.tg), 1)
-        be.set_decode_splits(default)
-        result["tg_by_decode_splits"] = sweep
-    if args.sweep_fused:  # the other decode attention path (RoPE + KV store fused or not)
-        be.set_fused_decode(not be.fused_decode)
-        rates = [_greedy_rate(be, prompt, greedy, args.tg) for _ in range(2)]
-        result[f"tg_fused_decode_{be.fused_decode}"] = round(max(rates), 1)
-        be.set_fused_decode(not be.fused_decode)
-    result["fused_decode"] = be.fused_decode
-    if args.sweep_pdl:  # programmatic dependent launch in the decode graph off / on, twice
-        for on in (False, True, False, True):
-            be.set_pdl(on)
-            key = f"tg_pdl_{'on' if on else 'off'}"
-            result.setdefault(key, []).append(round(_greedy_rate(be, prompt, greedy, args.tg), 1))
-            if on:
-                result["pdl_edges"] = list(be.pdl_edges)
-        be.set_pdl(None)
-    step_us.sort()
-    result["decode_step_us_p50"] = round(step_us[len(step_us) // 2], 1)
-    result["decode_step_us_p99"] = round(step_us[int(len(step_us) * 0.99)], 1)
-    # sampled decode, as the engine calls it (next_draw given): temperature 0.8, top-p 0.9,
-    # top-k 40, and the job defaults (temperature 1.0, nothing else): the GPU sampler's cost
-    for key, params in (
-        ("tg_sampled_tok_s", SamplingParams(temperature=0.8, top_p=0.9, top_k=40)),
-        ("tg_sampled_default_tok_s", SamplingParams()),
-    ):
-        draws = [(i * 0.618) % 1.0 for i in range(34)]
-        be.reset()
-        tok = be.forward_sample(prompt, params, 0.5, [], next_draw=draws[0])
-        t0 = time.perf_counter()
-        gen: list[int] = []
-        for i in range(32):
-            tok = be.forward_sample([tok], params, draws[i], gen, next_draw=draws[i + 1])
-            gen.append(tok)
-        result[key] = round(32 / (time.perf_counter() - t0), 1)
-    floor_bytes = _decode_weight_bytes(be)
-    result["weight_bytes_per_token"] = floor_bytes
-    tg = result[f"tg{args.tg}_tok_s"]
-    result["decode_floor_fraction_at_3TB_s"] = round(tg * floor_bytes / 3.0e12, 3)
+            tok = seq.forward_sample([tok], greedy, 0.0, [])
+        tg_rates.append(args.tg / (time.perf_counter() - t0))
+    result["tg_tokens"] = args.tg
+    result["tg_tok_s"] = round(statistics.median(tg_rates), 1)
+    wbytes = _decode_weight_bytes(be)
+    result["decode_weight_bytes"] = wbytes
+    if args.batch:
+        result["batched"] = measure_batched(be, args)
     result["missing"] = [
-        "ttft_ms_p50/p95/p99 over NATS (needs a live worker: bench --suite)",
-        "inter_token_ms_p50/p95/p99 over NATS",
+        "ttft_ms_p50/p95/p99 over NATS (bench --suite)",
+        "inter_token_ms_p50/p95/p99 over NATS (bench --suite)",
     ]
     be.close()
     return result
+
+
+BATCHED_HEADER = (
+    "|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s "
+    "|      T s |    S t/s |"
+)
+
+
+def measure_batched(be: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """llama-batched-bench's measurement on this worker's engine: for each B, B jobs with
+    PP-token prompts all admitted at once; T_PP = time until every job has its first token
+    (the prompts prefilled, --prefill-chunk tokens a step); T_TG = time for the next TG steps
+    of all B (graph-replayed decode steps, through the scheduler: host time included).
+    S_PP = B*PP/T_PP, S_TG = B*TG/T_TG, S = B*(PP+TG)/(T_PP+T_TG). Prints the table."""
+    import numpy as np
+
+    from worker.engine.params import SamplingParams
+    from worker.engine.scheduler import Request, Scheduler
+    from worker.tokenizer.loader import load_tokenizer
+
+    tok = load_tokenizer(be.gf.metadata)
+    rng = np.random.default_rng(1)
+    rows = []
+    print(BATCHED_HEADER)
+    print("|" + "|".join("-" * (len(c)) for c in BATCHED_HEADER.split("|")[1:-1]) + "|")
+    for b in [int(x) for x in args.batch.split(",")]:
+        if b > be.max_batch:
+            print(f"| B={b} skipped: more than max_batch {be.max_batch} |")
+            continue
+        sched = Scheduler(be, tok, max_batch=b, prefill_chunk=args.prefill_chunk)
+        for k in range(b):
+            ids = [int(t) for t in rng.integers(100, be.vocab_size, args.batch_pp)]
+            sched.add(
+                Request(
+                    f"b{k}",
+                    ids,
+                    max_tokens=args.batch_tg + 1,
+                    params=SamplingParams(temperature=0.0),
+                    ignore_eos=True,
+                )
+            )
+        t0 = time.perf_counter()
+        while any(s.prefilling or not s.generated for s in sched.running.values()) or (
+            sched.waiting
+        ):
+            sched.step()
+        t_pp = time.perf_counter() - t0
+        steps = 0
+        t1 = time.perf_counter()
+        while not sched.idle:
+            sched.step()
+            steps += 1
+        t_tg = time.perf_counter() - t1
+        pp, tg = args.batch_pp, args.batch_tg
+        row = {
+            "PP": pp,
+            "TG": tg,
+            "B": b,
+            "N_KV": b * (pp + tg),
+            "T_PP": round(t_pp, 3),
+            "S_PP": round(b * pp / t_pp, 1),
+            "T_TG": round(t_tg, 3),
+            "S_TG": round(b * tg / t_tg, 1),
+            "T": round(t_pp + t_tg, 3),
+            "S": round(b * (pp + tg) / (t_pp + t_tg), 1),
+            "decode_steps": steps,
+        }
+        rows.append(row)
+        print(
+            f"| {pp:5d} | {tg:6d} | {b:4d} | {row['N_KV']:6d} | {t_pp:8.3f} | "
+            f"{row['S_PP']:8.1f} | {t_tg:8.3f} | {row['S_TG']:8.1f} | {row['T']:8.3f} | "
+            f"{row['S']:8.1f} |"
+        )
+        sys.stdout.flush()
+    return rows
 
 
 def _decode_weight_bytes(be: Any) -> int:

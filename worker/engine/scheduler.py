@@ -113,6 +113,7 @@ class Request:
     stop: Sequence[str] = ()
     deadline: float | None = None  # time.monotonic() after which it fails INFERENCE_TIMEOUT
     received: float = field(default_factory=time.perf_counter)
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens (EOS is a token)
 
 
 # ---------------------------------------------------------------- events out of a step
@@ -420,7 +421,12 @@ class Scheduler:
         else:
             seq.steps += 1
         job_id = seq.req.job_id
-        if self.tok.is_eog(tok):
+        if tok < 0:  # the backend found NaN in this row's logits
+            del self.running[job_id]
+            self._free(seq)
+            events.append(Failed(job_id, WorkerError(ErrorCode.INTERNAL, "NaN in logits")))
+            return
+        if self.tok.is_eog(tok) and not seq.req.ignore_eos:
             tail = seq.matcher.push(seq.decoder.flush())
             tail += seq.matcher.flush()
             if seq.held is not None:

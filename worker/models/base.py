@@ -70,9 +70,11 @@ class DecoderModel:
                 raise ModelLoadError(self.path, f"missing tensor {name!r} for {self.hp.arch}")
 
     def _freq_factors(self) -> F32 | None:
-        if self.w.has("rope_freqs.weight"):
-            return self.w.get("rope_freqs.weight")
-        return None
+        """The RoPE frequency factors at this context (the choice lives in the recipe)."""
+        from worker.models.recipe import rope_factor_tensor
+
+        name = rope_factor_tensor(self.hp, _Names(self.w), self.n_ctx)
+        return self.w.get(name) if name is not None else None
 
     def opt(self, name: str) -> F32 | None:
         return self.w.get(name) if self.w.has(name) else None
@@ -154,6 +156,16 @@ class DecoderModel:
         x = self.norm(x, "output_norm")
         logits = linear(x, self.w.get(self.lm_head))
         return logits if all_logits else logits[0]
+
+
+class _Names:
+    """Tensor-name membership of a Weights (what the recipe asks)."""
+
+    def __init__(self, w: Weights) -> None:
+        self.w = w
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.w.has(name)
 
 
 _REGISTRY: dict[str, type[DecoderModel]] = {}

@@ -184,46 +184,17 @@ def linear(x: F32, w: F32, b: F32 | None = None) -> F32:
 # ---------------------------------------------------------------- rotary embeddings
 
 
-def _yarn_corr_dim(n_dims: int, n_ctx_orig: int, n_rot: float, base: float) -> float:
-    return n_dims * math.log(n_ctx_orig / (n_rot * 2.0 * math.pi)) / (2.0 * math.log(base))
-
-
 def rope_angles(
     rope: RopeParams, positions: npt.NDArray[np.int64], freq_factors: F32 | None = None
 ) -> tuple[F32, F32]:
-    """cos and sin, each [len(positions), n_dims/2], for pair i of each head.
+    """cos and sin, each [len(positions), n_dims/2], for pair i of each head: the angle
+    p * inv_freq[i] (worker.models.recipe.rope_inv_freq folds base, factors and linear / YaRN
+    scaling into inv_freq), times the cos/sin magnitude. Computed in float64 then rounded to
+    float32 (the angles reach 1e5 rad at long context)."""
+    from worker.models.recipe import rope_inv_freq
 
-    theta_i(p) = p * base^(-2i/n_dims) / factor_i, then the scaling:
-    linear: * freq_scale; YaRN: blend of interpolated (* freq_scale) and extrapolated angles
-    by llama.cpp's ramp over the correction dims, with cos/sin scaled by the YaRN mscale.
-    Computed in float64 then rounded to float32 (the angles reach 1e5 rad at long context).
-    """
-    half = rope.n_dims // 2
-    i = np.arange(half, dtype=np.float64)
-    inv_freq = rope.theta ** (-2.0 * i / rope.n_dims)
-    if freq_factors is not None:
-        inv_freq = inv_freq / freq_factors.astype(np.float64)[:half]
-    theta_extrap = positions.astype(np.float64)[:, None] * inv_freq[None, :]
-    mscale = rope.yarn_attn_factor
-    if rope.scaling == "linear":
-        theta = theta_extrap * rope.freq_scale
-    elif rope.scaling == "yarn":
-        fs = rope.freq_scale
-        theta_interp = theta_extrap * fs
-        if rope.yarn_ext_factor != 0.0:
-            lo = _yarn_corr_dim(rope.n_dims, rope.orig_ctx, rope.yarn_beta_fast, rope.theta)
-            hi = _yarn_corr_dim(rope.n_dims, rope.orig_ctx, rope.yarn_beta_slow, rope.theta)
-            if rope.yarn_truncate:
-                lo, hi = math.floor(lo), math.ceil(hi)
-            lo, hi = max(0.0, lo), min(rope.n_dims - 1.0, hi)
-            y = (i - lo) / max(0.001, hi - lo)
-            ramp_mix = (1.0 - np.clip(y, 0.0, 1.0)) * rope.yarn_ext_factor
-            theta = theta_interp * (1.0 - ramp_mix) + theta_extrap * ramp_mix
-        else:
-            theta = theta_interp
-        mscale = rope.yarn_mscale
-    else:
-        theta = theta_extrap
+    inv, mscale = rope_inv_freq(rope, freq_factors)
+    theta = positions.astype(np.float64)[:, None] * inv[None, :]
     return (
         (np.cos(theta) * mscale).astype(np.float32),
         (np.sin(theta) * mscale).astype(np.float32),

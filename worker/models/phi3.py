@@ -3,7 +3,8 @@
 attn_qkv rows are [q (n_head*d); k (n_kv*d); v (n_kv*d)]; ffn_up rows are [gate; up], so
 the FFN is down(silu(first half) * second half). With rope_factors_long/short tensors the
 RoPE angles are divided by the factors (long when the context size exceeds the original
-context length, as llama.cpp chooses). Sliding window: disabled, as in llama.cpp.
+context length, as llama.cpp chooses: worker.models.recipe.rope_factor_tensor). Sliding
+window: disabled, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -29,15 +30,6 @@ class Phi3Model(DecoderModel):
             f"{p}.ffn_up.weight",
             f"{p}.ffn_down.weight",
         ]
-
-    def _freq_factors(self) -> F32 | None:
-        long_ = self.w.has("rope_factors_long.weight")
-        short = self.w.has("rope_factors_short.weight")
-        if long_ and (self.n_ctx > self.hp.rope.orig_ctx or not short):
-            return self.w.get("rope_factors_long.weight")
-        if short:
-            return self.w.get("rope_factors_short.weight")
-        return super()._freq_factors()
 
     def qkv(self, il: int, h: F32) -> tuple[F32, F32, F32]:
         p = f"blk.{il}"

@@ -45,21 +45,22 @@ A = 1 << 20
 
 
 def _args(**over: object) -> dict[str, object]:
-    n, nh, nkv, hd, ctx = 37, 14, 2, 64, 100
+    n, nh, nkv, hd, rows = 37, 14, 2, 64, 128
     a: dict[str, object] = dict(
         q=DevBuf(A, n * nh * hd * 4, "q"),
         q_stride=nh * hd,
-        kcache=DevBuf(2 * A, ctx * nkv * hd * 2, "kc"),
-        vcache=DevBuf(3 * A, ctx * nkv * hd * 2, "vc"),
-        pos=DevBuf(4 * A, 4, "pos"),
+        kcache=DevBuf(2 * A, rows * nkv * hd * 2, "kc"),
+        vcache=DevBuf(3 * A, rows * nkv * hd * 2, "vc"),
+        seq=DevBuf(4 * A, 12, "seq"),
+        bt=DevBuf(7 * A, 4 * 4, "bt"),
+        bt_stride=4,
         out=DevBuf(5 * A, n * nh * hd * 4, "out"),
         out_stride=nh * hd,
-        n_tokens=n,
+        chunks=[(0, n, 0)],
         n_head=nh,
         n_kv=nkv,
         head_dim=hd,
-        ctx=ctx,
-        max_kv=n,
+        pool_rows=rows,
         window=0,
         sinks=None,
     )
@@ -70,13 +71,18 @@ def _args(**over: object) -> dict[str, object]:
 def test_good_launch_plan() -> None:
     t = check_attn_prefill_tc(**_args())  # type: ignore[arg-type]
     assert t.kernel == "attn_prefill_tc_d64"
-    assert t.grid == (1, 14)
+    assert t.grid == (1, 14, 1)
     assert t.shared == 2 * 2 * 64 * 72 * 2
     big = dict(q=DevBuf(A, 65 * 896 * 4, "q"), out=DevBuf(5 * A, 65 * 896 * 4, "out"))
-    t = check_attn_prefill_tc(**_args(n_tokens=65, max_kv=90, **big))  # type: ignore[arg-type]
-    assert t.grid == (2, 14)
+    t = check_attn_prefill_tc(**_args(chunks=[(0, 65, 25)], **big))  # type: ignore[arg-type]
+    assert t.grid == (2, 14, 1)
+    two = dict(seq=DevBuf(4 * A, 24, "seq"), bt=DevBuf(7 * A, 32, "bt"))
+    t = check_attn_prefill_tc(  # type: ignore[arg-type]
+        **_args(chunks=[(0, 30, 0), (30, 7, 190)], **two)
+    )
+    assert t.grid == (1, 14, 2)
     with pytest.raises(LaunchRefused, match="out \\(out\\) needs"):
-        check_attn_prefill_tc(**_args(n_tokens=65, max_kv=90, q=big["q"]))  # type: ignore[arg-type]
+        check_attn_prefill_tc(**_args(chunks=[(0, 65, 0)], q=big["q"]))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -85,9 +91,10 @@ def test_good_launch_plan() -> None:
         (dict(head_dim=48), "head_dim 48 has no kernel"),
         (dict(head_dim=256), "head_dim 256 has no kernel"),
         (dict(n_kv=3), "not a multiple"),
-        (dict(n_tokens=0), "n_tokens must be a positive"),
-        (dict(max_kv=101), "exceeds the cache"),
-        (dict(max_kv=36), "shorter than"),
+        (dict(chunks=[(0, 0, 0)]), "n_tok must be a positive"),
+        (dict(chunks=[]), "no chunks"),
+        (dict(chunks=[(0, 37, 220)]), "past a block-table row"),
+        (dict(chunks=[(0, 37, -1)]), "negative"),
         (dict(window=-1), "window"),
         (dict(q_stride=895), "shorter than the rows"),
         (dict(q_stride=897), "even"),
@@ -95,9 +102,10 @@ def test_good_launch_plan() -> None:
         (dict(q=DevBuf(A, 37 * 896 * 4 - 4, "q")), "q \\(q\\) needs"),
         (dict(q=DevBuf(A + 4, 37 * 896 * 4, "q")), "8-byte aligned"),
         (dict(out=DevBuf(5 * A, 36 * 896 * 4, "out")), "out \\(out\\) needs"),
-        (dict(kcache=DevBuf(2 * A, 100 * 128 * 2 - 2, "kc")), "kcache"),
-        (dict(vcache=DevBuf(3 * A + 8, 100 * 128 * 2, "vc")), "16-byte aligned"),
-        (dict(pos=DevBuf(4 * A, 2, "pos")), "pos"),
+        (dict(kcache=DevBuf(2 * A, 128 * 128 * 2 - 2, "kc")), "kcache"),
+        (dict(vcache=DevBuf(3 * A + 8, 128 * 128 * 2, "vc")), "16-byte aligned"),
+        (dict(seq=DevBuf(4 * A, 8, "seq")), "seq"),
+        (dict(bt=DevBuf(7 * A, 12, "bt")), "block tables"),
         (dict(sinks=DevBuf(6 * A, 13 * 4, "sinks")), "sinks"),
     ],
 )
@@ -318,6 +326,8 @@ typedef _Float16 __half;
 struct __half2 { _Float16 x, y; };
 inline __half2 __floats2half2_rn(float a, float b) { return {(_Float16)a, (_Float16)b}; }
 inline float2 __half22float2(__half2 h) { return {(float)h.x, (float)h.y}; }
+#define KV_BLOCK 64
+inline void pdl_start() {}
 struct Idx { unsigned x, y, z; };
 thread_local Idx threadIdx, blockIdx;
 alignas(16) unsigned char tc_smem_raw[1 << 17];
@@ -435,54 +445,63 @@ inline unsigned tc_pack(float lo, float hi) {
 """
 
 HOST_MAIN = r"""// driver: input file -> run every block -> output file
+// The cache arrives as a pool of KV_BLOCK-row blocks and a block table per chunk; one launch
+// covers every chunk (grid z), as the worker's steps do.
 template <int D>
 static void run_grid(const float* q, int q_stride, const __half* kc, const __half* vc,
-                     const int* pos0, int n, int nh, int nkv, float sl2, int window,
-                     const float* sinks, float* out, int out_stride) {
-  const int nqt = (n + TC_BM - 1) / TC_BM;
-  for (int by = 0; by < nh; ++by)
-    for (int bx = 0; bx < nqt; ++bx) {
-      memset(tc_smem_raw, 0xff, sizeof(tc_smem_raw));  // NaN halves: unwritten reads show
-      std::barrier<> blk(TC_THREADS);
-      std::vector<std::barrier<>*> wb;
-      for (int i = 0; i < TC_THREADS / 32; ++i) {
-        wb.push_back(new std::barrier<>(32));
-        g_warp[i].bar = wb.back();
+                     const int* seq, int n_seq, const int* bt, int bt_stride, int nh, int nkv,
+                     float sl2, int window, const float* sinks, float* out, int out_stride) {
+  int longest = 0;
+  for (int z = 0; z < n_seq; ++z) longest = std::max(longest, seq[3 * z + 1]);
+  const int nqt = (longest + TC_BM - 1) / TC_BM;
+  for (int bz = 0; bz < n_seq; ++bz)
+    for (int by = 0; by < nh; ++by)
+      for (int bx = 0; bx < nqt; ++bx) {
+        memset(tc_smem_raw, 0xff, sizeof(tc_smem_raw));  // NaN halves: unwritten reads show
+        std::barrier<> blk(TC_THREADS);
+        std::vector<std::barrier<>*> wb;
+        for (int i = 0; i < TC_THREADS / 32; ++i) {
+          wb.push_back(new std::barrier<>(32));
+          g_warp[i].bar = wb.back();
+        }
+        g_block = &blk;
+        std::vector<std::thread> th;
+        for (int t = 0; t < TC_THREADS; ++t)
+          th.emplace_back([=] {
+            threadIdx = {(unsigned)t, 0, 0};
+            blockIdx = {(unsigned)bx, (unsigned)by, (unsigned)bz};
+            attn_prefill_tc_body<D>(q, q_stride, kc, vc, seq, bt, bt_stride, nh, nkv, sl2,
+                                    window, sinks, out, out_stride);
+          });
+        for (auto& x : th) x.join();
+        for (auto* b : wb) delete b;
       }
-      g_block = &blk;
-      std::vector<std::thread> th;
-      for (int t = 0; t < TC_THREADS; ++t)
-        th.emplace_back([=] {
-          threadIdx = {(unsigned)t, 0, 0};
-          blockIdx = {(unsigned)bx, (unsigned)by, 0};
-          attn_prefill_tc_body<D>(q, q_stride, kc, vc, pos0, n, nh, nkv, sl2, window, sinks,
-                                  out, out_stride);
-        });
-      for (auto& x : th) x.join();
-      for (auto* b : wb) delete b;
-    }
 }
 
 int main(int argc, char** argv) {
   FILE* f = fopen(argv[1], "rb");
-  int h[10];
+  int h[11];
   float sl2;
-  if (fread(h, 4, 10, f) != 10 || fread(&sl2, 4, 1, f) != 1) return 2;
-  const int D = h[0], n = h[1], nh = h[2], nkv = h[3], ctx = h[4], pos0 = h[5], window = h[6],
-            has_sinks = h[7], q_stride = h[8], out_stride = h[9];
+  if (fread(h, 4, 11, f) != 11 || fread(&sl2, 4, 1, f) != 1) return 2;
+  const int D = h[0], n = h[1], nh = h[2], nkv = h[3], rows = h[4], n_seq = h[5],
+            window = h[6], has_sinks = h[7], q_stride = h[8], out_stride = h[9],
+            bt_stride = h[10];
+  std::vector<int> seq(3 * n_seq), bt((size_t)n_seq * bt_stride);
   std::vector<float> q((size_t)n * q_stride), sinks(nh), out((size_t)n * out_stride, NAN);
-  std::vector<__half> kc((size_t)ctx * nkv * D), vc((size_t)ctx * nkv * D);
-  size_t ok = fread(q.data(), 4, q.size(), f) + fread(kc.data(), 2, kc.size(), f) +
+  std::vector<__half> kc((size_t)rows * nkv * D), vc((size_t)rows * nkv * D);
+  size_t ok = fread(seq.data(), 4, seq.size(), f) + fread(bt.data(), 4, bt.size(), f) +
+              fread(q.data(), 4, q.size(), f) + fread(kc.data(), 2, kc.size(), f) +
               fread(vc.data(), 2, vc.size(), f);
   if (has_sinks) ok += fread(sinks.data(), 4, nh, f);
   fclose(f);
-  if (ok != q.size() + kc.size() + vc.size() + (has_sinks ? nh : 0)) return 3;
+  if (ok != seq.size() + bt.size() + q.size() + kc.size() + vc.size() + (has_sinks ? nh : 0))
+    return 3;
   const float* sk = has_sinks ? sinks.data() : nullptr;
   switch (D) {
-#define RUN(d)                                                                      \
-  case d:                                                                           \
-    run_grid<d>(q.data(), q_stride, kc.data(), vc.data(), &pos0, n, nh, nkv, sl2,   \
-                window, sk, out.data(), out_stride);                                \
+#define RUN(d)                                                                          \
+  case d:                                                                               \
+    run_grid<d>(q.data(), q_stride, kc.data(), vc.data(), seq.data(), n_seq, bt.data(), \
+                bt_stride, nh, nkv, sl2, window, sk, out.data(), out_stride);           \
     break;
     RUN(32) RUN(64) RUN(80) RUN(96) RUN(128)
     default: return 4;
@@ -508,6 +527,66 @@ def host_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cmd = ["g++", "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", str(cpp), "-o"]
     subprocess.run([*cmd, str(exe)], check=True, capture_output=True)
     return exe
+
+
+def _paged(
+    rng: np.random.Generator, kc: np.ndarray, vc: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The logical cache [ctx] as a pool of shuffled KV_BLOCK-row blocks (NaN in the blocks
+    no table points to) and its block table."""
+    ctx, nkv, hd = kc.shape
+    nb = -(-ctx // TC_BN)
+    phys = rng.permutation(nb + 3)[:nb]  # spare blocks between, never read
+    rows = (nb + 3) * TC_BN
+    pk = np.full((rows, nkv, hd), np.nan, np.float16)
+    pv = np.full((rows, nkv, hd), np.nan, np.float16)
+    for b, p in enumerate(phys):
+        n = min(TC_BN, ctx - b * TC_BN)
+        pk[p * TC_BN : p * TC_BN + n] = kc[b * TC_BN : b * TC_BN + n]
+        pv[p * TC_BN : p * TC_BN + n] = vc[b * TC_BN : b * TC_BN + n]
+    return pk, pv, phys.astype(np.int32), rows
+
+
+def _run_host(
+    exe: Path,
+    tmp: Path,
+    q: np.ndarray,
+    pk: np.ndarray,
+    pv: np.ndarray,
+    chunks: list[tuple[int, int, int]],
+    table: np.ndarray,
+    nh: int,
+    window: int,
+    sk: np.ndarray | None,
+    scale: float,
+) -> np.ndarray:
+    """Run the host-compiled kernel over `chunks` (row0, n, pos0), all with one table;
+    returns the written rows [n, nh*hd] (the padding between rows checked untouched)."""
+    n = q.shape[0]
+    rows, nkv, hd = pk.shape
+    q_stride, out_stride = nh * hd + 2, nh * hd + 4  # strides past the rows
+    qpad = np.zeros((n, q_stride), np.float32)
+    qpad[:, : nh * hd] = q
+    bt_stride = table.size + 1
+    bt = np.zeros((len(chunks), bt_stride), np.int32)
+    bt[:, : table.size] = table
+    inp = tmp / "in.bin"
+    with inp.open("wb") as f:
+        hdr = [hd, n, nh, nkv, rows, len(chunks), window, int(sk is not None)]
+        np.array([*hdr, q_stride, out_stride, bt_stride], np.int32).tofile(f)
+        np.array([scale * LOG2E], np.float32).tofile(f)
+        np.array(chunks, np.int32).reshape(-1).tofile(f)
+        bt.tofile(f)
+        qpad.tofile(f)
+        pk.tofile(f)
+        pv.tofile(f)
+        if sk is not None:
+            sk.tofile(f)
+    outp = tmp / "out.bin"
+    subprocess.run([str(exe), str(inp), str(outp)], check=True, timeout=120)
+    out = np.fromfile(outp, np.float32).reshape(n, out_stride)
+    assert np.isnan(out[:, nh * hd :]).all()  # nothing written between rows
+    return out[:, : nh * hd]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is required (CI has it)")
@@ -543,24 +622,8 @@ def test_kernel_source_on_host_matches_reference(
     q = rng.standard_normal((n, nh * hd)).astype(np.float32)
     sk = (rng.standard_normal(nh) * 2).astype(np.float32) if sinks else None
     scale = 1.0 / float(np.sqrt(hd))
-    q_stride, out_stride = nh * hd + 2, nh * hd + 4  # strides past the rows
-    qpad = np.zeros((n, q_stride), np.float32)
-    qpad[:, : nh * hd] = q
-    inp = tmp_path / "in.bin"
-    with inp.open("wb") as f:
-        hdr = [hd, n, nh, nkv, ctx, pos0, window, int(sinks), q_stride, out_stride]
-        np.array(hdr, np.int32).tofile(f)
-        np.array([scale * LOG2E], np.float32).tofile(f)
-        qpad.tofile(f)
-        kc.tofile(f)
-        vc.tofile(f)
-        if sk is not None:
-            sk.tofile(f)
-    outp = tmp_path / "out.bin"
-    subprocess.run([str(host_kernel), str(inp), str(outp)], check=True, timeout=120)
-    out = np.fromfile(outp, np.float32).reshape(n, out_stride)
-    assert np.isnan(out[:, nh * hd :]).all()  # nothing written between rows
-    got = out[:, : nh * hd]
+    pk, pv, table, _ = _paged(rng, kc, vc)
+    got = _run_host(host_kernel, tmp_path, q, pk, pv, [(0, n, pos0)], table, nh, window, sk, scale)
     kr, vr = kc.copy(), vc.copy()
     kr[kv:] = 0
     vr[kv:] = 0
@@ -568,3 +631,30 @@ def test_kernel_source_on_host_matches_reference(
     assert rel_err(got, ref) < TC_BOUND / 4
     # the same arithmetic as the NumPy twin, up to the order of the fp32 sums
     assert rel_err(got, emulate_tc(q, kc, vc, pos0, nh, nkv, scale, window, sk)) < 1e-4
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is required (CI has it)")
+@pytest.mark.parametrize("window,sinks", [(0, False), (100, True)])
+def test_kernel_rows_do_not_depend_on_the_chunking(
+    host_kernel: Path, tmp_path: Path, window: int, sinks: bool
+) -> None:
+    """Batch invariance of the prompt attention: a 150-token prompt run as one chunk, as
+    three chunks of one launch (cut at 37 and 101, not at tile edges), and beside another
+    sequence's chunk gives bit-identical rows."""
+    rng = np.random.default_rng(11 + window)
+    n, nh, nkv, hd = 150, 4, 2, 64
+    kc = (rng.standard_normal((n + 5, nkv, hd)) * 0.5).astype(np.float16)
+    vc = rng.standard_normal((n + 5, nkv, hd)).astype(np.float16)
+    q = rng.standard_normal((n, nh * hd)).astype(np.float32)
+    sk = (rng.standard_normal(nh) * 2).astype(np.float32) if sinks else None
+    scale = 1.0 / float(np.sqrt(hd))
+    pk, pv, table, _ = _paged(rng, kc, vc)
+    args = (table, nh, window, sk, scale)
+    whole = _run_host(host_kernel, tmp_path, q, pk, pv, [(0, n, 0)], *args)
+    cut = [(0, 37, 0), (37, 64, 37), (101, 49, 101)]
+    parts = _run_host(host_kernel, tmp_path, q, pk, pv, cut, *args)
+    assert np.array_equal(whole.view(np.uint32), parts.view(np.uint32))
+    # rows 37..100 again, launched beside a chunk of another sequence
+    q2 = np.concatenate([rng.standard_normal((20, nh * hd)).astype(np.float32), q[37:101]])
+    beside = _run_host(host_kernel, tmp_path, q2, pk, pv, [(0, 20, 3), (20, 64, 37)], *args)
+    assert np.array_equal(beside[20:].view(np.uint32), whole[37:101].view(np.uint32))

@@ -42,10 +42,18 @@ def test_macro_families_wait_in_their_core() -> None:
     # the families' kernels are made from those cores only
     assert re.search(r"gemv_##NAME##_nb##NB##SUFFIX[^{]*\{\s*\\\s*gemv4_run", src)
     assert re.search(r"embed_##NAME[^{]*\{\s*\\\s*embed_row", src)
+    # the tensor-core prefill attention waits before its body
+    assert re.search(r"attn_prefill_tc_d##D\([^{]*\{\s*\\\s*pdl_start\(\);", src)
 
 
 def test_names_that_must_not_get_programmatic_edges() -> None:
-    for name in ("gemv3_q4_k_nb1", "moe_gemv_mxfp4", "moe_gemm_q8_0", "sample_full", "gemm_q4_k"):
+    for name in (
+        "gemv3_q4_k_nb1",
+        "moe_gemv_mxfp4",
+        "moe_gemm_q8_0",
+        "gemm2_q4_k_m64",
+        "gemm_q4_k",
+    ):
         assert not pdl_aware(name), name
     for name in ("gemv_q4_k_nb1", "gemv_q8_0_nb1_a_r2", "embed_q6_k", "rmsnorm_f32"):
         assert pdl_aware(name), name

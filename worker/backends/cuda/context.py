@@ -216,12 +216,11 @@ PDL_KERNELS = (
     "add_pos_embd_f32",
     "topk_softmax_f32",
     "moe_combine_f32",
-    "rowdot_f32",
-    "argmax_partial",
-    "argmax_final",
-    "attn_split",
-    "attn_decode_rope",
+    "gather_rows_f32",
+    "attn_paged_decode",
+    "attn_prefill_tc_",
     "qkv_rope_store",
+    "sample_rows",
 )
 PDL_DEFAULT = os.environ.get("WORKER_ORCD_PDL", "1") != "0"
 

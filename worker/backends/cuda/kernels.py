@@ -1,5 +1,5 @@
-"""Checked launch wrappers for H7's kernels (cuda_src/norm.cu, rope.cu, attention.cu,
-activation.cu, elementwise.cu, sampling.cu).
+"""Checked launch wrappers for the non-matrix kernels (cuda_src/norm.cu, rope.cu,
+attention.cu, activation.cu, elementwise.cu, sampling.cu).
 
 Every wrapper validates shapes, strides, alignment and the byte range each pointer will be
 read or written over *before* the launch is queued (`LaunchRefused`, a CudaError naming the
@@ -34,8 +34,8 @@ SAMPLE_SCRATCH_BYTES = (
     + 8
     + 8
 )
-ARGMAX_BLOCKS = 128
 MAX_DYN_SMEM = 48 * 1024
+KV_BLOCK = 64  # positions per KV-cache block (cuda_src/common.cuh KV_BLOCK)
 
 
 class LaunchRefused(CudaError):
@@ -81,6 +81,8 @@ def ptr(b: DevBuf | None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class AttnShape:
+    """A decode attention launch: n_tokens query rows (one per sequence)."""
+
     n_tokens: int
     n_head: int
     n_kv: int
@@ -126,7 +128,7 @@ def attn_tc_smem_bytes(head_dim: int) -> int:
 @dataclass(frozen=True, slots=True)
 class TcLaunch:
     kernel: str
-    grid: tuple[int, int]
+    grid: tuple[int, int, int]
     shared: int
 
 
@@ -136,52 +138,59 @@ def check_attn_prefill_tc(
     q_stride: int,
     kcache: DevBuf,
     vcache: DevBuf,
-    pos: DevBuf,
+    seq: DevBuf,
+    bt: DevBuf,
+    bt_stride: int,
     out: DevBuf,
     out_stride: int,
-    n_tokens: int,
+    chunks: list[tuple[int, int, int]],
     n_head: int,
     n_kv: int,
     head_dim: int,
-    ctx: int,
-    max_kv: int,
+    pool_rows: int,
     window: int,
     sinks: DevBuf | None,
 ) -> TcLaunch:
     """Every check of a tensor-core prefill attention launch (pure: no GPU needed).
-    max_kv: the host's bound on pos0 + n_tokens (the kernel reads keys up to it)."""
+    chunks: per sequence (row0, n_tok, pos0), the values the kernel will read from `seq`;
+    its block table (bt row z) must cover positions up to pos0 + n_tok. pool_rows: rows in
+    each of kcache / vcache (blocks * KV_BLOCK)."""
     k = "attn_prefill_tc"
-    positive(k, n_tokens=n_tokens, n_head=n_head, n_kv=n_kv, head_dim=head_dim, ctx=ctx)
+    positive(k, n_head=n_head, n_kv=n_kv, head_dim=head_dim, pool_rows=pool_rows)
+    if not chunks:
+        raise LaunchRefused(k, "no chunks")
     if head_dim not in TC_HEAD_DIMS:
         raise LaunchRefused(k, f"head_dim {head_dim} has no kernel (have {TC_HEAD_DIMS})")
     if n_head % n_kv:
         raise LaunchRefused(k, f"n_head {n_head} not a multiple of {n_kv}")
-    if n_head > 65535:
-        raise LaunchRefused(k, f"n_head {n_head} > 65535 (grid y)")
+    if n_head > 65535 or len(chunks) > 65535:
+        raise LaunchRefused(k, f"n_head {n_head} / {len(chunks)} chunks over 65535 (grid)")
     if not isinstance(window, int) or window < 0:
         raise LaunchRefused(k, f"window must be a non-negative int, got {window!r}")
-    if max_kv > ctx:
-        raise LaunchRefused(k, f"key length {max_kv} exceeds the cache ({ctx})")
-    if max_kv < n_tokens:
-        raise LaunchRefused(k, f"key length {max_kv} shorter than the {n_tokens} queries")
     width = n_head * head_dim
     if q_stride < width or out_stride < width:
         raise LaunchRefused(k, "row strides shorter than the rows")
     if q_stride % 2 or out_stride % 2:
         raise LaunchRefused(k, "row strides must be even (8-byte float2 accesses)")
-    need(k, q, strided_extent(n_tokens, q_stride, width), "q", 8)
-    need(k, out, strided_extent(n_tokens, out_stride, width), "out", 8)
-    need(k, kcache, ctx * n_kv * head_dim * F16, "kcache", 16)
-    need(k, vcache, ctx * n_kv * head_dim * F16, "vcache", 16)
-    need(k, pos, 4, "pos")
+    rows = 0
+    longest = 0
+    for row0, n_tok, pos0 in chunks:
+        positive(k, n_tok=n_tok)
+        if row0 < 0 or pos0 < 0:
+            raise LaunchRefused(k, f"negative row {row0} or position {pos0}")
+        if -(-(pos0 + n_tok) // KV_BLOCK) > bt_stride:
+            raise LaunchRefused(k, f"positions to {pos0 + n_tok} past a block-table row")
+        rows = max(rows, row0 + n_tok)
+        longest = max(longest, n_tok)
+    need(k, q, strided_extent(rows, q_stride, width), "q", 8)
+    need(k, out, strided_extent(rows, out_stride, width), "out", 8)
+    need(k, kcache, pool_rows * n_kv * head_dim * F16, "kcache", 16)
+    need(k, vcache, pool_rows * n_kv * head_dim * F16, "vcache", 16)
+    need(k, seq, len(chunks) * 3 * 4, "seq")
+    need(k, bt, len(chunks) * bt_stride * 4, "block tables")
     need(k, sinks, n_head * F32 if sinks is not None else 0, "sinks")
-    grid = (-(-n_tokens // TC_BM), n_head)
+    grid = (-(-longest // TC_BM), n_head, len(chunks))
     return TcLaunch(f"attn_prefill_tc_d{head_dim}", grid, attn_tc_smem_bytes(head_dim))
-
-
-def attn_split_count(kv_len: int, max_split: int, min_chunk: int = 32) -> int:
-    """Splits for a key length: enough parallelism, at least `min_chunk` keys each."""
-    return max(1, min(max_split, math.ceil(kv_len / min_chunk)))
 
 
 class Kernels:
@@ -201,10 +210,9 @@ class Kernels:
         sig = {
             ("norm", "rmsnorm_f32"): "PPPPif",
             ("norm", "layernorm_f32"): "PPPPPif",
-            ("rope", "qkv_rope_store"): "PPPPPPPPPiiiiiiPfii",
-            ("attention", "attn_split"): "PiPPPPPiiiiiifiPPiP",
-            ("attention", "attn_decode_rope"): "PPPPPPiiiiifiPPPPfiii",
-            **{("attention", f"attn_prefill_tc_d{d}"): "PiPPPiiifiPPi" for d in TC_HEAD_DIMS},
+            ("rope", "qkv_rope_store"): "PPPPPPPPPPiiiiiiPfii",
+            ("attention", "attn_paged_decode"): "PiPPPiPPPiiiiifiPPiP",
+            **{("attention", f"attn_prefill_tc_d{d}"): "PiPPPPiiifiPPi" for d in TC_HEAD_DIMS},
             ("activation", "swiglu_f32"): "PPPiiii",
             ("activation", "swiglu_oai_f32"): "PPPiiiiff",
             ("activation", "gelu_f32"): "PPi",
@@ -212,11 +220,8 @@ class Kernels:
             ("elementwise", "add_pos_embd_f32"): "PPPii",
             ("elementwise", "topk_softmax_f32"): "PiiPP",
             ("elementwise", "moe_combine_f32"): "PPPii",
-            ("elementwise", "rowdot_f32"): "PiPPP",
-            ("sampling", "argmax_partial"): "PiPP",
-            ("sampling", "argmax_final"): "PPiPP",
-            ("sampling", "sample_full"): "PiPiffiQiQQiPPPP",
-            ("sampling", "sample_dev"): "PiPPPPPPP",
+            ("elementwise", "gather_rows_f32"): "PiPPii",
+            ("sampling", "sample_rows"): "PqiPPPiPPPP",
         }
         from worker.backends.cuda.matmul import _prefer_shared
 
@@ -328,6 +333,7 @@ class Kernels:
         kcache: DevBuf,
         vcache: DevBuf,
         pos: DevBuf,
+        kvrow: DevBuf,
         n_tokens: int,
         n_head: int,
         n_kv: int,
@@ -338,18 +344,18 @@ class Kernels:
         inv_freq: DevBuf,
         mscale: float,
         mode: int,
-        ctx: int,
-        max_pos: int,
+        pool_rows: int,
     ) -> None:
-        """max_pos: the host's bound on pos0 + n_tokens (checked against ctx)."""
+        """Token t (position pos[t]) has its k and v stored at pool row kvrow[t] of this
+        layer's kcache/vcache (pool_rows rows each; the kernel stores nothing for a row
+        outside 0..pool_rows-1)."""
         kn = "qkv_rope_store"
-        positive(kn, n_tokens=n_tokens, n_head=n_head, n_kv=n_kv, head_dim=head_dim, ctx=ctx)
+        positive(kn, n_tokens=n_tokens, n_head=n_head, n_kv=n_kv, head_dim=head_dim)
+        positive(kn, pool_rows=pool_rows)
         if head_dim > 256 or n_rot > head_dim or n_rot % 2 or n_rot < 0:
             raise LaunchRefused(kn, f"head_dim {head_dim} / n_rot {n_rot} unsupported")
         if mode not in (0, 1, 2):
             raise LaunchRefused(kn, f"mode {mode}")
-        if max_pos > ctx:
-            raise LaunchRefused(kn, f"positions up to {max_pos} exceed the cache ({ctx})")
         if q_stride < n_head * head_dim or kv_stride < n_kv * head_dim:
             raise LaunchRefused(kn, "row strides shorter than the rows")
         need(kn, q, strided_extent(n_tokens, q_stride, n_head * head_dim), "q")
@@ -358,9 +364,10 @@ class Kernels:
         need(kn, bq, n_head * head_dim * F32 if bq is not None else 0, "bq")
         need(kn, bk, n_kv * head_dim * F32 if bk is not None else 0, "bk")
         need(kn, bv, n_kv * head_dim * F32 if bv is not None else 0, "bv")
-        need(kn, kcache, ctx * n_kv * head_dim * F16, "kcache", 16)
-        need(kn, vcache, ctx * n_kv * head_dim * F16, "vcache", 16)
-        need(kn, pos, 4, "pos")
+        need(kn, kcache, pool_rows * n_kv * head_dim * F16, "kcache", 16)
+        need(kn, vcache, pool_rows * n_kv * head_dim * F16, "vcache", 16)
+        need(kn, pos, 4 * n_tokens, "pos")
+        need(kn, kvrow, 4 * n_tokens, "kvrow")
         need(kn, inv_freq, (n_rot // 2) * 8 if mode else 0, "inv_freq", 8)
         threads = min(256, max(32, (head_dim + 31) // 32 * 32))
         self.launch(
@@ -376,6 +383,7 @@ class Kernels:
             kcache.ptr,
             vcache.ptr,
             pos.ptr,
+            kvrow.ptr,
             n_head,
             n_kv,
             head_dim,
@@ -385,47 +393,52 @@ class Kernels:
             inv_freq.ptr,
             mscale,
             mode,
-            ctx,
+            pool_rows,
         )
 
     # ------------------------------------------------------------------ attention
 
-    def attention(
+    def attention_decode(
         self,
         *,
         q: DevBuf,
         q_stride: int,
         kcache: DevBuf,
         vcache: DevBuf,
+        bt: DevBuf,
+        bt_stride: int,
+        pos: DevBuf,
         opart: DevBuf,
         ml: DevBuf,
-        pos: DevBuf,
         out: DevBuf,
         out_stride: int,
         tickets: DevBuf,
         shape: AttnShape,
-        ctx: int,
-        max_kv: int,
+        pool_rows: int,
         scale: float,
         window: int = 0,
         sinks: DevBuf | None = None,
     ) -> None:
-        """max_kv: the host's bound on pos0 + n_tokens (the longest key length).
-        tickets: n_tokens * n_head zeroed uint32 (the kernel leaves them zeroed)."""
-        k = "attn_split"
+        """attn_paged_decode: one query row per sequence (shape.n_tokens rows), row t at
+        position pos[t] over block table row t (bt_stride blocks a row). The host keeps every
+        position below bt_stride * KV_BLOCK and shape.n_split * shape.max_chunk (the kernel
+        reads keys 0..pos[t]). tickets: n_rows * n_head zeroed uint32 (left zeroed)."""
+        k = "attn_paged_decode"
         s = shape
         s.check(k)
-        if max_kv > ctx:
-            raise LaunchRefused(k, f"key length {max_kv} exceeds the cache ({ctx})")
-        if s.max_chunk * s.n_split < max_kv:
-            raise LaunchRefused(k, f"{s.n_split} chunks of {s.max_chunk} < {max_kv} keys")
+        positive(k, bt_stride=bt_stride, pool_rows=pool_rows)
+        if s.max_chunk * s.n_split < bt_stride * KV_BLOCK:
+            raise LaunchRefused(
+                k, f"{s.n_split} chunks of {s.max_chunk} < {bt_stride * KV_BLOCK} keys"
+            )
         need(k, q, strided_extent(s.n_tokens, q_stride, s.n_head * s.head_dim), "q")
-        need(k, kcache, ctx * s.n_kv * s.head_dim * F16, "kcache", 16)
-        need(k, vcache, ctx * s.n_kv * s.head_dim * F16, "vcache", 16)
+        need(k, kcache, pool_rows * s.n_kv * s.head_dim * F16, "kcache", 16)
+        need(k, vcache, pool_rows * s.n_kv * s.head_dim * F16, "vcache", 16)
+        need(k, bt, s.n_tokens * bt_stride * 4, "block tables")
+        need(k, pos, s.n_tokens * 4, "pos")
         parts = s.n_tokens * s.n_head * s.n_split
         need(k, opart, parts * s.head_dim * F32, "opart")
         need(k, ml, parts * 2 * F32, "ml")
-        need(k, pos, 4, "pos")
         need(k, out, strided_extent(s.n_tokens, out_stride, s.n_head * s.head_dim), "out")
         need(k, sinks, s.n_head * F32 if sinks is not None else 0, "sinks")
         need(k, tickets, s.n_tokens * s.n_head * 4, "tickets")
@@ -437,10 +450,11 @@ class Kernels:
             q_stride,
             kcache.ptr,
             vcache.ptr,
+            bt.ptr,
+            bt_stride,
+            pos.ptr,
             opart.ptr,
             ml.ptr,
-            pos.ptr,
-            s.n_tokens,
             s.n_head,
             s.n_kv,
             s.head_dim,
@@ -455,43 +469,45 @@ class Kernels:
             shared=s.max_chunk * F32,
         )
 
-    def attention_prefill_tc(
+    def attention_prefill(
         self,
         *,
         q: DevBuf,
         q_stride: int,
         kcache: DevBuf,
         vcache: DevBuf,
-        pos: DevBuf,
+        seq: DevBuf,
+        bt: DevBuf,
+        bt_stride: int,
         out: DevBuf,
         out_stride: int,
-        n_tokens: int,
+        chunks: list[tuple[int, int, int]],
         n_head: int,
         n_kv: int,
         head_dim: int,
-        ctx: int,
-        max_kv: int,
+        pool_rows: int,
         scale: float,
         window: int = 0,
         sinks: DevBuf | None = None,
     ) -> None:
-        """Prefill attention on the tensor cores (attn_prefill_tc_d<head_dim>): the same
-        function and output layout as `attention` (attn_split) with FP16 Q and P (see
-        docs/kernels.md, H12); no workspace, no tickets. max_kv: bound on pos0 + n_tokens."""
+        """Prompt chunks of several sequences on the tensor cores (attn_prefill_tc_d<D>):
+        `seq` holds (row0, n_tok, pos0) per chunk on the device (the values in `chunks`),
+        bt one block-table row per chunk. FP16 Q and P, no workspace, no tickets."""
         t = check_attn_prefill_tc(
             q=q,
             q_stride=q_stride,
             kcache=kcache,
             vcache=vcache,
-            pos=pos,
+            seq=seq,
+            bt=bt,
+            bt_stride=bt_stride,
             out=out,
             out_stride=out_stride,
-            n_tokens=n_tokens,
+            chunks=chunks,
             n_head=n_head,
             n_kv=n_kv,
             head_dim=head_dim,
-            ctx=ctx,
-            max_kv=max_kv,
+            pool_rows=pool_rows,
             window=window,
             sinks=sinks,
         )
@@ -503,8 +519,9 @@ class Kernels:
             q_stride,
             kcache.ptr,
             vcache.ptr,
-            pos.ptr,
-            n_tokens,
+            seq.ptr,
+            bt.ptr,
+            bt_stride,
             n_head,
             n_kv,
             scale * LOG2E,
@@ -513,78 +530,6 @@ class Kernels:
             out.ptr,
             out_stride,
             shared=t.shared,
-        )
-
-    def attention_decode_rope(
-        self,
-        *,
-        qkv: DevBuf,
-        kcache: DevBuf,
-        vcache: DevBuf,
-        opart: DevBuf,
-        ml: DevBuf,
-        pos: DevBuf,
-        out: DevBuf,
-        tickets: DevBuf,
-        shape: AttnShape,
-        ctx: int,
-        scale: float,
-        inv_freq: DevBuf,
-        mscale: float,
-        mode: int,
-        n_rot: int,
-        window: int = 0,
-        sinks: DevBuf | None = None,
-    ) -> None:
-        """One decode token: RoPE + KV store + attention in one launch (attn_decode_rope).
-        qkv: the token's raw [q | k | v]; positions up to ctx - 1 (the kernel writes nothing
-        for a position at or past ctx; the caller checks first)."""
-        k = "attn_decode_rope"
-        s = shape
-        s.check(k)
-        if s.n_tokens != 1:
-            raise LaunchRefused(k, "decode only (one token)")
-        if s.max_chunk * s.n_split < ctx:
-            raise LaunchRefused(k, f"{s.n_split} chunks of {s.max_chunk} < {ctx} keys")
-        if mode not in (0, 1, 2) or n_rot > s.head_dim or n_rot % 2 or n_rot < 0:
-            raise LaunchRefused(k, f"rope mode {mode} / n_rot {n_rot}")
-        width = (s.n_head + 2 * s.n_kv) * s.head_dim
-        need(k, qkv, width * F32, "qkv")
-        need(k, kcache, ctx * s.n_kv * s.head_dim * F16, "kcache", 16)
-        need(k, vcache, ctx * s.n_kv * s.head_dim * F16, "vcache", 16)
-        need(k, opart, s.n_head * s.n_split * s.head_dim * F32, "opart")
-        need(k, ml, s.n_head * s.n_split * 2 * F32, "ml")
-        need(k, pos, 4, "pos")
-        need(k, out, s.n_head * s.head_dim * F32, "out")
-        need(k, tickets, s.n_head * 4, "tickets")
-        need(k, sinks, s.n_head * F32 if sinks is not None else 0, "sinks")
-        need(k, inv_freq, (n_rot // 2) * 8 if mode else 0, "inv_freq", 8)
-        self.launch(
-            k,
-            (s.n_split, s.n_head),
-            (ATTN_THREADS,),
-            qkv.ptr,
-            kcache.ptr,
-            vcache.ptr,
-            opart.ptr,
-            ml.ptr,
-            pos.ptr,
-            s.n_head,
-            s.n_kv,
-            s.head_dim,
-            s.n_split,
-            s.max_chunk,
-            scale,
-            window,
-            ptr(sinks),
-            out.ptr,
-            tickets.ptr,
-            inv_freq.ptr,
-            mscale,
-            mode,
-            n_rot,
-            ctx,
-            shared=s.max_chunk * F32,
         )
 
     # ------------------------------------------------------------------ activations
@@ -645,15 +590,14 @@ class Kernels:
         self.launch(k, ((n + 255) // 256, rows), (256,), x.ptr, y.ptr, n, x_stride, y_stride)
 
     def add_pos_embd(
-        self, x: DevBuf, table: DevBuf, pos: DevBuf, rows: int, n: int, n_pos: int, max_pos: int
+        self, x: DevBuf, table: DevBuf, pos: DevBuf, rows: int, n: int, n_pos: int
     ) -> None:
+        """x[t] += table[pos[t]] (a position outside the table adds nothing)."""
         k = "add_pos_embd_f32"
         positive(k, rows=rows, n=n, n_pos=n_pos)
-        if max_pos > n_pos:
-            raise LaunchRefused(k, f"position {max_pos} past the table ({n_pos})")
         need(k, x, rows * n * F32, "x")
         need(k, table, n_pos * n * F32, "table")
-        need(k, pos, 4, "pos")
+        need(k, pos, 4 * rows, "pos")
         self.launch(k, ((n + 255) // 256, rows), (256,), x.ptr, table.ptr, pos.ptr, n, n_pos)
 
     def topk_softmax(
@@ -668,21 +612,6 @@ class Kernels:
         need(kn, w, rows * k * F32, "w")
         self.launch(kn, (rows,), (32,), logits.ptr, n_exp, k, idx.ptr, w.ptr)
 
-    def rowdot(
-        self, w: DevBuf, rows: int, k: int, x: DevBuf, bias: DevBuf | None, y: DevBuf
-    ) -> None:
-        """y[r] = w[r] . x (+ bias[r]) for r < rows: an F32 matrix [rows][k], one token
-        (the gpt-oss router; elementwise.cu rowdot_f32)."""
-        kn = "rowdot_f32"
-        positive(kn, rows=rows, k=k)
-        if k % 4:
-            raise LaunchRefused(kn, f"k {k} not a multiple of 4")
-        need(kn, w, rows * k * F32, "w", 16)
-        need(kn, x, k * F32, "x", 16)
-        need(kn, bias, rows * F32 if bias is not None else 0, "bias")
-        need(kn, y, rows * F32, "y")
-        self.launch(kn, (rows,), (256,), w.ptr, k, x.ptr, ptr(bias), y.ptr)
-
     def moe_combine(self, x: DevBuf, y: DevBuf, w: DevBuf, rows: int, n: int, k: int) -> None:
         """x[t] += sum_s w[t, s] * y[t*k + s] (slots in order)."""
         kn = "moe_combine_f32"
@@ -692,125 +621,84 @@ class Kernels:
         need(kn, w, rows * k * F32, "w")
         self.launch(kn, ((n + 255) // 256, rows), (256,), x.ptr, y.ptr, w.ptr, n, k)
 
-    # ------------------------------------------------------------------ sampling
-
-    def argmax(
+    def gather_rows(
         self,
         x: DevBuf,
-        n: int,
-        part_v: DevBuf,
-        part_i: DevBuf,
+        x_stride: int,
+        idx: DevBuf,
         out: DevBuf,
-        io: DevBuf | None = None,
+        out_stride: int,
+        rows: int,
+        n: int,
+        src_rows: int,
     ) -> None:
-        """out[0] = argmax(x[:n]) (ties: lowest index). io: a decode step's [position, token]
-        (int32), advanced on the device to [position + 1, the id] (chained greedy steps)."""
-        positive("argmax_partial", n=n)
-        need("argmax_final", io, 8 if io is not None else 0, "io")
-        need("argmax_partial", x, n * F32, "x")
-        need("argmax_partial", part_v, ARGMAX_BLOCKS * F32, "part_v")
-        need("argmax_partial", part_i, ARGMAX_BLOCKS * 4, "part_i")
-        need("argmax_final", out, 4, "out")
-        self.launch("argmax_partial", (ARGMAX_BLOCKS,), (256,), x.ptr, n, part_v.ptr, part_i.ptr)
+        """out[r] = x[idx[r]] (n floats) for r < rows; idx values must be < src_rows (the
+        host builds them)."""
+        k = "gather_rows_f32"
+        positive(k, rows=rows, n=n, src_rows=src_rows)
+        need(k, x, strided_extent(src_rows, x_stride, n), "x")
+        need(k, idx, rows * 4, "idx")
+        need(k, out, strided_extent(rows, out_stride, n), "out")
         self.launch(
-            "argmax_final", (1,), (128,), part_v.ptr, part_i.ptr, ARGMAX_BLOCKS, out.ptr, ptr(io)
+            k, ((n + 255) // 256, rows), (256,), x.ptr, x_stride, idx.ptr, out.ptr, out_stride, n
         )
 
-    def sample_full(
+    # ------------------------------------------------------------------ sampling
+
+    def sample_rows(
         self,
         *,
         logits: DevBuf,
+        ldl: int,
         n: int,
-        pen_ids: DevBuf,
-        n_pen: int,
-        penalty: float,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        draw: float,
-        xbuf: DevBuf,
-        out: DevBuf,
-        gscratch: DevBuf,
-        barrier: DevBuf,
-    ) -> None:
-        """barrier: two zeroed uint32 (left consistent for the next launch)."""
-        k = "sample_full"
-        if n_pen < 0:
-            raise LaunchRefused(k, "negative penalty count")
-        need(k, pen_ids, n_pen * 4, "pen_ids")
-        grid = self._sampler_grid(k, n, logits, xbuf, out, gscratch, barrier)
-        tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(top_p, min_p, draw)
-        self.launch(
-            k,
-            (grid,),
-            (SAMPLE_THREADS,),
-            logits.ptr,
-            n,
-            pen_ids.ptr,
-            n_pen,
-            penalty,
-            temperature,
-            top_k,
-            tp_m,
-            tp_sh,
-            wfloor,
-            d_m,
-            d_sh,
-            xbuf.ptr,
-            out.ptr,
-            gscratch.ptr,
-            barrier.ptr,
-        )
-
-    def _sampler_grid(
-        self, k: str, n: int, logits: DevBuf, xbuf: DevBuf, out: DevBuf, gs: DevBuf, bar: DevBuf
-    ) -> int:
-        """The checks sample_full and sample_dev share; their grid (co-resident blocks)."""
-        positive(k, n=n)
-        need(k, logits, n * F32, "logits")
-        need(k, xbuf, n * F32, "xbuf")
-        need(k, out, 8, "out")
-        need(k, gs, SAMPLE_SCRATCH_BYTES, "gscratch", 16)
-        need(k, bar, 8, "barrier")
-        return min(SAMPLE_GRID, self.ctx.facts.multiprocessors)
-
-    def sample_dev(
-        self,
-        *,
-        logits: DevBuf,
-        n: int,
-        pen_ids: DevBuf,
+        rows: int,
         args: DevBuf,
+        slot: DevBuf,
+        hist: DevBuf,
+        hist_stride: int,
+        n_slots: int,
         xbuf: DevBuf,
         out: DevBuf,
         gscratch: DevBuf,
         barrier: DevBuf,
-        io: DevBuf | None,
     ) -> None:
-        """sample_full with its settings in device memory (`args`: SAMPLE_ARGS_BYTES written
-        from sample_args()), so a captured graph can end with it; io as for argmax."""
-        k = "sample_dev"
-        need(k, args, SAMPLE_ARGS_BYTES, "args", 8)
-        need(k, io, 8 if io is not None else 0, "io")
-        grid = self._sampler_grid(k, n, logits, xbuf, out, gscratch, barrier)
+        """One sampler launch for `rows` logits rows (row stride ldl floats): row r with the
+        settings args[r] (SAMPLE_ARGS_BYTES each, from sample_args()), penalty history
+        hist[slot[r]] (hist_stride ids a slot, n_slots slots), scratch xbuf[r] (n floats),
+        gscratch[r], barrier[r] (two zeroed uint32, left consistent), out[r] = (id, NaN)."""
+        k = "sample_rows"
+        positive(k, n=n, rows=rows, hist_stride=hist_stride, n_slots=n_slots)
+        if ldl < n:
+            raise LaunchRefused(k, "logits row stride shorter than the rows")
+        need(k, logits, strided_extent(rows, ldl, n), "logits")
+        need(k, args, rows * SAMPLE_ARGS_BYTES, "args", 8)
+        need(k, slot, rows * 4, "slot")
+        need(k, hist, n_slots * hist_stride * 4, "hist")
+        need(k, xbuf, rows * n * F32, "xbuf")
+        need(k, out, rows * 8, "out")
+        need(k, gscratch, rows * SAMPLE_SCRATCH_BYTES, "gscratch", 16)
+        need(k, barrier, rows * 8, "barrier")
+        # a row's blocks must all be resident together; rows need not be
+        grid = max(1, min(SAMPLE_GRID, self.ctx.facts.multiprocessors // rows))
         self.launch(
             k,
-            (grid,),
+            (grid, rows),
             (SAMPLE_THREADS,),
             logits.ptr,
+            ldl,
             n,
-            pen_ids.ptr,
             args.ptr,
+            slot.ptr,
+            hist.ptr,
+            hist_stride,
             xbuf.ptr,
             out.ptr,
             gscratch.ptr,
             barrier.ptr,
-            ptr(io),
         )
 
 
-# sample_dev's SampleArgs (cuda_src/sampling.cu): top_p_m, wfloor, draw_m (u64), pen,
+# sample_rows' SampleArgs (cuda_src/sampling.cu): top_p_m, wfloor, draw_m (u64), pen,
 # temperature (f32), n_pen, top_k, top_p_sh, draw_sh (i32); little-endian, no padding.
 SAMPLE_ARGS_BYTES = 48
 
@@ -834,7 +722,7 @@ def sample_args(
     min_p: float,
     draw: float,
 ) -> bytes:
-    """The SAMPLE_ARGS_BYTES that sample_dev reads: the same values sample_full is passed."""
+    """The SAMPLE_ARGS_BYTES sample_rows reads for one row."""
     if n_pen < 0 or top_k < 0:
         raise ValueError("negative penalty count or top_k")
     tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(top_p, min_p, draw)

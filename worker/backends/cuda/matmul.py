@@ -878,6 +878,11 @@ class MatmulKernels:
         self._resident: dict[str, int] = {}
         self._moe_ws: DevBuf | None = None  # moe_route's workspace (MatmulKernels.moe)
         self._moe_ws_keep: list[Any] = []
+        # batch invariance: every row count takes the tensor-core forms (gemm, routed
+        # moe_gemm), whose per-row arithmetic does not depend on the other rows, so a row's
+        # result is the same in a launch of 1 row or of 256; False lets 1-8 rows take the
+        # decode gemv (fewer bytes per launch at batch 1, other rounding)
+        self.invariant = False
         import pycuda.driver as drv
 
         dev = drv.Context.get_device()
@@ -971,8 +976,9 @@ class MatmulKernels:
     def linear(
         self, w: QWeight, x: BufLike, y: BufLike, ntok: int, *, stream: Any = None, **kw: Any
     ) -> None:
-        """gemv for ntok <= 8 (decode, weights read once), tensor-core gemm above."""
-        if ntok <= GEMV_MAX_TOKENS:
+        """gemv for ntok <= 8 (decode, weights read once), tensor-core gemm above; always
+        the gemm when `invariant`."""
+        if ntok <= GEMV_MAX_TOKENS and not self.invariant:
             self.gemv(w, x, y, ntok, stream=stream, **kw)
         else:
             self.gemm(w, x, y, ntok, stream=stream, **kw)
@@ -1006,7 +1012,7 @@ class MatmulKernels:
         pre-pass into this object's workspace. The workspace is shared by every call: queue
         all MoE launches of one MatmulKernels on one stream (the backend does)."""
         form = kw.get("form", "auto")
-        gemm = form == "gemm" or (form == "auto" and ntok > 2)
+        gemm = form == "gemm" or (form == "auto" and (ntok > 2 or self.invariant))
         version = kw.pop("version", None)
         if gemm and version is None:
             version = MOE_GEMM_VERSION
@@ -1056,6 +1062,16 @@ class MatmulKernels:
     ) -> None:
         """plan_moe_pair's launch (decode: gate and up in one launch)."""
         self.run(plan_moe_pair(w0, w1, ids, ntok, topk, x, y0, y1, **kw), stream)
+
+    def reserve(self, max_tokens: int, max_k: int, n_experts: int, topk: int) -> None:
+        """Size the workspaces for launches of up to max_tokens rows now, so that no launch
+        allocates (a launch inside a graph capture must not)."""
+        self._x16_workspace(max_tokens * max_k * 2)
+        if n_experts:
+            n = max_tokens * topk
+            self._moe_workspace(
+                max(moe_workspace_bytes(n, n_experts, tm) for tm in (MOE_GEMM_TILE_M, 128))
+            )
 
     def _moe_workspace(self, nbytes: int) -> DevBuf:
         """The routing workspace, grown (never shrunk, never freed while this object lives, so a

@@ -1,0 +1,95 @@
+"""The host layout of a GPU step (worker/backends/cuda/step.py), without a GPU: which row
+each token takes, the KV-pool row each key goes to, block tables, prompt-chunk records, the
+logits rows (sampled first), the packed offsets and a graph bucket's padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.backends.cuda.kernels import KV_BLOCK, SAMPLE_ARGS_BYTES, sample_args
+from worker.backends.cuda.step import Sizes, layout_step
+from worker.engine.batch import Chunk, SampleSpec
+from worker.engine.params import SamplingParams
+
+W, TRASH = 8, 99
+P = SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.2)
+
+
+def _fields(lay: object) -> dict[str, np.ndarray]:
+    sz: Sizes = lay.sizes  # type: ignore[attr-defined]
+    offs, counts = sz.offsets(), sz.counts()
+    packed: np.ndarray = lay.packed  # type: ignore[attr-defined]
+    return {k: packed[offs[k] : offs[k] + counts[k]] for k in offs}
+
+
+def test_mixed_step_rows_tables_and_logits() -> None:
+    spec = SampleSpec(P, 0.25, [7, 8])
+    chunks = [
+        Chunk(slot=3, tokens=list(range(10, 80)), start=60, blocks=[5, 2, 0], prefill=True),
+        Chunk(slot=0, tokens=[42], start=130, blocks=[1, 4, 6], prefill=False, sample=spec),
+        Chunk(slot=1, tokens=[1, 2, 3], start=0, blocks=[7], prefill=True, sample=spec),
+        Chunk(slot=2, tokens=[9], start=5, blocks=[3], prefill=False, logits=True),
+    ]
+    lay = layout_step(chunks, width=W, trash_block=TRASH)
+    sz = lay.sizes
+    assert (sz.tokens, sz.decode, sz.chunks, sz.rows) == (75, 2, 2, 3)
+    # decode rows first, in order; then each prompt chunk's rows
+    assert lay.chunk_rows == [(2, 70), (0, 1), (72, 3), (1, 1)]
+    assert lay.prefill == [(2, 70, 60), (72, 3, 0)]
+    f = _fields(lay)
+    assert list(f["ids"][:2]) == [42, 9] and list(f["ids"][2:72]) == list(range(10, 80))
+    assert list(f["pos"][:2]) == [130, 5] and f["pos"][2] == 60 and f["pos"][71] == 129
+    # key of position p -> block table[p // 64] * 64 + p % 64
+    assert f["kvrow"][0] == 6 * KV_BLOCK + 130 % 64
+    assert f["kvrow"][2] == 5 * KV_BLOCK + 60 and f["kvrow"][6] == 2 * KV_BLOCK + 0
+    bt = f["bt"].reshape(4, W)
+    assert list(bt[0]) == [1, 4, 6] + [TRASH] * 5  # decode row 0
+    assert list(bt[1]) == [3] + [TRASH] * 7
+    assert list(bt[2][:3]) == [5, 2, 0] and list(bt[3][:1]) == [7]
+    assert list(f["seq"]) == [2, 70, 60, 72, 3, 0]
+    # sampled rows (in chunk order), then the logits-only chunk's rows
+    assert lay.sampled == [1, 2]
+    assert list(f["gidx"]) == [0, 74, 1] and list(f["slot"][:2]) == [0, 1]
+    args = f["sargs"].reshape(3, SAMPLE_ARGS_BYTES // 4)[0].tobytes()
+    assert args == sample_args(
+        n_pen=2,
+        penalty=float(np.float32(1.2)),
+        temperature=float(np.float32(0.7)),
+        top_k=5,
+        top_p=1.0,
+        min_p=0.0,
+        draw=0.25,
+    )
+    assert lay.logits_chunks == [3] and lay.logits_rows == [(2, 1)]
+    offs = sz.offsets()
+    assert all(o % 2 == 0 for o in offs.values())  # u64 sampler args stay 8-byte aligned
+
+
+def test_bucket_padding_is_fixed_and_harmless() -> None:
+    spec = SampleSpec(P, 0.5, [])
+    chunks = [
+        Chunk(slot=s, tokens=[s + 1], start=10 + s, blocks=[s], prefill=False, sample=spec)
+        for s in range(3)
+    ]
+    lay = layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=8)
+    sz = lay.sizes
+    assert (sz.tokens, sz.decode, sz.rows) == (8, 8, 8)
+    f = _fields(lay)
+    assert list(f["kvrow"][3:]) == [TRASH * KV_BLOCK] * 5  # padding writes the trash block
+    assert list(f["pos"][3:]) == [0] * 5 and list(f["ids"][3:]) == [0] * 5
+    assert list(f["gidx"]) == list(range(8)) and list(f["slot"][3:]) == [8] * 5
+    bt = f["bt"].reshape(8, W)
+    assert (bt[3:] == TRASH).all()
+    # the same sizes give the same offsets: a captured graph finds its inputs every step
+    again = layout_step(chunks[:1], width=W, trash_block=TRASH, pad_decode_to=8)
+    assert again.sizes == sz and again.sizes.offsets() == sz.offsets()
+    with pytest.raises(ValueError):
+        layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=2)
+
+
+def test_bad_chunks() -> None:
+    with pytest.raises(ValueError, match="exactly one token"):
+        layout_step([Chunk(0, [1, 2], 0, [0], prefill=False)], width=W, trash_block=TRASH)
+    with pytest.raises(ValueError, match="wider"):
+        layout_step([Chunk(0, [1], 0, list(range(9)), prefill=True)], width=W, trash_block=9)
