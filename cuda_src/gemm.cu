@@ -225,7 +225,9 @@ template <int T, int BM> struct Smem3 {
 // * the X tile (fp32) is requested into registers one step ahead, converted to fp16 and stored
 //   after the current step's mma (|X| < 65504 assumed, as in v1);
 // * fragments come from ldmatrix.x4 (80-byte rows: conflict-free); one __syncthreads per step
-//   plus one per chunk. No split-K, no atomics: bit-identical run to run.
+//   plus one per chunk. No atomics: bit-identical run to run. Split K (a fixed number of
+//   splits per matrix shape, never per row count, so a row's sum is the same in any batch):
+//   each split a plain partial, summed in order by gemm_splitk_reduce.
 // gemm3_<type>_m128 / _m64: the same with X already fp16 (gemm_x16 pre-pass into a workspace):
 // the X tile goes global -> shared by cp.async through 3 stages, two steps ahead, with no
 // conversion and no registers held; one __syncthreads per step (the chunk waits ride on it).
@@ -260,12 +262,16 @@ __device__ __forceinline__ void ldsm4(uint32_t r[4], const __half* p) {
 // X + gx[r] and Y + gy[r] (gx, gy: BM offsets in shared memory, -1 = no row; ldx, ldy, M and
 // blockIdx.x unused) and the matrix starts w_off bytes after W (any alignment; W itself
 // 16-byte aligned). GA = false compiles to the dense kernels as before (w_off, gx, gy unused).
+// Split K (dense only): kps > 0 K steps per split (a multiple of a raw chunk's steps), split
+// blockIdx.z taking steps z*kps .. and writing its plain partial sums (no bias, no residual)
+// at Y + z*sstride; gemm_splitk_reduce then adds the splits in order. kps = 0: one pass.
 template <int T, int BM, bool XH, typename XT, bool GA = false>
 __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row_bytes, int N,
                                     int K, const XT* __restrict__ X, long long ldx, int M,
                                     const float* __restrict__ bias, const float* residual,
                                     float* Y, long long ldy, const long long* gx = nullptr,
-                                    const long long* gy = nullptr, long long w_off = 0) {
+                                    const long long* gy = nullptr, long long w_off = 0,
+                                    int kps = 0, long long sstride = 0) {
   static_assert(!(GA && XH), "gathered rows: gemm2 (fp32 X) only");
   using C = Cfg<T>;
   constexpr int MI = BM / 32;                          // m16 tiles per warp
@@ -287,7 +293,17 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3, gq = lane >> 2, cq = lane & 3;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const int nk = K / BK, nc = (K + C::KC - 1) / C::KC;
+  const int nk_all = K / BK, nc_all = (K + C::KC - 1) / C::KC;
+  // this block's K steps [k0, nk) and raw chunks [k0 / SPC, nc)
+  const int k0 = kps > 0 ? static_cast<int>(blockIdx.z) * kps : 0;
+  const int nk = kps > 0 ? min(nk_all, k0 + kps) : nk_all;
+  const int nc = kps > 0 ? min(nc_all, (nk + C::SPC - 1) / C::SPC) : nc_all;
+  const int c0 = k0 / C::SPC;
+  if (kps > 0) {
+    Y += static_cast<long long>(blockIdx.z) * sstride;
+    bias = nullptr;
+    residual = nullptr;
+  }
   const long long wo = GA ? w_off : 0LL;  // GA = false: the constant 0
   const long long wend = wo + (long long)N * row_bytes;
   const unsigned rb15 = static_cast<unsigned>(row_bytes & 15);
@@ -427,18 +443,18 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
   };
 
   if constexpr (!XH) {
-    issue_chunk(0);
+    issue_chunk(c0);
     cp_commit();
-    if (nc > 1) issue_chunk(1);
+    if (c0 + 1 < nc) issue_chunk(c0 + 1);
     cp_commit();
-    load_x(0);
+    load_x(k0);
     cp_wait1();
     __syncthreads();
-    dequant_step(0, 0);
-    store_x(0);
+    dequant_step(k0, k0 & 1);
+    store_x(k0 & 1);
     __syncthreads();
 
-    for (int kt = 0; kt < nk; ++kt) {
+    for (int kt = k0; kt < nk; ++kt) {
       const int buf = kt & 1;
       const bool more = kt + 1 < nk;
       if (more) {
@@ -461,17 +477,17 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
     // iteration kt commits group kt+2 (X(kt+2), and chunk c+1 when step kt+1 opens chunk c).
     static_assert(XS == 3, "the group bookkeeping below assumes 3 X stages");
     static_assert(C::SPC >= XS - 1, "a raw chunk must land before its first step");
-    issue_x(0, 0);
-    issue_chunk(0);
+    issue_x(k0, k0 % XS);
+    issue_chunk(c0);
     cp_commit();
-    if (nk > 1) issue_x(1, 1);
-    if (nc > 1) issue_chunk(1);
+    if (k0 + 1 < nk) issue_x(k0 + 1, (k0 + 1) % XS);
+    if (c0 + 1 < nc) issue_chunk(c0 + 1);
     cp_commit();
-    cp_wait1();  // group 0: X(0) and chunk 0 (this thread's pieces) ...
+    cp_wait1();  // group 0: X(k0) and chunk c0 (this thread's pieces) ...
     __syncthreads();  // ... and everyone's
-    dequant_step(0, 0);
+    dequant_step(k0, k0 & 1);
     __syncthreads();
-    for (int kt = 0; kt < nk; ++kt) {
+    for (int kt = k0; kt < nk; ++kt) {
       // X(kt+2) -> stage (kt+2) % 3 = that of step kt-1, whose mma ended before the barrier
       // that closed the last iteration
       if (kt + 2 < nk) issue_x(kt + 2, (kt + 2) % XS);
@@ -521,25 +537,50 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 #define GEMM2_INST(TY, NAME)                                                                 \
   extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m128(                 \
       const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \
-      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
-    g2::run<TY, 128, false>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);        \
+      int M, const float* bias, const float* residual, float* Y, long long ldy, int kps,    \
+      long long sstride) {                                                                   \
+    g2::run<TY, 128, false>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy, nullptr, \
+                            nullptr, 0, kps, sstride);                                       \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m64(                  \
       const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \
-      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
-    g2::run<TY, 64, false>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);         \
+      int M, const float* bias, const float* residual, float* Y, long long ldy, int kps,    \
+      long long sstride) {                                                                   \
+    g2::run<TY, 64, false>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy, nullptr,  \
+                           nullptr, 0, kps, sstride);                                        \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(256, 2) gemm3_##NAME##_m128(                 \
       const uint8_t* W, long long row_bytes, int N, int K, const __half* X, long long ldx,  \
-      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
-    g2::run<TY, 128, true>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);         \
+      int M, const float* bias, const float* residual, float* Y, long long ldy, int kps,    \
+      long long sstride) {                                                                   \
+    g2::run<TY, 128, true>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy, nullptr,  \
+                           nullptr, 0, kps, sstride);                                        \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(256, 2) gemm3_##NAME##_m64(                  \
       const uint8_t* W, long long row_bytes, int N, int K, const __half* X, long long ldx,  \
-      int M, const float* bias, const float* residual, float* Y, long long ldy) {           \
-    g2::run<TY, 64, true>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy);          \
+      int M, const float* bias, const float* residual, float* Y, long long ldy, int kps,    \
+      long long sstride) {                                                                   \
+    g2::run<TY, 64, true>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy, nullptr,   \
+                          nullptr, 0, kps, sstride);                                         \
   }
 FOR_EACH_QTYPE(GEMM2_INST)
+
+// Split-K sum: Y[m][n] = ((part[0][m][n] + part[1][m][n]) + ...) + bias[n] + residual[m][n]
+// over S splits in order (part rows of N floats, splits sstride floats apart); residual has
+// Y's layout and may be Y itself. grid (ceil(N / 256), M), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) gemm_splitk_reduce(
+    const float* __restrict__ part, int S, long long sstride, int M, int N,
+    const float* __restrict__ bias, const float* residual, float* Y, long long ldy) {
+  const int n = blockIdx.x * 256 + threadIdx.x, m = blockIdx.y;
+  if (n >= N || m >= M) return;
+  const float* p = part + (long long)m * N + n;
+  float s = p[0];
+  for (int z = 1; z < S; ++z) s += p[(long long)z * sstride];
+  if (bias) s += bias[n];
+  const long long yo = (long long)m * ldy + n;
+  if (residual) s += residual[yo];
+  Y[yo] = s;
+}
 
 // gemm3's pre-pass: Xh[m][k] = fp16(X[m][k]) for m < M, k < K (K a multiple of 8, X rows
 // 16-byte aligned); grid (M, ceil(K / 1024)), 128 threads, 8 elements a thread.

@@ -23,7 +23,7 @@ lcpp=/tmp/lcpp
   mkdir -p $lcpp && tar xzf third_party/lcpp.tgz -C $lcpp &&
     cmake -S $lcpp/llama.cpp -B $lcpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >"$OUT/lcpp_cmake.log" 2>&1 &&
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >"$OUT/lcpp_cmake.log" 2>&1 &&
     cmake --build $lcpp/build --target llama-batched-bench llama-bench -j"$(nproc)" \
       >"$OUT/lcpp_build.log" 2>&1
   echo "llama.cpp build rc=$? after $(( $(date +%s) - t0 )) s" >>"$OUT/lcpp_build.log"
@@ -38,19 +38,31 @@ python3 -c "from worker.backends.cuda.compile import prewarm; print('compiled:',
   >"$OUT/prewarm.log" 2>&1
 echo "prewarm: $(cat "$OUT/prewarm.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
 if [ "$TESTS" != none ]; then
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -x \
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
     --timeout 200 tests/gpu/test_kernels.py tests/gpu/test_matmul.py tests/gpu/test_embed_moe.py \
     tests/gpu/test_model.py ${TESTS:+-k "$TESTS"} >"$OUT/pytest.log" 2>&1
   echo "tests rc=$? ($(( $(date +%s) - t0 )) s): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
   grep -E "^FAILED|^ERROR|Error|assert" "$OUT/pytest.log" | head -30
 fi
-wait  # the synthetic files (the llama.cpp build goes on: waited for below)
+wait $(jobs -p | grep -v "^$LCPP\$")  # the synthetic files (the llama.cpp build goes on)
+if [ -n "${PROFILE:-}" ]; then
+  for b in ${PROFILE//,/ }; do
+    timeout 120 python3 scripts/device/kernel_profile.py "$S/qwen2-full-q4_k_m.gguf" --batch "$b" \
+      --json "$OUT/profile-b$b.json" 2>&1 | grep -v Warning | head -30
+  done
+fi
 for m in ${MODELS//,/ }; do
   f=$S/$m-full-$(mix "$m").gguf
   timeout "${BENCH_TIMEOUT:-150}" python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold \
     --reps 3 --batch "$BATCH" >"$OUT/bench-$m.txt" 2>&1
   echo "bench $m rc=$?"; grep -v "^{" "$OUT/bench-$m.txt" | tail -8
   grep "^{" "$OUT/bench-$m.txt" | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ('gpu','pp_tok_s','tg_tok_s','max_batch','load_s_warm_kernel_cache','error')})"
+  if [ -n "${NOINV:-}" ]; then  # the same without batch invariance (A/B of its cost)
+    timeout 120 python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold --reps 3 \
+      --no-invariant --batch "$NOINV" >"$OUT/bench-$m-noinv.txt" 2>&1
+    echo "bench $m --no-invariant rc=$?"; grep -v "^{" "$OUT/bench-$m-noinv.txt" | tail -6
+    grep "^{" "$OUT/bench-$m-noinv.txt" | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ('pp_tok_s','tg_tok_s','batch_invariant','error')})"
+  fi
 done
 timeout 400 tail --pid=$LCPP -f /dev/null
 tail -1 "$OUT/lcpp_build.log"

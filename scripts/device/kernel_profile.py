@@ -1,8 +1,9 @@
-"""Per-kernel GPU time of a decode step and of a prefill, as the worker runs them (the decode
-step replays its CUDA graph), from CUPTI kernel records taken by torch.profiler: CUPTI's
-activity tracing sees every kernel of the process, PyCUDA's included, graph nodes too.
+"""Per-kernel GPU time of a decode step (of --batch rows) and of a prefill, as the worker runs
+them (decode steps replay their bucket's CUDA graph), from CUPTI kernel records taken by
+torch.profiler: CUPTI's activity tracing sees every kernel of the process, PyCUDA's
+included, graph nodes too.
 
-    python3 scripts/device/kernel_profile.py MODEL.gguf [--steps 32] [--prompt 512] [--json F]
+    python3 scripts/device/kernel_profile.py MODEL.gguf [--batch 1] [--steps 32] [--prompt 512]
 
 Prints, per kernel name, launches per step, GPU us per step and share of the step, and the
 step's GPU-busy fraction (sum of kernel time / wall time between the first kernel's start
@@ -63,6 +64,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--ctx-size", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1, help="decode rows a step")
     ap.add_argument("--json")
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
@@ -73,8 +75,11 @@ def main() -> int:
 
     from worker.backends.cuda import CudaBackend
     from worker.engine.params import SamplingParams
+    from worker.engine.scheduler import Request, Scheduler
+    from worker.engine.single import SingleSequence
+    from worker.tokenizer.loader import load_tokenizer
 
-    be = CudaBackend(a.model, ctx_size=a.ctx_size)
+    be = CudaBackend(a.model, ctx_size=a.ctx_size, max_batch=max(a.batch, 8))
     torch.cuda.init()  # same device, the primary context the backend already holds
     greedy = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
@@ -84,25 +89,32 @@ def main() -> int:
         "device": torch.cuda.get_device_name(),
     }
     with tempfile.TemporaryDirectory() as d:
-        # decode: warm the graph, then profile `steps` greedy steps
-        tok = be.forward_sample(prompt[:64], greedy, 0.0, [])
-        for _ in range(4):
-            tok = be.forward_sample([tok], greedy, 0.0, [])
+        # decode: --batch jobs past their prompts, then profile `steps` steps of all of them
+        sched = Scheduler(be, load_tokenizer(be.gf.metadata), max_batch=a.batch)
+        for k in range(a.batch):
+            sched.add(
+                Request(
+                    f"p{k}", prompt[:64], max_tokens=a.steps + 10, params=greedy, ignore_eos=True
+                )
+            )
+        for _ in range(6):
+            sched.step()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for _ in range(a.steps):
-                tok = be.forward_sample([tok], greedy, 0.0, [])
+                sched.step()
             wall = time.perf_counter() - t0
         prof.export_chrome_trace(f"{d}/dec.json")
         out["decode"] = _table(_kernels(Path(f"{d}/dec.json")), a.steps)
-        out["decode"]["host_us_per_step"] = round(wall / a.steps * 1e6, 1)
+        out["decode"]["wall_us_per_step"] = round(wall / a.steps * 1e6, 1)
+        out["decode"]["rows"] = a.batch
         # prefill of the whole prompt (warm once first)
-        be.reset()
-        be.forward_sample(prompt, greedy, 0.0, [])
-        be.reset()
+        seq = SingleSequence(be)
+        seq.forward_sample(prompt, greedy, 0.0, [])
+        seq.reset()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            be.forward_sample(prompt, greedy, 0.0, [])
+            seq.forward_sample(prompt, greedy, 0.0, [])
             wall = time.perf_counter() - t0
         prof.export_chrome_trace(f"{d}/pre.json")
         out["prefill"] = _table(_kernels(Path(f"{d}/pre.json")), 1)
@@ -113,7 +125,8 @@ def main() -> int:
         t = out[what]
         print(
             f"== {out['model']} {what} ({out['device']}): GPU busy {t['busy_us_per']} us, "
-            f"span {t['span_us_per']} us, busy fraction {t['busy_fraction']}"
+            f"span {t['span_us_per']} us, busy fraction {t['busy_fraction']}, "
+            f"wall {t.get('wall_us_per_step', t.get('host_us'))} us"
         )
         for r in t["kernels"][: a.top]:
             print(

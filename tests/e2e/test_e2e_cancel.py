@@ -4,6 +4,7 @@ that was cancelled ends CANCELLED when reached; repeated cancels are idempotent.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,12 @@ async def test_cancel_running_queued_and_repeated(
     tokens = [e for e in running if isinstance(e, Token)]
     assert 0 < n_before <= len(tokens) < 2048
     assert n_at_reply <= len(tokens)
-    cancelled = w.wait_event("cancelled", 10)
+    w.wait_event("cancelled", 10)
+    deadline = time.monotonic() + 10
+    while not (done := [r for r in w.events("cancelled") if r.get("job_id") == "run-1"]):
+        assert time.monotonic() < deadline, w.events("cancelled")
+        await asyncio.sleep(0.05)
+    cancelled = done[0]
     # the flag is checked before every forward: once set, the step in flight finishes and
     # releases its token (and possibly one held back for UTF-8/stop matching), nothing more
     assert cancelled["tokens_after_cancel"] <= 2, cancelled

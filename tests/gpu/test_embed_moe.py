@@ -522,16 +522,8 @@ def test_moe_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, per_slot: boo
     try:
         for m in (1, 2, 7, 64):
             y = poisoned((m * topk, n))
-            mm.moe(
-                w,
-                upload(ids[:m].reshape(-1)),
-                m,
-                topk,
-                upload(x[:m]),
-                y,
-                per_slot_input=per_slot,
-                bias=b_dev,
-            )
+            ids_m, x_m = upload(ids[:m].reshape(-1)), upload(x[:m])  # referenced until synced
+            mm.moe(w, ids_m, m, topk, x_m, y, per_slot_input=per_slot, bias=b_dev)
             gpu.Context.synchronize()
             outs[m] = y.get()
     finally:

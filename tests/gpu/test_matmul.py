@@ -316,15 +316,16 @@ def test_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, qtype: int) -> No
     rng = np.random.default_rng(qtype)
     for n, k in ((896, 896 if QK[qtype] == 32 else 1024), (4864, 1024)):
         raw, dense = random_matrix(qtype, n, k, rng)
-        w = qweight(upload(raw), qtype, n, k)
+        w_dev = upload(raw)  # kept referenced while kernels read it
+        w = qweight(w_dev, qtype, n, k)
         x = rng.standard_normal((max(INVARIANT_ROWS), k), dtype=np.float32)
         bias = upload(rng.standard_normal(n, dtype=np.float32))
         mm.invariant = True
         try:
             outs = {}
             for m in INVARIANT_ROWS:
-                y = poisoned((m, n))
-                mm.linear(w, upload(x[:m]), y, m, bias=bias)
+                y, xm = poisoned((m, n)), upload(x[:m])
+                mm.linear(w, xm, y, m, bias=bias)
                 gpu.Context.synchronize()
                 outs[m] = y.get()
         finally:

@@ -511,3 +511,31 @@ def test_moe_gemm5_plans() -> None:
     # version 5 is a gemm; the decode form refuses it
     refused(plan_moe, we8, ids, 1, 4, xg, yg, per_slot_input=True, form="gemv", version=5)
     refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, version=6)
+
+
+def test_split_k_depends_on_the_shape_only() -> None:
+    """The tensor-core product splits K so that one row tile of blocks fills the GPU,
+    whole raw chunks a split, as a function of the weight shape alone (batch invariance)."""
+    from worker.backends.cuda.matmul import gemm_split, plan_gemm, plan_splitk_reduce
+
+    q4k, q50, q80 = 12, 6, 8
+    down = QWeight(A, q4k, 896, 4864, 896 * 4864 // 256 * 144)
+    assert gemm_split(down, 132) == (19, 8)  # 19 chunks of 256 -> one chunk a split
+    qkv = QWeight(A, q50, 1152, 896, 1152 * 896 // 32 * 22)
+    assert gemm_split(qkv, 132) == (7, 4)
+    head = QWeight(A, q80, 151936, 896, 151936 * 896 // 32 * 34)
+    assert gemm_split(head, 132) == (1, 0)  # 1187 row tiles already fill the GPU
+    n_split, kps = gemm_split(down, 132)
+    for m in (1, 7, 64, 512):
+        part = DevBuf(512 * A, n_split * m * 896 * 4)
+        x = DevBuf(64 * A, m * 4864 * 4)
+        launch = plan_gemm(down, x, part, m, split=(n_split, kps), version=2)
+        assert launch.grid[2] == n_split and launch.args[-2:] == (kps, m * 896)
+        red = plan_splitk_reduce(part, n_split, m, 896, DevBuf(1024 * A, m * 896 * 4))
+        assert red.grid == (4, m, 1) and red.args[1] == n_split
+    with pytest.raises(KernelArgumentError, match="split workspace too small"):
+        plan_gemm(down, x, DevBuf(512 * A, 512 * 896 * 4), 512, split=(n_split, kps), version=2)
+    with pytest.raises(KernelArgumentError, match="bad split"):
+        plan_gemm(down, x, part, 512, split=(2, kps), version=2)
+    with pytest.raises(KernelArgumentError, match="bias"):
+        plan_gemm(down, x, part, 512, split=(n_split, kps), version=2, bias=DevBuf(2048 * A, 4096))

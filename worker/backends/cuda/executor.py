@@ -129,7 +129,14 @@ class Executor:
         # (eager steps only: a graph replay runs no Python)
         self.route_trace: list[tuple[int, Any]] | None = None
         # workspaces the matrix kernels grow on demand: sized now (no allocation in a capture)
-        mm.reserve(max_tokens, max(E, ff, hp.q_dim), hp.n_expert, kx)
+        mats = [qw for plan in self._qkv_plan + self._gu_plan for qw, _, _ in plan]
+        for L in recipe.layers:
+            names = [L.attn_output, L.ffn_out] + (
+                list(L.ffn_in[:1]) if L.ffn in ("gelu", "moe_oai") else []
+            )
+            mats += [weight(f"{n}.weight") for n in names]
+        mats.append(weight(recipe.head))
+        mm.reserve(max(max_tokens, max_rows), max(E, ff, hp.q_dim), hp.n_expert, kx, mats)
 
     def _zero(self, buf: DevBuf) -> None:
         import numpy as np

@@ -82,6 +82,8 @@ MODULES = ("gemv", "gemm", "embed", "moe")
 _ARG_FORMATS: dict[str, str] = {
     "gemv": "PqiiPqiPPPq",
     "gemm": "PqiiPqiPPPq",
+    "gemm2": "PqiiPqiPPPqiq",  # + K steps per split, split stride (elements)
+    "gemm_splitk_reduce": "PiqiiPPPq",
     "gemm_x16": "PqiiPq",
     "embed": "PqiiPPq",
     "moe_gemv": "PqqiiiPiPqqPPq",
@@ -335,8 +337,13 @@ def plan_gemm(
     tile_m: int | None = None,
     version: int | None = None,
     xh: BufLike | None = None,
+    split: tuple[int, int] | None = None,
 ) -> Launch:
     """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores.
+
+    split (versions 2 and 3): (S, kps): S splits of kps K steps each write plain partial sums
+    at y + z * m * N (a workspace of S * m * N floats; bias and residual are then for
+    plan_splitk_reduce, which adds the splits in order).
 
     version 2: gemm2_<type>_m<tile_m>, 128 weight rows per block, 256 threads, dynamic
     shared memory (gemm2_smem_bytes); tile_m 128 by default when that gives at least
@@ -356,7 +363,8 @@ def plan_gemm(
     tiles_n = -(-w.rows // (GEMM2_ROWS if version >= 2 else GEMM_TILE))
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
     if tile_m is None and version >= 2:
-        tile_m = 128 if -(-m // 128) * tiles_n >= GEMM2_MIN_BLOCKS_128 else 64
+        # (at most 64 rows: a 128-row tile would only multiply zeros)
+        tile_m = 128 if m > 64 and -(-m // 128) * tiles_n >= GEMM2_MIN_BLOCKS_128 else 64
     elif tile_m is None:
         tile_m = 128 if m >= GEMM_BIG_MIN_TOKENS else 64
     _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
@@ -381,6 +389,21 @@ def plan_gemm(
     )
     if version == 1:
         return launch
+    n_split, kps = split if split is not None else (1, 0)
+    if n_split > 1:
+        yb = as_buf(y)
+        _need(kernel, bias is None and residual is None, "a split launch adds no bias/residual")
+        _need(kernel, ldy in (None, w.rows), "split partials are dense rows")
+        _need(kernel, yb.nbytes >= n_split * m * w.rows * 4, "split workspace too small")
+        _need(kernel, kps > 0 and (kps * GEMM2_BK) % max(lay.qk, 128) == 0, "split not chunked")
+        _need(kernel, n_split * kps >= w.cols // GEMM2_BK > (n_split - 1) * kps, "bad split")
+    extra = (kps if n_split > 1 else 0, m * w.rows if n_split > 1 else 0)
+    launch = replace(
+        launch,
+        grid=(launch.grid[0], launch.grid[1], n_split),
+        args=(*launch.args, *extra),
+        arg_format=_ARG_FORMATS["gemm2"],
+    )
     if version == 2:
         return replace(launch, shared=gemm2_smem_bytes(lay, tile_m))
     _need(kernel, xh is not None, "version 3 needs the fp16 X workspace xh")
@@ -393,6 +416,56 @@ def plan_gemm(
     _disjoint(kernel, (hb.ptr, hb.ptr + hbytes), (yb.ptr, yb.ptr + ybytes), "xh and y")
     args = (*launch.args[:4], hb.ptr, w.cols, *launch.args[6:])
     return replace(launch, args=args, shared=gemm2_smem_bytes(lay, tile_m, x_stages=3))
+
+
+GEMM2_BK = 32  # g2::BK: K elements a step
+
+
+def gemm_split(w: QWeight, sms: int) -> tuple[int, int]:
+    """(splits, K steps a split) of the tensor-core product for this weight shape on a GPU of
+    `sms` multiprocessors: enough splits that one row tile's blocks (N / 128 of them) fill
+    the GPU, whole raw chunks a split. A function of the shape only, never of the row count,
+    so that a row's sums are the same however many rows a launch has."""
+    lay = layout(w.qtype)
+    tiles_n = -(-w.rows // GEMM2_ROWS)
+    spc = max(lay.qk, 128) // GEMM2_BK  # K steps per raw chunk
+    chunks = -(-(w.cols // GEMM2_BK) // spc)
+    if tiles_n >= sms or chunks < 2:
+        return 1, 0
+    want = min(chunks, -(-sms // tiles_n))
+    per = -(-chunks // want)  # chunks a split
+    n_split = -(-chunks // per)
+    return (n_split, per * spc) if n_split > 1 else (1, 0)
+
+
+def plan_splitk_reduce(
+    part: BufLike,
+    n_split: int,
+    m: int,
+    n: int,
+    y: BufLike,
+    *,
+    bias: BufLike | None = None,
+    residual: BufLike | None = None,
+    ldy: int | None = None,
+) -> Launch:
+    """y[t] = sum over the splits, in order, of part[z][t] (+bias) (+residual[t])."""
+    kernel = "gemm_splitk_reduce"
+    ldy = n if ldy is None else ldy
+    pb, yb = as_buf(part), as_buf(y)
+    bb, rb = _opt_buf(bias), _opt_buf(residual)
+    _need(kernel, n_split >= 2 and 1 <= m <= MAX_GRID_YZ, f"{n_split} splits, {m} rows")
+    _need(kernel, pb.nbytes >= n_split * m * n * 4, "partials buffer too small")
+    yr = _check_f32(kernel, "y", yb, m, n, ldy)
+    _disjoint(kernel, (pb.ptr, pb.ptr + n_split * m * n * 4), yr, "partials and y")
+    if bb is not None:
+        _check_f32(kernel, "bias", bb, 1, n, n)
+    if rb is not None:
+        rr = _check_f32(kernel, "residual", rb, m, n, ldy)
+        _need(kernel, rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0], "residual overlaps y")
+    args = (pb.ptr, n_split, m * n, m, n, bb.ptr if bb else 0, rb.ptr if rb else 0, yb.ptr, ldy)
+    grid = (-(-n // 256), m, 1)
+    return Launch("gemm", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
 
 def gemm_version(w: QWeight) -> int:
@@ -874,6 +947,7 @@ class MatmulKernels:
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._x16: DevBuf | None = None  # gemm3's fp16 X workspace (_x16_workspace)
+        self._splitk: DevBuf | None = None  # split-K partials (_splitk_workspace)
         self._x16_keep: list[Any] = []
         self._resident: dict[str, int] = {}
         self._moe_ws: DevBuf | None = None  # moe_route's workspace (MatmulKernels.moe)
@@ -948,16 +1022,53 @@ class MatmulKernels:
     ) -> None:
         """Prefill product (plan_gemm). Version 3 first converts x to fp16 into this object's
         workspace (grown on demand; launches on one stream are ordered, so consecutive calls
-        may share it — calls on two streams at once must not use version 3)."""
+        may share it — calls on two streams at once must not use version 3). Versions 2 and
+        3 split K as gemm_split decides for the shape (partials in a workspace of this
+        object, then plan_splitk_reduce)."""
         version = kw.get("version")
-        if (gemm_version(w) if version is None else version) == 3 and "xh" not in kw:
+        v = gemm_version(w) if version is None else version
+        split = gemm_split(w, self._sms) if v >= 2 and "split" not in kw else kw.pop("split", None)
+        launches: list[Launch] = []
+        main_kw = dict(kw)
+        if split is not None and split[0] > 1:
+            part = self._splitk_workspace(split[0] * m * w.rows * 4)
+            for key in ("bias", "residual", "ldy"):
+                main_kw.pop(key, None)
+            reduce = plan_splitk_reduce(
+                part,
+                split[0],
+                m,
+                w.rows,
+                y,
+                bias=kw.get("bias"),
+                residual=kw.get("residual"),
+                ldy=kw.get("ldy"),
+            )
+            out: BufLike = part
+        else:
+            reduce, out = None, y
+        if v == 3 and "xh" not in kw:
             ws = self._x16_workspace(m * w.cols * 2)
-            conv = plan_gemm_x16(x, ws, m, w.cols, ldx=kw.get("ldx"))
-            main = plan_gemm(w, x, y, m, xh=ws, **kw)  # both checked before either is queued
-            self.run(conv, stream)
-            self.run(main, stream)
-            return
-        self.run(plan_gemm(w, x, y, m, **kw), stream)
+            launches.append(plan_gemm_x16(x, ws, m, w.cols, ldx=kw.get("ldx")))
+            main_kw["xh"] = ws
+        launches.append(plan_gemm(w, x, out, m, split=split, **main_kw))
+        if reduce is not None:
+            launches.append(reduce)
+        for launch in launches:  # all checked before any is queued
+            self.run(launch, stream)
+
+    def _splitk_workspace(self, nbytes: int) -> DevBuf:
+        """Split-K partials: grown on demand, never freed while this object lives (queued
+        launches may still use an older one); reserve() sizes it before any capture."""
+        if self._splitk is None or self._splitk.nbytes < nbytes:
+            import pycuda.driver as drv
+
+            size = max(nbytes, 1 << 20)
+            size = 1 << (size - 1).bit_length()
+            alloc = drv.mem_alloc(size)
+            self._x16_keep.append(alloc)
+            self._splitk = DevBuf(int(alloc), size)
+        return self._splitk
 
     def _x16_workspace(self, nbytes: int) -> DevBuf:
         """A device buffer of at least nbytes for gemm3's fp16 X (kept for the object's life;
@@ -1063,10 +1174,15 @@ class MatmulKernels:
         """plan_moe_pair's launch (decode: gate and up in one launch)."""
         self.run(plan_moe_pair(w0, w1, ids, ntok, topk, x, y0, y1, **kw), stream)
 
-    def reserve(self, max_tokens: int, max_k: int, n_experts: int, topk: int) -> None:
-        """Size the workspaces for launches of up to max_tokens rows now, so that no launch
-        allocates (a launch inside a graph capture must not)."""
+    def reserve(
+        self, max_tokens: int, max_k: int, n_experts: int, topk: int, weights: list[QWeight]
+    ) -> None:
+        """Size the workspaces for launches of up to max_tokens rows over these weights now,
+        so that no launch allocates (a launch inside a graph capture must not)."""
         self._x16_workspace(max_tokens * max_k * 2)
+        parts = [gemm_split(w, self._sms)[0] * w.rows for w in weights if w.experts == 1]
+        if max(parts, default=1) > 1:
+            self._splitk_workspace(max_tokens * max(parts) * 4)
         if n_experts:
             n = max_tokens * topk
             self._moe_workspace(
