@@ -9,14 +9,16 @@
 // of values; the last block of a (row, head) to finish (a ticket counter, reset by that
 // block) merges the chunks in a fixed order, so results are bit-identical run to run
 // whatever order the blocks ran in (the atomic only picks which block merges, never the
-// order of a sum). A row's chunks depend only on its own position (ceil((pos + 1) / n_split)
-// keys each), never on the other rows: a sequence's result is the same in any batch.
+// order of a sum). A row's chunks depend only on its own position (max(64, ceil((pos + 1) /
+// n_split)) keys each; splits past its keys are empty and merge as exact zeros), never on
+// the other rows: a sequence's result is the same in any batch.
 //
 // Prefill (attn_prefill_tc_d<D>): see below; also one row's arithmetic never depends on the
 // other rows of its tile or on how its prompt was cut into chunks.
 #include "rope.cuh"
 
 #define AT 128  // threads per decode block; head_dim <= AT, head_dim % 8 == 0
+#define MIN_CHUNK 64  // keys a decode split takes at least (short rows use fewer splits)
 
 __device__ __forceinline__ size_t kv_row(const int* __restrict__ bt, int j) {
   return (size_t)bt[j / KV_BLOCK] * KV_BLOCK + (j % KV_BLOCK);
@@ -168,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(AT)
   pdl_start();
   const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
   const int qpos = pos[t];
-  int chunk = (qpos + 1 + n_split - 1) / n_split;
+  int chunk = max(MIN_CHUNK, (qpos + 1 + n_split - 1) / n_split);  // the row's own length
   if (chunk > max_chunk || qpos < 0) chunk = 0;  // padding row (or never allowed by the host)
   const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
   const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);

@@ -442,11 +442,15 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
     }
   };
 
+  // programmatic dependent launch: the weights (which no earlier kernel writes) are requested
+  // before waiting for the previous kernel; X and every write come after the wait
+  pdl_trigger();
   if constexpr (!XH) {
     issue_chunk(c0);
     cp_commit();
     if (c0 + 1 < nc) issue_chunk(c0 + 1);
     cp_commit();
+    pdl_wait();
     load_x(k0);
     cp_wait1();
     __syncthreads();
@@ -477,8 +481,9 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
     // iteration kt commits group kt+2 (X(kt+2), and chunk c+1 when step kt+1 opens chunk c).
     static_assert(XS == 3, "the group bookkeeping below assumes 3 X stages");
     static_assert(C::SPC >= XS - 1, "a raw chunk must land before its first step");
-    issue_x(k0, k0 % XS);
     issue_chunk(c0);
+    pdl_wait();
+    issue_x(k0, k0 % XS);
     cp_commit();
     if (k0 + 1 < nk) issue_x(k0 + 1, (k0 + 1) % XS);
     if (c0 + 1 < nc) issue_chunk(c0 + 1);
@@ -571,6 +576,7 @@ FOR_EACH_QTYPE(GEMM2_INST)
 extern "C" __global__ void __launch_bounds__(256) gemm_splitk_reduce(
     const float* __restrict__ part, int S, long long sstride, int M, int N,
     const float* __restrict__ bias, const float* residual, float* Y, long long ldy) {
+  pdl_start();
   const int n = blockIdx.x * 256 + threadIdx.x, m = blockIdx.y;
   if (n >= N || m >= M) return;
   const float* p = part + (long long)m * N + n;
@@ -588,6 +594,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_x16(const float* __restri
                                                           long long ldx, int M, int K,
                                                           __half* __restrict__ Xh,
                                                           long long ldh) {
+  pdl_start();
   const int m = blockIdx.x, k = 8 * (blockIdx.y * 128 + threadIdx.x);
   if (m >= M || k >= K) return;
   const float4* src = reinterpret_cast<const float4*>(X + (long long)m * ldx + k);

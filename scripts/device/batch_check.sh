@@ -19,7 +19,8 @@ BATCH=${BATCH:-1,8,32,64,128}
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
 lcpp=/tmp/lcpp
-(
+LCPP=
+[ -n "${NO_LLAMA:-}" ] || (
   mkdir -p $lcpp && tar xzf third_party/lcpp.tgz -C $lcpp &&
     cmake -S $lcpp/llama.cpp -B $lcpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
@@ -28,7 +29,7 @@ lcpp=/tmp/lcpp
       >"$OUT/lcpp_build.log" 2>&1
   echo "llama.cpp build rc=$? after $(( $(date +%s) - t0 )) s" >>"$OUT/lcpp_build.log"
 ) &
-LCPP=$!
+[ -n "${NO_LLAMA:-}" ] || LCPP=$!
 mix() { case $1 in gpt-oss) echo mxfp4 ;; *) echo q4_k_m ;; esac; }
 for m in ${MODELS//,/ }; do
   (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$S/$m-full-$(mix "$m").gguf', preset('$m', 'full', mix='$(mix "$m")', seed=1))" \
@@ -44,7 +45,7 @@ if [ "$TESTS" != none ]; then
   echo "tests rc=$? ($(( $(date +%s) - t0 )) s): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
   grep -E "^FAILED|^ERROR|Error|assert" "$OUT/pytest.log" | head -30
 fi
-wait $(jobs -p | grep -v "^$LCPP\$")  # the synthetic files (the llama.cpp build goes on)
+for p in $(jobs -p); do [ "$p" = "$LCPP" ] || wait "$p"; done  # the synthetic files
 if [ -n "${PROFILE:-}" ]; then
   for b in ${PROFILE//,/ }; do
     timeout 120 python3 scripts/device/kernel_profile.py "$S/qwen2-full-q4_k_m.gguf" --batch "$b" \
@@ -64,9 +65,9 @@ for m in ${MODELS//,/ }; do
     grep "^{" "$OUT/bench-$m-noinv.txt" | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ('pp_tok_s','tg_tok_s','batch_invariant','error')})"
   fi
 done
-timeout 400 tail --pid=$LCPP -f /dev/null
-tail -1 "$OUT/lcpp_build.log"
+[ -n "$LCPP" ] && timeout 400 tail --pid=$LCPP -f /dev/null && tail -1 "$OUT/lcpp_build.log"
 for m in ${MODELS//,/ }; do
+  [ -n "$LCPP" ] || break
   f=$S/$m-full-$(mix "$m").gguf
   [ -x $lcpp/build/bin/llama-batched-bench ] || break
   timeout 200 $lcpp/build/bin/llama-batched-bench -m "$f" -c 33792 -b 2048 -ub 512 -npp 128 \
@@ -74,3 +75,6 @@ for m in ${MODELS//,/ }; do
   echo "llama-batched-bench $m rc=$?"; grep -E "^\|" "$OUT/lcpp-batched-$m.txt" | tail -8
 done
 echo "total $(( $(date +%s) - t0 )) s"
+# what comes back: at most 8 files
+tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz --exclude '*.json' . 2>/dev/null
+find "$OUT" -maxdepth 1 -type f ! -name logs.tgz ! -name 'profile-*.json' ! -name 'bench-*.txt' -delete

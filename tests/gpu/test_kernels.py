@@ -261,7 +261,7 @@ def _decode_run(
     n = len(seqs)
     width = pool.width
     splits = 16
-    max_chunk = -(-width * KV_BLOCK // splits)
+    max_chunk = max(64, -(-width * KV_BLOCK // splits))
     tickets = dev.put(np.zeros(n * nh, np.uint32))
     out = dev.poison(n * nh * hd * 4)
     kern.attention_decode(
@@ -508,7 +508,7 @@ def test_attention_launches_are_refused(kern: Any, dev: Any) -> None:
             out=dev.poison(896 * 4),
             out_stride=896,
             tickets=dev.put(np.zeros(14, np.uint32)),
-            shape=AttnShape(1, 14, 2, 64, 16, 4),  # 16 chunks of 4 keys < 2 blocks
+            shape=AttnShape(1, 14, 2, 64, 2, 32),  # 2 chunks of 32 keys < 2 blocks
             pool_rows=128,
             scale=0.125,
         )

@@ -42,6 +42,10 @@ def test_macro_families_wait_in_their_core() -> None:
     # the families' kernels are made from those cores only
     assert re.search(r"gemv_##NAME##_nb##NB##SUFFIX[^{]*\{\s*\\\s*gemv4_run", src)
     assert re.search(r"embed_##NAME[^{]*\{\s*\\\s*embed_row", src)
+    # the tensor-core products: the weights before the wait, X and every write after it
+    g2 = _body(src, "run")
+    assert g2.count("pdl_wait()") == 2 and "pdl_trigger()" in g2  # fp32 X and fp16 X paths
+    assert re.search(r"gemm2_##NAME##_m128[^{]*\{\s*\\\s*g2::run", src)
     # the tensor-core prefill attention waits before its body
     assert re.search(r"attn_prefill_tc_d##D\([^{]*\{\s*\\\s*pdl_start\(\);", src)
 
@@ -51,11 +55,17 @@ def test_names_that_must_not_get_programmatic_edges() -> None:
         "gemv3_q4_k_nb1",
         "moe_gemv_mxfp4",
         "moe_gemm_q8_0",
-        "gemm2_q4_k_m64",
+        "moe_gemm5_mxfp4_m64",
         "gemm_q4_k",
     ):
         assert not pdl_aware(name), name
-    for name in ("gemv_q4_k_nb1", "gemv_q8_0_nb1_a_r2", "embed_q6_k", "rmsnorm_f32"):
+    for name in (
+        "gemv_q4_k_nb1",
+        "gemv_q8_0_nb1_a_r2",
+        "embed_q6_k",
+        "rmsnorm_f32",
+        "gemm2_q4_k_m64",
+    ):
         assert pdl_aware(name), name
     assert not pdl_aware("rmsnorm_f32x")  # exact names are exact
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from worker.backends.base import BackendInfo, ResidencyReport
 from worker.backends.cuda.arena import MIB, DevBuf, plan_arena
-from worker.backends.cuda.executor import DECODE_SPLITS, DeviceStep, Executor
-from worker.backends.cuda.kernels import KV_BLOCK, SAMPLE_SCRATCH_BYTES
+from worker.backends.cuda.executor import DeviceStep, Executor
+from worker.backends.cuda.kernels import KV_BLOCK
 from worker.backends.cuda.kv import KvPool, kv_block_bytes
 from worker.backends.cuda.step import Sizes, layout_step
 from worker.engine.batch import Chunk, StepOutput
@@ -193,44 +193,24 @@ class CudaBackend:
         self.qkv_dim = hp.q_dim + 2 * hp.kv_dim
         per_block = kv_block_bytes(hp.n_layer, hp.n_head_kv, hp.head_dim)
         free, total = ctx.mem_info()
-
-        def scratch_bytes(batch: int) -> int:
-            b2 = pow2_at_least(batch)
-            t = max(b2, batch + max(1, prefill_chunk))
-            r = b2 + LOGIT_ROWS
-            E, V, H, D = hp.n_embd, hp.n_vocab, hp.n_head, hp.head_dim
-            ff, kx = hp.n_ff, max(1, hp.n_expert_used)
-            per_t = 4 * (2 * E + self.qkv_dim + hp.q_dim + 3 * ff + 2 * kx + max(1, hp.n_expert))
-            per_t += 4 * kx * (2 * hp.n_ff_exp + E) if hp.n_expert else 0
-            per_r = 4 * (2 * E + 2 * V + H * DECODE_SPLITS * (D + 2) + H + 4) + SAMPLE_SCRATCH_BYTES
-            inputs = 4 * Sizes(t, b2, batch, r, self.width).total
-            return t * per_t + r * per_r + inputs + (batch + 1) * n_ctx * 4 + 64 * MIB
-
-        room = free - plan.total - RESERVE_BYTES
+        # step buffers are sized for this many jobs (the default, from the KV budget, is
+        # decided once the KV pool is allocated, last: it gets whatever VRAM is left)
         cap = MAX_BATCH_CAP if max_batch is None else max_batch
-        pool_room = room - scratch_bytes(cap)
-        if kv_cache_size_mb is not None:
-            pool_room = min(pool_room, kv_cache_size_mb * MIB)
-        n_blocks = max(0, pool_room // per_block - 1)
-        job_blocks = -(-min(self.context_length, DEFAULT_JOB_TOKENS) // KV_BLOCK)
-        if max_batch is None:
-            max_batch = max(1, min(MAX_BATCH_CAP, n_blocks // job_blocks))
-        if n_blocks < 1:
-            need = plan.total + scratch_bytes(max_batch) + 2 * per_block + RESERVE_BYTES
-            raise InsufficientVram(
-                f"model {self.path} needs {need} bytes of VRAM on GPU {gpu_device} "
-                f"(weights {plan.total}, scratch and one KV block, reserve {RESERVE_BYTES}) "
-                f"but {free} bytes are free"
-            )
-        self.max_batch = max_batch
-        self.n_blocks = int(n_blocks)
-        self.vocab_size = hp.n_vocab
-        self.buckets = [b for b in BUCKETS if b <= pow2_at_least(max_batch)]
+        self.buckets = [b for b in BUCKETS if b <= pow2_at_least(cap)]
         self.sample_rows = self.buckets[-1]  # sampled rows (a padded bucket included)
-        self.max_step_tokens = max(self.sample_rows, max_batch + max(1, prefill_chunk))
+        self.max_step_tokens = max(self.sample_rows, cap + max(1, prefill_chunk))
         self.max_logit_rows = self.sample_rows + LOGIT_ROWS
+        big = Sizes(self.max_step_tokens, self.sample_rows, cap, self.max_logit_rows, self.width)
+        need = plan.total + RESERVE_BYTES + 2 * per_block
+        if need > free:
+            raise InsufficientVram(
+                f"model {self.path} needs more than {need} bytes of VRAM on GPU {gpu_device} "
+                f"(weights {plan.total}, two KV blocks, reserve {RESERVE_BYTES}) but {free} "
+                "bytes are free"
+            )
+        self.vocab_size = hp.n_vocab
 
-        # ---- allocate and load
+        # ---- allocate and load; step buffers; then the KV pool from what is left
         self.arena = ctx.alloc(plan.total, "weights arena")
         self.load_stats = upload(
             ctx,
@@ -240,7 +220,6 @@ class CudaBackend:
             chunk_bytes=max(1, int(h2d_chunk_mb * MIB)),
             progress=progress,
         )
-        self.kv = KvPool(ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, self.n_blocks)
         self.ex = Executor(
             ctx=ctx,
             k=self.k,
@@ -249,7 +228,6 @@ class CudaBackend:
             recipe=recipe,
             weight=self._w,
             tensor=self._t,
-            kv=self.kv,
             rope_inv=self._t("__rope_inv_freq"),
             max_tokens=self.max_step_tokens,
             max_rows=self.max_logit_rows,
@@ -257,14 +235,30 @@ class CudaBackend:
             width=self.width,
             hist_len=self.context_length,
         )
-        big = Sizes(
-            self.max_step_tokens, self.sample_rows, self.max_batch, self.max_logit_rows, self.width
-        )
         self.inputs = ctx.alloc(big.total * 4, "step inputs")
         self._staging = ctx.drv.pagelocked_empty(big.total, np.int32)
         self._out = ctx.drv.pagelocked_empty(2 * self.sample_rows, np.int32)
         self._done = ctx.drv.Event()
         self._done.record(ctx.stream)
+        pool_room = ctx.mem_info()[0] - RESERVE_BYTES
+        if kv_cache_size_mb is not None:
+            pool_room = min(pool_room, kv_cache_size_mb * MIB)
+        n_blocks = pool_room // per_block - 1  # one more: the trash block
+        if n_blocks < 1:
+            raise InsufficientVram(
+                f"model {self.path} leaves no room for the KV cache on GPU {gpu_device}: "
+                f"{ctx.mem_info()[0]} bytes free after weights ({plan.total}) and step "
+                f"buffers, a block needs {per_block} (reserve {RESERVE_BYTES})"
+            )
+        self.n_blocks = int(n_blocks)
+        job_blocks = -(-min(self.context_length, DEFAULT_JOB_TOKENS) // KV_BLOCK)
+        self.max_batch = (
+            max_batch
+            if max_batch is not None
+            else max(1, min(MAX_BATCH_CAP, self.n_blocks // job_blocks))
+        )
+        self.kv = KvPool(ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, self.n_blocks)
+        self.ex.kv = self.kv
         # what the sampler's history holds per slot: (length, last id)
         self._hist: dict[int, tuple[int, int]] = {}
         self.pdl: bool | None = None

@@ -206,6 +206,10 @@ class CudaContext:
 # this list against the sources. WORKER_ORCD_PDL=0 turns it off.
 PDL_KERNELS = (
     "gemv_",
+    "gemm2_",
+    "gemm3_",
+    "gemm_x16",
+    "gemm_splitk_reduce",
     "embed_",
     "rmsnorm_f32",
     "layernorm_f32",

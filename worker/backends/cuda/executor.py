@@ -32,6 +32,7 @@ from worker.gguf.hparams import HParams
 from worker.models.recipe import LayerRecipe, ModelRecipe
 
 DECODE_SPLITS = 16  # key chunks per decode row (fixed: a row's chunks depend only on its length)
+MIN_CHUNK = 64  # keys a decode split takes at least (attention.cu MIN_CHUNK)
 F32_TYPE = 0
 Buf = tuple[int, int]  # (ptr, nbytes) as matmul.py takes it
 
@@ -73,7 +74,6 @@ class Executor:
         recipe: ModelRecipe,
         weight: Any,  # name -> QWeight of a matrix in the arena
         tensor: Any,  # name -> DevBuf of a (float32) vector in the arena, or None
-        kv: KvPool,
         rope_inv: DevBuf | None,
         max_tokens: int,
         max_rows: int,
@@ -82,7 +82,8 @@ class Executor:
         hist_len: int,
     ) -> None:
         self.ctx, self.k, self.mm, self.hp, self.r = ctx, k, mm, hp, recipe
-        self.weight, self.tensor, self.kv = weight, tensor, kv
+        self.weight, self.tensor = weight, tensor
+        self.kv: KvPool  # set by the backend once the pool is allocated (last: it takes the rest)
         self.rope_inv = rope_inv
         self.max_tokens, self.max_rows, self.width = max_tokens, max_rows, width
         self.max_batch, self.hist_len = max_batch, hist_len
@@ -90,7 +91,7 @@ class Executor:
         T, R = max_tokens, max_rows
         self.qkv_dim = hp.q_dim + 2 * hp.kv_dim
         ff, fe, kx = hp.n_ff, max(1, hp.n_ff_exp), max(1, hp.n_expert_used)
-        self.max_chunk = -(-width * KV_BLOCK // DECODE_SPLITS)
+        self.max_chunk = max(MIN_CHUNK, -(-width * KV_BLOCK // DECODE_SPLITS))
         items = [
             ("x", T * E * 4),
             ("xn", T * E * 4),

@@ -1124,6 +1124,8 @@ class MatmulKernels:
         all MoE launches of one MatmulKernels on one stream (the backend does)."""
         form = kw.get("form", "auto")
         gemm = form == "gemm" or (form == "auto" and (ntok > 2 or self.invariant))
+        if gemm:
+            kw["form"] = "gemm"
         version = kw.pop("version", None)
         if gemm and version is None:
             version = MOE_GEMM_VERSION
