@@ -290,6 +290,13 @@ class NumpyBackend:
         self.blas_threads = blas_threads
         self.kv = PagedKV(self.hp, self.n_blocks, bs, kv_dtype)
 
+    def launch(self, chunks: Sequence[Chunk]) -> StepOutput:
+        """Runs the step now (on the calling thread); `collect` hands its output back."""
+        return self.step(chunks)
+
+    def collect(self, handle: StepOutput) -> StepOutput:
+        return handle
+
     def step(self, chunks: Sequence[Chunk]) -> StepOutput:
         if self.blas_threads is not None:
             before = _BLAS.get()

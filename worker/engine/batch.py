@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -69,8 +69,17 @@ class BatchBackend(Protocol):
     max_step_tokens: int  # most tokens (all chunks together) in one step
     chunk_align: int  # 1, or the prompt-chunk size results depend on
 
+    def launch(self, chunks: Sequence[Chunk]) -> Any:
+        """Start one step (see the module docstring); the handle goes to `collect`. At most
+        one step is launched and not yet collected."""
+        ...
+
+    def collect(self, handle: Any) -> StepOutput:
+        """Wait for a launched step and return what it produced."""
+        ...
+
     def step(self, chunks: Sequence[Chunk]) -> StepOutput:
-        """Run one step; see the module docstring."""
+        """launch + collect."""
         ...
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:

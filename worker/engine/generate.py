@@ -195,6 +195,18 @@ def generate(
     if failed is not None:
         raise failed.error
     pieces: list[str] = []
+    try:
+        return _run(sched, should_cancel, on_token, pieces)
+    finally:
+        sched.drain()
+
+
+def _run(
+    sched: Scheduler,
+    should_cancel: Callable[[], bool],
+    on_token: OnToken | None,
+    pieces: list[str],
+) -> End:
     while True:
         if should_cancel():
             sched.cancel(GENERATE_JOB_ID)

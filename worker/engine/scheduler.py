@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -162,6 +162,7 @@ class _Seq:
         "alloc",
         "computed",
         "decoder",
+        "ending",
         "generated",
         "held",
         "limit",
@@ -190,6 +191,7 @@ class _Seq:
         self.t_start = req.received
         self.t_first = 0.0
         self.logits: list[np.ndarray] = []
+        self.ending: StopReason | None = None  # known from the id alone (EOS, the limit)
 
     @property
     def prefilling(self) -> bool:
@@ -222,6 +224,8 @@ class Scheduler:
         self.kv_capacity = min(backend.context_length, backend.n_blocks * backend.block_size)
         self.waiting: deque[_Seq] = deque()
         self.running: dict[str, _Seq] = {}
+        # the step launched and not yet collected: (chunks, their sequences, backend handle)
+        self._inflight: tuple[list[Chunk], list[_Seq], Any] | None = None
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self.steps = 0
         self.step_tokens = 0
@@ -230,7 +234,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self._inflight is None
 
     @property
     def jobs(self) -> int:
@@ -291,28 +295,74 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[EngineEvent]:
-        """Admit, run one backend step for every running sequence, post-process."""
+        """Collect the step in flight, admit, launch the next step for every running sequence,
+        then turn the collected step's tokens into text and events while the next one runs
+        (the host's per-token work overlaps the device's step). What ends a sequence from the
+        id alone (EOS, its token limit) is known before the next launch; a stop string only
+        after it, so such a sequence's row in the next step is computed and dropped."""
         events: list[EngineEvent] = []
+        sampled = self._collect(events)
         self._expire(events)
         self._admit(events)
-        if not self.running:
-            return events
-        chunks, seqs = self._plan()
-        out = self.backend.step(chunks)
-        self.steps += 1
+        if self.running:
+            chunks, seqs = self._plan()
+            self._inflight = (chunks, seqs, self.backend.launch(chunks))
+            self.steps += 1
+        for seq, tok, now in sampled:
+            self._on_text(seq, tok, now, events)
+        return events
+
+    def drain(self) -> None:
+        """Wait for the step in flight and drop its results (closing the scheduler)."""
+        if self._inflight is not None:
+            _, _, handle = self._inflight
+            self._inflight = None
+            self.backend.collect(handle)
+
+    def _collect(self, events: list[EngineEvent]) -> list[tuple[_Seq, int, float]]:
+        """The results of the step in flight: positions computed, prompt blocks published,
+        each sampled id recorded (what it ends, from the id alone, ends now)."""
+        if self._inflight is None:
+            return []
+        chunks, seqs, handle = self._inflight
+        self._inflight = None
+        out = self.backend.collect(handle)
         now = time.perf_counter()
+        sampled: list[tuple[_Seq, int, float]] = []
         for k, (ch, seq, tok) in enumerate(zip(chunks, seqs, out.ids, strict=True)):
+            if self.running.get(seq.req.job_id) is not seq:
+                continue  # ended after this step was launched: its row is dropped
             seq.computed = ch.start + len(ch.tokens)
             if ch.prefill:
                 assert seq.alloc is not None
                 self.blocks.publish(seq.alloc, seq.computed)
-            if ch.sample is not None:
-                if self.keep_logits:
-                    rows = out.logits[k]
-                    assert rows is not None
-                    seq.logits.append(rows[-1].copy())
-                self._on_token(seq, tok, now, events)
-        return events
+            if ch.sample is None:
+                continue
+            if self.keep_logits:
+                rows = out.logits[k]
+                assert rows is not None
+                seq.logits.append(rows[-1].copy())
+            if not seq.generated and seq.t_first == 0.0:
+                seq.t_first = now
+            else:
+                seq.steps += 1
+            if tok < 0:  # the backend found NaN in this row's logits
+                del self.running[seq.req.job_id]
+                self._free(seq)
+                events.append(
+                    Failed(seq.req.job_id, WorkerError(ErrorCode.INTERNAL, "NaN in logits"))
+                )
+                continue
+            if self.tok.is_eog(tok) and not seq.req.ignore_eos:
+                seq.ending = "eos"
+            else:
+                seq.generated.append(tok)
+                if len(seq.generated) >= seq.limit:
+                    seq.ending = "max_tokens"
+            if seq.ending is not None:
+                del self.running[seq.req.job_id]  # no row in the next step
+            sampled.append((seq, tok, now))
+        return sampled
 
     def _expire(self, events: list[EngineEvent]) -> None:
         now = time.monotonic()
@@ -415,18 +465,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the step
 
-    def _on_token(self, seq: _Seq, tok: int, now: float, events: list[EngineEvent]) -> None:
-        if not seq.generated:
-            seq.t_first = now
-        else:
-            seq.steps += 1
+    def _on_text(self, seq: _Seq, tok: int, now: float, events: list[EngineEvent]) -> None:
+        """A recorded token through the stream decoder and the stop strings: its event (or
+        held text), and the end of the sequence when it ends here."""
         job_id = seq.req.job_id
-        if tok < 0:  # the backend found NaN in this row's logits
-            del self.running[job_id]
-            self._free(seq)
-            events.append(Failed(job_id, WorkerError(ErrorCode.INTERNAL, "NaN in logits")))
-            return
-        if self.tok.is_eog(tok) and not seq.req.ignore_eos:
+        if seq.ending == "eos":
             tail = seq.matcher.push(seq.decoder.flush())
             tail += seq.matcher.flush()
             if seq.held is not None:
@@ -435,8 +478,7 @@ class Scheduler:
                 seq.held = None
             self._finish(seq, "eos", now, events)
             return
-        i = len(seq.generated)
-        seq.generated.append(tok)
+        i = len(seq.generated) - 1
         if seq.held is not None:
             events.append(seq.held)
             seq.held = None
@@ -445,7 +487,7 @@ class Scheduler:
             events.append(TokenOut(job_id, i, text, tok))
             self._finish(seq, "stop", now, events)
             return
-        if len(seq.generated) >= seq.limit:
+        if seq.ending == "max_tokens":
             text += seq.matcher.push(seq.decoder.flush())
             if not seq.matcher.stopped:
                 text += seq.matcher.flush()
@@ -459,7 +501,8 @@ class Scheduler:
             events.append(ev)
 
     def _finish(self, seq: _Seq, reason: StopReason, now: float, events: list[EngineEvent]) -> None:
-        del self.running[seq.req.job_id]
+        if self.running.get(seq.req.job_id) is seq:
+            del self.running[seq.req.job_id]
         self._free(seq)
         decode_s = now - seq.t_first
         events.append(

@@ -315,14 +315,27 @@ class CudaBackend:
     # ================================================================== the batched protocol
 
     def step(self, chunks: Sequence[Chunk]) -> StepOutput:
-        """One step (worker.engine.batch). Chunks asking for all-position logits are run in
-        pieces of LOGIT_ROWS positions (the same results: nothing depends on the chunking)."""
+        return self.collect(self.launch(chunks))
+
+    def launch(self, chunks: Sequence[Chunk]) -> Any:
+        """Queue one step (worker.engine.batch); `collect` waits for it. Chunks asking for
+        all-position logits are run at once, in pieces of LOGIT_ROWS positions (the same
+        results: nothing depends on the chunking)."""
         if any(c.logits and len(c.tokens) > LOGIT_ROWS for c in chunks):
             return self._step_in_pieces(chunks)
         try:
-            return self._step(chunks)
+            return self._launch(chunks)
         except BaseException:
             self._hist.clear()  # after a failure, re-send every history
+            raise
+
+    def collect(self, handle: Any) -> StepOutput:
+        if isinstance(handle, StepOutput):
+            return handle
+        try:
+            return self._collect(*handle)
+        except BaseException:
+            self._hist.clear()
             raise
 
     def _step_in_pieces(self, chunks: Sequence[Chunk]) -> StepOutput:
@@ -340,7 +353,7 @@ class CudaBackend:
             ]
             rows: list[np.ndarray] = []
             for piece in pieces:
-                res = self._step([piece])
+                res = self._collect(*self._launch([piece]))
                 out.ids[i] = res.ids[0]
                 lg = res.logits[0]
                 if lg is not None:
@@ -375,9 +388,9 @@ class CudaBackend:
         if total > self.max_step_tokens:
             raise ValueError(f"{total} tokens > {self.max_step_tokens} a step")
 
-    def _step(self, chunks: Sequence[Chunk]) -> StepOutput:
+    def _launch(self, chunks: Sequence[Chunk]) -> tuple[Sequence[Chunk], Any, int]:
         self._check(chunks)
-        ctx, drv, st = self.ctx, self.ctx.drv, self.ctx.stream
+        drv, st = self.ctx.drv, self.ctx.stream
         self._sync_histories(chunks)
         graphable = self.use_graphs and all(not c.prefill and c.sample for c in chunks)
         bucket = next(b for b in self.buckets if b >= len(chunks)) if graphable else None
@@ -401,11 +414,15 @@ class CudaBackend:
         if n_s:
             drv.memcpy_dtoh_async(self._out[: 2 * n_s], self.ex.s["out"].ptr, st)
         self._done.record(st)
+        return chunks, lay, sz.rows
+
+    def _collect(self, chunks: Sequence[Chunk], lay: Any, n_rows: int) -> StepOutput:
+        ctx = self.ctx
         logits: list[np.ndarray | None] = [None] * len(chunks)
         if any(c.logits for c in chunks):
             V = self.vocab_size
-            host = np.empty((sz.rows, V), np.float32)
-            ctx.dtoh(host, self.ex.s["logits"].view(0, sz.rows * V * 4))
+            host = np.empty((n_rows, V), np.float32)
+            ctx.dtoh(host, self.ex.s["logits"].view(0, n_rows * V * 4))
             for r, i in enumerate(lay.sampled):  # a sampled one-row chunk: its sampled row
                 if chunks[i].logits and len(chunks[i].tokens) == 1:
                     logits[i] = host[r : r + 1]

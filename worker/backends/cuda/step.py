@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.backends.cuda.kernels import KV_BLOCK, SAMPLE_ARGS_BYTES, sample_args
-from worker.engine.batch import Chunk
+from worker.backends.cuda.kernels import KV_BLOCK, SAMPLE_ARGS_BYTES, sample_fixed_point
+from worker.engine.batch import Chunk, SampleSpec
 
 ARGS_INTS = SAMPLE_ARGS_BYTES // 4
 FIELDS = ("ids", "pos", "kvrow", "gidx", "slot", "sargs", "seq", "bt")
@@ -130,10 +130,16 @@ def layout_step(
     f = {k: packed[offs[k] : offs[k] + counts[k]] for k in FIELDS}
     bt = f["bt"].reshape(sizes.decode + sizes.chunks, width) if width else f["bt"]
     bt[:] = trash_block
-    for k, i in enumerate(decode):
-        c = chunks[i]
-        _fill_rows(f, rows_of[i][0], c, trash_block)
-        _fill_table(bt[k], c, width)
+    if decode:  # one token each: filled column-wise from Python lists (the common case)
+        dec = [chunks[i] for i in decode]
+        pos = [c.start for c in dec]
+        f["ids"][:n_dec] = [c.tokens[0] for c in dec]
+        f["pos"][:n_dec] = pos
+        f["kvrow"][:n_dec] = [
+            c.blocks[p // KV_BLOCK] * KV_BLOCK + p % KV_BLOCK for c, p in zip(dec, pos, strict=True)
+        ]
+        for k, c in enumerate(dec):
+            _fill_table(bt[k], c, width)
     for r in range(n_dec, n_dec + pad):  # padding rows: token 0 at 0 into the trash block
         f["kvrow"][r] = trash_block * KV_BLOCK
     for k, i in enumerate(prompt):
@@ -144,36 +150,17 @@ def layout_step(
         f["seq"][3 * k : 3 * k + 3] = (r0, n, c.start)
     # logits rows: the sampled ones (each chunk's last row), padding, then whole chunks
     gidx, slot = f["gidx"], f["slot"]
-    sargs = f["sargs"].reshape(max(n_rows, 1), ARGS_INTS)[:n_rows] if n_rows else None
-    r = 0
-    for i in sampled:
-        c = chunks[i]
-        s = c.sample
-        assert s is not None and sargs is not None
-        r0, n = rows_of[i]
-        gidx[r], slot[r] = r0 + n - 1, c.slot
-        sargs[r] = np.frombuffer(
-            sample_args(
-                n_pen=len(s.history),
-                penalty=float(np.float32(s.params.repetition_penalty)),
-                temperature=float(np.float32(s.params.temperature)),
-                top_k=s.params.top_k,
-                top_p=s.params.top_p,
-                min_p=s.params.min_p,
-                draw=s.draw,
-            ),
-            np.int32,
-        )
-        r += 1
-    greedy = np.frombuffer(
-        sample_args(n_pen=0, penalty=1.0, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, draw=0),
-        np.int32,
-    )
-    for k in range(pad):
-        gidx[r], slot[r] = n_dec + k, pad_decode_to if pad_decode_to is not None else 0
-        assert sargs is not None
-        sargs[r] = greedy
-        r += 1
+    n_s = len(sampled)
+    if n_s:
+        gidx[:n_s] = [rows_of[i][0] + rows_of[i][1] - 1 for i in sampled]
+        slot[:n_s] = [chunks[i].slot for i in sampled]
+        pack_sample_args(f["sargs"][: n_s * ARGS_INTS], [chunks[i].sample for i in sampled])
+    r = n_s
+    if pad:
+        gidx[r : r + pad] = range(n_dec, n_dec + pad)
+        slot[r : r + pad] = n_dec + pad  # the padding slot: pad_decode_to (see the docstring)
+        pack_sample_args(f["sargs"][r * ARGS_INTS : (r + pad) * ARGS_INTS], [None] * pad)
+        r += pad
     logits_rows: list[tuple[int, int]] = []
     for i in logits_chunks:
         r0, n = rows_of[i]
@@ -190,6 +177,52 @@ def layout_step(
         logits_chunks=logits_chunks,
         logits_rows=logits_rows,
     )
+
+
+# sample_rows' SampleArgs as a NumPy record (cuda_src/sampling.cu; kernels.sample_args packs
+# the same fields one row at a time)
+ARGS_DTYPE = np.dtype(
+    [
+        ("top_p_m", "<u8"),
+        ("wfloor", "<u8"),
+        ("draw_m", "<u8"),
+        ("pen", "<f4"),
+        ("temperature", "<f4"),
+        ("n_pen", "<i4"),
+        ("top_k", "<i4"),
+        ("top_p_sh", "<i4"),
+        ("draw_sh", "<i4"),
+    ]
+)
+assert ARGS_DTYPE.itemsize == SAMPLE_ARGS_BYTES
+
+
+def pack_sample_args(dst: np.ndarray, specs: Sequence[SampleSpec | None]) -> None:
+    """Each row's sampler settings (None: greedy, no history) into dst (int32 view of the
+    packed records), column by column."""
+    rec = dst.view(ARGS_DTYPE)
+    cols: dict[str, list[int | float]] = {name: [] for name in ARGS_DTYPE.names or ()}
+    for s in specs:
+        if s is None:
+            vals = (0, 1, 0, 1.0, 0.0, 0, 0, -1, 0)
+        else:
+            p = s.params
+            tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(p.top_p, p.min_p, s.draw)
+            vals = (
+                tp_m,
+                wfloor,
+                d_m,
+                p.repetition_penalty,
+                p.temperature,
+                len(s.history),
+                p.top_k,
+                tp_sh,
+                d_sh,
+            )
+        for name, v in zip(cols, vals, strict=True):
+            cols[name].append(v)
+    for name, vs in cols.items():
+        rec[name] = vs  # float32 columns round exactly as float(np.float32(x)) does
 
 
 def _fill_rows(f: dict[str, np.ndarray], r0: int, c: Chunk, trash_block: int) -> None:
