@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from worker import __version__
+from worker.buildinfo import commit
 from worker.backends.base import BackendInfo
 from worker.protocol import Health, HealthStatus, encode
 
@@ -65,6 +66,7 @@ class WorkerState:
             active_job_id=self.active_job_id,
             jobs_completed=self.jobs_completed,
             version=__version__,
+            commit=commit(),
         )
 
     def health_bytes(self) -> bytes:
