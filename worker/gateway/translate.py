@@ -200,10 +200,13 @@ def _message(k: int, m: Any) -> dict[str, str]:
     if isinstance(content, list):
         parts: list[str] = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or set(part) - {"type", "text"}:
-                raise invalid(f"{where}.content.[{j}] must be a text part", param=where)
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _unsupported(f"{where}.content.[{j}]", "only text content parts")
+            at = f"{where}.content.[{j}]"
+            if not isinstance(part, dict):
+                raise invalid(f"{at} must be an object", param=at)
+            if part.get("type") != "text":
+                raise _unsupported(at, "only text content parts")
+            if set(part) - {"type", "text"} or not isinstance(part.get("text"), str):
+                raise invalid(f"{at} must be {{'type': 'text', 'text': <string>}}", param=at)
             parts.append(part["text"])
         content = "\n".join(parts)
     if not isinstance(content, str):
