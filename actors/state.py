@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from worker import __version__
-from worker.buildinfo import commit
 from worker.backends.base import BackendInfo
+from worker.buildinfo import commit
 from worker.protocol import Health, HealthStatus, encode
 
 
