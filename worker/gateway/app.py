@@ -340,7 +340,7 @@ class Gateway:
                 "client_gone",
                 "client disconnected; job cancelled",
                 job_id=job.job_id,
-                model_ref=ref,
+                ref=ref,
             )
             if relay.status is None or relay.status == 200:
                 relay.status = None  # counted as a disconnect
