@@ -179,7 +179,13 @@ class OrcdClient:
                         raise TimeoutError(f"job {job_id}: no terminal event in {timeout_s} s")
                 event: Event | None = None
                 try:
-                    msg = await asyncio.wait_for(queue.get(), wait)
+                    # per event: no task per wait (wait_for makes one), none at all when
+                    # the event is already queued
+                    if queue.empty():
+                        async with asyncio.timeout(wait):
+                            msg = await queue.get()
+                    else:
+                        msg = queue.get_nowait()
                 except TimeoutError:
                     gap = True
                 else:
