@@ -144,6 +144,9 @@ class _Relay:
         self.finished = False  # the job's terminal event has been seen
         self.cancel_sent = False
         self.status: int | None = None  # the HTTP status sent
+        # the response's last message is (being) sent: a disconnect from here on is the
+        # server's own end of the exchange, not the client leaving
+        self.responded = False
 
     def cancel_job(self) -> None:
         """Cancel the job on the worker (once) unless it has ended; does not wait."""
@@ -154,7 +157,13 @@ class _Relay:
 
     async def respond_error(self, err: APIError) -> None:
         self.status = err.status
+        self.responded = True
         await _send_json(self.send, err.status, err.body())
+
+    async def send_last(self, body: bytes) -> None:
+        """The stream's last body message."""
+        self.responded = True
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class Gateway:
@@ -317,34 +326,37 @@ class Gateway:
         t0: float,
     ) -> None:
         gone = False
+        try:
+            with anyio.CancelScope() as cancel_scope:
 
-        with anyio.CancelScope() as cancel_scope:
+                async def watch() -> None:
+                    nonlocal gone
+                    while True:
+                        msg = await receive()
+                        if msg["type"] == "http.disconnect":
+                            break
+                    if relay.responded:
+                        return
+                    gone = True
+                    relay.cancel_job()  # first: the worker stops within one step
+                    cancel_scope.cancel()
 
-            async def watch() -> None:
-                nonlocal gone
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        break
-                gone = True
-                relay.cancel_job()  # first: the worker stops within one step
-                cancel_scope.cancel()
-
-            watcher = asyncio.ensure_future(watch())
-            try:
-                await self._relay(relay, ref, job, stream, include_usage, t0)
-            finally:
-                watcher.cancel()
-        if gone and not relay.finished:
-            narrate(
-                "client_gone",
-                "client disconnected; job cancelled",
-                job_id=job.job_id,
-                ref=ref,
-            )
-            if relay.status is None or relay.status == 200:
+                watcher = asyncio.ensure_future(watch())
+                try:
+                    await self._relay(relay, ref, job, stream, include_usage, t0)
+                finally:
+                    watcher.cancel()
+            if gone and not relay.finished:
+                narrate(
+                    "client_gone",
+                    "client disconnected; job cancelled",
+                    job_id=job.job_id,
+                    ref=ref,
+                )
                 relay.status = None  # counted as a disconnect
-        relay.cancel_job()
+        finally:
+            # also when this task itself is cancelled (the gateway shutting down)
+            relay.cancel_job()
 
     async def _relay(
         self,
@@ -420,13 +432,7 @@ class Gateway:
 
     async def _stream_error(self, relay: _Relay, err: APIError) -> None:
         with contextlib.suppress(Exception):
-            await relay.send(
-                {
-                    "type": "http.response.body",
-                    "body": error_chunk(err.payload()),
-                    "more_body": False,
-                }
-            )
+            await relay.send_last(error_chunk(err.payload()))
 
     async def _stream(
         self,
@@ -449,12 +455,34 @@ class Gateway:
         metrics.open_streams.inc()
         inter = metrics.inter_token
         last = 0.0
+        texts: list[str] = []  # every token's text so far, by index
+        replaying = False
         try:
             body = tmpl.opening()  # goes out with the first token
             ev: Event = first
             while True:
                 if isinstance(ev, Token):
+                    if replaying:
+                        # a new attempt (the job's worker died; JetStream redelivered it)
+                        # re-sends from token 0: skip what the client has, as long as it
+                        # is the same text (greedy or seeded: it is); else give up
+                        if ev.i < len(texts):
+                            if ev.t != texts[ev.i]:
+                                relay.cancel_job()
+                                relay.finished = True
+                                err = APIError(
+                                    500,
+                                    "the job was restarted on another worker and its output "
+                                    "diverged from what was already streamed",
+                                    code="internal",
+                                )
+                                await relay.send_last(body + error_chunk(err.payload()))
+                                return
+                            ev = await anext(events)
+                            continue
+                        replaying = False
                     text = ev.t
+                    texts.append(text)
                     if text:  # an empty text (bytes of a split character held back): no chunk
                         if last:
                             await send(
@@ -478,26 +506,16 @@ class Gateway:
                             now = time.perf_counter()
                             metrics.ttft.observe(now - t0)
                         last = now
+                elif isinstance(ev, Started):
+                    replaying = True
                 elif isinstance(ev, End):
                     relay.finished = True
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": body + tmpl.closing(ev),
-                            "more_body": False,
-                        }
-                    )
+                    await relay.send_last(body + tmpl.closing(ev))
                     return
                 elif isinstance(ev, Error):
                     relay.finished = True
                     err = from_worker(ev.code, ev.message)
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": body + error_chunk(err.payload()),
-                            "more_body": False,
-                        }
-                    )
+                    await relay.send_last(body + error_chunk(err.payload()))
                     return
                 ev = await anext(events)
         finally:
@@ -518,6 +536,8 @@ class Gateway:
         while True:
             if isinstance(ev, Token):
                 parts.append(ev.t)
+            elif isinstance(ev, Started):  # a new attempt (redelivered) starts from scratch
+                parts.clear()
             elif isinstance(ev, End):
                 relay.finished = True
                 body = full_response(

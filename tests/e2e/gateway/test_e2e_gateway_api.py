@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -296,4 +298,47 @@ async def test_two_workers_behind_one_gateway_share_the_load(
     print(f"jobs per worker: {served_by}")
     assert set(served_by) == {a.worker_id, b.worker_id}
     assert sum(served_by.values()) == 12
+    await oa.close()
+
+
+async def test_stream_survives_its_worker_dying(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    spawn_gateway: Any,
+    tiny_model: Path,
+    gather: Any,
+) -> None:
+    """The worker streaming a greedy job is killed; JetStream redelivers the job to the other
+    worker, whose attempt re-sends from token 0: the client's stream goes on where it was,
+    with no token twice, and ends with the text of the same job run undisturbed."""
+    flags = ("--ctx-size", "4096", "--ack-wait-s", "2")
+    a = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    b = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    a.wait_ready()
+    b.wait_ready()
+    gw = spawn_gateway(nats_server.url)
+    oa = sdk(gw)
+    params: dict[str, Any] = {"max_tokens": 400, "temperature": 0.0, "seed": 5}
+    ref_text, ref_end = await over_nats(client, gather, messages=MESSAGES, **params)
+    stream = await oa.chat.completions.create(
+        model=REF, messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **params
+    )
+    parts: list[str] = []
+    killed = False
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if len(parts) == 20 and not killed:
+            started = (await client.replay(chunk.id))[0]
+            assert isinstance(started, Started)
+            victim = a if started.worker_id == a.worker_id else b
+            os.kill(victim.pid, signal.SIGKILL)
+            killed = True
+        last = chunk
+    assert killed
+    evs = await client.replay(last.id)
+    assert [e.attempt for e in evs if isinstance(e, Started)] == [1, 2]
+    assert "".join(parts) == ref_text
+    assert last.usage is not None and last.usage.completion_tokens == ref_end.tokens_out
     await oa.close()

@@ -272,6 +272,13 @@ async def test_504_no_first_event_in_time(
         os.kill(w.pid, signal.SIGCONT)
     # the worker wakes, finds both jobs cancelled: each ends CANCELLED, none runs
     await wait_for(lambda: len(w.events("cancelled")) >= 2, 30, "both jobs cancelled")
+    async with http(gw) as h:
+        text = (await h.get("/metrics")).text
+    assert (
+        metric(text, "orcd_gateway_requests_total", endpoint="/v1/chat/completions", status="504")
+        == 2
+    )
+    assert metric(text, "orcd_gateway_client_disconnects_total") == 0
     job_ids = [e["job_id"] for e in w.events("cancelled")]
     for job_id in job_ids:
         last = (await client.replay(job_id))[-1]
