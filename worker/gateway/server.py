@@ -8,18 +8,30 @@ per request is not free, and the metrics count requests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
+
+import uvicorn
 
 from worker.gateway.app import Gateway, GatewayConfig
 from worker.gateway.auth import ApiKeys
 from worker.narration import narrate
 
 
-async def serve(config: GatewayConfig, keys: ApiKeys | None = None) -> int:
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server with SIGINT/SIGTERM handled on the event loop (`serve` installs the
+    handlers): uvicorn's own handling re-raises the signal once it has shut down, which kills
+    the process before the jobs of cut-off requests are cancelled and NATS is drained."""
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(config: GatewayConfig, keys: ApiKeys | None = None) -> int:
     from worker.client import OrcdClient, WorkerDirectory
 
     try:
@@ -44,7 +56,7 @@ async def serve(config: GatewayConfig, keys: ApiKeys | None = None) -> int:
             http = "httptools"
         except ImportError:  # pragma: no cover - the gateway extra installs it
             http = "h11"
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(
                 gateway.app,
                 host=config.host,
@@ -69,8 +81,12 @@ async def serve(config: GatewayConfig, keys: ApiKeys | None = None) -> int:
             api_keys=len(keys) if keys is not None else 0,
             workers=len(directory.live()),
         )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.handle_exit, sig, None)
         await server.serve()
         await gateway.drain()
+        narrate("gateway_stopped", "HTTP server stopped; closing the NATS connection")
         return 0 if server.started else 1
     finally:
         await directory.stop()

@@ -171,6 +171,8 @@ async def test_chat_and_completions_match_nats(
     assert metric(text, "orcd_gateway_open_streams") == 0
     assert metric(text, "orcd_gateway_workers", model_ref=REF) == 1
     await oa.close()
+    assert gw.stop() == 0  # SIGTERM: a clean exit
+    assert gw.records("gateway_stopped")
 
 
 async def test_disconnect_cancels_the_job_on_the_worker(
