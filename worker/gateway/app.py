@@ -231,12 +231,13 @@ class Gateway:
                 code="invalid_api_key",
             )
 
-    def _authorize_request(self, request: Request) -> Response | None:
+    def _authorize_request(self, request: Request, endpoint: str) -> Response | None:
         auth = request.headers.get("authorization")
         try:
             self._authorize({} if auth is None else {b"authorization": auth.encode("latin-1")})
         except APIError as err:
-            self.metrics.requests.labels(request.url.path, str(err.status)).inc()
+            # the route's name, not the path: a label value per model name would be unbounded
+            self.metrics.requests.labels(endpoint, str(err.status)).inc()
             return Response(err.body(), status_code=err.status, media_type="application/json")
         return None
 
@@ -579,7 +580,7 @@ class Gateway:
         }
 
     async def list_models(self, request: Request) -> Response:
-        denied = self._authorize_request(request)
+        denied = self._authorize_request(request, "/v1/models")
         if denied is not None:
             return denied
         models = self.directory.models()
@@ -590,7 +591,7 @@ class Gateway:
         )
 
     async def get_model(self, request: Request) -> Response:
-        denied = self._authorize_request(request)
+        denied = self._authorize_request(request, "/v1/models/{model}")
         if denied is not None:
             return denied
         ref = request.path_params["model"]

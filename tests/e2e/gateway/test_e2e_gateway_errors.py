@@ -161,6 +161,13 @@ async def test_401_api_keys(
         assert r.status_code == 401  # no Authorization header at all
         assert (await h.get("/health")).status_code == 200  # health and metrics stay open
         assert (await h.get("/metrics")).status_code == 200
+    async with http(gw) as h:
+        text = (await h.get("/metrics")).text
+    assert metric(text, "orcd_gateway_requests_total", endpoint="/v1/models", status="401") == 3
+    assert (
+        metric(text, "orcd_gateway_requests_total", endpoint="/v1/chat/completions", status="401")
+        == 4
+    )
     log = gw.output()
     assert "sk-first" not in log and "sk-second" not in log and "sk-wrong" not in log
 
