@@ -251,7 +251,9 @@ async def test_disconnect_cancels_the_job_on_the_worker(
     assert metric(text, "orcd_gateway_client_disconnects_total") == 2
     assert metric(text, "orcd_gateway_open_streams") == 0
     # the worker is fine and serves the next request
-    done = await oa.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=3)
+    done = await oa.chat.completions.create(
+        model=REF, messages=MESSAGES, max_tokens=3, temperature=0.0
+    )
     assert done.usage is not None and done.usage.completion_tokens == 3
     await oa.close()
     await impatient.close()

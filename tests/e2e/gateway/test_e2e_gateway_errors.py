@@ -125,7 +125,9 @@ async def test_400_404_413(
         == 2
     )
     # the worker carried on
-    ok = await oa.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=2)
+    ok = await oa.chat.completions.create(
+        model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0
+    )
     assert ok.choices[0].finish_reason == "length"
     await oa.close()
 
@@ -144,7 +146,9 @@ async def test_401_api_keys(
     for wrong in ("sk-wrong", "sk-first-5f1", "sk-first-5f1dX"):
         bad = sdk(gw, api_key=wrong)
         with pytest.raises(openai.AuthenticationError) as info:
-            await bad.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=2)
+            await bad.chat.completions.create(
+                model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0
+            )
         err = error_of(info.value, 401, "invalid_api_key")
         assert wrong not in err["message"]
         with pytest.raises(openai.AuthenticationError):
@@ -152,7 +156,9 @@ async def test_401_api_keys(
         await bad.close()
     for key in ("sk-first-5f1d", "sk-second-9c2e"):
         good = sdk(gw, api_key=key)
-        r = await good.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=2)
+        r = await good.chat.completions.create(
+            model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0
+        )
         assert r.usage is not None and r.usage.completion_tokens == 2
         assert [m.id for m in (await good.models.list()).data] == [REF]
         await good.close()
@@ -217,7 +223,9 @@ async def test_503_no_worker_and_nats_down(
 
     # a worker comes up: served (the gateway asks the workers when a model is unknown)
     spawn_worker(tiny_model, nats_server.url, REF, "--ctx-size", "4096").wait_ready()
-    r = await oa.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=2)
+    r = await oa.chat.completions.create(
+        model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0
+    )
     assert r.choices[0].finish_reason == "length"
 
     # NATS goes away: /health says so, requests get 503 at once
@@ -229,7 +237,9 @@ async def test_503_no_worker_and_nats_down(
             await asyncio.sleep(0.05)
         assert (await h.get("/health")).json()["nats_connected"] is False
     with pytest.raises(openai.InternalServerError) as info:
-        await oa.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=2)
+        await oa.chat.completions.create(
+            model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0
+        )
     error_of(info.value, 503, "nats_unavailable")
 
     # and comes back (same port, same store): the gateway reconnects and serves again
@@ -241,7 +251,9 @@ async def test_503_no_worker_and_nats_down(
             await asyncio.sleep(0.1)
     for _ in range(100):  # the worker reconnects too
         try:
-            r = await oa.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=2)
+            r = await oa.chat.completions.create(
+                model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0
+            )
             break
         except openai.APIStatusError as exc:
             assert exc.status_code in (503, 504), exc
@@ -270,7 +282,7 @@ async def test_504_no_first_event_in_time(
         for stream in (False, True):
             with pytest.raises(openai.APIStatusError) as info:
                 await oa.chat.completions.create(
-                    model=REF, messages=MESSAGES, max_tokens=2, stream=stream
+                    model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0, stream=stream
                 )
             err = error_of(info.value, 504, "timeout")
             assert err["type"] == "timeout_error"
@@ -291,6 +303,8 @@ async def test_504_no_first_event_in_time(
         last = (await client.replay(job_id))[-1]
         assert isinstance(last, Error) and last.code is ErrorCode.CANCELLED
     assert not w.events("execute_start")
-    r = await oa.chat.completions.create(model=REF, messages=MESSAGES, max_tokens=2)
+    r = await oa.chat.completions.create(
+        model=REF, messages=MESSAGES, max_tokens=2, temperature=0.0
+    )
     assert r.choices[0].finish_reason == "length"
     await oa.close()
