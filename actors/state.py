@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from worker import __version__
 from worker.backends.base import BackendInfo
+from worker.buildinfo import commit
 from worker.protocol import Health, HealthStatus, encode
 
 
@@ -69,6 +70,7 @@ class WorkerState:
             version=__version__,
             running_jobs=self.running_jobs,
             max_batch=self.max_batch,
+            commit=commit(),
         )
 
     def health_bytes(self) -> bytes:

@@ -179,7 +179,13 @@ class OrcdClient:
                         raise TimeoutError(f"job {job_id}: no terminal event in {timeout_s} s")
                 event: Event | None = None
                 try:
-                    msg = await asyncio.wait_for(queue.get(), wait)
+                    # per event: no task per wait (wait_for makes one), none at all when
+                    # the event is already queued
+                    if queue.empty():
+                        async with asyncio.timeout(wait):
+                            msg = await queue.get()
+                    else:
+                        msg = queue.get_nowait()
                 except TimeoutError:
                     gap = True
                 else:
@@ -275,6 +281,16 @@ class OrcdClient:
             await sub.unsubscribe()
         return replies
 
+    async def cancel_nowait(self, job_id: str) -> None:
+        """Publish a cancel for `job_id` without waiting for any reply (a client that has
+        gone away: the job must stop, nobody waits to hear how)."""
+        await self.nc.publish(self.subjects.cancel, encode({"job_id": job_id}))
+
+    @property
+    def connected(self) -> bool:
+        """The NATS connection is up right now (not closed, not reconnecting)."""
+        return bool(self.nc.is_connected)
+
     async def health(self, worker_id: str | None = None, timeout_s: float = 2.0) -> Health:
         """Health of one worker (or of whichever worker answers ``orcd.health`` first)."""
         subject = self.subjects.health(worker_id) if worker_id else self.subjects.health_all
@@ -287,7 +303,8 @@ class OrcdClient:
         out: list[Health] = []
 
         async def on_reply(msg: Msg) -> None:
-            out.append(decode_health(msg.data))
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                out.append(decode_health(msg.data))
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
@@ -304,6 +321,98 @@ class OrcdClient:
     async def metrics(self, worker_id: str, timeout_s: float = 2.0) -> str:
         msg = await self.nc.request(self.subjects.metrics(worker_id), b"", timeout=timeout_s)
         return bytes(msg.data).decode()
+
+
+class WorkerDirectory:
+    """A live view of the workers behind one subject prefix: who serves which model ref.
+
+    Fed by every worker's heartbeat (``orcd.heartbeat.*``, every few seconds) and by health
+    replies (`refresh` asks ``orcd.health``, which every worker answers); a worker not heard
+    from for `ttl_s` is gone. A worker's last heartbeat on shutdown says ``draining``, so it
+    stops serving at once. Nothing here is routing: jobs still go to the shared consumer.
+
+        directory = WorkerDirectory(client)
+        await directory.start()
+        directory.serving("qwen")   # healthy (or starting) workers of model ref "qwen"
+    """
+
+    def __init__(self, client: OrcdClient, ttl_s: float = 15.0) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self._seen: dict[str, tuple[float, Health]] = {}
+        self._sub: Any = None
+        self._refreshing: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    async def start(self, probe_s: float = 0.3) -> None:
+        """Follow the heartbeats and ask every worker for its health once."""
+
+        async def on_heartbeat(msg: Msg) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                self.update(decode_health(msg.data))
+
+        self._sub = await self.client.nc.subscribe(
+            self.client.subjects.heartbeat_wildcard, cb=on_heartbeat
+        )
+        await self.refresh(probe_s)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def update(self, health: Health) -> None:
+        self._seen[health.worker_id] = (self._loop.time(), health)
+
+    async def refresh(self, timeout_s: float = 0.25) -> None:
+        """Ask every worker for its health (``orcd.health``) and take the replies that come
+        within `timeout_s`; concurrent callers share one probe."""
+        task = self._refreshing
+        if task is None or task.done():
+
+            async def probe() -> None:
+                for h in await self.client.health_all(timeout_s):
+                    self.update(h)
+
+            task = self._refreshing = asyncio.ensure_future(probe())
+        await asyncio.shield(task)
+
+    async def lookup(self, worker_id: str, timeout_s: float = 0.25) -> Health | None:
+        """The worker's last known health; asks it directly when it has not been seen."""
+        entry = self._seen.get(worker_id)
+        if entry is not None:
+            return entry[1]
+        try:
+            h = await self.client.health(worker_id, timeout_s=timeout_s)
+        except Exception:
+            return None
+        self.update(h)
+        return h
+
+    def live(self) -> list[Health]:
+        """Every worker heard from within the TTL (any status), by worker id."""
+        cutoff = self._loop.time() - self.ttl_s
+        for wid in [w for w, (t, _) in self._seen.items() if t < cutoff]:
+            del self._seen[wid]
+        return [h for _, (_, h) in sorted(self._seen.items())]
+
+    def workers(self, model_ref: str) -> list[Health]:
+        """Live workers of `model_ref` (any status)."""
+        return [h for h in self.live() if h.model_ref == model_ref]
+
+    def serving(self, model_ref: str) -> list[Health]:
+        """Live workers of `model_ref` that take jobs: ``healthy``, or ``starting`` (a job
+        queued now is served once the model is loaded)."""
+        return [h for h in self.workers(model_ref) if h.status in ("healthy", "starting")]
+
+    def models(self) -> dict[str, list[Health]]:
+        """Model ref -> its live workers that take jobs (refs with none are left out)."""
+        out: dict[str, list[Health]] = {}
+        for h in self.live():
+            if h.status in ("healthy", "starting"):
+                out.setdefault(h.model_ref, []).append(h)
+        return out
 
 
 def _skips(event: Event, next_i: int) -> bool:

@@ -53,6 +53,7 @@ class Subjects:
         self.prefix = prefix
         self.jobs_wildcard = f"{prefix}.jobs.>"
         self.events_wildcard = f"{prefix}.events.>"
+        self.heartbeat_wildcard = f"{prefix}.heartbeat.*"
         self.cancel = f"{prefix}.cancel"
         self.health_all = f"{prefix}.health"
         # Error events of jobs whose job_id cannot be read (no per-job subject exists).
@@ -329,6 +330,8 @@ class Health(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     version: str
     running_jobs: int = 0  # jobs this worker holds now (running or waiting for KV blocks)
     max_batch: int = 0  # most jobs it runs together
+    # source commit of the worker's build (worker.buildinfo); "" from workers that predate it
+    commit: str = ""
 
 
 _health_decoder: Final = msgspec.json.Decoder(Health)
