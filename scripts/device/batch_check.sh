@@ -32,20 +32,20 @@ LCPP=
 [ -n "${NO_LLAMA:-}" ] || LCPP=$!
 mix() { case $1 in gpt-oss) echo mxfp4 ;; *) echo q4_k_m ;; esac; }
 for m in ${MODELS//,/ }; do
-  (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$S/$m-full-$(mix "$m").gguf', preset('$m', 'full', mix='$(mix "$m")', seed=1))" \
-    >"$OUT/synth-$m.log" 2>&1; echo "synth $m rc=$?" >>"$OUT/synth-$m.log") &
+  f=$S/$m-full-$(mix "$m").gguf  # written under another name, then renamed: never half a file
+  (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$f.part', preset('$m', 'full', mix='$(mix "$m")', seed=1))" \
+    >"$OUT/synth-$m.log" 2>&1 && mv "$f.part" "$f"; echo "synth $m rc=$?" >>"$OUT/synth-$m.log") &
 done
 python3 -c "from worker.backends.cuda.compile import prewarm; print('compiled:', prewarm('sm_90'))" \
   >"$OUT/prewarm.log" 2>&1
 echo "prewarm: $(cat "$OUT/prewarm.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
 if [ "$TESTS" != none ]; then
+  files=${TEST_FILES:-tests/gpu/test_kernels.py tests/gpu/test_matmul.py tests/gpu/test_embed_moe.py tests/gpu/test_model.py}
   timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
-    --timeout 200 tests/gpu/test_kernels.py tests/gpu/test_matmul.py tests/gpu/test_embed_moe.py \
-    tests/gpu/test_model.py ${TESTS:+-k "$TESTS"} >"$OUT/pytest.log" 2>&1
+    --timeout 200 $files ${TESTS:+-k "$TESTS"} >"$OUT/pytest.log" 2>&1
   echo "tests rc=$? ($(( $(date +%s) - t0 )) s): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
   grep -E "^FAILED|^ERROR|Error|assert" "$OUT/pytest.log" | head -30
 fi
-for p in $(jobs -p); do [ "$p" = "$LCPP" ] || wait "$p"; done  # the synthetic files
 if [ -n "${PROFILE:-}" ]; then
   for b in ${PROFILE//,/ }; do
     timeout 120 python3 scripts/device/kernel_profile.py "$S/qwen2-full-q4_k_m.gguf" --batch "$b" \
@@ -54,8 +54,9 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 for m in ${MODELS//,/ }; do
   f=$S/$m-full-$(mix "$m").gguf
+  for _ in $(seq 400); do [ -f "$f" ] && break; sleep 1; done  # its synthetic file
   timeout "${BENCH_TIMEOUT:-150}" python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold \
-    --reps 3 --batch "$BATCH" >"$OUT/bench-$m.txt" 2>&1
+    --reps "${REPS:-3}" --batch "$BATCH" >"$OUT/bench-$m.txt" 2>&1
   echo "bench $m rc=$?"; grep -v "^{" "$OUT/bench-$m.txt" | tail -8
   grep "^{" "$OUT/bench-$m.txt" | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ('gpu','pp_tok_s','tg_tok_s','max_batch','load_s_warm_kernel_cache','error')})"
   if [ -n "${NOINV:-}" ]; then  # the same without batch invariance (A/B of its cost)
@@ -73,6 +74,10 @@ for m in ${MODELS//,/ }; do
   timeout 200 $lcpp/build/bin/llama-batched-bench -m "$f" -c 33792 -b 2048 -ub 512 -npp 128 \
     -ntg 128 -npl "$BATCH" -ngl 99 -fa on >"$OUT/lcpp-batched-$m.txt" 2>&1
   echo "llama-batched-bench $m rc=$?"; grep -E "^\|" "$OUT/lcpp-batched-$m.txt" | tail -8
+  if [ -n "${LLAMA_BENCH:-}" ]; then
+    timeout 120 $lcpp/build/bin/llama-bench -m "$f" -p 512 -n 128 -fa 1 -r 3 >"$OUT/lcpp-bench-$m.txt" 2>&1
+    echo "llama-bench $m rc=$?"; grep -E "^\|" "$OUT/lcpp-bench-$m.txt" | tail -3
+  fi
 done
 echo "total $(( $(date +%s) - t0 )) s"
 # what comes back: at most 8 files
