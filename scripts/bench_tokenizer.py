@@ -15,11 +15,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from worker.devdata import real_qwen_path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (not installed)
+
+from tools.devdata import real_qwen_path
 from worker.gguf.reader import open_gguf
 from worker.tokenizer import StreamDecoder, load_tokenizer
 

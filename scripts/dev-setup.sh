@@ -8,4 +8,4 @@ py=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]' -r requirements/testdata.txt
-.venv/bin/python -m worker.devdata
+.venv/bin/python -m tools.devdata

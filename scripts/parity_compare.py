@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.synth:
             from dataclasses import replace
 
-            from worker.gguf.synth import preset, write_synthetic
+            from tools.synth import preset, write_synthetic
 
             path = Path(tmp) / "synth.gguf"
             write_synthetic(path, replace(preset(args.synth, "tiny", mix=args.mix), std=0.15))

@@ -15,14 +15,14 @@ for m in norm rope attention activation elementwise sampling gemv gemm embed moe
   python3 -c "from worker.backends.cuda.compile import prewarm; prewarm('sm_90', ['$m'])" &
   PIDS+=($!)
 done
-python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$MODEL', preset('qwen2', 'full', mix='q4_k_m', seed=1))" &
+python3 -c "from tools.synth import preset, write_synthetic; write_synthetic('$MODEL', preset('qwen2', 'full', mix='q4_k_m', seed=1))" &
 PIDS+=($!)
 if [ -n "${PHI3:-}" ]; then  # full-size Phi-3-mini layout, written while the tests run
-  (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$WORKER_ORCD_SYNTH_DIR/phi3-full-q4_k_m.gguf', preset('phi3', 'full', mix='q4_k_m', seed=1))" > "$OUT/phi3-synth.txt" 2>&1; echo done >> "$OUT/phi3-synth.txt") &
+  (python3 -c "from tools.synth import preset, write_synthetic; write_synthetic('$WORKER_ORCD_SYNTH_DIR/phi3-full-q4_k_m.gguf', preset('phi3', 'full', mix='q4_k_m', seed=1))" > "$OUT/phi3-synth.txt" 2>&1; echo done >> "$OUT/phi3-synth.txt") &
   PHI3_PID=$!
 fi
 if [ -n "${GPTOSS:-}" ]; then  # full-size GPT-OSS-20B MXFP4 layout (about 12 GB)
-  (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$WORKER_ORCD_SYNTH_DIR/gpt-oss-full-mxfp4.gguf', preset('gpt-oss', 'full', mix='mxfp4', seed=1))" > "$OUT/gptoss-synth.txt" 2>&1; echo done >> "$OUT/gptoss-synth.txt") &
+  (python3 -c "from tools.synth import preset, write_synthetic; write_synthetic('$WORKER_ORCD_SYNTH_DIR/gpt-oss-full-mxfp4.gguf', preset('gpt-oss', 'full', mix='mxfp4', seed=1))" > "$OUT/gptoss-synth.txt" 2>&1; echo done >> "$OUT/gptoss-synth.txt") &
   GPTOSS_PID=$!
 fi
 wait "${PIDS[@]}"

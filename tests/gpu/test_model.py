@@ -1,5 +1,5 @@
 """Whole-model checks of CudaBackend against the NumPy reference (SPEC §7), on a synthetic
-full-size Qwen2.5-0.5B Q4_K_M file generated on the device (worker.gguf.synth; set
+full-size Qwen2.5-0.5B Q4_K_M file generated on the device (tools.synth; set
 WORKER_ORCD_SYNTH_DIR to share it between runs).
 
 Teacher-forced: both backends get the same prompt (prefill) and then the same 32 further
@@ -33,7 +33,7 @@ CTX = 256
 
 @pytest.fixture(scope="module")
 def qwen_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.gguf.synth import preset, write_synthetic
+    from tools.synth import preset, write_synthetic
 
     d = os.environ.get("WORKER_ORCD_SYNTH_DIR")
     base = Path(d) if d else tmp_path_factory.mktemp("synth")
@@ -221,9 +221,9 @@ def test_every_architecture_tiny_matches_reference(
 ) -> None:
     """Each layer recipe (tiny real-layout files: same tensor names, types and metadata as
     the full models), teacher-forced over a prompt and 32 decode steps."""
+    from tools.synth import preset, write_synthetic
     from worker.backends.cuda import CudaBackend
     from worker.backends.numpy_ref import NumpyBackend
-    from worker.gguf.synth import preset, write_synthetic
 
     path = tmp_path_factory.mktemp("tiny") / f"{arch}.gguf"
     write_synthetic(path, preset(arch, "tiny", mix=ARCH_MIX[arch], seed=3))

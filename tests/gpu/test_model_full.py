@@ -1,6 +1,6 @@
 """Whole-model logits of CudaBackend against the NumPy reference (SPEC §7) on the full-size
 Phi-3-mini (Q4_K_M mix) and GPT-OSS-20B (MXFP4) layouts, written on the device by
-worker.gguf.synth (set WORKER_ORCD_SYNTH_DIR to share the files between runs; the Qwen2.5
+tools.synth (set WORKER_ORCD_SYNTH_DIR to share the files between runs; the Qwen2.5
 full-size check is in test_model.py).
 
 Teacher-forced: both backends get the same prompt (one prefill) and then the same 32 further
@@ -40,7 +40,7 @@ N_PROMPT, N_MORE = 150, 32
 
 
 def _synth(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.gguf.synth import preset, write_synthetic
+    from tools.synth import preset, write_synthetic
 
     d = os.environ.get("WORKER_ORCD_SYNTH_DIR")
     base = Path(d) if d else tmp_path_factory.mktemp("synth-full")

@@ -1,4 +1,4 @@
-"""Shared machinery of the parity tests: synthetic GGUF models (worker.gguf.synth, the real
+"""Shared machinery of the parity tests: synthetic GGUF models (tools.synth, the real
 tensor layouts), our NumPy forward (prefill + decode through the KV cache) and the
 transformers side (scripts/parity_hf.py), and the SPEC §7 comparison.
 

@@ -8,7 +8,7 @@ prompt, tokens/s), the GPU name and the commit. Fields that need a live worker o
 (TTFT and inter-token p50/p95/p99) are listed under `missing` rather than estimated.
 
 `worker-orcd bench --suite --model PATH [--device cuda|cpu] [--nats-url URL] ...` instead runs
-the seed's performance suite against a live worker (worker.nats.suite.run_live_suite): it
+the performance suite against a live worker (tools/suite.py, from a source checkout): it
 starts nats-server (unless --nats-url) and `worker-orcd serve` subprocesses and prints one
 JSON object with load, TTFT, inter-token, health, cancel and shutdown p50/p95/p99, VRAM back
 at baseline, and pass/fail against the SPEC §6 targets.
@@ -278,9 +278,10 @@ def _decode_weight_bytes(be: Any) -> int:
 def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
-    from worker.nats.suite import LiveSuiteOptions, run_live_suite
+    from worker.cli._tools import import_tool
 
-    opts = LiveSuiteOptions(
+    suite = import_tool("suite", "bench --suite")
+    opts = suite.LiveSuiteOptions(
         model=args.model,
         device=args.device,
         gpu_device=args.gpu_device,
@@ -297,7 +298,7 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
         cold=not args.no_cold,
         load_timeout_s=args.load_timeout_s,
     )
-    result = asyncio.run(run_live_suite(opts))
+    result = asyncio.run(suite.run_live_suite(opts))
     result["commit"] = _commit()
     return result
 

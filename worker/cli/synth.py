@@ -1,4 +1,7 @@
-"""`worker-orcd synth`: write a synthetic GGUF model with the real layout of an architecture."""
+"""`worker-orcd synth`: write a synthetic GGUF model with the real layout of an architecture.
+
+The writer lives in the repository's tools/ tree (test and benchmark tooling, not installed),
+so this command works from a source checkout and says so elsewhere."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from worker.gguf.synth import ARCHS, MIXES, SIZES, SynthError, preset, write_synthetic
+from worker.cli._tools import ToolsUnavailable, import_tool
 
 _OVERRIDES: tuple[tuple[str, str, str], ...] = (
     ("--layers", "n_layer", "number of blocks"),
@@ -35,13 +38,13 @@ def register(subparsers: Any) -> None:
             "GPT-OSS-20B, llama: Llama-3.2-1B, gpt2: GPT-2 124M), full size or tiny."
         ),
     )
-    p.add_argument("--arch", required=True, choices=ARCHS)
-    p.add_argument("--size", default="full", choices=SIZES)
+    p.add_argument("--arch", required=True, help="qwen2, phi3, gpt-oss, llama or gpt2")
+    p.add_argument("--size", default="full", help="full or tiny")
     p.add_argument(
         "--mix",
         default=None,
-        choices=MIXES,
-        help="quant mix (default: q4_k_m; mxfp4 for gpt-oss)",
+        help="quant mix: q4_k_m, mxfp4 or one type (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, "
+        "q8_0, q4_k, q5_k, q6_k); default q4_k_m (mxfp4 for gpt-oss)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .gguf path")
@@ -65,7 +68,12 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        spec = preset(args.arch, args.size, mix=args.mix, seed=args.seed)
+        synth = import_tool("synth", "synth")
+    except ToolsUnavailable as exc:
+        print(f"worker-orcd synth: {exc}", file=sys.stderr)
+        return 2
+    try:
+        spec = synth.preset(args.arch, args.size, mix=args.mix, seed=args.seed)
         overrides: dict[str, Any] = {
             f: getattr(args, f) for _, f, _ in _OVERRIDES if getattr(args, f) is not None
         }
@@ -76,14 +84,14 @@ def run(args: argparse.Namespace) -> int:
         if overrides:
             spec = spec.scaled(**overrides)
         spec.validate()
-    except SynthError as exc:
+    except synth.SynthError as exc:
         print(f"worker-orcd synth: {exc}", file=sys.stderr)
         return 2
 
     def progress(done: int, total: int) -> None:
         print(f"\r{100 * done // max(total, 1):3d}% of {total >> 20} MiB", end="", file=sys.stderr)
 
-    report = write_synthetic(args.out, spec, progress=progress if args.progress else None)
+    report = synth.write_synthetic(args.out, spec, progress=progress if args.progress else None)
     if args.progress:
         print(file=sys.stderr)
     if args.json:

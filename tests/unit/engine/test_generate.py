@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
+from tools.synth import preset, write_synthetic
 from worker.backends.numpy_ref import NumpyBackend
 from worker.engine.generate import (
     End,
@@ -23,7 +24,6 @@ from worker.engine.rng import uniform
 from worker.engine.sampling import sample
 from worker.errors import Cancelled, ContextLengthExceeded, ErrorCode, WorkerError
 from worker.gguf.reader import GGUFFile, open_gguf
-from worker.gguf.synth import preset, write_synthetic
 from worker.tokenizer.base import Tokenizer
 from worker.tokenizer.loader import load_tokenizer
 

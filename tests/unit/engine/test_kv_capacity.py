@@ -15,13 +15,13 @@ import pytest
 from actors.cancellation import ActiveJob
 from actors.inference import JobLimits, Ticket, run_job_blocking
 from actors.loader import LoadedModel, load_model_blocking
+from tools.synth import preset, write_synthetic
 from worker.backends.numpy_ref import NumpyBackend
 from worker.config import WorkerConfig
 from worker.engine.generate import GenerationRequest, JobPlan, generate, plan_job, prepare_prompt
 from worker.engine.params import SamplingParams
 from worker.errors import ContextLengthExceeded, ErrorCode, VramOom, WorkerError
 from worker.gguf.reader import GGUFFile, open_gguf
-from worker.gguf.synth import preset, write_synthetic
 from worker.metrics import WorkerMetrics
 from worker.protocol import End, Error, Event, Job, Started
 from worker.tokenizer.base import Tokenizer

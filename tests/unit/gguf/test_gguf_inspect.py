@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from gguf_testfile import VT, T, Tensor, tiny_qwen2
 
+from tools.synth import ARCHS, preset, write_synthetic
 from worker.cli.inspect import describe
 from worker.gguf.estimate import align_up, estimate_vram, quant_kind
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import ARCHS, preset, write_synthetic
 
 CLI = Path(sys.executable).parent / "worker-orcd"
 

@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
+from tools.synth import ARCHS, preset, write_synthetic
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import ARCHS, preset, write_synthetic
 
 CASES = [(arch, None) for arch in ARCHS] + [
     ("llama", "q4_1"),

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
+from tools.synth import plan, preset, write_synthetic
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import plan, preset, write_synthetic
 
 
 def test_full_sizes_match_llama_bench_model_sizes() -> None:

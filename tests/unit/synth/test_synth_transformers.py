@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.synth import preset, write_synthetic
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import preset, write_synthetic
 from worker.tokenizer.gguf_bpe import GGUFTokenizer
 
 

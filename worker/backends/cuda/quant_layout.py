@@ -63,8 +63,8 @@ def random_matrix(
     ggml layout, their NumPy dequantization [rows, cols] from worker.gguf.quants)."""
     from gguf import GGMLQuantizationType
 
+    from tools.synth_blocks import FLOAT_TYPES, random_blocks, random_floats
     from worker.gguf.quants import dequantize
-    from worker.gguf.synth_blocks import FLOAT_TYPES, random_blocks, random_floats
 
     lay = layout(qtype)
     qt = GGMLQuantizationType(lay.type_id)

@@ -40,8 +40,8 @@ import numpy.typing as npt
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType, RopeScalingType
 
-from worker.gguf.synth_blocks import tensor_nbytes, write_random_tensor
-from worker.gguf.synth_vocab import Vocab, min_normal_tokens, vocab_for
+from tools.synth_blocks import tensor_nbytes, write_random_tensor
+from tools.synth_vocab import Vocab, min_normal_tokens, vocab_for
 
 T = GGMLQuantizationType
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools.live import WorkerProc, shutdown_and_wait, wait_healthy
 from worker.client import OrcdClient
-from worker.nats.live import WorkerProc, shutdown_and_wait, wait_healthy
 from worker.nats.server import EmbeddedNatsServer
 from worker.protocol import End, Error, Health, Started, Token
 

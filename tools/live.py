@@ -26,7 +26,7 @@ from typing import Any
 from worker.client import OrcdClient
 from worker.protocol import Health
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class WorkerProc:
