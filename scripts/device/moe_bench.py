@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_matmul_bench import Bench
 
+from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import (
     QWeight,
     moe_workspace_bytes,
     plan_moe_route,
 )
-from worker.backends.cuda.quant_layout import layout, random_matrix
+from worker.backends.cuda.quant_layout import layout
 
 N_EXP, N, K, TOPK = 32, 2880, 2880, 4
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from pycuda_arrays import poisoned, rel_err, upload
 
+from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import (
     KernelArgumentError,
     MatmulKernels,
@@ -30,7 +31,7 @@ from worker.backends.cuda.matmul import (
     moe_workspace_bytes,
     plan_moe_route,
 )
-from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
+from worker.backends.cuda.quant_layout import LAYOUTS
 
 pytestmark = pytest.mark.gpu
 

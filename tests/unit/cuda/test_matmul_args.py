@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import (
     GEMM_VERSION,
     MOE5_MIN_AVG_128,
@@ -37,7 +38,7 @@ from worker.backends.cuda.matmul import (
     plan_moe_pair,
     plan_moe_route,
 )
-from worker.backends.cuda.quant_layout import LAYOUTS, layout, random_matrix
+from worker.backends.cuda.quant_layout import LAYOUTS, layout
 from worker.errors import CudaError, ErrorCode
 
 CUDA_SRC = Path(__file__).resolve().parents[3] / "cuda_src"
