@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -82,6 +83,7 @@ class Frontend:
         self._connected = False
         self._closing = False
         self.reconnects = 0
+        self.url = ""
 
     # ----------------------------------------------------------------- connection
 
@@ -101,13 +103,26 @@ class Frontend:
         async def on_error(exc: Exception) -> None:
             narrate("nats_error", f"{type(exc).__name__}: {exc}", level="WARNING")
 
+        def on_retry(attempt: int, reason: str, pause_s: float) -> None:
+            narrate(
+                "nats_connect_retry",
+                f"cannot reach NATS at {url} ({reason}); attempt {attempt} failed, retrying in "
+                f"{pause_s:.1f} s (giving up {self.cfg.nats_connect_timeout_s:g} s after start)",
+                level="WARNING",
+                nats_url=url,
+                attempt=attempt,
+            )
+
         self.nc = await connect(
             url,
             name=f"worker-orcd-{self.cfg.worker_id}",
             on_disconnect=on_disconnect,
             on_reconnect=on_reconnect,
             on_error=on_error,
+            connect_timeout_s=self.cfg.nats_connect_timeout_s,
+            on_retry=on_retry,
         )
+        self.url = url
         self._connected = True
         self.js = self.nc.jetstream(publish_async_max_pending=PUBLISH_ASYNC_MAX_PENDING)
         await ensure_streams(
@@ -183,8 +198,11 @@ class Frontend:
 
     # ----------------------------------------------------------------- jobs
 
-    async def job_loop(self, links: FrontendLinks) -> None:
-        """Pull and serve jobs one at a time until shutdown is requested."""
+    async def job_loop(
+        self, links: FrontendLinks, on_ready: Callable[[], None] | None = None
+    ) -> None:
+        """Pull and serve jobs one at a time until shutdown is requested; `on_ready` runs
+        once the worker pulls from its consumer."""
         assert self.js is not None
         while True:  # NATS may be away right now: wait for it
             try:
@@ -205,9 +223,12 @@ class Frontend:
                 await anyio.sleep(1.0)
         narrate(
             "ready",
-            f"serving {self.subjects.jobs(self.cfg.model_ref)}",
+            f"serving {self.subjects.jobs(self.cfg.model_ref)} at {self.url}",
             jobs_subject=self.subjects.jobs(self.cfg.model_ref),
+            nats_url=self.url,
         )
+        if on_ready is not None:
+            on_ready()
         async with links.tickets, links.events:
             while not self.shutdown.is_set():
                 try:

@@ -8,15 +8,19 @@
 
 Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT or the shutdown request: stop pulling,
 finish the active job, free the device, exit within 30 s); 1 when the model cannot be
-loaded (message with the reason); 2 when an actor crashed or the worker cannot start
-(logged, then a clean shutdown).
+loaded (message with the reason); 2 when an actor crashed or the worker cannot start, e.g.
+NATS unreachable for --nats-connect-timeout (logged, then a clean shutdown).
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
+import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,12 +37,16 @@ from worker.config import WorkerConfig
 from worker.errors import WorkerError
 from worker.metrics import WorkerMetrics
 from worker.narration import narrate
+from worker.nats.jetstream import NatsUnavailable
 from worker.nats.server import EmbeddedNatsServer
 from worker.protocol import Event
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1
 EXIT_ACTOR_CRASHED = 2
+
+# The embedded nats-server listens where clients look by default, when that port is free.
+DEFAULT_NATS_PORT = 4222
 
 # The events channel holds at most one job's events: max_tokens (2048) tokens, one metrics
 # event per second, started and the terminal event.
@@ -73,7 +81,7 @@ class Supervisor:
             version=__version__,
             device=cfg.device,
             model=str(cfg.model),
-            pid=__import__("os").getpid(),
+            pid=os.getpid(),
         )
         try:
             url = self._start_nats()
@@ -88,6 +96,10 @@ class Supervisor:
                 await self._serve()
             except BaseExceptionGroup as group:
                 raise _first(group) from None
+        except NatsUnavailable as exc:
+            narrate("error", str(exc), level="ERROR")
+            print(f"worker-orcd serve: {exc}", file=sys.stderr)
+            self.exit_code = EXIT_ACTOR_CRASHED
         except WorkerError as exc:  # model load failure, insufficient VRAM
             narrate("error", exc.message, level="ERROR", code=exc.code.value)
             print(f"worker-orcd: {exc.code}: {exc.message}", file=sys.stderr)
@@ -108,12 +120,14 @@ class Supervisor:
     def _start_nats(self) -> str:
         if self.cfg.nats_url is not None:
             return self.cfg.nats_url
-        self.embedded = EmbeddedNatsServer(store_dir=self.cfg.nats_store_dir)
+        port = DEFAULT_NATS_PORT if _port_free(DEFAULT_NATS_PORT) else None
+        self.embedded = EmbeddedNatsServer(port=port, store_dir=self.cfg.nats_store_dir)
         self.embedded.start()
         url = self.embedded.url
+        taken = "" if port else f" (port {DEFAULT_NATS_PORT} is taken)"
         narrate(
             "nats_embedded",
-            f"started embedded nats-server with JetStream at {url} "
+            f"started embedded nats-server with JetStream at {url}{taken} "
             f"(store {self.embedded.store_dir})",
             nats_url=url,
             store_dir=str(self.embedded.store_dir),
@@ -163,9 +177,26 @@ class Supervisor:
             )
             self.state.set_ready()
             links = FrontendLinks(tickets=tickets_tx, events=events_rx, cancels=cancels_tx)
-            await self.frontend.job_loop(links)
+            await self.frontend.job_loop(links, on_ready=self._say_how_to_try)
             # drained (shutdown): stop the other actors
             tg.cancel_scope.cancel()
+
+    def _say_how_to_try(self) -> None:
+        """The last start-up line: the exact command that sends this worker a job."""
+        cmd = try_command(self.frontend.url, self.cfg, chat=self._has_chat_template())
+        if self.cfg.log_format == "json":
+            narrate("try", f"from another terminal: {cmd}", command=cmd)
+        else:
+            print(f"\nReady. From another terminal, try:\n\n    {cmd}\n", file=sys.stderr)
+
+    def _has_chat_template(self) -> bool:
+        if self.model is None:
+            return False
+        try:
+            self.model.tokenizer.render_chat([{"role": "user", "content": "hi"}])
+        except Exception:
+            return False
+        return True
 
     def _on_busy(self, busy: bool) -> None:
         """After each job: refresh the cached device info health reports (an attribute the
@@ -222,6 +253,31 @@ class Supervisor:
             if self.embedded is not None:
                 self.embedded.cleanup()
         narrate("shutdown", f"stopped in {time.monotonic() - t0:.2f} s", exit_code=self.exit_code)
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port` and it can be bound now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def try_command(url: str, cfg: WorkerConfig, *, chat: bool) -> str:
+    """`worker-orcd submit` with the URL, prefix and model reference this worker serves,
+    spelled the way this process was started (the venv's script, or `python -m worker`)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    exe = [argv0] if Path(argv0).name == "worker-orcd" else [sys.executable, "-m", "worker"]
+    parts = [*exe, "submit", "--nats-url", url, "--model-ref", cfg.model_ref]
+    if cfg.subject_prefix != "orcd":
+        parts += ["--subject-prefix", cfg.subject_prefix]
+    if chat:
+        parts += ["--chat", "Write a haiku about GPUs"]
+    else:
+        parts += ["def fibonacci(n):"]
+    return shlex.join(parts)
 
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:
