@@ -4,7 +4,7 @@ Runs its work on the backend thread (the backend is created, and later used, onl
 narrates ``model_load_start``, ``model_load_progress`` (0/25/50/75/100: file validated,
 tokenizer built, weights and KV cache in place, warm-up step done) and
 ``model_load_complete``. A load failure raises ModelLoadError / InsufficientVram, which the
-supervisor turns into exit code 1 with the message (SPEC §4).
+supervisor turns into exit code 1 with the message (docs/design.md, Loading).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class LoadedModel:
     quant_kind: str
     architecture: str
     load_seconds: float
-    # The job-facing context in tokens (SPEC §4): --ctx-size, else the model's training
+    # The job-facing context in tokens (docs/design.md): --ctx-size, else the model's training
     # context. The KV capacity is backend.context_length (--ctx-size / --kv-cache-size-mb /
     # what fits); a job needing more KV than that gets VRAM_OOM, not a smaller context.
     context_length: int

@@ -1,5 +1,5 @@
 """The worker's cached state: what health reports, updated by the actors, read without any
-device call (SPEC §3 Health: answered from cached state)."""
+device call (docs/protocol.md: health is answered from cached state)."""
 
 from __future__ import annotations
 

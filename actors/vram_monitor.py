@@ -1,7 +1,7 @@
 """VRAM monitor actor: every --residency-interval-s, asks the backend thread for a residency
 check (weights and KV verified in device memory) and refreshes the cached device info that
 health and metrics report. A failed check logs a critical event and turns health
-``unhealthy`` (SPEC §4)."""
+``unhealthy`` (docs/design.md, residency)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tokenizer speed on the real Qwen2.5-Coder-0.5B vocabulary (issue 3: a 32 KB prompt must
+"""Tokenizer speed on the real Qwen2.5-Coder-0.5B vocabulary (a 32 KB prompt must
 encode well under 50 ms on the CI-class machine).
 
 Prints one JSON object: vocabulary load time, and min / median / p95 milliseconds over

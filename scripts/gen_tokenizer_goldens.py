@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the tokenizer conformance data in tests/data/tokenizer/ (SPEC §2, issue 3).
+"""Regenerate the tokenizer conformance data in tests/data/tokenizer/ (docs/design.md).
 
 The expected ids come from implementations independent of worker/tokenizer:
 - qwen2:     transformers' GGUF tokenizer conversion of the real Qwen2.5-Coder-0.5B file

@@ -1,5 +1,5 @@
 """Synthetic GGUF models: random weights in the exact tensor layout, tensor types and metadata
-of the real models (SPEC §2, issue 2), at full size or scaled down.
+of the real models (docs/design.md), at full size or scaled down.
 
     spec = preset("qwen2", "tiny", mix="f32", seed=1)
     report = write_synthetic("/tmp/q.gguf", spec)

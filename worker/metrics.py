@@ -1,5 +1,6 @@
-"""Prometheus metrics of one worker (SPEC §3): served on ``orcd.metrics.<worker_id>`` and,
-with ``--metrics-port``, over HTTP. Each WorkerMetrics owns its registry (no global state)."""
+"""Prometheus metrics of one worker (docs/operations.md): served on
+``orcd.metrics.<worker_id>`` and, with ``--metrics-port``, over HTTP. Each WorkerMetrics
+owns its registry (no global state)."""
 
 from __future__ import annotations
 

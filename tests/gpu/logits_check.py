@@ -1,4 +1,4 @@
-"""Teacher-forced whole-model logits and their comparison (SPEC §7), shared by
+"""Teacher-forced whole-model logits and their comparison (docs/design.md), shared by
 test_model.py (Qwen2.5 full size, tiny layouts) and test_model_full.py (Phi-3, GPT-OSS)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every H7 kernel against its NumPy twin on random inputs, odd sizes and the real models'
+"""Every kernel against its NumPy twin on random inputs, odd sizes and the real models'
 shapes. Bounds: float32 kernels 1e-5 relative (norm of the error over the norm of the
 reference); FP16 KV-cache stores within half an FP16 ulp; the sampler bit-exact (same id)."""
 
@@ -323,7 +323,7 @@ def test_attention_deterministic(kern: Any, dev: Any) -> None:
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
-# ---------------------------------------------------------------- tensor-core prefill (H12)
+# ---------------------------------------------------------------- tensor-core prefill
 # attn_prefill_tc_d<D>: Q (scaled by scale*log2 e) and P are rounded to FP16 for the tensor
 # cores (K and V are FP16 in the cache already); each rounding is <= 2^-11 relative, the
 # scores move by ~|q||k| 2^-11 and O = sum p v / sum p uses the same rounded p in both sums.

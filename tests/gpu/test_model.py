@@ -1,4 +1,4 @@
-"""Whole-model checks of CudaBackend against the NumPy reference (SPEC §7), on a synthetic
+"""Whole-model checks of CudaBackend against the NumPy reference (docs/design.md), on a synthetic
 full-size Qwen2.5-0.5B Q4_K_M file generated on the device (tools.synth; set
 WORKER_ORCD_SYNTH_DIR to share it between runs).
 
@@ -25,7 +25,7 @@ from worker.errors import ContextLengthExceeded
 
 pytestmark = pytest.mark.gpu
 
-# Prefill runs H8's tensor-core gemm with fp16-rounded operands (2^-11 each), the KV cache is
+# Prefill runs the tensor-core gemm with fp16-rounded operands (2^-11 each), the KV cache is
 # FP16: 24 layers of that against the float32 reference.
 REL_BOUND = 2e-2
 CTX = 256

@@ -1,4 +1,4 @@
-"""Parity of the NumPy reference models with Hugging Face transformers (issue 4).
+"""Parity of the NumPy reference models with Hugging Face transformers.
 
 For every architecture, a 2-layer synthetic model in the real tensor layout
 (tools.synth) is written as GGUF; the same dequantized weights are loaded into the

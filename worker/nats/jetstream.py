@@ -1,4 +1,4 @@
-"""NATS connection and the JetStream objects of SPEC §3.
+"""NATS connection and the JetStream objects of docs/protocol.md.
 
 - `connect`: a nats-py connection, given up after a timeout at first (`NatsUnavailable`),
   then reconnecting forever (an outage is waited out).

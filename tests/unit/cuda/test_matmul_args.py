@@ -322,7 +322,7 @@ def test_dequant8_matches_numpy_reference_for_every_type(tmp_path: Path) -> None
 
 
 def test_gemv_default_modes_grids_and_refusals() -> None:
-    """The v4 gemv picks its mode and rows per warp by matrix size (docs/kernels.md, run 6);
+    """The v4 gemv picks its mode and rows per warp by matrix size (docs/kernels.md, gemv);
     only the async walk with 2-4 rows per warp is capped at the resident blocks."""
 
     def plan(n: int, k: int, qtype: int, ntok: int = 1, **kw: object) -> Launch:
@@ -445,7 +445,7 @@ def test_gemm3_plans_the_fp16_prepass_and_refusals() -> None:
 
 def test_gemm_default_version_by_matrix_size() -> None:
     """Without WORKER_ORCD_GEMM_VERSION: v3 (fp16 X pre-pass) for matrices of >= 8 Mi weights,
-    v2 below (run 2: the pre-pass's extra launch costs more than it saves on Qwen's small
+    v2 below (measured: the pre-pass's extra launch costs more than it saves on Qwen's small
     matrices in a launch-bound prefill); plan_gemm's default follows it."""
     if GEMM_VERSION is not None:
         pytest.skip("WORKER_ORCD_GEMM_VERSION is set")

@@ -1,4 +1,4 @@
-"""The decode loop over the real NumPy backend on a tiny synthetic qwen2 model (H2's
+"""The decode loop over the real NumPy backend on a tiny synthetic qwen2 model (the
 worker/gguf/synth.py), with its real GGUF tokenizer: token feeding, seeded draws, stop
 strings, EOS, the context cap, cancel, deadline, chunked prefill and UTF-8 streaming."""
 
@@ -274,7 +274,7 @@ def test_context_cap_and_prompt_too_long(tiny_file: GGUFFile, tok: Tokenizer) ->
     check_events(end, rec, tok)
     end, _ = run(small, tok, GenerationRequest(prompt[:23], 5, GREEDY))  # room for 10
     assert end.tokens_out == 5 or end.stop_reason == "eos"
-    # SPEC §4: only a prompt *longer* than the context is rejected; one that fills it
+    # only a prompt *longer* than the context is rejected; one that fills it
     # exactly still yields the token sampled from its last position (never fed back)
     end, _ = run(small, tok, GenerationRequest((prompt * 2)[:32], 5, GREEDY))
     assert end.tokens_out == 1 or (end.stop_reason == "eos" and end.tokens_out == 0)

@@ -1,4 +1,4 @@
-"""SPEC §4 context vs KV capacity: a prompt longer than the context gets
+"""Context vs KV capacity (docs/design.md): a prompt longer than the context gets
 CONTEXT_LENGTH_EXCEEDED (not retriable); a job within the context that may need more KV slots
 than the cache holds gets VRAM_OOM (retriable) before any work, and the next job runs.
 The rule itself (plan_job), generate() over the real NumPy backend, and the inference

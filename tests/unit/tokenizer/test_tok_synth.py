@@ -1,4 +1,4 @@
-"""Integration with H2's synthetic models: every architecture's tiny file (written by
+"""Integration with the synthetic models: every architecture's tiny file (written by
 tools.synth, read by worker.gguf.reader) gives a working gguf-bpe tokenizer."""
 
 from __future__ import annotations
