@@ -1,4 +1,4 @@
-"""Cancellation actor (SPEC §3 Cancel).
+"""Cancellation actor (docs/protocol.md, Cancel).
 
 The frontend hands every ``orcd.cancel`` message to this actor over a channel. The actor
 owns the `CancelRegistry`:

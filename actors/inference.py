@@ -101,9 +101,10 @@ def run_job_blocking(
                     f"stop string {s[:40]!r} is {n} tokens long, at most {MAX_STOP_TOKENS} allowed",
                 )
         max_tokens = min(job.max_tokens, limits.max_tokens_out)
-        # SPEC §4: a prompt longer than the context -> CONTEXT_LENGTH_EXCEEDED; a job that may
-        # need more KV slots than the cache holds -> VRAM_OOM. Decided here, before `started`
-        # and any work (generate() applies the same plan_job again before its first forward).
+        # a prompt longer than the context -> CONTEXT_LENGTH_EXCEEDED; a job that may need
+        # more KV slots than the cache holds -> VRAM_OOM (docs/design.md). Decided here, before
+        # `started` and any work (generate() applies the same plan_job again before its first
+        # forward).
         plan_job(
             len(prompt_ids),
             max_tokens,

@@ -299,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(AT)
 }
 
 // ==================================================================== tensor-core prefill
-// attn_prefill_tc_d<D> (H12): FlashAttention-2-style prefill attention on the tensor cores,
+// attn_prefill_tc_d<D>: FlashAttention-2-style prefill attention on the tensor cores,
 // one launch, no workspace, no atomics. A block of 4 warps takes 64 query rows (16 a warp)
 // of one query head; it streams 64-key tiles of its KV head's K and V from the FP16 cache
 // through shared memory (cp.async, two stages: the next tile is in flight while this one is

@@ -1,4 +1,4 @@
-// Shared helpers for H7's kernels: deterministic block reductions (fixed shape, fixed order).
+// Shared helpers of the kernels: deterministic block reductions (fixed shape, fixed order).
 #pragma once
 #include <cuda_fp16.h>
 #include "pdl.cuh"

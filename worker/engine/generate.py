@@ -12,7 +12,7 @@ loop would. `generate()` returns the `End` summary; failures are raised as Worke
 (the prompt is longer than the context) and `VramOom` (the job may need more KV slots than
 the cache holds), both before any forward.
 
-Semantics (SPEC §3, §4):
+Semantics (docs/protocol.md, docs/design.md):
 - The prompt is prefilled in chunks of `prefill_chunk` tokens (cancel and deadline are
   checked between chunks); the last chunk goes through `forward_sample`, which yields
   generated token 0. Token i (i >= 1) is sampled from the forward of token i - 1.
@@ -20,13 +20,13 @@ Semantics (SPEC §3, §4):
   the generated ids so far (not the prompt).
 - EOS / EOT (`tokenizer.is_eog`) ends generation with `stop_reason="eos"`; that token is
   not streamed and not counted in `tokens_out`.
-- Context and KV capacity (SPEC §4, `plan_job`): the *context* is the job-facing limit
+- Context and KV capacity (docs/design.md, `plan_job`): the *context* is the job-facing limit
   (the worker's --ctx-size, else the model's training context; `generate(context_length=)`,
   default the backend's KV capacity); the *KV capacity* is `backend.context_length`, the
   tokens the KV cache could be allocated for. A prompt of `n` tokens longer than the context
   (`n > context`) raises ContextLengthExceeded (not retriable). The last generated token is
   sampled but never fed back, so up to `context - n + 1` tokens can be generated;
-  `max_tokens` is capped to that (SPEC: max_tokens is capped by context), and hitting the
+  `max_tokens` is capped to that (max_tokens is capped by the context), and hitting the
   cap reports `stop_reason="max_tokens"`. The job then fills up to
   `n + limit - 1 = min(n + max_tokens - 1, context)` KV slots; if that is more than the KV
   capacity it raises VramOom (retriable: another worker may hold more) before any forward.
@@ -82,7 +82,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
 
 
-def GenerateRequest(  # a constructor with the job's flat field names (SPEC §3)
+def GenerateRequest(  # a constructor with the job's flat field names (docs/protocol.md)
     *,
     prompt_ids: list[int],
     max_tokens: int,
@@ -94,7 +94,7 @@ def GenerateRequest(  # a constructor with the job's flat field names (SPEC §3)
     stop: Sequence[str] = (),
     seed: int = 0,
 ) -> GenerationRequest:
-    """A GenerationRequest from a job's flat fields (SPEC §3 names)."""
+    """A GenerationRequest from a job's flat fields (docs/protocol.md names)."""
     return GenerationRequest(
         prompt_ids=list(prompt_ids),
         max_tokens=max_tokens,
@@ -157,7 +157,7 @@ def plan_job(
     kv_capacity: int,
     n_past: int = 0,
 ) -> JobPlan:
-    """The SPEC §4 context / KV-capacity rule, the one place it is decided.
+    """The context / KV-capacity rule (docs/design.md), the one place it is decided.
 
     `context_length` is the job-facing context, `kv_capacity` the tokens the KV cache holds,
     `n_past` tokens already in the sequence (0 for a fresh job). Raises

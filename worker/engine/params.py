@@ -1,4 +1,4 @@
-"""Sampling parameters shared by every backend (SPEC §3 job fields)."""
+"""Sampling parameters shared by every backend (the job fields of docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""CudaBackend: the Backend protocol on one NVIDIA GPU (SPEC §4).
+"""CudaBackend: the Backend protocol on one NVIDIA GPU (docs/design.md).
 
 Startup: one context (context.py), the model's tensors in one 256-byte-aligned arena
 (quantized as stored; only 1-D vectors that are not F32 are widened to F32), loaded through
 pinned double-buffered staging (loader.py), an FP16 KV cache sized from the context size and
 capped to what fits, and fixed scratch buffers. Nothing is allocated per job.
 
-Per step: the per-architecture layer recipe over H8's matrix kernels (matmul.py) and H7's
-kernels (kernels.py). Everything that changes per step (the token ids, the position) lives
+Per step: the per-architecture layer recipe over the matrix kernels (matmul.py) and the
+other kernels (kernels.py). Everything that changes per step (the token ids, the position) lives
 in device memory, so one CUDA graph captured for a one-token step replays for every decode
 step; prefill runs eagerly in chunks of `ubatch` tokens.
 
@@ -54,7 +54,7 @@ F32_TYPE = 0
 DECODE_SPLITS = 16  # attention key chunks per head for a decode step (fixed in the graph)
 PREFILL_MAX_SPLITS = 16
 # Prefill attention (more than one token): "tc" = attn_prefill_tc, the tensor-core kernel
-# (docs/kernels.md, H12), where the head dim has one, else attn_split; "split" = attn_split
+# (docs/kernels.md, attention), where the head dim has one, else attn_split; "split" = attn_split
 # always (the previous path; A/B). Decode steps always use attn_split / attn_decode_rope.
 PREFILL_ATTN = os.environ.get("WORKER_ORCD_PREFILL_ATTN", "tc")
 # tc's critical path is one block streaming every key tile of its rows, attn_split spreads
@@ -743,7 +743,7 @@ class CudaBackend:
         wg, wu = (self._experts(f"{p}.ffn_{w}_exps.weight") for w in ("gate", "up"))
         shape = (wg.qtype, wg.rows, wg.cols, wg.experts)
         if self.moe_pair and form == "gemv" and shape == (wu.qtype, wu.rows, wu.cols, wu.experts):
-            # decode: gate and up in one launch (docs/kernels.md, H10)
+            # decode: gate and up in one launch (docs/kernels.md, MoE)
             self.mm.moe_pair(
                 wg,
                 wu,

@@ -1,4 +1,4 @@
-"""Checked launch wrappers for H7's kernels (cuda_src/norm.cu, rope.cu, attention.cu,
+"""Checked launch wrappers for the kernels (cuda_src/norm.cu, rope.cu, attention.cu,
 activation.cu, elementwise.cu, sampling.cu).
 
 Every wrapper validates shapes, strides, alignment and the byte range each pointer will be
@@ -477,7 +477,7 @@ class Kernels:
     ) -> None:
         """Prefill attention on the tensor cores (attn_prefill_tc_d<head_dim>): the same
         function and output layout as `attention` (attn_split) with FP16 Q and P (see
-        docs/kernels.md, H12); no workspace, no tickets. max_kv: bound on pos0 + n_tokens."""
+        docs/kernels.md, attention); no workspace, no tickets. max_kv: bound on pos0 + n_tokens."""
         t = check_attn_prefill_tc(
             q=q,
             q_stride=q_stride,
