@@ -9,7 +9,7 @@ import argparse
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,11 +81,24 @@ class WorkerConfig:
         return Subjects(self.subject_prefix)
 
 
+def gpu_device_arg(text: str) -> int | str:
+    """--gpu-device: a device ordinal >= 0, or "auto" (resolved by `serve` at start)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a GPU index or auto: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"GPU index must be >= 0: {value}")
+    return value
+
+
 # (flag dest, env name, type) for every setting that may come from the environment
-_ENV_SETTINGS: tuple[tuple[str, type], ...] = (
+_ENV_SETTINGS: tuple[tuple[str, Callable[[str], object]], ...] = (
     ("model", Path),
     ("worker_id", str),
-    ("gpu_device", int),
+    ("gpu_device", gpu_device_arg),
     ("device", str),
     ("nats_url", str),
     ("model_ref", str),
@@ -150,7 +163,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "cuda: the GPU; cpu: the NumPy reference backend (no GPU)",
         choices=["cuda", "cpu"],
     )
-    opt(m, "--gpu-device", "CUDA device ordinal", type=int, metavar="N")
+    opt(
+        m,
+        "--gpu-device",
+        "CUDA device ordinal, or auto: the first GPU no other worker on this host holds "
+        "(a lock in $WORKER_ORCD_GPU_LOCK_DIR; for replicas that see every GPU)",
+        type=gpu_device_arg,
+        metavar="N|auto",
+    )
     opt(
         m,
         "--ctx-size",
@@ -297,7 +317,7 @@ def config_from_args(
         if raw is not None and raw != "":
             try:
                 values[name] = typ(raw)
-            except ValueError as exc:
+            except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise ValueError(f"{ENV_PREFIX + name.upper()}={raw!r}: {exc}") from None
     lp = getattr(args, "log_prompts", None)
     if lp is None:
@@ -305,4 +325,20 @@ def config_from_args(
     values["log_prompts"] = bool(lp)
     if "model" not in values:
         raise ValueError("--model is required (or WORKER_ORCD_MODEL)")
+    if values.get("gpu_device") == "auto":
+        # claimed here, once the rest is known to be valid; held until the process exits
+        values["gpu_device"] = 0 if values.get("device") == "cpu" else _claim_gpu()
     return WorkerConfig(**values)  # type: ignore[arg-type]
+
+
+def _claim_gpu() -> int:
+    from worker.gpu_select import NoFreeGpu, claim_gpu
+
+    try:
+        return claim_gpu()
+    except NoFreeGpu as exc:
+        raise ValueError(str(exc)) from None
+    except Exception as exc:  # no driver, pycuda missing: the GPUs cannot even be counted
+        raise ValueError(
+            f"--gpu-device auto: cannot count the GPUs ({type(exc).__name__}: {exc})"
+        ) from None
