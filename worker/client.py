@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -34,7 +35,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from worker.nats.jetstream import NatsUnavailable, connect, stream_names
 from worker.protocol import (
     CancelReply,
-    ChatMessage,
     End,
     Error,
     Event,
@@ -127,8 +127,14 @@ class OrcdClient:
         job_id: str | None = None,
         **params: Any,
     ) -> Job:
-        msgs = None if messages is None else [ChatMessage(**m) for m in messages]  # type: ignore[arg-type]
-        return Job(job_id=job_id or uuid.uuid4().hex, prompt=prompt, messages=msgs, **params)
+        """A Job checked by the rules the worker applies (docs/protocol.md), so a bad field
+        fails here, naming it (msgspec.ValidationError), rather than on the worker."""
+        fields: dict[str, Any] = {"job_id": job_id or uuid.uuid4().hex, **params}
+        if prompt is not None:
+            fields["prompt"] = prompt
+        if messages is not None:
+            fields["messages"] = messages
+        return msgspec.convert(fields, Job)
 
     async def submit(self, model_ref: str, job: Job | bytes) -> None:
         """Publish a job (a Job, or raw bytes - for testing the worker's validation) and wait
@@ -140,7 +146,7 @@ class OrcdClient:
                 await self.js.publish(subject, encode(job), headers=headers)
             else:
                 await self.js.publish(subject, job)
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             raise NoWorker(
                 f"nothing stores jobs on {subject} at {self.url}: no worker has created the "
                 f"{self._jobs_stream} stream on this server yet"
