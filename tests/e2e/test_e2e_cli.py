@@ -298,7 +298,7 @@ def test_health_and_the_model_ref_default(nats: EmbeddedNatsServer, worker: Work
     assert health["status"] == "healthy" and health["worker_id"] == worker.worker_id
     out, _ = cli("submit", "--nats-url", nats.url, "--max-tokens", "3", "hi")  # one ref served
     assert out.returncode == 0, out.stderr
-    assert "3 out" in out.stdout.splitlines()[-1]
+    assert " out, TTFT " in out.stdout.splitlines()[-1]
 
 
 # --------------------------------------------------------------------- Ctrl-C elsewhere

@@ -148,7 +148,7 @@ def test_installed_worker_serves_a_job(installed: Path, tmp_path: Path) -> None:
                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
             )  # fmt: skip
             assert sub.returncode == 0, sub.stderr
-            assert "5 out" in sub.stdout.strip().splitlines()[-1]
+            assert " out, TTFT " in sub.stdout.strip().splitlines()[-1]
         finally:
             worker.terminate()
             worker.wait(30)
