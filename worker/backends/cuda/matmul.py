@@ -44,7 +44,7 @@ GEMV_ROWS = 4  # rows per block of the v3 gemv core (GEMV_R in gemv.cu; moe_gemv
 GEMV_WARPS = 4  # warps per block of the v4 gemv (GEMV4_WARPS in gemv.cu)
 # Default decode gemv: 4 (warp per rows) or 3 (staged block tiles). The environment variables
 # WORKER_ORCD_GEMV_VERSION and WORKER_ORCD_GEMV_MODE ("plain:2", "async:1", ...) override the
-# defaults for A/B benchmarks on one warm card (scripts/device/gemv_ab.sh).
+# defaults for A/B benchmarks on one warm card (docs/configuration.md).
 GEMV_VERSION = int(os.environ.get("WORKER_ORCD_GEMV_VERSION", "4"))
 _FORCED_MODE = os.environ.get("WORKER_ORCD_GEMV_MODE", "")
 GEMV_MAX_TOKENS = 8
@@ -599,7 +599,7 @@ def plan_moe(
     gemm2 core (128 weight rows a block, 256 threads, dynamic shared memory
     gemm2_smem_bytes); tile_m default moe5_tile_m.
     version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot scan of every
-    id in every block), kept for comparisons (scripts/device/moe_bench.py).
+    id in every block), kept for same-process comparisons.
     Default version: 4 for gemv, MOE_GEMM_VERSION for gemm.
     opt (gemv, 2 or 4 rows per warp): moe_gemv_<type>_r<2|4>o, the same rows with the group
     loop's addresses by increments and no per-row branch (not yet timed).
