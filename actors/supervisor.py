@@ -122,7 +122,16 @@ class Supervisor:
             return self.cfg.nats_url
         port = DEFAULT_NATS_PORT if _port_free(DEFAULT_NATS_PORT) else None
         self.embedded = EmbeddedNatsServer(port=port, store_dir=self.cfg.nats_store_dir)
-        self.embedded.start()
+        try:
+            self.embedded.start()
+        except (RuntimeError, TimeoutError):
+            if port is None:
+                raise
+            # 4222 was taken between the check and the start: any free port will do
+            self.embedded.cleanup()
+            port = None
+            self.embedded = EmbeddedNatsServer(store_dir=self.cfg.nats_store_dir)
+            self.embedded.start()
         url = self.embedded.url
         taken = "" if port else f" (port {DEFAULT_NATS_PORT} is taken)"
         narrate(
