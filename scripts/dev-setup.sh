@@ -8,11 +8,19 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 step() { printf '==> %s\n' "$*" >&2; }
 
-# pip's own lines, less the noise: what is fetched, built and installed, and any error
+# pip's own lines, less the noise: what is fetched, built and installed; the whole output
+# goes to .venv/pip.log, whose end is shown if pip fails
 pip_install() {
+  local rc=0
   .venv/bin/python -m pip install --disable-pip-version-check --progress-bar off "$@" 2>&1 \
-    | { grep --line-buffered -E '^(Collecting|Downloading|Building|Installing|Successfully|ERROR|error:)' || true; }
-  return "${PIPESTATUS[0]}"
+    | tee .venv/pip.log \
+    | { grep --line-buffered -E '^(Collecting|Downloading|Building|Installing|Successfully)' || true; } \
+    || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "pip failed (exit $rc); the end of .venv/pip.log:" >&2
+    tail -n 40 .venv/pip.log >&2
+    return "$rc"
+  fi
 }
 
 if [ ! -x .venv/bin/python ]; then
