@@ -119,6 +119,12 @@ def test_clients_fail_fast_when_nats_is_unreachable(command: list[str]) -> None:
         assert "cannot reach NATS" in one_json_failure(out)
 
 
+def test_health_timeout_bounds_the_connect_too() -> None:
+    out, took = cli("health", "--timeout", "2", "--nats-url", f"nats://127.0.0.1:{closed_port()}")
+    assert "within 2 s (connection refused)" in one_line_failure(out)
+    assert took < 4.5, took
+
+
 def test_default_url_and_default_timeout() -> None:
     """Nothing at the default URL: `submit` gives up after the default 5 s, naming it."""
     wait_for_port_free(4222)

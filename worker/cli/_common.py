@@ -111,9 +111,11 @@ def default_nats_url() -> str:
 def add_nats_options(
     p: argparse.ArgumentParser,
     *,
-    connect_timeout: float = DEFAULT_CLIENT_CONNECT_TIMEOUT_S,
+    connect_timeout: float | None = DEFAULT_CLIENT_CONNECT_TIMEOUT_S,
+    connect_timeout_help: str = "",
 ) -> argparse._ArgumentGroup:
-    """--nats-url, --connect-timeout and --subject-prefix for a command that talks to NATS."""
+    """--nats-url, --connect-timeout and --subject-prefix for a command that talks to NATS
+    (`connect_timeout=None`: the command decides, and `connect_timeout_help` says how)."""
     g = p.add_argument_group("NATS")
     g.add_argument(
         "--nats-url",
@@ -121,7 +123,7 @@ def add_nats_options(
         metavar="URL",
         help=f"NATS server to use; env {NATS_URL_ENV}",
     )
-    add_connect_timeout(g, connect_timeout)
+    add_connect_timeout(g, connect_timeout, connect_timeout_help)
     g.add_argument(
         "--subject-prefix",
         default="orcd",

@@ -9,6 +9,7 @@ import sys
 import msgspec
 
 from worker.cli._common import (
+    DEFAULT_CLIENT_CONNECT_TIMEOUT_S,
     EXIT_FAILED,
     EXIT_OK,
     SubParsers,
@@ -56,12 +57,16 @@ def register(subparsers: SubParsers) -> None:
         metavar="S",
         help="seconds to wait for answers",
     )
-    add_nats_options(p)
+    add_nats_options(
+        p, connect_timeout=None, connect_timeout_help="default: --timeout, at most 5 s"
+    )
     add_json_option(p, "each worker's health")
     p.set_defaults(func=run_health)
 
 
 def run_health(args: argparse.Namespace) -> int:
+    if args.connect_timeout is None:  # a health check's --timeout bounds the connect too
+        args.connect_timeout = min(DEFAULT_CLIENT_CONNECT_TIMEOUT_S, args.timeout)
     if args.worker_id_file:
         try:
             with open(args.worker_id_file) as f:
