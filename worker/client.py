@@ -87,10 +87,15 @@ class OrcdClient:
         url: str,
         prefix: str = "orcd",
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        **nats_options: Any,
     ) -> OrcdClient:
-        """Connect to NATS at `url`; `NatsUnavailable` after `connect_timeout_s`."""
+        """Connect to NATS at `url`; `NatsUnavailable` after `connect_timeout_s`.
+        `nats_options` go to nats-py's connect as they are (credentials, TLS, ...)."""
         nc = await connect(
-            url, name=f"orcd-client-{uuid.uuid4().hex[:8]}", connect_timeout_s=connect_timeout_s
+            url,
+            name=f"orcd-client-{uuid.uuid4().hex[:8]}",
+            connect_timeout_s=connect_timeout_s,
+            **nats_options,
         )
         client = cls(nc, prefix)
         await client._watch_heartbeats()

@@ -78,6 +78,7 @@ async def connect(
     on_error: Callable[[Exception], Awaitable[None]] | None = None,
     connect_timeout_s: float = 30.0,
     on_retry: Callable[[int, str, float], None] | None = None,
+    **nats_options: Any,
 ) -> NatsClient:
     """Connect within `connect_timeout_s` or raise `NatsUnavailable`; once connected, the
     client reconnects forever and buffers publishes (8 MiB) while the server is away.
@@ -86,7 +87,8 @@ async def connect(
     the deadline); `on_retry(attempt, reason, pause_s)` is told of each failed attempt.
     nats-py itself would retry a first connection forever once reconnects are unlimited, so
     each attempt allows it one retry and the unlimited reconnects are switched on only after
-    the connection is up (its options are read at every reconnect)."""
+    the connection is up (its options are read at every reconnect). `nats_options` go to
+    nats-py's connect as they are (credentials, TLS, ...)."""
     connected = False
     last_error: list[BaseException | None] = [None]
 
@@ -128,6 +130,7 @@ async def connect(
             "disconnected_cb": _disc,
             "reconnected_cb": _reco,
             "error_cb": _err,
+            **nats_options,
         }
         try:
             await asyncio.wait_for(nc.connect(**options), max(0.1, left))
