@@ -1,1 +1,1 @@
-"""Actors of the worker process (SPEC §4), wired by actors/supervisor.py."""
+"""Actors of the worker process (docs/design.md), wired by actors/supervisor.py."""

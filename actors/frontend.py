@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,8 @@ class Frontend:
         self._connected = False
         self._closing = False
         self.reconnects = 0
+        self.url = ""
+        self.on_ready: Callable[[], None] | None = None  # runs once pulling starts
 
     # ----------------------------------------------------------------- connection
 
@@ -117,13 +120,26 @@ class Frontend:
         async def on_error(exc: Exception) -> None:
             narrate("nats_error", f"{type(exc).__name__}: {exc}", level="WARNING")
 
+        def on_retry(attempt: int, reason: str, pause_s: float) -> None:
+            narrate(
+                "nats_connect_retry",
+                f"cannot reach NATS at {url} ({reason}); attempt {attempt} failed, retrying in "
+                f"{pause_s:.1f} s (giving up {self.cfg.nats_connect_timeout_s:g} s after start)",
+                level="WARNING",
+                nats_url=url,
+                attempt=attempt,
+            )
+
         self.nc = await connect(
             url,
             name=f"worker-orcd-{self.cfg.worker_id}",
             on_disconnect=on_disconnect,
             on_reconnect=on_reconnect,
             on_error=on_error,
+            connect_timeout_s=self.cfg.nats_connect_timeout_s,
+            on_retry=on_retry,
         )
+        self.url = url
         self._connected = True
         self.js = self.nc.jetstream()
         await ensure_streams(
@@ -251,10 +267,14 @@ class Frontend:
             return
         narrate(
             "ready",
-            f"serving {self.subjects.jobs(self.cfg.model_ref)} (up to {capacity} jobs at once)",
+            f"serving {self.subjects.jobs(self.cfg.model_ref)} at {self.url} "
+            f"(up to {capacity} jobs at once)",
             jobs_subject=self.subjects.jobs(self.cfg.model_ref),
+            nats_url=self.url,
             max_batch=capacity,
         )
+        if self.on_ready is not None:
+            self.on_ready()
         try:
             while not self.shutdown.is_set() and not self.failed:
                 room = capacity - len(self.held)

@@ -83,6 +83,7 @@ class ModelSummary:
     kv_capacity_tokens: int
     max_batch: int
     info: Any  # BackendInfo
+    has_chat_template: bool
 
 
 @dataclass
@@ -171,6 +172,7 @@ class EngineLoop:
                 kv_capacity_tokens=self.sched.kv_capacity,
                 max_batch=self.sched.max_batch,
                 info=backend.info,
+                has_chat_template=_has_chat_template(model.tokenizer),
             )
             anyio.from_thread.run(self.loaded.send, summary)
             self._loop()
@@ -295,10 +297,13 @@ class EngineLoop:
         sched = self.sched
         assert sched is not None
         try:
+            steps = sched.steps
             events = sched.step()
         except Exception as exc:
             self._device_failed(exc)
             return
+        if sched.steps != steps:
+            self.metrics.step_sequences.observe(sched.step_sequences)
         for ev in events:
             self._emit_engine(ev)
 
@@ -377,6 +382,7 @@ class EngineLoop:
                 temperature=job.temperature,
                 prompt_tokens=ev.prompt_tokens,
                 cached_tokens=ev.cached_tokens,
+                running_jobs=len(self.jobs),
                 **(
                     text_fields("prompt", job.prompt)
                     if job.prompt is not None
@@ -510,3 +516,11 @@ async def inference_actor(
         tg.start_soon(forward)
         await anyio.to_thread.run_sync(loop.run, limiter=limiter)
         tg.cancel_scope.cancel()
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    try:
+        tokenizer.render_chat([{"role": "user", "content": "hi"}])
+    except Exception:
+        return False
+    return True

@@ -64,12 +64,16 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
             emitted.add(percent)
             narrate("model_load_progress", f"{percent}%: {what}", percent=percent, **fields)
 
+    on_gpu = cfg.device == "cuda"
+    # what the weights' progress means: a chunked copy to the GPU, or the CPU backend
+    # preparing its weights in host memory
+    weights_step = "weights copied to the GPU" if on_gpu else "weights prepared in host memory"
+
     def progress(fraction: float) -> None:
-        """Weights-copy progress from the backend (the CUDA one reports its chunked H2D
-        copy): 25/50/75 % are the copy's quarters."""
+        """Weights progress from the backend: 25/50/75 % are its quarters."""
         for pct in (25, 50, 75):
             if fraction * 100 >= pct:
-                milestone(pct, "weights copied", fraction=round(fraction, 3))
+                milestone(pct, weights_step, fraction=round(fraction, 3))
 
     milestone(0, "starting")
     gguf_file = open_gguf(cfg.model)
@@ -128,22 +132,28 @@ def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     name = gguf_file.metadata.get("general.name")
     model_name = name if isinstance(name, str) and name else cfg.model.name
     seconds = time.perf_counter() - t0
+    device_fields: dict[str, Any] = (
+        {"vram_bytes_used": backend.info.vram_bytes_used} if on_gpu else {}
+    )
     narrate(
         "model_load_complete",
         f"loaded {model_name} in {seconds:.2f} s",
         load_seconds=round(seconds, 3),
         quant_kind=quant,
-        vram_bytes_used=backend.info.vram_bytes_used,
+        **device_fields,
         context_length=context_length,
         kv_cache_tokens=backend.n_blocks * backend.block_size,
         max_batch=backend.max_batch,
     )
     per_job = min(backend.context_length, backend.n_blocks * backend.block_size)
     if per_job < context_length:
+        # on the GPU the KV cache is what fits in VRAM; on the CPU a bounded host buffer
+        # (--ctx-size or --kv-cache-size-mb size it); either way a job needing more is refused
+        refused = "get VRAM_OOM" if on_gpu else "are refused before they start"
         narrate(
             "kv_cache_smaller_than_context",
             f"one job can be given {per_job} KV positions, the context is {context_length}: "
-            "jobs that may need more get VRAM_OOM",
+            f"jobs that may need more {refused}",
             # expected without --ctx-size (KV "capped to fit"); asked for, it is worth a look
             level="INFO" if cfg.ctx_size is None else "WARNING",
             context_length=context_length,

@@ -11,17 +11,21 @@ pulls any job.
 
 Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT or the shutdown request: stop pulling,
 finish the running jobs, free the device, exit within 30 s); 1 when the model cannot be
-loaded (message with the reason); 2 when an actor crashed or the worker cannot start
-(logged, then a clean shutdown); 3 after a device failure (every job it held was reported
-CUDA_ERROR and handed back for redelivery; a supervisor should restart the worker).
+loaded (message with the reason); 2 when an actor crashed or the worker cannot start, e.g.
+NATS unreachable for --nats-connect-timeout (logged, then a clean shutdown); 3 after a device
+failure (every job it held was reported CUDA_ERROR and handed back for redelivery; a
+supervisor should restart the worker).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -37,12 +41,16 @@ from worker.config import WorkerConfig
 from worker.errors import WorkerError
 from worker.metrics import WorkerMetrics
 from worker.narration import narrate
+from worker.nats.jetstream import NatsUnavailable
 from worker.nats.server import EmbeddedNatsServer
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1
 EXIT_ACTOR_CRASHED = 2
 EXIT_DEVICE_FAILED = 3
+
+# The embedded nats-server listens where clients look by default, when that port is free.
+DEFAULT_NATS_PORT = 4222
 
 # The outbox carries one message per engine step (all of its events) plus replies and
 # status; a bounded buffer lets the engine run ahead of publishing without waiting.
@@ -92,6 +100,10 @@ class Supervisor:
                 raise _first(group) from None
             if self.frontend.failed:
                 self.exit_code = EXIT_DEVICE_FAILED
+        except NatsUnavailable as exc:
+            narrate("error", str(exc), level="ERROR")
+            print(f"worker-orcd serve: {exc}", file=sys.stderr)
+            self.exit_code = EXIT_ACTOR_CRASHED
         except WorkerError as exc:  # model load failure, insufficient VRAM
             narrate("error", exc.message, level="ERROR", code=exc.code.value)
             print(f"worker-orcd: {exc.code}: {exc.message}", file=sys.stderr)
@@ -112,12 +124,23 @@ class Supervisor:
     def _start_nats(self) -> str:
         if self.cfg.nats_url is not None:
             return self.cfg.nats_url
-        self.embedded = EmbeddedNatsServer(store_dir=self.cfg.nats_store_dir)
-        self.embedded.start()
+        port = DEFAULT_NATS_PORT if _port_free(DEFAULT_NATS_PORT) else None
+        self.embedded = EmbeddedNatsServer(port=port, store_dir=self.cfg.nats_store_dir)
+        try:
+            self.embedded.start()
+        except (RuntimeError, TimeoutError):
+            if port is None:
+                raise
+            # 4222 was taken between the check and the start: any free port will do
+            self.embedded.cleanup()
+            port = None
+            self.embedded = EmbeddedNatsServer(store_dir=self.cfg.nats_store_dir)
+            self.embedded.start()
         url = self.embedded.url
+        taken = "" if port else f" (port {DEFAULT_NATS_PORT} is taken)"
         narrate(
             "nats_embedded",
-            f"started embedded nats-server with JetStream at {url} "
+            f"started embedded nats-server with JetStream at {url}{taken} "
             f"(store {self.embedded.store_dir})",
             nats_url=url,
             store_dir=str(self.embedded.store_dir),
@@ -169,9 +192,19 @@ class Supervisor:
                 vram_monitor_actor, jobs_tx.clone(), outbox_tx.clone(), cfg.residency_interval_s
             )
             self.state.set_ready()
+            self.frontend.on_ready = self._say_how_to_try
             await self.frontend.serve(jobs_tx, outbox_rx, model.max_batch)
             # drained (shutdown): stop the other actors
             tg.cancel_scope.cancel()
+
+    def _say_how_to_try(self) -> None:
+        """The last start-up line: the exact command that sends this worker a job."""
+        chat = self.model is not None and self.model.has_chat_template
+        cmd = try_command(self.frontend.url, self.cfg, chat=chat)
+        if self.cfg.log_format == "json":
+            narrate("try", f"from another terminal: {cmd}", command=cmd)
+        else:
+            print(f"\nReady. From another terminal, try:\n\n    {cmd}\n", file=sys.stderr)
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -202,6 +235,31 @@ class Supervisor:
             if self.embedded is not None:
                 self.embedded.cleanup()
         narrate("shutdown", f"stopped in {time.monotonic() - t0:.2f} s", exit_code=self.exit_code)
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port` and it can be bound now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def try_command(url: str, cfg: WorkerConfig, *, chat: bool) -> str:
+    """`worker-orcd submit` with the URL, prefix and model reference this worker serves,
+    spelled the way this process was started (the venv's script, or `python -m worker`)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    exe = [argv0] if Path(argv0).name == "worker-orcd" else [sys.executable, "-m", "worker"]
+    parts = [*exe, "submit", "--nats-url", url, "--model-ref", cfg.model_ref]
+    if cfg.subject_prefix != "orcd":
+        parts += ["--subject-prefix", cfg.subject_prefix]
+    if chat:
+        parts += ["--chat", "Write a haiku about GPUs"]
+    else:
+        parts += ["def fibonacci(n):"]
+    return shlex.join(parts)
 
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -213,7 +213,7 @@ template <int T, int BM> struct Smem3 {
 
 }  // namespace g2
 
-// ---- gemm v2 (dense prefill; H11, docs/kernels.md "H11: prefill gemm v2") -------------------
+// ---- gemm v2 (dense prefill; docs/kernels.md, gemm) ------------------------------------------
 // gemm2_<type>_m128 / _m64: a block of 256 threads (8 warps, 2 x 4) computes BM tokens x 128
 // weight rows (warp tile BM/2 x 32, mma.sync m16n8k16 fp16 -> fp32), K step 32. Per block:
 // * the raw quantized bytes of the W tile travel global -> shared by cp.async, one chunk of

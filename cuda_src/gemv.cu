@@ -41,7 +41,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
 }
 // The last 16-byte piece of a matrix (n < 16 bytes left): plain byte loads, zero-filled. Not a
 // short src-size cp.async, which compute-sanitizer memcheck counted as a 16-byte read past the
-// allocation (run 3). Out of line: it runs once per matrix and would cost registers inline.
+// allocation. Out of line: it runs once per matrix and would cost registers inline.
 __device__ __noinline__ void copy_tail(uint8_t* smem, const uint8_t* gmem, int n) {
   uint32_t v[4] = {0, 0, 0, 0};
 #pragma unroll

@@ -5,7 +5,7 @@
 // token's hidden state, as for gate/up; ldx_slot = K: per-slot inputs, as for down).
 // Output of assignment a: Y + a*ldy.
 //
-// Decode (docs/kernels.md, "H10: MoE kernels"):
+// Decode (docs/kernels.md, MoE):
 // moe_gemv_<type>[_r2|_r4]: grid (ceil(N / (4*RW)), n_assign), 4 warps a block; warp w of
 //   block (b, a) owns rows (4b + w)*RW .. +RW of assignment a's expert: the v4 dense gemv's
 //   structure (every lane issues its 16-byte L1-bypassing loads of a chunk, stages them in
@@ -361,7 +361,7 @@ __device__ __forceinline__ void moe_gemm4_entry(const uint8_t* W, long long expe
                    B ? B + (long long)tl.x * N : nullptr, nullptr, blockIdx.y * GEMM_BN);
 }
 
-// moe_gemm5_<type>_m<BM> (docs/kernels.md "H13: routed MoE prefill on the gemm2 core"): the
+// moe_gemm5_<type>_m<BM> (docs/kernels.md, MoE: routed prefill on the gemm2 core): the
 // same tile table and grid rows as moe_gemm, 128 weight rows a block (grid (tile bound,
 // ceil(N/128)), 256 threads, dynamic shared memory g2::Smem<T, BM>): block (i, y) takes tile i
 // (its expert's matrix at W + expert*expert_bytes, any alignment) and runs the dense gemm2 core

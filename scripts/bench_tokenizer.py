@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tokenizer speed on the real Qwen2.5-Coder-0.5B vocabulary (issue 3: a 32 KB prompt must
+"""Tokenizer speed on the real Qwen2.5-Coder-0.5B vocabulary (a 32 KB prompt must
 encode well under 50 ms on the CI-class machine).
 
 Prints one JSON object: vocabulary load time, and min / median / p95 milliseconds over
@@ -15,11 +15,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from worker.devdata import real_qwen_path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (not installed)
+
+from tools.devdata import real_qwen_path
 from worker.gguf.reader import open_gguf
 from worker.tokenizer import StreamDecoder, load_tokenizer
 

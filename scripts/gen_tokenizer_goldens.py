@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the tokenizer conformance data in tests/data/tokenizer/ (SPEC §2, issue 3).
+"""Regenerate the tokenizer conformance data in tests/data/tokenizer/ (docs/design.md).
 
 The expected ids come from implementations independent of worker/tokenizer:
 - qwen2:     transformers' GGUF tokenizer conversion of the real Qwen2.5-Coder-0.5B file
@@ -25,8 +25,11 @@ import inspect
 import io
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (not installed)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "data" / "tokenizer"
@@ -142,7 +145,7 @@ def _vectors(encode: Any, texts: list[str], specials: list[str]) -> list[dict[st
 def gen_qwen2() -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from worker.devdata import real_qwen_path
+    from tools.devdata import real_qwen_path
 
     path = real_qwen_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

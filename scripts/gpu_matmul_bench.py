@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import (
     MatmulKernels,
     QWeight,
@@ -40,7 +41,7 @@ from worker.backends.cuda.matmul import (
     plan_gemm,
     plan_gemv,
 )
-from worker.backends.cuda.quant_layout import layout, random_matrix
+from worker.backends.cuda.quant_layout import layout
 
 # (model, matrix, rows N, cols K, ggml type, matrices of this kind per decoded token)
 SHAPES: list[tuple[str, str, int, int, int, int]] = [

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Teacher-forced logits of the NumPy reference backend vs transformers on any GGUF file
-(SPEC §7): relative L2 error per position and top-1 agreement where the reference's
-top-2 gap exceeds the error bound.
+(docs/design.md, Judging correctness): relative L2 error per position and top-1
+agreement where the reference's top-2 gap exceeds the error bound.
 
     .venv/bin/python scripts/parity_compare.py MODEL.gguf --ids 1,2,3,... [--prompt-len 16]
     .venv/bin/python scripts/parity_compare.py --synth qwen2 --mix q4_k_m
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.synth:
             from dataclasses import replace
 
-            from worker.gguf.synth import preset, write_synthetic
+            from tools.synth import preset, write_synthetic
 
             path = Path(tmp) / "synth.gguf"
             write_synthetic(path, replace(preset(args.synth, "tiny", mix=args.mix), std=0.15))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.devdata import real_qwen_path
+from tools.devdata import real_qwen_path
 
 
 @pytest.fixture(scope="session")

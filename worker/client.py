@@ -1,36 +1,40 @@
-"""Public async client of the worker's NATS interface (SPEC §3, §5).
+"""Public async client of the worker's NATS interface (docs/protocol.md).
 
     async with await OrcdClient.connect("nats://127.0.0.1:4222") as client:
         async for event in client.generate("qwen2-5-0-5b", prompt="Write a haiku", seed=1):
             if isinstance(event, Token):
                 print(event.t, end="")
 
-`generate` subscribes to ``orcd.events.<job_id>`` before it publishes the job, so no event is
-missed. If the live stream shows a gap (a token index skipped, or silence longer than
-`gap_timeout_s`, e.g. across a NATS outage) it fills it from JetStream (ORCD_EVENTS), so the
-caller sees every event of every attempt exactly once, in order. `replay` reads a job's whole
-stored stream; `cancel` and `health` are request-reply.
+`connect` gives up after `connect_timeout_s` with `NatsUnavailable`. `generate` first checks
+that a worker serves the model reference (`NoWorker` otherwise: a job nobody takes would wait
+silently), subscribes to ``orcd.events.<job_id>`` before it publishes the job, so no event is
+missed, and cancels the job on the worker when the caller stops early: a `break` out of the
+loop, an exception, or the task being cancelled. If the live stream shows a gap (a token index
+skipped, or silence longer than `gap_timeout_s`, e.g. across a NATS outage) it fills it from
+JetStream (ORCD_EVENTS), so the caller sees every event of every attempt exactly once, in
+order. `replay` reads a job's whole stored stream; `cancel` and `health` are request-reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from worker.nats.jetstream import connect, stream_names
+from worker.nats.jetstream import NatsUnavailable, connect, stream_names
 from worker.protocol import (
     CancelReply,
-    ChatMessage,
     End,
     Error,
     Event,
@@ -40,13 +44,25 @@ from worker.protocol import (
     Started,
     Subjects,
     Token,
+    consumer_name,
     decode_cancel_reply,
     decode_event,
     decode_health,
     encode,
 )
 
+__all__ = ["NatsUnavailable", "NoWorker", "OrcdClient"]
+
 _EventKey = tuple[int, str, int]
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+# A heartbeat this recent from a worker of the model reference is proof enough that it is
+# served (workers send one every 5 s by default).
+HEARTBEAT_FRESH_S = 12.0
+
+
+class NoWorker(LookupError):
+    """No worker serves the model reference (checked before a job is published)."""
 
 
 def is_terminal(event: Event) -> bool:
@@ -59,17 +75,39 @@ class OrcdClient:
         self.js = nc.jetstream()
         self.subjects = Subjects(prefix)
         self._jobs_stream, self._events_stream = stream_names(self.subjects)
+        self._running: set[str] = set()  # jobs this client published and still follows
+        self._cancels: set[asyncio.Task[None]] = set()
+        # worker_id -> (model_ref, status, monotonic time) from orcd.heartbeat.*
+        self._heartbeats: dict[str, tuple[str, str, float]] = {}
+        self._heartbeat_sub: Any = None
 
     @classmethod
     async def connect(
-        cls, url: str, prefix: str = "orcd", connect_timeout_s: float = 10.0
+        cls,
+        url: str,
+        prefix: str = "orcd",
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        **nats_options: Any,
     ) -> OrcdClient:
+        """Connect to NATS at `url`; `NatsUnavailable` after `connect_timeout_s`.
+        `nats_options` go to nats-py's connect as they are (credentials, TLS, ...)."""
         nc = await connect(
-            url, name=f"orcd-client-{uuid.uuid4().hex[:8]}", connect_timeout_s=connect_timeout_s
+            url,
+            name=f"orcd-client-{uuid.uuid4().hex[:8]}",
+            connect_timeout_s=connect_timeout_s,
+            **nats_options,
         )
-        return cls(nc, prefix)
+        client = cls(nc, prefix)
+        await client._watch_heartbeats()
+        return client
 
     async def close(self) -> None:
+        """Cancel the jobs this client published and still follows, then disconnect."""
+        for job_id in list(self._running):
+            self._send_cancel(job_id)
+        if self._cancels:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(set(self._cancels), timeout=2.0)
         with contextlib.suppress(Exception):
             await self.nc.drain()
 
@@ -94,17 +132,30 @@ class OrcdClient:
         job_id: str | None = None,
         **params: Any,
     ) -> Job:
-        msgs = None if messages is None else [ChatMessage(**m) for m in messages]  # type: ignore[arg-type]
-        return Job(job_id=job_id or uuid.uuid4().hex, prompt=prompt, messages=msgs, **params)
+        """A Job checked by the rules the worker applies (docs/protocol.md), so a bad field
+        fails here, naming it (msgspec.ValidationError), rather than on the worker."""
+        fields: dict[str, Any] = {"job_id": job_id or uuid.uuid4().hex, **params}
+        if prompt is not None:
+            fields["prompt"] = prompt
+        if messages is not None:
+            fields["messages"] = messages
+        return msgspec.convert(fields, Job)
 
     async def submit(self, model_ref: str, job: Job | bytes) -> None:
         """Publish a job (a Job, or raw bytes - for testing the worker's validation) and wait
         for JetStream to store it. A Job is de-duplicated by its job_id (2-minute window)."""
-        if isinstance(job, Job):
-            headers = {"Nats-Msg-Id": job.job_id}
-            await self.js.publish(self.subjects.jobs(model_ref), encode(job), headers=headers)
-        else:
-            await self.js.publish(self.subjects.jobs(model_ref), job)
+        subject = self.subjects.jobs(model_ref)
+        try:
+            if isinstance(job, Job):
+                headers = {"Nats-Msg-Id": job.job_id}
+                await self.js.publish(subject, encode(job), headers=headers)
+            else:
+                await self.js.publish(subject, job)
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+            raise NoWorker(
+                f"nothing stores jobs on {subject} at {self.url}: no worker has created the "
+                f"{self._jobs_stream} stream on this server yet"
+            ) from None
 
     async def generate(
         self,
@@ -115,14 +166,21 @@ class OrcdClient:
         job_id: str | None = None,
         timeout_s: float | None = None,
         gap_timeout_s: float = 5.0,
+        require_worker: bool = True,
         **params: Any,
-    ) -> AsyncIterator[Event]:
-        """Submit a job and yield its events until the terminal one."""
+    ) -> AsyncGenerator[Event, None]:
+        """Submit a job and yield its events until the terminal one.
+
+        With `require_worker` (the default) `NoWorker` is raised before anything is published
+        when no worker serves `model_ref`; without it the job waits in the queue for one."""
         job = self.make_job(prompt=prompt, messages=messages, job_id=job_id, **params)
-        async for event in self.run_job(
-            model_ref, job, timeout_s=timeout_s, gap_timeout_s=gap_timeout_s
-        ):
-            yield event
+        if require_worker:
+            await self.require_worker(model_ref)
+        async with contextlib.aclosing(
+            self.run_job(model_ref, job, timeout_s=timeout_s, gap_timeout_s=gap_timeout_s)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def run_job(
         self,
@@ -132,17 +190,104 @@ class OrcdClient:
         job_id: str | None = None,
         timeout_s: float | None = None,
         gap_timeout_s: float = 5.0,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
+        """Publish `job` and yield its events until the terminal one. Stopping early (break,
+        exception, task cancelled, `aclose`) cancels the job on the worker."""
         jid = job.job_id if isinstance(job, Job) else job_id
         if jid is None:
             raise ValueError("job_id is needed to follow a raw job")
-        async for event in self.follow(
-            jid,
-            timeout_s=timeout_s,
-            gap_timeout_s=gap_timeout_s,
-            before_first=lambda: self.submit(model_ref, job),
-        ):
-            yield event
+        published = False
+        finished = False
+
+        async def publish() -> None:
+            nonlocal published
+            await self.submit(model_ref, job)
+            published = True
+            self._running.add(jid)
+
+        try:
+            async with contextlib.aclosing(
+                self.follow(
+                    jid, timeout_s=timeout_s, gap_timeout_s=gap_timeout_s, before_first=publish
+                )
+            ) as events:
+                async for event in events:
+                    finished = is_terminal(event)
+                    yield event
+        finally:
+            self._running.discard(jid)
+            if published and not finished:
+                # shielded: the cancel goes out even while this task is being cancelled
+                await asyncio.shield(self._send_cancel(jid))
+
+    def _send_cancel(self, job_id: str) -> asyncio.Task[None]:
+        """Publish a cancel for `job_id` (no reply awaited) on a task of its own."""
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.subjects.cancel, encode({"job_id": job_id}))
+                await self.nc.flush(timeout=2)
+
+        task = asyncio.ensure_future(send())
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+        return task
+
+    # ------------------------------------------------------------------ workers
+
+    async def _watch_heartbeats(self) -> None:
+        async def on_heartbeat(msg: Msg) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                h = decode_health(msg.data)
+                self._heartbeats[h.worker_id] = (h.model_ref, h.status, time.monotonic())
+
+        self._heartbeat_sub = await self.nc.subscribe(self.subjects.heartbeat("*"), cb=on_heartbeat)
+
+    async def served_refs(self, timeout_s: float = 0.5) -> dict[str, list[Health]]:
+        """Model references served now: ref -> health of each worker answering ``orcd.health``
+        within `timeout_s` (draining workers left out)."""
+        out: dict[str, list[Health]] = {}
+        for h in await self.health_all(timeout_s):
+            if h.status != "draining":
+                out.setdefault(h.model_ref, []).append(h)
+        return out
+
+    async def require_worker(self, model_ref: str, timeout_s: float = 1.0) -> None:
+        """Return once a worker is seen serving `model_ref`; raise `NoWorker` otherwise.
+
+        Evidence, quickest first: a recent heartbeat of such a worker; an answer on
+        ``orcd.health`` (every worker answers; the wait ends at the first one that serves the
+        reference); pull requests waiting on the consumer ``orcd-<ref>`` (an idle worker)."""
+        now = time.monotonic()
+        for ref, status, seen in self._heartbeats.values():
+            if ref == model_ref and status != "draining" and now - seen < HEARTBEAT_FRESH_S:
+                return
+        answered = await self.health_all(timeout_s, until_model_ref=model_ref)
+        serving = [h for h in answered if h.model_ref == model_ref and h.status != "draining"]
+        if serving:
+            return
+        with contextlib.suppress(Exception):
+            info = await self.js.consumer_info(
+                self._jobs_stream, consumer_name(model_ref), timeout=timeout_s
+            )
+            if (info.num_waiting or 0) > 0:
+                return
+        others = sorted({h.model_ref for h in answered if h.status != "draining"})
+        seen_refs = f"; workers there serve {', '.join(others)}" if others else ""
+        raise NoWorker(
+            f"no worker serves model ref {model_ref!r} on {self.url}{seen_refs}"
+            if others
+            else f"no worker serves model ref {model_ref!r}: none answered on "
+            f"{self.subjects.health_all} at {self.url}"
+        )
+
+    @property
+    def url(self) -> str:
+        """The server this client is connected to."""
+        server = self.nc.connected_url
+        if server is None:
+            return "NATS"
+        return f"{server.scheme}://{server.hostname}:{server.port}"
 
     async def follow(
         self,
@@ -151,7 +296,7 @@ class OrcdClient:
         timeout_s: float | None = None,
         gap_timeout_s: float = 5.0,
         before_first: Any = None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Yield a job's events (live, gaps filled from JetStream) until the terminal one.
         `before_first` (an async callable) runs once the live subscription is in place."""
         queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -297,19 +442,27 @@ class OrcdClient:
         msg = await self.nc.request(subject, b"", timeout=timeout_s)
         return decode_health(msg.data)
 
-    async def health_all(self, timeout_s: float = 0.5) -> list[Health]:
-        """Health of every worker that answers ``orcd.health`` within `timeout_s`."""
+    async def health_all(
+        self, timeout_s: float = 0.5, *, until_model_ref: str | None = None
+    ) -> list[Health]:
+        """Health of every worker that answers ``orcd.health`` within `timeout_s` (sooner,
+        once a worker serving `until_model_ref` has answered)."""
         inbox = self.nc.new_inbox()
         out: list[Health] = []
+        found = asyncio.Event()
 
         async def on_reply(msg: Msg) -> None:
             with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                out.append(decode_health(msg.data))
+                h = decode_health(msg.data)
+                out.append(h)
+                if h.model_ref == until_model_ref and h.status != "draining":
+                    found.set()
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
             await self.nc.publish(self.subjects.health_all, b"", reply=inbox)
-            await asyncio.sleep(timeout_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(found.wait(), timeout_s)
         finally:
             await sub.unsubscribe()
         return out

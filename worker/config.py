@@ -9,10 +9,10 @@ import argparse
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from worker.protocol import Subjects, model_ref_from_name, validate_model_ref
 
@@ -50,6 +50,7 @@ class WorkerConfig:
     max_batch: int | None = None
     prefill_chunk: int = 512
     prefix_cache: bool = True
+    nats_connect_timeout_s: float = 60.0  # give up (exit 2) if NATS cannot be reached
 
     def __post_init__(self) -> None:
         if not self.model_ref:
@@ -81,17 +82,32 @@ class WorkerConfig:
             raise ValueError("--prefill-chunk must be positive")
         if self.log_format not in ("json", "pretty"):
             raise ValueError("--log-format must be json or pretty")
+        if self.nats_connect_timeout_s <= 0:
+            raise ValueError("--nats-connect-timeout must be positive")
 
     @property
     def subjects(self) -> Subjects:
         return Subjects(self.subject_prefix)
 
 
+def gpu_device_arg(text: str) -> int | str:
+    """--gpu-device: a device ordinal >= 0, or "auto" (resolved by `serve` at start)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a GPU index or auto: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"GPU index must be >= 0: {value}")
+    return value
+
+
 # (flag dest, env name, type) for every setting that may come from the environment
-_ENV_SETTINGS: tuple[tuple[str, type], ...] = (
+_ENV_SETTINGS: tuple[tuple[str, Callable[[str], object]], ...] = (
     ("model", Path),
     ("worker_id", str),
-    ("gpu_device", int),
+    ("gpu_device", gpu_device_arg),
     ("device", str),
     ("nats_url", str),
     ("model_ref", str),
@@ -112,59 +128,208 @@ _ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("h2d_chunk_mb", int),
     ("max_batch", int),
     ("prefill_chunk", int),
+    ("nats_connect_timeout_s", float),
 )
 
 
+# settings whose flag stores under another name (a flag shared with the client commands)
+_FLAG_DEST = {"nats_connect_timeout_s": "connect_timeout"}
+
+
+def env_name(dest: str) -> str:
+    """The environment variable of a serve setting: WORKER_ORCD_<DEST>."""
+    return ENV_PREFIX + dest.upper()
+
+
+def _default_of(dest: str) -> object:
+    return WorkerConfig.__dataclass_fields__[dest].default
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `worker-orcd serve` (SPEC §5). Defaults are None so the environment and
-    WorkerConfig's defaults apply when a flag is absent."""
-    p.add_argument("--model", type=Path, help="GGUF model file (env WORKER_ORCD_MODEL)")
-    p.add_argument("--worker-id", help="worker UUID (default: random)")
-    p.add_argument("--gpu-device", type=int, help="CUDA device ordinal (default 0)")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="compute backend (default cuda)")
-    p.add_argument("--nats-url", help="NATS server URL (default: start an embedded nats-server)")
-    p.add_argument("--model-ref", help="model reference R: jobs come from orcd.jobs.R")
-    p.add_argument(
-        "--ctx-size",
-        type=int,
-        help="context in tokens (default: the model's); the KV cache is sized for it, capped "
-        "to fit --kv-cache-size-mb / VRAM (a job needing more KV gets VRAM_OOM)",
+    """The flags of `worker-orcd serve` (docs/configuration.md). Every one may come from
+    WORKER_ORCD_<NAME> instead; the parser's defaults are None so that the environment and
+    then WorkerConfig's defaults apply when a flag is absent. Each help line says both."""
+    from worker.cli._common import add_connect_timeout
+
+    def opt(
+        group: argparse._ArgumentGroup, flag: str, text: str, default: object = None, **kw: Any
+    ) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        if default is None:
+            default = _default_of(dest)
+        group.add_argument(
+            flag, dest=dest, help=f"{text} (default: {default}; env {env_name(dest)})", **kw
+        )
+
+    m = p.add_argument_group("model and device")
+    m.add_argument(
+        "--model",
+        type=Path,
+        metavar="PATH",
+        help=f"GGUF model file to serve (required; env {env_name('model')})",
     )
-    p.add_argument("--max-tokens-out", type=int, help="cap on max_tokens per job (<= 2048)")
-    p.add_argument("--inference-timeout-sec", type=float, help="per-job time limit")
-    p.add_argument("--kv-cache-size-mb", type=int, help="KV cache budget in MiB")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP")
-    p.add_argument("--log-format", choices=["json", "pretty"], help="log format")
-    p.add_argument(
+    opt(
+        m,
+        "--device",
+        "cuda: the GPU; cpu: the NumPy reference backend (no GPU)",
+        choices=["cuda", "cpu"],
+    )
+    opt(
+        m,
+        "--gpu-device",
+        "CUDA device ordinal, or auto: the first GPU no other worker on this host holds "
+        "(a lock in $WORKER_ORCD_GPU_LOCK_DIR; for replicas that see every GPU)",
+        type=gpu_device_arg,
+        metavar="N|auto",
+    )
+    opt(
+        m,
+        "--ctx-size",
+        "context length in tokens a job may use; the KV cache is sized for "
+        "it, capped to --kv-cache-size-mb or free memory (a job that may need more KV gets "
+        "VRAM_OOM)",
+        default="the model's training context",
+        type=int,
+        metavar="N",
+    )
+    opt(
+        m,
+        "--kv-cache-size-mb",
+        "KV cache budget in MiB",
+        default="what the context needs",
+        type=int,
+        metavar="MIB",
+    )
+    opt(
+        m,
+        "--tokenizer",
+        "a tokenizer.json to use instead of the GGUF vocabulary",
+        default="the GGUF metadata's",
+        type=Path,
+        metavar="PATH",
+    )
+    opt(
+        m, "--h2d-chunk-mb", "host-to-device copy chunk while loading, MiB", type=int, metavar="MIB"
+    )
+    opt(
+        m,
+        "--residency-interval-s",
+        "seconds between VRAM residency checks",
+        type=float,
+        metavar="S",
+    )
+
+    j = p.add_argument_group("jobs")
+    opt(
+        j,
+        "--model-ref",
+        "model reference REF: jobs are taken from orcd.jobs.REF",
+        default="derived from the model file name",
+        metavar="REF",
+    )
+    opt(j, "--max-tokens-out", "cap on any job's max_tokens (1-2048)", type=int, metavar="N")
+    opt(
+        j,
+        "--inference-timeout-sec",
+        "time limit of one job (INFERENCE_TIMEOUT)",
+        type=float,
+        metavar="S",
+    )
+    opt(
+        j,
+        "--ack-wait-s",
+        "JetStream redelivers a job after this long without progress",
+        type=float,
+        metavar="S",
+    )
+    opt(
+        j,
+        "--max-deliver",
+        "deliveries of a job before it is ended with an error",
+        type=int,
+        metavar="N",
+    )
+
+    n = p.add_argument_group("NATS")
+    opt(
+        n,
+        "--nats-url",
+        "NATS server to use",
+        metavar="URL",
+        default="start an embedded nats-server with JetStream on 127.0.0.1:4222, or another "
+        "port if 4222 is taken",
+    )
+    add_connect_timeout(
+        n,
+        None,
+        f"default: {_default_of('nats_connect_timeout_s')}; "
+        f"env {env_name('nats_connect_timeout_s')}",
+        server=True,
+    )
+    opt(n, "--subject-prefix", "first token of every subject", metavar="PREFIX")
+    opt(
+        n,
+        "--worker-id",
+        "this worker's id in subjects and logs ([A-Za-z0-9_-])",
+        default="a random UUID",
+        metavar="ID",
+    )
+    opt(n, "--heartbeat-interval-s", "seconds between health heartbeats", type=float, metavar="S")
+    opt(
+        n,
+        "--events-max-age-s",
+        "how long ORCD_EVENTS keeps events (stream created here)",
+        type=float,
+        metavar="S",
+    )
+    opt(
+        n,
+        "--stream-replicas",
+        "replicas of streams created here (3 on a cluster)",
+        type=int,
+        metavar="N",
+    )
+
+    o = p.add_argument_group("logs and metrics")
+    opt(
+        o,
+        "--log-format",
+        "json: one object per line; pretty: text for a terminal",
+        choices=["json", "pretty"],
+    )
+    o.add_argument(
         "--log-prompts",
         action="store_true",
         default=None,
-        help="log prompts and outputs (default: SHA-256 and length only)",
+        help="log prompts and outputs (default: only their SHA-256 and length; "
+        f"env {env_name('log_prompts')}=1)",
     )
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json to use (hf-json)")
-    p.add_argument("--subject-prefix", help="NATS subject prefix (default orcd)")
-    p.add_argument("--events-max-age-s", type=float, help="ORCD_EVENTS max age (default 24 h)")
-    p.add_argument(
-        "--stream-replicas", type=int, help="replicas of streams created here (3 on a cluster)"
+    opt(
+        o,
+        "--metrics-port",
+        "also serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+        default="off",
+        type=int,
+        metavar="PORT",
     )
-    p.add_argument("--heartbeat-interval-s", type=float, help="heartbeat period (default 5 s)")
-    p.add_argument("--residency-interval-s", type=float, help="VRAM residency check period")
-    p.add_argument("--ack-wait-s", type=float, help="JetStream ack wait (default 30 s)")
-    p.add_argument(
-        "--max-deliver", type=int, help="deliveries of a job before it is given up (default 5)"
-    )
-    p.add_argument("--h2d-chunk-mb", type=int, help="host-to-device copy chunk (default 1)")
-    p.add_argument(
+
+    b = p.add_argument_group("batching")
+    opt(
+        b,
         "--max-batch",
+        "most jobs decoded together, 1-256",
+        default="the backend's, from the KV budget",
         type=int,
-        help="most jobs decoded together, 1-256 (default: the backend's, from the KV budget)",
+        metavar="N",
     )
-    p.add_argument(
+    opt(
+        b,
         "--prefill-chunk",
+        "prompt tokens prefilled per step beside the running jobs",
         type=int,
-        help="prompt tokens prefilled per step beside the running jobs (default 512)",
+        metavar="N",
     )
-    p.add_argument(
+    b.add_argument(
         "--no-prefix-cache",
         dest="prefix_cache",
         action="store_false",
@@ -179,7 +344,7 @@ def config_from_args(
     env = os.environ if environ is None else environ
     values: dict[str, object] = {}
     for name, typ in _ENV_SETTINGS:
-        flag = getattr(args, name, None)
+        flag = getattr(args, _FLAG_DEST.get(name, name), None)
         if flag is not None:
             values[name] = flag
             continue
@@ -187,7 +352,7 @@ def config_from_args(
         if raw is not None and raw != "":
             try:
                 values[name] = typ(raw)
-            except ValueError as exc:
+            except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise ValueError(f"{ENV_PREFIX + name.upper()}={raw!r}: {exc}") from None
     lp = getattr(args, "log_prompts", None)
     if lp is None:
@@ -199,4 +364,20 @@ def config_from_args(
     values["prefix_cache"] = bool(pc)
     if "model" not in values:
         raise ValueError("--model is required (or WORKER_ORCD_MODEL)")
+    if values.get("gpu_device") == "auto":
+        # claimed here, once the rest is known to be valid; held until the process exits
+        values["gpu_device"] = 0 if values.get("device") == "cpu" else _claim_gpu()
     return WorkerConfig(**values)  # type: ignore[arg-type]
+
+
+def _claim_gpu() -> int:
+    from worker.gpu_select import NoFreeGpu, claim_gpu
+
+    try:
+        return claim_gpu()
+    except NoFreeGpu as exc:
+        raise ValueError(str(exc)) from None
+    except Exception as exc:  # no driver, pycuda missing: the GPUs cannot even be counted
+        raise ValueError(
+            f"--gpu-device auto: cannot count the GPUs ({type(exc).__name__}: {exc})"
+        ) from None

@@ -1,4 +1,4 @@
-"""Error codes of SPEC §3 and the exception that carries them.
+"""Error codes (docs/protocol.md) and the exception that carries them.
 
 Every failure that reaches a client is a `WorkerError` with one of these codes; anything
 else that escapes a job is reported as `INTERNAL`.
@@ -28,7 +28,7 @@ RETRIABLE: frozenset[ErrorCode] = frozenset(
 
 
 class WorkerError(Exception):
-    """A failure with a SPEC §3 error code and a message fit for the client."""
+    """A failure with an error code and a message fit for the client."""
 
     def __init__(self, code: ErrorCode, message: str, *, retriable: bool | None = None) -> None:
         super().__init__(f"{code}: {message}")

@@ -1,5 +1,6 @@
-"""Prometheus metrics of one worker (SPEC §3): served on ``orcd.metrics.<worker_id>`` and,
-with ``--metrics-port``, over HTTP. Each WorkerMetrics owns its registry (no global state)."""
+"""Prometheus metrics of one worker (docs/operations.md): served on
+``orcd.metrics.<worker_id>`` and, with ``--metrics-port``, over HTTP. Each WorkerMetrics
+owns its registry (no global state)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prometheus_client import (
 )
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
 
 
@@ -50,7 +52,15 @@ class WorkerMetrics:
         )
         self.uptime = Gauge("orcd_uptime_seconds", "Seconds since the worker started", registry=r)
         self.uptime.set_function(lambda: time.monotonic() - self._start)
-        self.active = Gauge("orcd_active_jobs", "Jobs running now (0 or 1)", registry=r)
+        self.active = Gauge(
+            "orcd_active_jobs", "Jobs held now (decoding, or waiting for a batch slot)", registry=r
+        )
+        self.step_sequences = Histogram(
+            "orcd_step_sequences",
+            "Sequences (jobs) computed together in one engine step",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self._http: Any = None
 
     def uptime_seconds(self) -> float:

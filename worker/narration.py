@@ -1,4 +1,4 @@
-"""Narration logging (SPEC §5): loguru, one record per event of the worker's life.
+"""Narration logging (docs/operations.md, Logs): loguru, one record per event of the worker's life.
 
 Every record carries ``worker_id``, ``job_id``, ``model_ref``, ``gpu_device`` and ``event``
 (``startup``, ``model_load_start``, ``model_load_progress``, ``model_load_complete``,

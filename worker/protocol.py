@@ -1,10 +1,10 @@
-"""Wire protocol of SPEC §3: msgspec structs for every NATS message and the subject names.
+"""The NATS interface (docs/protocol.md): msgspec structs for every message, subject names.
 
 Every payload is JSON. Decoding is strict: unknown fields are rejected, types are not coerced
-(``true`` is not a number, ``"1"`` is not an int), and every range of SPEC §3 is checked with a
-message naming the field. `decode_job` turns any failure into a `WorkerError` with code
-``INVALID_REQUEST`` and, where the raw payload still has a readable job_id, says which job it
-was so the worker can publish the `error` event on that job's subject.
+(``true`` is not a number, ``"1"`` is not an int), and every range of docs/protocol.md is
+checked with a message naming the field. `decode_job` turns any failure into a `WorkerError`
+with code ``INVALID_REQUEST`` and, where the raw payload still has a readable job_id, says
+which job it was so the worker can publish the `error` event on that job's subject.
 
 Events carry their kind in the ``event`` field (a msgspec tagged union), so a client decodes
 any of them with `decode_event`.
@@ -20,7 +20,7 @@ import msgspec
 
 from worker.errors import ErrorCode, WorkerError
 
-# ----------------------------------------------------------------------------- limits (§3)
+# ----------------------------------------------------------------------------- limits
 JOB_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
 MAX_JOB_ID_LEN: Final = 128
 MAX_PROMPT_CHARS: Final = 32768
@@ -115,7 +115,7 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A generation job (SPEC §3). Exactly one of `prompt` and `messages`."""
+    """A generation job (docs/protocol.md). Exactly one of `prompt` and `messages`."""
 
     job_id: JobId
     prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from tools.live import WorkerProc
 from worker.client import OrcdClient
-from worker.nats.live import WorkerProc
 from worker.nats.server import EmbeddedNatsServer
 
 __all__ = ["WorkerProc"]
@@ -56,7 +56,7 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight qwen2-layout model (real tokenizer metadata, a few layers):
     loads in well under a second and decodes hundreds of tokens per second on the CPU."""
-    from worker.gguf.synth import preset, write_synthetic
+    from tools.synth import preset, write_synthetic
 
     path = tmp_path_factory.mktemp("models") / "tiny-qwen2.gguf"
     write_synthetic(path, preset("qwen2", "tiny", seed=7).scaled(n_ctx=4096))

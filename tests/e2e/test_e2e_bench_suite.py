@@ -1,6 +1,6 @@
 """`worker-orcd bench --suite` as a user runs it: a real subprocess that starts its own
 nats-server and `worker-orcd serve` children on the tiny CPU model, and prints one JSON
-object with every figure of SPEC §6's suite."""
+object with every figure of the suite."""
 
 from __future__ import annotations
 

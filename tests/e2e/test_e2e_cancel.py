@@ -1,5 +1,5 @@
-"""Cancel (SPEC §3): a running job stops within one decode step with CANCELLED; a queued job
-that was cancelled ends CANCELLED when reached; repeated cancels are idempotent."""
+"""Cancel (docs/protocol.md): a running job stops within one decode step with CANCELLED; a
+queued job that was cancelled ends CANCELLED when reached; repeated cancels are idempotent."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""SPEC §4 over NATS: a worker whose KV cache holds fewer tokens than its context. A job
+"""Context vs KV capacity over NATS (docs/design.md): a worker whose KV cache holds fewer
+tokens than its context. A job
 inside the context that may need more KV than exists gets `error` VRAM_OOM (retriable, no
 `started`), the worker stays healthy and serves the next job; a prompt longer than the
 context gets CONTEXT_LENGTH_EXCEEDED (not retriable). Real nats-server, real worker

@@ -1,4 +1,4 @@
-"""The performance suite (worker.nats.suite) runs against a live worker and reports every
+"""The performance suite (tools.suite) runs against a live worker and reports every
 figure with its count; a small run on the tiny CPU model."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tools.suite import run_suite
 from worker.client import OrcdClient
 from worker.nats.server import EmbeddedNatsServer
-from worker.nats.suite import run_suite
 
 
 async def test_suite_against_a_live_worker(

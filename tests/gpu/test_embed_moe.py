@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from pycuda_arrays import poisoned, rel_err, upload
 
+from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import (
     KernelArgumentError,
     MatmulKernels,
@@ -30,7 +31,7 @@ from worker.backends.cuda.matmul import (
     moe_workspace_bytes,
     plan_moe_route,
 )
-from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
+from worker.backends.cuda.quant_layout import LAYOUTS
 
 pytestmark = pytest.mark.gpu
 
@@ -350,7 +351,7 @@ def test_moe_pair_equals_two_launches(mm: MatmulKernels, gpu: Any, qtype: int, r
             assert g.tobytes() == w_.tobytes(), (qtype, rw, ntok)
 
 
-# ---- routed gemm on the gemm2 core (version 5; docs/kernels.md "H13") ------------------------
+# ---- routed gemm on the gemm2 core (version 5; docs/kernels.md, MoE) ------------------------
 GEMM_BOUND = 2e-3  # float64 reference (test_matmul.py's gemm bound)
 GEMM_FP16_EXACT_BOUND = 1e-4  # reference of the fp16-rounded operands (test_matmul.py's)
 POISON = np.float32(np.nan).view(np.uint32)

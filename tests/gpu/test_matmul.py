@@ -1,6 +1,6 @@
 """On-device checks of the decode gemv and prefill gemm kernels against the NumPy reference.
 
-Reference: worker.gguf.quants dequantizes the same random blocks (worker.gguf.synth_blocks,
+Reference: worker.gguf.quants dequantizes the same random blocks (tools.synth_blocks,
 every code point of every format), the product is taken in float64.
 Bounds, as ||y - ref|| / ||ref||:
 * gemv: FP32 products and sums of float32 inputs -> 2e-5 (seen values are ~1e-7 to 1e-6);
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from pycuda_arrays import poisoned, rel_err, upload
 
+from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import KernelArgumentError, MatmulKernels, QWeight
-from worker.backends.cuda.quant_layout import LAYOUTS, random_matrix
+from worker.backends.cuda.quant_layout import LAYOUTS
 
 pytestmark = pytest.mark.gpu
 

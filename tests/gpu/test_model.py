@@ -1,6 +1,6 @@
 """Whole-model checks of CudaBackend: against the NumPy reference, and batch invariance.
 
-On a synthetic full-size Qwen2.5-0.5B Q4_K_M file generated on the device (worker.gguf.synth;
+On a synthetic full-size Qwen2.5-0.5B Q4_K_M file generated on the device (tools.synth;
 set WORKER_ORCD_SYNTH_DIR to share it between runs) and tiny real-layout files of every
 architecture:
 
@@ -42,7 +42,7 @@ CTX = 2048
 
 @pytest.fixture(scope="module")
 def qwen_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.gguf.synth import preset, write_synthetic
+    from tools.synth import preset, write_synthetic
 
     d = os.environ.get("WORKER_ORCD_SYNTH_DIR")
     base = Path(d) if d else tmp_path_factory.mktemp("synth")
@@ -305,10 +305,10 @@ def test_every_architecture_tiny(arch: str, tmp_path_factory: pytest.TempPathFac
     """Each layer recipe (tiny real-layout files: same tensor names, types and metadata as
     the full models): teacher-forced over a prompt and 32 decode steps against the NumPy
     reference; batch-invariant through the scheduler (alone vs 9 together)."""
+    from tools.synth import preset, write_synthetic
     from worker.backends.cuda import CudaBackend
     from worker.backends.numpy_ref import NumpyBackend
     from worker.gguf.reader import open_gguf
-    from worker.gguf.synth import preset, write_synthetic
     from worker.tokenizer.loader import load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny") / f"{arch}.gguf"

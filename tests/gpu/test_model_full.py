@@ -1,6 +1,6 @@
-"""Whole-model logits of CudaBackend against the NumPy reference (SPEC §7) on the full-size
+"""Whole-model logits of CudaBackend against the NumPy reference (docs/design.md) on the full-size
 Phi-3-mini (Q4_K_M mix) and GPT-OSS-20B (MXFP4) layouts, written on the device by
-worker.gguf.synth (set WORKER_ORCD_SYNTH_DIR to share the files between runs; the Qwen2.5
+tools.synth (set WORKER_ORCD_SYNTH_DIR to share the files between runs; the Qwen2.5
 full-size check is in test_model.py).
 
 Teacher-forced: both backends get the same prompt (one prefill) and then the same 32 further
@@ -11,7 +11,7 @@ twice that position's largest absolute logit error.
 Routing (gpt-oss): the top-4 of 32 router logits is a discontinuous choice. Over 24 layers
 and ~180 tokens there are thousands of choices, and a few have their 4th and 5th logits
 closer than the two backends' rounding difference; a different expert there changes that
-position's logits by a few per cent — a near-tie, not an error (SPEC §7). So the reference
+position's logits by a few per cent — a near-tie, not an error (docs/design.md). So the reference
 is fed the CUDA backend's expert ids (its own router logits give the weights) and the two
 routings are compared separately: they must be the same set wherever the reference's
 margin between the 4th and 5th logit exceeds 2·REL_BOUND·‖router logits‖ (the largest
@@ -40,7 +40,7 @@ N_PROMPT, N_MORE = 150, 32
 
 
 def _synth(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.gguf.synth import preset, write_synthetic
+    from tools.synth import preset, write_synthetic
 
     d = os.environ.get("WORKER_ORCD_SYNTH_DIR")
     base = Path(d) if d else tmp_path_factory.mktemp("synth-full")

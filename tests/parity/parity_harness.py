@@ -1,6 +1,6 @@
-"""Shared machinery of the parity tests: synthetic GGUF models (worker.gguf.synth, the real
+"""Shared machinery of the parity tests: synthetic GGUF models (tools.synth, the real
 tensor layouts), our NumPy forward (prefill + decode through the KV cache) and the
-transformers side (scripts/parity_hf.py), and the SPEC §7 comparison.
+transformers side (scripts/parity_hf.py), and the teacher-forced comparison of docs/design.md.
 
 Error measure: for each position, ||ours - ref||_2 / ||ref||_2 over the vocabulary vector
 (float64). Why 1e-4 is the F32 bound: our side computes in float32 (unit roundoff
@@ -57,7 +57,7 @@ def rel_err(ours: npt.NDArray[Any], ref: npt.NDArray[Any]) -> npt.NDArray[np.flo
 
 def top1_disagreements(ours: npt.NDArray[Any], ref: npt.NDArray[Any], bound: float) -> list[int]:
     """Positions where top-1 differs although the reference's top-2 gap exceeds the error
-    allowed by `bound` (SPEC §7): bound * ||ref|| is the largest logit error permitted."""
+    allowed by `bound` (docs/design.md): bound * ||ref|| is the largest logit error permitted."""
     bad: list[int] = []
     for p, (o, r) in enumerate(zip(np.atleast_2d(ours), np.atleast_2d(ref), strict=True)):
         top2 = np.sort(r)[-2:]

@@ -1,4 +1,4 @@
-"""The real Qwen2.5-Coder-0.5B-Instruct Q4_K_M file against transformers (SPEC §7).
+"""The real Qwen2.5-Coder-0.5B-Instruct Q4_K_M file against transformers (docs/design.md).
 
 Teacher-forced: the NumPy backend and Qwen2ForCausalLM (real config, the file's weights
 dequantized to float32 by our reader, float32 eager attention) see the same 31 tokens and
@@ -15,7 +15,7 @@ The prompt is the chat-rendered "Write a haiku about GPU computing" (user turn +
 header, no system turn) as token ids; the continuation is the backend's greedy output,
 pinned. It is checked teacher-forced with a margin: wherever the reference's top-2 gap
 exceeds the margin the argmax must equal the pinned id, so a near-tie on another CPU cannot
-make the test flaky (SPEC §7), and free-running greedy decoding must reproduce it exactly
+make the test flaky (docs/design.md), and free-running greedy decoding must reproduce it exactly
 on two runs (same-machine determinism).
 """
 

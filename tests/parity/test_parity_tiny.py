@@ -1,7 +1,7 @@
-"""Parity of the NumPy reference models with Hugging Face transformers (issue 4).
+"""Parity of the NumPy reference models with Hugging Face transformers.
 
 For every architecture, a 2-layer synthetic model in the real tensor layout
-(worker.gguf.synth) is written as GGUF; the same dequantized weights are loaded into the
+(tools.synth) is written as GGUF; the same dequantized weights are loaded into the
 transformers model (scripts/parity_hf.py, float64, eager attention) and the logits of a
 16-token prompt (one prefill chunk) and of 8 decode steps (one token at a time through our
 KV cache) are compared position by position. Bound: relative L2 error <= 1e-4 (see
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from parity_harness import DECODE_STEPS, PROMPT_LEN, run_parity
 
-from worker.gguf.synth import preset, write_synthetic
+from tools.synth import preset, write_synthetic
 
 pytestmark = pytest.mark.parity
 

@@ -1,6 +1,6 @@
 """The real Qwen2.5-Coder-0.5B-Instruct Q4_K_M file through the NumPy backend and the decode
 loop: coherent greedy output, reproducible on the same machine, pinned ids checked
-teacher-forced with a margin (SPEC §7), seeded sampling reproducible at temperature 0.7."""
+teacher-forced with a margin (docs/design.md), seeded sampling reproducible at temperature 0.7."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ PINNED = [
     4628, 11, 2303, 49891, 594, 2355, 13, 151645,
 ]  # fmt: skip
 # A pinned id must be the argmax, or within this many logits of the top: a near tie that
-# another CPU's rounding may flip (SPEC §7 saw disagreements only at gaps <= 0.09 between
-# two different implementations; one implementation on two CPUs differs far less).
+# another CPU's rounding may flip (docs/design.md: two different implementations disagreed
+# only at gaps <= 0.09; one implementation on two CPUs differs far less).
 MARGIN = 0.1
 
 

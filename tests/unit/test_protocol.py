@@ -1,4 +1,4 @@
-"""Every validation rule of SPEC §3 on jobs, events, cancel and health messages."""
+"""Every validation rule of docs/protocol.md on jobs, events, cancel and health messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`--device cpu`: the NumPy reference backend (SPEC §4), the oracle the CUDA backend is
+"""`--device cpu`: the NumPy reference backend (docs/design.md), the oracle the CUDA backend is
 held to.
 
 Weights stay as mapped in the GGUF file; float32 dequantized copies are cached up to

@@ -1,4 +1,4 @@
-"""`worker-orcd bench --model PATH`: SPEC §6 figures of the CUDA backend as one JSON object.
+"""`worker-orcd bench --model PATH`: the CUDA backend's speed figures as one JSON object.
 
 Measured here (on the GPU, in this process): load time with a cold and a warm kernel cache
 (two loads; the cold one compiles into an empty cache directory), the weights upload rate
@@ -8,10 +8,10 @@ prompt, tokens/s), the GPU name and the commit. Fields that need a live worker o
 (TTFT and inter-token p50/p95/p99) are listed under `missing` rather than estimated.
 
 `worker-orcd bench --suite --model PATH [--device cuda|cpu] [--nats-url URL] ...` instead runs
-the seed's performance suite against a live worker (worker.nats.suite.run_live_suite): it
+the performance suite against a live worker (tools/suite.py, from a source checkout): it
 starts nats-server (unless --nats-url) and `worker-orcd serve` subprocesses and prints one
 JSON object with load, TTFT, inter-token, health, cancel and shutdown p50/p95/p99, VRAM back
-at baseline, and pass/fail against the SPEC §6 targets.
+at baseline, and pass/fail against the targets of docs/design.md.
 """
 
 from __future__ import annotations
@@ -28,20 +28,48 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from worker.cli._common import (
+    EXIT_INTERRUPTED,
+    SubParsers,
+    add_command,
+    add_model_options,
+    add_model_ref_option,
+    model_path,
+    positive_int,
+)
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
+ORDER = 70
+
+
+def register(subparsers: SubParsers) -> None:
+    p = add_command(
+        subparsers,
         "bench",
-        help="measure prompt and decode speed and load time on the GPU (SPEC §6)",
-        description="Load MODEL on the GPU and print one JSON object: pp512, tg128, load "
-        "time with a cold and a warm kernel cache, H2D rates, GPU name, commit.",
+        summary="measure prompt and decode speed and load time (GPU)",
+        description="Load MODEL on the GPU and print one JSON object: prompt processing "
+        "(pp512) and decode (tg128) tokens/s, sampled decode, load time with a cold and a warm "
+        "kernel cache, host-to-device rates, the fraction of the memory-bandwidth floor, GPU "
+        "name and commit. With --suite, start `worker-orcd serve` subprocesses instead and "
+        "measure them over NATS (time to first token, inter-token, health, cancel, shutdown, "
+        "VRAM after many jobs; p50/p95/p99 against the targets in docs/design.md); the suite "
+        "runs from a source checkout. Errors are JSON too: {'error': ...}.",
+        examples="""\
+  worker-orcd bench --model qwen.gguf
+  worker-orcd bench --model phi3.gguf --no-cold --reps 3
+  worker-orcd bench --suite --device cpu --model tiny.gguf --jobs 5 --vram-jobs 10""",
     )
-    p.add_argument("--model", type=Path, required=True, metavar="PATH", help="GGUF file")
-    p.add_argument("--gpu-device", type=int, default=0, metavar="N")
-    p.add_argument("--ctx-size", type=int, default=4096, metavar="N")
-    p.add_argument("--pp", type=int, default=512, metavar="N", help="prompt length (512)")
-    p.add_argument("--tg", type=int, default=128, metavar="N", help="decode steps (128)")
-    p.add_argument("--reps", type=int, default=5, metavar="N", help="repetitions (median)")
+    add_model_options(p, positional=True)
+    p.add_argument("--gpu-device", type=int, default=0, metavar="N", help="GPU index")
+    p.add_argument(
+        "--ctx-size",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="context length in tokens (the KV cache is sized for it)",
+    )
+    p.add_argument("--pp", type=positive_int, default=512, metavar="N", help="prompt length")
+    p.add_argument("--tg", type=positive_int, default=128, metavar="N", help="decode steps")
+    p.add_argument("--reps", type=positive_int, default=5, metavar="N", help="repetitions (median)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache load")
     p.add_argument("--no-graphs", action="store_true", help="eager decode (for comparison)")
     p.add_argument(
@@ -72,30 +100,65 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument(
         "--suite",
         action="store_true",
-        help="run `worker-orcd serve` subprocesses and measure them over NATS (SPEC §6)",
+        help="run `worker-orcd serve` subprocesses and measure them over NATS",
     )
     s.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="worker backend")
-    s.add_argument("--nats-url", default=None, help="NATS URL (default: start nats-server)")
     s.add_argument(
-        "--model-ref",
+        "--nats-url",
         default=None,
-        metavar="R",
-        help="model reference the suite's workers serve (default: bench-suite-<random>, so "
+        metavar="URL",
+        help="NATS server (default: start an embedded nats-server)",
+    )
+    add_model_ref_option(
+        s,
+        "model reference the suite's workers serve (default: bench-suite-<random>, so "
         "workers already on a shared --nats-url never take the suite's jobs)",
     )
-    s.add_argument("--jobs", type=int, default=20, metavar="N", help="TTFT/inter-token jobs")
-    s.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens per job")
     s.add_argument(
-        "--prompt-tokens", type=int, default=32, metavar="N", help="prompt length in tokens"
+        "--jobs", type=positive_int, default=20, metavar="N", help="TTFT/inter-token jobs"
     )
-    s.add_argument("--health-requests", type=int, default=1000, metavar="N")
-    s.add_argument("--cancel-runs", type=int, default=10, metavar="N")
-    s.add_argument("--vram-jobs", type=int, default=100, metavar="N")
     s.add_argument(
-        "--loads", type=int, default=1, metavar="N", help="warm worker starts (load, shutdown)"
+        "--max-tokens", type=positive_int, default=64, metavar="N", help="tokens per job"
     )
-    s.add_argument("--load-timeout-s", type=float, default=600.0, metavar="S")
-    p.set_defaults(func=run)
+    s.add_argument(
+        "--prompt-tokens",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="prompt length in tokens",
+    )
+    s.add_argument(
+        "--health-requests",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="health requests timed",
+    )
+    s.add_argument(
+        "--cancel-runs", type=positive_int, default=10, metavar="N", help="cancels timed"
+    )
+    s.add_argument(
+        "--vram-jobs",
+        type=positive_int,
+        default=100,
+        metavar="N",
+        help="jobs before the VRAM baseline check",
+    )
+    s.add_argument(
+        "--loads",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="warm worker starts (load, shutdown)",
+    )
+    s.add_argument(
+        "--load-timeout-s",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="time allowed for a worker to load",
+    )
+    p.set_defaults(func=run, parser=p)
 
 
 def _commit() -> str:
@@ -314,9 +377,10 @@ def _decode_weight_bytes(be: Any) -> int:
 def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
-    from worker.nats.suite import LiveSuiteOptions, run_live_suite
+    from worker.cli._tools import import_tool
 
-    opts = LiveSuiteOptions(
+    suite = import_tool("suite", "bench --suite")
+    opts = suite.LiveSuiteOptions(
         model=args.model,
         device=args.device,
         gpu_device=args.gpu_device,
@@ -333,14 +397,18 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
         cold=not args.no_cold,
         load_timeout_s=args.load_timeout_s,
     )
-    result = asyncio.run(run_live_suite(opts))
+    result = asyncio.run(suite.run_live_suite(opts))
     result["commit"] = _commit()
     return result
 
 
 def run(args: argparse.Namespace) -> int:
+    args.model = model_path(args.parser, args)
     try:
         result = measure_suite(args) if args.suite else measure(args)
+    except KeyboardInterrupt:
+        print(json.dumps({"error": "interrupted"}), flush=True)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # report, do not hide: one JSON object either way
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 1

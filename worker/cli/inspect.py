@@ -1,9 +1,10 @@
-"""`worker-orcd inspect MODEL`: what a GGUF file holds and what serving it takes (SPEC §5).
+"""`worker-orcd inspect MODEL`: what a GGUF file holds and what serving it takes.
 
 Prints the architecture, name, hyperparameters, tokenizer kind and vocabulary size, tensor
 count and bytes by type, the quant kind the worker reports, and the VRAM estimate (weights +
 FP16 KV cache at `--ctx-size` + scratch; see worker/gguf/estimate.py). `--json` prints one
-JSON object instead. A file that fails validation gives one line on stderr and exit code 1.
+JSON object instead. A file that fails validation gives one line on stderr (a JSON object
+with `error` on stdout under --json) and exit code 1.
 Nothing is allocated on a GPU and no tensor data is read.
 """
 
@@ -12,30 +13,45 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from worker.cli._argtypes import positive_int
+from worker.cli._common import (
+    SubParsers,
+    add_command,
+    add_json_option,
+    add_model_options,
+    fail,
+    model_path,
+    positive_int,
+)
+
+ORDER = 60
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
+def register(subparsers: SubParsers) -> None:
+    p = add_command(
+        subparsers,
         "inspect",
-        help="show a GGUF model's metadata, tensor type mix and VRAM estimate",
-        description="Validate a GGUF model and show its architecture, hyperparameters, "
-        "tokenizer, tensor type mix, quant kind and VRAM estimate.",
+        summary="show a GGUF model's metadata, tensor type mix and VRAM estimate",
+        description="Validate a GGUF model as `serve` would and show its architecture, "
+        "hyperparameters, tokenizer, tensor type mix, quant kind and the device memory "
+        "serving it takes. Reads no tensor data and needs no GPU. Exit status 1 (with one "
+        "line) when the file is not a model the worker can serve.",
+        examples="""\
+  worker-orcd inspect qwen2.5-0.5b-instruct-q4_k_m.gguf
+  worker-orcd inspect --model qwen.gguf --ctx-size 8192 --json | jq .vram_estimate""",
     )
-    p.add_argument("model", metavar="MODEL", type=Path, help="path of the GGUF file")
+    add_model_options(p, positional=True)
     p.add_argument(
         "--ctx-size",
         type=positive_int,
         default=None,
         metavar="N",
-        help="context size for the KV cache estimate (default: the model's context length)",
+        help="context length in tokens the KV cache estimate is for (default: the model's)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    add_json_option(p, "one object")
+    p.set_defaults(func=run, parser=p)
 
 
 def _plain(value: Any) -> Any:
@@ -134,10 +150,9 @@ def run(args: argparse.Namespace) -> int:
     from worker.errors import WorkerError
 
     try:
-        info = describe(args.model, args.ctx_size)
+        info = describe(model_path(args.parser, args), args.ctx_size)
     except WorkerError as exc:
-        print(f"worker-orcd inspect: {exc}", file=sys.stderr)
-        return 1
+        return fail(args, str(exc))
     if args.json:
         print(json.dumps(info))
     else:

@@ -1,4 +1,4 @@
-"""`worker-orcd serve`: run the worker (SPEC §5)."""
+"""`worker-orcd serve`: run the worker (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,27 @@ import sys
 
 import anyio
 
+from worker.cli._common import EXIT_INTERRUPTED, SubParsers, add_command
 from worker.config import add_serve_arguments, config_from_args
 from worker.narration import setup_logging
 
+ORDER = 10
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
+
+def register(subparsers: SubParsers) -> None:
+    p = add_command(
+        subparsers,
         "serve",
-        help="serve a GGUF model to NATS jobs",
-        description="Load one GGUF model and serve generation jobs from NATS JetStream. "
-        "Every flag can also come from WORKER_ORCD_<FLAG> in the environment.",
+        summary="serve a GGUF model to jobs on NATS (one process per GPU)",
+        description="Load one GGUF model and serve generation jobs from NATS JetStream until "
+        "SIGTERM, SIGINT (Ctrl-C) or a shutdown request; the active job is finished first. "
+        "Without --nats-url an embedded nats-server is started. Start-up ends with the exact "
+        "`worker-orcd submit` command that reaches this worker. Every flag can also come from "
+        "the environment variable named in its help.",
+        examples="""\
+  worker-orcd serve --device cpu --model qwen2.5-0.5b-instruct-q4_k_m.gguf
+  worker-orcd serve --model qwen.gguf --nats-url nats://nats:4222 --model-ref qwen
+  WORKER_ORCD_MODEL=qwen.gguf WORKER_ORCD_LOG_FORMAT=json worker-orcd serve""",
     )
     add_serve_arguments(p)
     p.set_defaults(func=run)
@@ -29,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"worker-orcd serve: {exc}", file=sys.stderr)
         return 2
+    if not cfg.model.is_file():
+        print(f"worker-orcd serve: no such model file: {cfg.model}", file=sys.stderr)
+        return 1
     setup_logging(
         cfg.log_format,
         worker_id=cfg.worker_id,
@@ -43,4 +57,11 @@ def run(args: argparse.Namespace) -> int:
         with open(id_file, "w") as f:
             f.write(cfg.worker_id + "\n")
 
-    return anyio.run(run_worker, cfg)
+    try:
+        rc: int = anyio.run(run_worker, cfg)
+    except KeyboardInterrupt:
+        # Ctrl-C before the worker's own signal handling is up (starting NATS, connecting):
+        # the supervisor has cleaned up on the way out
+        print("\nworker-orcd serve: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return rc

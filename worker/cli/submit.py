@@ -1,143 +1,232 @@
-"""`worker-orcd submit`: publish one job and print its stream (text as it arrives, then a
-summary line). `worker-orcd health`: ask a worker (or any) for its health; exit 0 when it is
-healthy - the compose healthcheck."""
+"""`worker-orcd submit`: publish one job and stream its text as it arrives, then one summary
+line. Ctrl-C (or --timeout) cancels the job on the worker."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
-import anyio
 import msgspec
 
-from worker.protocol import End, Error, Metrics, Started, Token
+from worker.cli._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    SubParsers,
+    add_command,
+    add_json_option,
+    add_model_ref_option,
+    add_nats_options,
+    add_sampling_options,
+    fail,
+    positive_float,
+    run_client,
+    sampling_fields,
+)
+from worker.protocol import End, Error, Job, Started, Token
+
+ORDER = 20
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("submit", help="publish a job and stream its tokens")
-    p.add_argument("prompt", nargs="?", help="prompt text (or --messages)")
-    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
-    p.add_argument("--model-ref", required=True, help="model reference R (orcd.jobs.R)")
-    p.add_argument("--subject-prefix", default="orcd")
-    p.add_argument("--job-id", help="job id (default: random)")
-    p.add_argument("--messages", help="chat messages as a JSON list of {role, content}")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
-    p.add_argument("--json", action="store_true", help="print every event as a JSON line")
-    p.set_defaults(func=run_submit)
-
-    h = subparsers.add_parser("health", help="request a worker's health (exit 0 if healthy)")
-    h.add_argument("--nats-url", default="nats://127.0.0.1:4222")
-    h.add_argument("--worker-id", help="ask this worker (default: whichever answers)")
-    h.add_argument(
-        "--worker-id-file",
-        help="read the worker id from this file (what `serve` writes to $WORKER_ORCD_ID_FILE)",
+def register(subparsers: SubParsers) -> None:
+    p = add_command(
+        subparsers,
+        "submit",
+        summary="send a job to the workers and stream the reply",
+        description="Publish one generation job to orcd.jobs.REF and print its text as the "
+        "tokens arrive, then a one-line summary (stop reason, tokens, time to first token, "
+        "speed). Fails at once, with one line, when NATS cannot be reached or no worker serves "
+        "REF. Ctrl-C cancels the job on the worker. Exit status: 0 when the job ends normally, "
+        "1 when it ends with an error or cannot be sent, 2 for bad arguments, 130 on Ctrl-C.",
+        examples="""\
+  worker-orcd submit --model-ref qwen --chat "Write a haiku about GPUs"
+  worker-orcd submit --model-ref qwen --max-tokens 64 --temperature 0 "def fibonacci(n):"
+  worker-orcd submit --model-ref qwen --messages '[{"role": "user", "content": "Hi"}]'
+  worker-orcd submit --json "Hello" | jq -c .     # one JSON event per line""",
     )
-    h.add_argument("--subject-prefix", default="orcd")
-    h.add_argument("--timeout", type=float, default=2.0)
-    h.set_defaults(func=run_health)
+    p.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text ('-' reads stdin)")
+    j = p.add_argument_group("job")
+    add_model_ref_option(
+        j, "model reference the job is for (default: the one every answering worker serves)"
+    )
+    j.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user chat message, rendered with the model's chat template",
+    )
+    j.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    j.add_argument(
+        "--messages",
+        metavar="JSON",
+        help='chat messages as a JSON list, e.g. \'[{"role": "user", "content": "Hi"}]\'',
+    )
+    j.add_argument("--job-id", metavar="ID", help="job id (default: random)")
+    j.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="S",
+        help="give up on the job (and cancel it) after this many seconds",
+    )
+    j.add_argument(
+        "--allow-no-worker",
+        action="store_true",
+        help="publish even when no worker serves REF now; the job waits in the queue",
+    )
+    add_sampling_options(p, max_tokens=256, temperature=None)
+    add_nats_options(p)
+    add_json_option(p, "every event, one per line,")
+    p.set_defaults(func=run_submit, parser=p)
 
 
-def _params(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"max_tokens": args.max_tokens}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            out[name] = value
-    if args.stop:
-        out["stop"] = args.stop
-    return out
-
-
-async def _submit(args: argparse.Namespace) -> int:
+def build_job(args: argparse.Namespace) -> Job:
+    """The job the arguments describe; ValueError with a message for the user if they do not
+    describe one."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages: Any = None
+    if args.messages is not None:
+        if prompt is not None or args.chat:
+            raise ValueError("give PROMPT (with or without --chat) or --messages, not both")
+        try:
+            messages = json.loads(args.messages)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--messages is not valid JSON ({exc})") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError(
+                '--messages must be a JSON list of {"role": ..., "content": ...} objects, '
+                f"not {_json_kind(messages)}"
+            )
+    elif prompt is None:
+        raise ValueError("give a PROMPT (or --messages)")
+    elif args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        if args.system is not None:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = None
+    if args.system is not None and not args.chat:
+        raise ValueError("--system goes with --chat")
     from worker.client import OrcdClient
 
-    messages = json.loads(args.messages) if args.messages else None
-    if (args.prompt is None) == (messages is None):
-        print("worker-orcd submit: give a prompt or --messages (not both)", file=sys.stderr)
-        return 2
     try:
-        job = OrcdClient.make_job(
-            prompt=args.prompt, messages=messages, job_id=args.job_id, **_params(args)
+        return OrcdClient.make_job(
+            prompt=prompt, messages=messages, job_id=args.job_id, **sampling_fields(args)
         )
-    except (msgspec.ValidationError, TypeError, ValueError) as exc:
-        print(f"worker-orcd submit: invalid job: {exc}", file=sys.stderr)
-        return 2
-    client = await OrcdClient.connect(args.nats_url, args.subject_prefix)
-    rc = 1
-    try:
-        async for ev in client.run_job(args.model_ref, job, timeout_s=args.timeout):
-            if args.json:
-                print(msgspec.json.encode(ev).decode(), flush=True)
-            elif isinstance(ev, Started):
-                if ev.attempt > 1:
-                    print(f"\n[attempt {ev.attempt}]", file=sys.stderr, flush=True)
-            elif isinstance(ev, Token):
-                sys.stdout.write(ev.t)
-                sys.stdout.flush()
-            elif isinstance(ev, Metrics):
-                pass
-            if isinstance(ev, End):
-                if not args.json:
-                    print(
-                        f"\n[{ev.job_id}] {ev.stop_reason}: {ev.prompt_tokens} prompt tokens, "
-                        f"{ev.tokens_out} out, TTFT {ev.ttft_ms:.1f} ms, "
-                        f"{ev.tokens_per_s:.1f} tokens/s",
-                        flush=True,
-                    )
-                rc = 0
-            elif isinstance(ev, Error):
-                if not args.json:
-                    print(f"\n[{ev.job_id}] error {ev.code}: {ev.message}", flush=True)
-                rc = 1
-    except TimeoutError as exc:
-        print(f"\nworker-orcd submit: {exc}", file=sys.stderr)
-        rc = 1
-    finally:
-        await client.close()
-    return rc
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid job: {exc}") from None
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "an object", str: "a string", int: "a number", float: "a number"}
+    for typ, name in kinds.items():
+        if isinstance(value, typ):
+            return name
+    if isinstance(value, list):
+        return "a list with other things than objects"
+    return "null" if value is None else type(value).__name__
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    rc: int = anyio.run(_submit, args)
-    return rc
+    try:
+        job = build_job(args)
+    except ValueError as exc:
+        return fail(args, str(exc), EXIT_USAGE)
+    args.job = job
+    return run_client(args, _submit)
 
 
-async def _health(args: argparse.Namespace) -> int:
+async def _submit(args: argparse.Namespace) -> int:
+    import anyio
+
     from worker.client import OrcdClient
 
-    if args.worker_id_file:
-        try:
-            with open(args.worker_id_file) as f:
-                args.worker_id = f.read().strip()
-        except OSError as exc:
-            print(f"worker-orcd health: {exc}", file=sys.stderr)
-            return 1
+    job: Job = args.job
+    client = await OrcdClient.connect(args.nats_url, args.subject_prefix, args.connect_timeout)
     try:
-        client = await OrcdClient.connect(args.nats_url, args.subject_prefix, args.timeout)
-    except Exception as exc:
-        print(f"worker-orcd health: cannot connect: {exc}", file=sys.stderr)
-        return 1
-    try:
-        health = await client.health(args.worker_id, timeout_s=args.timeout)
-    except Exception as exc:
-        print(f"worker-orcd health: no answer: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        if args.model_ref:
+            ref = args.model_ref
+            if not args.allow_no_worker:
+                await client.require_worker(ref)
+        else:  # the one reference the workers that answered serve
+            ref = await _only_ref(client)
+        rc = EXIT_FAILED
+        interrupted = False
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def on_signal() -> None:
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        interrupted = True  # leaving the job's stream cancels the job
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(on_signal)
+            try:
+                rc = await _stream(client, ref, job, args)
+            except Exception as exc:  # raised below, outside the task group's wrapping
+                error = exc
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if interrupted:
+            sys.stdout.write("\n")
+            msg = f"interrupted: cancelled job {job.job_id}"
+            return fail(args, msg, EXIT_INTERRUPTED)
+        return rc
     finally:
-        await client.close()
-    print(msgspec.json.encode(health).decode())
-    return 0 if health.status == "healthy" else 1
+        await client.close()  # also sends the cancel of a job left unfinished
 
 
-def run_health(args: argparse.Namespace) -> int:
-    rc: int = anyio.run(_health, args)
+async def _only_ref(client: Any) -> str:
+    """The model reference to use without --model-ref: the one the answering workers serve."""
+    served = await client.served_refs()
+    if len(served) == 1:
+        ref: str = next(iter(served))
+        return ref
+    from worker.client import NoWorker
+
+    if not served:
+        raise NoWorker(f"no worker answered on {client.subjects.health_all} at {client.url}")
+    raise NoWorker(
+        f"workers at {client.url} serve several model refs ({', '.join(sorted(served))}); "
+        "choose one with --model-ref"
+    )
+
+
+async def _stream(client: Any, ref: str, job: Job, args: argparse.Namespace) -> int:
+    rc = EXIT_FAILED
+    async for ev in client.run_job(ref, job, timeout_s=args.timeout):
+        if args.json:
+            print(msgspec.json.encode(ev).decode(), flush=True)
+        elif isinstance(ev, Started):
+            if ev.attempt > 1:
+                print(f"\n[attempt {ev.attempt}]", file=sys.stderr, flush=True)
+        elif isinstance(ev, Token):
+            sys.stdout.write(ev.t)
+            sys.stdout.flush()
+        if isinstance(ev, End):
+            rc = EXIT_OK
+            if not args.json:
+                print(
+                    f"\n[{ev.job_id}] {ev.stop_reason}: {ev.prompt_tokens} prompt tokens, "
+                    f"{ev.tokens_out} out, TTFT {ev.ttft_ms:.1f} ms, "
+                    f"{ev.tokens_per_s:.1f} tokens/s",
+                    flush=True,
+                )
+        elif isinstance(ev, Error):
+            rc = EXIT_FAILED
+            if not args.json:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                print(
+                    f"worker-orcd submit: job {ev.job_id} failed: {ev.code}: {ev.message}"
+                    + (" (retriable)" if ev.retriable else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
     return rc

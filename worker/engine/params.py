@@ -1,8 +1,10 @@
-"""Sampling parameters shared by every backend (SPEC §3 job fields)."""
+"""Sampling parameters shared by every backend (the job fields of docs/protocol.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,4 +24,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # the samplers divide by the float32 temperature: one that rounds to 0 there (below
+        # ~7e-46) is greedy too, not a division by zero
+        return float(np.float32(self.temperature)) == 0.0

@@ -228,7 +228,8 @@ class Scheduler:
         self._inflight: tuple[list[Chunk], list[_Seq], Any] | None = None
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self.steps = 0
-        self.step_tokens = 0
+        self.step_tokens = 0  # tokens and sequences of the last step launched
+        self.step_sequences = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -452,6 +453,7 @@ class Scheduler:
             )
             seqs.append(seq)
         self.step_tokens = sum(len(c.tokens) for c in chunks)
+        self.step_sequences = len(chunks)
         return chunks, seqs
 
     def _sample_spec(self, seq: _Seq, i: int) -> SampleSpec:

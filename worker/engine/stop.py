@@ -1,4 +1,4 @@
-"""Stop strings matched on the generated text (SPEC §3), across token boundaries.
+"""Stop strings matched on the generated text (docs/protocol.md), across token boundaries.
 
 `StopMatcher.push(text)` takes each newly decoded piece of text and returns what may be
 streamed now. Text that could still be the beginning of a stop string is held back until

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import anyio
 import msgspec
@@ -369,10 +369,7 @@ class Gateway:
         t0: float,
     ) -> None:
         cfg = self.config
-        events = cast(
-            AsyncGenerator[Event, None],
-            self.client.run_job(ref, job, timeout_s=cfg.request_timeout_s),
-        )
+        events = self.client.run_job(ref, job, timeout_s=cfg.request_timeout_s)
         relay.submitted = True  # the publish happens inside: from here on, cancel on exit
         started: Started | None = None
         failure: APIError | None = None

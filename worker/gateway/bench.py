@@ -106,10 +106,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from tools.live import WorkerProc, wait_healthy
     from worker.buildinfo import commit
     from worker.client import OrcdClient
     from worker.gateway.live import GatewayProc
-    from worker.nats.live import WorkerProc, wait_healthy
     from worker.nats.server import EmbeddedNatsServer
 
     with contextlib.ExitStack() as stack:

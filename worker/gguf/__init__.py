@@ -1,2 +1,2 @@
 """GGUF files: memory-mapped reading with validation, hyperparameters, NumPy
-dequantization, synthetic models."""
+dequantization."""

@@ -1,4 +1,4 @@
-"""VRAM estimate and quant-kind label of a GGUF model (SPEC §4 "Load", §5 `inspect`).
+"""VRAM estimate and quant-kind label of a GGUF model (`worker-orcd inspect`, docs/design.md).
 
 estimate = weights + KV cache + scratch, where
 

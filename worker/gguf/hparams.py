@@ -1,4 +1,4 @@
-"""Typed hyperparameters for the five supported architectures (SPEC §2).
+"""Typed hyperparameters for the five supported architectures (docs/design.md).
 
 `load_hparams(gguf_file_or_metadata)` reads llama.cpp's metadata keys and fills in
 llama.cpp's defaults where a key is optional; a missing required key is a `ModelLoadError`

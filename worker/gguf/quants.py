@@ -1,4 +1,4 @@
-"""NumPy dequantization of the twelve ggml tensor types the worker reads (SPEC §2).
+"""NumPy dequantization of the twelve ggml tensor types the worker reads (docs/design.md).
 
 Block layouts follow ggml (`ggml-common.h`): every quantized type stores its elements in
 fixed-size blocks along the contiguous row (ne[0]); `BLOCK_SIZE[t]` elements take

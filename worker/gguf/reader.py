@@ -3,7 +3,7 @@
 The file is mapped read-only; the header, metadata and tensor table are parsed with explicit
 bounds checks (every count and length is checked against the bytes left in the file before
 anything is read or allocated), and tensor data are zero-copy views into the mapping. Every
-problem with the file raises `ModelLoadError(path, problem)` (SPEC §4 "Load").
+problem with the file raises `ModelLoadError(path, problem)` (docs/design.md "Loading").
 
 GGUF v3 layout (little-endian): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count,
 kv_count x (string key, u32 value type, value), tensor_count x (string name, u32 n_dims,
@@ -38,7 +38,7 @@ SUPPORTED_ARCHITECTURES: Final[tuple[str, ...]] = ("qwen2", "phi3", "gpt-oss", "
 
 GGUF_MAGIC: Final = b"GGUF"
 GGUF_VERSION: Final = 3
-MAX_TENSORS: Final = 10_000  # SPEC §4: tensor count < 10000
+MAX_TENSORS: Final = 10_000  # a real model has hundreds; more is a corrupt count
 MAX_DIMS: Final = 4  # GGML_MAX_DIMS
 MAX_TENSOR_NAME: Final = 63  # GGML_MAX_NAME - 1 (llama.cpp rejects longer names)
 MAX_KV: Final = 65_536

@@ -1,4 +1,4 @@
-"""qwen2: GQA with q/k/v biases, NeoX RoPE, RMSNorm, SwiGLU (SPEC §2).
+"""qwen2: GQA with q/k/v biases, NeoX RoPE, RMSNorm, SwiGLU (docs/design.md).
 
 Block: x += Wo·attn(rope(Wq·n(x)+bq), rope(Wk·n(x)+bk), Wv·n(x)+bv);
 x += Wdown·(silu(Wgate·n'(x)) * Wup·n'(x)). Tied LM head when output.weight is absent.

@@ -1,6 +1,7 @@
 """NATS connection and the JetStream objects of the worker's interface (docs/protocol.md).
 
-- `connect`: a nats-py connection that reconnects forever (an outage is waited out).
+- `connect`: a nats-py connection, given up after a timeout at first (`NatsUnavailable`),
+  then reconnecting forever (an outage is waited out).
 - `ensure_streams`: ORCD_JOBS (work queue over ``orcd.jobs.>``) and ORCD_EVENTS (limits
   retention over ``orcd.events.>``, configurable max age, 2-minute duplicate window) are
   created if missing; an existing stream is used as it is.
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 import nats.errors
@@ -49,6 +52,24 @@ def stream_names(subjects: Subjects) -> tuple[str, str]:
     return f"{base}_JOBS", f"{base}_EVENTS"
 
 
+class NatsUnavailable(ConnectionError):
+    """NATS could not be reached within the connect timeout (the message says why)."""
+
+
+def describe_connect_error(exc: BaseException | None) -> str:
+    """A short reason for a failed connection attempt, for one line of output."""
+    if exc is None:
+        return "no answer"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 async def connect(
     url: str,
     *,
@@ -57,12 +78,23 @@ async def connect(
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     on_error: Callable[[Exception], Awaitable[None]] | None = None,
     connect_timeout_s: float = 30.0,
+    on_retry: Callable[[int, str, float], None] | None = None,
+    **nats_options: Any,
 ) -> NatsClient:
-    """Connect, retrying the first connection for up to `connect_timeout_s`; once up, the
-    client reconnects forever and buffers publishes (8 MiB) while the server is away."""
+    """Connect within `connect_timeout_s` or raise `NatsUnavailable`; once connected, the
+    client reconnects forever and buffers publishes (8 MiB) while the server is away.
+
+    The first connection is retried with a growing pause (0.5 s doubling to 5 s, never past
+    the deadline); `on_retry(attempt, reason, pause_s)` is told of each failed attempt.
+    nats-py itself would retry a first connection forever once reconnects are unlimited, so
+    each attempt allows it one retry and the unlimited reconnects are switched on only after
+    the connection is up (its options are read at every reconnect). `nats_options` go to
+    nats-py's connect as they are (credentials, TLS, ...)."""
+    connected = False
+    last_error: list[BaseException | None] = [None]
 
     async def _disc() -> None:
-        if on_disconnect is not None:
+        if connected and on_disconnect is not None:
             await on_disconnect()
 
     async def _reco() -> None:
@@ -70,30 +102,61 @@ async def connect(
             await on_reconnect()
 
     async def _err(exc: Exception) -> None:
-        if on_error is not None:
+        if not connected:
+            last_error[0] = exc  # reported once per attempt, by the loop below
+        elif on_error is not None:
             await on_error(exc)
 
-    deadline = time.monotonic() + connect_timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout_s
+    pause = 0.5
+    attempt = 0
+    reason = ""
     while True:
+        attempt += 1
+        last_error[0] = None
+        nc = NatsClient()
+        left = deadline - loop.time()
+        # nats-py annotates these as int; fractions of a second work and are what we want
+        options: dict[str, Any] = {
+            "servers": [url],
+            "name": name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.25,
+            "connect_timeout": max(0.1, min(2.0, left)),
+            "ping_interval": 5,
+            "max_outstanding_pings": 3,
+            "pending_size": 8 * 1024 * 1024,
+            "disconnected_cb": _disc,
+            "reconnected_cb": _reco,
+            "error_cb": _err,
+            **nats_options,
+        }
         try:
-            return await nats.connect(
-                servers=[url],
-                name=name,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                connect_timeout=2,
-                ping_interval=5,
-                max_outstanding_pings=3,
-                pending_size=8 * 1024 * 1024,
-                disconnected_cb=_disc,
-                reconnected_cb=_reco,
-                error_cb=_err,
+            await asyncio.wait_for(nc.connect(**options), max(0.1, left))
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            why = describe_connect_error(
+                last_error[0] if isinstance(exc, nats.errors.NoServersError) else exc
             )
-        except (TimeoutError, nats.errors.NoServersError, OSError):
-            if time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.25)
+            # an attempt cut short by the deadline says less than the one before it
+            reason = reason if why == "timed out" and reason else why
+            left = deadline - loop.time()
+            if left <= 0.05:
+                raise NatsUnavailable(
+                    f"cannot reach NATS at {url} within {connect_timeout_s:g} s ({reason})"
+                ) from None
+            wait = min(pause, left)
+            if on_retry is not None:
+                on_retry(attempt, reason, wait)
+            await asyncio.sleep(wait)
+            pause = min(pause * 2, 5.0)
+            continue
+        nc.options["max_reconnect_attempts"] = -1  # from now on an outage is waited out
+        connected = True
+        return nc
 
 
 async def ensure_streams(

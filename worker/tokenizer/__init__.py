@@ -1,4 +1,4 @@
-"""Tokenizers (SPEC §2): gguf-bpe and hf-json behind one interface, chat templates and a
+"""Tokenizers (docs/design.md): gguf-bpe and hf-json behind one interface, chat templates and a
 streaming UTF-8-safe detokenizer."""
 
 from worker.tokenizer.base import Tokenizer

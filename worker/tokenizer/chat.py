@@ -1,4 +1,4 @@
-"""Chat templates: the model's Jinja2 template rendered in a sandbox (SPEC §2).
+"""Chat templates: the model's Jinja2 template rendered in a sandbox (docs/design.md).
 
 The environment mirrors what Hugging Face chat templates expect: `trim_blocks` and
 `lstrip_blocks`, loop controls, a `tojson` that keeps non-ASCII text, `raise_exception`,

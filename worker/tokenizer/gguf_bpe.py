@@ -1,4 +1,4 @@
-"""`gguf-bpe`: the tokenizer described by a GGUF file's metadata (SPEC §2).
+"""`gguf-bpe`: the tokenizer described by a GGUF file's metadata (docs/design.md).
 
 Two vocabulary kinds, as `tokenizer.ggml.model` names them:
 - `gpt2`: byte-level BPE with a merge list and a named pre-tokenizer (`tokenizer.ggml.pre`:

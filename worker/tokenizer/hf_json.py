@@ -1,5 +1,5 @@
 """`hf-json`: a Hugging Face `tokenizer.json` (beside the model or given by --tokenizer),
-run by the `tokenizers` library (SPEC §2). A `tokenizer_config.json` beside it may give the
+run by the `tokenizers` library (docs/design.md). A `tokenizer_config.json` beside it may give the
 chat template, BOS/EOS tokens, add_bos/add_eos and model_max_length; the GGUF metadata fills
 what it leaves out."""
 

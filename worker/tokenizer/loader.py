@@ -1,4 +1,4 @@
-"""Choosing the tokenizer at load (SPEC §2): `hf-json` when a tokenizer.json is given or
+"""Choosing the tokenizer at load (docs/design.md): `hf-json` when a tokenizer.json is given or
 lies beside the model, else `gguf-bpe` from the GGUF metadata."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Streaming detokenizer (SPEC §2): token ids in, text out, only ever complete UTF-8.
+"""Streaming detokenizer (docs/design.md): token ids in, text out, only ever complete UTF-8.
 
 Bytes of a code point split across tokens wait for the token that completes it; nothing is
 lost: `flush()` at the end of the stream returns what is still held (an incomplete trailing

@@ -196,7 +196,12 @@ async def test_500_internal_when_the_job_runs_out_of_deliveries(
     request = asyncio.create_task(
         oa.completions.create(model=REF, prompt="x", max_tokens=2048, temperature=0.0)
     )
-    await wait_for(lambda: bool(a.events("execute_start") or b.events("execute_start")), 30)
+    await wait_for(
+        lambda: request.done() or bool(a.events("execute_start") or b.events("execute_start")),
+        30,
+        "a worker to start the job",
+    )
+    assert not request.done(), request.result()  # a failure here says why
     victim = a if a.events("execute_start") else b
     os.kill(victim.pid, signal.SIGKILL)
     with pytest.raises(openai.InternalServerError) as info:

@@ -115,7 +115,7 @@ def test_bad_launches_are_refused(over: dict[str, object], msg: str) -> None:
 
 
 def test_every_model_head_dim_has_a_kernel_and_fits() -> None:
-    from worker.gguf.synth import preset
+    from tools.synth import preset
 
     for arch in ("qwen2", "phi3", "gpt-oss", "llama", "gpt2"):
         for size in ("full", "tiny"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import (
     GEMM_VERSION,
     MOE5_MIN_AVG_128,
@@ -37,7 +38,7 @@ from worker.backends.cuda.matmul import (
     plan_moe_pair,
     plan_moe_route,
 )
-from worker.backends.cuda.quant_layout import LAYOUTS, layout, random_matrix
+from worker.backends.cuda.quant_layout import LAYOUTS, layout
 from worker.errors import CudaError, ErrorCode
 
 CUDA_SRC = Path(__file__).resolve().parents[3] / "cuda_src"
@@ -321,7 +322,7 @@ def test_dequant8_matches_numpy_reference_for_every_type(tmp_path: Path) -> None
 
 
 def test_gemv_default_modes_grids_and_refusals() -> None:
-    """The v4 gemv picks its mode and rows per warp by matrix size (docs/kernels.md, run 6);
+    """The v4 gemv picks its mode and rows per warp by matrix size (docs/kernels.md, gemv);
     only the async walk with 2-4 rows per warp is capped at the resident blocks."""
 
     def plan(n: int, k: int, qtype: int, ntok: int = 1, **kw: object) -> Launch:
@@ -444,7 +445,7 @@ def test_gemm3_plans_the_fp16_prepass_and_refusals() -> None:
 
 def test_gemm_default_version_by_matrix_size() -> None:
     """Without WORKER_ORCD_GEMM_VERSION: v3 (fp16 X pre-pass) for matrices of >= 8 Mi weights,
-    v2 below (run 2: the pre-pass's extra launch costs more than it saves on Qwen's small
+    v2 below (measured: the pre-pass's extra launch costs more than it saves on Qwen's small
     matrices in a launch-bound prefill); plan_gemm's default follows it."""
     if GEMM_VERSION is not None:
         pytest.skip("WORKER_ORCD_GEMM_VERSION is set")

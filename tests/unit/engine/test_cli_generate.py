@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.synth import preset, write_synthetic
 from worker.cli import main
-from worker.gguf.synth import preset, write_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""One job through generate() over the real NumPy backend on a tiny synthetic qwen2 model
-(worker/gguf/synth.py), with its real GGUF tokenizer: token feeding, seeded draws, stop
+"""The decode loop over the real NumPy backend on a tiny synthetic qwen2 model (the
+tools/synth.py), with its real GGUF tokenizer: token feeding, seeded draws, stop
 strings, EOS, the context cap, cancel, deadline, chunked prefill and UTF-8 streaming."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
+from tools.synth import preset, write_synthetic
 from worker.backends.numpy_ref import NumpyBackend
 from worker.engine.batch import Chunk, StepOutput
 from worker.engine.generate import (
@@ -25,7 +26,6 @@ from worker.engine.sampling import sample
 from worker.engine.single import SingleSequence
 from worker.errors import Cancelled, ContextLengthExceeded, ErrorCode, WorkerError
 from worker.gguf.reader import GGUFFile, open_gguf
-from worker.gguf.synth import preset, write_synthetic
 from worker.tokenizer.base import Tokenizer
 from worker.tokenizer.loader import load_tokenizer
 

@@ -14,6 +14,7 @@ import pytest
 
 from actors.inference import prepare_request
 from actors.loader import LoadedModel, load_model_blocking
+from tools.synth import preset, write_synthetic
 from worker.backends.numpy_ref import NumpyBackend
 from worker.config import WorkerConfig
 from worker.engine.generate import GenerationRequest, JobPlan, generate, plan_job, prepare_prompt
@@ -21,7 +22,6 @@ from worker.engine.params import SamplingParams
 from worker.engine.scheduler import Admitted, EngineEvent, Failed, Finished, Scheduler
 from worker.errors import ContextLengthExceeded, ErrorCode, VramOom, WorkerError
 from worker.gguf.reader import GGUFFile, open_gguf
-from worker.gguf.synth import preset, write_synthetic
 from worker.protocol import Job
 from worker.tokenizer.base import Tokenizer
 from worker.tokenizer.loader import load_tokenizer

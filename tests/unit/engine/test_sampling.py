@@ -402,3 +402,23 @@ def test_blocked_weights_equal_the_spec_exp32() -> None:
             x[1], x[2] = -np.inf, X_CUTOFF
         want = np.where(x >= X_CUTOFF, np.floor(exp32(np.maximum(x, X_CUTOFF))).astype(np.int64), 0)
         assert np.array_equal(sampling_weights(x), want)
+
+
+@pytest.mark.parametrize("temperature", [9.3e-295, 1e-46, 5e-324])
+def test_a_temperature_that_rounds_to_zero_in_float32_is_greedy(temperature: float) -> None:
+    # (found by fuzzing jobs: 0 < T, but float32(T) == 0 made every weight 0 -> INTERNAL)
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    logits[17] = 0.0  # 0 / 0 would be NaN
+    p = SamplingParams(temperature=temperature, top_k=40, top_p=0.9)
+    assert p.greedy
+    for draw in (0.0, 0.5, 0.999):
+        assert sample(logits, p, draw, []) == int(np.argmax(logits))
+
+
+def test_a_tiny_float32_temperature_draws_among_the_logits_that_overflow() -> None:
+    # float32(T) > 0 but logits / T overflow: every logit that became +inf shares the draw
+    logits = np.array([1.0, 3.0, -2.0, 3.0, 0.0, -1e-30], np.float32)
+    p = SamplingParams(temperature=1e-40)
+    assert not p.greedy
+    assert {sample(logits, p, d, []) for d in (0.0, 0.2, 0.4, 0.6, 0.8, 0.99)} == {0, 1, 3}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tools.synth import preset, write_synthetic
 from worker.backends.numpy_ref import NumpyBackend
 from worker.engine.generate import GenerateRequest, generate, prepare_prompt
 from worker.engine.params import SamplingParams
@@ -26,7 +27,6 @@ from worker.engine.scheduler import (
     TokenOut,
 )
 from worker.errors import ErrorCode
-from worker.gguf.synth import preset, write_synthetic
 from worker.tokenizer.base import Tokenizer
 from worker.tokenizer.loader import load_tokenizer
 

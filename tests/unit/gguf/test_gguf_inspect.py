@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from gguf_testfile import VT, T, Tensor, tiny_qwen2
 
+from tools.synth import ARCHS, preset, write_synthetic
 from worker.cli.inspect import describe
 from worker.gguf.estimate import align_up, estimate_vram, quant_kind
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import ARCHS, preset, write_synthetic
 
 CLI = Path(sys.executable).parent / "worker-orcd"
 
@@ -125,12 +125,19 @@ def test_inspect_real_file_text_default_ctx(real_qwen: Path) -> None:
 )
 def test_inspect_bad_file_one_line_exit_1(tmp_path: Path, make: Any, problem: str) -> None:
     path = make(tmp_path)
-    proc = run_cli(str(path), "--json")
+    proc = run_cli(str(path))
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert str(path) in lines[0] and problem in lines[0] and "MODEL_LOAD_FAILED" in lines[0]
+    # --json: the error is a JSON object on stdout, like the report would be
+    proc = run_cli(str(path), "--json")
+    assert proc.returncode == 1 and proc.stderr == ""
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    error = json.loads(lines[0])["error"]
+    assert str(path) in error and problem in error and "MODEL_LOAD_FAILED" in error
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -1,4 +1,4 @@
-"""Synthetic models in every architecture and quant mix (H2's writer, the real layouts)
+"""Synthetic models in every architecture and quant mix (tools/synth.py, the real layouts)
 read back through open_gguf: the tensor table matches what was written, and every tensor
 dequantizes exactly as gguf-py's reference does."""
 
@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
+from tools.synth import ARCHS, preset, write_synthetic
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import ARCHS, preset, write_synthetic
 
 CASES = [(arch, None) for arch in ARCHS] + [
     ("llama", "q4_1"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tools.synth import preset, write_synthetic
 from worker.backends.numpy_ref import GGUFWeights, NumpyBackend
 from worker.engine.batch import BatchBackend, Chunk, SampleSpec
 from worker.engine.params import SamplingParams
@@ -19,7 +20,6 @@ from worker.engine.single import SingleSequence
 from worker.errors import ContextLengthExceeded, ModelLoadError
 from worker.gguf.hparams import load_hparams
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import preset, write_synthetic
 from worker.models.base import build_model, model_class
 
 

@@ -11,7 +11,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from worker.gguf.synth_blocks import (
+from tools.synth_blocks import (
     _pack_k_scales,
     random_blocks,
     random_floats,
@@ -114,7 +114,7 @@ def test_random_floats(qtype: T) -> None:
 
 
 def test_bf16_rounding_is_nearest() -> None:
-    from worker.gguf.synth_blocks import to_bf16_bits
+    from tools.synth_blocks import to_bf16_bits
 
     x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-9, -2.5, 3.0e-3], dtype=np.float32)
     back = (to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
@@ -128,7 +128,7 @@ def test_bf16_rounding_is_nearest() -> None:
 def test_write_random_tensor_streams_deterministically(
     qtype: T, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.gguf.synth_blocks as sb
+    import tools.synth_blocks as sb
 
     n = 256 * 600
     whole = io.BytesIO()

@@ -1,6 +1,6 @@
 """Full-size layouts. The Qwen2.5 file is generated and compared with the real Qwen2.5-Coder
 0.5B Q4_K_M file tensor by tensor; the phi3 and gpt-oss plans are checked against the sizes
-llama.cpp reports for the real files (SPEC §6: 462.96 MiB, 2.23 GiB, 11.27 GiB)."""
+llama.cpp reports for the real files (462.96 MiB, 2.23 GiB, 11.27 GiB)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
+from tools.synth import plan, preset, write_synthetic
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import plan, preset, write_synthetic
 
 
 def test_full_sizes_match_llama_bench_model_sizes() -> None:

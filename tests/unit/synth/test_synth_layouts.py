@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
+from tools.synth import SynthError, SynthSpec, plan, preset, write_synthetic
 from worker.gguf.hparams import load_hparams
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import SynthError, SynthSpec, plan, preset, write_synthetic
 
 ARCHS = ["qwen2", "phi3", "gpt-oss", "llama", "gpt2"]
 

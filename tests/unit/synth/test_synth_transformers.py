@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from tools.synth import preset, write_synthetic
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import preset, write_synthetic
 from worker.tokenizer.gguf_bpe import GGUFTokenizer
 
 
 @pytest.mark.parity
 def test_transformers_reads_the_synthetic_tokenizers(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the parity extra; scripts/dev-setup.sh installs it
+
     text = "Hello world, the quick brown fox 123 éà\n  x"
     for arch in ("qwen2", "llama", "phi3", "gpt2"):  # transformers' gguf has no gpt-oss vocab
         path = tmp_path / f"{arch}.gguf"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.gguf.synth import make_vocab, preset
-from worker.gguf.synth_vocab import Vocab, bytes_to_unicode, check_vocab
+from tools.synth import make_vocab, preset
+from tools.synth_vocab import Vocab, bytes_to_unicode, check_vocab
 
 # token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 NORMAL, UNKNOWN, CONTROL, USER, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

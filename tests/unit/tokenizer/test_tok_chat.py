@@ -47,6 +47,7 @@ TOOLS = [
 ]
 
 
+@pytest.mark.parity  # transformers renders the reference (installed by scripts/dev-setup.sh)
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("gen", [True, False])
 def test_qwen_template_matches_transformers(qwen_tok: GGUFTokenizer, conv: int, gen: bool) -> None:

@@ -1,4 +1,4 @@
-"""A malformed vocabulary is a clear ModelLoadError, never a crash (issue 3)."""
+"""A malformed vocabulary is a clear ModelLoadError, never a crash."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Integration with H2's synthetic models: every architecture's tiny file (written by
-worker.gguf.synth, read by worker.gguf.reader) gives a working gguf-bpe tokenizer."""
+"""Integration with the synthetic models: every architecture's tiny file (written by
+tools.synth, read by worker.gguf.reader) gives a working gguf-bpe tokenizer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.synth import ARCHS, preset, write_synthetic
 from worker.gguf.reader import open_gguf
-from worker.gguf.synth import ARCHS, preset, write_synthetic
 from worker.tokenizer import StreamDecoder, load_tokenizer
 
 TEXTS = ["", "Hello world", "  spaces\n\nand tabs\t!", "你好, мир 🦊 café 12345", "x" * 300]

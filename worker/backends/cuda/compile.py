@@ -17,7 +17,19 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-CUDA_SRC = Path(__file__).resolve().parents[3] / "cuda_src"
+
+def kernel_source_dir() -> Path:
+    """Where the .cu/.cuh sources are: inside the package in an installed wheel (setup.py
+    copies them there at build time), else the repository's top-level cuda_src/ (a source
+    checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "cuda_src"
+    if any(packaged.glob("*.cu")):
+        return packaged
+    return here.parents[2] / "cuda_src"
+
+
+CUDA_SRC = kernel_source_dir()
 # Keep in step with scripts/check-kernels.sh (CI compiles with the same flags).
 NVCC_OPTIONS: tuple[str, ...] = ("-std=c++17", "-O3", "-Xptxas=-warn-spills")
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)

@@ -1,4 +1,4 @@
-"""The process's one CUDA context (SPEC §4), its stream, plain device allocations and
+"""The process's one CUDA context (docs/design.md), its stream, plain device allocations and
 VRAM accounting, pointer residency checks, and CUDA graphs through `cuda.bindings`.
 
 The context is the device's primary context, retained through PyCUDA and made current on
@@ -69,7 +69,7 @@ class CudaContext:
         self.ctx = dev.retain_primary_context()
         self.ctx.push()
         self.limits_applied: dict[str, str] = {}
-        # SPEC §4: no device-side malloc heap, prefer L1 over shared memory.
+        # docs/design.md: no device-side malloc heap, prefer L1 over shared memory.
         try:
             drv.Context.set_limit(drv.limit.MALLOC_HEAP_SIZE, 0)
             self.limits_applied["malloc_heap"] = "0"

@@ -1,4 +1,4 @@
-"""Weights from the memory map into the arena (SPEC §4 Load).
+"""Weights from the memory map into the arena (docs/design.md, Loading).
 
 Bounded chunks (1 MiB default, `--h2d-chunk-mb`) through pinned staging buffers, two per copy
 thread: while the GPU copies chunk i out of one buffer (async H2D on the context's stream, an

@@ -21,7 +21,7 @@ How to call (everything on the thread that owns the CUDA context, context curren
   decode gemv (weights read once for all ntok), more runs the tensor-core gemm (prefill).
   `residual` has y's layout and may be y itself (in-place residual add); y must not overlap x.
 - `stream`: a `pycuda.driver.Stream` or None (the null stream). Launches are asynchronous and
-  only enqueue work, so H7 can capture them: begin capture with cuda.bindings on
+  only enqueue work, so the backend can capture them: begin capture with cuda.bindings on
   `stream.handle`, call the wrappers, end capture. The argument checks run in Python before
   anything is queued; a bad argument raises `KernelArgumentError` (a `CudaError`, code
   CUDA_ERROR, and a `ValueError`) naming the kernel; a failed launch raises `CudaError`
@@ -44,7 +44,7 @@ GEMV_ROWS = 4  # rows per block of the v3 gemv core (GEMV_R in gemv.cu; moe_gemv
 GEMV_WARPS = 4  # warps per block of the v4 gemv (GEMV4_WARPS in gemv.cu)
 # Default decode gemv: 4 (warp per rows) or 3 (staged block tiles). The environment variables
 # WORKER_ORCD_GEMV_VERSION and WORKER_ORCD_GEMV_MODE ("plain:2", "async:1", ...) override the
-# defaults for A/B benchmarks on one warm card (scripts/device/gemv_ab.sh).
+# defaults for A/B benchmarks on one warm card (docs/configuration.md).
 GEMV_VERSION = int(os.environ.get("WORKER_ORCD_GEMV_VERSION", "4"))
 _FORCED_MODE = os.environ.get("WORKER_ORCD_GEMV_MODE", "")
 GEMV_MAX_TOKENS = 8
@@ -92,22 +92,22 @@ _ARG_FORMATS: dict[str, str] = {
     "moe_route": "PiiiPPP",
     "moe_gemv_pair": "PPqqiiiPiPqqPPPPq",
 }
-# MoE (moe.cu; docs/kernels.md "H10: MoE kernels"): moe_gemv's default rows per warp, the
+# MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
-MOE_GEMV_ROWS_PER_WARP = (2, 4)  # for 1 token, for 2 (H100, docs/kernels.md H10 run 1)
+MOE_GEMV_ROWS_PER_WARP = (2, 4)  # for 1 token, for 2 (H100, docs/kernels.md, MoE)
 MOE_ROUTE_THREADS = 1024
 MOE_MAX_EXPERTS = 1024  # moe_route's shared-memory tables (MOE_MAX_EXPERTS in moe.cu)
 MOE_GEMM_TILE_M = 64  # default token tile of moe_gemm (64: moe_gemm_<type>, 128: moe_gemm128)
-# Routed prefill gemm (docs/kernels.md "H13"): 5 = moe_gemm5_<type>_m128/_m64 (gemm2 core, 128
+# Routed prefill gemm (docs/kernels.md, MoE): 5 = moe_gemm5_<type>_m128/_m64 (gemm2 core, 128
 # weight rows a block, gathered token rows), 4 = moe_gemm/moe_gemm128 (gemm_tile core), 3 =
 # moe_gemm3 (ballot scan). WORKER_ORCD_MOE_GEMM_VERSION overrides the default (A/B runs).
-# Default 5 since run 1 (H100, all GPU tests passed): gpt-oss 32 experts top-4, 512 tokens
+# Default 5 (H100, all GPU tests passed): gpt-oss 32 experts top-4, 512 tokens
 # 727.7 -> 523.1 us a launch, 128 tokens 523.1 -> 439.0; pp512 7453 -> 9534 tok/s.
 _MOE_GEMM_ENV = os.environ.get("WORKER_ORCD_MOE_GEMM_VERSION", "")
 MOE_GEMM_VERSION = int(_MOE_GEMM_ENV) if _MOE_GEMM_ENV else 5
 # v5 token tile: 128 when the assignments per expert average at least this many (fewer, fuller
 # tiles: one 128-row tile costs ~1.3 64-row tiles in the dense gemm2 at 512 tokens), else 64
-# (run 1: m128 523 vs m64 596 us at an average of 64, m64 439 vs 501 at 16)
+# (H100: m128 523 vs m64 596 us at an average of 64, m64 439 vs 501 at 16)
 MOE5_MIN_AVG_128 = 56
 # The backend's decode runs gate and up as one moe_gemv_pair launch only with
 # MoE decode: gate and up in one launch (moe_gemv_pair). On by default since its GPU tests
@@ -298,7 +298,7 @@ def plan_gemv(
         grid=(blocks, 1, 1),
         block=(GEMV_THREADS, 1, 1),
     )
-    # the async walk with one row per warp measured faster with one block per tile (run 6)
+    # the async walk with one row per warp measured faster with one block per tile (H100)
     return replace(launch, cap_resident=version == 4 and mode == "async" and rw >= 2)
 
 
@@ -672,10 +672,10 @@ def plan_moe(
     gemm2 core (128 weight rows a block, 256 threads, dynamic shared memory
     gemm2_smem_bytes); tile_m default moe5_tile_m.
     version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot scan of every
-    id in every block), kept for comparisons (scripts/device/moe_bench.py).
+    id in every block), kept for same-process comparisons.
     Default version: 4 for gemv, MOE_GEMM_VERSION for gemm.
     opt (gemv, 2 or 4 rows per warp): moe_gemv_<type>_r<2|4>o, the same rows with the group
-    loop's addresses by increments and no per-row branch (not yet timed: docs/kernels.md H10).
+    loop's addresses by increments and no per-row branch (not yet timed).
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
     _need("moe", form in ("auto", "gemv", "gemm"), f"unknown form {form!r}")
@@ -846,7 +846,7 @@ def plan_moe_pair(
     per token (gpt-oss's gate and up) in one launch, moe_gemv_pair_<type>_r<2|4>:
     y0[a] = w0[ids[a]] x(t) (+ bias0[expert]) and y1[a] likewise, each row the same
     arithmetic as plan_moe's moe_gemv with that many rows per warp (default 4: the launch
-    has twice the rows of one tensor's, and 4 rows per warp led at 2 tokens in run 1)."""
+    has twice the rows of one tensor's, and 4 rows per warp led at 2 tokens on an H100)."""
     rows_per_warp = 4 if rows_per_warp is None else rows_per_warp
     p0 = plan_moe(
         w0,
@@ -895,7 +895,7 @@ def plan_moe_pair(
 
 def _prefer_shared(fn: Any) -> None:
     """Ask for the largest shared-memory carveout for this function: the gemv pipeline and the
-    gemm tiles live in shared memory, and the context prefers L1 (SPEC §4), which would cut
+    gemm tiles live in shared memory, and the context prefers L1 (docs/design.md), which would cut
     the blocks resident per SM."""
     import pycuda.driver as drv
 

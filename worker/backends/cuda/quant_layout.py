@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
-
 
 @dataclass(frozen=True)
 class QLayout:
@@ -54,24 +51,3 @@ def layout(qtype: int) -> QLayout:
         raise ValueError(
             f"tensor type {int(qtype)} has no CUDA matrix kernel (have {names})"
         ) from None
-
-
-def random_matrix(
-    qtype: int, rows: int, cols: int, rng: np.random.Generator, *, std: float = 0.02
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    """Random weights for kernel tests and benchmarks: (raw bytes [rows, row_bytes] in the
-    ggml layout, their NumPy dequantization [rows, cols] from worker.gguf.quants)."""
-    from gguf import GGMLQuantizationType
-
-    from worker.gguf.quants import dequantize
-    from worker.gguf.synth_blocks import FLOAT_TYPES, random_blocks, random_floats
-
-    lay = layout(qtype)
-    qt = GGMLQuantizationType(lay.type_id)
-    rb = lay.row_bytes(cols)
-    if qt in FLOAT_TYPES:
-        raw = random_floats(qt, rows * cols, rng, std).view(np.uint8).reshape(rows, rb)
-    else:
-        raw = random_blocks(qt, rows * cols // lay.qk, rng, std).reshape(rows, rb)
-    dense = dequantize(raw, qt).reshape(rows, cols)
-    return np.ascontiguousarray(raw), dense

@@ -252,3 +252,24 @@ def write_random_tensor(
         written += blocks.nbytes
         n_blocks -= n
     return written
+
+
+def random_matrix(
+    qtype: int, rows: int, cols: int, rng: np.random.Generator, *, std: float = 0.02
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Random weights for kernel tests and benchmarks: (raw bytes [rows, row_bytes] in the
+    ggml layout, their NumPy dequantization [rows, cols] from worker.gguf.quants)."""
+    from gguf import GGMLQuantizationType
+
+    from worker.backends.cuda.quant_layout import layout
+    from worker.gguf.quants import dequantize
+
+    lay = layout(qtype)
+    qt = GGMLQuantizationType(lay.type_id)
+    rb = lay.row_bytes(cols)
+    if qt in FLOAT_TYPES:
+        raw = random_floats(qt, rows * cols, rng, std).view(np.uint8).reshape(rows, rb)
+    else:
+        raw = random_blocks(qt, rows * cols // lay.qk, rng, std).reshape(rows, rb)
+    dense = dequantize(raw, qt).reshape(rows, cols)
+    return np.ascontiguousarray(raw), dense

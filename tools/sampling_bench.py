@@ -1,6 +1,6 @@
 """Time `worker.engine.sampling.sample` per call (BENCHMARKS.md).
 
-    python -m worker.engine.sampling_bench [--model GGUF] [--repeat N]
+    python -m tools.sampling_bench [--model GGUF] [--repeat N]
 
 Without --model the logits are synthetic, shaped like a language model's (a normal bulk
 of std 2.5 plus a dozen peaks) at Qwen's vocab of 151936; with --model they are the real

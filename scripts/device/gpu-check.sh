@@ -3,7 +3,7 @@
 # model, batch invariance), worker-orcd bench --batch on full-size synthetic layouts, and
 # llama.cpp's llama-batched-bench on the same files in the same call (built from the ignored
 # third_party/lcpp.tgz in the background while the tests run). Logs under $OUT.
-# usage (device): source .device/setup.sh && bash scripts/device/batch_check.sh [MODELS] [TESTS]
+# usage (device): source .device/setup.sh && bash scripts/device/gpu-check.sh [MODELS] [TESTS]
 #   MODELS: comma list of qwen2,phi3,gpt-oss (default qwen2); TESTS: pytest -k filter, or
 #   "none" to skip the tests.
 set -uo pipefail
@@ -33,7 +33,7 @@ LCPP=
 mix() { case $1 in gpt-oss) echo mxfp4 ;; *) echo q4_k_m ;; esac; }
 for m in ${MODELS//,/ }; do
   f=$S/$m-full-$(mix "$m").gguf  # written under another name, then renamed: never half a file
-  (python3 -c "from worker.gguf.synth import preset, write_synthetic; write_synthetic('$f.part', preset('$m', 'full', mix='$(mix "$m")', seed=1))" \
+  (python3 -c "from tools.synth import preset, write_synthetic; write_synthetic('$f.part', preset('$m', 'full', mix='$(mix "$m")', seed=1))" \
     >"$OUT/synth-$m.log" 2>&1 && mv "$f.part" "$f"; echo "synth $m rc=$?" >>"$OUT/synth-$m.log") &
 done
 python3 -c "from worker.backends.cuda.compile import prewarm; print('compiled:', prewarm('sm_90'))" \
@@ -48,7 +48,7 @@ if [ "$TESTS" != none ]; then
 fi
 if [ -n "${PROFILE:-}" ]; then
   for b in ${PROFILE//,/ }; do
-    timeout 120 python3 scripts/device/kernel_profile.py "$S/qwen2-full-q4_k_m.gguf" --batch "$b" \
+    timeout 120 python3 -m tools.kernel_profile "$S/qwen2-full-q4_k_m.gguf" --batch "$b" \
       --json "$OUT/profile-b$b.json" 2>&1 | grep -v Warning | head -30
   done
 fi

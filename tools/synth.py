@@ -1,5 +1,5 @@
 """Synthetic GGUF models: random weights in the exact tensor layout, tensor types and metadata
-of the real models (SPEC §2, issue 2), at full size or scaled down.
+of the real models (docs/design.md), at full size or scaled down.
 
     spec = preset("qwen2", "tiny", mix="f32", seed=1)
     report = write_synthetic("/tmp/q.gguf", spec)
@@ -40,8 +40,8 @@ import numpy.typing as npt
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType, RopeScalingType
 
-from worker.gguf.synth_blocks import tensor_nbytes, write_random_tensor
-from worker.gguf.synth_vocab import Vocab, min_normal_tokens, vocab_for
+from tools.synth_blocks import tensor_nbytes, write_random_tensor
+from tools.synth_vocab import Vocab, min_normal_tokens, vocab_for
 
 T = GGMLQuantizationType
 

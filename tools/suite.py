@@ -1,7 +1,7 @@
-"""The seed's performance suite against a live worker, over NATS (SPEC §6 `bench --suite`):
+"""The performance suite of `worker-orcd bench --suite` against a live worker, over NATS:
 time to first token, inter-token latency, health reply latency, cancel latency and device
 memory back at its baseline after many jobs, each with p50/p95/p99 and pass/fail against the
-SPEC targets. Everything is measured from the client side, the way a user sees it.
+targets of docs/design.md. Everything is measured from the client side, the way a user sees it.
 
     result = await run_suite(client, model_ref, worker_id)   # a plain dict, JSON-ready
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools.live import WorkerProc, shutdown_and_wait, wait_healthy
 from worker.client import OrcdClient
-from worker.nats.live import WorkerProc, shutdown_and_wait, wait_healthy
 from worker.nats.server import EmbeddedNatsServer
 from worker.protocol import End, Error, Health, Started, Token
 
@@ -264,14 +264,14 @@ def _gpu_name(index: int) -> str | None:
 
 async def run_live_suite(opts: LiveSuiteOptions) -> dict[str, Any]:
     """Start nats-server (unless a URL is given) and `worker-orcd serve` subprocesses, and
-    measure everything SPEC §6's `bench --suite` lists, from the client side:
+    measure everything `bench --suite` reports, from the client side:
 
     * load time: process start -> first ``healthy`` health reply; on cuda one start with an
       empty kernel cache (cold) and `loads` starts with that cache filled (warm);
     * TTFT, inter-token, health and cancel latency (`run_suite`) and VRAM back at its
       baseline after `vram_jobs` jobs, on the last worker started;
     * shutdown time: shutdown request -> process exit, for every worker started, and the
-      exit codes (SPEC: 0 within 30 s).
+      exit codes (0 within 30 s).
     """
     server: EmbeddedNatsServer | None = None
     url = opts.nats_url

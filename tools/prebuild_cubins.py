@@ -1,7 +1,7 @@
 """Compile cuda_src modules for sm_90 into a kernel cache dir on this (GPU-less) machine, with
 the worker's exact key and flags, so a device call can carry the cubins and compile nothing.
 
-    .venv/bin/python scripts/device/prebuild_cubins.py CACHE_BASE [MODULE ...]
+    .venv/bin/python -m tools.prebuild_cubins CACHE_BASE [MODULE ...]
 """
 
 from __future__ import annotations

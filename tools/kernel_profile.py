@@ -3,7 +3,7 @@ them (decode steps replay their bucket's CUDA graph), from CUPTI kernel records 
 torch.profiler: CUPTI's activity tracing sees every kernel of the process, PyCUDA's
 included, graph nodes too.
 
-    python3 scripts/device/kernel_profile.py MODEL.gguf [--batch 1] [--steps 32] [--prompt 512]
+    python3 -m tools.kernel_profile MODEL.gguf [--batch 1] [--steps 32] [--prompt 512] [--json F]
 
 Prints, per kernel name, launches per step, GPU us per step and share of the step, and the
 step's GPU-busy fraction (sum of kernel time / wall time between the first kernel's start
@@ -20,9 +20,9 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _kernels(trace: Path) -> list[dict[str, Any]]:
@@ -48,7 +48,7 @@ def _table(kern: list[dict[str, Any]], per: int) -> dict[str, Any]:
             }
             for k, v in by.items()
         ),
-        key=lambda r: -r["us_per"],
+        key=lambda r: -cast(float, r["us_per"]),
     )
     return {
         "busy_us_per": round(busy / per, 1),

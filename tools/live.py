@@ -26,7 +26,7 @@ from typing import Any
 from worker.client import OrcdClient
 from worker.protocol import Health
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class WorkerProc:
@@ -197,7 +197,7 @@ async def wait_healthy(
 async def shutdown_and_wait(
     client: OrcdClient, worker: WorkerProc, timeout: float = 35.0
 ) -> tuple[float, int]:
-    """Send the shutdown request (SPEC §3) and wait for the process to exit; returns the
+    """Send the shutdown request (docs/operations.md) and wait for the process to exit; returns the
     seconds from the request to the exit, and the exit code."""
     t0 = time.perf_counter()
     with contextlib.suppress(Exception):  # the reply may race the exit; the exit is what counts

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -42,8 +44,9 @@ def _part_files() -> list[Path]:
     return parts
 
 
-def real_qwen_path() -> Path:
-    """Assemble (once) and return the path of the real Qwen2.5-Coder-0.5B Q4_K_M file."""
+def real_qwen_path(progress: Callable[[int, int], None] | None = None) -> Path:
+    """Assemble (once) and return the path of the real Qwen2.5-Coder-0.5B Q4_K_M file;
+    `progress(bytes_done, bytes_total)` follows the assembly when it happens."""
     out = cache_dir() / QWEN_FILE_NAME
     marker = out.with_suffix(".verified")
     if out.exists() and marker.exists() and out.stat().st_size == QWEN_SIZE:
@@ -52,12 +55,16 @@ def real_qwen_path() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     digest = hashlib.sha256()
+    done = 0
     with tmp.open("wb") as dst:
         for part in parts:
             with part.open("rb") as src:
                 while chunk := src.read(8 << 20):
                     digest.update(chunk)
                     dst.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, QWEN_SIZE)
     size = tmp.stat().st_size
     if size != QWEN_SIZE or digest.hexdigest() != QWEN_SHA256:
         tmp.unlink()
@@ -70,5 +77,34 @@ def real_qwen_path() -> Path:
     return out
 
 
+def _main() -> int:
+    """`python -m tools.devdata`: assemble the model with progress on stderr, print its path."""
+    out = cache_dir() / QWEN_FILE_NAME
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = 100 * done // total
+        if pct == shown[0]:
+            return
+        decile_reached = pct // 10 > max(shown[0], 0) // 10 or shown[0] < 0
+        shown[0] = pct
+        line = f"assembling and verifying the test model: {pct:3d}% ({done >> 20} of "
+        line += f"{total >> 20} MiB)"
+        if sys.stderr.isatty():  # one line rewritten in place
+            print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        elif decile_reached:  # a log gets a line per 10 %
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        path = real_qwen_path(progress)
+    except TestModelUnavailable as exc:
+        print(f"test model unavailable: {exc}", file=sys.stderr)
+        return 1
+    if not shown[0] >= 0:
+        print(f"test model already assembled and verified: {out}", file=sys.stderr)
+    print(path)
+    return 0
+
+
 if __name__ == "__main__":
-    print(real_qwen_path())
+    sys.exit(_main())

@@ -1,0 +1,96 @@
+"""worker.client as a program uses it: connect gives up in time, a job for a model reference
+nobody serves is refused before it is published, and a caller that stops early (break, task
+cancelled, client closed) cancels its job on the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.client import NatsUnavailable, NoWorker, OrcdClient, is_terminal
+from worker.nats.server import EmbeddedNatsServer
+from worker.protocol import Error, Token
+
+REF = "client-tiny"
+LONG = {"prompt": "Once upon a time", "max_tokens": 2048, "temperature": 0.0}
+
+
+async def last_event(client: OrcdClient, job_id: str) -> Any:
+    """The job's last stored event, once it is terminal (the worker needs a step or two)."""
+    events: list[Any] = []
+    for _ in range(100):
+        events = await client.replay(job_id)
+        if events and is_terminal(events[-1]):
+            return events[-1]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{job_id} did not end: {events[-3:]}")
+
+
+async def test_connect_gives_up_with_the_reason() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(NatsUnavailable, match="connection refused"):
+        await OrcdClient.connect(f"nats://127.0.0.1:{port}", connect_timeout_s=1.0)
+    assert time.monotonic() - t0 < 3
+
+
+async def test_no_worker_is_refused_before_publishing(
+    nats_server: EmbeddedNatsServer, client: OrcdClient, spawn_worker: Any, tiny_model: Path
+) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(NoWorker, match="none answered"):
+        async for _ in client.generate(REF, prompt="hi"):
+            pass
+    assert time.monotonic() - t0 < 3
+    spawn_worker(tiny_model, nats_server.url, REF).wait_ready()
+    with pytest.raises(NoWorker, match=f"'other'.*serve {REF}"):
+        async for _ in client.generate("other", prompt="hi"):
+            pass
+    n = 0
+    async for ev in client.generate(REF, prompt="hi", max_tokens=3):
+        n += isinstance(ev, Token)
+    assert n == 3
+
+
+async def test_stopping_early_cancels_the_job(
+    nats_server: EmbeddedNatsServer, client: OrcdClient, spawn_worker: Any, tiny_model: Path
+) -> None:
+    spawn_worker(tiny_model, nats_server.url, REF).wait_ready()
+    # break out of the loop
+    async for ev in client.generate(REF, job_id="by-break", **LONG):
+        if isinstance(ev, Token):
+            break
+    end = await last_event(client, "by-break")
+    assert isinstance(end, Error) and end.code == "CANCELLED", end
+
+    # the task running the loop is cancelled
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for ev in client.generate(REF, job_id="by-task", **LONG):
+            if isinstance(ev, Token):
+                first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    end = await last_event(client, "by-task")
+    assert isinstance(end, Error) and end.code == "CANCELLED", end
+
+    # the client is closed while a job streams (the iterator itself left open)
+    other = await OrcdClient.connect(nats_server.url)
+    events = other.generate(REF, job_id="by-close", **LONG)
+    while not isinstance(await anext(events), Token):
+        pass
+    await other.close()
+    end = await last_event(client, "by-close")
+    assert isinstance(end, Error) and end.code == "CANCELLED", end
