@@ -107,9 +107,7 @@ async def test_full_batch_cancel_kill_9_and_nats_restart(
             ):
                 seen[job_id].append(ev)
 
-        tasks = [
-            asyncio.create_task(follow(j, 300 if k % 2 else 600)) for k, j in enumerate(seen)
-        ]
+        tasks = [asyncio.create_task(follow(j, 300 if k % 2 else 600)) for k, j in enumerate(seen)]
         deadline = time.monotonic() + 60
         while not all(any(isinstance(e, Token) for e in evs) for evs in seen.values()):
             assert time.monotonic() < deadline, {j: len(v) for j, v in seen.items()}

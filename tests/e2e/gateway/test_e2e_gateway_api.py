@@ -232,6 +232,7 @@ async def test_disconnect_cancels_the_job_on_the_worker(
     with pytest.raises(openai.APITimeoutError):
         await impatient.completions.create(model=REF, prompt=PROMPT, **long)
     t_gone = time.perf_counter()
+
     # (the streamed job may have been cancelled twice: by the gateway and its client's close)
     def completion_cancels() -> list[tuple[float, str]]:
         return [c for c in cancels if c[1].startswith("cmpl-")]
