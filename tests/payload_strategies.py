@@ -290,6 +290,42 @@ def structured_job(draw: st.DrawFn) -> Case:
 
 
 @st.composite
+def valid_job(draw: st.DrawFn) -> Case:
+    """A job every field of which is in range (it runs), at and between the boundaries."""
+    obj: dict[str, Any] = {"job_id": draw(job_ids)}
+    if draw(st.booleans()):
+        obj["prompt"] = draw(st.one_of(st.text(min_size=1, max_size=80), _big_text(1, 3000)))
+    else:
+        obj["messages"] = draw(
+            st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                        "content": st.text(max_size=40),
+                    }
+                ),
+                min_size=1,
+                max_size=4,
+            )
+        )
+    ranges: dict[str, st.SearchStrategy[Any]] = {
+        "max_tokens": st.integers(1, 2048),
+        "temperature": st.one_of(st.sampled_from([0.0, 2.0]), st.floats(0, 2)),
+        "top_p": st.floats(0, 1),
+        "top_k": st.one_of(st.integers(0, 100), st.just(2**31)),
+        "min_p": st.floats(0, 1),
+        "repetition_penalty": st.floats(0, 2),
+        "stop": st.lists(st.text(min_size=1, max_size=8), max_size=4),
+        "seed": st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**64 - 1])),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(ranges)), max_size=8, unique=True)):
+        obj[name] = draw(ranges[name])
+    items = draw(st.permutations(list(obj.items())))
+    payload = _dump(dict(items))
+    return Case(payload, obj["job_id"], "valid")
+
+
+@st.composite
 def random_json(draw: st.DrawFn) -> Case:
     value = draw(json_values)
     if isinstance(value, dict) and draw(st.booleans()):
@@ -340,6 +376,7 @@ def huge_job(draw: st.DrawFn) -> Case:
 
 
 job_cases: st.SearchStrategy[Case] = st.one_of(
+    valid_job(),
     structured_job(),
     broken_job(),
     random_json(),
@@ -349,7 +386,7 @@ job_cases: st.SearchStrategy[Case] = st.one_of(
 )
 # Cheap cases only (no megabyte payloads): for the fast in-process fuzz with many examples.
 small_job_cases: st.SearchStrategy[Case] = st.one_of(
-    structured_job(), broken_job(), random_json(), random_bytes(), deep_nesting()
+    valid_job(), structured_job(), broken_job(), random_json(), random_bytes(), deep_nesting()
 )
 
 # ----------------------------------------------------------------------------- control

@@ -1,7 +1,8 @@
 """NATS connection and the JetStream objects of SPEC §3.
 
 - `connect`: a nats-py connection that reconnects forever (an outage is waited out).
-- `ensure_streams`: ORCD_JOBS (work queue over ``orcd.jobs.>``) and ORCD_EVENTS (limits
+- `ensure_streams`: ORCD_JOBS (work queue over ``orcd.jobs.>``, messages of at most
+  MAX_JOB_PAYLOAD_BYTES) and ORCD_EVENTS (limits
   retention over ``orcd.events.>``, configurable max age, 2-minute duplicate window) are
   created if missing; an existing stream is used as it is.
 - `job_subscription`: the durable pull consumer ``orcd-<ref>`` shared by every worker of a
@@ -33,7 +34,13 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from worker.protocol import EVENTS_STREAM, JOBS_STREAM, Subjects, consumer_name
+from worker.protocol import (
+    EVENTS_STREAM,
+    JOBS_STREAM,
+    MAX_JOB_PAYLOAD_BYTES,
+    Subjects,
+    consumer_name,
+)
 
 EVENTS_DUPLICATE_WINDOW_S = 120.0
 PUBLISH_ASYNC_MAX_PENDING = 8192
@@ -108,6 +115,9 @@ async def ensure_streams(
             storage=StorageType.FILE,
             num_replicas=replicas,
             duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+            # a larger job is refused to its publisher at once (the worker refuses one that
+            # reaches it through a stream created without this limit)
+            max_msg_size=MAX_JOB_PAYLOAD_BYTES,
         ),
     )
     await _ensure_stream(
