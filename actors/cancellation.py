@@ -10,6 +10,10 @@ owns the `CancelRegistry`:
 - a job this worker already finished: nothing to do, and the reply says so.
 
 Repeated cancels are idempotent and say so (``already_cancelling`` / ``already_recorded``).
+
+A cancel may carry a reason (``client_gone`` when a job's lease ran out: actors/leases.py
+sends its cancels down the same channel); the registry keeps the first one per job and the
+frontend puts it on the job's CANCELLED event (`with_reason`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,19 @@ from dataclasses import dataclass
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from worker.errors import WorkerError
+from worker.errors import ErrorCode, WorkerError
 from worker.narration import narrate
-from worker.protocol import CancelReply, CancelStatus, ErrorReply, decode_cancel, encode
+from worker.protocol import (
+    CLIENT_GONE,
+    CancelReply,
+    CancelStatus,
+    Error,
+    ErrorReply,
+    decode_cancel,
+    encode,
+)
+
+_REASON_TEXT = {CLIENT_GONE: "its client stopped renewing the job's lease"}
 
 
 class TtlSet:
@@ -79,6 +93,18 @@ class CancelRegistry:
         self.pending = TtlSet(ttl_s, max_items)  # cancelled before this worker reached them
         self.finished = TtlSet(ttl_s, max_items)  # finished here recently
         self.active: ActiveJob | None = None
+        self._reasons: OrderedDict[str, str] = OrderedDict()  # job_id -> first reason given
+        self._max_reasons = max_items
+
+    def reason(self, job_id: str) -> str | None:
+        return self._reasons.get(job_id)
+
+    def _note_reason(self, job_id: str, reason: str | None) -> None:
+        if reason is None or job_id in self._reasons:
+            return
+        self._reasons[job_id] = reason
+        while len(self._reasons) > self._max_reasons:
+            self._reasons.popitem(last=False)
 
     def begin(self, job_id: str) -> ActiveJob:
         job = ActiveJob(job_id, threading.Event())
@@ -94,22 +120,38 @@ class CancelRegistry:
             self.active = None
         self.pending.discard(job_id)
         self.finished.add(job_id)
+        self._reasons.pop(job_id, None)
 
     def take_pending(self, job_id: str) -> bool:
         """True if `job_id` was cancelled before it was reached (it must end CANCELLED)."""
         return job_id in self.pending
 
-    def cancel(self, job_id: str) -> CancelStatus:
+    def cancel(self, job_id: str, reason: str | None = None) -> CancelStatus:
         active = self.active
         if active is not None and active.job_id == job_id:
             if active.cancel.is_set():
                 return "already_cancelling"
+            self._note_reason(job_id, reason)
             active.cancel_requested_at = time.perf_counter()
             active.cancel.set()
             return "cancelling"
         if job_id in self.finished:
             return "already_finished"
-        return "recorded" if self.pending.add(job_id) else "already_recorded"
+        if self.pending.add(job_id):
+            self._note_reason(job_id, reason)
+            return "recorded"
+        return "already_recorded"
+
+    def with_reason(self, event: Error) -> Error:
+        """`event` with the job's cancel reason on it, if it is a CANCELLED error of a job
+        cancelled with one (``reason`` field, and said in the message)."""
+        reason = self._reasons.get(event.job_id)
+        if event.code is not ErrorCode.CANCELLED or reason is None or event.reason is not None:
+            return event
+        text = _REASON_TEXT.get(reason, reason)
+        return msgspec.structs.replace(
+            event, reason=reason, message=f"{event.message} ({reason}: {text})"
+        )
 
 
 CancelMsg = tuple[bytes, str | None]  # (payload, reply subject)
@@ -130,8 +172,14 @@ async def cancellation_actor(
                 if reply_to:
                     await reply(reply_to, encode(ErrorReply(error=exc.code, message=exc.message)))
                 continue
-            status = registry.cancel(req.job_id)
-            narrate("cancel", f"cancel request: {status}", job_id=req.job_id, status=status)
+            status = registry.cancel(req.job_id, req.reason)
+            narrate(
+                "cancel",
+                f"cancel request: {status}",
+                job_id=req.job_id,
+                status=status,
+                reason=req.reason,
+            )
             if reply_to:
                 try:
                     await reply(

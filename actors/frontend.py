@@ -7,7 +7,10 @@
 - the job loop: pull one job at a time from the shared durable consumer, decode and validate
   it (invalid: `error` event + ``term``), end queued-cancelled jobs ``CANCELLED``, hand valid
   ones to the inference actor, publish that job's events in order, keep the message alive
-  with in-progress acks, confirm every event stored and only then ack.
+  with in-progress acks, confirm every event stored and only then ack;
+- leases (actors/leases.py): keepalives on ``orcd.keepalive.<job_id>`` renew the leases of
+  the jobs held here; `lease_watch` ends an expired one through the cancels channel, as an
+  ``orcd.cancel`` request with reason ``client_gone`` would.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from nats.js import JetStreamContext
 
 from actors.cancellation import CancelMsg, CancelRegistry
 from actors.inference import Ticket
+from actors.leases import LeaseTable, watch
 from actors.state import WorkerState
 from worker.config import WorkerConfig
 from worker.errors import ErrorCode
@@ -42,6 +46,8 @@ from worker.nats.jetstream import (
     stream_names,
 )
 from worker.protocol import (
+    CLIENT_GONE,
+    CancelRequest,
     End,
     Error,
     Event,
@@ -82,6 +88,7 @@ class Frontend:
         self._connected = False
         self._closing = False
         self.reconnects = 0
+        self.leases = LeaseTable()
 
     # ----------------------------------------------------------------- connection
 
@@ -96,6 +103,7 @@ class Frontend:
         async def on_reconnect() -> None:
             self._connected = True
             self.reconnects += 1
+            self.leases.renew_all()  # no client could renew a lease during the outage
             narrate("nats_reconnected", f"reconnected to {url}")
 
         async def on_error(exc: Exception) -> None:
@@ -154,6 +162,9 @@ class Frontend:
                 await self._reply(msg.reply, encode(reply))
             self.shutdown.set()
 
+        async def on_keepalive(msg: Msg) -> None:
+            self.leases.renew(msg.subject.rsplit(".", 1)[-1])
+
         async def on_max_deliveries(msg: Msg) -> None:
             await self._give_up(msg.data)
 
@@ -169,6 +180,7 @@ class Frontend:
             await nc.subscribe(self.subjects.metrics(wid), cb=on_metrics),
             await nc.subscribe(self.subjects.cancel, cb=on_cancel),
             await nc.subscribe(self.subjects.shutdown(wid), cb=on_shutdown),
+            await nc.subscribe(self.subjects.keepalive_wildcard, cb=on_keepalive),
         ]
         await nc.flush()
 
@@ -180,6 +192,15 @@ class Frontend:
             with contextlib.suppress(Exception):
                 await self.nc.publish(subject, self.state.health_bytes())
             await anyio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def lease_watch(self, cancels: MemoryObjectSendStream[CancelMsg]) -> None:
+        """End jobs whose lease ran out (until cancelled): the same message, on the same
+        channel, as an ``orcd.cancel`` request with reason ``client_gone``."""
+
+        async def end_job(job_id: str) -> None:
+            await cancels.send((encode(CancelRequest(job_id=job_id, reason=CLIENT_GONE)), None))
+
+        await watch(self.leases, end_job, lambda: self._connected)
 
     # ----------------------------------------------------------------- jobs
 
@@ -248,6 +269,7 @@ class Frontend:
                 message="job cancelled before it started",
                 retriable=False,
             )
+            err = self.registry.with_reason(err)
             pub = EventPublisher(
                 self._js(),
                 self.subjects.events(job_id),
@@ -260,6 +282,8 @@ class Frontend:
             self.metrics.outcome(ErrorCode.CANCELLED.value)
             return
         active = self.registry.begin(job_id)
+        if job.lease_s is not None:
+            self.leases.hold(job_id, job.lease_s)
         self.state.active_job_id = job_id
         self.metrics.active.set(1)
         pub = EventPublisher(
@@ -295,6 +319,8 @@ class Frontend:
                             active.cancel.set()
                         continue
                     if isinstance(ev, End | Error):
+                        if isinstance(ev, Error):
+                            ev = self.registry.with_reason(ev)  # e.g. client_gone
                         if not abandon:
                             # terminal event: only after every earlier one is stored; the
                             # in-progress acks keep running meanwhile (an outage may last)
@@ -312,6 +338,7 @@ class Frontend:
                 await self._ack(msg, job_id)
                 self.state.jobs_completed += 1
         finally:
+            self.leases.release(job_id)
             self.registry.end(job_id)
             self.state.active_job_id = None
             self.metrics.active.set(0)

@@ -131,6 +131,7 @@ class Supervisor:
             tg.start_soon(self._signals, tg.cancel_scope)
             await self.frontend.subscribe_control(cancels_tx)
             tg.start_soon(self.frontend.heartbeat)
+            tg.start_soon(self.frontend.lease_watch, cancels_tx)  # leases: actors/leases.py
             tg.start_soon(
                 cancellation_actor,
                 cancels_rx,

@@ -10,6 +10,12 @@ missed. If the live stream shows a gap (a token index skipped, or silence longer
 `gap_timeout_s`, e.g. across a NATS outage) it fills it from JetStream (ORCD_EVENTS), so the
 caller sees every event of every attempt exactly once, in order. `replay` reads a job's whole
 stored stream; `cancel` and `health` are request-reply.
+
+Leases: `generate` gives each job a lease (`lease_s`, 30 s unless told otherwise) and renews it
+on ``orcd.keepalive.<job_id>`` while the caller reads the events (`run_job` does for any
+Job with a lease; `keepalive` is the same renewal for callers that follow a job themselves,
+e.g. the HTTP gateway). A client that vanishes stops renewing, and the worker ends its job
+``CANCELLED`` with reason ``client_gone`` within a second of the lease running out.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from worker.nats.jetstream import connect, stream_names
 from worker.protocol import (
     CancelReply,
+    CancelRequest,
     ChatMessage,
     End,
     Error,
@@ -47,6 +54,7 @@ from worker.protocol import (
 )
 
 _EventKey = tuple[int, str, int]
+DEFAULT_LEASE_S = 30.0
 
 
 def is_terminal(event: Event) -> bool:
@@ -115,10 +123,14 @@ class OrcdClient:
         job_id: str | None = None,
         timeout_s: float | None = None,
         gap_timeout_s: float = 5.0,
+        lease_s: float | None = DEFAULT_LEASE_S,
         **params: Any,
     ) -> AsyncIterator[Event]:
-        """Submit a job and yield its events until the terminal one."""
-        job = self.make_job(prompt=prompt, messages=messages, job_id=job_id, **params)
+        """Submit a job and yield its events until the terminal one. The job's lease is
+        renewed meanwhile (`lease_s=None`: no lease, the job runs to its end regardless)."""
+        job = self.make_job(
+            prompt=prompt, messages=messages, job_id=job_id, lease_s=lease_s, **params
+        )
         async for event in self.run_job(
             model_ref, job, timeout_s=timeout_s, gap_timeout_s=gap_timeout_s
         ):
@@ -132,17 +144,45 @@ class OrcdClient:
         job_id: str | None = None,
         timeout_s: float | None = None,
         gap_timeout_s: float = 5.0,
+        lease_s: float | None = None,
     ) -> AsyncIterator[Event]:
+        """Submit `job` and yield its events until the terminal one, renewing its lease
+        (a Job's own `lease_s`; for raw bytes, `lease_s`) until then."""
         jid = job.job_id if isinstance(job, Job) else job_id
         if jid is None:
             raise ValueError("job_id is needed to follow a raw job")
-        async for event in self.follow(
-            jid,
-            timeout_s=timeout_s,
-            gap_timeout_s=gap_timeout_s,
-            before_first=lambda: self.submit(model_ref, job),
-        ):
-            yield event
+        lease = job.lease_s if isinstance(job, Job) else lease_s
+        async with contextlib.AsyncExitStack() as stack:
+            if lease is not None:
+                await stack.enter_async_context(self.keepalive(jid, lease))
+            async for event in self.follow(
+                jid,
+                timeout_s=timeout_s,
+                gap_timeout_s=gap_timeout_s,
+                before_first=lambda: self.submit(model_ref, job),
+            ):
+                yield event
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, job_id: str, lease_s: float) -> AsyncIterator[None]:
+        """Renew `job_id`'s lease (four times per `lease_s`) while the block runs; leaving
+        it (or this process dying) stops the renewal."""
+        subject = self.subjects.keepalive(job_id)
+        period = max(0.05, lease_s / 4)
+
+        async def renew() -> None:
+            while True:
+                with contextlib.suppress(Exception):  # an outage: the worker waits it out
+                    await self.nc.publish(subject, b"")
+                await asyncio.sleep(period)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def follow(
         self,
@@ -252,9 +292,13 @@ class OrcdClient:
 
     # ------------------------------------------------------------------ control
 
-    async def cancel(self, job_id: str, timeout_s: float = 0.5) -> list[CancelReply]:
+    async def cancel(
+        self, job_id: str, timeout_s: float = 0.5, reason: str | None = None
+    ) -> list[CancelReply]:
         """Ask every worker to cancel `job_id`; returns the replies that came in `timeout_s`
-        (stops early once the worker running the job answered)."""
+        (stops early once the worker running the job answered). `reason` (``[a-z_]``, e.g.
+        ``client_gone`` from a gateway whose HTTP client went away) is carried to the job's
+        CANCELLED event."""
         inbox = self.nc.new_inbox()
         replies: list[CancelReply] = []
         got_running = asyncio.Event()
@@ -268,7 +312,8 @@ class OrcdClient:
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(self.subjects.cancel, encode({"job_id": job_id}), reply=inbox)
+            request = CancelRequest(job_id=job_id, reason=reason)
+            await self.nc.publish(self.subjects.cancel, encode(request), reply=inbox)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(got_running.wait(), timeout_s)
         finally:

@@ -34,6 +34,11 @@ UINT64_MAX: Final = (1 << 64) - 1
 # A valid job is at most ~0.4 MiB of JSON (32768 characters of prompt or message content,
 # each at most 12 bytes escaped, plus the other fields); anything larger is refused unread.
 MAX_JOB_PAYLOAD_BYTES: Final = 512 * 1024
+# A job's lease (`lease_s`): the worker ends the job CANCELLED (reason "client_gone") when no
+# keepalive came on orcd.keepalive.<job_id> for that long.
+MIN_LEASE_S: Final = 1.0
+MAX_LEASE_S: Final = 3600.0
+CLIENT_GONE: Final = "client_gone"
 
 _JOB_ID_RE: Final = re.compile(JOB_ID_PATTERN)
 
@@ -62,6 +67,7 @@ class Subjects:
         self.health_all = f"{prefix}.health"
         # Error events of jobs whose job_id cannot be read (no per-job subject exists).
         self.rejected = f"{prefix}.rejected"
+        self.keepalive_wildcard = f"{prefix}.keepalive.*"
 
     def jobs(self, model_ref: str) -> str:
         return f"{self.prefix}.jobs.{model_ref}"
@@ -71,6 +77,10 @@ class Subjects:
 
     def health(self, worker_id: str) -> str:
         return f"{self.prefix}.health.{worker_id}"
+
+    def keepalive(self, job_id: str) -> str:
+        """Where a job's client renews the job's lease (an empty message will do)."""
+        return f"{self.prefix}.keepalive.{job_id}"
 
     def heartbeat(self, worker_id: str) -> str:
         return f"{self.prefix}.heartbeat.{worker_id}"
@@ -118,8 +128,14 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     content: str
 
 
-class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A generation job (SPEC §3). Exactly one of `prompt` and `messages`."""
+class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A generation job (SPEC §3). Exactly one of `prompt` and `messages`.
+
+    `lease_s` (optional, 1-3600): the client renews the job on ``orcd.keepalive.<job_id>``
+    at least that often while it reads the events; a worker holding the job ends it
+    ``CANCELLED`` with reason ``client_gone`` within a second of the lease running out. A job
+    without it runs to its end whoever reads it. Fields at their default are not encoded, so
+    a job without a lease is the same bytes as before leases existed."""
 
     job_id: JobId
     prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
@@ -137,6 +153,7 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.Meta(max_length=MAX_STOP_STRINGS),
     ] = msgspec.field(default_factory=list)
     seed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    lease_s: Annotated[float, msgspec.Meta(ge=MIN_LEASE_S, le=MAX_LEASE_S)] | None = None
 
     def __post_init__(self) -> None:
         # Raised ValueErrors become msgspec.ValidationError during decoding.
@@ -372,11 +389,16 @@ class End(msgspec.Struct, forbid_unknown_fields=True, tag_field="event", tag="en
     tokens_per_s: float
 
 
-class Error(msgspec.Struct, forbid_unknown_fields=True, tag_field="event", tag="error"):
+class Error(
+    msgspec.Struct, forbid_unknown_fields=True, tag_field="event", tag="error", omit_defaults=True
+):
     job_id: str
     code: ErrorCode
     message: str
     retriable: bool
+    # Why a CANCELLED job was cancelled, when the worker knows more than "asked to":
+    # "client_gone" (its lease ran out) or the reason a cancel request gave. Absent otherwise.
+    reason: str | None = None
 
 
 Event = Started | Token | Metrics | End | Error
@@ -414,8 +436,14 @@ CancelStatus = Literal[
 ]
 
 
-class CancelRequest(msgspec.Struct, forbid_unknown_fields=True):
+CancelReason = Annotated[str, msgspec.Meta(pattern=r"\A[a-z_]{1,32}\Z")]
+
+
+class CancelRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     job_id: JobId
+    # optional, carried to the job's CANCELLED event (e.g. "client_gone" from a gateway
+    # whose HTTP client disconnected; the worker's own lease expiry uses it too)
+    reason: CancelReason | None = None
 
 
 class CancelReply(msgspec.Struct, forbid_unknown_fields=True):

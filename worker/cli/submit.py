@@ -32,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
+    p.add_argument(
+        "--lease-s",
+        type=float,
+        default=30.0,
+        help="the job's lease, renewed while this command runs: if it dies, the worker ends "
+        "the job (CANCELLED, client_gone) within a second of the lease running out; "
+        "0: no lease (default 30)",
+    )
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")
     p.set_defaults(func=run_submit)
 
@@ -55,6 +63,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = value
     if args.stop:
         out["stop"] = args.stop
+    if args.lease_s:
+        out["lease_s"] = args.lease_s
     return out
 
 
