@@ -115,6 +115,8 @@ class Frontend:
             on_disconnect=on_disconnect,
             on_reconnect=on_reconnect,
             on_error=on_error,
+            # credentials and TLS apply to a server of the operator's, not the embedded one
+            options=self.cfg.nats_options if self.cfg.nats_url is not None else None,
         )
         self._connected = True
         self.js = self.nc.jetstream(publish_async_max_pending=PUBLISH_ASYNC_MAX_PENDING)
@@ -124,7 +126,11 @@ class Frontend:
             events_max_age_s=self.cfg.events_max_age_s,
             replicas=self.cfg.stream_replicas,
         )
-        narrate("nats_connected", f"connected to {url}", nats_url=url)
+        narrate(
+            "nats_connected",
+            f"connected to {url} ({self.cfg.nats_options.describe()})",
+            nats_url=url,
+        )
 
     async def _reply(self, subject: str, payload: bytes) -> None:
         assert self.nc is not None

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from worker.nats.jetstream import connect, stream_names
+from worker.nats.options import NatsConnectOptions
 from worker.protocol import (
     CancelReply,
     CancelRequest,
@@ -70,10 +71,20 @@ class OrcdClient:
 
     @classmethod
     async def connect(
-        cls, url: str, prefix: str = "orcd", connect_timeout_s: float = 10.0
+        cls,
+        url: str,
+        prefix: str = "orcd",
+        connect_timeout_s: float = 10.0,
+        options: NatsConnectOptions | None = None,
     ) -> OrcdClient:
+        """Connect to `url` (comma-separated: several servers of a cluster) with the
+        credentials and TLS of `options` (worker.nats.options: `nats_connect_options(args)`
+        builds them from the shared command-line flags)."""
         nc = await connect(
-            url, name=f"orcd-client-{uuid.uuid4().hex[:8]}", connect_timeout_s=connect_timeout_s
+            url,
+            name=f"orcd-client-{uuid.uuid4().hex[:8]}",
+            connect_timeout_s=connect_timeout_s,
+            options=options,
         )
         return cls(nc, prefix)
 

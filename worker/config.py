@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from worker.nats.options import (
+    NatsConnectOptions,
+    add_nats_connect_arguments,
+    nats_connect_options,
+)
 from worker.protocol import Subjects, model_ref_from_name, validate_model_ref
 
 ENV_PREFIX = "WORKER_ORCD_"
@@ -45,6 +50,8 @@ class WorkerConfig:
     h2d_chunk_mb: int = 1
     shutdown_grace_s: float = 25.0
     nats_store_dir: Path | None = None  # embedded server's JetStream directory
+    # credentials and TLS for --nats-url (worker/nats/options.py)
+    nats_options: NatsConnectOptions = field(default_factory=NatsConnectOptions)
 
     def __post_init__(self) -> None:
         if not self.model_ref:
@@ -143,6 +150,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-deliver", type=int, help="deliveries of a job before it is given up (default 5)"
     )
     p.add_argument("--h2d-chunk-mb", type=int, help="host-to-device copy chunk (default 1)")
+    add_nats_connect_arguments(p)
 
 
 def config_from_args(
@@ -165,6 +173,7 @@ def config_from_args(
     if lp is None:
         lp = env.get(ENV_PREFIX + "LOG_PROMPTS", "").lower() in ("1", "true", "yes")
     values["log_prompts"] = bool(lp)
+    values["nats_options"] = nats_connect_options(args, env)
     if "model" not in values:
         raise ValueError("--model is required (or WORKER_ORCD_MODEL)")
     return WorkerConfig(**values)  # type: ignore[arg-type]

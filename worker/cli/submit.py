@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from worker.nats.options import add_nats_connect_arguments, nats_connect_options
 from worker.protocol import End, Error, Metrics, Started, Token
 
 
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "0: no lease (default 30)",
     )
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    add_nats_connect_arguments(p)
     p.set_defaults(func=run_submit)
 
     h = subparsers.add_parser("health", help="request a worker's health (exit 0 if healthy)")
@@ -52,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     h.add_argument("--subject-prefix", default="orcd")
     h.add_argument("--timeout", type=float, default=2.0)
+    add_nats_connect_arguments(h)
     h.set_defaults(func=run_health)
 
 
@@ -82,7 +85,12 @@ async def _submit(args: argparse.Namespace) -> int:
     except (msgspec.ValidationError, TypeError, ValueError) as exc:
         print(f"worker-orcd submit: invalid job: {exc}", file=sys.stderr)
         return 2
-    client = await OrcdClient.connect(args.nats_url, args.subject_prefix)
+    try:
+        options = nats_connect_options(args)
+    except ValueError as exc:
+        print(f"worker-orcd submit: {exc}", file=sys.stderr)
+        return 2
+    client = await OrcdClient.connect(args.nats_url, args.subject_prefix, options=options)
     rc = 1
     try:
         async for ev in client.run_job(args.model_ref, job, timeout_s=args.timeout):
@@ -133,7 +141,9 @@ async def _health(args: argparse.Namespace) -> int:
             print(f"worker-orcd health: {exc}", file=sys.stderr)
             return 1
     try:
-        client = await OrcdClient.connect(args.nats_url, args.subject_prefix, args.timeout)
+        client = await OrcdClient.connect(
+            args.nats_url, args.subject_prefix, args.timeout, options=nats_connect_options(args)
+        )
     except Exception as exc:
         print(f"worker-orcd health: cannot connect: {exc}", file=sys.stderr)
         return 1

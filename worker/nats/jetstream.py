@@ -34,6 +34,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from worker.nats.options import NatsConnectOptions, split_servers
 from worker.protocol import (
     EVENTS_STREAM,
     JOBS_STREAM,
@@ -63,9 +64,12 @@ async def connect(
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     on_error: Callable[[Exception], Awaitable[None]] | None = None,
     connect_timeout_s: float = 30.0,
+    options: NatsConnectOptions | None = None,
 ) -> NatsClient:
     """Connect, retrying the first connection for up to `connect_timeout_s`; once up, the
-    client reconnects forever and buffers publishes (8 MiB) while the server is away."""
+    client reconnects forever and buffers publishes (8 MiB) while the server is away.
+    `url` may list several servers, comma-separated (a cluster's nodes: the client moves to
+    another when one goes away); `options` carries credentials and TLS."""
 
     async def _disc() -> None:
         if on_disconnect is not None:
@@ -83,7 +87,7 @@ async def connect(
     while True:
         try:
             return await nats.connect(
-                servers=[url],
+                servers=split_servers(url),
                 name=name,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
@@ -95,6 +99,7 @@ async def connect(
                 disconnected_cb=_disc,
                 reconnected_cb=_reco,
                 error_cb=_err,
+                **(options.connect_kwargs() if options is not None else {}),
             )
         except (TimeoutError, nats.errors.NoServersError, OSError):
             if time.monotonic() >= deadline:

@@ -54,9 +54,14 @@ class EmbeddedNatsServer:
     """A nats-server child process: ``-js -a 127.0.0.1 -p PORT -sd STORE``.
 
     The store directory survives `stop()`/`start()` so JetStream state outlives a restart.
+    `config` (nats-server configuration text: accounts and permissions, TLS, a cluster block)
+    is written to ``STORE/nats.conf`` and passed with ``-c``; the flags above still apply.
     """
 
-    def __init__(self, port: int | None = None, store_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, store_dir: Path | None = None, config: str | None = None
+    ) -> None:
+        self.config = config
         self.port = port or free_port()
         self._own_store = store_dir is None
         self.store_dir = (
@@ -83,6 +88,10 @@ class EmbeddedNatsServer:
             "-l",
             str(self.log_path),
         ]
+        if self.config is not None:
+            conf = self.store_dir / "nats.conf"
+            conf.write_text(self.config)
+            cmd += ["-c", str(conf)]
         # Own session: a terminal's Ctrl-C (sent to the whole foreground group) must not stop
         # the server before the worker has drained its active job; the worker stops it.
         self.proc = subprocess.Popen(
