@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -244,8 +245,15 @@ class OrcdClient:
                     if event is not None and loop.time() - last_replay < 0.5:
                         continue
                     last_replay = loop.time()
+                    try:
+                        stored = await self.replay(job_id)
+                    except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                        # JetStream is not answering (an outage, a stream leader being
+                        # elected in a cluster): still in the gap, try again shortly
+                        in_gap = True
+                        continue
                     in_gap = False
-                    for ev, k in _keyed(await self.replay(job_id)):
+                    for ev, k in _keyed(stored):
                         if k in seen:
                             attempt, next_i = _advance(ev, attempt, next_i)
                             continue
