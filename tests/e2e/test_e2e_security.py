@@ -5,10 +5,13 @@ limit; prompts and outputs kept out of the worker's logs unless --log-prompts.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +306,120 @@ authorization {{ token: "t-secret" }}
             NatsConnectOptions(token="t-secret"),
         ):
             await refused(srv.url, opts, w.worker_id)
+    finally:
+        srv.cleanup()
+
+
+# ----------------------------------------------------------------------------- .creds (JWT)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _keypair(prefix: int) -> nkeys.KeyPair:
+    return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+
+def _pub(kp: nkeys.KeyPair) -> str:
+    return str(kp.public_key.decode())
+
+
+def _jwt(signer: nkeys.KeyPair, subject: str, name: str, nats_claims: dict[str, Any]) -> str:
+    """A NATS JWT (v2): ed25519-nkey signed claims; jti = base32(sha512/256(claims))."""
+    claims: dict[str, Any] = {
+        "jti": "",
+        "iat": int(time.time()),
+        "iss": _pub(signer),
+        "name": name,
+        "sub": subject,
+        "nats": nats_claims,
+    }
+    digest = hashlib.new("sha512_256", json.dumps(claims, separators=(",", ":")).encode())
+    claims["jti"] = base64.b32encode(digest.digest()).decode().rstrip("=")
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    return f"{head}.{body}.{_b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+
+_UNLIMITED = {
+    **{k: -1 for k in ("subs", "data", "payload", "imports", "exports", "conn", "leaf")},
+    **{k: -1 for k in ("mem_storage", "disk_storage", "streams", "consumer")},
+    "wildcards": True,
+}
+
+
+def _creds_file(path: Path, account: nkeys.KeyPair, name: str, perms: dict[str, Any]) -> Path:
+    """A user of `account` with `perms` (permissions.py's form) as a .creds file."""
+    user = _keypair(nkeys.PREFIX_BYTE_USER)
+    claims: dict[str, Any] = {"type": "user", "version": 2, "subs": -1, "data": -1}
+    claims |= {"payload": -1, "pub": perms["publish"], "sub": perms["subscribe"]}
+    if perms.get("allow_responses"):
+        claims["resp"] = {"max": 1, "ttl": 0}
+    token = _jwt(account, _pub(user), name, claims)
+    path.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+def operator_mode(tmp: Path) -> tuple[str, Path, Path]:
+    """A server configuration in operator (JWT) mode with account ORCD, and .creds files of
+    a worker and a client user with the least-privilege permissions."""
+    op = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    acc, sys_acc = _keypair(nkeys.PREFIX_BYTE_ACCOUNT), _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    no_js = {**_UNLIMITED, "mem_storage": 0, "disk_storage": 0, "streams": 0, "consumer": 0}
+    config = (
+        f"operator: {_jwt(op, _pub(op), 'op', {'type': 'operator', 'version': 2})}\n"
+        f"system_account: {_pub(sys_acc)}\nresolver: MEMORY\nresolver_preload: {{\n"
+        f"  {_pub(acc)}: "
+        f"{_jwt(op, _pub(acc), 'ORCD', {'type': 'account', 'version': 2, 'limits': _UNLIMITED})}\n"
+        f"  {_pub(sys_acc)}: "
+        f"{_jwt(op, _pub(sys_acc), 'SYS', {'type': 'account', 'version': 2, 'limits': no_js})}\n"
+        "}\n"
+    )
+    worker = _creds_file(tmp / "worker.creds", acc, "worker", worker_permissions())
+    client = _creds_file(tmp / "client.creds", acc, "client", client_permissions())
+    return config, worker, client
+
+
+async def test_creds_files_in_operator_mode(
+    tmp_path: Path, spawn_worker: Any, tiny_model: Path, gather: Any
+) -> None:
+    """A server in operator (JWT) mode: a worker and a client, each with a .creds file whose
+    user JWT carries the least-privilege permissions, serve a job; the client still cannot
+    shut the worker down."""
+    config, worker_creds, client_creds = operator_mode(tmp_path)
+    srv = EmbeddedNatsServer(store_dir=tmp_path / "nats", config=config)
+    srv.start()
+    try:
+        w = spawn_worker(
+            tiny_model,
+            srv.url,
+            REF,
+            *("--ctx-size", "512", "--nats-inbox-prefix", WORKER_INBOX),
+            env={"WORKER_ORCD_NATS_CREDS": str(worker_creds)},
+        ).wait_ready()
+        assert "creds worker.creds" in w.wait_event("nats_connected")["msg"]
+        client = await OrcdClient.connect(
+            srv.url, options=NatsConnectOptions(creds=client_creds, inbox_prefix=CLIENT_INBOX)
+        )
+        try:
+            evs = await gather(client.generate(REF, prompt="jwt", max_tokens=3, timeout_s=60))
+            assert isinstance(evs[-1], End)
+            assert (await client.health(w.worker_id)).status == "healthy"
+            with pytest.raises(Exception):  # noqa: B017 - permission error or timeout
+                await client.shutdown(w.worker_id, timeout_s=1.0)
+            assert w.proc.poll() is None
+        finally:
+            await client.close()
+        assert violations(srv) and all("orcd.control." in ln for ln in violations(srv))
+        # a .creds file signed by another operator's account is refused
+        (tmp_path / "other").mkdir()
+        _, _, stranger = operator_mode(tmp_path / "other")
+        await refused(srv.url, NatsConnectOptions(creds=stranger))
     finally:
         srv.cleanup()
 
