@@ -7,6 +7,10 @@ boundary: a running or queued job ends with ``CANCELLED`` and the reply says
 ``cancelling``; a job this worker finished says ``already_finished``; any other job id is
 remembered for an hour (``recorded``), so that if this worker reaches the job it ends
 ``CANCELLED`` without running. Repeats are idempotent (``already_recorded``).
+
+A cancel may carry a reason (``client_gone`` when a job's lease ran out: the frontend's
+lease watch sends its cancels down the same channel); it goes on the job's CANCELLED event
+(``reason`` field, and said in the message).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from actors.messages import CancelJob, CancelPayload, InferenceIn, Outgoing, Reply
 from worker.errors import WorkerError
 from worker.narration import narrate
-from worker.protocol import ErrorReply, decode_cancel, encode
+from worker.protocol import CLIENT_GONE, ErrorReply, decode_cancel, encode
+
+_REASON_TEXT = {CLIENT_GONE: "its client stopped renewing the job's lease"}
 
 
 async def cancellation_actor(
@@ -34,4 +40,15 @@ async def cancellation_actor(
                     payload = encode(ErrorReply(error=exc.code, message=exc.message))
                     await replies.send(Reply(msg.reply_to, payload))
                 continue
-            await inference.send(CancelJob(req.job_id, msg.reply_to))
+            if req.reason is None:
+                await inference.send(CancelJob(req.job_id, msg.reply_to))
+                continue
+            text = _REASON_TEXT.get(req.reason, req.reason)
+            await inference.send(
+                CancelJob(
+                    req.job_id,
+                    msg.reply_to,
+                    reason=f"job cancelled ({req.reason}: {text})",
+                    code=req.reason,
+                )
+            )

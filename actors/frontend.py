@@ -7,7 +7,11 @@
 - jobs: pull from the shared durable consumer only as many as there is room for in the
   running batch (the rest stay queued in ORCD_JOBS for any worker), decode and validate each
   (invalid: `error` event + ``term``), hand valid ones to the inference actor, keep every
-  held message alive with in-progress acks;
+  held message alive with in-progress acks; a redelivered job whose terminal event is
+  already stored (its ack was lost, e.g. in a leader election) is acked, not run again;
+- leases (actors/leases.py): keepalives on ``orcd.keepalive.<job_id>`` renew the leases of
+  the jobs held here; `lease_watch` ends an expired one through the cancels channel, as an
+  ``orcd.cancel`` request with reason ``client_gone`` would;
 - the inference actor's output: each job's events published in order (pipelined), cancel
   replies, device status for health; after a job's terminal event, every event of it
   confirmed stored, then the ack (a device failure naks instead, so another worker redoes
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +37,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
+from actors.leases import LeaseTable, watch
 from actors.messages import (
     CancelPayload,
     DeviceStatus,
@@ -54,13 +60,17 @@ from worker.nats.jetstream import (
     stream_names,
 )
 from worker.protocol import (
+    CLIENT_GONE,
+    CancelRequest,
     End,
     Error,
     InvalidJob,
     ShutdownReply,
     consumer_name,
+    decode_event,
     decode_job,
     encode,
+    handed_back,
 )
 
 
@@ -91,6 +101,11 @@ class Frontend:
         self.shutdown = shutdown
         self.held: dict[str, _Held] = {}
         self._room = anyio.Event()  # set when a held job ends (room to pull more)
+        self._pull_stopped = anyio.Event()  # the job loop pulls no more
+        self._background: set[asyncio.Future[None]] = set()
+        # jobs whose id is running here already: each waits for the one before it
+        self._same_id: dict[str, deque[Msg]] = {}
+        self._jobs: MemoryObjectSendStream[InferenceIn] | None = None
         self.failed = False  # the device failed: drain and exit non-zero
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
@@ -101,6 +116,7 @@ class Frontend:
         self.reconnects = 0
         self.url = ""
         self.on_ready: Callable[[], None] | None = None  # runs once pulling starts
+        self.leases = LeaseTable()
 
     # ----------------------------------------------------------------- connection
 
@@ -115,6 +131,7 @@ class Frontend:
         async def on_reconnect() -> None:
             self._connected = True
             self.reconnects += 1
+            self.leases.renew_all()  # no client could renew a lease during the outage
             narrate("nats_reconnected", f"reconnected to {url}")
 
         async def on_error(exc: Exception) -> None:
@@ -138,6 +155,8 @@ class Frontend:
             on_error=on_error,
             connect_timeout_s=self.cfg.nats_connect_timeout_s,
             on_retry=on_retry,
+            # credentials and TLS apply to a server of the operator's, not the embedded one
+            options=self.cfg.nats_options if self.cfg.nats_url is not None else None,
         )
         self.url = url
         self._connected = True
@@ -148,7 +167,11 @@ class Frontend:
             events_max_age_s=self.cfg.events_max_age_s,
             replicas=self.cfg.stream_replicas,
         )
-        narrate("nats_connected", f"connected to {url}", nats_url=url)
+        narrate(
+            "nats_connected",
+            f"connected to {url} ({self.cfg.nats_options.describe()})",
+            nats_url=url,
+        )
 
     async def _reply(self, subject: str, payload: bytes) -> None:
         assert self.nc is not None
@@ -186,6 +209,9 @@ class Frontend:
                 await self._reply(msg.reply, encode(reply))
             self.shutdown.set()
 
+        async def on_keepalive(msg: Msg) -> None:
+            self.leases.renew(msg.subject.rsplit(".", 1)[-1])
+
         async def on_max_deliveries(msg: Msg) -> None:
             await self._give_up(msg.data)
 
@@ -201,6 +227,7 @@ class Frontend:
             await nc.subscribe(self.subjects.metrics(wid), cb=on_metrics),
             await nc.subscribe(self.subjects.cancel, cb=on_cancel),
             await nc.subscribe(self.subjects.shutdown(wid), cb=on_shutdown),
+            await nc.subscribe(self.subjects.keepalive_wildcard, cb=on_keepalive),
         ]
         await nc.flush()
 
@@ -213,6 +240,16 @@ class Frontend:
                 await self.nc.publish(subject, self.state.health_bytes())
             await anyio.sleep(self.cfg.heartbeat_interval_s)
 
+    async def lease_watch(self, cancels: MemoryObjectSendStream[CancelPayload]) -> None:
+        """End jobs whose lease ran out (until cancelled): the same message, on the same
+        channel, as an ``orcd.cancel`` request with reason ``client_gone``."""
+
+        async def end_job(job_id: str) -> None:
+            request = CancelRequest(job_id=job_id, reason=CLIENT_GONE)
+            await cancels.send(CancelPayload(encode(request), None))
+
+        await watch(self.leases, end_job, lambda: self._connected)
+
     # ----------------------------------------------------------------- jobs
 
     async def serve(
@@ -223,10 +260,12 @@ class Frontend:
     ) -> None:
         """Pull jobs while there is room, publish what the inference actor sends, until a
         shutdown is requested and every held job has ended (or the grace time is over)."""
+        self._jobs = jobs
         async with jobs, outbox, anyio.create_task_group() as tg:
             tg.start_soon(self._publish_loop, outbox)
             tg.start_soon(self._keep_alive_loop)
             await self._pull_loop(jobs, capacity)
+            self._pull_stopped.set()
             # draining: the running jobs finish; after the grace they are handed back
             with anyio.move_on_after(self.cfg.shutdown_grace_s):
                 while self.held:
@@ -240,6 +279,11 @@ class Frontend:
                     job_id=h.job_id,
                 )
                 await self._nak(h)
+            for queued in self._same_id.values():
+                for msg in queued:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+            self._same_id.clear()
             tg.cancel_scope.cancel()
 
     async def _subscription(self) -> Any:
@@ -301,6 +345,7 @@ class Frontend:
                         continue
                     await self._accept(msg, jobs)
         finally:
+            self._pull_stopped.set()
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
@@ -314,11 +359,20 @@ class Frontend:
             await self._reject(msg, exc, seq)
             return
         job_id = job.job_id
+        if attempt > 1 and await self._already_finished(job_id):
+            narrate(
+                "duplicate_delivery",
+                "redelivered, but its terminal event is stored: acked without running again",
+                job_id=job_id,
+                attempt=attempt,
+            )
+            await self._ack(msg, job_id)
+            return
         if job_id in self.held:
-            # the same job id twice at once: the second is refused without an event (its
-            # subject belongs to the running one, whose clients must see only its events)
-            dup = InvalidJob(f"job {job_id} is already running on this worker", None, job_id)
-            await self._reject(msg, dup, seq)
+            # the same job id again while that job runs here: its events would mix with the
+            # running one's on the job's subject, so it runs after it (kept alive meanwhile)
+            self._same_id.setdefault(job_id, deque()).append(msg)
+            narrate("job_waits", "the same job id is running here: runs after it", job_id=job_id)
             return
         pub = EventPublisher(
             self._nc(),
@@ -330,6 +384,8 @@ class Frontend:
         h = _Held(msg, job_id, attempt, pub)
         h.started = asyncio.ensure_future(pub.start())
         self.held[job_id] = h
+        if job.lease_s is not None:
+            self.leases.hold(job_id, job.lease_s)
         self._update_running()
         await jobs.send(NewJob(job, attempt))
 
@@ -362,7 +418,7 @@ class Frontend:
         if st.resident is not None:
             self.state.resident = st.resident
         if st.unhealthy_reason is not None:
-            self.state.set_unhealthy(st.unhealthy_reason)
+            self._unhealthy(st.unhealthy_reason)
         if st.fatal and not self.failed:
             self.failed = True
             narrate("shutdown", "device failure: draining, then exiting", level="CRITICAL")
@@ -374,16 +430,61 @@ class Frontend:
         self._record_outcome(ev, h.job_id)  # before a client can see it
         stored = await h.pub.finish(encode(ev))
         self._after_terminal(h.job_id, stored, h.pub.republished)
-        if isinstance(ev, Error) and ev.code is ErrorCode.CUDA_ERROR:
-            await self._nak(h)  # another worker redoes it
+        if handed_back(ev):
+            # another worker redoes it; handed back only once this one pulls no more, or it
+            # could take the job straight back (a delivery spent on a failed device)
+            with anyio.move_on_after(5.0):
+                await self._pull_stopped.wait()
+            await self._nak(h)
             return
         await self._ack(h.msg, h.job_id)
         self.state.jobs_completed += 1
         self._release(h)
 
+    async def _already_finished(self, job_id: str) -> bool:
+        """The job's last stored event ends it (End, or an Error other than CUDA_ERROR,
+        which hands a job back to be redone)."""
+        try:
+            raw = await self._js().get_last_msg(self._events_stream, self.subjects.events(job_id))
+            last = decode_event(raw.data or b"")
+        except Exception:  # nothing stored (not found), or unreadable: run it
+            return False
+        return isinstance(last, End | Error) and not handed_back(last)
+
+    async def _accept_next(self, msg: Msg) -> None:
+        """A job that waited for its id's previous job: run it now, or hand it back."""
+        if self.shutdown.is_set() or self.failed or self._jobs is None:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+        await self._accept(msg, self._jobs)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _unhealthy(self, reason: str) -> None:
+        """Health turns unhealthy; said at once (log and a heartbeat), not at the next beat,
+        so whatever watches the worker learns it before the worker drains and exits."""
+        first = self.state.unhealthy_reason is None
+        self.state.set_unhealthy(reason)
+        if first:
+            narrate("unhealthy", reason, level="CRITICAL", reason=reason)
+            if self.nc is not None and self._connected:
+                subject = self.subjects.heartbeat(self.cfg.worker_id)
+                self._spawn(self._reply(subject, self.state.health_bytes()))
+
     def _release(self, h: _Held) -> None:
         if self.held.get(h.job_id) is h:
             del self.held[h.job_id]
+            self.leases.release(h.job_id)
+            queued = self._same_id.get(h.job_id)
+            if queued:
+                msg = queued.popleft()
+                if not queued:
+                    del self._same_id[h.job_id]
+                self._spawn(self._accept_next(msg))
         self._update_running()
         self._room.set()
 
@@ -404,9 +505,10 @@ class Frontend:
         period = max(0.5, min(5.0, self.cfg.ack_wait_s / 3))
         while True:
             await anyio.sleep(period)
-            for h in list(self.held.values()):
+            waiting = [m for q in self._same_id.values() for m in q]
+            for msg in [h.msg for h in self.held.values()] + waiting:
                 with contextlib.suppress(Exception):
-                    await h.msg.in_progress()
+                    await msg.in_progress()
 
     def _record_outcome(self, ev: End | Error, job_id: str) -> None:
         self.metrics.outcome("ok" if isinstance(ev, End) else ev.code.value)
@@ -414,7 +516,7 @@ class Frontend:
             if ev.code is ErrorCode.CUDA_ERROR:
                 # a CUDA error may have poisoned the context: report it so the orchestrator
                 # can restart this worker
-                self.state.set_unhealthy(f"CUDA error: {ev.message}")
+                self._unhealthy(f"CUDA error: {ev.message}")
             narrate(
                 "error",
                 f"{ev.code}: {ev.message}",

@@ -21,6 +21,7 @@ supervisor restarts it and JetStream redelivers the jobs.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ class EngineLoop:
         self.sched: Scheduler | None = None
         self._out: list[Event] = []
         self._replies: list[Reply] = []
+        # Fault drill: WORKER_ORCD_FAIL_STEP=N makes engine step N fail the way a device error
+        # does (every held job CUDA_ERROR and handed back, health unhealthy, drain, exit 3).
+        self._fail_step = int(os.environ.get("WORKER_ORCD_FAIL_STEP", "0") or 0)
 
     # ------------------------------------------------------------------ thread side
 
@@ -266,7 +270,7 @@ class EngineLoop:
         sched = self.sched
         assert sched is not None
         status: CancelStatus
-        where, ev = sched.cancel(m.job_id, Cancelled(m.reason))
+        where, ev = sched.cancel(m.job_id, Cancelled(m.reason, m.code))
         if ev is not None:
             status = "cancelling"
             info = self.jobs.get(m.job_id)
@@ -298,6 +302,11 @@ class EngineLoop:
         assert sched is not None
         try:
             steps = sched.steps
+            if self._fail_step and steps + 1 >= self._fail_step:
+                self._fail_step = 0
+                raise CudaError(
+                    f"injected device fault at step {steps + 1} (WORKER_ORCD_FAIL_STEP)"
+                )
             events = sched.step()
         except Exception as exc:
             self._device_failed(exc)
@@ -431,7 +440,13 @@ class EngineLoop:
         else:
             e = ev.error
             out.append(
-                Error(job_id=ev.job_id, code=e.code, message=e.message, retriable=e.retriable)
+                Error(
+                    job_id=ev.job_id,
+                    code=e.code,
+                    message=e.message,
+                    retriable=e.retriable,
+                    reason=e.reason if isinstance(e, Cancelled) else None,
+                )
             )
 
 

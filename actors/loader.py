@@ -17,7 +17,7 @@ from typing import Any
 
 from worker.config import WorkerConfig
 from worker.engine.batch import BatchBackend
-from worker.errors import ErrorCode, WorkerError
+from worker.errors import ErrorCode, ModelLoadError, WorkerError
 from worker.narration import narrate
 from worker.tokenizer.base import Tokenizer
 
@@ -49,7 +49,23 @@ def _call_with_supported(ctor: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
-    """The whole load; runs on the engine thread."""
+    """The whole load; runs on the engine thread. Any failure is a WorkerError: a file
+    whose metadata and tensors disagree in a way no check caught (found by fuzzing: a head
+    count that divides but does not match the k/v tensors) fails its warm-up step with a
+    NumPy error, reported as MODEL_LOAD_FAILED (exit 1), not as a crash (exit 2)."""
+    try:
+        return _load_model_blocking(cfg)
+    except WorkerError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            cfg.model,
+            f"cannot load the model ({type(exc).__name__}: {exc}); its metadata and tensors "
+            "may not agree",
+        ) from exc
+
+
+def _load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     from worker.gguf.estimate import quant_kind
     from worker.gguf.hparams import load_hparams
     from worker.gguf.reader import open_gguf

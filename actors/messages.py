@@ -42,6 +42,7 @@ class CancelJob:
     job_id: str
     reply_to: str | None = None
     reason: str = "job cancelled"
+    code: str | None = None  # the request's reason (e.g. client_gone), on the error event
     requested: float = field(default_factory=time.perf_counter)
 
 

@@ -160,6 +160,7 @@ class Supervisor:
             tg.start_soon(self._signals, tg.cancel_scope)
             await self.frontend.subscribe_control(cancels_tx)
             tg.start_soon(self.frontend.heartbeat)
+            tg.start_soon(self.frontend.lease_watch, cancels_tx.clone())
             tg.start_soon(cancellation_actor, cancels_rx, jobs_tx.clone(), outbox_tx.clone())
             tg.start_soon(
                 inference_actor,

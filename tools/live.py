@@ -103,9 +103,10 @@ class WorkerProc:
     def pid(self) -> int:
         return self.proc.pid
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, *names: str) -> list[dict[str, Any]]:
+        """The log records of these events so far, in order."""
         with self._cond:
-            return [r for r in self.records if r.get("event") == name]
+            return [r for r in self.records if r.get("event") in names]
 
     def wait_event(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -1,7 +1,10 @@
 """The performance suite of `worker-orcd bench --suite` against a live worker, over NATS:
-time to first token, inter-token latency, health reply latency, cancel latency and device
-memory back at its baseline after many jobs, each with p50/p95/p99 and pass/fail against the
-targets of docs/design.md. Everything is measured from the client side, the way a user sees it.
+time to first token, inter-token latency, health reply latency, cancel latency, how soon an
+abandoned job (lease not renewed) is ended, and device memory back at its baseline after many
+jobs, each with p50/p95/p99 and pass/fail against the targets of docs/design.md; with
+`concurrency`, N clients at once (each sends its next job as soon as its last one ends, so
+jobs keep arriving while others decode): aggregate tokens/s, and TTFT and inter-token
+percentiles per job. Everything is measured from the client side, the way a user sees it.
 
     result = await run_suite(client, model_ref, worker_id)   # a plain dict, JSON-ready
 """
@@ -27,6 +30,7 @@ TARGETS_MS = {
     "inter_token_p95": 1.5,
     "health_p99": 2.0,
     "cancel_p95": 10.0,
+    "abandoned_p95": 1000.0,  # lease run out -> CANCELLED
 }
 
 
@@ -99,6 +103,83 @@ async def _cancel_once(client: OrcdClient, model_ref: str, prompt: str) -> float
     return done_at[0] - sent_at[0] if done_at else None
 
 
+async def _abandoned_once(
+    client: OrcdClient, model_ref: str, prompt: str, lease_s: float
+) -> float | None:
+    """A job with a lease nobody renews: seconds from its lease running out to its CANCELLED
+    event, the lease counted from the job's publish (the worker takes it later, so this is an
+    upper bound on the worker's delay). None if the job ended by itself first (EOS)."""
+    from worker.protocol import Job
+
+    job = Job(
+        job_id=f"suite-abandon-{uuid.uuid4().hex[:12]}",
+        prompt=prompt,
+        max_tokens=2048,
+        temperature=0.0,
+        lease_s=lease_s,
+    )
+    published = ended = float("nan")
+
+    async def publish() -> None:
+        nonlocal published
+        published = time.perf_counter()
+        await client.submit(model_ref, job)
+
+    async for ev in client.follow(job.job_id, timeout_s=600, before_first=publish):
+        if isinstance(ev, End):
+            return None
+        if isinstance(ev, Error):
+            ended = time.perf_counter()
+            if ev.reason != "client_gone":
+                raise RuntimeError(f"abandoned job ended otherwise: {ev}")
+    return ended - (published + lease_s)
+
+
+async def run_concurrency(
+    clients: list[OrcdClient],
+    model_ref: str,
+    n: int,
+    *,
+    jobs_per_client: int,
+    max_tokens: int,
+    prompt: str,
+) -> dict[str, Any]:
+    """`n` closed-loop clients, `jobs_per_client` greedy jobs each, spread over the NATS
+    connections in `clients`. Every prompt starts with its own words, so no job reuses
+    another's prompt blocks (the prefix cache would flatter TTFT)."""
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    errors: list[str] = []
+    tokens = 0
+
+    async def one(k: int) -> None:
+        nonlocal tokens
+        client = clients[k % len(clients)]
+        for j in range(jobs_per_client):
+            text = f"job {k} {j}: {prompt}"
+            ttft, g, terminal, _ = await _timed_job(client, model_ref, text, max_tokens)
+            if isinstance(terminal, End):
+                ttfts.append(ttft)
+                gaps.extend(g)
+                tokens += terminal.tokens_out
+            else:
+                errors.append(f"{terminal.code}: {terminal.message}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(n)))
+    wall = time.perf_counter() - t0
+    return {
+        "clients": n,
+        "jobs": n * jobs_per_client,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft": percentiles(ttfts),
+        "inter_token": percentiles(gaps),
+        "errors": errors,
+    }
+
+
 async def run_suite(
     client: OrcdClient,
     model_ref: str,
@@ -111,6 +192,8 @@ async def run_suite(
     cancel_runs: int = 10,
     vram_jobs: int = 100,
     prompt: str | None = None,
+    abandoned_runs: int = 3,
+    lease_s: float = 1.0,
 ) -> dict[str, Any]:
     if prompt is None:
         prompt = " ".join(["token"] * prompt_words)  # about 32 tokens with a chat-less prompt
@@ -151,6 +234,17 @@ async def run_suite(
             cancel_lat.append(latency)
     out["cancel"] = percentiles(cancel_lat)
 
+    # abandoned jobs: lease run out -> CANCELLED (client_gone)
+    # (a job that ends by itself before its lease runs out measures nothing: other prompts)
+    gone: list[float] = []
+    for k in range(4 * abandoned_runs):
+        if len(gone) == abandoned_runs:
+            break
+        latency = await _abandoned_once(client, model_ref, ("x", prompt)[k % 2], lease_s)
+        if latency is not None:
+            gone.append(latency)
+    out["abandoned"] = {**percentiles(gone), "lease_s": lease_s}
+
     # device memory back at its baseline after many jobs
     base = (await client.health(worker_id)).vram_bytes_used
     for _ in range(vram_jobs):
@@ -167,6 +261,7 @@ async def run_suite(
         "inter_token_p95_lt_1_5ms": ok("inter_token", "p95_ms", "inter_token_p95"),
         "health_p99_lt_2ms": ok("health", "p99_ms", "health_p99"),
         "cancel_p95_lt_10ms": ok("cancel", "p95_ms", "cancel_p95"),
+        "abandoned_p95_lt_1s": ok("abandoned", "p95_ms", "abandoned_p95"),
         "vram_back_at_baseline": after == base,
     }
     return out
@@ -190,6 +285,8 @@ class LiveSuiteOptions:
     vram_jobs: int = 100
     loads: int = 1  # warm starts (each gives a load and a shutdown sample)
     cold: bool = True  # on cuda: one start first with an empty kernel cache
+    concurrency: list[int] = field(default_factory=list)  # clients at once, one phase each
+    jobs_per_client: int = 4
     load_timeout_s: float = 600.0
     serve_flags: list[str] = field(default_factory=list)
 
@@ -342,6 +439,8 @@ async def _live(
                 cancel_runs=opts.cancel_runs,
                 vram_jobs=opts.vram_jobs,
             )
+            if opts.concurrency:
+                out["concurrency"] = await _concurrency_phases(opts, url, prompt)
         secs, rc = await shutdown_and_wait(client, w)
         shutdown_s.append(secs)
         exit_codes.append(rc)
@@ -372,7 +471,9 @@ async def _live(
     result["load"] = load
     for key in ("ttft", "inter_token", "health", "cancel"):
         result[key] = out[key]
-    result["abort"] = {"cancelled": out["cancel"], "abandoned": None}
+    result["abort"] = {"cancelled": out["cancel"], "abandoned": out["abandoned"]}
+    if "concurrency" in out:
+        result["concurrency"] = out["concurrency"]
     result["vram"] = out["vram"]
     result["shutdown"] = {**percentiles(shutdown_s), "exit_codes": exit_codes}
     result["job_errors"] = out["job_errors"]
@@ -386,11 +487,7 @@ async def _live(
     )
     result["pass"] = passes
     result["pass_all"] = all(passes.values())
-    missing = [
-        "abandoned: the worker has no way to notice that a client went away (events go to "
-        "the ORCD_EVENTS stream for replay whether or not anyone listens, so an abandoned "
-        "job runs to its end); only the cancelled case is measured",
-    ]
+    missing: list[str] = []
     if not cuda:
         missing.append(
             "vram: the cpu backend holds no device memory (vram_bytes_used is 0), so the "
@@ -399,3 +496,32 @@ async def _live(
         missing.append("load cold vs warm kernel cache: cuda only (cpu compiles no kernels)")
     result["missing"] = missing
     return result
+
+
+async def _concurrency_phases(opts: LiveSuiteOptions, url: str, prompt: str) -> list[Any]:
+    """One `run_concurrency` phase per entry of opts.concurrency, after a warm-up round at
+    that width (the worker's first steps at a new batch size capture its CUDA graphs). The
+    clients share one NATS connection per 16 of them."""
+    conns = [
+        await OrcdClient.connect(url) for _ in range(max(1, (max(opts.concurrency) + 15) // 16))
+    ]
+    try:
+        phases = []
+        for n in opts.concurrency:
+            await run_concurrency(
+                conns, opts.model_ref, n, jobs_per_client=1, max_tokens=8, prompt=prompt
+            )
+            phases.append(
+                await run_concurrency(
+                    conns,
+                    opts.model_ref,
+                    n,
+                    jobs_per_client=opts.jobs_per_client,
+                    max_tokens=opts.max_tokens,
+                    prompt=prompt,
+                )
+            )
+        return phases
+    finally:
+        for c in conns:
+            await c.close()

@@ -13,6 +13,12 @@ loop, an exception, or the task being cancelled. If the live stream shows a gap 
 skipped, or silence longer than `gap_timeout_s`, e.g. across a NATS outage) it fills it from
 JetStream (ORCD_EVENTS), so the caller sees every event of every attempt exactly once, in
 order. `replay` reads a job's whole stored stream; `cancel` and `health` are request-reply.
+
+Leases: `generate` gives each job a lease (`lease_s`, 30 s unless told otherwise) and renews it
+on ``orcd.keepalive.<job_id>`` while the caller reads the events (`run_job` does for any
+Job with a lease; `keepalive` is the same renewal for callers that follow a job themselves,
+e.g. the HTTP gateway). A client that vanishes stops renewing, and the worker ends its job
+``CANCELLED`` with reason ``client_gone`` within a second of the lease running out.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -33,8 +39,10 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from worker.nats.jetstream import NatsUnavailable, connect, stream_names
+from worker.nats.options import NatsConnectOptions
 from worker.protocol import (
     CancelReply,
+    CancelRequest,
     End,
     Error,
     Event,
@@ -49,11 +57,13 @@ from worker.protocol import (
     decode_event,
     decode_health,
     encode,
+    handed_back,
 )
 
 __all__ = ["NatsUnavailable", "NoWorker", "OrcdClient"]
 
 _EventKey = tuple[int, str, int]
+DEFAULT_LEASE_S = 30.0
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 # A heartbeat this recent from a worker of the model reference is proof enough that it is
@@ -66,7 +76,9 @@ class NoWorker(LookupError):
 
 
 def is_terminal(event: Event) -> bool:
-    return isinstance(event, End | Error)
+    """The job's last event: End, or an Error other than one that hands the job back for
+    another attempt (`handed_back`)."""
+    return isinstance(event, End) or (isinstance(event, Error) and not handed_back(event))
 
 
 class OrcdClient:
@@ -87,14 +99,18 @@ class OrcdClient:
         url: str,
         prefix: str = "orcd",
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        options: NatsConnectOptions | None = None,
         **nats_options: Any,
     ) -> OrcdClient:
-        """Connect to NATS at `url`; `NatsUnavailable` after `connect_timeout_s`.
-        `nats_options` go to nats-py's connect as they are (credentials, TLS, ...)."""
+        """Connect to NATS at `url` (comma-separated: several servers of a cluster);
+        `NatsUnavailable` after `connect_timeout_s`. `options`: credentials and TLS
+        (worker.nats.options: `nats_connect_options(args)` builds them from the shared
+        command-line flags); `nats_options` go to nats-py's connect as they are."""
         nc = await connect(
             url,
             name=f"orcd-client-{uuid.uuid4().hex[:8]}",
             connect_timeout_s=connect_timeout_s,
+            options=options,
             **nats_options,
         )
         client = cls(nc, prefix)
@@ -167,13 +183,17 @@ class OrcdClient:
         timeout_s: float | None = None,
         gap_timeout_s: float = 5.0,
         require_worker: bool = True,
+        lease_s: float | None = DEFAULT_LEASE_S,
         **params: Any,
     ) -> AsyncGenerator[Event, None]:
-        """Submit a job and yield its events until the terminal one.
+        """Submit a job and yield its events until the terminal one. The job's lease is
+        renewed meanwhile (`lease_s=None`: no lease, the job runs to its end regardless).
 
         With `require_worker` (the default) `NoWorker` is raised before anything is published
         when no worker serves `model_ref`; without it the job waits in the queue for one."""
-        job = self.make_job(prompt=prompt, messages=messages, job_id=job_id, **params)
+        job = self.make_job(
+            prompt=prompt, messages=messages, job_id=job_id, lease_s=lease_s, **params
+        )
         if require_worker:
             await self.require_worker(model_ref)
         async with contextlib.aclosing(
@@ -190,12 +210,15 @@ class OrcdClient:
         job_id: str | None = None,
         timeout_s: float | None = None,
         gap_timeout_s: float = 5.0,
+        lease_s: float | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Publish `job` and yield its events until the terminal one. Stopping early (break,
+        """Publish `job` and yield its events until the terminal one, renewing its lease
+        (a Job's own `lease_s`; for raw bytes, `lease_s`) until then. Stopping early (break,
         exception, task cancelled, `aclose`) cancels the job on the worker."""
         jid = job.job_id if isinstance(job, Job) else job_id
         if jid is None:
             raise ValueError("job_id is needed to follow a raw job")
+        lease = job.lease_s if isinstance(job, Job) else lease_s
         published = False
         finished = False
 
@@ -206,11 +229,19 @@ class OrcdClient:
             self._running.add(jid)
 
         try:
-            async with contextlib.aclosing(
-                self.follow(
-                    jid, timeout_s=timeout_s, gap_timeout_s=gap_timeout_s, before_first=publish
+            async with contextlib.AsyncExitStack() as stack:
+                if lease is not None:
+                    await stack.enter_async_context(self.keepalive(jid, lease))
+                events = await stack.enter_async_context(
+                    contextlib.aclosing(
+                        self.follow(
+                            jid,
+                            timeout_s=timeout_s,
+                            gap_timeout_s=gap_timeout_s,
+                            before_first=publish,
+                        )
+                    )
                 )
-            ) as events:
                 async for event in events:
                     finished = is_terminal(event)
                     yield event
@@ -219,6 +250,27 @@ class OrcdClient:
             if published and not finished:
                 # shielded: the cancel goes out even while this task is being cancelled
                 await asyncio.shield(self._send_cancel(jid))
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, job_id: str, lease_s: float) -> AsyncIterator[None]:
+        """Renew `job_id`'s lease (four times per `lease_s`) while the block runs; leaving
+        it (or this process dying) stops the renewal."""
+        subject = self.subjects.keepalive(job_id)
+        period = max(0.05, lease_s / 4)
+
+        async def renew() -> None:
+            while True:
+                with contextlib.suppress(Exception):  # an outage: the worker waits it out
+                    await self.nc.publish(subject, b"")
+                await asyncio.sleep(period)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _send_cancel(self, job_id: str) -> asyncio.Task[None]:
         """Publish a cancel for `job_id` (no reply awaited) on a task of its own."""
@@ -344,8 +396,15 @@ class OrcdClient:
                     if event is not None and loop.time() - last_replay < 0.5:
                         continue
                     last_replay = loop.time()
+                    try:
+                        stored = await self.replay(job_id)
+                    except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                        # JetStream is not answering (an outage, a stream leader being
+                        # elected in a cluster): still in the gap, try again shortly
+                        in_gap = True
+                        continue
                     in_gap = False
-                    for ev, k in _keyed(await self.replay(job_id)):
+                    for ev, k in _keyed(stored):
                         if k in seen:
                             attempt, next_i = _advance(ev, attempt, next_i)
                             continue
@@ -403,9 +462,13 @@ class OrcdClient:
 
     # ------------------------------------------------------------------ control
 
-    async def cancel(self, job_id: str, timeout_s: float = 0.5) -> list[CancelReply]:
+    async def cancel(
+        self, job_id: str, timeout_s: float = 0.5, reason: str | None = None
+    ) -> list[CancelReply]:
         """Ask every worker to cancel `job_id`; returns the replies that came in `timeout_s`
-        (stops early once the worker running the job answered)."""
+        (stops early once the worker running the job answered). `reason` (``[a-z_]``, e.g.
+        ``client_gone`` from a gateway whose HTTP client went away) is carried to the job's
+        CANCELLED event."""
         inbox = self.nc.new_inbox()
         replies: list[CancelReply] = []
         got_running = asyncio.Event()
@@ -419,7 +482,8 @@ class OrcdClient:
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(self.subjects.cancel, encode({"job_id": job_id}), reply=inbox)
+            request = CancelRequest(job_id=job_id, reason=reason)
+            await self.nc.publish(self.subjects.cancel, encode(request), reply=inbox)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(got_running.wait(), timeout_s)
         finally:

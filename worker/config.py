@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from worker.nats.options import (
+    NatsConnectOptions,
+    add_nats_connect_arguments,
+    nats_connect_options,
+)
 from worker.protocol import Subjects, model_ref_from_name, validate_model_ref
 
 ENV_PREFIX = "WORKER_ORCD_"
@@ -51,6 +56,8 @@ class WorkerConfig:
     prefill_chunk: int = 512
     prefix_cache: bool = True
     nats_connect_timeout_s: float = 60.0  # give up (exit 2) if NATS cannot be reached
+    # credentials and TLS for --nats-url (worker/nats/options.py)
+    nats_options: NatsConnectOptions = field(default_factory=NatsConnectOptions)
 
     def __post_init__(self) -> None:
         if not self.model_ref:
@@ -336,6 +343,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="do not share KV blocks of identical prompt prefixes between jobs",
     )
+    add_nats_connect_arguments(p)
 
 
 def config_from_args(
@@ -362,6 +370,7 @@ def config_from_args(
     if pc is None:
         pc = env.get(ENV_PREFIX + "PREFIX_CACHE", "1").lower() not in ("0", "false", "no")
     values["prefix_cache"] = bool(pc)
+    values["nats_options"] = nats_connect_options(args, env)
     if "model" not in values:
         raise ValueError("--model is required (or WORKER_ORCD_MODEL)")
     if values.get("gpu_device") == "auto":

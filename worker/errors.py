@@ -62,8 +62,9 @@ class ContextLengthExceeded(WorkerError):
 
 
 class Cancelled(WorkerError):
-    def __init__(self, message: str = "job cancelled") -> None:
+    def __init__(self, message: str = "job cancelled", reason: str | None = None) -> None:
         super().__init__(ErrorCode.CANCELLED, message, retriable=False)
+        self.reason = reason  # e.g. client_gone: the error event's `reason` field
 
 
 class CudaError(WorkerError):

@@ -12,6 +12,7 @@ any of them with `decode_event`.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
@@ -21,7 +22,8 @@ import msgspec
 from worker.errors import ErrorCode, WorkerError
 
 # ----------------------------------------------------------------------------- limits
-JOB_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
+# \A...\Z, not ^...$: "$" also matches before a final newline, and "id\n" is no subject name
+JOB_ID_PATTERN: Final = r"\A[A-Za-z0-9_-]{1,128}\Z"
 MAX_JOB_ID_LEN: Final = 128
 MAX_PROMPT_CHARS: Final = 32768
 MAX_MESSAGES: Final = 1024
@@ -29,6 +31,14 @@ MAX_TOKENS_LIMIT: Final = 2048
 MAX_STOP_STRINGS: Final = 4
 MAX_STOP_TOKENS: Final = 32  # per stop string; checked with the model's tokenizer
 UINT64_MAX: Final = (1 << 64) - 1
+# A valid job is at most ~0.4 MiB of JSON (32768 characters of prompt or message content,
+# each at most 12 bytes escaped, plus the other fields); anything larger is refused unread.
+MAX_JOB_PAYLOAD_BYTES: Final = 512 * 1024
+# A job's lease (`lease_s`): the worker ends the job CANCELLED (reason "client_gone") when no
+# keepalive came on orcd.keepalive.<job_id> for that long.
+MIN_LEASE_S: Final = 1.0
+MAX_LEASE_S: Final = 3600.0
+CLIENT_GONE: Final = "client_gone"
 
 _JOB_ID_RE: Final = re.compile(JOB_ID_PATTERN)
 
@@ -38,7 +48,7 @@ JobId = Annotated[
 
 
 def is_valid_job_id(value: object) -> bool:
-    return isinstance(value, str) and _JOB_ID_RE.match(value) is not None
+    return isinstance(value, str) and _JOB_ID_RE.fullmatch(value) is not None
 
 
 # ----------------------------------------------------------------------------- subjects
@@ -58,6 +68,7 @@ class Subjects:
         self.health_all = f"{prefix}.health"
         # Error events of jobs whose job_id cannot be read (no per-job subject exists).
         self.rejected = f"{prefix}.rejected"
+        self.keepalive_wildcard = f"{prefix}.keepalive.*"
 
     def jobs(self, model_ref: str) -> str:
         return f"{self.prefix}.jobs.{model_ref}"
@@ -67,6 +78,10 @@ class Subjects:
 
     def health(self, worker_id: str) -> str:
         return f"{self.prefix}.health.{worker_id}"
+
+    def keepalive(self, job_id: str) -> str:
+        """Where a job's client renews the job's lease (an empty message will do)."""
+        return f"{self.prefix}.keepalive.{job_id}"
 
     def heartbeat(self, worker_id: str) -> str:
         return f"{self.prefix}.heartbeat.{worker_id}"
@@ -114,8 +129,14 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     content: str
 
 
-class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A generation job (docs/protocol.md). Exactly one of `prompt` and `messages`."""
+class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A generation job (docs/protocol.md). Exactly one of `prompt` and `messages`.
+
+    `lease_s` (optional, 1-3600): the client renews the job on ``orcd.keepalive.<job_id>``
+    at least that often while it reads the events; a worker holding the job ends it
+    ``CANCELLED`` with reason ``client_gone`` within a second of the lease running out. A job
+    without it runs to its end whoever reads it. Fields at their default are not encoded, so
+    a job without a lease is the same bytes as before leases existed."""
 
     job_id: JobId
     prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
@@ -133,6 +154,7 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.Meta(max_length=MAX_STOP_STRINGS),
     ] = msgspec.field(default_factory=list)
     seed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    lease_s: Annotated[float, msgspec.Meta(ge=MIN_LEASE_S, le=MAX_LEASE_S)] | None = None
 
     def __post_init__(self) -> None:
         # Raised ValueErrors become msgspec.ValidationError during decoding.
@@ -166,24 +188,163 @@ class InvalidJob(WorkerError):
 
 def decode_job(data: bytes) -> Job:
     """Decode and validate a job payload; raises `InvalidJob` with a clear message."""
+    if len(data) > MAX_JOB_PAYLOAD_BYTES:
+        # not decoded: only the first MAX_JOB_PAYLOAD_BYTES are scanned for the job_id
+        job_id, raw = _scan_job_id(memoryview(data)[:MAX_JOB_PAYLOAD_BYTES])
+        raise InvalidJob(
+            f"invalid job: the payload is {len(data)} bytes, at most "
+            f"{MAX_JOB_PAYLOAD_BYTES} allowed",
+            job_id,
+            raw,
+        )
     try:
         return _job_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         job_id, raw = _salvage_job_id(data)
         raise InvalidJob(f"invalid job: {exc}", job_id, raw) from None
 
 
 def _salvage_job_id(data: bytes) -> tuple[str | None, str | None]:
+    """(valid job_id or None, the raw job_id text for the log, cut to 200 characters).
+    Never raises: it runs on payloads that already failed.
+
+    A payload that is JSON is read exactly (msgspec: the last of duplicate keys wins). One
+    that is not (bad UTF-8, lone surrogates, NaN, truncated, trailing bytes...) is scanned
+    leniently for the top-level ``"job_id"`` member: so a job whose client can be told still
+    gets its INVALID_REQUEST event on its own subject."""
     try:
         obj = _any_decoder.decode(data)
-    except (msgspec.DecodeError, ValueError):
-        return None, None
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        # RecursionError: msgspec's generic decoder gives up on very deep nesting
+        return _scan_job_id(memoryview(data)[:MAX_JOB_PAYLOAD_BYTES])
     if not isinstance(obj, dict):
         return None, None
     raw = obj.get("job_id")
     if not isinstance(raw, str):
         return None, None
     return (raw if is_valid_job_id(raw) else None), raw[:200]
+
+
+# Tokens of the lenient scan: a JSON string (any bytes inside; an escape takes the next byte),
+# one structural byte, a run of anything else (numbers, literals, garbage), or whitespace.
+_STR: Final = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_SCAN_TOKEN: Final = re.compile(_STR + rb'|[{}\[\]:,]|[^\s{}\[\]:,"]++|\s++', re.DOTALL)
+# Inside a nested value: skip strings and everything but brackets in one match.
+_SCAN_NESTED: Final = re.compile(rb"(?:" + _STR + rb'|[^"{}\[\]]++)*+', re.DOTALL)
+# A whole simple member (string key, string or scalar value, then a comma) in one match: the
+# common case, so a payload of many members costs one match each.
+_SCAN_MEMBER: Final = re.compile(
+    rb"\s*+(" + _STR + rb")\s*+:\s*+(" + _STR + rb'|[^\s{}\[\]:,"]++)\s*+,', re.DOTALL
+)
+_BRACKETS: Final = re.compile(rb"([\[{]++)|[\]}]++")
+_JOB_ID_KEY: Final = b'"job_id"'
+# Longest token worth reading as a job_id (or its key): 128 characters, each at most a
+# 6-byte escape, and the quotes; a longer one is no valid job_id and is not copied whole.
+_MAX_ID_TOKEN: Final = 6 * MAX_JOB_ID_LEN + 2
+_SPACE: Final = frozenset(b" \t\r\n\f\v")
+_LBRACE: Final = ord("{")
+_QUOTE: Final = ord('"')
+_COLON: Final = ord(":")
+_COMMA: Final = ord(",")
+_OPENERS: Final = frozenset(b"{[")
+
+
+def _scan_job_id(data: bytes | memoryview) -> tuple[str | None, str | None]:
+    """The top-level ``"job_id"`` member of a JSON object that may be malformed elsewhere
+    (before, inside or after other members). The scan is linear, copies no long token,
+    keeps nothing that grows with nesting, and stops where the object's structure can no
+    longer be followed (an unterminated string, a missing colon...): the members read up to
+    there count. The last ``job_id`` member read wins, as in a decode."""
+    m = _SCAN_TOKEN.match(data)
+    if m is not None and data[m.start()] in _SPACE:
+        m = _SCAN_TOKEN.match(data, m.end())
+    if m is None or data[m.start()] != _LBRACE:
+        return None, None
+    pos, n = m.end(), len(data)
+    value: bytes | None = None  # the value token of the last job_id member read
+    state = "key"  # key -> colon -> value -> comma -> key ...
+    key_is_job_id = False
+    while pos < n:
+        if state == "key":
+            member = _SCAN_MEMBER.match(data, pos)
+            if member is not None:
+                if _is_job_id_key(data, *member.span(1)):
+                    start, end = member.span(2)
+                    value = bytes(data[start : min(end, start + _MAX_ID_TOKEN)])
+                pos = member.end()
+                continue
+        m = _SCAN_TOKEN.match(data, pos)
+        if m is None:
+            break  # an unterminated string
+        start, pos = m.span()
+        first = data[start]
+        if first in _SPACE:
+            continue
+        if state == "key":
+            if first != _QUOTE:
+                break  # "}" (the end of the object) or garbage where a key belongs
+            key_is_job_id, state = _is_job_id_key(data, start, pos), "colon"
+        elif state == "colon":
+            if first != _COLON:
+                break
+            state = "value"
+        elif state == "value":
+            if key_is_job_id:
+                value = bytes(data[start : min(pos, start + _MAX_ID_TOKEN)])
+            if first in _OPENERS:
+                pos = _skip_nested(data, pos)
+                if pos < 0:
+                    break
+            state = "comma"
+        else:  # after a value
+            if first != _COMMA:
+                break
+            state = "key"
+    if value is None:
+        return None, None
+    text = _json_text(value) if value[:1] == b'"' else None
+    if text is None:
+        return None, value[:200].decode("utf-8", "replace")
+    return (text if is_valid_job_id(text) else None), text[:200]
+
+
+def _is_job_id_key(data: bytes | memoryview, start: int, end: int) -> bool:
+    if end - start > _MAX_ID_TOKEN:
+        return False
+    token = bytes(data[start:end])
+    return token == _JOB_ID_KEY or (b"\\" in token and _json_text(token) == "job_id")
+
+
+def _skip_nested(data: bytes | memoryview, pos: int) -> int:
+    """Position just after the nested value whose opening bracket ends at `pos`; -1 if the
+    payload ends first (bracket kinds are not matched: the scan is lenient). Runs of
+    brackets are counted a run at a time, so deep nesting costs no more than its bytes."""
+    depth, n = 1, len(data)
+    while True:
+        m = _SCAN_NESTED.match(data, pos)
+        pos = m.end() if m is not None else pos
+        if pos >= n:
+            return -1
+        run = _BRACKETS.match(data, pos)
+        if run is None:  # an unterminated string: nothing more can be followed
+            return -1
+        if run.start(1) >= 0:  # a run of openers
+            depth += run.end() - pos
+        elif depth <= run.end() - pos:
+            return pos + depth
+        else:
+            depth -= run.end() - pos
+        pos = run.end()
+
+
+def _json_text(token: bytes) -> str | None:
+    """The text of a JSON string token (quotes included), or None if it is not valid UTF-8
+    or has a bad escape."""
+    try:
+        text = json.loads(token.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return text if isinstance(text, str) else None
 
 
 # ----------------------------------------------------------------------------- events
@@ -229,15 +390,28 @@ class End(msgspec.Struct, forbid_unknown_fields=True, tag_field="event", tag="en
     tokens_per_s: float
 
 
-class Error(msgspec.Struct, forbid_unknown_fields=True, tag_field="event", tag="error"):
+class Error(
+    msgspec.Struct, forbid_unknown_fields=True, tag_field="event", tag="error", omit_defaults=True
+):
     job_id: str
     code: ErrorCode
     message: str
     retriable: bool
+    # Why a CANCELLED job was cancelled, when the worker knows more than "asked to":
+    # "client_gone" (its lease ran out) or the reason a cancel request gave. Absent otherwise.
+    reason: str | None = None
 
 
 Event = Started | Token | Metrics | End | Error
 TerminalEvent = End | Error
+
+
+def handed_back(event: Event) -> bool:
+    """An error that ends one attempt, not the job: after a device failure (CUDA_ERROR) the
+    worker hands the job back and JetStream delivers it again (a new `started`, attempt + 1),
+    or, out of deliveries, a worker ends it with INTERNAL."""
+    return isinstance(event, Error) and event.code is ErrorCode.CUDA_ERROR
+
 
 _event_decoder: Final = msgspec.json.Decoder(Event)
 _encoder: Final = msgspec.json.Encoder()
@@ -271,8 +445,14 @@ CancelStatus = Literal[
 ]
 
 
-class CancelRequest(msgspec.Struct, forbid_unknown_fields=True):
+CancelReason = Annotated[str, msgspec.Meta(pattern=r"\A[a-z_]{1,32}\Z")]
+
+
+class CancelRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     job_id: JobId
+    # optional, carried to the job's CANCELLED event (e.g. "client_gone" from a gateway
+    # whose HTTP client disconnected; the worker's own lease expiry uses it too)
+    reason: CancelReason | None = None
 
 
 class CancelReply(msgspec.Struct, forbid_unknown_fields=True):

@@ -6,6 +6,11 @@
 # usage (device): source .device/setup.sh && bash scripts/device/gpu-check.sh [MODELS] [TESTS]
 #   MODELS: comma list of qwen2,phi3,gpt-oss (default qwen2); TESTS: pytest -k filter, or
 #   "none" to skip the tests.
+# Environment: NO_LLAMA=1 (no llama.cpp), BATCH (bench --batch list; "" skips the bench),
+#   NOINV (also bench without batch invariance at these B), PROFILE (kernel profiles at these
+#   B), SERVE=1 (serving over NATS on the first model: bench --suite --concurrency $CONC,
+#   the soak against a GPU worker with VRAM before/after, gateway-bench), TEST_FILES,
+#   TEST_TIMEOUT, REPS.
 set -uo pipefail
 OUT=${OUT:-/tmp/batch_out}
 mkdir -p "$OUT"
@@ -15,7 +20,7 @@ S=$WORKER_ORCD_SYNTH_DIR
 mkdir -p "$S"
 MODELS=${1:-qwen2}
 TESTS=${2:-}
-BATCH=${BATCH:-1,8,32,64,128}
+BATCH=${BATCH-1,8,32,64,128}
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
 lcpp=/tmp/lcpp
@@ -53,6 +58,7 @@ if [ -n "${PROFILE:-}" ]; then
   done
 fi
 for m in ${MODELS//,/ }; do
+  [ -n "$BATCH" ] || break
   f=$S/$m-full-$(mix "$m").gguf
   for _ in $(seq 400); do [ -f "$f" ] && break; sleep 1; done  # its synthetic file
   timeout "${BENCH_TIMEOUT:-150}" python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold \
@@ -66,6 +72,41 @@ for m in ${MODELS//,/ }; do
     grep "^{" "$OUT/bench-$m-noinv.txt" | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ('pp_tok_s','tg_tok_s','batch_invariant','error')})"
   fi
 done
+if [ -n "${SERVE:-}" ]; then
+  m=${MODELS%%,*}; f=$S/$m-full-$(mix "$m").gguf
+  for _ in $(seq 400); do [ -f "$f" ] && break; sleep 1; done
+  timeout 300 python3 -m worker bench --suite --model "$f" --ctx-size 4096 --no-cold \
+    --concurrency "${CONC:-1,16,64}" --jobs-per-client 4 --max-tokens 128 --jobs 20 \
+    --health-requests 1000 --cancel-runs 10 --vram-jobs 100 >"$OUT/suite.json" 2>"$OUT/suite.err"
+  echo "suite rc=$? ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/suite.err"
+  python3 - "$OUT/suite.json" <<'PY'
+import json, sys
+d = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print({k: d.get(k) for k in ("gpu", "error", "ttft", "inter_token", "health", "cancel", "vram", "pass")})
+print("abandoned", d.get("abort", {}).get("abandoned"))
+for p in d.get("concurrency", []):
+    print(p["clients"], p["jobs"], p["tokens_per_s"], p["ttft"], p["inter_token"], p["errors"][:2])
+PY
+  # soak against one GPU worker (embedded nats-server): every job ends once, VRAM after
+  python3 -m worker serve --device cuda --model "$f" --model-ref soak --ctx-size 4096 \
+    --log-format json >"$OUT/soak-worker.log" 2>&1 &
+  wpid=$!
+  for _ in $(seq 120); do grep -q '"event": *"ready"' "$OUT/soak-worker.log" && break; sleep 1; done
+  python3 -m worker health --model-ref soak --json >"$OUT/soak-health-before.json" 2>&1
+  timeout 150 python3 -m tools.soak --nats-url nats://127.0.0.1:4222 --model-ref soak \
+    --jobs 1000 --clients 8 --in-flight 8 --worker-pid "$wpid" >"$OUT/soak.json" 2>"$OUT/soak.err"
+  echo "soak rc=$?"; tail -c 1500 "$OUT/soak.json"; echo
+  python3 -m worker health --model-ref soak --json >"$OUT/soak-health-after.json" 2>&1
+  python3 - "$OUT" <<'PY'
+import json, sys
+b, a = (json.loads(open(f"{sys.argv[1]}/soak-health-{w}.json").read()) for w in ("before", "after"))
+print("soak VRAM before/after", b.get("vram_bytes_used"), a.get("vram_bytes_used"), a.get("status"))
+PY
+  kill -TERM $wpid; wait $wpid; echo "soak worker exit $?"
+  timeout 200 python3 -m worker gateway-bench --model "$f" --device cuda --jobs 20 \
+    --max-tokens 64 --streams 256 >"$OUT/gateway-bench.json" 2>"$OUT/gateway-bench.err"
+  echo "gateway-bench rc=$?"; tail -c 2500 "$OUT/gateway-bench.json"; echo
+fi
 [ -n "$LCPP" ] && timeout 400 tail --pid=$LCPP -f /dev/null && tail -1 "$OUT/lcpp_build.log"
 for m in ${MODELS//,/ }; do
   [ -n "$LCPP" ] || break
@@ -82,4 +123,5 @@ done
 echo "total $(( $(date +%s) - t0 )) s"
 # what comes back: at most 8 files
 tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz --exclude '*.json' . 2>/dev/null
-find "$OUT" -maxdepth 1 -type f ! -name logs.tgz ! -name 'profile-*.json' ! -name 'bench-*.txt' -delete
+find "$OUT" -maxdepth 1 -type f ! -name logs.tgz ! -name 'profile-*.json' ! -name 'bench-*.txt' \
+  ! -name suite.json ! -name soak.json ! -name gateway-bench.json -delete

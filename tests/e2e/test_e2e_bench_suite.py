@@ -41,6 +41,10 @@ def test_bench_suite_cpu(tiny_model: Path) -> None:
         "5",
         "--loads",
         "2",
+        "--concurrency",
+        "1,4",
+        "--jobs-per-client",
+        "2",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -62,8 +66,19 @@ def test_bench_suite_cpu(tiny_model: Path) -> None:
     _check_percentiles(out["health"], 40)
     _check_percentiles(out["cancel"], 2)
     assert out["abort"]["cancelled"] == out["cancel"]
-    assert out["abort"]["abandoned"] is None
-    assert any(m.startswith("abandoned:") for m in out["missing"])
+    abandoned = out["abort"]["abandoned"]
+    _check_percentiles(abandoned, 3)
+    assert abandoned["lease_s"] == 1.0 and abandoned["p99_ms"] < 1000  # within 1 s of expiry
+    assert not any(m.startswith("abandoned:") for m in out["missing"])
+
+    # N closed-loop clients at once: every job answered, figures per phase
+    phases = out["concurrency"]
+    assert [p["clients"] for p in phases] == [1, 4] and [p["jobs"] for p in phases] == [2, 8]
+    for p in phases:
+        assert p["errors"] == [] and p["tokens"] > 0
+        assert abs(p["tokens_per_s"] - p["tokens"] / p["wall_s"]) < 0.01 * p["tokens_per_s"]
+        _check_percentiles(p["ttft"], p["jobs"])
+        assert p["inter_token"]["n"] == p["tokens"] - p["jobs"]  # every token after the first
     assert out["vram"] == {"baseline_bytes": 0, "after_bytes": 0, "jobs": 5}
 
     shutdown = out["shutdown"]
@@ -77,6 +92,7 @@ def test_bench_suite_cpu(tiny_model: Path) -> None:
         "inter_token_p95_lt_1_5ms",
         "health_p99_lt_2ms",
         "cancel_p95_lt_10ms",
+        "abandoned_p95_lt_1s",
         "vram_back_at_baseline",
         "warm_load_lt_3s",
         "shutdown_lt_30s_exit_0",

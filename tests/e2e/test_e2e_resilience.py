@@ -1,5 +1,8 @@
 """Failures around a running job: kill -9 of the worker (redelivery to a second worker),
-nats-server restart (reconnect, nothing lost), shutdown request and SIGTERM (drain, exit 0)."""
+nats-server restart (reconnect, nothing lost), shutdown request and SIGTERM (drain, exit 0);
+and under load: nats-server killed -9 with several jobs in flight, a worker killed -9 with
+two workers sharing eight jobs (every job ends exactly once, attempts counted). A job past
+--inference-timeout-sec (INFERENCE_TIMEOUT): tests/e2e/test_e2e_jobs.py."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any
 from worker.client import OrcdClient, final_attempt
 from worker.errors import ErrorCode
 from worker.nats.server import EmbeddedNatsServer
-from worker.protocol import End, Error, Event, Metrics, Started, Token
+from worker.protocol import End, Error, Event, Metrics, Started, Token, decode_health
 
 REF = "tiny"
 LONG = {"prompt": "x", "max_tokens": 2048, "temperature": 0.0}
@@ -230,3 +233,181 @@ async def test_job_out_of_deliveries_ends_with_an_error(
     while (await client.js.stream_info("ORCD_JOBS")).state.messages != 0:
         assert time.monotonic() < deadline, "the job was not removed from the queue"
         await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- under load
+# Several jobs at once (queued and running, however many the worker runs together): the
+# checks are per job, black-box, and hold whatever the scheduler.
+
+
+def run_many(
+    client: OrcdClient, job_ids: list[str], max_tokens: int = 300
+) -> tuple[dict[str, list[Event]], asyncio.Future[Any]]:
+    """Start every job at once; (each job's events as its client sees them, the runner)."""
+    seen: dict[str, list[Event]] = {j: [] for j in job_ids}
+
+    async def one(job_id: str) -> None:
+        async for ev in client.generate(
+            REF,
+            job_id=job_id,
+            prompt=f"job {job_id}",
+            max_tokens=max_tokens,
+            temperature=0.0,
+            timeout_s=300,
+            gap_timeout_s=2,
+        ):
+            seen[job_id].append(ev)
+
+    return seen, asyncio.gather(*(one(j) for j in job_ids))
+
+
+async def wait_any_tokens(seen: dict[str, list[Event]], n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(isinstance(e, Token) for evs in seen.values() for e in evs) < n:
+        assert time.monotonic() < deadline, "no job produced tokens"
+        await asyncio.sleep(0.02)
+
+
+async def queue_empty(client: OrcdClient, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (await client.js.stream_info("ORCD_JOBS")).state.messages:
+        assert time.monotonic() < deadline, "jobs left in the queue"
+        await asyncio.sleep(0.05)
+
+
+def exactly_once(seen: dict[str, list[Event]]) -> int:
+    """Every job: one terminal event seen by its client, an `end` after a complete final
+    attempt. Returns the number of attempts in all."""
+    attempts = 0
+    for job_id, evs in seen.items():
+        assert sum(isinstance(e, End | Error) for e in evs) == 1, (job_id, evs[-2:])
+        complete(final_attempt(evs), job_id)
+        attempts += sum(isinstance(e, Started) for e in evs)
+    return attempts
+
+
+async def test_nats_killed_and_restarted_under_running_jobs(
+    tmp_path: Path, spawn_worker: Any, tiny_model: Path
+) -> None:
+    """nats-server killed -9 (no clean shutdown) with jobs running and queued, back 2 s
+    later from the same store: every job ends exactly once, its events complete."""
+    srv = EmbeddedNatsServer(store_dir=tmp_path / "nats-kill")
+    srv.start()
+    client = await OrcdClient.connect(srv.url)
+    try:
+        w = spawn_worker(tiny_model, srv.url, REF, "--ctx-size", "1024").wait_ready()
+        job_ids = [f"nk-{k}" for k in range(5)]
+        seen, runner = run_many(client, job_ids)
+        await wait_any_tokens(seen, 10)
+        srv.stop(signal.SIGKILL)
+        await asyncio.sleep(2.0)
+        srv.start()
+        await asyncio.wait_for(runner, 240)
+        attempts = exactly_once(seen)
+        await queue_empty(client)
+        for job_id in job_ids:  # the stored stream has the attempt the client saw end
+            live = [e for e in final_attempt(seen[job_id]) if not isinstance(e, Metrics)]
+            stored = await client.replay(job_id)
+            assert isinstance(live[0], Started)
+            starts = [k for k, e in enumerate(stored) if isinstance(e, Started)]
+            at = next(k for k in starts if stored[k] == live[0])
+            got = [e for e in stored[at:] if not isinstance(e, Metrics)][: len(live)]
+            assert got == live, job_id
+        assert (await client.health(w.worker_id, timeout_s=10)).status == "healthy"
+        print(f"nats-server kill -9: {len(job_ids)} jobs, {attempts} attempts, none lost")
+    finally:
+        await client.close()
+        srv.cleanup()
+
+
+async def test_worker_killed_under_load_every_job_done_once(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    """Two workers on one model, eight jobs; one worker killed -9 mid-run: every job ends
+    exactly once from its client's view (its final attempt complete), the victim's running
+    job(s) redelivered to the survivor (attempt 2)."""
+    flags = ("--ctx-size", "1024", "--ack-wait-s", "2")
+    a = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    b = spawn_worker(tiny_model, nats_server.url, REF, *flags)
+    a.wait_ready()
+    b.wait_ready()
+    job_ids = [f"wk-{k}" for k in range(8)]
+    seen, runner = run_many(client, job_ids, max_tokens=200)
+    deadline = time.monotonic() + 60
+    victim = None
+    while victim is None:
+        for job_id in job_ids:
+            evs = seen[job_id]
+            if sum(isinstance(e, Token) for e in evs) >= 5 and not isinstance(evs[-1], End):
+                wid = evs[0].worker_id  # type: ignore[union-attr]
+                victim = a if wid == a.worker_id else b
+                break
+        assert time.monotonic() < deadline, "no job running"
+        await asyncio.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)
+    await asyncio.wait_for(runner, 240)
+    attempts = exactly_once(seen)
+    redelivered = [
+        j for j in job_ids if any(isinstance(e, Started) and e.attempt > 1 for e in seen[j])
+    ]
+    assert redelivered, "the killed worker's job was not redelivered"
+    survivor = b if victim is a else a
+    for j in redelivered:
+        last_start = [e for e in seen[j] if isinstance(e, Started)][-1]
+        assert last_start.worker_id == survivor.worker_id
+    await queue_empty(client)  # each job's ack follows its terminal event
+    print(f"worker kill -9: {len(job_ids)} jobs, {attempts} attempts, redelivered {redelivered}")
+
+
+async def test_device_fault_fails_the_batch_then_drains_exits_3_and_jobs_are_redone(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    """A device error in the engine thread (injected: WORKER_ORCD_FAIL_STEP) while it runs
+    three jobs: each attempt ends CUDA_ERROR (retriable) and is handed back, health turns
+    unhealthy, the worker drains and exits 3 so its supervisor restarts it, and a second
+    worker redoes every job: the client follows each job through both attempts to its end."""
+    flags = ("--ctx-size", "4096", "--max-batch", "4")
+    a = spawn_worker(
+        tiny_model, nats_server.url, REF, *flags, env={"WORKER_ORCD_FAIL_STEP": "40"}
+    ).wait_ready()
+    beats: list[str] = []
+
+    async def on_beat(msg: Any) -> None:
+        beats.append(decode_health(msg.data).status)
+
+    await client.nc.subscribe(client.subjects.heartbeat(a.worker_id), cb=on_beat)
+    seen: dict[str, list[Event]] = {f"fault-{k}": [] for k in range(3)}
+
+    async def follow(job_id: str) -> None:
+        async for ev in client.generate(
+            REF, job_id=job_id, timeout_s=180, prompt="x", max_tokens=300, temperature=0.0
+        ):
+            seen[job_id].append(ev)
+
+    tasks = [asyncio.create_task(follow(j)) for j in seen]
+    # drained and gone: exit 3 after a device failure
+    assert await asyncio.to_thread(a.wait_exit, 60) == 3
+    assert a.events("error")[0]["code"] == "CUDA_ERROR"
+    assert "injected" in a.events("unhealthy")[0]["reason"]
+    assert "unhealthy" in beats  # what a watcher of the heartbeats saw before it exited
+    for job_id, evs in seen.items():  # each attempt so far: started, tokens, CUDA_ERROR
+        assert isinstance(evs[0], Started) and evs[0].worker_id == a.worker_id, evs[:1]
+        err = next(e for e in evs if isinstance(e, Error))
+        assert err.code is ErrorCode.CUDA_ERROR and err.retriable and "injected" in err.message
+        assert not tasks[int(job_id[-1])].done()  # the client waits for the next attempt
+    b = spawn_worker(tiny_model, nats_server.url, REF, *flags).wait_ready()
+    await asyncio.wait_for(asyncio.gather(*tasks), 150)
+    for job_id, evs in seen.items():
+        starts = [e for e in evs if isinstance(e, Started)]
+        assert [(s.attempt, s.worker_id) for s in starts] == [
+            (1, a.worker_id),
+            (2, b.worker_id),
+        ]
+        complete(final_attempt(evs), job_id)
+    assert (await client.health(b.worker_id)).status == "healthy"

@@ -38,5 +38,6 @@ async def test_suite_against_a_live_worker(
         "inter_token_p95_lt_1_5ms",
         "health_p99_lt_2ms",
         "cancel_p95_lt_10ms",
+        "abandoned_p95_lt_1s",
         "vram_back_at_baseline",
     }

@@ -139,7 +139,8 @@ def test_boundaries_are_inclusive() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad_id", ["", "a" * 129, "has space", "dot.ted", "star*", "gt>", "ünïcode", "new\nline"]
+    "bad_id",
+    ["", "a" * 129, "has space", "dot.ted", "star*", "gt>", "ünïcode", "new\nline", "end\n"],
 )
 def test_bad_job_id_is_rejected_and_not_used_as_a_subject(bad_id: str) -> None:
     exc = expect_invalid(job(job_id=bad_id), "job_id", job_id=None)
@@ -154,7 +155,7 @@ def test_job_id_limits() -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"not json", b"{", b"[1,2]", b"null", b'"job"', b"\xff\xfe", b'{"job_id": "a",}']
+    "data", [b"", b"not json", b"{", b"[1,2]", b"null", b'"job"', b"\xff\xfe", b'{"job_id": "a']
 )
 def test_malformed_payload_is_invalid_without_job_id(data: bytes) -> None:
     with pytest.raises(InvalidJob) as info:

@@ -130,7 +130,29 @@ def add_nats_options(
         metavar="PREFIX",
         help="first token of every subject; the worker's --subject-prefix",
     )
+    from worker.nats.options import add_nats_connect_arguments
+
+    add_nats_connect_arguments(p)
     return g
+
+
+class BadOption(ValueError):
+    """A flag's value that cannot be used (exit 2, one line)."""
+
+
+async def connect_client(args: argparse.Namespace) -> Any:
+    """An OrcdClient for the flags of `add_nats_options`: URL, connect timeout, prefix,
+    credentials and TLS."""
+    from worker.client import OrcdClient
+    from worker.nats.options import nats_connect_options
+
+    try:
+        options = nats_connect_options(args)
+    except ValueError as exc:
+        raise BadOption(str(exc)) from None
+    return await OrcdClient.connect(
+        args.nats_url, args.subject_prefix, args.connect_timeout, options=options
+    )
 
 
 def add_connect_timeout(
@@ -304,6 +326,8 @@ def run_client(
 
     try:
         rc: int = anyio.run(main, args)
+    except BadOption as exc:
+        return fail(args, str(exc), EXIT_USAGE)
     except NatsUnavailable as exc:
         hint = " Is a worker running? `worker-orcd serve` starts its own nats-server."
         return fail(args, f"{exc}.{hint if args.nats_url == DEFAULT_NATS_URL else ''}")

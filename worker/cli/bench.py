@@ -145,6 +145,20 @@ def register(subparsers: SubParsers) -> None:
         help="jobs before the VRAM baseline check",
     )
     s.add_argument(
+        "--concurrency",
+        default="",
+        metavar="LIST",
+        help="also run N clients at once for each N, e.g. 1,16,64 (each sends its next job "
+        "when its last ends): aggregate tokens/s, TTFT and inter-token percentiles",
+    )
+    s.add_argument(
+        "--jobs-per-client",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="jobs each --concurrency client sends (4)",
+    )
+    s.add_argument(
         "--loads",
         type=positive_int,
         default=1,
@@ -395,6 +409,8 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
         vram_jobs=args.vram_jobs,
         loads=args.loads,
         cold=not args.no_cold,
+        concurrency=[int(x) for x in args.concurrency.split(",") if x.strip()],
+        jobs_per_client=args.jobs_per_client,
         load_timeout_s=args.load_timeout_s,
     )
     result = asyncio.run(suite.run_live_suite(opts))

@@ -14,6 +14,7 @@ from worker.cli._common import (
     add_command,
     add_json_option,
     add_nats_options,
+    connect_client,
     fail,
     positive_float,
     run_client,
@@ -65,9 +66,8 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 async def _cancel(args: argparse.Namespace) -> int:
-    from worker.client import OrcdClient
 
-    client = await OrcdClient.connect(args.nats_url, args.subject_prefix, args.connect_timeout)
+    client = await connect_client(args)
     try:
         replies: list[CancelReply] = await client.cancel(args.job_id, timeout_s=args.timeout)
         url = client.url

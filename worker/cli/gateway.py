@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="give up (exit 1) when NATS is not reachable within S seconds at startup (10)",
     )
     p.add_argument("--log-format", choices=["json", "pretty"], default="pretty")
+    from worker.nats.options import add_nats_connect_arguments
+
+    add_nats_connect_arguments(p)
     p.set_defaults(func=run_gateway)
 
     b = subparsers.add_parser(
@@ -76,6 +79,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         from worker.gateway.app import GatewayConfig
         from worker.gateway.auth import ApiKeys
         from worker.gateway.server import run
+        from worker.nats.options import nats_connect_options
     except ImportError as exc:
         print(
             f"worker-orcd gateway: {exc}; install the gateway extra "
@@ -95,6 +99,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             request_timeout_s=args.request_timeout_s,
             worker_ttl_s=args.worker_ttl_s,
             connect_timeout_s=args.connect_timeout,
+            nats_options=nats_connect_options(args),
         )
         keys = ApiKeys.from_file(args.api_key_file) if args.api_key_file else None
     except (OSError, ValueError) as exc:

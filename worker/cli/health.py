@@ -17,6 +17,7 @@ from worker.cli._common import (
     add_json_option,
     add_model_ref_option,
     add_nats_options,
+    connect_client,
     fail,
     positive_float,
     run_client,
@@ -79,9 +80,7 @@ def run_health(args: argparse.Namespace) -> int:
 async def _health(args: argparse.Namespace) -> int:
     import nats.errors
 
-    from worker.client import OrcdClient
-
-    client = await OrcdClient.connect(args.nats_url, args.subject_prefix, args.connect_timeout)
+    client = await connect_client(args)
     try:
         subject = client.subjects.health(args.worker_id) if args.worker_id else None
         if args.all:

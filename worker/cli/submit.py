@@ -22,12 +22,13 @@ from worker.cli._common import (
     add_model_ref_option,
     add_nats_options,
     add_sampling_options,
+    connect_client,
     fail,
     positive_float,
     run_client,
     sampling_fields,
 )
-from worker.protocol import End, Error, Job, Started, Token
+from worker.protocol import End, Error, Job, Started, Token, handed_back
 
 ORDER = 20
 
@@ -77,6 +78,15 @@ def register(subparsers: SubParsers) -> None:
         action="store_true",
         help="publish even when no worker serves REF now; the job waits in the queue",
     )
+    j.add_argument(
+        "--lease-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="the job's lease, renewed while this command runs: if it dies, the worker ends "
+        "the job (CANCELLED, client_gone) within a second of the lease running out; "
+        "0: no lease (default 30)",
+    )
     add_sampling_options(p, max_tokens=256, temperature=None)
     add_nats_options(p)
     add_json_option(p, "every event, one per line,")
@@ -112,8 +122,13 @@ def build_job(args: argparse.Namespace) -> Job:
     from worker.client import OrcdClient
 
     try:
+        lease = {"lease_s": args.lease_s} if args.lease_s else {}
         return OrcdClient.make_job(
-            prompt=prompt, messages=messages, job_id=args.job_id, **sampling_fields(args)
+            prompt=prompt,
+            messages=messages,
+            job_id=args.job_id,
+            **lease,
+            **sampling_fields(args),
         )
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid job: {exc}") from None
@@ -141,10 +156,8 @@ def run_submit(args: argparse.Namespace) -> int:
 async def _submit(args: argparse.Namespace) -> int:
     import anyio
 
-    from worker.client import OrcdClient
-
     job: Job = args.job
-    client = await OrcdClient.connect(args.nats_url, args.subject_prefix, args.connect_timeout)
+    client = await connect_client(args)
     try:
         if args.model_ref:
             ref = args.model_ref
@@ -216,6 +229,13 @@ async def _stream(client: Any, ref: str, job: Job, args: argparse.Namespace) -> 
                     f"\n[{ev.job_id}] {ev.stop_reason}: {ev.prompt_tokens} prompt tokens, "
                     f"{ev.tokens_out} out, TTFT {ev.ttft_ms:.1f} ms, "
                     f"{ev.tokens_per_s:.1f} tokens/s",
+                    flush=True,
+                )
+        elif handed_back(ev):
+            if not args.json:
+                print(
+                    f"\n[attempt failed: {ev.code}: {ev.message}; the job was handed back]",
+                    file=sys.stderr,
                     flush=True,
                 )
         elif isinstance(ev, Error):

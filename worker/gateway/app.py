@@ -16,7 +16,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,7 +46,18 @@ from worker.gateway.translate import (
     model_ref,
 )
 from worker.narration import narrate
-from worker.protocol import End, Error, Event, Health, Job, Metrics, Started, Token
+from worker.nats.options import NatsConnectOptions
+from worker.protocol import (
+    End,
+    Error,
+    Event,
+    Health,
+    Job,
+    Metrics,
+    Started,
+    Token,
+    handed_back,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -78,6 +89,7 @@ class GatewayConfig:
     # how long to wait for health replies when a model ref is not known yet
     discovery_probe_s: float = 0.25
     connect_timeout_s: float = 10.0
+    nats_options: NatsConnectOptions = field(default_factory=NatsConnectOptions)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
@@ -383,7 +395,8 @@ class Gateway:
                     code="timeout",
                 ) from None
             # before any token: Started / Metrics; the status waits for the first token
-            while isinstance(ev, Started | Metrics):
+            # (an attempt handed back after a device failure: the next one follows)
+            while isinstance(ev, Started | Metrics) or handed_back(ev):
                 if isinstance(ev, Started):
                     started = ev
                 ev = await anext(events)
@@ -506,6 +519,8 @@ class Gateway:
                         last = now
                 elif isinstance(ev, Started):
                     replaying = True
+                elif handed_back(ev):
+                    pass  # its next attempt follows (Started, then the tokens again)
                 elif isinstance(ev, End):
                     relay.finished = True
                     await relay.send_last(body + tmpl.closing(ev))
@@ -536,6 +551,8 @@ class Gateway:
                 parts.append(ev.t)
             elif isinstance(ev, Started):  # a new attempt (redelivered) starts from scratch
                 parts.clear()
+            elif handed_back(ev):
+                pass  # its next attempt follows
             elif isinstance(ev, End):
                 relay.finished = True
                 body = full_response(

@@ -36,7 +36,10 @@ async def serve(config: GatewayConfig, keys: ApiKeys | None = None) -> int:
 
     try:
         client = await OrcdClient.connect(
-            config.nats_url, config.subject_prefix, connect_timeout_s=config.connect_timeout_s
+            config.nats_url,
+            config.subject_prefix,
+            connect_timeout_s=config.connect_timeout_s,
+            options=config.nats_options,
         )
     except Exception as exc:
         narrate(

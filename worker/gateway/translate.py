@@ -159,9 +159,14 @@ def _sampling(req: _Common, max_tokens: int | None) -> dict[str, Any]:
     return out
 
 
+# The gateway renews each job's lease while it relays the job (OrcdClient.run_job); if the
+# gateway process dies, the worker ends the job (client_gone) instead of decoding for nobody.
+JOB_LEASE_S: Final = 30.0
+
+
 def _job(fields: dict[str, Any]) -> Job:
     try:
-        return msgspec.convert(fields, Job)
+        return msgspec.convert({"lease_s": JOB_LEASE_S, **fields}, Job)
     except msgspec.ValidationError as exc:
         raise _decode_error(exc) from None
 

@@ -2,7 +2,8 @@
 
 - `connect`: a nats-py connection, given up after a timeout at first (`NatsUnavailable`),
   then reconnecting forever (an outage is waited out).
-- `ensure_streams`: ORCD_JOBS (work queue over ``orcd.jobs.>``) and ORCD_EVENTS (limits
+- `ensure_streams`: ORCD_JOBS (work queue over ``orcd.jobs.>``, messages of at most
+  MAX_JOB_PAYLOAD_BYTES) and ORCD_EVENTS (limits
   retention over ``orcd.events.>``, configurable max age, 2-minute duplicate window) are
   created if missing; an existing stream is used as it is.
 - `job_subscription`: the durable pull consumer ``orcd-<ref>`` shared by every worker of a
@@ -37,7 +38,14 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from worker.protocol import EVENTS_STREAM, JOBS_STREAM, Subjects, consumer_name
+from worker.nats.options import NatsConnectOptions, split_servers
+from worker.protocol import (
+    EVENTS_STREAM,
+    JOBS_STREAM,
+    MAX_JOB_PAYLOAD_BYTES,
+    Subjects,
+    consumer_name,
+)
 
 EVENTS_DUPLICATE_WINDOW_S = 120.0
 PUBLISH_ASYNC_MAX_PENDING = 8192
@@ -79,6 +87,7 @@ async def connect(
     on_error: Callable[[Exception], Awaitable[None]] | None = None,
     connect_timeout_s: float = 30.0,
     on_retry: Callable[[int, str, float], None] | None = None,
+    options: NatsConnectOptions | None = None,
     **nats_options: Any,
 ) -> NatsClient:
     """Connect within `connect_timeout_s` or raise `NatsUnavailable`; once connected, the
@@ -88,8 +97,11 @@ async def connect(
     the deadline); `on_retry(attempt, reason, pause_s)` is told of each failed attempt.
     nats-py itself would retry a first connection forever once reconnects are unlimited, so
     each attempt allows it one retry and the unlimited reconnects are switched on only after
-    the connection is up (its options are read at every reconnect). `nats_options` go to
-    nats-py's connect as they are (credentials, TLS, ...)."""
+    the connection is up (its options are read at every reconnect).
+
+    `url` may list several servers, comma-separated (a cluster's nodes: the client moves to
+    another when one goes away); `options` carries credentials and TLS (worker/nats/
+    options.py); `nats_options` go to nats-py's connect as they are."""
     connected = False
     last_error: list[BaseException | None] = [None]
 
@@ -118,8 +130,8 @@ async def connect(
         nc = NatsClient()
         left = deadline - loop.time()
         # nats-py annotates these as int; fractions of a second work and are what we want
-        options: dict[str, Any] = {
-            "servers": [url],
+        kwargs: dict[str, Any] = {
+            "servers": split_servers(url),
             "name": name,
             "allow_reconnect": True,
             "max_reconnect_attempts": 1,
@@ -131,10 +143,11 @@ async def connect(
             "disconnected_cb": _disc,
             "reconnected_cb": _reco,
             "error_cb": _err,
+            **(options.connect_kwargs() if options is not None else {}),
             **nats_options,
         }
         try:
-            await asyncio.wait_for(nc.connect(**options), max(0.1, left))
+            await asyncio.wait_for(nc.connect(**kwargs), max(0.1, left))
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -172,6 +185,9 @@ async def ensure_streams(
             storage=StorageType.FILE,
             num_replicas=replicas,
             duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+            # a larger job is refused to its publisher at once (the worker refuses one that
+            # reaches it through a stream created without this limit)
+            max_msg_size=MAX_JOB_PAYLOAD_BYTES,
         ),
     )
     await _ensure_stream(

@@ -54,9 +54,14 @@ class EmbeddedNatsServer:
     """A nats-server child process: ``-js -a 127.0.0.1 -p PORT -sd STORE``.
 
     The store directory survives `stop()`/`start()` so JetStream state outlives a restart.
+    `config` (nats-server configuration text: accounts and permissions, TLS, a cluster block)
+    is written to ``STORE/nats.conf`` and passed with ``-c``; the flags above still apply.
     """
 
-    def __init__(self, port: int | None = None, store_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, store_dir: Path | None = None, config: str | None = None
+    ) -> None:
+        self.config = config
         self.port = port or free_port()
         self._own_store = store_dir is None
         self.store_dir = (
@@ -83,6 +88,10 @@ class EmbeddedNatsServer:
             "-l",
             str(self.log_path),
         ]
+        if self.config is not None:
+            conf = self.store_dir / "nats.conf"
+            conf.write_text(self.config)
+            cmd += ["-c", str(conf)]
         # Own session: a terminal's Ctrl-C (sent to the whole foreground group) must not stop
         # the server before the worker has drained its active job; the worker stops it.
         self.proc = subprocess.Popen(
@@ -135,6 +144,65 @@ class EmbeddedNatsServer:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
+
+
+class NatsCluster:
+    """`size` nats-server nodes on loopback forming one JetStream cluster (routes between all
+    of them), for the scale-out tests and a local try-out of the README's cluster set-up.
+
+    Streams created with ``--stream-replicas 3`` are replicated on three nodes; the cluster
+    keeps serving them while a majority of nodes is up. `url` lists every node (what clients
+    and workers should be given); `node_urls[k]` is one node's."""
+
+    def __init__(self, base_dir: Path, size: int = 3, name: str = "orcd") -> None:
+        self.route_ports = [free_port() for _ in range(size)]
+        self.monitor_ports = [free_port() for _ in range(size)]  # HTTP /connz, /jsz...
+        self.nodes: list[EmbeddedNatsServer] = []
+        for k in range(size):
+            routes = ", ".join(
+                f"nats-route://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != k
+            )
+            config = (
+                f"server_name: n{k + 1}\n"
+                f"cluster {{\n  name: {name}\n  listen: 127.0.0.1:{self.route_ports[k]}\n"
+                f"  routes: [{routes}]\n}}\n"
+                f"http: 127.0.0.1:{self.monitor_ports[k]}\n"
+            )
+            self.nodes.append(EmbeddedNatsServer(store_dir=base_dir / f"n{k + 1}", config=config))
+
+    @property
+    def node_urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.node_urls)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+
+    def node_of(self, connection_name: str) -> int | None:
+        """Index of the running node a client named `connection_name` is connected to."""
+        import json
+        import urllib.request
+
+        for k, port in enumerate(self.monitor_ports):
+            proc = self.nodes[k].proc
+            if proc is None or proc.poll() is not None:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/connz", timeout=2) as r:
+                    conns = json.load(r).get("connections") or []
+            except OSError:
+                continue
+            if any(c.get("name") == connection_name for c in conns):
+                return k
+        return None
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
 
 
 def _main() -> int:  # pragma: no cover - manual helper

@@ -28,4 +28,12 @@ def load_tokenizer(
         beside = Path(model_path).parent / "tokenizer.json"
         if beside.is_file():
             return HFJsonTokenizer(beside, metadata=metadata)
-    return GGUFTokenizer(metadata, source=model_path if model_path is not None else "<metadata>")
+    source = model_path if model_path is not None else "<metadata>"
+    try:
+        return GGUFTokenizer(metadata, source=source)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # metadata of the wrong kind (a corrupt file): say so clearly
+        raise ModelLoadError(
+            source, f"bad tokenizer metadata: {type(exc).__name__}: {exc}"
+        ) from exc
