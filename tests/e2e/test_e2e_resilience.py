@@ -16,7 +16,7 @@ from typing import Any
 from worker.client import OrcdClient, final_attempt
 from worker.errors import ErrorCode
 from worker.nats.server import EmbeddedNatsServer
-from worker.protocol import End, Error, Event, Metrics, Started, Token, decode_health
+from worker.protocol import End, Error, Event, Metrics, Started, Token, decode_health, encode
 
 REF = "tiny"
 LONG = {"prompt": "x", "max_tokens": 2048, "temperature": 0.0}
@@ -411,3 +411,48 @@ async def test_device_fault_fails_the_batch_then_drains_exits_3_and_jobs_are_red
         ]
         complete(final_attempt(evs), job_id)
     assert (await client.health(b.worker_id)).status == "healthy"
+
+
+async def test_redelivered_job_whose_end_is_stored_is_acked_not_run_again(
+    nats_server: EmbeddedNatsServer,
+    client: OrcdClient,
+    spawn_worker: Any,
+    tiny_model: Path,
+) -> None:
+    """An ack lost after the terminal event was stored (e.g. during a leader election):
+    JetStream delivers the job again, and the worker that gets it acks it without running it
+    (no second `started`, no second terminal event). The first delivery is taken here by hand
+    from the workers' own consumer and never acked; its `end` is stored as a worker's would be."""
+    from worker.nats.jetstream import ensure_streams, job_subscription
+
+    js = client.js
+    await ensure_streams(js, client.subjects, events_max_age_s=3600)
+    psub = await job_subscription(js, client.subjects, REF, ack_wait_s=30, max_deliver=5)
+    job = client.make_job(prompt="x", job_id="acked-late", max_tokens=4, temperature=0.0)
+    await client.submit(REF, job)
+    (msg,) = await psub.fetch(1, timeout=5)
+    assert msg.metadata.num_delivered == 1
+    stored = [
+        Started(job_id="acked-late", model="m", started_at="t", seed=1, prompt_tokens=1, attempt=1),
+        End(
+            job_id="acked-late",
+            tokens_out=0,
+            stop_reason="max_tokens",
+            prompt_tokens=1,
+            ttft_ms=1.0,
+            decode_time_ms=1.0,
+            tokens_per_s=1.0,
+        ),
+    ]
+    for ev in stored:
+        await js.publish(client.subjects.events("acked-late"), encode(ev))
+    await msg.nak()  # the lost ack: JetStream delivers it again
+    w = spawn_worker(tiny_model, nats_server.url, REF, "--ctx-size", "512").wait_ready()
+    rec = await asyncio.to_thread(w.wait_event, "duplicate_delivery", 30)
+    assert rec["job_id"] == "acked-late" and rec["attempt"] == 2
+    deadline = time.monotonic() + 10
+    while (await js.stream_info("ORCD_JOBS")).state.messages:  # acked: gone from the queue
+        assert time.monotonic() < deadline, "the redelivered job was not acked"
+        await asyncio.sleep(0.05)
+    assert await client.replay("acked-late") == stored  # not run again
+    assert not w.events("execute_start")
