@@ -4,6 +4,8 @@ logits rows (sampled first), the packed offsets and a graph bucket's padding."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -72,20 +74,27 @@ def test_bucket_padding_is_fixed_and_harmless() -> None:
         Chunk(slot=s, tokens=[s + 1], start=10 + s, blocks=[s], prefill=False, sample=spec)
         for s in range(3)
     ]
-    lay = layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=8)
+    lay = layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=8, pad_slot=16)
     sz = lay.sizes
     assert (sz.tokens, sz.decode, sz.rows) == (8, 8, 8)
     f = _fields(lay)
     assert list(f["kvrow"][3:]) == [TRASH * KV_BLOCK] * 5  # padding writes the trash block
     assert list(f["pos"][3:]) == [0] * 5 and list(f["ids"][3:]) == [0] * 5
-    assert list(f["gidx"]) == list(range(8)) and list(f["slot"][3:]) == [8] * 5
+    # padding rows sample into the spare history slot, never a sequence's (a real slot 8
+    # would have its history overwritten by a padding row)
+    assert list(f["gidx"]) == list(range(8)) and list(f["slot"][3:]) == [16] * 5
     bt = f["bt"].reshape(8, W)
     assert (bt[3:] == TRASH).all()
     # the same sizes give the same offsets: a captured graph finds its inputs every step
-    again = layout_step(chunks[:1], width=W, trash_block=TRASH, pad_decode_to=8)
+    again = layout_step(chunks[:1], width=W, trash_block=TRASH, pad_decode_to=8, pad_slot=16)
     assert again.sizes == sz and again.sizes.offsets() == sz.offsets()
     with pytest.raises(ValueError):
-        layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=2)
+        layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=2, pad_slot=16)
+    with pytest.raises(ValueError, match="needs pad_slot"):
+        layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=8)
+    taken = [dataclasses.replace(chunks[0], slot=16), *chunks[1:]]
+    with pytest.raises(ValueError, match="belongs to a sequence"):
+        layout_step(taken, width=W, trash_block=TRASH, pad_decode_to=8, pad_slot=16)
 
 
 def test_bad_chunks() -> None:

@@ -395,7 +395,11 @@ class CudaBackend:
         graphable = self.use_graphs and all(not c.prefill and c.sample for c in chunks)
         bucket = next(b for b in self.buckets if b >= len(chunks)) if graphable else None
         lay = layout_step(
-            chunks, width=self.width, trash_block=self.kv.trash_block, pad_decode_to=bucket
+            chunks,
+            width=self.width,
+            trash_block=self.kv.trash_block,
+            pad_decode_to=bucket,
+            pad_slot=self.max_batch,  # the history has one slot past the sequences' ones
         )
         sz = lay.sizes
         if sz.rows > self.max_logit_rows:

@@ -84,11 +84,13 @@ def layout_step(
     width: int,
     trash_block: int,
     pad_decode_to: int | None = None,
+    pad_slot: int = -1,
 ) -> StepLayout:
     """The rows and packed inputs of `chunks` (see the module docstring). pad_decode_to: a
     decode-only step padded to that many rows (a graph bucket): padding rows decode token 0
-    at position 0 over the trash block and are sampled greedily into the trash slot
-    (`slot` = pad_decode_to, one past the real ones), their results unused."""
+    at position 0 over the trash block and are sampled greedily into `pad_slot`, a sampler
+    history slot no sequence has (the sampler appends each row's id to its slot's history:
+    a real slot there would be overwritten), their results unused."""
     decode = [i for i, c in enumerate(chunks) if not c.prefill]
     prompt = [i for i, c in enumerate(chunks) if c.prefill]
     for i in decode:
@@ -99,6 +101,10 @@ def layout_step(
     if pad_decode_to is not None:
         if prompt or pad_decode_to < n_dec:
             raise ValueError("padding is for decode-only steps of at most that many rows")
+        if pad_decode_to > n_dec and any(chunks[i].slot == pad_slot for i in decode):
+            raise ValueError(f"padding slot {pad_slot} belongs to a sequence of the step")
+        if pad_decode_to > n_dec and pad_slot < 0:
+            raise ValueError("padding needs pad_slot, a history slot no sequence has")
         pad = pad_decode_to - n_dec
     rows_of: dict[int, tuple[int, int]] = {}
     row = 0
@@ -158,7 +164,7 @@ def layout_step(
     r = n_s
     if pad:
         gidx[r : r + pad] = range(n_dec, n_dec + pad)
-        slot[r : r + pad] = n_dec + pad  # the padding slot: pad_decode_to (see the docstring)
+        slot[r : r + pad] = pad_slot  # the spare history slot (see the docstring)
         pack_sample_args(f["sargs"][r * ARGS_INTS : (r + pad) * ARGS_INTS], [None] * pad)
         r += pad
     logits_rows: list[tuple[int, int]] = []
