@@ -13,7 +13,6 @@
 //   decoder (MoeDot below). An id outside [0, n_expert) writes NaN rows.
 // moe_gemv_<type>_r2o|_r4o: the same with the group loop's address arithmetic by increments
 //   and no per-row branch (about 40 % fewer instructions a step in the SASS; not yet timed).
-// moe_gemv_pair_<type>_r2|_r4: gate and up (two tensors, one routing, one x) in one launch.
 // moe_gemv3_<type>: the previous kernel (v3 staged-tile core, grid (G, n_assign)), kept for
 //   same-run comparisons.
 // Prefill:
@@ -428,17 +427,6 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
       const float *B, float *Y, long long ldy
 #define MOE_GEMV_PASS \
   W, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok, ldx_slot, B, Y, ldy, blockIdx.y
-// moe_gemv_pair_<type>_r<RW>: two expert tensors of one shape and type with the same routing
-// and input (gpt-oss's gate and up) in one launch, grid (ceil(N / (4*RW)), 2*n_assign): rows
-// blockIdx.y < n_assign are W0's (bias B0, out Y0), the rest W1's; each output row is the same
-// arithmetic as moe_gemv_<type>_r<RW>'s.
-#define MOE_PAIR_ARGS                                                                        \
-  const uint8_t *W0, const uint8_t *W1, long long expert_bytes, long long row_bytes, int N,  \
-      int K, int n_expert, const int *ids, int topk, const float *X, long long ldx_tok,      \
-      long long ldx_slot, const float *B0, const float *B1, float *Y0, float *Y1, long long ldy
-#define MOE_PAIR_PASS                                                                        \
-  second ? W1 : W0, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok, ldx_slot, \
-      second ? B1 : B0, second ? Y1 : Y0, ldy, (int)blockIdx.y - (second ? n_assign : 0)
 #define MOE_GEMM_ARGS                                                                         \
   const uint8_t *W, long long expert_bytes, long long row_bytes, int N, int K,               \
       const int *ntiles, const int4 *tiles, const int *list, int topk, const float *X,       \
@@ -466,18 +454,6 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
   extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
       moe_gemv_##NAME##_r4o(MOE_GEMV_ARGS) {                                                   \
     moe_gemv4_entry<TY, 4, 2, true>(MOE_GEMV_PASS);                                            \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
-      moe_gemv_pair_##NAME##_r2(MOE_PAIR_ARGS) {                                               \
-    const int n_assign = gridDim.y >> 1;                                                       \
-    const bool second = (int)blockIdx.y >= n_assign;                                           \
-    moe_gemv4_entry<TY, 2, 4>(MOE_PAIR_PASS);                                                  \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
-      moe_gemv_pair_##NAME##_r4(MOE_PAIR_ARGS) {                                               \
-    const int n_assign = gridDim.y >> 1;                                                       \
-    const bool second = (int)blockIdx.y >= n_assign;                                           \
-    moe_gemv4_entry<TY, 4, 2>(MOE_PAIR_PASS);                                                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv3_##NAME(MOE_GEMV_ARGS) { \
     moe_gemv3_entry<TY>(W, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok,    \

@@ -316,41 +316,6 @@ def test_moe_gemm_invalid_ids_left_unwritten(mm: MatmulKernels, gpu: Any) -> Non
     assert rel_err(out[0][~bad], ref[~bad]) < 2e-3
 
 
-@pytest.mark.parametrize("rw", [2, 4])
-@pytest.mark.parametrize("qtype", [39, 8, 12], ids=["mxfp4", "q8_0", "q4_k"])
-def test_moe_pair_equals_two_launches(mm: MatmulKernels, gpu: Any, qtype: int, rw: int) -> None:
-    """gate and up in one launch (moe_gemv_pair) give the bytes of two moe_gemv launches with
-    the same rows per warp; rows of a bad id are NaN in both outputs."""
-    rng = np.random.default_rng(qtype + rw)
-    n_expert, n, k, topk = 6, 133, 2880 if LAYOUTS[qtype].qk == 32 else 3072, 3
-    for ntok, with_bias in ((1, True), (2, False)):
-        ws, ws_dev, bs = [], [], []
-        for _ in range(2):
-            raw = np.concatenate([random_matrix(qtype, n, k, rng)[0] for _ in range(n_expert)])
-            ws_dev.append(upload(raw))
-            ws.append(QWeight(int(ws_dev[-1].gpudata), qtype, n, k, raw.nbytes, n_expert))
-            bs.append(upload(rng.standard_normal((n_expert, n), dtype=np.float32)))
-        ids = route(rng, ntok, n_expert, topk)
-        ids[0, 1] = n_expert  # invalid: NaN rows
-        ids_dev = upload(ids.reshape(-1))
-        x = upload(rng.standard_normal((ntok, k), dtype=np.float32))
-        y0, y1 = poisoned((ntok * topk, n)), poisoned((ntok * topk, n))
-        b0, b1 = (bs[0], bs[1]) if with_bias else (None, None)
-        mm.moe_pair(
-            ws[0], ws[1], ids_dev, ntok, topk, x, y0, y1, bias0=b0, bias1=b1, rows_per_warp=rw
-        )
-        sep = []
-        for w, b in ((ws[0], b0), (ws[1], b1)):
-            y = poisoned((ntok * topk, n))
-            mm.moe(w, ids_dev, ntok, topk, x, y, per_slot_input=False, bias=b, rows_per_warp=rw)
-            sep.append(y)
-        gpu.Context.synchronize()
-        for got, want in ((y0, sep[0]), (y1, sep[1])):
-            g, w_ = got.get(), want.get()
-            assert np.isnan(g[1]).all() and np.isfinite(np.delete(g, 1, axis=0)).all()
-            assert g.tobytes() == w_.tobytes(), (qtype, rw, ntok)
-
-
 # ---- routed gemm on the gemm2 core (version 5; docs/kernels.md, MoE) ------------------------
 GEMM_BOUND = 2e-3  # float64 reference (test_matmul.py's gemm bound)
 GEMM_FP16_EXACT_BOUND = 1e-4  # reference of the fp16-rounded operands (test_matmul.py's)

@@ -35,7 +35,6 @@ from worker.backends.cuda.matmul import (
     plan_gemm_x16,
     plan_gemv,
     plan_moe,
-    plan_moe_pair,
     plan_moe_route,
 )
 from worker.backends.cuda.quant_layout import LAYOUTS, layout
@@ -227,27 +226,6 @@ def test_moe_variants_route_and_workspace_checks() -> None:
     refused(plan_moe_route, ids, 280, 2000, DevBuf(1 << 32, 1 << 20))  # experts > 1024
     refused(plan_moe_route, ids, 0, 8, ws)
     refused(plan_moe_route, DevBuf(ws.ptr, 4 * 280), 280, 8, ws)  # ids inside the workspace
-
-
-def test_moe_pair_plan() -> None:
-    wg, wu = weight(39, rows=2880, cols=2880, experts=32), weight(39, 2880, 2880, 32)
-    wu = QWeight(A + (1 << 28), 39, 2880, 2880, wu.nbytes, 32)
-    ids, x = DevBuf(1 << 33, 4 * 4), DevBuf(1 << 30, 2880 * 4)
-    yg, yu = DevBuf(1 << 31, 4 * 2880 * 4), DevBuf(1 << 32, 4 * 2880 * 4)
-    bg, bu = DevBuf(1 << 34, 32 * 2880 * 4), DevBuf(1 << 35, 32 * 2880 * 4)
-    p = plan_moe_pair(wg, wu, ids, 1, 4, x, yg, yu, bias0=bg, bias1=bu)  # default: 4 rows
-    assert p.kernel == "moe_gemv_pair_mxfp4_r4" and p.grid == (180, 8, 1)
-    assert len(p.args) == len(p.arg_format) == 17
-    assert p.args[:2] == (wg.ptr, wu.ptr) and p.args[12:] == (bg.ptr, bu.ptr, yg.ptr, yu.ptr, 2880)
-    p2 = plan_moe_pair(wg, wu, ids, 1, 4, x, yg, yu, rows_per_warp=2)
-    assert p2.kernel == "moe_gemv_pair_mxfp4_r2" and p2.grid == (360, 8, 1)
-    assert p2.args[12:14] == (0, 0)
-    refused(plan_moe_pair, wg, wu, ids, 1, 4, x, yg, yu, rows_per_warp=1)
-    refused(plan_moe_pair, wg, wu, ids, 1, 4, x, yg, DevBuf(yg.ptr + 4, yu.nbytes))  # overlap
-    other = QWeight(wu.ptr, 39, 2880, 2816, 10**9, 32)  # another shape
-    refused(plan_moe_pair, wg, other, ids, 1, 4, x, yg, yu)
-    refused(plan_moe_pair, wg, wu, ids, 1, 4, x, yg, DevBuf(yu.ptr, 4 * 2880 * 4 - 4))
-    refused(plan_moe_pair, wg, wu, ids, 3, 4, x, yg, yu)  # ids, x and y hold one token
 
 
 def test_moe_tile_bound_covers_every_routing() -> None:

@@ -90,7 +90,6 @@ _ARG_FORMATS: dict[str, str] = {
     "moe_gemm": "PqqiiPPPiPqqPPq",
     "moe_gemm3": "PqqiiPiiPqqPPq",
     "moe_route": "PiiiPPP",
-    "moe_gemv_pair": "PPqqiiiPiPqqPPPPq",
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
@@ -109,11 +108,6 @@ MOE_GEMM_VERSION = int(_MOE_GEMM_ENV) if _MOE_GEMM_ENV else 5
 # tiles: one 128-row tile costs ~1.3 64-row tiles in the dense gemm2 at 512 tokens), else 64
 # (H100: m128 523 vs m64 596 us at an average of 64, m64 439 vs 501 at 16)
 MOE5_MIN_AVG_128 = 56
-# The backend's decode runs gate and up as one moe_gemv_pair launch only with
-# MoE decode: gate and up in one launch (moe_gemv_pair). On by default since its GPU tests
-# passed and it measured 316 -> 332 tok/s on GPT-OSS-20B (H100, docs/kernels.md);
-# WORKER_ORCD_MOE_PAIR=0 goes back to two launches.
-MOE_PAIR = os.environ.get("WORKER_ORCD_MOE_PAIR", "1") == "1"
 
 
 class KernelArgumentError(CudaError, ValueError):
@@ -827,72 +821,6 @@ def moe5_tile_m(n_assign: int, n_experts: int) -> int:
     return 128 if n_assign >= MOE5_MIN_AVG_128 * n_experts else 64
 
 
-def plan_moe_pair(
-    w0: QWeight,
-    w1: QWeight,
-    ids: BufLike,
-    ntok: int,
-    topk: int,
-    x: BufLike,
-    y0: BufLike,
-    y1: BufLike,
-    *,
-    bias0: BufLike | None = None,
-    bias1: BufLike | None = None,
-    ldx_tok: int | None = None,
-    rows_per_warp: int | None = None,
-) -> Launch:
-    """Decode form of two expert tensors of one type and shape with one routing and one input
-    per token (gpt-oss's gate and up) in one launch, moe_gemv_pair_<type>_r<2|4>:
-    y0[a] = w0[ids[a]] x(t) (+ bias0[expert]) and y1[a] likewise, each row the same
-    arithmetic as plan_moe's moe_gemv with that many rows per warp (default 4: the launch
-    has twice the rows of one tensor's, and 4 rows per warp led at 2 tokens on an H100)."""
-    rows_per_warp = 4 if rows_per_warp is None else rows_per_warp
-    p0 = plan_moe(
-        w0,
-        ids,
-        ntok,
-        topk,
-        x,
-        y0,
-        per_slot_input=False,
-        bias=bias0,
-        ldx_tok=ldx_tok,
-        form="gemv",
-        rows_per_warp=rows_per_warp,
-    )
-    p1 = plan_moe(
-        w1,
-        ids,
-        ntok,
-        topk,
-        x,
-        y1,
-        per_slot_input=False,
-        bias=bias1,
-        ldx_tok=ldx_tok,
-        form="gemv",
-        rows_per_warp=rows_per_warp,
-    )
-    lay = layout(w0.qtype)
-    rw = 1 if p0.kernel == f"moe_gemv_{lay.name}" else int(p0.kernel.rsplit("_r", 1)[1])
-    kernel = f"moe_gemv_pair_{lay.name}_r{rw}"
-    _need(kernel, rw in (2, 4), "the pair kernel has 2 or 4 rows per warp")
-    same = (w0.qtype, w0.rows, w0.cols, w0.experts) == (w1.qtype, w1.rows, w1.cols, w1.experts)
-    _need(kernel, same, "the two expert tensors differ in type or shape")
-    n = w0.rows
-    yr0 = (as_buf(y0).ptr, as_buf(y0).ptr + ntok * topk * n * 4)
-    yr1 = (as_buf(y1).ptr, as_buf(y1).ptr + ntok * topk * n * 4)
-    _disjoint(kernel, yr0, yr1, "y0 and y1")
-    _disjoint(kernel, (w1.ptr, w1.ptr + w1.nbytes), yr0, "weights and y0")
-    _disjoint(kernel, (w0.ptr, w0.ptr + w0.nbytes), yr1, "weights and y1")
-    a0, a1 = p0.args, p1.args
-    grid = (p0.grid[0], 2 * p0.grid[1], 1)
-    _need(kernel, grid[1] <= MAX_GRID_YZ, f"{grid[1] // 2} assignments exceed the grid limit")
-    args = (a0[0], a1[0], *a0[1:11], a0[11], a1[11], a0[12], a1[12], a0[13])
-    return Launch("moe", kernel, grid, p0.block, args, _ARG_FORMATS["moe_gemv_pair"])
-
-
 def _prefer_shared(fn: Any) -> None:
     """Ask for the largest shared-memory carveout for this function: the gemv pipeline and the
     gemm tiles live in shared memory, and the context prefers L1 (docs/design.md), which would cut
@@ -1158,23 +1086,6 @@ class MatmulKernels:
         route = plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm)
         self.run(route, stream)
         self.run(launch, stream)
-
-    def moe_pair(
-        self,
-        w0: QWeight,
-        w1: QWeight,
-        ids: BufLike,
-        ntok: int,
-        topk: int,
-        x: BufLike,
-        y0: BufLike,
-        y1: BufLike,
-        *,
-        stream: Any = None,
-        **kw: Any,
-    ) -> None:
-        """plan_moe_pair's launch (decode: gate and up in one launch)."""
-        self.run(plan_moe_pair(w0, w1, ids, ntok, topk, x, y0, y1, **kw), stream)
 
     def reserve(
         self, max_tokens: int, max_k: int, n_experts: int, topk: int, weights: list[QWeight]
