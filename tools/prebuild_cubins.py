@@ -6,8 +6,8 @@ the worker's exact key and flags, so a device call can carry the cubins and comp
 
 from __future__ import annotations
 
+import argparse
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,8 +32,11 @@ def build(base: Path, name: str, arch: str = "sm_90") -> str:
 
 
 def main() -> None:
-    base = Path(sys.argv[1])
-    names = sys.argv[2:] or ALL
+    ap = argparse.ArgumentParser(prog="python -m tools.prebuild_cubins", description=__doc__)
+    ap.add_argument("cache_base", type=Path, help="kernel cache root (WORKER_ORCD_CACHE)")
+    ap.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all of {ALL}")
+    a = ap.parse_args()
+    base, names = a.cache_base, a.modules or ALL
     with ThreadPoolExecutor(2) as ex:
         for r in ex.map(lambda n: build(base, n), names):
             print(r)

@@ -192,9 +192,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt(
         m,
         "--ctx-size",
-        "context length in tokens a job may use; the KV cache is sized for "
-        "it, capped to --kv-cache-size-mb or free memory (a job that may need more KV gets "
-        "VRAM_OOM)",
+        "context length in tokens a job may use (prompt + generated tokens); a job that may "
+        "need more KV than the cache can give it gets VRAM_OOM",
         default="the model's training context",
         type=int,
         metavar="N",
@@ -202,8 +201,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt(
         m,
         "--kv-cache-size-mb",
-        "KV cache budget in MiB",
-        default="what the context needs",
+        "cap on the KV cache of all jobs together, MiB",
+        default="on the GPU the memory left after the weights and step buffers, less 512 MiB; "
+        "on the CPU --max-batch x the context",
         type=int,
         metavar="MIB",
     )
@@ -341,7 +341,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         dest="prefix_cache",
         action="store_false",
         default=None,
-        help="do not share KV blocks of identical prompt prefixes between jobs",
+        help="do not share KV blocks of identical prompt prefixes between jobs "
+        f"(env {env_name('prefix_cache')}=0)",
     )
     add_nats_connect_arguments(p)
 
