@@ -113,7 +113,7 @@ __device__ __forceinline__ void argmax_pair(float& v, int& i, float ov, int oi) 
   }
 }
 
-// Grid max (want_idx false) or argmax with lowest index on ties (want_idx true).
+// Argmax over the grid, lowest index on ties.
 __device__ void grid_argmax(float& v, int& idx, GridScratch* gs, unsigned int* bar, int& ph,
                             SampleShared& st) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;

@@ -8,9 +8,10 @@ the R rows whose logits are wanted, and one sampler launch for the sampled ones.
 its inputs from device memory only (`DeviceStep`: views into the packed input region), so a
 captured step graph replays for every step of its sizes.
 
-Batch invariance: each kernel computes a row exactly as it would alone. The matrix products
-take the tensor-core form for every row count (`MatmulKernels.invariant`: no reduction
-order depends on the rows in a launch), attention splits a row's keys by its own length only,
+Batch invariance (the default; WORKER_ORCD_BATCH_INVARIANT=0 turns it off): each kernel
+computes a row exactly as it would alone. The matrix products take the tensor-core form for
+every row count (`MatmulKernels.invariant`: no reduction order depends on the rows in a
+launch), attention splits a row's keys by its own length only,
 and the sampler's integer arithmetic picks the same id whatever its grid.
 """
 

@@ -17,8 +17,10 @@ How to call (everything on the thread that owns the CUDA context, context curren
   expert tensor [experts][N][K] (MoE).
 - Activations are float32, row-major: x[t] at x + t*ldx (elements), y[t] at y + t*ldy.
   ldx defaults to K and ldy to N. x must be 16-byte aligned with ldx % 4 == 0.
-- `linear` computes y[t] = W x[t] (+ bias) (+ residual[t]) for t < ntok: ntok <= 8 runs the
-  decode gemv (weights read once for all ntok), more runs the tensor-core gemm (prefill).
+- `linear` computes y[t] = W x[t] (+ bias) (+ residual[t]) for t < ntok: the tensor-core gemm
+  for every ntok when `MatmulKernels.invariant` (the backend's default: a row's result must
+  not depend on ntok); otherwise ntok <= 8 runs the decode gemv (weights read once for all
+  ntok) and more runs the gemm.
   `residual` has y's layout and may be y itself (in-place residual add); y must not overlap x.
 - `stream`: a `pycuda.driver.Stream` or None (the null stream). Launches are asynchronous and
   only enqueue work, so the backend can capture them: begin capture with cuda.bindings on
@@ -1047,7 +1049,7 @@ class MatmulKernels:
         stream: Any = None,
         **kw: Any,
     ) -> None:
-        """plan_moe's launch; the routed gemm (prefill, version 4) first queues the routing
+        """plan_moe's launch; the routed gemm (versions 4 and 5) first queues the routing
         pre-pass into this object's workspace. The workspace is shared by every call: queue
         all MoE launches of one MatmulKernels on one stream (the backend does)."""
         form = kw.get("form", "auto")
