@@ -180,6 +180,27 @@ async def run_concurrency(
     }
 
 
+async def run_prefix_ttft(
+    client: OrcdClient, model_ref: str, prefix: str, jobs: int, max_tokens: int = 8
+) -> dict[str, Any]:
+    """TTFT of jobs whose prompts share a long prefix (the worker's prefix cache maps its
+    blocks instead of computing them) against jobs of the same length whose prompts all
+    differ from the first token on (nothing to share). One warm-up job publishes the prefix."""
+
+    async def ttfts(prompts: list[str]) -> list[float]:
+        out = []
+        for p in prompts:
+            ttft, _, terminal, _ = await _timed_job(client, model_ref, p, max_tokens)
+            if isinstance(terminal, End):
+                out.append(ttft)
+        return out
+
+    await ttfts([f"{prefix} question 0"])
+    shared = await ttfts([f"{prefix} question {i + 1}" for i in range(jobs)])
+    unique = await ttfts([f"{i + 1} {prefix} question" for i in range(jobs)])
+    return {"shared_prefix": percentiles(shared), "no_shared_prefix": percentiles(unique)}
+
+
 async def run_suite(
     client: OrcdClient,
     model_ref: str,
@@ -287,6 +308,8 @@ class LiveSuiteOptions:
     cold: bool = True  # on cuda: one start first with an empty kernel cache
     concurrency: list[int] = field(default_factory=list)  # clients at once, one phase each
     jobs_per_client: int = 4
+    prefix_tokens: int = 0  # > 0: TTFT with and without a shared prefix of this many tokens
+    prefix_jobs: int = 10
     load_timeout_s: float = 600.0
     serve_flags: list[str] = field(default_factory=list)
 
@@ -441,6 +464,12 @@ async def _live(
             )
             if opts.concurrency:
                 out["concurrency"] = await _concurrency_phases(opts, url, prompt)
+            if opts.prefix_tokens > 0:
+                prefix, n = prompt_of_tokens(opts.model, opts.prefix_tokens)
+                out["prefix_cache"] = {
+                    "prefix_tokens": n,
+                    **await run_prefix_ttft(client, opts.model_ref, prefix, opts.prefix_jobs),
+                }
         secs, rc = await shutdown_and_wait(client, w)
         shutdown_s.append(secs)
         exit_codes.append(rc)
@@ -472,8 +501,9 @@ async def _live(
     for key in ("ttft", "inter_token", "health", "cancel"):
         result[key] = out[key]
     result["abort"] = {"cancelled": out["cancel"], "abandoned": out["abandoned"]}
-    if "concurrency" in out:
-        result["concurrency"] = out["concurrency"]
+    for key in ("concurrency", "prefix_cache"):
+        if key in out:
+            result[key] = out[key]
     result["vram"] = out["vram"]
     result["shutdown"] = {**percentiles(shutdown_s), "exit_codes": exit_codes}
     result["job_errors"] = out["job_errors"]

@@ -45,6 +45,8 @@ def test_bench_suite_cpu(tiny_model: Path) -> None:
         "1,4",
         "--jobs-per-client",
         "2",
+        "--prefix-tokens",
+        "1100",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -85,6 +87,14 @@ def test_bench_suite_cpu(tiny_model: Path) -> None:
     assert shutdown["exit_codes"] == [0, 0]
     _check_percentiles({k: v for k, v in shutdown.items() if k != "exit_codes"}, 2)
     assert shutdown["p99_ms"] < 30_000
+
+    # a shared 1,100-token prefix is mapped from the cache, not computed: its jobs start
+    # sooner (the CPU backend shares whole prefill chunks of 512: 1,024 of its tokens)
+    pc = out["prefix_cache"]
+    assert 1000 < pc["prefix_tokens"] <= 1100
+    _check_percentiles(pc["shared_prefix"], 10)
+    _check_percentiles(pc["no_shared_prefix"], 10)
+    assert pc["shared_prefix"]["p50_ms"] < pc["no_shared_prefix"]["p50_ms"]
 
     passes = out["pass"]
     assert set(passes) == {

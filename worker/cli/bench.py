@@ -159,6 +159,14 @@ def register(subparsers: SubParsers) -> None:
         help="jobs each --concurrency client sends (4)",
     )
     s.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time TTFT of jobs sharing an N-token prompt prefix (the prefix cache) "
+        "against jobs whose prompts share nothing, e.g. 1000",
+    )
+    s.add_argument(
         "--loads",
         type=positive_int,
         default=1,
@@ -411,6 +419,7 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
         cold=not args.no_cold,
         concurrency=[int(x) for x in args.concurrency.split(",") if x.strip()],
         jobs_per_client=args.jobs_per_client,
+        prefix_tokens=args.prefix_tokens,
         load_timeout_s=args.load_timeout_s,
     )
     result = asyncio.run(suite.run_live_suite(opts))
