@@ -213,6 +213,18 @@ template <int T, int BM> struct Smem3 {
 
 }  // namespace g2
 
+// skinny's shared memory (below): per warp two raw chunks of its 8 rows and the fp16 tile
+// of one chunk (rows of KC + 8 halves: conflict-free fragment loads); then 16 x 8 fp32
+// partials per item
+namespace sk {
+constexpr int ROWS = 8;  // weight rows of a warp's tile (the mma's n)
+template <int T> struct Smem {
+  static constexpr int TLD = g2::Cfg<T>::KC + 8;  // halves per tile row
+  static constexpr int warp = 2 * ROWS * g2::Cfg<T>::P + ROWS * TLD * 2;
+  static constexpr int item = 16 * ROWS * 4;
+};
+}  // namespace sk
+
 // ---- gemm v2 (dense prefill; docs/kernels.md, gemm) ------------------------------------------
 // gemm2_<type>_m128 / _m64: a block of 256 threads (8 warps, 2 x 4) computes BM tokens x 128
 // weight rows (warp tile BM/2 x 32, mma.sync m16n8k16 fp16 -> fp32), K step 32. Per block:
@@ -538,6 +550,176 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 }
 }  // namespace g2
 
+// ---- skinny: gemm2's products for a decode step (at most 16 rows), in one launch -----------
+// Batch invariance fixes a row's arithmetic per weight shape: split z of S (gemm_split) sums
+// mma.m16n8k16 products (fp16 X and W as gemm2 rounds them, fp32 accumulators) over its K
+// steps in order from zero; gemm_splitk_reduce adds the splits in order, then bias, then the
+// residual. For a decode step that arithmetic in gemm2's 64-row tiles multiplies mostly zero
+// rows, in N/128 blocks a split, and needs the reduce launch. skinny does the same arithmetic
+// (same instruction, same operand roundings, same K order and split ranges, same order of the
+// final sums, so every output bit equals gemm2's) with one warp per (8 weight rows, split):
+// the weight chunks go global -> the warp's shared memory by cp.async one chunk ahead; per
+// chunk the warp first loads the X fragments of all its K steps (fp32 from global memory,
+// converted as gemm2 converts), dequantizes all its steps into the warp's fp16 tile (one
+// warp barrier), then runs the chunk's mma chain; the splits meet in shared memory.
+// Item i < G*S of a block is (row tile tile0 + i / S, split i % S); warp w takes items w,
+// w + NW, ... (NW = blockDim.x / 32). kps = 0: one split over all of K (S must be 1).
+// Rows: row r < 16 reads X + s_xoff[r] and writes Y + s_yoff[r] (-1: no row), set by the
+// caller before a barrier; the matrix starts w_off bytes after W (any alignment).
+// Dynamic shared memory: NW * sk::Smem<T>::warp + G * S * sk::Smem<T>::item bytes
+// (skinny_warp_bytes and SKINNY_ITEM_BYTES in matmul.py); the kernel traps with less.
+template <int T>
+__device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long long w_off,
+                                           long long row_bytes, int N, int K,
+                                           const float* __restrict__ X, const long long* s_xoff,
+                                           const long long* s_yoff,
+                                           const float* __restrict__ bias,
+                                           const float* residual, float* Y, int S, int kps,
+                                           int G, int tile0) {
+  using C = g2::Cfg<T>;
+  constexpr int RB = sk::ROWS;
+  extern __shared__ __align__(16) uint8_t sk_smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+  const int gq = lane >> 2, cq = lane & 3;
+  {
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < static_cast<unsigned>(nw * sk::Smem<T>::warp + G * S * sk::Smem<T>::item)) __trap();
+  }
+  uint8_t* raw = sk_smem + warp * sk::Smem<T>::warp;                // [2][RB * P]
+  __half* tile = reinterpret_cast<__half*>(raw + 2 * RB * C::P);    // [RB * TLD]
+  float* part = reinterpret_cast<float*>(sk_smem + nw * sk::Smem<T>::warp);  // [G*S][16][RB]
+  const int nk_all = K / g2::BK, nc_all = (K + C::KC - 1) / C::KC;
+  const long long wend = w_off + (long long)N * row_bytes;
+  const unsigned rb15 = static_cast<unsigned>(row_bytes & 15);
+  const unsigned wo15 = static_cast<unsigned>(w_off & 15);
+  const long long xo0 = s_xoff[gq], xo1 = s_xoff[gq + 8];  // this lane's A rows
+
+  pdl_trigger();
+  bool waited = false;
+  for (int item = warp; item < G * S; item += nw) {
+    const int t = item / S, z = item - t * S;
+    const int n0 = (tile0 + t) * RB;
+    if (n0 >= N) continue;
+    const int k0 = kps > 0 ? z * kps : 0;
+    const int nk = kps > 0 ? min(nk_all, k0 + kps) : nk_all;
+    const int c0 = k0 / C::SPC, nc = kps > 0 ? min(nc_all, (nk + C::SPC - 1) / C::SPC) : nc_all;
+    auto issue_chunk = [&](int c) {
+      uint8_t* dst = raw + (c & 1) * (RB * C::P);
+      const long long cb = (long long)c * C::SEG;
+      const long long rest = row_bytes - cb;
+      const int seg = rest < C::SEG ? static_cast<int>(rest) : C::SEG;
+      for (int idx = lane; idx < RB * C::NPC; idx += 32) {
+        const int r = idx / C::NPC, p = idx - r * C::NPC;
+        const int n = n0 + r;
+        if (n >= N) continue;
+        const long long a = w_off + (long long)n * row_bytes + cb;
+        const long long gp = (a & ~15LL) + 16 * p;
+        if (gp >= a + seg) continue;
+        uint8_t* d = dst + r * C::P + 16 * p;
+        if (gp + 16 <= wend) {
+          g2::cp16(d, W + gp);
+        } else {
+          for (int b = 0; b < 16; ++b) d[b] = gp + b < wend ? W[gp + b] : 0;
+        }
+      }
+    };
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    issue_chunk(c0);
+    g2::cp_commit();
+    if (!waited) {  // weights before the wait, activations after (pdl.cuh)
+      pdl_wait();
+      waited = true;
+    }
+    for (int c = c0; c < nc; ++c) {
+      if (c + 1 < nc) issue_chunk(c + 1);
+      g2::cp_commit();
+      const uint8_t* src = raw + (c & 1) * (RB * C::P);
+      const unsigned coff = static_cast<unsigned>(c) * static_cast<unsigned>(C::SEG & 15);
+      const int kbase = c * C::SPC, nst = min(nk, kbase + C::SPC) - kbase;  // steps here
+      // the chunk's A fragments of row gq (a0, a2; half2 words), requested before waiting
+      // for its weights; row gq + 8's (a1, a3) are loaded in the chain, only when the tile
+      // has more than 8 rows (registers)
+      uint32_t xa[C::SPC][2][2];
+#pragma unroll
+      for (int j = 0; j < C::SPC; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int k = (kbase + j) * g2::BK + 16 * h + 2 * cq;
+          xa[j][h][0] = xa[j][h][1] = 0u;
+          if (j < nst && xo0 >= 0) {
+            const float2 lo = __ldg(reinterpret_cast<const float2*>(X + xo0 + k));
+            const float2 hi = __ldg(reinterpret_cast<const float2*>(X + xo0 + k + 8));
+            xa[j][h][0] = pack_h2(lo.x, lo.y);
+            xa[j][h][1] = pack_h2(hi.x, hi.y);
+          }
+        }
+      g2::cp_wait1();  // chunk c (this lane's pieces) ...
+      __syncwarp();    // ... and the warp's
+      // dequantize the chunk's steps: lane = (row gq, 8-element group cq of each step)
+      const int n = n0 + gq;
+#pragma unroll
+      for (int j = 0; j < C::SPC; ++j) {
+        if (j >= nst) break;
+        const int e = j * g2::BK + 8 * cq;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (n < N) {
+          const unsigned off = (wo15 + static_cast<unsigned>(n) * rb15 + coff) & 15u;
+          float w[8];
+          dequant8<T>(src + gq * C::P + off + (e / C::QK) * C::BYTES, (e % C::QK) >> 3, w);
+          v = make_uint4(pack_h2(w[0], w[1]), pack_h2(w[2], w[3]), pack_h2(w[4], w[5]),
+                         pack_h2(w[6], w[7]));
+        }
+        *reinterpret_cast<uint4*>(tile + gq * sk::Smem<T>::TLD + e) = v;
+      }
+      __syncwarp();
+      // the chain: steps in order, k16 halves in order (gemm2's order)
+#pragma unroll
+      for (int j = 0; j < C::SPC; ++j) {
+        if (j >= nst) break;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const __half* bp = tile + gq * sk::Smem<T>::TLD + j * g2::BK + 16 * h + 2 * cq;
+          uint32_t a[4] = {xa[j][h][0], 0u, xa[j][h][1], 0u}, b[2];
+          if (xo1 >= 0) {
+            const int k = (kbase + j) * g2::BK + 16 * h + 2 * cq;
+            const float2 lo = __ldg(reinterpret_cast<const float2*>(X + xo1 + k));
+            const float2 hi = __ldg(reinterpret_cast<const float2*>(X + xo1 + k + 8));
+            a[1] = pack_h2(lo.x, lo.y);
+            a[3] = pack_h2(hi.x, hi.y);
+          }
+          b[0] = *reinterpret_cast<const uint32_t*>(bp);
+          b[1] = *reinterpret_cast<const uint32_t*>(bp + 8);
+          mma16816(acc, a, b);
+        }
+      }
+      __syncwarp();  // the tile and this raw buffer are rewritten for the next chunks
+    }
+    // acc: rows gq (0, 1) and gq + 8 (2, 3), weight rows n0 + 2cq (+1)
+    float* pz = part + item * 16 * RB;
+    pz[gq * RB + 2 * cq] = acc[0];
+    pz[gq * RB + 2 * cq + 1] = acc[1];
+    pz[(gq + 8) * RB + 2 * cq] = acc[2];
+    pz[(gq + 8) * RB + 2 * cq + 1] = acc[3];
+  }
+  if (!waited) pdl_wait();
+  __syncthreads();
+  // the splits in order, then bias, then the residual: gemm_splitk_reduce's sums (S = 1:
+  // gemm2's epilogue)
+  for (int idx = tid; idx < G * 16 * RB; idx += blockDim.x) {
+    const int t = idx / (16 * RB), m = (idx / RB) % 16, j = idx % RB;
+    const int n = (tile0 + t) * RB + j;
+    const long long yo = s_yoff[m];
+    if (yo < 0 || n >= N) continue;
+    const float* p = part + (t * S) * 16 * RB + m * RB + j;
+    float s = p[0];
+    for (int z = 1; z < S; ++z) s += p[z * 16 * RB];
+    if (bias) s += bias[n];
+    if (residual) s += residual[yo + n];
+    Y[yo + n] = s;
+  }
+}
+
 #ifndef GEMM_CORE_ONLY
 #define GEMM2_INST(TY, NAME)                                                                 \
   extern "C" __global__ void __launch_bounds__(256, 2) gemm2_##NAME##_m128(                 \
@@ -587,6 +769,34 @@ extern "C" __global__ void __launch_bounds__(256) gemm_splitk_reduce(
   if (residual) s += residual[yo];
   Y[yo] = s;
 }
+
+
+// skinny_<type>: the dense form, rows m < M of X (stride ldx) and Y (stride ldy); grid
+// ceil(ceil(N / 8) / G) blocks.
+template <int T>
+__device__ __forceinline__ void skinny_entry(const uint8_t* W, long long row_bytes, int N, int K,
+                                             const float* X, long long ldx, int M,
+                                             const float* bias, const float* residual, float* Y,
+                                             long long ldy, int S, int kps, int G) {
+  __shared__ long long s_xoff[16], s_yoff[16];
+  if (threadIdx.x < 16) {
+    const int m = threadIdx.x;
+    s_xoff[m] = m < M ? (long long)m * ldx : -1;
+    s_yoff[m] = m < M ? (long long)m * ldy : -1;
+  }
+  __syncthreads();
+  skinny_run<T>(W, 0, row_bytes, N, K, X, s_xoff, s_yoff, bias, residual, Y, S, kps, G,
+                blockIdx.x * G);
+}
+
+#define SKINNY_INST(TY, NAME)                                                                \
+  extern "C" __global__ void __launch_bounds__(512) skinny_##NAME(                          \
+      const uint8_t* W, long long row_bytes, int N, int K, const float* X, long long ldx,   \
+      int M, const float* bias, const float* residual, float* Y, long long ldy, int S,      \
+      int kps, int G) {                                                                      \
+    skinny_entry<TY>(W, row_bytes, N, K, X, ldx, M, bias, residual, Y, ldy, S, kps, G);     \
+  }
+FOR_EACH_QTYPE(SKINNY_INST)
 
 // gemm3's pre-pass: Xh[m][k] = fp16(X[m][k]) for m < M, k < K (K a multiple of 8, X rows
 // 16-byte aligned); grid (M, ceil(K / 1024)), 128 threads, 8 elements a thread.

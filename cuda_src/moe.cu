@@ -26,6 +26,8 @@
 //   [0, n_expert) are left unwritten (the caller validated routing on the device).
 // moe_gemm5_<type>_m128 / _m64: the same tile table on gemm.cu's gemm2 core (128 weight rows a
 //   block, raw weights staged by cp.async, ldmatrix) with gathered token rows.
+// moe_skinny_<type>: decode steps (at most 16 rows an expert tile) on gemm.cu's skinny core,
+//   the same bits as moe_gemm5.
 // moe_gemm3_<type>: the previous prefill kernel, grid (ceil(n_assign/64), ceil(N/64),
 //   n_expert), each block ballot-scanning every id; kept for same-run comparisons.
 #define GEMV_CORE_ONLY
@@ -382,6 +384,27 @@ __device__ __forceinline__ void moe_gemm5_entry(const uint8_t* W, long long expe
                                      s_xoff, s_yoff, (long long)tl.x * expert_bytes);
 }
 
+// moe_skinny_<type> (decode steps): the routed tiles of moe_route with bm = 16 on gemm.cu's
+// skinny core: grid (tile bound, ceil(ceil(N / 8) / NW)), NW warps a block, warp w of block
+// (i, y) computes weight rows (y*NW + w)*8 .. +8 of tile i's expert for the tile's rows, one
+// chain over all of K as moe_gemm5 sums it (same bits), bias per expert; dynamic shared
+// memory NW * sk::Smem<T>::warp + NW * sk::Smem<T>::item.
+template <int T>
+__device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long expert_bytes,
+                                                 long long row_bytes, int N, int K,
+                                                 const int* ntiles, const int4* tiles,
+                                                 const int* list, int topk, const float* X,
+                                                 long long ldx_tok, long long ldx_slot,
+                                                 const float* B, float* Y, long long ldy) {
+  __shared__ long long s_xoff[16], s_yoff[16];
+  if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
+  const int4 tl = tiles[blockIdx.x];
+  moe_tile_rows<16>(tl, list, topk, ldx_tok, ldx_slot, ldy, s_xoff, s_yoff);
+  const int nw = blockDim.x >> 5;
+  skinny_run<T>(W, (long long)tl.x * expert_bytes, row_bytes, N, K, X, s_xoff, s_yoff,
+                B ? B + (long long)tl.x * N : nullptr, nullptr, Y, 1, 0, nw, blockIdx.y * nw);
+}
+
 template <int T>
 __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expert_bytes,
                                                 long long row_bytes, int N, int K,
@@ -470,6 +493,9 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m64(MOE_GEMM_ARGS) {  \
     moe_gemm5_entry<TY, 64>(MOE_GEMM_PASS);                                                    \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(512) moe_skinny_##NAME(MOE_GEMM_ARGS) {         \
+    moe_skinny_entry<TY>(MOE_GEMM_PASS);                                                       \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) moe_gemm3_##NAME(                 \
       const uint8_t* W, long long expert_bytes, long long row_bytes, int N, int K,             \

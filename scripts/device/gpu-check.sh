@@ -7,7 +7,8 @@
 #   MODELS: comma list of qwen2,phi3,gpt-oss (default qwen2); TESTS: pytest -k filter, or
 #   "none" to skip the tests.
 # Environment: NO_LLAMA=1 (no llama.cpp), BATCH (bench --batch list; "" skips the bench),
-#   NOINV (also bench without batch invariance at these B), PROFILE (kernel profiles at these
+#   NOINV (also bench without batch invariance at these B), AB_ENV="VAR=value ..." with
+#   AB_BATCH (also bench with that environment at these B: the A/B of a switch), PROFILE (kernel profiles at these
 #   B), SERVE=1 (serving over NATS on the first model: bench --suite --concurrency $CONC,
 #   the soak against a GPU worker with VRAM before/after, gateway-bench), TEST_FILES,
 #   TEST_TIMEOUT, REPS.
@@ -65,6 +66,11 @@ for m in ${MODELS//,/ }; do
     --reps "${REPS:-3}" --batch "$BATCH" >"$OUT/bench-$m.txt" 2>&1
   echo "bench $m rc=$?"; grep -v "^{" "$OUT/bench-$m.txt" | tail -8
   grep "^{" "$OUT/bench-$m.txt" | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ('gpu','pp_tok_s','tg_tok_s','max_batch','load_s_warm_kernel_cache','error')})"
+  if [ -n "${AB_ENV:-}" ]; then  # the same with an environment switch (A/B in one call)
+    timeout 120 env $AB_ENV python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold \
+      --reps "${REPS:-3}" --batch "${AB_BATCH:-$BATCH}" >"$OUT/bench-$m-ab.txt" 2>&1
+    echo "bench $m with $AB_ENV rc=$?"; grep -v "^{" "$OUT/bench-$m-ab.txt" | tail -6
+  fi
   if [ -n "${NOINV:-}" ]; then  # the same without batch invariance (A/B of its cost)
     timeout 120 python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold --reps 3 \
       --no-invariant --batch "$NOINV" >"$OUT/bench-$m-noinv.txt" 2>&1

@@ -266,7 +266,7 @@ def check_route(ids: np.ndarray, n_expert: int, tile_m: int, got: tuple[int, Any
     assert [tuple(int(v) for v in t) for t in tiles] == want
 
 
-@pytest.mark.parametrize("tile_m", [64, 128])
+@pytest.mark.parametrize("tile_m", [16, 64, 128])
 def test_moe_route_lists_and_tiles(mm: MatmulKernels, gpu: Any, tile_m: int) -> None:
     rng = np.random.default_rng(tile_m)
     cases = [
@@ -362,7 +362,8 @@ def routed5(
     rng: np.random.Generator,
     **kw: Any,
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-    """Two runs of the routed gemm (version 5 unless kw says otherwise) into outputs of
+    """Two runs of the routed gemm (version 5 unless kw says otherwise; form="skinny": the
+    decode form with its arithmetic) into outputs of
     n_assign + 3 rows poisoned with NaN; returns (outputs, ref, ref16, valid rows)."""
     ntok, topk = ids.shape
     n_assign = ntok * topk
@@ -371,7 +372,9 @@ def routed5(
     xa = x[a // topk, a % topk if per_slot else 0]
     ref, ref16 = ex.reference(ids, xa)
     ids_dev, x_dev = upload(ids.reshape(-1)), upload(x)
-    kw.setdefault("version", 5)
+    form = kw.pop("form", "gemm")
+    if form == "gemm":
+        kw.setdefault("version", 5)
     outs = []
     for _ in range(2):
         y = poisoned((n_assign + 3, ex.n))
@@ -384,7 +387,7 @@ def routed5(
             y,
             per_slot_input=per_slot,
             bias=ex.b_dev,
-            form="gemm",
+            form=form,
             **kw,
         )
         gpu.Context.synchronize()
@@ -472,7 +475,7 @@ def test_moe_gemm5_equals_version4_bytes(mm: MatmulKernels, gpu: Any, qtype: int
 @pytest.mark.parametrize("per_slot", [False, True], ids=["shared_x", "per_slot_x"])
 def test_moe_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, per_slot: bool) -> None:
     """In invariant mode the routed tensor-core product serves every token count: token t's
-    expert rows are bit-identical when it is routed alone, among 2, 7 or 64 tokens (other
+    expert rows are bit-identical when it is routed alone, among 2, 7, 16, 17 or 64 tokens (other
     tokens share its experts' tiles or not), with MXFP4 experts at gpt-oss's width."""
     rng = np.random.default_rng(64 + per_slot)
     n_exp, topk, n, k = 32, 4, 384, 2880
@@ -486,7 +489,7 @@ def test_moe_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, per_slot: boo
     outs = {}
     mm.invariant = True
     try:
-        for m in (1, 2, 7, 64):
+        for m in (1, 2, 7, 16, 17, 64):
             y = poisoned((m * topk, n))
             ids_m, x_m = upload(ids[:m].reshape(-1)), upload(x[:m])  # referenced until synced
             mm.moe(w, ids_m, m, topk, x_m, y, per_slot_input=per_slot, bias=b_dev)
@@ -496,3 +499,28 @@ def test_moe_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, per_slot: boo
         mm.invariant = False
     for m, y in outs.items():
         assert np.array_equal(y.view(np.uint32), outs[64][: m * topk].view(np.uint32)), m
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_moe_skinny_equals_the_routed_gemm(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+    """The decode form (tiles of at most 16 rows, a warp per 8 weight rows) gives moe_gemm5's
+    bytes for 1, 3 and 16 tokens (an expert with up to 16 rows, one tile each) and 40 tokens
+    on 3 experts (several tiles an expert); odd shapes as in the every-type gemm5 test
+    (experts at odd byte offsets, partial raw chunks, rows not a multiple of 8); invalid ids
+    left unwritten."""
+    rng = np.random.default_rng(qtype * 5 + 1)
+    qk = LAYOUTS[qtype].qk
+    for n, k, per_slot in ((133, 3 * qk, True), (200, 1280 if qk == 32 else 2560, False)):
+        ex = Experts(qtype, 6, n, k, rng)
+        cases = [route(rng, m, 6, 3) for m in (1, 3, 16)]
+        cases.append(rng.choice([0, 2, 5], (40, 1)).astype(np.int32))
+        cases[2][5, 1], cases[2][9, 2] = -1, 6
+        for ids in cases:
+            got = {}
+            for form in ("gemm", "skinny"):
+                outs, ref, ref16, valid = routed5(
+                    mm, gpu, ex, ids, per_slot, np.random.default_rng(3), form=form
+                )
+                check5(outs, ref, ref16, valid, (form, n, k, ids.shape))
+                got[form] = outs[0]
+            assert got["skinny"].tobytes() == got["gemm"].tobytes(), (n, k, ids.shape)

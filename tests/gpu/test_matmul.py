@@ -20,7 +20,13 @@ import pytest
 from pycuda_arrays import poisoned, rel_err, upload
 
 from tools.synth_blocks import random_matrix
-from worker.backends.cuda.matmul import KernelArgumentError, MatmulKernels, QWeight
+from worker.backends.cuda.matmul import (
+    KernelArgumentError,
+    MatmulKernels,
+    QWeight,
+    gemm_split,
+    gemm_version,
+)
 from worker.backends.cuda.quant_layout import LAYOUTS
 
 pytestmark = pytest.mark.gpu
@@ -307,15 +313,15 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
 
 # ---------------------------------------------------------------------- batch invariance
 
-INVARIANT_ROWS = [1, 2, 7, 64, 65, 130, 512]
+INVARIANT_ROWS = [1, 2, 7, 16, 17, 64, 65, 130, 512]
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
 def test_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
-    """In invariant mode every row count takes the tensor-core form (either version, 64- or
-    128-row tiles as the count decides): the first rows of X give bit-identical outputs in
-    launches of 1, 2, 7, 64, 65, 130 and 512 rows, each row equal to the same row in any
-    other launch, at the real widths (the version switches with the matrix size)."""
+    """In invariant mode every row count takes the tensor-core arithmetic (skinny up to 16
+    rows, then either gemm version, 64- or 128-row tiles as the count decides): the first
+    rows of X give bit-identical outputs in launches of 1 ... 512 rows, each row equal to the
+    same row in any other launch, at the real widths (the version switches with the matrix size)."""
     rng = np.random.default_rng(qtype)
     for n, k in ((896, 896 if QK[qtype] == 32 else 1024), (4864, 1024)):
         raw, dense = random_matrix(qtype, n, k, rng)
@@ -338,3 +344,68 @@ def test_rows_are_batch_invariant(mm: MatmulKernels, gpu: Any, qtype: int) -> No
             assert np.array_equal(y.view(np.uint32), full[:m].view(np.uint32)), (n, k, m)
         # and the rows are what they should be
         assert rel_err(full, reference(dense, x) + bias.get()) < GEMM_BOUND
+
+
+# skinny: (rows N, columns K) per format, chosen so the splits (gemm_split on a 132-SM H200)
+# cover every case.
+def skinny_shapes(qtype: int) -> list[tuple[int, int]]:
+    kc = max(QK[qtype], 128)  # elements of a raw chunk; a split is whole chunks
+    return [
+        (33000, 256),  # 258 row tiles: one split
+        (896, 2048),  # 8 or 16 splits
+        (896, 21 * kc),  # 11 splits of 2 chunks, the last of 1
+        (100, 38 * kc),  # one 128-row tile: 38 splits, rows not a multiple of 8
+        (1000, 864 if QK[qtype] == 32 else 1280),  # the last chunk not full (QK 32)
+    ]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_skinny_equals_the_gemm_bit_for_bit(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+    """skinny (1..16 rows) gives exactly the bits of the gemm (version 2 and 3, with its split
+    and in-order sum) for every row, with bias and in-place residual, and is close to the
+    reference; out-of-place and in-place residual agree."""
+    rng = np.random.default_rng(7 + qtype)
+    for n, k in skinny_shapes(qtype):
+        raw, dense = random_matrix(qtype, n, k, rng)
+        w_dev = upload(raw)
+        w = qweight(w_dev, qtype, n, k)
+        assert gemm_version(w) >= 2
+        x = rng.standard_normal((16, k), dtype=np.float32)
+        bias = rng.standard_normal(n, dtype=np.float32)
+        res = rng.standard_normal((16, n), dtype=np.float32)
+        x_dev, b_dev = upload(x), upload(bias)
+        splits = gemm_split(w, mm._sms)[0]
+        for m in (1, 2, 7, 16):
+            want = {}
+            for version in (2, 3):
+                y = upload(res[:m])
+                mm.gemm(w, x_dev, y, m, version=version, bias=b_dev, residual=y)
+                gpu.Context.synchronize()
+                want[version] = y.get()
+            y = upload(res[:m])
+            mm.skinny(w, x_dev, y, m, bias=b_dev, residual=y)
+            gpu.Context.synchronize()
+            got = y.get()
+            y2, r_dev = poisoned((m, n)), upload(res[:m])
+            mm.skinny(w, x_dev, y2, m, bias=b_dev, residual=r_dev)
+            gpu.Context.synchronize()
+            ctx = (LAYOUTS[qtype].name, n, k, m, splits)
+            for version in (2, 3):
+                assert np.array_equal(got.view(np.uint32), want[version].view(np.uint32)), ctx
+            assert np.array_equal(y2.get().view(np.uint32), got.view(np.uint32)), ctx
+            assert rel_err(got - res[:m], reference(dense, x[:m]) + bias) < GEMM_BOUND, ctx
+
+
+def test_skinny_refuses_what_it_cannot_do(mm: MatmulKernels, gpu: Any) -> None:
+    rng = np.random.default_rng(11)
+    raw, _ = random_matrix(12, 256, 512, rng)
+    w_dev = upload(raw)
+    w = qweight(w_dev, 12, 256, 512)
+    x = upload(rng.standard_normal((17, 512), dtype=np.float32))
+    y = poisoned((17, 256))
+    with pytest.raises(KernelArgumentError, match=r"skinny_q4_k.*17 rows"):
+        mm.skinny(w, x, y, 17)
+    with pytest.raises(KernelArgumentError, match=r"skinny_q4_k.*y buffer"):
+        mm.skinny(w, x, poisoned((3, 256)), 4)
+    gpu.Context.synchronize()
+    assert np.isnan(y.get()).all()

@@ -21,11 +21,13 @@ from worker.backends.cuda.matmul import (
     GEMM_VERSION,
     MOE5_MIN_AVG_128,
     MOE_GEMM_VERSION,
+    SKINNY_ITEM_BYTES,
     DevBuf,
     KernelArgumentError,
     Launch,
     QWeight,
     gemm2_smem_bytes,
+    gemm_split,
     gemm_version,
     moe5_tile_m,
     moe_tile_bound,
@@ -36,6 +38,9 @@ from worker.backends.cuda.matmul import (
     plan_gemv,
     plan_moe,
     plan_moe_route,
+    plan_skinny,
+    skinny_shape,
+    skinny_warp_bytes,
 )
 from worker.backends.cuda.quant_layout import LAYOUTS, layout
 from worker.errors import CudaError, ErrorCode
@@ -338,8 +343,9 @@ SMEM_HARNESS = r"""
 #include "gemm.cu"
 #include <cstdio>
 #define SMEM_ROW(TY, NAME)                                                                  \
-  printf("%d %d %d %d %d\n", (int)TY, g2::Smem<TY, 64>::bytes, g2::Smem<TY, 128>::bytes,    \
-         g2::Smem3<TY, 64>::bytes, g2::Smem3<TY, 128>::bytes);
+  printf("%d %d %d %d %d %d %d\n", (int)TY, g2::Smem<TY, 64>::bytes,                       \
+         g2::Smem<TY, 128>::bytes, g2::Smem3<TY, 64>::bytes, g2::Smem3<TY, 128>::bytes,       \
+         sk::Smem<TY>::warp, sk::Smem<TY>::item);
 int main() {
   FOR_EACH_QTYPE(SMEM_ROW)
   return 0;
@@ -349,8 +355,9 @@ int main() {
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is required (CI has it)")
 def test_gemm2_shared_memory_formula_matches_the_kernel(tmp_path: Path) -> None:
-    """plan_gemm passes gemm2_smem_bytes as the dynamic shared memory of gemm v2; it must be
-    the kernel's own g2::Smem (the kernel traps when launched with less), for every type."""
+    """plan_gemm passes gemm2_smem_bytes as the dynamic shared memory of gemm v2 (plan_skinny
+    skinny_warp_bytes per warp and SKINNY_ITEM_BYTES per item); they must be the kernels' own
+    g2::Smem and sk::Smem (the kernels trap when launched with less), for every type."""
     src = tmp_path / "smem.cu"
     src.write_text(SMEM_HARNESS)
     exe = tmp_path / "smem"
@@ -361,11 +368,12 @@ def test_gemm2_shared_memory_formula_matches_the_kernel(tmp_path: Path) -> None:
     for line in out.split("\n"):
         if not line.strip():
             continue
-        qtype, b64, b128, c64, c128 = (int(v) for v in line.split())
+        qtype, b64, b128, c64, c128, skw, ski = (int(v) for v in line.split())
         lay = LAYOUTS[qtype]
         assert (gemm2_smem_bytes(lay, 64), gemm2_smem_bytes(lay, 128)) == (b64, b128), lay.name
         got3 = (gemm2_smem_bytes(lay, 64, x_stages=3), gemm2_smem_bytes(lay, 128, x_stages=3))
         assert got3 == (c64, c128), lay.name
+        assert (skinny_warp_bytes(lay), SKINNY_ITEM_BYTES) == (skw, ski), lay.name
         assert max(b128, c128) <= 227 * 1024  # the per-block limit of sm_90
         seen.add(qtype)
     assert seen == set(LAYOUTS)
@@ -396,6 +404,32 @@ def test_gemm2_plans_tiles_and_refusals() -> None:
     err = refused(plan_gemm, w, x, DevBuf(y.ptr, 63 * 4 * 10), 10, version=2)
     assert "gemm2_q4_k_m64" in str(err)
     assert plan_gemm(w, x, y, 10, version=1).shared == 0
+
+
+def test_skinny_plans_the_gemm_split_in_one_launch() -> None:
+    """skinny: one warp per (8 weight rows, split), about 8-16 such items a block; the split
+    is the gemm's (same checks); shared memory for the warps' chunks and the items' partials;
+    1..16 rows only."""
+    down = weight(14, rows=896, cols=4864)  # Qwen ffn_down: 19 splits of one 256-chunk
+    split = gemm_split(down, 132)
+    assert split == (19, 8)
+    g = plan_skinny(down, *bufs(down, 8), 8, split=split)
+    assert skinny_shape(19) == (1, 10)  # two rounds of 10 warps
+    assert g.kernel == "skinny_q6_k" and g.grid == (112, 1, 1) and g.block == (320, 1, 1)
+    assert g.args[6] == 8 and g.args[-3:] == (19, 8, 1) and len(g.args) == len(g.arg_format)
+    assert g.shared == 10 * skinny_warp_bytes(layout(14)) + 19 * SKINNY_ITEM_BYTES
+    head = weight(8, rows=151936, cols=896)  # one split: 8 row tiles a block
+    assert gemm_split(head, 132) == (1, 0) and skinny_shape(1) == (8, 8)
+    h = plan_skinny(head, *bufs(head, 1), 1, split=(1, 0))
+    assert h.grid == (2374, 1, 1) and h.block == (256, 1, 1) and h.args[-3:] == (1, 0, 8)
+    refused(plan_skinny, head, *bufs(head, 17), 17, split=(1, 0))  # 17 rows
+    refused(plan_skinny, down, *bufs(down, 4), 4, split=(19, 7))  # not whole chunks
+    refused(plan_skinny, down, *bufs(down, 4), 4, split=(18, 8))  # does not cover K
+    refused(plan_skinny, down, *bufs(down, 4), 4, split=(1, 8))
+    x, y = bufs(down, 4)
+    refused(plan_skinny, down, x, DevBuf(y.ptr, y.nbytes - 4), 4, split=split)
+    experts = weight(12, rows=256, cols=512, experts=4)
+    refused(plan_skinny, experts, *bufs(experts, 1), 1, split=(1, 0))
 
 
 def test_gemm3_plans_the_fp16_prepass_and_refusals() -> None:
@@ -435,6 +469,28 @@ def test_gemm_default_version_by_matrix_size() -> None:
     assert plan_gemm(w, *bufs(w, 512), 512).kernel == "gemm2_q5_0_m64"
     big = weight(12, rows=3072, cols=3072)
     refused(plan_gemm, big, *bufs(big, 512), 512)  # v3 by default: needs the workspace
+
+
+def test_moe_skinny_plans() -> None:
+    """The decode form: moe_skinny_<type> over routed tiles of at most 16 rows, 8 warps a
+    block (64 weight rows), the skinny core's shared memory; routed-gemm workspace checks."""
+    we = weight(39, rows=5760, cols=2880, experts=32)
+    ntok, topk = 8, 4
+    ws = DevBuf(1 << 32, moe_workspace_bytes(ntok * topk, 32, 16))
+    ids = DevBuf(1 << 33, 4 * ntok * topk)
+    x, y = DevBuf(1 << 30, ntok * 2880 * 4), DevBuf(1 << 31, ntok * topk * 5760 * 4)
+    g = plan_moe(we, ids, ntok, topk, x, y, per_slot_input=False, workspace=ws, form="skinny")
+    assert g.kernel == "moe_skinny_mxfp4" and g.block == (256, 1, 1)
+    assert g.grid == (moe_tile_bound(32, 32, 16), 90, 1) == (34, 90, 1)
+    assert g.shared == 8 * (skinny_warp_bytes(layout(39)) + SKINNY_ITEM_BYTES)
+    assert len(g.args) == len(g.arg_format)
+    refused(plan_moe, we, ids, ntok, topk, x, y, per_slot_input=False, form="skinny")
+    kw = {"per_slot_input": False, "workspace": ws, "form": "skinny"}
+    refused(plan_moe, we, ids, ntok, topk, x, y, tile_m=64, **kw)
+    refused(plan_moe, we, ids, ntok, topk, x, y, version=4, **kw)
+    short = DevBuf(ws.ptr, moe_workspace_bytes(ntok * topk, 32, 16) - 4)
+    refused(plan_moe, we, ids, ntok, topk, x, y, **{**kw, "workspace": short})
+    assert plan_moe_route(ids, 32, 32, ws, tile_m=16).args[3] == 16
 
 
 def test_moe_gemm5_plans() -> None:

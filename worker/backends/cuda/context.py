@@ -210,6 +210,7 @@ PDL_KERNELS = (
     "gemm3_",
     "gemm_x16",
     "gemm_splitk_reduce",
+    "skinny_",
     "embed_",
     "rmsnorm_f32",
     "layernorm_f32",

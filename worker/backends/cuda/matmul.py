@@ -17,10 +17,10 @@ How to call (everything on the thread that owns the CUDA context, context curren
   expert tensor [experts][N][K] (MoE).
 - Activations are float32, row-major: x[t] at x + t*ldx (elements), y[t] at y + t*ldy.
   ldx defaults to K and ldy to N. x must be 16-byte aligned with ldx % 4 == 0.
-- `linear` computes y[t] = W x[t] (+ bias) (+ residual[t]) for t < ntok: the tensor-core gemm
-  for every ntok when `MatmulKernels.invariant` (the backend's default: a row's result must
-  not depend on ntok); otherwise ntok <= 8 runs the decode gemv (weights read once for all
-  ntok) and more runs the gemm.
+- `linear` computes y[t] = W x[t] (+ bias) (+ residual[t]) for t < ntok: the tensor-core
+  arithmetic for every ntok when `MatmulKernels.invariant` (the backend's default: a row's
+  result must not depend on ntok), as skinny (one launch) up to SKINNY_MAX_ROWS rows and as
+  the gemm above; otherwise ntok <= 8 runs the decode gemv (weights read once for all ntok).
   `residual` has y's layout and may be y itself (in-place residual add); y must not overlap x.
 - `stream`: a `pycuda.driver.Stream` or None (the null stream). Launches are asynchronous and
   only enqueue work, so the backend can capture them: begin capture with cuda.bindings on
@@ -71,6 +71,13 @@ GEMM2_LD = 40  # g2::LD: halves per row of the fp16 tiles
 # v2/v3 token tile: 128 when that gives at least this many blocks, else 64 (run 1, H100:
 # 128 won at 92-128 blocks, 64 at 16-28 blocks)
 GEMM2_MIN_BLOCKS_128 = 64
+# skinny_<type> (gemm.cu): gemm2's arithmetic for up to 16 rows in one launch, one warp per
+# (8 weight rows, split). `linear` takes it for 1..SKINNY_MAX_ROWS rows wherever it would take
+# the gemm; WORKER_ORCD_SKINNY_ROWS=0 turns it off (A/B runs).
+SKINNY_MAX_ROWS = min(16, int(os.environ.get("WORKER_ORCD_SKINNY_ROWS", "16")))
+SKINNY_ROWS = 8  # sk::ROWS: weight rows a warp
+SKINNY_ITEM_BYTES = 16 * SKINNY_ROWS * 4  # sk::Smem<T>::item: one (tile, split)'s partials
+SKINNY_MAX_WARPS = 16
 GEMM3_X_STAGES = 3  # g2::XS: fp16 X tiles in flight (gemm3)
 X16_THREADS = 128  # gemm_x16: 8 elements a thread
 EMBED_THREADS = 128
@@ -87,6 +94,7 @@ _ARG_FORMATS: dict[str, str] = {
     "gemm2": "PqiiPqiPPPqiq",  # + K steps per split, split stride (elements)
     "gemm_splitk_reduce": "PiqiiPPPq",
     "gemm_x16": "PqiiPq",
+    "skinny": "PqiiPqiPPPqiii",  # + splits, K steps a split, row tiles a block
     "embed": "PqiiPPq",
     "moe_gemv": "PqqiiiPiPqqPPq",
     "moe_gemm": "PqqiiPPPiPqqPPq",
@@ -99,6 +107,8 @@ MOE_GEMV_ROWS_PER_WARP = (2, 4)  # for 1 token, for 2 (H100, docs/kernels.md, Mo
 MOE_ROUTE_THREADS = 1024
 MOE_MAX_EXPERTS = 1024  # moe_route's shared-memory tables (MOE_MAX_EXPERTS in moe.cu)
 MOE_GEMM_TILE_M = 64  # default token tile of moe_gemm (64: moe_gemm_<type>, 128: moe_gemm128)
+MOE_SKINNY_TILE_M = 16  # moe_skinny's routed tiles: at most 16 rows (one mma's m)
+MOE_SKINNY_WARPS = 8  # moe_skinny: warps (8-row weight tiles) a block
 # Routed prefill gemm (docs/kernels.md, MoE): 5 = moe_gemm5_<type>_m128/_m64 (gemm2 core, 128
 # weight rows a block, gathered token rows), 4 = moe_gemm/moe_gemm128 (gemm_tile core), 3 =
 # moe_gemm3 (ballot scan). WORKER_ORCD_MOE_GEMM_VERSION overrides the default (A/B runs).
@@ -495,11 +505,91 @@ def gemm2_smem_bytes(lay: QLayout, tile_m: int, *, x_stages: int = 2) -> int:
     halves a row, and two raw chunks of 128 rows, each row a 16-byte cover of max(QK, 128)
     elements' bytes at an odd multiple of 16 bytes (the kernel traps when launched with
     less)."""
+    return (x_stages * tile_m + 2 * GEMM2_ROWS) * GEMM2_LD * 2 + 2 * GEMM2_ROWS * _raw_pitch(lay)
+
+
+def _raw_pitch(lay: QLayout) -> int:
+    """g2::Cfg<T>::P: bytes of one row's raw chunk (max(QK, 128) elements) in shared memory, a
+    16-byte cover of its bytes at an odd multiple of 16 bytes."""
     kc = max(lay.qk, 128)
     seg = kc // lay.qk * lay.block_bytes
     win = (seg + 30) // 16 * 16
-    pitch = win + 16 if (win // 16) % 2 == 0 else win
-    return (x_stages * tile_m + 2 * GEMM2_ROWS) * GEMM2_LD * 2 + 2 * GEMM2_ROWS * pitch
+    return win + 16 if (win // 16) % 2 == 0 else win
+
+
+def skinny_warp_bytes(lay: QLayout) -> int:
+    """sk::Smem<T>::warp: a warp's two raw chunks of 8 rows and the fp16 tile of one chunk
+    (rows of max(QK, 128) + 8 halves)."""
+    tld = max(lay.qk, 128) + 8
+    return 2 * SKINNY_ROWS * _raw_pitch(lay) + SKINNY_ROWS * tld * 2
+
+
+SMEM_MAX = 227 * 1024  # shared memory a block may have on sm_90 (sm_80: 163 KB)
+
+
+def skinny_shape(n_split: int, warp_bytes: int = 0) -> tuple[int, int]:
+    """(row tiles a block G, warps a block): about 8-16 (tile, split) items a block, each warp
+    taking as many items as the others (or one fewer), and no more warps than the shared
+    memory holds beside the items' partials."""
+    g = max(1, 8 // n_split)
+    items = g * n_split
+    rounds = -(-items // SKINNY_MAX_WARPS)
+    warps = -(-items // rounds)
+    if warp_bytes:
+        room = (SMEM_MAX - items * SKINNY_ITEM_BYTES) // warp_bytes
+        warps = max(1, min(warps, room))
+    return g, warps
+
+
+def plan_skinny(
+    w: QWeight,
+    x: BufLike,
+    y: BufLike,
+    m: int,
+    *,
+    split: tuple[int, int],
+    bias: BufLike | None = None,
+    residual: BufLike | None = None,
+    ldx: int | None = None,
+    ldy: int | None = None,
+) -> Launch:
+    """Y[t] = W X[t] (+bias) (+residual[t]) for t < m <= 16 with gemm2's arithmetic: bit for
+    bit what plan_gemm (versions 2 and 3) and plan_splitk_reduce give with the same split
+    (S, kps) = gemm_split(w, sms), in one launch."""
+    lay = _check_weight(_kname("skinny", w.qtype), w)
+    kernel = f"skinny_{lay.name}"
+    _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
+    _need(kernel, 1 <= m <= 16, f"{m} rows: skinny takes 1..16")
+    n_split, kps = split
+    _need(kernel, n_split >= 1 and (n_split == 1) == (kps == 0), f"split {split}")
+    if n_split > 1:
+        _need(kernel, (kps * GEMM2_BK) % max(lay.qk, 128) == 0, "split not chunked")
+        _need(kernel, n_split * kps >= w.cols // GEMM2_BK > (n_split - 1) * kps, "bad split")
+    g, warps = skinny_shape(n_split, skinny_warp_bytes(lay))
+    tiles = -(-w.rows // SKINNY_ROWS)
+    launch = _plan_linear(
+        kernel,
+        "gemm",
+        w,
+        lay,
+        x,
+        y,
+        m,
+        bias,
+        residual,
+        ldx,
+        ldy,
+        grid=(-(-tiles // g), 1, 1),
+        block=(32 * warps, 1, 1),
+    )
+    shared = warps * skinny_warp_bytes(lay) + g * n_split * SKINNY_ITEM_BYTES
+    _need(kernel, shared <= SMEM_MAX, f"{n_split} splits need {shared} bytes of shared memory")
+    return replace(
+        launch,
+        args=(*launch.args, n_split, kps, g),
+        arg_format=_ARG_FORMATS["skinny"],
+        shared=shared,
+    )
 
 
 def _kname(prefix: str, qtype: int) -> str:
@@ -619,7 +709,7 @@ def plan_moe_route(
         1 <= n_experts <= MOE_MAX_EXPERTS,
         f"{n_experts} experts not in 1..{MOE_MAX_EXPERTS}",
     )
-    _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
+    _need(kernel, tile_m in (16, 64, 128), f"tile_m {tile_m} not 16, 64 or 128")
     ib, wb = as_buf(ids), as_buf(workspace)
     _need(kernel, ib.ptr > 0 and ib.ptr % 4 == 0, "ids pointer null or not 4-byte aligned")
     _need(kernel, ib.nbytes >= 4 * n_assign, f"ids buffer {ib.nbytes} bytes < {4 * n_assign}")
@@ -655,7 +745,8 @@ def plan_moe(
     w: expert tensor [experts][N][K]; ids: int32 [ntok*topk] on the device; x(t, s) =
     x + t*ldx_tok + s*K when per_slot_input (down projection) else x + t*ldx_tok (gate/up);
     ldx_tok defaults to topk*K or K accordingly. y: float32 [ntok*topk][N]. bias: float32
-    [experts][N]. form: "gemv" (decode), "gemm" (prefill), "auto" (gemv for ntok <= 2).
+    [experts][N]. form: "gemv" (decode), "gemm" (prefill), "skinny" (decode with the gemm's
+    arithmetic), "auto" (gemv for ntok <= 2, else gemm).
 
     version 4 (default): gemv = moe_gemv_<type>[_r2|_r4], a warp per rows_per_warp rows
     (1, 2 or 4; default MOE_GEMV_ROWS_PER_WARP: 2 for one token, 4 for two) of one
@@ -670,11 +761,14 @@ def plan_moe(
     version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot scan of every
     id in every block), kept for same-process comparisons.
     Default version: 4 for gemv, MOE_GEMM_VERSION for gemm.
+    skinny (no version): moe_skinny_<type> over plan_moe_route's tiles of at most
+    MOE_SKINNY_TILE_M rows, a warp per 8 weight rows of a tile's expert (grid (tile bound,
+    ceil(N / (8 MOE_SKINNY_WARPS)))): the bits of moe_gemm5 in one launch for a decode step.
     opt (gemv, 2 or 4 rows per warp): moe_gemv_<type>_r<2|4>o, the same rows with the group
     loop's addresses by increments and no per-row branch (not yet timed).
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
-    _need("moe", form in ("auto", "gemv", "gemm"), f"unknown form {form!r}")
+    _need("moe", form in ("auto", "gemv", "gemm", "skinny"), f"unknown form {form!r}")
     if form == "auto":
         form = "gemv" if ntok <= 2 else "gemm"
     kernel = f"moe_{form}_{lay.name}"
@@ -682,6 +776,8 @@ def plan_moe(
         version = 4 if form == "gemv" else MOE_GEMM_VERSION
     if form == "gemv":
         _need(kernel, version in (3, 4), f"moe gemv version {version} not 3 or 4")
+    elif form == "skinny":
+        _need(kernel, version in (None, 5), "skinny has moe_gemm5's arithmetic (version 5)")
     else:
         _need(kernel, version in (3, 4, 5), f"moe gemm version {version} not 3, 4 or 5")
     n, k = w.rows, w.cols
@@ -769,13 +865,16 @@ def plan_moe(
             args,
             _ARG_FORMATS["moe_gemm3"],
         )
-    if tile_m is not None:
+    if form == "skinny":
+        tm = MOE_SKINNY_TILE_M if tile_m is None else tile_m
+        _need(kernel, tm == MOE_SKINNY_TILE_M, f"tile_m {tm} not {MOE_SKINNY_TILE_M}")
+    elif tile_m is not None:
         tm = tile_m
     elif version == 5:
         tm = moe5_tile_m(n_assign, w.experts)
     else:
         tm = MOE_GEMM_TILE_M
-    _need(kernel, tm in (64, 128), f"tile_m {tm} not 64 or 128")
+    _need(kernel, tm in (64, 128) or form == "skinny", f"tile_m {tm} not 64 or 128")
     _need(kernel, w.experts <= MOE_MAX_EXPERTS, f"{w.experts} experts > {MOE_MAX_EXPERTS}")
     _need(kernel, n_assign <= INT32_MAX // 2, f"{n_assign} assignments out of range")
     _need(kernel, workspace is not None, "the routed gemm needs a workspace (plan_moe_route)")
@@ -784,7 +883,9 @@ def plan_moe(
     wr = (wb.ptr, wb.ptr + moe_workspace_bytes(n_assign, w.experts, tm))
     _disjoint(kernel, wr, yr, "workspace and y")
     _disjoint(kernel, wr, xr, "workspace and x")
-    if version == 5:
+    if form == "skinny":
+        tiles_n = -(-n // (SKINNY_ROWS * MOE_SKINNY_WARPS))
+    elif version == 5:
         kernel = f"moe_gemm5_{lay.name}_m{tm}"
     elif tm == 128:
         kernel = f"moe_gemm128_{lay.name}"
@@ -804,6 +905,10 @@ def plan_moe(
         yb.ptr,
         n,
     )
+    if form == "skinny":
+        shared = MOE_SKINNY_WARPS * (skinny_warp_bytes(lay) + SKINNY_ITEM_BYTES)
+        block = (32 * MOE_SKINNY_WARPS, 1, 1)
+        return Launch("moe", kernel, grid, block, args, _ARG_FORMATS["moe_gemm"], shared=shared)
     if version == 5:
         return Launch(
             "moe",
@@ -880,6 +985,7 @@ class MatmulKernels:
         self._splitk: DevBuf | None = None  # split-K partials (_splitk_workspace)
         self._x16_keep: list[Any] = []
         self._resident: dict[str, int] = {}
+        self._smem_allowed: dict[str, int] = {}  # dynamic shared memory allowed per kernel
         self._moe_ws: DevBuf | None = None  # moe_route's workspace (MatmulKernels.moe)
         self._moe_ws_keep: list[Any] = []
         # batch invariance: every row count takes the tensor-core forms (gemm, routed
@@ -905,8 +1011,6 @@ class MatmulKernels:
                 raise CudaError(f"{launch.kernel}: not in module {launch.module}: {e}") from e
             fn.prepare(launch.arg_format)
             _prefer_shared(fn)
-            if launch.shared > 48 * 1024:
-                _allow_dynamic_shared(fn, launch.kernel, launch.shared)
             self._funcs[launch.kernel] = fn
             self._resident[launch.kernel] = self._sms * self._blocks_per_sm(fn, launch.block[0])
         return fn
@@ -927,6 +1031,10 @@ class MatmulKernels:
     def run(self, launch: Launch, stream: Any = None) -> None:
         """Queue a checked launch on `stream` (pycuda Stream or None)."""
         fn = self._func(launch)
+        if launch.shared > self._smem_allowed.get(launch.kernel, 48 * 1024):
+            # (skinny's need varies by launch: raised to the largest asked so far)
+            _allow_dynamic_shared(fn, launch.kernel, launch.shared)
+            self._smem_allowed[launch.kernel] = launch.shared
         grid = launch.grid
         if launch.persistent and self.persistent_gemv:
             per = max(1, self._resident[launch.kernel] // (grid[1] * grid[2]))
@@ -1018,11 +1126,25 @@ class MatmulKernels:
         self, w: QWeight, x: BufLike, y: BufLike, ntok: int, *, stream: Any = None, **kw: Any
     ) -> None:
         """gemv for ntok <= 8 (decode, weights read once), tensor-core gemm above; always
-        the gemm when `invariant`."""
+        the gemm's arithmetic when `invariant`. The gemm's arithmetic for at most
+        SKINNY_MAX_ROWS rows runs as skinny (same bits, one launch)."""
         if ntok <= GEMV_MAX_TOKENS and not self.invariant:
             self.gemv(w, x, y, ntok, stream=stream, **kw)
+        elif (
+            ntok <= SKINNY_MAX_ROWS
+            and w.experts == 1
+            and gemm_version(w) >= 2
+            and not kw.keys() & {"version", "tile_m", "split", "xh"}  # a gemm asked for
+        ):
+            self.skinny(w, x, y, ntok, stream=stream, **kw)
         else:
             self.gemm(w, x, y, ntok, stream=stream, **kw)
+
+    def skinny(
+        self, w: QWeight, x: BufLike, y: BufLike, m: int, *, stream: Any = None, **kw: Any
+    ) -> None:
+        """plan_skinny with the gemm's split for this shape on this GPU."""
+        self.run(plan_skinny(w, x, y, m, split=gemm_split(w, self._sms), **kw), stream)
 
     def embed(
         self,
@@ -1053,7 +1175,19 @@ class MatmulKernels:
         pre-pass into this object's workspace. The workspace is shared by every call: queue
         all MoE launches of one MatmulKernels on one stream (the backend does)."""
         form = kw.get("form", "auto")
-        gemm = form == "gemm" or (form == "auto" and (ntok > 2 or self.invariant))
+        if form == "auto" and (ntok > 2 or self.invariant):
+            form = "skinny" if ntok <= SKINNY_MAX_ROWS else "gemm"
+        if form == "skinny":
+            kw["form"] = form
+            n_assign = ntok * topk
+            ws = self._moe_workspace(moe_workspace_bytes(n_assign, w.experts, MOE_SKINNY_TILE_M))
+            launch = plan_moe(
+                w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, workspace=ws, **kw
+            )
+            self.run(plan_moe_route(ids, n_assign, w.experts, ws, tile_m=MOE_SKINNY_TILE_M), stream)
+            self.run(launch, stream)
+            return
+        gemm = form == "gemm"
         if gemm:
             kw["form"] = "gemm"
         version = kw.pop("version", None)
@@ -1101,7 +1235,10 @@ class MatmulKernels:
         if n_experts:
             n = max_tokens * topk
             self._moe_workspace(
-                max(moe_workspace_bytes(n, n_experts, tm) for tm in (MOE_GEMM_TILE_M, 128))
+                max(
+                    moe_workspace_bytes(n, n_experts, tm)
+                    for tm in (MOE_SKINNY_TILE_M, MOE_GEMM_TILE_M, 128)
+                )
             )
 
     def _moe_workspace(self, nbytes: int) -> DevBuf:
