@@ -151,6 +151,7 @@ async def connect(
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
+            _reraise_swallowed_cancel()
             why = describe_connect_error(
                 last_error[0] if isinstance(exc, nats.errors.NoServersError) else exc
             )
@@ -170,6 +171,15 @@ async def connect(
         nc.options["max_reconnect_attempts"] = -1  # from now on an outage is waited out
         connected = True
         return nc
+
+
+def _reraise_swallowed_cancel() -> None:
+    """Python 3.11's asyncio.wait_for (used inside nats-py's connect and close) can drop a
+    cancellation that lands as a connection attempt fails, so a Ctrl-C during the retry loop
+    would be waited out to the deadline: a pending cancel request is honoured here instead."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def ensure_streams(
