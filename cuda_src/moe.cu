@@ -7,29 +7,22 @@
 //
 // Decode (docs/kernels.md, MoE):
 // moe_gemv_<type>[_r2|_r4]: grid (ceil(N / (4*RW)), n_assign), 4 warps a block; warp w of
-//   block (b, a) owns rows (4b + w)*RW .. +RW of assignment a's expert: the v4 dense gemv's
+//   block (b, a) owns rows (4b + w)*RW .. +RW of assignment a's expert: the dense gemv's
 //   structure (every lane issues its 16-byte L1-bypassing loads of a chunk, stages them in
 //   the warp's own shared slice, decodes; no block barrier), for one token. MXFP4 has its own
 //   decoder (MoeDot below). An id outside [0, n_expert) writes NaN rows.
-// moe_gemv_<type>_r2o|_r4o: the same with the group loop's address arithmetic by increments
-//   and no per-row branch (about 40 % fewer instructions a step in the SASS; not yet timed).
-// moe_gemv3_<type>: the previous kernel (v3 staged-tile core, grid (G, n_assign)), kept for
-//   same-run comparisons.
 // Prefill:
 // moe_route: one block. Per-expert counts, the assignments of each expert in ascending order
 //   (a counting sort whose placement is a ballot scan per expert: no atomics decide an
 //   order), and a table of token tiles (expert, first list entry, rows <= BM) into a device
 //   workspace; ids outside [0, n_expert) are in no list.
-// moe_gemm_<type> (BM 64) / moe_gemm128_<type> (BM 128): grid (tile bound, ceil(N/64));
-//   block (i, y) takes tile i of the table (blocks past the table's length exit) and runs the
-//   tensor-core gemm core on its rows for weight rows 64y... Assignments with an id outside
-//   [0, n_expert) are left unwritten (the caller validated routing on the device).
-// moe_gemm5_<type>_m128 / _m64: the same tile table on gemm.cu's gemm2 core (128 weight rows a
-//   block, raw weights staged by cp.async, ldmatrix) with gathered token rows.
+// moe_gemm5_<type>_m128 / _m64: grid (tile bound, ceil(N/128)); block (i, y) takes tile i of
+//   the table (blocks past the table's length exit) and runs gemm.cu's gemm2 core (128 weight
+//   rows a block, raw weights staged by cp.async, ldmatrix) on its gathered token rows for
+//   weight rows 128y... Assignments with an id outside [0, n_expert) are left unwritten (the
+//   caller validated routing on the device).
 // moe_skinny_<type>: decode steps (at most 16 rows an expert tile) on gemm.cu's skinny core,
 //   the same bits as moe_gemm5.
-// moe_gemm3_<type>: the previous prefill kernel, grid (ceil(n_assign/64), ceil(N/64),
-//   n_expert), each block ballot-scanning every id; kept for same-run comparisons.
 #define GEMV_CORE_ONLY
 #define GEMM_CORE_ONLY
 #include "gemv.cu"
@@ -37,29 +30,9 @@
 
 // ---- decode ---------------------------------------------------------------------------------
 
-template <int T>
-__device__ __forceinline__ void moe_gemv3_entry(const uint8_t* W, long long expert_bytes,
-                                                long long row_bytes, int N, int K, int n_expert,
-                                                const int* ids, int topk, const float* X,
-                                                long long ldx_tok, long long ldx_slot,
-                                                const float* B, float* Y, long long ldy) {
-  const int a = blockIdx.y;
-  const int e = ids[a];
-  float* y = Y + (long long)a * ldy;
-  if (e < 0 || e >= n_expert) {
-    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < N; r += gridDim.x * blockDim.x)
-      y[r] = __int_as_float(0x7fc00000);
-    return;
-  }
-  const int t = a / topk, slot = a % topk;
-  gemv_run<T, 1>(W, (long long)e * expert_bytes, row_bytes, N, K,
-                 X + (long long)t * ldx_tok + (long long)slot * ldx_slot, 0, 1,
-                 B ? B + (long long)e * N : nullptr, nullptr, y, 0, blockIdx.x, gridDim.x);
-}
-
 // MoeDot<T>: one 8-element group g of a quant block (staged in shared memory at blk) times x
 // into acc; the group's x values are x[xoff(g, 0) .. +4] and x[xoff(g, 1) .. +4] from the
-// block's first element. Default: the dense v4 gemv's G4<T>::dot (element 8g + i).
+// block's first element. Default: the dense gemv's G4<T>::dot (element 8g + i).
 template <int T> struct MoeDot {
   static constexpr bool NEED_SX = G4<T>::NEED_SX;
   static __device__ __forceinline__ int xoff(int g, int h) { return 8 * g + 4 * h; }
@@ -129,7 +102,7 @@ template <> struct MoeDot<QT_MXFP4> {
 // blocks per row (<= 512*U bytes of 16-byte pieces); every lane issues its RW*U loads, stores
 // them to the warp's slice, then decodes groups lane, lane+32, ...; a fixed shuffle tree per
 // row, lane 0 writes y[row] (+ bias[row]).
-template <int T, int RW, int U, bool OPT = false>
+template <int T, int RW, int U>
 __device__ __forceinline__ void moe_gemv4_rows(const uint8_t* __restrict__ W, long long w_off,
                                                long long total, long long row_bytes, int N,
                                                int K, int r0, const float* __restrict__ x,
@@ -177,37 +150,6 @@ __device__ __forceinline__ void moe_gemv4_rows(const uint8_t* __restrict__ W, lo
         if (qp < n16[r]) *reinterpret_cast<uint4*>(&mine[r][16 * qp]) = buf[r][u];
       }
     __syncwarp();
-    if constexpr (OPT) {
-      // the lane's group within a block is fixed (GPB divides 32) and its block advances by
-      // 32/GPB a step: x and stage pointers by increments; every row of the warp decoded
-      // (rows past N read a stale stage and are never written), no per-row branch
-      constexpr int BPI = 32 / GPB;
-      static_assert(32 % GPB == 0, "groups per block must divide the warp");
-      const int g = lane % GPB;
-      const float* xp = x + (long long)(j0 + lane / GPB) * QK;
-      int bo[RW], bo0[RW];
-#pragma unroll
-      for (int r = 0; r < RW; ++r) bo[r] = bo0[r] = coff[r] + (lane / GPB) * BYTES;
-      for (int jj = lane / GPB; jj < cb; jj += BPI, xp += BPI * QK) {
-        float xv[1][8];
-        const float4 lo = __ldg(reinterpret_cast<const float4*>(xp + MoeDot<T>::xoff(g, 0)));
-        const float4 hi = __ldg(reinterpret_cast<const float4*>(xp + MoeDot<T>::xoff(g, 1)));
-        xv[0][0] = lo.x; xv[0][1] = lo.y; xv[0][2] = lo.z; xv[0][3] = lo.w;
-        xv[0][4] = hi.x; xv[0][5] = hi.y; xv[0][6] = hi.z; xv[0][7] = hi.w;
-        float sx[1] = {0.f};
-        if (MoeDot<T>::NEED_SX)
-          sx[0] = ((xv[0][0] + xv[0][1]) + (xv[0][2] + xv[0][3])) +
-                  ((xv[0][4] + xv[0][5]) + (xv[0][6] + xv[0][7]));
-#pragma unroll
-        for (int r = 0; r < RW; ++r) {
-          // a step moves the stage offset by BPI*BYTES: a multiple of 4 keeps bo's alignment
-          MoeDot<T>::dot(&mine[r][bo[r]], (BPI * BYTES) % 4 == 0 ? bo0[r] : bo[r], g, xv, sx,
-                         acc[r]);
-          bo[r] += BPI * BYTES;
-        }
-      }
-      continue;
-    }
     const int ngroups = cb * GPB;
     for (int qg = lane; qg < ngroups; qg += 32) {
       // K-quants (32 groups a block): lane l always takes group l
@@ -241,7 +183,7 @@ __device__ __forceinline__ void moe_gemv4_rows(const uint8_t* __restrict__ W, lo
 }
 
 // Block (blockIdx.x, a) of moe_gemv: rows (4 blockIdx.x + warp)*RW .. of assignment a.
-template <int T, int RW, int U, bool OPT = false>
+template <int T, int RW, int U>
 __device__ __forceinline__ void moe_gemv4_entry(const uint8_t* W, long long expert_bytes,
                                                 long long row_bytes, int N, int K, int n_expert,
                                                 const int* ids, int topk, const float* X,
@@ -257,7 +199,7 @@ __device__ __forceinline__ void moe_gemv4_entry(const uint8_t* W, long long expe
   const int r0 = (blockIdx.x * GEMV4_WARPS + (threadIdx.x >> 5)) * RW;
   if (r0 >= N) return;  // warp-uniform; no block barrier follows
   const int t = a / topk, slot = a % topk;
-  moe_gemv4_rows<T, RW, U, OPT>(W, (long long)e * expert_bytes, (long long)n_expert * expert_bytes,
+  moe_gemv4_rows<T, RW, U>(W, (long long)e * expert_bytes, (long long)n_expert * expert_bytes,
                            row_bytes, N, K, r0,
                            X + (long long)t * ldx_tok + (long long)slot * ldx_slot,
                            B ? B + (long long)e * N : nullptr, y);
@@ -347,23 +289,8 @@ __device__ __forceinline__ void moe_tile_rows(int4 tl, const int* list, int topk
   __syncthreads();
 }
 
-template <int T, int BM>
-__device__ __forceinline__ void moe_gemm4_entry(const uint8_t* W, long long expert_bytes,
-                                                long long row_bytes, int N, int K,
-                                                const int* ntiles, const int4* tiles,
-                                                const int* list, int topk, const float* X,
-                                                long long ldx_tok, long long ldx_slot,
-                                                const float* B, float* Y, long long ldy) {
-  __shared__ long long s_xoff[BM], s_yoff[BM];
-  if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
-  const int4 tl = tiles[blockIdx.x];
-  moe_tile_rows<BM>(tl, list, topk, ldx_tok, ldx_slot, ldy, s_xoff, s_yoff);
-  gemm_tile<T, BM>(W + (long long)tl.x * expert_bytes, row_bytes, N, K, X, s_xoff, s_yoff, Y,
-                   B ? B + (long long)tl.x * N : nullptr, nullptr, blockIdx.y * GEMM_BN);
-}
-
 // moe_gemm5_<type>_m<BM> (docs/kernels.md, MoE: routed prefill on the gemm2 core): the
-// same tile table and grid rows as moe_gemm, 128 weight rows a block (grid (tile bound,
+// tile table of moe_route, 128 weight rows a block (grid (tile bound,
 // ceil(N/128)), 256 threads, dynamic shared memory g2::Smem<T, BM>): block (i, y) takes tile i
 // (its expert's matrix at W + expert*expert_bytes, any alignment) and runs the dense gemm2 core
 // with gathered rows (GA): row r of the tile reads X + xoff[r] and writes Y + yoff[r] (-1: no
@@ -405,45 +332,6 @@ __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long exp
                 B ? B + (long long)tl.x * N : nullptr, nullptr, Y, 1, 0, nw, blockIdx.y * nw);
 }
 
-template <int T>
-__device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expert_bytes,
-                                                long long row_bytes, int N, int K,
-                                                const int* ids, int n_assign, int topk,
-                                                const float* X, long long ldx_tok,
-                                                long long ldx_slot, const float* B, float* Y,
-                                                long long ldy) {
-  __shared__ long long s_xoff[GEMM_BM], s_yoff[GEMM_BM];
-  __shared__ int warp_cnt[GEMM_THREADS / 32];
-  const int e = blockIdx.z, z0 = blockIdx.x * GEMM_BM;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid < GEMM_BM) s_xoff[tid] = s_yoff[tid] = -1;
-  int base = 0;  // assignments of expert e seen before this chunk (same in every thread)
-  for (int c0 = 0; c0 < n_assign; c0 += GEMM_THREADS) {
-    const int a = c0 + tid;
-    const bool hit = a < n_assign && ids[a] == e;
-    const unsigned bal = __ballot_sync(0xffffffffu, hit);
-    if (lane == 0) warp_cnt[warp] = __popc(bal);
-    __syncthreads();
-    int pos = base + __popc(bal & ((1u << lane) - 1u)), total = 0;
-#pragma unroll
-    for (int w = 0; w < GEMM_THREADS / 32; ++w) {
-      if (w < warp) pos += warp_cnt[w];
-      total += warp_cnt[w];
-    }
-    if (hit && pos >= z0 && pos < z0 + GEMM_BM) {
-      const int t = a / topk, slot = a % topk;
-      s_xoff[pos - z0] = (long long)t * ldx_tok + (long long)slot * ldx_slot;
-      s_yoff[pos - z0] = (long long)a * ldy;
-    }
-    base += total;
-    __syncthreads();
-    if (base >= z0 + GEMM_BM) break;  // uniform: this block's group is complete
-  }
-  if (base <= z0) return;  // uniform: expert e has no z-th group
-  gemm_tile<T>(W + (long long)e * expert_bytes, row_bytes, N, K, X, s_xoff, s_yoff, Y,
-               B ? B + (long long)e * N : nullptr, nullptr, blockIdx.y * GEMM_BN);
-}
-
 #define MOE_GEMV_ARGS                                                                      \
   const uint8_t *W, long long expert_bytes, long long row_bytes, int N, int K, int n_expert, \
       const int *ids, int topk, const float *X, long long ldx_tok, long long ldx_slot,       \
@@ -470,24 +358,6 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
       moe_gemv_##NAME##_r4(MOE_GEMV_ARGS) {                                                    \
     moe_gemv4_entry<TY, 4, 2>(MOE_GEMV_PASS);                                                  \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
-      moe_gemv_##NAME##_r2o(MOE_GEMV_ARGS) {                                                   \
-    moe_gemv4_entry<TY, 2, 4, true>(MOE_GEMV_PASS);                                            \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
-      moe_gemv_##NAME##_r4o(MOE_GEMV_ARGS) {                                                   \
-    moe_gemv4_entry<TY, 4, 2, true>(MOE_GEMV_PASS);                                            \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv3_##NAME(MOE_GEMV_ARGS) { \
-    moe_gemv3_entry<TY>(W, expert_bytes, row_bytes, N, K, n_expert, ids, topk, X, ldx_tok,    \
-                        ldx_slot, B, Y, ldy);                                                        \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(128) moe_gemm_##NAME(MOE_GEMM_ARGS) {           \
-    moe_gemm4_entry<TY, 64>(MOE_GEMM_PASS);                                                    \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(256) moe_gemm128_##NAME(MOE_GEMM_ARGS) {        \
-    moe_gemm4_entry<TY, 128>(MOE_GEMM_PASS);                                                   \
-  }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m128(MOE_GEMM_ARGS) { \
     moe_gemm5_entry<TY, 128>(MOE_GEMM_PASS);                                                   \
   }                                                                                            \
@@ -496,12 +366,5 @@ __device__ __forceinline__ void moe_gemm3_entry(const uint8_t* W, long long expe
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(512) moe_skinny_##NAME(MOE_GEMM_ARGS) {         \
     moe_skinny_entry<TY>(MOE_GEMM_PASS);                                                       \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) moe_gemm3_##NAME(                 \
-      const uint8_t* W, long long expert_bytes, long long row_bytes, int N, int K,             \
-      const int* ids, int n_assign, int topk, const float* X, long long ldx_tok,               \
-      long long ldx_slot, const float* B, float* Y, long long ldy) {                           \
-    moe_gemm3_entry<TY>(W, expert_bytes, row_bytes, N, K, ids, n_assign, topk, X, ldx_tok,     \
-                        ldx_slot, B, Y, ldy);                                                  \
   }
 FOR_EACH_QTYPE(MOE_INST)

@@ -138,7 +138,7 @@ def test_gemv_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, ntok: i
         assert same, "gemv is not bit-identical run to run"
 
 
-# The gemv kernels the wrappers can launch: v4 with 1, 2 or 4 rows per warp, and v3.
+# The gemv kernels the wrappers can launch: 1, 2 or 4 rows per warp, plain, xpf or async.
 # max_blocks=2: each block walks several row tiles. xpf and async run one token only.
 GEMV_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("r1", {"mode": "plain", "rows_per_warp": 1}),
@@ -150,7 +150,6 @@ GEMV_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("async_r1_2blocks", {"mode": "async", "rows_per_warp": 1, "max_blocks": 2}),
     ("async_r2_2blocks", {"mode": "async", "rows_per_warp": 2, "max_blocks": 2}),
     ("async_r4_2blocks", {"mode": "async", "rows_per_warp": 4, "max_blocks": 2}),
-    ("v3", {"version": 3}),
 ]
 
 
@@ -189,7 +188,7 @@ def test_gemv_variants_match_reference(
         assert same, "gemv is not bit-identical run to run"
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
 def test_gemm_matches_reference(mm: MatmulKernels, gpu: Any, qtype: int, version: int) -> None:
     rng = np.random.default_rng(77 + qtype)
@@ -281,7 +280,7 @@ def test_in_place_residual_add(mm: MatmulKernels, gpu: Any) -> None:
     rng = np.random.default_rng(5)
     n, k = 896, 4864
     raw, dense = random_matrix(14, n, k, rng)
-    for ntok, kw in ((1, {}), (40, {"version": 1}), (40, {"version": 2}), (40, {"version": 3})):
+    for ntok, kw in ((1, {}), (40, {"version": 2}), (40, {"version": 3})):
         x = rng.standard_normal((ntok, k), dtype=np.float32)
         res = rng.standard_normal((ntok, n), dtype=np.float32)
         y, w_dev, x_dev = upload(res), upload(raw), upload(x)  # keep every buffer alive
@@ -299,9 +298,8 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
     w = qweight(w_dev, 12, n, k)
     x = upload(rng.standard_normal((4, k), dtype=np.float32))
     y = poisoned((3, n))  # room for 3 tokens, asked for 4
-    for form, kw in (("gemv", {}), ("gemm", {"version": 1})):
-        with pytest.raises(KernelArgumentError, match=f"{form}_q4_k.*y buffer"):
-            getattr(mm, form)(w, x, y, 4, **kw)
+    with pytest.raises(KernelArgumentError, match=r"gemv_q4_k.*y buffer"):
+        mm.gemv(w, x, y, 4)
     for version in (2, 3):  # v3: its fp16 conversion of x must not run either
         # (the split's in-order sum is the launch that writes y: its plan refuses it)
         pat = rf"(gemm{version}_q4_k_m64|gemm_splitk_reduce).*y buffer"

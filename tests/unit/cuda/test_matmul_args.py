@@ -18,9 +18,7 @@ import pytest
 
 from tools.synth_blocks import random_matrix
 from worker.backends.cuda.matmul import (
-    GEMM_VERSION,
     MOE5_MIN_AVG_128,
-    MOE_GEMM_VERSION,
     SKINNY_ITEM_BYTES,
     DevBuf,
     KernelArgumentError,
@@ -73,26 +71,22 @@ def test_good_gemv_plan_has_grid_and_args() -> None:
 def test_gemm_tile_choice_and_persistent_gemv() -> None:
     w = weight(12, rows=16384, cols=3072)
     x, y = bufs(w, 512)
-    big = plan_gemm(w, x, y, 512, version=1)
-    assert big.kernel == "gemm128_q4_k" and big.grid == (4, 256, 1) and big.block == (256, 1, 1)
-    small = plan_gemm(w, x, y, 512, tile_m=64, version=1)
-    assert small.kernel == "gemm_q4_k" and small.grid == (8, 256, 1)
-    assert (
-        plan_gemm(
-            weight(12, rows=896, cols=4864), *bufs(weight(12, 896, 4864), 512), 512, version=1
-        ).kernel
-        == "gemm128_q4_k"
-    )
-    assert plan_gemm(w, x, y, 127, version=1).kernel == "gemm_q4_k"
+    big = plan_gemm(w, x, y, 512, version=2)
+    assert big.kernel == "gemm2_q4_k_m128" and big.grid == (4, 128, 1)
+    assert big.block == (256, 1, 1)
+    small = plan_gemm(w, x, y, 512, tile_m=64, version=2)
+    assert small.kernel == "gemm2_q4_k_m64" and small.grid == (8, 128, 1)
+    assert plan_gemm(w, x, y, 64, version=2).kernel == "gemm2_q4_k_m64"  # 128 would be zeros
     refused(plan_gemm, w, x, y, 512, tile_m=32)
+    refused(plan_gemm, w, x, y, 512, version=1)  # the 64-row-tile gemm is gone
     assert plan_gemv(w, x, y, 1).persistent and not big.persistent
 
 
 def test_good_gemm_embed_moe_plans() -> None:
     w = weight(8, rows=130, cols=96)
     x, y = bufs(w, 77)
-    g = plan_gemm(w, x, y, 77, version=1)
-    assert g.kernel == "gemm_q8_0" and g.grid == (2, 3, 1)
+    g = plan_gemm(w, x, y, 77)
+    assert g.kernel == "gemm2_q8_0_m64" and g.grid == (2, 2, 1)
     e = plan_embed(w, DevBuf(1 << 33, 4 * 5), 5, DevBuf(1 << 34, 5 * 96 * 4))
     assert e.kernel == "embed_q8_0" and e.grid == (1, 5, 1)
     we = weight(39, rows=2880, cols=2880, experts=32)
@@ -101,8 +95,6 @@ def test_good_gemm_embed_moe_plans() -> None:
     m = plan_moe(we, ids, 1, 4, xm, ym, per_slot_input=True)
     assert m.kernel == "moe_gemv_mxfp4_r2" and m.grid == (360, 4, 1) and not m.persistent
     assert m.args[1] == 2880 * 90 * 17 and m.args[10] == 2880  # expert bytes, slot stride
-    m3 = plan_moe(we, ids, 1, 4, xm, ym, per_slot_input=True, version=3)
-    assert m3.kernel == "moe_gemv3_mxfp4" and m3.grid == (720, 4, 1) and m3.persistent
     ids2, x2, y2 = DevBuf(1 << 33, 4 * 8), DevBuf(1 << 30, 2 * 2880 * 4), DevBuf(1 << 31, 8 * 11520)
     m2 = plan_moe(we, ids2, 2, 4, x2, y2, per_slot_input=False)  # two tokens: 4 rows a warp
     assert m2.kernel == "moe_gemv_mxfp4_r4" and m2.grid == (180, 8, 1)
@@ -116,12 +108,13 @@ def test_good_gemm_embed_moe_plans() -> None:
         DevBuf(1 << 31, 400 * 2880 * 4),
         per_slot_input=False,
         workspace=ws,
-        version=4,
+        tile_m=64,
     )
     # tiles: at most ceil(400/64) + 32 (one partial tile per used expert)
-    assert mg.kernel == "moe_gemm_mxfp4" and mg.grid == (39, 45, 1) and mg.block == (128, 1, 1)
+    assert mg.kernel == "moe_gemm5_mxfp4_m64" and mg.grid == (39, 23, 1)
+    assert mg.block == (256, 1, 1)
     assert mg.args[5:8] == (ws.ptr, ws.ptr + 16, ws.ptr + 16 + 16 * 39)
-    for launch in (g, e, m, m3, mg):
+    for launch in (g, e, m, mg):
         assert len(launch.args) == len(launch.arg_format)
 
 
@@ -182,25 +175,17 @@ def test_moe_variants_route_and_workspace_checks() -> None:
         assert la.kernel == "moe_gemv_mxfp4" + ("" if rw == 1 else f"_r{rw}")
         assert la.grid == (grid0, 4, 1) and la.block == (128, 1, 1)
     refused(plan_moe, we, ids, 1, 4, x1, y1, per_slot_input=True, rows_per_warp=3)
-    lo = plan_moe(we, ids, 1, 4, x1, y1, per_slot_input=True, rows_per_warp=4, opt=True)
-    assert lo.kernel == "moe_gemv_mxfp4_r4o" and lo.grid == (9, 4, 1)
-    refused(plan_moe, we, ids, 1, 4, x1, y1, per_slot_input=True, rows_per_warp=1, opt=True)
-    refused(plan_moe, we, ids, 1, 4, x1, y1, per_slot_input=True, version=2)
     xg, yg = DevBuf(1 << 30, 70 * 64 * 4), DevBuf(1 << 31, 280 * 133 * 4)
     need = moe_workspace_bytes(280, 8, 64)
     assert need == 16 + 16 * (5 + 8) + 4 * 280
     ws = DevBuf(1 << 32, need)
-    g = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws, version=4)
-    assert g.kernel == "moe_gemm_mxfp4" and g.grid == (13, 3, 1)
+    g = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws, tile_m=64)
+    assert g.kernel == "moe_gemm5_mxfp4_m64" and g.grid == (13, 2, 1)
     ws128 = DevBuf(1 << 32, moe_workspace_bytes(280, 8, 128))
-    g128 = plan_moe(
-        we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws128, tile_m=128, version=4
-    )
-    assert g128.kernel == "moe_gemm128_mxfp4" and g128.grid == (11, 3, 1)
+    g128 = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, workspace=ws128, tile_m=128)
+    assert g128.kernel == "moe_gemm5_mxfp4_m128" and g128.grid == (11, 2, 1)
     assert g128.block == (256, 1, 1)
-    g3 = plan_moe(we, ids, 70, 4, xg, yg, per_slot_input=False, version=3)
-    assert g3.kernel == "moe_gemm3_mxfp4" and g3.grid == (5, 3, 8)
-    for launch in (g, g128, g3):
+    for launch in (g, g128):
         assert len(launch.args) == len(launch.arg_format)
     refused(plan_moe, we, ids, 70, 4, xg, yg, per_slot_input=False)  # no workspace
     short = DevBuf(ws.ptr, need - 4)
@@ -323,7 +308,6 @@ def test_gemv_default_modes_grids_and_refusals() -> None:
     assert small.kernel == "gemv_q6_k_nb1_x" and small.grid == (224, 1, 1)
     assert plan(151936, 896, 8, 2).kernel == "gemv_q8_0_nb2_r4"
     assert plan(16384, 3072, 12, 8).kernel == "gemv_q4_k_nb8_r2"
-    assert plan(64, 512, 12, 1, version=3).kernel == "gemv3_q4_k_nb1"
     assert plan(64, 512, 12, 1, rows_per_warp=2).kernel == "gemv_q4_k_nb1_r2"
     assert plan(100, 512, 12, 1, mode="async", max_blocks=3).grid == (3, 1, 1)
     w = weight(12, rows=64, cols=512)
@@ -334,7 +318,6 @@ def test_gemv_default_modes_grids_and_refusals() -> None:
     refused(plan_gemv, w, x, y, 4, rows_per_warp=4)  # r4: at most 2 tokens
     refused(plan_gemv, w, x, y, 1, rows_per_warp=3)
     refused(plan_gemv, w, x, y, 1, mode="fast")
-    refused(plan_gemv, w, x, y, 1, version=5)
     refused(plan_gemv, w, x, y, 1, max_blocks=0)
 
 
@@ -403,7 +386,6 @@ def test_gemm2_plans_tiles_and_refusals() -> None:
     refused(plan_gemm, w, x, y, 10, version=2, tile_m=32)
     err = refused(plan_gemm, w, x, DevBuf(y.ptr, 63 * 4 * 10), 10, version=2)
     assert "gemm2_q4_k_m64" in str(err)
-    assert plan_gemm(w, x, y, 10, version=1).shared == 0
 
 
 def test_skinny_plans_the_gemm_split_in_one_launch() -> None:
@@ -456,11 +438,9 @@ def test_gemm3_plans_the_fp16_prepass_and_refusals() -> None:
 
 
 def test_gemm_default_version_by_matrix_size() -> None:
-    """Without WORKER_ORCD_GEMM_VERSION: v3 (fp16 X pre-pass) for matrices of >= 8 Mi weights,
+    """v3 (fp16 X pre-pass) for matrices of >= 8 Mi weights,
     v2 below (measured: the pre-pass's extra launch costs more than it saves on Qwen's small
     matrices in a launch-bound prefill); plan_gemm's default follows it."""
-    if GEMM_VERSION is not None:
-        pytest.skip("WORKER_ORCD_GEMM_VERSION is set")
     assert gemm_version(weight(12, rows=3072, cols=3072)) == 3  # Phi-3 attn_output: 9.4 Mi
     assert gemm_version(weight(12, rows=16384, cols=3072)) == 3
     assert gemm_version(weight(6, rows=4864, cols=896)) == 2  # Qwen ffn_up: 4.2 Mi
@@ -487,7 +467,6 @@ def test_moe_skinny_plans() -> None:
     refused(plan_moe, we, ids, ntok, topk, x, y, per_slot_input=False, form="skinny")
     kw = {"per_slot_input": False, "workspace": ws, "form": "skinny"}
     refused(plan_moe, we, ids, ntok, topk, x, y, tile_m=64, **kw)
-    refused(plan_moe, we, ids, ntok, topk, x, y, version=4, **kw)
     short = DevBuf(ws.ptr, moe_workspace_bytes(ntok * topk, 32, 16) - 4)
     refused(plan_moe, we, ids, ntok, topk, x, y, **{**kw, "workspace": short})
     assert plan_moe_route(ids, 32, 32, ws, tile_m=16).args[3] == 16
@@ -496,7 +475,7 @@ def test_moe_skinny_plans() -> None:
 def test_moe_gemm5_plans() -> None:
     """The routed gemm on the gemm2 core: moe_gemm5_<type>_m<tile>, 256 threads, grid (tile
     bound, ceil(N / 128)), gemm2's dynamic shared memory; tile 128 from an average of
-    MOE5_MIN_AVG_128 assignments per expert; same workspace checks as version 4."""
+    MOE5_MIN_AVG_128 assignments per expert; workspace checks."""
     we = weight(39, rows=2880, cols=2880, experts=32)
     for ntok, tile, tiles in ((512, 128, 16 + 32), (128, 64, 8 + 32), (96, 64, 6 + 32)):
         n_assign = ntok * 4
@@ -504,14 +483,11 @@ def test_moe_gemm5_plans() -> None:
         ws = DevBuf(1 << 32, moe_workspace_bytes(n_assign, 32, tile))
         ids = DevBuf(1 << 33, 4 * n_assign)
         x, y = DevBuf(1 << 30, ntok * 2880 * 4), DevBuf(1 << 31, n_assign * 2880 * 4)
-        g = plan_moe(we, ids, ntok, 4, x, y, per_slot_input=False, workspace=ws, version=5)
+        g = plan_moe(we, ids, ntok, 4, x, y, per_slot_input=False, workspace=ws)
         assert g.kernel == f"moe_gemm5_mxfp4_m{tile}" and g.block == (256, 1, 1)
         assert g.grid == (tiles, 23, 1) and g.shared == gemm2_smem_bytes(layout(39), tile)
         assert g.args[5:8] == (ws.ptr, ws.ptr + 16, ws.ptr + 16 + 16 * tiles)
         assert len(g.args) == len(g.arg_format)
-        if MOE_GEMM_VERSION == 5:  # the default of the gemm form (no environment override)
-            d = plan_moe(we, ids, ntok, 4, x, y, per_slot_input=False, workspace=ws)
-            assert d.kernel == g.kernel and d.grid == g.grid
     edge = MOE5_MIN_AVG_128 * 32
     assert moe5_tile_m(edge, 32) == 128 and moe5_tile_m(edge - 1, 32) == 64
     we8 = weight(12, rows=133, cols=512, experts=8)
@@ -519,13 +495,13 @@ def test_moe_gemm5_plans() -> None:
     xg, yg = DevBuf(1 << 30, 280 * 512 * 4), DevBuf(1 << 31, 280 * 133 * 4)
     ws = DevBuf(1 << 32, moe_workspace_bytes(280, 8, 128))
     ws64 = DevBuf(1 << 32, moe_workspace_bytes(280, 8, 64))
-    g = plan_moe(we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws64, version=5)
+    g = plan_moe(we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws64)
     # 280 assignments on 8 experts (avg 35): 64-token tiles; 133 rows: 2 row tiles of 128
     assert g.kernel == "moe_gemm5_q4_k_m64" and g.grid == (5 + 8, 2, 1)
-    g = plan_moe(we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, version=5, tile_m=128)
+    g = plan_moe(we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, tile_m=128)
     assert g.kernel == "moe_gemm5_q4_k_m128" and g.grid == (3 + 8, 2, 1)
     assert g.shared == gemm2_smem_bytes(layout(12), 128)
-    refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, version=5)  # no workspace
+    refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True)  # no workspace
     short = DevBuf(ws.ptr, moe_workspace_bytes(280, 8, 128) - 4)
     refused(
         plan_moe,
@@ -537,15 +513,10 @@ def test_moe_gemm5_plans() -> None:
         yg,
         per_slot_input=True,
         workspace=short,
-        version=5,
         tile_m=128,
     )
-    refused(
-        plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, version=5, tile_m=96
-    )
-    # version 5 is a gemm; the decode form refuses it
-    refused(plan_moe, we8, ids, 1, 4, xg, yg, per_slot_input=True, form="gemv", version=5)
-    refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, version=6)
+    refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, tile_m=96)
+    refused(plan_moe, we8, ids, 70, 4, xg, yg, per_slot_input=True, workspace=ws, form="x")
 
 
 def test_split_k_depends_on_the_shape_only() -> None:

@@ -202,7 +202,7 @@ class CudaContext:
 # Programmatic dependent launch (cuda_src/pdl.cuh): kernels whose every block calls
 # pdl_wait() before touching activations or writing; only edges into these become
 # programmatic. Names are exact, or prefixes ending in "_" for families made by a macro
-# (gemv_<type>...: the v4 gemv; not gemv3_, not moe_*). tests/unit/cuda/test_pdl.py checks
+# (gemv_<type>...: the dense gemv; not moe_*). tests/unit/cuda/test_pdl.py checks
 # this list against the sources. WORKER_ORCD_PDL=0 turns it off.
 PDL_KERNELS = (
     "gemv_",

@@ -42,28 +42,18 @@ from worker.backends.cuda.quant_layout import LAYOUTS, QLayout, layout
 from worker.errors import CudaError
 
 GEMV_THREADS = 128
-GEMV_ROWS = 4  # rows per block of the v3 gemv core (GEMV_R in gemv.cu; moe_gemv uses it)
-GEMV_WARPS = 4  # warps per block of the v4 gemv (GEMV4_WARPS in gemv.cu)
-# Default decode gemv: 4 (warp per rows) or 3 (staged block tiles). The environment variables
-# WORKER_ORCD_GEMV_VERSION and WORKER_ORCD_GEMV_MODE ("plain:2", "async:1", ...) override the
-# defaults for A/B benchmarks on one warm card (docs/configuration.md).
-GEMV_VERSION = int(os.environ.get("WORKER_ORCD_GEMV_VERSION", "4"))
+GEMV_WARPS = 4  # warps per block of the gemv (GEMV4_WARPS in gemv.cu)
+# WORKER_ORCD_GEMV_MODE ("plain:2", "async:1", ...) overrides the per-size default of
+# gemv_mode for A/B benchmarks on one warm card (docs/configuration.md).
 _FORCED_MODE = os.environ.get("WORKER_ORCD_GEMV_MODE", "")
 GEMV_MAX_TOKENS = 8
-GEMM_THREADS = 128
-GEMM_TILE = 64  # GEMM_BN (weight rows per block) in gemm.cu; token tile 64 or 128
-GEMM_BIG_MIN_TOKENS = 128  # use the 128-token tile from this many tokens on (docs/kernels.md)
-# Prefill gemm: 3 (gemm_x16 converts X to fp16 into a workspace, then gemm3_<type>_m128/_m64),
-# 2 (gemm2_<type>_m128/_m64: X converted inside; both: 128-row tiles, raw weights staged by
-# cp.async, dynamic shared memory) or 1 (gemm_/gemm128_<type>, kept for comparison). The
-# environment variable WORKER_ORCD_GEMM_VERSION (1, 2 or 3) overrides the default, which is
-# per matrix (gemm_version): 3 for matrices of at least GEMM3_MIN_ELEMENTS weights, else 2
-# (docs/kernels.md "H11", run 2 on an H100: v3 is faster on the GPU for every shape, but its
-# extra launch and checks cost ~15 us of host time, and Qwen2.5-0.5B's eager prefill is
-# launch-bound: pp512 53.5k tok/s with v2 everywhere, 38-40k with v3 everywhere; Phi-3-mini
-# 13.4k with v2, 15.9k with v3).
-_GEMM_ENV = os.environ.get("WORKER_ORCD_GEMM_VERSION", "")
-GEMM_VERSION: int | None = int(_GEMM_ENV) if _GEMM_ENV else None
+# Tensor-core gemm: 3 (gemm_x16 converts X to fp16 into a workspace, then
+# gemm3_<type>_m128/_m64) or 2 (gemm2_<type>_m128/_m64: X converted inside; both: 128-row
+# tiles, raw weights staged by cp.async, dynamic shared memory), per matrix (gemm_version): 3
+# for matrices of at least GEMM3_MIN_ELEMENTS weights, else 2 (docs/kernels.md, H100: v3 is
+# faster on the GPU for every shape, but its extra launch and checks cost ~15 us of host
+# time, and Qwen2.5-0.5B's eager prefill is launch-bound: pp512 53.5k tok/s with v2
+# everywhere, 38-40k with v3 everywhere; Phi-3-mini 13.4k with v2, 15.9k with v3).
 GEMM3_MIN_ELEMENTS = 8 << 20
 GEMM2_ROWS = 128  # g2::BN in gemm.cu: weight rows per block
 GEMM2_THREADS = 256  # g2::THREADS
@@ -98,7 +88,6 @@ _ARG_FORMATS: dict[str, str] = {
     "embed": "PqiiPPq",
     "moe_gemv": "PqqiiiPiPqqPPq",
     "moe_gemm": "PqqiiPPPiPqqPPq",
-    "moe_gemm3": "PqqiiPiiPqqPPq",
     "moe_route": "PiiiPPP",
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
@@ -106,16 +95,11 @@ _ARG_FORMATS: dict[str, str] = {
 MOE_GEMV_ROWS_PER_WARP = (2, 4)  # for 1 token, for 2 (H100, docs/kernels.md, MoE)
 MOE_ROUTE_THREADS = 1024
 MOE_MAX_EXPERTS = 1024  # moe_route's shared-memory tables (MOE_MAX_EXPERTS in moe.cu)
-MOE_GEMM_TILE_M = 64  # default token tile of moe_gemm (64: moe_gemm_<type>, 128: moe_gemm128)
 MOE_SKINNY_TILE_M = 16  # moe_skinny's routed tiles: at most 16 rows (one mma's m)
 MOE_SKINNY_WARPS = 8  # moe_skinny: warps (8-row weight tiles) a block
-# Routed prefill gemm (docs/kernels.md, MoE): 5 = moe_gemm5_<type>_m128/_m64 (gemm2 core, 128
-# weight rows a block, gathered token rows), 4 = moe_gemm/moe_gemm128 (gemm_tile core), 3 =
-# moe_gemm3 (ballot scan). WORKER_ORCD_MOE_GEMM_VERSION overrides the default (A/B runs).
-# Default 5 (H100, all GPU tests passed): gpt-oss 32 experts top-4, 512 tokens
-# 727.7 -> 523.1 us a launch, 128 tokens 523.1 -> 439.0; pp512 7453 -> 9534 tok/s.
-_MOE_GEMM_ENV = os.environ.get("WORKER_ORCD_MOE_GEMM_VERSION", "")
-MOE_GEMM_VERSION = int(_MOE_GEMM_ENV) if _MOE_GEMM_ENV else 5
+# Routed gemm (docs/kernels.md, MoE): moe_gemm5_<type>_m128/_m64 (gemm2 core, 128 weight rows a
+# block, gathered token rows); on an H100 against the gemm_tile-core kernel it replaced
+# (gpt-oss 32 experts top-4): 512 tokens 727.7 -> 523.1 us a launch, pp512 7453 -> 9534 tok/s.
 # v5 token tile: 128 when the assignments per expert average at least this many (fewer, fuller
 # tiles: one 128-row tile costs ~1.3 64-row tiles in the dense gemm2 at 512 tokens), else 64
 # (H100: m128 523 vs m64 596 us at an average of 64, m64 439 vs 501 at 16)
@@ -247,18 +231,15 @@ def plan_gemv(
     residual: BufLike | None = None,
     ldx: int | None = None,
     ldy: int | None = None,
-    version: int = GEMV_VERSION,
     rows_per_warp: int | None = None,
     max_blocks: int | None = None,
     mode: str | None = None,
 ) -> Launch:
     """Decode form: y[t] = W x[t] (+bias) (+residual[t]) for t < ntok <= 8.
 
-    version 4 (default): gemv_<type>_nb<NB>[_r2|_r4], each warp owns rows_per_warp rows
-    (1, 2 or 4; 4 only for ntok <= 2; default from gemv_mode), 4 warps a block.
-    version 3: the previous staged-tile kernel gemv3_<type>_nb<NB> (4 rows a block), kept
-    for comparison (scripts/gpu_matmul_bench.py; docs/kernels.md).
-    mode (v4): "plain" (loads to registers, then decode; one block per row tile), "xpf"
+    gemv_<type>_nb<NB>[_x|_a][_r2|_r4]: each warp owns rows_per_warp rows (1, 2 or 4; 4 only
+    for ntok <= 2; default from gemv_mode), 4 warps a block.
+    mode: "plain" (loads to registers, then decode; one block per row tile), "xpf"
     (plain plus x requested one group ahead; one token, one row per warp), "async" (cp.async
     into two shared stages, warps walk row tiles; with 2-4 rows per warp the grid is capped
     at the resident blocks; one token); default from gemv_mode.
@@ -267,24 +248,19 @@ def plan_gemv(
     kernel = f"gemv_{lay.name}"
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemv")
     _need(kernel, 1 <= ntok <= GEMV_MAX_TOKENS, f"ntok {ntok} not in 1..{GEMV_MAX_TOKENS}")
-    _need(kernel, version in (3, 4), f"gemv version {version} not 3 or 4")
     nb = 1 << (ntok - 1).bit_length()
-    if version == 3:
-        kernel = f"gemv3_{lay.name}_nb{nb}"
-        rows_per_block = GEMV_ROWS
-    else:
-        dmode, drw = gemv_mode(w.rows, nb)
-        if mode is None:
-            mode = dmode if rows_per_warp is None else "plain"
-        rw = (drw if mode == dmode else 1) if rows_per_warp is None else rows_per_warp
-        _need(kernel, mode in ("plain", "xpf", "async"), f"gemv mode {mode!r} unknown")
-        _need(kernel, mode == "plain" or nb == 1, f"gemv mode {mode} needs ntok 1")
-        _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
-        _need(kernel, rw < 4 or nb <= 2, "rows_per_warp 4 needs ntok <= 2")
-        _need(kernel, mode != "xpf" or rw == 1, "gemv mode xpf has one row per warp")
-        tag = {"plain": "", "xpf": "_x", "async": "_a"}[mode]
-        kernel = f"gemv_{lay.name}_nb{nb}{tag}" + ("" if rw == 1 else f"_r{rw}")
-        rows_per_block = GEMV_WARPS * rw
+    dmode, drw = gemv_mode(w.rows, nb)
+    if mode is None:
+        mode = dmode if rows_per_warp is None else "plain"
+    rw = (drw if mode == dmode else 1) if rows_per_warp is None else rows_per_warp
+    _need(kernel, mode in ("plain", "xpf", "async"), f"gemv mode {mode!r} unknown")
+    _need(kernel, mode == "plain" or nb == 1, f"gemv mode {mode} needs ntok 1")
+    _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
+    _need(kernel, rw < 4 or nb <= 2, "rows_per_warp 4 needs ntok <= 2")
+    _need(kernel, mode != "xpf" or rw == 1, "gemv mode xpf has one row per warp")
+    tag = {"plain": "", "xpf": "_x", "async": "_a"}[mode]
+    kernel = f"gemv_{lay.name}_nb{nb}{tag}" + ("" if rw == 1 else f"_r{rw}")
+    rows_per_block = GEMV_WARPS * rw
     blocks = -(-w.rows // rows_per_block)
     if max_blocks is not None:
         _need(kernel, max_blocks >= 1, f"max_blocks {max_blocks} < 1")
@@ -305,11 +281,11 @@ def plan_gemv(
         block=(GEMV_THREADS, 1, 1),
     )
     # the async walk with one row per warp measured faster with one block per tile (H100)
-    return replace(launch, cap_resident=version == 4 and mode == "async" and rw >= 2)
+    return replace(launch, cap_resident=mode == "async" and rw >= 2)
 
 
 def gemv_mode(rows: int, nb: int) -> tuple[str, int]:
-    """Default (mode, rows per warp) of the v4 gemv for a matrix of `rows` rows and nb tokens,
+    """Default (mode, rows per warp) of the gemv for a matrix of `rows` rows and nb tokens,
     the fastest measured per class in run 6 (docs/kernels.md, H100): for one token, the
     cp.async walk for large matrices (2 rows per warp, capped grid, from 32768 rows; 1 row,
     one block per tile, from 8192), plain loads for mid-sized ones (2 rows per warp from 4096),
@@ -347,7 +323,7 @@ def plan_gemm(
 ) -> Launch:
     """Prefill form: Y[t] = W X[t] (+bias) (+residual[t]) for t < m, on tensor cores.
 
-    split (versions 2 and 3): (S, kps): S splits of kps K steps each write plain partial sums
+    split: (S, kps): S splits of kps K steps each write plain partial sums
     at y + z * m * N (a workspace of S * m * N floats; bias and residual are then for
     plan_splitk_reduce, which adds the splits in order).
 
@@ -356,28 +332,20 @@ def plan_gemm(
     GEMM2_MIN_BLOCKS_128 blocks, else 64 (more blocks for shapes with few row tiles).
     version 3: gemm3_<type>_m<tile_m>, the same tiles reading X as fp16 from `xh` (m rows of
     K halves, written first by plan_gemm_x16's launch; MatmulKernels.gemm does both).
-    version 1: gemm_<type> / gemm128_<type> (64 weight rows per block); tile_m 128 from
-    GEMM_BIG_MIN_TOKENS tokens on (faster on 19 of the 21 model shapes at 512 tokens on an
-    H100, 11 µs slower on Qwen's 4864x896 gate/up), else 64.
     Default version: gemm_version(w) (MatmulKernels.gemm supplies xh when it picks 3)."""
     lay = _check_weight(_kname("gemm", w.qtype), w)
     kernel = f"gemm_{lay.name}"
     version = gemm_version(w) if version is None else version
-    _need(kernel, version in (1, 2, 3), f"gemm version {version} not 1, 2 or 3")
+    _need(kernel, version in (2, 3), f"gemm version {version} not 2 or 3")
     _need(kernel, w.experts == 1, "an expert tensor needs moe_gemm")
     _need(kernel, 1 <= m <= INT32_MAX, f"token count {m} out of range")
-    tiles_n = -(-w.rows // (GEMM2_ROWS if version >= 2 else GEMM_TILE))
+    tiles_n = -(-w.rows // GEMM2_ROWS)
     _need(kernel, tiles_n <= MAX_GRID_YZ, f"{w.rows} rows exceed the grid limit")
-    if tile_m is None and version >= 2:
+    if tile_m is None:
         # (at most 64 rows: a 128-row tile would only multiply zeros)
         tile_m = 128 if m > 64 and -(-m // 128) * tiles_n >= GEMM2_MIN_BLOCKS_128 else 64
-    elif tile_m is None:
-        tile_m = 128 if m >= GEMM_BIG_MIN_TOKENS else 64
     _need(kernel, tile_m in (64, 128), f"tile_m {tile_m} not 64 or 128")
-    if version >= 2:
-        kernel = f"gemm{version}_{lay.name}_m{tile_m}"
-    elif tile_m == 128:
-        kernel = f"gemm128_{lay.name}"
+    kernel = f"gemm{version}_{lay.name}_m{tile_m}"
     launch = _plan_linear(
         kernel,
         "gemm",
@@ -391,10 +359,8 @@ def plan_gemm(
         ldx,
         ldy,
         grid=(-(-m // tile_m), tiles_n, 1),
-        block=(GEMM2_THREADS if version >= 2 else 2 * tile_m, 1, 1),
+        block=(GEMM2_THREADS, 1, 1),
     )
-    if version == 1:
-        return launch
     n_split, kps = split if split is not None else (1, 0)
     if n_split > 1:
         yb = as_buf(y)
@@ -475,10 +441,8 @@ def plan_splitk_reduce(
 
 
 def gemm_version(w: QWeight) -> int:
-    """Default prefill gemm version for w: WORKER_ORCD_GEMM_VERSION if set, else 3 (fp16 X
-    pre-pass) for matrices of at least GEMM3_MIN_ELEMENTS weights, 2 below."""
-    if GEMM_VERSION is not None:
-        return GEMM_VERSION
+    """Tensor-core gemm version for w: 3 (fp16 X pre-pass) for matrices of at least
+    GEMM3_MIN_ELEMENTS weights, 2 below."""
     return 3 if w.rows * w.cols >= GEMM3_MIN_ELEMENTS else 2
 
 
@@ -697,7 +661,7 @@ def plan_moe_route(
     n_experts: int,
     workspace: BufLike,
     *,
-    tile_m: int = MOE_GEMM_TILE_M,
+    tile_m: int = 64,
 ) -> Launch:
     """The routing pre-pass of moe_gemm: per-expert lists of the assignments (ascending within
     an expert, experts ascending) and the table of token tiles of at most tile_m rows, written
@@ -734,11 +698,9 @@ def plan_moe(
     bias: BufLike | None = None,
     ldx_tok: int | None = None,
     form: str = "auto",
-    version: int | None = None,
     rows_per_warp: int | None = None,
     tile_m: int | None = None,
     workspace: BufLike | None = None,
-    opt: bool = False,
 ) -> Launch:
     """Expert matmuls: y[t*topk+s] = W[ids[t*topk+s]] x(t, s) (+ bias[expert]).
 
@@ -748,38 +710,23 @@ def plan_moe(
     [experts][N]. form: "gemv" (decode), "gemm" (prefill), "skinny" (decode with the gemm's
     arithmetic), "auto" (gemv for ntok <= 2, else gemm).
 
-    version 4 (default): gemv = moe_gemv_<type>[_r2|_r4], a warp per rows_per_warp rows
-    (1, 2 or 4; default MOE_GEMV_ROWS_PER_WARP: 2 for one token, 4 for two) of one
-    assignment, grid (ceil(N / (4 rows_per_warp)), n_assign); gemm = moe_gemm_<type>
-    (tile_m 64) or moe_gemm128_<type> (128) over the token tiles that plan_moe_route's
-    pre-pass wrote into `workspace` (required; the pre-pass must be queued before it on the
-    same stream, for the same ids, experts and tile_m: MatmulKernels.moe does both).
-    version 5 (gemm only; the default of the gemm form, MOE_GEMM_VERSION): moe_gemm5_<type>_m64
-    or _m128 over the same tile table (plan_moe_route with the same tile_m), on the dense
+    gemv: moe_gemv_<type>[_r2|_r4], a warp per rows_per_warp rows (1, 2 or 4; default
+    MOE_GEMV_ROWS_PER_WARP: 2 for one token, 4 for two) of one assignment, grid
+    (ceil(N / (4 rows_per_warp)), n_assign).
+    gemm: moe_gemm5_<type>_m64 or _m128 over the token tiles that plan_moe_route's pre-pass
+    wrote into `workspace` (required; the pre-pass must be queued before it on the same
+    stream, for the same ids, experts and tile_m: MatmulKernels.moe does both), on the dense
     gemm2 core (128 weight rows a block, 256 threads, dynamic shared memory
     gemm2_smem_bytes); tile_m default moe5_tile_m.
-    version 3: the previous kernels moe_gemv3_<type> / moe_gemm3_<type> (ballot scan of every
-    id in every block), kept for same-process comparisons.
-    Default version: 4 for gemv, MOE_GEMM_VERSION for gemm.
-    skinny (no version): moe_skinny_<type> over plan_moe_route's tiles of at most
-    MOE_SKINNY_TILE_M rows, a warp per 8 weight rows of a tile's expert (grid (tile bound,
-    ceil(N / (8 MOE_SKINNY_WARPS)))): the bits of moe_gemm5 in one launch for a decode step.
-    opt (gemv, 2 or 4 rows per warp): moe_gemv_<type>_r<2|4>o, the same rows with the group
-    loop's addresses by increments and no per-row branch (not yet timed).
+    skinny: moe_skinny_<type> over plan_moe_route's tiles of at most MOE_SKINNY_TILE_M rows,
+    a warp per 8 weight rows of a tile's expert (grid (tile bound, ceil(N / (8
+    MOE_SKINNY_WARPS)))): the bits of moe_gemm5 in one launch for a decode step.
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
     _need("moe", form in ("auto", "gemv", "gemm", "skinny"), f"unknown form {form!r}")
     if form == "auto":
         form = "gemv" if ntok <= 2 else "gemm"
     kernel = f"moe_{form}_{lay.name}"
-    if version is None:
-        version = 4 if form == "gemv" else MOE_GEMM_VERSION
-    if form == "gemv":
-        _need(kernel, version in (3, 4), f"moe gemv version {version} not 3 or 4")
-    elif form == "skinny":
-        _need(kernel, version in (None, 5), "skinny has moe_gemm5's arithmetic (version 5)")
-    else:
-        _need(kernel, version in (3, 4, 5), f"moe gemm version {version} not 3, 4 or 5")
     n, k = w.rows, w.cols
     _need(kernel, 1 <= topk <= w.experts, f"topk {topk} not in 1..{w.experts}")
     _need(kernel, ntok >= 1, f"ntok {ntok} < 1")
@@ -818,63 +765,21 @@ def plan_moe(
             yb.ptr,
             n,
         )
-        if version == 3:
-            grid = (-(-n // GEMV_ROWS), n_assign, 1)
-            return Launch(
-                "moe",
-                f"moe_gemv3_{lay.name}",
-                grid,
-                (GEMV_THREADS, 1, 1),
-                args,
-                _ARG_FORMATS["moe_gemv"],
-                True,
-            )
         rw = MOE_GEMV_ROWS_PER_WARP[ntok > 1] if rows_per_warp is None else rows_per_warp
         _need(kernel, rw in (1, 2, 4), f"rows_per_warp {rw} not 1, 2 or 4")
-        _need(kernel, not opt or rw in (2, 4), "opt needs 2 or 4 rows per warp")
-        kernel += ("" if rw == 1 else f"_r{rw}") + ("o" if opt else "")
+        kernel += "" if rw == 1 else f"_r{rw}"
         grid = (-(-n // (GEMV_WARPS * rw)), n_assign, 1)
         return Launch("moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"])
-    tiles_n = -(-n // (GEMM2_ROWS if version == 5 else GEMM_TILE))
-    _need(kernel, tiles_n <= MAX_GRID_YZ, f"{n} rows exceed the grid limit")
-    if version == 3:
-        _need(kernel, n_assign <= INT32_MAX // 2, f"{n_assign} assignments out of range")
-        _need(kernel, w.experts <= MAX_GRID_YZ, f"{w.experts} experts exceed the grid limit")
-        grid = (-(-n_assign // GEMM_TILE), tiles_n, w.experts)
-        args = (
-            w.ptr,
-            w.expert_bytes,
-            lay.row_bytes(k),
-            n,
-            k,
-            ib.ptr,
-            n_assign,
-            topk,
-            xb.ptr,
-            ldx_tok,
-            ldx_slot,
-            bptr,
-            yb.ptr,
-            n,
-        )
-        return Launch(
-            "moe",
-            f"moe_gemm3_{lay.name}",
-            grid,
-            (GEMM_THREADS, 1, 1),
-            args,
-            _ARG_FORMATS["moe_gemm3"],
-        )
     if form == "skinny":
         tm = MOE_SKINNY_TILE_M if tile_m is None else tile_m
         _need(kernel, tm == MOE_SKINNY_TILE_M, f"tile_m {tm} not {MOE_SKINNY_TILE_M}")
-    elif tile_m is not None:
-        tm = tile_m
-    elif version == 5:
-        tm = moe5_tile_m(n_assign, w.experts)
+        tiles_n = -(-n // (SKINNY_ROWS * MOE_SKINNY_WARPS))
     else:
-        tm = MOE_GEMM_TILE_M
-    _need(kernel, tm in (64, 128) or form == "skinny", f"tile_m {tm} not 64 or 128")
+        tm = moe5_tile_m(n_assign, w.experts) if tile_m is None else tile_m
+        _need(kernel, tm in (64, 128), f"tile_m {tm} not 64 or 128")
+        tiles_n = -(-n // GEMM2_ROWS)
+        kernel = f"moe_gemm5_{lay.name}_m{tm}"
+    _need(kernel, tiles_n <= MAX_GRID_YZ, f"{n} rows exceed the grid limit")
     _need(kernel, w.experts <= MOE_MAX_EXPERTS, f"{w.experts} experts > {MOE_MAX_EXPERTS}")
     _need(kernel, n_assign <= INT32_MAX // 2, f"{n_assign} assignments out of range")
     _need(kernel, workspace is not None, "the routed gemm needs a workspace (plan_moe_route)")
@@ -883,12 +788,6 @@ def plan_moe(
     wr = (wb.ptr, wb.ptr + moe_workspace_bytes(n_assign, w.experts, tm))
     _disjoint(kernel, wr, yr, "workspace and y")
     _disjoint(kernel, wr, xr, "workspace and x")
-    if form == "skinny":
-        tiles_n = -(-n // (SKINNY_ROWS * MOE_SKINNY_WARPS))
-    elif version == 5:
-        kernel = f"moe_gemm5_{lay.name}_m{tm}"
-    elif tm == 128:
-        kernel = f"moe_gemm128_{lay.name}"
     grid = (moe_tile_bound(n_assign, w.experts, tm), tiles_n, 1)
     args = (
         w.ptr,
@@ -909,17 +808,15 @@ def plan_moe(
         shared = MOE_SKINNY_WARPS * (skinny_warp_bytes(lay) + SKINNY_ITEM_BYTES)
         block = (32 * MOE_SKINNY_WARPS, 1, 1)
         return Launch("moe", kernel, grid, block, args, _ARG_FORMATS["moe_gemm"], shared=shared)
-    if version == 5:
-        return Launch(
-            "moe",
-            kernel,
-            grid,
-            (GEMM2_THREADS, 1, 1),
-            args,
-            _ARG_FORMATS["moe_gemm"],
-            shared=gemm2_smem_bytes(lay, tm),
-        )
-    return Launch("moe", kernel, grid, (2 * tm, 1, 1), args, _ARG_FORMATS["moe_gemm"])
+    return Launch(
+        "moe",
+        kernel,
+        grid,
+        (GEMM2_THREADS, 1, 1),
+        args,
+        _ARG_FORMATS["moe_gemm"],
+        shared=gemm2_smem_bytes(lay, tm),
+    )
 
 
 def moe5_tile_m(n_assign: int, n_experts: int) -> int:
@@ -962,12 +859,9 @@ class MatmulKernels:
         arch: str | None = None,
         *,
         persistent_gemv: bool = False,
-        gemv_version: int = GEMV_VERSION,
     ) -> None:
         """persistent_gemv: cap gemv grids at the blocks resident at once (each block walks
-        several row tiles); default: one block per row tile (docs/kernels.md).
-        gemv_version: 4 (default) or 3, the decode gemv `gemv`/`linear` launch
-        (scripts/gpu_matmul_bench.py compares them on one card)."""
+        several row tiles); default: one block per row tile (docs/kernels.md)."""
         from worker.backends.cuda.compile import load_module
 
         if arch is None:
@@ -977,8 +871,7 @@ class MatmulKernels:
             arch = f"sm_{major}{minor}"
         self.arch = arch
         self.persistent_gemv = persistent_gemv
-        self.gemv_version = gemv_version
-        self.gemv_cap = True  # cap v4 gemv grids at the resident blocks (bench compares)
+        self.gemv_cap = True  # cap gemv grids at the resident blocks (bench compares)
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._x16: DevBuf | None = None  # gemm3's fp16 X workspace (_x16_workspace)
@@ -1052,20 +945,19 @@ class MatmulKernels:
     def gemv(
         self, w: QWeight, x: BufLike, y: BufLike, ntok: int = 1, *, stream: Any = None, **kw: Any
     ) -> None:
-        kw.setdefault("version", self.gemv_version)
         self.run(plan_gemv(w, x, y, ntok, **kw), stream)
 
     def gemm(
         self, w: QWeight, x: BufLike, y: BufLike, m: int, *, stream: Any = None, **kw: Any
     ) -> None:
-        """Prefill product (plan_gemm). Version 3 first converts x to fp16 into this object's
-        workspace (grown on demand; launches on one stream are ordered, so consecutive calls
-        may share it — calls on two streams at once must not use version 3). Versions 2 and
-        3 split K as gemm_split decides for the shape (partials in a workspace of this
+        """Tensor-core product (plan_gemm). Version 3 first converts x to fp16 into this
+        object's workspace (grown on demand; launches on one stream are ordered, so
+        consecutive calls may share it — calls on two streams at once must not use version
+        3). K is split as gemm_split decides for the shape (partials in a workspace of this
         object, then plan_splitk_reduce)."""
         version = kw.get("version")
         v = gemm_version(w) if version is None else version
-        split = gemm_split(w, self._sms) if v >= 2 and "split" not in kw else kw.pop("split", None)
+        split = gemm_split(w, self._sms) if "split" not in kw else kw.pop("split")
         launches: list[Launch] = []
         main_kw = dict(kw)
         if split is not None and split[0] > 1:
@@ -1133,7 +1025,6 @@ class MatmulKernels:
         elif (
             ntok <= SKINNY_MAX_ROWS
             and w.experts == 1
-            and gemm_version(w) >= 2
             and not kw.keys() & {"version", "tile_m", "split", "xh"}  # a gemm asked for
         ):
             self.skinny(w, x, y, ntok, stream=stream, **kw)
@@ -1171,39 +1062,24 @@ class MatmulKernels:
         stream: Any = None,
         **kw: Any,
     ) -> None:
-        """plan_moe's launch; the routed gemm (versions 4 and 5) first queues the routing
+        """plan_moe's launch; the routed forms (gemm, skinny) first queue the routing
         pre-pass into this object's workspace. The workspace is shared by every call: queue
         all MoE launches of one MatmulKernels on one stream (the backend does)."""
-        form = kw.get("form", "auto")
-        if form == "auto" and (ntok > 2 or self.invariant):
-            form = "skinny" if ntok <= SKINNY_MAX_ROWS else "gemm"
-        if form == "skinny":
-            kw["form"] = form
-            n_assign = ntok * topk
-            ws = self._moe_workspace(moe_workspace_bytes(n_assign, w.experts, MOE_SKINNY_TILE_M))
+        form = kw.pop("form", "auto")
+        if form == "auto":
+            if ntok <= 2 and not self.invariant:
+                form = "gemv"
+            else:
+                form = "skinny" if ntok <= SKINNY_MAX_ROWS else "gemm"
+        if form == "gemv":
             launch = plan_moe(
-                w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, workspace=ws, **kw
+                w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, form=form, **kw
             )
-            self.run(plan_moe_route(ids, n_assign, w.experts, ws, tile_m=MOE_SKINNY_TILE_M), stream)
             self.run(launch, stream)
-            return
-        gemm = form == "gemm"
-        if gemm:
-            kw["form"] = "gemm"
-        version = kw.pop("version", None)
-        if gemm and version is None:
-            version = MOE_GEMM_VERSION
-        if not gemm or version not in (4, 5):
-            self.run(
-                plan_moe(
-                    w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, version=version, **kw
-                ),
-                stream,
-            )
             return
         n_assign = ntok * topk
         tm = kw.pop("tile_m", None) or (
-            moe5_tile_m(n_assign, w.experts) if version == 5 else MOE_GEMM_TILE_M
+            MOE_SKINNY_TILE_M if form == "skinny" else moe5_tile_m(n_assign, w.experts)
         )
         ws = self._moe_workspace(moe_workspace_bytes(n_assign, w.experts, tm))
         launch = plan_moe(
@@ -1214,13 +1090,12 @@ class MatmulKernels:
             x,
             y,
             per_slot_input=per_slot_input,
-            version=version,
+            form=form,
             tile_m=tm,
             workspace=ws,
             **kw,
         )
-        route = plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm)
-        self.run(route, stream)
+        self.run(plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm), stream)
         self.run(launch, stream)
 
     def reserve(
@@ -1235,10 +1110,7 @@ class MatmulKernels:
         if n_experts:
             n = max_tokens * topk
             self._moe_workspace(
-                max(
-                    moe_workspace_bytes(n, n_experts, tm)
-                    for tm in (MOE_SKINNY_TILE_M, MOE_GEMM_TILE_M, 128)
-                )
+                max(moe_workspace_bytes(n, n_experts, tm) for tm in (MOE_SKINNY_TILE_M, 64, 128))
             )
 
     def _moe_workspace(self, nbytes: int) -> DevBuf:
