@@ -11,7 +11,7 @@ it. The expectation is computed here, independently of worker/protocol.py:
 - a payload built here member by member, then broken on purpose (invalid UTF-8, a lone
   surrogate escape, NaN/Infinity, a raw control character, truncated after the job_id member,
   trailing bytes...), keeps its job_id readable when the break leaves the object's structure
-  up to and including the job_id member intact: that is what the worker promises (SPEC §3:
+  up to and including the job_id member intact: that is what the worker promises (docs/protocol.md:
   such a job still gets its INVALID_REQUEST event on its own subject);
 - anything else (random bytes, deep nesting, JSON that is not an object) has none.
 """

@@ -60,6 +60,17 @@ def test_nats_clients_share_their_flags(command: str) -> None:
     assert args.nats_url == "nats://h:1" and args.connect_timeout == 2.0
 
 
+@pytest.mark.parametrize("command", ["submit", "cancel", "health", "gateway"])
+def test_nats_url_comes_from_the_environment(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command that talks to NATS reads WORKER_ORCD_NATS_URL when --nats-url is absent
+    (the parser reads it when built)."""
+    extra = {"submit": ["hi"], "cancel": ["job-1"], "health": [], "gateway": []}[command]
+    monkeypatch.setenv("WORKER_ORCD_NATS_URL", "nats://from-env:4333")
+    assert build_parser().parse_args([command, *extra]).nats_url == "nats://from-env:4333"
+    flag = build_parser().parse_args([command, *extra, "--nats-url", "nats://h:1"])
+    assert flag.nats_url == "nats://h:1"
+
+
 def test_serve_spells_the_same_flags() -> None:
     args = build_parser().parse_args(
         ["serve", "--model", "m.gguf", "--connect-timeout", "3", "--ctx-size", "512"]

@@ -1,11 +1,13 @@
 """`worker-orcd gateway`: the OpenAI-compatible HTTP gateway over the NATS interface
-(SPEC §8, docs/gateway.md); `worker-orcd gateway-bench`: its overhead against NATS directly."""
+(docs/gateway.md); `worker-orcd gateway-bench`: its overhead against NATS directly."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from worker.cli._common import NATS_URL_ENV, default_nats_url
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,7 +17,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="A stateless HTTP gateway: OpenAI requests become jobs on orcd.jobs.<model>, "
         "their events come back as responses or Server-Sent Events. Run any number of them.",
     )
-    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    p.add_argument(
+        "--nats-url",
+        default=default_nats_url(),
+        metavar="URL",
+        help=f"NATS server to use; env {NATS_URL_ENV}",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     p.add_argument(

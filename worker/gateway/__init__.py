@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP gateway over the NATS interface (SPEC §8; docs/gateway.md).
+"""OpenAI-compatible HTTP gateway over the NATS interface (docs/gateway.md).
 
 - `translate`: OpenAI request bodies -> validated `Job`s (unsupported parameters refused);
 - `render`: worker events -> OpenAI responses and SSE chunks (pre-rendered per stream);

@@ -18,7 +18,7 @@ It starts nats-server (unless ``--nats-url``), ``--workers`` `worker-orcd serve`
 - ``concurrent``: ``--streams`` chat streams at once through the gateway (``--stream-max-
   tokens`` each, usage requested): how many ended with ``[DONE]``, a finish_reason and usage,
   the errors, the wall time and TTFT under that load.
-- ``targets``: pass/fail against SPEC §8's issue targets (added TTFT p95 < 2 ms, added
+- ``targets``: pass/fail against the gateway's targets (added TTFT p95 < 2 ms, added
   inter-token p95 < 0.3 ms, every stream without error).
 """
 

@@ -1,5 +1,5 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP
-status, and the mapping of the worker's error codes (SPEC §3) onto those statuses."""
+status, and the mapping of the worker's error codes (docs/protocol.md) onto those statuses."""
 
 from __future__ import annotations
 

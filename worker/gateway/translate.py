@@ -1,4 +1,4 @@
-"""OpenAI request bodies -> worker Jobs (SPEC §3), validated on the way.
+"""OpenAI request bodies -> worker Jobs (docs/protocol.md), validated on the way.
 
 Requests decode with msgspec into structs that name every parameter of OpenAI's chat and
 (legacy) completions APIs. Unknown fields are refused, as OpenAI does ("Unrecognized request
