@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.cli._common import NATS_URL_ENV, default_nats_url
+from worker.cli._common import add_nats_options
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,12 +17,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="A stateless HTTP gateway: OpenAI requests become jobs on orcd.jobs.<model>, "
         "their events come back as responses or Server-Sent Events. Run any number of them.",
     )
-    p.add_argument(
-        "--nats-url",
-        default=default_nats_url(),
-        metavar="URL",
-        help=f"NATS server to use; env {NATS_URL_ENV}",
-    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     p.add_argument(
@@ -31,7 +25,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="F",
         help="require 'Authorization: Bearer <key>' with one of the keys in F (one per line)",
     )
-    p.add_argument("--subject-prefix", default="orcd")
     p.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (1 MiB)"
     )
@@ -53,17 +46,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=15.0,
         help="forget a worker not heard from for this long (15; heartbeats come every 5 s)",
     )
-    p.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="give up (exit 1) when NATS is not reachable within S seconds at startup (10)",
-    )
     p.add_argument("--log-format", choices=["json", "pretty"], default="pretty")
-    from worker.nats.options import add_nats_connect_arguments
-
-    add_nats_connect_arguments(p)
+    add_nats_options(p, connect_timeout=10.0, connect_timeout_help="10; then exit 1")
     p.set_defaults(func=run_gateway)
 
     b = subparsers.add_parser(
