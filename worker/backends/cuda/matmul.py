@@ -159,7 +159,7 @@ class Launch:
     # grid[0] may be lowered (persistent blocks loop over their share): MatmulKernels.run caps
     # it at what is resident on the GPU at once, divided by grid[1] * grid[2].
     persistent: bool = False
-    # grid[0] is capped at the blocks resident at once (MatmulKernels.gemv_cap): the v4 gemv,
+    # grid[0] is capped at the blocks resident at once (MatmulKernels.run): the gemv's async walk,
     # whose warps load their next row tile while decoding the current one.
     cap_resident: bool = False
     # dynamic shared memory bytes (gemm v2); above 48 KB the function's limit is raised
@@ -871,7 +871,6 @@ class MatmulKernels:
             arch = f"sm_{major}{minor}"
         self.arch = arch
         self.persistent_gemv = persistent_gemv
-        self.gemv_cap = True  # cap gemv grids at the resident blocks (bench compares)
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._x16: DevBuf | None = None  # gemm3's fp16 X workspace (_x16_workspace)
@@ -932,7 +931,7 @@ class MatmulKernels:
         if launch.persistent and self.persistent_gemv:
             per = max(1, self._resident[launch.kernel] // (grid[1] * grid[2]))
             grid = (min(grid[0], per), grid[1], grid[2])
-        elif launch.cap_resident and self.gemv_cap:
+        elif launch.cap_resident:
             grid = (min(grid[0], self._resident[launch.kernel]), grid[1], grid[2])
         try:
             fn.prepared_async_call(
