@@ -51,7 +51,7 @@ from worker.engine.rng import new_seed
 from worker.engine.scheduler import Admitted, Failed, Finished, Request, Scheduler, TokenOut
 from worker.errors import Cancelled, CudaError, ErrorCode, WorkerError
 from worker.metrics import WorkerMetrics
-from worker.narration import narrate, text_fields
+from worker.narration import TextDigest, narrate, text_fields
 from worker.protocol import (
     MAX_STOP_TOKENS,
     CancelReply,
@@ -96,7 +96,7 @@ class _Job:
     last: float = 0.0  # last token (for the inter-token histogram)
     last_metrics: float = 0.0
     tokens: int = 0
-    text: list[str] = field(default_factory=list)
+    output: TextDigest = field(default_factory=TextDigest)
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # token times
 
 
@@ -366,8 +366,7 @@ class EngineLoop:
             info.last = now
             info.recent.append(now)
             info.tokens += 1
-            if self.cfg.log_prompts:
-                info.text.append(ev.text)
+            info.output.add(ev.text)
             out.append(Token(job_id=ev.job_id, i=ev.i, t=ev.text, id=ev.id))
             if now - info.last_metrics >= METRICS_EVENT_INTERVAL_S:
                 info.last_metrics = now
@@ -424,7 +423,7 @@ class EngineLoop:
                 stop_reason=ev.stop_reason,
                 ttft_ms=round(ev.ttft_ms, 3),
                 tokens_per_s=round(ev.tokens_per_s, 2),
-                **text_fields("output", "".join(info.text)),
+                **info.output.fields("output"),
             )
             out.append(
                 End(

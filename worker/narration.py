@@ -116,6 +116,33 @@ def text_fields(name: str, text: str) -> dict[str, Any]:
     return fields
 
 
+class TextDigest:
+    """A text that arrives in pieces (a job's output), described as `text_fields` describes a
+    whole one: SHA-256 and length always, the text itself only with --log-prompts."""
+
+    __slots__ = ("_chars", "_hash", "_parts")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._chars = 0
+        self._parts: list[str] = []
+
+    def add(self, piece: str) -> None:
+        self._hash.update(piece.encode("utf-8", "surrogatepass"))
+        self._chars += len(piece)
+        if _LOG_PROMPTS:
+            self._parts.append(piece)
+
+    def fields(self, name: str) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            f"{name}_sha256": self._hash.hexdigest(),
+            f"{name}_chars": self._chars,
+        }
+        if _LOG_PROMPTS:
+            fields[name] = "".join(self._parts)
+        return fields
+
+
 def narrate(
     event: str,
     message: str = "",

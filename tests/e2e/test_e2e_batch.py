@@ -8,6 +8,7 @@ consumer gives a worker only as many jobs as its batch holds."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
@@ -72,6 +73,16 @@ async def test_eight_concurrent_jobs_equal_each_alone_real_qwen(
     assert max(e.tokens_out for e in (evs[-1] for evs in together)) > 0  # type: ignore[union-attr]
     # the worker really ran them together: jobs started while others were running
     assert max(r["running_jobs"] for r in w.events("execute_start")) > 1
+    # each job's execute_end describes the text it streamed (hash and length, no text)
+    ends = {r["job_id"]: r for r in w.events("execute_end")}
+    for k, evs in enumerate(together):
+        text = "".join(e.t for e in evs if isinstance(e, Token))
+        end = ends[f"together-{k}"]
+        assert (
+            end["output_sha256"]
+            == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        ), PROMPTS[k]
+        assert end["output_chars"] == len(text) and "output" not in end
     for k in range(8):
         alone = await gather(job(k, "alone"))
         assert _ids(alone) == _ids(together[k]), PROMPTS[k]

@@ -15,7 +15,7 @@ import pytest
 from actors.inference import _Recent
 from worker.config import add_serve_arguments, config_from_args
 from worker.metrics import WorkerMetrics
-from worker.narration import narrate, setup_logging, text_fields
+from worker.narration import TextDigest, narrate, setup_logging, text_fields
 
 
 def test_recent_job_ids_expire_and_are_bounded() -> None:
@@ -54,6 +54,21 @@ def test_narration_json_lines_and_prompt_privacy() -> None:
     setup_logging("pretty", worker_id="w1", stream=out3)
     narrate("ready", "serving")
     assert "ready" in out3.getvalue() and not out3.getvalue().startswith("{")
+
+
+def test_output_digest_describes_the_whole_text_from_its_pieces() -> None:
+    """A job's output arrives token by token: the execute_end fields (SHA-256, length; the
+    text only with --log-prompts) are those of the whole text, a lone surrogate included."""
+    pieces = ["def", " fib", "(n", "):\n", " \u00e9\U0001f600", "\ud800"]
+    whole = "".join(pieces)
+    for log_prompts in (False, True):
+        setup_logging("json", worker_id="w1", log_prompts=log_prompts, stream=io.StringIO())
+        d = TextDigest()
+        for p in pieces:
+            d.add(p)
+        assert d.fields("output") == text_fields("output", whole)
+        assert ("output" in d.fields("output")) == log_prompts
+    assert TextDigest().fields("output")["output_chars"] == 0
 
 
 def test_config_flags_override_environment(tmp_path: Path) -> None:
