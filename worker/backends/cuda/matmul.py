@@ -156,9 +156,6 @@ class Launch:
     block: tuple[int, int, int]
     args: tuple[int, ...]
     arg_format: str
-    # grid[0] may be lowered (persistent blocks loop over their share): MatmulKernels.run caps
-    # it at what is resident on the GPU at once, divided by grid[1] * grid[2].
-    persistent: bool = False
     # grid[0] is capped at the blocks resident at once (MatmulKernels.run): the gemv's async walk,
     # whose warps load their next row tile while decoding the current one.
     cap_resident: bool = False
@@ -610,7 +607,7 @@ def _plan_linear(
         yb.ptr,
         ldy,
     )
-    return Launch(module, kernel, grid, block, args, _ARG_FORMATS[module], module == "gemv")
+    return Launch(module, kernel, grid, block, args, _ARG_FORMATS[module])
 
 
 def plan_embed(w: QWeight, ids: BufLike, n: int, out: BufLike, *, ldo: int | None = None) -> Launch:
@@ -854,14 +851,7 @@ def _allow_dynamic_shared(fn: Any, kernel: str, nbytes: int) -> None:
 class MatmulKernels:
     """Loaded modules and prepared functions; create and use on the CUDA context thread."""
 
-    def __init__(
-        self,
-        arch: str | None = None,
-        *,
-        persistent_gemv: bool = False,
-    ) -> None:
-        """persistent_gemv: cap gemv grids at the blocks resident at once (each block walks
-        several row tiles); default: one block per row tile (docs/kernels.md)."""
+    def __init__(self, arch: str | None = None) -> None:
         from worker.backends.cuda.compile import load_module
 
         if arch is None:
@@ -870,7 +860,6 @@ class MatmulKernels:
             major, minor = drv.Context.get_device().compute_capability()
             arch = f"sm_{major}{minor}"
         self.arch = arch
-        self.persistent_gemv = persistent_gemv
         self._modules = {name: load_module(name, arch) for name in MODULES}
         self._funcs: dict[str, Any] = {}
         self._x16: DevBuf | None = None  # gemm3's fp16 X workspace (_x16_workspace)
@@ -928,10 +917,7 @@ class MatmulKernels:
             _allow_dynamic_shared(fn, launch.kernel, launch.shared)
             self._smem_allowed[launch.kernel] = launch.shared
         grid = launch.grid
-        if launch.persistent and self.persistent_gemv:
-            per = max(1, self._resident[launch.kernel] // (grid[1] * grid[2]))
-            grid = (min(grid[0], per), grid[1], grid[2])
-        elif launch.cap_resident:
+        if launch.cap_resident:
             grid = (min(grid[0], self._resident[launch.kernel]), grid[1], grid[2])
         try:
             fn.prepared_async_call(
