@@ -8,8 +8,9 @@
 #   "none" to skip the tests.
 # Environment: NO_LLAMA=1 (no llama.cpp), BATCH (bench --batch list; "" skips the bench),
 #   NOINV (also bench without batch invariance at these B), AB_ENV="VAR=value ..." with
-#   AB_BATCH (also bench with that environment at these B: the A/B of a switch), PROFILE (kernel profiles at these
-#   B), SERVE=1 (serving over NATS on the first model: bench --suite --concurrency $CONC,
+#   AB_BATCH (also bench with that environment at these B: the A/B of a switch), PROFILE (kernel
+#   profiles of every model at these B, PDL off), BASE (a tree, e.g. `git archive` of the
+#   commit before a kernel change under the ignored third_party/: also bench it at AB_BATCH), SERVE=1 (serving over NATS on the first model: bench --suite --concurrency $CONC,
 #   the soak against a GPU worker with VRAM before/after, gateway-bench), TEST_FILES,
 #   TEST_TIMEOUT, REPS.
 set -uo pipefail
@@ -53,9 +54,13 @@ if [ "$TESTS" != none ]; then
   grep -E "^FAILED|^ERROR|Error|assert" "$OUT/pytest.log" | head -30
 fi
 if [ -n "${PROFILE:-}" ]; then
-  for b in ${PROFILE//,/ }; do
-    timeout 120 python3 -m tools.kernel_profile "$S/qwen2-full-q4_k_m.gguf" --batch "$b" \
-      --json "$OUT/profile-b$b.json" 2>&1 | grep -v Warning | head -30
+  for m in ${MODELS//,/ }; do
+    f=$S/$m-full-$(mix "$m").gguf
+    for _ in $(seq 400); do [ -f "$f" ] && break; sleep 1; done
+    for b in ${PROFILE//,/ }; do  # PDL off: overlapping kernels' times do not add up
+      WORKER_ORCD_PDL=0 timeout 120 python3 -m tools.kernel_profile "$f" --batch "$b" \
+        --json "$OUT/profile-$m-b$b.json" 2>&1 | grep -v Warning | head -30
+    done
   done
 fi
 for m in ${MODELS//,/ }; do
@@ -70,6 +75,11 @@ for m in ${MODELS//,/ }; do
     timeout 120 env $AB_ENV python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold \
       --reps "${REPS:-3}" --batch "${AB_BATCH:-$BATCH}" >"$OUT/bench-$m-ab.txt" 2>&1
     echo "bench $m with $AB_ENV rc=$?"; grep -v "^{" "$OUT/bench-$m-ab.txt" | tail -6
+  fi
+  if [ -n "${BASE:-}" ]; then  # the same from another tree (a kernel change's A/B in one call)
+    (cd "$BASE" && timeout 150 python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold \
+      --reps "${REPS:-3}" --batch "${AB_BATCH:-$BATCH}") >"$OUT/bench-$m-base.txt" 2>&1
+    echo "bench $m from $BASE rc=$?"; grep -v "^{" "$OUT/bench-$m-base.txt" | tail -6
   fi
   if [ -n "${NOINV:-}" ]; then  # the same without batch invariance (A/B of its cost)
     timeout 120 python3 -m worker bench --model "$f" --ctx-size 4096 --no-cold --reps 3 \
