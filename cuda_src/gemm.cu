@@ -51,14 +51,16 @@ template <int T, int BM> struct Smem3 {
 
 }  // namespace g2
 
-// skinny's shared memory (below): per warp two raw chunks of its 8 rows and the fp16 tile
-// of one chunk (rows of KC + 8 halves: conflict-free fragment loads); then 16 x 8 fp32
-// partials per item
+// skinny's shared memory (below): per warp NST raw chunks of its 8 rows (the ring of chunks
+// in flight) and the fp16 tile of one chunk (rows of KC + 8 halves: conflict-free fragment
+// loads); then 16 x 8 fp32 partials per item. NST is 4 for the quantized types (a raw row
+// chunk of at most 256 bytes), 2 for f16/bf16/f32, whose chunks are larger.
 namespace sk {
 constexpr int ROWS = 8;  // weight rows of a warp's tile (the mma's n)
 template <int T> struct Smem {
   static constexpr int TLD = g2::Cfg<T>::KC + 8;  // halves per tile row
-  static constexpr int warp = 2 * ROWS * g2::Cfg<T>::P + ROWS * TLD * 2;
+  static constexpr int NST = g2::Cfg<T>::P <= 256 ? 4 : 2;  // raw chunks in the ring
+  static constexpr int warp = NST * ROWS * g2::Cfg<T>::P + ROWS * TLD * 2;
   static constexpr int item = 16 * ROWS * 4;
 };
 }  // namespace sk
@@ -98,6 +100,9 @@ __device__ __forceinline__ void cp16z(void* dst, const void* src, bool valid) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 __device__ __forceinline__ void ldsm4(uint32_t r[4], const __half* p) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -396,10 +401,11 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 // rows, in N/128 blocks a split, and needs the reduce launch. skinny does the same arithmetic
 // (same instruction, same operand roundings, same K order and split ranges, same order of the
 // final sums, so every output bit equals gemm2's) with one warp per (8 weight rows, split):
-// the weight chunks go global -> the warp's shared memory by cp.async one chunk ahead; per
-// chunk the warp first loads the X fragments of all its K steps (fp32 from global memory,
-// converted as gemm2 converts), dequantizes all its steps into the warp's fp16 tile (one
-// warp barrier), then runs the chunk's mma chain; the splits meet in shared memory.
+// the weight chunks go global -> the warp's shared memory by cp.async through a ring of NST
+// chunks, NST - 1 ahead (a split of a few chunks has all of them requested before the PDL
+// wait); per chunk the warp first loads the X fragments of all its K steps (fp32 from global
+// memory, converted as gemm2 converts), dequantizes all its steps into the warp's fp16 tile
+// (one warp barrier), then runs the chunk's mma chain; the splits meet in shared memory.
 // Item i < G*S of a block is (row tile tile0 + i / S, split i % S); warp w takes items w,
 // w + NW, ... (NW = blockDim.x / 32). kps = 0: one split over all of K (S must be 1).
 // Rows: row r < 16 reads X + s_xoff[r] and writes Y + s_yoff[r] (-1: no row), set by the
@@ -424,8 +430,9 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < static_cast<unsigned>(nw * sk::Smem<T>::warp + G * S * sk::Smem<T>::item)) __trap();
   }
-  uint8_t* raw = sk_smem + warp * sk::Smem<T>::warp;                // [2][RB * P]
-  __half* tile = reinterpret_cast<__half*>(raw + 2 * RB * C::P);    // [RB * TLD]
+  constexpr int NST = sk::Smem<T>::NST;
+  uint8_t* raw = sk_smem + warp * sk::Smem<T>::warp;                // [NST][RB * P]
+  __half* tile = reinterpret_cast<__half*>(raw + NST * RB * C::P);  // [RB * TLD]
   float* part = reinterpret_cast<float*>(sk_smem + nw * sk::Smem<T>::warp);  // [G*S][16][RB]
   const int nk_all = K / g2::BK, nc_all = (K + C::KC - 1) / C::KC;
   const long long wend = w_off + (long long)N * row_bytes;
@@ -443,7 +450,7 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
     const int nk = kps > 0 ? min(nk_all, k0 + kps) : nk_all;
     const int c0 = k0 / C::SPC, nc = kps > 0 ? min(nc_all, (nk + C::SPC - 1) / C::SPC) : nc_all;
     auto issue_chunk = [&](int c) {
-      uint8_t* dst = raw + (c & 1) * (RB * C::P);
+      uint8_t* dst = raw + (c % NST) * (RB * C::P);
       const long long cb = (long long)c * C::SEG;
       const long long rest = row_bytes - cb;
       const int seg = rest < C::SEG ? static_cast<int>(rest) : C::SEG;
@@ -463,16 +470,21 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
       }
     };
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    issue_chunk(c0);
-    g2::cp_commit();
+    // chunks c0 .. c0 + NST - 2 in flight, one commit group each (empty past the split)
+#pragma unroll
+    for (int a = 0; a < NST - 1; ++a) {
+      if (c0 + a < nc) issue_chunk(c0 + a);
+      g2::cp_commit();
+    }
     if (!waited) {  // weights before the wait, activations after (pdl.cuh)
       pdl_wait();
       waited = true;
     }
     for (int c = c0; c < nc; ++c) {
-      if (c + 1 < nc) issue_chunk(c + 1);
+      // into the slot of chunk c - 1, read by every lane before the last __syncwarp
+      if (c + NST - 1 < nc) issue_chunk(c + NST - 1);
       g2::cp_commit();
-      const uint8_t* src = raw + (c & 1) * (RB * C::P);
+      const uint8_t* src = raw + (c % NST) * (RB * C::P);
       const unsigned coff = static_cast<unsigned>(c) * static_cast<unsigned>(C::SEG & 15);
       const int kbase = c * C::SPC, nst = min(nk, kbase + C::SPC) - kbase;  // steps here
       // the chunk's A fragments of row gq (a0, a2; half2 words), requested before waiting
@@ -492,8 +504,8 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
             xa[j][h][1] = pack_h2(hi.x, hi.y);
           }
         }
-      g2::cp_wait1();  // chunk c (this lane's pieces) ...
-      __syncwarp();    // ... and the warp's
+      g2::cp_wait<NST - 1>();  // chunk c (this lane's pieces) ...
+      __syncwarp();             // ... and the warp's
       // dequantize the chunk's steps: lane = (row gq, 8-element group cq of each step)
       const int n = n0 + gq;
 #pragma unroll

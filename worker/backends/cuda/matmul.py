@@ -478,11 +478,17 @@ def _raw_pitch(lay: QLayout) -> int:
     return win + 16 if (win // 16) % 2 == 0 else win
 
 
+def skinny_stages(lay: QLayout) -> int:
+    """sk::Smem<T>::NST: raw chunks in a skinny warp's ring (4 for the quantized types, whose
+    row chunks are at most 256 bytes; 2 for f16, bf16 and f32)."""
+    return 4 if _raw_pitch(lay) <= 256 else 2
+
+
 def skinny_warp_bytes(lay: QLayout) -> int:
-    """sk::Smem<T>::warp: a warp's two raw chunks of 8 rows and the fp16 tile of one chunk
-    (rows of max(QK, 128) + 8 halves)."""
+    """sk::Smem<T>::warp: a warp's ring of raw chunks of 8 rows and the fp16 tile of one
+    chunk (rows of max(QK, 128) + 8 halves)."""
     tld = max(lay.qk, 128) + 8
-    return 2 * SKINNY_ROWS * _raw_pitch(lay) + SKINNY_ROWS * tld * 2
+    return skinny_stages(lay) * SKINNY_ROWS * _raw_pitch(lay) + SKINNY_ROWS * tld * 2
 
 
 SMEM_MAX = 227 * 1024  # shared memory a block may have on sm_90 (sm_80: 163 KB)
