@@ -417,18 +417,6 @@ def test_moe_gemm5_every_type(mm: MatmulKernels, gpu: Any, qtype: int, tile_m: i
         check5(outs, ref, ref16, valid, (n, k))
 
 
-@pytest.mark.parametrize("qtype", [39, 12, 8], ids=["mxfp4", "q4_k", "q8_0"])
-def test_moe_gemm5_one_expert_takes_all(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
-    """Every assignment on expert 5 of 8 (300 assignments: 3 tiles of 128 or 5 of 64, the
-    last partial); the other experts empty."""
-    rng = np.random.default_rng(qtype + 300)
-    ex = Experts(qtype, 8, 160, 2 * max(LAYOUTS[qtype].qk, 128), rng)
-    ids = np.full((150, 2), 5, np.int32)
-    for tile_m in (64, 128):
-        outs, ref, ref16, valid = routed5(mm, gpu, ex, ids, True, rng, tile_m=tile_m)
-        check5(outs, ref, ref16, valid, tile_m)
-
-
 def test_moe_gemm5_gptoss_shapes(mm: MatmulKernels, gpu: Any) -> None:
     """gpt-oss-20b's experts: 32 MXFP4 matrices of 2880x2880, top-4 random routing; 512 tokens
     with a shared input (gate/up) and 128 with per-slot inputs (down), both tiles."""
@@ -443,19 +431,25 @@ def test_moe_gemm5_gptoss_shapes(mm: MatmulKernels, gpu: Any) -> None:
 
 
 @pytest.mark.parametrize("qtype", [39, 12, 8, 14], ids=["mxfp4", "q4_k", "q8_0", "q6_k"])
-def test_moe_gemm5_tiles_equal_bytes(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
-    """Same fp16 operands, same k16 order of mma.sync, same fp32 epilogue: 64- and 128-row
-    token tiles give the same bytes, so a wrong row, column or offset of either cannot hide in
-    the error bound."""
-    rng = np.random.default_rng(qtype + 4)
+def test_moe_gemm5_tiles_agree_byte_for_byte(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
+    """64- and 128-row token tiles: each within the reference's bound and the two byte-equal
+    (same fp16 operands, same k16 order of mma.sync, same fp32 epilogue, so a wrong row,
+    column or offset of either cannot hide in the error bound); routing concentrated (all 300
+    assignments on expert 5 of 8: 3 tiles of 128 or 5 of 64, the last partial, the other
+    experts empty) and spread (random top-4 with one invalid id)."""
+    rng = np.random.default_rng(qtype + 300)
     ex = Experts(qtype, 8, 133, 2 * max(LAYOUTS[qtype].qk, 128), rng)
-    ids = route(rng, 70, 8, 4)
-    ids[3, 2] = -1
-    got = {}
-    for name, kw in (("v5_64", {"tile_m": 64}), ("v5_128", {"tile_m": 128})):
-        outs, _, _, _ = routed5(mm, gpu, ex, ids, True, np.random.default_rng(9), **kw)
-        got[name] = outs[0]
-    assert got["v5_128"].tobytes() == got["v5_64"].tobytes()
+    spread = route(rng, 70, 8, 4)
+    spread[3, 2] = -1
+    for what, ids in (("one expert", np.full((150, 2), 5, np.int32)), ("spread", spread)):
+        got = []
+        for tile_m in (64, 128):
+            outs, ref, ref16, valid = routed5(
+                mm, gpu, ex, ids, True, np.random.default_rng(9), tile_m=tile_m
+            )
+            check5(outs, ref, ref16, valid, (what, tile_m))
+            got.append(outs[0])
+        assert got[0].tobytes() == got[1].tobytes(), what
 
 
 @pytest.mark.parametrize("per_slot", [False, True], ids=["shared_x", "per_slot_x"])
