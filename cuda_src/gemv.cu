@@ -27,13 +27,10 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // independent, in flight together), then stores them to the warp's own shared-memory slice,
 // __syncwarp, and decodes 8-element groups from there (lane l takes groups l, l+32, ...: the x
 // reads of a warp are contiguous 16-byte vectors, each x value serves the RW rows).
-// Integer codes become floats without I2F (quarter-rate on sm_90): 2^23 + c is the float
-// with bit pattern 0x4B000000 | c, so c - off = that float - (2^23 + off), exactly.
+// Integer codes become floats without I2F (q_magic in quant.cuh).
 // Reduction: a fixed xor-shuffle tree per row; lane 0 writes. No atomics, no cross-warp
 // data: results are bit-identical run to run.
 #define GEMV4_WARPS 4
-
-__device__ __forceinline__ float g4_mf(uint32_t c) { return __uint_as_float(0x4B000000u | c); }
 
 __device__ __forceinline__ uint4 g4_ld16(const uint8_t* p) {
   uint4 v;
@@ -52,140 +49,8 @@ __device__ __noinline__ uint4 g4_ld_tail(const uint8_t* p, int n) {
   return make_uint4(v[0], v[1], v[2], v[3]);
 }
 
-// g4_dec<T>: decode8<T>'s contract (element 8g+i = q[i]*d + m) with the integer codes turned
-// into floats by g4_mf; types without a specialisation use decode8 itself.
-template <int T>
-__device__ __forceinline__ void g4_dec(const uint8_t* blk, int g, float q[8], float& d,
-                                       float& m) {
-  decode8<T>(blk, g, q, d, m);
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q8_0>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const uint8_t* p = blk + 2 + 8 * g;
-  const uint32_t lo = ld_u32_a2(p) ^ 0x80808080u, hi = ld_u32_a2(p + 4) ^ 0x80808080u;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf((lo >> (8 * i)) & 0xFF) - 8388736.f;  // 2^23 + 128
-    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xFF) - 8388736.f;
-  }
-  d = qf16(blk);
-  m = 0.f;
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q4_0>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const uint8_t* p = blk + 2 + (g & 1) * 8;
-  const int sh = (g >> 1) * 4;
-  const uint32_t lo = ld_u32_a2(p) >> sh, hi = ld_u32_a2(p + 4) >> sh;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf((lo >> (8 * i)) & 0xF) - 8388616.f;  // 2^23 + 8
-    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xF) - 8388616.f;
-  }
-  d = qf16(blk);
-  m = 0.f;
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q4_1>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const uint8_t* p = blk + 4 + (g & 1) * 8;
-  const int sh = (g >> 1) * 4;
-  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf((lo >> (8 * i)) & 0xF) - 8388608.f;
-    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xF) - 8388608.f;
-  }
-  d = qf16(blk);
-  m = qf16(blk + 2);
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q5_0>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const uint32_t qh = ld_u32_a2(blk + 2) >> (8 * g);
-  const uint8_t* p = blk + 6 + (g & 1) * 8;
-  const int sh = (g >> 1) * 4;
-  const uint32_t lo = ld_u32_a2(p) >> sh, hi = ld_u32_a2(p + 4) >> sh;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((qh >> i) & 1) << 4)) - 8388624.f;  // 2^23 + 16
-    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((qh >> (4 + i)) & 1) << 4)) - 8388624.f;
-  }
-  d = qf16(blk);
-  m = 0.f;
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q5_1>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const uint32_t qh = ld_u32_a4(blk + 4) >> (8 * g);
-  const uint8_t* p = blk + 8 + (g & 1) * 8;
-  const int sh = (g >> 1) * 4;
-  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((qh >> i) & 1) << 4)) - 8388608.f;
-    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((qh >> (4 + i)) & 1) << 4)) - 8388608.f;
-  }
-  d = qf16(blk);
-  m = qf16(blk + 2);
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q4_K>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const int s = g >> 2, l0 = (g & 3) * 8;
-  int sc, mn;
-  scale_min_k4(blk + 4, s, sc, mn);
-  const uint8_t* p = blk + 16 + 32 * (s >> 1) + l0;
-  const int sh = (s & 1) * 4;
-  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf((lo >> (8 * i)) & 0xF) - 8388608.f;
-    q[4 + i] = g4_mf((hi >> (8 * i)) & 0xF) - 8388608.f;
-  }
-  d = qf16(blk) * (g4_mf(sc) - 8388608.f);
-  m = -(qf16(blk + 2) * (g4_mf(mn) - 8388608.f));
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q5_K>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const int s = g >> 2, l0 = (g & 3) * 8;
-  int sc, mn;
-  scale_min_k4(blk + 4, s, sc, mn);
-  const uint8_t* p = blk + 48 + 32 * (s >> 1) + l0;
-  const uint32_t hlo = ld_u32_a4(blk + 16 + l0) >> s, hhi = ld_u32_a4(blk + 16 + l0 + 4) >> s;
-  const int sh = (s & 1) * 4;
-  const uint32_t lo = ld_u32_a4(p) >> sh, hi = ld_u32_a4(p + 4) >> sh;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((hlo >> (8 * i)) & 1) << 4)) - 8388608.f;
-    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((hhi >> (8 * i)) & 1) << 4)) - 8388608.f;
-  }
-  d = qf16(blk) * (g4_mf(sc) - 8388608.f);
-  m = -(qf16(blk + 2) * (g4_mf(mn) - 8388608.f));
-}
-template <>
-__device__ __forceinline__ void g4_dec<QT_Q6_K>(const uint8_t* blk, int g, float q[8], float& d,
-                                                float& m) {
-  const int e0 = 8 * g, h = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
-  const uint8_t* pl = blk + 64 * h + 32 * (k & 1) + l0;
-  const uint8_t* ph = blk + 128 + 32 * h + l0;
-  const int sh = (k >> 1) * 4;
-  const uint32_t lo = ld_u32_a2(pl) >> sh, hi = ld_u32_a2(pl + 4) >> sh;
-  const uint32_t hlo = ld_u32_a2(ph) >> (2 * k), hhi = ld_u32_a2(ph + 4) >> (2 * k);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = g4_mf(((lo >> (8 * i)) & 0xF) | (((hlo >> (8 * i)) & 3) << 4)) - 8388640.f;  // +32
-    q[4 + i] = g4_mf(((hi >> (8 * i)) & 0xF) | (((hhi >> (8 * i)) & 3) << 4)) - 8388640.f;
-  }
-  const uint32_t sc = blk[192 + 8 * h + (l0 >> 4) + 2 * k] ^ 0x80u;  // int8 scale + 128
-  d = qf16(blk + 208) * (g4_mf(sc) - 8388736.f);
-  m = 0.f;
-}
-
 // ---- G4<T>::dot: one 8-element group of one row into acc[NB] ------------------------------
-// Default: g4_dec, then sum q*x, times d, plus m * sum x. For the K-quants (the bulk of
+// Default: decode8, then sum q*x, times d, plus m * sum x. For the K-quants (the bulk of
 // Phi-3's and Qwen's ffn_down bytes) a cheaper form: a b-bit code c becomes the float
 // 1 + c/2^b with one byte permute (bits 0x3F800000 | c << (23-b), exact), so
 // sum c*x = 2^b * (sum (1 + c/2^b) x - sum x): per weight one PRMT and one FFMA, the shifts
@@ -198,7 +63,7 @@ template <int T> struct G4 {
   static __device__ __forceinline__ void dot(const uint8_t* blk, int g, const float (&xv)[NB][8],
                                              const float (&sx)[NB], float (&acc)[NB]) {
     float q[8], d, m;
-    g4_dec<T>(blk, g, q, d, m);
+    decode8<T>(blk, g, q, d, m);
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
       float dp = q[0] * xv[b][0];
@@ -241,8 +106,8 @@ __device__ __forceinline__ void g4_scale_min_k4(const uint8_t* blk, int s, float
   const uint32_t a = w0 >> sh, bb = w1 >> sh, c = w2 >> sh;
   const uint32_t sc_lo = a & 63, mn_lo = bb & 63;
   const uint32_t sc_hi = (c & 15) | ((a >> 2) & 0x30), mn_hi = ((c >> 4) & 15) | ((bb >> 2) & 0x30);
-  sc = g4_mf(s < 4 ? sc_lo : sc_hi) - 8388608.f;
-  mn = g4_mf(s < 4 ? mn_lo : mn_hi) - 8388608.f;
+  sc = q_magic(s < 4 ? sc_lo : sc_hi) - 8388608.f;
+  mn = q_magic(s < 4 ? mn_lo : mn_hi) - 8388608.f;
 }
 template <> struct G4<QT_Q4_K> {
   static constexpr bool NEED_SX = true;
@@ -307,7 +172,7 @@ template <> struct G4<QT_Q6_K> {
     float dp[NB];
     g4_unit_dot<NB>(t0, t1, xv, dp);
     const uint32_t scb = blk[192 + 8 * h + (l0 >> 4) + 2 * k] ^ 0x80u;  // int8 scale + 128
-    const float dd = qf16(blk + 208) * (g4_mf(scb) - 8388736.f);
+    const float dd = qf16(blk + 208) * (q_magic(scb) - 8388736.f);
     // value = dd * (c - 32): sum = 64 dd (dp - sx) - 32 dd sx
     const float d = dd * 64.f, m = dd * -32.f;
 #pragma unroll

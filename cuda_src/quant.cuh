@@ -78,16 +78,29 @@ QDEV uint32_t ld_u32_a1(const uint8_t* p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
-// Unpack 8 nibbles (bytes b[0..7] given as lo/hi words, nibble at shift sh) into q[0..7].
-QDEV void nib8(uint32_t lo, uint32_t hi, int sh, int q[8]) {
-  lo >>= sh;
-  hi >>= sh;
+// Integer codes become floats without I2F (quarter-rate on sm_90): 2^23 + c is the float with
+// bit pattern 0x4B000000 | c (c < 2^23), so c - off is that float minus (2^23 + off), exactly.
+QDEV float q_magic(uint32_t c) { return q_bits_float(0x4B000000u | c); }
+// 2^23 + byte i of x: one byte permute on the device
+QDEV float q_magic_byte(uint32_t x, int i) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7540u | i));
+#else
+  return q_magic((x >> (8 * i)) & 0xFFu);
+#endif
+}
+// q[i] = byte i of lo - off, q[4 + i] = byte i of hi - off, as exact floats. The callers build
+// the code bytes four at a time (shifts and masks on whole words).
+QDEV void codes8(uint32_t lo, uint32_t hi, float off, float q[8]) {
+  const float base = 8388608.f + off;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    q[i] = (lo >> (8 * i)) & 0xF;
-    q[4 + i] = (hi >> (8 * i)) & 0xF;
+    q[i] = q_magic_byte(lo, i) - base;
+    q[4 + i] = q_magic_byte(hi, i) - base;
   }
 }
+// bits 0..3 of x into bit 0 of bytes 0..3 (the four partial products do not overlap)
+QDEV uint32_t spread4(uint32_t x) { return ((x & 0xFu) * 0x00204081u) & 0x01010101u; }
 
 // 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block (12 packed bytes).
 QDEV void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
@@ -153,10 +166,8 @@ QDEV void decode8<QT_BF16>(const uint8_t* blk, int g, float q[8], float& d, floa
 template <>
 QDEV void decode8<QT_Q4_0>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 2 + (g & 1) * 8;
-  int n[8];
-  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, n);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) q[i] = (float)(n[i] - 8);
+  const int sh = (g >> 1) * 4;
+  codes8((ld_u32_a2(p) >> sh) & 0x0F0F0F0Fu, (ld_u32_a2(p + 4) >> sh) & 0x0F0F0F0Fu, 8.f, q);
   d = qf16(blk);
   m = 0.f;
 }
@@ -165,10 +176,8 @@ QDEV void decode8<QT_Q4_0>(const uint8_t* blk, int g, float q[8], float& d, floa
 template <>
 QDEV void decode8<QT_Q4_1>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 4 + (g & 1) * 8;
-  int n[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, n);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) q[i] = (float)n[i];
+  const int sh = (g >> 1) * 4;
+  codes8((ld_u32_a4(p) >> sh) & 0x0F0F0F0Fu, (ld_u32_a4(p + 4) >> sh) & 0x0F0F0F0Fu, 0.f, q);
   d = qf16(blk);
   m = qf16(blk + 2);
 }
@@ -178,10 +187,9 @@ template <>
 QDEV void decode8<QT_Q5_0>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint32_t qh = ld_u32_a2(blk + 2) >> (8 * g);
   const uint8_t* p = blk + 6 + (g & 1) * 8;
-  int n[8];
-  nib8(ld_u32_a2(p), ld_u32_a2(p + 4), (g >> 1) * 4, n);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) q[i] = (float)((n[i] | (int)(((qh >> i) & 1) << 4)) - 16);
+  const int sh = (g >> 1) * 4;
+  codes8(((ld_u32_a2(p) >> sh) & 0x0F0F0F0Fu) | (spread4(qh) << 4),
+         ((ld_u32_a2(p + 4) >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> 4) << 4), 16.f, q);
   d = qf16(blk);
   m = 0.f;
 }
@@ -191,10 +199,9 @@ template <>
 QDEV void decode8<QT_Q5_1>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint32_t qh = ld_u32_a4(blk + 4) >> (8 * g);
   const uint8_t* p = blk + 8 + (g & 1) * 8;
-  int n[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (g >> 1) * 4, n);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) q[i] = (float)(n[i] | (int)(((qh >> i) & 1) << 4));
+  const int sh = (g >> 1) * 4;
+  codes8(((ld_u32_a4(p) >> sh) & 0x0F0F0F0Fu) | (spread4(qh) << 4),
+         ((ld_u32_a4(p + 4) >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> 4) << 4), 0.f, q);
   d = qf16(blk);
   m = qf16(blk + 2);
 }
@@ -202,13 +209,8 @@ QDEV void decode8<QT_Q5_1>(const uint8_t* blk, int g, float q[8], float& d, floa
 // Q8_0: d qs[32] (int8).
 template <>
 QDEV void decode8<QT_Q8_0>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
-  const uint8_t* p = blk + 2 + 8 * g;
-  const uint32_t lo = ld_u32_a2(p), hi = ld_u32_a2(p + 4);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = (float)(int8_t)(lo >> (8 * i));
-    q[4 + i] = (float)(int8_t)(hi >> (8 * i));
-  }
+  const uint8_t* p = blk + 2 + 8 * g;  // int8 codes + 128: unsigned bytes
+  codes8(ld_u32_a2(p) ^ 0x80808080u, ld_u32_a2(p + 4) ^ 0x80808080u, 128.f, q);
   d = qf16(blk);
   m = 0.f;
 }
@@ -221,15 +223,19 @@ QDEV float e2m1_doubled(int c) {
   // 0 1 2 3 4 6 8 12, sign in bit 3
   const int mag = c & 7;
   const int v = mag < 5 ? mag : (mag == 5 ? 6 : (mag == 6 ? 8 : 12));
-  return (float)((c & 8) ? -v : v);
+  const float f = q_magic(static_cast<uint32_t>(v)) - 8388608.f;
+  return (c & 8) ? -f : f;
 }
 template <>
 QDEV void decode8<QT_MXFP4>(const uint8_t* blk, int g, float q[8], float& d, float& m) {
   const uint8_t* p = blk + 1 + (g & 1) * 8;
-  int n[8];
-  nib8(ld_u32_a1(p), ld_u32_a1(p + 4), (g >> 1) * 4, n);
+  const int sh = (g >> 1) * 4;
+  const uint32_t lo = ld_u32_a1(p) >> sh, hi = ld_u32_a1(p + 4) >> sh;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) q[i] = e2m1_doubled(n[i]);
+  for (int i = 0; i < 4; ++i) {
+    q[i] = e2m1_doubled(static_cast<int>((lo >> (8 * i)) & 0xFu));
+    q[4 + i] = e2m1_doubled(static_cast<int>((hi >> (8 * i)) & 0xFu));
+  }
   d = e8m0_half(blk[0]);
   m = 0.f;
 }
@@ -242,12 +248,10 @@ QDEV void decode8<QT_Q4_K>(const uint8_t* blk, int g, float q[8], float& d, floa
   int sc, mn;
   scale_min_k4(blk + 4, s, sc, mn);
   const uint8_t* p = blk + 16 + 32 * (s >> 1) + l0;
-  int n[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, n);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) q[i] = (float)n[i];
-  d = qf16(blk) * (float)sc;
-  m = -(qf16(blk + 2) * (float)mn);
+  const int sh = (s & 1) * 4;
+  codes8((ld_u32_a4(p) >> sh) & 0x0F0F0F0Fu, (ld_u32_a4(p + 4) >> sh) & 0x0F0F0F0Fu, 0.f, q);
+  d = qf16(blk) * (q_magic(static_cast<uint32_t>(sc)) - 8388608.f);
+  m = -(qf16(blk + 2) * (q_magic(static_cast<uint32_t>(mn)) - 8388608.f));
 }
 
 // Q5_K: d dmin scales[12] qh[32] qs[128]; 5th bit of sub-block s element l is bit s of qh[l].
@@ -258,15 +262,11 @@ QDEV void decode8<QT_Q5_K>(const uint8_t* blk, int g, float q[8], float& d, floa
   scale_min_k4(blk + 4, s, sc, mn);
   const uint8_t* p = blk + 48 + 32 * (s >> 1) + l0;
   const uint32_t hlo = ld_u32_a4(blk + 16 + l0) >> s, hhi = ld_u32_a4(blk + 16 + l0 + 4) >> s;
-  int n[8];
-  nib8(ld_u32_a4(p), ld_u32_a4(p + 4), (s & 1) * 4, n);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = (float)(n[i] | (int)(((hlo >> (8 * i)) & 1) << 4));
-    q[4 + i] = (float)(n[4 + i] | (int)(((hhi >> (8 * i)) & 1) << 4));
-  }
-  d = qf16(blk) * (float)sc;
-  m = -(qf16(blk + 2) * (float)mn);
+  const int sh = (s & 1) * 4;
+  codes8(((ld_u32_a4(p) >> sh) & 0x0F0F0F0Fu) | ((hlo & 0x01010101u) << 4),
+         ((ld_u32_a4(p + 4) >> sh) & 0x0F0F0F0Fu) | ((hhi & 0x01010101u) << 4), 0.f, q);
+  d = qf16(blk) * (q_magic(static_cast<uint32_t>(sc)) - 8388608.f);
+  m = -(qf16(blk + 2) * (q_magic(static_cast<uint32_t>(mn)) - 8388608.f));
 }
 
 // Q6_K: ql[128] qh[64] scales[16] (int8) d; element e: half n=e/128, r=e%128, quarter k=r/32,
@@ -277,15 +277,12 @@ QDEV void decode8<QT_Q6_K>(const uint8_t* blk, int g, float q[8], float& d, floa
   const int e0 = 8 * g, h = e0 >> 7, r = e0 & 127, k = r >> 5, l0 = r & 31;
   const uint8_t* pl = blk + 64 * h + 32 * (k & 1) + l0;
   const uint8_t* ph = blk + 128 + 32 * h + l0;
-  int n[8];
-  nib8(ld_u32_a2(pl), ld_u32_a2(pl + 4), (k >> 1) * 4, n);
+  const int sh = (k >> 1) * 4;
   const uint32_t hlo = ld_u32_a2(ph) >> (2 * k), hhi = ld_u32_a2(ph + 4) >> (2 * k);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    q[i] = (float)((n[i] | (int)(((hlo >> (8 * i)) & 3) << 4)) - 32);
-    q[4 + i] = (float)((n[4 + i] | (int)(((hhi >> (8 * i)) & 3) << 4)) - 32);
-  }
-  d = qf16(blk + 208) * (float)(int8_t)blk[192 + 8 * h + (l0 >> 4) + 2 * k];
+  codes8(((ld_u32_a2(pl) >> sh) & 0x0F0F0F0Fu) | ((hlo & 0x03030303u) << 4),
+         ((ld_u32_a2(pl + 4) >> sh) & 0x0F0F0F0Fu) | ((hhi & 0x03030303u) << 4), 32.f, q);
+  const uint32_t sc = blk[192 + 8 * h + (l0 >> 4) + 2 * k] ^ 0x80u;  // int8 scale + 128
+  d = qf16(blk + 208) * (q_magic(sc) - 8388736.f);
   m = 0.f;
 }
 
