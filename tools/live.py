@@ -108,6 +108,21 @@ class WorkerProc:
         with self._cond:
             return [r for r in self.records if r.get("event") in names]
 
+    def wait_events(self, name: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The records of `name` once there are at least `count` (a worker logs an event
+        before it publishes what a client sees, but its line reaches this process's reader
+        thread a moment later: wait for it rather than read too early)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = [r for r in self.records if r.get("event") == name]
+                if len(got) >= count:
+                    return got
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(got)} of {count} {name!r} events in {timeout} s")
+                self._cond.wait(min(left, 0.5))
+
     def wait_event(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self._cond:

@@ -74,7 +74,7 @@ async def test_eight_concurrent_jobs_equal_each_alone_real_qwen(
     # the worker really ran them together: jobs started while others were running
     assert max(r["running_jobs"] for r in w.events("execute_start")) > 1
     # each job's execute_end describes the text it streamed (hash and length, no text)
-    ends = {r["job_id"]: r for r in w.events("execute_end")}
+    ends = {r["job_id"]: r for r in w.wait_events("execute_end", 8)}
     for k, evs in enumerate(together):
         text = "".join(e.t for e in evs if isinstance(e, Token))
         end = ends[f"together-{k}"]

@@ -228,7 +228,7 @@ async def test_job_out_of_deliveries_ends_with_an_error(
     assert isinstance(last, Error) and last.code is ErrorCode.INTERNAL and not last.retriable
     assert "delivered 1 times" in last.message
     assert [e.attempt for e in seen if isinstance(e, Started)] == [1]
-    assert survivor.events("error")
+    assert survivor.wait_event("error", 10)["job_id"] == "doomed"
     deadline = time.monotonic() + 10  # removed right after the error event is stored
     while (await client.js.stream_info("ORCD_JOBS")).state.messages != 0:
         assert time.monotonic() < deadline, "the job was not removed from the queue"
