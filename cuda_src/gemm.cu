@@ -99,7 +99,6 @@ __device__ __forceinline__ void cp16z(void* dst, const void* src, bool valid) {
                : "memory");
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
@@ -307,7 +306,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
     cp_commit();
     pdl_wait();
     load_x(k0);
-    cp_wait1();
+    cp_wait<1>();
     __syncthreads();
     dequant_step(k0, k0 & 1);
     store_x(k0 & 1);
@@ -321,7 +320,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
           const int c = (kt + 1) / C::SPC;
           if (c + 1 < nc) issue_chunk(c + 1);
           cp_commit();
-          cp_wait1();       // chunk c has landed (this thread's pieces) ...
+          cp_wait<1>();       // chunk c has landed (this thread's pieces) ...
           __syncthreads();  // ... and everyone's
         }
         dequant_step(kt + 1, buf ^ 1);
@@ -343,7 +342,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
     if (k0 + 1 < nk) issue_x(k0 + 1, (k0 + 1) % XS);
     if (c0 + 1 < nc) issue_chunk(c0 + 1);
     cp_commit();
-    cp_wait1();  // group 0: X(k0) and chunk c0 (this thread's pieces) ...
+    cp_wait<1>();  // group 0: X(k0) and chunk c0 (this thread's pieces) ...
     __syncthreads();  // ... and everyone's
     dequant_step(k0, k0 & 1);
     __syncthreads();
@@ -359,7 +358,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
       // chunk of step kt+1: in a group <= kt, complete since the last closing barrier
       if (kt + 1 < nk) dequant_step(kt + 1, (kt + 1) & 1);
       mma_step(As + (kt % XS) * (BM * LD), Bs + (kt & 1) * (BN * LD));
-      cp_wait1();       // groups <= kt+1 complete: X(kt+1) (this thread's pieces) ...
+      cp_wait<1>();       // groups <= kt+1 complete: X(kt+1) (this thread's pieces) ...
       __syncthreads();  // ... everyone's, and Bs[(kt+1) & 1]; stage kt % 3 free again
     }
   }

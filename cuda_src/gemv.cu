@@ -27,7 +27,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // independent, in flight together), then stores them to the warp's own shared-memory slice,
 // __syncwarp, and decodes 8-element groups from there (lane l takes groups l, l+32, ...: the x
 // reads of a warp are contiguous 16-byte vectors, each x value serves the RW rows).
-// Integer codes become floats without I2F (q_magic in quant.cuh).
+// Integer codes become floats without I2F (q_int in quant.cuh).
 // Reduction: a fixed xor-shuffle tree per row; lane 0 writes. No atomics, no cross-warp
 // data: results are bit-identical run to run.
 #define GEMV4_WARPS 4
@@ -106,8 +106,8 @@ __device__ __forceinline__ void g4_scale_min_k4(const uint8_t* blk, int s, float
   const uint32_t a = w0 >> sh, bb = w1 >> sh, c = w2 >> sh;
   const uint32_t sc_lo = a & 63, mn_lo = bb & 63;
   const uint32_t sc_hi = (c & 15) | ((a >> 2) & 0x30), mn_hi = ((c >> 4) & 15) | ((bb >> 2) & 0x30);
-  sc = q_magic(s < 4 ? sc_lo : sc_hi) - 8388608.f;
-  mn = q_magic(s < 4 ? mn_lo : mn_hi) - 8388608.f;
+  sc = q_int(s < 4 ? sc_lo : sc_hi);
+  mn = q_int(s < 4 ? mn_lo : mn_hi);
 }
 template <> struct G4<QT_Q4_K> {
   static constexpr bool NEED_SX = true;
@@ -172,7 +172,7 @@ template <> struct G4<QT_Q6_K> {
     float dp[NB];
     g4_unit_dot<NB>(t0, t1, xv, dp);
     const uint32_t scb = blk[192 + 8 * h + (l0 >> 4) + 2 * k] ^ 0x80u;  // int8 scale + 128
-    const float dd = qf16(blk + 208) * (q_magic(scb) - 8388736.f);
+    const float dd = qf16(blk + 208) * q_int(scb, 128.f);
     // value = dd * (c - 32): sum = 64 dd (dp - sx) - 32 dd sx
     const float d = dd * 64.f, m = dd * -32.f;
 #pragma unroll

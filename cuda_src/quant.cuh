@@ -79,14 +79,17 @@ QDEV uint32_t ld_u32_a1(const uint8_t* p) {
 }
 
 // Integer codes become floats without I2F (quarter-rate on sm_90): 2^23 + c is the float with
-// bit pattern 0x4B000000 | c (c < 2^23), so c - off is that float minus (2^23 + off), exactly.
-QDEV float q_magic(uint32_t c) { return q_bits_float(0x4B000000u | c); }
+// bit pattern 0x4B000000 | c (c < 2^23), so c - off is that float minus (2^23 + off), exactly:
+// q_int(c, off).
+QDEV float q_int(uint32_t c, float off = 0.f) {
+  return q_bits_float(0x4B000000u | c) - (8388608.f + off);
+}
 // 2^23 + byte i of x: one byte permute on the device
 QDEV float q_magic_byte(uint32_t x, int i) {
 #ifdef __CUDA_ARCH__
   return __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7540u | i));
 #else
-  return q_magic((x >> (8 * i)) & 0xFFu);
+  return q_bits_float(0x4B000000u | ((x >> (8 * i)) & 0xFFu));
 #endif
 }
 // q[i] = byte i of lo - off, q[4 + i] = byte i of hi - off, as exact floats. The callers build
@@ -223,7 +226,7 @@ QDEV float e2m1_doubled(int c) {
   // 0 1 2 3 4 6 8 12, sign in bit 3
   const int mag = c & 7;
   const int v = mag < 5 ? mag : (mag == 5 ? 6 : (mag == 6 ? 8 : 12));
-  const float f = q_magic(static_cast<uint32_t>(v)) - 8388608.f;
+  const float f = q_int(static_cast<uint32_t>(v));
   return (c & 8) ? -f : f;
 }
 template <>
@@ -250,8 +253,8 @@ QDEV void decode8<QT_Q4_K>(const uint8_t* blk, int g, float q[8], float& d, floa
   const uint8_t* p = blk + 16 + 32 * (s >> 1) + l0;
   const int sh = (s & 1) * 4;
   codes8((ld_u32_a4(p) >> sh) & 0x0F0F0F0Fu, (ld_u32_a4(p + 4) >> sh) & 0x0F0F0F0Fu, 0.f, q);
-  d = qf16(blk) * (q_magic(static_cast<uint32_t>(sc)) - 8388608.f);
-  m = -(qf16(blk + 2) * (q_magic(static_cast<uint32_t>(mn)) - 8388608.f));
+  d = qf16(blk) * q_int(static_cast<uint32_t>(sc));
+  m = -(qf16(blk + 2) * q_int(static_cast<uint32_t>(mn)));
 }
 
 // Q5_K: d dmin scales[12] qh[32] qs[128]; 5th bit of sub-block s element l is bit s of qh[l].
@@ -265,8 +268,8 @@ QDEV void decode8<QT_Q5_K>(const uint8_t* blk, int g, float q[8], float& d, floa
   const int sh = (s & 1) * 4;
   codes8(((ld_u32_a4(p) >> sh) & 0x0F0F0F0Fu) | ((hlo & 0x01010101u) << 4),
          ((ld_u32_a4(p + 4) >> sh) & 0x0F0F0F0Fu) | ((hhi & 0x01010101u) << 4), 0.f, q);
-  d = qf16(blk) * (q_magic(static_cast<uint32_t>(sc)) - 8388608.f);
-  m = -(qf16(blk + 2) * (q_magic(static_cast<uint32_t>(mn)) - 8388608.f));
+  d = qf16(blk) * q_int(static_cast<uint32_t>(sc));
+  m = -(qf16(blk + 2) * q_int(static_cast<uint32_t>(mn)));
 }
 
 // Q6_K: ql[128] qh[64] scales[16] (int8) d; element e: half n=e/128, r=e%128, quarter k=r/32,
@@ -282,7 +285,7 @@ QDEV void decode8<QT_Q6_K>(const uint8_t* blk, int g, float q[8], float& d, floa
   codes8(((ld_u32_a2(pl) >> sh) & 0x0F0F0F0Fu) | ((hlo & 0x03030303u) << 4),
          ((ld_u32_a2(pl + 4) >> sh) & 0x0F0F0F0Fu) | ((hhi & 0x03030303u) << 4), 32.f, q);
   const uint32_t sc = blk[192 + 8 * h + (l0 >> 4) + 2 * k] ^ 0x80u;  // int8 scale + 128
-  d = qf16(blk + 208) * (q_magic(sc) - 8388736.f);
+  d = qf16(blk + 208) * q_int(sc, 128.f);
   m = 0.f;
 }
 
