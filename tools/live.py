@@ -118,18 +118,6 @@ class WorkerProc:
                 got = [r for r in self.records if r.get("event") == name]
                 if len(got) >= count:
                     return got
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{len(got)} of {count} {name!r} events in {timeout} s")
-                self._cond.wait(min(left, 0.5))
-
-    def wait_event(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for r in self.records:
-                    if r.get("event") == name:
-                        return r
                 if self.proc.poll() is not None and not self._reader.is_alive():
                     raise AssertionError(
                         f"worker exited ({self.proc.returncode}) before {name!r}:\n"
@@ -138,9 +126,13 @@ class WorkerProc:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(
-                        f"no {name!r} event in {timeout} s:\n" + "".join(self.lines[-40:])
+                        f"{len(got)} of {count} {name!r} events in {timeout} s:\n"
+                        + "".join(self.lines[-40:])
                     )
                 self._cond.wait(min(left, 0.5))
+
+    def wait_event(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+        return self.wait_events(name, 1, timeout)[0]
 
     def wait_ready(self, timeout: float = 120.0) -> WorkerProc:
         self.wait_event("ready", timeout)

@@ -106,19 +106,14 @@ def log_prompts_enabled() -> bool:
 
 def text_fields(name: str, text: str) -> dict[str, Any]:
     """Fields describing a prompt/output: the text itself only with --log-prompts."""
-    data = text.encode("utf-8", "surrogatepass")
-    fields: dict[str, Any] = {
-        f"{name}_sha256": hashlib.sha256(data).hexdigest(),
-        f"{name}_chars": len(text),
-    }
-    if _LOG_PROMPTS:
-        fields[name] = text
-    return fields
+    digest = TextDigest()
+    digest.add(text)
+    return digest.fields(name)
 
 
 class TextDigest:
-    """A text that arrives in pieces (a job's output), described as `text_fields` describes a
-    whole one: SHA-256 and length always, the text itself only with --log-prompts."""
+    """A text that arrives in pieces (a job's output): SHA-256 and length always, the text
+    itself only with --log-prompts (`text_fields` is the same for a whole text)."""
 
     __slots__ = ("_chars", "_hash", "_parts")
 
