@@ -10,7 +10,8 @@
 #   NOINV (also bench without batch invariance at these B), AB_ENV="VAR=value ..." with
 #   AB_BATCH (also bench with that environment at these B: the A/B of a switch), PROFILE (kernel
 #   profiles of every model at these B, PDL off), BASE (a tree, e.g. `git archive` of the
-#   commit before a kernel change under the ignored third_party/: also bench it at AB_BATCH), SERVE=1 (serving over NATS on the first model: bench --suite --concurrency $CONC,
+#   commit before a kernel change under the ignored third_party/: also bench it at AB_BATCH),
+#   SERVE=1 (serving over NATS on the first model: bench --suite --concurrency $CONC,
 #   the soak against a GPU worker with VRAM before/after, gateway-bench), TEST_FILES,
 #   TEST_TIMEOUT, REPS.
 set -uo pipefail
