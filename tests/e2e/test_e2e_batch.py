@@ -137,7 +137,8 @@ async def test_full_batch_cancel_kill_9_and_nats_restart(
         first = {j: next(e for e in evs if isinstance(e, Started)) for j, evs in seen.items()}
         victim = a if first["j0"].worker_id == a.worker_id else b
         os.kill(victim.pid, signal.SIGKILL)
-        await asyncio.wait_for(asyncio.gather(*tasks), 240)
+        # (the survivor finishes up to seven long jobs on a CPU shared with the test)
+        await asyncio.wait_for(asyncio.gather(*tasks), 480)
         for job_id, evs in seen.items():
             last = final_attempt(evs)
             if job_id == "j3":
