@@ -1,8 +1,12 @@
-"""GPU time of one skinny product (a decode step's matrix product) at model shapes, for every
-split-K choice: what gemm_split picks (marked *) against the others, with the weights
-rotated over enough copies that L2 (50 MB on an H200) never holds them, as in a real step.
+"""GPU time of one matrix product of a decode step at model shapes, for every split-K choice:
+what gemm_split picks (marked *) against the others, with the weights rotated over enough
+copies that L2 (50 MB on an H200) never holds them, as in a real step. Up to 16 rows the
+product is skinny's one launch, above it the gemm's launches (fp16 pre-pass for version 3,
+the gemm, the in-order split sum), as MatmulKernels.linear runs them; a pass over the copies
+is captured as a CUDA graph (programmatic edges as the worker makes them) and replayed, so
+host launch costs do not count, as in a decode step.
 
-    python3 -m tools.skinny_sweep [--rows 1,8] [--splits 1,2,3,4,5,6,8,12] [--shapes NAME,...]
+    python3 -m tools.skinny_sweep [--rows 1,8,64] [--splits 1,2,3,4,5,6,8,12] [--shapes ...]
 
 A split changes a product's bits (its K ranges are summed separately, then in order), so
 gemm_split must stay a function of the weight shape and the GPU for every row count; this
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +60,26 @@ def _splits(k: int, qk: int, wants: list[int]) -> list[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--splits", default="1,2,3,4,5,6,8,12")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--l2-bytes", type=int, default=400_000_000, help="weight bytes rotated")
     args = ap.parse_args(argv)
 
-    import pycuda.autoinit  # noqa: F401  (a context for this process)
     import pycuda.driver as drv
 
     from tools.synth_blocks import random_matrix
-    from worker.backends.cuda.matmul import MatmulKernels, QWeight, gemm_split, plan_skinny
+    from worker.backends.cuda.context import CudaContext
+    from worker.backends.cuda.matmul import (
+        SKINNY_MAX_ROWS,
+        MatmulKernels,
+        QWeight,
+        gemm_split,
+        plan_skinny,
+    )
     from worker.backends.cuda.quant_layout import layout
 
+    ctx = CudaContext(0)
     mk = MatmulKernels()
     sms = int(drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT))
     rng = np.random.default_rng(0)
@@ -83,19 +96,29 @@ def main(argv: list[str] | None = None) -> None:
             x = drv.to_device(rng.standard_normal((m, k)).astype(np.float32))
             y = drv.mem_alloc(m * n * 4)
             for split in _splits(k, layout(qtype).qk, [chosen[0], *wants]):
-                launches = [
-                    plan_skinny(w, (x, m * k * 4), (y, m * n * 4), m, split=split) for w in ws
+                xb, yb = (x, m * k * 4), (y, m * n * 4)
+                steps: list[Callable[[], None]] = [
+                    partial(mk.run, plan_skinny(w, xb, yb, m, split=split), ctx.stream)
+                    if m <= SKINNY_MAX_ROWS
+                    else partial(mk.gemm, w, xb, yb, m, split=split, stream=ctx.stream)
+                    for w in ws
                 ]
-                reps = max(len(launches), 200)
-                for i in range(len(launches)):
-                    mk.run(launches[i])
+                for f in steps:  # workspaces are allocated here, never inside the capture
+                    f()
+                with ctx.capture() as cap:
+                    for f in steps:
+                        f()
+                assert cap.graph is not None
+                passes = max(2, 200 // len(steps))
+                cap.graph.launch()
                 start, end = drv.Event(), drv.Event()
-                start.record()
-                for i in range(reps):
-                    mk.run(launches[i % len(launches)])
-                end.record()
+                start.record(ctx.stream)
+                for _ in range(passes):
+                    cap.graph.launch()
+                end.record(ctx.stream)
                 end.synchronize()
-                us = start.time_till(end) * 1e3 / reps
+                cap.graph.destroy()
+                us = start.time_till(end) * 1e3 / (passes * len(steps))
                 mark = "*" if split == chosen else " "
                 gbs = raw.nbytes / us / 1e3
                 print(f"{name:16s} {m:4d} {split[0]:3d}{mark} {us:8.2f} {gbs:7.1f}")
