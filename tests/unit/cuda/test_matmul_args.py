@@ -519,17 +519,28 @@ def test_moe_gemm5_plans() -> None:
 
 
 def test_split_k_depends_on_the_shape_only() -> None:
-    """The tensor-core product splits K so that one row tile of blocks fills the GPU,
-    whole raw chunks a split, as a function of the weight shape alone (batch invariance)."""
+    """The tensor-core product splits K in whole raw chunks as a function of the weight shape
+    and the GPU alone (batch invariance): none where one column of 128-row tiles fills the
+    GPU; else between the splits that fill it with the gemm's blocks and twice that, the one
+    whose skinny launch fills the resident warps in whole waves."""
     from worker.backends.cuda.matmul import gemm_split, plan_gemm, plan_splitk_reduce
 
-    q4k, q50, q80 = 12, 6, 8
+    q4k, q50, q80, q5k, q6k = 12, 6, 8, 13, 14
     down = QWeight(A, q4k, 896, 4864, 896 * 4864 // 256 * 144)
     assert gemm_split(down, 132) == (19, 8)  # 19 chunks of 256 -> one chunk a split
     qkv = QWeight(A, q50, 1152, 896, 1152 * 896 // 32 * 22)
     assert gemm_split(qkv, 132) == (7, 4)
     head = QWeight(A, q80, 151936, 896, 151936 * 896 // 32 * 34)
     assert gemm_split(head, 132) == (1, 0)  # 1187 row tiles already fill the GPU
+    # Phi-3-mini: qkv, gate_up, o, down: 12 or 32 chunks of 256 (the gemm fills the GPU from
+    # 2, 2, 6 and 6 splits)
+    phi3 = [(q5k, 9216, 3072), (q4k, 16384, 3072), (q4k, 3072, 3072), (q6k, 3072, 8192)]
+    assert [gemm_split(QWeight(A, t, n, k, 1), 132) for t, n, k in phi3] == [
+        (4, 24),  # 576 skinny blocks of 8 warps, 3 waves of 3 chunks (2 splits: 2 of 6)
+        (2, 48),
+        (6, 16),
+        (8, 32),  # 384 blocks of 8 warps, 2 waves of 4 chunks (6 splits: 2 of 6)
+    ]
     n_split, kps = gemm_split(down, 132)
     for m in (1, 7, 64, 512):
         part = DevBuf(512 * A, n_split * m * 896 * 4)

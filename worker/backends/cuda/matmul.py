@@ -392,19 +392,53 @@ GEMM2_BK = 32  # g2::BK: K elements a step
 
 def gemm_split(w: QWeight, sms: int) -> tuple[int, int]:
     """(splits, K steps a split) of the tensor-core product for this weight shape on a GPU of
-    `sms` multiprocessors: enough splits that one row tile's blocks (N / 128 of them) fill
-    the GPU, whole raw chunks a split. A function of the shape only, never of the row count,
-    so that a row's sums are the same however many rows a launch has."""
+    `sms` multiprocessors, whole raw chunks a split. A function of the shape only, never of
+    the row count, so that a row's sums are the same however many rows a launch has.
+
+    No split where one column of 128-row gemm tiles already fills the GPU (or K is one
+    chunk). Otherwise at least the splits that make the gemm's blocks fill the GPU (fewer
+    left the batch-64 gemm short of blocks), at most twice that (more partial sums to write
+    and add), and among those the one whose skinny launch, which runs every decode step of
+    up to 16 rows, `_skinny_cost` rates cheapest (ties: fewer splits).
+    tools/skinny_sweep.py measures a choice against the others (BENCHMARKS.md)."""
     lay = layout(w.qtype)
     tiles_n = -(-w.rows // GEMM2_ROWS)
     spc = max(lay.qk, 128) // GEMM2_BK  # K steps per raw chunk
     chunks = -(-(w.cols // GEMM2_BK) // spc)
     if tiles_n >= sms or chunks < 2:
         return 1, 0
-    want = min(chunks, -(-sms // tiles_n))
-    per = -(-chunks // want)  # chunks a split
-    n_split = -(-chunks // per)
-    return (n_split, per * spc) if n_split > 1 else (1, 0)
+    fill = min(chunks, -(-sms // tiles_n))  # one 128-row tile column of blocks fills the GPU
+    best: tuple[int, int, int] | None = None  # (cost, splits, chunks a split)
+    for want in range(max(2, fill), min(chunks, 2 * fill) + 1):
+        per = -(-chunks // want)
+        n_split = -(-chunks // per)
+        cost = _skinny_cost(w, n_split, per, sms)
+        if best is None or (cost, n_split) < best[:2]:
+            best = (cost, n_split, per)
+    assert best is not None
+    return (best[1], best[2] * spc) if best[1] > 1 else (1, 0)
+
+
+SKINNY_WARPS_PER_SM = 16  # skinny warps resident on one SM (~120 registers a thread)
+SM_SHARED = 228 * 1024  # shared memory of one sm_90 SM
+
+
+def _skinny_cost(w: QWeight, n_split: int, per: int, sms: int) -> int:
+    """Time of a skinny launch with n_split splits of `per` raw chunks, in chunk-times of one
+    warp: waves of resident blocks x items a warp x (chunks an item + one for its prologue).
+    A split that leaves a last partial wave of blocks costs a whole wave: measured on the
+    H200, Phi-3's ffn_down with 6 splits (384 blocks of 6 warps, two an SM by registers,
+    1.45 waves) took 36.9 us, with 5 splits (384 blocks of 5 warps, three an SM, one wave)
+    24.4 us."""
+    lay = layout(w.qtype)
+    warp_bytes = skinny_warp_bytes(lay)
+    g, warps = skinny_shape(n_split, warp_bytes)
+    tiles = -(-w.rows // SKINNY_ROWS)
+    blocks = -(-tiles // g)
+    shared = warps * warp_bytes + g * n_split * SKINNY_ITEM_BYTES
+    per_sm = max(1, min(SKINNY_WARPS_PER_SM // warps, SM_SHARED // (shared + 1024)))
+    waves = -(-blocks // (sms * per_sm))
+    return waves * -(-(g * n_split) // warps) * (per + 1)
 
 
 def plan_splitk_reduce(
