@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,63 @@ def _splits(k: int, qk: int, wants: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _time(ctx: Any, steps: list[Callable[[], None]]) -> float:
+    """GPU microseconds a step, the steps captured as one CUDA graph and replayed."""
+    import pycuda.driver as drv
+
+    for f in steps:  # workspaces are allocated here, never inside the capture
+        f()
+    with ctx.capture() as cap:
+        for f in steps:
+            f()
+    assert cap.graph is not None
+    passes = max(2, 200 // len(steps))
+    cap.graph.launch()
+    start, end = drv.Event(), drv.Event()
+    start.record(ctx.stream)
+    for _ in range(passes):
+        cap.graph.launch()
+    end.record(ctx.stream)
+    end.synchronize()
+    cap.graph.destroy()
+    return float(start.time_till(end)) * 1e3 / (passes * len(steps))
+
+
+def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_bytes: int) -> None:
+    """Print the time of every split of one shape at each row count."""
+    import pycuda.driver as drv
+
+    from tools.synth_blocks import random_matrix
+    from worker.backends.cuda.matmul import SKINNY_MAX_ROWS, QWeight, gemm_split, plan_skinny
+    from worker.backends.cuda.quant_layout import layout
+
+    rng = np.random.default_rng(0)
+    n, k, qtype = SHAPES[name]
+    raw, _ = random_matrix(qtype, n, k, rng)
+    copies = [drv.to_device(raw) for _ in range(max(2, -(-l2_bytes // raw.nbytes)))]
+    ws = [QWeight(int(c), qtype, n, k, raw.nbytes) for c in copies]
+    chosen = gemm_split(ws[0], ctx.facts.multiprocessors)
+    for m in rows:
+        x = drv.to_device(rng.standard_normal((m, k)).astype(np.float32))
+        y = drv.mem_alloc(m * n * 4)
+        xb, yb = (x, m * k * 4), (y, m * n * 4)
+        for split in _splits(k, layout(qtype).qk, [chosen[0], *wants]):
+            steps: list[Callable[[], None]] = [
+                partial(mk.run, plan_skinny(w, xb, yb, m, split=split), ctx.stream)
+                if m <= SKINNY_MAX_ROWS
+                else partial(mk.gemm, w, xb, yb, m, split=split, stream=ctx.stream)
+                for w in ws
+            ]
+            us = _time(ctx, steps)
+            mark = "*" if split == chosen else " "
+            gbs = raw.nbytes / us / 1e3
+            print(f"{name:16s} {m:4d} {split[0]:3d}{mark} {us:8.2f} {gbs:7.1f}", flush=True)
+        x.free()
+        y.free()
+    for c in copies:
+        c.free()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,64")
@@ -66,66 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--l2-bytes", type=int, default=400_000_000, help="weight bytes rotated")
     args = ap.parse_args(argv)
 
-    import pycuda.driver as drv
-
-    from tools.synth_blocks import random_matrix
     from worker.backends.cuda.context import CudaContext
-    from worker.backends.cuda.matmul import (
-        SKINNY_MAX_ROWS,
-        MatmulKernels,
-        QWeight,
-        gemm_split,
-        plan_skinny,
-    )
-    from worker.backends.cuda.quant_layout import layout
+    from worker.backends.cuda.matmul import MatmulKernels
 
     ctx = CudaContext(0)
-    mk = MatmulKernels()
-    sms = int(drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT))
-    rng = np.random.default_rng(0)
-    rows = [int(r) for r in args.rows.split(",")]
-    wants = [int(s) for s in args.splits.split(",")]
-    print(f"{'shape':16s} {'rows':>4s} {'S':>4s} {'us':>8s} {'GB/s':>7s}")
-    for name in args.shapes.split(","):
-        n, k, qtype = SHAPES[name]
-        raw, _ = random_matrix(qtype, n, k, rng)
-        copies = [drv.to_device(raw) for _ in range(max(2, -(-args.l2_bytes // raw.nbytes)))]
-        ws = [QWeight(int(c), qtype, n, k, raw.nbytes) for c in copies]
-        chosen = gemm_split(ws[0], sms)
-        for m in rows:
-            x = drv.to_device(rng.standard_normal((m, k)).astype(np.float32))
-            y = drv.mem_alloc(m * n * 4)
-            for split in _splits(k, layout(qtype).qk, [chosen[0], *wants]):
-                xb, yb = (x, m * k * 4), (y, m * n * 4)
-                steps: list[Callable[[], None]] = [
-                    partial(mk.run, plan_skinny(w, xb, yb, m, split=split), ctx.stream)
-                    if m <= SKINNY_MAX_ROWS
-                    else partial(mk.gemm, w, xb, yb, m, split=split, stream=ctx.stream)
-                    for w in ws
-                ]
-                for f in steps:  # workspaces are allocated here, never inside the capture
-                    f()
-                with ctx.capture() as cap:
-                    for f in steps:
-                        f()
-                assert cap.graph is not None
-                passes = max(2, 200 // len(steps))
-                cap.graph.launch()
-                start, end = drv.Event(), drv.Event()
-                start.record(ctx.stream)
-                for _ in range(passes):
-                    cap.graph.launch()
-                end.record(ctx.stream)
-                end.synchronize()
-                cap.graph.destroy()
-                us = start.time_till(end) * 1e3 / (passes * len(steps))
-                mark = "*" if split == chosen else " "
-                gbs = raw.nbytes / us / 1e3
-                print(f"{name:16s} {m:4d} {split[0]:3d}{mark} {us:8.2f} {gbs:7.1f}")
-            x.free()
-            y.free()
-        for c in copies:
-            c.free()
+    try:
+        mk = MatmulKernels()
+        print(f"{'shape':16s} {'rows':>4s} {'S':>4s} {'us':>8s} {'GB/s':>7s}")
+        for name in args.shapes.split(","):
+            rows = [int(r) for r in args.rows.split(",")]
+            wants = [int(s) for s in args.splits.split(",")]
+            _sweep(ctx, mk, name, rows, wants, args.l2_bytes)
+    finally:
+        ctx.close()  # pops the context: PyCUDA aborts at exit if one is left current
 
 
 if __name__ == "__main__":
