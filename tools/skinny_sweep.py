@@ -42,23 +42,6 @@ SHAPES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def _splits(k: int, qk: int, wants: list[int]) -> list[tuple[int, int]]:
-    """Distinct (S, kps) for the wanted split counts: whole raw chunks a split, as gemm_split
-    cuts them."""
-    from worker.backends.cuda.matmul import GEMM2_BK
-
-    spc = max(qk, 128) // GEMM2_BK
-    chunks = -(-(k // GEMM2_BK) // spc)
-    out: list[tuple[int, int]] = []
-    for want in wants:
-        per = -(-chunks // min(max(want, 1), chunks))
-        s = -(-chunks // per)
-        split = (s, per * spc if s > 1 else 0)
-        if split not in out:
-            out.append(split)
-    return out
-
-
 def _time(ctx: Any, steps: list[Callable[[], None]]) -> float:
     """GPU microseconds a step, the steps captured as one CUDA graph and replayed."""
     import pycuda.driver as drv
@@ -86,8 +69,13 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
     import pycuda.driver as drv
 
     from tools.synth_blocks import random_matrix
-    from worker.backends.cuda.matmul import SKINNY_MAX_ROWS, QWeight, gemm_split, plan_skinny
-    from worker.backends.cuda.quant_layout import layout
+    from worker.backends.cuda.matmul import (
+        SKINNY_MAX_ROWS,
+        QWeight,
+        gemm_split,
+        plan_skinny,
+        split_k,
+    )
 
     rng = np.random.default_rng(0)
     n, k, qtype = SHAPES[name]
@@ -99,7 +87,8 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
         x = drv.to_device(rng.standard_normal((m, k)).astype(np.float32))
         y = drv.mem_alloc(m * n * 4)
         xb, yb = (x, m * k * 4), (y, m * n * 4)
-        for split in _splits(k, layout(qtype).qk, [chosen[0], *wants]):
+        # distinct splits, gemm_split's first
+        for split in dict.fromkeys([chosen] + [split_k(ws[0], want) for want in wants]):
             steps: list[Callable[[], None]] = [
                 partial(mk.run, plan_skinny(w, xb, yb, m, split=split), ctx.stream)
                 if m <= SKINNY_MAX_ROWS
@@ -131,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         mk = MatmulKernels()
         print(f"{'shape':16s} {'rows':>4s} {'S':>4s} {'us':>8s} {'GB/s':>7s}")
+        rows = [int(r) for r in args.rows.split(",")]
+        wants = [int(s) for s in args.splits.split(",")]
         for name in args.shapes.split(","):
-            rows = [int(r) for r in args.rows.split(",")]
-            wants = [int(s) for s in args.splits.split(",")]
             _sweep(ctx, mk, name, rows, wants, args.l2_bytes)
     finally:
         ctx.close()  # pops the context: PyCUDA aborts at exit if one is left current

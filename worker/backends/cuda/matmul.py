@@ -390,6 +390,16 @@ def plan_gemm(
 GEMM2_BK = 32  # g2::BK: K elements a step
 
 
+def split_k(w: QWeight, want: int) -> tuple[int, int]:
+    """(splits, K steps a split) cutting w's K into about `want` splits of whole raw chunks
+    (max(QK, 128) elements); (1, 0) for one."""
+    spc = max(layout(w.qtype).qk, 128) // GEMM2_BK  # K steps per raw chunk
+    chunks = -(-(w.cols // GEMM2_BK) // spc)
+    per = -(-chunks // min(max(want, 1), chunks))  # chunks a split
+    n_split = -(-chunks // per)
+    return (n_split, per * spc) if n_split > 1 else (1, 0)
+
+
 def gemm_split(w: QWeight, sms: int) -> tuple[int, int]:
     """(splits, K steps a split) of the tensor-core product for this weight shape on a GPU of
     `sms` multiprocessors, whole raw chunks a split. A function of the shape only, never of
@@ -401,41 +411,29 @@ def gemm_split(w: QWeight, sms: int) -> tuple[int, int]:
     and add), and among those the one whose skinny launch, which runs every decode step of
     up to 16 rows, `_skinny_cost` rates cheapest (ties: fewer splits).
     tools/skinny_sweep.py measures a choice against the others (BENCHMARKS.md)."""
-    lay = layout(w.qtype)
     tiles_n = -(-w.rows // GEMM2_ROWS)
-    spc = max(lay.qk, 128) // GEMM2_BK  # K steps per raw chunk
-    chunks = -(-(w.cols // GEMM2_BK) // spc)
+    chunks = -(-(w.cols // GEMM2_BK) // (max(layout(w.qtype).qk, 128) // GEMM2_BK))
     if tiles_n >= sms or chunks < 2:
         return 1, 0
     fill = min(chunks, -(-sms // tiles_n))  # one 128-row tile column of blocks fills the GPU
-    best: tuple[int, int, int] | None = None  # (cost, splits, chunks a split)
-    for want in range(max(2, fill), min(chunks, 2 * fill) + 1):
-        per = -(-chunks // want)
-        n_split = -(-chunks // per)
-        cost = _skinny_cost(w, n_split, per, sms)
-        if best is None or (cost, n_split) < best[:2]:
-            best = (cost, n_split, per)
-    assert best is not None
-    return (best[1], best[2] * spc) if best[1] > 1 else (1, 0)
+    splits = [split_k(w, want) for want in range(max(2, fill), min(chunks, 2 * fill) + 1)]
+    return min(splits, key=lambda split: (_skinny_cost(w, split, sms), split[0]))
 
 
 SKINNY_WARPS_PER_SM = 16  # skinny warps resident on one SM (~120 registers a thread)
 SM_SHARED = 228 * 1024  # shared memory of one sm_90 SM
 
 
-def _skinny_cost(w: QWeight, n_split: int, per: int, sms: int) -> int:
-    """Time of a skinny launch with n_split splits of `per` raw chunks, in chunk-times of one
-    warp: waves of resident blocks x items a warp x (chunks an item + one for its prologue).
-    A split that leaves a last partial wave of blocks costs a whole wave: measured on the
-    H200, Phi-3's ffn_down with 6 splits (384 blocks of 6 warps, two an SM by registers,
-    1.45 waves) took 36.9 us, with 5 splits (384 blocks of 5 warps, three an SM, one wave)
-    24.4 us."""
+def _skinny_cost(w: QWeight, split: tuple[int, int], sms: int) -> int:
+    """Time of a skinny launch with this split, in chunk-times of one warp: waves of
+    resident blocks x items a warp x (chunks an item + one for its prologue). A split that
+    leaves a last partial wave of blocks costs a whole wave: measured on the H200, Phi-3's
+    ffn_down with 6 splits (384 blocks of 6 warps, two an SM by registers, 1.45 waves) took
+    36.9 us, with 5 splits (384 blocks of 5 warps, three an SM, one wave) 24.4 us."""
     lay = layout(w.qtype)
-    warp_bytes = skinny_warp_bytes(lay)
-    g, warps = skinny_shape(n_split, warp_bytes)
-    tiles = -(-w.rows // SKINNY_ROWS)
-    blocks = -(-tiles // g)
-    shared = warps * warp_bytes + g * n_split * SKINNY_ITEM_BYTES
+    n_split, kps = split
+    per = kps * GEMM2_BK // max(lay.qk, 128)  # raw chunks a split
+    g, warps, blocks, shared = skinny_launch(w, n_split)
     per_sm = max(1, min(SKINNY_WARPS_PER_SM // warps, SM_SHARED // (shared + 1024)))
     waves = -(-blocks // (sms * per_sm))
     return waves * -(-(g * n_split) // warps) * (per + 1)
@@ -542,6 +540,15 @@ def skinny_shape(n_split: int, warp_bytes: int = 0) -> tuple[int, int]:
     return g, warps
 
 
+def skinny_launch(w: QWeight, n_split: int) -> tuple[int, int, int, int]:
+    """(row tiles a block, warps a block, blocks, dynamic shared memory bytes) of skinny
+    over w with n_split splits."""
+    warp_bytes = skinny_warp_bytes(layout(w.qtype))
+    g, warps = skinny_shape(n_split, warp_bytes)
+    tiles = -(-w.rows // SKINNY_ROWS)
+    return g, warps, -(-tiles // g), warps * warp_bytes + g * n_split * SKINNY_ITEM_BYTES
+
+
 def plan_skinny(
     w: QWeight,
     x: BufLike,
@@ -566,8 +573,7 @@ def plan_skinny(
     if n_split > 1:
         _need(kernel, (kps * GEMM2_BK) % max(lay.qk, 128) == 0, "split not chunked")
         _need(kernel, n_split * kps >= w.cols // GEMM2_BK > (n_split - 1) * kps, "bad split")
-    g, warps = skinny_shape(n_split, skinny_warp_bytes(lay))
-    tiles = -(-w.rows // SKINNY_ROWS)
+    g, warps, blocks, shared = skinny_launch(w, n_split)
     launch = _plan_linear(
         kernel,
         "gemm",
@@ -580,10 +586,9 @@ def plan_skinny(
         residual,
         ldx,
         ldy,
-        grid=(-(-tiles // g), 1, 1),
+        grid=(blocks, 1, 1),
         block=(32 * warps, 1, 1),
     )
-    shared = warps * skinny_warp_bytes(lay) + g * n_split * SKINNY_ITEM_BYTES
     _need(kernel, shared <= SMEM_MAX, f"{n_split} splits need {shared} bytes of shared memory")
     return replace(
         launch,
