@@ -137,12 +137,7 @@ async def test_three_node_cluster_survives_losing_the_node_under_a_job(
         took = time.monotonic() - t0
         # every ack done (it follows the terminal event), re-executions included
         deadline = time.monotonic() + 60
-        while True:
-            try:  # (a request may time out while the cluster still settles)
-                if not (await client.js.stream_info("ORCD_JOBS")).state.messages:
-                    break
-            except nats.errors.TimeoutError:
-                pass
+        while (await settled(lambda: client.js.stream_info("ORCD_JOBS"))).state.messages:
             assert time.monotonic() < deadline, "jobs left in the queue"
             await asyncio.sleep(0.05)
         attempts = 0
