@@ -404,11 +404,22 @@ class OrcdClient:
                         in_gap = True
                         continue
                     in_gap = False
-                    for ev, k in _keyed(stored):
+                    keyed = _keyed(stored)
+                    superseded = False
+                    for n, (ev, k) in enumerate(keyed):
+                        if superseded and not isinstance(ev, Started):
+                            continue
+                        superseded = False
                         if k in seen:
                             attempt, next_i = _advance(ev, attempt, next_i)
                             continue
                         if isinstance(ev, Token) and ev.i != next_i:
+                            if any(isinstance(e, Started) for e, _ in keyed[n + 1 :]):
+                                # a later attempt began (the worker of this one died before
+                                # re-sending what an outage held back): the hole stays, and
+                                # only the last attempt's events count
+                                superseded = True
+                                continue
                             in_gap = True  # not stored yet: the worker re-sends it
                             break
                         seen.add(k)

@@ -456,3 +456,53 @@ async def test_redelivered_job_whose_end_is_stored_is_acked_not_run_again(
         await asyncio.sleep(0.05)
     assert await client.replay("acked-late") == stored  # not run again
     assert not w.events("execute_start")
+
+
+async def test_follow_moves_past_the_hole_of_an_attempt_whose_worker_died(
+    client: OrcdClient,
+) -> None:
+    """A worker held events back through a NATS outage and was killed before re-sending
+    them: its attempt's stored tokens keep a hole for good. While that attempt is the last
+    one, the follower waits for the hole to fill; once a later attempt has started, it
+    yields the later attempt to its end instead of waiting forever."""
+    from worker.nats.jetstream import ensure_streams
+
+    await ensure_streams(client.js, client.subjects, events_max_age_s=3600)
+    job = "holed"
+
+    def started(attempt: int) -> Started:
+        return Started(
+            job_id=job, model="m", started_at="t", seed=1, prompt_tokens=1, attempt=attempt
+        )
+
+    def tok(i: int) -> Token:
+        return Token(job_id=job, i=i, t=f"<{i}>", id=i)
+
+    end = End(
+        job_id=job,
+        tokens_out=2,
+        stop_reason="max_tokens",
+        prompt_tokens=1,
+        ttft_ms=1.0,
+        decode_time_ms=1.0,
+        tokens_per_s=1.0,
+    )
+
+    async def store(*events: Event) -> None:
+        for ev in events:
+            await client.js.publish(client.subjects.events(job), encode(ev))
+
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for ev in client.follow(job, timeout_s=30, gap_timeout_s=0.2):
+            seen.append(ev)
+
+    await store(started(1), tok(0), tok(2))  # token 1 of attempt 1 never stored
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(1.5)  # the last attempt has a hole: wait, yield nothing past it
+    assert seen == [started(1), tok(0)] and not task.done()
+    await store(started(2), tok(0), tok(1), end)  # redelivered: attempt 2 runs to its end
+    await asyncio.wait_for(task, 10)
+    assert seen == [started(1), tok(0), started(2), tok(0), tok(1), end]
+    assert final_attempt(seen) == [started(2), tok(0), tok(1), end]
