@@ -26,6 +26,7 @@ class WorkerState:
     tokenizer_kind: str = ""
     vocab_size: int = 0
     context_length: int = 0
+    kv_capacity_tokens: int = 0
     active_job_id: str | None = None
     jobs_completed: int = 0
     running_jobs: int = 0
@@ -70,6 +71,7 @@ class WorkerState:
             version=__version__,
             running_jobs=self.running_jobs,
             max_batch=self.max_batch,
+            kv_capacity_tokens=self.kv_capacity_tokens,
             commit=commit(),
         )
 

@@ -184,6 +184,7 @@ class Supervisor:
             st.tokenizer_kind = model.tokenizer_kind
             st.vocab_size = model.vocab_size
             st.context_length = model.context_length
+            st.kv_capacity_tokens = model.kv_capacity_tokens
             st.max_batch = model.max_batch
             await check_once(jobs_tx, outbox_tx)  # answered before any job; status queued
             if self.shutdown.is_set():

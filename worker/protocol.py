@@ -510,6 +510,10 @@ class Health(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     version: str
     running_jobs: int = 0  # jobs this worker holds now (running or waiting for KV blocks)
     max_batch: int = 0  # most jobs it runs together
+    # most KV positions one job can be given (prompt + generated tokens - 1): below
+    # context_length when the KV cache is smaller (a job needing more gets VRAM_OOM); 0 from
+    # workers that predate it
+    kv_capacity_tokens: int = 0
     # source commit of the worker's build (worker.buildinfo); "" from workers that predate it
     commit: str = ""
 

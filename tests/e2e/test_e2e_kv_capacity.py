@@ -35,6 +35,7 @@ async def test_vram_oom_when_the_job_outgrows_the_kv_cache(
     ).wait_ready()
     h = await client.health(w.worker_id)
     assert h.status == "healthy" and h.context_length == 2048  # the job-facing context
+    assert h.kv_capacity_tokens == 1024  # what one job can be given: the refusals below
 
     # "word " is 5 tokens here: ~1500 prompt tokens, inside the context, over the KV
     t0 = time.perf_counter()

@@ -584,6 +584,7 @@ class Gateway:
                     "device": h.device,
                     "quant_kind": h.quant_kind,
                     "context_length": h.context_length,
+                    "kv_capacity_tokens": h.kv_capacity_tokens,
                     "active_job_id": h.active_job_id,
                     "jobs_completed": h.jobs_completed,
                     "version": h.version,

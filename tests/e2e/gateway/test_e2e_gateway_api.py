@@ -157,6 +157,7 @@ async def test_chat_and_completions_match_nats(
         assert [x["worker_id"] for x in workers] == [w.worker_id]
         assert workers[0]["status"] == "healthy" and workers[0]["commit"] == health.commit
         assert workers[0]["context_length"] == 4096
+        assert workers[0]["kv_capacity_tokens"] == health.kv_capacity_tokens > 0
         r = await h.get("/health")
         assert r.status_code == 200
         assert r.json()["nats_connected"] is True and r.json()["models"] == {REF: 1}
