@@ -22,6 +22,7 @@ from typing import Any
 
 from tools.live import WorkerProc, shutdown_and_wait, wait_healthy
 from worker.client import OrcdClient
+from worker.nats.options import NatsConnectOptions
 from worker.nats.server import EmbeddedNatsServer
 from worker.protocol import End, Error, Health, Started, Token
 
@@ -296,6 +297,9 @@ class LiveSuiteOptions:
     device: str = "cuda"
     gpu_device: int = 0
     nats_url: str | None = None  # None: start an embedded nats-server
+    # credentials and TLS for nats_url: the suite's clients use them, its workers get them
+    # as WORKER_ORCD_NATS_* variables
+    nats_options: NatsConnectOptions | None = None
     model_ref: str = "bench-suite"
     ctx_size: int | None = None
     jobs: int = 20
@@ -402,7 +406,7 @@ async def run_live_suite(opts: LiveSuiteOptions) -> dict[str, Any]:
     workers: list[WorkerProc] = []
     cache = tempfile.TemporaryDirectory(prefix="orcd-bench-cache-")
     try:
-        client = await OrcdClient.connect(url)
+        client = await OrcdClient.connect(url, options=opts.nats_options)
         try:
             return await _live(opts, client, url, server is not None, workers, cache.name)
         finally:
@@ -431,7 +435,9 @@ async def _live(
     cuda = opts.device == "cuda"
     # On cuda every start gets its own kernel cache directory: empty for the cold start,
     # the one the cold start filled for the warm ones (or the default cache without --cold).
-    env = {"WORKER_ORCD_CACHE": cache_dir} if cuda and opts.cold else None
+    env = {"WORKER_ORCD_CACHE": cache_dir} if cuda and opts.cold else {}
+    if opts.nats_options is not None:
+        env.update(opts.nats_options.environ())
 
     def spawn() -> WorkerProc:
         w = WorkerProc(opts.model, url, opts.model_ref, *flags, device=opts.device, env=env)
@@ -533,7 +539,8 @@ async def _concurrency_phases(opts: LiveSuiteOptions, url: str, prompt: str) -> 
     that width (the worker's first steps at a new batch size capture its CUDA graphs). The
     clients share one NATS connection per 16 of them."""
     conns = [
-        await OrcdClient.connect(url) for _ in range(max(1, (max(opts.concurrency) + 15) // 16))
+        await OrcdClient.connect(url, options=opts.nats_options)
+        for _ in range(max(1, (max(opts.concurrency) + 15) // 16))
     ]
     try:
         phases = []

@@ -113,3 +113,42 @@ def test_bench_suite_cpu(tiny_model: Path) -> None:
     assert passes["warm_load_lt_3s"] == (out["load"]["warm"]["p95_ms"] < 3000.0)
     assert passes["shutdown_lt_30s_exit_0"] and passes["vram_back_at_baseline"]
     assert out["pass_all"] == all(passes.values())
+
+
+def test_bench_suite_and_gateway_bench_on_a_server_that_wants_a_token(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Both benches against a nats-server that refuses connections without a token: their
+    own clients and the workers (and gateway) they start all get it from --nats-token; a
+    credential flag without --nats-url (their embedded server wants none) is a usage error."""
+    from worker.nats.server import EmbeddedNatsServer
+
+    exe = str(Path(sys.executable).parent / "worker-orcd")
+    srv = EmbeddedNatsServer(store_dir=tmp_path / "nats", config='authorization { token: "s3c" }\n')
+    srv.start()
+    try:
+        auth = ["--nats-url", srv.url, "--nats-token", "s3c"]
+        suite = [exe, "bench", "--suite", "--device", "cpu", "--model", str(tiny_model)]
+        small = ["--jobs", "2", "--max-tokens", "4", "--health-requests", "5"]
+        small += ["--cancel-runs", "1", "--vram-jobs", "2", "--loads", "1"]
+        proc = subprocess.run(
+            suite + small + auth, cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["embedded_nats"] is False and out["nats_url"] == srv.url
+        assert out["job_errors"] == [] and out["ttft"]["n"] == 2
+
+        gw = [exe, "gateway-bench", "--device", "cpu", "--model", str(tiny_model)]
+        gw += ["--ctx-size", "256", "--jobs", "2", "--max-tokens", "4", "--streams", "4"]
+        proc = subprocess.run(gw + auth, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 1: a target missed
+        out = json.loads(proc.stdout)
+        assert out["direct"]["ttft_ms"]["n"] == 2 and out["gateway"]["ttft_ms"]["n"] == 2
+        assert out["concurrent"]["errors"] == 0
+        assert "nats: authorization violation" not in proc.stderr
+    finally:
+        srv.stop()
+    for cmd in ([*suite, "--nats-token", "s3c"], [*gw, "--nats-token", "s3c"]):
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "--nats-token" in proc.stdout + proc.stderr, proc

@@ -180,6 +180,9 @@ def register(subparsers: SubParsers) -> None:
         metavar="S",
         help="time allowed for a worker to load",
     )
+    from worker.nats.options import add_nats_connect_arguments
+
+    add_nats_connect_arguments(p)  # for --suite with --nats-url
     p.set_defaults(func=run, parser=p)
 
 
@@ -400,6 +403,7 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     from worker.cli._tools import import_tool
+    from worker.nats.options import nats_connect_options
 
     suite = import_tool("suite", "bench --suite")
     opts = suite.LiveSuiteOptions(
@@ -407,6 +411,8 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         gpu_device=args.gpu_device,
         nats_url=args.nats_url,
+        # an embedded nats-server (no --nats-url) asks for no credentials
+        nats_options=nats_connect_options(args) if args.nats_url else None,
         model_ref=args.model_ref or f"bench-suite-{uuid.uuid4().hex[:8]}",
         ctx_size=args.ctx_size,
         jobs=args.jobs,
@@ -428,7 +434,12 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from worker.nats.options import connect_flags_given
+
     args.model = model_path(args.parser, args)
+    given = connect_flags_given(args)
+    if given and not (args.suite and args.nats_url):
+        args.parser.error(f"{' '.join(given)}: only for --suite with --nats-url")
     try:
         result = measure_suite(args) if args.suite else measure(args)
     except KeyboardInterrupt:

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FLAG",
         help="extra flag for the workers' serve command (repeatable, e.g. --worker-flag=--x=1)",
     )
+    from worker.nats.options import add_nats_connect_arguments
+
+    add_nats_connect_arguments(p)  # with --nats-url: the bench, its workers and gateway use them
 
 
 def _pcts(values: list[float]) -> dict[str, float | int]:
@@ -92,13 +95,31 @@ def _gaps(times: list[float]) -> list[float]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from worker.nats.options import connect_flags_given, nats_connect_options
+
     if args.model is None and args.model_ref is None:
         print("worker-orcd gateway-bench: give --model (or --model-ref of running workers)")
+        return 2
+    given = connect_flags_given(args)
+    if given and not args.nats_url:
+        print(f"worker-orcd gateway-bench: {' '.join(given)}: only with --nats-url")
+        return 2
+    try:  # an embedded nats-server (no --nats-url) asks for no credentials
+        args.nats_options = nats_connect_options(args) if args.nats_url else None
+    except ValueError as exc:
+        print(f"worker-orcd gateway-bench: {exc}")
         return 2
     try:
         import httpx2  # noqa: F401
     except ImportError:
         print("worker-orcd gateway-bench needs httpx2 (pip install 'worker-orcd[test]')")
+        return 2
+    from worker.cli._tools import ToolsUnavailable, import_tool
+
+    try:  # the workers are started as the suite starts them (tools/, a source checkout)
+        import_tool("live", "gateway-bench")
+    except ToolsUnavailable as exc:
+        print(f"worker-orcd gateway-bench: {exc}")
         return 2
     result = asyncio.run(_bench(args))
     print(json.dumps(result, indent=2))
@@ -120,7 +141,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(srv.cleanup)
             nats_url = srv.url
         ref = args.model_ref or f"gw-bench-{uuid.uuid4().hex[:8]}"
-        client = await OrcdClient.connect(nats_url)
+        options = args.nats_options
+        env = options.environ() if options is not None else None
+        client = await OrcdClient.connect(nats_url, options=options)
         try:
             if args.model is not None:
                 workers = []
@@ -133,6 +156,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                         str(args.ctx_size),
                         *args.worker_flag,
                         device=args.device,
+                        env=env,
                     )
                     stack.callback(w.stop)
                     workers.append(w)
@@ -140,7 +164,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     await wait_healthy(client, w, timeout=900)
             url = args.gateway_url
             if url is None:
-                gw = GatewayProc(nats_url, "--first-event-timeout-s", "900")
+                gw = GatewayProc(nats_url, "--first-event-timeout-s", "900", env=env)
                 stack.callback(gw.stop)
                 await asyncio.to_thread(gw.wait_ready)
                 url = gw.url

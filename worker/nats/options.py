@@ -103,6 +103,17 @@ class NatsConnectOptions:
             kw["inbox_prefix"] = self.inbox_prefix
         return kw
 
+    def environ(self) -> dict[str, str]:
+        """These options as the WORKER_ORCD_NATS_<NAME> variables `nats_connect_options`
+        reads: how a tool hands them to the processes it starts (secrets stay off their
+        command lines)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[ENV_PREFIX + f.name.upper()] = str(value)
+        return out
+
     def describe(self) -> str:
         """For logs: which kinds of credentials and TLS are in use, never a secret."""
         parts = []
@@ -147,6 +158,15 @@ def add_nats_connect_arguments(p: argparse.ArgumentParser) -> None:
         "--nats-inbox-prefix",
         help="inbox prefix for replies (default _INBOX), so permissions can be per user",
     )
+
+
+def connect_flags_given(args: argparse.Namespace) -> list[str]:
+    """The credential/TLS flags set on the command line (not from the environment)."""
+    return [
+        "--nats-" + f.name.replace("_", "-")
+        for f in fields(NatsConnectOptions)
+        if getattr(args, f"nats_{f.name}", None) is not None
+    ]
 
 
 def nats_connect_options(

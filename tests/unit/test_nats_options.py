@@ -1,0 +1,55 @@
+"""Credentials and TLS handed to child processes as WORKER_ORCD_NATS_* variables: what a tool
+that starts workers (bench --suite, gateway-bench) passes on is what those workers read."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from worker.nats.options import (
+    NatsConnectOptions,
+    add_nats_connect_arguments,
+    connect_flags_given,
+    nats_connect_options,
+)
+
+
+def test_environ_round_trips_through_the_reader(tmp_path: Path) -> None:
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "c.pem", "k.pem"))
+    for f in (ca, cert, key):
+        f.write_text("-")
+    cases = [
+        NatsConnectOptions(),
+        NatsConnectOptions(token="t-secret"),
+        NatsConnectOptions(
+            user="u",
+            password="p w",
+            tls_ca=ca,
+            tls_cert=cert,
+            tls_key=key,
+            tls_hostname="nats.internal",
+            inbox_prefix="_INBOX_u",
+        ),
+    ]
+    for opts in cases:
+        env = opts.environ()
+        assert all(k.startswith("WORKER_ORCD_NATS_") for k in env)
+        assert nats_connect_options(argparse.Namespace(), environ=env) == opts
+    assert NatsConnectOptions(token="t").environ() == {"WORKER_ORCD_NATS_TOKEN": "t"}
+
+
+def test_connect_flags_given_names_command_line_flags_only() -> None:
+    p = argparse.ArgumentParser()
+    add_nats_connect_arguments(p)
+    assert connect_flags_given(p.parse_args([])) == []
+    args = p.parse_args(["--nats-token", "x", "--nats-tls-hostname", "h"])
+    assert connect_flags_given(args) == ["--nats-token", "--nats-tls-hostname"]
+    # a flag wins over its variable; the environment is not a flag (a tool may ignore it
+    # where it does not apply)
+    assert nats_connect_options(args, environ={"WORKER_ORCD_NATS_TOKEN": "y"}).token == "x"
+    with pytest.raises(ValueError, match="one kind"):
+        nats_connect_options(
+            args, environ={"WORKER_ORCD_NATS_USER": "u", "WORKER_ORCD_NATS_PASSWORD": "p"}
+        )
