@@ -32,6 +32,26 @@ def complete(events: list[Event], job_id: str) -> End:
     return end
 
 
+def stored_started(job_id: str, attempt: int) -> Started:
+    """A `started` event as a worker stores it (fields the tests do not look at filled in)."""
+    return Started(
+        job_id=job_id, model="m", started_at="t", seed=1, prompt_tokens=1, attempt=attempt
+    )
+
+
+def stored_end(job_id: str, tokens_out: int) -> End:
+    """An `end` event as a worker stores it after `tokens_out` tokens."""
+    return End(
+        job_id=job_id,
+        tokens_out=tokens_out,
+        stop_reason="max_tokens",
+        prompt_tokens=1,
+        ttft_ms=1.0,
+        decode_time_ms=1.0,
+        tokens_per_s=1.0,
+    )
+
+
 async def wait_tokens(events: list[Event], n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while sum(isinstance(e, Token) for e in events) < n:
@@ -432,18 +452,7 @@ async def test_redelivered_job_whose_end_is_stored_is_acked_not_run_again(
     await client.submit(REF, job)
     (msg,) = await psub.fetch(1, timeout=5)
     assert msg.metadata.num_delivered == 1
-    stored = [
-        Started(job_id="acked-late", model="m", started_at="t", seed=1, prompt_tokens=1, attempt=1),
-        End(
-            job_id="acked-late",
-            tokens_out=0,
-            stop_reason="max_tokens",
-            prompt_tokens=1,
-            ttft_ms=1.0,
-            decode_time_ms=1.0,
-            tokens_per_s=1.0,
-        ),
-    ]
+    stored = [stored_started("acked-late", 1), stored_end("acked-late", 0)]
     for ev in stored:
         await js.publish(client.subjects.events("acked-late"), encode(ev))
     await msg.nak()  # the lost ack: JetStream delivers it again
@@ -471,22 +480,12 @@ async def test_follow_moves_past_the_hole_of_an_attempt_whose_worker_died(
     job = "holed"
 
     def started(attempt: int) -> Started:
-        return Started(
-            job_id=job, model="m", started_at="t", seed=1, prompt_tokens=1, attempt=attempt
-        )
+        return stored_started(job, attempt)
 
     def tok(i: int) -> Token:
         return Token(job_id=job, i=i, t=f"<{i}>", id=i)
 
-    end = End(
-        job_id=job,
-        tokens_out=2,
-        stop_reason="max_tokens",
-        prompt_tokens=1,
-        ttft_ms=1.0,
-        decode_time_ms=1.0,
-        tokens_per_s=1.0,
-    )
+    end = stored_end(job, 2)
 
     async def store(*events: Event) -> None:
         for ev in events:
