@@ -13,6 +13,7 @@ from worker.nats.options import (
     add_nats_connect_arguments,
     connect_flags_given,
     nats_connect_options,
+    url_connect_options,
 )
 
 
@@ -53,3 +54,15 @@ def test_connect_flags_given_names_command_line_flags_only() -> None:
         nats_connect_options(
             args, environ={"WORKER_ORCD_NATS_USER": "u", "WORKER_ORCD_NATS_PASSWORD": "p"}
         )
+
+
+def test_url_connect_options_only_for_a_given_server() -> None:
+    """The tools that start their own nats-server: credentials belong to --nats-url only."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--nats-url")
+    add_nats_connect_arguments(p)
+    assert url_connect_options(p.parse_args([])) is None
+    with pytest.raises(ValueError, match="--nats-token: only with --nats-url"):
+        url_connect_options(p.parse_args(["--nats-token", "x"]))
+    got = url_connect_options(p.parse_args(["--nats-url", "nats://h:4222", "--nats-token", "x"]))
+    assert got == NatsConnectOptions(token="x")

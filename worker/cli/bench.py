@@ -399,11 +399,10 @@ def _decode_weight_bytes(be: Any) -> int:
     return int(total)
 
 
-def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
+def measure_suite(args: argparse.Namespace, nats_options: Any) -> dict[str, Any]:
     import asyncio
 
     from worker.cli._tools import import_tool
-    from worker.nats.options import nats_connect_options
 
     suite = import_tool("suite", "bench --suite")
     opts = suite.LiveSuiteOptions(
@@ -411,8 +410,7 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         gpu_device=args.gpu_device,
         nats_url=args.nats_url,
-        # an embedded nats-server (no --nats-url) asks for no credentials
-        nats_options=nats_connect_options(args) if args.nats_url else None,
+        nats_options=nats_options,
         model_ref=args.model_ref or f"bench-suite-{uuid.uuid4().hex[:8]}",
         ctx_size=args.ctx_size,
         jobs=args.jobs,
@@ -434,14 +432,18 @@ def measure_suite(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.nats.options import connect_flags_given
+    from worker.nats.options import connect_flags_given, url_connect_options
 
     args.model = model_path(args.parser, args)
     given = connect_flags_given(args)
-    if given and not (args.suite and args.nats_url):
+    if given and not args.suite:
         args.parser.error(f"{' '.join(given)}: only for --suite with --nats-url")
     try:
-        result = measure_suite(args) if args.suite else measure(args)
+        nats_options = url_connect_options(args) if args.suite else None
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    try:
+        result = measure_suite(args, nats_options) if args.suite else measure(args)
     except KeyboardInterrupt:
         print(json.dumps({"error": "interrupted"}), flush=True)
         return EXIT_INTERRUPTED

@@ -95,17 +95,13 @@ def _gaps(times: list[float]) -> list[float]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from worker.nats.options import connect_flags_given, nats_connect_options
+    from worker.nats.options import url_connect_options
 
     if args.model is None and args.model_ref is None:
         print("worker-orcd gateway-bench: give --model (or --model-ref of running workers)")
         return 2
-    given = connect_flags_given(args)
-    if given and not args.nats_url:
-        print(f"worker-orcd gateway-bench: {' '.join(given)}: only with --nats-url")
-        return 2
-    try:  # an embedded nats-server (no --nats-url) asks for no credentials
-        args.nats_options = nats_connect_options(args) if args.nats_url else None
+    try:
+        options = url_connect_options(args)
     except ValueError as exc:
         print(f"worker-orcd gateway-bench: {exc}")
         return 2
@@ -117,17 +113,18 @@ def main(args: argparse.Namespace) -> int:
     from worker.cli._tools import ToolsUnavailable, import_tool
 
     try:  # the workers are started as the suite starts them (tools/, a source checkout)
-        import_tool("live", "gateway-bench")
+        live = import_tool("live", "gateway-bench")
     except ToolsUnavailable as exc:
         print(f"worker-orcd gateway-bench: {exc}")
         return 2
-    result = asyncio.run(_bench(args))
+    result = asyncio.run(_bench(args, live, options))
     print(json.dumps(result, indent=2))
     return 0 if all(result["targets"].values()) else 1
 
 
-async def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    from tools.live import WorkerProc, wait_healthy
+async def _bench(args: argparse.Namespace, live: Any, options: Any) -> dict[str, Any]:
+    """`live`: tools.live (WorkerProc, wait_healthy); `options`: NATS credentials and TLS for
+    --nats-url, or None."""
     from worker.buildinfo import commit
     from worker.client import OrcdClient
     from worker.gateway.live import GatewayProc
@@ -141,14 +138,13 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(srv.cleanup)
             nats_url = srv.url
         ref = args.model_ref or f"gw-bench-{uuid.uuid4().hex[:8]}"
-        options = args.nats_options
         env = options.environ() if options is not None else None
         client = await OrcdClient.connect(nats_url, options=options)
         try:
             if args.model is not None:
                 workers = []
                 for _ in range(args.workers):
-                    w = WorkerProc(
+                    w = live.WorkerProc(
                         args.model,
                         nats_url,
                         ref,
@@ -161,7 +157,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     stack.callback(w.stop)
                     workers.append(w)
                 for w in workers:
-                    await wait_healthy(client, w, timeout=900)
+                    await live.wait_healthy(client, w, timeout=900)
             url = args.gateway_url
             if url is None:
                 gw = GatewayProc(nats_url, "--first-event-timeout-s", "900", env=env)

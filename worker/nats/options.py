@@ -169,6 +169,19 @@ def connect_flags_given(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def url_connect_options(args: argparse.Namespace) -> NatsConnectOptions | None:
+    """For a tool that starts its own nats-server unless given --nats-url (bench --suite,
+    gateway-bench): the options for --nats-url, None for its own server (which asks for no
+    credentials). ValueError for a credential flag without --nats-url or a setting that
+    cannot be used."""
+    if args.nats_url is None:
+        given = connect_flags_given(args)
+        if given:
+            raise ValueError(f"{' '.join(given)}: only with --nats-url")
+        return None
+    return nats_connect_options(args)
+
+
 def nats_connect_options(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> NatsConnectOptions:
