@@ -390,11 +390,21 @@ def plan_gemm(
 GEMM2_BK = 32  # g2::BK: K elements a step
 
 
+def _chunk_steps(w: QWeight) -> int:
+    """K steps of one raw chunk (max(QK, 128) elements), the unit a split is cut in."""
+    return max(layout(w.qtype).qk, 128) // GEMM2_BK
+
+
+def _raw_chunks(w: QWeight) -> int:
+    """Raw chunks along w's K."""
+    return -(-(w.cols // GEMM2_BK) // _chunk_steps(w))
+
+
 def split_k(w: QWeight, want: int) -> tuple[int, int]:
     """(splits, K steps a split) cutting w's K into about `want` splits of whole raw chunks
     (max(QK, 128) elements); (1, 0) for one."""
-    spc = max(layout(w.qtype).qk, 128) // GEMM2_BK  # K steps per raw chunk
-    chunks = -(-(w.cols // GEMM2_BK) // spc)
+    spc = _chunk_steps(w)
+    chunks = _raw_chunks(w)
     per = -(-chunks // min(max(want, 1), chunks))  # chunks a split
     n_split = -(-chunks // per)
     return (n_split, per * spc) if n_split > 1 else (1, 0)
@@ -412,7 +422,7 @@ def gemm_split(w: QWeight, sms: int) -> tuple[int, int]:
     up to 16 rows, `_skinny_cost` rates cheapest (ties: fewer splits).
     tools/skinny_sweep.py measures a choice against the others (BENCHMARKS.md)."""
     tiles_n = -(-w.rows // GEMM2_ROWS)
-    chunks = -(-(w.cols // GEMM2_BK) // (max(layout(w.qtype).qk, 128) // GEMM2_BK))
+    chunks = _raw_chunks(w)
     if tiles_n >= sms or chunks < 2:
         return 1, 0
     fill = min(chunks, -(-sms // tiles_n))  # one 128-row tile column of blocks fills the GPU
@@ -430,9 +440,8 @@ def _skinny_cost(w: QWeight, split: tuple[int, int], sms: int) -> int:
     leaves a last partial wave of blocks costs a whole wave: measured on the H200, Phi-3's
     ffn_down with 6 splits (384 blocks of 6 warps, two an SM by registers, 1.45 waves) took
     36.9 us, with 5 splits (384 blocks of 5 warps, three an SM, one wave) 24.4 us."""
-    lay = layout(w.qtype)
     n_split, kps = split
-    per = kps * GEMM2_BK // max(lay.qk, 128)  # raw chunks a split
+    per = kps // _chunk_steps(w)  # raw chunks a split
     g, warps, blocks, shared = skinny_launch(w, n_split)
     per_sm = max(1, min(SKINNY_WARPS_PER_SM // warps, SM_SHARED // (shared + 1024)))
     waves = -(-blocks // (sms * per_sm))
