@@ -4,156 +4,113 @@
 // j lives in pool row bt[j / KV_BLOCK] * KV_BLOCK + j % KV_BLOCK, bt being its block table.
 //
 // Decode (attn_paged_decode): one query row per sequence, each with its own position and
-// block table. Split-K over the key length: each block computes, per (row, head, key chunk),
-// the chunk's max score m, the sum of exp(score - m) l and the unnormalised exp-weighted sum
-// of values; the last block of a (row, head) to finish (a ticket counter, reset by that
-// block) merges the chunks in a fixed order, so results are bit-identical run to run
-// whatever order the blocks ran in (the atomic only picks which block merges, never the
-// order of a sum). A row's chunks depend only on its own position (max(64, ceil((pos + 1) /
-// n_split)) keys each; splits past its keys are empty and merge as exact zeros), never on
-// the other rows: a sequence's result is the same in any batch.
+// block table. Split-K over the key length: a block takes one (row, KV head, key chunk) and
+// all the query heads of that KV head (GQA: the K and V it loads serve every one of them).
+// It streams its chunk in tiles of DT keys through shared memory (16-byte cp.async pieces,
+// coalesced) and keeps, per query head, an online softmax: the running max score m, the sum
+// l of exp(score - m) and the unnormalised exp-weighted sum of values. The last block of a
+// (row, KV head) to finish (a ticket counter, reset by that block) merges the chunks of its
+// heads in a fixed order, so results are bit-identical run to run whatever order the blocks
+// ran in (the atomic only picks which block merges, never the order of a sum). A row's
+// chunks depend only on its own position (max(64, ceil((pos + 1) / n_split)) keys each;
+// splits past its keys are empty and merge as exact zeros), never on the other rows: a
+// sequence's result is the same in any batch.
 //
 // Prefill (attn_prefill_tc_d<D>): see below; also one row's arithmetic never depends on the
 // other rows of its tile or on how its prompt was cut into chunks.
 #include "rope.cuh"
 
-#define AT 128  // threads per decode block; head_dim <= AT, head_dim % 8 == 0
+#define AT 128  // threads per decode block; head_dim <= 128, head_dim % 8 == 0
 #define MIN_CHUNK 64  // keys a decode split takes at least (short rows use fewer splits)
+#define DT 64  // keys per decode tile
+#define DSLD (DT + 1)  // floats per head row of the score tile (conflict-free column reads)
+#define DMAXP 8  // (head, dim pair) items a thread accumulates: heads * head_dim <= 2 * AT * DMAXP
 
 __device__ __forceinline__ size_t kv_row(const int* __restrict__ bt, int j) {
   return (size_t)bt[j / KV_BLOCK] * KV_BLOCK + (j % KV_BLOCK);
 }
 
-// One chunk's partial result (see attn_paged_decode). Loads are batched (a key row's 16-byte
-// pieces, sixteen value rows) so that several are in flight per thread: a decode step is
-// latency-bound, not bandwidth-bound.
-__device__ __forceinline__ void attn_chunk(
-    const float* __restrict__ qr, const __half* __restrict__ kc, const __half* __restrict__ vc,
-    const int* __restrict__ bt, float* __restrict__ opart, float* __restrict__ ml, float* sp,
-    float* sq, float* sacc, float* sh, size_t pidx, int kh, int n_kv, int head_dim, int j0,
-    int j1, float scale) {
-  for (int d = threadIdx.x; d < head_dim; d += AT) sq[d] = qr[d] * scale;
-  __syncthreads();
-  const int n = j1 - j0;
-  float lmax = -CUDART_INF_F;
-  for (int jj = threadIdx.x; jj < n; jj += AT) {
-    const uint4* kr =
-        reinterpret_cast<const uint4*>(kc + (kv_row(bt, j0 + jj) * n_kv + kh) * head_dim);
-    uint4 raw[AT / 8];
-#pragma unroll
-    for (int c = 0; c < AT / 8; ++c)
-      if (c * 8 < head_dim) raw[c] = __ldg(kr + c);
-    float acc = 0.0f;
-#pragma unroll
-    for (int c = 0; c < AT / 8; ++c) {
-      if (c * 8 < head_dim) {
-        const __half2* h2 = reinterpret_cast<const __half2*>(&raw[c]);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = __half22float2(h2[e]);
-          acc = fmaf(sq[c * 8 + 2 * e], f.x, acc);
-          acc = fmaf(sq[c * 8 + 2 * e + 1], f.y, acc);
-        }
-      }
-    }
-    sp[jj] = acc;
-    lmax = fmaxf(lmax, acc);
-  }
-  const float m = block_max(lmax, sh);
-  float lsum = 0.0f;
-  for (int jj = threadIdx.x; jj < n; jj += AT) {
-    const float p = expf(sp[jj] - m);
-    sp[jj] = p;
-    lsum += p;
-  }
-  const float l = block_sum(lsum, sh);  // its barriers also publish sp
-  const int G = AT / head_dim, g = threadIdx.x / head_dim, d = threadIdx.x % head_dim;
-  float acc = 0.0f;
-  if (g < G) {
-    // VB value rows per batch, all requested before the first is used (predicated at the
-    // end of the chunk, so a short chunk is one round trip, not one per leftover row); the
-    // sum runs over the rows in the same order as a row-at-a-time loop would.
-    constexpr int VB = 16;
-    const unsigned short* vb = reinterpret_cast<const unsigned short*>(vc) + (size_t)kh * head_dim + d;
-    const size_t vstride = (size_t)n_kv * head_dim;
-    for (int jj = g; jj < n; jj += VB * G) {
-      unsigned short r[VB];  // raw halves, all requested before any is used
-#pragma unroll
-      for (int u = 0; u < VB; ++u)  // past the chunk: its last row again, unused
-        r[u] = __ldg(vb + kv_row(bt, j0 + min(jj + u * G, n - 1)) * vstride);
-#pragma unroll
-      for (int u = 0; u < VB; ++u) {
-        const int j = jj + u * G;
-        if (j < n) acc = fmaf(sp[j], __half2float(__ushort_as_half(r[u])), acc);
-      }
-    }
-  }
-  sacc[threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.x < head_dim) {
-    float o = 0.0f;
-    for (int gg = 0; gg < G; ++gg) o += sacc[gg * head_dim + threadIdx.x];
-    opart[pidx * head_dim + threadIdx.x] = o;
-  }
-  if (threadIdx.x == 0) {
-    ml[2 * pidx] = m;
-    ml[2 * pidx + 1] = l;
-  }
+__device__ __forceinline__ unsigned tc_smem(const void* p) {
+  return (unsigned)__cvta_generic_to_shared(p);
 }
 
-// The last block of a (row, head) to arrive merges its chunks (see the file comment).
+// 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void tc_cp16(unsigned dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void tc_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The last block of a (row, KV head) to arrive merges the chunks of its G query heads (see
+// the file comment). smem: at least 2 * G * n_split + 2 * G floats.
 __device__ __forceinline__ void attn_merge(
     const float* __restrict__ ml, const float* __restrict__ opart, const float* __restrict__ sinks,
-    float* __restrict__ out, int out_stride, unsigned int* __restrict__ tickets, float* sacc,
-    float* scw, float* sh, unsigned int& s_ticket, int t, int h, int n_head, int head_dim,
+    float* __restrict__ out, int out_stride, unsigned int* __restrict__ tickets, float* smem,
+    unsigned int& s_ticket, int t, int kh, int G, int n_head, int n_kv, int head_dim,
     int n_split) {
   __threadfence();
   __syncthreads();
-  const unsigned int slot = (unsigned int)t * n_head + h;
+  const unsigned int slot = (unsigned int)t * n_kv + kh;
   if (threadIdx.x == 0) s_ticket = atomicAdd(&tickets[slot], 1u);
   __syncthreads();
   if (s_ticket != (unsigned int)(n_split - 1)) return;
   __threadfence();
-  const size_t base = ((size_t)t * n_head + h) * n_split;
-  if (threadIdx.x < n_split) {  // n_split <= AT (host-checked)
-    scw[threadIdx.x] = __ldcg(&ml[2 * (base + threadIdx.x)]);
-    sacc[threadIdx.x] = __ldcg(&ml[2 * (base + threadIdx.x) + 1]);
+  float* cm = smem;  // [G][n_split] chunk max, then the chunk's weight
+  float* cl = smem + G * n_split;  // [G][n_split] chunk sum
+  float* inv = cl + G * n_split;  // [G]
+  const int h0 = kh * G;
+  for (int i = threadIdx.x; i < G * n_split; i += AT) {
+    const size_t pidx = ((size_t)t * n_head + h0) * n_split + i;  // heads h0.. are adjacent
+    cm[i] = __ldcg(&ml[2 * pidx]);
+    cl[i] = __ldcg(&ml[2 * pidx + 1]);
   }
   __syncthreads();
-  if (threadIdx.x == 0) {  // fixed order over the chunks
+  if (threadIdx.x < G) {  // fixed order over the chunks, one head a thread
+    const int g = threadIdx.x, h = h0 + g;
+    float* w = cm + g * n_split;
+    const float* l = cl + g * n_split;
     float M = sinks ? sinks[h] : -CUDART_INF_F;
     for (int c = 0; c < n_split; ++c)
-      if (sacc[c] > 0.0f) M = fmaxf(M, scw[c]);
+      if (l[c] > 0.0f) M = fmaxf(M, w[c]);
     float L = sinks ? expf(sinks[h] - M) : 0.0f;
     for (int c = 0; c < n_split; ++c) {
-      const float w = sacc[c] > 0.0f ? expf(scw[c] - M) : 0.0f;
-      if (sacc[c] > 0.0f) L += sacc[c] * w;
-      scw[c] = w;  // chunk weight; 0 for an empty chunk
+      const float wc = l[c] > 0.0f ? expf(w[c] - M) : 0.0f;
+      if (l[c] > 0.0f) L += l[c] * wc;
+      w[c] = wc;  // chunk weight; 0 for an empty chunk
     }
-    sh[0] = 1.0f / L;
+    inv[g] = L > 0.0f ? 1.0f / L : 0.0f;  // a padding row (no keys, no sink) writes zeros
   }
   __syncthreads();
-  const float inv = sh[0];
-  for (int d = threadIdx.x; d < head_dim; d += AT) {
+  for (int i = threadIdx.x; i < G * head_dim; i += AT) {
+    const int g = i / head_dim, d = i % head_dim;
+    const size_t base = ((size_t)t * n_head + h0 + g) * n_split;
     float o = 0.0f;
 #pragma unroll 8
     for (int c = 0; c < n_split; ++c) {
-      const float v = sacc[c] > 0.0f ? __ldcg(&opart[(base + c) * head_dim + d]) : 0.0f;
-      o += v * scw[c];
+      const float v = cl[g * n_split + c] > 0.0f ? __ldcg(&opart[(base + c) * head_dim + d]) : 0.0f;
+      o += v * cm[g * n_split + c];
     }
-    out[(size_t)t * out_stride + (size_t)h * head_dim + d] = o * inv;
+    out[(size_t)t * out_stride + (size_t)(h0 + g) * head_dim + d] = o * inv[g];
   }
   if (threadIdx.x == 0) tickets[slot] = 0u;  // ready for the next launch (graph replay)
 }
 
-// grid (n_split, n_head, n_rows), block AT.
+// grid (n_split, n_kv, n_rows), block AT.
 // Row t: query q + t*q_stride (+ h*head_dim), float, RoPE applied; its position pos[t] (keys
 // 0..pos[t] are visible, minus the window); its block table bt + t*bt_stride. A row whose
 // position is negative is padding: it writes zeros. kc/vc: this layer's pools.
 // opart: [n_rows][n_head][n_split][head_dim]; ml: [n_rows][n_head][n_split][2].
-// Dynamic shared memory: max_chunk floats (the host sizes it for the longest row).
+// Dynamic shared memory (attn_decode_smem_bytes on the host): K and V tiles
+// 2 * DT * (head_dim + 8) halves, then G * head_dim floats of scaled queries, G * DSLD floats
+// of scores, 3 * G floats of softmax state. G = n_head / n_kv; G * head_dim <= 2 * AT * DMAXP,
+// n_split <= 32 (the merge reuses the score tile).
 // sinks: per-head logit that joins the softmax denominator only (gpt-oss), or null.
-// out row t at out + t*out_stride. tickets: n_rows*n_head zeroed uints (left zeroed).
+// out row t at out + t*out_stride. tickets: n_rows*n_kv zeroed uints (left zeroed).
 extern "C" __global__ void __launch_bounds__(AT)
     attn_paged_decode(const float* __restrict__ q, int q_stride, const __half* __restrict__ kc,
                       const __half* __restrict__ vc, const int* __restrict__ bt, int bt_stride,
@@ -161,32 +118,131 @@ extern "C" __global__ void __launch_bounds__(AT)
                       float* __restrict__ ml, int n_head, int n_kv, int head_dim, int n_split,
                       int max_chunk, float scale, int window, const float* __restrict__ sinks,
                       float* __restrict__ out, int out_stride, unsigned int* __restrict__ tickets) {
-  extern __shared__ float sp[];
-  __shared__ float sq[AT];
-  __shared__ float sacc[AT];
-  __shared__ float scw[AT];
-  __shared__ float sh[32];
+  extern __shared__ __align__(16) unsigned char dec_smem[];
   __shared__ unsigned int s_ticket;
+  const int D = head_dim, LD = D + 8, CH = D / 8, D2 = D / 2;
+  const int G = n_head / n_kv;
+  __half* sK = reinterpret_cast<__half*>(dec_smem);  // [DT][LD]
+  __half* sV = sK + DT * LD;  // [DT][LD]
+  float* sq = reinterpret_cast<float*>(sV + DT * LD);  // [G][D]
+  float* sS = sq + G * D;  // [G][DSLD]
+  float* s_m = sS + G * DSLD;  // [G] running max
+  float* s_l = s_m + G;  // [G] running sum
+  float* s_a = s_l + G;  // [G] this tile's rescale of the running sums
   pdl_start();
-  const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const int s = blockIdx.x, kh = blockIdx.y, t = blockIdx.z, h0 = kh * G;
   const int qpos = pos[t];
   int chunk = max(MIN_CHUNK, (qpos + 1 + n_split - 1) / n_split);  // the row's own length
   if (chunk > max_chunk || qpos < 0) chunk = 0;  // padding row (or never allowed by the host)
   const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
   const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
-  const size_t pidx = ((size_t)t * n_head + h) * n_split + s;
-  if (j0 >= j1) {
-    if (threadIdx.x == 0) {
+  if (j0 < j1) {
+    const int* __restrict__ btr = bt + (size_t)t * bt_stride;
+    const float* __restrict__ qr = q + (size_t)t * q_stride + (size_t)h0 * D;
+    for (int i = threadIdx.x; i < G * D; i += AT) sq[i] = qr[i] * scale;
+    for (int g = threadIdx.x; g < G; g += AT) {
+      s_m[g] = -CUDART_INF_F;
+      s_l[g] = 0.0f;
+    }
+    float2 acc[DMAXP];
+#pragma unroll
+    for (int i = 0; i < DMAXP; ++i) acc[i] = make_float2(0.0f, 0.0f);
+    const size_t kv_pitch = (size_t)n_kv * D;  // halves from one pool row to the next
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int jt = j0; jt < j1; jt += DT) {
+      const int n = min(DT, j1 - jt);
+      for (int i = threadIdx.x; i < DT * CH; i += AT) {  // rows past n: zeros, nothing read
+        const int r = i / CH, c = i % CH;
+        const bool ok = r < n;
+        const size_t off = ok ? kv_row(btr, jt + r) * kv_pitch + (size_t)kh * D + c * 8 : 0;
+        tc_cp16(tc_smem(sK + r * LD + c * 8), kc + off, ok ? 16 : 0);
+        tc_cp16(tc_smem(sV + r * LD + c * 8), vc + off, ok ? 16 : 0);
+      }
+      tc_commit();
+      tc_wait<0>();
+      __syncthreads();
+      // scores: one (head, key) a thread at a time, the dot in the order of the head dims
+      for (int i = threadIdx.x; i < G * DT; i += AT) {
+        const int g = i / DT, j = i % DT;
+        const uint4* kr = reinterpret_cast<const uint4*>(sK + j * LD);
+        const float* qg = sq + g * D;
+        float a = 0.0f;
+        for (int c = 0; c < CH; ++c) {
+          const uint4 raw = kr[c];
+          const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(h2[e]);
+            a = fmaf(qg[c * 8 + 2 * e], f.x, a);
+            a = fmaf(qg[c * 8 + 2 * e + 1], f.y, a);
+          }
+        }
+        sS[g * DSLD + j] = j < n ? a : -CUDART_INF_F;
+      }
+      __syncthreads();
+      // online softmax, one head a warp: the tile's max, its p = exp(score - m), their sum
+      for (int g = warp; g < G; g += AT / 32) {
+        float* sg = sS + g * DSLD;
+        const float a0 = sg[lane], a1 = sg[lane + 32];
+        const float m_old = s_m[g];
+        const float m_new = fmaxf(m_old, warp_max(fmaxf(a0, a1)));
+        const float p0 = lane < n ? expf(a0 - m_new) : 0.0f;
+        const float p1 = lane + 32 < n ? expf(a1 - m_new) : 0.0f;
+        const float sum = warp_sum(p0 + p1);
+        sg[lane] = p0;
+        sg[lane + 32] = p1;
+        __syncwarp();
+        if (lane == 0) {
+          const float alpha = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+          s_a[g] = alpha;
+          s_m[g] = m_new;
+          s_l[g] = s_l[g] * alpha + sum;
+        }
+      }
+      __syncthreads();
+      // values: two adjacent dims of one head a thread, the keys in order
+#pragma unroll
+      for (int k = 0; k < DMAXP; ++k) {
+        const int i = threadIdx.x + k * AT;
+        if (i < G * D2) {
+          const int g = i / D2, d2 = i % D2;
+          const float alpha = s_a[g];
+          const float* pg = sS + g * DSLD;
+          const __half2* vcol = reinterpret_cast<const __half2*>(sV) + d2;
+          float2 o = make_float2(acc[k].x * alpha, acc[k].y * alpha);
+          for (int j = 0; j < n; ++j) {
+            const float2 v = __half22float2(vcol[j * (LD / 2)]);
+            o.x = fmaf(pg[j], v.x, o.x);
+            o.y = fmaf(pg[j], v.y, o.y);
+          }
+          acc[k] = o;
+        }
+      }
+      __syncthreads();  // the tiles and scores are reused
+    }
+#pragma unroll
+    for (int k = 0; k < DMAXP; ++k) {
+      const int i = threadIdx.x + k * AT;
+      if (i < G * D2) {
+        const int g = i / D2, d2 = i % D2;
+        const size_t pidx = ((size_t)t * n_head + h0 + g) * n_split + s;
+        reinterpret_cast<float2*>(opart + pidx * D)[d2] = acc[k];
+      }
+    }
+    for (int g = threadIdx.x; g < G; g += AT) {
+      const size_t pidx = ((size_t)t * n_head + h0 + g) * n_split + s;
+      ml[2 * pidx] = s_m[g];
+      ml[2 * pidx + 1] = s_l[g];
+    }
+  } else {
+    for (int g = threadIdx.x; g < G; g += AT) {
+      const size_t pidx = ((size_t)t * n_head + h0 + g) * n_split + s;
       ml[2 * pidx] = -CUDART_INF_F;
       ml[2 * pidx + 1] = 0.0f;
     }
-  } else {
-    attn_chunk(q + (size_t)t * q_stride + (size_t)h * head_dim, kc, vc, bt + (size_t)t * bt_stride,
-               opart, ml, sp, sq, sacc, sh, pidx, h / (n_head / n_kv), n_kv, head_dim, j0, j1,
-               scale);
   }
-  attn_merge(ml, opart, sinks, out, out_stride, tickets, sacc, scw, sh, s_ticket, t, h, n_head,
-             head_dim, n_split);
+  attn_merge(ml, opart, sinks, out, out_stride, tickets, sS, s_ticket, t, kh, G, n_head, n_kv,
+             D, n_split);
 }
 
 // ==================================================================== tensor-core prefill
@@ -211,22 +267,6 @@ extern "C" __global__ void __launch_bounds__(AT)
 #define TC_BM 64
 #define TC_BN 64
 #define TC_THREADS 128  // 4 warps; __launch_bounds__(.., 2): no spills at D = 128 (208 regs)
-
-__device__ __forceinline__ unsigned tc_smem(const void* p) {
-  return (unsigned)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void tc_cp16(unsigned dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void tc_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void tc_ldm4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
                                         unsigned addr) {

@@ -133,11 +133,14 @@ def test_launch_checks_refuse_out_of_range() -> None:
         need("k", None, 4, "missing")
     assert strided_extent(3, 10, 4) == (2 * 10 + 4) * 4
     AttnShape(1, 14, 2, 64, 16, 128).check("attn")
+    AttnShape(1, 14, 2, 64, 16, 100000).check("attn")  # any chunk: the tiles stream it
+    AttnShape(1, 32, 2, 128, 16, 128).check("attn")  # 16 heads x 128 dims: the most
     for bad in (
         AttnShape(1, 14, 3, 64, 16, 128),  # heads not a multiple of kv heads
         AttnShape(1, 14, 2, 60, 16, 128),  # head_dim % 8
         AttnShape(1, 14, 2, 256, 16, 128),  # head_dim > 128
-        AttnShape(1, 14, 2, 64, 16, 100000),  # chunk beyond shared memory
+        AttnShape(1, 14, 2, 64, 33, 128),  # more chunks than the merge holds
+        AttnShape(1, 64, 2, 128, 16, 128),  # 32 query heads x 128 dims a block
         AttnShape(0, 14, 2, 64, 16, 128),
     ):
         with pytest.raises(LaunchRefused):

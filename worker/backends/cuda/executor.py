@@ -111,7 +111,7 @@ class Executor:
             ("logits", R * V * 4),
             ("opart", R * hp.n_head * DECODE_SPLITS * hp.head_dim * 4),
             ("ml", R * hp.n_head * DECODE_SPLITS * 2 * 4),
-            ("tickets", R * hp.n_head * 4),
+            ("tickets", R * hp.n_head_kv * 4),
             ("xbuf", R * V * 4),
             ("gscratch", R * SAMPLE_SCRATCH_BYTES),
             ("barrier", R * 8),

@@ -21,6 +21,9 @@ from worker.errors import CudaError
 F32 = 4
 F16 = 2
 ATTN_THREADS = 128  # attention.cu AT
+ATTN_TILE = 64  # attention.cu DT: keys per decode tile
+ATTN_MAX_SPLIT = 32  # decode key chunks a row at most (the merge reuses the score tile)
+ATTN_MAX_GROUP_DIMS = 2 * ATTN_THREADS * 8  # query heads a KV head x head_dim (DMAXP)
 SAMPLE_THREADS = 1024  # sampling.cu
 SAMPLE_GRID = 32  # blocks of the grid-wide sampler (<= SAMPLE_MAX_GRID, all co-resident)
 SAMPLE_MAX_GRID = 64
@@ -102,12 +105,26 @@ class AttnShape:
         )
         if self.n_head % self.n_kv:
             raise LaunchRefused(kernel, f"n_head {self.n_head} not a multiple of {self.n_kv}")
-        if self.n_split > ATTN_THREADS:
-            raise LaunchRefused(kernel, f"n_split {self.n_split} > {ATTN_THREADS}")
+        if self.n_split > ATTN_MAX_SPLIT:
+            raise LaunchRefused(kernel, f"n_split {self.n_split} > {ATTN_MAX_SPLIT}")
         if self.head_dim > ATTN_THREADS or self.head_dim % 8:
             raise LaunchRefused(kernel, f"head_dim {self.head_dim} must be <= 128, % 8 == 0")
-        if self.max_chunk * F32 > MAX_DYN_SMEM:
-            raise LaunchRefused(kernel, f"chunk {self.max_chunk} exceeds shared memory")
+        group = self.n_head // self.n_kv * self.head_dim
+        if group > ATTN_MAX_GROUP_DIMS:
+            raise LaunchRefused(
+                kernel,
+                f"{self.n_head // self.n_kv} heads a KV head x {self.head_dim} dims "
+                f"> {ATTN_MAX_GROUP_DIMS}",
+            )
+        if self.smem_bytes > MAX_DYN_SMEM:
+            raise LaunchRefused(kernel, f"{self.smem_bytes} bytes of shared memory")
+
+    @property
+    def smem_bytes(self) -> int:
+        """attn_paged_decode's dynamic shared memory: the K and V tiles (fp16, rows padded by
+        8 halves), the group's scaled queries, its score tile and softmax state (float)."""
+        g, d = self.n_head // self.n_kv, self.head_dim
+        return 2 * ATTN_TILE * (d + 8) * F16 + (g * d + g * (ATTN_TILE + 1) + 3 * g) * F32
 
 
 # attn_prefill_tc_d<D> (attention.cu): head dims with a kernel, query rows and keys per tile,
@@ -422,7 +439,8 @@ class Kernels:
         """attn_paged_decode: one query row per sequence (shape.n_tokens rows), row t at
         position pos[t] over block table row t (bt_stride blocks a row). The host keeps every
         position below bt_stride * KV_BLOCK and shape.n_split * shape.max_chunk (the kernel
-        reads keys 0..pos[t]). tickets: n_rows * n_head zeroed uint32 (left zeroed)."""
+        reads keys 0..pos[t]). A block per (key chunk, KV head, row) serves all the query
+        heads of its KV head. tickets: n_rows * n_kv zeroed uint32 (left zeroed)."""
         k = "attn_paged_decode"
         s = shape
         s.check(k)
@@ -441,10 +459,10 @@ class Kernels:
         need(k, ml, parts * 2 * F32, "ml")
         need(k, out, strided_extent(s.n_tokens, out_stride, s.n_head * s.head_dim), "out")
         need(k, sinks, s.n_head * F32 if sinks is not None else 0, "sinks")
-        need(k, tickets, s.n_tokens * s.n_head * 4, "tickets")
+        need(k, tickets, s.n_tokens * s.n_kv * 4, "tickets")
         self.launch(
             k,
-            (s.n_split, s.n_head, s.n_tokens),
+            (s.n_split, s.n_kv, s.n_tokens),
             (ATTN_THREADS,),
             q.ptr,
             q_stride,
@@ -466,7 +484,7 @@ class Kernels:
             out.ptr,
             out_stride,
             tickets.ptr,
-            shared=s.max_chunk * F32,
+            shared=s.smem_bytes,
         )
 
     def attention_prefill(
