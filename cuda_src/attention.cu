@@ -20,11 +20,11 @@
 // other rows of its tile or on how its prompt was cut into chunks.
 #include "rope.cuh"
 
-#define AT 128  // threads per decode block; head_dim <= 128, head_dim % 8 == 0
+#define AT 256  // threads per decode block; head_dim <= 128, head_dim % 8 == 0
 #define MIN_CHUNK 64  // keys a decode split takes at least (short rows use fewer splits)
 #define DT 64  // keys per decode tile
 #define DSLD (DT + 1)  // floats per head row of the score tile (conflict-free column reads)
-#define DMAXP 8  // (head, dim pair) items a thread accumulates: heads * head_dim <= 2 * AT * DMAXP
+#define DMAXP 4  // (head, dim pair) items a thread accumulates: heads * head_dim <= 2 * AT * DMAXP
 
 __device__ __forceinline__ size_t kv_row(const int* __restrict__ bt, int j) {
   return (size_t)bt[j / KV_BLOCK] * KV_BLOCK + (j % KV_BLOCK);
@@ -161,29 +161,33 @@ extern "C" __global__ void __launch_bounds__(AT)
       tc_commit();
       tc_wait<0>();
       __syncthreads();
-      // scores: one (head, key) a thread at a time, the dot in the order of the head dims
-      for (int i = threadIdx.x; i < G * DT; i += AT) {
-        const int g = i / DT, j = i % DT;
+      // scores: one (head, key) a thread at a time over the tile's n keys; the dot keeps
+      // two sums (even and odd head dims, each in dim order: two dependency chains)
+      for (int i = threadIdx.x; i < G * n; i += AT) {
+        const int g = i / n, j = i - g * n;
         const uint4* kr = reinterpret_cast<const uint4*>(sK + j * LD);
-        const float* qg = sq + g * D;
-        float a = 0.0f;
+        const float2* qg = reinterpret_cast<const float2*>(sq + g * D);
+        float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll 4
         for (int c = 0; c < CH; ++c) {
           const uint4 raw = kr[c];
           const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float2 f = __half22float2(h2[e]);
-            a = fmaf(qg[c * 8 + 2 * e], f.x, a);
-            a = fmaf(qg[c * 8 + 2 * e + 1], f.y, a);
+            const float2 qq = qg[c * 4 + e];
+            a0 = fmaf(qq.x, f.x, a0);
+            a1 = fmaf(qq.y, f.y, a1);
           }
         }
-        sS[g * DSLD + j] = j < n ? a : -CUDART_INF_F;
+        sS[g * DSLD + j] = a0 + a1;
       }
       __syncthreads();
       // online softmax, one head a warp: the tile's max, its p = exp(score - m), their sum
       for (int g = warp; g < G; g += AT / 32) {
         float* sg = sS + g * DSLD;
-        const float a0 = sg[lane], a1 = sg[lane + 32];
+        const float a0 = lane < n ? sg[lane] : -CUDART_INF_F;
+        const float a1 = lane + 32 < n ? sg[lane + 32] : -CUDART_INF_F;
         const float m_old = s_m[g];
         const float m_new = fmaxf(m_old, warp_max(fmaxf(a0, a1)));
         const float p0 = lane < n ? expf(a0 - m_new) : 0.0f;
@@ -210,6 +214,7 @@ extern "C" __global__ void __launch_bounds__(AT)
           const float* pg = sS + g * DSLD;
           const __half2* vcol = reinterpret_cast<const __half2*>(sV) + d2;
           float2 o = make_float2(acc[k].x * alpha, acc[k].y * alpha);
+#pragma unroll 8
           for (int j = 0; j < n; ++j) {
             const float2 v = __half22float2(vcol[j * (LD / 2)]);
             o.x = fmaf(pg[j], v.x, o.x);

@@ -20,10 +20,10 @@ from worker.errors import CudaError
 
 F32 = 4
 F16 = 2
-ATTN_THREADS = 128  # attention.cu AT
+ATTN_THREADS = 256  # attention.cu AT
 ATTN_TILE = 64  # attention.cu DT: keys per decode tile
 ATTN_MAX_SPLIT = 32  # decode key chunks a row at most (the merge reuses the score tile)
-ATTN_MAX_GROUP_DIMS = 2 * ATTN_THREADS * 8  # query heads a KV head x head_dim (DMAXP)
+ATTN_MAX_GROUP_DIMS = 2 * ATTN_THREADS * 4  # query heads a KV head x head_dim (DMAXP)
 SAMPLE_THREADS = 1024  # sampling.cu
 SAMPLE_GRID = 32  # blocks of the grid-wide sampler (<= SAMPLE_MAX_GRID, all co-resident)
 SAMPLE_MAX_GRID = 64
@@ -107,7 +107,7 @@ class AttnShape:
             raise LaunchRefused(kernel, f"n_head {self.n_head} not a multiple of {self.n_kv}")
         if self.n_split > ATTN_MAX_SPLIT:
             raise LaunchRefused(kernel, f"n_split {self.n_split} > {ATTN_MAX_SPLIT}")
-        if self.head_dim > ATTN_THREADS or self.head_dim % 8:
+        if self.head_dim > 128 or self.head_dim % 8:
             raise LaunchRefused(kernel, f"head_dim {self.head_dim} must be <= 128, % 8 == 0")
         group = self.n_head // self.n_kv * self.head_dim
         if group > ATTN_MAX_GROUP_DIMS:
