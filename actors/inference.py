@@ -164,6 +164,7 @@ class EngineLoop:
                 model.tokenizer,
                 max_batch=cfg.max_batch,
                 prefill_chunk=cfg.prefill_chunk,
+                prefill_wait=cfg.prefill_wait_ms / 1000.0,
                 context_length=model.context_length,
                 prefix_cache=cfg.prefix_cache,
             )

@@ -51,9 +51,11 @@ class WorkerConfig:
     shutdown_grace_s: float = 25.0
     nats_store_dir: Path | None = None  # embedded server's JetStream directory
     # continuous batching: most jobs in the running batch (None: the backend's default,
-    # from its KV budget), prompt tokens prefilled per step, prompt-prefix sharing
+    # from its KV budget), prompt tokens prefilled per step, how long new prompts may wait
+    # to share a prefill step while jobs decode, prompt-prefix sharing
     max_batch: int | None = None
     prefill_chunk: int = 512
+    prefill_wait_ms: float = 50.0
     prefix_cache: bool = True
     nats_connect_timeout_s: float = 60.0  # give up (exit 2) if NATS cannot be reached
     # credentials and TLS for --nats-url (worker/nats/options.py)
@@ -87,6 +89,8 @@ class WorkerConfig:
             raise ValueError("--max-batch must be 1-256")
         if self.prefill_chunk < 1:
             raise ValueError("--prefill-chunk must be positive")
+        if not 0 <= self.prefill_wait_ms <= 10_000:
+            raise ValueError("--prefill-wait-ms must be 0-10000")
         if self.log_format not in ("json", "pretty"):
             raise ValueError("--log-format must be json or pretty")
         if self.nats_connect_timeout_s <= 0:
@@ -135,6 +139,7 @@ _ENV_SETTINGS: tuple[tuple[str, Callable[[str], object]], ...] = (
     ("h2d_chunk_mb", int),
     ("max_batch", int),
     ("prefill_chunk", int),
+    ("prefill_wait_ms", float),
     ("nats_connect_timeout_s", float),
 )
 
@@ -335,6 +340,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "prompt tokens prefilled per step beside the running jobs",
         type=int,
         metavar="N",
+    )
+    opt(
+        b,
+        "--prefill-wait-ms",
+        "while jobs decode, how long a new job's prompt may wait for others to share its "
+        "prefill step (a step with prompt tokens costs several decode steps); 0: never waits",
+        type=float,
+        metavar="MS",
     )
     b.add_argument(
         "--no-prefix-cache",

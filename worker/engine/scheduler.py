@@ -10,7 +10,12 @@
 - The step: every sequence past its prompt feeds back the token it sampled last step (one
   row each); sequences still in their prompt get prefill chunks, first come first served,
   up to `prefill_chunk` prompt tokens in the step. So a long prompt is spread over several
-  steps and never stalls the running streams for its whole prefill.
+  steps and never stalls the running streams for its whole prefill. A step with prompt
+  tokens costs far more than a decode-only one (the backend replays a captured graph only
+  for decode-only steps), so while jobs decode, the prompts of newly admitted jobs wait to
+  start until they fill the step's prompt budget or the oldest of them has waited
+  `prefill_wait` seconds since it was received: several arriving jobs share one such step
+  instead of taking one each.
 - After the step: each sampled token goes through the sequence's UTF-8 stream decoder and
   stop strings; a sequence ends on EOS, a stop string or its token limit, and frees its slot
   and blocks at once. Cancels and deadlines are applied at step boundaries.
@@ -171,6 +176,7 @@ class _Seq:
         "n_prompt",
         "req",
         "slot",
+        "started",
         "steps",
         "t_first",
         "t_start",
@@ -183,6 +189,7 @@ class _Seq:
         self.alloc: Allocation | None = None
         self.slot = -1
         self.computed = 0  # positions whose KV is written
+        self.started = False  # a prompt chunk of it has been planned
         self.generated: list[int] = []
         self.decoder = StreamDecoder(tokenizer, after_token=req.prompt_ids[-1])
         self.matcher = StopMatcher(req.stop)
@@ -208,6 +215,7 @@ class Scheduler:
         *,
         max_batch: int | None = None,
         prefill_chunk: int = 512,
+        prefill_wait: float = 0.0,
         context_length: int | None = None,
         prefix_cache: bool = True,
         keep_logits: bool = False,
@@ -217,6 +225,7 @@ class Scheduler:
         self.tok = tokenizer
         self.max_batch = min(max_batch or backend.max_batch, backend.max_batch)
         self.prefill_chunk = max(1, min(prefill_chunk, backend.max_step_tokens))
+        self.prefill_wait = max(0.0, prefill_wait)
         self.align = max(1, backend.chunk_align)
         # the job-facing context; what one job can be given is kv_capacity (plan_job)
         self.context_length = context_length or backend.context_length
@@ -422,9 +431,10 @@ class Scheduler:
             )
             seqs.append(seq)
             room -= 1
+        hold_new = bool(chunks) and self._hold_new_prompts()
         first = True
         for seq in self.running.values():
-            if not seq.prefilling or budget <= 0 or room <= 0:
+            if not seq.prefilling or budget <= 0 or room <= 0 or (hold_new and not seq.started):
                 continue
             assert seq.alloc is not None
             pos = seq.computed
@@ -436,6 +446,7 @@ class Scheduler:
             else:
                 n = min(n, budget, room)
             first = False
+            seq.started = True
             budget -= n
             room -= n
             end = pos + n
@@ -455,6 +466,18 @@ class Scheduler:
         self.step_tokens = sum(len(c.tokens) for c in chunks)
         self.step_sequences = len(chunks)
         return chunks, seqs
+
+    def _hold_new_prompts(self) -> bool:
+        """In a step that decodes: whether the prompts not yet started wait for more company
+        (see the module docstring). A prompt already under way never waits."""
+        if self.prefill_wait <= 0.0:
+            return False
+        new = [s for s in self.running.values() if s.prefilling and not s.started]
+        if not new or any(s.prefilling and s.started for s in self.running.values()):
+            return False  # nothing to hold, or this step carries prompt tokens anyway
+        if sum(s.n_prompt - s.computed for s in new) >= self.prefill_chunk:
+            return False
+        return time.perf_counter() - min(s.t_start for s in new) < self.prefill_wait
 
     def _sample_spec(self, seq: _Seq, i: int) -> SampleSpec:
         seed = seq.req.seed

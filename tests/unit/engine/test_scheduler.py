@@ -185,6 +185,50 @@ def test_every_running_job_gets_a_token_every_step(backend: NumpyBackend, tok: T
     _drain(sched)
 
 
+def _greedy(job_id: str, ids: list[int], n: int) -> Request:
+    return Request(
+        job_id, ids, max_tokens=n, params=SamplingParams(temperature=0.0), ignore_eos=True
+    )
+
+
+def test_new_prompts_wait_to_share_a_prefill_step(backend: NumpyBackend, tok: Tokenizer) -> None:
+    """While jobs decode, new prompts start only when they fill the step's prompt budget or
+    the oldest has waited prefill_wait; with nothing decoding, or a prompt under way, at once."""
+    rnd = random.Random(6)
+    sched = Scheduler(backend, tok, max_batch=16, prefill_chunk=64, prefill_wait=3600.0)
+    first = _greedy("alone", _prompt(tok, rnd, 5), 200)
+    sched.add(first)
+    sched.step()  # nothing decodes: its prompt starts at once
+    assert sched.step_tokens == len(first.prompt_ids)
+    sched.step()
+    assert sched.step_tokens == 1  # decoding
+    shorts = [_greedy(f"s{k}", _prompt(tok, rnd, 3, prefix=f"{k} "), 8) for k in range(12)]
+    added = 0
+    while sum(len(r.prompt_ids) for r in shorts[:added]) < 64:
+        sched.add(shorts[added])
+        added += 1
+        sched.step()
+        if sum(len(r.prompt_ids) for r in shorts[:added]) < 64:
+            assert sched.step_tokens == 1, added  # the new prompts wait
+    started = [r for r in shorts[:added] if sched.running[r.job_id].started]
+    assert len(started) >= 2 and sched.step_sequences == 1 + len(started)  # one shared step
+    _drain(sched)
+
+    sched.prefill_wait = 0.3  # the oldest waiting prompt starts once it has waited that long
+    sched.add(_greedy("long-runner", _prompt(tok, rnd, 5), 200))
+    for _ in range(3):
+        sched.step()
+    late = _greedy("late", _prompt(tok, rnd, 3), 4)
+    sched.add(late)
+    sched.step()
+    assert not sched.running["late"].started
+    time.sleep(0.35)
+    sched.step()
+    assert sched.running["late"].started and sched.step_tokens == 1 + len(late.prompt_ids)
+    _drain(sched)
+    sched.blocks.check()
+
+
 def test_jobs_wait_for_blocks_and_never_fitting_ones_fail(model: Path, tok: Tokenizer) -> None:
     small = NumpyBackend(
         model, ctx_size=128, kv_tokens=128, max_batch=4, block_size=16, prefill_chunk=32
