@@ -11,7 +11,8 @@ architecture:
 * Batch invariance: jobs with their own prompts and sampling settings, run through the
   scheduler alone and in random batches of 2-64 (graph-replayed decode steps, prompt chunks
   mixed in): the same ids and bit-identical logits at every step; a shared prompt prefix
-  served from the prefix cache changes no bit either.
+  served from the prefix cache changes no bit either; steps with prompt chunks replayed
+  from their buckets' graphs give the ids of eager launches.
 """
 
 from __future__ import annotations
@@ -264,6 +265,40 @@ def test_batch_invariance_full_size(cuda_be: Any) -> None:
             _same(want, got, f"{r.job_id} among {size}")
 
 
+def _graphs_equal_eager(
+    graphs: Any, eager: Any, tok: Any, reqs: list[Request], prefill_chunk: int
+) -> None:
+    """The jobs together through the scheduler without keeping logits, so that steps with
+    prompt chunks replay their buckets' graphs (padded rows and chunk records included):
+    every job's ids as with eager launches of exactly the step's rows."""
+    got: dict[str, Any] = {}
+    for be in (graphs, eager):
+        sched = Scheduler(be, tok, max_batch=len(reqs), prefill_chunk=prefill_chunk)
+        for r in reqs:
+            assert sched.add(_copy(r)) is None
+        got[be] = {j: evs[-1] for j, evs in _drain(sched).items()}
+    mixed = [b for b in graphs.graph_buckets if b.chunks and b.decode]
+    assert mixed, f"no step with prompt chunks and decode rows replayed a graph: {mixed}"
+    for r in reqs:
+        a, b = got[graphs][r.job_id], got[eager][r.job_id]
+        assert isinstance(a, Finished) and isinstance(b, Finished)
+        assert a.token_ids == b.token_ids, f"{r.job_id}: graph replay differs from eager"
+
+
+def test_mixed_step_graphs_equal_eager(qwen_path: Path, cuda_be: Any) -> None:
+    """Full size: 24 jobs with prompts of 1-300 tokens, cut into 96-token chunks mixed with
+    the decode rows, replayed from bucket graphs give the ids of eager steps."""
+    from worker.backends.cuda import CudaBackend
+
+    reqs = _jobs(cuda_be.vocab_size, 24, seed=9)
+    eager = CudaBackend(qwen_path, ctx_size=CTX, max_batch=24, graphs=False)
+    try:
+        _graphs_equal_eager(cuda_be, eager, _tok(), reqs, prefill_chunk=96)
+    finally:
+        eager.close()
+    print(f"\ngraphs captured: {len(cuda_be.graph_buckets)}")
+
+
 def test_prefix_cache_changes_no_bit(cuda_be: Any) -> None:
     """Eight jobs sharing a 1,000-token prefix: the later ones map the cached blocks
     (including a whole prompt that is one cached prefix: copy-on-write of its last block)
@@ -315,7 +350,7 @@ def test_every_architecture_tiny(arch: str, tmp_path_factory: pytest.TempPathFac
     write_synthetic(path, preset(arch, "tiny", mix=ARCH_MIX[arch], seed=3))
     with open_gguf(path) as gf:
         tok = load_tokenizer(gf.metadata)
-    be = CudaBackend(path, ctx_size=256, max_batch=16)
+    be = CudaBackend(path, ctx_size=256, max_batch=16, kv_cache_size_mb=64)
     try:
         prompt, more = _sequence(be.vocab_size, 40, 32)  # > the gpt-oss tiny window (16)
         got = teacher_forced(be, prompt, more)
@@ -343,6 +378,11 @@ def test_every_architecture_tiny(arch: str, tmp_path_factory: pytest.TempPathFac
             a, b = run([r], 1)[r.job_id][-1], together[r.job_id][-1]
             assert isinstance(a, Finished) and isinstance(b, Finished)
             _same(a, b, f"{arch} {r.job_id}")
+        eager = CudaBackend(path, ctx_size=256, max_batch=16, kv_cache_size_mb=64, graphs=False)
+        try:
+            _graphs_equal_eager(be, eager, tok, reqs, prefill_chunk=29)
+        finally:
+            eager.close()
     finally:
         be.close()
     ref_be = NumpyBackend(path, ctx_size=256, max_batch=1)

@@ -334,18 +334,22 @@ def measure_batched(be: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
         if b > be.max_batch:
             print(f"| B={b} skipped: more than max_batch {be.max_batch} |")
             continue
-        sched = Scheduler(be, tok, max_batch=b, prefill_chunk=args.prefill_chunk)
-        for k in range(b):
-            ids = [int(t) for t in rng.integers(100, be.vocab_size, args.batch_pp)]
-            sched.add(
-                Request(
-                    f"b{k}",
-                    ids,
-                    max_tokens=args.batch_tg + 1,
-                    params=SamplingParams(temperature=0.0),
-                    ignore_eos=True,
+        for warm_up in (True, False):
+            sched = Scheduler(be, tok, max_batch=b, prefill_chunk=args.prefill_chunk)
+            for k in range(b):
+                ids = [int(t) for t in rng.integers(100, be.vocab_size, args.batch_pp)]
+                sched.add(
+                    Request(
+                        f"b{k}",
+                        ids,
+                        max_tokens=2 if warm_up else args.batch_tg + 1,
+                        params=SamplingParams(temperature=0.0),
+                        ignore_eos=True,
+                    )
                 )
-            )
+            if warm_up:  # the same step sizes once, untimed: their graphs get captured
+                while not sched.idle:
+                    sched.step()
         t0 = time.perf_counter()
         while any(s.prefilling or not s.generated for s in sched.running.values()) or (
             sched.waiting

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from worker.backends.cuda.kernels import KV_BLOCK, SAMPLE_ARGS_BYTES, sample_args
-from worker.backends.cuda.step import Sizes, layout_step
+from worker.backends.cuda.step import (
+    Bucket,
+    Sizes,
+    choose_bucket,
+    layout_step,
+    prompt_buckets,
+)
 from worker.engine.batch import Chunk, SampleSpec
 from worker.engine.params import SamplingParams
 
@@ -74,7 +80,7 @@ def test_bucket_padding_is_fixed_and_harmless() -> None:
         Chunk(slot=s, tokens=[s + 1], start=10 + s, blocks=[s], prefill=False, sample=spec)
         for s in range(3)
     ]
-    lay = layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=8, pad_slot=16)
+    lay = layout_step(chunks, width=W, trash_block=TRASH, bucket=Bucket(8, 0, 0), pad_slot=16)
     sz = lay.sizes
     assert (sz.tokens, sz.decode, sz.rows) == (8, 8, 8)
     f = _fields(lay)
@@ -82,19 +88,89 @@ def test_bucket_padding_is_fixed_and_harmless() -> None:
     assert list(f["pos"][3:]) == [0] * 5 and list(f["ids"][3:]) == [0] * 5
     # padding rows sample into the spare history slot, never a sequence's (a real slot 8
     # would have its history overwritten by a padding row)
-    assert list(f["gidx"]) == list(range(8)) and list(f["slot"][3:]) == [16] * 5
+    assert list(f["gidx"]) == [0, 1, 2] + [0] * 5 and list(f["slot"][3:]) == [16] * 5
     bt = f["bt"].reshape(8, W)
     assert (bt[3:] == TRASH).all()
     # the same sizes give the same offsets: a captured graph finds its inputs every step
-    again = layout_step(chunks[:1], width=W, trash_block=TRASH, pad_decode_to=8, pad_slot=16)
+    again = layout_step(chunks[:1], width=W, trash_block=TRASH, bucket=Bucket(8, 0, 0), pad_slot=16)
     assert again.sizes == sz and again.sizes.offsets() == sz.offsets()
     with pytest.raises(ValueError):
-        layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=2, pad_slot=16)
+        layout_step(chunks, width=W, trash_block=TRASH, bucket=Bucket(2, 0, 0), pad_slot=16)
     with pytest.raises(ValueError, match="needs pad_slot"):
-        layout_step(chunks, width=W, trash_block=TRASH, pad_decode_to=8)
+        layout_step(chunks, width=W, trash_block=TRASH, bucket=Bucket(8, 0, 0))
     taken = [dataclasses.replace(chunks[0], slot=16), *chunks[1:]]
     with pytest.raises(ValueError, match="belongs to a sequence"):
-        layout_step(taken, width=W, trash_block=TRASH, pad_decode_to=8, pad_slot=16)
+        layout_step(taken, width=W, trash_block=TRASH, bucket=Bucket(8, 0, 0), pad_slot=16)
+
+
+def test_mixed_bucket_pads_prompt_rows_as_one_trash_chunk() -> None:
+    """Two decode rows and two prompt chunks (one final, sampled; one not) in the bucket
+    (4 decode rows, 24 prompt rows, 4 chunk records): the sizes are the bucket's whatever
+    the step, the padding chunk keeps every key in the trash block and every logits row is
+    sampled (the non-final chunk has none of its own)."""
+    spec = SampleSpec(P, 0.5, [])
+    chunks = [
+        Chunk(slot=0, tokens=[5], start=70, blocks=[1, 2], prefill=False, sample=spec),
+        Chunk(slot=1, tokens=list(range(1, 11)), start=64, blocks=[3, 4], prefill=True),
+        Chunk(slot=2, tokens=[6], start=3, blocks=[5], prefill=False, sample=spec),
+        Chunk(slot=3, tokens=[7, 8, 9], start=0, blocks=[6], prefill=True, sample=spec),
+    ]
+    b = Bucket(4, 24, 4)
+    lay = layout_step(chunks, width=W, trash_block=TRASH, bucket=b, pad_slot=16)
+    sz = lay.sizes
+    assert (sz.tokens, sz.decode, sz.chunks, sz.rows) == (28, 4, 4, 8)
+    assert lay.chunk_rows == [(0, 1), (4, 10), (1, 1), (14, 3)]
+    # the real chunks, then the padding chunk: rows 17..27 at positions 0..10
+    assert lay.prefill == [(4, 10, 64), (14, 3, 0), (17, 11, 0)]
+    f = _fields(lay)
+    assert list(f["seq"]) == [4, 10, 64, 14, 3, 0, 17, 11, 0, 0, 0, 0]
+    assert list(f["kvrow"][17:]) == [TRASH * KV_BLOCK + p for p in range(11)]
+    assert list(f["ids"][17:]) == [0] * 11 and list(f["pos"][17:]) == [0] * 11
+    assert list(f["kvrow"][2:4]) == [TRASH * KV_BLOCK] * 2  # padding decode rows
+    bt = f["bt"].reshape(8, W)
+    assert list(bt[4][:2]) == [3, 4] and list(bt[5][:1]) == [6]
+    assert (bt[6:] == TRASH).all() and (bt[2:4] == TRASH).all()
+    # sampled: the decode rows and the final chunk's last row; then padding rows
+    assert lay.sampled == [0, 2, 3]
+    assert list(f["gidx"]) == [0, 1, 16, 0, 0, 0, 0, 0]
+    assert list(f["slot"]) == [0, 2, 3] + [16] * 5
+    # another step of the same bucket: the same sizes and offsets (one graph serves both)
+    other = layout_step(chunks[1:2], width=W, trash_block=TRASH, bucket=b, pad_slot=16)
+    assert other.sizes == sz and other.prefill[-1] == (14, 14, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        layout_step(chunks, width=W, trash_block=TRASH, bucket=Bucket(4, 12, 2), pad_slot=16)
+    want_logits = [dataclasses.replace(chunks[3], logits=True)]
+    with pytest.raises(ValueError, match="logits-only"):
+        layout_step(want_logits, width=W, trash_block=TRASH, bucket=b, pad_slot=16)
+
+
+def test_choose_bucket() -> None:
+    spec = SampleSpec(P, 0.5, [])
+    dec = Chunk(slot=0, tokens=[5], start=70, blocks=[1, 2], prefill=False, sample=spec)
+    pr = Chunk(slot=1, tokens=list(range(40)), start=0, blocks=[3], prefill=True)
+    sizes = prompt_buckets(512)
+    assert sizes[:8] == [16, 24, 32, 48, 64, 96, 128, 192] and sizes[-2:] == [384, 512]
+    assert prompt_buckets(100)[-2:] == [96, 100]
+    kw = dict(
+        decode_buckets=[1, 2, 4, 8], prompt_sizes=sizes, max_chunks=8, max_tokens=520, max_rows=72
+    )
+    assert choose_bucket([dec] * 3, **kw) == Bucket(4, 0, 0)  # type: ignore[arg-type]
+    assert choose_bucket([dec, pr], **kw) == Bucket(1, 48, 4)  # type: ignore[arg-type]
+    exact = dataclasses.replace(pr, tokens=list(range(48)))
+    assert choose_bucket([exact], **kw) == Bucket(0, 48, 4)  # type: ignore[arg-type]
+    assert choose_bucket([exact, pr], **kw) == Bucket(0, 96, 4)  # type: ignore[arg-type]
+    # eager: an unsampled decode row, prompt logits, past the buckets or the buffers
+    assert choose_bucket([dataclasses.replace(dec, sample=None)], **kw) is None  # type: ignore[arg-type]
+    assert choose_bucket([dataclasses.replace(pr, logits=True)], **kw) is None  # type: ignore[arg-type]
+    assert choose_bucket([dec] * 9, **kw) is None  # type: ignore[arg-type]
+    big = dataclasses.replace(pr, tokens=list(range(513)))
+    assert choose_bucket([big], **kw) is None  # type: ignore[arg-type]
+    assert choose_bucket([dec] + [pr] * 5, **kw) == Bucket(1, 256, 8)  # type: ignore[arg-type]
+    assert choose_bucket([dec] * 8 + [pr] * 12, **kw) is None  # type: ignore[arg-type]
+    full = dataclasses.replace(pr, tokens=list(range(512)))
+    assert choose_bucket([dec] * 8 + [full], **kw) == Bucket(8, 512, 4)  # type: ignore[arg-type]
+    kw["max_tokens"] = 519
+    assert choose_bucket([dec] * 8 + [full], **kw) is None  # type: ignore[arg-type]
 
 
 def test_bad_chunks() -> None:

@@ -8,10 +8,13 @@ allocated per step or per job.
 
 A step (`step`): its rows and inputs are laid out on the host (step.py) and copied to the
 device in one transfer; the executor (executor.py) queues the whole step; only the sampled
-ids (and logits a caller asked for) come back. A step of decode rows only replays a CUDA
-graph captured once per batch-size bucket (1, 2, 4, ... 256 rows; a step is padded up to its
-bucket with rows that write only the trash block), with programmatic dependent launch on
-sm_90. Steps with prompt chunks run eagerly.
+ids (and logits a caller asked for) come back. A step replays a CUDA graph captured once
+per bucket (step.py, choose_bucket): decode rows padded to 1, 2, 4, ... 256, prompt rows to
+16, 24, 32, 48, ... up to --prefill-chunk, prompt chunks to a power of two (at least 4);
+padding rows
+write only the trash block. Graphs run with programmatic dependent launch on sm_90; the
+least recently used are dropped past MAX_GRAPHS. Steps that want the logits of every prompt
+position (tests, tools) run eagerly.
 
 Must be created and used on one thread (the one that owns the context).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ from worker.backends.cuda.arena import MIB, DevBuf, plan_arena
 from worker.backends.cuda.executor import DeviceStep, Executor
 from worker.backends.cuda.kernels import KV_BLOCK
 from worker.backends.cuda.kv import KvPool, kv_block_bytes
-from worker.backends.cuda.step import Sizes, layout_step
+from worker.backends.cuda.step import Bucket, Sizes, choose_bucket, layout_step, prompt_buckets
 from worker.engine.batch import Chunk, StepOutput
 from worker.errors import (
     ContextLengthExceeded,
@@ -48,6 +52,9 @@ F32_TYPE = 0
 RESERVE_BYTES = 512 * MIB  # left free for the driver, graphs and PyCUDA's own needs
 MAX_BATCH_CAP = 256
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# captured step graphs kept (decode buckets and the mixed sizes a workload meets; a graph of
+# a ~300-kernel step holds a few hundred KB of host and device memory)
+MAX_GRAPHS = 128
 LOGIT_ROWS = 64  # rows of all-position logits (tests, tools) computed per step
 DEFAULT_JOB_TOKENS = 2048  # the default --max-batch gives each running job this much KV
 # Batch invariance is on unless WORKER_ORCD_BATCH_INVARIANT=0 (then steps of 1-8 rows use
@@ -110,7 +117,7 @@ class CudaBackend:
         self.gf: GGUFFile = model if isinstance(model, GGUFFile) else open_gguf(Path(model))
         self.path = self.gf.path
         self.ctx: Any = None
-        self._graphs: dict[int, Any] = {}
+        self._graphs: OrderedDict[Bucket, Any] = OrderedDict()
         try:
             self._init(
                 ctx_size,
@@ -198,8 +205,12 @@ class CudaBackend:
         cap = MAX_BATCH_CAP if max_batch is None else max_batch
         self.buckets = [b for b in BUCKETS if b <= pow2_at_least(cap)]
         self.sample_rows = self.buckets[-1]  # sampled rows (a padded bucket included)
-        self.max_step_tokens = max(self.sample_rows, cap + max(1, prefill_chunk))
+        # a full decode bucket beside a full prompt chunk fits one step
+        self.max_step_tokens = self.sample_rows + max(1, prefill_chunk)
         self.max_logit_rows = self.sample_rows + LOGIT_ROWS
+        self.prompt_sizes = [
+            b for b in prompt_buckets(max(1, prefill_chunk)) if b <= self.width * KV_BLOCK
+        ]
         big = Sizes(self.max_step_tokens, self.sample_rows, cap, self.max_logit_rows, self.width)
         need = plan.total + RESERVE_BYTES + 2 * per_block
         if need > free:
@@ -237,7 +248,7 @@ class CudaBackend:
         )
         self.inputs = ctx.alloc(big.total * 4, "step inputs")
         self._staging = ctx.drv.pagelocked_empty(big.total, np.int32)
-        self._out = ctx.drv.pagelocked_empty(2 * self.sample_rows, np.int32)
+        self._out = ctx.drv.pagelocked_empty(2 * self.max_logit_rows, np.int32)
         self._done = ctx.drv.Event()
         self._done.record(ctx.stream)
         pool_room = ctx.mem_info()[0] - RESERVE_BYTES
@@ -392,13 +403,21 @@ class CudaBackend:
         self._check(chunks)
         drv, st = self.ctx.drv, self.ctx.stream
         self._sync_histories(chunks)
-        graphable = self.use_graphs and all(not c.prefill and c.sample for c in chunks)
-        bucket = next(b for b in self.buckets if b >= len(chunks)) if graphable else None
+        bucket = None
+        if self.use_graphs:
+            bucket = choose_bucket(
+                chunks,
+                decode_buckets=self.buckets,
+                prompt_sizes=self.prompt_sizes,
+                max_chunks=self.max_batch,
+                max_tokens=self.max_step_tokens,
+                max_rows=self.max_logit_rows,
+            )
         lay = layout_step(
             chunks,
             width=self.width,
             trash_block=self.kv.trash_block,
-            pad_decode_to=bucket,
+            bucket=bucket,
             pad_slot=self.max_batch,  # the history has one slot past the sequences' ones
         )
         sz = lay.sizes
@@ -409,7 +428,13 @@ class CudaBackend:
         self._staging[:n] = lay.packed
         drv.memcpy_htod_async(self.inputs.ptr, self._staging[:n], st)
         # sampled rows: the chunks' own, then a bucket's padding rows
-        dev = self._device_step(sz, lay.prefill, bucket or len(lay.sampled))
+        prefill = lay.prefill
+        if bucket is not None and bucket.chunks:
+            # the graph serves every step of the bucket: its prompt attention is launched
+            # for chunks of up to all the prompt rows (the kernel reads each chunk's own
+            # rows, length and position from the step's inputs; shorter ones exit early)
+            prefill = [(bucket.decode, bucket.prompt, 0)] * bucket.chunks
+        dev = self._device_step(sz, prefill, sz.rows if bucket else len(lay.sampled))
         if bucket is not None:
             self._graph(bucket, dev).launch("step graph")
         else:
@@ -497,15 +522,25 @@ class CudaBackend:
             self.ctx.sync("penalty history")
             self._hist[c.slot] = (n, int(h[-1]))
 
-    def _graph(self, bucket: int, dev: DeviceStep) -> Any:
+    def _graph(self, bucket: Bucket, dev: DeviceStep) -> Any:
         g = self._graphs.get(bucket)
-        if g is None:
-            with self.ctx.capture(self.pdl) as cap:
-                self.ex.enqueue(dev)
-            g = cap.graph
-            self.pdl_edges = cap.pdl_edges
-            self._graphs[bucket] = g
+        if g is not None:
+            self._graphs.move_to_end(bucket)
+            return g
+        if len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
+            self.ctx.sync("before dropping a step graph")
+            self._graphs.popitem(last=False)[1].destroy()
+        with self.ctx.capture(self.pdl) as cap:
+            self.ex.enqueue(dev)
+        g = cap.graph
+        self.pdl_edges = cap.pdl_edges
+        self._graphs[bucket] = g
         return g
+
+    @property
+    def graph_buckets(self) -> list[Bucket]:
+        """The buckets whose step graphs are captured, least recently used first."""
+        return list(self._graphs)
 
     def trace_routing(self, on: bool) -> list[tuple[int, np.ndarray]]:
         """Record each MoE layer's expert ids from now on (on) or stop (off); returns the

@@ -67,6 +67,80 @@ class Sizes:
         return max(offs[k] + counts[k] for k in FIELDS)
 
 
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """The fixed sizes a step is padded to, so that one captured graph replays every step
+    of them: decode rows, prompt rows and prompt chunks (a decode-only step: 0 and 0)."""
+
+    decode: int  # D rows, the step's decode rows and padding rows after them
+    prompt: int  # prompt rows: the chunks' tokens, then one padding chunk's
+    chunks: int  # prompt-chunk records: the real ones, the padding chunk, then empty ones
+    # (a power of two, at least 4: choose_bucket)
+
+    @property
+    def tokens(self) -> int:
+        return self.decode + self.prompt
+
+    @property
+    def rows(self) -> int:
+        """Logits rows: one per decode row and one per chunk record (every one sampled)."""
+        return self.decode + self.chunks
+
+
+def prompt_buckets(limit: int) -> list[int]:
+    """Prompt-row bucket sizes up to `limit` (which is always one): 16, 24, 32, 48, 64, 96,
+    ... (each at most 1.5x the one before, so padding costs at most a third of a prompt
+    step's rows)."""
+    out: list[int] = []
+    b = 16
+    while b < limit:
+        out.append(b)
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 16, 24, 32, 48, 64, ...
+    return [*out, limit]
+
+
+def choose_bucket(
+    chunks: Sequence[Chunk],
+    *,
+    decode_buckets: Sequence[int],
+    prompt_sizes: Sequence[int],
+    max_chunks: int,
+    max_tokens: int,
+    max_rows: int,
+) -> Bucket | None:
+    """The bucket a step is replayed in, or None when it runs eagerly: a decode row that is
+    not sampled, a chunk that wants logits rows of its own (all positions of a prompt), or
+    sizes past the largest bucket or the step buffers."""
+    n_dec = n_prompt = n_chunks = 0
+    for c in chunks:
+        if c.logits and not (c.sample is not None and len(c.tokens) == 1):
+            return None
+        if c.prefill:
+            n_chunks += 1
+            n_prompt += len(c.tokens)
+        elif c.sample is None:
+            return None
+        else:
+            n_dec += 1
+    dec = 0
+    if n_dec:
+        dec = next((b for b in decode_buckets if b >= n_dec), 0)
+        if not dec:
+            return None
+    if not n_chunks:
+        return Bucket(dec, 0, 0)
+    prompt = next((b for b in prompt_sizes if b >= n_prompt), 0)
+    if not prompt:
+        return None
+    # chunk records: at least 4 (empty ones cost a few exiting blocks), so that steps of
+    # one to three prompts share their graphs
+    records = max(4, 1 << (n_chunks + (prompt > n_prompt) - 1).bit_length())
+    b = Bucket(dec, prompt, records)
+    if records > max_chunks or b.tokens > max_tokens or b.rows > max_rows:
+        return None
+    return b
+
+
 @dataclass(slots=True)
 class StepLayout:
     sizes: Sizes
@@ -83,35 +157,51 @@ def layout_step(
     *,
     width: int,
     trash_block: int,
-    pad_decode_to: int | None = None,
+    bucket: Bucket | None = None,
     pad_slot: int = -1,
 ) -> StepLayout:
-    """The rows and packed inputs of `chunks` (see the module docstring). pad_decode_to: a
-    decode-only step padded to that many rows (a graph bucket): padding rows decode token 0
-    at position 0 over the trash block and are sampled greedily into `pad_slot`, a sampler
-    history slot no sequence has (the sampler appends each row's id to its slot's history:
-    a real slot there would be overwritten), their results unused."""
+    """The rows and packed inputs of `chunks` (see the module docstring).
+
+    bucket: the step padded to those sizes (a graph's; choose_bucket). Padding decode rows
+    decode token 0 at position 0 over the trash block. Padding prompt rows form one more
+    chunk, token 0 at positions 0.. with every key in the trash block (so every row the
+    step computes holds finite values); chunk records past it are empty (0 tokens: their
+    attention blocks exit). Every logits row is sampled: the step's sampled rows first,
+    then padding rows, sampled greedily into `pad_slot`, a sampler history slot no sequence
+    has (the sampler appends each row's id to its slot's history: a real slot there would
+    be overwritten), their results unused. In `prefill` the padding chunk is included."""
     decode = [i for i, c in enumerate(chunks) if not c.prefill]
     prompt = [i for i, c in enumerate(chunks) if c.prefill]
     for i in decode:
         if len(chunks[i].tokens) != 1:
             raise ValueError("a decode chunk carries exactly one token")
     n_dec = len(decode)
-    pad = 0
-    if pad_decode_to is not None:
-        if prompt or pad_decode_to < n_dec:
-            raise ValueError("padding is for decode-only steps of at most that many rows")
-        if pad_decode_to > n_dec and any(chunks[i].slot == pad_slot for i in decode):
-            raise ValueError(f"padding slot {pad_slot} belongs to a sequence of the step")
-        if pad_decode_to > n_dec and pad_slot < 0:
+    n_prompt = sum(len(chunks[i].tokens) for i in prompt)
+    sampled = [i for i, c in enumerate(chunks) if c.sample is not None]
+    # a sampled one-row chunk's logits are its sampled row's; other chunks asking for
+    # logits get rows of their own
+    logits_chunks = [
+        i for i, c in enumerate(chunks) if c.logits and not (c.sample and len(c.tokens) == 1)
+    ]
+    if bucket is None:
+        d_rows, p_rows, records = n_dec, n_prompt, len(prompt)
+    else:
+        d_rows, p_rows, records = bucket.decode, bucket.prompt, bucket.chunks
+        padding = n_prompt < p_rows
+        if logits_chunks or any(chunks[i].sample is None for i in decode):
+            raise ValueError("a bucket's rows are all sampled: no logits-only rows")
+        if d_rows < n_dec or p_rows < n_prompt or records < len(prompt) + padding:
+            raise ValueError(f"the step does not fit its bucket {bucket}")
+        if (p_rows > 0) != (records > 0):
+            raise ValueError(f"bucket {bucket}: prompt rows without chunk records or back")
+        if bucket.rows > len(sampled) and pad_slot < 0:
             raise ValueError("padding needs pad_slot, a history slot no sequence has")
-        pad = pad_decode_to - n_dec
+        if any(chunks[i].slot == pad_slot for i in sampled):
+            raise ValueError(f"padding slot {pad_slot} belongs to a sequence of the step")
     rows_of: dict[int, tuple[int, int]] = {}
-    row = 0
-    for i in decode:
-        rows_of[i] = (row, 1)
-        row += 1
-    row += pad
+    for r, i in enumerate(decode):
+        rows_of[i] = (r, 1)
+    row = d_rows
     prefill: list[tuple[int, int, int]] = []
     for i in prompt:
         c = chunks[i]
@@ -121,16 +211,11 @@ def layout_step(
         rows_of[i] = (row, n)
         prefill.append((row, n, c.start))
         row += n
-    n_tok = row
-    sampled = [i for i, c in enumerate(chunks) if c.sample is not None]
-    # a sampled one-row chunk's logits are its sampled row's; other chunks asking for
-    # logits get rows of their own
-    logits_chunks = [
-        i for i, c in enumerate(chunks) if c.logits and not (c.sample and len(c.tokens) == 1)
-    ]
+    if row < d_rows + p_rows:  # the padding chunk
+        prefill.append((row, d_rows + p_rows - row, 0))
     n_logits = sum(rows_of[i][1] for i in logits_chunks)
-    n_rows = len(sampled) + pad + n_logits
-    sizes = Sizes(n_tok, n_dec + pad, len(prompt), n_rows, width)
+    n_rows = len(sampled) + n_logits if bucket is None else bucket.rows
+    sizes = Sizes(d_rows + p_rows, d_rows, records, n_rows, width)
     offs, counts = sizes.offsets(), sizes.counts()
     packed = np.zeros(sizes.total, np.int32)
     f = {k: packed[offs[k] : offs[k] + counts[k]] for k in FIELDS}
@@ -146,14 +231,17 @@ def layout_step(
         ]
         for k, c in enumerate(dec):
             _fill_table(bt[k], c, width)
-    for r in range(n_dec, n_dec + pad):  # padding rows: token 0 at 0 into the trash block
-        f["kvrow"][r] = trash_block * KV_BLOCK
+    # padding decode rows: token 0 at 0 into the trash block (ids and pos are zero already)
+    f["kvrow"][n_dec:d_rows] = trash_block * KV_BLOCK
     for k, i in enumerate(prompt):
         c = chunks[i]
         r0, n = rows_of[i]
         _fill_rows(f, r0, c, trash_block)
         _fill_table(bt[sizes.decode + k], c, width)
-        f["seq"][3 * k : 3 * k + 3] = (r0, n, c.start)
+    if len(prefill) > len(prompt):  # padding prompt rows: positions 0.. in the trash block
+        r0, n, _ = prefill[-1]
+        f["kvrow"][r0 : r0 + n] = trash_block * KV_BLOCK + np.arange(n) % KV_BLOCK
+    f["seq"][: 3 * len(prefill)] = np.asarray(prefill, np.int32).reshape(-1)
     # logits rows: the sampled ones (each chunk's last row), padding, then whole chunks
     gidx, slot = f["gidx"], f["slot"]
     n_s = len(sampled)
@@ -162,11 +250,10 @@ def layout_step(
         slot[:n_s] = [chunks[i].slot for i in sampled]
         pack_sample_args(f["sargs"][: n_s * ARGS_INTS], [chunks[i].sample for i in sampled])
     r = n_s
-    if pad:
-        gidx[r : r + pad] = range(n_dec, n_dec + pad)
-        slot[r : r + pad] = pad_slot  # the spare history slot (see the docstring)
-        pack_sample_args(f["sargs"][r * ARGS_INTS : (r + pad) * ARGS_INTS], [None] * pad)
-        r += pad
+    if bucket is not None and n_rows > n_s:  # padding rows read row 0 (a computed one)
+        slot[r:n_rows] = pad_slot  # the spare history slot (see the docstring)
+        pack_sample_args(f["sargs"][r * ARGS_INTS : n_rows * ARGS_INTS], [None] * (n_rows - r))
+        r = n_rows
     logits_rows: list[tuple[int, int]] = []
     for i in logits_chunks:
         r0, n = rows_of[i]
