@@ -54,7 +54,7 @@ class WorkerConfig:
     # from its KV budget), prompt tokens prefilled per step, how long new prompts may wait
     # to share a prefill step while jobs decode, prompt-prefix sharing
     max_batch: int | None = None
-    prefill_chunk: int = 512
+    prefill_chunk: int = 256
     prefill_wait_ms: float = 50.0
     prefix_cache: bool = True
     nats_connect_timeout_s: float = 60.0  # give up (exit 2) if NATS cannot be reached
