@@ -66,3 +66,26 @@ def test_url_connect_options_only_for_a_given_server() -> None:
         url_connect_options(p.parse_args(["--nats-token", "x"]))
     got = url_connect_options(p.parse_args(["--nats-url", "nats://h:4222", "--nats-token", "x"]))
     assert got == NatsConnectOptions(token="x")
+
+
+def test_nats_read_loop_errors_print_no_traceback() -> None:
+    """nats-py logs what ends its read loop with a traceback; through `connect`'s filter the
+    harmless InvalidStateError of a cancelled ping (Ctrl-C) is dropped and anything else
+    becomes one line."""
+    import asyncio
+    import io
+    import logging
+
+    from worker.nats.jetstream import _READ_LOOP_FILTER
+
+    log = logging.getLogger("nats-read-loop-test")
+    log.propagate = False
+    log.addFilter(_READ_LOOP_FILTER)
+    buf = io.StringIO()
+    log.addHandler(logging.StreamHandler(buf))
+    for exc in (asyncio.InvalidStateError("invalid state"), ValueError("boom")):
+        try:
+            raise exc
+        except Exception as e:
+            log.error("nats: encountered error", exc_info=e)
+    assert buf.getvalue() == "nats: encountered error: ValueError: boom\n"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +79,26 @@ def describe_connect_error(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _ReadLoopRecords(logging.Filter):
+    """nats-py logs an exception that ends its read loop through the standard logging module,
+    which (unconfigured) prints it to stderr with a traceback. The one a PONG raises when the
+    ping waiting for it was cancelled (Ctrl-C during a flush) is InvalidStateError, harmless
+    at shutdown: dropped. Any other is kept as one line, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.InvalidStateError):
+            return False
+        if exc is not None:
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = ()
+            record.exc_info = None
+        return True
+
+
+_READ_LOOP_FILTER = _ReadLoopRecords()
+
+
 async def connect(
     url: str,
     *,
@@ -104,6 +125,7 @@ async def connect(
     options.py); `nats_options` go to nats-py's connect as they are."""
     connected = False
     last_error: list[BaseException | None] = [None]
+    logging.getLogger("nats.aio.client").addFilter(_READ_LOOP_FILTER)  # once: a set
 
     async def _disc() -> None:
         if connected and on_disconnect is not None:

@@ -74,10 +74,14 @@ def test_a_step_of_several_chunks_equals_each_alone(backend: NumpyBackend) -> No
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> None:
-    """Same math, different BLAS blocking (gemm vs gemv): float32 rounding only."""
+    """Same math, different BLAS blocking (gemm vs gemv) and summation order: float32
+    rounding only (u = 2^-24 ~ 6e-8 a step). Through the tiny models' two layers, attention
+    and the LM head the relative difference has been seen up to 1.1e-5 (it varies with the
+    BLAS thread count and blocking); 5e-5 leaves that 4x, while a real error (a wrong
+    position, a missing chunk, a stale KV row) moves the logits by 1e-2 or more."""
     a2, b2 = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
     err = np.linalg.norm(a2 - b2, axis=-1) / np.linalg.norm(b2, axis=-1)
-    assert err.max() <= 1e-5, err
+    assert err.max() <= 5e-5, err
 
 
 def test_chunked_prefill_and_decode_equal_one_pass(tiny: Path, backend: NumpyBackend) -> None:
