@@ -17,7 +17,17 @@ def splitmix64(x: int) -> int:
 
 def uniform(seed: int, step: int) -> float:
     """A float in [0, 1) with 53 random bits, fixed by (seed, step)."""
-    return (splitmix64(splitmix64(seed & _MASK) ^ (step & _MASK)) >> 11) * (1.0 / (1 << 53))
+    return uniform_at(seed_state(seed), step)
+
+
+def seed_state(seed: int) -> int:
+    """The part of `uniform` that depends on the seed alone (computed once per job)."""
+    return splitmix64(seed & _MASK)
+
+
+def uniform_at(state: int, step: int) -> float:
+    """uniform(seed, step) from seed_state(seed)."""
+    return (splitmix64(state ^ (step & _MASK)) >> 11) * (1.0 / (1 << 53))
 
 
 def new_seed() -> int:

@@ -174,7 +174,9 @@ class _Seq:
         "logits",
         "matcher",
         "n_prompt",
+        "next_draw",
         "req",
+        "seed_state",
         "slot",
         "started",
         "steps",
@@ -199,6 +201,8 @@ class _Seq:
         self.t_first = 0.0
         self.logits: list[np.ndarray] = []
         self.ending: StopReason | None = None  # known from the id alone (EOS, the limit)
+        self.seed_state = rng.seed_state(req.seed)
+        self.next_draw: tuple[int, float | None] = (-1, None)  # (i, uniform(seed, i))
 
     @property
     def prefilling(self) -> bool:
@@ -480,13 +484,13 @@ class Scheduler:
         return time.perf_counter() - min(s.t_start for s in new) < self.prefill_wait
 
     def _sample_spec(self, seq: _Seq, i: int) -> SampleSpec:
-        seed = seq.req.seed
-        return SampleSpec(
-            params=seq.req.params,
-            draw=rng.uniform(seed, i),
-            history=seq.generated,
-            next_draw=rng.uniform(seed, i + 1) if i + 1 < seq.limit else None,
-        )
+        st = seq.seed_state
+        k, draw = seq.next_draw  # the last step named this one's draw
+        if k != i or draw is None:
+            draw = rng.uniform_at(st, i)
+        nxt = rng.uniform_at(st, i + 1) if i + 1 < seq.limit else None
+        seq.next_draw = (i + 1, nxt)
+        return SampleSpec(params=seq.req.params, draw=draw, history=seq.generated, next_draw=nxt)
 
     # ------------------------------------------------------------------ after the step
 

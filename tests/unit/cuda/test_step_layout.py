@@ -178,3 +178,49 @@ def test_bad_chunks() -> None:
         layout_step([Chunk(0, [1, 2], 0, [0], prefill=False)], width=W, trash_block=TRASH)
     with pytest.raises(ValueError, match="wider"):
         layout_step([Chunk(0, [1], 0, list(range(9)), prefill=True)], width=W, trash_block=9)
+
+
+def test_packed_sampler_args_equal_the_one_row_packing() -> None:
+    """pack_sample_args (columns, a job's fixed fields cached) writes, row for row, the
+    bytes sample_args packs for one row; greedy rows (None) too."""
+    import random
+
+    from worker.backends.cuda.step import pack_sample_args
+    from worker.engine.rng import uniform
+
+    rnd = random.Random(11)
+    specs: list[SampleSpec | None] = []
+    for k in range(40):
+        if k % 7 == 3:
+            specs.append(None)
+            continue
+        p = SamplingParams(
+            temperature=rnd.choice([0.0, 0.3, 0.7, 1.9]),
+            top_k=rnd.choice([0, 1, 40]),
+            top_p=rnd.choice([1.0, 0.9, 0.123, 1e-6]),
+            min_p=rnd.choice([0.0, 0.05, 0.5]),
+            repetition_penalty=rnd.choice([1.0, 1.1, 1.7]),
+        )
+        draw = rnd.choice([0.0, 0.5, uniform(k, k * 3), 1e-12])
+        specs.append(SampleSpec(p, draw, list(range(rnd.randrange(5)))))
+    n = SAMPLE_ARGS_BYTES // 4
+    packed = np.zeros(len(specs) * n, np.int32)
+    pack_sample_args(packed, specs)
+    for k, s in enumerate(specs):
+        row = packed[k * n : (k + 1) * n].tobytes()
+        if s is None:
+            want = sample_args(
+                n_pen=0, penalty=1.0, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, draw=0.0
+            )
+        else:
+            q = s.params
+            want = sample_args(
+                n_pen=len(s.history),
+                penalty=float(np.float32(q.repetition_penalty)),
+                temperature=float(np.float32(q.temperature)),
+                top_k=q.top_k,
+                top_p=q.top_p,
+                min_p=q.min_p,
+                draw=s.draw,
+            )
+        assert row == want, k

@@ -18,11 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-from worker.backends.cuda.kernels import KV_BLOCK, SAMPLE_ARGS_BYTES, sample_fixed_point
+from worker.backends.cuda.kernels import (
+    KV_BLOCK,
+    SAMPLE_ARGS_BYTES,
+    exact_fraction,
+    sample_fixed_point,
+)
 from worker.engine.batch import Chunk, SampleSpec
+from worker.engine.params import SamplingParams
 
 ARGS_INTS = SAMPLE_ARGS_BYTES // 4
 FIELDS = ("ids", "pos", "kvrow", "gidx", "slot", "sargs", "seq", "bt")
@@ -290,32 +297,32 @@ ARGS_DTYPE = np.dtype(
 assert ARGS_DTYPE.itemsize == SAMPLE_ARGS_BYTES
 
 
+_GREEDY = (0, 1, 0, 1.0, 0.0, 0, 0, -1, 0)  # a row without settings, in ARGS_DTYPE order
+
+
+@lru_cache(maxsize=4096)
+def _job_args(p: SamplingParams) -> tuple[int, int, float, float, int, int]:
+    """A job's fixed sampler fields: (top_p_m, wfloor, pen, temperature, top_k, top_p_sh)."""
+    tp_m, tp_sh, wfloor, _, _ = sample_fixed_point(p.top_p, p.min_p, 0.0)
+    return tp_m, wfloor, p.repetition_penalty, p.temperature, p.top_k, tp_sh
+
+
 def pack_sample_args(dst: np.ndarray, specs: Sequence[SampleSpec | None]) -> None:
     """Each row's sampler settings (None: greedy, no history) into dst (int32 view of the
-    packed records), column by column."""
-    rec = dst.view(ARGS_DTYPE)
-    cols: dict[str, list[int | float]] = {name: [] for name in ARGS_DTYPE.names or ()}
+    packed records), column by column (a job's fixed fields computed once: _job_args)."""
+    if not specs:
+        return
+    rows: list[tuple[int | float, ...]] = []
     for s in specs:
         if s is None:
-            vals = (0, 1, 0, 1.0, 0.0, 0, 0, -1, 0)
-        else:
-            p = s.params
-            tp_m, tp_sh, wfloor, d_m, d_sh = sample_fixed_point(p.top_p, p.min_p, s.draw)
-            vals = (
-                tp_m,
-                wfloor,
-                d_m,
-                p.repetition_penalty,
-                p.temperature,
-                len(s.history),
-                p.top_k,
-                tp_sh,
-                d_sh,
-            )
-        for name, v in zip(cols, vals, strict=True):
-            cols[name].append(v)
-    for name, vs in cols.items():
-        rec[name] = vs  # float32 columns round exactly as float(np.float32(x)) does
+            rows.append(_GREEDY)
+            continue
+        tp_m, wfloor, pen, temp, top_k, tp_sh = _job_args(s.params)
+        d_m, d_sh = exact_fraction(s.draw)
+        rows.append((tp_m, wfloor, d_m, pen, temp, len(s.history), top_k, tp_sh, d_sh))
+    rec = dst.view(ARGS_DTYPE)
+    for name, col in zip(ARGS_DTYPE.names or (), zip(*rows, strict=True), strict=True):
+        rec[name] = col  # float32 columns round exactly as float(np.float32(x)) does
 
 
 def _fill_rows(f: dict[str, np.ndarray], r0: int, c: Chunk, trash_block: int) -> None:
