@@ -11,10 +11,9 @@ device in one transfer; the executor (executor.py) queues the whole step; only t
 ids (and logits a caller asked for) come back. A step replays a CUDA graph captured once
 per bucket (step.py, choose_bucket): decode rows padded to 1, 2, 4, ... 256, prompt rows to
 16, 24, 32, 48, ... up to --prefill-chunk, prompt chunks to a power of two (at least 4);
-padding rows
-write only the trash block. Graphs run with programmatic dependent launch on sm_90; the
-least recently used are dropped past MAX_GRAPHS. Steps that want the logits of every prompt
-position (tests, tools) run eagerly.
+padding rows write only the trash block. Graphs run with programmatic dependent launch on
+sm_90; the least recently used are dropped past MAX_GRAPHS. Steps that want the logits of
+every prompt position (tests, tools) run eagerly.
 
 Must be created and used on one thread (the one that owns the context).
 """
@@ -52,8 +51,8 @@ F32_TYPE = 0
 RESERVE_BYTES = 512 * MIB  # left free for the driver, graphs and PyCUDA's own needs
 MAX_BATCH_CAP = 256
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# captured step graphs kept (decode buckets and the mixed sizes a workload meets; a graph of
-# a ~300-kernel step holds a few hundred KB of host and device memory)
+# captured step graphs kept: the decode buckets and the mixed sizes a workload meets (each
+# holds its ~300 kernel nodes; the least recently used goes past this many)
 MAX_GRAPHS = 128
 LOGIT_ROWS = 64  # rows of all-position logits (tests, tools) computed per step
 DEFAULT_JOB_TOKENS = 2048  # the default --max-batch gives each running job this much KV
