@@ -12,19 +12,23 @@ percentiles per job. Everything is measured from the client side, the way a user
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tools.live import WorkerProc, shutdown_and_wait, wait_healthy
 from worker.client import OrcdClient
 from worker.nats.options import NatsConnectOptions
 from worker.nats.server import EmbeddedNatsServer
 from worker.protocol import End, Error, Health, Started, Token
+
+T = TypeVar("T")
 
 TARGETS_MS = {
     "ttft_p95": 20.0,
@@ -457,25 +461,28 @@ async def _live(
         secs, health = await wait_healthy(client, w, timeout=opts.load_timeout_s)
         (cold_s if cuda and opts.cold and i == 0 else warm_s).append(secs)
         if i == n_starts - 1:
-            out = await run_suite(
-                client,
-                opts.model_ref,
-                w.worker_id,
-                jobs=opts.jobs,
-                max_tokens=opts.max_tokens,
-                prompt=prompt,
-                health_requests=opts.health_requests,
-                cancel_runs=opts.cancel_runs,
-                vram_jobs=opts.vram_jobs,
+            out = await _while_alive(
+                w,
+                run_suite(
+                    client,
+                    opts.model_ref,
+                    w.worker_id,
+                    jobs=opts.jobs,
+                    max_tokens=opts.max_tokens,
+                    prompt=prompt,
+                    health_requests=opts.health_requests,
+                    cancel_runs=opts.cancel_runs,
+                    vram_jobs=opts.vram_jobs,
+                ),
             )
             if opts.concurrency:
-                out["concurrency"] = await _concurrency_phases(opts, url, prompt)
+                out["concurrency"] = await _while_alive(w, _concurrency_phases(opts, url, prompt))
             if opts.prefix_tokens > 0:
                 prefix, n = prompt_of_tokens(opts.model, opts.prefix_tokens)
-                out["prefix_cache"] = {
-                    "prefix_tokens": n,
-                    **await run_prefix_ttft(client, opts.model_ref, prefix, opts.prefix_jobs),
-                }
+                ttft = await _while_alive(
+                    w, run_prefix_ttft(client, opts.model_ref, prefix, opts.prefix_jobs)
+                )
+                out["prefix_cache"] = {"prefix_tokens": n, **ttft}
         secs, rc = await shutdown_and_wait(client, w)
         shutdown_s.append(secs)
         exit_codes.append(rc)
@@ -532,6 +539,26 @@ async def _live(
         missing.append("load cold vs warm kernel cache: cuda only (cpu compiles no kernels)")
     result["missing"] = missing
     return result
+
+
+class WorkerExited(RuntimeError):
+    """The measured worker ended while the suite still had jobs out."""
+
+
+async def _while_alive(w: WorkerProc, work: Awaitable[T]) -> T:
+    """`work`, or WorkerExited as soon as the worker's process ends (its jobs would wait
+    for a worker until their timeouts: minutes of a device call)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        rc = w.proc.poll()
+        if rc is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            tail = " | ".join(line.strip() for line in w.lines[-3:])
+            raise WorkerExited(f"the worker exited with {rc} during the measurement: {tail}")
+        await asyncio.wait({task}, timeout=0.25)
+    return task.result()
 
 
 async def _concurrency_phases(opts: LiveSuiteOptions, url: str, prompt: str) -> list[Any]:

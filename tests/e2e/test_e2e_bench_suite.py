@@ -152,3 +152,23 @@ def test_bench_suite_and_gateway_bench_on_a_server_that_wants_a_token(
     for cmd in ([*suite, "--nats-token", "s3c"], [*gw, "--nats-token", "s3c"]):
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "--nats-token" in proc.stdout + proc.stderr, proc
+
+
+def test_bench_suite_ends_when_its_worker_dies(tiny_model: Path) -> None:
+    """The measured worker fails a step the way a device fault does (WORKER_ORCD_FAIL_STEP:
+    it fails its jobs, reports unhealthy and exits): the suite says so at once as its one
+    JSON error, instead of its clients waiting minutes for a worker that is gone."""
+    import os
+    import time
+
+    cmd = [str(Path(sys.executable).parent / "worker-orcd"), "bench", "--suite"]
+    cmd += ["--device", "cpu", "--model", str(tiny_model), "--jobs", "20", "--max-tokens", "16"]
+    cmd += ["--health-requests", "5", "--cancel-runs", "1", "--vram-jobs", "2", "--loads", "1"]
+    env = dict(os.environ, WORKER_ORCD_FAIL_STEP="5")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["error"].startswith("WorkerExited: the worker exited with"), out
+    assert took < 90, took
