@@ -94,6 +94,12 @@ class Bucket:
         return self.decode + self.chunks
 
 
+def own_logits_rows(c: Chunk) -> bool:
+    """Whether a chunk's logits need rows of their own: it asks for logits and is not a
+    sampled one-row chunk (whose logits are its sampled row's)."""
+    return c.logits and not (c.sample is not None and len(c.tokens) == 1)
+
+
 def prompt_buckets(limit: int) -> list[int]:
     """Prompt-row bucket sizes up to `limit` (which is always one): 16, 24, 32, 48, 64, 96,
     ... (each at most 1.5x the one before, so padding costs at most a third of a prompt
@@ -120,7 +126,7 @@ def choose_bucket(
     sizes past the largest bucket or the step buffers."""
     n_dec = n_prompt = n_chunks = 0
     for c in chunks:
-        if c.logits and not (c.sample is not None and len(c.tokens) == 1):
+        if own_logits_rows(c):
             return None
         if c.prefill:
             n_chunks += 1
@@ -185,11 +191,7 @@ def layout_step(
     n_dec = len(decode)
     n_prompt = sum(len(chunks[i].tokens) for i in prompt)
     sampled = [i for i, c in enumerate(chunks) if c.sample is not None]
-    # a sampled one-row chunk's logits are its sampled row's; other chunks asking for
-    # logits get rows of their own
-    logits_chunks = [
-        i for i, c in enumerate(chunks) if c.logits and not (c.sample and len(c.tokens) == 1)
-    ]
+    logits_chunks = [i for i, c in enumerate(chunks) if own_logits_rows(c)]
     if bucket is None:
         d_rows, p_rows, records = n_dec, n_prompt, len(prompt)
     else:
