@@ -1,7 +1,21 @@
 // Small elementwise pieces of the layer recipes: bias and residual adds, learned position
 // embeddings read at device-held positions, the gpt-oss router (top-k + softmax), and the
-// row gather that picks the rows whose logits a step needs.
+// row gather that picks the rows whose logits a step needs, and the pending-token lookup of
+// an overlapped step.
 #include "common.cuh"
+
+// A step launched before the one before it was collected feeds some decode rows the id their
+// sequence drew there: the host writes ids[r] = -2 - j for row j of that step's sampler
+// output (prev_out holds (id, NaN flag) per row, still in place: this runs first). grid
+// ceil(n/256), block 256.
+extern "C" __global__ void resolve_pending_ids(int* __restrict__ ids,
+                                               const int* __restrict__ prev_out, int n) {
+  pdl_start();
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= n) return;
+  const int id = ids[r];
+  if (id <= -2) ids[r] = prev_out[2 * (-2 - id)];
+}
 
 // x[r][i] += y[r][i] (y_stride 0: broadcast one row, i.e. a bias). grid (ceil(n/256), rows).
 extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, int n,

@@ -38,6 +38,9 @@ class HostOnlyBackend:
     max_step_tokens = 256 + 512
     chunk_align = 1
 
+    def __init__(self) -> None:
+        self.prev_rows: dict[int, int] = {}
+
     def launch(self, chunks: Sequence[Chunk]) -> Sequence[Chunk]:
         bucket = choose_bucket(
             chunks,
@@ -47,13 +50,15 @@ class HostOnlyBackend:
             max_tokens=self.max_step_tokens,
             max_rows=self.max_batch + 64,
         )
-        layout_step(
+        lay = layout_step(
             chunks,
             width=self.context_length // self.block_size,
             trash_block=0,
             bucket=bucket,
             pad_slot=self.max_batch,
+            prev_rows=self.prev_rows,
         )
+        self.prev_rows = {chunks[i].slot: r for r, i in enumerate(lay.sampled)}
         return chunks
 
     def collect(self, handle: Sequence[Chunk]) -> StepOutput:

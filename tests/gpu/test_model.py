@@ -270,19 +270,26 @@ def _graphs_equal_eager(
 ) -> None:
     """The jobs together through the scheduler without keeping logits, so that steps with
     prompt chunks replay their buckets' graphs (padded rows and chunk records included):
-    every job's ids as with eager launches of exactly the step's rows."""
-    got: dict[str, Any] = {}
-    for be in (graphs, eager):
-        sched = Scheduler(be, tok, max_batch=len(reqs), prefill_chunk=prefill_chunk)
+    every job's ids as with eager launches of exactly the step's rows. Both overlapped
+    (pending decode rows take their ids on the device) and serial, each against eager
+    serial steps."""
+    got: dict[tuple[Any, bool], Any] = {}
+    for be, overlap in ((graphs, True), (graphs, False), (eager, False)):
+        sched = Scheduler(
+            be, tok, max_batch=len(reqs), prefill_chunk=prefill_chunk, overlap=overlap
+        )
         for r in reqs:
             assert sched.add(_copy(r)) is None
-        got[be] = {j: evs[-1] for j, evs in _drain(sched).items()}
+        got[be, overlap] = {j: evs[-1] for j, evs in _drain(sched).items()}
     mixed = [b for b in graphs.graph_buckets if b.chunks and b.decode]
     assert mixed, f"no step with prompt chunks and decode rows replayed a graph: {mixed}"
     for r in reqs:
-        a, b = got[graphs][r.job_id], got[eager][r.job_id]
-        assert isinstance(a, Finished) and isinstance(b, Finished)
-        assert a.token_ids == b.token_ids, f"{r.job_id}: graph replay differs from eager"
+        want = got[eager, False][r.job_id]
+        assert isinstance(want, Finished)
+        for key, what in (((graphs, False), "graph replay"), ((graphs, True), "overlapped")):
+            have = got[key][r.job_id]
+            assert isinstance(have, Finished)
+            assert have.token_ids == want.token_ids, f"{r.job_id}: {what} differs from eager"
 
 
 def test_mixed_step_graphs_equal_eager(qwen_path: Path, cuda_be: Any) -> None:

@@ -14,6 +14,7 @@ tokens (bounded attention-score memory).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -289,9 +290,11 @@ class NumpyBackend:
         self.max_step_tokens = 1 << 20  # chunks run one at a time: no step buffer to fill
         self.blas_threads = blas_threads
         self.kv = PagedKV(self.hp, self.n_blocks, bs, kv_dtype)
+        self._drawn: dict[int, int] = {}  # per slot: the id its last sampled chunk drew
 
     def launch(self, chunks: Sequence[Chunk]) -> StepOutput:
-        """Runs the step now (on the calling thread); `collect` hands its output back."""
+        """Runs the step now (on the calling thread); `collect` hands its output back. A
+        pending chunk's token is the id its slot drew last."""
         return self.step(chunks)
 
     def collect(self, handle: StepOutput) -> StepOutput:
@@ -312,6 +315,14 @@ class NumpyBackend:
 
         out = StepOutput(ids=[], logits=[])
         for ch in chunks:
+            if ch.pending:
+                drawn = self._drawn.get(ch.slot)
+                if drawn is None or ch.prefill or ch.sample is None:
+                    raise ValueError(f"pending chunk in slot {ch.slot} without a drawn id")
+                hist = [*ch.sample.history, drawn]
+                ch = dataclasses.replace(
+                    ch, tokens=(drawn,), sample=dataclasses.replace(ch.sample, history=hist)
+                )
             n = len(ch.tokens)
             if n == 0:
                 raise ValueError("a chunk needs at least one token")
@@ -343,9 +354,9 @@ class NumpyBackend:
             row = logits[-1] if logits is not None else last
             assert row is not None
             sp = ch.sample
-            out.ids.append(
-                int(sample(row.astype(np.float32, copy=False), sp.params, sp.draw, sp.history))
-            )
+            tok = int(sample(row.astype(np.float32, copy=False), sp.params, sp.draw, sp.history))
+            self._drawn[ch.slot] = tok
+            out.ids.append(tok)
         return out
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -353,7 +364,7 @@ class NumpyBackend:
             self.kv.copy_block(src, dst)
 
     def release_slot(self, slot: int) -> None:
-        pass  # nothing is cached per slot
+        self._drawn.pop(slot, None)
 
     def check_residency(self) -> ResidencyReport:
         # Host memory by design (resident=False): there is no device memory to verify.

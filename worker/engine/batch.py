@@ -1,11 +1,14 @@
 """What the scheduler hands a backend for one step, and what comes back.
 
-A step is a list of `Chunk`s, one per sequence that runs in it: either one decode token
-(the token the sequence sampled last step) or a run of prompt tokens (a prefill chunk).
-Every chunk carries the sequence's whole block table, so the backend needs no state of its
-own about sequences beyond what a `slot` lets it cache (e.g. a device copy of the
-repetition-penalty history). A chunk with `sample` set asks for one token drawn from the
-logits of its last position.
+A step is a list of `Chunk`s, one per sequence that runs in it: either one decode token (the
+token the sequence sampled last step) or a run of prompt tokens (a prefill chunk). A decode
+chunk may be `pending`: its token is the one its sequence draws in the step launched just
+before this one, not yet back on the host (the scheduler launches a step before it collects
+the one before it, so the device never waits for the host); the backend takes that id from
+the previous step's sampler output on its own side. Every chunk carries the sequence's whole
+block table, so the backend needs no state of its own about sequences beyond what a `slot`
+lets it cache (e.g. a device copy of the repetition-penalty history). A chunk with `sample`
+set asks for one token drawn from the logits of its last position.
 
 Batch invariance: a backend must compute every chunk's rows exactly as it would if that
 chunk ran alone, whatever else is in the step and in whichever order (no reduction order may
@@ -46,6 +49,9 @@ class Chunk:
     prefill: bool  # prompt tokens (True) or one generated token fed back (False)
     sample: SampleSpec | None = None
     logits: bool = False  # return the logits of every position of this chunk (tests, tools)
+    # a decode chunk whose token is the one its sequence draws in the step launched just
+    # before this one (tokens holds a placeholder; sample.history lacks that id)
+    pending: bool = False
 
 
 @dataclass(slots=True)
@@ -71,7 +77,8 @@ class BatchBackend(Protocol):
 
     def launch(self, chunks: Sequence[Chunk]) -> Any:
         """Start one step (see the module docstring); the handle goes to `collect`. At most
-        one step is launched and not yet collected."""
+        two steps are launched and not yet collected, and they are collected in order; a
+        `pending` chunk's sequence has a sampled chunk in the step launched just before."""
         ...
 
     def collect(self, handle: Any) -> StepOutput:

@@ -16,6 +16,13 @@
   start until they fill the step's prompt budget or the oldest of them has waited
   `prefill_wait` seconds since it was received: several arriving jobs share one such step
   instead of taking one each.
+- Overlap (the default; off with keep_logits): step k+1 is launched before step k is
+  collected, its decode rows `pending` (worker.engine.batch): the backend feeds each such
+  row the id its sequence drew in step k on the device, so the device never idles while the
+  host collects a step, turns it into events and plans the next. The cost: what ends a
+  sequence is known one step late, so its row in the step after is computed and dropped
+  (never past its KV reservation: a sequence whose pending token is its last gets no row),
+  and a freed slot is refilled one step later.
 - After the step: each sampled token goes through the sequence's UTF-8 stream decoder and
   stop strings; a sequence ends on EOS, a stop string or its token limit, and frees its slot
   and blocks at once. Cancels and deadlines are applied at step boundaries.
@@ -175,6 +182,8 @@ class _Seq:
         "matcher",
         "n_prompt",
         "next_draw",
+        "pending",
+        "planned",
         "req",
         "seed_state",
         "slot",
@@ -191,6 +200,8 @@ class _Seq:
         self.alloc: Allocation | None = None
         self.slot = -1
         self.computed = 0  # positions whose KV is written
+        self.planned = 0  # positions whose KV is written or queued in a launched step
+        self.pending = False  # a launched, uncollected step draws its next token
         self.started = False  # a prompt chunk of it has been planned
         self.generated: list[int] = []
         self.decoder = StreamDecoder(tokenizer, after_token=req.prompt_ids[-1])
@@ -206,7 +217,8 @@ class _Seq:
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < self.n_prompt
+        """Prompt positions are left to plan."""
+        return self.planned < self.n_prompt
 
 
 class Scheduler:
@@ -223,9 +235,11 @@ class Scheduler:
         context_length: int | None = None,
         prefix_cache: bool = True,
         keep_logits: bool = False,
+        overlap: bool = True,
     ) -> None:
         self.backend = backend
         self.keep_logits = keep_logits
+        self.overlap = overlap and not keep_logits
         self.tok = tokenizer
         self.max_batch = min(max_batch or backend.max_batch, backend.max_batch)
         self.prefill_chunk = max(1, min(prefill_chunk, backend.max_step_tokens))
@@ -237,8 +251,8 @@ class Scheduler:
         self.kv_capacity = min(backend.context_length, backend.n_blocks * backend.block_size)
         self.waiting: deque[_Seq] = deque()
         self.running: dict[str, _Seq] = {}
-        # the step launched and not yet collected: (chunks, their sequences, backend handle)
-        self._inflight: tuple[list[Chunk], list[_Seq], Any] | None = None
+        # steps launched and not yet collected, oldest first: (chunks, sequences, handle)
+        self._inflight: deque[tuple[list[Chunk], list[_Seq], Any]] = deque()
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self.steps = 0
         self.step_tokens = 0  # tokens and sequences of the last step launched
@@ -248,7 +262,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running and self._inflight is None
+        return not self.waiting and not self.running and not self._inflight
 
     @property
     def jobs(self) -> int:
@@ -309,37 +323,54 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[EngineEvent]:
-        """Collect the step in flight, admit, launch the next step for every running sequence,
-        then turn the collected step's tokens into text and events while the next one runs
-        (the host's per-token work overlaps the device's step). What ends a sequence from the
-        id alone (EOS, its token limit) is known before the next launch; a stop string only
-        after it, so such a sequence's row in the next step is computed and dropped."""
+        """One turn: launch the next step for every running sequence and collect the oldest
+        step in flight, then turn its tokens into text and events while the device runs.
+
+        Overlapped: expire, admit, launch step k+1, collect step k (so the device has
+        step k+1 queued while the host works). Serial (keep_logits, or overlap=False):
+        collect step k, expire, admit, launch step k+1. Either way the host's per-token
+        work (text, stop strings, events) runs while the device computes. A stop string is
+        found only after the next launch, so such a sequence's row there is dropped."""
         events: list[EngineEvent] = []
-        sampled = self._collect(events)
-        self._expire(events)
-        self._admit(events)
-        if self.running:
-            chunks, seqs = self._plan()
-            self._inflight = (chunks, seqs, self.backend.launch(chunks))
-            self.steps += 1
+        if self.overlap:
+            self._expire(events)
+            self._admit(events)
+            launched = self._launch()
+            sampled = self._collect(events) if len(self._inflight) > launched else []
+        else:
+            sampled = self._collect(events)
+            self._expire(events)
+            self._admit(events)
+            self._launch()
         for seq, tok, now in sampled:
             self._on_text(seq, tok, now, events)
         return events
 
+    def _launch(self) -> int:
+        """Plan and launch the next step, if any sequence has work for it (1), else 0."""
+        if not self.running:
+            return 0
+        chunks, seqs = self._plan()
+        if not chunks:  # every sequence waits on the step in flight
+            return 0
+        self._inflight.append((chunks, seqs, self.backend.launch(chunks)))
+        for ch, seq in zip(chunks, seqs, strict=True):
+            seq.planned = ch.start + len(ch.tokens)
+            seq.pending = ch.sample is not None
+        self.steps += 1
+        return 1
+
     def drain(self) -> None:
-        """Wait for the step in flight and drop its results (closing the scheduler)."""
-        if self._inflight is not None:
-            _, _, handle = self._inflight
-            self._inflight = None
-            self.backend.collect(handle)
+        """Wait for the steps in flight and drop their results (closing the scheduler)."""
+        while self._inflight:
+            self.backend.collect(self._inflight.popleft()[2])
 
     def _collect(self, events: list[EngineEvent]) -> list[tuple[_Seq, int, float]]:
-        """The results of the step in flight: positions computed, prompt blocks published,
-        each sampled id recorded (what it ends, from the id alone, ends now)."""
-        if self._inflight is None:
+        """The results of the oldest step in flight: positions computed, prompt blocks
+        published, each sampled id recorded (what it ends, from the id alone, ends now)."""
+        if not self._inflight:
             return []
-        chunks, seqs, handle = self._inflight
-        self._inflight = None
+        chunks, seqs, handle = self._inflight.popleft()
         out = self.backend.collect(handle)
         now = time.perf_counter()
         sampled: list[tuple[_Seq, int, float]] = []
@@ -347,6 +378,8 @@ class Scheduler:
             if self.running.get(seq.req.job_id) is not seq:
                 continue  # ended after this step was launched: its row is dropped
             seq.computed = ch.start + len(ch.tokens)
+            if ch.sample is not None and seq.planned == seq.computed:
+                seq.pending = False  # no later step in flight draws for it
             if ch.prefill:
                 assert seq.alloc is not None
                 self.blocks.publish(seq.alloc, seq.computed)
@@ -404,7 +437,7 @@ class Scheduler:
                 self.backend.copy_blocks(alloc.copies)
                 alloc.copies.clear()
             seq.alloc = alloc
-            seq.computed = alloc.cached_tokens
+            seq.computed = seq.planned = alloc.cached_tokens
             seq.slot = self._free_slots.pop()
             self.running[seq.req.job_id] = seq
             events.append(Admitted(seq.req.job_id, seq.n_prompt, alloc.cached_tokens))
@@ -419,18 +452,23 @@ class Scheduler:
             if seq.prefilling:
                 continue
             assert seq.alloc is not None
-            pos = seq.computed
+            # the token fed back: the last one recorded, or the one the step in flight draws
+            # (its index i - 1); a pending token that is the sequence's last is never fed
+            i = len(seq.generated) + seq.pending
+            if i >= seq.limit:
+                continue
+            pos = seq.planned
             self.blocks.grow(seq.alloc, pos + 1)
-            i = len(seq.generated)
             chunks.append(
                 Chunk(
                     slot=seq.slot,
-                    tokens=(seq.generated[-1],),
+                    tokens=(0,) if seq.pending else (seq.generated[-1],),
                     start=pos,
                     blocks=seq.alloc.table,
                     prefill=False,
                     sample=self._sample_spec(seq, i),
                     logits=self.keep_logits,
+                    pending=seq.pending,
                 )
             )
             seqs.append(seq)
@@ -441,7 +479,7 @@ class Scheduler:
             if not seq.prefilling or budget <= 0 or room <= 0 or (hold_new and not seq.started):
                 continue
             assert seq.alloc is not None
-            pos = seq.computed
+            pos = seq.planned
             n = seq.n_prompt - pos
             if self.align > 1:
                 n = min(n, self.align - pos % self.align)
@@ -479,7 +517,7 @@ class Scheduler:
         new = [s for s in self.running.values() if s.prefilling and not s.started]
         if not new or any(s.prefilling and s.started for s in self.running.values()):
             return False  # nothing to hold, or this step carries prompt tokens anyway
-        if sum(s.n_prompt - s.computed for s in new) >= self.prefill_chunk:
+        if sum(s.n_prompt - s.planned for s in new) >= self.prefill_chunk:
             return False
         return time.perf_counter() - min(s.t_start for s in new) < self.prefill_wait
 

@@ -11,6 +11,7 @@ import pytest
 
 from worker.backends.cuda.kernels import KV_BLOCK, SAMPLE_ARGS_BYTES, sample_args
 from worker.backends.cuda.step import (
+    ARGS_DTYPE,
     Bucket,
     Sizes,
     choose_bucket,
@@ -224,3 +225,21 @@ def test_packed_sampler_args_equal_the_one_row_packing() -> None:
                 draw=s.draw,
             )
         assert row == want, k
+
+
+def test_pending_rows_name_the_previous_steps_sampler_row() -> None:
+    """A pending decode row's id is -2 - (its slot's sampled row in the step before), its
+    sampler history one longer than the host's; a slot the step before did not sample is
+    refused."""
+    spec = SampleSpec(P, 0.5, [4, 5, 6])
+    chunks = [
+        Chunk(slot=2, tokens=[0], start=9, blocks=[1], prefill=False, sample=spec, pending=True),
+        Chunk(slot=5, tokens=[77], start=3, blocks=[2], prefill=False, sample=spec),
+        Chunk(slot=0, tokens=[0], start=4, blocks=[3], prefill=False, sample=spec, pending=True),
+    ]
+    lay = layout_step(chunks, width=W, trash_block=TRASH, prev_rows={0: 6, 2: 0, 5: 1})
+    f = _fields(lay)
+    assert list(f["ids"]) == [-2, 77, -8]
+    assert list(f["sargs"].view(ARGS_DTYPE)["n_pen"]) == [4, 3, 4]
+    with pytest.raises(ValueError, match="drew nothing"):
+        layout_step(chunks, width=W, trash_block=TRASH, prev_rows={2: 0})

@@ -315,3 +315,50 @@ def test_cancel_and_deadline(backend: NumpyBackend, tok: Tokenizer) -> None:
     assert isinstance(late, Failed) and late.error.code is ErrorCode.INFERENCE_TIMEOUT
     assert isinstance(events["c1"][-1], Finished)
     assert sched.blocks.used == 0
+
+
+def test_overlapped_steps_give_what_serial_steps_give(
+    backend: NumpyBackend, tok: Tokenizer
+) -> None:
+    """Launching step k+1 before collecting step k (pending decode rows, the default) changes
+    no job's ids, text or stop reason, whether jobs arrive together or while others run, end
+    on EOS, stop strings or their limit, or are cancelled; every block comes back."""
+    reqs = _requests(tok, 14, seed=9)
+    for r in reqs[2::4]:
+        r.stop = ["o", "+"]  # stop strings these tiny models do produce
+
+    def run(overlap: bool) -> dict[str, list[EngineEvent]]:
+        sched = Scheduler(backend, tok, max_batch=6, prefill_chunk=40, overlap=overlap)
+        assert sched.overlap is overlap
+        events: list[EngineEvent] = []
+        todo = [_copy(r) for r in reqs]
+        for k in range(5000):
+            if k % 3 == 0 and todo:  # arrivals while others decode
+                assert sched.add(todo.pop(0)) is None
+            if k == 12:  # a cancel with steps in flight
+                status, ev = sched.cancel("job1")
+                assert status == "running" and ev is not None
+                events.append(ev)
+            if sched.idle and not todo:
+                break
+            events += sched.step()
+        sched.blocks.check()
+        assert sched.blocks.used == 0
+        return _by_job(events)
+
+    serial, overlapped = run(False), run(True)
+    assert serial.keys() == overlapped.keys() == {r.job_id for r in reqs}
+    reasons = set()
+    for job, evs in serial.items():
+        a, b = evs[-1], overlapped[job][-1]
+        if job == "job1":
+            assert isinstance(b, Failed) and b.error.code == ErrorCode.CANCELLED
+            continue
+        assert isinstance(a, Finished) and isinstance(b, Finished), job
+        assert (a.token_ids, a.stop_reason) == (b.token_ids, b.stop_reason), job
+        text = lambda evs: "".join(e.text for e in evs if isinstance(e, TokenOut))  # noqa: E731
+        assert text(evs) == text(overlapped[job])
+        idx = [e.i for e in overlapped[job] if isinstance(e, TokenOut)]
+        assert idx == sorted(idx)  # in order
+        reasons.add(a.stop_reason)
+    assert reasons >= {"max_tokens", "stop"}

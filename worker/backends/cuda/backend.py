@@ -8,12 +8,15 @@ allocated per step or per job.
 
 A step (`step`): its rows and inputs are laid out on the host (step.py) and copied to the
 device in one transfer; the executor (executor.py) queues the whole step; only the sampled
-ids (and logits a caller asked for) come back. A step replays a CUDA graph captured once
-per bucket (step.py, choose_bucket): decode rows padded to 1, 2, 4, ... 256, prompt rows to
-16, 24, 32, 48, ... up to --prefill-chunk, prompt chunks to a power of two (at least 4);
-padding rows write only the trash block. Graphs run with programmatic dependent launch on
-sm_90; the least recently used are dropped past MAX_GRAPHS. Steps that want the logits of
-every prompt position (tests, tools) run eagerly.
+ids (and logits a caller asked for) come back. Two steps may be in flight (the scheduler
+launches one before collecting the one before it): the pinned staging and output buffers are
+double-buffered, each with the event of the step that last used it, and a pending decode
+row's id is looked up on the device in the previous step's sampler output. A step replays a
+CUDA graph captured once per bucket (step.py, choose_bucket): decode rows padded to 1, 2, 4,
+... 256, prompt rows to 16, 24, 32, 48, ... up to --prefill-chunk, prompt chunks to a power
+of two (at least 4); padding rows write only the trash block. Graphs run with programmatic
+dependent launch on sm_90; the least recently used are dropped past MAX_GRAPHS. Steps that
+want the logits of every prompt position (tests, tools) run eagerly.
 
 Must be created and used on one thread (the one that owns the context).
 """
@@ -246,10 +249,15 @@ class CudaBackend:
             hist_len=self.context_length,
         )
         self.inputs = ctx.alloc(big.total * 4, "step inputs")
-        self._staging = ctx.drv.pagelocked_empty(big.total, np.int32)
-        self._out = ctx.drv.pagelocked_empty(2 * self.max_logit_rows, np.int32)
-        self._done = ctx.drv.Event()
-        self._done.record(ctx.stream)
+        # per parity (alternate steps): pinned inputs and outputs, and the event recorded
+        # after the step that last used them
+        self._staging = [ctx.drv.pagelocked_empty(big.total, np.int32) for _ in range(2)]
+        self._out = [ctx.drv.pagelocked_empty(2 * self.max_logit_rows, np.int32) for _ in range(2)]
+        self._done = [ctx.drv.Event() for _ in range(2)]
+        for ev in self._done:
+            ev.record(ctx.stream)
+        self._parity = 0
+        self._prev_rows: dict[int, int] = {}  # slot -> its sampled row in the last step
         pool_room = ctx.mem_info()[0] - RESERVE_BYTES
         if kv_cache_size_mb is not None:
             pool_room = min(pool_room, kv_cache_size_mb * MIB)
@@ -269,8 +277,10 @@ class CudaBackend:
         )
         self.kv = KvPool(ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, self.n_blocks)
         self.ex.kv = self.kv
-        # what the sampler's history holds per slot: (length, last id)
+        # what the sampler's history holds per slot: (length, last id); a slot's generation
+        # counts its releases (a step collected after its sequence left updates nothing)
         self._hist: dict[int, tuple[int, int]] = {}
+        self._slot_gen: dict[int, int] = {}
         self.pdl: bool | None = None
         self.load_seconds = time.perf_counter() - t_start
 
@@ -328,15 +338,20 @@ class CudaBackend:
         return self.collect(self.launch(chunks))
 
     def launch(self, chunks: Sequence[Chunk]) -> Any:
-        """Queue one step (worker.engine.batch); `collect` waits for it. Chunks asking for
-        all-position logits are run at once, in pieces of LOGIT_ROWS positions (the same
-        results: nothing depends on the chunking)."""
-        if any(c.logits and len(c.tokens) > LOGIT_ROWS for c in chunks):
-            return self._step_in_pieces(chunks)
+        """Queue one step (worker.engine.batch); `collect` waits for it. A step that wants
+        logits runs to completion here (its logits are read before another step can
+        overwrite them); chunks asking for all-position logits are run in pieces of
+        LOGIT_ROWS positions (the same results: nothing depends on the chunking)."""
         try:
-            return self._launch(chunks)
+            if any(c.logits and len(c.tokens) > LOGIT_ROWS for c in chunks):
+                return self._step_in_pieces(chunks)
+            handle = self._launch(chunks)
+            if any(c.logits for c in chunks):
+                return self._collect(*handle)
+            return handle
         except BaseException:
             self._hist.clear()  # after a failure, re-send every history
+            self._prev_rows.clear()
             raise
 
     def collect(self, handle: Any) -> StepOutput:
@@ -346,6 +361,7 @@ class CudaBackend:
             return self._collect(*handle)
         except BaseException:
             self._hist.clear()
+            self._prev_rows.clear()
             raise
 
     def _step_in_pieces(self, chunks: Sequence[Chunk]) -> StepOutput:
@@ -389,6 +405,8 @@ class CudaBackend:
                 )
             if not 0 <= c.slot < self.max_batch:
                 raise ValueError(f"slot {c.slot} outside 0..{self.max_batch - 1}")
+            if c.pending and (c.prefill or c.sample is None or n != 1):
+                raise ValueError("a pending chunk is one sampled decode token")
             ids = np.asarray(c.tokens)
             if ids.min() < 0 or ids.max() >= self.vocab_size:
                 raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
@@ -398,10 +416,18 @@ class CudaBackend:
         if total > self.max_step_tokens:
             raise ValueError(f"{total} tokens > {self.max_step_tokens} a step")
 
-    def _launch(self, chunks: Sequence[Chunk]) -> tuple[Sequence[Chunk], Any, int]:
+    def _launch(
+        self, chunks: Sequence[Chunk]
+    ) -> tuple[Sequence[Chunk], Any, int, int, list[tuple[int, int]]]:
         self._check(chunks)
         drv, st = self.ctx.drv, self.ctx.stream
         self._sync_histories(chunks)
+        # each sampled chunk's (slot generation, history length on the device once drawn)
+        hist_after = [
+            (self._slot_gen.get(c.slot, 0), len(c.sample.history) + c.pending + 1)
+            for c in chunks
+            if c.sample is not None
+        ]
         bucket = None
         if self.use_graphs:
             bucket = choose_bucket(
@@ -418,14 +444,18 @@ class CudaBackend:
             trash_block=self.kv.trash_block,
             bucket=bucket,
             pad_slot=self.max_batch,  # the history has one slot past the sequences' ones
+            prev_rows=self._prev_rows,
         )
         sz = lay.sizes
         if sz.rows > self.max_logit_rows:
             raise ValueError(f"{sz.rows} logits rows > {self.max_logit_rows} a step")
-        self._done.synchronize()  # the staging buffer fed the last step's copy
+        p = self._parity
+        self._parity ^= 1
+        self._done[p].synchronize()  # this parity's buffers served the step before last
         n = sz.total
-        self._staging[:n] = lay.packed
-        drv.memcpy_htod_async(self.inputs.ptr, self._staging[:n], st)
+        staging = self._staging[p]
+        staging[:n] = lay.packed
+        drv.memcpy_htod_async(self.inputs.ptr, staging[:n], st)
         # sampled rows: the chunks' own, then a bucket's padding rows
         prefill = lay.prefill
         if bucket is not None and bucket.chunks:
@@ -440,11 +470,19 @@ class CudaBackend:
             self.ex.enqueue(dev)
         n_s = dev.sampled
         if n_s:
-            drv.memcpy_dtoh_async(self._out[: 2 * n_s], self.ex.s["out"].ptr, st)
-        self._done.record(st)
-        return chunks, lay, sz.rows
+            drv.memcpy_dtoh_async(self._out[p][: 2 * n_s], self.ex.s["out"].ptr, st)
+        self._done[p].record(st)
+        self._prev_rows = {chunks[i].slot: r for r, i in enumerate(lay.sampled)}
+        return chunks, lay, sz.rows, p, hist_after
 
-    def _collect(self, chunks: Sequence[Chunk], lay: Any, n_rows: int) -> StepOutput:
+    def _collect(
+        self,
+        chunks: Sequence[Chunk],
+        lay: Any,
+        n_rows: int,
+        p: int,
+        hist_after: list[tuple[int, int]],
+    ) -> StepOutput:
         ctx = self.ctx
         logits: list[np.ndarray | None] = [None] * len(chunks)
         if any(c.logits for c in chunks):
@@ -456,18 +494,20 @@ class CudaBackend:
                     logits[i] = host[r : r + 1]
             for i, (r0, rn) in zip(lay.logits_chunks, lay.logits_rows, strict=True):
                 logits[i] = host[r0 : r0 + rn]
-        ctx.sync("step")
+        ctx.sync_event(self._done[p], "step")
+        out = self._out[p]
         ids = [-1] * len(chunks)
         for r, i in enumerate(lay.sampled):
-            tok, nan = int(self._out[2 * r]), int(self._out[2 * r + 1])
+            tok, nan = int(out[2 * r]), int(out[2 * r + 1])
             c = chunks[i]
-            assert c.sample is not None
+            gen, n_hist = hist_after[r]
+            ids[i] = -2 if nan else tok
+            if gen != self._slot_gen.get(c.slot, 0):
+                continue  # the slot's sequence has left since this step was launched
             if nan:
-                ids[i] = -2
                 self._hist.pop(c.slot, None)
             else:
-                ids[i] = tok
-                self._hist[c.slot] = (len(c.sample.history) + 1, tok)
+                self._hist[c.slot] = (n_hist, tok)
         return StepOutput(ids=ids, logits=logits)
 
     def _device_step(
@@ -510,11 +550,11 @@ class CudaBackend:
                 continue
             h = s.history
             n = len(h)
-            if n > self.context_length:
+            if n + c.pending > self.context_length:
                 raise ValueError("penalty history longer than the context")
             have = self._hist.get(c.slot)
             if n == 0 or (have is not None and have == (n, int(h[-1]))):
-                continue
+                continue  # (a pending id is appended after these by the step before)
             self.ctx.drv.memcpy_htod_async(
                 hist.ptr + c.slot * stride, np.asarray(h, dtype=np.int32), self.ctx.stream
             )
@@ -555,6 +595,7 @@ class CudaBackend:
 
     def release_slot(self, slot: int) -> None:
         self._hist.pop(slot, None)
+        self._slot_gen[slot] = self._slot_gen.get(slot, 0) + 1
 
     def set_pdl(self, on: bool | None) -> None:
         """Programmatic dependent launch inside the step graphs (None: the default,

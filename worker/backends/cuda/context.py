@@ -150,6 +150,14 @@ class CudaContext:
         except self.drv.Error as exc:
             raise CudaError(f"{what}: {exc}") from exc
 
+    def sync_event(self, event: Any, what: str) -> None:
+        """Wait for an event recorded on the stream (the work queued before it, not what
+        was queued since); a fault becomes CudaError naming `what`."""
+        try:
+            event.synchronize()
+        except self.drv.Error as exc:
+            raise CudaError(f"{what}: {exc}") from exc
+
     # ------------------------------------------------------------------ residency
 
     def pointer_problem(self, ptr: int) -> str | None:
@@ -222,6 +230,7 @@ PDL_KERNELS = (
     "topk_softmax_f32",
     "moe_combine_f32",
     "gather_rows_f32",
+    "resolve_pending_ids",
     "attn_paged_decode",
     "attn_prefill_tc_",
     "qkv_rope_store",

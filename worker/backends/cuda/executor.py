@@ -1,7 +1,8 @@
 """The step on the GPU: a model recipe (worker.models.recipe) as a sequence of kernel launches.
 
 `Executor.enqueue(step)` queues, on the context's stream, everything one step computes for
-its T rows: the embedding, every layer (norm, q/k/v projections, RoPE and the paged KV
+its T rows: the ids of pending decode rows from the previous step's sampler output, the
+embedding, every layer (norm, q/k/v projections, RoPE and the paged KV
 store, decode attention for the decode rows and tensor-core attention for the prompt
 chunks, output projection, FFN: gated, GELU or mixture of experts), then the LM head over
 the R rows whose logits are wanted, and one sampler launch for the sampled ones. It reads
@@ -235,6 +236,8 @@ class Executor:
         """Queue the whole step (see the module docstring)."""
         hp, k, s = self.hp, self.k, self.s
         T, E = st.tokens, hp.n_embd
+        if st.decode:  # pending decode rows take the ids the step before drew (batch.py)
+            k.resolve_pending_ids(st.ids, s["out"], st.decode)
         self.mm.embed(
             self.weight("token_embd.weight"), _b(st.ids), T, _b(s["x"]), stream=self.ctx.stream
         )

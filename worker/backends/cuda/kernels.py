@@ -238,6 +238,7 @@ class Kernels:
             ("elementwise", "topk_softmax_f32"): "PiiPP",
             ("elementwise", "moe_combine_f32"): "PPPii",
             ("elementwise", "gather_rows_f32"): "PiPPii",
+            ("elementwise", "resolve_pending_ids"): "PPi",
             ("sampling", "sample_rows"): "PqiPPPiPPPP",
         }
         from worker.backends.cuda.matmul import _prefer_shared
@@ -660,6 +661,14 @@ class Kernels:
         self.launch(
             k, ((n + 255) // 256, rows), (256,), x.ptr, x_stride, idx.ptr, out.ptr, out_stride, n
         )
+
+    def resolve_pending_ids(self, ids: DevBuf, prev_out: DevBuf, rows: int) -> None:
+        """ids[r] = prev_out[2 * (-2 - ids[r])] where ids[r] <= -2, for r < rows (the
+        host names rows of the previous step's sampler output, all inside prev_out)."""
+        k = "resolve_pending_ids"
+        positive(k, rows=rows)
+        need(k, ids, rows * 4, "ids")
+        self.launch(k, ((rows + 255) // 256,), (256,), ids.ptr, prev_out.ptr, rows)
 
     # ------------------------------------------------------------------ sampling
 

@@ -6,7 +6,9 @@ one contiguous run of rows per chunk. Per row the device needs the token id, its
 and the KV-pool row its key and value go to; per decode row and per prompt chunk, the
 sequence's block table (a fixed width W, padded with the trash block); per prompt chunk,
 (first row, tokens, first position); and per row whose logits are wanted, its index. Rows
-that are sampled come first among those.
+that are sampled come first among those. A pending decode row (worker.engine.batch) gets
+the id -2 - j: row j of the previous step's sampler output holds its token (the executor's
+first kernel looks it up), and its sampler history counts that token too.
 
 All of it is packed into one int32 array (`pack`), copied to the device in one transfer;
 the offsets of its fields depend only on the sizes (T tokens, D decode rows, P chunks, R
@@ -16,7 +18,7 @@ addresses every replay.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -172,6 +174,7 @@ def layout_step(
     trash_block: int,
     bucket: Bucket | None = None,
     pad_slot: int = -1,
+    prev_rows: Mapping[int, int] | None = None,
 ) -> StepLayout:
     """The rows and packed inputs of `chunks` (see the module docstring).
 
@@ -182,7 +185,8 @@ def layout_step(
     attention blocks exit). Every logits row is sampled: the step's sampled rows first,
     then padding rows, sampled greedily into `pad_slot`, a sampler history slot no sequence
     has (the sampler appends each row's id to its slot's history: a real slot there would
-    be overwritten), their results unused. In `prefill` the padding chunk is included."""
+    be overwritten), their results unused. In `prefill` the padding chunk is included.
+    prev_rows: slot -> its sampled row in the previous step (for pending chunks)."""
     decode = [i for i, c in enumerate(chunks) if not c.prefill]
     prompt = [i for i, c in enumerate(chunks) if c.prefill]
     for i in decode:
@@ -233,7 +237,7 @@ def layout_step(
     if decode:  # one token each: filled column-wise from Python lists (the common case)
         dec = [chunks[i] for i in decode]
         pos = [c.start for c in dec]
-        f["ids"][:n_dec] = [c.tokens[0] for c in dec]
+        f["ids"][:n_dec] = [_pending_id(c, prev_rows) if c.pending else c.tokens[0] for c in dec]
         f["pos"][:n_dec] = pos
         f["kvrow"][:n_dec] = [
             c.blocks[p // KV_BLOCK] * KV_BLOCK + p % KV_BLOCK for c, p in zip(dec, pos, strict=True)
@@ -257,7 +261,11 @@ def layout_step(
     if n_s:
         gidx[:n_s] = [rows_of[i][0] + rows_of[i][1] - 1 for i in sampled]
         slot[:n_s] = [chunks[i].slot for i in sampled]
-        pack_sample_args(f["sargs"][: n_s * ARGS_INTS], [chunks[i].sample for i in sampled])
+        pack_sample_args(
+            f["sargs"][: n_s * ARGS_INTS],
+            [chunks[i].sample for i in sampled],
+            [chunks[i].pending for i in sampled],
+        )
     r = n_s
     if bucket is not None and n_rows > n_s:  # padding rows read row 0 (a computed one)
         slot[r:n_rows] = pad_slot  # the spare history slot (see the docstring)
@@ -309,22 +317,33 @@ def _job_args(p: SamplingParams) -> tuple[int, int, float, float, int, int]:
     return tp_m, wfloor, p.repetition_penalty, p.temperature, p.top_k, tp_sh
 
 
-def pack_sample_args(dst: np.ndarray, specs: Sequence[SampleSpec | None]) -> None:
+def pack_sample_args(
+    dst: np.ndarray, specs: Sequence[SampleSpec | None], pending: Sequence[bool] = ()
+) -> None:
     """Each row's sampler settings (None: greedy, no history) into dst (int32 view of the
-    packed records), column by column (a job's fixed fields computed once: _job_args)."""
+    packed records), column by column (a job's fixed fields computed once: _job_args).
+    A pending row's history is one longer than its spec's (the device holds that id)."""
     if not specs:
         return
     rows: list[tuple[int | float, ...]] = []
-    for s in specs:
+    for k, s in enumerate(specs):
         if s is None:
             rows.append(_GREEDY)
             continue
         tp_m, wfloor, pen, temp, top_k, tp_sh = _job_args(s.params)
         d_m, d_sh = exact_fraction(s.draw)
-        rows.append((tp_m, wfloor, d_m, pen, temp, len(s.history), top_k, tp_sh, d_sh))
+        n_pen = len(s.history) + (k < len(pending) and pending[k])
+        rows.append((tp_m, wfloor, d_m, pen, temp, n_pen, top_k, tp_sh, d_sh))
     rec = dst.view(ARGS_DTYPE)
     for name, col in zip(ARGS_DTYPE.names or (), zip(*rows, strict=True), strict=True):
         rec[name] = col  # float32 columns round exactly as float(np.float32(x)) does
+
+
+def _pending_id(c: Chunk, prev_rows: Mapping[int, int] | None) -> int:
+    row = None if prev_rows is None else prev_rows.get(c.slot)
+    if row is None:
+        raise ValueError(f"pending chunk in slot {c.slot}: the previous step drew nothing there")
+    return -2 - row
 
 
 def _fill_rows(f: dict[str, np.ndarray], r0: int, c: Chunk, trash_block: int) -> None:
