@@ -603,17 +603,27 @@ FOR_EACH_QTYPE(GEMM2_INST)
 
 // Split-K sum: Y[m][n] = ((part[0][m][n] + part[1][m][n]) + ...) + bias[n] + residual[m][n]
 // over S splits in order (part rows of N floats, splits sstride floats apart); residual has
-// Y's layout and may be Y itself. grid (ceil(N / 256), M), 256 threads.
+// Y's layout and may be Y itself. experts (moe.cu's routed gemm): row m is an assignment to
+// expert experts[m]; a row whose expert is outside [0, n_expert) is left unwritten (as the
+// routed gemm leaves it), and bias is [n_expert][N], row m adding its expert's row.
+// grid (ceil(N / 256), M), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) gemm_splitk_reduce(
     const float* __restrict__ part, int S, long long sstride, int M, int N,
-    const float* __restrict__ bias, const float* residual, float* Y, long long ldy) {
+    const float* __restrict__ bias, const float* residual, float* Y, long long ldy,
+    const int* __restrict__ experts, int n_expert) {
   pdl_start();
   const int n = blockIdx.x * 256 + threadIdx.x, m = blockIdx.y;
   if (n >= N || m >= M) return;
+  long long brow = 0;
+  if (experts) {
+    const int e = experts[m];
+    if (e < 0 || e >= n_expert) return;
+    brow = (long long)e * N;
+  }
   const float* p = part + (long long)m * N + n;
   float s = p[0];
   for (int z = 1; z < S; ++z) s += p[(long long)z * sstride];
-  if (bias) s += bias[n];
+  if (bias) s += bias[brow + n];
   const long long yo = (long long)m * ldy + n;
   if (residual) s += residual[yo];
   Y[yo] = s;

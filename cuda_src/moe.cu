@@ -294,42 +294,47 @@ __device__ __forceinline__ void moe_tile_rows(int4 tl, const int* list, int topk
 // ceil(N/128)), 256 threads, dynamic shared memory g2::Smem<T, BM>): block (i, y) takes tile i
 // (its expert's matrix at W + expert*expert_bytes, any alignment) and runs the dense gemm2 core
 // with gathered rows (GA): row r of the tile reads X + xoff[r] and writes Y + yoff[r] (-1: no
-// row, nothing read or written). Bias per expert; no residual.
+// row, nothing read or written). Bias per expert; no residual. Split K as the dense gemm2:
+// kps > 0 K steps a split, split blockIdx.z writing its plain partial sums at Y + z*sstride
+// (gemm_splitk_reduce then adds them in order, then the expert's bias).
 template <int T, int BM>
 __device__ __forceinline__ void moe_gemm5_entry(const uint8_t* W, long long expert_bytes,
                                                 long long row_bytes, int N, int K,
                                                 const int* ntiles, const int4* tiles,
                                                 const int* list, int topk, const float* X,
                                                 long long ldx_tok, long long ldx_slot,
-                                                const float* B, float* Y, long long ldy) {
+                                                const float* B, float* Y, long long ldy,
+                                                int kps, long long sstride) {
   __shared__ long long s_xoff[BM], s_yoff[BM];
   if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
   const int4 tl = tiles[blockIdx.x];
   moe_tile_rows<BM>(tl, list, topk, ldx_tok, ldx_slot, ldy, s_xoff, s_yoff);
   g2::run<T, BM, false, float, true>(W, row_bytes, N, K, X, 0, 0,
                                      B ? B + (long long)tl.x * N : nullptr, nullptr, Y, 0,
-                                     s_xoff, s_yoff, (long long)tl.x * expert_bytes);
+                                     s_xoff, s_yoff, (long long)tl.x * expert_bytes, kps,
+                                     sstride);
 }
 
 // moe_skinny_<type> (decode steps): the routed tiles of moe_route with bm = 16 on gemm.cu's
-// skinny core: grid (tile bound, ceil(ceil(N / 8) / NW)), NW warps a block, warp w of block
-// (i, y) computes weight rows (y*NW + w)*8 .. +8 of tile i's expert for the tile's rows, one
-// chain over all of K as moe_gemm5 sums it (same bits), bias per expert; dynamic shared
-// memory NW * sk::Smem<T>::warp + NW * sk::Smem<T>::item.
+// skinny core: grid (tile bound, ceil(ceil(N / 8) / G)), block (i, y) computes weight rows
+// y*G*8 .. +G*8 of tile i's expert for the tile's rows in S splits of kps K steps (its G*S
+// items over its warps), the splits summed in order, then the expert's bias: moe_gemm5's
+// bits with the same split; dynamic shared memory NW * sk::Smem<T>::warp + G * S *
+// sk::Smem<T>::item.
 template <int T>
 __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long expert_bytes,
                                                  long long row_bytes, int N, int K,
                                                  const int* ntiles, const int4* tiles,
                                                  const int* list, int topk, const float* X,
                                                  long long ldx_tok, long long ldx_slot,
-                                                 const float* B, float* Y, long long ldy) {
+                                                 const float* B, float* Y, long long ldy,
+                                                 int S, int kps, int G) {
   __shared__ long long s_xoff[16], s_yoff[16];
   if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
   const int4 tl = tiles[blockIdx.x];
   moe_tile_rows<16>(tl, list, topk, ldx_tok, ldx_slot, ldy, s_xoff, s_yoff);
-  const int nw = blockDim.x >> 5;
   skinny_run<T>(W, (long long)tl.x * expert_bytes, row_bytes, N, K, X, s_xoff, s_yoff,
-                B ? B + (long long)tl.x * N : nullptr, nullptr, Y, 1, 0, nw, blockIdx.y * nw);
+                B ? B + (long long)tl.x * N : nullptr, nullptr, Y, S, kps, G, blockIdx.y * G);
 }
 
 #define MOE_GEMV_ARGS                                                                      \
@@ -341,7 +346,8 @@ __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long exp
 #define MOE_GEMM_ARGS                                                                         \
   const uint8_t *W, long long expert_bytes, long long row_bytes, int N, int K,               \
       const int *ntiles, const int4 *tiles, const int *list, int topk, const float *X,       \
-      long long ldx_tok, long long ldx_slot, const float *B, float *Y, long long ldy
+      long long ldx_tok, long long ldx_slot, const float *B, float *Y, long long ldy, int S, \
+      int kps, long long sstride, int G
 #define MOE_GEMM_PASS \
   W, expert_bytes, row_bytes, N, K, ntiles, tiles, list, topk, X, ldx_tok, ldx_slot, B, Y, ldy
 
@@ -359,12 +365,12 @@ __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long exp
     moe_gemv4_entry<TY, 4, 2>(MOE_GEMV_PASS);                                                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m128(MOE_GEMM_ARGS) { \
-    moe_gemm5_entry<TY, 128>(MOE_GEMM_PASS);                                                   \
+    moe_gemm5_entry<TY, 128>(MOE_GEMM_PASS, kps, sstride);                                                   \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m64(MOE_GEMM_ARGS) {  \
-    moe_gemm5_entry<TY, 64>(MOE_GEMM_PASS);                                                    \
+    moe_gemm5_entry<TY, 64>(MOE_GEMM_PASS, kps, sstride);                                                    \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(512) moe_skinny_##NAME(MOE_GEMM_ARGS) {         \
-    moe_skinny_entry<TY>(MOE_GEMM_PASS);                                                       \
+    moe_skinny_entry<TY>(MOE_GEMM_PASS, S, kps, G);                                                       \
   }
 FOR_EACH_QTYPE(MOE_INST)

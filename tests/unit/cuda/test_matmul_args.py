@@ -28,6 +28,7 @@ from worker.backends.cuda.matmul import (
     gemm_split,
     gemm_version,
     moe5_tile_m,
+    moe_split,
     moe_tile_bound,
     moe_workspace_bytes,
     plan_embed,
@@ -469,6 +470,23 @@ def test_moe_skinny_plans() -> None:
     short = DevBuf(ws.ptr, moe_workspace_bytes(ntok * topk, 32, 16) - 4)
     refused(plan_moe, we, ids, ntok, topk, x, y, **{**kw, "workspace": short})
     assert plan_moe_route(ids, 32, 32, ws, tile_m=16).args[3] == 16
+    # split K (moe_split: a function of the shape): 2880 = 23 raw chunks of 128, 4 splits of
+    # 6 chunks (24 K steps); skinny_shape gives 2 row tiles a block, 8 warps
+    split = moe_split(we)
+    assert split == (4, 24)
+    s = plan_moe(we, ids, ntok, topk, x, y, split=split, **kw)
+    assert s.grid == (34, 360, 1) and s.block == (256, 1, 1)
+    assert s.args[-4:] == (4, 24, ntok * topk * 5760, 2)
+    assert s.shared == 8 * skinny_warp_bytes(layout(39)) + 2 * 4 * SKINNY_ITEM_BYTES
+    refused(plan_moe, we, ids, ntok, topk, x, y, split=(4, 20), **kw)  # not whole chunks
+    refused(plan_moe, we, ids, ntok, topk, x, y, split=(2, 24), **kw)  # does not cover K
+    # the gemm form writes every split's partials: y must hold them all
+    ws5 = DevBuf(1 << 32, moe_workspace_bytes(ntok * topk, 32, 64))
+    g5 = {"per_slot_input": False, "workspace": ws5, "form": "gemm", "tile_m": 64}
+    refused(plan_moe, we, ids, ntok, topk, x, y, split=split, **g5)
+    parts = DevBuf(1 << 31, 4 * ntok * topk * 5760 * 4)
+    p5 = plan_moe(we, ids, ntok, topk, x, parts, split=split, **g5)
+    assert p5.grid[2] == 4 and p5.args[-4:-1] == (4, 24, ntok * topk * 5760)
 
 
 def test_moe_gemm5_plans() -> None:

@@ -82,12 +82,12 @@ _ARG_FORMATS: dict[str, str] = {
     "gemv": "PqiiPqiPPPq",
     "gemm": "PqiiPqiPPPq",
     "gemm2": "PqiiPqiPPPqiq",  # + K steps per split, split stride (elements)
-    "gemm_splitk_reduce": "PiqiiPPPq",
+    "gemm_splitk_reduce": "PiqiiPPPqPi",
     "gemm_x16": "PqiiPq",
     "skinny": "PqiiPqiPPPqiii",  # + splits, K steps a split, row tiles a block
     "embed": "PqiiPPq",
     "moe_gemv": "PqqiiiPiPqqPPq",
-    "moe_gemm": "PqqiiPPPiPqqPPq",
+    "moe_gemm": "PqqiiPPPiPqqPPqiiqi",  # + splits, K steps a split, split stride, row tiles
     "moe_route": "PiiiPPP",
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
@@ -96,7 +96,11 @@ MOE_GEMV_ROWS_PER_WARP = (2, 4)  # for 1 token, for 2 (H100, docs/kernels.md, Mo
 MOE_ROUTE_THREADS = 1024
 MOE_MAX_EXPERTS = 1024  # moe_route's shared-memory tables (MOE_MAX_EXPERTS in moe.cu)
 MOE_SKINNY_TILE_M = 16  # moe_skinny's routed tiles: at most 16 rows (one mma's m)
-MOE_SKINNY_WARPS = 8  # moe_skinny: warps (8-row weight tiles) a block
+# routed expert products: K splits (about; moe_split) and the most tokens a step takes the
+# skinny form for (above: moe_gemm5; both sum a row the same way). Measured on gpt-oss
+# (H200, BENCHMARKS.md): 4 splits against 1 and 8, skinny up to 64 tokens against 16.
+MOE_SPLIT_WANT = 4
+MOE_SKINNY_MAX_TOKENS = 64
 # Routed gemm (docs/kernels.md, MoE): moe_gemm5_<type>_m128/_m64 (gemm2 core, 128 weight rows a
 # block, gathered token rows); on an H100 against the gemm_tile-core kernel it replaced
 # (gpt-oss 32 experts top-4): 512 tokens 727.7 -> 523.1 us a launch, pp512 7453 -> 9534 tok/s.
@@ -458,8 +462,12 @@ def plan_splitk_reduce(
     bias: BufLike | None = None,
     residual: BufLike | None = None,
     ldy: int | None = None,
+    experts: tuple[BufLike, int] | None = None,
 ) -> Launch:
-    """y[t] = sum over the splits, in order, of part[z][t] (+bias) (+residual[t])."""
+    """y[t] = sum over the splits, in order, of part[z][t] (+bias) (+residual[t]).
+    experts (the routed expert matmuls): (ids, n_expert), ids int32 [m] on the device: row t
+    is an assignment to expert ids[t] (rows of an id outside [0, n_expert) left unwritten)
+    and bias is [n_expert][n], row t adding its expert's row."""
     kernel = "gemm_splitk_reduce"
     ldy = n if ldy is None else ldy
     pb, yb = as_buf(part), as_buf(y)
@@ -468,12 +476,28 @@ def plan_splitk_reduce(
     _need(kernel, pb.nbytes >= n_split * m * n * 4, "partials buffer too small")
     yr = _check_f32(kernel, "y", yb, m, n, ldy)
     _disjoint(kernel, (pb.ptr, pb.ptr + n_split * m * n * 4), yr, "partials and y")
+    ib, n_expert = (as_buf(experts[0]), experts[1]) if experts is not None else (None, 0)
+    if ib is not None:
+        _need(kernel, ib.nbytes >= 4 * m, f"expert ids buffer {ib.nbytes} bytes < {4 * m}")
+        _need(kernel, n_expert >= 1, f"{n_expert} experts")
     if bb is not None:
-        _check_f32(kernel, "bias", bb, 1, n, n)
+        _check_f32(kernel, "bias", bb, max(1, n_expert), n, n)
     if rb is not None:
         rr = _check_f32(kernel, "residual", rb, m, n, ldy)
         _need(kernel, rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0], "residual overlaps y")
-    args = (pb.ptr, n_split, m * n, m, n, bb.ptr if bb else 0, rb.ptr if rb else 0, yb.ptr, ldy)
+    args = (
+        pb.ptr,
+        n_split,
+        m * n,
+        m,
+        n,
+        bb.ptr if bb else 0,
+        rb.ptr if rb else 0,
+        yb.ptr,
+        ldy,
+        ib.ptr if ib else 0,
+        n_expert,
+    )
     grid = (-(-n // 256), m, 1)
     return Launch("gemm", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
@@ -752,6 +776,7 @@ def plan_moe(
     rows_per_warp: int | None = None,
     tile_m: int | None = None,
     workspace: BufLike | None = None,
+    split: tuple[int, int] = (1, 0),
 ) -> Launch:
     """Expert matmuls: y[t*topk+s] = W[ids[t*topk+s]] x(t, s) (+ bias[expert]).
 
@@ -770,8 +795,11 @@ def plan_moe(
     gemm2 core (128 weight rows a block, 256 threads, dynamic shared memory
     gemm2_smem_bytes); tile_m default moe5_tile_m.
     skinny: moe_skinny_<type> over plan_moe_route's tiles of at most MOE_SKINNY_TILE_M rows,
-    a warp per 8 weight rows of a tile's expert (grid (tile bound, ceil(N / (8
-    MOE_SKINNY_WARPS)))): the bits of moe_gemm5 in one launch for a decode step.
+    a block per (tile, G 8-row weight tiles of its expert) with G and its warps from
+    skinny_shape: the bits of moe_gemm5 (with the same split) in one launch.
+    split (moe_split; skinny and gemm): K in that many splits of kps steps. skinny sums them
+    in the block; gemm writes split z's plain partials at y + z * n_assign * N (y then holds
+    the splits: MatmulKernels.moe adds them with plan_splitk_reduce and the experts' bias).
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
     _need("moe", form in ("auto", "gemv", "gemm", "skinny"), f"unknown form {form!r}")
@@ -790,7 +818,12 @@ def plan_moe(
     xb, yb, ib = as_buf(x), as_buf(y), as_buf(ids)
     bb = _opt_buf(bias)
     xr = _check_f32(kernel, "x", xb, ntok, topk * k if per_slot_input else k, ldx_tok, align=16)
-    yr = _check_f32(kernel, "y", yb, n_assign, n, n)
+    n_split, kps = split
+    _need(kernel, n_split >= 1 and (n_split == 1) == (kps == 0), f"split {split}")
+    _need(kernel, n_split == 1 or form in ("skinny", "gemm"), "only the routed forms split K")
+    # the gemm form with splits writes them all into y ([splits][n_assign][N] partials)
+    y_rows = n_assign * (n_split if form == "gemm" else 1)
+    yr = _check_f32(kernel, "y", yb, y_rows, n, n)
     _disjoint(kernel, xr, yr, "x and y")
     _need(kernel, ib.ptr > 0 and ib.ptr % 4 == 0, "ids pointer null or not 4-byte aligned")
     _need(kernel, ib.nbytes >= 4 * n_assign, f"ids buffer {ib.nbytes} bytes < {4 * n_assign}")
@@ -821,10 +854,16 @@ def plan_moe(
         kernel += "" if rw == 1 else f"_r{rw}"
         grid = (-(-n // (GEMV_WARPS * rw)), n_assign, 1)
         return Launch("moe", kernel, grid, (GEMV_THREADS, 1, 1), args, _ARG_FORMATS["moe_gemv"])
+    if n_split > 1:
+        _need(kernel, (kps * GEMM2_BK) % max(lay.qk, 128) == 0, "split not chunked")
+        _need(kernel, n_split * kps >= k // GEMM2_BK > (n_split - 1) * kps, "bad split")
+        _need(kernel, n_split <= MAX_GRID_YZ, f"{n_split} splits")
+    g, warps = skinny_shape(n_split, skinny_warp_bytes(lay))
+    row_tiles = -(-n // SKINNY_ROWS)
     if form == "skinny":
         tm = MOE_SKINNY_TILE_M if tile_m is None else tile_m
         _need(kernel, tm == MOE_SKINNY_TILE_M, f"tile_m {tm} not {MOE_SKINNY_TILE_M}")
-        tiles_n = -(-n // (SKINNY_ROWS * MOE_SKINNY_WARPS))
+        tiles_n = -(-row_tiles // g)
     else:
         tm = moe5_tile_m(n_assign, w.experts) if tile_m is None else tile_m
         _need(kernel, tm in (64, 128), f"tile_m {tm} not 64 or 128")
@@ -839,7 +878,7 @@ def plan_moe(
     wr = (wb.ptr, wb.ptr + moe_workspace_bytes(n_assign, w.experts, tm))
     _disjoint(kernel, wr, yr, "workspace and y")
     _disjoint(kernel, wr, xr, "workspace and x")
-    grid = (moe_tile_bound(n_assign, w.experts, tm), tiles_n, 1)
+    grid = (moe_tile_bound(n_assign, w.experts, tm), tiles_n, n_split if form == "gemm" else 1)
     args = (
         w.ptr,
         w.expert_bytes,
@@ -854,10 +893,15 @@ def plan_moe(
         bptr,
         yb.ptr,
         n,
+        n_split,
+        kps,
+        n_assign * n,
+        g,
     )
     if form == "skinny":
-        shared = MOE_SKINNY_WARPS * (skinny_warp_bytes(lay) + SKINNY_ITEM_BYTES)
-        block = (32 * MOE_SKINNY_WARPS, 1, 1)
+        shared = warps * skinny_warp_bytes(lay) + g * n_split * SKINNY_ITEM_BYTES
+        _need(kernel, shared <= SMEM_MAX, f"{n_split} splits need {shared} bytes of shared memory")
+        block = (32 * warps, 1, 1)
         return Launch("moe", kernel, grid, block, args, _ARG_FORMATS["moe_gemm"], shared=shared)
     return Launch(
         "moe",
@@ -868,6 +912,15 @@ def plan_moe(
         _ARG_FORMATS["moe_gemm"],
         shared=gemm2_smem_bytes(lay, tm),
     )
+
+
+def moe_split(w: QWeight) -> tuple[int, int]:
+    """(splits, K steps a split) of the routed expert products over w: a function of the
+    weight shape only (every form and every token count sums a row the same way), about
+    MOE_SPLIT_WANT splits of whole raw chunks. One-token steps read only top-k experts, so a
+    chain over all of K left too few warps in flight to stream them (gpt-oss, H200: 80 us a
+    launch of 4 experts of 2880 x 2880, BENCHMARKS.md)."""
+    return split_k(w, MOE_SPLIT_WANT)
 
 
 def moe5_tile_m(n_assign: int, n_experts: int) -> int:
@@ -1102,14 +1155,16 @@ class MatmulKernels:
         **kw: Any,
     ) -> None:
         """plan_moe's launch; the routed forms (gemm, skinny) first queue the routing
-        pre-pass into this object's workspace. The workspace is shared by every call: queue
+        pre-pass into this object's workspace, and split K as moe_split decides for the
+        shape (gemm: partials in this object's split-K workspace, then plan_splitk_reduce
+        with each assignment's expert bias). The workspaces are shared by every call: queue
         all MoE launches of one MatmulKernels on one stream (the backend does)."""
         form = kw.pop("form", "auto")
         if form == "auto":
             if ntok <= 2 and not self.invariant:
                 form = "gemv"
             else:
-                form = "skinny" if ntok <= SKINNY_MAX_ROWS else "gemm"
+                form = "skinny" if ntok <= MOE_SKINNY_MAX_TOKENS else "gemm"
         if form == "gemv":
             launch = plan_moe(
                 w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, form=form, **kw
@@ -1121,21 +1176,41 @@ class MatmulKernels:
             MOE_SKINNY_TILE_M if form == "skinny" else moe5_tile_m(n_assign, w.experts)
         )
         ws = self._moe_workspace(moe_workspace_bytes(n_assign, w.experts, tm))
-        launch = plan_moe(
-            w,
-            ids,
-            ntok,
-            topk,
-            x,
-            y,
-            per_slot_input=per_slot_input,
-            form=form,
-            tile_m=tm,
-            workspace=ws,
-            **kw,
+        split = kw.pop("split", None) or moe_split(w)
+        launches = [plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm)]
+        out: BufLike = y
+        if form == "gemm" and split[0] > 1:
+            out = self._splitk_workspace(split[0] * n_assign * w.rows * 4)
+        launches.append(
+            plan_moe(
+                w,
+                ids,
+                ntok,
+                topk,
+                x,
+                out,
+                per_slot_input=per_slot_input,
+                form=form,
+                tile_m=tm,
+                workspace=ws,
+                split=split,
+                **kw,
+            )
         )
-        self.run(plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm), stream)
-        self.run(launch, stream)
+        if out is not y:
+            launches.append(
+                plan_splitk_reduce(
+                    out,
+                    split[0],
+                    n_assign,
+                    w.rows,
+                    y,
+                    bias=kw.get("bias"),
+                    experts=(ids, w.experts),
+                )
+            )
+        for launch in launches:  # all checked before any is queued
+            self.run(launch, stream)
 
     def reserve(
         self, max_tokens: int, max_k: int, n_experts: int, topk: int, weights: list[QWeight]
@@ -1144,6 +1219,7 @@ class MatmulKernels:
         so that no launch allocates (a launch inside a graph capture must not)."""
         self._x16_workspace(max_tokens * max_k * 2)
         parts = [gemm_split(w, self._sms)[0] * w.rows for w in weights if w.experts == 1]
+        parts += [moe_split(w)[0] * w.rows * topk for w in weights if w.experts > 1]
         if max(parts, default=1) > 1:
             self._splitk_workspace(max_tokens * max(parts) * 4)
         if n_experts:
