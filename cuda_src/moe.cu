@@ -365,12 +365,12 @@ __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long exp
     moe_gemv4_entry<TY, 4, 2>(MOE_GEMV_PASS);                                                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m128(MOE_GEMM_ARGS) { \
-    moe_gemm5_entry<TY, 128>(MOE_GEMM_PASS, kps, sstride);                                                   \
+    moe_gemm5_entry<TY, 128>(MOE_GEMM_PASS, kps, sstride);                                     \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm5_##NAME##_m64(MOE_GEMM_ARGS) {  \
-    moe_gemm5_entry<TY, 64>(MOE_GEMM_PASS, kps, sstride);                                                    \
+    moe_gemm5_entry<TY, 64>(MOE_GEMM_PASS, kps, sstride);                                      \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(512) moe_skinny_##NAME(MOE_GEMM_ARGS) {         \
-    moe_skinny_entry<TY>(MOE_GEMM_PASS, S, kps, G);                                                       \
+    moe_skinny_entry<TY>(MOE_GEMM_PASS, S, kps, G);                                            \
   }
 FOR_EACH_QTYPE(MOE_INST)

@@ -58,7 +58,7 @@ class HostOnlyBackend:
             pad_slot=self.max_batch,
             prev_rows=self.prev_rows,
         )
-        self.prev_rows = {chunks[i].slot: r for r, i in enumerate(lay.sampled)}
+        self.prev_rows = lay.sampled_rows
         return chunks
 
     def collect(self, handle: Sequence[Chunk]) -> StepOutput:

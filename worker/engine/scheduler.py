@@ -182,7 +182,6 @@ class _Seq:
         "matcher",
         "n_prompt",
         "next_draw",
-        "pending",
         "planned",
         "req",
         "seed_state",
@@ -201,7 +200,6 @@ class _Seq:
         self.slot = -1
         self.computed = 0  # positions whose KV is written
         self.planned = 0  # positions whose KV is written or queued in a launched step
-        self.pending = False  # a launched, uncollected step draws its next token
         self.started = False  # a prompt chunk of it has been planned
         self.generated: list[int] = []
         self.decoder = StreamDecoder(tokenizer, after_token=req.prompt_ids[-1])
@@ -219,6 +217,12 @@ class _Seq:
     def prefilling(self) -> bool:
         """Prompt positions are left to plan."""
         return self.planned < self.n_prompt
+
+    @property
+    def pending(self) -> bool:
+        """Past its prompt: a launched, uncollected step draws its next token (every row
+        queued for it past the prompt, its last prompt chunk included, is sampled)."""
+        return self.planned > self.computed
 
 
 class Scheduler:
@@ -356,7 +360,6 @@ class Scheduler:
         self._inflight.append((chunks, seqs, self.backend.launch(chunks)))
         for ch, seq in zip(chunks, seqs, strict=True):
             seq.planned = ch.start + len(ch.tokens)
-            seq.pending = ch.sample is not None
         self.steps += 1
         return 1
 
@@ -378,8 +381,6 @@ class Scheduler:
             if self.running.get(seq.req.job_id) is not seq:
                 continue  # ended after this step was launched: its row is dropped
             seq.computed = ch.start + len(ch.tokens)
-            if ch.sample is not None and seq.planned == seq.computed:
-                seq.pending = False  # no later step in flight draws for it
             if ch.prefill:
                 assert seq.alloc is not None
                 self.blocks.publish(seq.alloc, seq.computed)
@@ -454,7 +455,8 @@ class Scheduler:
             assert seq.alloc is not None
             # the token fed back: the last one recorded, or the one the step in flight draws
             # (its index i - 1); a pending token that is the sequence's last is never fed
-            i = len(seq.generated) + seq.pending
+            pending = seq.pending
+            i = len(seq.generated) + pending
             if i >= seq.limit:
                 continue
             pos = seq.planned
@@ -462,13 +464,13 @@ class Scheduler:
             chunks.append(
                 Chunk(
                     slot=seq.slot,
-                    tokens=(0,) if seq.pending else (seq.generated[-1],),
+                    tokens=(0,) if pending else (seq.generated[-1],),
                     start=pos,
                     blocks=seq.alloc.table,
                     prefill=False,
                     sample=self._sample_spec(seq, i),
                     logits=self.keep_logits,
-                    pending=seq.pending,
+                    pending=pending,
                 )
             )
             seqs.append(seq)

@@ -241,5 +241,6 @@ def test_pending_rows_name_the_previous_steps_sampler_row() -> None:
     f = _fields(lay)
     assert list(f["ids"]) == [-2, 77, -8]
     assert list(f["sargs"].view(ARGS_DTYPE)["n_pen"]) == [4, 3, 4]
+    assert lay.sampled_rows == {2: 0, 5: 1, 0: 2}  # what the next step's prev_rows will be
     with pytest.raises(ValueError, match="drew nothing"):
         layout_step(chunks, width=W, trash_block=TRASH, prev_rows={2: 0})

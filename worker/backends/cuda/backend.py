@@ -472,7 +472,7 @@ class CudaBackend:
         if n_s:
             drv.memcpy_dtoh_async(self._out[p][: 2 * n_s], self.ex.s["out"].ptr, st)
         self._done[p].record(st)
-        self._prev_rows = {chunks[i].slot: r for r, i in enumerate(lay.sampled)}
+        self._prev_rows = lay.sampled_rows
         return chunks, lay, sz.rows, p, hist_after
 
     def _collect(

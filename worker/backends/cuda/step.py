@@ -165,6 +165,7 @@ class StepLayout:
     sampled: list[int]  # input chunk index of each sampled logits row, in row order
     logits_chunks: list[int]  # chunks with logits rows of their own (not sampled one-rows)
     logits_rows: list[tuple[int, int]]  # per logits chunk: its first gathered row, tokens
+    sampled_rows: dict[int, int]  # slot -> its sampled row (the next step's prev_rows)
 
 
 def layout_step(
@@ -286,6 +287,7 @@ def layout_step(
         sampled=sampled,
         logits_chunks=logits_chunks,
         logits_rows=logits_rows,
+        sampled_rows={chunks[i].slot: r for r, i in enumerate(sampled)},
     )
 
 
