@@ -202,10 +202,9 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
       if (n < N) {
         const unsigned off = (wo15 + static_cast<unsigned>(n) * rb15 + coff) & 15u;
         const int e = ke + 8 * gi;
-        float w[8];
-        dequant8<T>(src + r * C::P + off + (e / C::QK) * C::BYTES, (e % C::QK) >> 3, w);
-        v = make_uint4(pack_h2(w[0], w[1]), pack_h2(w[2], w[3]), pack_h2(w[4], w[5]),
-                       pack_h2(w[6], w[7]));
+        uint32_t h[4];
+        dequant8h<T>(src + r * C::P + off + (e / C::QK) * C::BYTES, (e % C::QK) >> 3, h);
+        v = make_uint4(h[0], h[1], h[2], h[3]);
       }
       *reinterpret_cast<uint4*>(dst + r * LD + 8 * gi) = v;
     }
@@ -514,10 +513,9 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
         uint4 v = make_uint4(0, 0, 0, 0);
         if (n < N) {
           const unsigned off = (wo15 + static_cast<unsigned>(n) * rb15 + coff) & 15u;
-          float w[8];
-          dequant8<T>(src + gq * C::P + off + (e / C::QK) * C::BYTES, (e % C::QK) >> 3, w);
-          v = make_uint4(pack_h2(w[0], w[1]), pack_h2(w[2], w[3]), pack_h2(w[4], w[5]),
-                         pack_h2(w[6], w[7]));
+          uint32_t h[4];
+          dequant8h<T>(src + gq * C::P + off + (e / C::QK) * C::BYTES, (e % C::QK) >> 3, h);
+          v = make_uint4(h[0], h[1], h[2], h[3]);
         }
         *reinterpret_cast<uint4*>(tile + gq * sk::Smem<T>::TLD + e) = v;
       }

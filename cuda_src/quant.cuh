@@ -297,6 +297,121 @@ template <int T> QDEV void dequant8(const uint8_t* blk, int g, float w[8]) {
   for (int i = 0; i < 8; ++i) w[i] = q[i] * d + m;
 }
 
+// ---- dequant8h: the tensor-core operand ----------------------------------------------------
+// dequant8h<T>(blk, g, h): dequant8's 8 values rounded to fp16 (round to nearest even), packed
+// in pairs (h[i] = elements 2i in the low half, 2i + 1 in the high half): what the gemm and
+// skinny cores multiply. For Q4_0, Q5_0, Q8_0 and MXFP4 (scale 2^-14 .. 2^15) an element is
+// q * d + 0 with q a small integer and d an fp16 value, so the float q * d is exact and its
+// fp16 rounding is one fp16 FMA of q (exact in fp16) by d plus +0, the same bits as rounding
+// dequant8's float (the +0 keeps dequant8's +0 for q = 0 with d < 0). That takes a few byte
+// permutes and fp16 FMAs for 8 weights instead of float conversions, multiplies and packs
+// per weight (MXFP4's table decode ~135 instructions -> ~25). Other types, and MXFP4 scales
+// outside that range, round dequant8's floats; so does the host build (CI checks dequant8).
+QDEV uint32_t q_pack_h2(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+template <int T> QDEV void dequant8h_rounded(const uint8_t* blk, int g, uint32_t h[4]) {
+  float w[8];
+  dequant8<T>(blk, g, w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = q_pack_h2(w[2 * i], w[2 * i + 1]);
+}
+
+template <int T> struct FastH { static constexpr bool value = false; };
+template <> struct FastH<QT_Q4_0> { static constexpr bool value = true; };
+template <> struct FastH<QT_Q5_0> { static constexpr bool value = true; };
+template <> struct FastH<QT_Q8_0> { static constexpr bool value = true; };
+template <> struct FastH<QT_MXFP4> { static constexpr bool value = true; };
+
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ uint32_t q_prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;  // PTX prmt, default mode (selector nibbles < 8 here: plain byte picks)
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+// a * b + 0 on fp16 pairs, one rounding
+__device__ __forceinline__ uint32_t q_hfma0(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0u));
+  return d;
+}
+__device__ __forceinline__ uint32_t q_hsub(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+// codes: the 4 bytes of c (each < 256) minus off, times d2 (fp16 pair): 1024 + c is the fp16
+// with bits 0x6400 | c, and (1024 + c) - (1024 + off) is exact; off2 = (0x6400 | off) twice.
+__device__ __forceinline__ void q_codes_h(uint32_t c, uint32_t off2, uint32_t d2, uint32_t* h) {
+  h[0] = q_hfma0(q_hsub(q_prmt(c, 0x64646464u, 0x5140u), off2), d2);
+  h[1] = q_hfma0(q_hsub(q_prmt(c, 0x64646464u, 0x5342u), off2), d2);
+}
+// high bytes of the fp16 values 0 1 2 3 (TL) and 4 6 8 12 (TH): MXFP4's doubled e2m1 table
+#define MXFP4_H16L 0x42403C00u
+#define MXFP4_H16H 0x4A484644u
+
+template <int T> __device__ __forceinline__ void dequant8h_fast(const uint8_t*, int, uint32_t*);
+template <>
+__device__ __forceinline__ void dequant8h_fast<QT_Q4_0>(const uint8_t* blk, int g, uint32_t* h) {
+  const uint8_t* p = blk + 2 + (g & 1) * 8;
+  const int sh = (g >> 1) * 4;
+  const uint32_t d2 = ld_u16(blk) * 0x10001u;
+  q_codes_h((ld_u32_a2(p) >> sh) & 0x0F0F0F0Fu, 0x64086408u, d2, h);
+  q_codes_h((ld_u32_a2(p + 4) >> sh) & 0x0F0F0F0Fu, 0x64086408u, d2, h + 2);
+}
+template <>
+__device__ __forceinline__ void dequant8h_fast<QT_Q5_0>(const uint8_t* blk, int g, uint32_t* h) {
+  const uint32_t qh = ld_u32_a2(blk + 2) >> (8 * g);
+  const uint8_t* p = blk + 6 + (g & 1) * 8;
+  const int sh = (g >> 1) * 4;
+  const uint32_t d2 = ld_u16(blk) * 0x10001u;
+  q_codes_h(((ld_u32_a2(p) >> sh) & 0x0F0F0F0Fu) | (spread4(qh) << 4), 0x64106410u, d2, h);
+  q_codes_h(((ld_u32_a2(p + 4) >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> 4) << 4), 0x64106410u,
+            d2, h + 2);
+}
+template <>
+__device__ __forceinline__ void dequant8h_fast<QT_Q8_0>(const uint8_t* blk, int g, uint32_t* h) {
+  const uint8_t* p = blk + 2 + 8 * g;  // int8 codes + 128: unsigned bytes
+  const uint32_t d2 = ld_u16(blk) * 0x10001u;
+  q_codes_h(ld_u32_a2(p) ^ 0x80808080u, 0x64806480u, d2, h);
+  q_codes_h(ld_u32_a2(p + 4) ^ 0x80808080u, 0x64806480u, d2, h + 2);
+}
+template <>
+__device__ __forceinline__ void dequant8h_fast<QT_MXFP4>(const uint8_t* blk, int g, uint32_t* h) {
+  const uint32_t e = blk[0];
+  if (e - 114u > 29u) {  // 2^(e-128) outside fp16's normal range: round the floats
+    dequant8h_rounded<QT_MXFP4>(blk, g, h);
+    return;
+  }
+  const uint32_t sb = (e - 113u) << 10;  // fp16 bits of 2^(e-128)
+  const uint32_t s2 = sb | (sb << 16);
+  const uint8_t* p = blk + 1 + (g & 1) * 8;
+  const int sh = (g >> 1) * 4;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const uint32_t x = ld_u32_a1(p + 4 * k) >> sh;  // element 4k + i: low nibble of byte i
+    const uint32_t v = x & 0x07070707u;              // magnitudes
+    const uint32_t sel = q_prmt(v | (v >> 4), 0u, 0x0020u);  // the 4 as selector nibbles
+    const uint32_t hb = q_prmt(MXFP4_H16L, MXFP4_H16H, sel) | ((x << 4) & 0x80808080u);
+    h[2 * k] = q_hfma0(q_prmt(hb, 0u, 0x1404u), s2);      // (0, hb0, 0, hb1): two fp16
+    h[2 * k + 1] = q_hfma0(q_prmt(hb, 0u, 0x3424u), s2);
+  }
+}
+#endif
+
+template <int T> QDEV void dequant8h(const uint8_t* blk, int g, uint32_t h[4]) {
+#ifdef __CUDA_ARCH__
+  if constexpr (FastH<T>::value) {
+    dequant8h_fast<T>(blk, g, h);
+    return;
+  }
+#endif
+  dequant8h_rounded<T>(blk, g, h);
+}
+
 // Dispatch helper: instantiate MACRO(type_id, Name) for every supported type.
 #define FOR_EACH_QTYPE(X) \
   X(QT_F32, f32)          \

@@ -357,6 +357,69 @@ def skinny_shapes(qtype: int) -> list[tuple[int, int]]:
     ]
 
 
+DEQUANT8H_SRC = r"""
+#include "quant.cuh"
+template <int T> __device__ void both(const uint8_t* raw, int n, uint4* fast, uint4* rounded) {
+  constexpr int G = QTraits<T>::QK / 8;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n * G) return;
+  const uint8_t* blk = raw + (long long)(i / G) * QTraits<T>::BYTES;
+  uint32_t h[4], r[4];
+  dequant8h<T>(blk, i % G, h);
+  dequant8h_rounded<T>(blk, i % G, r);
+  fast[i] = make_uint4(h[0], h[1], h[2], h[3]);
+  rounded[i] = make_uint4(r[0], r[1], r[2], r[3]);
+}
+#define BOTH(TY, NAME) extern "C" __global__ void dq_##NAME(const uint8_t* raw, int n, \
+    uint4* fast, uint4* rounded) { both<TY>(raw, n, fast, rounded); }
+FOR_EACH_QTYPE(BOTH)
+"""
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_dequant8h_is_dequant8_rounded_to_fp16(gpu: Any, qtype: int) -> None:
+    """The tensor-core operand (dequant8h: byte permutes and fp16 FMAs for Q4_0, Q5_0, Q8_0
+    and MXFP4) is bit for bit dequant8's floats rounded to fp16, on random model-like blocks
+    and on blocks of random bytes (every scale and code: fp16 subnormal, inf and NaN scales;
+    every MXFP4 exponent, in and out of the fp16 range). NaNs need only both be NaN."""
+    from pycuda.compiler import SourceModule
+
+    from worker.backends.cuda.compile import CUDA_SRC, NVCC_OPTIONS
+
+    lay = LAYOUTS[qtype]
+    mod = SourceModule(
+        DEQUANT8H_SRC,
+        options=list(NVCC_OPTIONS),
+        no_extern_c=True,
+        include_dirs=[str(CUDA_SRC)],
+    )
+    fn = mod.get_function(f"dq_{lay.name}")
+    rng = np.random.default_rng(100 + qtype)
+    model, _ = random_matrix(qtype, 64, 64 * lay.qk, rng)
+    noise = rng.integers(0, 256, 8192 * lay.block_bytes, dtype=np.uint8)
+    raw = np.concatenate([np.asarray(model, np.uint8).ravel(), noise])
+    n = raw.size // lay.block_bytes
+    groups = n * lay.qk // 8
+    fast, rounded = poisoned((groups, 4)), poisoned((groups, 4))
+    fn(
+        upload(raw),
+        np.int32(n),
+        fast.gpudata,
+        rounded.gpudata,
+        block=(256, 1, 1),
+        grid=(-(-groups // 256), 1, 1),
+    )
+    gpu.Context.synchronize()
+    f = fast.get().view(np.uint16).ravel()
+    r = rounded.get().view(np.uint16).ravel()
+
+    def nan(b: np.ndarray) -> np.ndarray:
+        return ((b & 0x7C00) == 0x7C00) & ((b & 0x03FF) != 0)
+
+    bad = (f != r) & ~(nan(f) & nan(r))
+    assert not bad.any(), (lay.name, np.flatnonzero(bad)[:8], f[bad][:8], r[bad][:8])
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
 def test_skinny_equals_the_gemm_bit_for_bit(mm: MatmulKernels, gpu: Any, qtype: int) -> None:
     """skinny (1..16 rows) gives exactly the bits of the gemm (version 2 and 3, with its split
