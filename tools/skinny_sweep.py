@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (name, rows N, cols K, ggml type) of the full-size synthetic Q4_K_M layouts
+# (name, rows N, cols K, ggml type) of the full-size synthetic layouts (Q4_K_M, gpt-oss MXFP4)
 SHAPES: dict[str, tuple[int, int, int]] = {
     "phi3.qkv": (9216, 3072, 13),
     "phi3.gate_up": (16384, 3072, 12),
@@ -39,6 +39,8 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "qwen.gate_up": (9728, 896, 6),
     "qwen.down.q4_k": (896, 4864, 12),
     "qwen.down.q6_k": (896, 4864, 14),
+    "gptoss.qkv": (5120, 2880, 8),
+    "gptoss.o": (2880, 4096, 8),
 }
 
 
