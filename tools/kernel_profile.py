@@ -89,13 +89,14 @@ def main() -> int:
         "device": torch.cuda.get_device_name(),
     }
     with tempfile.TemporaryDirectory() as d:
-        # decode: --batch jobs past their prompts, then profile `steps` steps of all of them
+        # decode: --batch jobs past their prompts, then profile `steps` steps of all of them;
+        # each job its own prompt, so that rows differ (a MoE layer routes them to different
+        # experts, as concurrent jobs do)
         sched = Scheduler(be, load_tokenizer(be.gf.metadata), max_batch=a.batch)
         for k in range(a.batch):
+            mine = [int(t) for t in rng.integers(0, be.vocab_size, 64)]
             sched.add(
-                Request(
-                    f"p{k}", prompt[:64], max_tokens=a.steps + 10, params=greedy, ignore_eos=True
-                )
+                Request(f"p{k}", mine, max_tokens=a.steps + 10, params=greedy, ignore_eos=True)
             )
         for _ in range(6):
             sched.step()

@@ -11,6 +11,7 @@
 #   AB_BATCH (also bench with that environment at these B: the A/B of a switch), PROFILE (kernel
 #   profiles of every model at these B, PDL off), BASE (a tree, e.g. `git archive` of the
 #   commit before a kernel change under the ignored third_party/: also bench it at AB_BATCH),
+#   QUIET=1 (benches wait for the llama.cpp build: no compile load on the CPUs they use),
 #   SERVE=1 (serving over NATS on the first model: bench --suite --concurrency $CONC,
 #   the soak against a GPU worker with VRAM before/after, gateway-bench), TEST_FILES,
 #   TEST_TIMEOUT, REPS.
@@ -63,6 +64,9 @@ if [ -n "${PROFILE:-}" ]; then
         --json "$OUT/profile-$m-b$b.json" 2>&1 | grep -v Warning | head -30
     done
   done
+fi
+if [ -n "${QUIET:-}" ] && [ -n "$LCPP" ]; then
+  wait "$LCPP"; echo "llama.cpp build waited for ($(( $(date +%s) - t0 )) s)"
 fi
 for m in ${MODELS//,/ }; do
   [ -n "$BATCH" ] || break
