@@ -72,7 +72,7 @@ template <int T> struct Smem {
 //   KC = max(QK, 128) elements per row (16-byte pieces covering the row's byte range; the one
 //   piece that would cross the end of the matrix is copied with byte loads), double-buffered
 //   a whole chunk ahead, so dequantization never waits on global memory;
-// * each K step's W tile (128 x 32) is dequantized once (dequant8 from shared memory) into a
+// * each K step's W tile (128 x 32) is dequantized once (dequant8h from shared memory) into a
 //   padded fp16 tile, one step ahead of the tensor cores;
 // * the X tile (fp32) is requested into registers one step ahead, converted to fp16 and stored
 //   after the current step's mma (|X| < 65504 assumed);
