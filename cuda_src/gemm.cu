@@ -23,11 +23,6 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ uint32_t pack_h2(float a, float b) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // ---- gemm v2 tile geometry (also outside the kernels: host code and tests read Smem) ----
 namespace g2 {
 constexpr int BN = 128, BK = 32, LD = 40, THREADS = 256;
@@ -234,7 +229,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
       for (int i = 0; i < XL; ++i) {
         const int idx = tid + i * THREADS, row = idx >> 3, c4 = idx & 7;
         *reinterpret_cast<uint2*>(As + buf * (BM * LD) + row * LD + 4 * c4) =
-            make_uint2(pack_h2(xr[i].x, xr[i].y), pack_h2(xr[i].z, xr[i].w));
+            make_uint2(q_pack_h2(xr[i].x, xr[i].y), q_pack_h2(xr[i].z, xr[i].w));
       }
     }
   };
@@ -498,8 +493,8 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
           if (j < nst && xo0 >= 0) {
             const float2 lo = __ldg(reinterpret_cast<const float2*>(X + xo0 + k));
             const float2 hi = __ldg(reinterpret_cast<const float2*>(X + xo0 + k + 8));
-            xa[j][h][0] = pack_h2(lo.x, lo.y);
-            xa[j][h][1] = pack_h2(hi.x, hi.y);
+            xa[j][h][0] = q_pack_h2(lo.x, lo.y);
+            xa[j][h][1] = q_pack_h2(hi.x, hi.y);
           }
         }
       g2::cp_wait<NST - 1>();  // chunk c (this lane's pieces) ...
@@ -532,8 +527,8 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
             const int k = (kbase + j) * g2::BK + 16 * h + 2 * cq;
             const float2 lo = __ldg(reinterpret_cast<const float2*>(X + xo1 + k));
             const float2 hi = __ldg(reinterpret_cast<const float2*>(X + xo1 + k + 8));
-            a[1] = pack_h2(lo.x, lo.y);
-            a[3] = pack_h2(hi.x, hi.y);
+            a[1] = q_pack_h2(lo.x, lo.y);
+            a[3] = q_pack_h2(hi.x, hi.y);
           }
           b[0] = *reinterpret_cast<const uint32_t*>(bp);
           b[1] = *reinterpret_cast<const uint32_t*>(bp + 8);
@@ -667,6 +662,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_x16(const float* __restri
   const float4* src = reinterpret_cast<const float4*>(X + (long long)m * ldx + k);
   const float4 a = __ldg(src), b = __ldg(src + 1);
   *reinterpret_cast<uint4*>(Xh + (long long)m * ldh + k) =
-      make_uint4(pack_h2(a.x, a.y), pack_h2(a.z, a.w), pack_h2(b.x, b.y), pack_h2(b.z, b.w));
+      make_uint4(q_pack_h2(a.x, a.y), q_pack_h2(a.z, a.w), q_pack_h2(b.x, b.y),
+                 q_pack_h2(b.z, b.w));
 }
 #endif
