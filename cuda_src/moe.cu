@@ -321,20 +321,38 @@ __device__ __forceinline__ void moe_gemm5_entry(const uint8_t* W, long long expe
 // items over its warps), the splits summed in order, then the expert's bias: moe_gemm5's
 // bits with the same split; dynamic shared memory NW * sk::Smem<T>::warp + G * S *
 // sk::Smem<T>::item.
-template <int T>
+// moe_skinny_<type>_pair: the same over two expert tensors of one type and shape (gpt-oss's
+// gate and up) read by the same routed tiles, W2 with its bias B2 into its output Y2: grid y
+// doubled, blocks y >= ceil(ceil(N / 8) / G) take W2's rows. At one token one launch for both
+// fills the GPU better than two; each row's arithmetic is the one-tensor kernel's. (A
+// separate kernel: choosing the tensor at run time cost the one-tensor launches 2-3 %.)
+template <int T, bool PAIR>
 __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long expert_bytes,
                                                  long long row_bytes, int N, int K,
                                                  const int* ntiles, const int4* tiles,
                                                  const int* list, int topk, const float* X,
                                                  long long ldx_tok, long long ldx_slot,
                                                  const float* B, float* Y, long long ldy,
-                                                 int S, int kps, int G) {
+                                                 int S, int kps, int G,
+                                                 const uint8_t* W2 = nullptr,
+                                                 const float* B2 = nullptr,
+                                                 float* Y2 = nullptr) {
   __shared__ long long s_xoff[16], s_yoff[16];
   if ((int)blockIdx.x >= ntiles[0]) return;  // uniform: past the table
+  int by = blockIdx.y;
+  if (PAIR) {
+    const int per_w = ((N + sk::ROWS - 1) / sk::ROWS + G - 1) / G;  // y blocks a tensor
+    if (by >= per_w) {
+      W = W2;
+      B = B2;
+      Y = Y2;
+      by -= per_w;
+    }
+  }
   const int4 tl = tiles[blockIdx.x];
   moe_tile_rows<16>(tl, list, topk, ldx_tok, ldx_slot, ldy, s_xoff, s_yoff);
   skinny_run<T>(W, (long long)tl.x * expert_bytes, row_bytes, N, K, X, s_xoff, s_yoff,
-                B ? B + (long long)tl.x * N : nullptr, nullptr, Y, S, kps, G, blockIdx.y * G);
+                B ? B + (long long)tl.x * N : nullptr, nullptr, Y, S, kps, G, by * G);
 }
 
 #define MOE_GEMV_ARGS                                                                      \
@@ -350,6 +368,12 @@ __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long exp
       int kps, long long sstride, int G
 #define MOE_GEMM_PASS \
   W, expert_bytes, row_bytes, N, K, ntiles, tiles, list, topk, X, ldx_tok, ldx_slot, B, Y, ldy
+
+// The paired MXFP4 kernel (gpt-oss's gate and up) at 64 registers, as ptxas compiles the
+// one-tensor one: 32 warps an SM. Left to itself ptxas gave it ~100 and 19 warps, and steps of
+// 8-64 tokens ran 10 % slower; the other types keep their own counts (a 64-register cap
+// spills 30-140 bytes for them).
+#define SKINNY_PAIR_MIN_BLOCKS(TY) ((TY) == QT_MXFP4 ? 2 : 1)
 
 #define MOE_INST(TY, NAME)                                                                     \
   extern "C" __global__ void __launch_bounds__(32 * GEMV4_WARPS)                               \
@@ -371,6 +395,10 @@ __device__ __forceinline__ void moe_skinny_entry(const uint8_t* W, long long exp
     moe_gemm5_entry<TY, 64>(MOE_GEMM_PASS, kps, sstride);                                      \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(512) moe_skinny_##NAME(MOE_GEMM_ARGS) {         \
-    moe_skinny_entry<TY>(MOE_GEMM_PASS, S, kps, G);                                            \
+    moe_skinny_entry<TY, false>(MOE_GEMM_PASS, S, kps, G);                                     \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(512, SKINNY_PAIR_MIN_BLOCKS(TY))                 \
+      moe_skinny_##NAME##_pair(MOE_GEMM_ARGS, const uint8_t* W2, const float* B2, float* Y2) { \
+    moe_skinny_entry<TY, true>(MOE_GEMM_PASS, S, kps, G, W2, B2, Y2);                          \
   }
 FOR_EACH_QTYPE(MOE_INST)

@@ -504,3 +504,55 @@ def test_moe_skinny_equals_the_routed_gemm(mm: MatmulKernels, gpu: Any, qtype: i
                 check5(outs, ref, ref16, valid, (form, n, k, ids.shape))
                 got[form] = outs[0]
             assert got["skinny"].tobytes() == got["gemm"].tobytes(), (n, k, ids.shape)
+
+
+@pytest.mark.parametrize("qtype", [2, 8, 12, 39], ids=["q4_0", "q8_0", "q4_k", "mxfp4"])
+def test_moe_pair_and_shared_route_give_the_single_launch_bytes(
+    mm: MatmulKernels, gpu: Any, qtype: int
+) -> None:
+    """gpt-oss's layer: one routing pre-pass for gate, up and down, gate and up in one paired
+    launch (the skinny form; the gemm form launches them one after the other). Each output
+    has the bytes of its own launch with its own pre-pass, at 1, 7 and 64 tokens (skinny)
+    and 70 (gemm); rows of invalid ids and rows past the assignments stay unwritten."""
+    rng = np.random.default_rng(qtype + 77)
+    qk = LAYOUTS[qtype].qk
+    n, k = 200, 1280 if qk == 32 else 2560
+    gate, up = Experts(qtype, 6, n, k, rng), Experts(qtype, 6, n, k, rng)
+    for ntok in (1, 7, 64, 70):
+        ids = route(rng, ntok, 6, 3)
+        ids[0, 1] = -1
+        x_dev = upload(rng.standard_normal((ntok, k), dtype=np.float32))
+        ids_dev = upload(ids.reshape(-1))
+        n_assign = ntok * 3
+        mm.invariant = True
+        try:
+            alone = []
+            for ex in (gate, up):
+                y = poisoned((n_assign + 3, n))
+                mm.moe(ex.w, ids_dev, ntok, 3, x_dev, y, per_slot_input=False, bias=ex.b_dev)
+                alone.append(y)
+            r = mm.moe_route(ids_dev, ntok, 3, 6)
+            assert r.form == ("skinny" if ntok <= 64 else "gemm")
+            yg, yu = poisoned((n_assign + 3, n)), poisoned((n_assign + 3, n))
+            mm.moe(
+                gate.w,
+                ids_dev,
+                ntok,
+                3,
+                x_dev,
+                yg,
+                per_slot_input=False,
+                bias=gate.b_dev,
+                route=r,
+                pair=(up.w, yu, up.b_dev),
+            )
+            gpu.Context.synchronize()
+            for got, want in ((yg, alone[0]), (yu, alone[1])):
+                assert got.get().tobytes() == want.get().tobytes(), ntok
+            assert (yg.get()[[1, n_assign, n_assign + 2]].view(np.uint32) == POISON).all()
+            # a later pre-pass overwrites the workspace: the older routing is refused
+            mm.moe_route(ids_dev, ntok, 3, 6)
+            with pytest.raises(KernelArgumentError):
+                mm.moe(gate.w, ids_dev, ntok, 3, x_dev, yg, per_slot_input=False, route=r)
+        finally:
+            mm.invariant = False

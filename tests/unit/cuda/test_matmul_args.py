@@ -478,6 +478,20 @@ def test_moe_skinny_plans() -> None:
     assert s.grid == (34, 360, 1) and s.block == (256, 1, 1)
     assert s.args[-4:] == (4, 24, ntok * topk * 5760, 2)
     assert s.shared == 8 * skinny_warp_bytes(layout(39)) + 2 * 4 * SKINNY_ITEM_BYTES
+    # gpt-oss's up beside its gate: one launch, grid y doubled, the second tensor's
+    # pointer, bias and output last
+    wu = weight(39, rows=5760, cols=2880, experts=32)
+    wu = QWeight(wu.ptr + (1 << 36), 39, 5760, 2880, wu.nbytes, experts=32)
+    yu = DevBuf(1 << 37, ntok * topk * 5760 * 4)
+    p = plan_moe(we, ids, ntok, topk, x, y, split=split, pair=(wu, yu, None), **kw)
+    assert p.kernel == "moe_skinny_mxfp4_pair" and p.grid == (34, 720, 1)
+    assert p.args[:-3] == s.args and p.args[-3:] == (wu.ptr, 0, yu.ptr)
+    assert len(p.args) == len(p.arg_format) and len(s.args) == len(s.arg_format)
+    other = QWeight(wu.ptr, 39, 2880, 2880, wu.nbytes, experts=32)
+    refused(plan_moe, we, ids, ntok, topk, x, y, split=split, pair=(other, yu, None), **kw)
+    refused(plan_moe, we, ids, ntok, topk, x, y, split=split, pair=(wu, y, None), **kw)
+    bias = DevBuf(1 << 38, 32 * 5760 * 4)
+    refused(plan_moe, we, ids, ntok, topk, x, y, split=split, pair=(wu, yu, bias), **kw)
     refused(plan_moe, we, ids, ntok, topk, x, y, split=(4, 20), **kw)  # not whole chunks
     refused(plan_moe, we, ids, ntok, topk, x, y, split=(2, 24), **kw)  # does not cover K
     # the gemm form writes every split's partials: y must hold them all

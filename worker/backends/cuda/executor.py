@@ -382,19 +382,23 @@ class Executor:
             self.ctx.dtoh(ids, s["eidx"])
             self.route_trace.append((self._layer, ids))
         st = self.ctx.stream
-        for name, dst in ((gate, "eg"), (up, "eu")):
-            b = self.tensor(f"{name}.bias")
-            self.mm.moe(
-                self.weight(f"{name}.weight"),
-                _b(s["eidx"]),
-                T,
-                kk,
-                _b(s["xn"]),
-                _b(s[dst]),
-                per_slot_input=False,
-                stream=st,
-                bias=_b(b) if b is not None else None,
-            )
+        # one routing pre-pass for the layer's three expert products; gate and up in one
+        # launch (the skinny form pairs them: fuller waves at one token)
+        route = self.mm.moe_route(_b(s["eidx"]), T, kk, hp.n_expert, stream=st)
+        gb, ub = self.tensor(f"{gate}.bias"), self.tensor(f"{up}.bias")
+        self.mm.moe(
+            self.weight(f"{gate}.weight"),
+            _b(s["eidx"]),
+            T,
+            kk,
+            _b(s["xn"]),
+            _b(s["eg"]),
+            per_slot_input=False,
+            stream=st,
+            route=route,
+            bias=_b(gb) if gb is not None else None,
+            pair=(self.weight(f"{up}.weight"), _b(s["eu"]), _b(ub) if ub is not None else None),
+        )
         k.swiglu(s["eg"], s["eu"], s["eg"], T * kk, ff, ff, ff, ff, oai=(1.702, 7.0))
         b = self.tensor(f"{L.ffn_out}.bias")
         self.mm.moe(
@@ -406,6 +410,7 @@ class Executor:
             _b(s["ed"]),
             per_slot_input=True,
             stream=st,
+            route=route,
             bias=_b(b) if b is not None else None,
         )
         k.moe_combine(s["x"], s["ed"], s["ew"], T, hp.n_embd, kk)

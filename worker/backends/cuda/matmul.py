@@ -88,6 +88,7 @@ _ARG_FORMATS: dict[str, str] = {
     "embed": "PqiiPPq",
     "moe_gemv": "PqqiiiPiPqqPPq",
     "moe_gemm": "PqqiiPPPiPqqPPqiiqi",  # + splits, K steps a split, split stride, row tiles
+    "moe_skinny_pair": "PqqiiPPPiPqqPPqiiqiPPP",  # moe_gemm's + second tensor, its bias, its y
     "moe_route": "PiiiPPP",
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
@@ -148,6 +149,21 @@ class QWeight:
     @property
     def expert_bytes(self) -> int:
         return self.rows * self.row_bytes
+
+
+@dataclass(frozen=True)
+class MoeRoute:
+    """A routing pre-pass queued by MatmulKernels.moe_route: the ids it read, the form and
+    token tile it routed for, and which pre-pass it was (a later one overwrites the
+    workspace, so only the latest may be used)."""
+
+    ids: int
+    ntok: int
+    topk: int
+    experts: int
+    form: str
+    tile_m: int
+    gen: int
 
 
 @dataclass(frozen=True)
@@ -777,6 +793,7 @@ def plan_moe(
     tile_m: int | None = None,
     workspace: BufLike | None = None,
     split: tuple[int, int] = (1, 0),
+    pair: tuple[QWeight, BufLike, BufLike | None] | None = None,
 ) -> Launch:
     """Expert matmuls: y[t*topk+s] = W[ids[t*topk+s]] x(t, s) (+ bias[expert]).
 
@@ -800,6 +817,9 @@ def plan_moe(
     split (moe_split; skinny and gemm): K in that many splits of kps steps. skinny sums them
     in the block; gemm writes split z's plain partials at y + z * n_assign * N (y then holds
     the splits: MatmulKernels.moe adds them with plan_splitk_reduce and the experts' bias).
+    pair (skinny only): (w2, y2, bias2), a second expert tensor of w's type and shape over the
+    same routed tiles and x, into its own y2 (gpt-oss's up beside its gate): one launch of
+    moe_skinny_<type>_pair, grid y doubled, each row computed as by its own launch.
     """
     lay = _check_weight(_kname("moe", w.qtype), w)
     _need("moe", form in ("auto", "gemv", "gemm", "skinny"), f"unknown form {form!r}")
@@ -902,7 +922,32 @@ def plan_moe(
         shared = warps * skinny_warp_bytes(lay) + g * n_split * SKINNY_ITEM_BYTES
         _need(kernel, shared <= SMEM_MAX, f"{n_split} splits need {shared} bytes of shared memory")
         block = (32 * warps, 1, 1)
+        if pair is not None:
+            w2, y2, bias2 = pair
+            _need(kernel, _same_shape(w, w2), "the paired tensor differs in type or shape")
+            _check_weight(kernel, w2)
+            y2b, b2b = as_buf(y2), _opt_buf(bias2)
+            y2r = _check_f32(kernel, "y2", y2b, y_rows, n, n)
+            _disjoint(kernel, xr, y2r, "x and y2")
+            _disjoint(kernel, yr, y2r, "y and y2")
+            _disjoint(kernel, (ib.ptr, ib.ptr + 4 * n_assign), y2r, "ids and y2")
+            _disjoint(kernel, wr, y2r, "workspace and y2")
+            _need(kernel, (b2b is None) == (bb is None), "bias for one tensor of the pair only")
+            if b2b is not None:
+                _check_f32(kernel, "bias2", b2b, w.experts, n, n)
+            grid = (grid[0], 2 * grid[1], grid[2])
+            _need(kernel, grid[1] <= MAX_GRID_YZ, f"{n} rows a tensor exceed the grid limit")
+            return Launch(
+                "moe",
+                f"{kernel}_pair",
+                grid,
+                block,
+                (*args, w2.ptr, b2b.ptr if b2b else 0, y2b.ptr),
+                _ARG_FORMATS["moe_skinny_pair"],
+                shared=shared,
+            )
         return Launch("moe", kernel, grid, block, args, _ARG_FORMATS["moe_gemm"], shared=shared)
+    _need(kernel, pair is None, "only the skinny form pairs two tensors in one launch")
     return Launch(
         "moe",
         kernel,
@@ -912,6 +957,10 @@ def plan_moe(
         _ARG_FORMATS["moe_gemm"],
         shared=gemm2_smem_bytes(lay, tm),
     )
+
+
+def _same_shape(a: QWeight, b: QWeight) -> bool:
+    return (a.qtype, a.rows, a.cols, a.experts) == (b.qtype, b.rows, b.cols, b.experts)
 
 
 def moe_split(w: QWeight) -> tuple[int, int]:
@@ -975,6 +1024,7 @@ class MatmulKernels:
         self._resident: dict[str, int] = {}
         self._smem_allowed: dict[str, int] = {}  # dynamic shared memory allowed per kernel
         self._moe_ws: DevBuf | None = None  # moe_route's workspace (MatmulKernels.moe)
+        self._route_gen = 0  # MoeRoute.gen of the latest routing pre-pass
         self._moe_ws_keep: list[Any] = []
         # batch invariance: every row count takes the tensor-core forms (gemm, routed
         # moe_gemm), whose per-row arithmetic does not depend on the other rows, so a row's
@@ -1141,6 +1191,41 @@ class MatmulKernels:
     ) -> None:
         self.run(plan_embed(w, ids, n, out, ldo=ldo), stream)
 
+    def moe_form(self, ntok: int, form: str = "auto") -> str:
+        """The form of the expert products of a step of ntok tokens: the decode gemv (not
+        invariant, ntok <= 2), skinny (ntok <= MOE_SKINNY_MAX_TOKENS) or the routed gemm."""
+        if form != "auto":
+            return form
+        if ntok <= 2 and not self.invariant:
+            return "gemv"
+        return "skinny" if ntok <= MOE_SKINNY_MAX_TOKENS else "gemm"
+
+    def moe_route(
+        self,
+        ids: BufLike,
+        ntok: int,
+        topk: int,
+        n_experts: int,
+        *,
+        stream: Any = None,
+        form: str = "auto",
+        tile_m: int | None = None,
+    ) -> MoeRoute:
+        """Queue the routing pre-pass of the routed forms into this object's workspace (none
+        for the gemv form): the expert products of one layer that share these ids pass the
+        returned MoeRoute to `moe` instead of routing again. Valid until the next moe_route."""
+        form = self.moe_form(ntok, form)
+        n_assign = ntok * topk
+        tm = 0
+        if form != "gemv":
+            tm = tile_m or (
+                MOE_SKINNY_TILE_M if form == "skinny" else moe5_tile_m(n_assign, n_experts)
+            )
+            ws = self._moe_workspace(moe_workspace_bytes(n_assign, n_experts, tm))
+            self.run(plan_moe_route(ids, n_assign, n_experts, ws, tile_m=tm), stream)
+        self._route_gen += 1
+        return MoeRoute(as_buf(ids).ptr, ntok, topk, n_experts, form, tm, self._route_gen)
+
     def moe(
         self,
         w: QWeight,
@@ -1152,65 +1237,101 @@ class MatmulKernels:
         *,
         per_slot_input: bool,
         stream: Any = None,
+        route: MoeRoute | None = None,
+        pair: tuple[QWeight, BufLike, BufLike | None] | None = None,
         **kw: Any,
     ) -> None:
-        """plan_moe's launch; the routed forms (gemm, skinny) first queue the routing
-        pre-pass into this object's workspace, and split K as moe_split decides for the
-        shape (gemm: partials in this object's split-K workspace, then plan_splitk_reduce
-        with each assignment's expert bias). The workspaces are shared by every call: queue
-        all MoE launches of one MatmulKernels on one stream (the backend does)."""
+        """plan_moe's launch; the routed forms (gemm, skinny) read the routing pre-pass of
+        `route` (moe_route with the same ids; queued here first when None), and split K as
+        moe_split decides for the shape (gemm: partials in this object's split-K workspace,
+        then plan_splitk_reduce with each assignment's expert bias). pair = (w2, y2, bias2):
+        a second tensor of w's type and shape over the same x into y2 (the skinny form takes
+        both in one launch, the others one after the other). The workspaces are shared by
+        every call: queue all MoE launches of one MatmulKernels on one stream (the backend
+        does)."""
         form = kw.pop("form", "auto")
-        if form == "auto":
-            if ntok <= 2 and not self.invariant:
-                form = "gemv"
-            else:
-                form = "skinny" if ntok <= MOE_SKINNY_MAX_TOKENS else "gemm"
+        tile_m = kw.pop("tile_m", None)
+        if route is None:
+            route = self.moe_route(
+                ids, ntok, topk, w.experts, stream=stream, form=form, tile_m=tile_m
+            )
+        key = (as_buf(ids).ptr, ntok, topk, w.experts, self._route_gen)
+        if (route.ids, route.ntok, route.topk, route.experts, route.gen) != key:
+            raise KernelArgumentError(
+                "moe", f"routing {route} is not the latest one of these ids and experts"
+            )
+        _need("moe", form in ("auto", route.form), f"form {form} but routed for {route.form}")
+        _need("moe", tile_m in (None, route.tile_m), f"tile_m {tile_m} but routed for it")
+        form = route.form
+        mats = [(w, y, kw.pop("bias", None))]
+        if pair is not None:
+            mats.append(pair)
         if form == "gemv":
-            launch = plan_moe(
-                w, ids, ntok, topk, x, y, per_slot_input=per_slot_input, form=form, **kw
-            )
-            self.run(launch, stream)
-            return
-        n_assign = ntok * topk
-        tm = kw.pop("tile_m", None) or (
-            MOE_SKINNY_TILE_M if form == "skinny" else moe5_tile_m(n_assign, w.experts)
-        )
-        ws = self._moe_workspace(moe_workspace_bytes(n_assign, w.experts, tm))
-        split = kw.pop("split", None) or moe_split(w)
-        launches = [plan_moe_route(ids, n_assign, w.experts, ws, tile_m=tm)]
-        out: BufLike = y
-        if form == "gemm" and split[0] > 1:
-            out = self._splitk_workspace(split[0] * n_assign * w.rows * 4)
-        launches.append(
-            plan_moe(
-                w,
-                ids,
-                ntok,
-                topk,
-                x,
-                out,
-                per_slot_input=per_slot_input,
-                form=form,
-                tile_m=tm,
-                workspace=ws,
-                split=split,
-                **kw,
-            )
-        )
-        if out is not y:
-            launches.append(
-                plan_splitk_reduce(
+            launches = [
+                plan_moe(
+                    m,
+                    ids,
+                    ntok,
+                    topk,
+                    x,
                     out,
-                    split[0],
-                    n_assign,
-                    w.rows,
-                    y,
-                    bias=kw.get("bias"),
-                    experts=(ids, w.experts),
+                    per_slot_input=per_slot_input,
+                    form=form,
+                    bias=b,
+                    **kw,
                 )
-            )
+                for m, out, b in mats
+            ]
+        else:
+            launches = self._routed(mats, ids, ntok, topk, x, per_slot_input, route, kw)
         for launch in launches:  # all checked before any is queued
             self.run(launch, stream)
+
+    def _routed(
+        self,
+        mats: list[tuple[QWeight, BufLike, BufLike | None]],
+        ids: BufLike,
+        ntok: int,
+        topk: int,
+        x: BufLike,
+        per_slot_input: bool,
+        route: MoeRoute,
+        kw: dict[str, Any],
+    ) -> list[Launch]:
+        n_assign = ntok * topk
+        tm, form = route.tile_m, route.form
+        ws = self._moe_workspace(moe_workspace_bytes(n_assign, route.experts, tm))
+        given = kw.pop("split", None)
+        common: dict[str, Any] = {
+            "per_slot_input": per_slot_input,
+            "form": form,
+            "tile_m": tm,
+            "workspace": ws,
+        }
+        w, y, b = mats[0]
+        same = len(mats) == 2 and _same_shape(w, mats[1][0])
+        if form == "skinny" and (len(mats) == 1 or same):
+            split = given or moe_split(w)
+            pair = mats[1] if same else None
+            return [
+                plan_moe(w, ids, ntok, topk, x, y, bias=b, pair=pair, split=split, **common, **kw)
+            ]
+        launches = []
+        for m, y, b in mats:
+            split = given or moe_split(m)
+            out: BufLike = y
+            if form == "gemm" and split[0] > 1:
+                out = self._splitk_workspace(split[0] * n_assign * m.rows * 4)
+            launches.append(
+                plan_moe(m, ids, ntok, topk, x, out, bias=b, split=split, **common, **kw)
+            )
+            if out is not y:
+                launches.append(
+                    plan_splitk_reduce(
+                        out, split[0], n_assign, m.rows, y, bias=b, experts=(ids, m.experts)
+                    )
+                )
+        return launches
 
     def reserve(
         self, max_tokens: int, max_k: int, n_experts: int, topk: int, weights: list[QWeight]
