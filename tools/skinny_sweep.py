@@ -43,6 +43,7 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "gptoss.o": (2880, 4096, 8),
     "qwen.head": (151936, 896, 14),
     "gptoss.head": (201088, 2880, 8),
+    "gptoss.router": (32, 2880, 0),
 }
 
 
