@@ -384,35 +384,31 @@ class Executor:
         st = self.ctx.stream
         # one routing pre-pass for the layer's three expert products; gate and up in one
         # launch (the skinny form pairs them: fuller waves at one token)
-        route = self.mm.moe_route(_b(s["eidx"]), T, kk, hp.n_expert, stream=st)
-        gb, ub = self.tensor(f"{gate}.bias"), self.tensor(f"{up}.bias")
+        eidx = _b(s["eidx"])
+        route = self.mm.moe_route(eidx, T, kk, hp.n_expert, stream=st)
+
+        def experts(name: str, out: str) -> tuple[QWeight, Buf, Buf | None]:
+            b = self.tensor(f"{name}.bias")
+            return self.weight(f"{name}.weight"), _b(s[out]), _b(b) if b is not None else None
+
+        wg, yg, bg = experts(gate, "eg")
+        xn = _b(s["xn"])
         self.mm.moe(
-            self.weight(f"{gate}.weight"),
-            _b(s["eidx"]),
+            wg,
+            eidx,
             T,
             kk,
-            _b(s["xn"]),
-            _b(s["eg"]),
+            xn,
+            yg,
             per_slot_input=False,
             stream=st,
             route=route,
-            bias=_b(gb) if gb is not None else None,
-            pair=(self.weight(f"{up}.weight"), _b(s["eu"]), _b(ub) if ub is not None else None),
+            bias=bg,
+            pair=experts(up, "eu"),
         )
         k.swiglu(s["eg"], s["eu"], s["eg"], T * kk, ff, ff, ff, ff, oai=(1.702, 7.0))
-        b = self.tensor(f"{L.ffn_out}.bias")
-        self.mm.moe(
-            self.weight(f"{L.ffn_out}.weight"),
-            _b(s["eidx"]),
-            T,
-            kk,
-            _b(s["eg"]),
-            _b(s["ed"]),
-            per_slot_input=True,
-            stream=st,
-            route=route,
-            bias=_b(b) if b is not None else None,
-        )
+        wd, yd, bd = experts(L.ffn_out, "ed")
+        self.mm.moe(wd, eidx, T, kk, yg, yd, per_slot_input=True, stream=st, route=route, bias=bd)
         k.moe_combine(s["x"], s["ed"], s["ew"], T, hp.n_embd, kk)
         self._checked("moe")
 

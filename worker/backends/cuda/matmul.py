@@ -154,8 +154,9 @@ class QWeight:
 @dataclass(frozen=True)
 class MoeRoute:
     """A routing pre-pass queued by MatmulKernels.moe_route: the ids it read, the form and
-    token tile it routed for, and which pre-pass it was (a later one overwrites the
-    workspace, so only the latest may be used)."""
+    token tile it routed for, the workspace it wrote (None for the gemv form: no pre-pass),
+    and which pre-pass it was (a later one overwrites the workspace, so only the latest may
+    be used)."""
 
     ids: int
     ntok: int
@@ -164,6 +165,7 @@ class MoeRoute:
     form: str
     tile_m: int
     gen: int
+    workspace: DevBuf | None
 
 
 @dataclass(frozen=True)
@@ -1216,7 +1218,7 @@ class MatmulKernels:
         returned MoeRoute to `moe` instead of routing again. Valid until the next moe_route."""
         form = self.moe_form(ntok, form)
         n_assign = ntok * topk
-        tm = 0
+        tm, ws = 0, None
         if form != "gemv":
             tm = tile_m or (
                 MOE_SKINNY_TILE_M if form == "skinny" else moe5_tile_m(n_assign, n_experts)
@@ -1224,7 +1226,7 @@ class MatmulKernels:
             ws = self._moe_workspace(moe_workspace_bytes(n_assign, n_experts, tm))
             self.run(plan_moe_route(ids, n_assign, n_experts, ws, tile_m=tm), stream)
         self._route_gen += 1
-        return MoeRoute(as_buf(ids).ptr, ntok, topk, n_experts, form, tm, self._route_gen)
+        return MoeRoute(as_buf(ids).ptr, ntok, topk, n_experts, form, tm, self._route_gen, ws)
 
     def moe(
         self,
@@ -1261,7 +1263,7 @@ class MatmulKernels:
                 "moe", f"routing {route} is not the latest one of these ids and experts"
             )
         _need("moe", form in ("auto", route.form), f"form {form} but routed for {route.form}")
-        _need("moe", tile_m in (None, route.tile_m), f"tile_m {tile_m} but routed for it")
+        _need("moe", tile_m in (None, route.tile_m), f"tile_m {tile_m}, routed for {route.tile_m}")
         form = route.form
         mats = [(w, y, kw.pop("bias", None))]
         if pair is not None:
@@ -1299,18 +1301,17 @@ class MatmulKernels:
         kw: dict[str, Any],
     ) -> list[Launch]:
         n_assign = ntok * topk
-        tm, form = route.tile_m, route.form
-        ws = self._moe_workspace(moe_workspace_bytes(n_assign, route.experts, tm))
-        given = kw.pop("split", None)
+        # the workspace the pre-pass wrote (its size is not worked out again)
         common: dict[str, Any] = {
             "per_slot_input": per_slot_input,
-            "form": form,
-            "tile_m": tm,
-            "workspace": ws,
+            "form": route.form,
+            "tile_m": route.tile_m,
+            "workspace": route.workspace,
         }
+        given = kw.pop("split", None)
         w, y, b = mats[0]
         same = len(mats) == 2 and _same_shape(w, mats[1][0])
-        if form == "skinny" and (len(mats) == 1 or same):
+        if route.form == "skinny" and (len(mats) == 1 or same):
             split = given or moe_split(w)
             pair = mats[1] if same else None
             return [
@@ -1320,7 +1321,7 @@ class MatmulKernels:
         for m, y, b in mats:
             split = given or moe_split(m)
             out: BufLike = y
-            if form == "gemm" and split[0] > 1:
+            if route.form == "gemm" and split[0] > 1:
                 out = self._splitk_workspace(split[0] * n_assign * m.rows * 4)
             launches.append(
                 plan_moe(m, ids, ntok, topk, x, out, bias=b, split=split, **common, **kw)
