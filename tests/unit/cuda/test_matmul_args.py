@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from worker.backends.cuda.matmul import (
     DevBuf,
     KernelArgumentError,
     Launch,
+    MatmulKernels,
     QWeight,
     gemm2_smem_bytes,
     gemm_split,
@@ -587,3 +589,73 @@ def test_split_k_depends_on_the_shape_only() -> None:
         plan_gemm(down, x, part, 512, split=(2, kps), version=2)
     with pytest.raises(KernelArgumentError, match="bias"):
         plan_gemm(down, x, part, 512, split=(n_split, kps), version=2, bias=DevBuf(2048 * A, 4096))
+
+
+class _PlanOnly(MatmulKernels):
+    """MatmulKernels without a device: launches are recorded, workspaces are fake buffers
+    that grow as the real ones do (a larger request gets a new buffer)."""
+
+    def __init__(self, invariant: bool = True) -> None:  # no super(): nothing to load
+        self.invariant = invariant
+        self._route_gen = 0
+        self.queued: list[Launch] = []
+        self._bufs: dict[str, DevBuf] = {}
+
+    def _grow(self, kind: str, base: int, nbytes: int) -> DevBuf:
+        old = self._bufs.get(kind)
+        if old is None or old.nbytes < nbytes:
+            self._bufs[kind] = DevBuf(base + (0 if old is None else 1 << 24), nbytes)
+        return self._bufs[kind]
+
+    def _moe_workspace(self, nbytes: int) -> DevBuf:
+        return self._grow("moe", 1 << 34, nbytes)
+
+    def _splitk_workspace(self, nbytes: int) -> DevBuf:
+        return self._grow("splitk", 1 << 35, nbytes)
+
+    def run(self, launch: Launch, stream: Any = None) -> None:
+        self.queued.append(launch)
+
+
+def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
+    """gpt-oss's layer as the executor queues it: one moe_route, gate and up in one paired
+    skinny launch, the down product on the same routing; each product reads the workspace
+    its pre-pass wrote; a routing is refused once a later pre-pass overwrote the workspace.
+    The gemm form (over 64 tokens) runs the pair one after the other, each with its reduce."""
+    gate = QWeight(A, 39, 2880, 2880, 32 * 2880 * layout(39).row_bytes(2880), experts=32)
+    up = QWeight(A + (1 << 32), 39, 2880, 2880, gate.nbytes, experts=32)
+    down = QWeight(A + (2 << 32), 39, 2880, 2880, gate.nbytes, experts=32)
+    for ntok, form in ((1, "skinny"), (64, "skinny"), (70, "gemm")):
+        n_assign = ntok * 4
+        ids = DevBuf(1 << 33, 4 * n_assign)
+        x = DevBuf(1 << 30, ntok * 2880 * 4)
+        yg, yu, yd = (DevBuf((k + 3) << 36, n_assign * 2880 * 4) for k in range(3))
+        mm = _PlanOnly()
+        r = mm.moe_route(ids, ntok, 4, 32)
+        assert r.form == form and [q.kernel for q in mm.queued] == ["moe_route"]
+        ws = mm.queued[0].args[4]  # the routing's ntiles pointer: the workspace start
+        mm.moe(gate, ids, ntok, 4, x, yg, per_slot_input=False, route=r, pair=(up, yu, None))
+        mm.moe(down, ids, ntok, 4, yg, yd, per_slot_input=True, route=r)
+        kernels = [q.kernel for q in mm.queued[1:]]
+        if form == "skinny":
+            assert kernels == ["moe_skinny_mxfp4_pair", "moe_skinny_mxfp4"]
+            assert mm.queued[1].args[-3:] == (up.ptr, 0, yu.ptr)
+        else:
+            gemm, reduce = "moe_gemm5_mxfp4_m64", "gemm_splitk_reduce"
+            assert kernels == [gemm, reduce, gemm, reduce, gemm, reduce]
+        for q in mm.queued[1:]:
+            if q.kernel != "gemm_splitk_reduce":
+                assert q.args[5] == ws  # ntiles of the routing's workspace
+        # a later, larger pre-pass moves the workspace: the old routing may not be used
+        mm.moe_route(DevBuf(1 << 33, 4 * 4 * 512), 512, 4, 32)
+        with pytest.raises(KernelArgumentError):
+            mm.moe(down, ids, ntok, 4, yg, yd, per_slot_input=True, route=r)
+    # invariance off at one token: the gemv, no pre-pass, gate and up one after the other
+    mm = _PlanOnly(invariant=False)
+    ids1, x1 = DevBuf(1 << 33, 16), DevBuf(1 << 30, 2880 * 4)
+    y1, y2 = DevBuf(3 << 36, 4 * 2880 * 4), DevBuf(4 << 36, 4 * 2880 * 4)
+    r = mm.moe_route(ids1, 1, 4, 32)
+    assert r.form == "gemv" and r.workspace is None and not mm.queued
+    mm.moe(gate, ids1, 1, 4, x1, y1, per_slot_input=False, route=r, pair=(up, y2, None))
+    assert [q.kernel for q in mm.queued] == ["moe_gemv_mxfp4_r2", "moe_gemv_mxfp4_r2"]
+    assert mm.queued[1].args[0] == up.ptr and mm.queued[1].args[12] == y2.ptr
