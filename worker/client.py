@@ -315,6 +315,9 @@ class OrcdClient:
             if ref == model_ref and status != "draining" and now - seen < HEARTBEAT_FRESH_S:
                 return
         answered = await self.health_all(timeout_s, until_model_ref=model_ref)
+        seen = time.monotonic()
+        for h in answered:  # an answer counts as a heartbeat: the next job needs no request
+            self._heartbeats[h.worker_id] = (h.model_ref, h.status, seen)
         serving = [h for h in answered if h.model_ref == model_ref and h.status != "draining"]
         if serving:
             return

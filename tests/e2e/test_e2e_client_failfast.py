@@ -94,3 +94,39 @@ async def test_stopping_early_cancels_the_job(
     await other.close()
     end = await last_event(client, "by-close")
     assert isinstance(end, Error) and end.code == "CANCELLED", end
+
+
+async def test_a_health_answer_spares_the_next_jobs_the_worker_lookup(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    """require_worker asks ``orcd.health`` once; the answer counts as a fresh heartbeat, so
+    the jobs after it are published without that round trip (until it ages out)."""
+    from worker.protocol import Health, encode
+
+    client = await OrcdClient.connect(nats_server.url)
+    answerer = await OrcdClient.connect(nats_server.url)
+    asked = 0
+    health = Health(
+        status="healthy", worker_id="w-1", model="m", model_ref=REF, device="cpu",
+        gpu_device=None, resident=True, quant_kind="q8_0", vram_bytes_used=0,
+        tokenizer_kind="bpe", vocab_size=10, context_length=64, uptime_seconds=1.0, sm=None,
+        cuda_runtime_version=None, active_job_id=None, jobs_completed=0, version="0",
+    )  # fmt: skip
+
+    async def answer(msg: Any) -> None:
+        nonlocal asked
+        asked += 1
+        await msg.respond(encode(health))
+
+    await answerer.nc.subscribe(client.subjects.health_all, cb=answer)
+    await answerer.nc.flush()
+    try:
+        for _ in range(5):
+            await client.require_worker(REF)
+        assert asked == 1
+        with pytest.raises(NoWorker, match="serve client-tiny"):
+            await client.require_worker("other")  # the remembered answer names another ref
+        assert asked == 2
+    finally:
+        await answerer.close()
+        await client.close()
