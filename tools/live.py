@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,16 @@ class WorkerProc:
         log_path: Path | None = None,
         device: str = "cpu",
         env: Mapping[str, str] | None = None,
+        module: str = "worker",
+        module_args: Sequence[str] = (),
     ) -> None:
         self.worker_id = worker_id or str(uuid.uuid4())
         self.model_ref = model_ref
         cmd = [
             sys.executable,
             "-m",
-            "worker",
+            module,
+            *module_args,
             "serve",
             "--device",
             device,
