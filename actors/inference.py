@@ -187,15 +187,14 @@ class EngineLoop:
     def _loop(self) -> None:
         sched = self.sched
         assert sched is not None
+        msgs: list[EngineIn | None] = []
         while True:
-            if sched.idle:
+            if sched.idle and not msgs:
                 try:
                     first = anyio.from_thread.run(self.inbox.receive)
                 except (anyio.EndOfStream, anyio.ClosedResourceError):
                     return
                 msgs = [first, *anyio.from_thread.run_sync(self._take)]
-            else:
-                msgs = anyio.from_thread.run_sync(self._take)
             stop = False
             for m in msgs:
                 if m is None:
@@ -204,8 +203,8 @@ class EngineLoop:
                     self._handle(m)
             if not sched.idle:
                 self._step()
-            if self._out or self._replies:
-                self._flush()
+            # one trip to the event loop a step: this step's events out, what arrived in
+            msgs = self._flush(take=not stop)
             if stop:
                 for ev in sched.fail_all(Cancelled("the worker is shutting down")):
                     self._emit_engine(ev)
@@ -225,17 +224,26 @@ class EngineLoop:
                 out.append(None)
                 return out
 
-    def _flush(self) -> None:
+    def _flush(self, take: bool = False) -> list[EngineIn | None]:
+        """Hand the events and replies gathered so far to the frontend and, with `take`,
+        return what waits in the inbox: one call into the event loop for both (the thread
+        waits for the loop on every such call, and under load the loop is busy)."""
         batch: list[Outgoing] = []
         if self._out:
             batch.append(JobEvents(self._out))
         batch.extend(self._replies)
         self._out, self._replies = [], []
+        if not batch and not take:
+            return []
+        try:
+            return anyio.from_thread.run(self._send_and_take, batch, take)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return [None] if take else []  # the frontend is gone: shutting down
+
+    async def _send_and_take(self, batch: list[Outgoing], take: bool) -> list[EngineIn | None]:
         for item in batch:
-            try:
-                anyio.from_thread.run(self.outbox.send, item)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return  # the frontend is gone: shutting down
+            await self.outbox.send(item)
+        return self._take() if take else []
 
     def _handle(self, m: EngineIn) -> None:
         if isinstance(m, Admit):
