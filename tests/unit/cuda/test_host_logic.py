@@ -218,3 +218,36 @@ def test_arena_order_puts_fusable_projections_side_by_side() -> None:
     assert i("blk.0.attn_v.bias") == i("blk.0.attn_k.bias") + 1
     assert i("blk.0.ffn_up.weight") == i("blk.0.ffn_gate.weight") + 1
     assert order[0] == "token_embd.weight" and order[-1] == "output_norm.weight"
+
+
+def test_step_check_refuses_ids_and_blocks_out_of_range() -> None:
+    """CudaBackend._check (host only): a token id or block id outside the model's vocabulary
+    or the KV pool is refused before anything reaches the device, for one-token decode
+    chunks and prompt chunks alike (lists, tuples or arrays)."""
+    import types
+
+    from worker.backends.cuda.backend import CudaBackend
+    from worker.engine.batch import Chunk
+
+    be = types.SimpleNamespace(
+        max_batch=4, context_length=256, vocab_size=100, n_blocks=10, max_step_tokens=64
+    )
+
+    def check(tokens: object, blocks: list[int], prefill: bool = False) -> None:
+        chunk = Chunk(slot=0, tokens=tokens, start=0, blocks=blocks, prefill=prefill)  # type: ignore[arg-type]
+        CudaBackend._check(be, [chunk])  # type: ignore[arg-type]
+
+    check((99,), [9])
+    check([0, 5, 99], [0, 9], prefill=True)
+    check(np.array([3, 4], np.int32), [2], prefill=True)
+    for tokens, blocks in (
+        ((100,), [0]),
+        ((-1,), [0]),
+        ([1, 100], [0]),
+        ((1,), [10]),
+        ((1,), [-1]),
+    ):
+        with pytest.raises(ValueError, match=r"out of range|outside"):
+            check(tokens, blocks, prefill=len(tokens) > 1)
+    with pytest.raises(ValueError, match="outside"):
+        check(np.array([1, 2]), [3, 10], prefill=True)

@@ -759,20 +759,12 @@ def sample_args(
 
 
 def exact_fraction(f: float) -> tuple[int, int]:
-    """(m, sh) with f == m * 2**-sh exactly, m < 2**53, sh >= 0, for 0 <= f < 2**53."""
+    """(m, sh) with f == m * 2**-sh exactly, m < 2**53, sh >= 0, for 0 <= f < 2**53
+    (the reduced form: m odd unless sh is 0)."""
     if f < 0 or not math.isfinite(f):
         raise ValueError(f"{f} is not a finite non-negative float")
-    if f == 0.0:
-        return 0, 0
-    mant, exp = math.frexp(f)  # f = mant * 2**exp, 0.5 <= mant < 1
-    m = int(mant * (1 << 53))
-    sh = 53 - exp
-    while sh > 0 and m % 2 == 0:
-        m //= 2
-        sh -= 1
-    if sh < 0:
-        return m << (-sh), 0
-    return m, sh
+    m, d = f.as_integer_ratio()  # reduced, d a power of two (a float is a dyadic fraction)
+    return m, d.bit_length() - 1
 
 
 def ceil_mul_pow2(f: float, bits: int) -> int:
