@@ -244,3 +244,27 @@ def test_pending_rows_name_the_previous_steps_sampler_row() -> None:
     assert lay.sampled_rows == {2: 0, 5: 1, 0: 2}  # what the next step's prev_rows will be
     with pytest.raises(ValueError, match="drew nothing"):
         layout_step(chunks, width=W, trash_block=TRASH, prev_rows={2: 0})
+
+
+def test_decode_block_tables_of_many_lengths() -> None:
+    rng = np.random.default_rng(3)
+    spec = SampleSpec(P, 0.5, [])
+    lens = [int(n) for n in rng.integers(1, W + 1, 40)]
+    chunks = [
+        Chunk(
+            slot=k,
+            tokens=[k],
+            start=64 * n - 1,
+            blocks=[int(b) for b in rng.integers(0, 90, n)],
+            prefill=False,
+            sample=spec,
+        )
+        for k, n in enumerate(lens)
+    ]
+    lay = layout_step(chunks, width=W, trash_block=TRASH)
+    bt = _fields(lay)["bt"].reshape(len(chunks), W)
+    for row, c in zip(bt, chunks, strict=True):
+        assert list(row) == list(c.blocks) + [TRASH] * (W - len(c.blocks))
+    wide = dataclasses.replace(chunks[0], blocks=list(range(W + 1)))
+    with pytest.raises(ValueError, match="wider"):
+        layout_step([*chunks, wide], width=W, trash_block=TRASH)

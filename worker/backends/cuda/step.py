@@ -18,6 +18,7 @@ addresses every replay.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -243,8 +244,7 @@ def layout_step(
         f["kvrow"][:n_dec] = [
             c.blocks[p // KV_BLOCK] * KV_BLOCK + p % KV_BLOCK for c, p in zip(dec, pos, strict=True)
         ]
-        for k, c in enumerate(dec):
-            _fill_table(bt[k], c, width)
+        _fill_tables(bt[:n_dec], dec, width)
     # padding decode rows: token 0 at 0 into the trash block (ids and pos are zero already)
     f["kvrow"][n_dec:d_rows] = trash_block * KV_BLOCK
     for k, i in enumerate(prompt):
@@ -355,6 +355,19 @@ def _fill_rows(f: dict[str, np.ndarray], r0: int, c: Chunk, trash_block: int) ->
     f["pos"][r0 : r0 + n] = pos
     table = np.asarray(c.blocks, dtype=np.int64)
     f["kvrow"][r0 : r0 + n] = table[pos // KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK
+
+
+def _fill_tables(dst: np.ndarray, chunks: Sequence[Chunk], width: int) -> None:
+    """Block table k of dst = chunks[k]'s blocks: one scatter for all of them (a call per
+    row was a third of a 64-row step's layout)."""
+    lens = np.fromiter((len(c.blocks) for c in chunks), np.int64, len(chunks))
+    if lens.max(initial=0) > width:
+        raise ValueError(f"block table of {int(lens.max())} blocks wider than {width}")
+    n = int(lens.sum())
+    flat = np.fromiter(itertools.chain.from_iterable(c.blocks for c in chunks), np.int32, n)
+    rows = np.repeat(np.arange(len(chunks)), lens)
+    cols = np.arange(n) - np.repeat(np.cumsum(lens) - lens, lens)
+    dst[rows, cols] = flat
 
 
 def _fill_table(dst: np.ndarray, c: Chunk, width: int) -> None:
