@@ -236,9 +236,26 @@ class EngineLoop:
         if not batch and not take:
             return []
         try:
-            return anyio.from_thread.run(self._send_and_take, batch, take)
+            # a plain callback when the outbox has room (the common case: no task for
+            # the loop to create); a full outbox (frontend behind) is waited on
+            left, got = anyio.from_thread.run_sync(self._send_and_take_now, batch, take)
+            if not left:
+                return got
+            return anyio.from_thread.run(self._send_and_take, left, take)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return [None] if take else []  # the frontend is gone: shutting down
+
+    def _send_and_take_now(
+        self, batch: list[Outgoing], take: bool
+    ) -> tuple[list[Outgoing], list[EngineIn | None]]:
+        """(event loop) Send what fits in the outbox now: the rest is returned, or else
+        (with `take`) what waits in the inbox."""
+        for k, item in enumerate(batch):
+            try:
+                self.outbox.send_nowait(item)
+            except anyio.WouldBlock:
+                return batch[k:], []
+        return [], self._take() if take else []
 
     async def _send_and_take(self, batch: list[Outgoing], take: bool) -> list[EngineIn | None]:
         for item in batch:
