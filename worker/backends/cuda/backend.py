@@ -457,14 +457,13 @@ class CudaBackend:
         staging = self._staging[p]
         staging[:n] = lay.packed
         drv.memcpy_htod_async(self.inputs.ptr, staging[:n], st)
-        # sampled rows: the chunks' own, then a bucket's padding rows
         prefill = lay.prefill
         if bucket is not None and bucket.chunks:
             # the graph serves every step of the bucket: its prompt attention is launched
             # for chunks of up to all the prompt rows (the kernel reads each chunk's own
             # rows, length and position from the step's inputs; shorter ones exit early)
             prefill = [(bucket.decode, bucket.prompt, 0)] * bucket.chunks
-        n_s = sz.rows if bucket else len(lay.sampled)
+        n_s = sz.rows if bucket else len(lay.sampled)  # the chunks' own, then padding rows
         if bucket is not None:  # the step's device views are needed only to capture
             self._graph(bucket, lambda: self._device_step(sz, prefill, n_s)).launch("step graph")
         else:
