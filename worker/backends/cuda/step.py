@@ -247,11 +247,9 @@ def layout_step(
         _fill_tables(bt[:n_dec], dec, width)
     # padding decode rows: token 0 at 0 into the trash block (ids and pos are zero already)
     f["kvrow"][n_dec:d_rows] = trash_block * KV_BLOCK
-    for k, i in enumerate(prompt):
-        c = chunks[i]
-        r0, n = rows_of[i]
-        _fill_rows(f, r0, c, trash_block)
-        _fill_table(bt[sizes.decode + k], c, width)
+    for i in prompt:
+        _fill_rows(f, rows_of[i][0], chunks[i], trash_block)
+    _fill_tables(bt[sizes.decode : sizes.decode + len(prompt)], [chunks[i] for i in prompt], width)
     if len(prefill) > len(prompt):  # padding prompt rows: positions 0.. in the trash block
         r0, n, _ = prefill[-1]
         f["kvrow"][r0 : r0 + n] = trash_block * KV_BLOCK + np.arange(n) % KV_BLOCK
@@ -358,8 +356,10 @@ def _fill_rows(f: dict[str, np.ndarray], r0: int, c: Chunk, trash_block: int) ->
 
 
 def _fill_tables(dst: np.ndarray, chunks: Sequence[Chunk], width: int) -> None:
-    """Block table k of dst = chunks[k]'s blocks: one scatter for all of them (a call per
-    row was a third of a 64-row step's layout)."""
+    """Block table k of dst = chunks[k]'s blocks, the rest of each row untouched: one
+    scatter for all of them (a call per row was a third of a 64-row step's layout)."""
+    if not chunks:
+        return
     lens = np.fromiter((len(c.blocks) for c in chunks), np.int64, len(chunks))
     if lens.max(initial=0) > width:
         raise ValueError(f"block table of {int(lens.max())} blocks wider than {width}")
@@ -368,10 +368,3 @@ def _fill_tables(dst: np.ndarray, chunks: Sequence[Chunk], width: int) -> None:
     rows = np.repeat(np.arange(len(chunks)), lens)
     cols = np.arange(n) - np.repeat(np.cumsum(lens) - lens, lens)
     dst[rows, cols] = flat
-
-
-def _fill_table(dst: np.ndarray, c: Chunk, width: int) -> None:
-    n = len(c.blocks)
-    if n > width:
-        raise ValueError(f"block table of {n} blocks wider than {width}")
-    dst[:n] = np.asarray(c.blocks, dtype=np.int32)
