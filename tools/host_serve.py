@@ -117,13 +117,13 @@ def worker_main(argv: list[str]) -> int:
 
 async def clients_main(args: argparse.Namespace) -> dict[str, Any]:
     from tools.live import WorkerProc, shutdown_and_wait, wait_healthy
-    from tools.suite import prompt_of_tokens, run_concurrency
+    from tools.suite import LiveSuiteOptions, concurrency_phases, prompt_of_tokens
     from worker.client import OrcdClient
     from worker.nats.server import EmbeddedNatsServer
 
     prompt, n_prompt = prompt_of_tokens(args.model, args.prompt_tokens)
     env = {EMULATED: f"{args.step_ms},{args.row_us},{args.prompt_token_us},{args.host_us}"}
-    out: dict[str, Any] = {"prompt_tokens": n_prompt, "device": env[EMULATED], "phases": []}
+    out: dict[str, Any] = {"prompt_tokens": n_prompt, "device": env[EMULATED]}
     with EmbeddedNatsServer() as server:
         w = WorkerProc(
             args.model,
@@ -137,24 +137,14 @@ async def clients_main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             client = await OrcdClient.connect(server.url)
             await wait_healthy(client, w, timeout=120)
-            n = max(args.concurrency)
-            conns = [await OrcdClient.connect(server.url) for _ in range((n + 15) // 16)]
-            for c in args.concurrency:
-                await run_concurrency(
-                    conns, "host-serve", c, jobs_per_client=1, max_tokens=8, prompt=prompt
-                )
-                out["phases"].append(
-                    await run_concurrency(
-                        conns,
-                        "host-serve",
-                        c,
-                        jobs_per_client=args.jobs_per_client,
-                        max_tokens=args.max_tokens,
-                        prompt=prompt,
-                    )
-                )
-            for c in conns:
-                await c.close()
+            opts = LiveSuiteOptions(
+                model=args.model,
+                model_ref="host-serve",
+                concurrency=args.concurrency,
+                jobs_per_client=args.jobs_per_client,
+                max_tokens=args.max_tokens,
+            )
+            out["phases"] = await concurrency_phases(opts, server.url, prompt)
             await shutdown_and_wait(client, w)
             await client.close()
         finally:

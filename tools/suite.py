@@ -476,7 +476,7 @@ async def _live(
                 ),
             )
             if opts.concurrency:
-                out["concurrency"] = await _while_alive(w, _concurrency_phases(opts, url, prompt))
+                out["concurrency"] = await _while_alive(w, concurrency_phases(opts, url, prompt))
             if opts.prefix_tokens > 0:
                 prefix, n = prompt_of_tokens(opts.model, opts.prefix_tokens)
                 ttft = await _while_alive(
@@ -561,7 +561,7 @@ async def _while_alive(w: WorkerProc, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _concurrency_phases(opts: LiveSuiteOptions, url: str, prompt: str) -> list[Any]:
+async def concurrency_phases(opts: LiveSuiteOptions, url: str, prompt: str) -> list[Any]:
     """One `run_concurrency` phase per entry of opts.concurrency, after a warm-up round at
     that width (the worker's first steps at a new batch size capture its CUDA graphs). The
     clients share one NATS connection per 16 of them."""
