@@ -12,7 +12,8 @@
   (``<job>.<seq>.<attempt>.<n>``) as plain publishes the stream captures; before the terminal
   event (and the ack) every event is confirmed stored, and if an outage lost some they are
   published again - the duplicate window drops the copies that did arrive, so nothing is
-  lost.
+  lost. While connected, a token event is framed here (one ``HPUB`` line) and appended to
+  nats-py's outgoing buffer, the one its own publish fills and its flusher writes.
 """
 
 from __future__ import annotations
@@ -287,6 +288,22 @@ async def job_subscription(
     return await js.pull_subscribe_bind(durable=durable, stream=jobs_name)
 
 
+_NC_BUFFER = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
+
+
+def _hpub_head(nc: NatsClient, subject: str) -> bytes | None:
+    """``HPUB <subject> `` for framing events into `nc`'s outgoing buffer, or None where that
+    buffer is not as expected (another nats-py) or the subject is not one plain token
+    string: then events go through nats-py's publish."""
+    if not all(hasattr(nc, a) for a in _NC_BUFFER) or not callable(
+        getattr(nc, "_flush_pending", None)
+    ):
+        return None
+    if not subject or any(c.isspace() for c in subject) or not subject.isascii():
+        return None
+    return f"HPUB {subject} ".encode()
+
+
 class EventPublisher:
     """One job attempt's events, in order, captured by ORCD_EVENTS (see the module doc).
 
@@ -318,6 +335,7 @@ class EventPublisher:
         self._sent: list[tuple[str, bytes]] = []
         self._base: int | None = None
         self.republished = 0  # events sent again (their store was not confirmed)
+        self._hpub = _hpub_head(nc, subject)
 
     async def _count(self) -> int:
         info = await self._js.stream_info(self._stream, subjects_filter=self._subject)
@@ -340,8 +358,27 @@ class EventPublisher:
     async def publish(self, payload: bytes) -> None:
         msg_id = f"{self._prefix}.{len(self._sent)}"
         self._sent.append((msg_id, payload))
-        with contextlib.suppress(Exception):  # an outage: finish() re-sends it
-            await self._nc.publish(self._subject, payload, headers={"Nats-Msg-Id": msg_id})
+        nc = self._nc
+        if self._hpub is None or not nc.is_connected:
+            # nats-py's publish: it buffers while reconnecting; whatever an outage loses,
+            # finish() re-sends
+            with contextlib.suppress(Exception):
+                await nc.publish(self._subject, payload, headers={"Nats-Msg-Id": msg_id})
+            return
+        # What nats-py's publish would append, framed here: its header encoding and checks
+        # cost ~3 us of the ~4 an event (20k events/s at 64 jobs). Subject and id are
+        # plain tokens (checked once / by the job id's pattern).
+        hdr = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
+        cmd = b"%s%d %d\r\n%s%s\r\n" % (self._hpub, len(hdr), len(hdr) + len(payload), hdr, payload)
+        nc._pending.append(cmd)
+        nc._pending_data_size += len(cmd)
+        try:
+            if nc._pending_data_size > nc._max_pending_size:
+                await nc._flush_pending(force_flush=True)
+            elif nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()  # wake the flusher (it writes all pending at once)
+        except Exception:  # an outage meanwhile: finish() re-sends what it lost
+            pass
 
     async def _publish_sync(self, msg_id: str, payload: bytes, deadline: float) -> bool:
         while True:
