@@ -36,15 +36,17 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._parts: list[str] = []
         self._text_cache: str | None = ""
-        after = getattr(tokenizer, "starts_fragment_after", None)
-        if after_token is not None and after is not None:
-            self._fragment_start = bool(after(after_token))
+        # the tokenizer's optional methods, looked up once (push runs for every token)
+        self._piece_of = getattr(tokenizer, "piece", None)
+        self._after = getattr(tokenizer, "starts_fragment_after", None)
+        if after_token is not None and self._after is not None:
+            self._fragment_start = bool(self._after(after_token))
         else:
             self._fragment_start = at_start
         self._ids = 0
 
     def _piece(self, token_id: int) -> bytes:
-        piece = getattr(self._tok, "piece", None)
+        piece = self._piece_of
         if piece is not None:  # our backends: same spacing rule as decode()
             skip = self._skip_special
             raw: bytes = piece(token_id, fragment_start=False, skip_special=skip)
@@ -53,7 +55,7 @@ class StreamDecoder:
                 if self._fragment_start
                 else raw
             )
-            after = getattr(self._tok, "starts_fragment_after", None)
+            after = self._after
             at_start = self._fragment_start and not raw  # nothing shown yet
             self._fragment_start = at_start or (bool(after(token_id)) if after else False)
             return data

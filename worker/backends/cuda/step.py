@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -310,11 +309,23 @@ assert ARGS_DTYPE.itemsize == SAMPLE_ARGS_BYTES
 _GREEDY = (0, 1, 0, 1.0, 0.0, 0, 0, -1, 0)  # a row without settings, in ARGS_DTYPE order
 
 
-@lru_cache(maxsize=4096)
-def _job_args(p: SamplingParams) -> tuple[int, int, float, float, int, int]:
+_JobArgs = tuple[int, int, float, float, int, int]
+# id(params) -> (params, its fields): a job's SamplingParams object lives as long as the
+# job, and an identity lookup skips hashing its every field for every row of every step
+_JOB_ARGS: dict[int, tuple[SamplingParams, _JobArgs]] = {}
+
+
+def _job_args(p: SamplingParams) -> _JobArgs:
     """A job's fixed sampler fields: (top_p_m, wfloor, pen, temperature, top_k, top_p_sh)."""
+    hit = _JOB_ARGS.get(id(p))
+    if hit is not None and hit[0] is p:
+        return hit[1]
     tp_m, tp_sh, wfloor, _, _ = sample_fixed_point(p.top_p, p.min_p, 0.0)
-    return tp_m, wfloor, p.repetition_penalty, p.temperature, p.top_k, tp_sh
+    args = (tp_m, wfloor, p.repetition_penalty, p.temperature, p.top_k, tp_sh)
+    if len(_JOB_ARGS) >= 4096:  # ended jobs' entries: forget them all now and then
+        _JOB_ARGS.clear()
+    _JOB_ARGS[id(p)] = (p, args)
+    return args
 
 
 def pack_sample_args(
