@@ -1,5 +1,6 @@
 """The serving path's host cost, without a GPU: `serve` on an emulated device, and N closed-loop
-clients over NATS against it (BENCHMARKS.md).
+clients over NATS against it (BENCHMARKS.md). Reports the clients' figures and the worker's
+CPU time by thread over the phases (warm-up rounds included) and a token.
 
     python -m tools.host_serve --model GGUF [--concurrency 64] [--jobs-per-client 4] \
         [--step-ms 1.2] [--row-us 20] [--prompt-token-us 25] [--host-us 0] [-- SERVE FLAGS]
@@ -115,6 +116,21 @@ def worker_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) each thread of process `pid` has used, by "name/tid"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 async def clients_main(args: argparse.Namespace) -> dict[str, Any]:
     from tools.live import WorkerProc, shutdown_and_wait, wait_healthy
     from tools.suite import LiveSuiteOptions, concurrency_phases, prompt_of_tokens
@@ -144,7 +160,21 @@ async def clients_main(args: argparse.Namespace) -> dict[str, Any]:
                 jobs_per_client=args.jobs_per_client,
                 max_tokens=args.max_tokens,
             )
+            before = thread_cpu(w.proc.pid)
             out["phases"] = await concurrency_phases(opts, server.url, prompt)
+            after = thread_cpu(w.proc.pid)
+            used = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+            tokens = sum(p["tokens"] for p in out["phases"])
+            out["worker_cpu_s"] = dict(sorted(used.items(), key=lambda kv: -kv[1])[:4])
+            out["worker_cpu_us_a_token"] = round(sum(used.values()) / tokens * 1e6, 1)
+            # the worker's own first-token time (receipt to first sampled token): the rest
+            # of the clients' TTFT is NATS, JetStream and the clients
+            ttft = sorted(r["ttft_ms"] for r in w.records if r.get("event") == "execute_end")
+            if ttft:
+                out["worker_ttft_ms"] = {
+                    "p50": ttft[len(ttft) // 2],
+                    "p95": ttft[int(len(ttft) * 0.95)],
+                }
             await shutdown_and_wait(client, w)
             await client.close()
         finally:

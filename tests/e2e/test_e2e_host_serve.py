@@ -1,5 +1,6 @@
 """tools.host_serve: the serving path (a real `serve` subprocess, nats-server, clients) on an
-emulated device; every job completes and no token arrives faster than the device allows."""
+emulated device; every job completes, no token arrives faster than the device allows, and the
+worker's own CPU time and first-token time are reported."""
 
 from __future__ import annotations
 
@@ -39,3 +40,9 @@ def test_host_serve_runs_every_job_at_the_emulated_device_pace(tiny_model: Path)
     # than a step by more than the clients' own timing jitter
     assert phase["inter_token"]["p50_ms"] >= 2.0
     assert phase["tokens_per_s"] <= 4 / 0.003
+    # the worker's CPU over the phases (both busy threads) and its receipt-to-first-token
+    # time, which is part of the clients' TTFT and at least one emulated step
+    assert 0 < result["worker_cpu_us_a_token"] < 1e6
+    assert len(result["worker_cpu_s"]) >= 2
+    wt = result["worker_ttft_ms"]
+    assert 3.0 <= wt["p50"] <= wt["p95"] <= phase["ttft"]["p99_ms"]
