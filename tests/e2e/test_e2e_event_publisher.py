@@ -69,3 +69,27 @@ async def test_events_stored_in_order_with_their_ids(
         assert (info.state.subjects or {}).get(subject) == n + 1
     finally:
         await nc.close()
+
+
+async def test_count_is_the_subjects_own_and_a_missing_stream_raises(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    nc = await connect(nats_server.url, name="test")
+    try:
+        js = nc.jetstream()
+        subjects = Subjects()
+        await ensure_streams(js, subjects, events_max_age_s=600)
+        for job, n in (("a", 3), ("b", 5)):
+            for i in range(n):
+                await js.publish(subjects.events(job), _token(job, i))
+        pub = EventPublisher(nc, js, subjects.events("a"), "a.1.1", EVENTS_STREAM)
+        assert await pub._count() == 3
+        none = EventPublisher(nc, js, subjects.events("c"), "c.1.1", EVENTS_STREAM)
+        assert await none._count() == 0
+        missing = EventPublisher(nc, js, subjects.events("a"), "a.1.1", "NO_SUCH_STREAM")
+        with pytest.raises(Exception, match="stream not found"):
+            await missing._count()
+        await missing.start(deadline_s=0.3)  # gives up: finish() will re-send, confirmed
+        assert missing._base is None
+    finally:
+        await nc.close()

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -288,6 +289,22 @@ async def job_subscription(
     return await js.pull_subscribe_bind(durable=durable, stream=jobs_name)
 
 
+JS_API = "$JS.API"  # the JetStream API prefix of nc.jetstream() (no domain)
+
+
+class _StreamState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _StreamInfo(msgspec.Struct):
+    """What EventPublisher reads of a stream-info answer (or its error)."""
+
+    state: _StreamState = msgspec.field(default_factory=_StreamState)
+    error: dict[str, Any] | None = None
+
+
+_STREAM_INFO = msgspec.json.Decoder(_StreamInfo)
+
 _NC_BUFFER = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
 
 
@@ -336,11 +353,19 @@ class EventPublisher:
         self._base: int | None = None
         self.republished = 0  # events sent again (their store was not confirmed)
         self._hpub = _hpub_head(nc, subject)
+        self._info_request = msgspec.json.encode({"subjects_filter": subject})
 
     async def _count(self) -> int:
-        info = await self._js.stream_info(self._stream, subjects_filter=self._subject)
-        subjects = info.state.subjects or {}
-        return int(subjects.get(self._subject, 0))
+        """Events the stream holds on this subject: the stream-info API asked directly and
+        only that count decoded (nats-py's stream_info builds the whole StreamInfo: ~220 us
+        of CPU against ~165 for the request alone, twice a job)."""
+        msg = await self._nc.request(
+            f"{JS_API}.STREAM.INFO.{self._stream}", self._info_request, timeout=5.0
+        )
+        info = _STREAM_INFO.decode(msg.data)
+        if info.error is not None:
+            raise nats.js.errors.APIError(description=str(info.error))
+        return int((info.state.subjects or {}).get(self._subject, 0))
 
     async def start(self, deadline_s: float = 10.0) -> None:
         """Note how many events the subject holds before this attempt publishes any."""
@@ -400,8 +425,8 @@ class EventPublisher:
         if not self._sent:
             return True
         if self._base is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=max(1, int(settle_s)))
+            # the count request travels behind the events on this connection; the stream
+            # stores them a little later, so the count is asked again until it settles
             settle = time.monotonic() + settle_s
             delay = 0.002
             while True:
