@@ -384,9 +384,9 @@ class EventPublisher:
         msg_id = f"{self._prefix}.{len(self._sent)}"
         self._sent.append((msg_id, payload))
         nc = self._nc
-        if self._hpub is None or not nc.is_connected:
-            # nats-py's publish: it buffers while reconnecting; whatever an outage loses,
-            # finish() re-sends
+        if self._hpub is None or not nc.is_connected or nc.is_draining_pubs:
+            # nats-py's publish: it buffers while reconnecting (and refuses while draining);
+            # whatever an outage loses, finish() re-sends
             with contextlib.suppress(Exception):
                 await nc.publish(self._subject, payload, headers={"Nats-Msg-Id": msg_id})
             return
