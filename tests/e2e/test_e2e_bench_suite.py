@@ -78,7 +78,10 @@ def test_bench_suite_cpu(tiny_model: Path) -> None:
     assert [p["clients"] for p in phases] == [1, 4] and [p["jobs"] for p in phases] == [2, 8]
     for p in phases:
         assert p["errors"] == [] and p["tokens"] > 0
-        assert abs(p["tokens_per_s"] - p["tokens"] / p["wall_s"]) < 0.01 * p["tokens_per_s"]
+        # tokens / wall, up to the rounding of both figures (wall_s to 1 ms: a phase of a
+        # few tiny-model jobs lasts only tens of ms)
+        lo, hi = p["wall_s"] - 0.0005, p["wall_s"] + 0.0005
+        assert p["tokens"] / hi - 0.05 <= p["tokens_per_s"] <= p["tokens"] / lo + 0.05
         _check_percentiles(p["ttft"], p["jobs"])
         assert p["inter_token"]["n"] == p["tokens"] - p["jobs"]  # every token after the first
     assert out["vram"] == {"baseline_bytes": 0, "after_bytes": 0, "jobs": 5}
