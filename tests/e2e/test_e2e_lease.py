@@ -121,9 +121,16 @@ async def test_a_renewed_lease_outlives_many_lease_periods(
     """worker.client renews the lease by itself while the caller reads the events."""
     w = spawn_worker(tiny_model, nats_server.url, REF, "--ctx-size", "4096").wait_ready()
     t0 = time.monotonic()
+    # 2,048 tokens after a ~1,500-token prompt (each step attends over 1.5-3.5k positions):
+    # after a 1-token prompt they took only 2.9 s on the 2-core box
     evs = await gather(
         client.generate(
-            REF, prompt="x", max_tokens=2048, temperature=0.0, lease_s=LEASE_S, timeout_s=180
+            REF,
+            prompt="x " * 1500,
+            max_tokens=2048,
+            temperature=0.0,
+            lease_s=LEASE_S,
+            timeout_s=180,
         )
     )
     took = time.monotonic() - t0
