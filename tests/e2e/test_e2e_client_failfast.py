@@ -122,7 +122,9 @@ async def test_a_health_answer_spares_the_next_jobs_the_worker_lookup(
     await answerer.nc.flush()
     try:
         for _ in range(5):
-            await client.require_worker(REF)
+            # the wait ends at the first answer; the generous limit only keeps a stalled
+            # box (a full test run on 2 cores once took over 1 s) from failing the test
+            await client.require_worker(REF, timeout_s=10.0)
         assert asked == 1
         with pytest.raises(NoWorker, match="serve client-tiny"):
             await client.require_worker("other")  # the remembered answer names another ref
