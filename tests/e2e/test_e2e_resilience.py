@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.e2e.stored_events import stored_end, stored_started
 from worker.client import OrcdClient, final_attempt
 from worker.errors import ErrorCode
 from worker.nats.server import EmbeddedNatsServer
@@ -30,26 +31,6 @@ def complete(events: list[Event], job_id: str) -> End:
     end = events[-1]
     assert end.tokens_out == len(tokens)
     return end
-
-
-def stored_started(job_id: str, attempt: int) -> Started:
-    """A `started` event as a worker stores it (fields the tests do not look at filled in)."""
-    return Started(
-        job_id=job_id, model="m", started_at="t", seed=1, prompt_tokens=1, attempt=attempt
-    )
-
-
-def stored_end(job_id: str, tokens_out: int) -> End:
-    """An `end` event as a worker stores it after `tokens_out` tokens."""
-    return End(
-        job_id=job_id,
-        tokens_out=tokens_out,
-        stop_reason="max_tokens",
-        prompt_tokens=1,
-        ttft_ms=1.0,
-        decode_time_ms=1.0,
-        tokens_per_s=1.0,
-    )
 
 
 async def wait_tokens(events: list[Event], n: int, timeout: float = 60) -> None:
