@@ -27,6 +27,11 @@ from worker.protocol import CLIENT_GONE, End, Error, Event, Started, Token, deco
 REF = "tiny"
 LEASE_S = 1.0
 LONG = ("--max-tokens", "2048", "--temperature", "0")
+# The prompt of the long jobs: 2,048 tokens after ~1,500 prompt tokens (each step attends
+# over 1.5-3.5k positions) take ~5 s on the 2-core box; after a 1-token prompt they took
+# under 3 s once the worker's per-token host work shrank, short enough for a job to end
+# before the test cancels it or its lease runs out.
+LONG_PROMPT = "x " * 1500
 
 
 class Watch:
@@ -66,7 +71,7 @@ def submit_process(url: str, job_id: str, *flags: str) -> subprocess.Popen[bytes
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "worker", "submit", "--nats-url", url, "--model-ref", REF),
-            *("--job-id", job_id, "--lease-s", str(LEASE_S), *flags, "a story"),
+            *("--job-id", job_id, "--lease-s", str(LEASE_S), *flags, LONG_PROMPT),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -121,12 +126,10 @@ async def test_a_renewed_lease_outlives_many_lease_periods(
     """worker.client renews the lease by itself while the caller reads the events."""
     w = spawn_worker(tiny_model, nats_server.url, REF, "--ctx-size", "4096").wait_ready()
     t0 = time.monotonic()
-    # 2,048 tokens after a ~1,500-token prompt (each step attends over 1.5-3.5k positions):
-    # after a 1-token prompt they took only 2.9 s on the 2-core box
     evs = await gather(
         client.generate(
             REF,
-            prompt="x " * 1500,
+            prompt=LONG_PROMPT,
             max_tokens=2048,
             temperature=0.0,
             lease_s=LEASE_S,
@@ -154,7 +157,9 @@ async def test_queued_job_of_a_vanished_client_ends_when_reached(
     busy = asyncio.create_task(
         client.run_job(
             REF,
-            OrcdClient.make_job(prompt="x", job_id="busy-1", max_tokens=2048, temperature=0),
+            OrcdClient.make_job(
+                prompt=LONG_PROMPT, job_id="busy-1", max_tokens=2048, temperature=0
+            ),
             timeout_s=120,
         ).__anext__()
     )
@@ -198,7 +203,9 @@ async def test_cancel_with_a_reason_carries_it_to_the_event(
     job = await watch(client, "gw-1")
     task = asyncio.create_task(
         client.run_job(
-            REF, OrcdClient.make_job(prompt="x", job_id="gw-1", max_tokens=2048), timeout_s=60
+            REF,
+            OrcdClient.make_job(prompt=LONG_PROMPT, job_id="gw-1", max_tokens=2048),
+            timeout_s=60,
         ).__anext__()
     )
     await job.wait_tokens(2)
