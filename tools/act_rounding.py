@@ -3,9 +3,10 @@ teacher-forced logits of a GGUF file through the NumPy reference with every prod
 activations (and, for fp16, weights) rounded as a kernel design would round them, against
 the exact float32 reference (docs/kernels.md, "Integer products").
 
-    python -m tools.act_rounding --model GGUF [--modes fp16,q8,i15] [--prompt 32] [--more 48]
+    python -m tools.act_rounding --model GGUF [--modes fp16,q8,i15,i15@256] [--prompt 32]
+        [--more 48]
 
-Modes (blocks of 32 along K, each with a float32 scale):
+Modes (blocks of 32 along K, each with a float32 scale; `MODE@B` for blocks of B):
 - fp16: X and W rounded to fp16, what the tensor-core products compute today;
 - q8:   X as int8 codes, scale max|x| / 127 (ggml's q8_1 activations): integer dot products
         against the weights' integer codes;
@@ -23,6 +24,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +35,18 @@ F32 = npt.NDArray[np.float32]
 BLOCK = 32
 
 
-def _blocks(x: F32) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+def _blocks(x: F32, block: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """[t, k] as [t, ceil(k / block), block] (a ragged last block padded with zeros) and
+    each block's max |x|."""
     t, k = x.shape
-    xb = x.reshape(t, k // BLOCK, BLOCK).astype(np.float32)
+    pad = -k % block
+    xp = np.pad(x, ((0, 0), (0, pad))) if pad else x
+    xb = xp.reshape(t, (k + pad) // block, block).astype(np.float32)
     return xb, np.abs(xb).max(axis=2, keepdims=True)
+
+
+def _unblock(y: npt.NDArray[np.floating[Any]], shape: tuple[int, ...]) -> F32:
+    return y.reshape(shape[0], -1)[:, : shape[1]].astype(np.float32)
 
 
 def _codes(xb: F32, amax: F32, top: float) -> tuple[F32, F32]:
@@ -46,28 +56,38 @@ def _codes(xb: F32, amax: F32, top: float) -> tuple[F32, F32]:
     return np.clip(np.rint(xb * inv), -top, top), d
 
 
-def q8(x: F32) -> F32:
-    xb, amax = _blocks(x)
+def q8(x: F32, block: int = BLOCK) -> F32:
+    xb, amax = _blocks(x, block)
     q, d = _codes(xb, amax, 127.0)
-    return (q * d).reshape(x.shape).astype(np.float32)
+    return _unblock(q * d, x.shape)
 
 
-def i15(x: F32) -> F32:
-    xb, amax = _blocks(x)
+def i15(x: F32, block: int = BLOCK) -> F32:
+    xb, amax = _blocks(x, block)
     q, d = _codes(xb, amax, 127.0 * 128.0)
     hi = np.rint(q / 128.0)
     lo = q - 128.0 * hi
     assert np.abs(hi).max(initial=0) <= 127 and np.abs(lo).max(initial=0) <= 64
-    return ((128.0 * hi + lo) * d).reshape(x.shape).astype(np.float32)
+    return _unblock((128.0 * hi + lo) * d, x.shape)
 
 
 def rounded_linear(mode: str, exact: Callable[..., F32]) -> Callable[..., F32]:
+    """`mode` is fp16, q8 or i15, the integer ones optionally `@B` (blocks of B along K; where
+    K is not a multiple of B the last block is shorter)."""
+    name, _, size = mode.partition("@")
+    block = int(size) if size else BLOCK
+    if name not in ("fp16", "q8", "i15") or block < 1 or (name == "fp16" and size):
+        raise ValueError(f"unknown mode {mode!r}")
+
     def linear(x: F32, w: F32, b: F32 | None = None) -> F32:
-        if mode == "fp16":
+        if name == "fp16":
             x = x.astype(np.float16).astype(np.float32)
             w = w.astype(np.float16).astype(np.float32)
-        elif x.shape[-1] % BLOCK == 0:
-            x = q8(x) if mode == "q8" else i15(x)
+        else:
+            k = x.shape[-1]
+            if k % BLOCK == 0:
+                x2 = x.reshape(-1, k)
+                x = (q8(x2, block) if name == "q8" else i15(x2, block)).reshape(x.shape)
         return exact(x, w, b)
 
     return linear
@@ -103,7 +123,7 @@ def main() -> None:
         got, _ = logits(rounded_linear(mode, exact))
         d = compare_logits(got, ref)
         agree = float(np.mean(np.argmax(got, axis=1) == np.argmax(ref, axis=1)))
-        print(f"{mode:5s} {d.summary('teacher-forced', n_prompt)}, argmax agrees {agree:.3f}")
+        print(f"{mode:8s} {d.summary('teacher-forced', n_prompt)}, argmax agrees {agree:.3f}")
     for m in users:
         m.linear = exact  # type: ignore[attr-defined]
 

@@ -4,8 +4,9 @@ accuracy table in docs/kernels.md measures the formats it names."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from tools.act_rounding import BLOCK, i15, q8
+from tools.act_rounding import BLOCK, i15, q8, rounded_linear
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -37,3 +38,29 @@ def test_i15_is_far_finer_than_q8() -> None:
     e8 = np.linalg.norm(q8(x) - x) / np.linalg.norm(x)
     e15 = np.linalg.norm(i15(x) - x) / np.linalg.norm(x)
     assert e15 < e8 / 100
+
+
+def test_blocks_of_any_size_end_in_a_shorter_block() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 896)).astype(np.float32)
+    x[0, 800] = 50.0  # sets the scale of the last (128-wide) block of 256 only
+    y = i15(x, 256)
+    assert y.shape == x.shape and y.dtype == np.float32
+    for lo_, hi_ in ((0, 256), (256, 512), (512, 768), (768, 896)):
+        d = np.abs(x[:, lo_:hi_]).max(axis=1, keepdims=True) / (127.0 * 128.0)
+        ulp = np.spacing(np.abs(x[:, lo_:hi_]))  # y is rounded to float32 at the end
+        assert (np.abs(y[:, lo_:hi_] - x[:, lo_:hi_]) <= 0.5 * d * (1 + 1e-5) + ulp).all()
+    # a coarser block can only widen the step: the outlier's block loses resolution
+    e32 = np.abs(i15(x, 32) - x)[0, 768:].max()
+    assert np.abs(y - x)[0, 768:].max() > e32
+
+
+def test_modes_parse_and_refuse() -> None:
+    w = np.eye(64, dtype=np.float32)
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    exact = lambda x, w, b=None: x @ w.T  # noqa: E731
+    assert np.array_equal(rounded_linear("i15@64", exact)(x, w), i15(x, 64))
+    assert np.array_equal(rounded_linear("q8", exact)(x, w), q8(x, 32))
+    for bad in ("fp16@32", "i16", "q8@0"):
+        with pytest.raises(ValueError):
+            rounded_linear(bad, exact)
