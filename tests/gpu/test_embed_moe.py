@@ -22,8 +22,8 @@ import pytest
 from pycuda_arrays import poisoned, rel_err, upload
 
 from tools.synth_blocks import random_matrix
+from worker.backends.cuda.arena import LaunchRefused
 from worker.backends.cuda.matmul import (
-    KernelArgumentError,
     MatmulKernels,
     QWeight,
     moe5_tile_m,
@@ -73,7 +73,7 @@ def test_embedding_bad_id_gives_nan_rows(mm: MatmulKernels, gpu: Any) -> None:
     got = out.get()
     assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
     np.testing.assert_allclose(got[[0, 3]], dense[[3, 49]], rtol=2e-6, atol=1e-9)
-    with pytest.raises(KernelArgumentError, match="embed_q5_0"):
+    with pytest.raises(LaunchRefused, match="embed_q5_0"):
         mm.embed(w, ids_dev, 5, out)  # ids buffer and out hold 4 rows, not 5
 
 
@@ -185,7 +185,7 @@ def test_moe_gemv_bad_expert_id_gives_nan(mm: MatmulKernels, gpu: Any) -> None:
     gpu.Context.synchronize()
     got = y.get()
     assert np.isfinite(got[0]).all() and np.isnan(got[1]).all()
-    with pytest.raises(KernelArgumentError, match="moe_gemv_mxfp4"):
+    with pytest.raises(LaunchRefused, match="moe_gemv_mxfp4"):
         mm.moe(w, ids_dev, 1, 5, x, y, per_slot_input=False, form="gemv")
 
 
@@ -554,7 +554,7 @@ def test_moe_pair_and_shared_route_give_the_single_launch_bytes(
                 assert (yg.get()[[1, n_assign, n_assign + 2]].view(np.uint32) == POISON).all()
             # a later pre-pass overwrites the workspace: the older routing is refused
             mm.moe_route(ids_dev, ntok, 3, 6)
-            with pytest.raises(KernelArgumentError):
+            with pytest.raises(LaunchRefused):
                 mm.moe(gate.w, ids_dev, ntok, 3, x_dev, yg, per_slot_input=False, route=r)
         finally:
             mm.invariant = False

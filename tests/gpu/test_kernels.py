@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from worker.backends.cuda.arena import LaunchRefused
 from worker.backends.cuda.kernels import (
     KV_BLOCK,
     SAMPLE_ARGS_BYTES,
     SAMPLE_SCRATCH_BYTES,
     AttnShape,
-    LaunchRefused,
     sample_args,
 )
 from worker.engine.params import SamplingParams

@@ -20,8 +20,8 @@ import pytest
 from pycuda_arrays import poisoned, rel_err, upload
 
 from tools.synth_blocks import random_matrix
+from worker.backends.cuda.arena import LaunchRefused
 from worker.backends.cuda.matmul import (
-    KernelArgumentError,
     MatmulKernels,
     QWeight,
     gemm_split,
@@ -298,12 +298,12 @@ def test_out_of_range_launch_is_refused_and_nothing_runs(mm: MatmulKernels, gpu:
     w = qweight(w_dev, 12, n, k)
     x = upload(rng.standard_normal((4, k), dtype=np.float32))
     y = poisoned((3, n))  # room for 3 tokens, asked for 4
-    with pytest.raises(KernelArgumentError, match=r"gemv_q4_k.*y buffer"):
+    with pytest.raises(LaunchRefused, match=r"gemv_q4_k.*y buffer"):
         mm.gemv(w, x, y, 4)
     for version in (2, 3):  # v3: its fp16 conversion of x must not run either
         # (the split's in-order sum is the launch that writes y: its plan refuses it)
         pat = rf"(gemm{version}_q4_k_m64|gemm_splitk_reduce).*y buffer"
-        with pytest.raises(KernelArgumentError, match=pat):
+        with pytest.raises(LaunchRefused, match=pat):
             mm.gemm(w, x, y, 4, version=version)
     gpu.Context.synchronize()
     assert np.isnan(y.get()).all(), "a refused launch must not have run"
@@ -464,9 +464,9 @@ def test_skinny_refuses_what_it_cannot_do(mm: MatmulKernels, gpu: Any) -> None:
     w = qweight(w_dev, 12, 256, 512)
     x = upload(rng.standard_normal((17, 512), dtype=np.float32))
     y = poisoned((17, 256))
-    with pytest.raises(KernelArgumentError, match=r"skinny_q4_k.*17 rows"):
+    with pytest.raises(LaunchRefused, match=r"skinny_q4_k.*17 rows"):
         mm.skinny(w, x, y, 17)
-    with pytest.raises(KernelArgumentError, match=r"skinny_q4_k.*y buffer"):
+    with pytest.raises(LaunchRefused, match=r"skinny_q4_k.*y buffer"):
         mm.skinny(w, x, poisoned((3, 256)), 4)
     gpu.Context.synchronize()
     assert np.isnan(y.get()).all()

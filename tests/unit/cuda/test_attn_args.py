@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.backends.cuda.arena import DevBuf
+from worker.backends.cuda.arena import DevBuf, LaunchRefused
 from worker.backends.cuda.kernels import (
     LOG2E,
     MAX_DYN_SMEM,
     TC_BM,
     TC_BN,
     TC_HEAD_DIMS,
-    LaunchRefused,
     attn_tc_smem_bytes,
     check_attn_prefill_tc,
 )

@@ -10,6 +10,7 @@ import pytest
 
 from worker.backends.cuda.arena import (
     DevBuf,
+    LaunchRefused,
     align_up,
     kv_bytes_per_token,
     plan_arena,
@@ -17,7 +18,6 @@ from worker.backends.cuda.arena import (
 )
 from worker.backends.cuda.kernels import (
     AttnShape,
-    LaunchRefused,
     ceil_mul_pow2,
     exact_fraction,
     need,

@@ -1,4 +1,6 @@
-"""Device memory layout: the 256-byte-aligned weights arena, KV-cache sizing, device buffers.
+"""Device memory layout: the 256-byte-aligned weights arena, KV-cache sizing, and the launch
+layer's two types: the device buffer every launch wrapper takes (`DevBuf`) and the error
+that refuses a launch before it is queued (`LaunchRefused`).
 
 Everything here is plain arithmetic over byte counts (no CUDA calls), so the plans are unit
 tested on machines without a GPU; `CudaContext.alloc` turns a plan into one allocation.
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from worker.errors import CudaError
 
 ALIGN = 256
 MIB = 1 << 20
@@ -26,7 +30,7 @@ class DevBuf:
 
     ptr: int
     nbytes: int
-    name: str
+    name: str = "buffer"
 
     def view(self, offset: int, nbytes: int, name: str | None = None) -> DevBuf:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
@@ -34,6 +38,15 @@ class DevBuf:
                 f"{self.name}: view [{offset}, {offset + nbytes}) outside {self.nbytes} bytes"
             )
         return DevBuf(self.ptr + offset, nbytes, name or f"{self.name}+{offset}")
+
+
+class LaunchRefused(CudaError):
+    """A launch refused before it was queued: its shapes, strides, alignment or the byte
+    ranges it would read or write do not fit its buffers (a CudaError naming the kernel)."""
+
+    def __init__(self, kernel: str, problem: str) -> None:
+        super().__init__(f"{kernel}: launch refused: {problem}")
+        self.kernel = kernel
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from worker.backends.cuda.arena import DevBuf
+from worker.backends.cuda.arena import DevBuf, LaunchRefused
 from worker.errors import CudaError
 
 F32 = 4
@@ -39,14 +39,6 @@ SAMPLE_SCRATCH_BYTES = (
 )
 MAX_DYN_SMEM = 48 * 1024
 KV_BLOCK = 64  # positions per KV-cache block (cuda_src/common.cuh KV_BLOCK)
-
-
-class LaunchRefused(CudaError):
-    """A launch whose arguments would read or write outside its buffers (never queued)."""
-
-    def __init__(self, kernel: str, problem: str) -> None:
-        super().__init__(f"{kernel}: launch refused: {problem}")
-        self.kernel = kernel
 
 
 def need(kernel: str, buf: DevBuf | None, nbytes: int, what: str, align: int = 4) -> None:

@@ -2,7 +2,8 @@
 
 How to call (everything on the thread that owns the CUDA context, context current):
 
-    from worker.backends.cuda.matmul import MatmulKernels, QWeight, DevBuf
+    from worker.backends.cuda.arena import DevBuf
+    from worker.backends.cuda.matmul import MatmulKernels, QWeight
     mm = MatmulKernels("sm_90")          # loads cuda_src/{gemv,gemm,embed,moe}.cu (hash cache)
     w = QWeight(ptr=arena_ptr + off, qtype=12, rows=N, cols=K, nbytes=tensor_nbytes)
     mm.linear(w, x=DevBuf(x_ptr, x_nbytes), y=DevBuf(y_ptr, y_nbytes), ntok=M,
@@ -25,9 +26,10 @@ How to call (everything on the thread that owns the CUDA context, context curren
 - `stream`: a `pycuda.driver.Stream` or None (the null stream). Launches are asynchronous and
   only enqueue work, so the backend can capture them: begin capture with cuda.bindings on
   `stream.handle`, call the wrappers, end capture. The argument checks run in Python before
-  anything is queued; a bad argument raises `KernelArgumentError` (a `CudaError`, code
-  CUDA_ERROR, and a `ValueError`) naming the kernel; a failed launch raises `CudaError`
-  naming the kernel. Errors of the running kernel surface at the caller's next synchronize.
+  anything is queued; a bad argument raises `LaunchRefused` (arena.py, the same refusal as
+  kernels.py's launches: a `CudaError`, code CUDA_ERROR) naming the kernel; a failed launch
+  raises `CudaError` naming the kernel. Errors of the running kernel surface at the caller's
+  next synchronize.
 - `plan_*` functions do the checks and return the `Launch` (kernel name, grid, block, args)
   without a GPU; `MatmulKernels.run(launch, stream)` queues one.
 """
@@ -38,6 +40,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from worker.backends.cuda.arena import DevBuf, LaunchRefused
 from worker.backends.cuda.quant_layout import LAYOUTS, QLayout, layout
 from worker.errors import CudaError
 
@@ -109,22 +112,6 @@ MOE_SKINNY_MAX_TOKENS = 64
 # tiles: one 128-row tile costs ~1.3 64-row tiles in the dense gemm2 at 512 tokens), else 64
 # (H100: m128 523 vs m64 596 us at an average of 64, m64 439 vs 501 at 16)
 MOE5_MIN_AVG_128 = 56
-
-
-class KernelArgumentError(CudaError, ValueError):
-    """A launch refused before it was queued: shapes, strides, alignment or bounds."""
-
-    def __init__(self, kernel: str, problem: str) -> None:
-        super().__init__(f"{kernel}: {problem}")
-        self.kernel = kernel
-
-
-@dataclass(frozen=True)
-class DevBuf:
-    """A device address and the number of bytes readable/writable from it."""
-
-    ptr: int
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -205,7 +192,7 @@ def _opt_buf(obj: BufLike | None) -> DevBuf | None:
 
 def _need(kernel: str, ok: bool, problem: str) -> None:
     if not ok:
-        raise KernelArgumentError(kernel, problem)
+        raise LaunchRefused(kernel, problem)
 
 
 def _check_weight(kernel: str, w: QWeight) -> QLayout:
@@ -213,7 +200,7 @@ def _check_weight(kernel: str, w: QWeight) -> QLayout:
         lay = layout(w.qtype)
         lay.row_bytes(w.cols)
     except ValueError as e:
-        raise KernelArgumentError(kernel, str(e)) from None
+        raise LaunchRefused(kernel, str(e)) from None
     _need(kernel, 1 <= w.rows <= INT32_MAX, f"weight rows {w.rows} out of range")
     _need(kernel, w.cols <= INT32_MAX, f"weight cols {w.cols} out of range")
     _need(kernel, w.experts >= 1, f"experts {w.experts} < 1")
@@ -1259,7 +1246,7 @@ class MatmulKernels:
             )
         key = (as_buf(ids).ptr, ntok, topk, w.experts, self._route_gen)
         if (route.ids, route.ntok, route.topk, route.experts, route.gen) != key:
-            raise KernelArgumentError(
+            raise LaunchRefused(
                 "moe", f"routing {route} is not the latest one of these ids and experts"
             )
         _need("moe", form in ("auto", route.form), f"form {form} but routed for {route.form}")
