@@ -98,12 +98,13 @@ def _pack_k_scales(sc: npt.NDArray[np.uint8], m: npt.NDArray[np.uint8]) -> npt.N
 def _k_scales(
     blocks: npt.NDArray[np.uint8], at: int
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """Random 6-bit scales in [8, 31] and mins = 2*scale +- 1, from the bytes in place."""
+    """Random 6-bit scales in [8, 39] and mins = scale +- 1, from the bytes in place (every
+    bit of both six-bit fields takes both values, so a kernel's unpacking of them is tested)."""
     src = blocks[:, at : at + 12]
-    sc = (8 + src[:, :8] % 24).astype(np.uint8)
+    sc = (8 + src[:, :8] % 32).astype(np.uint8)
     noise = (src[:, 8:12] % 3).astype(np.int16) - 1
-    m = (2 * sc[:, :4].astype(np.int16) + noise).astype(np.uint8)
-    m = np.concatenate([m, (2 * sc[:, 4:].astype(np.int16) - noise).astype(np.uint8)], axis=1)
+    m = (sc[:, :4].astype(np.int16) + noise).astype(np.uint8)
+    m = np.concatenate([m, (sc[:, 4:].astype(np.int16) - noise).astype(np.uint8)], axis=1)
     return sc, m
 
 
@@ -141,9 +142,9 @@ def random_blocks(
     elif qtype in (T.Q4_K, T.Q5_K):  # f16 d, f16 dmin, scales[12], (qh[32]), qs[128]
         q_std, q_mean = (_STD_UNIFORM_4, 7.5) if qtype == T.Q4_K else (_STD_UNIFORM_5, 15.5)
         sc, m = _k_scales(blocks, 4)
-        d = std / (q_std * 19.5) * _jitter(_BYTES)
-        # value = d*sc*q - dmin*m with m ~ 2*sc: dmin = d*mean(q)/2 centres every sub-block.
-        dmin = d * np.float32(q_mean / 2)
+        d = std / (q_std * 23.5) * _jitter(_BYTES)
+        # value = d*sc*q - dmin*m with m ~ sc: dmin = d*mean(q) centres every sub-block.
+        dmin = d * np.float32(q_mean)
         jit = blocks[:, 0].copy()
         _set_f16(blocks, 0, _f16_bits(d)[jit])
         _set_f16(blocks, 2, _f16_bits(dmin)[jit])
