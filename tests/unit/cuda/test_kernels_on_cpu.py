@@ -1,0 +1,96 @@
+"""Kernels of cuda_src/ run on the CPU through tools.kernel_emu, launched from the worker's own
+launch plans (worker.backends.cuda.matmul), so CI runs them as well as compiling them:
+the embedding lookup of every format (quant.cuh's dequant8, the routine the tensor-core
+products decode weights with) against worker.gguf.quants' dequantization, NaN rows for bad
+ids, the in-order split-K sum with bias and in-place residual, and gemm3's fp16 pre-pass.
+tests/gpu/test_embed_moe.py and tests/gpu/test_matmul.py ask the GPU the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tools import kernel_emu
+from tools.synth_blocks import random_matrix
+from worker.backends.cuda.arena import DevBuf
+from worker.backends.cuda.matmul import QWeight, plan_embed, plan_gemm_x16, plan_splitk_reduce
+from worker.backends.cuda.quant_layout import LAYOUTS
+
+TYPES = sorted(LAYOUTS)
+
+
+def _buf(a: np.ndarray) -> DevBuf:
+    return DevBuf(a.ctypes.data, a.nbytes)
+
+
+def _aligned(a: np.ndarray, align: int = 256) -> np.ndarray:
+    """A copy of `a` at an `align`-byte boundary (weights sit 256-byte aligned in the arena)."""
+    raw = np.empty(a.nbytes + align, np.uint8)
+    off = -raw.ctypes.data % align
+    out = raw[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
+def test_embedding_rows_every_format(qtype: int) -> None:
+    rng = np.random.default_rng(qtype)
+    rows, cols = 40, LAYOUTS[qtype].qk * 3
+    raw, dense = random_matrix(qtype, rows, cols, rng)
+    raw = _aligned(raw)
+    ids = np.array([0, rows - 1, 7, 7, 23, -1, rows], np.int32)  # ends, a repeat, two bad ids
+    out = _aligned(np.full((len(ids), cols), 123.0, np.float32), 16)
+    w = QWeight(raw.ctypes.data, qtype, rows, cols, raw.nbytes)
+    kernel_emu.run(plan_embed(w, _buf(ids), len(ids), _buf(out)))
+    np.testing.assert_allclose(out[:5], dense[ids[:5]], rtol=2e-6, atol=1e-9)
+    assert np.isnan(out[5:]).all()  # a bad id writes NaN and reads nothing
+
+
+def test_split_sum_in_order_with_bias_and_residual() -> None:
+    rng = np.random.default_rng(1)
+    s, m, n = 3, 5, 300
+    part = rng.standard_normal((s, m, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = rng.standard_normal((m, n + 4)).astype(np.float32)  # rows of n + 4: ldy
+    want = y.copy()
+    want[:, :n] = ((part[0] + part[1]) + part[2]) + bias + y[:, :n]
+    kernel_emu.run(
+        plan_splitk_reduce(
+            _buf(part), s, m, n, _buf(y), bias=_buf(bias), residual=_buf(y), ldy=n + 4
+        )
+    )
+    assert y.tobytes() == want.tobytes()
+
+
+def test_fp16_pre_pass() -> None:
+    x = _aligned(np.random.default_rng(2).standard_normal((3, 72)).astype(np.float32) * 100, 16)
+    xh = _aligned(np.zeros((3, 64), np.float16), 16)
+    kernel_emu.run(plan_gemm_x16(_buf(x), _buf(xh), 3, 64, ldx=72))
+    assert xh.tobytes() == x[:, :64].astype(np.float16).tobytes()
+
+
+@pytest.mark.parametrize("n", [100, 896, 3072])
+def test_rmsnorm_with_fused_residual(n: int) -> None:
+    """norm.cu's block-wide sum (warp shuffles, shared memory, __syncthreads) as the kernels
+    wrapper launches it: 256 threads a row up to 2,048 elements, 1,024 above."""
+    rng = np.random.default_rng(n)
+    rows, eps = 3, 1e-6
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    delta = rng.standard_normal((rows, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    out = np.full((rows, n), np.nan, np.float32)
+    s = (x.astype(np.float64) + delta).astype(np.float32)
+    ref = s / np.sqrt((s.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + eps) * w
+    fn = kernel_emu.load("norm.cu").get_function("rmsnorm_f32")
+    fn(
+        x,
+        delta,
+        w,
+        out,
+        np.int32(n),
+        np.float32(eps),
+        grid=(rows,),
+        block=(256 if n <= 2048 else 1024,),
+    )
+    assert x.tobytes() == s.tobytes()  # x now holds the sum
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
