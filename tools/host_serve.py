@@ -153,23 +153,40 @@ async def clients_main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             client = await OrcdClient.connect(server.url)
             await wait_healthy(client, w, timeout=120)
-            opts = LiveSuiteOptions(
-                model=args.model,
-                model_ref="host-serve",
-                concurrency=args.concurrency,
-                jobs_per_client=args.jobs_per_client,
-                max_tokens=args.max_tokens,
-            )
+
+            def ends() -> list[dict[str, Any]]:
+                return [r for r in w.records if r.get("event") == "execute_end"]
+
             before = thread_cpu(w.proc.pid)
-            out["phases"] = await concurrency_phases(opts, server.url, prompt)
+            out["phases"], phase_ends = [], []
+            for n in args.concurrency:
+                opts = LiveSuiteOptions(
+                    model=args.model,
+                    model_ref="host-serve",
+                    concurrency=[n],
+                    jobs_per_client=args.jobs_per_client,
+                    max_tokens=args.max_tokens,
+                )
+                done = len(ends())
+                (phase,) = await concurrency_phases(opts, server.url, prompt)
+                out["phases"].append(phase)
+                # the worker logs a job's end as the client sees it: wait for the lines of
+                # the warm-up round (n jobs, all ended before the phase began) and the phase
+                want = done + n + phase["jobs"]
+                for _ in range(100):
+                    if len(ends()) >= want:
+                        break
+                    await asyncio.sleep(0.05)
+                phase_ends += ends()[done + n : want]
             after = thread_cpu(w.proc.pid)
             used = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
             tokens = sum(p["tokens"] for p in out["phases"])
             out["worker_cpu_s"] = dict(sorted(used.items(), key=lambda kv: -kv[1])[:4])
             out["worker_cpu_us_a_token"] = round(sum(used.values()) / tokens * 1e6, 1)
-            # the worker's own first-token time (receipt to first sampled token): the rest
-            # of the clients' TTFT is NATS, JetStream and the clients
-            ttft = sorted(r["ttft_ms"] for r in w.records if r.get("event") == "execute_end")
+            # the worker's own first-token time (receipt to first sampled token) over the
+            # phases' jobs (not the warm-ups'): the rest of the clients' TTFT is NATS,
+            # JetStream and the clients
+            ttft = sorted(r["ttft_ms"] for r in phase_ends)
             if ttft:
                 out["worker_ttft_ms"] = {
                     "p50": ttft[len(ttft) // 2],
