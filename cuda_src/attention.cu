@@ -34,16 +34,27 @@ __device__ __forceinline__ unsigned tc_smem(const void* p) {
   return (unsigned)__cvta_generic_to_shared(p);
 }
 
-// 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
+// 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing. (Under
+// tools/kernel_emu the copy is done at once, so committing and waiting have nothing to do.)
 __device__ __forceinline__ void tc_cp16(unsigned dst, const void* src, int src_bytes) {
+#ifdef KERNEL_EMU
+  emu::cp_async16(dst, src, src_bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes)
                : "memory");
+#endif
 }
-__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void tc_commit() {
+#ifndef KERNEL_EMU
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int N>
 __device__ __forceinline__ void tc_wait() {
+#ifndef KERNEL_EMU
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // The last block of a (row, KV head) to arrive merges the chunks of its G query heads (see

@@ -15,6 +15,7 @@ shared memory; `stream` is ignored. `run(launch)` runs a worker.backends.cuda.ma
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -127,6 +128,7 @@ class EmuModule:
     def __init__(self, lib: ctypes.CDLL, kernels: dict[str, list[tuple[str, str]]]) -> None:
         self._lib = lib
         self._kernels = kernels
+        self.kernels = frozenset(kernels)  # the kernels' names
 
     def get_function(self, name: str) -> EmuFunction:
         if name not in self._kernels:
@@ -154,6 +156,7 @@ def _wrapper(name: str, params: list[tuple[str, str]]) -> str:
     )
 
 
+@functools.cache
 def load(*files: str, cache: Path | None = None) -> EmuModule:
     """Compiles cuda_src/<file> (each of `files`, which may include any file of cuda_src/) for
     the CPU, once per content (cached under `cache`, default ~/.cache/worker-orcd/kernel_emu).
@@ -193,15 +196,9 @@ def load(*files: str, cache: Path | None = None) -> EmuModule:
     return EmuModule(ctypes.CDLL(str(lib_path)), kernels)
 
 
-_MODULES: dict[str, EmuModule] = {}
-
-
 def run(launch: Any) -> None:
     """Runs a worker.backends.cuda.matmul.Launch (its module cuda_src/<module>.cu, its kernel,
     grid, block, shared memory and raw arguments) as MatmulKernels.run would queue it."""
-    mod = _MODULES.get(launch.module)
-    if mod is None:
-        mod = _MODULES[launch.module] = load(f"{launch.module}.cu")
-    mod.get_function(launch.kernel)(
+    load(f"{launch.module}.cu").get_function(launch.kernel)(
         *launch.args, block=launch.block, grid=launch.grid, shared=launch.shared
     )

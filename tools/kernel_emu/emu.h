@@ -1,8 +1,9 @@
 // Runs CUDA kernels on the CPU, for correctness only (tools/kernel_emu/__init__.py compiles a
 // kernel file with this header forced in front of it).
 //
-// A launch runs its blocks one after another; a block's threads are OS threads, so
-// __syncthreads, warp shuffles and ballots are real rendezvous between them. Shared
+// A launch runs its blocks one after another; a block's threads are fibers on the calling
+// thread, each running until it reaches a barrier (__syncthreads, or the warp rendezvous of a
+// shuffle or ballot) or returns, so barriers are real rendezvous between the threads. Shared
 // memory is a process-wide buffer (dynamic) or function statics (static `__shared__`): both
 // are correct because only one block runs at a time. Float intrinsics with an explicit
 // rounding (__fmul_rn, ...) are exact IEEE float32 operations here as on the GPU; plain float
@@ -17,7 +18,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -26,6 +26,8 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <functional>
+#include <ucontext.h>
 #include <vector>
 
 #define KERNEL_EMU 1
@@ -63,28 +65,83 @@ struct Launch {
 
 constexpr int kWarp = 32;
 
+// A block's threads are fibers (ucontext) on the calling thread: each runs until it reaches a
+// barrier or returns, then the next runnable one runs. A barrier releases when every thread of
+// its scope (block or warp) that has not returned has arrived.
+struct Fiber {
+  ucontext_t ctx;
+  uint3 tid;
+  int lane = 0, warp = 0;
+  bool done = false;
+  int waiting = 0;  // 0 runnable, 1 at the block barrier, 2 at its warp's
+  unsigned gen = 0;  // the generation of the barrier it waits at
+};
+
 // What a warp's lanes exchange: one 64-bit value a lane (shuffles, ballots).
 struct WarpState {
-  std::unique_ptr<std::barrier<>> bar;
   int lanes = kWarp;  // fewer in a block's last warp when blockDim is not a multiple of 32
+  int live = kWarp, arrived = 0;
+  unsigned gen = 0;
   std::array<uint64_t, kWarp> slot{};
 };
 
 struct BlockState {
-  std::unique_ptr<std::barrier<>> bar;
+  std::vector<Fiber> fibers;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  ucontext_t main;
+  int cur = 0;
+  int live = 0, arrived = 0;
+  unsigned gen = 0;
   std::vector<WarpState> warps;
+  std::function<void()> body;
 };
+
+constexpr size_t kStack = 256 * 1024;
 
 inline BlockState g_block;
 inline uint3 g_block_dim, g_grid_dim;
 inline std::vector<uint8_t> g_dyn_smem;
 inline std::mutex g_atomic;
-inline thread_local uint3 t_thread_idx, t_block_idx;
-inline thread_local int t_lane, t_warp;
+inline uint3 t_thread_idx, t_block_idx;  // the running fiber's
+inline int t_lane, t_warp;
 
 inline uint8_t* dyn_smem() { return g_dyn_smem.data(); }
 
-inline void warp_sync() { g_block.warps[t_warp].bar->arrive_and_wait(); }
+inline void yield_to_scheduler() {
+  BlockState& B = g_block;
+  swapcontext(&B.fibers[B.cur].ctx, &B.main);
+}
+
+inline void block_barrier() {
+  BlockState& B = g_block;
+  const unsigned g = B.gen;
+  if (++B.arrived == B.live) {  // the last to arrive releases the others
+    B.arrived = 0;
+    ++B.gen;
+    return;
+  }
+  Fiber& me = B.fibers[B.cur];
+  me.waiting = 1;
+  me.gen = g;
+  yield_to_scheduler();
+  me.waiting = 0;
+}
+
+inline void warp_sync() {
+  BlockState& B = g_block;
+  WarpState& w = B.warps[t_warp];
+  const unsigned g = w.gen;
+  if (++w.arrived == w.live) {
+    w.arrived = 0;
+    ++w.gen;
+    return;
+  }
+  Fiber& me = B.fibers[B.cur];
+  me.waiting = 2;
+  me.gen = g;
+  yield_to_scheduler();
+  me.waiting = 0;
+}
 
 template <class T>
 T shfl(T v, int src) {
@@ -93,12 +150,36 @@ T shfl(T v, int src) {
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   w.slot[t_lane] = bits;
-  w.bar->arrive_and_wait();
+  warp_sync();
   const uint64_t r = w.slot[(src >= 0 && src < kWarp) ? src : t_lane];
-  w.bar->arrive_and_wait();
+  warp_sync();
   T out;
   std::memcpy(&out, &r, sizeof(T));
   return out;
+}
+
+inline void fiber_main() {
+  BlockState& B = g_block;
+  B.body();
+  Fiber& me = B.fibers[B.cur];
+  me.done = true;
+  // a thread that has returned no longer takes part in its block's or warp's barriers
+  if (--B.live > 0 && B.arrived == B.live) {
+    B.arrived = 0;
+    ++B.gen;
+  }
+  WarpState& w = B.warps[me.warp];
+  if (--w.live > 0 && w.arrived == w.live) {
+    w.arrived = 0;
+    ++w.gen;
+  }
+}  // returns to B.main (uc_link)
+
+inline bool runnable(const Fiber& f) {
+  if (f.done) return false;
+  if (f.waiting == 1) return f.gen != g_block.gen;
+  if (f.waiting == 2) return f.gen != g_block.warps[f.warp].gen;
+  return true;
 }
 
 // Runs `body` once for every thread of every block of the launch.
@@ -113,36 +194,51 @@ void run(const Launch& L, F body) {
   g_block_dim = {L.bx, L.by, L.bz};
   g_grid_dim = {L.gx, L.gy, L.gz};
   g_dyn_smem.assign(L.smem + 16, 0xCD);  // never zero: a kernel must not count on it
+  BlockState& B = g_block;
+  B.body = body;
+  B.fibers.assign(n, Fiber{});
+  while (B.stacks.size() < n) B.stacks.emplace_back(new char[kStack]);
   const unsigned n_warps = (n + kWarp - 1) / kWarp;
-  auto reset = [&] {
-    g_block.bar = std::make_unique<std::barrier<>>(n);
-    g_block.warps = std::vector<WarpState>(n_warps);
-    for (unsigned w = 0; w < n_warps; ++w) {
-      g_block.warps[w].lanes = int(std::min<unsigned>(kWarp, n - w * kWarp));
-      g_block.warps[w].bar = std::make_unique<std::barrier<>>(g_block.warps[w].lanes);
+  for (unsigned b = 0; b < blocks; ++b) {
+    t_block_idx = {b % L.gx, (b / L.gx) % L.gy, b / (L.gx * L.gy)};
+    B.live = int(n);
+    B.arrived = 0;
+    B.warps.assign(n_warps, WarpState{});
+    for (unsigned w = 0; w < n_warps; ++w)
+      B.warps[w].lanes = B.warps[w].live = int(std::min<unsigned>(kWarp, n - w * kWarp));
+    for (unsigned i = 0; i < n; ++i) {
+      Fiber& f = B.fibers[i];
+      f = Fiber{};
+      f.tid = {i % L.bx, (i / L.bx) % L.by, i / (L.bx * L.by)};
+      f.lane = int(i % kWarp);
+      f.warp = int(i / kWarp);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = B.stacks[i].get();
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = &B.main;
+      makecontext(&f.ctx, fiber_main, 0);
     }
-  };
-  std::barrier<> gate(n);
-  std::vector<std::thread> threads;
-  threads.reserve(n);
-  for (unsigned i = 0; i < n; ++i) {
-    threads.emplace_back([&, i] {
-      t_thread_idx = {i % L.bx, (i / L.bx) % L.by, i / (L.bx * L.by)};
-      t_lane = int(i % kWarp);
-      t_warp = int(i / kWarp);
-      for (unsigned b = 0; b < blocks; ++b) {
-        if (i == 0) reset();
-        gate.arrive_and_wait();
-        t_block_idx = {b % L.gx, (b / L.gx) % L.gy, b / (L.gx * L.gy)};
-        body();
-        // a thread that has returned no longer takes part in the block's barriers
-        g_block.bar->arrive_and_drop();
-        g_block.warps[t_warp].bar->arrive_and_drop();
-        gate.arrive_and_wait();
+    for (;;) {
+      bool ran = false, all_done = true;
+      for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = B.fibers[i];
+        if (f.done) continue;
+        all_done = false;
+        if (!runnable(f)) continue;
+        ran = true;
+        B.cur = int(i);
+        t_thread_idx = f.tid;
+        t_lane = f.lane;
+        t_warp = f.warp;
+        swapcontext(&B.main, &f.ctx);
       }
-    });
+      if (all_done) break;
+      if (!ran) {
+        std::fprintf(stderr, "kernel_emu: every thread of block %u waits (a deadlock)\n", b);
+        std::abort();
+      }
+    }
   }
-  for (auto& t : threads) t.join();
 }
 
 }  // namespace emu
@@ -152,7 +248,7 @@ void run(const Launch& L, F body) {
 #define blockDim (::emu::g_block_dim)
 #define gridDim (::emu::g_grid_dim)
 
-inline void __syncthreads() { emu::g_block.bar->arrive_and_wait(); }
+inline void __syncthreads() { emu::block_barrier(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <class T>
@@ -171,10 +267,10 @@ T __shfl_up_sync(unsigned, T v, unsigned d, int = 32) {
 inline unsigned __ballot_sync(unsigned, int pred) {
   emu::WarpState& w = emu::g_block.warps[emu::t_warp];
   w.slot[emu::t_lane] = pred != 0;
-  w.bar->arrive_and_wait();
+  emu::warp_sync();
   unsigned r = 0;
   for (int l = 0; l < w.lanes; ++l) r |= unsigned(w.slot[l] & 1u) << l;
-  w.bar->arrive_and_wait();
+  emu::warp_sync();
   return r;
 }
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned s) {
@@ -210,8 +306,23 @@ inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); r
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
 [[noreturn]] inline void __trap() { std::abort(); }
-// (the address is only ever handed to inline PTX, which aborts)
-inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<size_t>(p); }
+// A shared-memory address is the offset into the dynamic shared memory (the only shared
+// memory a kernel hands to cp.async here); emu::cp_async16 copies at once.
+inline size_t __cvta_generic_to_shared(const void* p) {
+  const auto* b = reinterpret_cast<const uint8_t*>(p);
+  if (b < emu::g_dyn_smem.data() || b >= emu::g_dyn_smem.data() + emu::g_dyn_smem.size()) {
+    std::fprintf(stderr, "kernel_emu: a shared address outside the dynamic shared memory\n");
+    std::abort();
+  }
+  return size_t(b - emu::g_dyn_smem.data());
+}
+namespace emu {
+inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
+  uint8_t* d = g_dyn_smem.data() + dst;
+  std::memset(d, 0, 16);
+  if (src_bytes > 0) std::memcpy(d, src, size_t(std::min(src_bytes, 16)));
+}
+}  // namespace emu
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t v = (uint64_t(y) << 32) | x;

@@ -7,12 +7,18 @@ tests/gpu/test_embed_moe.py and tests/gpu/test_matmul.py ask the GPU the same.""
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
 from tools import kernel_emu
 from tools.synth_blocks import random_matrix
 from worker.backends.cuda.arena import DevBuf
+from worker.backends.cuda.kernels import Kernels
 from worker.backends.cuda.matmul import QWeight, plan_embed, plan_gemm_x16, plan_splitk_reduce
 from worker.backends.cuda.quant_layout import LAYOUTS
 
@@ -94,3 +100,97 @@ def test_rmsnorm_with_fused_residual(n: int) -> None:
     )
     assert x.tobytes() == s.tobytes()  # x now holds the sum
     np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the GPU kernel tests, on the CPU
+# tests/gpu/test_kernels.py drives every non-matrix kernel through the worker's Kernels
+# wrappers (their checks and argument packing) and its Dev helper. Here the same test
+# functions run with a Kernels whose launches go to tools.kernel_emu and a Dev over host
+# memory, for the kernels the emulator can run (no inline PTX, no grid-wide barrier).
+
+
+class _HostCtx:
+    """What the tests ask of Kernels.ctx: host memory is always in sync."""
+
+    def sync(self, what: str = "") -> None:
+        pass
+
+
+class CpuKernels(Kernels):
+    MODULES = ("norm", "rope", "attention", "activation", "elementwise")
+
+    def __init__(self) -> None:  # no CUDA context: the wrappers' checks and packing only
+        self.ctx = _HostCtx()
+        self.stream = None
+        self.sync_each = False
+
+    def launch(
+        self, name: str, grid: tuple[int, ...], block: tuple[int, ...], *args: Any, shared: int = 0
+    ) -> None:
+        for module in self.MODULES:
+            mod = kernel_emu.load(f"{module}.cu")
+            if name in mod.kernels:
+                mod.get_function(name)(*args, grid=grid, block=block, shared=shared)
+                return
+        raise AssertionError(f"{name} is not in {self.MODULES}")
+
+
+class HostDev:
+    """tests/gpu/conftest.py's Dev over host memory: fresh outputs poisoned with NaN."""
+
+    def __init__(self) -> None:
+        self.keep: list[np.ndarray] = []
+
+    def put(self, arr: np.ndarray, name: str = "buf") -> DevBuf:
+        a = _aligned(np.ascontiguousarray(arr), 256)
+        self.keep.append(a)
+        return DevBuf(a.ctypes.data, a.nbytes, name)
+
+    def poison(self, nbytes: int, name: str = "out") -> DevBuf:
+        return self.put(np.full(max(1, nbytes // 4), np.nan, np.float32), name)
+
+    def get(self, b: DevBuf, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        raw = (ctypes.c_char * n).from_address(b.ptr)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+@pytest.fixture(scope="module")
+def kern() -> CpuKernels:
+    return CpuKernels()
+
+
+@pytest.fixture
+def dev() -> HostDev:
+    return HostDev()
+
+
+def _gpu_tests() -> Any:
+    path = Path(__file__).resolve().parents[2] / "gpu" / "test_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_test_kernels", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_G = _gpu_tests()
+test_rmsnorm = _G.test_rmsnorm
+test_layernorm = _G.test_layernorm
+test_qkv_rope_store = _G.test_qkv_rope_store
+test_swiglu_variants = _G.test_swiglu_variants
+test_gelu_and_add = _G.test_gelu_and_add
+test_router_topk_softmax = _G.test_router_topk_softmax
+test_gather_rows = _G.test_gather_rows
+
+
+@pytest.mark.parametrize(
+    "nh,nkv,hd,window,sinks",
+    [(14, 2, 64, 0, False), (16, 2, 32, 16, True)],  # qwen2; the tiny presets (window, sinks)
+)
+def test_decode_attention_batch(
+    kern: CpuKernels, dev: HostDev, nh: int, nkv: int, hd: int, window: int, sinks: bool
+) -> None:
+    """The GPU test's decode attention over 64 rows of their own lengths (1 .. 1500), at two of
+    its shapes (the others take a minute or more each on the CPU)."""
+    _G.test_decode_attention_batch(kern, dev, nh, nkv, hd, window, sinks)
