@@ -15,12 +15,18 @@
 // s_yoff; -1 = no row) so that moe.cu reuses the cores with gathered tokens.
 #include "quant.cuh"
 
+// (Under tools/kernel_emu the PTX helpers below have plain C++ stand-ins: the mma from its
+// fragment layout, cp.async as an immediate copy, ldmatrix from its row addresses.)
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef KERNEL_EMU
+  emu::mma_m16n8k16_f16(c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // ---- gemm v2 tile geometry (also outside the kernels: host code and tests read Smem) ----
@@ -84,24 +90,52 @@ template <int T> struct Smem {
 namespace g2 {
 __device__ __forceinline__ void cp16(void* dst, const void* src) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+#ifdef KERNEL_EMU
+  emu::cp_async16(s, src, 16);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+#endif
 }
 // 16 bytes, or 16 zero bytes when !valid (nothing read)
 __device__ __forceinline__ void cp16z(void* dst, const void* src, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   const int n = valid ? 16 : 0;
+#ifdef KERNEL_EMU
+  emu::cp_async16(s, src, n);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n)
                : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_commit() {
+#ifndef KERNEL_EMU
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int N> __device__ __forceinline__ void cp_wait() {
+#ifndef KERNEL_EMU
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 __device__ __forceinline__ void ldsm4(uint32_t r[4], const __half* p) {
+#ifdef KERNEL_EMU
+  emu::ldmatrix_x4(r, p);
+#else
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s));
+#endif
+}
+// bytes of dynamic shared memory this launch has
+__device__ __forceinline__ unsigned dyn_smem_bytes() {
+#ifdef KERNEL_EMU
+  return emu::dyn_smem_size();
+#else
+  unsigned dyn;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+  return dyn;
+#endif
 }
 
 // XH = false: gemm2 (X fp32, converted in the kernel, one step ahead through registers).
@@ -134,11 +168,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
   __half* As = reinterpret_cast<__half*>(g2_smem);     // [NXS][BM * LD]
   __half* Bs = As + NXS * BM * LD;                     // [2][BN * LD]
   uint8_t* Raw = reinterpret_cast<uint8_t*>(Bs + 2 * BN * LD);  // [2][BN * P]
-  {
-    unsigned dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < static_cast<unsigned>(SMEM)) __trap();
-  }
+  if (g2::dyn_smem_bytes() < static_cast<unsigned>(SMEM)) __trap();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3, gq = lane >> 2, cq = lane & 3;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -418,11 +448,8 @@ __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long l
   extern __shared__ __align__(16) uint8_t sk_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
   const int gq = lane >> 2, cq = lane & 3;
-  {
-    unsigned dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < static_cast<unsigned>(nw * sk::Smem<T>::warp + G * S * sk::Smem<T>::item)) __trap();
-  }
+  if (g2::dyn_smem_bytes() < static_cast<unsigned>(nw * sk::Smem<T>::warp + G * S * sk::Smem<T>::item))
+    __trap();
   constexpr int NST = sk::Smem<T>::NST;
   uint8_t* raw = sk_smem + warp * sk::Smem<T>::warp;                // [NST][RB * P]
   __half* tile = reinterpret_cast<__half*>(raw + NST * RB * C::P);  // [RB * TLD]

@@ -1,16 +1,17 @@
 // Runs CUDA kernels on the CPU, for correctness only (tools/kernel_emu/__init__.py compiles a
 // kernel file with this header forced in front of it).
 //
-// A launch runs its blocks one after another; a block's threads are fibers on the calling
-// thread, each running until it reaches a barrier (__syncthreads, or the warp rendezvous of a
-// shuffle or ballot) or returns, so barriers are real rendezvous between the threads. Shared
-// memory is a process-wide buffer (dynamic) or function statics (static `__shared__`): both
-// are correct because only one block runs at a time. Float intrinsics with an explicit
-// rounding (__fmul_rn, ...) are exact IEEE float32 operations here as on the GPU; plain float
-// expressions are not contracted into FMAs (-ffp-contract=off) where nvcc may contract them, so
-// only kernels whose float steps are all explicit give the GPU's bits. Inline PTX does not
-// run: a function that reaches one aborts the process. A kernel that waits for another block
-// (a grid-wide barrier) never returns here, as blocks run one at a time.
+// A launch runs its blocks one after another; a block's threads are fibers on the calling thread,
+// each running until it reaches a barrier (__syncthreads, or the warp rendezvous of a shuffle,
+// ballot, mma or ldmatrix) or returns, so barriers are real rendezvous between the threads. Shared
+// memory is a process-wide buffer (dynamic) or function statics (static `__shared__`): both are
+// correct because only one block runs at a time. Float intrinsics with an explicit rounding
+// (__fmul_rn, ...) are exact IEEE float32 operations here as on the GPU; plain float expressions
+// are not contracted into FMAs (-ffp-contract=off) where nvcc may contract them, so only kernels
+// whose float steps are all explicit give the GPU's bits. Inline PTX does not run: a function that
+// reaches one aborts the process, except where a kernel gives a KERNEL_EMU stand-in (the fp16 mma,
+// cp.async, ldmatrix). A kernel that waits for another block (a grid-wide barrier) never returns
+// here, as blocks run one at a time.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -77,12 +78,14 @@ struct Fiber {
   unsigned gen = 0;  // the generation of the barrier it waits at
 };
 
-// What a warp's lanes exchange: one 64-bit value a lane (shuffles, ballots).
+// What a warp's lanes exchange: one 64-bit value a lane (shuffles, ballots, ldmatrix's row
+// addresses), or an mma's fragments.
 struct WarpState {
   int lanes = kWarp;  // fewer in a block's last warp when blockDim is not a multiple of 32
   int live = kWarp, arrived = 0;
   unsigned gen = 0;
   std::array<uint64_t, kWarp> slot{};
+  std::array<std::array<uint32_t, 8>, kWarp> frag{};
 };
 
 struct BlockState {
@@ -180,6 +183,50 @@ inline bool runnable(const Fiber& f) {
   if (f.waiting == 1) return f.gen != g_block.gen;
   if (f.waiting == 2) return f.gen != g_block.warps[f.warp].gen;
   return true;
+}
+
+inline unsigned dyn_smem_size() { return unsigned(g_dyn_smem.size() - 16); }
+
+// D = A · B + D on the warp for mma.m16n8k16.row.col.f32.f16.f16.f32 (lane = 4 g + t):
+// A register r holds the fp16 pair row g + 8 (r & 1), k = 8 (r >> 1) + 2 t + {0, 1}; B register
+// r the pair k = 8 r + 2 t + {0, 1}, n = g; C/D element e is row g + 8 (e >> 1), n = 2 t +
+// (e & 1). The products are exact in float; the sum here runs in k order from D (the tensor
+// core's own order is not documented: emulated sums agree with the GPU to rounding, not bits).
+inline void mma_m16n8k16_f16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  WarpState& w = g_block.warps[t_warp];
+  for (int r = 0; r < 4; ++r) w.frag[t_lane][r] = a[r];
+  for (int r = 0; r < 2; ++r) w.frag[t_lane][4 + r] = b[r];
+  warp_sync();
+  auto half = [](uint32_t v, int i) -> float {
+    return __half2float(__ushort_as_half(uint16_t(v >> (16 * i))));
+  };
+  const int g = t_lane >> 2, t = t_lane & 3;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float s = d[e];
+    for (int k = 0; k < 16; ++k) {
+      const int la = 4 * (row & 7) + (k & 7) / 2, ra = (row >> 3) + 2 * (k >> 3);
+      const int lb = 4 * col + (k & 7) / 2, rb = k >> 3;
+      s += half(w.frag[la][ra], k & 1) * half(w.frag[lb][4 + rb], k & 1);
+    }
+    out[e] = s;
+  }
+  warp_sync();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8q .. 8q + 7 give the row addresses (16 bytes a
+// row) of matrix q; register q of lane T receives bytes 4 (T % 4) .. + 3 of row T / 4.
+inline void ldmatrix_x4(uint32_t r[4], const void* row) {
+  WarpState& w = g_block.warps[t_warp];
+  w.slot[t_lane] = reinterpret_cast<uint64_t>(row);
+  warp_sync();
+  for (int q = 0; q < 4; ++q) {
+    const auto* src = reinterpret_cast<const uint8_t*>(w.slot[8 * q + t_lane / 4]);
+    std::memcpy(&r[q], src + 4 * (t_lane % 4), 4);
+  }
+  warp_sync();
 }
 
 // Runs `body` once for every thread of every block of the launch.

@@ -19,7 +19,14 @@ from tools import kernel_emu
 from tools.synth_blocks import random_matrix
 from worker.backends.cuda.arena import DevBuf
 from worker.backends.cuda.kernels import Kernels
-from worker.backends.cuda.matmul import QWeight, plan_embed, plan_gemm_x16, plan_splitk_reduce
+from worker.backends.cuda.matmul import (
+    Launch,
+    MatmulKernels,
+    QWeight,
+    plan_embed,
+    plan_gemm_x16,
+    plan_splitk_reduce,
+)
 from worker.backends.cuda.quant_layout import LAYOUTS
 
 TYPES = sorted(LAYOUTS)
@@ -194,3 +201,58 @@ def test_decode_attention_batch(
     """The GPU test's decode attention over 64 rows of their own lengths (1 .. 1500), at two of
     its shapes (the others take a minute or more each on the CPU)."""
     _G.test_decode_attention_batch(kern, dev, nh, nkv, hd, window, sinks)
+
+
+# ---------------------------------------------------------------- the matrix products, on the CPU
+# MatmulKernels' own launch sequences (skinny; the gemm with its fp16 pre-pass, splits and
+# in-order sum), launched to the emulator; the tensor-core mma is emulated from its fragment
+# layout (its sums in k order: the GPU's bits are not promised, the same bits for the same
+# inputs are).
+
+
+class CpuMatmul(MatmulKernels):
+    def __init__(self, sms: int = 132) -> None:  # the H200's multiprocessors
+        self.arch = "cpu"
+        self.invariant = True
+        self._sms = sms
+        self._x16 = self._splitk = None
+        self.keep: list[np.ndarray] = []
+
+    def run(self, launch: Launch, stream: Any = None) -> None:
+        kernel_emu.run(launch)
+
+    def _workspace(self, nbytes: int) -> DevBuf:
+        a = _aligned(np.zeros(max(nbytes, 16), np.uint8), 256)
+        self.keep.append(a)
+        return DevBuf(a.ctypes.data, a.nbytes)
+
+    def _splitk_workspace(self, nbytes: int) -> DevBuf:
+        return self._workspace(nbytes)
+
+    def _x16_workspace(self, nbytes: int) -> DevBuf:
+        return self._workspace(nbytes)
+
+
+@pytest.mark.parametrize("qtype", [2, 8, 12, 14, 39], ids=["q4_0", "q8_0", "q4_k", "q6_k", "mxfp4"])
+def test_skinny_and_gemm_give_the_same_bits_on_the_cpu(qtype: int) -> None:
+    """skinny (1-16 rows, one launch) and the gemm, version 2 (X converted in the kernel) and
+    3 (the fp16 pre-pass, X by cp.async), with split-K and the in-order sum, give every row
+    the same bits, with bias and an in-place residual; all are the float64 product within
+    the fp16 rounding of X and W."""
+    rng = np.random.default_rng(qtype)
+    n, k, m = 136, 512, 5
+    raw, dense = random_matrix(qtype, n, k, rng)
+    raw = _aligned(raw)
+    w = QWeight(raw.ctypes.data, qtype, n, k, raw.nbytes)
+    x = _aligned(rng.standard_normal((m, k)).astype(np.float32), 16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    mm = CpuMatmul()
+    outs = []
+    for form, kw in (("skinny", {}), ("gemm", {"version": 2}), ("gemm", {"version": 3})):
+        y = _aligned(res.copy(), 16)
+        getattr(mm, form)(w, _buf(x), _buf(y), m, bias=_buf(bias), residual=_buf(y), **kw)
+        outs.append(y)
+    assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
+    ref = x.astype(np.float64) @ dense.astype(np.float64).T + bias + res
+    assert np.linalg.norm(outs[0] - ref) / np.linalg.norm(ref) < 2e-3
