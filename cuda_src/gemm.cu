@@ -89,20 +89,20 @@ template <int T> struct Smem {
 // with less.
 namespace g2 {
 __device__ __forceinline__ void cp16(void* dst, const void* src) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
 #ifdef KERNEL_EMU
-  emu::cp_async16(s, src, 16);
+  emu::copy16(dst, src, 16);
 #else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
 #endif
 }
 // 16 bytes, or 16 zero bytes when !valid (nothing read)
 __device__ __forceinline__ void cp16z(void* dst, const void* src, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   const int n = valid ? 16 : 0;
 #ifdef KERNEL_EMU
-  emu::cp_async16(s, src, n);
+  emu::copy16(dst, src, n);
 #else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n)
                : "memory");
 #endif

@@ -8,14 +8,25 @@
 // GEMV_CORE_ONLY for the routed experts of a decode step.
 #include "quant.cuh"
 
+// (Under tools/kernel_emu: an immediate copy, nothing to commit or wait for, a plain load.)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+#ifdef KERNEL_EMU
+  emu::copy16(smem, gmem, src_bytes);
+#else
   const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem),
                "r"(src_bytes));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef KERNEL_EMU
+  asm volatile("cp.async.commit_group;\n");
+#endif
+}
 template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifndef KERNEL_EMU
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // ---- one warp per RW rows, no block-wide barriers -------------------------------------------
@@ -34,9 +45,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 __device__ __forceinline__ uint4 g4_ld16(const uint8_t* p) {
   uint4 v;
+#ifdef KERNEL_EMU
+  memcpy(&v, p, 16);
+#else
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
+#endif
   return v;
 }
 // The last 16-byte piece of the matrix when fewer than 16 bytes are left: byte loads, zeros

@@ -60,9 +60,13 @@ template <int T> struct MoeDot {
 // PTX prmt in its default mode (the selector's bit 3 replicates the sign); __byte_perm uses
 // only bits 0-2 of each selector nibble.
 __device__ __forceinline__ uint32_t prmt_sx(uint32_t a, uint32_t b, uint32_t sel) {
+#ifdef KERNEL_EMU
+  return emu::prmt(a, b, sel);
+#else
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
   return d;
+#endif
 }
 __device__ __forceinline__ uint32_t mxfp4_units(uint32_t sel) {
   const uint32_t pos = prmt_sx(MXFP4_TP0, MXFP4_TP1, sel);

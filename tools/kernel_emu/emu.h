@@ -185,6 +185,20 @@ inline bool runnable(const Fiber& f) {
   return true;
 }
 
+// PTX prmt.b32 in its default mode: selector nibble i picks byte (nibble & 7) of b:a (a the
+// low four), and its bit 3 replicates that byte's sign bit over the result byte.
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  const uint64_t v = (uint64_t(b) << 32) | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t n = (sel >> (4 * i)) & 0xF;
+    uint32_t byte = uint32_t(v >> (8 * (n & 7))) & 0xFF;
+    if (n & 8) byte = (byte & 0x80) ? 0xFF : 0x00;
+    r |= byte << (8 * i);
+  }
+  return r;
+}
+
 inline unsigned dyn_smem_size() { return unsigned(g_dyn_smem.size() - 16); }
 
 // D = A · B + D on the warp for mma.m16n8k16.row.col.f32.f16.f16.f32 (lane = 4 g + t):
@@ -364,10 +378,14 @@ inline size_t __cvta_generic_to_shared(const void* p) {
   return size_t(b - emu::g_dyn_smem.data());
 }
 namespace emu {
+// cp.async's 16 bytes (zeros past src_bytes), done at once; to a shared pointer, or to the
+// shared address of a dynamic shared-memory byte
+inline void copy16(void* dst, const void* src, int src_bytes) {
+  std::memset(dst, 0, 16);
+  if (src_bytes > 0) std::memcpy(dst, src, size_t(std::min(src_bytes, 16)));
+}
 inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
-  uint8_t* d = g_dyn_smem.data() + dst;
-  std::memset(d, 0, 16);
-  if (src_bytes > 0) std::memcpy(d, src, size_t(std::min(src_bytes, 16)));
+  copy16(g_dyn_smem.data() + dst, src, src_bytes);
 }
 }  // namespace emu
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

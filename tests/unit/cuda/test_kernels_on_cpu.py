@@ -25,6 +25,7 @@ from worker.backends.cuda.matmul import (
     QWeight,
     plan_embed,
     plan_gemm_x16,
+    plan_gemv,
     plan_splitk_reduce,
 )
 from worker.backends.cuda.quant_layout import LAYOUTS
@@ -256,3 +257,29 @@ def test_skinny_and_gemm_give_the_same_bits_on_the_cpu(qtype: int) -> None:
     assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
     ref = x.astype(np.float64) @ dense.astype(np.float64).T + bias + res
     assert np.linalg.norm(outs[0] - ref) / np.linalg.norm(ref) < 2e-3
+
+
+@pytest.mark.parametrize("qtype", [2, 8, 12, 14, 39], ids=["q4_0", "q8_0", "q4_k", "q6_k", "mxfp4"])
+@pytest.mark.parametrize(
+    ("ntok", "mode", "rw"),
+    [(1, "plain", 1), (1, "xpf", 1), (1, "async", 2), (2, "plain", 4), (5, "plain", 2)],
+)
+def test_decode_gemv_on_the_cpu(qtype: int, ntok: int, mode: str, rw: int) -> None:
+    """The decode gemv (batch invariance off) in its modes and rows per warp: the float64
+    product within 2e-5 (FP32 accumulation), bias and in-place residual, an odd row count."""
+    rng = np.random.default_rng(qtype * 10 + ntok)
+    n, k = 37, 768
+    raw, dense = random_matrix(qtype, n, k, rng)
+    raw = _aligned(raw)
+    w = QWeight(raw.ctypes.data, qtype, n, k, raw.nbytes)
+    x = _aligned(rng.standard_normal((ntok, k)).astype(np.float32), 16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = _aligned(rng.standard_normal((ntok, n)).astype(np.float32), 16)
+    ref = x.astype(np.float64) @ dense.astype(np.float64).T + bias + y
+    kernel_emu.run(
+        plan_gemv(
+            w, _buf(x), _buf(y), ntok, bias=_buf(bias), residual=_buf(y), mode=mode,
+            rows_per_warp=rw,
+        )
+    )  # fmt: skip
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 2e-5
