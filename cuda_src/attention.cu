@@ -284,26 +284,44 @@ extern "C" __global__ void __launch_bounds__(AT)
 #define TC_BN 64
 #define TC_THREADS 128  // 4 warps; __launch_bounds__(.., 2): no spills at D = 128 (208 regs)
 
+// (Under tools/kernel_emu: ldmatrix and the mma from their PTX definitions.)
 __device__ __forceinline__ void tc_ldm4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
                                         unsigned addr) {
+#ifdef KERNEL_EMU
+  uint32_t r[4];
+  emu::ldmatrix_x4_at(r, addr, false);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void tc_ldm4t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
                                          unsigned addr) {
+#ifdef KERNEL_EMU
+  uint32_t r[4];
+  emu::ldmatrix_x4_at(r, addr, true);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
+#endif
 }
 
 // c += a (16x16, row) * b (16x8, col); fp16 inputs, fp32 accumulators.
 __device__ __forceinline__ void tc_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#ifdef KERNEL_EMU
+  const uint32_t b[2] = {b0, b1};
+  emu::mma_m16n8k16_f16(c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats as a half2 (lo in the low 16 bits: the lower column of an mma fragment).

@@ -230,17 +230,27 @@ inline void mma_m16n8k16_f16(float d[4], const uint32_t a[4], const uint32_t b[2
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8q .. 8q + 7 give the row addresses (16 bytes a
-// row) of matrix q; register q of lane T receives bytes 4 (T % 4) .. + 3 of row T / 4.
-inline void ldmatrix_x4(uint32_t r[4], const void* row) {
+// ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8q .. 8q + 7 give the row addresses (16 bytes, 8
+// b16 a row) of matrix q; register q of lane T receives elements 2 (T % 4) and + 1 of row
+// T / 4, or with .trans elements T / 4 of rows 2 (T % 4) and + 1 (the matrix transposed).
+inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans = false) {
   WarpState& w = g_block.warps[t_warp];
   w.slot[t_lane] = reinterpret_cast<uint64_t>(row);
   warp_sync();
   for (int q = 0; q < 4; ++q) {
-    const auto* src = reinterpret_cast<const uint8_t*>(w.slot[8 * q + t_lane / 4]);
-    std::memcpy(&r[q], src + 4 * (t_lane % 4), 4);
+    auto at = [&](int rr, int cc) {
+      uint16_t v;
+      std::memcpy(&v, reinterpret_cast<const uint8_t*>(w.slot[8 * q + rr]) + 2 * cc, 2);
+      return uint32_t(v);
+    };
+    const int a = t_lane / 4, b = 2 * (t_lane % 4);
+    r[q] = trans ? at(b, a) | (at(b + 1, a) << 16) : at(a, b) | (at(a, b + 1) << 16);
   }
   warp_sync();
+}
+// the same at a shared address (an offset into the dynamic shared memory)
+inline void ldmatrix_x4_at(uint32_t r[4], unsigned addr, bool trans) {
+  ldmatrix_x4(r, g_dyn_smem.data() + addr, trans);
 }
 
 // Runs `body` once for every thread of every block of the launch.

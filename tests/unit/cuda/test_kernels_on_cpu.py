@@ -204,6 +204,41 @@ def test_decode_attention_batch(
     _G.test_decode_attention_batch(kern, dev, nh, nkv, hd, window, sinks)
 
 
+@pytest.mark.parametrize(
+    "n_tok,pos0,nh,nkv,hd,window,sinks",
+    [
+        (1, 0, 14, 2, 64, 0, False),  # one token (a 1-row tile)
+        (37, 0, 14, 2, 64, 0, False),  # qwen2, odd length
+        (77, 5, 7, 1, 80, 0, True),  # GQA 7, head_dim 80, a second chunk, sinks
+        (130, 0, 16, 2, 32, 16, True),  # tiny presets: head_dim 32, window 16
+        (129, 31, 8, 1, 64, 1, False),  # window 1: only the own key
+    ],
+)
+def test_prefill_attention(
+    kern: CpuKernels,
+    dev: HostDev,
+    n_tok: int,
+    pos0: int,
+    nh: int,
+    nkv: int,
+    hd: int,
+    window: int,
+    sinks: bool,
+) -> None:
+    """The tensor-core prefill attention (mma and ldmatrix emulated) at five of the GPU
+    test's shapes, within its FP16 bound of the reference."""
+    _G._prefill_case(kern, dev, n_tok, pos0, nh, nkv, hd, window, sinks)
+
+
+def test_prefill_attention_is_chunking_invariant(kern: CpuKernels, dev: HostDev) -> None:
+    """The GPU test's 300-token prompt as one chunk, three chunks and beside other sequences'
+    chunks, bit for bit, at the qwen2 shape (the gpt-oss one takes a minute here)."""
+    _G.test_prefill_attention_is_chunking_invariant(kern, dev, 14, 2, 64, 0, False)
+
+
+test_attention_launches_are_refused = _G.test_attention_launches_are_refused
+
+
 # ---------------------------------------------------------------- the matrix products, on the CPU
 # MatmulKernels' own launch sequences (skinny; the gemm with its fp16 pre-pass, splits and
 # in-order sum), launched to the emulator; the tensor-core mma is emulated from its fragment
