@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +319,80 @@ def test_decode_gemv_on_the_cpu(qtype: int, ntok: int, mode: str, rw: int) -> No
         )
     )  # fmt: skip
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 2e-5
+
+
+# ---------------------------------------------------------------- MoE (gpt-oss), on the CPU
+# tests/gpu/test_embed_moe.py's own MoE tests with host arrays for its PyCUDA ones and
+# CpuMatmul for MatmulKernels.
+
+
+class HostArray:
+    """What the tests ask of a pycuda GPUArray: its address (gpudata), size and get()."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = _aligned(np.ascontiguousarray(a), 256)
+        self.gpudata = self.a.ctypes.data
+        self.nbytes = self.a.nbytes
+
+    def get(self) -> np.ndarray:
+        return self.a.copy()
+
+    def fill(self, v: Any) -> None:
+        self.a.fill(v)
+
+
+class _HostDriver:
+    """The `gpu` fixture's pycuda.driver: host memory is always in sync."""
+
+    class Context:
+        @staticmethod
+        def synchronize() -> None:
+            pass
+
+
+def _gpu_moe_tests() -> Any:
+    gpu_dir = Path(__file__).resolve().parents[2] / "gpu"
+    spec = importlib.util.spec_from_file_location(
+        "gpu_test_embed_moe", gpu_dir / "test_embed_moe.py"
+    )
+    assert spec is not None and spec.loader is not None
+    sys.path.insert(0, str(gpu_dir))  # its `from pycuda_arrays import ...`
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(gpu_dir))
+    mod.upload = HostArray
+    mod.poisoned = lambda shape: HostArray(np.full(shape, np.nan, np.float32))
+    return mod
+
+
+_M = _gpu_moe_tests()
+
+
+class CpuMoeMatmul(CpuMatmul):
+    def __init__(self) -> None:
+        super().__init__()
+        self._moe_ws = None
+        self._route_gen = 0
+
+    def _moe_workspace(self, nbytes: int) -> DevBuf:
+        return self._workspace(nbytes)
+
+
+@pytest.fixture
+def mm() -> CpuMoeMatmul:
+    return CpuMoeMatmul()
+
+
+@pytest.fixture
+def gpu() -> Any:
+    return _HostDriver
+
+
+test_moe_small = _M.test_moe_small
+test_moe_gemv_bad_expert_id_gives_nan = _M.test_moe_gemv_bad_expert_id_gives_nan
+test_moe_gemm_routed_tiles_give_the_same_bytes = _M.test_moe_gemm_routed_tiles_give_the_same_bytes
+test_moe_gemm_invalid_ids_left_unwritten = _M.test_moe_gemm_invalid_ids_left_unwritten
+# (its batch-invariance, skinny-equals-gemm and paired-launch tests pass here too, but take
+# about a minute each on the 2-core box: CI leaves them to the GPU run)
