@@ -1,9 +1,10 @@
-"""Kernels of cuda_src/ run on the CPU through tools.kernel_emu, launched from the worker's own
-launch plans (worker.backends.cuda.matmul), so CI runs them as well as compiling them:
-the embedding lookup of every format (quant.cuh's dequant8, the routine the tensor-core
-products decode weights with) against worker.gguf.quants' dequantization, NaN rows for bad
-ids, the in-order split-K sum with bias and in-place residual, and gemm3's fp16 pre-pass.
-tests/gpu/test_embed_moe.py and tests/gpu/test_matmul.py ask the GPU the same."""
+"""Kernels of cuda_src/ run on the CPU through tools.kernel_emu, launched the way the worker
+launches them (its launch plans, its Kernels wrappers, MatmulKernels' launch sequences), so CI
+runs them as well as compiling them: the embedding lookup of every format against
+worker.gguf.quants, the split-K sum, gemm3's fp16 pre-pass, RMSNorm; tests/gpu/test_kernels.py's
+own tests of the norms, RoPE, activations, routing, gathering, decode and prefill attention;
+skinny and both gemm versions giving the same bits; the decode gemv in each mode; and the
+quicker MoE tests of tests/gpu/test_embed_moe.py. The GPU runs all of them on the device."""
 
 from __future__ import annotations
 
