@@ -69,21 +69,27 @@ constexpr int kWarp = 32;
 // A block's threads are fibers (ucontext) on the calling thread: each runs until it reaches a
 // barrier or returns, then the next runnable one runs. A barrier releases when every thread of
 // its scope (block or warp) that has not returned has arrived.
+// A barrier of a block or a warp: the threads of its scope that have not returned, those that
+// have arrived, and its generation (advanced at each release).
+struct Barrier {
+  int live = 0, arrived = 0;
+  unsigned gen = 0;
+};
+
 struct Fiber {
   ucontext_t ctx;
   uint3 tid;
   int lane = 0, warp = 0;
   bool done = false;
-  int waiting = 0;  // 0 runnable, 1 at the block barrier, 2 at its warp's
-  unsigned gen = 0;  // the generation of the barrier it waits at
+  Barrier* waits = nullptr;  // the barrier it waits at, in generation gen
+  unsigned gen = 0;
 };
 
 // What a warp's lanes exchange: one 64-bit value a lane (shuffles, ballots, ldmatrix's row
 // addresses), or an mma's fragments.
 struct WarpState {
   int lanes = kWarp;  // fewer in a block's last warp when blockDim is not a multiple of 32
-  int live = kWarp, arrived = 0;
-  unsigned gen = 0;
+  Barrier bar;
   std::array<uint64_t, kWarp> slot{};
   std::array<std::array<uint32_t, 8>, kWarp> frag{};
 };
@@ -93,8 +99,7 @@ struct BlockState {
   std::vector<std::unique_ptr<char[]>> stacks;
   ucontext_t main;
   int cur = 0;
-  int live = 0, arrived = 0;
-  unsigned gen = 0;
+  Barrier bar;
   std::vector<WarpState> warps;
   std::function<void()> body;
 };
@@ -115,36 +120,28 @@ inline void yield_to_scheduler() {
   swapcontext(&B.fibers[B.cur].ctx, &B.main);
 }
 
-inline void block_barrier() {
-  BlockState& B = g_block;
-  const unsigned g = B.gen;
-  if (++B.arrived == B.live) {  // the last to arrive releases the others
-    B.arrived = 0;
-    ++B.gen;
-    return;
-  }
-  Fiber& me = B.fibers[B.cur];
-  me.waiting = 1;
-  me.gen = g;
-  yield_to_scheduler();
-  me.waiting = 0;
+inline void release(Barrier& b) {
+  b.arrived = 0;
+  ++b.gen;
 }
 
-inline void warp_sync() {
-  BlockState& B = g_block;
-  WarpState& w = B.warps[t_warp];
-  const unsigned g = w.gen;
-  if (++w.arrived == w.live) {
-    w.arrived = 0;
-    ++w.gen;
-    return;
-  }
-  Fiber& me = B.fibers[B.cur];
-  me.waiting = 2;
-  me.gen = g;
+// The running thread arrives; the last to arrive releases the others, the rest wait.
+inline void arrive(Barrier& b) {
+  if (++b.arrived == b.live) return release(b);
+  Fiber& me = g_block.fibers[g_block.cur];
+  me.waits = &b;
+  me.gen = b.gen;
   yield_to_scheduler();
-  me.waiting = 0;
+  me.waits = nullptr;
 }
+
+// A returned thread leaves its barriers: one the others already all wait at releases.
+inline void leave(Barrier& b) {
+  if (--b.live > 0 && b.arrived == b.live) release(b);
+}
+
+inline void block_barrier() { arrive(g_block.bar); }
+inline void warp_sync() { arrive(g_block.warps[t_warp].bar); }
 
 template <class T>
 T shfl(T v, int src) {
@@ -166,23 +163,12 @@ inline void fiber_main() {
   B.body();
   Fiber& me = B.fibers[B.cur];
   me.done = true;
-  // a thread that has returned no longer takes part in its block's or warp's barriers
-  if (--B.live > 0 && B.arrived == B.live) {
-    B.arrived = 0;
-    ++B.gen;
-  }
-  WarpState& w = B.warps[me.warp];
-  if (--w.live > 0 && w.arrived == w.live) {
-    w.arrived = 0;
-    ++w.gen;
-  }
+  leave(B.bar);
+  leave(B.warps[me.warp].bar);
 }  // returns to B.main (uc_link)
 
 inline bool runnable(const Fiber& f) {
-  if (f.done) return false;
-  if (f.waiting == 1) return f.gen != g_block.gen;
-  if (f.waiting == 2) return f.gen != g_block.warps[f.warp].gen;
-  return true;
+  return !f.done && (f.waits == nullptr || f.waits->gen != f.gen);
 }
 
 // PTX prmt.b32 in its default mode: selector nibble i picks byte (nibble & 7) of b:a (a the
@@ -272,11 +258,10 @@ void run(const Launch& L, F body) {
   const unsigned n_warps = (n + kWarp - 1) / kWarp;
   for (unsigned b = 0; b < blocks; ++b) {
     t_block_idx = {b % L.gx, (b / L.gx) % L.gy, b / (L.gx * L.gy)};
-    B.live = int(n);
-    B.arrived = 0;
+    B.bar = Barrier{int(n)};
     B.warps.assign(n_warps, WarpState{});
     for (unsigned w = 0; w < n_warps; ++w)
-      B.warps[w].lanes = B.warps[w].live = int(std::min<unsigned>(kWarp, n - w * kWarp));
+      B.warps[w].lanes = B.warps[w].bar.live = int(std::min<unsigned>(kWarp, n - w * kWarp));
     for (unsigned i = 0; i < n; ++i) {
       Fiber& f = B.fibers[i];
       f = Fiber{};
