@@ -2,14 +2,16 @@
 at hand (tools/kernel_emu/emu.h says how, and what does not carry over: inline PTX, and the
 FMA contraction nvcc may apply to plain float expressions).
 
-    mod = load("i15.cu")                  # compiled with g++ into a cached shared library
-    f = mod.get_function("quant_x15")     # called like a PyCUDA function
-    f(x, np.int32(m), ..., block=(256, 1, 1), grid=(g, m))
+    mod = load("norm.cu")                 # compiled with g++ into a cached shared library
+    f = mod.get_function("rmsnorm_f32")   # called like a PyCUDA function
+    f(x, None, w, out, np.int32(n), np.float32(1e-6), block=(256,), grid=(rows,))
 
 Arguments: NumPy arrays (their memory is the kernel's global memory) or addresses (ints,
-e.g. `arr.ctypes.data`, as the worker's launch plans carry them), and scalars, converted by
+e.g. `arr.ctypes.data`, as the worker's launch plans carry them; None is a null pointer), and
+scalars, converted by
 the kernel's own parameter types. Launches are synchronous; `shared` sizes the dynamic
-shared memory; `stream` is ignored. `run(launch)` runs a worker.backends.cuda.matmul.Launch.
+shared memory; `stream` is ignored. `run(launch)` runs a worker.backends.cuda.matmul.Launch;
+`aligned(a)` copies an array to the alignment a launch plan checks for.
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ class _Launch(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint) for n in ("gx", "gy", "gz", "bx", "by", "bz")] + [
         ("smem", ctypes.c_size_t)
     ]
+
+
+def aligned(a: np.ndarray, align: int = 256) -> np.ndarray:
+    """A copy of `a` at an `align`-byte boundary (weights sit 256-byte aligned in the arena,
+    and the launch plans refuse less)."""
+    raw = np.empty(a.nbytes + align, np.uint8)
+    off = -raw.ctypes.data % align
+    out = raw[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def _emulable(text: str) -> str:
@@ -118,7 +130,7 @@ class EmuFunction:
                     if not a.flags.c_contiguous:
                         raise TypeError(f"{self.name}: array arguments must be C-contiguous")
                     a = a.ctypes.data
-                conv.append(ctypes.c_void_p(int(a)))  # an address (0: a null pointer)
+                conv.append(ctypes.c_void_p(int(a or 0)))  # an address (None or 0: null)
             else:
                 conv.append(t(a.item() if isinstance(a, np.generic) else a))
         self._fn(ctypes.byref(launch), *conv)

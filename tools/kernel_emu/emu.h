@@ -25,8 +25,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <functional>
 #include <ucontext.h>
 #include <vector>
@@ -67,10 +65,9 @@ struct Launch {
 constexpr int kWarp = 32;
 
 // A block's threads are fibers (ucontext) on the calling thread: each runs until it reaches a
-// barrier or returns, then the next runnable one runs. A barrier releases when every thread of
-// its scope (block or warp) that has not returned has arrived.
-// A barrier of a block or a warp: the threads of its scope that have not returned, those that
-// have arrived, and its generation (advanced at each release).
+// barrier or returns, then the next runnable one runs. A barrier (of the block or of a warp)
+// counts the threads of its scope that have not returned, those that have arrived, and its
+// generation; it releases, advancing the generation, when every live thread has arrived.
 struct Barrier {
   int live = 0, arrived = 0;
   unsigned gen = 0;
@@ -109,7 +106,6 @@ constexpr size_t kStack = 256 * 1024;
 inline BlockState g_block;
 inline uint3 g_block_dim, g_grid_dim;
 inline std::vector<uint8_t> g_dyn_smem;
-inline std::mutex g_atomic;
 inline uint3 t_thread_idx, t_block_idx;  // the running fiber's
 inline int t_lane, t_warp;
 
@@ -384,11 +380,9 @@ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
 }
 }  // namespace emu
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+// prmt without its sign replication (only bits 0-2 of each selector nibble count)
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
-  const uint64_t v = (uint64_t(y) << 32) | x;
-  unsigned r = 0;
-  for (int i = 0; i < 4; ++i) r |= unsigned((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
-  return r;
+  return emu::prmt(x, y, s & 0x7777u);
 }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -398,17 +392,16 @@ inline long long max(long long a, long long b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline float max(float a, float b) { return std::fmax(a, b); }
 inline float min(float a, float b) { return std::fmin(a, b); }
+// Atomics need no lock: one fiber runs at a time and none yields inside one.
 template <class T>
 T atomicExch(T* p, T v) {
-  std::lock_guard<std::mutex> g(emu::g_atomic);
   const T o = *p;
   *p = v;
   return o;
 }
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void __nanosleep(unsigned) {}
 template <class T>
 T atomicAdd(T* p, T v) {
-  std::lock_guard<std::mutex> g(emu::g_atomic);
   const T o = *p;
   *p = o + v;
   return o;
