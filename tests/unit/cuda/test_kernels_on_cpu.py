@@ -1,7 +1,7 @@
 """Kernels of cuda_src/ run on the CPU through tools.kernel_emu, launched the way the worker
 launches them (its launch plans, its Kernels wrappers, MatmulKernels' launch sequences), so CI
 runs them as well as compiling them: the embedding lookup of every format against
-worker.gguf.quants, the split-K sum, gemm3's fp16 pre-pass, RMSNorm; tests/gpu/test_kernels.py's
+worker.gguf.quants, the split-K sum, gemm3's fp16 pre-pass; tests/gpu/test_kernels.py's
 own tests of the norms, RoPE, activations, routing, gathering, decode and prefill attention;
 skinny and both gemm versions giving the same bits; the decode gemv in each mode; and the
 quicker MoE tests of tests/gpu/test_embed_moe.py. The GPU runs all of them on the device."""
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tools import kernel_emu
+from tools.kernel_emu import aligned
 from tools.synth_blocks import random_matrix
 from worker.backends.cuda.arena import DevBuf
 from worker.backends.cuda.kernels import Kernels
@@ -39,23 +40,14 @@ def _buf(a: np.ndarray) -> DevBuf:
     return DevBuf(a.ctypes.data, a.nbytes)
 
 
-def _aligned(a: np.ndarray, align: int = 256) -> np.ndarray:
-    """A copy of `a` at an `align`-byte boundary (weights sit 256-byte aligned in the arena)."""
-    raw = np.empty(a.nbytes + align, np.uint8)
-    off = -raw.ctypes.data % align
-    out = raw[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
 @pytest.mark.parametrize("qtype", TYPES, ids=[LAYOUTS[t].name for t in TYPES])
 def test_embedding_rows_every_format(qtype: int) -> None:
     rng = np.random.default_rng(qtype)
     rows, cols = 40, LAYOUTS[qtype].qk * 3
     raw, dense = random_matrix(qtype, rows, cols, rng)
-    raw = _aligned(raw)
+    raw = aligned(raw)
     ids = np.array([0, rows - 1, 7, 7, 23, -1, rows], np.int32)  # ends, a repeat, two bad ids
-    out = _aligned(np.full((len(ids), cols), 123.0, np.float32), 16)
+    out = aligned(np.full((len(ids), cols), 123.0, np.float32), 16)
     w = QWeight(raw.ctypes.data, qtype, rows, cols, raw.nbytes)
     kernel_emu.run(plan_embed(w, _buf(ids), len(ids), _buf(out)))
     np.testing.assert_allclose(out[:5], dense[ids[:5]], rtol=2e-6, atol=1e-9)
@@ -79,37 +71,10 @@ def test_split_sum_in_order_with_bias_and_residual() -> None:
 
 
 def test_fp16_pre_pass() -> None:
-    x = _aligned(np.random.default_rng(2).standard_normal((3, 72)).astype(np.float32) * 100, 16)
-    xh = _aligned(np.zeros((3, 64), np.float16), 16)
+    x = aligned(np.random.default_rng(2).standard_normal((3, 72)).astype(np.float32) * 100, 16)
+    xh = aligned(np.zeros((3, 64), np.float16), 16)
     kernel_emu.run(plan_gemm_x16(_buf(x), _buf(xh), 3, 64, ldx=72))
     assert xh.tobytes() == x[:, :64].astype(np.float16).tobytes()
-
-
-@pytest.mark.parametrize("n", [100, 896, 3072])
-def test_rmsnorm_with_fused_residual(n: int) -> None:
-    """norm.cu's block-wide sum (warp shuffles, shared memory, __syncthreads) as the kernels
-    wrapper launches it: 256 threads a row up to 2,048 elements, 1,024 above."""
-    rng = np.random.default_rng(n)
-    rows, eps = 3, 1e-6
-    x = rng.standard_normal((rows, n)).astype(np.float32)
-    delta = rng.standard_normal((rows, n)).astype(np.float32)
-    w = rng.standard_normal(n).astype(np.float32)
-    out = np.full((rows, n), np.nan, np.float32)
-    s = (x.astype(np.float64) + delta).astype(np.float32)
-    ref = s / np.sqrt((s.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + eps) * w
-    fn = kernel_emu.load("norm.cu").get_function("rmsnorm_f32")
-    fn(
-        x,
-        delta,
-        w,
-        out,
-        np.int32(n),
-        np.float32(eps),
-        grid=(rows,),
-        block=(256 if n <= 2048 else 1024,),
-    )
-    assert x.tobytes() == s.tobytes()  # x now holds the sum
-    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the GPU kernel tests, on the CPU
@@ -152,7 +117,7 @@ class HostDev:
         self.keep: list[np.ndarray] = []
 
     def put(self, arr: np.ndarray, name: str = "buf") -> DevBuf:
-        a = _aligned(np.ascontiguousarray(arr), 256)
+        a = aligned(np.ascontiguousarray(arr), 256)
         self.keep.append(a)
         return DevBuf(a.ctypes.data, a.nbytes, name)
 
@@ -253,14 +218,15 @@ class CpuMatmul(MatmulKernels):
         self.arch = "cpu"
         self.invariant = True
         self._sms = sms
-        self._x16 = self._splitk = None
+        self._x16 = self._splitk = self._moe_ws = None
+        self._route_gen = 0
         self.keep: list[np.ndarray] = []
 
     def run(self, launch: Launch, stream: Any = None) -> None:
         kernel_emu.run(launch)
 
     def _workspace(self, nbytes: int) -> DevBuf:
-        a = _aligned(np.zeros(max(nbytes, 16), np.uint8), 256)
+        a = aligned(np.zeros(max(nbytes, 16), np.uint8), 256)
         self.keep.append(a)
         return DevBuf(a.ctypes.data, a.nbytes)
 
@@ -268,6 +234,9 @@ class CpuMatmul(MatmulKernels):
         return self._workspace(nbytes)
 
     def _x16_workspace(self, nbytes: int) -> DevBuf:
+        return self._workspace(nbytes)
+
+    def _moe_workspace(self, nbytes: int) -> DevBuf:
         return self._workspace(nbytes)
 
 
@@ -280,15 +249,15 @@ def test_skinny_and_gemm_give_the_same_bits_on_the_cpu(qtype: int) -> None:
     rng = np.random.default_rng(qtype)
     n, k, m = 136, 512, 5
     raw, dense = random_matrix(qtype, n, k, rng)
-    raw = _aligned(raw)
+    raw = aligned(raw)
     w = QWeight(raw.ctypes.data, qtype, n, k, raw.nbytes)
-    x = _aligned(rng.standard_normal((m, k)).astype(np.float32), 16)
+    x = aligned(rng.standard_normal((m, k)).astype(np.float32), 16)
     bias = rng.standard_normal(n).astype(np.float32)
     res = rng.standard_normal((m, n)).astype(np.float32)
     mm = CpuMatmul()
     outs = []
     for form, kw in (("skinny", {}), ("gemm", {"version": 2}), ("gemm", {"version": 3})):
-        y = _aligned(res.copy(), 16)
+        y = aligned(res.copy(), 16)
         getattr(mm, form)(w, _buf(x), _buf(y), m, bias=_buf(bias), residual=_buf(y), **kw)
         outs.append(y)
     assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
@@ -307,11 +276,11 @@ def test_decode_gemv_on_the_cpu(qtype: int, ntok: int, mode: str, rw: int) -> No
     rng = np.random.default_rng(qtype * 10 + ntok)
     n, k = 37, 768
     raw, dense = random_matrix(qtype, n, k, rng)
-    raw = _aligned(raw)
+    raw = aligned(raw)
     w = QWeight(raw.ctypes.data, qtype, n, k, raw.nbytes)
-    x = _aligned(rng.standard_normal((ntok, k)).astype(np.float32), 16)
+    x = aligned(rng.standard_normal((ntok, k)).astype(np.float32), 16)
     bias = rng.standard_normal(n).astype(np.float32)
-    y = _aligned(rng.standard_normal((ntok, n)).astype(np.float32), 16)
+    y = aligned(rng.standard_normal((ntok, n)).astype(np.float32), 16)
     ref = x.astype(np.float64) @ dense.astype(np.float64).T + bias + y
     kernel_emu.run(
         plan_gemv(
@@ -331,7 +300,7 @@ class HostArray:
     """What the tests ask of a pycuda GPUArray: its address (gpudata), size and get()."""
 
     def __init__(self, a: np.ndarray) -> None:
-        self.a = _aligned(np.ascontiguousarray(a), 256)
+        self.a = aligned(np.ascontiguousarray(a), 256)
         self.gpudata = self.a.ctypes.data
         self.nbytes = self.a.nbytes
 
@@ -371,19 +340,9 @@ def _gpu_moe_tests() -> Any:
 _M = _gpu_moe_tests()
 
 
-class CpuMoeMatmul(CpuMatmul):
-    def __init__(self) -> None:
-        super().__init__()
-        self._moe_ws = None
-        self._route_gen = 0
-
-    def _moe_workspace(self, nbytes: int) -> DevBuf:
-        return self._workspace(nbytes)
-
-
 @pytest.fixture
-def mm() -> CpuMoeMatmul:
-    return CpuMoeMatmul()
+def mm() -> CpuMatmul:
+    return CpuMatmul()
 
 
 @pytest.fixture
