@@ -8,10 +8,10 @@ FMA contraction nvcc may apply to plain float expressions).
 
 Arguments: NumPy arrays (their memory is the kernel's global memory) or addresses (ints,
 e.g. `arr.ctypes.data`, as the worker's launch plans carry them; None is a null pointer), and
-scalars, converted by
-the kernel's own parameter types. Launches are synchronous; `shared` sizes the dynamic
-shared memory; `stream` is ignored. `run(launch)` runs a worker.backends.cuda.matmul.Launch;
-`aligned(a)` copies an array to the alignment a launch plan checks for.
+scalars, converted by the kernel's own parameter types. Launches are synchronous; `shared`
+sizes the dynamic shared memory; `stream` is ignored. `run(launch)` runs a
+worker.backends.cuda.matmul.Launch; `aligned(a)` copies an array to the alignment a launch
+plan checks for.
 """
 
 from __future__ import annotations
