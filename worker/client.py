@@ -523,27 +523,39 @@ class OrcdClient:
     async def health_all(
         self, timeout_s: float = 0.5, *, until_model_ref: str | None = None
     ) -> list[Health]:
-        """Health of every worker that answers ``orcd.health`` within `timeout_s` (sooner,
-        once a worker serving `until_model_ref` has answered)."""
+        """Health of every worker that answers ``orcd.health`` within `timeout_s` (one answer
+        a worker, its latest).
+
+        With `until_model_ref` the wait ends once a worker serving it has answered, and the
+        question is asked again after 0.5 s, 1 s, 2 s ... while none has: a request or answer
+        lost to a reconnect (core NATS keeps nothing) costs a re-ask, not the whole wait."""
         inbox = self.nc.new_inbox()
-        out: list[Health] = []
+        out: dict[str, Health] = {}
         found = asyncio.Event()
 
         async def on_reply(msg: Msg) -> None:
             with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
                 h = decode_health(msg.data)
-                out.append(h)
+                out[h.worker_id] = h
                 if h.model_ref == until_model_ref and h.status != "draining":
                     found.set()
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(self.subjects.health_all, b"", reply=inbox)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(found.wait(), timeout_s)
+            deadline = time.monotonic() + timeout_s
+            wait_s = 0.5 if until_model_ref is not None else timeout_s
+            while True:
+                await self.nc.publish(self.subjects.health_all, b"", reply=inbox)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        found.wait(), max(0.0, min(wait_s, deadline - time.monotonic()))
+                    )
+                if found.is_set() or time.monotonic() >= deadline:
+                    break
+                wait_s *= 2
         finally:
             await sub.unsubscribe()
-        return out
+        return list(out.values())
 
     async def shutdown(self, worker_id: str, timeout_s: float = 2.0) -> bytes:
         msg = await self.nc.request(self.subjects.shutdown(worker_id), b"", timeout=timeout_s)
