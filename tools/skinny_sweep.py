@@ -41,7 +41,7 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "qwen.down.q6_k": (896, 4864, 14),
     "gptoss.qkv": (5120, 2880, 8),
     "gptoss.o": (2880, 4096, 8),
-    "qwen.head": (151936, 896, 14),
+    "qwen.head": (151936, 896, 8),
     "gptoss.head": (201088, 2880, 8),
     "gptoss.router": (32, 2880, 0),
 }
