@@ -131,6 +131,7 @@ async def test_a_health_answer_spares_the_next_jobs_the_worker_lookup(
         # full test run on 2 cores once took over 1 s) from failing the test, and a stall past
         # the first re-ask may have asked twice: what matters is that the next jobs ask nothing
         await client.require_worker(REF, timeout_s=10.0)
+        await asyncio.sleep(0.5)  # (a re-ask sent before the answer came is counted now)
         first = asked
         assert first >= 1
         for _ in range(4):
@@ -165,10 +166,15 @@ async def test_a_lost_health_request_is_asked_again(nats_server: EmbeddedNatsSer
     try:
         t0 = time.monotonic()
         await client.require_worker(REF, timeout_s=10.0)
-        assert asked == 2 and time.monotonic() - t0 < 5
-        asked = 1  # answers every request from now on; four asks in 2 s, one worker
+        assert asked >= 2 and time.monotonic() - t0 < 9  # found before the limit
+        before = asked  # answered from here on: asks at 0, 0.5 and 1.5 s of 2, one worker
         found = await client.health_all(2.0, until_model_ref="nobody")
-        assert [h.worker_id for h in found] == ["w-1"] and asked >= 4
+        assert [h.worker_id for h in found] == ["w-1"]
+        for _ in range(50):  # (the last ask may still be on its way to the answerer)
+            if asked >= before + 2:
+                break
+            await asyncio.sleep(0.1)
+        assert asked >= before + 2
     finally:
         await answerer.close()
         await client.close()
