@@ -5,8 +5,10 @@ cancelled, client closed) cancels its job on the worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +98,41 @@ async def test_stopping_early_cancels_the_job(
     assert isinstance(end, Error) and end.code == "CANCELLED", end
 
 
-def fake_health(worker_id: str = "w-1") -> Any:
-    from worker.protocol import Health
+class HealthAnswerer:
+    """A stand-in worker on ``orcd.health``: counts the asks and answers every one from the
+    `answer_from`-th on with a healthy worker "w-1" serving REF."""
 
-    return Health(
-        status="healthy", worker_id=worker_id, model="m", model_ref=REF, device="cpu",
-        gpu_device=None, resident=True, quant_kind="q8_0", vram_bytes_used=0,
-        tokenizer_kind="bpe", vocab_size=10, context_length=64, uptime_seconds=1.0, sm=None,
-        cuda_runtime_version=None, active_job_id=None, jobs_completed=0, version="0",
-    )  # fmt: skip
+    def __init__(self, answer_from: int = 1) -> None:
+        self.asked = 0
+        self.answer_from = answer_from
+
+    async def answer(self, msg: Any) -> None:
+        from worker.protocol import Health, encode
+
+        self.asked += 1
+        if self.asked < self.answer_from:
+            return
+        health = Health(
+            status="healthy", worker_id="w-1", model="m", model_ref=REF, device="cpu",
+            gpu_device=None, resident=True, quant_kind="q8_0", vram_bytes_used=0,
+            tokenizer_kind="bpe", vocab_size=10, context_length=64, uptime_seconds=1.0, sm=None,
+            cuda_runtime_version=None, active_job_id=None, jobs_completed=0, version="0",
+        )  # fmt: skip
+        await msg.respond(encode(health))
+
+
+@contextlib.asynccontextmanager
+async def answered(url: str, answerer: HealthAnswerer) -> AsyncIterator[OrcdClient]:
+    """A client, with `answerer` subscribed on its own connection (closed after both)."""
+    client = await OrcdClient.connect(url)
+    conn = await OrcdClient.connect(url)
+    await conn.nc.subscribe(client.subjects.health_all, cb=answerer.answer)
+    await conn.nc.flush()
+    try:
+        yield client
+    finally:
+        await conn.close()
+        await client.close()
 
 
 async def test_a_health_answer_spares_the_next_jobs_the_worker_lookup(
@@ -113,68 +141,37 @@ async def test_a_health_answer_spares_the_next_jobs_the_worker_lookup(
     """require_worker asks ``orcd.health`` (again while unanswered); the answer counts as a
     fresh heartbeat, so the jobs after it are published without that round trip (until it
     ages out)."""
-    from worker.protocol import encode
-
-    client = await OrcdClient.connect(nats_server.url)
-    answerer = await OrcdClient.connect(nats_server.url)
-    asked = 0
-
-    async def answer(msg: Any) -> None:
-        nonlocal asked
-        asked += 1
-        await msg.respond(encode(fake_health()))
-
-    await answerer.nc.subscribe(client.subjects.health_all, cb=answer)
-    await answerer.nc.flush()
-    try:
+    worker = HealthAnswerer()
+    async with answered(nats_server.url, worker) as client:
         # the wait ends at the first answer; the generous limit only keeps a stalled box (a
         # full test run on 2 cores once took over 1 s) from failing the test, and a stall past
         # the first re-ask may have asked twice: what matters is that the next jobs ask nothing
         await client.require_worker(REF, timeout_s=10.0)
         await asyncio.sleep(0.5)  # (a re-ask sent before the answer came is counted now)
-        first = asked
+        first = worker.asked
         assert first >= 1
         for _ in range(4):
             await client.require_worker(REF, timeout_s=10.0)
-        assert asked == first
+        assert worker.asked == first
         with pytest.raises(NoWorker, match="serve client-tiny"):
             await client.require_worker("other")  # the remembered answer names another ref
-        assert asked > first
-    finally:
-        await answerer.close()
-        await client.close()
+        assert worker.asked > first
 
 
 async def test_a_lost_health_request_is_asked_again(nats_server: EmbeddedNatsServer) -> None:
     """A worker that misses the first ``orcd.health`` (core NATS keeps nothing across a
     reconnect) is found by the re-ask, well inside require_worker's limit; every answer
     counts once per worker."""
-    from worker.protocol import encode
-
-    client = await OrcdClient.connect(nats_server.url)
-    answerer = await OrcdClient.connect(nats_server.url)
-    asked = 0
-
-    async def answer_from_the_second(msg: Any) -> None:
-        nonlocal asked
-        asked += 1
-        if asked >= 2:
-            await msg.respond(encode(fake_health()))
-
-    await answerer.nc.subscribe(client.subjects.health_all, cb=answer_from_the_second)
-    await answerer.nc.flush()
-    try:
+    worker = HealthAnswerer(answer_from=2)
+    async with answered(nats_server.url, worker) as client:
         t0 = time.monotonic()
         await client.require_worker(REF, timeout_s=10.0)
-        assert asked >= 2 and time.monotonic() - t0 < 9  # found before the limit
-        before = asked  # answered from here on: asks at 0, 0.5 and 1.5 s of 2, one worker
+        assert worker.asked >= 2 and time.monotonic() - t0 < 9  # found before the limit
+        before = worker.asked  # answered from here on: asks at 0, 0.5 and 1.5 s of 2
         found = await client.health_all(2.0, until_model_ref="nobody")
         assert [h.worker_id for h in found] == ["w-1"]
         for _ in range(50):  # (the last ask may still be on its way to the answerer)
-            if asked >= before + 2:
+            if worker.asked >= before + 2:
                 break
             await asyncio.sleep(0.1)
-        assert asked >= before + 2
-    finally:
-        await answerer.close()
-        await client.close()
+        assert worker.asked >= before + 2
