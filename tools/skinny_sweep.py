@@ -110,12 +110,54 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
         c.free()
 
 
+def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes: int) -> None:
+    """The same for the 15-bit integer product (cuda_src/i15.cu, Q4_K shapes): its three
+    launches (activation pre-pass, product, split sum) a product, by the dp4a core
+    (`i15s`, up to 8 rows, where the split's planes fit 48 KiB of shared memory) and by the
+    tensor-core one (`i15g`, any row count)."""
+    import pycuda.gpuarray as ga
+
+    from tools.i15 import I15, SKINNY_MAX_ROWS
+    from tools.synth_blocks import random_matrix
+    from worker.backends.cuda.compile import load_module
+
+    rng = np.random.default_rng(0)
+    n, k, qtype = SHAPES[name]
+    if qtype != 12:
+        return
+    raw, _ = random_matrix(qtype, n, k, rng)
+    copies = [ga.to_gpu(raw) for _ in range(max(2, -(-l2_bytes // raw.nbytes)))]
+    i15 = I15(load_module("i15", ctx.facts.arch))
+    nsb = k // 256
+    for m in rows:
+        x = ga.to_gpu(rng.standard_normal((m, k)).astype(np.float32))
+        y = ga.empty((m, n), np.float32)
+        for split in sorted({s for s in wants if s <= nsb}):
+            b = i15.buffers(m, k, n, split)
+            fits = m * -(-nsb // split) * (512 + 4 + 32) <= 48 * 1024
+            for core in ("skinny", "gemm"):
+                if core == "skinny" and (m > SKINNY_MAX_ROWS or not fits):
+                    continue
+                steps: list[Callable[[], None]] = [
+                    partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core) for c in copies
+                ]
+                us = _time(ctx, steps)
+                gbs = raw.nbytes / us / 1e3
+                label = f"{name} i15{core[0]}"
+                print(f"{label:16s} {m:4d} {split:3d}  {us:8.2f} {gbs:7.1f}", flush=True)
+        x.gpudata.free()
+        y.gpudata.free()
+    for c in copies:
+        c.gpudata.free()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--splits", default="1,2,3,4,5,6,8,12")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--l2-bytes", type=int, default=400_000_000, help="weight bytes rotated")
+    ap.add_argument("--i15", action="store_true", help="also the 15-bit integer product")
     args = ap.parse_args(argv)
 
     from worker.backends.cuda.context import CudaContext
@@ -129,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         wants = [int(s) for s in args.splits.split(",")]
         for name in args.shapes.split(","):
             _sweep(ctx, mk, name, rows, wants, args.l2_bytes)
+            if args.i15:
+                _sweep_i15(ctx, name, rows, wants, args.l2_bytes)
     finally:
         ctx.close()  # pops the context: PyCUDA aborts at exit if one is left current
 

@@ -212,6 +212,38 @@ inline void mma_m16n8k16_f16(float d[4], const uint32_t a[4], const uint32_t b[2
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
+// D = A · B + C on the warp: A 16x32 (row), B 32x8 (col), int32 C and D, the fragments as
+// PTX lays them out for mma.m16n8k32 (lane = 4 g + t): A register r holds row g + 8 (r & 1),
+// k = 16 (r >> 1) + 4 t + byte; B register r holds k = 16 r + 4 t + byte, n = g; C/D element
+// e is row g + 8 (e >> 1), n = 2 t + (e & 1). A_SIGNED / B_SIGNED pick s8 or u8. Integer sums
+// are exact: these are the GPU's bits.
+template <bool A_SIGNED, bool B_SIGNED>
+void mma_m16n8k32(int d[4], const uint32_t a[4], const uint32_t b[2], const int c[4]) {
+  WarpState& w = g_block.warps[t_warp];
+  for (int r = 0; r < 4; ++r) w.frag[t_lane][r] = a[r];
+  for (int r = 0; r < 2; ++r) w.frag[t_lane][4 + r] = b[r];
+  warp_sync();
+  auto byte = [](uint32_t v, int i, bool sgn) -> int {
+    const uint32_t u = (v >> (8 * i)) & 0xFFu;
+    return sgn ? int(int8_t(u)) : int(u);
+  };
+  const int g = t_lane >> 2, t = t_lane & 3;
+  int out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    int64_t s = c[e];
+    for (int k = 0; k < 32; ++k) {
+      const int la = 4 * (row & 7) + (k & 15) / 4, ra = (row >> 3) + 2 * (k >> 4);
+      const int lb = 4 * col + (k & 15) / 4, rb = k >> 4;
+      s += int64_t(byte(w.frag[la][ra], k & 3, A_SIGNED)) *
+           byte(w.frag[lb][4 + rb], k & 3, B_SIGNED);
+    }
+    out[e] = int(int32_t(uint32_t(uint64_t(s))));  // wraps as the hardware's int32 does
+  }
+  warp_sync();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
 // ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8q .. 8q + 7 give the row addresses (16 bytes, 8
 // b16 a row) of matrix q; register q of lane T receives elements 2 (T % 4) and + 1 of row
 // T / 4, or with .trans elements T / 4 of rows 2 (T % 4) and + 1 (the matrix transposed).

@@ -1,0 +1,327 @@
+// Products on 15-bit activations against Q4_K codes (docs/kernels.md, "Integer products"): a
+// dp4a core for 1-8 rows and an int8 tensor-core core for any row count, giving the same bits.
+//
+// quant_x15: each block of `blk` elements (256 for the K-quants, 32 otherwise) of a row of X
+// becomes d = max|x| / 16256 (fp32) and codes q = rint(x / d) in [-16256, 16256] split into two
+// int8 planes, q = 128 hi + lo (hi = rint(q / 128), |lo| <= 64); sq = the sum of q of every
+// 32 elements (int32).
+//
+// Q4_K products, per (row t, weight row n) and super-block of 256 (sub-blocks s of 32 with
+// 6-bit scale sc_s and min m_s, 4-bit codes c):
+//   S_hi = sum(hi * c), S_lo = sum(lo * c) over sub-block s         (exact int32)
+//   T_hi += sc_s * S_hi, T_lo += sc_s * S_lo, U += m_s * sq_s        (exact int32, < 2^28)
+//   y += d_x * (d * (128 * float(T_hi) + float(T_lo)) - dmin * float(U))
+// the last line as separately rounded float steps, super-blocks in K order within a split,
+// splits added in order by i15_reduce. Integer sums are exact in any order, so every core that
+// takes these float steps gives the same bits whatever the row count (batch invariance), and
+// NumPy float32 reproduces them (tools/i15.py).
+#include "quant.cuh"
+
+constexpr int I15_STEPS = 16256;  // 127 * 128
+constexpr int I15_MAX_ROWS = 8;   // skinny15: rows a launch
+constexpr int G15_ROWS = 64;      // gemm15: weight rows a block (4 warps x m16)
+constexpr int G15_TOK = 32;       // gemm15: rows of X a block (4 x n8)
+constexpr int G15_PAD = 272;      // gemm15: shared bytes a row of a plane (256 + 16: no bank
+                                  // conflicts between the 8 rows an n8 fragment reads)
+
+extern "C" __global__ void __launch_bounds__(256) quant_x15(
+    const float* __restrict__ x, int M, int K, int blk, int8_t* __restrict__ hi,
+    int8_t* __restrict__ lo, float* __restrict__ d, int* __restrict__ sq) {
+  __shared__ float wmax[8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nb = K / 32;
+  const int b = blockIdx.x * 8 + warp, t = blockIdx.y;  // this warp's 32 elements
+  const bool live = b < nb;
+  const size_t i = (size_t)t * K + (size_t)b * 32 + lane;
+  const float v = live ? x[i] : 0.f;
+  float a = fabsf(v);
+#pragma unroll
+  for (int o = 16; o; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  if (blk == 256) {  // the block of 256 is this thread block's (K a multiple of 256)
+    if (lane == 0) wmax[warp] = a;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < 8; ++w) a = fmaxf(a, wmax[w]);
+  }
+  if (!live) return;
+  const float dd = __fdiv_rn(a, (float)I15_STEPS);
+  int q = 0;
+  if (dd > 0.f) q = __float2int_rn(__fdiv_rn(v, dd));
+  q = max(-I15_STEPS, min(I15_STEPS, q));
+  const int h = __float2int_rn(__fmul_rn((float)q, 1.f / 128.f));
+  hi[i] = (int8_t)h;
+  lo[i] = (int8_t)(q - 128 * h);
+  int s = q;
+#pragma unroll
+  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) {
+    sq[(size_t)t * nb + b] = s;
+    if (blk == 32) d[(size_t)t * nb + b] = dd;
+    else if (warp == 0) d[(size_t)t * (K / 256) + blockIdx.x] = dd;
+  }
+}
+
+// The float steps of one super-block (the same expression in every core).
+__device__ __forceinline__ float i15_step(float y, float dx, float dsup, float dmin, int th,
+                                          int tl, int u) {
+  const float v = __fadd_rn(__fmul_rn(128.f, __int2float_rn(th)), __int2float_rn(tl));
+  const float w = __fsub_rn(__fmul_rn(dsup, v), __fmul_rn(dmin, __int2float_rn(u)));
+  return __fadd_rn(y, __fmul_rn(dx, w));
+}
+
+// dp4a core: one thread per (weight row n, split z), the split's planes of every row staged
+// in shared memory: [t][element] hi, then lo, then d per [t][super-block], sq per
+// [t][sub-block]; the host sizes it, M * per * (512 + 4 + 32) bytes.
+extern "C" __global__ void __launch_bounds__(256) skinny15_q4_k(
+    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
+    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
+    int M, int splits, float* __restrict__ part) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int nsb = K / 256;
+  const int per = (nsb + splits - 1) / splits;
+  const int z = blockIdx.y;
+  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
+  const int nloc = max(0, sb1 - sb0);  // super-blocks of this split
+  const int kloc = nloc * 256;
+  int8_t* shi = reinterpret_cast<int8_t*>(smem);
+  int8_t* slo = shi + M * per * 256;
+  float* sd = reinterpret_cast<float*>(slo + M * per * 256);
+  int* ssq = reinterpret_cast<int*>(sd + M * per);
+  for (int t = 0; t < M; ++t) {
+    const size_t src = (size_t)t * K + (size_t)sb0 * 256;
+    for (int e = threadIdx.x * 16; e < kloc; e += 256 * 16) {
+      *reinterpret_cast<int4*>(shi + t * per * 256 + e) =
+          *reinterpret_cast<const int4*>(xhi + src + e);
+      *reinterpret_cast<int4*>(slo + t * per * 256 + e) =
+          *reinterpret_cast<const int4*>(xlo + src + e);
+    }
+    for (int b = threadIdx.x; b < nloc; b += 256) sd[t * per + b] = xd[(size_t)t * nsb + sb0 + b];
+    for (int b = threadIdx.x; b < nloc * 8; b += 256)
+      ssq[t * per * 8 + b] = xsq[(size_t)t * (K / 32) + sb0 * 8 + b];
+  }
+  __syncthreads();
+  const int n = blockIdx.x * 256 + threadIdx.x;
+  if (n >= N) return;
+  float y[I15_MAX_ROWS];
+#pragma unroll
+  for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
+  const uint8_t* row = w + (size_t)n * nsb * 144;
+  for (int j = 0; j < nloc; ++j) {
+    const uint8_t* blk = row + (size_t)(sb0 + j) * 144;
+    uint4 raw[9];
+#pragma unroll
+    for (int i = 0; i < 9; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(blk) + i);
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(raw);
+    const float dsup = __half2float(__ushort_as_half((uint16_t)(u[0] & 0xFFFFu)));
+    const float dmin = __half2float(__ushort_as_half((uint16_t)(u[0] >> 16)));
+    const uint8_t* sc12 = reinterpret_cast<const uint8_t*>(raw) + 4;
+    const uint32_t* qs = u + 4;  // 128 bytes: pair p of sub-blocks in words 8p..8p+7
+    int th[I15_MAX_ROWS], tl[I15_MAX_ROWS], um[I15_MAX_ROWS];
+#pragma unroll
+    for (int t = 0; t < I15_MAX_ROWS; ++t) th[t] = tl[t] = um[t] = 0;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      int sc, mn;
+      scale_min_k4(sc12, s, sc, mn);
+      const int sh = (s & 1) * 4;
+      uint32_t c[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) c[i] = (qs[8 * (s >> 1) + i] >> sh) & 0x0F0F0F0Fu;
+      const int e0 = j * 256 + s * 32;
+#pragma unroll
+      for (int t = 0; t < I15_MAX_ROWS; ++t) {
+        if (t >= M) break;
+        const int4* ph = reinterpret_cast<const int4*>(shi + t * per * 256 + e0);
+        const int4* pl = reinterpret_cast<const int4*>(slo + t * per * 256 + e0);
+        const int4 h0 = ph[0], h1 = ph[1], l0 = pl[0], l1 = pl[1];
+        int sh_ = 0, sl_ = 0;
+        sh_ = __dp4a((int)c[0], h0.x, sh_);
+        sh_ = __dp4a((int)c[1], h0.y, sh_);
+        sh_ = __dp4a((int)c[2], h0.z, sh_);
+        sh_ = __dp4a((int)c[3], h0.w, sh_);
+        sh_ = __dp4a((int)c[4], h1.x, sh_);
+        sh_ = __dp4a((int)c[5], h1.y, sh_);
+        sh_ = __dp4a((int)c[6], h1.z, sh_);
+        sh_ = __dp4a((int)c[7], h1.w, sh_);
+        sl_ = __dp4a((int)c[0], l0.x, sl_);
+        sl_ = __dp4a((int)c[1], l0.y, sl_);
+        sl_ = __dp4a((int)c[2], l0.z, sl_);
+        sl_ = __dp4a((int)c[3], l0.w, sl_);
+        sl_ = __dp4a((int)c[4], l1.x, sl_);
+        sl_ = __dp4a((int)c[5], l1.y, sl_);
+        sl_ = __dp4a((int)c[6], l1.z, sl_);
+        sl_ = __dp4a((int)c[7], l1.w, sl_);
+        th[t] += sc * sh_;
+        tl[t] += sc * sl_;
+        um[t] += mn * ssq[t * per * 8 + j * 8 + s];
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < I15_MAX_ROWS; ++t)
+      if (t < M) y[t] = i15_step(y[t], sd[t * per + j], dsup, dmin, th[t], tl[t], um[t]);
+  }
+#pragma unroll
+  for (int t = 0; t < I15_MAX_ROWS; ++t)
+    if (t < M) part[((size_t)z * M + t) * N + n] = y[t];
+}
+
+// D = A (16 x 32 u8, the weight codes) . B (32 x 8 s8, a plane of X), int32, from zero.
+__device__ __forceinline__ void mma_u8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef KERNEL_EMU
+  const int c[4] = {0, 0, 0, 0};
+  emu::mma_m16n8k32<false, true>(d, a, b, c);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+#endif
+}
+
+// The B fragments of one n8 tile and sub-block for both planes (hi: b[0], b[1]; lo: b[2],
+// b[3]) in one ldmatrix.x4: lanes 0-7 / 8-15 address rows n of hi at k 0 / 16, lanes 16-31
+// the same rows of lo.
+__device__ __forceinline__ void ldsm_x4(uint32_t b[4], const int8_t* row) {
+#ifdef KERNEL_EMU
+  emu::ldmatrix_x4(b, row);
+#else
+  const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(a));
+#endif
+}
+
+// Tensor-core core: a block of 4 warps takes 64 weight rows (a warp's m16 tile: rows
+// g and g + 8 of its 16, g = lane / 4) by 32 rows of X (four n8 tiles) over one split; per
+// super-block the 32 rows' planes, d and sq go to shared memory, each lane loads its two
+// weight rows' scales and the code words its A fragments need (Q4_K keeps sub-blocks 2p and
+// 2p + 1 in the low and high nibbles of the same 32 bytes: one word gives both), and per
+// sub-block every n8 tile takes two mma (hi and lo) whose sums fold into T_hi, T_lo.
+extern "C" __global__ void __launch_bounds__(128) gemm15_q4_k(
+    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
+    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
+    int M, int splits, float* __restrict__ part) {
+  __shared__ __align__(16) int8_t shi[G15_TOK * G15_PAD];
+  __shared__ __align__(16) int8_t slo[G15_TOK * G15_PAD];
+  __shared__ float sdx[G15_TOK];
+  __shared__ int ssq[G15_TOK * 8];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+  const int nsb = K / 256;
+  const int per = (nsb + splits - 1) / splits;
+  const int z = blockIdx.z;
+  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
+  const int t0 = blockIdx.y * G15_TOK;
+  const int r0 = blockIdx.x * G15_ROWS + warp * 16 + g, r1 = r0 + 8;
+  const uint8_t* w0 = w + (size_t)min(r0, N - 1) * nsb * 144;  // rows past N: any valid row,
+  const uint8_t* w1 = w + (size_t)min(r1, N - 1) * nsb * 144;  // their results are dropped
+  float y[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
+  for (int j = sb0; j < sb1; ++j) {
+    __syncthreads();  // the previous super-block's planes are read
+    for (int i = threadIdx.x; i < G15_TOK * 16; i += 128) {
+      const int t = i >> 4, c = (i & 15) * 16;
+      int4 h = make_int4(0, 0, 0, 0), l = make_int4(0, 0, 0, 0);
+      if (t0 + t < M) {
+        const size_t src = (size_t)(t0 + t) * K + (size_t)j * 256 + c;
+        h = *reinterpret_cast<const int4*>(xhi + src);
+        l = *reinterpret_cast<const int4*>(xlo + src);
+      }
+      *reinterpret_cast<int4*>(shi + t * G15_PAD + c) = h;
+      *reinterpret_cast<int4*>(slo + t * G15_PAD + c) = l;
+    }
+    if (threadIdx.x < G15_TOK)
+      sdx[threadIdx.x] = t0 + threadIdx.x < M ? xd[(size_t)(t0 + threadIdx.x) * nsb + j] : 0.f;
+    for (int i = threadIdx.x; i < G15_TOK * 8; i += 128)
+      ssq[i] = t0 + (i >> 3) < M ? xsq[(size_t)(t0 + (i >> 3)) * (K / 32) + j * 8 + (i & 7)] : 0;
+    const uint8_t* b0 = w0 + (size_t)j * 144;
+    const uint8_t* b1 = w1 + (size_t)j * 144;
+    const uint4 hd0 = __ldg(reinterpret_cast<const uint4*>(b0));
+    const uint4 hd1 = __ldg(reinterpret_cast<const uint4*>(b1));
+    uint32_t q0[4][2], q1[4][2];  // [pair][k half]: bytes 32p + 16h + 4tg .. + 3 of the codes
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        q0[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b0 + 16 + 32 * p + 16 * h + 4 * tg));
+        q1[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b1 + 16 + 32 * p + 16 * h + 4 * tg));
+      }
+    __syncthreads();
+    const uint8_t* sc0 = reinterpret_cast<const uint8_t*>(&hd0) + 4;
+    const uint8_t* sc1 = reinterpret_cast<const uint8_t*>(&hd1) + 4;
+    int th[4][4], tl[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      int sa, ma, sb, mb;
+      scale_min_k4(sc0, s, sa, ma);
+      scale_min_k4(sc1, s, sb, mb);
+      const int sh = (s & 1) * 4, p = s >> 1;
+      const uint32_t a[4] = {(q0[p][0] >> sh) & 0x0F0F0F0Fu, (q1[p][0] >> sh) & 0x0F0F0F0Fu,
+                             (q0[p][1] >> sh) & 0x0F0F0F0Fu, (q1[p][1] >> sh) & 0x0F0F0F0Fu};
+      const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + s * 32 +
+                           ((lane >> 3) & 1) * 16;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        uint32_t bf[4];
+        ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
+        int dh[4], dl[4];
+        mma_u8s8(dh, a, bf);
+        mma_u8s8(dl, a, bf + 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int sc = e < 2 ? sa : sb;
+          th[nt][e] += sc * dh[e];
+          tl[nt][e] += sc * dl[e];
+        }
+      }
+    }
+    const float ds0 = __half2float(__ushort_as_half((uint16_t)(hd0.x & 0xFFFFu)));
+    const float dm0 = __half2float(__ushort_as_half((uint16_t)(hd0.x >> 16)));
+    const float ds1 = __half2float(__ushort_as_half((uint16_t)(hd1.x & 0xFFFFu)));
+    const float dm1 = __half2float(__ushort_as_half((uint16_t)(hd1.x >> 16)));
+    int m0[8], m1[8];
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      int sc;
+      scale_min_k4(sc0, s, sc, m0[s]);
+      scale_min_k4(sc1, s, sc, m1[s]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = nt * 8 + 2 * tg + (e & 1);
+        const int* mm = e < 2 ? m0 : m1;
+        int u = 0;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) u += mm[s] * ssq[t * 8 + s];
+        y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? ds0 : ds1, e < 2 ? dm0 : dm1, th[nt][e],
+                            tl[nt][e], u);
+      }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
+      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+    }
+}
+
+// y[t][n] = the splits' partials added in order (split 0 first).
+extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,
+                                      float* __restrict__ y) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+  if (n >= N || t >= M) return;
+  float acc = part[(size_t)t * N + n];
+  for (int z = 1; z < splits; ++z) acc = __fadd_rn(acc, part[((size_t)z * M + t) * N + n]);
+  y[(size_t)t * N + n] = acc;
+}

@@ -1,0 +1,91 @@
+"""cuda_src/i15.cu (15-bit activations against Q4_K codes; docs/kernels.md "Integer
+products"): both cores against the NumPy float32 twin that takes the same rounded steps in
+the same order (bit for bit), hence against each other at any row count (batch invariance),
+and against the float64 product (the 15-bit rounding of X only). The same checks run on the
+CPU through tools.kernel_emu (tests/unit/test_i15_emu.py); this file asks the GPU.
+Timing: `python3 -m tools.skinny_sweep --i15 --shapes phi3.gate_up,phi3.o --rows 1,8,64`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from pycuda_arrays import poisoned, upload
+
+from tools.i15 import I15, SKINNY_MAX_ROWS, product_twin, quant_x15
+from tools.synth_blocks import random_matrix
+
+pytestmark = pytest.mark.gpu
+
+Q4_K = 12
+
+
+@pytest.fixture(scope="module")
+def i15(gpu: Any) -> I15:
+    from worker.backends.cuda.compile import load_module
+
+    major, minor = gpu.Context.get_device().compute_capability()
+    return I15(load_module("i15", f"sm_{major}{minor}"))
+
+
+def _case(m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(m * n + k)
+    raw, dense = random_matrix(Q4_K, n, k, rng)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x[0, 7] = 40.0  # an outlier sets its super-block's scale
+    x[-1, 256:512] = 0.0  # an all-zero block
+    return raw, dense, x
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "splits"),
+    [
+        (1, 300, 256, 1),
+        (2, 513, 1024, 2),
+        (7, 1000, 3072, 3),
+        (8, 64, 8192, 4),
+        (33, 200, 3072, 5),
+        (64, 3072, 3072, 2),
+    ],
+)
+def test_both_cores_are_the_twin_bit_for_bit(
+    gpu: Any, i15: I15, m: int, n: int, k: int, splits: int
+) -> None:
+    raw, dense, x = _case(m, n, k)
+    b = i15.buffers(m, k, n, splits)
+    x_dev, w_dev = upload(x), upload(raw)
+    twin = product_twin(raw, x, splits)
+    per = -(-(k // 256) // splits)
+    cores = ["gemm"]
+    if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024:
+        cores.append("skinny")
+    for core in cores:
+        outs = []
+        for _ in range(2):
+            y = poisoned((m, n))
+            i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core)
+            gpu.Context.synchronize()
+            outs.append(y.get())
+        assert outs[0].tobytes() == outs[1].tobytes(), core
+        assert outs[0].tobytes() == twin.tobytes(), (core, np.abs(outs[0] - twin).max())
+    hi, lo, d, sq = quant_x15(x, 256)
+    assert (b["hi"].get() == hi).all() and (b["lo"].get() == lo).all()
+    assert b["d"].get().tobytes() == d.tobytes() and (b["sq"].get() == sq).all()
+    ref = x.astype(np.float64) @ dense.astype(np.float64).T
+    rel = np.linalg.norm(twin - ref) / np.linalg.norm(ref)
+    assert rel < 2e-4, rel  # X to 15 bits a super-block; weights exact
+
+
+def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
+    """Row 5 of a 64-row product (tensor-core core) equals the same row alone (dp4a core)."""
+    n, k, splits = 640, 2048, 2
+    raw, _, x = _case(64, n, k)
+    w_dev = upload(raw)
+    y64 = poisoned((64, n))
+    i15.run(w_dev, upload(x), y64, 64, n, k, splits, i15.buffers(64, k, n, splits))
+    y1 = poisoned((1, n))
+    i15.run(w_dev, upload(x[5:6]), y1, 1, n, k, splits, i15.buffers(1, k, n, splits))
+    gpu.Context.synchronize()
+    assert y64.get()[5].tobytes() == y1.get()[0].tobytes()

@@ -1,0 +1,85 @@
+"""cuda_src/i15.cu run on the CPU (tools.kernel_emu: the kernels compiled with g++, a block's
+threads as OS threads, the warp's mma from the PTX fragment layout): the pre-pass and both
+cores give the twin's bits (tools.i15), so the same rows give the same bits from the dp4a core
+at 1 row and the tensor-core one at 33. tests/gpu/test_i15.py asks the GPU the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tools.i15 import I15, product_twin, quant_x15
+from tools.kernel_emu import load
+from tools.synth_blocks import random_matrix
+
+
+@pytest.fixture(scope="module")
+def i15() -> I15:
+    return I15(load("i15.cu"))
+
+
+def _buffers(m: int, k: int, n: int, splits: int) -> dict[str, Any]:
+    rng = np.random.default_rng(99)  # garbage, as device memory would hold
+    return {
+        key: rng.integers(-100, 100, shape).astype(dt)
+        for key, (shape, dt) in I15.shapes(m, k, n, splits).items()
+    }
+
+
+def _case(m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(m * n + k)
+    raw, _ = random_matrix(12, n, k, rng)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x[0, 7] = 40.0  # an outlier sets its super-block's scale
+    x[-1, 256:512] = 0.0  # an all-zero super-block
+    return raw, x
+
+
+@pytest.mark.parametrize("blk", [32, 256])
+def test_pre_pass_is_the_twin(i15: I15, blk: int) -> None:
+    m, k = 3, 768
+    x = np.random.default_rng(5).standard_normal((m, k), dtype=np.float32)
+    x[1, 300] = -25.0
+    b = _buffers(m, k, 8, 1)
+    d = np.zeros((m, k // blk), np.float32)
+    i15.quant(
+        x, np.int32(m), np.int32(k), np.int32(blk), b["hi"], b["lo"], d, b["sq"],
+        block=(256, 1, 1), grid=(k // 256, m),
+    )  # fmt: skip
+    hi, lo, dd, sq = quant_x15(x, blk)
+    assert np.array_equal(b["hi"], hi) and np.array_equal(b["lo"], lo)
+    assert d.tobytes() == dd.tobytes() and np.array_equal(b["sq"], sq)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "splits", "core"),
+    [
+        (1, 100, 512, 1, "skinny"),
+        (1, 100, 512, 1, "gemm"),
+        (3, 70, 1024, 2, "skinny"),
+        (7, 130, 768, 3, "gemm"),
+        (8, 64, 768, 2, "skinny"),
+        (33, 72, 512, 2, "gemm"),
+    ],
+)
+def test_cores_are_the_twin_bit_for_bit(
+    i15: I15, m: int, n: int, k: int, splits: int, core: str
+) -> None:
+    raw, x = _case(m, n, k)
+    y = np.full((m, n), np.nan, np.float32)
+    i15.run(raw, x, y, m, n, k, splits, _buffers(m, k, n, splits), core=core)
+    twin = product_twin(raw, x, splits)
+    assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
+
+
+def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
+    n, k, splits = 80, 512, 2
+    raw, x = _case(33, n, k)
+    y33 = np.full((33, n), np.nan, np.float32)
+    i15.run(raw, x, y33, 33, n, k, splits, _buffers(33, k, n, splits), core="gemm")
+    y1 = np.full((1, n), np.nan, np.float32)
+    row = np.ascontiguousarray(x[20:21])
+    i15.run(raw, row, y1, 1, n, k, splits, _buffers(1, k, n, splits), core="skinny")
+    assert y33[20].tobytes() == y1[0].tobytes()

@@ -1,0 +1,162 @@
+"""Products on 15-bit activations against Q4_K codes (cuda_src/i15.cu; docs/kernels.md,
+"Integer products"): the launches, and a NumPy float32 twin that takes the kernels' rounded
+steps in the same order, so the two agree bit for bit (tests/gpu/test_i15.py). Timing:
+`python3 -m tools.skinny_sweep --i15 --shapes phi3.gate_up,phi3.o --rows 1,8`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+STEPS = 16256  # 127 * 128: the codes' range
+SKINNY_MAX_ROWS = 8  # cuda_src/i15.cu I15_MAX_ROWS
+GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
+GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
+
+
+# ---------------------------------------------------------------- NumPy twin (float32 steps)
+
+
+def quant_x15(
+    x: np.ndarray, blk: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(hi, lo, d, sq): int8 planes [m, k], d per block of `blk` [m, k / blk], sq per 32."""
+    m, k = x.shape
+    xb = x.reshape(m, k // blk, blk).astype(np.float32)
+    d = (np.abs(xb).max(axis=2) / np.float32(STEPS)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[..., None] > 0, np.rint(xb / d[..., None]), 0).astype(np.int64)
+    q = np.clip(q, -STEPS, STEPS).reshape(m, k)
+    hi = np.rint(q.astype(np.float32) * np.float32(1 / 128)).astype(np.int64)
+    lo = q - 128 * hi
+    return (
+        hi.astype(np.int8),
+        lo.astype(np.int8),
+        d,
+        q.reshape(m, k // 32, 32).sum(axis=2).astype(np.int32),
+    )
+
+
+def q4k_fields(
+    raw: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(d [n, nsb], dmin [n, nsb], sc [n, nsb, 8], m [n, nsb, 8], codes [n, nsb, 8, 32])."""
+    n = raw.shape[0]
+    blk = raw.reshape(n, k // 256, 144)
+    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    s = blk[..., 4:16].astype(np.int64)
+    sc = np.empty((n, k // 256, 8), np.int64)
+    mn = np.empty_like(sc)
+    for j in range(8):
+        if j < 4:
+            sc[..., j] = s[..., j] & 63
+            mn[..., j] = s[..., j + 4] & 63
+        else:
+            sc[..., j] = (s[..., j + 4] & 0xF) | ((s[..., j - 4] >> 6) << 4)
+            mn[..., j] = (s[..., j + 4] >> 4) | ((s[..., j] >> 6) << 4)
+    qs = blk[..., 16:].reshape(n, k // 256, 4, 32).astype(np.int64)
+    codes = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(n, k // 256, 8, 32)
+    return d, dmin, sc, mn, codes
+
+
+def product_twin(raw: np.ndarray, x: np.ndarray, splits: int) -> np.ndarray:
+    """y [m, n] as every core computes it: exact integer sums, then the float32 steps."""
+    m, k = x.shape
+    n = raw.shape[0]
+    nsb = k // 256
+    hi, lo, dx, sq = quant_x15(x, 256)
+    d, dmin, sc, mn, c = q4k_fields(raw, k)
+    hb = hi.reshape(m, nsb, 8, 32).astype(np.int64)
+    lb = lo.reshape(m, nsb, 8, 32).astype(np.int64)
+    th = np.einsum("njs,njsi,tjsi->tnj", sc, c, hb)  # sum over sub-blocks of sc * S_hi
+    tl = np.einsum("njs,njsi,tjsi->tnj", sc, c, lb)
+    u = np.einsum("njs,tjs->tnj", mn, sq.reshape(m, nsb, 8).astype(np.int64))
+    for a in (th, tl, u):
+        assert np.abs(a).max(initial=0) < 2**31  # the kernels' int32
+    f32 = np.float32
+    v = (f32(128) * th.astype(f32)) + tl.astype(f32)
+    wv = (d[None] * v) - (dmin[None] * u.astype(f32))
+    per = -(-nsb // splits)
+    out = None
+    for z in range(splits):
+        y = np.zeros((m, n), f32)
+        for j in range(z * per, min(nsb, (z + 1) * per)):
+            y = y + dx[:, j, None] * wv[:, :, j]
+        out = y if out is None else out + y
+    assert out is not None
+    return out
+
+
+# ---------------------------------------------------------------- launches
+
+
+class I15:
+    """The launches: pre-pass, one of the two cores, split sum. `mod` is the compiled i15
+    module (PyCUDA's, or tools.kernel_emu's with NumPy arrays for buffers)."""
+
+    def __init__(self, mod: Any) -> None:
+        self.quant = mod.get_function("quant_x15")
+        self.skinny = mod.get_function("skinny15_q4_k")
+        self.gemm = mod.get_function("gemm15_q4_k")
+        self.reduce = mod.get_function("i15_reduce")
+
+    @staticmethod
+    def shapes(m: int, k: int, n: int, splits: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return {
+            "hi": ((m, k), np.int8),
+            "lo": ((m, k), np.int8),
+            "d": ((m, k // 256), np.float32),
+            "sq": ((m, k // 32), np.int32),
+            "part": ((splits, m, n), np.float32),
+        }
+
+    def buffers(self, m: int, k: int, n: int, splits: int) -> dict[str, Any]:
+        import pycuda.gpuarray as ga
+
+        return {key: ga.empty(*v) for key, v in self.shapes(m, k, n, splits).items()}
+
+    def run(
+        self,
+        w: Any,
+        x: Any,
+        y: Any,
+        m: int,
+        n: int,
+        k: int,
+        splits: int,
+        b: dict[str, Any],
+        stream: Any = None,
+        core: str = "auto",
+    ) -> None:
+        """y = x w^T by the dp4a core (`core` "skinny", at most 8 rows), the tensor-core one
+        ("gemm"), or "auto": skinny up to 8 rows."""
+        i32 = np.int32
+        if core == "auto":
+            core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
+        self.quant(
+            x, i32(m), i32(k), i32(256), b["hi"], b["lo"], b["d"], b["sq"],
+            block=(256, 1, 1), grid=(k // 256, m), stream=stream,
+        )  # fmt: skip
+        args = (w, i32(n), i32(k), b["hi"], b["lo"], b["d"], b["sq"], i32(m), i32(splits))
+        if core == "skinny":
+            assert m <= SKINNY_MAX_ROWS, m
+            per = -(-(k // 256) // splits)
+            smem = m * per * (512 + 4 + 32)
+            assert smem <= 48 * 1024, smem
+            self.skinny(
+                *args, b["part"], block=(256, 1, 1), grid=((n + 255) // 256, splits),
+                shared=smem, stream=stream,
+            )  # fmt: skip
+        else:
+            self.gemm(
+                *args, b["part"], block=(128, 1, 1),
+                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + GEMM_TOK - 1) // GEMM_TOK, splits),
+                stream=stream,
+            )  # fmt: skip
+        self.reduce(
+            b["part"], i32(n), i32(m), i32(splits), y,
+            block=(256, 1, 1), grid=((n + 255) // 256, m), stream=stream,
+        )  # fmt: skip
