@@ -2,7 +2,7 @@
 // dp4a core for 1-8 rows and an int8 tensor-core core for any row count, giving the same bits.
 //
 // quant_x15: each block of `blk` elements (256 for the K-quants, 32 otherwise) of a row of X
-// becomes d = max|x| / 16256 (fp32) and codes q = rint(x / d) in [-16256, 16256] split into two
+// (row stride ldx) becomes d = max|x| / 16256 (fp32) and codes q = rint(x / d) in [-16256, 16256] split into two
 // int8 planes, q = 128 hi + lo (hi = rint(q / 128), |lo| <= 64); sq = the sum of q of every
 // 32 elements (int32).
 //
@@ -25,7 +25,7 @@ constexpr int G15_PAD = 272;      // gemm15: shared bytes a row of a plane (256 
                                   // conflicts between the 8 rows an n8 fragment reads)
 
 extern "C" __global__ void __launch_bounds__(256) quant_x15(
-    const float* __restrict__ x, int M, int K, int blk, int8_t* __restrict__ hi,
+    const float* __restrict__ x, long long ldx, int M, int K, int blk, int8_t* __restrict__ hi,
     int8_t* __restrict__ lo, float* __restrict__ d, int* __restrict__ sq) {
   __shared__ float wmax[8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -33,7 +33,7 @@ extern "C" __global__ void __launch_bounds__(256) quant_x15(
   const int b = blockIdx.x * 8 + warp, t = blockIdx.y;  // this warp's 32 elements
   const bool live = b < nb;
   const size_t i = (size_t)t * K + (size_t)b * 32 + lane;
-  const float v = live ? x[i] : 0.f;
+  const float v = live ? x[(size_t)t * ldx + (size_t)b * 32 + lane] : 0.f;
   float a = fabsf(v);
 #pragma unroll
   for (int o = 16; o; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));

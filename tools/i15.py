@@ -137,7 +137,7 @@ class I15:
         if core == "auto":
             core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
         self.quant(
-            x, i32(m), i32(k), i32(256), b["hi"], b["lo"], b["d"], b["sq"],
+            x, np.int64(k), i32(m), i32(k), i32(256), b["hi"], b["lo"], b["d"], b["sq"],
             block=(256, 1, 1), grid=(k // 256, m), stream=stream,
         )  # fmt: skip
         args = (w, i32(n), i32(k), b["hi"], b["lo"], b["d"], b["sq"], i32(m), i32(splits))

@@ -89,3 +89,27 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     i15.run(w_dev, upload(x[5:6]), y1, 1, n, k, splits, i15.buffers(1, k, n, splits))
     gpu.Context.synchronize()
     assert y64.get()[5].tobytes() == y1.get()[0].tobytes()
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 64])
+def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int) -> None:
+    """MatmulKernels.linear with int15 on (WORKER_ORCD_INT15=1): a Q4_K product with bias and
+    an in-place residual is the twin's, then the bias, then the residual, bit for bit, at
+    every row count (skinny15 up to 8 rows, gemm15 above)."""
+    from worker.backends.cuda.arena import DevBuf
+    from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
+
+    mm = MatmulKernels()
+    mm.invariant = True
+    mm.int15 = True
+    n, k = 3072, 3072
+    raw, _, x = _case(m, n, k)
+    rng = np.random.default_rng(m)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y0 = rng.standard_normal((m, n)).astype(np.float32)
+    w_dev, x_dev, b_dev, y_dev = upload(raw), upload(x), upload(bias), upload(y0)
+    w = QWeight(int(w_dev.gpudata), Q4_K, n, k, raw.nbytes)
+    mm.linear(w, x_dev, y_dev, m, bias=DevBuf(int(b_dev.gpudata), bias.nbytes), residual=y_dev)
+    gpu.Context.synchronize()
+    want = (product_twin(raw, x, i15_split(w, mm._sms)) + bias) + y0
+    assert y_dev.get().tobytes() == want.tobytes()

@@ -45,7 +45,7 @@ def test_pre_pass_is_the_twin(i15: I15, blk: int) -> None:
     b = _buffers(m, k, 8, 1)
     d = np.zeros((m, k // blk), np.float32)
     i15.quant(
-        x, np.int32(m), np.int32(k), np.int32(blk), b["hi"], b["lo"], d, b["sq"],
+        x, np.int64(k), np.int32(m), np.int32(k), np.int32(blk), b["hi"], b["lo"], d, b["sq"],
         block=(256, 1, 1), grid=(k // 256, m),
     )  # fmt: skip
     hi, lo, dd, sq = quant_x15(x, blk)
@@ -83,3 +83,54 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     row = np.ascontiguousarray(x[20:21])
     i15.run(raw, row, y1, 1, n, k, splits, _buffers(1, k, n, splits), core="skinny")
     assert y33[20].tobytes() == y1[0].tobytes()
+
+
+def _aligned(a: np.ndarray, align: int = 256) -> np.ndarray:
+    raw = np.empty(a.nbytes + align, np.uint8)
+    off = -raw.ctypes.data % align
+    out = raw[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int) -> None:
+    """MatmulKernels.i15's three launches as the worker plans them (x with a row stride,
+    bias, in-place residual into a strided y), run on the CPU: the twin's product, then
+    the bias, then the residual, bit for bit."""
+    from tools import kernel_emu
+    from worker.backends.cuda.arena import DevBuf
+    from worker.backends.cuda.matmul import (
+        QWeight,
+        i15_planes,
+        i15_split,
+        plan_i15,
+        plan_quant_x15,
+        plan_splitk_reduce,
+    )
+
+    n, k = 200, 1280
+    raw, x = _case(m, n, k)
+    w_raw = _aligned(raw)
+    w = QWeight(w_raw.ctypes.data, 12, n, k, w_raw.nbytes)
+    splits = i15_split(w, 132)
+    xs = _aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
+    rng = np.random.default_rng(m)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = _aligned(rng.standard_normal((m, n + 4)).astype(np.float32), 16)  # ldy = n + 4
+    want = y.copy()
+    want[:, :n] = (product_twin(raw, x, splits) + bias) + y[:, :n]
+    planes = _aligned(np.zeros(i15_planes(m, k)[4], np.uint8), 16)
+    part = _aligned(np.zeros((splits, m, n), np.float32), 16)
+
+    def buf(a: np.ndarray) -> DevBuf:
+        return DevBuf(a.ctypes.data, a.nbytes)
+
+    kernel_emu.run(plan_quant_x15(buf(xs), buf(planes), m, k, ldx=k + 8))
+    kernel_emu.run(plan_i15(w, buf(planes), buf(part), m, splits))
+    kernel_emu.run(
+        plan_splitk_reduce(
+            buf(part), splits, m, n, buf(y), bias=buf(bias), residual=buf(y), ldy=n + 4
+        )
+    )
+    assert y.tobytes() == want.tobytes()

@@ -77,8 +77,17 @@ EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
 INT32_MAX = 2**31 - 1
+# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"), Q4_K so far:
+# WORKER_ORCD_INT15=1 sends the batch-invariant Q4_K products through them (A/B runs).
+INT15 = os.environ.get("WORKER_ORCD_INT15", "0") == "1"
+I15_TYPES = (12,)  # Q4_K
+I15_SKINNY_MAX_ROWS = 8  # skinny15's rows (I15_MAX_ROWS in i15.cu)
+I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in shared memory
+I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
+I15_GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
+I15_GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
 
-MODULES = ("gemv", "gemm", "embed", "moe")
+MODULES = ("gemv", "gemm", "embed", "moe", "i15")
 
 # Kernel parameter formats for pycuda's prepare(): P pointer, q int64, i int32.
 _ARG_FORMATS: dict[str, str] = {
@@ -93,6 +102,8 @@ _ARG_FORMATS: dict[str, str] = {
     "moe_gemm": "PqqiiPPPiPqqPPqiiqi",  # + splits, K steps a split, split stride, row tiles
     "moe_skinny_pair": "PqqiiPPPiPqqPPqiiqiPPP",  # moe_gemm's + second tensor, its bias, its y
     "moe_route": "PiiiPPP",
+    "quant_x15": "PqiiiPPPP",
+    "i15": "PiiPPPPiiP",  # skinny15_q4_k and gemm15_q4_k
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
@@ -477,7 +488,7 @@ def plan_splitk_reduce(
     ldy = n if ldy is None else ldy
     pb, yb = as_buf(part), as_buf(y)
     bb, rb = _opt_buf(bias), _opt_buf(residual)
-    _need(kernel, n_split >= 2 and 1 <= m <= MAX_GRID_YZ, f"{n_split} splits, {m} rows")
+    _need(kernel, n_split >= 1 and 1 <= m <= MAX_GRID_YZ, f"{n_split} splits, {m} rows")
     _need(kernel, pb.nbytes >= n_split * m * n * 4, "partials buffer too small")
     yr = _check_f32(kernel, "y", yb, m, n, ldy)
     _disjoint(kernel, (pb.ptr, pb.ptr + n_split * m * n * 4), yr, "partials and y")
@@ -505,6 +516,76 @@ def plan_splitk_reduce(
     )
     grid = (-(-n // 256), m, 1)
     return Launch("gemm", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
+
+
+def i15_split(w: QWeight, sms: int) -> int:
+    """K splits (whole super-blocks) of both 15-bit cores for this shape on this GPU, never a
+    function of the row count (the cores must give the same bits): enough skinny15 blocks
+    (256 weight rows each) for two a multiprocessor, each split no longer than 8 rows' planes
+    can stage in shared memory, and no empty split."""
+    nsb = w.cols // 256
+    per_max = I15_SKINNY_SMEM // (I15_SKINNY_MAX_ROWS * I15_SB_BYTES)
+    want = max(1, -(-2 * sms // -(-w.rows // 256)))
+    per = min(per_max, -(-nsb // min(nsb, want)))
+    return -(-nsb // per)
+
+
+def i15_planes(m: int, k: int) -> tuple[int, int, int, int, int]:
+    """Byte offsets of the planes hi and lo, d, sq and the total bytes of quant_x15's output
+    for m rows of k (16-byte aligned pieces)."""
+    hi, lo = 0, m * k
+    d = -(-2 * m * k // 16) * 16
+    sq = d + -(-4 * m * (k // 256) // 16) * 16
+    return hi, lo, d, sq, sq + 4 * m * (k // 32)
+
+
+def plan_quant_x15(
+    x: BufLike, planes: BufLike, m: int, k: int, *, ldx: int | None = None
+) -> Launch:
+    """The 15-bit activations of x (m rows of k, stride ldx) into `planes` (i15_planes), one
+    scale per 256 elements."""
+    kernel = "quant_x15"
+    ldx = k if ldx is None else ldx
+    _need(kernel, 1 <= m <= MAX_GRID_YZ, f"row count {m} out of range")
+    _need(kernel, 256 <= k <= INT32_MAX and k % 256 == 0, f"row length {k} not a multiple of 256")
+    xb, pb = as_buf(x), as_buf(planes)
+    xr = _check_f32(kernel, "x", xb, m, k, ldx)
+    hi, lo, d, sq, total = i15_planes(m, k)
+    _need(kernel, pb.ptr > 0 and pb.ptr % 16 == 0, "planes pointer null or not 16-byte aligned")
+    _need(kernel, pb.nbytes >= total, f"planes buffer {pb.nbytes} bytes < {total} needed")
+    _disjoint(kernel, xr, (pb.ptr, pb.ptr + total), "x and planes")
+    args = (xb.ptr, ldx, m, k, 256, pb.ptr + hi, pb.ptr + lo, pb.ptr + d, pb.ptr + sq)
+    return Launch("i15", kernel, (k // 256, m, 1), (256, 1, 1), args, _ARG_FORMATS[kernel])
+
+
+def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) -> Launch:
+    """The 15-bit product of w and quant_x15's planes (m rows) into split partials
+    part[splits][m][w.rows] (gemm_splitk_reduce sums them): skinny15 (dp4a) up to 8 rows,
+    gemm15 (tensor cores) above; the same bits either way."""
+    lay = _check_weight("i15", w)
+    kernel = ("skinny15_" if m <= I15_SKINNY_MAX_ROWS else "gemm15_") + lay.name
+    _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
+    _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
+    nsb = w.cols // 256
+    _need(kernel, 1 <= splits <= nsb, f"{splits} splits of {nsb} super-blocks")
+    per = -(-nsb // splits)
+    pb, qb = as_buf(part), as_buf(planes)
+    hi, lo, d, sq, total = i15_planes(m, w.cols)
+    _need(kernel, qb.ptr > 0 and qb.nbytes >= total, f"planes buffer {qb.nbytes} < {total} bytes")
+    need = splits * m * w.rows * 4
+    _need(kernel, pb.ptr > 0 and pb.nbytes >= need, f"partials buffer {pb.nbytes} < {need} bytes")
+    _disjoint(kernel, (qb.ptr, qb.ptr + total), (pb.ptr, pb.ptr + need), "planes and partials")
+    q = qb.ptr
+    args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr)
+    if m <= I15_SKINNY_MAX_ROWS:
+        shared = m * per * I15_SB_BYTES
+        _need(kernel, shared <= I15_SKINNY_SMEM, f"{shared} bytes of shared memory")
+        grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
+    else:
+        shared = 0
+        grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // I15_GEMM_TOK), splits)
+        block = (128, 1, 1)
+    return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
 
 
 def gemm_version(w: QWeight) -> int:
@@ -1015,6 +1096,8 @@ class MatmulKernels:
         self._moe_ws: DevBuf | None = None  # moe_route's workspace (MatmulKernels.moe)
         self._route_gen = 0  # MoeRoute.gen of the latest routing pre-pass
         self._moe_ws_keep: list[Any] = []
+        self._i15_ws: DevBuf | None = None  # quant_x15's planes (_i15_workspace)
+        self.int15 = INT15  # Q4_K products by the 15-bit integer cores (with `invariant`)
         # batch invariance: every row count takes the tensor-core forms (gemm, routed
         # moe_gemm), whose per-row arithmetic does not depend on the other rows, so a row's
         # result is the same in a launch of 1 row or of 256; False lets 1-8 rows take the
@@ -1151,7 +1234,15 @@ class MatmulKernels:
         """gemv for ntok <= 8 (decode, weights read once), tensor-core gemm above; always
         the gemm's arithmetic when `invariant`. The gemm's arithmetic for at most
         SKINNY_MAX_ROWS rows runs as skinny (same bits, one launch)."""
-        if ntok <= GEMV_MAX_TOKENS and not self.invariant:
+        if (
+            self.int15
+            and self.invariant
+            and w.qtype in I15_TYPES
+            and w.experts == 1
+            and not kw.keys() & {"version", "tile_m", "split", "xh"}
+        ):
+            self.i15(w, x, y, ntok, stream=stream, **kw)
+        elif ntok <= GEMV_MAX_TOKENS and not self.invariant:
             self.gemv(w, x, y, ntok, stream=stream, **kw)
         elif (
             ntok <= SKINNY_MAX_ROWS
@@ -1161,6 +1252,44 @@ class MatmulKernels:
             self.skinny(w, x, y, ntok, stream=stream, **kw)
         else:
             self.gemm(w, x, y, ntok, stream=stream, **kw)
+
+    def i15(
+        self,
+        w: QWeight,
+        x: BufLike,
+        y: BufLike,
+        m: int,
+        *,
+        stream: Any = None,
+        bias: BufLike | None = None,
+        residual: BufLike | None = None,
+        ldx: int | None = None,
+        ldy: int | None = None,
+    ) -> None:
+        """y = w x (+ bias) (+ residual) by the 15-bit integer cores: quant_x15, skinny15 or
+        gemm15 into split partials, gemm_splitk_reduce (splits in order, bias, residual)."""
+        splits = i15_split(w, self._sms)
+        planes = self._i15_workspace(i15_planes(m, w.cols)[4])
+        part = self._splitk_workspace(splits * m * w.rows * 4)
+        launches = [
+            plan_quant_x15(x, planes, m, w.cols, ldx=ldx),
+            plan_i15(w, planes, part, m, splits),
+            plan_splitk_reduce(part, splits, m, w.rows, y, bias=bias, residual=residual, ldy=ldy),
+        ]
+        for launch in launches:  # all checked before any is queued
+            self.run(launch, stream)
+
+    def _i15_workspace(self, nbytes: int) -> DevBuf:
+        """quant_x15's planes: grown on demand and kept (queued launches may still read an
+        older one); reserve() sizes it before any capture."""
+        if self._i15_ws is None or self._i15_ws.nbytes < nbytes:
+            import pycuda.driver as drv
+
+            size = 1 << (max(nbytes, 1 << 20) - 1).bit_length()
+            alloc = drv.mem_alloc(size)
+            self._x16_keep.append(alloc)
+            self._i15_ws = DevBuf(int(alloc), size)
+        return self._i15_ws
 
     def skinny(
         self, w: QWeight, x: BufLike, y: BufLike, m: int, *, stream: Any = None, **kw: Any
@@ -1328,6 +1457,13 @@ class MatmulKernels:
         so that no launch allocates (a launch inside a graph capture must not)."""
         self._x16_workspace(max_tokens * max_k * 2)
         parts = [gemm_split(w, self._sms)[0] * w.rows for w in weights if w.experts == 1]
+        if self.int15:
+            self._i15_workspace(i15_planes(max_tokens, -(-max_k // 256) * 256)[4])
+            parts += [
+                i15_split(w, self._sms) * w.rows
+                for w in weights
+                if w.experts == 1 and w.qtype in I15_TYPES
+            ]
         parts += [moe_split(w)[0] * w.rows * topk for w in weights if w.experts > 1]
         if max(parts, default=1) > 1:
             self._splitk_workspace(max_tokens * max(parts) * 4)
