@@ -1,13 +1,14 @@
-// Products on 15-bit activations against Q4_K codes (docs/kernels.md, "Integer products"): a
-// dp4a core for 1-8 rows and an int8 tensor-core core for any row count, giving the same bits.
+// Products on 15-bit activations against Q4_K / Q5_K codes (docs/kernels.md, "Integer
+// products"): a dp4a core for 1-8 rows and an int8 tensor-core core for any row count, giving
+// the same bits.
 //
 // quant_x15: each block of `blk` elements (256 for the K-quants, 32 otherwise) of a row of X
 // (row stride ldx) becomes d = max|x| / 16256 (fp32) and codes q = rint(x / d) in [-16256, 16256] split into two
 // int8 planes, q = 128 hi + lo (hi = rint(q / 128), |lo| <= 64); sq = the sum of q of every
 // 32 elements (int32).
 //
-// Q4_K products, per (row t, weight row n) and super-block of 256 (sub-blocks s of 32 with
-// 6-bit scale sc_s and min m_s, 4-bit codes c):
+// Q4_K / Q5_K products, per (row t, weight row n) and super-block of 256 (sub-blocks s of 32
+// with 6-bit scale sc_s and min m_s, 4- or 5-bit codes c):
 //   S_hi = sum(hi * c), S_lo = sum(lo * c) over sub-block s         (exact int32)
 //   T_hi += sc_s * S_hi, T_lo += sc_s * S_lo, U += m_s * sq_s        (exact int32, < 2^28)
 //   y += d_x * (d * (128 * float(T_hi) + float(T_lo)) - dmin * float(U))
@@ -69,13 +70,37 @@ __device__ __forceinline__ float i15_step(float y, float dx, float dsup, float d
   return __fadd_rn(y, __fmul_rn(dx, w));
 }
 
+// The weight formats: a super-block's bytes, where its 4-bit codes start, and the codes of
+// sub-block s as bytes (k = 4i .. 4i + 3 of the sub-block in word i): Q4_K keeps sub-blocks
+// 2p and 2p + 1 in the low and high nibbles of qs[32p ..]; Q5_K adds bit s of qh[k] as the
+// fifth bit.
+template <int T> struct I15Fmt;
+template <> struct I15Fmt<QT_Q4_K> {
+  static constexpr int BYTES = 144, QS = 16;
+  // word i of sub-block s from the nibble word q (qs bytes 32 (s / 2) + 4i ..) and the qh word
+  // h (qh bytes 4i .. + 3; unused)
+  static __device__ __forceinline__ uint32_t code(uint32_t q, uint32_t, int s) {
+    return (q >> ((s & 1) * 4)) & 0x0F0F0F0Fu;
+  }
+};
+template <> struct I15Fmt<QT_Q5_K> {
+  static constexpr int BYTES = 176, QS = 48;
+  static __device__ __forceinline__ uint32_t code(uint32_t q, uint32_t h, int s) {
+    return ((q >> ((s & 1) * 4)) & 0x0F0F0F0Fu) | (((h >> s) & 0x01010101u) << 4);
+  }
+};
+
 // dp4a core: one thread per (weight row n, split z), the split's planes of every row staged
 // in shared memory: [t][element] hi, then lo, then d per [t][super-block], sq per
 // [t][sub-block]; the host sizes it, M * per * (512 + 4 + 32) bytes.
-extern "C" __global__ void __launch_bounds__(256) skinny15_q4_k(
-    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
-    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
-    int M, int splits, float* __restrict__ part) {
+template <int T>
+__device__ __forceinline__ void skinny15(const uint8_t* __restrict__ w, int N, int K,
+                                         const int8_t* __restrict__ xhi,
+                                         const int8_t* __restrict__ xlo,
+                                         const float* __restrict__ xd,
+                                         const int* __restrict__ xsq, int M, int splits,
+                                         float* __restrict__ part) {
+  using F = I15Fmt<T>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
@@ -105,17 +130,18 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q4_k(
   float y[I15_MAX_ROWS];
 #pragma unroll
   for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
-  const uint8_t* row = w + (size_t)n * nsb * 144;
+  const uint8_t* row = w + (size_t)n * nsb * F::BYTES;
   for (int j = 0; j < nloc; ++j) {
-    const uint8_t* blk = row + (size_t)(sb0 + j) * 144;
-    uint4 raw[9];
+    const uint8_t* blk = row + (size_t)(sb0 + j) * F::BYTES;
+    uint4 raw[F::BYTES / 16];
 #pragma unroll
-    for (int i = 0; i < 9; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(blk) + i);
+    for (int i = 0; i < F::BYTES / 16; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(blk) + i);
     const uint32_t* u = reinterpret_cast<const uint32_t*>(raw);
     const float dsup = __half2float(__ushort_as_half((uint16_t)(u[0] & 0xFFFFu)));
     const float dmin = __half2float(__ushort_as_half((uint16_t)(u[0] >> 16)));
     const uint8_t* sc12 = reinterpret_cast<const uint8_t*>(raw) + 4;
-    const uint32_t* qs = u + 4;  // 128 bytes: pair p of sub-blocks in words 8p..8p+7
+    const uint32_t* qs = u + F::QS / 4;  // 128 bytes: pair p of sub-blocks in words 8p..8p+7
+    const uint32_t* qh = u + 4;          // Q5_K's 32 bytes of fifth bits
     int th[I15_MAX_ROWS], tl[I15_MAX_ROWS], um[I15_MAX_ROWS];
 #pragma unroll
     for (int t = 0; t < I15_MAX_ROWS; ++t) th[t] = tl[t] = um[t] = 0;
@@ -123,10 +149,9 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q4_k(
     for (int s = 0; s < 8; ++s) {
       int sc, mn;
       scale_min_k4(sc12, s, sc, mn);
-      const int sh = (s & 1) * 4;
       uint32_t c[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) c[i] = (qs[8 * (s >> 1) + i] >> sh) & 0x0F0F0F0Fu;
+      for (int i = 0; i < 8; ++i) c[i] = F::code(qs[8 * (s >> 1) + i], qh[i], s);
       const int e0 = j * 256 + s * 32;
 #pragma unroll
       for (int t = 0; t < I15_MAX_ROWS; ++t) {
@@ -165,6 +190,16 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q4_k(
     if (t < M) part[((size_t)z * M + t) * N + n] = y[t];
 }
 
+#define SKINNY15(TY, NAME)                                                                  \
+  extern "C" __global__ void __launch_bounds__(256) skinny15_##NAME(                       \
+      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
+      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    skinny15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                             \
+  }
+SKINNY15(QT_Q4_K, q4_k)
+SKINNY15(QT_Q5_K, q5_k)
+
 // D = A (16 x 32 u8, the weight codes) . B (32 x 8 s8, a plane of X), int32, from zero.
 __device__ __forceinline__ void mma_u8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
 #ifdef KERNEL_EMU
@@ -199,10 +234,13 @@ __device__ __forceinline__ void ldsm_x4(uint32_t b[4], const int8_t* row) {
 // weight rows' scales and the code words its A fragments need (Q4_K keeps sub-blocks 2p and
 // 2p + 1 in the low and high nibbles of the same 32 bytes: one word gives both), and per
 // sub-block every n8 tile takes two mma (hi and lo) whose sums fold into T_hi, T_lo.
-extern "C" __global__ void __launch_bounds__(128) gemm15_q4_k(
-    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
-    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
-    int M, int splits, float* __restrict__ part) {
+template <int T>
+__device__ __forceinline__ void gemm15(const uint8_t* __restrict__ w, int N, int K,
+                                       const int8_t* __restrict__ xhi,
+                                       const int8_t* __restrict__ xlo,
+                                       const float* __restrict__ xd, const int* __restrict__ xsq,
+                                       int M, int splits, float* __restrict__ part) {
+  using F = I15Fmt<T>;
   __shared__ __align__(16) int8_t shi[G15_TOK * G15_PAD];
   __shared__ __align__(16) int8_t slo[G15_TOK * G15_PAD];
   __shared__ float sdx[G15_TOK];
@@ -214,8 +252,8 @@ extern "C" __global__ void __launch_bounds__(128) gemm15_q4_k(
   const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
   const int t0 = blockIdx.y * G15_TOK;
   const int r0 = blockIdx.x * G15_ROWS + warp * 16 + g, r1 = r0 + 8;
-  const uint8_t* w0 = w + (size_t)min(r0, N - 1) * nsb * 144;  // rows past N: any valid row,
-  const uint8_t* w1 = w + (size_t)min(r1, N - 1) * nsb * 144;  // their results are dropped
+  const uint8_t* w0 = w + (size_t)min(r0, N - 1) * nsb * F::BYTES;  // rows past N: any valid
+  const uint8_t* w1 = w + (size_t)min(r1, N - 1) * nsb * F::BYTES;  // row, results dropped
   float y[4][4];
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt)
@@ -238,18 +276,27 @@ extern "C" __global__ void __launch_bounds__(128) gemm15_q4_k(
       sdx[threadIdx.x] = t0 + threadIdx.x < M ? xd[(size_t)(t0 + threadIdx.x) * nsb + j] : 0.f;
     for (int i = threadIdx.x; i < G15_TOK * 8; i += 128)
       ssq[i] = t0 + (i >> 3) < M ? xsq[(size_t)(t0 + (i >> 3)) * (K / 32) + j * 8 + (i & 7)] : 0;
-    const uint8_t* b0 = w0 + (size_t)j * 144;
-    const uint8_t* b1 = w1 + (size_t)j * 144;
+    const uint8_t* b0 = w0 + (size_t)j * F::BYTES;
+    const uint8_t* b1 = w1 + (size_t)j * F::BYTES;
     const uint4 hd0 = __ldg(reinterpret_cast<const uint4*>(b0));
     const uint4 hd1 = __ldg(reinterpret_cast<const uint4*>(b1));
     uint32_t q0[4][2], q1[4][2];  // [pair][k half]: bytes 32p + 16h + 4tg .. + 3 of the codes
+    uint32_t h0[2] = {0u, 0u}, h1[2] = {0u, 0u};  // Q5_K: qh bytes 16h + 4tg .. + 3
 #pragma unroll
     for (int p = 0; p < 4; ++p)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        q0[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b0 + 16 + 32 * p + 16 * h + 4 * tg));
-        q1[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b1 + 16 + 32 * p + 16 * h + 4 * tg));
+        const int o = F::QS + 32 * p + 16 * h + 4 * tg;
+        q0[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b0 + o));
+        q1[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b1 + o));
       }
+    if constexpr (T == QT_Q5_K) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        h0[h] = __ldg(reinterpret_cast<const uint32_t*>(b0 + 16 + 16 * h + 4 * tg));
+        h1[h] = __ldg(reinterpret_cast<const uint32_t*>(b1 + 16 + 16 * h + 4 * tg));
+      }
+    }
     __syncthreads();
     const uint8_t* sc0 = reinterpret_cast<const uint8_t*>(&hd0) + 4;
     const uint8_t* sc1 = reinterpret_cast<const uint8_t*>(&hd1) + 4;
@@ -263,9 +310,9 @@ extern "C" __global__ void __launch_bounds__(128) gemm15_q4_k(
       int sa, ma, sb, mb;
       scale_min_k4(sc0, s, sa, ma);
       scale_min_k4(sc1, s, sb, mb);
-      const int sh = (s & 1) * 4, p = s >> 1;
-      const uint32_t a[4] = {(q0[p][0] >> sh) & 0x0F0F0F0Fu, (q1[p][0] >> sh) & 0x0F0F0F0Fu,
-                             (q0[p][1] >> sh) & 0x0F0F0F0Fu, (q1[p][1] >> sh) & 0x0F0F0F0Fu};
+      const int p = s >> 1;
+      const uint32_t a[4] = {F::code(q0[p][0], h0[0], s), F::code(q1[p][0], h1[0], s),
+                             F::code(q0[p][1], h0[1], s), F::code(q1[p][1], h1[1], s)};
       const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + s * 32 +
                            ((lane >> 3) & 1) * 16;
 #pragma unroll
@@ -315,6 +362,16 @@ extern "C" __global__ void __launch_bounds__(128) gemm15_q4_k(
       if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
     }
 }
+
+#define GEMM15(TY, NAME)                                                                    \
+  extern "C" __global__ void __launch_bounds__(128) gemm15_##NAME(                         \
+      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
+      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    gemm15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                               \
+  }
+GEMM15(QT_Q4_K, q4_k)
+GEMM15(QT_Q5_K, q5_k)
 
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,

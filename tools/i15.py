@@ -1,4 +1,4 @@
-"""Products on 15-bit activations against Q4_K codes (cuda_src/i15.cu; docs/kernels.md,
+"""Products on 15-bit activations against Q4_K / Q5_K codes (cuda_src/i15.cu; docs/kernels.md,
 "Integer products"): the launches, and a NumPy float32 twin that takes the kernels' rounded
 steps in the same order, so the two agree bit for bit (tests/gpu/test_i15.py). Timing:
 `python3 -m tools.skinny_sweep --i15 --shapes phi3.gate_up,phi3.o --rows 1,8`.
@@ -39,12 +39,17 @@ def quant_x15(
     )
 
 
-def q4k_fields(
-    raw: np.ndarray, k: int
+Q4_K, Q5_K = 12, 13
+BYTES = {Q4_K: 144, Q5_K: 176}  # a super-block of 256
+
+
+def k_fields(
+    raw: np.ndarray, k: int, qtype: int = Q4_K
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(d [n, nsb], dmin [n, nsb], sc [n, nsb, 8], m [n, nsb, 8], codes [n, nsb, 8, 32])."""
+    """Q4_K / Q5_K rows as (d [n, nsb], dmin [n, nsb], sc [n, nsb, 8], m [n, nsb, 8],
+    codes [n, nsb, 8, 32]): element l of sub-block s is d*sc*code - dmin*m."""
     n = raw.shape[0]
-    blk = raw.reshape(n, k // 256, 144)
+    blk = raw.reshape(n, k // 256, BYTES[qtype])
     d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     dmin = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     s = blk[..., 4:16].astype(np.int64)
@@ -57,18 +62,21 @@ def q4k_fields(
         else:
             sc[..., j] = (s[..., j + 4] & 0xF) | ((s[..., j - 4] >> 6) << 4)
             mn[..., j] = (s[..., j + 4] >> 4) | ((s[..., j] >> 6) << 4)
-    qs = blk[..., 16:].reshape(n, k // 256, 4, 32).astype(np.int64)
+    qs = blk[..., BYTES[qtype] - 128 :].reshape(n, k // 256, 4, 32).astype(np.int64)
     codes = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(n, k // 256, 8, 32)
+    if qtype == Q5_K:  # bit s of qh[l] is the fifth bit of element l of sub-block s
+        qh = blk[..., 16:48].astype(np.int64)
+        codes = codes | (((qh[..., None, :] >> np.arange(8)[:, None]) & 1) << 4)
     return d, dmin, sc, mn, codes
 
 
-def product_twin(raw: np.ndarray, x: np.ndarray, splits: int) -> np.ndarray:
+def product_twin(raw: np.ndarray, x: np.ndarray, splits: int, qtype: int = Q4_K) -> np.ndarray:
     """y [m, n] as every core computes it: exact integer sums, then the float32 steps."""
     m, k = x.shape
     n = raw.shape[0]
     nsb = k // 256
     hi, lo, dx, sq = quant_x15(x, 256)
-    d, dmin, sc, mn, c = q4k_fields(raw, k)
+    d, dmin, sc, mn, c = k_fields(raw, k, qtype)
     hb = hi.reshape(m, nsb, 8, 32).astype(np.int64)
     lb = lo.reshape(m, nsb, 8, 32).astype(np.int64)
     th = np.einsum("njs,njsi,tjsi->tnj", sc, c, hb)  # sum over sub-blocks of sc * S_hi
@@ -97,10 +105,11 @@ class I15:
     """The launches: pre-pass, one of the two cores, split sum. `mod` is the compiled i15
     module (PyCUDA's, or tools.kernel_emu's with NumPy arrays for buffers)."""
 
-    def __init__(self, mod: Any) -> None:
+    def __init__(self, mod: Any, qtype: int = Q4_K) -> None:
+        name = {Q4_K: "q4_k", Q5_K: "q5_k"}[qtype]
         self.quant = mod.get_function("quant_x15")
-        self.skinny = mod.get_function("skinny15_q4_k")
-        self.gemm = mod.get_function("gemm15_q4_k")
+        self.skinny = mod.get_function(f"skinny15_{name}")
+        self.gemm = mod.get_function(f"gemm15_{name}")
         self.reduce = mod.get_function("i15_reduce")
 
     @staticmethod

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pycuda_arrays import poisoned, upload
 
-from tools.i15 import I15, SKINNY_MAX_ROWS, product_twin, quant_x15
+from tools.i15 import I15, Q5_K, SKINNY_MAX_ROWS, product_twin, quant_x15
 from tools.synth_blocks import random_matrix
 
 pytestmark = pytest.mark.gpu
@@ -30,9 +30,9 @@ def i15(gpu: Any) -> I15:
     return I15(load_module("i15", f"sm_{major}{minor}"))
 
 
-def _case(m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _case(m: int, n: int, k: int, qtype: int = Q4_K) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(m * n + k)
-    raw, dense = random_matrix(Q4_K, n, k, rng)
+    raw, dense = random_matrix(qtype, n, k, rng)
     x = rng.standard_normal((m, k), dtype=np.float32)
     x[0, 7] = 40.0  # an outlier sets its super-block's scale
     x[-1, 256:512] = 0.0  # an all-zero block
@@ -91,8 +91,9 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     assert y64.get()[5].tobytes() == y1.get()[0].tobytes()
 
 
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 64])
-def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int) -> None:
+def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int, qtype: int) -> None:
     """MatmulKernels.linear with int15 on (WORKER_ORCD_INT15=1): a Q4_K product with bias and
     an in-place residual is the twin's, then the bias, then the residual, bit for bit, at
     every row count (skinny15 up to 8 rows, gemm15 above)."""
@@ -103,13 +104,13 @@ def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int) -> None:
     mm.invariant = True
     mm.int15 = True
     n, k = 3072, 3072
-    raw, _, x = _case(m, n, k)
+    raw, _, x = _case(m, n, k, qtype)
     rng = np.random.default_rng(m)
     bias = rng.standard_normal(n).astype(np.float32)
     y0 = rng.standard_normal((m, n)).astype(np.float32)
     w_dev, x_dev, b_dev, y_dev = upload(raw), upload(x), upload(bias), upload(y0)
-    w = QWeight(int(w_dev.gpudata), Q4_K, n, k, raw.nbytes)
+    w = QWeight(int(w_dev.gpudata), qtype, n, k, raw.nbytes)
     mm.linear(w, x_dev, y_dev, m, bias=DevBuf(int(b_dev.gpudata), bias.nbytes), residual=y_dev)
     gpu.Context.synchronize()
-    want = (product_twin(raw, x, i15_split(w, mm._sms)) + bias) + y0
+    want = (product_twin(raw, x, i15_split(w, mm._sms), qtype) + bias) + y0
     assert y_dev.get().tobytes() == want.tobytes()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tools.i15 import I15, product_twin, quant_x15
+from tools.i15 import I15, Q4_K, Q5_K, product_twin, quant_x15
 from tools.kernel_emu import load
 from tools.synth_blocks import random_matrix
 
@@ -18,6 +18,11 @@ from tools.synth_blocks import random_matrix
 @pytest.fixture(scope="module")
 def i15() -> I15:
     return I15(load("i15.cu"))
+
+
+@pytest.fixture(scope="module")
+def i15_q5() -> I15:
+    return I15(load("i15.cu"), Q5_K)
 
 
 def _buffers(m: int, k: int, n: int, splits: int) -> dict[str, Any]:
@@ -28,9 +33,9 @@ def _buffers(m: int, k: int, n: int, splits: int) -> dict[str, Any]:
     }
 
 
-def _case(m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _case(m: int, n: int, k: int, qtype: int = Q4_K) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(m * n + k)
-    raw, _ = random_matrix(12, n, k, rng)
+    raw, _ = random_matrix(qtype, n, k, rng)
     x = rng.standard_normal((m, k), dtype=np.float32)
     x[0, 7] = 40.0  # an outlier sets its super-block's scale
     x[-1, 256:512] = 0.0  # an all-zero super-block
@@ -74,6 +79,16 @@ def test_cores_are_the_twin_bit_for_bit(
     assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
 
 
+@pytest.mark.parametrize(("m", "core"), [(3, "skinny"), (9, "gemm")])
+def test_q5_k_cores_are_the_twin_bit_for_bit(i15_q5: I15, m: int, core: str) -> None:
+    n, k, splits = 72, 768, 2
+    raw, x = _case(m, n, k, Q5_K)
+    y = np.full((m, n), np.nan, np.float32)
+    i15_q5.run(raw, x, y, m, n, k, splits, _buffers(m, k, n, splits), core=core)
+    twin = product_twin(raw, x, splits, Q5_K)
+    assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
+
+
 def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     n, k, splits = 80, 512, 2
     raw, x = _case(33, n, k)
@@ -93,8 +108,8 @@ def _aligned(a: np.ndarray, align: int = 256) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("m", [1, 7, 33])
-def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int) -> None:
+@pytest.mark.parametrize(("m", "qtype"), [(1, Q4_K), (7, Q5_K), (33, Q4_K), (33, Q5_K)])
+def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int, qtype: int) -> None:
     """MatmulKernels.i15's three launches as the worker plans them (x with a row stride,
     bias, in-place residual into a strided y), run on the CPU: the twin's product, then
     the bias, then the residual, bit for bit."""
@@ -110,16 +125,16 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int) -> Non
     )
 
     n, k = 200, 1280
-    raw, x = _case(m, n, k)
+    raw, x = _case(m, n, k, qtype)
     w_raw = _aligned(raw)
-    w = QWeight(w_raw.ctypes.data, 12, n, k, w_raw.nbytes)
+    w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
     splits = i15_split(w, 132)
     xs = _aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
     rng = np.random.default_rng(m)
     bias = rng.standard_normal(n).astype(np.float32)
     y = _aligned(rng.standard_normal((m, n + 4)).astype(np.float32), 16)  # ldy = n + 4
     want = y.copy()
-    want[:, :n] = (product_twin(raw, x, splits) + bias) + y[:, :n]
+    want[:, :n] = (product_twin(raw, x, splits, qtype) + bias) + y[:, :n]
     planes = _aligned(np.zeros(i15_planes(m, k)[4], np.uint8), 16)
     part = _aligned(np.zeros((splits, m, n), np.float32), 16)
 

@@ -5,14 +5,16 @@ the float64 product within the 15-bit rounding of X."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from tools.i15 import STEPS, product_twin, q4k_fields, quant_x15
+from tools.i15 import Q4_K, Q5_K, STEPS, k_fields, product_twin, quant_x15
 from tools.synth_blocks import random_matrix
 
 
-def test_q4k_fields_are_the_dequantization() -> None:
-    raw, dense = random_matrix(12, 40, 1024, np.random.default_rng(0))
-    d, dmin, sc, mn, c = q4k_fields(raw, 1024)
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K])
+def test_fields_are_the_dequantization(qtype: int) -> None:
+    raw, dense = random_matrix(qtype, 40, 1024, np.random.default_rng(0))
+    d, dmin, sc, mn, c = k_fields(raw, 1024, qtype)
     w = (d[..., None, None] * sc[..., None]) * c - (dmin[..., None, None] * mn[..., None])
     assert np.allclose(w.reshape(40, 1024), dense, rtol=1e-6, atol=1e-7)
 
@@ -32,13 +34,14 @@ def test_activation_planes() -> None:
         assert np.abs(q).max() == STEPS  # each row's largest |x| takes the top code
 
 
-def test_twin_product_is_the_float64_product() -> None:
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K])
+def test_twin_product_is_the_float64_product(qtype: int) -> None:
     rng = np.random.default_rng(2)
-    raw, dense = random_matrix(12, 64, 3072, rng)
+    raw, dense = random_matrix(qtype, 64, 3072, rng)
     x = rng.standard_normal((5, 3072), dtype=np.float32)
     ref = x.astype(np.float64) @ dense.astype(np.float64).T
     for splits in (1, 3, 12):
-        y = product_twin(raw, x, splits)
+        y = product_twin(raw, x, splits, qtype)
         assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-4
 
 

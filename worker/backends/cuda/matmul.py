@@ -77,10 +77,10 @@ EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
 INT32_MAX = 2**31 - 1
-# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"), Q4_K so far:
-# WORKER_ORCD_INT15=1 sends the batch-invariant Q4_K products through them (A/B runs).
+# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"), Q4_K and Q5_K
+# so far: WORKER_ORCD_INT15=1 sends the batch-invariant products of those through them (A/B).
 INT15 = os.environ.get("WORKER_ORCD_INT15", "0") == "1"
-I15_TYPES = (12,)  # Q4_K
+I15_TYPES = (12, 13)  # Q4_K, Q5_K
 I15_SKINNY_MAX_ROWS = 8  # skinny15's rows (I15_MAX_ROWS in i15.cu)
 I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in shared memory
 I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
