@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tools.i15 import I15, Q4_K, Q5_K, product_twin, quant_x15
-from tools.kernel_emu import load
+from tools.kernel_emu import aligned, load
 from tools.synth_blocks import random_matrix
 
 
@@ -100,14 +100,6 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     assert y33[20].tobytes() == y1[0].tobytes()
 
 
-def _aligned(a: np.ndarray, align: int = 256) -> np.ndarray:
-    raw = np.empty(a.nbytes + align, np.uint8)
-    off = -raw.ctypes.data % align
-    out = raw[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
 @pytest.mark.parametrize(("m", "qtype"), [(1, Q4_K), (7, Q5_K), (33, Q4_K), (33, Q5_K)])
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int, qtype: int) -> None:
     """MatmulKernels.i15's three launches as the worker plans them (x with a row stride,
@@ -126,17 +118,17 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int, qtype:
 
     n, k = 200, 1280
     raw, x = _case(m, n, k, qtype)
-    w_raw = _aligned(raw)
+    w_raw = aligned(raw)
     w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
     splits = i15_split(w, 132)
-    xs = _aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
+    xs = aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
     rng = np.random.default_rng(m)
     bias = rng.standard_normal(n).astype(np.float32)
-    y = _aligned(rng.standard_normal((m, n + 4)).astype(np.float32), 16)  # ldy = n + 4
+    y = aligned(rng.standard_normal((m, n + 4)).astype(np.float32), 16)  # ldy = n + 4
     want = y.copy()
     want[:, :n] = (product_twin(raw, x, splits, qtype) + bias) + y[:, :n]
-    planes = _aligned(np.zeros(i15_planes(m, k)[4], np.uint8), 16)
-    part = _aligned(np.zeros((splits, m, n), np.float32), 16)
+    planes = aligned(np.zeros(i15_planes(m, k)[4], np.uint8), 16)
+    part = aligned(np.zeros((splits, m, n), np.float32), 16)
 
     def buf(a: np.ndarray) -> DevBuf:
         return DevBuf(a.ctypes.data, a.nbytes)
