@@ -373,6 +373,194 @@ __device__ __forceinline__ void gemm15(const uint8_t* __restrict__ w, int N, int
 GEMM15(QT_Q4_K, q4_k)
 GEMM15(QT_Q5_K, q5_k)
 
+// gemm15p: gemm15's tiles and fragment arithmetic (the same bits), with every global read of a
+// chunk of the split's super-blocks issued at once: the planes, d and sq of the block's 32 rows
+// of X and the raw super-blocks of its 64 weight rows go to dynamic shared memory by cp.async
+// (rows of X past M as zeros), then one wait and one barrier, then the chunk's products from
+// shared memory only. The host gives min(per, 3) chunk slots of G15P_SLOT<T> bytes each.
+template <int T> struct G15P {
+  static constexpr int W = I15Fmt<T>::BYTES;
+  static constexpr int XH = 0, XL = G15_TOK * G15_PAD, WQ = 2 * G15_TOK * G15_PAD;
+  static constexpr int DX = WQ + G15_ROWS * W, SQ = DX + G15_TOK * 4;
+  static constexpr int SLOT = SQ + G15_TOK * 8 * 4;  // a multiple of 16
+};
+
+__device__ __forceinline__ void i15_cp16(void* dst, const void* src, bool valid) {
+#ifdef KERNEL_EMU
+  emu::copy16(dst, src, valid ? 16 : 0);
+#else
+  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void i15_cp_wait_all() {
+#ifndef KERNEL_EMU
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ unsigned i15_dyn_smem() {
+#ifdef KERNEL_EMU
+  return emu::dyn_smem_size();
+#else
+  unsigned v;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(v));
+  return v;
+#endif
+}
+
+template <int T>
+__device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, int K,
+                                        const int8_t* __restrict__ xhi,
+                                        const int8_t* __restrict__ xlo,
+                                        const float* __restrict__ xd,
+                                        const int* __restrict__ xsq, int M, int splits,
+                                        float* __restrict__ part) {
+  using F = I15Fmt<T>;
+  using L = G15P<T>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int slots = (int)(i15_dyn_smem() / L::SLOT);
+  if (slots < 1) __trap();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+  const int nsb = K / 256;
+  const int per = (nsb + splits - 1) / splits;
+  const int z = blockIdx.z;
+  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
+  const int t0 = blockIdx.y * G15_TOK, n0 = blockIdx.x * G15_ROWS;
+  const int lr0 = warp * 16 + g, lr1 = lr0 + 8;  // this lane's weight rows in the tile
+  float y[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
+  for (int c0 = sb0; c0 < sb1; c0 += slots) {
+    const int cn = min(slots, sb1 - c0);
+    if (c0 != sb0) __syncthreads();  // the previous chunk is read
+    for (int c = 0; c < cn; ++c) {
+      uint8_t* sl = smem + c * L::SLOT;
+      const int j = c0 + c;
+      for (int i = threadIdx.x; i < G15_TOK * 16; i += 128) {  // planes: 16 pieces a row
+        const int t = i >> 4, o = (i & 15) * 16;
+        const bool ok = t0 + t < M;
+        const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
+        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, ok);
+        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, ok);
+      }
+      for (int i = threadIdx.x; i < G15_ROWS * (F::BYTES / 16); i += 128) {  // weights
+        const int r = i / (F::BYTES / 16), o = (i % (F::BYTES / 16)) * 16;
+        const size_t src = (size_t)min(n0 + r, N - 1) * nsb * F::BYTES + (size_t)j * F::BYTES + o;
+        i15_cp16(sl + L::WQ + r * F::BYTES + o, w + src, true);
+      }
+      if (threadIdx.x < G15_TOK * 2) {  // sq: two pieces a row
+        const int t = threadIdx.x >> 1, o = (threadIdx.x & 1) * 4;
+        const bool ok = t0 + t < M;
+        i15_cp16(sl + L::SQ + (t * 8 + o) * 4,
+                 xsq + (size_t)(ok ? t0 + t : 0) * (K / 32) + (size_t)j * 8 + o, ok);
+      } else if (threadIdx.x < G15_TOK * 3) {
+        const int t = threadIdx.x - G15_TOK * 2;
+        reinterpret_cast<float*>(sl + L::DX)[t] =
+            t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
+      }
+    }
+    i15_cp_wait_all();
+    __syncthreads();
+    for (int c = 0; c < cn; ++c) {
+      const uint8_t* sl = smem + c * L::SLOT;
+      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + L::XH);
+      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + L::XL);
+      const float* sdx = reinterpret_cast<const float*>(sl + L::DX);
+      const int* ssq = reinterpret_cast<const int*>(sl + L::SQ);
+      const uint8_t* b0 = sl + L::WQ + lr0 * F::BYTES;
+      const uint8_t* b1 = sl + L::WQ + lr1 * F::BYTES;
+      const uint4 hd0 = *reinterpret_cast<const uint4*>(b0);
+      const uint4 hd1 = *reinterpret_cast<const uint4*>(b1);
+      const uint8_t* sc0 = reinterpret_cast<const uint8_t*>(&hd0) + 4;
+      const uint8_t* sc1 = reinterpret_cast<const uint8_t*>(&hd1) + 4;
+      uint32_t h0[2] = {0u, 0u}, h1[2] = {0u, 0u};
+      if constexpr (T == QT_Q5_K) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          h0[h] = *reinterpret_cast<const uint32_t*>(b0 + 16 + 16 * h + 4 * tg);
+          h1[h] = *reinterpret_cast<const uint32_t*>(b1 + 16 + 16 * h + 4 * tg);
+        }
+      }
+      int th[4][4], tl[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        int sa, ma, sb, mb;
+        scale_min_k4(sc0, s, sa, ma);
+        scale_min_k4(sc1, s, sb, mb);
+        const int o = F::QS + 32 * (s >> 1) + 4 * tg;  // k half h at + 16 h
+        const uint32_t a[4] = {F::code(*reinterpret_cast<const uint32_t*>(b0 + o), h0[0], s),
+                               F::code(*reinterpret_cast<const uint32_t*>(b1 + o), h1[0], s),
+                               F::code(*reinterpret_cast<const uint32_t*>(b0 + o + 16), h0[1], s),
+                               F::code(*reinterpret_cast<const uint32_t*>(b1 + o + 16), h1[1], s)};
+        const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + s * 32 +
+                             ((lane >> 3) & 1) * 16;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          uint32_t bf[4];
+          ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
+          int dh[4], dl[4];
+          mma_u8s8(dh, a, bf);
+          mma_u8s8(dl, a, bf + 2);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int sc = e < 2 ? sa : sb;
+            th[nt][e] += sc * dh[e];
+            tl[nt][e] += sc * dl[e];
+          }
+        }
+      }
+      const float ds0 = __half2float(__ushort_as_half((uint16_t)(hd0.x & 0xFFFFu)));
+      const float dm0 = __half2float(__ushort_as_half((uint16_t)(hd0.x >> 16)));
+      const float ds1 = __half2float(__ushort_as_half((uint16_t)(hd1.x & 0xFFFFu)));
+      const float dm1 = __half2float(__ushort_as_half((uint16_t)(hd1.x >> 16)));
+      int m0[8], m1[8];
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        int sc;
+        scale_min_k4(sc0, s, sc, m0[s]);
+        scale_min_k4(sc1, s, sc, m1[s]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = nt * 8 + 2 * tg + (e & 1);
+          int u = 0;
+#pragma unroll
+          for (int s = 0; s < 8; ++s) u += (e < 2 ? m0[s] : m1[s]) * ssq[t * 8 + s];
+          y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? ds0 : ds1, e < 2 ? dm0 : dm1,
+                              th[nt][e], tl[nt][e], u);
+        }
+    }
+  }
+  const int r0 = n0 + lr0, r1 = n0 + lr1;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
+      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+    }
+}
+
+#define GEMM15P(TY, NAME)                                                                   \
+  extern "C" __global__ void __launch_bounds__(128) gemm15p_##NAME(                        \
+      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
+      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    gemm15p<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                              \
+  }
+GEMM15P(QT_Q4_K, q4_k)
+GEMM15P(QT_Q5_K, q5_k)
+
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,
                                       float* __restrict__ y) {

@@ -14,6 +14,13 @@ STEPS = 16256  # 127 * 128: the codes' range
 SKINNY_MAX_ROWS = 8  # cuda_src/i15.cu I15_MAX_ROWS
 GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
 GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
+GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
+
+
+def gemmp_slot(qtype: int) -> int:
+    """Shared bytes of one super-block gemm15p stages (G15P<T>::SLOT): both planes of its 32
+    rows of X (rows of 272 bytes), its 64 weight rows' raw super-blocks, d and sq."""
+    return 2 * GEMM_TOK * 272 + GEMM_ROWS * BYTES[qtype] + GEMM_TOK * 4 + GEMM_TOK * 8 * 4
 
 
 # ---------------------------------------------------------------- NumPy twin (float32 steps)
@@ -110,7 +117,17 @@ class I15:
         self.quant = mod.get_function("quant_x15")
         self.skinny = mod.get_function(f"skinny15_{name}")
         self.gemm = mod.get_function(f"gemm15_{name}")
+        self.gemmp = mod.get_function(f"gemm15p_{name}")
+        self.qtype = qtype
         self.reduce = mod.get_function("i15_reduce")
+        if hasattr(self.gemm, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
+            # the largest shared-memory carveout (the context prefers L1, which leaves room for
+            # fewer blocks an SM) and gemm15p's dynamic shared memory above 48 KB
+            from worker.backends.cuda.matmul import _allow_dynamic_shared, _prefer_shared
+
+            for fn in (self.quant, self.skinny, self.gemm, self.gemmp, self.reduce):
+                _prefer_shared(fn)
+            _allow_dynamic_shared(self.gemmp, "gemm15p", GEMMP_SLOTS * gemmp_slot(qtype))
 
     @staticmethod
     def shapes(m: int, k: int, n: int, splits: int) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -141,7 +158,8 @@ class I15:
         core: str = "auto",
     ) -> None:
         """y = x w^T by the dp4a core (`core` "skinny", at most 8 rows), the tensor-core one
-        ("gemm"), or "auto": skinny up to 8 rows."""
+        ("gemm"), the same staged through shared memory ("gemmp"), or "auto": skinny up to
+        8 rows."""
         i32 = np.int32
         if core == "auto":
             core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
@@ -158,6 +176,13 @@ class I15:
             self.skinny(
                 *args, b["part"], block=(256, 1, 1), grid=((n + 255) // 256, splits),
                 shared=smem, stream=stream,
+            )  # fmt: skip
+        elif core == "gemmp":
+            per = -(-(k // 256) // splits)
+            self.gemmp(
+                *args, b["part"], block=(128, 1, 1),
+                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + GEMM_TOK - 1) // GEMM_TOK, splits),
+                shared=min(per, GEMMP_SLOTS) * gemmp_slot(self.qtype), stream=stream,
             )  # fmt: skip
         else:
             self.gemm(

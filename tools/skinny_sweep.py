@@ -113,8 +113,9 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
 def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes: int) -> None:
     """The same for the 15-bit integer product (cuda_src/i15.cu, Q4_K shapes): its three
     launches (activation pre-pass, product, split sum) a product, by the dp4a core
-    (`i15s`, up to 8 rows, where the split's planes fit 48 KiB of shared memory) and by the
-    tensor-core one (`i15g`, any row count)."""
+    (`i15s`, up to 8 rows, where the split's planes fit 48 KiB of shared memory), by the
+    tensor-core one (`i15g`, any row count) and by the same staged through shared memory
+    (`i15gp`)."""
     import pycuda.gpuarray as ga
 
     from tools.i15 import I15, SKINNY_MAX_ROWS
@@ -135,7 +136,7 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
         for split in sorted({s for s in wants if s <= nsb}):
             b = i15.buffers(m, k, n, split)
             fits = m * -(-nsb // split) * (512 + 4 + 32) <= 48 * 1024
-            for core in ("skinny", "gemm"):
+            for core in ("skinny", "gemm", "gemmp"):
                 if core == "skinny" and (m > SKINNY_MAX_ROWS or not fits):
                     continue
                 steps: list[Callable[[], None]] = [
@@ -143,7 +144,7 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
                 ]
                 us = _time(ctx, steps)
                 gbs = raw.nbytes / us / 1e3
-                label = f"{name} i15{core[0]}"
+                label = f"{name} i15{core[0]}{core[4:]}"
                 print(f"{label:16s} {m:4d} {split:3d}  {us:8.2f} {gbs:7.1f}", flush=True)
         x.gpudata.free()
         y.gpudata.free()

@@ -58,7 +58,7 @@ def test_both_cores_are_the_twin_bit_for_bit(
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits)
     per = -(-(k // 256) // splits)
-    cores = ["gemm"]
+    cores = ["gemm", "gemmp"]
     if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024:
         cores.append("skinny")
     for core in cores:
@@ -95,15 +95,20 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     assert y64.get()[5].tobytes() == y1.get()[0].tobytes()
 
 
+@pytest.mark.parametrize("gemm", ["gemm15", "gemm15p"])
 @pytest.mark.parametrize("qtype", [Q4_K, Q5_K])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 64])
-def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int, qtype: int) -> None:
+def test_worker_linear_takes_the_integer_cores(
+    gpu: Any, m: int, qtype: int, gemm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """MatmulKernels.linear with int15 on (WORKER_ORCD_INT15=1): a Q4_K product with bias and
     an in-place residual is the twin's, then the bias, then the residual, bit for bit, at
     every row count (skinny15 up to 8 rows, gemm15 above)."""
+    from worker.backends.cuda import matmul
     from worker.backends.cuda.arena import DevBuf
     from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
 
+    monkeypatch.setattr(matmul, "I15_GEMM", gemm)
     mm = MatmulKernels()
     mm.invariant = True
     mm.int15 = True

@@ -67,6 +67,9 @@ def test_pre_pass_is_the_twin(i15: I15, blk: int) -> None:
         (7, 130, 768, 3, "gemm"),
         (8, 64, 768, 2, "skinny"),
         (33, 72, 512, 2, "gemm"),
+        (1, 100, 512, 1, "gemmp"),
+        (7, 130, 768, 3, "gemmp"),
+        (33, 72, 2048, 1, "gemmp"),  # 8 super-blocks: three chunks of up to 3
     ],
 )
 def test_cores_are_the_twin_bit_for_bit(
@@ -79,7 +82,7 @@ def test_cores_are_the_twin_bit_for_bit(
     assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
 
 
-@pytest.mark.parametrize(("m", "core"), [(3, "skinny"), (9, "gemm")])
+@pytest.mark.parametrize(("m", "core"), [(3, "skinny"), (9, "gemm"), (9, "gemmp")])
 def test_q5_k_cores_are_the_twin_bit_for_bit(i15_q5: I15, m: int, core: str) -> None:
     n, k, splits = 72, 768, 2
     raw, x = _case(m, n, k, Q5_K)
@@ -100,12 +103,25 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     assert y33[20].tobytes() == y1[0].tobytes()
 
 
-@pytest.mark.parametrize(("m", "qtype"), [(1, Q4_K), (7, Q5_K), (33, Q4_K), (33, Q5_K)])
-def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int, qtype: int) -> None:
+@pytest.mark.parametrize(
+    ("m", "qtype", "gemm"),
+    [
+        (1, Q4_K, "gemm15"),
+        (7, Q5_K, "gemm15"),
+        (33, Q4_K, "gemm15"),
+        (33, Q5_K, "gemm15"),
+        (33, Q4_K, "gemm15p"),
+        (33, Q5_K, "gemm15p"),
+    ],
+)
+def test_the_worker_launches_give_the_twin_with_bias_and_residual(
+    m: int, qtype: int, gemm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """MatmulKernels.i15's three launches as the worker plans them (x with a row stride,
     bias, in-place residual into a strided y), run on the CPU: the twin's product, then
     the bias, then the residual, bit for bit."""
     from tools import kernel_emu
+    from worker.backends.cuda import matmul
     from worker.backends.cuda.arena import DevBuf
     from worker.backends.cuda.matmul import (
         QWeight,
@@ -116,6 +132,7 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(m: int, qtype:
         plan_splitk_reduce,
     )
 
+    monkeypatch.setattr(matmul, "I15_GEMM", gemm)  # the tensor-core core above 8 rows
     n, k = 200, 1280
     raw, x = _case(m, n, k, qtype)
     w_raw = aligned(raw)

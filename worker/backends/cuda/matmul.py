@@ -86,6 +86,10 @@ I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in 
 I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
 I15_GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
 I15_GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
+# the tensor-core core above 8 rows: gemm15, or gemm15p (a chunk of the split's super-blocks
+# staged in shared memory by one burst of cp.async); WORKER_ORCD_I15_GEMM picks (A/B)
+I15_GEMM = os.environ.get("WORKER_ORCD_I15_GEMM", "gemm15")
+I15_GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
 
 MODULES = ("gemv", "gemm", "embed", "moe", "i15")
 
@@ -563,7 +567,7 @@ def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) ->
     part[splits][m][w.rows] (gemm_splitk_reduce sums them): skinny15 (dp4a) up to 8 rows,
     gemm15 (tensor cores) above; the same bits either way."""
     lay = _check_weight("i15", w)
-    kernel = ("skinny15_" if m <= I15_SKINNY_MAX_ROWS else "gemm15_") + lay.name
+    kernel = ("skinny15_" if m <= I15_SKINNY_MAX_ROWS else I15_GEMM + "_") + lay.name
     _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
     _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
     nsb = w.cols // 256
@@ -583,6 +587,9 @@ def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) ->
         grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
     else:
         shared = 0
+        if I15_GEMM == "gemm15p":  # G15P<T>::SLOT bytes a staged super-block
+            slot = 2 * I15_GEMM_TOK * 272 + I15_GEMM_ROWS * lay.block_bytes + I15_GEMM_TOK * 36
+            shared = min(per, I15_GEMMP_SLOTS) * slot
         grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // I15_GEMM_TOK), splits)
         block = (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
