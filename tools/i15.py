@@ -46,8 +46,8 @@ def quant_x15(
     )
 
 
-Q4_K, Q5_K = 12, 13
-BYTES = {Q4_K: 144, Q5_K: 176}  # a super-block of 256
+Q4_K, Q5_K, Q6_K = 12, 13, 14
+BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}  # a super-block of 256
 
 
 def k_fields(
@@ -77,18 +77,41 @@ def k_fields(
     return d, dmin, sc, mn, codes
 
 
+def q6_k_fields(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K rows as (d [n, nsb], sc [n, nsb, 16] int8 scales, codes [n, nsb, 16, 16] signed
+    q - 32): element l of sub-block s (16 wide) is d*sc*code."""
+    n = raw.shape[0]
+    blk = raw.reshape(n, k // 256, 210)
+    ql = blk[..., 0:128].astype(np.int64).reshape(n, -1, 2, 2, 32)  # [half][ql +0/+32][l]
+    qh = blk[..., 128:192].astype(np.int64).reshape(n, -1, 2, 32)  # [half][l]
+    sc = blk[..., 192:208].copy().view(np.int8).astype(np.int64)
+    d = blk[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = np.empty((n, k // 256, 2, 4, 32), np.int64)  # [half][r][l]: element 128h + 32r + l
+    for r in range(4):
+        nib = (ql[:, :, :, r & 1, :] >> (4 * (r >> 1))) & 0xF
+        q[:, :, :, r, :] = nib | (((qh >> (2 * r)) & 3) << 4)
+    return d, sc, (q - 32).reshape(n, k // 256, 16, 16)
+
+
 def product_twin(raw: np.ndarray, x: np.ndarray, splits: int, qtype: int = Q4_K) -> np.ndarray:
-    """y [m, n] as every core computes it: exact integer sums, then the float32 steps."""
+    """y [m, n] as every core computes it: exact integer sums, then the float32 steps
+    (Q6_K: no minimum, so dmin = 0 and U = 0, and the step is d·(128·T_hi + T_lo))."""
     m, k = x.shape
     n = raw.shape[0]
     nsb = k // 256
     hi, lo, dx, sq = quant_x15(x, 256)
-    d, dmin, sc, mn, c = k_fields(raw, k, qtype)
-    hb = hi.reshape(m, nsb, 8, 32).astype(np.int64)
-    lb = lo.reshape(m, nsb, 8, 32).astype(np.int64)
+    if qtype == Q6_K:
+        d, sc, c = q6_k_fields(raw, k)
+        dmin, sb = np.zeros_like(d), 16
+        u = np.zeros((m, n, nsb), np.int64)
+    else:
+        d, dmin, sc, mn, c = k_fields(raw, k, qtype)
+        sb = 8
+        u = np.einsum("njs,tjs->tnj", mn, sq.reshape(m, nsb, 8).astype(np.int64))
+    hb = hi.reshape(m, nsb, sb, 256 // sb).astype(np.int64)
+    lb = lo.reshape(m, nsb, sb, 256 // sb).astype(np.int64)
     th = np.einsum("njs,njsi,tjsi->tnj", sc, c, hb)  # sum over sub-blocks of sc * S_hi
     tl = np.einsum("njs,njsi,tjsi->tnj", sc, c, lb)
-    u = np.einsum("njs,tjs->tnj", mn, sq.reshape(m, nsb, 8).astype(np.int64))
     for a in (th, tl, u):
         assert np.abs(a).max(initial=0) < 2**31  # the kernels' int32
     f32 = np.float32

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tools.i15 import Q4_K, Q5_K, STEPS, k_fields, product_twin, quant_x15
+from tools.i15 import Q4_K, Q5_K, Q6_K, STEPS, k_fields, product_twin, q6_k_fields, quant_x15
 from tools.synth_blocks import random_matrix
 
 
@@ -16,6 +16,14 @@ def test_fields_are_the_dequantization(qtype: int) -> None:
     raw, dense = random_matrix(qtype, 40, 1024, np.random.default_rng(0))
     d, dmin, sc, mn, c = k_fields(raw, 1024, qtype)
     w = (d[..., None, None] * sc[..., None]) * c - (dmin[..., None, None] * mn[..., None])
+    assert np.allclose(w.reshape(40, 1024), dense, rtol=1e-6, atol=1e-7)
+
+
+def test_q6_k_fields_are_the_dequantization() -> None:
+    raw, dense = random_matrix(Q6_K, 40, 1024, np.random.default_rng(0))
+    d, sc, c = q6_k_fields(raw, 1024)
+    assert c.min() >= -32 and c.max() <= 31 and sc.min() < 0 < sc.max()
+    w = (d[..., None, None] * sc[..., None]) * c
     assert np.allclose(w.reshape(40, 1024), dense, rtol=1e-6, atol=1e-7)
 
 
@@ -34,7 +42,7 @@ def test_activation_planes() -> None:
         assert np.abs(q).max() == STEPS  # each row's largest |x| takes the top code
 
 
-@pytest.mark.parametrize("qtype", [Q4_K, Q5_K])
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q6_K])
 def test_twin_product_is_the_float64_product(qtype: int) -> None:
     rng = np.random.default_rng(2)
     raw, dense = random_matrix(qtype, 64, 3072, rng)
