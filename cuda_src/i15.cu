@@ -561,6 +561,258 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
 GEMM15P(QT_Q4_K, q4_k)
 GEMM15P(QT_Q5_K, q5_k)
 
+// ---- Q6_K: 210-byte blocks (2-byte aligned): ql[128], qh[64], int8 scales[16], fp16 d.
+// Element 32G + l of a super-block (32-group G = 4h + r, l < 32) is d * sc[2G + l / 16] *
+// (q - 32), q = nibble r >> 1 of ql[64h + 32(r & 1) + l] | bits 2r, 2r + 1 of qh[32h + l] << 4.
+// No minimum: the float step is i15_step with dmin = 0 and U = 0 (d * v - 0 = d * v exactly).
+// The codes are signed (q - 32), so the products are s8 x s8 and the sub-blocks 16 wide: each
+// half of an m16n8k32 A fragment is one sub-block, taken by an mma with the other half zero.
+
+// bytes 4i .. 4i + 3 of the codes of 32-group G from the ql and qh words at element 4i, as
+// signed bytes q - 32 (q < 64: + 96 never carries, ^ 128 then wraps to q - 32)
+__device__ __forceinline__ uint32_t q6_codes(uint32_t ql, uint32_t qh, int r) {
+  const uint32_t q =
+      ((ql >> (4 * (r >> 1))) & 0x0F0F0F0Fu) | (((qh >> (2 * r)) & 0x03030303u) << 4);
+  return (q + 0x60606060u) ^ 0x80808080u;
+}
+__device__ __forceinline__ int q6_ql_byte(int G, int l) { return 64 * (G >> 2) + 32 * (G & 1) + l; }
+__device__ __forceinline__ int q6_qh_byte(int G, int l) { return 128 + 32 * (G >> 2) + l; }
+
+// D = A (16 x 32 s8) . B (32 x 8 s8), int32, from zero.
+__device__ __forceinline__ void mma_s8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef KERNEL_EMU
+  const int c[4] = {0, 0, 0, 0};
+  emu::mma_m16n8k32<true, true>(d, a, b, c);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+#endif
+}
+
+// dp4a core for Q6_K: skinny15's staging and threads; a thread reads its block as the 53
+// aligned words that cover it (the last as 16 bits when the block is 4-byte aligned, so no
+// byte past the block is read) and shifts each word it uses into place.
+extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
+    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
+    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
+    int M, int splits, float* __restrict__ part) {
+  extern __shared__ __align__(16) uint8_t q6smem[];
+  const int nsb = K / 256;
+  const int per = (nsb + splits - 1) / splits;
+  const int z = blockIdx.y;
+  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
+  const int nloc = max(0, sb1 - sb0);
+  const int kloc = nloc * 256;
+  int8_t* shi = reinterpret_cast<int8_t*>(q6smem);
+  int8_t* slo = shi + M * per * 256;
+  float* sd = reinterpret_cast<float*>(slo + M * per * 256);
+  for (int t = 0; t < M; ++t) {  // the layout skinny15 stages (its sq part unused here)
+    const size_t src = (size_t)t * K + (size_t)sb0 * 256;
+    for (int e = threadIdx.x * 16; e < kloc; e += 256 * 16) {
+      *reinterpret_cast<int4*>(shi + t * per * 256 + e) =
+          *reinterpret_cast<const int4*>(xhi + src + e);
+      *reinterpret_cast<int4*>(slo + t * per * 256 + e) =
+          *reinterpret_cast<const int4*>(xlo + src + e);
+    }
+    for (int b = threadIdx.x; b < nloc; b += 256) sd[t * per + b] = xd[(size_t)t * nsb + sb0 + b];
+  }
+  __syncthreads();
+  const int n = blockIdx.x * 256 + threadIdx.x;
+  if (n >= N) return;
+  float y[I15_MAX_ROWS];
+#pragma unroll
+  for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
+  const uint8_t* row = w + (size_t)n * nsb * 210;
+  for (int j = 0; j < nloc; ++j) {
+    const uint8_t* blk = row + (size_t)(sb0 + j) * 210;
+    const uint32_t* a = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(blk) & ~(uintptr_t)3);
+    const unsigned sh = (unsigned)(reinterpret_cast<uintptr_t>(blk) & 3) * 8;  // 0 or 16
+    uint32_t u[53];
+#pragma unroll
+    for (int i = 0; i < 52; ++i) u[i] = __ldg(a + i);
+    u[52] = sh ? __ldg(a + 52) : (uint32_t)__ldg(reinterpret_cast<const uint16_t*>(a + 52));
+    const float d = __half2float(__ushort_as_half((uint16_t)(u[52] >> sh)));
+    int th[I15_MAX_ROWS], tl[I15_MAX_ROWS];
+#pragma unroll
+    for (int t = 0; t < I15_MAX_ROWS; ++t) th[t] = tl[t] = 0;
+#pragma unroll
+    for (int s = 0; s < 16; ++s) {  // sub-blocks of 16: group G = s / 2, its half s & 1
+      const int G = s >> 1, l0 = 16 * (s & 1);
+      const uint32_t scw = __funnelshift_r(u[48 + s / 4], u[49 + s / 4], sh);
+      const int sc = (int)(int8_t)(scw >> (8 * (s & 3)));
+      uint32_t c[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int bl = q6_ql_byte(G, l0 + 4 * i) / 4, bh = q6_qh_byte(G, l0 + 4 * i) / 4;
+        c[i] = q6_codes(__funnelshift_r(u[bl], u[bl + 1], sh), __funnelshift_r(u[bh], u[bh + 1], sh),
+                        G & 3);
+      }
+      const int e0 = j * 256 + s * 16;
+#pragma unroll
+      for (int t = 0; t < I15_MAX_ROWS; ++t) {
+        if (t >= M) break;
+        const int4 h = *reinterpret_cast<const int4*>(shi + t * per * 256 + e0);
+        const int4 l = *reinterpret_cast<const int4*>(slo + t * per * 256 + e0);
+        int sh_ = __dp4a((int)c[0], h.x, 0), sl_ = __dp4a((int)c[0], l.x, 0);
+        sh_ = __dp4a((int)c[1], h.y, sh_);
+        sh_ = __dp4a((int)c[2], h.z, sh_);
+        sh_ = __dp4a((int)c[3], h.w, sh_);
+        sl_ = __dp4a((int)c[1], l.y, sl_);
+        sl_ = __dp4a((int)c[2], l.z, sl_);
+        sl_ = __dp4a((int)c[3], l.w, sl_);
+        th[t] += sc * sh_;
+        tl[t] += sc * sl_;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < I15_MAX_ROWS; ++t)
+      if (t < M) y[t] = i15_step(y[t], sd[t * per + j], d, 0.f, th[t], tl[t], 0);
+  }
+#pragma unroll
+  for (int t = 0; t < I15_MAX_ROWS; ++t)
+    if (t < M) part[((size_t)z * M + t) * N + n] = y[t];
+}
+
+// gemm15p for Q6_K: the same tiles and staging, a weight row's block staged as its 16-byte
+// aligned cover (14 pieces into a 240-byte row: rows 60 words apart, so the 8 rows of a
+// fragment fall in distinct banks), each word read as two aligned words shifted into place.
+constexpr int Q6P_ROW = 240;
+constexpr int Q6P_XH = 0, Q6P_XL = G15_TOK * G15_PAD, Q6P_WQ = 2 * G15_TOK * G15_PAD;
+constexpr int Q6P_DX = Q6P_WQ + G15_ROWS * Q6P_ROW;
+constexpr int Q6P_SLOT = Q6P_DX + G15_TOK * 4;  // a multiple of 16
+
+__device__ __forceinline__ uint32_t q6p_word(const uint8_t* rowp, int off, int b) {
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(rowp + ((off + b) & ~3));
+  return __funnelshift_r(p[0], p[1], (unsigned)(off & 3) * 8);
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
+    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
+    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
+    int M, int splits, float* __restrict__ part) {
+  extern __shared__ __align__(16) uint8_t q6smem[];
+  const int slots = (int)(i15_dyn_smem() / Q6P_SLOT);
+  if (slots < 1) __trap();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+  const int nsb = K / 256;
+  const int per = (nsb + splits - 1) / splits;
+  const int z = blockIdx.z;
+  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
+  const int t0 = blockIdx.y * G15_TOK, n0 = blockIdx.x * G15_ROWS;
+  const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
+  float y[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
+  for (int c0 = sb0; c0 < sb1; c0 += slots) {
+    const int cn = min(slots, sb1 - c0);
+    if (c0 != sb0) __syncthreads();  // the previous chunk is read
+    for (int c = 0; c < cn; ++c) {
+      uint8_t* sl = q6smem + c * Q6P_SLOT;
+      const int j = c0 + c;
+      for (int i = threadIdx.x; i < G15_TOK * 16; i += 128) {
+        const int t = i >> 4, o = (i & 15) * 16;
+        const bool ok = t0 + t < M;
+        const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
+        i15_cp16(sl + Q6P_XH + t * G15_PAD + o, xhi + src, ok);
+        i15_cp16(sl + Q6P_XL + t * G15_PAD + o, xlo + src, ok);
+      }
+      for (int i = threadIdx.x; i < G15_ROWS * 14; i += 128) {
+        const int r = i / 14, o = (i % 14) * 16;
+        const uint8_t* b = w + (size_t)min(n0 + r, N - 1) * nsb * 210 + (size_t)j * 210;
+        const uint8_t* a16 = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) & ~(uintptr_t)15);
+        i15_cp16(sl + Q6P_WQ + r * Q6P_ROW + o, a16 + o, true);
+      }
+      if (threadIdx.x < G15_TOK) {
+        const int t = threadIdx.x;
+        reinterpret_cast<float*>(sl + Q6P_DX)[t] =
+            t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
+      }
+    }
+    i15_cp_wait_all();
+    __syncthreads();
+    for (int c = 0; c < cn; ++c) {
+      const uint8_t* sl = q6smem + c * Q6P_SLOT;
+      const int j = c0 + c;
+      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + Q6P_XH);
+      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + Q6P_XL);
+      const float* sdx = reinterpret_cast<const float*>(sl + Q6P_DX);
+      // this lane's two rows: their blocks' offsets in the staged covers
+      const size_t e0 = (size_t)min(n0 + lr0, N - 1) * nsb * 210 + (size_t)j * 210;
+      const size_t e1 = (size_t)min(n0 + lr1, N - 1) * nsb * 210 + (size_t)j * 210;
+      const int off0 = (int)((reinterpret_cast<uintptr_t>(w) + e0) & 15);
+      const int off1 = (int)((reinterpret_cast<uintptr_t>(w) + e1) & 15);
+      const uint8_t* p0 = sl + Q6P_WQ + lr0 * Q6P_ROW;
+      const uint8_t* p1 = sl + Q6P_WQ + lr1 * Q6P_ROW;
+      int th[4][4], tl[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
+#pragma unroll
+      for (int G = 0; G < 8; ++G) {
+        const uint32_t s0 = q6p_word(p0, off0, 192 + (G / 2) * 4);  // scales 4(G/2) ..
+        const uint32_t s1 = q6p_word(p1, off1, 192 + (G / 2) * 4);
+        const int sh8 = 16 * (G & 1);                               // 2G, 2G + 1 in the word
+        const int sa0 = (int)(int8_t)(s0 >> sh8), sb0_ = (int)(int8_t)(s0 >> (sh8 + 8));
+        const int sa1 = (int)(int8_t)(s1 >> sh8), sb1_ = (int)(int8_t)(s1 >> (sh8 + 8));
+        uint32_t a[2][4];  // [half][fragment]: half 0 = sub-block 2G, 1 = 2G + 1
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int l = 16 * h + 4 * tg;
+          const uint32_t c0w = q6_codes(q6p_word(p0, off0, q6_ql_byte(G, l)),
+                                        q6p_word(p0, off0, q6_qh_byte(G, l)), G & 3);
+          const uint32_t c1w = q6_codes(q6p_word(p1, off1, q6_ql_byte(G, l)),
+                                        q6p_word(p1, off1, q6_qh_byte(G, l)), G & 3);
+          a[h][0] = h == 0 ? c0w : 0u;
+          a[h][1] = h == 0 ? c1w : 0u;
+          a[h][2] = h == 1 ? c0w : 0u;
+          a[h][3] = h == 1 ? c1w : 0u;
+        }
+        const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + G * 32 +
+                             ((lane >> 3) & 1) * 16;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          uint32_t bf[4];
+          ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
+          int dh0[4], dl0[4], dh1[4], dl1[4];
+          mma_s8s8(dh0, a[0], bf);
+          mma_s8s8(dl0, a[0], bf + 2);
+          mma_s8s8(dh1, a[1], bf);
+          mma_s8s8(dl1, a[1], bf + 2);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int sa = e < 2 ? sa0 : sa1, sb = e < 2 ? sb0_ : sb1_;
+            th[nt][e] += sa * dh0[e] + sb * dh1[e];
+            tl[nt][e] += sa * dl0[e] + sb * dl1[e];
+          }
+        }
+      }
+      const float d0 = __half2float(__ushort_as_half((uint16_t)q6p_word(p0, off0, 208)));
+      const float d1 = __half2float(__ushort_as_half((uint16_t)q6p_word(p1, off1, 208)));
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = nt * 8 + 2 * tg + (e & 1);
+          y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? d0 : d1, 0.f, th[nt][e], tl[nt][e], 0);
+        }
+    }
+  }
+  const int r0 = n0 + lr0, r1 = n0 + lr1;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
+      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+    }
+}
+
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,
                                       float* __restrict__ y) {

@@ -18,9 +18,13 @@ GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
 
 
 def gemmp_slot(qtype: int) -> int:
-    """Shared bytes of one super-block gemm15p stages (G15P<T>::SLOT): both planes of its 32
-    rows of X (rows of 272 bytes), its 64 weight rows' raw super-blocks, d and sq."""
-    return 2 * GEMM_TOK * 272 + GEMM_ROWS * BYTES[qtype] + GEMM_TOK * 4 + GEMM_TOK * 8 * 4
+    """Shared bytes of one super-block gemm15p stages (G15P<T>::SLOT, Q6P_SLOT): both planes
+    of its 32 rows of X (rows of 272 bytes), its 64 weight rows' raw super-blocks (Q6_K: their
+    16-byte aligned covers in rows of 240 bytes), d, and sq (not for Q6_K)."""
+    planes = 2 * GEMM_TOK * 272
+    if qtype == Q6_K:
+        return planes + GEMM_ROWS * 240 + GEMM_TOK * 4
+    return planes + GEMM_ROWS * BYTES[qtype] + GEMM_TOK * 4 + GEMM_TOK * 8 * 4
 
 
 # ---------------------------------------------------------------- NumPy twin (float32 steps)
@@ -136,11 +140,12 @@ class I15:
     module (PyCUDA's, or tools.kernel_emu's with NumPy arrays for buffers)."""
 
     def __init__(self, mod: Any, qtype: int = Q4_K) -> None:
-        name = {Q4_K: "q4_k", Q5_K: "q5_k"}[qtype]
+        name = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}[qtype]
         self.quant = mod.get_function("quant_x15")
         self.skinny = mod.get_function(f"skinny15_{name}")
-        self.gemm = mod.get_function(f"gemm15_{name}")
         self.gemmp = mod.get_function(f"gemm15p_{name}")
+        # Q6_K has only the staged tensor-core core
+        self.gemm = self.gemmp if qtype == Q6_K else mod.get_function(f"gemm15_{name}")
         self.qtype = qtype
         self.reduce = mod.get_function("i15_reduce")
         if hasattr(self.gemm, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
@@ -200,7 +205,7 @@ class I15:
                 *args, b["part"], block=(256, 1, 1), grid=((n + 255) // 256, splits),
                 shared=smem, stream=stream,
             )  # fmt: skip
-        elif core == "gemmp":
+        elif core == "gemmp" or self.gemm is self.gemmp:
             per = -(-(k // 256) // splits)
             self.gemmp(
                 *args, b["part"], block=(128, 1, 1),

@@ -111,7 +111,7 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
 
 
 def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes: int) -> None:
-    """The same for the 15-bit integer product (cuda_src/i15.cu, Q4_K shapes): its three
+    """The same for the 15-bit integer product (cuda_src/i15.cu, the K-quant shapes): its three
     launches (activation pre-pass, product, split sum) a product, by the dp4a core
     (`i15s`, up to 8 rows, where the split's planes fit 48 KiB of shared memory), by the
     tensor-core one (`i15g`, any row count) and by the same staged through shared memory
@@ -124,11 +124,11 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
 
     rng = np.random.default_rng(0)
     n, k, qtype = SHAPES[name]
-    if qtype != 12:
+    if qtype not in (12, 13, 14) or k % 256:
         return
     raw, _ = random_matrix(qtype, n, k, rng)
     copies = [ga.to_gpu(raw) for _ in range(max(2, -(-l2_bytes // raw.nbytes)))]
-    i15 = I15(load_module("i15", ctx.facts.arch))
+    i15 = I15(load_module("i15", ctx.facts.arch), qtype)
     nsb = k // 256
     for m in rows:
         x = ga.to_gpu(rng.standard_normal((m, k)).astype(np.float32))
@@ -138,6 +138,8 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
             fits = m * -(-nsb // split) * (512 + 4 + 32) <= 48 * 1024
             for core in ("skinny", "gemm", "gemmp"):
                 if core == "skinny" and (m > SKINNY_MAX_ROWS or not fits):
+                    continue
+                if core == "gemm" and i15.gemm is i15.gemmp:  # Q6_K: the staged core only
                     continue
                 steps: list[Callable[[], None]] = [
                     partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core) for c in copies

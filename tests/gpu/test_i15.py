@@ -1,4 +1,4 @@
-"""cuda_src/i15.cu (15-bit activations against Q4_K codes; docs/kernels.md "Integer
+"""cuda_src/i15.cu (15-bit activations against K-quant codes; docs/kernels.md "Integer
 products"): both cores against the NumPy float32 twin that takes the same rounded steps in
 the same order (bit for bit), hence against each other at any row count (batch invariance),
 and against the float64 product (the 15-bit rounding of X only). The same checks run on the
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pycuda_arrays import poisoned, upload
 
-from tools.i15 import I15, Q5_K, SKINNY_MAX_ROWS, product_twin, quant_x15
+from tools.i15 import I15, Q5_K, Q6_K, SKINNY_MAX_ROWS, product_twin, quant_x15
 from tools.synth_blocks import random_matrix
 
 pytestmark = pytest.mark.gpu
@@ -82,6 +82,30 @@ def test_both_cores_are_the_twin_bit_for_bit(
     assert rel < 1e-6, rel
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k", "splits"),
+    [(1, 301, 3072, 4), (8, 77, 8192, 16), (33, 3072, 3072, 2), (64, 1001, 2048, 1)],
+)
+def test_q6_k_cores_are_the_twin_bit_for_bit(gpu: Any, m: int, n: int, k: int, splits: int) -> None:
+    """Q6_K's blocks (210 bytes) start at every even offset mod 16: both cores against the
+    twin (the staged core's 1-3 chunks at 64 rows, 8 super-blocks in one split)."""
+    from worker.backends.cuda.compile import load_module
+
+    major, minor = gpu.Context.get_device().compute_capability()
+    i15 = I15(load_module("i15", f"sm_{major}{minor}"), Q6_K)
+    raw, _, x = _case(m, n, k, Q6_K)
+    b = i15.buffers(m, k, n, splits)
+    x_dev, w_dev = upload(x), upload(raw)
+    twin = product_twin(raw, x, splits, Q6_K)
+    per = -(-(k // 256) // splits)
+    cores = ["gemmp"] + (["skinny"] if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024 else [])
+    for core in cores:
+        y = poisoned((m, n))
+        i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core)
+        gpu.Context.synchronize()
+        assert y.get().tobytes() == twin.tobytes(), core
+
+
 def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     """Row 5 of a 64-row product (tensor-core core) equals the same row alone (dp4a core)."""
     n, k, splits = 640, 2048, 2
@@ -96,12 +120,12 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
 
 
 @pytest.mark.parametrize("gemm", ["gemm15", "gemm15p"])
-@pytest.mark.parametrize("qtype", [Q4_K, Q5_K])
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q6_K])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 64])
 def test_worker_linear_takes_the_integer_cores(
     gpu: Any, m: int, qtype: int, gemm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MatmulKernels.linear with int15 on (WORKER_ORCD_INT15=1): a Q4_K product with bias and
+    """MatmulKernels.linear with int15 on (WORKER_ORCD_INT15=1): a K-quant product with bias and
     an in-place residual is the twin's, then the bias, then the residual, bit for bit, at
     every row count (skinny15 up to 8 rows, gemm15 above)."""
     from worker.backends.cuda import matmul

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tools.i15 import I15, Q4_K, Q5_K, product_twin, quant_x15
+from tools.i15 import I15, Q4_K, Q5_K, Q6_K, product_twin, quant_x15
 from tools.kernel_emu import aligned, load
 from tools.synth_blocks import random_matrix
 
@@ -92,6 +92,34 @@ def test_q5_k_cores_are_the_twin_bit_for_bit(i15_q5: I15, m: int, core: str) -> 
     assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
 
 
+@pytest.fixture(scope="module")
+def i15_q6() -> I15:
+    return I15(load("i15.cu"), Q6_K)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "splits", "core"),
+    [
+        (1, 70, 512, 1, "skinny"),
+        (8, 66, 768, 2, "skinny"),
+        (1, 70, 512, 1, "gemmp"),
+        (9, 130, 768, 3, "gemmp"),
+        (33, 66, 2048, 1, "gemmp"),  # 8 super-blocks: three chunks of up to 3
+    ],
+)
+def test_q6_k_cores_are_the_twin_bit_for_bit(
+    i15_q6: I15, m: int, n: int, k: int, splits: int, core: str
+) -> None:
+    """Q6_K's 210-byte blocks start at every even offset mod 16 along a row (odd n: rows
+    too), which both cores' word shifts must follow."""
+    raw, x = _case(m, n, k, Q6_K)
+    w = aligned(raw)
+    y = np.full((m, n), np.nan, np.float32)
+    i15_q6.run(w, x, y, m, n, k, splits, _buffers(m, k, n, splits), core=core)
+    twin = product_twin(raw, x, splits, Q6_K)
+    assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
+
+
 def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     n, k, splits = 80, 512, 2
     raw, x = _case(33, n, k)
@@ -112,6 +140,8 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
         (33, Q5_K, "gemm15"),
         (33, Q4_K, "gemm15p"),
         (33, Q5_K, "gemm15p"),
+        (5, Q6_K, "gemm15"),
+        (33, Q6_K, "gemm15"),  # Q6_K takes gemm15p whatever I15_GEMM says
     ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(

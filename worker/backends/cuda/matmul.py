@@ -77,10 +77,12 @@ EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
 INT32_MAX = 2**31 - 1
-# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"), Q4_K and Q5_K
-# so far: WORKER_ORCD_INT15=1 sends the batch-invariant products of those through them (A/B).
+# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products") of the
+# K-quants: WORKER_ORCD_INT15=1 sends the batch-invariant products of those through them (A/B).
 INT15 = os.environ.get("WORKER_ORCD_INT15", "0") == "1"
-I15_TYPES = (12, 13)  # Q4_K, Q5_K
+# Q4_K, Q5_K, and Q6_K unless WORKER_ORCD_I15_Q6K=0 (A/B)
+I15_TYPES = (12, 13, 14) if os.environ.get("WORKER_ORCD_I15_Q6K", "1") == "1" else (12, 13)
+I15_Q6_K = 14
 I15_SKINNY_MAX_ROWS = 8  # skinny15's rows (I15_MAX_ROWS in i15.cu)
 I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in shared memory
 I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
@@ -567,7 +569,8 @@ def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) ->
     part[splits][m][w.rows] (gemm_splitk_reduce sums them): skinny15 (dp4a) up to 8 rows,
     gemm15 (tensor cores) above; the same bits either way."""
     lay = _check_weight("i15", w)
-    kernel = ("skinny15_" if m <= I15_SKINNY_MAX_ROWS else I15_GEMM + "_") + lay.name
+    gemm = "gemm15p" if w.qtype == I15_Q6_K else I15_GEMM  # Q6_K: only the staged core
+    kernel = ("skinny15_" if m <= I15_SKINNY_MAX_ROWS else gemm + "_") + lay.name
     _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
     _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
     nsb = w.cols // 256
@@ -587,8 +590,12 @@ def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) ->
         grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
     else:
         shared = 0
-        if I15_GEMM == "gemm15p":  # G15P<T>::SLOT bytes a staged super-block
-            slot = 2 * I15_GEMM_TOK * 272 + I15_GEMM_ROWS * lay.block_bytes + I15_GEMM_TOK * 36
+        if gemm == "gemm15p":  # G15P<T>::SLOT (Q6P_SLOT) bytes a staged super-block
+            planes = 2 * I15_GEMM_TOK * 272
+            if w.qtype == I15_Q6_K:  # 16-byte aligned covers of the blocks, no sq
+                slot = planes + I15_GEMM_ROWS * 240 + I15_GEMM_TOK * 4
+            else:
+                slot = planes + I15_GEMM_ROWS * lay.block_bytes + I15_GEMM_TOK * 36
             shared = min(per, I15_GEMMP_SLOTS) * slot
         grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // I15_GEMM_TOK), splits)
         block = (128, 1, 1)
@@ -1104,7 +1111,7 @@ class MatmulKernels:
         self._route_gen = 0  # MoeRoute.gen of the latest routing pre-pass
         self._moe_ws_keep: list[Any] = []
         self._i15_ws: DevBuf | None = None  # quant_x15's planes (_i15_workspace)
-        self.int15 = INT15  # Q4_K products by the 15-bit integer cores (with `invariant`)
+        self.int15 = INT15  # K-quant products by the 15-bit integer cores (with `invariant`)
         # batch invariance: every row count takes the tensor-core forms (gemm, routed
         # moe_gemm), whose per-row arithmetic does not depend on the other rows, so a row's
         # result is the same in a launch of 1 row or of 256; False lets 1-8 rows take the
@@ -1246,6 +1253,7 @@ class MatmulKernels:
             and self.invariant
             and w.qtype in I15_TYPES
             and w.experts == 1
+            and w.cols % 256 == 0
             and not kw.keys() & {"version", "tile_m", "split", "xh"}
         ):
             self.i15(w, x, y, ntok, stream=stream, **kw)
