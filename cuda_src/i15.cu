@@ -385,15 +385,18 @@ template <int T> struct G15P {
   static constexpr int SLOT = SQ + G15_TOK * 8 * 4;  // a multiple of 16
 };
 
-__device__ __forceinline__ void i15_cp16(void* dst, const void* src, bool valid) {
+// 16 bytes to shared memory by cp.async, of which the first n are read (the rest zeros)
+__device__ __forceinline__ void i15_cpn(void* dst, const void* src, int n) {
 #ifdef KERNEL_EMU
-  emu::copy16(dst, src, valid ? 16 : 0);
+  emu::copy16(dst, src, n);
 #else
   const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src),
-               "r"(valid ? 16 : 0)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(n)
                : "memory");
 #endif
+}
+__device__ __forceinline__ void i15_cp16(void* dst, const void* src, bool valid) {
+  i15_cpn(dst, src, valid ? 16 : 0);
 }
 __device__ __forceinline__ void i15_cp_wait_all() {
 #ifndef KERNEL_EMU
@@ -678,7 +681,8 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
 
 // gemm15p for Q6_K: the same tiles and staging, a weight row's block staged as its 16-byte
 // aligned cover (14 pieces into a 240-byte row: rows 60 words apart, so the 8 rows of a
-// fragment fall in distinct banks), each word read as two aligned words shifted into place.
+// fragment fall in distinct banks; the last piece reads only the block's bytes), each word
+// read as two aligned words shifted into place.
 constexpr int Q6P_ROW = 240;
 constexpr int Q6P_XH = 0, Q6P_XL = G15_TOK * G15_PAD, Q6P_WQ = 2 * G15_TOK * G15_PAD;
 constexpr int Q6P_DX = Q6P_WQ + G15_ROWS * Q6P_ROW;
@@ -725,7 +729,8 @@ extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
         const int r = i / 14, o = (i % 14) * 16;
         const uint8_t* b = w + (size_t)min(n0 + r, N - 1) * nsb * 210 + (size_t)j * 210;
         const uint8_t* a16 = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) & ~(uintptr_t)15);
-        i15_cp16(sl + Q6P_WQ + r * Q6P_ROW + o, a16 + o, true);
+        const int left = (int)(b + 210 - (a16 + o));  // block bytes from this piece on
+        i15_cpn(sl + Q6P_WQ + r * Q6P_ROW + o, a16 + o, max(0, min(16, left)));
       }
       if (threadIdx.x < G15_TOK) {
         const int t = threadIdx.x;
