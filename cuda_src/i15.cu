@@ -818,6 +818,301 @@ extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
     }
 }
 
+// ---- Q4_0 / Q5_0 / Q8_0: blocks of 32 (18 / 22 / 34 bytes, 2-byte aligned), an fp16 step d
+// at bytes 0-1, value d * (q - off): Q4_0 q = nibble (elements 0-15 the low nibbles of qs[16]
+// at byte 2, 16-31 the high ones), off 8; Q5_0 the same at byte 6 with bit l of the 32-bit
+// qh at byte 2 as element l's fifth bit, off 16; Q8_0 q = the int8 at byte 2 + l, off 0.
+// X is scaled per 32 (quant_x15 with blk 32). Per (row t, weight row n, block b):
+//   V = sum((q - off) * (128 hi + lo)) = 128 S_hi + S_lo (exact int32, < 2^27)
+//   y += dx * (d * float(V))
+// as separately rounded float steps, blocks in K order within a split (whole chunks of 8
+// blocks), splits added in order. The dp4a core takes the unsigned codes and subtracts
+// off * sq (sq = the sum of the block's 15-bit X codes); the tensor-core core makes the codes
+// signed: the same integer V.
+template <int T> struct I15Leg;
+template <> struct I15Leg<QT_Q4_0> {
+  static constexpr int BYTES = 18, OFF = 8;
+  static constexpr int PITCH = 176;  // staged cover row: 160 bytes (8 blocks + 14) + 16
+};
+template <> struct I15Leg<QT_Q5_0> {
+  static constexpr int BYTES = 22, OFF = 16;
+  static constexpr int PITCH = 208;  // 192 + 16
+};
+template <> struct I15Leg<QT_Q8_0> {
+  static constexpr int BYTES = 34, OFF = 0;
+  static constexpr int PITCH = 304;  // 288 + 16
+};
+constexpr int I15_CHUNK = 8;  // blocks of 32 a chunk
+
+// bits 0-3 of x to bit 4 of bytes 0-3 (Q5_0's fifth bits of four elements)
+__device__ __forceinline__ uint32_t i15_spread4(uint32_t x) {
+  return (((x & 0xFu) * 0x00204081u) & 0x01010101u) << 4;
+}
+
+// Unsigned codes of elements 4i .. 4i + 3 of a block (one byte each, 0 .. 31; Q8_0's int8
+// as they are), from get(q) = the block's bytes q .. q + 3 (q even).
+template <int T, class Get>
+__device__ __forceinline__ uint32_t i15_leg_codes(const Get& get, int i) {
+  if constexpr (T == QT_Q8_0) {
+    return get(2 + 4 * i);
+  } else if constexpr (T == QT_Q4_0) {
+    return (get(2 + 4 * (i & 3)) >> (4 * (i >> 2))) & 0x0F0F0F0Fu;
+  } else {
+    return ((get(6 + 4 * (i & 3)) >> (4 * (i >> 2))) & 0x0F0F0F0Fu) | i15_spread4(get(2) >> (4 * i));
+  }
+}
+// the same, signed (q - off per byte: + 0x80 - off never carries, ^ 0x80 wraps to q - off)
+template <int T>
+__device__ __forceinline__ uint32_t i15_leg_signed(uint32_t u) {
+  if constexpr (I15Leg<T>::OFF == 0) return u;
+  return (u + (0x80u - I15Leg<T>::OFF) * 0x01010101u) ^ 0x80808080u;
+}
+
+// bytes pos .. pos + 3 of a 4-byte aligned shared row, pos even: two aligned words shifted
+__device__ __forceinline__ uint32_t i15_sword(const uint8_t* rowp, int pos) {
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(rowp + (pos & ~3));
+  return __funnelshift_r(p[0], p[1], (unsigned)(pos & 3) * 8);
+}
+
+// The float step of one block (the same expression in every core).
+__device__ __forceinline__ float i15_step32(float y, float dx, float dw, int v) {
+  return __fadd_rn(y, __fmul_rn(dx, __fmul_rn(dw, __int2float_rn(v))));
+}
+
+// Blocks of 32 a split: whole chunks, as even as they go (tools/i15.py legacy_split_blocks).
+__device__ __forceinline__ int i15_leg_per(int nb, int splits) {
+  const int chunks = (nb + I15_CHUNK - 1) / I15_CHUNK;
+  return I15_CHUNK * ((chunks + splits - 1) / splits);
+}
+
+// dp4a core: a warp takes 4 weight rows, 8 lanes a row, lane l the blocks 8c + l of the split
+// (consecutive lanes read consecutive blocks of a row); each lane reads its block as the
+// (BYTES + 2) / 4 aligned words covering it (the last as 16 bits when the block is 4-byte
+// aligned, so no byte past it) and takes its products with every row of X; then each row's
+// 8 lanes add their block terms in block order by shuffles (every lane of the 8 the same
+// chain). A block of 8 warps takes 32 weight rows.
+template <int T>
+__device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, int K,
+                                          const int8_t* __restrict__ xhi,
+                                          const int8_t* __restrict__ xlo,
+                                          const float* __restrict__ xd,
+                                          const int* __restrict__ xsq, int M, int splits,
+                                          float* __restrict__ part) {
+  using F = I15Leg<T>;
+  constexpr int NW = (F::BYTES + 2) / 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, l8 = lane & 7;
+  const int nb = K / 32;
+  const int per = i15_leg_per(nb, splits);
+  const int z = blockIdx.y;
+  const int b0 = min(nb, z * per), b1 = min(nb, b0 + per);
+  const int n = blockIdx.x * 32 + warp * 4 + (lane >> 3);
+  const uint8_t* row = w + (size_t)min(n, N - 1) * nb * F::BYTES;  // rows past N: any valid
+  float y[I15_MAX_ROWS];                                            // row, results dropped
+#pragma unroll
+  for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
+  for (int c = b0; c < b1; c += I15_CHUNK) {
+    const int b = c + l8;
+    float wv[I15_MAX_ROWS] = {};
+    if (b < b1) {
+      const uint8_t* blk = row + (size_t)b * F::BYTES;
+      const uint32_t* a =
+          reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(blk) & ~(uintptr_t)3);
+      const unsigned o8 = (unsigned)(reinterpret_cast<uintptr_t>(blk) & 3) * 8;  // 0 or 16
+      uint32_t u[NW];
+#pragma unroll
+      for (int i = 0; i < NW - 1; ++i) u[i] = __ldg(a + i);
+      u[NW - 1] = o8 ? __ldg(a + NW - 1)
+                     : (uint32_t)__ldg(reinterpret_cast<const uint16_t*>(a + NW - 1));
+      const auto get = [&](int q) {
+        return __funnelshift_rc(u[q >> 2], u[(q >> 2) + 1], 8 * (q & 3) + o8);
+      };
+      const float dw = __half2float(__ushort_as_half((uint16_t)get(0)));
+      uint32_t cw[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) cw[i] = i15_leg_codes<T>(get, i);
+#pragma unroll
+      for (int t = 0; t < I15_MAX_ROWS; ++t) {
+        if (t >= M) break;
+        const int4* ph = reinterpret_cast<const int4*>(xhi + (size_t)t * K + (size_t)b * 32);
+        const int4* pl = reinterpret_cast<const int4*>(xlo + (size_t)t * K + (size_t)b * 32);
+        const int4 h0 = __ldg(ph), h1 = __ldg(ph + 1), l0 = __ldg(pl), l1 = __ldg(pl + 1);
+        int sh_ = __dp4a((int)cw[0], h0.x, 0), sl_ = __dp4a((int)cw[0], l0.x, 0);
+        sh_ = __dp4a((int)cw[1], h0.y, sh_);
+        sh_ = __dp4a((int)cw[2], h0.z, sh_);
+        sh_ = __dp4a((int)cw[3], h0.w, sh_);
+        sh_ = __dp4a((int)cw[4], h1.x, sh_);
+        sh_ = __dp4a((int)cw[5], h1.y, sh_);
+        sh_ = __dp4a((int)cw[6], h1.z, sh_);
+        sh_ = __dp4a((int)cw[7], h1.w, sh_);
+        sl_ = __dp4a((int)cw[1], l0.y, sl_);
+        sl_ = __dp4a((int)cw[2], l0.z, sl_);
+        sl_ = __dp4a((int)cw[3], l0.w, sl_);
+        sl_ = __dp4a((int)cw[4], l1.x, sl_);
+        sl_ = __dp4a((int)cw[5], l1.y, sl_);
+        sl_ = __dp4a((int)cw[6], l1.z, sl_);
+        sl_ = __dp4a((int)cw[7], l1.w, sl_);
+        int v = 128 * sh_ + sl_;
+        if constexpr (F::OFF != 0) v -= F::OFF * __ldg(xsq + (size_t)t * nb + b);
+        wv[t] = __fmul_rn(__ldg(xd + (size_t)t * nb + b), __fmul_rn(dw, __int2float_rn(v)));
+      }
+    }
+    const int cnt = min(I15_CHUNK, b1 - c);  // the same for every lane of the warp
+    for (int i = 0; i < cnt; ++i) {
+      const int src = (lane & ~7) + i;
+#pragma unroll
+      for (int t = 0; t < I15_MAX_ROWS; ++t) {
+        if (t >= M) break;
+        y[t] = __fadd_rn(y[t], __shfl_sync(0xffffffffu, wv[t], src));
+      }
+    }
+  }
+  if (n < N && l8 == 0) {
+#pragma unroll
+    for (int t = 0; t < I15_MAX_ROWS; ++t)
+      if (t < M) part[((size_t)z * M + t) * N + n] = y[t];
+  }
+}
+
+#define SKINNY15L(TY, NAME)                                                                 \
+  extern "C" __global__ void __launch_bounds__(256) skinny15_##NAME(                       \
+      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
+      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    skinny15l<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                            \
+  }
+SKINNY15L(QT_Q4_0, q4_0)
+SKINNY15L(QT_Q5_0, q5_0)
+SKINNY15L(QT_Q8_0, q8_0)
+
+// gemm15p for the legacy formats: gemm15p's tiles, one chunk of up to 8 blocks a slot: both
+// planes of the 32 rows of X, each weight row's 8 blocks as their 16-byte aligned cover (the
+// last piece by cp.async's source size, so no byte past the blocks is read) in rows of PITCH
+// bytes, and dx [32][8]. A lane's A fragment words are read as two aligned shared words
+// shifted into place, made signed, and each block takes two mma (hi, lo) an n8 tile and one
+// float step an output.
+template <int T> struct G15L {
+  static constexpr int XH = 0, XL = G15_TOK * G15_PAD, WQ = 2 * G15_TOK * G15_PAD;
+  static constexpr int DX = WQ + G15_ROWS * I15Leg<T>::PITCH;
+  static constexpr int SLOT = DX + G15_TOK * I15_CHUNK * 4;  // a multiple of 16
+};
+
+template <int T>
+__device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, int K,
+                                         const int8_t* __restrict__ xhi,
+                                         const int8_t* __restrict__ xlo,
+                                         const float* __restrict__ xd, int M, int splits,
+                                         float* __restrict__ part) {
+  using F = I15Leg<T>;
+  using L = G15L<T>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int slots = (int)(i15_dyn_smem() / L::SLOT);
+  if (slots < 1) __trap();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+  const int nb = K / 32;
+  const int per = i15_leg_per(nb, splits);
+  const int z = blockIdx.z;
+  const int b0 = min(nb, z * per), b1 = min(nb, b0 + per);
+  const int t0 = blockIdx.y * G15_TOK, n0 = blockIdx.x * G15_ROWS;
+  const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
+  const size_t rowb = (size_t)nb * F::BYTES;
+  float y[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
+  for (int c0 = b0; c0 < b1; c0 += slots * I15_CHUNK) {
+    const int cn = min(slots, (b1 - c0 + I15_CHUNK - 1) / I15_CHUNK);
+    if (c0 != b0) __syncthreads();  // the previous chunks are read
+    for (int c = 0; c < cn; ++c) {
+      uint8_t* sl = smem + c * L::SLOT;
+      const int jb = c0 + c * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
+      for (int i = threadIdx.x; i < G15_TOK * 2 * nbc; i += 128) {  // planes: 2 pieces a block
+        const int t = i / (2 * nbc), o = (i % (2 * nbc)) * 16;
+        const bool ok = t0 + t < M;
+        const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)jb * 32 + o;
+        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, ok);
+        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, ok);
+      }
+      constexpr int PIECES = (F::PITCH - 16) / 16;
+      for (int i = threadIdx.x; i < G15_ROWS * PIECES; i += 128) {  // weights: aligned covers
+        const int r = i / PIECES, o = (i % PIECES) * 16;
+        const uint8_t* s = w + (size_t)min(n0 + r, N - 1) * rowb + (size_t)jb * F::BYTES;
+        const uint8_t* a16 =
+            reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(s) & ~(uintptr_t)15);
+        const int left = (int)(s + nbc * F::BYTES - (a16 + o));  // block bytes from here on
+        if (left > 0) i15_cpn(sl + L::WQ + r * F::PITCH + o, a16 + o, min(16, left));
+      }
+      for (int i = threadIdx.x; i < G15_TOK * I15_CHUNK; i += 128) {
+        const int t = i / I15_CHUNK, b = i % I15_CHUNK;
+        reinterpret_cast<float*>(sl + L::DX)[i] =
+            t0 + t < M && b < nbc ? xd[(size_t)(t0 + t) * nb + jb + b] : 0.f;
+      }
+    }
+    i15_cp_wait_all();
+    __syncthreads();
+    for (int c = 0; c < cn; ++c) {
+      const uint8_t* sl = smem + c * L::SLOT;
+      const int jb = c0 + c * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
+      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + L::XH);
+      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + L::XL);
+      const float* sdx = reinterpret_cast<const float*>(sl + L::DX);
+      // this lane's two rows: where their chunk starts in the staged covers
+      const size_t e0 = (size_t)min(n0 + lr0, N - 1) * rowb + (size_t)jb * F::BYTES;
+      const size_t e1 = (size_t)min(n0 + lr1, N - 1) * rowb + (size_t)jb * F::BYTES;
+      const uint8_t* p0 = sl + L::WQ + lr0 * F::PITCH;
+      const uint8_t* p1 = sl + L::WQ + lr1 * F::PITCH;
+      const int off0 = (int)((reinterpret_cast<uintptr_t>(w) + e0) & 15);
+      const int off1 = (int)((reinterpret_cast<uintptr_t>(w) + e1) & 15);
+      for (int b = 0; b < nbc; ++b) {
+        const int o0 = off0 + b * F::BYTES, o1 = off1 + b * F::BYTES;
+        const auto get0 = [&](int q) { return i15_sword(p0, o0 + q); };
+        const auto get1 = [&](int q) { return i15_sword(p1, o1 + q); };
+        const float d0 = __half2float(*reinterpret_cast<const __half*>(p0 + o0));
+        const float d1 = __half2float(*reinterpret_cast<const __half*>(p1 + o1));
+        const uint32_t a[4] = {i15_leg_signed<T>(i15_leg_codes<T>(get0, tg)),
+                               i15_leg_signed<T>(i15_leg_codes<T>(get1, tg)),
+                               i15_leg_signed<T>(i15_leg_codes<T>(get0, 4 + tg)),
+                               i15_leg_signed<T>(i15_leg_codes<T>(get1, 4 + tg))};
+        const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + b * 32 +
+                             ((lane >> 3) & 1) * 16;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          uint32_t bf[4];
+          ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
+          int dh[4], dl[4];
+          mma_s8s8(dh, a, bf);
+          mma_s8s8(dl, a, bf + 2);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int t = nt * 8 + 2 * tg + (e & 1);
+            y[nt][e] = i15_step32(y[nt][e], sdx[t * I15_CHUNK + b], e < 2 ? d0 : d1,
+                                  128 * dh[e] + dl[e]);
+          }
+        }
+      }
+    }
+  }
+  const int r0 = n0 + lr0, r1 = n0 + lr1;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
+      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+    }
+}
+
+#define GEMM15PL(TY, NAME)                                                                  \
+  extern "C" __global__ void __launch_bounds__(128) gemm15p_##NAME(                        \
+      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
+      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    gemm15pl<TY>(w, N, K, xhi, xlo, xd, M, splits, part);                                  \
+  }
+GEMM15PL(QT_Q4_0, q4_0)
+GEMM15PL(QT_Q5_0, q5_0)
+GEMM15PL(QT_Q8_0, q8_0)
+
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,
                                       float* __restrict__ y) {

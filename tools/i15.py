@@ -24,7 +24,24 @@ def gemmp_slot(qtype: int) -> int:
     planes = 2 * GEMM_TOK * 272
     if qtype == Q6_K:
         return planes + GEMM_ROWS * 240 + GEMM_TOK * 4
+    if qtype in LEGACY:  # a chunk of 8 blocks: covers in rows of LEGACY_PITCH, dx [32][8]
+        return planes + GEMM_ROWS * LEGACY_PITCH[qtype] + GEMM_TOK * CHUNK * 4
     return planes + GEMM_ROWS * BYTES[qtype] + GEMM_TOK * 4 + GEMM_TOK * 8 * 4
+
+
+def gemmp_shared(qtype: int, k: int, splits: int) -> int:
+    """gemm15p's dynamic shared memory: a slot for each super-block (legacy: chunk) of a
+    split, at most GEMMP_SLOTS."""
+    if qtype in LEGACY:
+        per = legacy_split_blocks(k, splits) // CHUNK
+    else:
+        per = -(-(k // 256) // splits)
+    return min(per, GEMMP_SLOTS) * gemmp_slot(qtype)
+
+
+def block_of(qtype: int) -> int:
+    """Elements a scale of X covers for this weight format: its float-step block."""
+    return 32 if qtype in LEGACY else 256
 
 
 # ---------------------------------------------------------------- NumPy twin (float32 steps)
@@ -97,9 +114,67 @@ def q6_k_fields(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return d, sc, (q - 32).reshape(n, k // 256, 16, 16)
 
 
+Q4_0, Q5_0, Q8_0 = 2, 6, 8
+LEGACY = (Q4_0, Q5_0, Q8_0)  # blocks of 32, one fp16 step each, X scaled per 32 too
+LEGACY_BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34}
+LEGACY_OFF = {Q4_0: 8, Q5_0: 16, Q8_0: 0}  # value = d * (q - off)
+# gemm15p's staged row of 8 blocks: their 16-byte aligned cover (8 blocks + 14 bytes, in
+# 16-byte pieces) + 16 (I15Leg<T>::PITCH)
+LEGACY_PITCH = {Q4_0: 176, Q5_0: 208, Q8_0: 304}
+CHUNK = 8  # blocks of 32 a chunk: the legacy splits are whole chunks
+
+
+def legacy_fields(raw: np.ndarray, k: int, qtype: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 / Q5_0 / Q8_0 rows as (d [n, k / 32], codes [n, k / 32, 32] signed q - off):
+    element l of block b is d * code."""
+    n = raw.shape[0]
+    blk = raw.reshape(n, k // 32, LEGACY_BYTES[qtype])
+    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype == Q8_0:
+        return d, blk[..., 2:34].copy().view(np.int8).astype(np.int64)
+    qs = blk[..., -16:].astype(np.int64)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=2)  # elements 0-15 low nibbles, 16-31 high
+    if qtype == Q5_0:  # bit l of the little-endian qh is element l's fifth bit
+        qh = blk[..., 2:6].copy().view("<u4")[..., 0].astype(np.int64)
+        q = q | (((qh[..., None] >> np.arange(32)) & 1) << 4)
+    return d, q - LEGACY_OFF[qtype]
+
+
+def legacy_split_blocks(k: int, splits: int) -> int:
+    """Blocks of 32 a split of the legacy cores: whole chunks of 8, as even as they go."""
+    chunks = -(-(k // 32) // CHUNK)
+    return CHUNK * -(-chunks // splits)
+
+
+def legacy_twin(raw: np.ndarray, x: np.ndarray, splits: int, qtype: int) -> np.ndarray:
+    """y [m, n] as the legacy cores compute it: V = 128·S_hi + S_lo exact per block, then
+    y += dx·(d·float(V)) block by block in K order within a split, splits added in order."""
+    m, k = x.shape
+    nb = k // 32
+    hi, lo, dx, _ = quant_x15(x, 32)
+    d, c = legacy_fields(raw, k, qtype)
+    q = (128 * hi.astype(np.int64) + lo).reshape(m, nb, 32)
+    v = np.einsum("nbi,tbi->tnb", c, q)
+    assert np.abs(v).max(initial=0) < 2**31  # the kernels' int32
+    f32 = np.float32
+    wv = d[None] * v.astype(f32)  # [t, n, b]
+    per = legacy_split_blocks(k, splits)
+    out = None
+    for z in range(splits):
+        y = np.zeros((m, raw.shape[0]), f32)
+        for b in range(z * per, min(nb, (z + 1) * per)):
+            y = y + dx[:, b, None] * wv[:, :, b]
+        out = y if out is None else out + y
+    assert out is not None
+    return out
+
+
 def product_twin(raw: np.ndarray, x: np.ndarray, splits: int, qtype: int = Q4_K) -> np.ndarray:
     """y [m, n] as every core computes it: exact integer sums, then the float32 steps
-    (Q6_K: no minimum, so dmin = 0 and U = 0, and the step is d·(128·T_hi + T_lo))."""
+    (Q6_K: no minimum, so dmin = 0 and U = 0, and the step is d·(128·T_hi + T_lo); the
+    legacy formats: `legacy_twin`)."""
+    if qtype in LEGACY:
+        return legacy_twin(raw, x, splits, qtype)
     m, k = x.shape
     n = raw.shape[0]
     nsb = k // 256
@@ -140,13 +215,17 @@ class I15:
     module (PyCUDA's, or tools.kernel_emu's with NumPy arrays for buffers)."""
 
     def __init__(self, mod: Any, qtype: int = Q4_K) -> None:
-        name = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}[qtype]
+        name = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q4_0: "q4_0", Q5_0: "q5_0"}.get(
+            qtype, "q8_0"
+        )
         self.quant = mod.get_function("quant_x15")
         self.skinny = mod.get_function(f"skinny15_{name}")
         self.gemmp = mod.get_function(f"gemm15p_{name}")
-        # Q6_K has only the staged tensor-core core
-        self.gemm = self.gemmp if qtype == Q6_K else mod.get_function(f"gemm15_{name}")
+        # Q6_K and the legacy formats have only the staged tensor-core core
+        staged_only = qtype == Q6_K or qtype in LEGACY
+        self.gemm = self.gemmp if staged_only else mod.get_function(f"gemm15_{name}")
         self.qtype = qtype
+        self.blk = block_of(qtype)
         self.reduce = mod.get_function("i15_reduce")
         if hasattr(self.gemm, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
             # the largest shared-memory carveout (the context prefers L1, which leaves room for
@@ -158,11 +237,13 @@ class I15:
             _allow_dynamic_shared(self.gemmp, "gemm15p", GEMMP_SLOTS * gemmp_slot(qtype))
 
     @staticmethod
-    def shapes(m: int, k: int, n: int, splits: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def shapes(
+        m: int, k: int, n: int, splits: int, blk: int = 256
+    ) -> dict[str, tuple[tuple[int, ...], Any]]:
         return {
             "hi": ((m, k), np.int8),
             "lo": ((m, k), np.int8),
-            "d": ((m, k // 256), np.float32),
+            "d": ((m, k // blk), np.float32),
             "sq": ((m, k // 32), np.int32),
             "part": ((splits, m, n), np.float32),
         }
@@ -170,7 +251,8 @@ class I15:
     def buffers(self, m: int, k: int, n: int, splits: int) -> dict[str, Any]:
         import pycuda.gpuarray as ga
 
-        return {key: ga.empty(*v) for key, v in self.shapes(m, k, n, splits).items()}
+        shapes = self.shapes(m, k, n, splits, self.blk)
+        return {key: ga.empty(*v) for key, v in shapes.items()}
 
     def run(
         self,
@@ -192,11 +274,18 @@ class I15:
         if core == "auto":
             core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
         self.quant(
-            x, np.int64(k), i32(m), i32(k), i32(256), b["hi"], b["lo"], b["d"], b["sq"],
-            block=(256, 1, 1), grid=(k // 256, m), stream=stream,
+            x, np.int64(k), i32(m), i32(k), i32(self.blk), b["hi"], b["lo"], b["d"], b["sq"],
+            block=(256, 1, 1), grid=(-(-k // 256), m), stream=stream,
         )  # fmt: skip
         args = (w, i32(n), i32(k), b["hi"], b["lo"], b["d"], b["sq"], i32(m), i32(splits))
-        if core == "skinny":
+        tiles = ((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + GEMM_TOK - 1) // GEMM_TOK, splits)
+        if core == "skinny" and self.blk == 32:  # 32 weight rows a block
+            assert m <= SKINNY_MAX_ROWS, m
+            self.skinny(
+                *args, b["part"], block=(256, 1, 1), grid=((n + 31) // 32, splits),
+                stream=stream,
+            )  # fmt: skip
+        elif core == "skinny":
             assert m <= SKINNY_MAX_ROWS, m
             per = -(-(k // 256) // splits)
             smem = m * per * (512 + 4 + 32)
@@ -206,18 +295,12 @@ class I15:
                 shared=smem, stream=stream,
             )  # fmt: skip
         elif core == "gemmp" or self.gemm is self.gemmp:
-            per = -(-(k // 256) // splits)
             self.gemmp(
-                *args, b["part"], block=(128, 1, 1),
-                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + GEMM_TOK - 1) // GEMM_TOK, splits),
-                shared=min(per, GEMMP_SLOTS) * gemmp_slot(self.qtype), stream=stream,
+                *args, b["part"], block=(128, 1, 1), grid=tiles,
+                shared=gemmp_shared(self.qtype, k, splits), stream=stream,
             )  # fmt: skip
         else:
-            self.gemm(
-                *args, b["part"], block=(128, 1, 1),
-                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + GEMM_TOK - 1) // GEMM_TOK, splits),
-                stream=stream,
-            )  # fmt: skip
+            self.gemm(*args, b["part"], block=(128, 1, 1), grid=tiles, stream=stream)
         self.reduce(
             b["part"], i32(n), i32(m), i32(splits), y,
             block=(256, 1, 1), grid=((n + 255) // 256, m), stream=stream,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tools.i15 import I15, Q4_K, Q5_K, Q6_K, product_twin, quant_x15
+from tools.i15 import I15, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, product_twin, quant_x15
 from tools.kernel_emu import aligned, load
 from tools.synth_blocks import random_matrix
 
@@ -188,3 +188,39 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
         )
     )
     assert y.tobytes() == want.tobytes()
+
+
+@pytest.fixture(scope="module")
+def emu_i15() -> Any:
+    return load("i15.cu")
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "splits", "core"),
+    [
+        (1, 70, 896, 1, "skinny"),  # 28 blocks: a last chunk of 4
+        (3, 37, 896, 2, "skinny"),  # odd n: rows start at every even offset mod 16
+        (8, 66, 2048, 3, "skinny"),  # 64 blocks, 8 chunks: splits of 3, 3, 2 chunks
+        (1, 70, 896, 1, "gemmp"),
+        (9, 130, 896, 4, "gemmp"),  # splits of 8, 8, 8, 4 blocks
+        (33, 66, 2048, 1, "gemmp"),  # 8 chunks: three rounds of up to 3 slots
+        (40, 37, 160, 1, "gemmp"),  # K under a chunk: one chunk of 5 blocks
+    ],
+)
+def test_legacy_cores_are_the_twin_bit_for_bit(
+    emu_i15: Any, qtype: int, m: int, n: int, k: int, splits: int, core: str
+) -> None:
+    """Q4_0 / Q5_0 / Q8_0 (blocks of 32, X scaled per 32): the dp4a core (unsigned codes,
+    off * sq subtracted) and the staged tensor-core core (signed codes) give the twin's bits,
+    with K not a multiple of 256 and the 18-, 22- and 34-byte blocks at every even offset."""
+    i15 = I15(emu_i15, qtype)
+    raw, x = _case(m, n, k, qtype)
+    y = np.full((m, n), np.nan, np.float32)
+    buffers = {
+        key: np.random.default_rng(99).integers(-100, 100, shape).astype(dt)
+        for key, (shape, dt) in I15.shapes(m, k, n, splits, 32).items()
+    }
+    i15.run(aligned(raw), x, y, m, n, k, splits, buffers, core=core)
+    twin = product_twin(raw, x, splits, qtype)
+    assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()

@@ -360,6 +360,9 @@ inline unsigned __ballot_sync(unsigned, int pred) {
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned s) {
   return unsigned(((uint64_t(hi) << 32) | lo) >> (s & 31));
 }
+inline unsigned __funnelshift_rc(unsigned lo, unsigned hi, unsigned s) {
+  return unsigned(((uint64_t(hi) << 32) | lo) >> (s < 32 ? s : 32));
+}
 
 template <class T>
 T __ldg(const T* p) { return *p; }
