@@ -18,15 +18,11 @@ GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
 
 
 def gemmp_slot(qtype: int) -> int:
-    """Shared bytes of one super-block gemm15p stages (G15P<T>::SLOT, Q6P_SLOT): both planes
-    of its 32 rows of X (rows of 272 bytes), its 64 weight rows' raw super-blocks (Q6_K: their
-    16-byte aligned covers in rows of 240 bytes), d, and sq (not for Q6_K)."""
-    planes = 2 * GEMM_TOK * 272
-    if qtype == Q6_K:
-        return planes + GEMM_ROWS * 240 + GEMM_TOK * 4
-    if qtype in LEGACY:  # a chunk of 8 blocks: covers in rows of LEGACY_PITCH, dx [32][8]
-        return planes + GEMM_ROWS * LEGACY_PITCH[qtype] + GEMM_TOK * CHUNK * 4
-    return planes + GEMM_ROWS * BYTES[qtype] + GEMM_TOK * 4 + GEMM_TOK * 8 * 4
+    """Shared bytes of one super-block (legacy: chunk of 8 blocks) gemm15p stages: the
+    worker's layout (worker.backends.cuda.matmul.i15_gemmp_slot)."""
+    from worker.backends.cuda.matmul import i15_gemmp_slot
+
+    return i15_gemmp_slot(qtype, BYTES.get(qtype, 0))
 
 
 def gemmp_shared(qtype: int, k: int, splits: int) -> int:
@@ -118,9 +114,6 @@ Q4_0, Q5_0, Q8_0 = 2, 6, 8
 LEGACY = (Q4_0, Q5_0, Q8_0)  # blocks of 32, one fp16 step each, X scaled per 32 too
 LEGACY_BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34}
 LEGACY_OFF = {Q4_0: 8, Q5_0: 16, Q8_0: 0}  # value = d * (q - off)
-# gemm15p's staged row of 8 blocks: their 16-byte aligned cover (8 blocks + 14 bytes, in
-# 16-byte pieces) + 16 (I15Leg<T>::PITCH)
-LEGACY_PITCH = {Q4_0: 176, Q5_0: 208, Q8_0: 304}
 CHUNK = 8  # blocks of 32 a chunk: the legacy splits are whole chunks
 
 

@@ -111,31 +111,34 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
 
 
 def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes: int) -> None:
-    """The same for the 15-bit integer product (cuda_src/i15.cu, the K-quant shapes): its three
-    launches (activation pre-pass, product, split sum) a product, by the dp4a core
-    (`i15s`, up to 8 rows, where the split's planes fit 48 KiB of shared memory), by the
-    tensor-core one (`i15g`, any row count) and by the same staged through shared memory
-    (`i15gp`)."""
+    """The same for the 15-bit integer product (cuda_src/i15.cu: the K-quant shapes whose K
+    is a multiple of 256, and the Q4_0 / Q5_0 / Q8_0 ones): its three launches (activation
+    pre-pass, product, split sum) a product, by the dp4a core (`i15s`, up to 8 rows; for the
+    K-quants where the split's planes fit 48 KiB of shared memory), by the tensor-core one
+    (`i15g`, K-quants) and by the same staged through shared memory (`i15gp`)."""
     import pycuda.gpuarray as ga
 
-    from tools.i15 import I15, SKINNY_MAX_ROWS
+    from tools.i15 import I15, LEGACY, SKINNY_MAX_ROWS
     from tools.synth_blocks import random_matrix
     from worker.backends.cuda.compile import load_module
 
     rng = np.random.default_rng(0)
     n, k, qtype = SHAPES[name]
-    if qtype not in (12, 13, 14) or k % 256:
+    legacy = qtype in LEGACY
+    if not (legacy or (qtype in (12, 13, 14) and k % 256 == 0)):
         return
     raw, _ = random_matrix(qtype, n, k, rng)
     copies = [ga.to_gpu(raw) for _ in range(max(2, -(-l2_bytes // raw.nbytes)))]
     i15 = I15(load_module("i15", ctx.facts.arch), qtype)
-    nsb = k // 256
+    units = -(-k // 256)  # super-blocks, or chunks of 8 blocks of 32
     for m in rows:
         x = ga.to_gpu(rng.standard_normal((m, k)).astype(np.float32))
         y = ga.empty((m, n), np.float32)
-        for split in sorted({s for s in wants if s <= nsb}):
+        for split in sorted({s for s in wants if s <= units}):
+            if (split - 1) * -(-units // split) >= units:
+                continue  # an empty split
             b = i15.buffers(m, k, n, split)
-            fits = m * -(-nsb // split) * (512 + 4 + 32) <= 48 * 1024
+            fits = legacy or m * -(-units // split) * (512 + 4 + 32) <= 48 * 1024
             for core in ("skinny", "gemm", "gemmp"):
                 if core == "skinny" and (m > SKINNY_MAX_ROWS or not fits):
                     continue

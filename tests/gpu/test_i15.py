@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 from pycuda_arrays import poisoned, upload
 
-from tools.i15 import I15, Q5_K, Q6_K, SKINNY_MAX_ROWS, product_twin, quant_x15
+from tools.i15 import (
+    I15,
+    Q4_0,
+    Q5_0,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    SKINNY_MAX_ROWS,
+    product_twin,
+    quant_x15,
+)
 from tools.synth_blocks import random_matrix
 
 pytestmark = pytest.mark.gpu
@@ -106,6 +116,37 @@ def test_q6_k_cores_are_the_twin_bit_for_bit(gpu: Any, m: int, n: int, k: int, s
         assert y.get().tobytes() == twin.tobytes(), core
 
 
+@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "splits"),
+    [(1, 4864, 896, 1), (2, 1153, 896, 4), (7, 301, 2880, 3), (64, 9728, 896, 2), (33, 77, 160, 1)],
+)
+def test_legacy_cores_are_the_twin_bit_for_bit(
+    gpu: Any, qtype: int, m: int, n: int, k: int, splits: int
+) -> None:
+    """Q4_0 / Q5_0 / Q8_0 (blocks of 32 at every even offset, X scaled per 32, K not a
+    multiple of 256): both cores against the twin, and the twin against the float64 product
+    of the 15-bit X."""
+    from worker.backends.cuda.compile import load_module
+
+    major, minor = gpu.Context.get_device().compute_capability()
+    i15 = I15(load_module("i15", f"sm_{major}{minor}"), qtype)
+    raw, dense, x = _case(m, n, k, qtype)
+    b = i15.buffers(m, k, n, splits)
+    x_dev, w_dev = upload(x), upload(raw)
+    twin = product_twin(raw, x, splits, qtype)
+    for core in ["gemmp"] + (["skinny"] if m <= SKINNY_MAX_ROWS else []):
+        y = poisoned((m, n))
+        i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core)
+        gpu.Context.synchronize()
+        assert y.get().tobytes() == twin.tobytes(), (core, np.abs(y.get() - twin).max())
+    hi, lo, d, _ = quant_x15(x, 32)
+    xq = (128 * hi.astype(np.float64) + lo).reshape(m, k // 32, 32) * d[..., None]
+    ref = xq.reshape(m, k) @ dense.astype(np.float64).T
+    rel = np.linalg.norm(twin - ref) / np.linalg.norm(ref)
+    assert rel < 1e-6, rel  # a float step a block of 32: still about 1e-7
+
+
 def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     """Row 5 of a 64-row product (tensor-core core) equals the same row alone (dp4a core)."""
     n, k, splits = 640, 2048, 2
@@ -119,8 +160,13 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     assert y64.get()[5].tobytes() == y1.get()[0].tobytes()
 
 
-@pytest.mark.parametrize("gemm", ["gemm15", "gemm15p"])
-@pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q6_K])
+# the K-quants with each tensor-core core; the legacy formats have one (gemm15p)
+_LINEAR = [(q, g) for q in (Q4_K, Q5_K, Q6_K) for g in ("gemm15", "gemm15p")] + [
+    (q, "gemm15p") for q in (Q4_0, Q5_0, Q8_0)
+]
+
+
+@pytest.mark.parametrize(("qtype", "gemm"), _LINEAR)
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 64])
 def test_worker_linear_takes_the_integer_cores(
     gpu: Any, m: int, qtype: int, gemm: str, monkeypatch: pytest.MonkeyPatch
@@ -136,7 +182,7 @@ def test_worker_linear_takes_the_integer_cores(
     mm = MatmulKernels()
     mm.invariant = True
     mm.int15 = True
-    n, k = 3072, 3072
+    n, k = (3072, 3072) if qtype >= Q4_K else (1152, 896)
     raw, _, x = _case(m, n, k, qtype)
     rng = np.random.default_rng(m)
     bias = rng.standard_normal(n).astype(np.float32)

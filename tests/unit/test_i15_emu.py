@@ -142,6 +142,10 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
         (33, Q5_K, "gemm15p"),
         (5, Q6_K, "gemm15"),
         (33, Q6_K, "gemm15"),  # Q6_K takes gemm15p whatever I15_GEMM says
+        (1, Q5_0, "gemm15"),  # the legacy formats too (K = 896: not a multiple of 256)
+        (8, Q8_0, "gemm15"),
+        (9, Q4_0, "gemm15"),
+        (33, Q5_0, "gemm15"),
     ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
@@ -155,6 +159,7 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     from worker.backends.cuda.arena import DevBuf
     from worker.backends.cuda.matmul import (
         QWeight,
+        i15_block,
         i15_planes,
         i15_split,
         plan_i15,
@@ -163,7 +168,7 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     )
 
     monkeypatch.setattr(matmul, "I15_GEMM", gemm)  # the tensor-core core above 8 rows
-    n, k = 200, 1280
+    n, k = 200, 896 if qtype in (Q4_0, Q5_0, Q8_0) else 1280
     raw, x = _case(m, n, k, qtype)
     w_raw = aligned(raw)
     w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
@@ -174,13 +179,14 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     y = aligned(rng.standard_normal((m, n + 4)).astype(np.float32), 16)  # ldy = n + 4
     want = y.copy()
     want[:, :n] = (product_twin(raw, x, splits, qtype) + bias) + y[:, :n]
-    planes = aligned(np.zeros(i15_planes(m, k)[4], np.uint8), 16)
+    blk = i15_block(qtype)
+    planes = aligned(np.zeros(i15_planes(m, k, blk)[4], np.uint8), 16)
     part = aligned(np.zeros((splits, m, n), np.float32), 16)
 
     def buf(a: np.ndarray) -> DevBuf:
         return DevBuf(a.ctypes.data, a.nbytes)
 
-    kernel_emu.run(plan_quant_x15(buf(xs), buf(planes), m, k, ldx=k + 8))
+    kernel_emu.run(plan_quant_x15(buf(xs), buf(planes), m, k, ldx=k + 8, blk=blk))
     kernel_emu.run(plan_i15(w, buf(planes), buf(part), m, splits))
     kernel_emu.run(
         plan_splitk_reduce(

@@ -77,12 +77,18 @@ EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
 INT32_MAX = 2**31 - 1
-# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products") of the
-# K-quants: WORKER_ORCD_INT15=1 sends the batch-invariant products of those through them (A/B).
+# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"):
+# WORKER_ORCD_INT15=1 sends the batch-invariant products of these formats through them (A/B).
 INT15 = os.environ.get("WORKER_ORCD_INT15", "0") == "1"
-# Q4_K, Q5_K, and Q6_K unless WORKER_ORCD_I15_Q6K=0 (A/B)
-I15_TYPES = (12, 13, 14) if os.environ.get("WORKER_ORCD_I15_Q6K", "1") == "1" else (12, 13)
+# Q4_0, Q5_0, Q8_0 (blocks of 32, X scaled per 32) unless WORKER_ORCD_I15_LEGACY=0; Q4_K,
+# Q5_K; Q6_K unless WORKER_ORCD_I15_Q6K=0 (A/B)
+I15_LEGACY = (2, 6, 8) if os.environ.get("WORKER_ORCD_I15_LEGACY", "1") == "1" else ()
+I15_TYPES = (
+    I15_LEGACY + (12, 13) + ((14,) if os.environ.get("WORKER_ORCD_I15_Q6K", "1") == "1" else ())
+)
 I15_Q6_K = 14
+I15_CHUNK = 8  # legacy formats: blocks of 32 a chunk (splits are whole chunks)
+I15_LEGACY_PITCH = {2: 176, 6: 208, 8: 304}  # I15Leg<T>::PITCH: gemm15p's staged row
 I15_SKINNY_MAX_ROWS = 8  # skinny15's rows (I15_MAX_ROWS in i15.cu)
 I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in shared memory
 I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
@@ -524,11 +530,24 @@ def plan_splitk_reduce(
     return Launch("gemm", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
 
+def i15_block(qtype: int) -> int:
+    """Elements of X a 15-bit scale covers for this weight format: its float-step block
+    (32 for the legacy formats, a super-block of 256 for the K-quants)."""
+    return 32 if qtype in (2, 6, 8) else 256
+
+
 def i15_split(w: QWeight, sms: int) -> int:
-    """K splits (whole super-blocks) of both 15-bit cores for this shape on this GPU, never a
-    function of the row count (the cores must give the same bits): enough skinny15 blocks
-    (256 weight rows each) for two a multiprocessor, each split no longer than 8 rows' planes
-    can stage in shared memory, and no empty split."""
+    """K splits of both 15-bit cores for this shape on this GPU, never a function of the row
+    count (the cores must give the same bits), and no empty split. K-quants: whole
+    super-blocks, enough skinny15 blocks (256 weight rows each) for two a multiprocessor,
+    each split no longer than 8 rows' planes can stage in shared memory. Legacy formats:
+    whole chunks of 8 blocks, enough gemm15p tiles (64 weight rows) for two a
+    multiprocessor."""
+    if i15_block(w.qtype) == 32:
+        chunks = -(-(w.cols // 32) // I15_CHUNK)
+        want = max(1, -(-2 * sms // -(-w.rows // I15_GEMM_ROWS)))
+        per = -(-chunks // min(chunks, want))
+        return -(-chunks // per)
     nsb = w.cols // 256
     per_max = I15_SKINNY_SMEM // (I15_SKINNY_MAX_ROWS * I15_SB_BYTES)
     want = max(1, -(-2 * sms // -(-w.rows // 256)))
@@ -536,67 +555,84 @@ def i15_split(w: QWeight, sms: int) -> int:
     return -(-nsb // per)
 
 
-def i15_planes(m: int, k: int) -> tuple[int, int, int, int, int]:
-    """Byte offsets of the planes hi and lo, d, sq and the total bytes of quant_x15's output
-    for m rows of k (16-byte aligned pieces)."""
+def i15_planes(m: int, k: int, blk: int = 256) -> tuple[int, int, int, int, int]:
+    """Byte offsets of the planes hi and lo, d (one a `blk` elements), sq (one a 32) and the
+    total bytes of quant_x15's output for m rows of k (16-byte aligned pieces)."""
     hi, lo = 0, m * k
     d = -(-2 * m * k // 16) * 16
-    sq = d + -(-4 * m * (k // 256) // 16) * 16
+    sq = d + -(-4 * m * (k // blk) // 16) * 16
     return hi, lo, d, sq, sq + 4 * m * (k // 32)
 
 
+def i15_gemmp_slot(qtype: int, block_bytes: int) -> int:
+    """Shared bytes of one staged super-block (legacy: chunk of 8 blocks) of gemm15p: both
+    planes of its 32 rows of X (rows of 272 bytes), its 64 weight rows (Q6_K and legacy: the
+    16-byte aligned covers), d and, for Q4_K / Q5_K, sq (G15P<T>, Q6P_SLOT, G15L<T>)."""
+    planes = 2 * I15_GEMM_TOK * 272
+    if qtype == I15_Q6_K:
+        return planes + I15_GEMM_ROWS * 240 + I15_GEMM_TOK * 4
+    if i15_block(qtype) == 32:
+        return planes + I15_GEMM_ROWS * I15_LEGACY_PITCH[qtype] + I15_GEMM_TOK * I15_CHUNK * 4
+    return planes + I15_GEMM_ROWS * block_bytes + I15_GEMM_TOK * 36
+
+
 def plan_quant_x15(
-    x: BufLike, planes: BufLike, m: int, k: int, *, ldx: int | None = None
+    x: BufLike, planes: BufLike, m: int, k: int, *, ldx: int | None = None, blk: int = 256
 ) -> Launch:
     """The 15-bit activations of x (m rows of k, stride ldx) into `planes` (i15_planes), one
-    scale per 256 elements."""
+    scale per `blk` (256 or 32) elements."""
     kernel = "quant_x15"
     ldx = k if ldx is None else ldx
+    _need(kernel, blk in (32, 256), f"scale block {blk} not 32 or 256")
     _need(kernel, 1 <= m <= MAX_GRID_YZ, f"row count {m} out of range")
-    _need(kernel, 256 <= k <= INT32_MAX and k % 256 == 0, f"row length {k} not a multiple of 256")
+    _need(kernel, blk <= k <= INT32_MAX and k % blk == 0, f"row length {k} not a multiple of {blk}")
     xb, pb = as_buf(x), as_buf(planes)
     xr = _check_f32(kernel, "x", xb, m, k, ldx)
-    hi, lo, d, sq, total = i15_planes(m, k)
+    hi, lo, d, sq, total = i15_planes(m, k, blk)
     _need(kernel, pb.ptr > 0 and pb.ptr % 16 == 0, "planes pointer null or not 16-byte aligned")
     _need(kernel, pb.nbytes >= total, f"planes buffer {pb.nbytes} bytes < {total} needed")
     _disjoint(kernel, xr, (pb.ptr, pb.ptr + total), "x and planes")
-    args = (xb.ptr, ldx, m, k, 256, pb.ptr + hi, pb.ptr + lo, pb.ptr + d, pb.ptr + sq)
-    return Launch("i15", kernel, (k // 256, m, 1), (256, 1, 1), args, _ARG_FORMATS[kernel])
+    args = (xb.ptr, ldx, m, k, blk, pb.ptr + hi, pb.ptr + lo, pb.ptr + d, pb.ptr + sq)
+    grid = (-(-k // 256), m, 1)
+    return Launch("i15", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
 
 def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) -> Launch:
-    """The 15-bit product of w and quant_x15's planes (m rows) into split partials
-    part[splits][m][w.rows] (gemm_splitk_reduce sums them): skinny15 (dp4a) up to 8 rows,
-    gemm15 (tensor cores) above; the same bits either way."""
+    """The 15-bit product of w and quant_x15's planes (m rows, scaled per i15_block) into
+    split partials part[splits][m][w.rows] (gemm_splitk_reduce sums them): skinny15 (dp4a)
+    up to 8 rows, gemm15 / gemm15p (tensor cores) above; the same bits either way."""
     lay = _check_weight("i15", w)
-    gemm = "gemm15p" if w.qtype == I15_Q6_K else I15_GEMM  # Q6_K: only the staged core
+    blk = i15_block(w.qtype)
+    staged_only = w.qtype == I15_Q6_K or blk == 32
+    gemm = "gemm15p" if staged_only else I15_GEMM
     kernel = ("skinny15_" if m <= I15_SKINNY_MAX_ROWS else gemm + "_") + lay.name
     _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
     _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
-    nsb = w.cols // 256
-    _need(kernel, 1 <= splits <= nsb, f"{splits} splits of {nsb} super-blocks")
-    per = -(-nsb // splits)
+    _need(kernel, w.cols % blk == 0, f"row length {w.cols} not a multiple of {blk}")
+    units = -(-(w.cols // 32) // I15_CHUNK) if blk == 32 else w.cols // 256
+    what = "chunks of 8 blocks" if blk == 32 else "super-blocks"
+    _need(kernel, 1 <= splits <= units, f"{splits} splits of {units} {what}")
+    per = -(-units // splits)
+    _need(kernel, (splits - 1) * per < units, f"{splits} splits of {units} {what}: one empty")
     pb, qb = as_buf(part), as_buf(planes)
-    hi, lo, d, sq, total = i15_planes(m, w.cols)
+    hi, lo, d, sq, total = i15_planes(m, w.cols, blk)
     _need(kernel, qb.ptr > 0 and qb.nbytes >= total, f"planes buffer {qb.nbytes} < {total} bytes")
     need = splits * m * w.rows * 4
     _need(kernel, pb.ptr > 0 and pb.nbytes >= need, f"partials buffer {pb.nbytes} < {need} bytes")
     _disjoint(kernel, (qb.ptr, qb.ptr + total), (pb.ptr, pb.ptr + need), "planes and partials")
     q = qb.ptr
     args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr)
-    if m <= I15_SKINNY_MAX_ROWS:
+    if m <= I15_SKINNY_MAX_ROWS and blk == 32:  # 8 warps of 4 rows, X read through L1
+        shared = 0
+        grid, block = (-(-w.rows // 32), splits, 1), (256, 1, 1)
+    elif m <= I15_SKINNY_MAX_ROWS:
         shared = m * per * I15_SB_BYTES
         _need(kernel, shared <= I15_SKINNY_SMEM, f"{shared} bytes of shared memory")
         grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
     else:
         shared = 0
-        if gemm == "gemm15p":  # G15P<T>::SLOT (Q6P_SLOT) bytes a staged super-block
-            planes = 2 * I15_GEMM_TOK * 272
-            if w.qtype == I15_Q6_K:  # 16-byte aligned covers of the blocks, no sq
-                slot = planes + I15_GEMM_ROWS * 240 + I15_GEMM_TOK * 4
-            else:
-                slot = planes + I15_GEMM_ROWS * lay.block_bytes + I15_GEMM_TOK * 36
-            shared = min(per, I15_GEMMP_SLOTS) * slot
+        if gemm == "gemm15p":
+            shared = min(per, I15_GEMMP_SLOTS) * i15_gemmp_slot(w.qtype, lay.block_bytes)
         grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // I15_GEMM_TOK), splits)
         block = (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
@@ -1253,7 +1289,7 @@ class MatmulKernels:
             and self.invariant
             and w.qtype in I15_TYPES
             and w.experts == 1
-            and w.cols % 256 == 0
+            and w.cols % i15_block(w.qtype) == 0
             and not kw.keys() & {"version", "tile_m", "split", "xh"}
         ):
             self.i15(w, x, y, ntok, stream=stream, **kw)
@@ -1284,10 +1320,11 @@ class MatmulKernels:
         """y = w x (+ bias) (+ residual) by the 15-bit integer cores: quant_x15, skinny15 or
         gemm15 into split partials, gemm_splitk_reduce (splits in order, bias, residual)."""
         splits = i15_split(w, self._sms)
-        planes = self._i15_workspace(i15_planes(m, w.cols)[4])
+        blk = i15_block(w.qtype)
+        planes = self._i15_workspace(i15_planes(m, w.cols, blk)[4])
         part = self._splitk_workspace(splits * m * w.rows * 4)
         launches = [
-            plan_quant_x15(x, planes, m, w.cols, ldx=ldx),
+            plan_quant_x15(x, planes, m, w.cols, ldx=ldx, blk=blk),
             plan_i15(w, planes, part, m, splits),
             plan_splitk_reduce(part, splits, m, w.rows, y, bias=bias, residual=residual, ldy=ldy),
         ]
@@ -1473,7 +1510,8 @@ class MatmulKernels:
         self._x16_workspace(max_tokens * max_k * 2)
         parts = [gemm_split(w, self._sms)[0] * w.rows for w in weights if w.experts == 1]
         if self.int15:
-            self._i15_workspace(i15_planes(max_tokens, -(-max_k // 256) * 256)[4])
+            # (scales per 32 need the most bytes)
+            self._i15_workspace(i15_planes(max_tokens, -(-max_k // 256) * 256, 32)[4])
             parts += [
                 i15_split(w, self._sms) * w.rows
                 for w in weights
