@@ -28,6 +28,7 @@ constexpr int G15_PAD = 272;      // gemm15: shared bytes a row of a plane (256 
 extern "C" __global__ void __launch_bounds__(256) quant_x15(
     const float* __restrict__ x, long long ldx, int M, int K, int blk, int8_t* __restrict__ hi,
     int8_t* __restrict__ lo, float* __restrict__ d, int* __restrict__ sq) {
+  pdl_start();  // PDL-aware (worker/backends/cuda/context.py)
   __shared__ float wmax[8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nb = K / 32;
@@ -195,6 +196,7 @@ __device__ __forceinline__ void skinny15(const uint8_t* __restrict__ w, int N, i
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    pdl_start();                                                                           \
     skinny15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                             \
   }
 SKINNY15(QT_Q4_K, q4_k)
@@ -368,6 +370,7 @@ __device__ __forceinline__ void gemm15(const uint8_t* __restrict__ w, int N, int
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    pdl_start();                                                                           \
     gemm15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                               \
   }
 GEMM15(QT_Q4_K, q4_k)
@@ -559,6 +562,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    pdl_start();                                                                           \
     gemm15p<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                              \
   }
 GEMM15P(QT_Q4_K, q4_k)
@@ -602,6 +606,7 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
     const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
     const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
     int M, int splits, float* __restrict__ part) {
+  pdl_start();  // PDL-aware (worker/backends/cuda/context.py)
   extern __shared__ __align__(16) uint8_t q6smem[];
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
@@ -697,6 +702,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
     const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
     const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
     int M, int splits, float* __restrict__ part) {
+  pdl_start();  // PDL-aware (worker/backends/cuda/context.py)
   extern __shared__ __align__(16) uint8_t q6smem[];
   const int slots = (int)(i15_dyn_smem() / Q6P_SLOT);
   if (slots < 1) __trap();
@@ -978,6 +984,7 @@ __device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, 
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    pdl_start();                                                                           \
     skinny15l<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                            \
   }
 SKINNY15L(QT_Q4_0, q4_0)
@@ -1107,6 +1114,7 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+    pdl_start();                                                                           \
     gemm15pl<TY>(w, N, K, xhi, xlo, xd, M, splits, part);                                  \
   }
 GEMM15PL(QT_Q4_0, q4_0)

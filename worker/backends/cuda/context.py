@@ -235,6 +235,10 @@ PDL_KERNELS = (
     "attn_prefill_tc_",
     "qkv_rope_store",
     "sample_rows",
+    "quant_x15",
+    "skinny15_",
+    "gemm15_",
+    "gemm15p_",
 )
 PDL_DEFAULT = os.environ.get("WORKER_ORCD_PDL", "1") != "0"
 
