@@ -3,9 +3,7 @@
 // the same bits.
 //
 // quant_x15: each block of `blk` elements (256 for the K-quants, 32 otherwise) of a row of X
-// (row stride ldx) becomes d = max|x| / 16256 (fp32) and codes q = rint(x / d) in [-16256, 16256] split into two
-// int8 planes, q = 128 hi + lo (hi = rint(q / 128), |lo| <= 64); sq = the sum of q of every
-// 32 elements (int32).
+// (row stride ldx) becomes its 15-bit codes (i15.cuh: d, the planes hi and lo, sq).
 //
 // Q4_K / Q5_K products, per (row t, weight row n) and super-block of 256 (sub-blocks s of 32
 // with 6-bit scale sc_s and min m_s, 4- or 5-bit codes c):
@@ -17,8 +15,8 @@
 // takes these float steps gives the same bits whatever the row count (batch invariance), and
 // NumPy float32 reproduces them (tools/i15.py).
 #include "quant.cuh"
+#include "i15.cuh"
 
-constexpr int I15_STEPS = 16256;  // 127 * 128
 constexpr int I15_MAX_ROWS = 8;   // skinny15: rows a launch
 constexpr int G15_ROWS = 64;      // gemm15: weight rows a block (4 warps x m16)
 constexpr int G15_TOK = 32;       // gemm15: rows of X a block (4 x n8)
@@ -46,14 +44,8 @@ extern "C" __global__ void __launch_bounds__(256) quant_x15(
     for (int w = 0; w < 8; ++w) a = fmaxf(a, wmax[w]);
   }
   if (!live) return;
-  const float dd = __fdiv_rn(a, (float)I15_STEPS);
-  int q = 0;
-  if (dd > 0.f) q = __float2int_rn(__fdiv_rn(v, dd));
-  q = max(-I15_STEPS, min(I15_STEPS, q));
-  const int h = __float2int_rn(__fmul_rn((float)q, 1.f / 128.f));
-  hi[i] = (int8_t)h;
-  lo[i] = (int8_t)(q - 128 * h);
-  int s = q;
+  const float dd = i15_scale(a);
+  int s = i15_code(v, dd, hi[i], lo[i]);
 #pragma unroll
   for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (lane == 0) {

@@ -1,10 +1,15 @@
 // RMSNorm and LayerNorm over rows of float32, optionally fused with the residual add that
 // precedes them (x += delta; out = norm(x) * w [+ b]). One block per row, FP32 throughout.
+// rmsnorm_f32 with planes (hi non-null) also writes out's 15-bit codes, scaled per `blk`
+// (i15.cuh), for the integer products that read it: no separate quant_x15 launch.
 #include "common.cuh"
+#include "i15.cuh"
 
 extern "C" __global__ void rmsnorm_f32(float* __restrict__ x, const float* __restrict__ delta,
                                        const float* __restrict__ w, float* __restrict__ out,
-                                       int n, float eps) {
+                                       int n, float eps, int8_t* __restrict__ hi,
+                                       int8_t* __restrict__ lo, float* __restrict__ qd,
+                                       int* __restrict__ sq, int blk) {
   __shared__ float sh[32];
   pdl_start();
   const size_t row = blockIdx.x;
@@ -27,6 +32,10 @@ extern "C" __global__ void rmsnorm_f32(float* __restrict__ x, const float* __res
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float v = xr[i] * r;
     o[i] = w ? v * w[i] : v;
+  }
+  if (hi) {
+    __syncthreads();  // the row's outputs, written by other threads, are visible
+    i15_quant_span(o, n, blk, hi + row * n, lo + row * n, qd + row * (n / blk), sq + row * (n / 32));
   }
 }
 

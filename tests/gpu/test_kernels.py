@@ -533,6 +533,45 @@ def test_swiglu_variants(kern: Any, dev: Any, rows: int, n: int) -> None:
     assert rel_err(dev.get(out2, (rows, n)), swiglu_oai(gu[:, :n], gu[:, n:])) < F32_BOUND
 
 
+@pytest.mark.parametrize(("n", "blk"), [(896, 32), (3072, 256), (4864, 256), (4864, 32)])
+def test_norm_and_swiglu_write_the_codes_of_their_output(
+    kern: Any, dev: Any, n: int, blk: int
+) -> None:
+    """rmsnorm / swiglu with planes: the output they write without, and quant_x15's codes of
+    it (tools.i15's twin; cuda_src/i15.cuh), bit for bit, for the integer products."""
+    from tools.i15 import quant_x15
+    from worker.backends.cuda.matmul import i15_planes
+
+    rows = 3
+    rng = np.random.default_rng(n + blk)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    gu = (rng.standard_normal((rows, 2 * n)) * 4).astype(np.float32)
+    hi, lo, d, sq, total = i15_planes(rows, n, blk)
+    for which in ("rmsnorm", "swiglu"):
+        plain, out = dev.poison(rows * n * 4), dev.poison(rows * n * 4)
+        planes = dev.put(np.full(total, 0x5A, np.uint8))
+        for o, q in ((plain, None), (out, (planes, blk))):
+            if which == "rmsnorm":
+                kern.rmsnorm(dev.put(x), dev.put(w), o, rows, n, 1e-6, planes=q)
+            else:
+                b = dev.put(gu)
+                up = b.view(n * 4, b.nbytes - n * 4)
+                kern.swiglu(b, up, o, rows, n, 2 * n, 2 * n, n, planes=q)
+        got = dev.get(out, (rows, n))
+        assert got.tobytes() == dev.get(plain, (rows, n)).tobytes(), which
+        raw = dev.get(planes, (total,), np.uint8)
+        want = quant_x15(got, blk)
+        have = (
+            raw[hi:lo].view(np.int8),
+            raw[lo : lo + rows * n].view(np.int8),
+            raw[d : d + 4 * rows * (n // blk)].view(np.float32),
+            raw[sq : sq + 4 * rows * (n // 32)].view(np.int32),
+        )
+        for a, b_ in zip(have, want, strict=True):
+            assert a.tobytes() == b_.tobytes(), which
+
+
 @pytest.mark.parametrize("n", [1, 3072, 100003])
 def test_gelu_and_add(kern: Any, dev: Any, n: int) -> None:
     rng = np.random.default_rng(n)

@@ -29,7 +29,7 @@ from worker.backends.cuda.kernels import (
     Kernels,
 )
 from worker.backends.cuda.kv import KvPool
-from worker.backends.cuda.matmul import MatmulKernels, QWeight
+from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_planes
 from worker.gguf.hparams import HParams
 from worker.models.recipe import LayerRecipe, ModelRecipe
 
@@ -119,15 +119,33 @@ class Executor:
             ("out", R * 8),
             ("hist", (max_batch + 1) * hist_len * 4),  # one slot more: padding rows
         ]
+        self._qkv_plan = [self._group(L.qkv, hp.q_dim, hp.kv_dim) for L in recipe.layers]
+        self._gu_plan = [
+            self._group(L.ffn_in, ff, ff) if L.ffn == "gated" else [] for L in recipe.layers
+        ]
+        # 15-bit codes written by an input's producer (the RMSNorm before q/k/v and gate/up,
+        # the SwiGLU before down) where every product of that input takes the integer cores
+        # at one scale block: per layer, that block or None (then each product quantizes)
+        rms = recipe.norm == "rms"
+        self._q15_attn = [
+            mm.i15_input_block([qw for qw, _, _ in plan]) if rms else None
+            for plan in self._qkv_plan
+        ]
+        self._q15_ffn = [
+            mm.i15_input_block([qw for qw, _, _ in plan]) if rms and plan else None
+            for plan in self._gu_plan
+        ]
+        self._q15_down = [
+            mm.i15_input_block([weight(f"{L.ffn_out}.weight")]) if L.ffn == "gated" else None
+            for L in recipe.layers
+        ]
+        q15 = any(b for b in self._q15_attn + self._q15_ffn + self._q15_down)
+        items.append(("xq", i15_planes(T, max(E, ff), 32)[4] if q15 else 16))
         plan = plan_arena(items)
         self.scratch = ctx.alloc(plan.total, "scratch")
         self.s = {n: self.scratch.view(plan.offsets[n], plan.sizes[n], n) for n in plan.offsets}
         self._zero(self.s["tickets"])
         self._zero(self.s["barrier"])
-        self._qkv_plan = [self._group(L.qkv, hp.q_dim, hp.kv_dim) for L in recipe.layers]
-        self._gu_plan = [
-            self._group(L.ffn_in, ff, ff) if L.ffn == "gated" else [] for L in recipe.layers
-        ]
         # (layer, expert ids [T, k]) per MoE layer run, while a test traces the routing
         # (eager steps only: a graph replay runs no Python)
         self.route_trace: list[tuple[int, Any]] | None = None
@@ -158,6 +176,7 @@ class Executor:
         residual: Buf | None = None,
         bias: str | None = None,
         ldy: int | None = None,
+        planes: DevBuf | None = None,
     ) -> None:
         w = self.weight(f"{wname}.weight")
         b = self.tensor(f"{bias}.bias") if bias else None
@@ -170,6 +189,7 @@ class Executor:
             bias=_b(b) if b is not None else None,
             residual=residual,
             ldy=ldy,
+            planes=planes,
         )
         self._checked(f"matmul {wname}")
 
@@ -222,13 +242,19 @@ class Executor:
         flush()
         return out
 
-    def _norm(self, x: DevBuf, out: DevBuf, prefix: str, rows: int) -> None:
+    def _norm(
+        self, x: DevBuf, out: DevBuf, prefix: str, rows: int, q15: int | None = None
+    ) -> DevBuf | None:
+        """out = the layer's norm of x; with q15 (RMSNorm only) also out's 15-bit codes at that
+        scale block, in s["xq"], which is returned for the products that read out."""
         hp, r = self.hp, self.r
         w = self.tensor(f"{prefix}.weight")
         if r.norm == "rms":
-            self.k.rmsnorm(x, w, out, rows, hp.n_embd, r.norm_eps)
-        else:
-            self.k.layernorm(x, w, self.tensor(f"{prefix}.bias"), out, rows, hp.n_embd, r.norm_eps)
+            planes = (self.s["xq"], q15) if q15 else None
+            self.k.rmsnorm(x, w, out, rows, hp.n_embd, r.norm_eps, planes=planes)
+            return self.s["xq"] if q15 else None
+        self.k.layernorm(x, w, self.tensor(f"{prefix}.bias"), out, rows, hp.n_embd, r.norm_eps)
+        return None
 
     # ------------------------------------------------------------------ the step
 
@@ -248,18 +274,18 @@ class Executor:
         for il, L in enumerate(self.r.layers):
             self._layer = il
             self._attention_block(il, L, st)
-            self._norm(s["x"], s["xn"], L.ffn_norm, T)
+            planes = self._norm(s["x"], s["xn"], L.ffn_norm, T, self._q15_ffn[il])
             if L.ffn == "moe_oai":
                 self._moe(L, T)
             else:
-                self._ffn(il, L, T)
+                self._ffn(il, L, T, planes)
         if st.rows:
             self._head(st)
 
     def _attention_block(self, il: int, L: LayerRecipe, st: DeviceStep) -> None:
         hp, k, s, r = self.hp, self.k, self.s, self.r
         T, QKV, qd, kvd = st.tokens, self.qkv_dim, hp.q_dim, hp.kv_dim
-        self._norm(s["x"], s["xn"], L.attn_norm, T)
+        planes = self._norm(s["x"], s["xn"], L.attn_norm, T, self._q15_attn[il])
         qkv = s["qkv"]
         for qw, bias, col in self._qkv_plan[il]:
             self.mm.linear(
@@ -270,6 +296,7 @@ class Executor:
                 stream=self.ctx.stream,
                 bias=bias,
                 ldy=QKV,
+                planes=planes,
             )
             self._checked("matmul qkv")
         kc, vc = self.kv.layer(il)
@@ -343,7 +370,8 @@ class Executor:
         x = _b(s["x"])
         self._lin(L.attn_output, _b(s["attn"]), x, T, residual=x, bias=L.attn_output)
 
-    def _ffn(self, il: int, L: LayerRecipe, T: int) -> None:
+    def _ffn(self, il: int, L: LayerRecipe, T: int, planes: DevBuf | None = None) -> None:
+        """`planes`: xn's 15-bit codes (written by the norm) for the gate/up products."""
         hp, k, s = self.hp, self.k, self.s
         ff = hp.n_ff
         xn, gu, act, x = _b(s["xn"]), s["gu"], s["act"], _b(s["x"])
@@ -351,6 +379,7 @@ class Executor:
             up = L.ffn_in[0]
             self._lin(up, xn, _b(act), T, bias=up)
             k.gelu(act, act, T * ff)
+            planes = None
         else:  # gate and up side by side in gu: [gate | up] per row
             for qw, bias, col in self._gu_plan[il]:
                 self.mm.linear(
@@ -361,10 +390,16 @@ class Executor:
                     stream=self.ctx.stream,
                     bias=bias,
                     ldy=2 * ff,
+                    planes=planes,
                 )
                 self._checked("matmul gate/up")
-            k.swiglu(gu, gu.view(ff * 4, gu.nbytes - ff * 4), act, T, ff, 2 * ff, 2 * ff, ff)
-        self._lin(L.ffn_out, _b(act), x, T, residual=x, bias=L.ffn_out)
+            q15 = self._q15_down[il]
+            down = (s["xq"], q15) if q15 else None  # (gate/up has read the norm's codes)
+            k.swiglu(
+                gu, gu.view(ff * 4, gu.nbytes - ff * 4), act, T, ff, 2 * ff, 2 * ff, ff, planes=down
+            )
+            planes = s["xq"] if q15 else None
+        self._lin(L.ffn_out, _b(act), x, T, residual=x, bias=L.ffn_out, planes=planes)
 
     def _moe(self, L: LayerRecipe, T: int) -> None:
         """gpt-oss: router top-k + softmax over the chosen, expert gate/up (+bias), clamped

@@ -57,6 +57,24 @@ def need(kernel: str, buf: DevBuf | None, nbytes: int, what: str, align: int = 4
         raise LaunchRefused(kernel, f"{what} ({buf.name}) is not {align}-byte aligned")
 
 
+def i15_args(kernel: str, planes: tuple[DevBuf, int] | None, rows: int, n: int) -> tuple[int, ...]:
+    """The trailing (hi, lo, d, sq, blk) arguments of a producer that may also write its
+    output's 15-bit codes (i15.cuh): null pointers without planes; else checked against the
+    layout matmul.i15_planes gives the integer products."""
+    if planes is None:
+        return (0, 0, 0, 0, 0)
+    from worker.backends.cuda.matmul import i15_planes
+
+    buf, blk = planes
+    if blk not in (32, 256) or n % blk:
+        raise LaunchRefused(kernel, f"row length {n} not a multiple of the scale block {blk}")
+    hi, lo, d, sq, total = i15_planes(rows, n, blk)
+    if buf.ptr % 16:
+        raise LaunchRefused(kernel, "planes pointer not 16-byte aligned")
+    need(kernel, buf, total, "planes")
+    return (buf.ptr + hi, buf.ptr + lo, buf.ptr + d, buf.ptr + sq, blk)
+
+
 def positive(kernel: str, **dims: int) -> None:
     for k, v in dims.items():
         if not isinstance(v, int) or v <= 0:
@@ -217,12 +235,12 @@ class Kernels:
             for n in ("norm", "rope", "attention", "activation", "elementwise", "sampling")
         }
         sig = {
-            ("norm", "rmsnorm_f32"): "PPPPif",
+            ("norm", "rmsnorm_f32"): "PPPPifPPPPi",  # + the 15-bit planes (i15_args)
             ("norm", "layernorm_f32"): "PPPPPif",
             ("rope", "qkv_rope_store"): "PPPPPPPPPPiiiiiiPfii",
             ("attention", "attn_paged_decode"): "PiPPPiPPPiiiiifiPPiP",
             **{("attention", f"attn_prefill_tc_d{d}"): "PiPPPPiiifiPPi" for d in TC_HEAD_DIMS},
-            ("activation", "swiglu_f32"): "PPPiiii",
+            ("activation", "swiglu_f32"): "PPPiiiiPPPPi",
             ("activation", "swiglu_oai_f32"): "PPPiiiiff",
             ("activation", "gelu_f32"): "PPi",
             ("elementwise", "add_f32"): "PPiii",
@@ -285,7 +303,11 @@ class Kernels:
         n: int,
         eps: float,
         delta: DevBuf | None = None,
+        planes: tuple[DevBuf, int] | None = None,
     ) -> None:
+        """out = x * rsqrt(mean(x^2) + eps) * w per row (x += delta first); `planes` (a
+        buffer and a scale block of 32 or 256): also out's 15-bit codes there, laid out as
+        matmul.i15_planes(rows, n, blk), for the integer products that read out."""
         k = "rmsnorm_f32"
         positive(k, rows=rows, n=n)
         nb = rows * n * F32
@@ -293,9 +315,9 @@ class Kernels:
         need(k, out, nb, "out")
         need(k, delta, nb if delta is not None else 0, "delta")
         need(k, w, n * F32 if w is not None else 0, "weight")
-        self.launch(
-            k, (rows,), (256 if n <= 2048 else 1024,), x.ptr, ptr(delta), ptr(w), out.ptr, n, eps
-        )
+        q = i15_args(k, planes, rows, n)
+        block = (256 if n <= 2048 else 1024,)
+        self.launch(k, (rows,), block, x.ptr, ptr(delta), ptr(w), out.ptr, n, eps, *q)
 
     def layernorm(
         self,
@@ -556,9 +578,13 @@ class Kernels:
         up_stride: int,
         out_stride: int,
         oai: tuple[float, float] | None = None,
+        planes: tuple[DevBuf, int] | None = None,
     ) -> None:
+        """`planes`: as rmsnorm's, for out (plain SwiGLU only)."""
         k = "swiglu_oai_f32" if oai else "swiglu_f32"
         positive(k, rows=rows, n=n)
+        if oai and planes is not None:
+            raise LaunchRefused(k, "15-bit planes only from the plain SwiGLU")
         if min(gate_stride, up_stride, out_stride) < n:
             raise LaunchRefused(k, "row strides shorter than the rows")
         need(k, gate, strided_extent(rows, gate_stride, n), "gate")
@@ -581,9 +607,9 @@ class Kernels:
                 oai[1],
             )
         else:
-            self.launch(
-                k, grid, (256,), gate.ptr, up.ptr, out.ptr, n, gate_stride, up_stride, out_stride
-            )
+            q = i15_args(k, planes, rows, n)
+            strides = (gate_stride, up_stride, out_stride)
+            self.launch(k, grid, (256,), gate.ptr, up.ptr, out.ptr, n, *strides, *q)
 
     def gelu(self, x: DevBuf, out: DevBuf, n: int) -> None:
         k = "gelu_f32"

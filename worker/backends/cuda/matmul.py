@@ -1278,21 +1278,42 @@ class MatmulKernels:
             self._x16 = DevBuf(int(alloc), size)
         return self._x16
 
-    def linear(
-        self, w: QWeight, x: BufLike, y: BufLike, ntok: int, *, stream: Any = None, **kw: Any
-    ) -> None:
-        """gemv for ntok <= 8 (decode, weights read once), tensor-core gemm above; always
-        the gemm's arithmetic when `invariant`. The gemm's arithmetic for at most
-        SKINNY_MAX_ROWS rows runs as skinny (same bits, one launch)."""
-        if (
+    def takes_i15(self, w: QWeight) -> bool:
+        """Whether linear() sends w through the 15-bit integer cores."""
+        return (
             self.int15
             and self.invariant
             and w.qtype in I15_TYPES
             and w.experts == 1
             and w.cols % i15_block(w.qtype) == 0
-            and not kw.keys() & {"version", "tile_m", "split", "xh"}
-        ):
-            self.i15(w, x, y, ntok, stream=stream, **kw)
+        )
+
+    def i15_input_block(self, weights: list[QWeight]) -> int | None:
+        """The scale block (32 or 256) of the 15-bit codes that every product of one input
+        would take, so its producer may write them (kernels.rmsnorm / swiglu with planes)
+        and the products skip their pre-pass; None where one takes another path or they
+        differ."""
+        blocks = {i15_block(w.qtype) if self.takes_i15(w) else 0 for w in weights}
+        return blocks.pop() if len(blocks) == 1 and 0 not in blocks else None
+
+    def linear(
+        self,
+        w: QWeight,
+        x: BufLike,
+        y: BufLike,
+        ntok: int,
+        *,
+        stream: Any = None,
+        planes: BufLike | None = None,
+        **kw: Any,
+    ) -> None:
+        """gemv for ntok <= 8 (decode, weights read once), tensor-core gemm above; always
+        the gemm's arithmetic when `invariant`. The gemm's arithmetic for at most
+        SKINNY_MAX_ROWS rows runs as skinny (same bits, one launch). `planes`: x's 15-bit
+        codes at w's scale block, already written by x's producer (i15_input_block), used
+        when w takes the integer cores."""
+        if self.takes_i15(w) and not kw.keys() & {"version", "tile_m", "split", "xh"}:
+            self.i15(w, x, y, ntok, stream=stream, planes=planes, **kw)
         elif ntok <= GEMV_MAX_TOKENS and not self.invariant:
             self.gemv(w, x, y, ntok, stream=stream, **kw)
         elif (
@@ -1316,15 +1337,19 @@ class MatmulKernels:
         residual: BufLike | None = None,
         ldx: int | None = None,
         ldy: int | None = None,
+        planes: BufLike | None = None,
     ) -> None:
-        """y = w x (+ bias) (+ residual) by the 15-bit integer cores: quant_x15, skinny15 or
-        gemm15 into split partials, gemm_splitk_reduce (splits in order, bias, residual)."""
+        """y = w x (+ bias) (+ residual) by the 15-bit integer cores: quant_x15 (unless
+        `planes` holds x's codes already), skinny15 or gemm15 / gemm15p into split partials,
+        gemm_splitk_reduce (splits in order, bias, residual)."""
         splits = i15_split(w, self._sms)
         blk = i15_block(w.qtype)
-        planes = self._i15_workspace(i15_planes(m, w.cols, blk)[4])
         part = self._splitk_workspace(splits * m * w.rows * 4)
-        launches = [
-            plan_quant_x15(x, planes, m, w.cols, ldx=ldx, blk=blk),
+        launches = []
+        if planes is None:
+            planes = self._i15_workspace(i15_planes(m, w.cols, blk)[4])
+            launches.append(plan_quant_x15(x, planes, m, w.cols, ldx=ldx, blk=blk))
+        launches += [
             plan_i15(w, planes, part, m, splits),
             plan_splitk_reduce(part, splits, m, w.rows, y, bias=bias, residual=residual, ldy=ldy),
         ]
