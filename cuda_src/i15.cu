@@ -63,6 +63,61 @@ __device__ __forceinline__ float i15_step(float y, float dx, float dsup, float d
   return __fadd_rn(y, __fmul_rn(dx, w));
 }
 
+// Where a core's results go. Without y (tools/i15.py): split z's partials into part
+// [splits][M][N], summed by i15_reduce or gemm_splitk_reduce. With y (the worker): y[t * ldy
+// + n] = (the sum + bias[n]) + res[t * ldy + n] (bias, res optional; res may be y), with
+// gemm_splitk_reduce's steps: one split writes y at once; with several, each writes its
+// partials and the last block of a tile to finish (a ticket per tile, zero between launches)
+// adds the tile's partials in split order. No second launch either way.
+struct I15Out {
+  float* part;
+  float* y;
+  const float* bias;
+  const float* res;
+  long long ldy;
+  int* tickets;
+};
+
+__device__ __forceinline__ void i15_put(const I15Out& o, int splits, int z, int M, int N, int t,
+                                        int n, float v) {
+  if (o.y && splits == 1) {
+    if (o.bias) v = __fadd_rn(v, o.bias[n]);
+    const size_t yo = (size_t)t * o.ldy + n;
+    if (o.res) v = __fadd_rn(v, o.res[yo]);
+    o.y[yo] = v;
+  } else {
+    o.part[((size_t)z * M + t) * N + n] = v;
+  }
+}
+
+// After every thread of the block has put its results: the tile [t0, t0 + nt) x [n0, n0 + nn)
+// (ticket `tile`) is finished by its last block. Every thread of the block must call it.
+__device__ __forceinline__ void i15_finish(const I15Out& o, int splits, int tile, int M, int N,
+                                           int t0, int nt, int n0, int nn) {
+  if (!o.y || splits == 1) return;
+  __shared__ int i15_last;
+  __threadfence();  // this thread's partials are visible to the device
+  __syncthreads();  // every thread's
+  if (threadIdx.x == 0) {
+    i15_last = atomicAdd(o.tickets + tile, 1) == splits - 1;
+    if (i15_last) o.tickets[tile] = 0;  // every split of the tile has counted
+  }
+  __syncthreads();
+  if (!i15_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < nt * nn; i += blockDim.x) {
+    const int t = t0 + i / nn, n = n0 + i % nn;
+    if (t >= M || n >= N) continue;
+    const float* p = o.part + (size_t)t * N + n;
+    float v = __ldcg(p);
+    for (int z = 1; z < splits; ++z) v = __fadd_rn(v, __ldcg(p + (size_t)z * M * N));
+    if (o.bias) v = __fadd_rn(v, o.bias[n]);
+    const size_t yo = (size_t)t * o.ldy + n;
+    if (o.res) v = __fadd_rn(v, o.res[yo]);
+    o.y[yo] = v;
+  }
+}
+
 // The weight formats: a super-block's bytes, where its 4-bit codes start, and the codes of
 // sub-block s as bytes (k = 4i .. 4i + 3 of the sub-block in word i): Q4_K keeps sub-blocks
 // 2p and 2p + 1 in the low and high nibbles of qs[32p ..]; Q5_K adds bit s of qh[k] as the
@@ -92,7 +147,7 @@ __device__ __forceinline__ void skinny15(const uint8_t* __restrict__ w, int N, i
                                          const int8_t* __restrict__ xlo,
                                          const float* __restrict__ xd,
                                          const int* __restrict__ xsq, int M, int splits,
-                                         float* __restrict__ part) {
+                                         I15Out out) {
   using F = I15Fmt<T>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int nsb = K / 256;
@@ -118,12 +173,11 @@ __device__ __forceinline__ void skinny15(const uint8_t* __restrict__ w, int N, i
       ssq[t * per * 8 + b] = xsq[(size_t)t * (K / 32) + sb0 * 8 + b];
   }
   __syncthreads();
-  const int n = blockIdx.x * 256 + threadIdx.x;
-  if (n >= N) return;
+  const int n = blockIdx.x * 256 + threadIdx.x;  // rows past N: row N - 1, results dropped
   float y[I15_MAX_ROWS];
 #pragma unroll
   for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
-  const uint8_t* row = w + (size_t)n * nsb * F::BYTES;
+  const uint8_t* row = w + (size_t)min(n, N - 1) * nsb * F::BYTES;
   for (int j = 0; j < nloc; ++j) {
     const uint8_t* blk = row + (size_t)(sb0 + j) * F::BYTES;
     uint4 raw[F::BYTES / 16];
@@ -180,16 +234,18 @@ __device__ __forceinline__ void skinny15(const uint8_t* __restrict__ w, int N, i
   }
 #pragma unroll
   for (int t = 0; t < I15_MAX_ROWS; ++t)
-    if (t < M) part[((size_t)z * M + t) * N + n] = y[t];
+    if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[t]);
+  i15_finish(out, splits, blockIdx.x, M, N, 0, M, blockIdx.x * 256, 256);
 }
 
 #define SKINNY15(TY, NAME)                                                                  \
   extern "C" __global__ void __launch_bounds__(256) skinny15_##NAME(                       \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
+      const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    skinny15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                             \
+    skinny15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
   }
 SKINNY15(QT_Q4_K, q4_k)
 SKINNY15(QT_Q5_K, q5_k)
@@ -233,7 +289,7 @@ __device__ __forceinline__ void gemm15(const uint8_t* __restrict__ w, int N, int
                                        const int8_t* __restrict__ xhi,
                                        const int8_t* __restrict__ xlo,
                                        const float* __restrict__ xd, const int* __restrict__ xsq,
-                                       int M, int splits, float* __restrict__ part) {
+                                       int M, int splits, I15Out out) {
   using F = I15Fmt<T>;
   __shared__ __align__(16) int8_t shi[G15_TOK * G15_PAD];
   __shared__ __align__(16) int8_t slo[G15_TOK * G15_PAD];
@@ -353,17 +409,20 @@ __device__ __forceinline__ void gemm15(const uint8_t* __restrict__ w, int N, int
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
+             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
 
 #define GEMM15(TY, NAME)                                                                    \
   extern "C" __global__ void __launch_bounds__(128) gemm15_##NAME(                         \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
+      const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                               \
+    gemm15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
   }
 GEMM15(QT_Q4_K, q4_k)
 GEMM15(QT_Q5_K, q5_k)
@@ -414,7 +473,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
                                         const int8_t* __restrict__ xlo,
                                         const float* __restrict__ xd,
                                         const int* __restrict__ xsq, int M, int splits,
-                                        float* __restrict__ part) {
+                                        I15Out out) {
   using F = I15Fmt<T>;
   using L = G15P<T>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -545,17 +604,20 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
+             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
 
 #define GEMM15P(TY, NAME)                                                                   \
   extern "C" __global__ void __launch_bounds__(128) gemm15p_##NAME(                        \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
+      const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15p<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                              \
+    gemm15p<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
   }
 GEMM15P(QT_Q4_K, q4_k)
 GEMM15P(QT_Q5_K, q5_k)
@@ -597,8 +659,10 @@ __device__ __forceinline__ void mma_s8s8(int d[4], const uint32_t a[4], const ui
 extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
     const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
     const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
-    int M, int splits, float* __restrict__ part) {
+    int M, int splits, float* __restrict__ part, float* dst, const float* bias, const float* res,
+    long long ldy, int* tickets) {
   pdl_start();  // PDL-aware (worker/backends/cuda/context.py)
+  const I15Out out{part, dst, bias, res, ldy, tickets};
   extern __shared__ __align__(16) uint8_t q6smem[];
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
@@ -620,12 +684,11 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
     for (int b = threadIdx.x; b < nloc; b += 256) sd[t * per + b] = xd[(size_t)t * nsb + sb0 + b];
   }
   __syncthreads();
-  const int n = blockIdx.x * 256 + threadIdx.x;
-  if (n >= N) return;
+  const int n = blockIdx.x * 256 + threadIdx.x;  // rows past N: row N - 1, results dropped
   float y[I15_MAX_ROWS];
 #pragma unroll
   for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
-  const uint8_t* row = w + (size_t)n * nsb * 210;
+  const uint8_t* row = w + (size_t)min(n, N - 1) * nsb * 210;
   for (int j = 0; j < nloc; ++j) {
     const uint8_t* blk = row + (size_t)(sb0 + j) * 210;
     const uint32_t* a = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(blk) & ~(uintptr_t)3);
@@ -673,7 +736,8 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
   }
 #pragma unroll
   for (int t = 0; t < I15_MAX_ROWS; ++t)
-    if (t < M) part[((size_t)z * M + t) * N + n] = y[t];
+    if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[t]);
+  i15_finish(out, splits, blockIdx.x, M, N, 0, M, blockIdx.x * 256, 256);
 }
 
 // gemm15p for Q6_K: the same tiles and staging, a weight row's block staged as its 16-byte
@@ -693,8 +757,10 @@ __device__ __forceinline__ uint32_t q6p_word(const uint8_t* rowp, int off, int b
 extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
     const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
     const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
-    int M, int splits, float* __restrict__ part) {
+    int M, int splits, float* __restrict__ part, float* dst, const float* bias, const float* res,
+    long long ldy, int* tickets) {
   pdl_start();  // PDL-aware (worker/backends/cuda/context.py)
+  const I15Out out{part, dst, bias, res, ldy, tickets};
   extern __shared__ __align__(16) uint8_t q6smem[];
   const int slots = (int)(i15_dyn_smem() / Q6P_SLOT);
   if (slots < 1) __trap();
@@ -812,8 +878,10 @@ extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
+             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
 
 // ---- Q4_0 / Q5_0 / Q8_0: blocks of 32 (18 / 22 / 34 bytes, 2-byte aligned), an fp16 step d
@@ -895,7 +963,7 @@ __device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, 
                                           const int8_t* __restrict__ xlo,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xsq, int M, int splits,
-                                          float* __restrict__ part) {
+                                          I15Out out) {
   using F = I15Leg<T>;
   constexpr int NW = (F::BYTES + 2) / 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, l8 = lane & 7;
@@ -967,17 +1035,19 @@ __device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, 
   if (n < N && l8 == 0) {
 #pragma unroll
     for (int t = 0; t < I15_MAX_ROWS; ++t)
-      if (t < M) part[((size_t)z * M + t) * N + n] = y[t];
+      if (t < M) i15_put(out, splits, z, M, N, t, n, y[t]);
   }
+  i15_finish(out, splits, blockIdx.x, M, N, 0, M, blockIdx.x * 32, 32);
 }
 
 #define SKINNY15L(TY, NAME)                                                                 \
   extern "C" __global__ void __launch_bounds__(256) skinny15_##NAME(                       \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
+      const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    skinny15l<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, part);                            \
+    skinny15l<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
   }
 SKINNY15L(QT_Q4_0, q4_0)
 SKINNY15L(QT_Q5_0, q5_0)
@@ -1000,7 +1070,7 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
                                          const int8_t* __restrict__ xhi,
                                          const int8_t* __restrict__ xlo,
                                          const float* __restrict__ xd, int M, int splits,
-                                         float* __restrict__ part) {
+                                         I15Out out) {
   using F = I15Leg<T>;
   using L = G15L<T>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -1097,17 +1167,20 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) part[((size_t)z * M + t) * N + n] = y[nt][e];
+      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
+             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
 
 #define GEMM15PL(TY, NAME)                                                                  \
   extern "C" __global__ void __launch_bounds__(128) gemm15p_##NAME(                        \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part) {          \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
+      const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15pl<TY>(w, N, K, xhi, xlo, xd, M, splits, part);                                  \
+    gemm15pl<TY>(w, N, K, xhi, xlo, xd, M, splits, {part, y, bias, res, ldy, tickets});    \
   }
 GEMM15PL(QT_Q4_0, q4_0)
 GEMM15PL(QT_Q5_0, q5_0)

@@ -239,13 +239,15 @@ class I15:
             "d": ((m, k // blk), np.float32),
             "sq": ((m, k // 32), np.int32),
             "part": ((splits, m, n), np.float32),
+            # a ticket per output tile (at most one a 32 x 32): zeros between launches
+            "tickets": ((-(-n // 32) * -(-m // 32),), np.int32),
         }
 
     def buffers(self, m: int, k: int, n: int, splits: int) -> dict[str, Any]:
         import pycuda.gpuarray as ga
 
         shapes = self.shapes(m, k, n, splits, self.blk)
-        return {key: ga.empty(*v) for key, v in shapes.items()}
+        return {key: (ga.zeros if key == "tickets" else ga.empty)(*v) for key, v in shapes.items()}
 
     def run(
         self,
@@ -259,10 +261,12 @@ class I15:
         b: dict[str, Any],
         stream: Any = None,
         core: str = "auto",
+        fused: bool = False,
     ) -> None:
         """y = x w^T by the dp4a core (`core` "skinny", at most 8 rows), the tensor-core one
         ("gemm"), the same staged through shared memory ("gemmp"), or "auto": skinny up to
-        8 rows."""
+        8 rows. The splits' partials are summed by i15_reduce, or with `fused` by the core
+        itself (its last block of a tile; b["tickets"] must be zeros), as the worker runs it."""
         i32 = np.int32
         if core == "auto":
             core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
@@ -270,12 +274,18 @@ class I15:
             x, np.int64(k), i32(m), i32(k), i32(self.blk), b["hi"], b["lo"], b["d"], b["sq"],
             block=(256, 1, 1), grid=(-(-k // 256), m), stream=stream,
         )  # fmt: skip
+        null = np.intp(0)
+        out = (
+            (y, null, null, np.int64(n), b["tickets"])
+            if fused
+            else (null, null, null, np.int64(0), null)
+        )
         args = (w, i32(n), i32(k), b["hi"], b["lo"], b["d"], b["sq"], i32(m), i32(splits))
         tiles = ((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + GEMM_TOK - 1) // GEMM_TOK, splits)
         if core == "skinny" and self.blk == 32:  # 32 weight rows a block
             assert m <= SKINNY_MAX_ROWS, m
             self.skinny(
-                *args, b["part"], block=(256, 1, 1), grid=((n + 31) // 32, splits),
+                *args, b["part"], *out, block=(256, 1, 1), grid=((n + 31) // 32, splits),
                 stream=stream,
             )  # fmt: skip
         elif core == "skinny":
@@ -284,17 +294,18 @@ class I15:
             smem = m * per * (512 + 4 + 32)
             assert smem <= 48 * 1024, smem
             self.skinny(
-                *args, b["part"], block=(256, 1, 1), grid=((n + 255) // 256, splits),
+                *args, b["part"], *out, block=(256, 1, 1), grid=((n + 255) // 256, splits),
                 shared=smem, stream=stream,
             )  # fmt: skip
         elif core == "gemmp" or self.gemm is self.gemmp:
             self.gemmp(
-                *args, b["part"], block=(128, 1, 1), grid=tiles,
+                *args, b["part"], *out, block=(128, 1, 1), grid=tiles,
                 shared=gemmp_shared(self.qtype, k, splits), stream=stream,
             )  # fmt: skip
         else:
-            self.gemm(*args, b["part"], block=(128, 1, 1), grid=tiles, stream=stream)
-        self.reduce(
-            b["part"], i32(n), i32(m), i32(splits), y,
-            block=(256, 1, 1), grid=((n + 255) // 256, m), stream=stream,
-        )  # fmt: skip
+            self.gemm(*args, b["part"], *out, block=(128, 1, 1), grid=tiles, stream=stream)
+        if not fused:
+            self.reduce(
+                b["part"], i32(n), i32(m), i32(splits), y,
+                block=(256, 1, 1), grid=((n + 255) // 256, m), stream=stream,
+            )  # fmt: skip

@@ -112,10 +112,11 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
 
 def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes: int) -> None:
     """The same for the 15-bit integer product (cuda_src/i15.cu: the K-quant shapes whose K
-    is a multiple of 256, and the Q4_0 / Q5_0 / Q8_0 ones): its three launches (activation
-    pre-pass, product, split sum) a product, by the dp4a core (`i15s`, up to 8 rows; for the
-    K-quants where the split's planes fit 48 KiB of shared memory), by the tensor-core one
-    (`i15g`, K-quants) and by the same staged through shared memory (`i15gp`)."""
+    is a multiple of 256, and the Q4_0 / Q5_0 / Q8_0 ones) as the worker launches it (the
+    activation pre-pass, then the product summing its own splits), by the dp4a core (`i15s`,
+    up to 8 rows; for the K-quants where the split's planes fit 48 KiB of shared memory), by
+    the tensor-core one (`i15g`, K-quants) and by the same staged through shared memory
+    (`i15gp`)."""
     import pycuda.gpuarray as ga
 
     from tools.i15 import I15, LEGACY, SKINNY_MAX_ROWS
@@ -145,7 +146,8 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
                 if core == "gemm" and i15.gemm is i15.gemmp:  # Q6_K: the staged core only
                     continue
                 steps: list[Callable[[], None]] = [
-                    partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core) for c in copies
+                    partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, fused=True)
+                    for c in copies
                 ]
                 us = _time(ctx, steps)
                 gbs = raw.nbytes / us / 1e3

@@ -73,12 +73,14 @@ def test_both_cores_are_the_twin_bit_for_bit(
         cores.append("skinny")
     for core in cores:
         outs = []
-        for _ in range(2):
+        for fused in (False, False, True, True):  # the worker's launch sums its own splits
             y = poisoned((m, n))
-            i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core)
+            i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core, fused=fused)
             gpu.Context.synchronize()
             outs.append(y.get())
-        assert outs[0].tobytes() == outs[1].tobytes(), core
+        assert not b["tickets"].get().any()  # the tiles' tickets are zero again
+        for out in outs[1:]:
+            assert out.tobytes() == outs[0].tobytes(), core
         assert outs[0].tobytes() == twin.tobytes(), (core, np.abs(outs[0] - twin).max())
     hi, lo, d, sq = quant_x15(x, 256)
     assert (b["hi"].get() == hi).all() and (b["lo"].get() == lo).all()
@@ -110,10 +112,11 @@ def test_q6_k_cores_are_the_twin_bit_for_bit(gpu: Any, m: int, n: int, k: int, s
     per = -(-(k // 256) // splits)
     cores = ["gemmp"] + (["skinny"] if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024 else [])
     for core in cores:
-        y = poisoned((m, n))
-        i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core)
-        gpu.Context.synchronize()
-        assert y.get().tobytes() == twin.tobytes(), core
+        for fused in (False, True):
+            y = poisoned((m, n))
+            i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core, fused=fused)
+            gpu.Context.synchronize()
+            assert y.get().tobytes() == twin.tobytes(), (core, fused)
 
 
 @pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
@@ -136,10 +139,11 @@ def test_legacy_cores_are_the_twin_bit_for_bit(
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits, qtype)
     for core in ["gemmp"] + (["skinny"] if m <= SKINNY_MAX_ROWS else []):
-        y = poisoned((m, n))
-        i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core)
-        gpu.Context.synchronize()
-        assert y.get().tobytes() == twin.tobytes(), (core, np.abs(y.get() - twin).max())
+        for fused in (False, True):
+            y = poisoned((m, n))
+            i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core, fused=fused)
+            gpu.Context.synchronize()
+            assert y.get().tobytes() == twin.tobytes(), (core, fused, np.abs(y.get() - twin).max())
     hi, lo, d, _ = quant_x15(x, 32)
     xq = (128 * hi.astype(np.float64) + lo).reshape(m, k // 32, 32) * d[..., None]
     ref = xq.reshape(m, k) @ dense.astype(np.float64).T

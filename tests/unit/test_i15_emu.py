@@ -131,6 +131,7 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     assert y33[20].tobytes() == y1[0].tobytes()
 
 
+@pytest.mark.parametrize("one_split", [False, True])  # one split: y written at once
 @pytest.mark.parametrize(
     ("m", "qtype", "gemm"),
     [
@@ -149,11 +150,12 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
-    m: int, qtype: int, gemm: str, monkeypatch: pytest.MonkeyPatch
+    m: int, qtype: int, gemm: str, one_split: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MatmulKernels.i15's three launches as the worker plans them (x with a row stride,
-    bias, in-place residual into a strided y), run on the CPU: the twin's product, then
-    the bias, then the residual, bit for bit."""
+    """MatmulKernels.i15's launches as the worker plans them (x with a row stride, bias,
+    in-place residual into a strided y; the core sums its own splits), run on the CPU: the
+    twin's product, then the bias, then the residual, bit for bit, and the tickets zero
+    again afterwards."""
     from tools import kernel_emu
     from worker.backends.cuda import matmul
     from worker.backends.cuda.arena import DevBuf
@@ -162,9 +164,9 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
         i15_block,
         i15_planes,
         i15_split,
+        i15_tiles,
         plan_i15,
         plan_quant_x15,
-        plan_splitk_reduce,
     )
 
     monkeypatch.setattr(matmul, "I15_GEMM", gemm)  # the tensor-core core above 8 rows
@@ -172,7 +174,8 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     raw, x = _case(m, n, k, qtype)
     w_raw = aligned(raw)
     w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
-    splits = i15_split(w, 132)
+    splits = 1 if one_split else i15_split(w, 132)
+    assert one_split or splits > 1
     xs = aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
     rng = np.random.default_rng(m)
     bias = rng.standard_normal(n).astype(np.float32)
@@ -182,18 +185,16 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     blk = i15_block(qtype)
     planes = aligned(np.zeros(i15_planes(m, k, blk)[4], np.uint8), 16)
     part = aligned(np.zeros((splits, m, n), np.float32), 16)
+    tickets = aligned(np.zeros(i15_tiles(w, m), np.int32), 16)
 
     def buf(a: np.ndarray) -> DevBuf:
         return DevBuf(a.ctypes.data, a.nbytes)
 
     kernel_emu.run(plan_quant_x15(buf(xs), buf(planes), m, k, ldx=k + 8, blk=blk))
-    kernel_emu.run(plan_i15(w, buf(planes), buf(part), m, splits))
-    kernel_emu.run(
-        plan_splitk_reduce(
-            buf(part), splits, m, n, buf(y), bias=buf(bias), residual=buf(y), ldy=n + 4
-        )
-    )
+    out = {"bias": buf(bias), "residual": buf(y), "ldy": n + 4, "tickets": buf(tickets)}
+    kernel_emu.run(plan_i15(w, buf(planes), buf(part), m, splits, y=buf(y), **out))
     assert y.tobytes() == want.tobytes()
+    assert not tickets.any()
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,7 @@ _ARG_FORMATS: dict[str, str] = {
     "moe_skinny_pair": "PqqiiPPPiPqqPPqiiqiPPP",  # moe_gemm's + second tensor, its bias, its y
     "moe_route": "PiiiPPP",
     "quant_x15": "PqiiiPPPP",
-    "i15": "PiiPPPPiiP",  # skinny15_q4_k and gemm15_q4_k
+    "i15": "PiiPPPPiiPPPPqP",  # the 15-bit cores: ... partials, y, bias, residual, ldy, tickets
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
@@ -597,10 +597,34 @@ def plan_quant_x15(
     return Launch("i15", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
 
-def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) -> Launch:
-    """The 15-bit product of w and quant_x15's planes (m rows, scaled per i15_block) into
-    split partials part[splits][m][w.rows] (gemm_splitk_reduce sums them): skinny15 (dp4a)
-    up to 8 rows, gemm15 / gemm15p (tensor cores) above; the same bits either way."""
+def i15_tiles(w: QWeight, m: int) -> int:
+    """Output tiles of the core plan_i15 picks for m rows (a ticket each when it finishes
+    its own splits)."""
+    if m <= I15_SKINNY_MAX_ROWS:
+        return -(-w.rows // (32 if i15_block(w.qtype) == 32 else 256))
+    return -(-w.rows // I15_GEMM_ROWS) * -(-m // I15_GEMM_TOK)
+
+
+def plan_i15(
+    w: QWeight,
+    planes: BufLike,
+    part: BufLike,
+    m: int,
+    splits: int,
+    *,
+    y: BufLike | None = None,
+    bias: BufLike | None = None,
+    residual: BufLike | None = None,
+    ldy: int | None = None,
+    tickets: BufLike | None = None,
+) -> Launch:
+    """The 15-bit product of w and quant_x15's planes (m rows, scaled per i15_block):
+    skinny15 (dp4a) up to 8 rows, gemm15 / gemm15p (tensor cores) above; the same bits
+    either way. Without y: split partials part[splits][m][w.rows] (gemm_splitk_reduce sums
+    them). With y: y = the product (+ bias) (+ residual) by gemm_splitk_reduce's steps in the
+    same launch (one split: at once; several: the last block of each output tile adds the
+    tile's partials in order, counting on `tickets`, i15_tiles int32 zeros, zeros again
+    after the launch)."""
     lay = _check_weight("i15", w)
     blk = i15_block(w.qtype)
     staged_only = w.qtype == I15_Q6_K or blk == 32
@@ -621,7 +645,25 @@ def plan_i15(w: QWeight, planes: BufLike, part: BufLike, m: int, splits: int) ->
     _need(kernel, pb.ptr > 0 and pb.nbytes >= need, f"partials buffer {pb.nbytes} < {need} bytes")
     _disjoint(kernel, (qb.ptr, qb.ptr + total), (pb.ptr, pb.ptr + need), "planes and partials")
     q = qb.ptr
-    args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr)
+    out: tuple[int, ...] = (0, 0, 0, 0, 0)
+    if y is not None:
+        ldy = w.rows if ldy is None else ldy
+        yr = _check_f32(kernel, "y", as_buf(y), m, w.rows, ldy)
+        _disjoint(kernel, (pb.ptr, pb.ptr + need), yr, "partials and y")
+        _disjoint(kernel, (qb.ptr, qb.ptr + total), yr, "planes and y")
+        bb, rb = _opt_buf(bias), _opt_buf(residual)
+        if bb is not None:
+            _check_f32(kernel, "bias", bb, 1, w.rows, w.rows)
+        if rb is not None:
+            rr = _check_f32(kernel, "residual", rb, m, w.rows, ldy)
+            _need(kernel, rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0], "residual overlaps y")
+        tb = _opt_buf(tickets)
+        _need(kernel, tb is not None and tb.nbytes >= 4 * i15_tiles(w, m), "tickets too small")
+        assert tb is not None
+        out = (as_buf(y).ptr, bb.ptr if bb else 0, rb.ptr if rb else 0, ldy, tb.ptr)
+    else:
+        _need(kernel, bias is None and residual is None, "bias or residual without y")
+    args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr, *out)
     if m <= I15_SKINNY_MAX_ROWS and blk == 32:  # 8 warps of 4 rows, X read through L1
         shared = 0
         grid, block = (-(-w.rows // 32), splits, 1), (256, 1, 1)
@@ -1147,6 +1189,7 @@ class MatmulKernels:
         self._route_gen = 0  # MoeRoute.gen of the latest routing pre-pass
         self._moe_ws_keep: list[Any] = []
         self._i15_ws: DevBuf | None = None  # quant_x15's planes (_i15_workspace)
+        self._i15_tk: DevBuf | None = None  # the integer cores' tickets (_i15_tickets)
         self.int15 = INT15  # K-quant products by the 15-bit integer cores (with `invariant`)
         # batch invariance: every row count takes the tensor-core forms (gemm, routed
         # moe_gemm), whose per-row arithmetic does not depend on the other rows, so a row's
@@ -1340,8 +1383,8 @@ class MatmulKernels:
         planes: BufLike | None = None,
     ) -> None:
         """y = w x (+ bias) (+ residual) by the 15-bit integer cores: quant_x15 (unless
-        `planes` holds x's codes already), skinny15 or gemm15 / gemm15p into split partials,
-        gemm_splitk_reduce (splits in order, bias, residual)."""
+        `planes` holds x's codes already), then skinny15 or gemm15 / gemm15p, which also sum
+        their splits in order and add bias and residual (one launch)."""
         splits = i15_split(w, self._sms)
         blk = i15_block(w.qtype)
         part = self._splitk_workspace(splits * m * w.rows * 4)
@@ -1349,12 +1392,36 @@ class MatmulKernels:
         if planes is None:
             planes = self._i15_workspace(i15_planes(m, w.cols, blk)[4])
             launches.append(plan_quant_x15(x, planes, m, w.cols, ldx=ldx, blk=blk))
-        launches += [
-            plan_i15(w, planes, part, m, splits),
-            plan_splitk_reduce(part, splits, m, w.rows, y, bias=bias, residual=residual, ldy=ldy),
-        ]
+        tickets = self._i15_tickets(i15_tiles(w, m))
+        launches.append(
+            plan_i15(
+                w,
+                planes,
+                part,
+                m,
+                splits,
+                y=y,
+                bias=bias,
+                residual=residual,
+                ldy=ldy,
+                tickets=tickets,
+            )
+        )
         for launch in launches:  # all checked before any is queued
             self.run(launch, stream)
+
+    def _i15_tickets(self, n: int) -> DevBuf:
+        """The integer cores' tickets (a zero int32 per output tile; each launch leaves them
+        zero): grown on demand, zeroed when allocated; reserve() sizes it before any capture."""
+        if self._i15_tk is None or self._i15_tk.nbytes < 4 * n:
+            import pycuda.driver as drv
+
+            size = 1 << (max(4 * n, 1 << 16) - 1).bit_length()
+            alloc = drv.mem_alloc(size)
+            drv.memset_d32(alloc, 0, size // 4)
+            self._x16_keep.append(alloc)
+            self._i15_tk = DevBuf(int(alloc), size)
+        return self._i15_tk
 
     def _i15_workspace(self, nbytes: int) -> DevBuf:
         """quant_x15's planes: grown on demand and kept (queued launches may still read an
@@ -1537,6 +1604,9 @@ class MatmulKernels:
         if self.int15:
             # (scales per 32 need the most bytes)
             self._i15_workspace(i15_planes(max_tokens, -(-max_k // 256) * 256, 32)[4])
+            i15w = [w for w in weights if w.experts == 1 and w.qtype in I15_TYPES]
+            tiles = [i15_tiles(w, m) for w in i15w for m in (1, max_tokens)]
+            self._i15_tickets(max(tiles, default=1))
             parts += [
                 i15_split(w, self._sms) * w.rows
                 for w in weights
