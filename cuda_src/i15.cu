@@ -432,11 +432,11 @@ GEMM15(QT_Q5_K, q5_k)
 // of X and the raw super-blocks of its 64 weight rows go to dynamic shared memory by cp.async
 // (rows of X past M as zeros), then one wait and one barrier, then the chunk's products from
 // shared memory only. The host gives min(per, 3) chunk slots of G15P_SLOT<T> bytes each.
-template <int T> struct G15P {
+template <int T, int TOK> struct G15P {
   static constexpr int W = I15Fmt<T>::BYTES;
-  static constexpr int XH = 0, XL = G15_TOK * G15_PAD, WQ = 2 * G15_TOK * G15_PAD;
-  static constexpr int DX = WQ + G15_ROWS * W, SQ = DX + G15_TOK * 4;
-  static constexpr int SLOT = SQ + G15_TOK * 8 * 4;  // a multiple of 16
+  static constexpr int XH = 0, XL = TOK * G15_PAD, WQ = 2 * TOK * G15_PAD;
+  static constexpr int DX = WQ + G15_ROWS * W, SQ = DX + TOK * 4;
+  static constexpr int SLOT = SQ + TOK * 8 * 4;  // a multiple of 16
 };
 
 // 16 bytes to shared memory by cp.async, of which the first n are read (the rest zeros)
@@ -467,7 +467,7 @@ __device__ __forceinline__ unsigned i15_dyn_smem() {
 #endif
 }
 
-template <int T>
+template <int T, int NT>
 __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, int K,
                                         const int8_t* __restrict__ xhi,
                                         const int8_t* __restrict__ xlo,
@@ -475,7 +475,8 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
                                         const int* __restrict__ xsq, int M, int splits,
                                         I15Out out) {
   using F = I15Fmt<T>;
-  using L = G15P<T>;
+  constexpr int TOK = 8 * NT;  // rows of X a block: NT n8 tiles
+  using L = G15P<T, TOK>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int slots = (int)(i15_dyn_smem() / L::SLOT);
   if (slots < 1) __trap();
@@ -484,11 +485,11 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
   const int per = (nsb + splits - 1) / splits;
   const int z = blockIdx.z;
   const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
-  const int t0 = blockIdx.y * G15_TOK, n0 = blockIdx.x * G15_ROWS;
+  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * G15_ROWS;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;  // this lane's weight rows in the tile
-  float y[4][4];
+  float y[NT][4];
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
   for (int c0 = sb0; c0 < sb1; c0 += slots) {
@@ -497,7 +498,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
     for (int c = 0; c < cn; ++c) {
       uint8_t* sl = smem + c * L::SLOT;
       const int j = c0 + c;
-      for (int i = threadIdx.x; i < G15_TOK * 16; i += 128) {  // planes: 16 pieces a row
+      for (int i = threadIdx.x; i < TOK * 16; i += 128) {  // planes: 16 pieces a row
         const int t = i >> 4, o = (i & 15) * 16;
         const bool ok = t0 + t < M;
         const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
@@ -509,13 +510,13 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
         const size_t src = (size_t)min(n0 + r, N - 1) * nsb * F::BYTES + (size_t)j * F::BYTES + o;
         i15_cp16(sl + L::WQ + r * F::BYTES + o, w + src, true);
       }
-      if (threadIdx.x < G15_TOK * 2) {  // sq: two pieces a row
+      if (threadIdx.x < TOK * 2) {  // sq: two pieces a row
         const int t = threadIdx.x >> 1, o = (threadIdx.x & 1) * 4;
         const bool ok = t0 + t < M;
         i15_cp16(sl + L::SQ + (t * 8 + o) * 4,
                  xsq + (size_t)(ok ? t0 + t : 0) * (K / 32) + (size_t)j * 8 + o, ok);
-      } else if (threadIdx.x < G15_TOK * 3) {
-        const int t = threadIdx.x - G15_TOK * 2;
+      } else if (threadIdx.x < TOK * 3) {
+        const int t = threadIdx.x - TOK * 2;
         reinterpret_cast<float*>(sl + L::DX)[t] =
             t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
       }
@@ -542,9 +543,9 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
           h1[h] = *reinterpret_cast<const uint32_t*>(b1 + 16 + 16 * h + 4 * tg);
         }
       }
-      int th[4][4], tl[4][4];
+      int th[NT][4], tl[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
 #pragma unroll
@@ -560,7 +561,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
         const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + s * 32 +
                              ((lane >> 3) & 1) * 16;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
           uint32_t bf[4];
           ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
           int dh[4], dl[4];
@@ -586,7 +587,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
         scale_min_k4(sc1, s, sc, m1[s]);
       }
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int t = nt * 8 + 2 * tg + (e & 1);
@@ -600,27 +601,29 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
   }
   const int r0 = n0 + lr0, r1 = n0 + lr1;
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
       if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
-  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
-             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
+             TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
 
-#define GEMM15P(TY, NAME)                                                                   \
-  extern "C" __global__ void __launch_bounds__(128) gemm15p_##NAME(                        \
+#define GEMM15P(TY, NAME, NT, SUFFIX)                                                       \
+  extern "C" __global__ void __launch_bounds__(128) gemm15p##SUFFIX##_##NAME(              \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
       const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15p<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
+    gemm15p<TY, NT>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
   }
-GEMM15P(QT_Q4_K, q4_k)
-GEMM15P(QT_Q5_K, q5_k)
+GEMM15P(QT_Q4_K, q4_k, 4, )
+GEMM15P(QT_Q5_K, q5_k, 4, )
+GEMM15P(QT_Q4_K, q4_k, 1, 8)
+GEMM15P(QT_Q5_K, q5_k, 1, 8)
 
 // ---- Q6_K: 210-byte blocks (2-byte aligned): ql[128], qh[64], int8 scales[16], fp16 d.
 // Element 32G + l of a super-block (32-group G = 4h + r, l < 32) is d * sc[2G + l / 16] *
@@ -745,81 +748,84 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
 // fragment fall in distinct banks; the last piece reads only the block's bytes), each word
 // read as two aligned words shifted into place.
 constexpr int Q6P_ROW = 240;
-constexpr int Q6P_XH = 0, Q6P_XL = G15_TOK * G15_PAD, Q6P_WQ = 2 * G15_TOK * G15_PAD;
-constexpr int Q6P_DX = Q6P_WQ + G15_ROWS * Q6P_ROW;
-constexpr int Q6P_SLOT = Q6P_DX + G15_TOK * 4;  // a multiple of 16
+template <int TOK> struct Q6P {
+  static constexpr int XH = 0, XL = TOK * G15_PAD, WQ = 2 * TOK * G15_PAD;
+  static constexpr int DX = WQ + G15_ROWS * Q6P_ROW;
+  static constexpr int SLOT = DX + TOK * 4;  // a multiple of 16
+};
 
 __device__ __forceinline__ uint32_t q6p_word(const uint8_t* rowp, int off, int b) {
   const uint32_t* p = reinterpret_cast<const uint32_t*>(rowp + ((off + b) & ~3));
   return __funnelshift_r(p[0], p[1], (unsigned)(off & 3) * 8);
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
-    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
-    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
-    int M, int splits, float* __restrict__ part, float* dst, const float* bias, const float* res,
-    long long ldy, int* tickets) {
-  pdl_start();  // PDL-aware (worker/backends/cuda/context.py)
-  const I15Out out{part, dst, bias, res, ldy, tickets};
-  extern __shared__ __align__(16) uint8_t q6smem[];
-  const int slots = (int)(i15_dyn_smem() / Q6P_SLOT);
+template <int NT>
+__device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N, int K,
+                                            const int8_t* __restrict__ xhi,
+                                            const int8_t* __restrict__ xlo,
+                                            const float* __restrict__ xd, int M, int splits,
+                                            I15Out out) {
+  constexpr int TOK = 8 * NT;  // rows of X a block: NT n8 tiles
+  using L = Q6P<TOK>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int slots = (int)(i15_dyn_smem() / L::SLOT);
   if (slots < 1) __trap();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
   const int z = blockIdx.z;
   const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
-  const int t0 = blockIdx.y * G15_TOK, n0 = blockIdx.x * G15_ROWS;
+  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * G15_ROWS;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
-  float y[4][4];
+  float y[NT][4];
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
   for (int c0 = sb0; c0 < sb1; c0 += slots) {
     const int cn = min(slots, sb1 - c0);
     if (c0 != sb0) __syncthreads();  // the previous chunk is read
     for (int c = 0; c < cn; ++c) {
-      uint8_t* sl = q6smem + c * Q6P_SLOT;
+      uint8_t* sl = smem + c * L::SLOT;
       const int j = c0 + c;
-      for (int i = threadIdx.x; i < G15_TOK * 16; i += 128) {
+      for (int i = threadIdx.x; i < TOK * 16; i += 128) {
         const int t = i >> 4, o = (i & 15) * 16;
         const bool ok = t0 + t < M;
         const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
-        i15_cp16(sl + Q6P_XH + t * G15_PAD + o, xhi + src, ok);
-        i15_cp16(sl + Q6P_XL + t * G15_PAD + o, xlo + src, ok);
+        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, ok);
+        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, ok);
       }
       for (int i = threadIdx.x; i < G15_ROWS * 14; i += 128) {
         const int r = i / 14, o = (i % 14) * 16;
         const uint8_t* b = w + (size_t)min(n0 + r, N - 1) * nsb * 210 + (size_t)j * 210;
         const uint8_t* a16 = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) & ~(uintptr_t)15);
         const int left = (int)(b + 210 - (a16 + o));  // block bytes from this piece on
-        i15_cpn(sl + Q6P_WQ + r * Q6P_ROW + o, a16 + o, max(0, min(16, left)));
+        i15_cpn(sl + L::WQ + r * Q6P_ROW + o, a16 + o, max(0, min(16, left)));
       }
-      if (threadIdx.x < G15_TOK) {
+      if (threadIdx.x < TOK) {
         const int t = threadIdx.x;
-        reinterpret_cast<float*>(sl + Q6P_DX)[t] =
+        reinterpret_cast<float*>(sl + L::DX)[t] =
             t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
       }
     }
     i15_cp_wait_all();
     __syncthreads();
     for (int c = 0; c < cn; ++c) {
-      const uint8_t* sl = q6smem + c * Q6P_SLOT;
+      const uint8_t* sl = smem + c * L::SLOT;
       const int j = c0 + c;
-      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + Q6P_XH);
-      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + Q6P_XL);
-      const float* sdx = reinterpret_cast<const float*>(sl + Q6P_DX);
+      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + L::XH);
+      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + L::XL);
+      const float* sdx = reinterpret_cast<const float*>(sl + L::DX);
       // this lane's two rows: their blocks' offsets in the staged covers
       const size_t e0 = (size_t)min(n0 + lr0, N - 1) * nsb * 210 + (size_t)j * 210;
       const size_t e1 = (size_t)min(n0 + lr1, N - 1) * nsb * 210 + (size_t)j * 210;
       const int off0 = (int)((reinterpret_cast<uintptr_t>(w) + e0) & 15);
       const int off1 = (int)((reinterpret_cast<uintptr_t>(w) + e1) & 15);
-      const uint8_t* p0 = sl + Q6P_WQ + lr0 * Q6P_ROW;
-      const uint8_t* p1 = sl + Q6P_WQ + lr1 * Q6P_ROW;
-      int th[4][4], tl[4][4];
+      const uint8_t* p0 = sl + L::WQ + lr0 * Q6P_ROW;
+      const uint8_t* p1 = sl + L::WQ + lr1 * Q6P_ROW;
+      int th[NT][4], tl[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
 #pragma unroll
@@ -845,7 +851,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
         const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + G * 32 +
                              ((lane >> 3) & 1) * 16;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
           uint32_t bf[4];
           ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
           int dh0[4], dl0[4], dh1[4], dl1[4];
@@ -864,7 +870,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
       const float d0 = __half2float(__ushort_as_half((uint16_t)q6p_word(p0, off0, 208)));
       const float d1 = __half2float(__ushort_as_half((uint16_t)q6p_word(p1, off1, 208)));
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int t = nt * 8 + 2 * tg + (e & 1);
@@ -874,15 +880,27 @@ extern "C" __global__ void __launch_bounds__(128) gemm15p_q6_k(
   }
   const int r0 = n0 + lr0, r1 = n0 + lr1;
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
       if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
-  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
-             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
+             TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
+
+#define GEMM15P_Q6K(NT, SUFFIX)                                                              \
+  extern "C" __global__ void __launch_bounds__(128) gemm15p##SUFFIX##_q6_k(                \
+      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
+      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
+      const float* bias, const float* res, long long ldy, int* tickets) {                  \
+    pdl_start();                                                                           \
+    gemm15p_q6k<NT>(w, N, K, xhi, xlo, xd, M, splits, {part, y, bias, res, ldy, tickets}); \
+  }
+GEMM15P_Q6K(4, )
+GEMM15P_Q6K(1, 8)
 
 // ---- Q4_0 / Q5_0 / Q8_0: blocks of 32 (18 / 22 / 34 bytes, 2-byte aligned), an fp16 step d
 // at bytes 0-1, value d * (q - off): Q4_0 q = nibble (elements 0-15 the low nibbles of qs[16]
@@ -1059,20 +1077,21 @@ SKINNY15L(QT_Q8_0, q8_0)
 // bytes, and dx [32][8]. A lane's A fragment words are read as two aligned shared words
 // shifted into place, made signed, and each block takes two mma (hi, lo) an n8 tile and one
 // float step an output.
-template <int T> struct G15L {
-  static constexpr int XH = 0, XL = G15_TOK * G15_PAD, WQ = 2 * G15_TOK * G15_PAD;
+template <int T, int TOK> struct G15L {
+  static constexpr int XH = 0, XL = TOK * G15_PAD, WQ = 2 * TOK * G15_PAD;
   static constexpr int DX = WQ + G15_ROWS * I15Leg<T>::PITCH;
-  static constexpr int SLOT = DX + G15_TOK * I15_CHUNK * 4;  // a multiple of 16
+  static constexpr int SLOT = DX + TOK * I15_CHUNK * 4;  // a multiple of 16
 };
 
-template <int T>
+template <int T, int NT>
 __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, int K,
                                          const int8_t* __restrict__ xhi,
                                          const int8_t* __restrict__ xlo,
                                          const float* __restrict__ xd, int M, int splits,
                                          I15Out out) {
   using F = I15Leg<T>;
-  using L = G15L<T>;
+  constexpr int TOK = 8 * NT;  // rows of X a block: NT n8 tiles
+  using L = G15L<T, TOK>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int slots = (int)(i15_dyn_smem() / L::SLOT);
   if (slots < 1) __trap();
@@ -1081,12 +1100,12 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
   const int per = i15_leg_per(nb, splits);
   const int z = blockIdx.z;
   const int b0 = min(nb, z * per), b1 = min(nb, b0 + per);
-  const int t0 = blockIdx.y * G15_TOK, n0 = blockIdx.x * G15_ROWS;
+  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * G15_ROWS;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
   const size_t rowb = (size_t)nb * F::BYTES;
-  float y[4][4];
+  float y[NT][4];
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
   for (int c0 = b0; c0 < b1; c0 += slots * I15_CHUNK) {
@@ -1095,7 +1114,7 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
     for (int c = 0; c < cn; ++c) {
       uint8_t* sl = smem + c * L::SLOT;
       const int jb = c0 + c * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
-      for (int i = threadIdx.x; i < G15_TOK * 2 * nbc; i += 128) {  // planes: 2 pieces a block
+      for (int i = threadIdx.x; i < TOK * 2 * nbc; i += 128) {  // planes: 2 pieces a block
         const int t = i / (2 * nbc), o = (i % (2 * nbc)) * 16;
         const bool ok = t0 + t < M;
         const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)jb * 32 + o;
@@ -1111,7 +1130,7 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
         const int left = (int)(s + nbc * F::BYTES - (a16 + o));  // block bytes from here on
         if (left > 0) i15_cpn(sl + L::WQ + r * F::PITCH + o, a16 + o, min(16, left));
       }
-      for (int i = threadIdx.x; i < G15_TOK * I15_CHUNK; i += 128) {
+      for (int i = threadIdx.x; i < TOK * I15_CHUNK; i += 128) {
         const int t = i / I15_CHUNK, b = i % I15_CHUNK;
         reinterpret_cast<float*>(sl + L::DX)[i] =
             t0 + t < M && b < nbc ? xd[(size_t)(t0 + t) * nb + jb + b] : 0.f;
@@ -1145,7 +1164,7 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
         const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + b * 32 +
                              ((lane >> 3) & 1) * 16;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
           uint32_t bf[4];
           ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
           int dh[4], dl[4];
@@ -1163,28 +1182,31 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
   }
   const int r0 = n0 + lr0, r1 = n0 + lr1;
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
       if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
-  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
-             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
+             TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
 
-#define GEMM15PL(TY, NAME)                                                                  \
-  extern "C" __global__ void __launch_bounds__(128) gemm15p_##NAME(                        \
+#define GEMM15PL(TY, NAME, NT, SUFFIX)                                                      \
+  extern "C" __global__ void __launch_bounds__(128) gemm15p##SUFFIX##_##NAME(              \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
       const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15pl<TY>(w, N, K, xhi, xlo, xd, M, splits, {part, y, bias, res, ldy, tickets});    \
+    gemm15pl<TY, NT>(w, N, K, xhi, xlo, xd, M, splits, {part, y, bias, res, ldy, tickets}); \
   }
-GEMM15PL(QT_Q4_0, q4_0)
-GEMM15PL(QT_Q5_0, q5_0)
-GEMM15PL(QT_Q8_0, q8_0)
+GEMM15PL(QT_Q4_0, q4_0, 4, )
+GEMM15PL(QT_Q5_0, q5_0, 4, )
+GEMM15PL(QT_Q8_0, q8_0, 4, )
+GEMM15PL(QT_Q4_0, q4_0, 1, 8)
+GEMM15PL(QT_Q5_0, q5_0, 1, 8)
+GEMM15PL(QT_Q8_0, q8_0, 1, 8)
 
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,

@@ -17,22 +17,22 @@ GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
 GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
 
 
-def gemmp_slot(qtype: int) -> int:
-    """Shared bytes of one super-block (legacy: chunk of 8 blocks) gemm15p stages: the
-    worker's layout (worker.backends.cuda.matmul.i15_gemmp_slot)."""
+def gemmp_slot(qtype: int, tok: int = GEMM_TOK) -> int:
+    """Shared bytes of one super-block (legacy: chunk of 8 blocks) gemm15p (tok 32) or
+    gemm15p8 (tok 8) stages: the worker's layout (worker.backends.cuda.matmul.i15_gemmp_slot)."""
     from worker.backends.cuda.matmul import i15_gemmp_slot
 
-    return i15_gemmp_slot(qtype, BYTES.get(qtype, 0))
+    return i15_gemmp_slot(qtype, BYTES.get(qtype, 0), tok)
 
 
-def gemmp_shared(qtype: int, k: int, splits: int) -> int:
-    """gemm15p's dynamic shared memory: a slot for each super-block (legacy: chunk) of a
-    split, at most GEMMP_SLOTS."""
+def gemmp_shared(qtype: int, k: int, splits: int, tok: int = GEMM_TOK) -> int:
+    """gemm15p's (gemm15p8's) dynamic shared memory: a slot for each super-block (legacy:
+    chunk) of a split, at most GEMMP_SLOTS."""
     if qtype in LEGACY:
         per = legacy_split_blocks(k, splits) // CHUNK
     else:
         per = -(-(k // 256) // splits)
-    return min(per, GEMMP_SLOTS) * gemmp_slot(qtype)
+    return min(per, GEMMP_SLOTS) * gemmp_slot(qtype, tok)
 
 
 def block_of(qtype: int) -> int:
@@ -214,6 +214,7 @@ class I15:
         self.quant = mod.get_function("quant_x15")
         self.skinny = mod.get_function(f"skinny15_{name}")
         self.gemmp = mod.get_function(f"gemm15p_{name}")
+        self.gemmp8 = mod.get_function(f"gemm15p8_{name}")  # one n8 tile: 8 rows a block
         # Q6_K and the legacy formats have only the staged tensor-core core
         staged_only = qtype == Q6_K or qtype in LEGACY
         self.gemm = self.gemmp if staged_only else mod.get_function(f"gemm15_{name}")
@@ -225,9 +226,10 @@ class I15:
             # fewer blocks an SM) and gemm15p's dynamic shared memory above 48 KB
             from worker.backends.cuda.matmul import _allow_dynamic_shared, _prefer_shared
 
-            for fn in (self.quant, self.skinny, self.gemm, self.gemmp, self.reduce):
+            for fn in (self.quant, self.skinny, self.gemm, self.gemmp, self.gemmp8, self.reduce):
                 _prefer_shared(fn)
             _allow_dynamic_shared(self.gemmp, "gemm15p", GEMMP_SLOTS * gemmp_slot(qtype))
+            _allow_dynamic_shared(self.gemmp8, "gemm15p8", GEMMP_SLOTS * gemmp_slot(qtype, 8))
 
     @staticmethod
     def shapes(
@@ -239,8 +241,9 @@ class I15:
             "d": ((m, k // blk), np.float32),
             "sq": ((m, k // 32), np.int32),
             "part": ((splits, m, n), np.float32),
-            # a ticket per output tile (at most one a 32 x 32): zeros between launches
-            "tickets": ((-(-n // 32) * -(-m // 32),), np.int32),
+            # a ticket per output tile (at most one a 32 weight rows x 8 rows of X): zeros
+            # between launches
+            "tickets": ((-(-n // 32) * -(-m // 8),), np.int32),
         }
 
     def buffers(self, m: int, k: int, n: int, splits: int) -> dict[str, Any]:
@@ -264,9 +267,10 @@ class I15:
         fused: bool = False,
     ) -> None:
         """y = x w^T by the dp4a core (`core` "skinny", at most 8 rows), the tensor-core one
-        ("gemm"), the same staged through shared memory ("gemmp"), or "auto": skinny up to
-        8 rows. The splits' partials are summed by i15_reduce, or with `fused` by the core
-        itself (its last block of a tile; b["tickets"] must be zeros), as the worker runs it."""
+        ("gemm"), the same staged through shared memory ("gemmp"; "gemmp8": one n8 tile, 8
+        rows a block), or "auto": skinny up to 8 rows. The splits' partials are summed by
+        i15_reduce, or with `fused` by the core itself (its last block of a tile;
+        b["tickets"] must be zeros), as the worker runs it."""
         i32 = np.int32
         if core == "auto":
             core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
@@ -296,6 +300,12 @@ class I15:
             self.skinny(
                 *args, b["part"], *out, block=(256, 1, 1), grid=((n + 255) // 256, splits),
                 shared=smem, stream=stream,
+            )  # fmt: skip
+        elif core == "gemmp8":
+            self.gemmp8(
+                *args, b["part"], *out, block=(128, 1, 1),
+                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + 7) // 8, splits),
+                shared=gemmp_shared(self.qtype, k, splits, 8), stream=stream,
             )  # fmt: skip
         elif core == "gemmp" or self.gemm is self.gemmp:
             self.gemmp(

@@ -68,7 +68,7 @@ def test_both_cores_are_the_twin_bit_for_bit(
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits)
     per = -(-(k // 256) // splits)
-    cores = ["gemm", "gemmp"]
+    cores = ["gemm", "gemmp", "gemmp8"]
     if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024:
         cores.append("skinny")
     for core in cores:
@@ -110,7 +110,8 @@ def test_q6_k_cores_are_the_twin_bit_for_bit(gpu: Any, m: int, n: int, k: int, s
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits, Q6_K)
     per = -(-(k // 256) // splits)
-    cores = ["gemmp"] + (["skinny"] if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024 else [])
+    small = ["skinny"] if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024 else []
+    cores = ["gemmp", "gemmp8", *small]
     for core in cores:
         for fused in (False, True):
             y = poisoned((m, n))
@@ -138,7 +139,7 @@ def test_legacy_cores_are_the_twin_bit_for_bit(
     b = i15.buffers(m, k, n, splits)
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits, qtype)
-    for core in ["gemmp"] + (["skinny"] if m <= SKINNY_MAX_ROWS else []):
+    for core in ["gemmp", "gemmp8"] + (["skinny"] if m <= SKINNY_MAX_ROWS else []):
         for fused in (False, True):
             y = poisoned((m, n))
             i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core, fused=fused)
@@ -164,16 +165,17 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     assert y64.get()[5].tobytes() == y1.get()[0].tobytes()
 
 
-# the K-quants with each tensor-core core; the legacy formats have one (gemm15p)
-_LINEAR = [(q, g) for q in (Q4_K, Q5_K, Q6_K) for g in ("gemm15", "gemm15p")] + [
-    (q, "gemm15p") for q in (Q4_0, Q5_0, Q8_0)
+# (format, core above 8 rows, rows up to which the dp4a core runs (then gemm15p8)): the
+# K-quants with each tensor-core core, every format with gemm15p8 at 1-8 rows
+_LINEAR = [(q, g, 8) for q in (Q4_K, Q5_K, Q6_K) for g in ("gemm15", "gemm15p")] + [
+    (q, "gemm15p", 0) for q in (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0)
 ]
 
 
-@pytest.mark.parametrize(("qtype", "gemm"), _LINEAR)
+@pytest.mark.parametrize(("qtype", "gemm", "dp4a_rows"), _LINEAR)
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 64])
 def test_worker_linear_takes_the_integer_cores(
-    gpu: Any, m: int, qtype: int, gemm: str, monkeypatch: pytest.MonkeyPatch
+    gpu: Any, m: int, qtype: int, gemm: str, dp4a_rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MatmulKernels.linear with int15 on (WORKER_ORCD_INT15=1): a K-quant product with bias and
     an in-place residual is the twin's, then the bias, then the residual, bit for bit, at
@@ -183,6 +185,7 @@ def test_worker_linear_takes_the_integer_cores(
     from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
 
     monkeypatch.setattr(matmul, "I15_GEMM", gemm)
+    monkeypatch.setattr(matmul, "I15_DP4A_ROWS", dp4a_rows)
     mm = MatmulKernels()
     mm.invariant = True
     mm.int15 = True

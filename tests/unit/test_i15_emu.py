@@ -70,6 +70,9 @@ def test_pre_pass_is_the_twin(i15: I15, blk: int) -> None:
         (1, 100, 512, 1, "gemmp"),
         (7, 130, 768, 3, "gemmp"),
         (33, 72, 2048, 1, "gemmp"),  # 8 super-blocks: three chunks of up to 3
+        (1, 100, 512, 1, "gemmp8"),  # one n8 tile a block
+        (8, 130, 768, 3, "gemmp8"),
+        (17, 72, 2048, 1, "gemmp8"),  # three tiles of rows, 8 super-blocks
     ],
 )
 def test_cores_are_the_twin_bit_for_bit(
@@ -105,6 +108,8 @@ def i15_q6() -> I15:
         (1, 70, 512, 1, "gemmp"),
         (9, 130, 768, 3, "gemmp"),
         (33, 66, 2048, 1, "gemmp"),  # 8 super-blocks: three chunks of up to 3
+        (1, 70, 512, 1, "gemmp8"),
+        (9, 130, 768, 3, "gemmp8"),
     ],
 )
 def test_q6_k_cores_are_the_twin_bit_for_bit(
@@ -131,6 +136,7 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     assert y33[20].tobytes() == y1[0].tobytes()
 
 
+@pytest.mark.parametrize("dp4a_rows", [8, 0])  # up to 8 rows: dp4a, then gemm15p8
 @pytest.mark.parametrize("one_split", [False, True])  # one split: y written at once
 @pytest.mark.parametrize(
     ("m", "qtype", "gemm"),
@@ -150,7 +156,12 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
-    m: int, qtype: int, gemm: str, one_split: bool, monkeypatch: pytest.MonkeyPatch
+    m: int,
+    qtype: int,
+    gemm: str,
+    one_split: bool,
+    dp4a_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """MatmulKernels.i15's launches as the worker plans them (x with a row stride, bias,
     in-place residual into a strided y; the core sums its own splits), run on the CPU: the
@@ -170,10 +181,12 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     )
 
     monkeypatch.setattr(matmul, "I15_GEMM", gemm)  # the tensor-core core above 8 rows
+    monkeypatch.setattr(matmul, "I15_DP4A_ROWS", dp4a_rows)
     n, k = 200, 896 if qtype in (Q4_0, Q5_0, Q8_0) else 1280
     raw, x = _case(m, n, k, qtype)
     w_raw = aligned(raw)
     w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
+    assert (matmul.i15_core(w, m) == "gemm15p8") == (dp4a_rows < m <= 8)
     splits = 1 if one_split else i15_split(w, 132)
     assert one_split or splits > 1
     xs = aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
@@ -213,6 +226,9 @@ def emu_i15() -> Any:
         (9, 130, 896, 4, "gemmp"),  # splits of 8, 8, 8, 4 blocks
         (33, 66, 2048, 1, "gemmp"),  # 8 chunks: three rounds of up to 3 slots
         (40, 37, 160, 1, "gemmp"),  # K under a chunk: one chunk of 5 blocks
+        (1, 70, 896, 1, "gemmp8"),
+        (8, 130, 896, 4, "gemmp8"),
+        (11, 37, 2048, 3, "gemmp8"),
     ],
 )
 def test_legacy_cores_are_the_twin_bit_for_bit(

@@ -48,13 +48,15 @@ def test_macro_families_wait_in_their_core() -> None:
     assert re.search(r"gemm2_##NAME##_m128[^{]*\{\s*\\\s*g2::run", src)
     # the 15-bit integer cores: every kernel of the families waits first, those made by a
     # macro and those written out
-    for family in ("skinny15_", "gemm15_", "gemm15p_"):
-        made = len(re.findall(rf"{family}##NAME\(", src))
-        waits = len(re.findall(rf"{family}##NAME\([^{{]*\{{\s*\\\s*pdl_start\(\);", src))
+    for family in ("skinny15_", "gemm15_", "gemm15p"):  # gemm15p: gemm15p_ and gemm15p8_
+        macro = rf"{family}\w*##[#\w]*\("  # a kernel name made by a macro
+        made = len(re.findall(macro, src))
+        waits = len(re.findall(macro + r"[^{]*\{\s*\\\s*pdl_start\(\);", src))
         written = re.findall(rf"void __launch_bounds__\(\d+\) ({family}[a-z0-9_]+)\(", src)
         assert made > 0 and waits == made, family
         for name in written:
             assert _body(src, name).split("{", 1)[1].lstrip().startswith("pdl_start();"), name
+    assert pdl_aware("gemm15p8_q4_k") and pdl_aware("gemm15p_q6_k")
     # the tensor-core prefill attention waits before its body
     assert re.search(r"attn_prefill_tc_d##D\([^{]*\{\s*\\\s*pdl_start\(\);", src)
 

@@ -239,6 +239,7 @@ PDL_KERNELS = (
     "skinny15_",
     "gemm15_",
     "gemm15p_",
+    "gemm15p8_",
 )
 PDL_DEFAULT = os.environ.get("WORKER_ORCD_PDL", "1") != "0"
 

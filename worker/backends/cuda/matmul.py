@@ -89,7 +89,10 @@ I15_TYPES = (
 I15_Q6_K = 14
 I15_CHUNK = 8  # legacy formats: blocks of 32 a chunk (splits are whole chunks)
 I15_LEGACY_PITCH = {2: 176, 6: 208, 8: 304}  # I15Leg<T>::PITCH: gemm15p's staged row
-I15_SKINNY_MAX_ROWS = 8  # skinny15's rows (I15_MAX_ROWS in i15.cu)
+I15_SKINNY_MAX_ROWS = 8  # skinny15's rows at most (I15_MAX_ROWS in i15.cu)
+# steps of up to this many rows take the dp4a cores, the rest up to 8 the staged tensor-core
+# core with one n8 tile (gemm15p8_*; the same bits): WORKER_ORCD_I15_DP4A_ROWS (A/B, 0-8)
+I15_DP4A_ROWS = min(8, max(0, int(os.environ.get("WORKER_ORCD_I15_DP4A_ROWS", "8"))))
 I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in shared memory
 I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
 I15_GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
@@ -564,16 +567,29 @@ def i15_planes(m: int, k: int, blk: int = 256) -> tuple[int, int, int, int, int]
     return hi, lo, d, sq, sq + 4 * m * (k // 32)
 
 
-def i15_gemmp_slot(qtype: int, block_bytes: int) -> int:
-    """Shared bytes of one staged super-block (legacy: chunk of 8 blocks) of gemm15p: both
-    planes of its 32 rows of X (rows of 272 bytes), its 64 weight rows (Q6_K and legacy: the
-    16-byte aligned covers), d and, for Q4_K / Q5_K, sq (G15P<T>, Q6P_SLOT, G15L<T>)."""
-    planes = 2 * I15_GEMM_TOK * 272
+def i15_gemmp_slot(qtype: int, block_bytes: int, tok: int = I15_GEMM_TOK) -> int:
+    """Shared bytes of one staged super-block (legacy: chunk of 8 blocks) of gemm15p with
+    `tok` rows of X a block (32, or 8 for gemm15p8): both planes of those rows (rows of 272
+    bytes), its 64 weight rows (Q6_K and legacy: the 16-byte aligned covers), d and, for
+    Q4_K / Q5_K, sq (G15P<T, TOK>, Q6P<TOK>, G15L<T, TOK>)."""
+    planes = 2 * tok * 272
     if qtype == I15_Q6_K:
-        return planes + I15_GEMM_ROWS * 240 + I15_GEMM_TOK * 4
+        return planes + I15_GEMM_ROWS * 240 + tok * 4
     if i15_block(qtype) == 32:
-        return planes + I15_GEMM_ROWS * I15_LEGACY_PITCH[qtype] + I15_GEMM_TOK * I15_CHUNK * 4
-    return planes + I15_GEMM_ROWS * block_bytes + I15_GEMM_TOK * 36
+        return planes + I15_GEMM_ROWS * I15_LEGACY_PITCH[qtype] + tok * I15_CHUNK * 4
+    return planes + I15_GEMM_ROWS * block_bytes + tok * 36
+
+
+def i15_core(w: QWeight, m: int) -> str:
+    """The integer core for m rows of w (all give the same bits): the dp4a skinny15 up to
+    I15_DP4A_ROWS rows, the staged tensor-core core with one n8 tile (gemm15p8) up to 8, then
+    gemm15p (32 rows a block) or, for Q4_K / Q5_K under WORKER_ORCD_I15_GEMM=gemm15, gemm15."""
+    if m <= I15_DP4A_ROWS:
+        return "skinny15"
+    if m <= I15_SKINNY_MAX_ROWS:
+        return "gemm15p8"
+    staged_only = w.qtype == I15_Q6_K or i15_block(w.qtype) == 32
+    return "gemm15p" if staged_only else I15_GEMM
 
 
 def plan_quant_x15(
@@ -600,9 +616,11 @@ def plan_quant_x15(
 def i15_tiles(w: QWeight, m: int) -> int:
     """Output tiles of the core plan_i15 picks for m rows (a ticket each when it finishes
     its own splits)."""
-    if m <= I15_SKINNY_MAX_ROWS:
+    core = i15_core(w, m)
+    if core == "skinny15":
         return -(-w.rows // (32 if i15_block(w.qtype) == 32 else 256))
-    return -(-w.rows // I15_GEMM_ROWS) * -(-m // I15_GEMM_TOK)
+    tok = 8 if core == "gemm15p8" else I15_GEMM_TOK
+    return -(-w.rows // I15_GEMM_ROWS) * -(-m // tok)
 
 
 def plan_i15(
@@ -618,18 +636,16 @@ def plan_i15(
     ldy: int | None = None,
     tickets: BufLike | None = None,
 ) -> Launch:
-    """The 15-bit product of w and quant_x15's planes (m rows, scaled per i15_block):
-    skinny15 (dp4a) up to 8 rows, gemm15 / gemm15p (tensor cores) above; the same bits
-    either way. Without y: split partials part[splits][m][w.rows] (gemm_splitk_reduce sums
-    them). With y: y = the product (+ bias) (+ residual) by gemm_splitk_reduce's steps in the
-    same launch (one split: at once; several: the last block of each output tile adds the
-    tile's partials in order, counting on `tickets`, i15_tiles int32 zeros, zeros again
-    after the launch)."""
+    """The 15-bit product of w and quant_x15's planes (m rows, scaled per i15_block) by the
+    core i15_core picks; the same bits whichever. Without y: split partials
+    part[splits][m][w.rows] (gemm_splitk_reduce sums them). With y: y = the product (+ bias)
+    (+ residual) by gemm_splitk_reduce's steps in the same launch (one split: at once;
+    several: the last block of each output tile adds the tile's partials in order, counting
+    on `tickets`, i15_tiles int32 zeros, zeros again after the launch)."""
     lay = _check_weight("i15", w)
     blk = i15_block(w.qtype)
-    staged_only = w.qtype == I15_Q6_K or blk == 32
-    gemm = "gemm15p" if staged_only else I15_GEMM
-    kernel = ("skinny15_" if m <= I15_SKINNY_MAX_ROWS else gemm + "_") + lay.name
+    core = i15_core(w, m)
+    kernel = f"{core}_{lay.name}"
     _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
     _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
     _need(kernel, w.cols % blk == 0, f"row length {w.cols} not a multiple of {blk}")
@@ -664,18 +680,20 @@ def plan_i15(
     else:
         _need(kernel, bias is None and residual is None, "bias or residual without y")
     args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr, *out)
-    if m <= I15_SKINNY_MAX_ROWS and blk == 32:  # 8 warps of 4 rows, X read through L1
+    if core == "skinny15" and blk == 32:  # 8 warps of 4 rows, X read through L1
         shared = 0
         grid, block = (-(-w.rows // 32), splits, 1), (256, 1, 1)
-    elif m <= I15_SKINNY_MAX_ROWS:
+    elif core == "skinny15":
         shared = m * per * I15_SB_BYTES
         _need(kernel, shared <= I15_SKINNY_SMEM, f"{shared} bytes of shared memory")
         grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
     else:
+        tok = 8 if core == "gemm15p8" else I15_GEMM_TOK
         shared = 0
-        if gemm == "gemm15p":
-            shared = min(per, I15_GEMMP_SLOTS) * i15_gemmp_slot(w.qtype, lay.block_bytes)
-        grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // I15_GEMM_TOK), splits)
+        if core != "gemm15":
+            slot = i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
+            shared = min(per, I15_GEMMP_SLOTS) * slot
+        grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), splits)
         block = (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
 
