@@ -510,15 +510,17 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
         const size_t src = (size_t)min(n0 + r, N - 1) * nsb * F::BYTES + (size_t)j * F::BYTES + o;
         i15_cp16(sl + L::WQ + r * F::BYTES + o, w + src, true);
       }
-      if (threadIdx.x < TOK * 2) {  // sq: two pieces a row
-        const int t = threadIdx.x >> 1, o = (threadIdx.x & 1) * 4;
-        const bool ok = t0 + t < M;
-        i15_cp16(sl + L::SQ + (t * 8 + o) * 4,
-                 xsq + (size_t)(ok ? t0 + t : 0) * (K / 32) + (size_t)j * 8 + o, ok);
-      } else if (threadIdx.x < TOK * 3) {
-        const int t = threadIdx.x - TOK * 2;
-        reinterpret_cast<float*>(sl + L::DX)[t] =
-            t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
+      for (int i = threadIdx.x; i < TOK * 3; i += 128) {
+        if (i < TOK * 2) {  // sq: two pieces a row
+          const int t = i >> 1, o = (i & 1) * 4;
+          const bool ok = t0 + t < M;
+          i15_cp16(sl + L::SQ + (t * 8 + o) * 4,
+                   xsq + (size_t)(ok ? t0 + t : 0) * (K / 32) + (size_t)j * 8 + o, ok);
+        } else {  // d: one a row
+          const int t = i - TOK * 2;
+          reinterpret_cast<float*>(sl + L::DX)[t] =
+              t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
+        }
       }
     }
     i15_cp_wait_all();
@@ -624,6 +626,8 @@ GEMM15P(QT_Q4_K, q4_k, 4, )
 GEMM15P(QT_Q5_K, q5_k, 4, )
 GEMM15P(QT_Q4_K, q4_k, 1, 8)
 GEMM15P(QT_Q5_K, q5_k, 1, 8)
+GEMM15P(QT_Q4_K, q4_k, 8, 64)  // prefill: 64 rows of X a block
+GEMM15P(QT_Q5_K, q5_k, 8, 64)
 
 // ---- Q6_K: 210-byte blocks (2-byte aligned): ql[128], qh[64], int8 scales[16], fp16 d.
 // Element 32G + l of a super-block (32-group G = 4h + r, l < 32) is d * sc[2G + l / 16] *
@@ -802,11 +806,9 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
         const int left = (int)(b + 210 - (a16 + o));  // block bytes from this piece on
         i15_cpn(sl + L::WQ + r * Q6P_ROW + o, a16 + o, max(0, min(16, left)));
       }
-      if (threadIdx.x < TOK) {
-        const int t = threadIdx.x;
+      for (int t = threadIdx.x; t < TOK; t += 128)
         reinterpret_cast<float*>(sl + L::DX)[t] =
             t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
-      }
     }
     i15_cp_wait_all();
     __syncthreads();
@@ -1207,6 +1209,9 @@ GEMM15PL(QT_Q8_0, q8_0, 4, )
 GEMM15PL(QT_Q4_0, q4_0, 1, 8)
 GEMM15PL(QT_Q5_0, q5_0, 1, 8)
 GEMM15PL(QT_Q8_0, q8_0, 1, 8)
+GEMM15PL(QT_Q4_0, q4_0, 8, 64)  // (Q6_K has none: 8 tiles would spill)
+GEMM15PL(QT_Q5_0, q5_0, 8, 64)
+GEMM15PL(QT_Q8_0, q8_0, 8, 64)
 
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,

@@ -26,13 +26,13 @@ def gemmp_slot(qtype: int, tok: int = GEMM_TOK) -> int:
 
 
 def gemmp_shared(qtype: int, k: int, splits: int, tok: int = GEMM_TOK) -> int:
-    """gemm15p's (gemm15p8's) dynamic shared memory: a slot for each super-block (legacy:
-    chunk) of a split, at most GEMMP_SLOTS."""
+    """gemm15p's (gemm15p8's, gemm15p64's) dynamic shared memory: a slot for each
+    super-block (legacy: chunk) of a split, at most GEMMP_SLOTS (2 with 64 rows of X)."""
     if qtype in LEGACY:
         per = legacy_split_blocks(k, splits) // CHUNK
     else:
         per = -(-(k // 256) // splits)
-    return min(per, GEMMP_SLOTS) * gemmp_slot(qtype, tok)
+    return min(per, 2 if tok == 64 else GEMMP_SLOTS) * gemmp_slot(qtype, tok)
 
 
 def block_of(qtype: int) -> int:
@@ -215,6 +215,8 @@ class I15:
         self.skinny = mod.get_function(f"skinny15_{name}")
         self.gemmp = mod.get_function(f"gemm15p_{name}")
         self.gemmp8 = mod.get_function(f"gemm15p8_{name}")  # one n8 tile: 8 rows a block
+        # 8 n8 tiles, 64 rows a block (prefill); none for Q6_K (it would spill)
+        self.gemmp64 = None if qtype == Q6_K else mod.get_function(f"gemm15p64_{name}")
         # Q6_K and the legacy formats have only the staged tensor-core core
         staged_only = qtype == Q6_K or qtype in LEGACY
         self.gemm = self.gemmp if staged_only else mod.get_function(f"gemm15_{name}")
@@ -230,6 +232,9 @@ class I15:
                 _prefer_shared(fn)
             _allow_dynamic_shared(self.gemmp, "gemm15p", GEMMP_SLOTS * gemmp_slot(qtype))
             _allow_dynamic_shared(self.gemmp8, "gemm15p8", GEMMP_SLOTS * gemmp_slot(qtype, 8))
+            if self.gemmp64 is not None:
+                _prefer_shared(self.gemmp64)
+                _allow_dynamic_shared(self.gemmp64, "gemm15p64", 2 * gemmp_slot(qtype, 64))
 
     @staticmethod
     def shapes(
@@ -268,9 +273,9 @@ class I15:
     ) -> None:
         """y = x w^T by the dp4a core (`core` "skinny", at most 8 rows), the tensor-core one
         ("gemm"), the same staged through shared memory ("gemmp"; "gemmp8": one n8 tile, 8
-        rows a block), or "auto": skinny up to 8 rows. The splits' partials are summed by
-        i15_reduce, or with `fused` by the core itself (its last block of a tile;
-        b["tickets"] must be zeros), as the worker runs it."""
+        rows a block; "gemmp64": 8 tiles, 64 rows), or "auto": skinny up to 8 rows. The
+        splits' partials are summed by i15_reduce, or with `fused` by the core itself (its
+        last block of a tile; b["tickets"] must be zeros), as the worker runs it."""
         i32 = np.int32
         if core == "auto":
             core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
@@ -301,11 +306,14 @@ class I15:
                 *args, b["part"], *out, block=(256, 1, 1), grid=((n + 255) // 256, splits),
                 shared=smem, stream=stream,
             )  # fmt: skip
-        elif core == "gemmp8":
-            self.gemmp8(
+        elif core in ("gemmp8", "gemmp64"):
+            tok = 8 if core == "gemmp8" else 64
+            fn = self.gemmp8 if core == "gemmp8" else self.gemmp64
+            assert fn is not None, "no gemm15p64 for Q6_K"
+            fn(
                 *args, b["part"], *out, block=(128, 1, 1),
-                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + 7) // 8, splits),
-                shared=gemmp_shared(self.qtype, k, splits, 8), stream=stream,
+                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + tok - 1) // tok, splits),
+                shared=gemmp_shared(self.qtype, k, splits, tok), stream=stream,
             )  # fmt: skip
         elif core == "gemmp" or self.gemm is self.gemmp:
             self.gemmp(

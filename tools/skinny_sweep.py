@@ -116,7 +116,8 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
     activation pre-pass, then the product summing its own splits), by the dp4a core (`i15s`,
     up to 8 rows; for the K-quants where the split's planes fit 48 KiB of shared memory), by
     the tensor-core one (`i15g`, K-quants) and by the same staged through shared memory
-    (`i15gp`; `i15gp8`, up to 8 rows: one n8 tile a block)."""
+    (`i15gp`; `i15gp8`, up to 8 rows: one n8 tile a block; `i15gp64`, from 64 rows: 64 rows of X
+    a block)."""
     import pycuda.gpuarray as ga
 
     from tools.i15 import I15, LEGACY, SKINNY_MAX_ROWS
@@ -140,8 +141,10 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
                 continue  # an empty split
             b = i15.buffers(m, k, n, split)
             fits = legacy or m * -(-units // split) * (512 + 4 + 32) <= 48 * 1024
-            for core in ("skinny", "gemm", "gemmp", "gemmp8"):
+            for core in ("skinny", "gemm", "gemmp", "gemmp8", "gemmp64"):
                 if core in ("skinny", "gemmp8") and m > SKINNY_MAX_ROWS:
+                    continue
+                if core == "gemmp64" and (m < 64 or i15.gemmp64 is None):
                     continue
                 if core == "skinny" and not fits:
                     continue

@@ -68,7 +68,7 @@ def test_both_cores_are_the_twin_bit_for_bit(
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits)
     per = -(-(k // 256) // splits)
-    cores = ["gemm", "gemmp", "gemmp8"]
+    cores = ["gemm", "gemmp", "gemmp8"] + (["gemmp64"] if m >= 64 else [])
     if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024:
         cores.append("skinny")
     for core in cores:
@@ -139,7 +139,8 @@ def test_legacy_cores_are_the_twin_bit_for_bit(
     b = i15.buffers(m, k, n, splits)
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits, qtype)
-    for core in ["gemmp", "gemmp8"] + (["skinny"] if m <= SKINNY_MAX_ROWS else []):
+    small = ["skinny"] if m <= SKINNY_MAX_ROWS else []
+    for core in ["gemmp", "gemmp8", *small] + (["gemmp64"] if m >= 64 else []):
         for fused in (False, True):
             y = poisoned((m, n))
             i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core, fused=fused)
@@ -170,6 +171,7 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
 _LINEAR = [(q, g, 8) for q in (Q4_K, Q5_K, Q6_K) for g in ("gemm15", "gemm15p")] + [
     (q, "gemm15p", 0) for q in (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0)
 ]
+_LINEAR += [(q, "gemm15p64", 8) for q in (Q4_K, Q6_K, Q5_0)]  # 64 rows of X a block at 64
 
 
 @pytest.mark.parametrize(("qtype", "gemm", "dp4a_rows"), _LINEAR)

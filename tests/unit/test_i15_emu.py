@@ -73,6 +73,7 @@ def test_pre_pass_is_the_twin(i15: I15, blk: int) -> None:
         (1, 100, 512, 1, "gemmp8"),  # one n8 tile a block
         (8, 130, 768, 3, "gemmp8"),
         (17, 72, 2048, 1, "gemmp8"),  # three tiles of rows, 8 super-blocks
+        (65, 70, 768, 2, "gemmp64"),  # 64 rows of X a block: two tiles of rows
     ],
 )
 def test_cores_are_the_twin_bit_for_bit(
@@ -153,6 +154,9 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
         (8, Q8_0, "gemm15"),
         (9, Q4_0, "gemm15"),
         (33, Q5_0, "gemm15"),
+        (65, Q5_K, "gemm15p64"),  # 64 rows of X a block from 64 rows on
+        (64, Q8_0, "gemm15p64"),
+        (64, Q6_K, "gemm15p64"),  # (none for Q6_K: gemm15p)
     ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
@@ -229,6 +233,7 @@ def emu_i15() -> Any:
         (1, 70, 896, 1, "gemmp8"),
         (8, 130, 896, 4, "gemmp8"),
         (11, 37, 2048, 3, "gemmp8"),
+        (66, 37, 896, 2, "gemmp64"),
     ],
 )
 def test_legacy_cores_are_the_twin_bit_for_bit(

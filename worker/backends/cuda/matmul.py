@@ -98,7 +98,8 @@ I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 su
 I15_GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
 I15_GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
 # the tensor-core core above 8 rows: gemm15, or gemm15p (a chunk of the split's super-blocks
-# staged in shared memory by one burst of cp.async); WORKER_ORCD_I15_GEMM picks (A/B)
+# staged in shared memory by one burst of cp.async), or gemm15p64 (gemm15p with 64 rows of X
+# a block from 64 rows on, prefill; not for Q6_K); WORKER_ORCD_I15_GEMM picks (A/B)
 I15_GEMM = os.environ.get("WORKER_ORCD_I15_GEMM", "gemm15")
 I15_GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
 
@@ -583,13 +584,21 @@ def i15_gemmp_slot(qtype: int, block_bytes: int, tok: int = I15_GEMM_TOK) -> int
 def i15_core(w: QWeight, m: int) -> str:
     """The integer core for m rows of w (all give the same bits): the dp4a skinny15 up to
     I15_DP4A_ROWS rows, the staged tensor-core core with one n8 tile (gemm15p8) up to 8, then
-    gemm15p (32 rows a block) or, for Q4_K / Q5_K under WORKER_ORCD_I15_GEMM=gemm15, gemm15."""
+    gemm15p (32 rows a block), or under WORKER_ORCD_I15_GEMM gemm15 (Q4_K / Q5_K) or
+    gemm15p64 (64 rows a block, from 64 rows)."""
     if m <= I15_DP4A_ROWS:
         return "skinny15"
     if m <= I15_SKINNY_MAX_ROWS:
         return "gemm15p8"
+    if I15_GEMM == "gemm15p64":
+        return "gemm15p64" if m >= 64 and w.qtype != I15_Q6_K else "gemm15p"
     staged_only = w.qtype == I15_Q6_K or i15_block(w.qtype) == 32
     return "gemm15p" if staged_only else I15_GEMM
+
+
+def i15_core_tok(core: str) -> int:
+    """Rows of X a block of a tensor-core integer core."""
+    return {"gemm15p8": 8, "gemm15p64": 64}.get(core, I15_GEMM_TOK)
 
 
 def plan_quant_x15(
@@ -619,8 +628,7 @@ def i15_tiles(w: QWeight, m: int) -> int:
     core = i15_core(w, m)
     if core == "skinny15":
         return -(-w.rows // (32 if i15_block(w.qtype) == 32 else 256))
-    tok = 8 if core == "gemm15p8" else I15_GEMM_TOK
-    return -(-w.rows // I15_GEMM_ROWS) * -(-m // tok)
+    return -(-w.rows // I15_GEMM_ROWS) * -(-m // i15_core_tok(core))
 
 
 def plan_i15(
@@ -688,11 +696,11 @@ def plan_i15(
         _need(kernel, shared <= I15_SKINNY_SMEM, f"{shared} bytes of shared memory")
         grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
     else:
-        tok = 8 if core == "gemm15p8" else I15_GEMM_TOK
+        tok = i15_core_tok(core)
         shared = 0
-        if core != "gemm15":
+        if core != "gemm15":  # (64 rows of X: two slots, so two blocks fit an SM)
             slot = i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
-            shared = min(per, I15_GEMMP_SLOTS) * slot
+            shared = min(per, 2 if tok == 64 else I15_GEMMP_SLOTS) * slot
         grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), splits)
         block = (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
