@@ -928,6 +928,14 @@ template <> struct I15Leg<QT_Q8_0> {
   static constexpr int BYTES = 34, OFF = 0;
   static constexpr int PITCH = 304;  // 288 + 16
 };
+// MXFP4 (gpt-oss's experts): 17 bytes, an E8M0 exponent e then qs[16] of E2M1 codes (elements
+// 0-15 the low nibbles, 16-31 the high ones); value d * c with c of ggml's doubled table
+// {0, 1, 2, 3, 4, 6, 8, 12} and the sign in bit 3, d = 2^(e - 128) (e8m0_half): the integer
+// codes c are signed, no offset. Blocks start at any byte.
+template <> struct I15Leg<QT_MXFP4> {
+  static constexpr int BYTES = 17, OFF = 0;
+  static constexpr int PITCH = 176;  // 160 (8 blocks + 15, in 16-byte pieces) + 16
+};
 constexpr int I15_CHUNK = 8;  // blocks of 32 a chunk
 
 // bits 0-3 of x to bit 4 of bytes 0-3 (Q5_0's fifth bits of four elements)
@@ -935,12 +943,34 @@ __device__ __forceinline__ uint32_t i15_spread4(uint32_t x) {
   return (((x & 0xFu) * 0x00204081u) & 0x01010101u) << 4;
 }
 
+// MXFP4: four E2M1 codes (a nibble a byte) to their signed int8 values: the magnitudes by
+// one byte permute of {0 1 2 3 4 6 8 12}, the negatives by one of their negations, picked
+// per byte by bit 3.
+__device__ __forceinline__ uint32_t i15_e2m1x4(uint32_t nib4) {
+  const uint32_t x = nib4 & 0x07070707u;
+  const uint32_t y = x | (x >> 4);
+  const uint32_t sel = (y & 0x77u) | ((y >> 8) & 0x7700u);  // byte k's code at nibble k
+  const uint32_t pos = __byte_perm(0x03020100u, 0x0C080604u, sel);
+  const uint32_t neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);
+  const uint32_t m = ((nib4 >> 3) & 0x01010101u) * 0xFFu;
+  return (pos & ~m) | (neg & m);
+}
+
+// A block's float step d: fp16 at byte 0, or MXFP4's E8M0 byte
+template <int T>
+__device__ __forceinline__ float i15_leg_d(uint32_t first_word) {
+  if constexpr (T == QT_MXFP4) return e8m0_half(first_word & 0xFFu);
+  return __half2float(__ushort_as_half((uint16_t)first_word));
+}
+
 // Unsigned codes of elements 4i .. 4i + 3 of a block (one byte each, 0 .. 31; Q8_0's int8
-// as they are), from get(q) = the block's bytes q .. q + 3 (q even).
+// and MXFP4's values as they are), from get(q) = the block's bytes q .. q + 3.
 template <int T, class Get>
 __device__ __forceinline__ uint32_t i15_leg_codes(const Get& get, int i) {
   if constexpr (T == QT_Q8_0) {
     return get(2 + 4 * i);
+  } else if constexpr (T == QT_MXFP4) {
+    return i15_e2m1x4((get(1 + 4 * (i & 3)) >> (4 * (i >> 2))) & 0x0F0F0F0Fu);
   } else if constexpr (T == QT_Q4_0) {
     return (get(2 + 4 * (i & 3)) >> (4 * (i >> 2))) & 0x0F0F0F0Fu;
   } else {
@@ -954,7 +984,7 @@ __device__ __forceinline__ uint32_t i15_leg_signed(uint32_t u) {
   return (u + (0x80u - I15Leg<T>::OFF) * 0x01010101u) ^ 0x80808080u;
 }
 
-// bytes pos .. pos + 3 of a 4-byte aligned shared row, pos even: two aligned words shifted
+// bytes pos .. pos + 3 of a 4-byte aligned shared row: two aligned words shifted
 __device__ __forceinline__ uint32_t i15_sword(const uint8_t* rowp, int pos) {
   const uint32_t* p = reinterpret_cast<const uint32_t*>(rowp + (pos & ~3));
   return __funnelshift_r(p[0], p[1], (unsigned)(pos & 3) * 8);
@@ -985,7 +1015,9 @@ __device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, 
                                           const int* __restrict__ xsq, int M, int splits,
                                           I15Out out) {
   using F = I15Leg<T>;
-  constexpr int NW = (F::BYTES + 2) / 4;
+  // aligned words covering a block: 2-byte aligned blocks (BYTES = 2 mod 4) at offset 0 or 2,
+  // MXFP4's at any offset
+  constexpr int NW = T == QT_MXFP4 ? 5 : (F::BYTES + 2) / 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, l8 = lane & 7;
   const int nb = K / 32;
   const int per = i15_leg_per(nb, splits);
@@ -1003,16 +1035,25 @@ __device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, 
       const uint8_t* blk = row + (size_t)b * F::BYTES;
       const uint32_t* a =
           reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(blk) & ~(uintptr_t)3);
-      const unsigned o8 = (unsigned)(reinterpret_cast<uintptr_t>(blk) & 3) * 8;  // 0 or 16
+      const unsigned o = (unsigned)(reinterpret_cast<uintptr_t>(blk) & 3), o8 = 8 * o;
       uint32_t u[NW];
 #pragma unroll
       for (int i = 0; i < NW - 1; ++i) u[i] = __ldg(a + i);
-      u[NW - 1] = o8 ? __ldg(a + NW - 1)
-                     : (uint32_t)__ldg(reinterpret_cast<const uint16_t*>(a + NW - 1));
+      if constexpr (T == QT_MXFP4) {  // the last word: only the block's 1 + o bytes of it
+        const uint8_t* lw = reinterpret_cast<const uint8_t*>(a + NW - 1);
+        u[NW - 1] = o == 3 ? __ldg(a + NW - 1) : (uint32_t)__ldg(lw);
+        if (o == 1 || o == 2) u[NW - 1] |= (uint32_t)__ldg(lw + 1) << 8;
+        if (o == 2) u[NW - 1] |= (uint32_t)__ldg(lw + 2) << 16;
+      } else {  // the last word as 16 bits when the block is 4-byte aligned
+        u[NW - 1] = o8 ? __ldg(a + NW - 1)
+                       : (uint32_t)__ldg(reinterpret_cast<const uint16_t*>(a + NW - 1));
+      }
+      // bytes q .. q + 3 of the block (q & 3 plus the offset never above 4 bytes: q is even,
+      // or 1 mod 4 for MXFP4)
       const auto get = [&](int q) {
         return __funnelshift_rc(u[q >> 2], u[(q >> 2) + 1], 8 * (q & 3) + o8);
       };
-      const float dw = __half2float(__ushort_as_half((uint16_t)get(0)));
+      const float dw = i15_leg_d<T>(get(0));
       uint32_t cw[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) cw[i] = i15_leg_codes<T>(get, i);
@@ -1072,6 +1113,7 @@ __device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, 
 SKINNY15L(QT_Q4_0, q4_0)
 SKINNY15L(QT_Q5_0, q5_0)
 SKINNY15L(QT_Q8_0, q8_0)
+SKINNY15L(QT_MXFP4, mxfp4)
 
 // gemm15p for the legacy formats: gemm15p's tiles, one chunk of up to 8 blocks a slot: both
 // planes of the 32 rows of X, each weight row's 8 blocks as their 16-byte aligned cover (the
@@ -1157,8 +1199,8 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
         const int o0 = off0 + b * F::BYTES, o1 = off1 + b * F::BYTES;
         const auto get0 = [&](int q) { return i15_sword(p0, o0 + q); };
         const auto get1 = [&](int q) { return i15_sword(p1, o1 + q); };
-        const float d0 = __half2float(*reinterpret_cast<const __half*>(p0 + o0));
-        const float d1 = __half2float(*reinterpret_cast<const __half*>(p1 + o1));
+        const float d0 = i15_leg_d<T>(T == QT_MXFP4 ? p0[o0] : *reinterpret_cast<const uint16_t*>(p0 + o0));
+        const float d1 = i15_leg_d<T>(T == QT_MXFP4 ? p1[o1] : *reinterpret_cast<const uint16_t*>(p1 + o1));
         const uint32_t a[4] = {i15_leg_signed<T>(i15_leg_codes<T>(get0, tg)),
                                i15_leg_signed<T>(i15_leg_codes<T>(get1, tg)),
                                i15_leg_signed<T>(i15_leg_codes<T>(get0, 4 + tg)),
@@ -1206,12 +1248,15 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
 GEMM15PL(QT_Q4_0, q4_0, 4, )
 GEMM15PL(QT_Q5_0, q5_0, 4, )
 GEMM15PL(QT_Q8_0, q8_0, 4, )
+GEMM15PL(QT_MXFP4, mxfp4, 4, )
 GEMM15PL(QT_Q4_0, q4_0, 1, 8)
 GEMM15PL(QT_Q5_0, q5_0, 1, 8)
 GEMM15PL(QT_Q8_0, q8_0, 1, 8)
+GEMM15PL(QT_MXFP4, mxfp4, 1, 8)
 GEMM15PL(QT_Q4_0, q4_0, 8, 64)  // (Q6_K has none: 8 tiles would spill)
 GEMM15PL(QT_Q5_0, q5_0, 8, 64)
 GEMM15PL(QT_Q8_0, q8_0, 8, 64)
+GEMM15PL(QT_MXFP4, mxfp4, 8, 64)
 
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,

@@ -110,18 +110,25 @@ def q6_k_fields(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return d, sc, (q - 32).reshape(n, k // 256, 16, 16)
 
 
-Q4_0, Q5_0, Q8_0 = 2, 6, 8
-LEGACY = (Q4_0, Q5_0, Q8_0)  # blocks of 32, one fp16 step each, X scaled per 32 too
-LEGACY_BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34}
-LEGACY_OFF = {Q4_0: 8, Q5_0: 16, Q8_0: 0}  # value = d * (q - off)
+Q4_0, Q5_0, Q8_0, MXFP4 = 2, 6, 8, 39
+LEGACY = (Q4_0, Q5_0, Q8_0, MXFP4)  # blocks of 32, one float step each, X scaled per 32 too
+LEGACY_BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34, MXFP4: 17}
+LEGACY_OFF = {Q4_0: 8, Q5_0: 16, Q8_0: 0, MXFP4: 0}  # value = d * (q - off)
+# MXFP4's E2M1 codes as ggml's doubled values (sign in bit 3)
+E2M1 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int64)
 CHUNK = 8  # blocks of 32 a chunk: the legacy splits are whole chunks
 
 
 def legacy_fields(raw: np.ndarray, k: int, qtype: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_0 / Q5_0 / Q8_0 rows as (d [n, k / 32], codes [n, k / 32, 32] signed q - off):
-    element l of block b is d * code."""
+    """Q4_0 / Q5_0 / Q8_0 / MXFP4 rows as (d [n, k / 32], codes [n, k / 32, 32] signed
+    q - off, or MXFP4's doubled E2M1 values): element l of block b is d * code."""
     n = raw.shape[0]
     blk = raw.reshape(n, k // 32, LEGACY_BYTES[qtype])
+    if qtype == MXFP4:  # d = 2^(e - 128), exact in float32 (e < 2: a subnormal)
+        e = blk[..., 0].astype(np.float64)
+        d = np.ldexp(np.float64(1), (e - 128).astype(np.int64)).astype(np.float32)
+        qs = blk[..., 1:17].astype(np.int64)
+        return d, E2M1[np.concatenate([qs & 0xF, qs >> 4], axis=2)]
     d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if qtype == Q8_0:
         return d, blk[..., 2:34].copy().view(np.int8).astype(np.int64)
@@ -209,7 +216,7 @@ class I15:
 
     def __init__(self, mod: Any, qtype: int = Q4_K) -> None:
         name = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q4_0: "q4_0", Q5_0: "q5_0"}.get(
-            qtype, "q8_0"
+            qtype, "mxfp4" if qtype == MXFP4 else "q8_0"
         )
         self.quant = mod.get_function("quant_x15")
         self.skinny = mod.get_function(f"skinny15_{name}")

@@ -16,6 +16,7 @@ from pycuda_arrays import poisoned, upload
 
 from tools.i15 import (
     I15,
+    MXFP4,
     Q4_0,
     Q5_0,
     Q5_K,
@@ -120,7 +121,7 @@ def test_q6_k_cores_are_the_twin_bit_for_bit(gpu: Any, m: int, n: int, k: int, s
             assert y.get().tobytes() == twin.tobytes(), (core, fused)
 
 
-@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
+@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0, MXFP4])
 @pytest.mark.parametrize(
     ("m", "n", "k", "splits"),
     [(1, 4864, 896, 1), (2, 1153, 896, 4), (7, 301, 2880, 3), (64, 9728, 896, 2), (33, 77, 160, 1)],
@@ -169,7 +170,7 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
 # (format, core above 8 rows, rows up to which the dp4a core runs (then gemm15p8)): the
 # K-quants with each tensor-core core, every format with gemm15p8 at 1-8 rows
 _LINEAR = [(q, g, 8) for q in (Q4_K, Q5_K, Q6_K) for g in ("gemm15", "gemm15p")] + [
-    (q, "gemm15p", 0) for q in (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0)
+    (q, "gemm15p", 0) for q in (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0, MXFP4)
 ]
 _LINEAR += [(q, "gemm15p64", 8) for q in (Q4_K, Q6_K, Q5_0)]  # 64 rows of X a block at 64
 
@@ -191,7 +192,7 @@ def test_worker_linear_takes_the_integer_cores(
     mm = MatmulKernels()
     mm.invariant = True
     mm.int15 = True
-    n, k = (3072, 3072) if qtype >= Q4_K else (1152, 896)
+    n, k = (3072, 3072) if qtype in (Q4_K, Q5_K, Q6_K) else (1152, 896)
     raw, _, x = _case(m, n, k, qtype)
     rng = np.random.default_rng(m)
     bias = rng.standard_normal(n).astype(np.float32)

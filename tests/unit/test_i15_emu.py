@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tools.i15 import I15, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, product_twin, quant_x15
+from tools.i15 import I15, MXFP4, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, product_twin, quant_x15
 from tools.kernel_emu import aligned, load
 from tools.synth_blocks import random_matrix
 
@@ -157,6 +157,8 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
         (65, Q5_K, "gemm15p64"),  # 64 rows of X a block from 64 rows on
         (64, Q8_0, "gemm15p64"),
         (64, Q6_K, "gemm15p64"),  # (none for Q6_K: gemm15p)
+        (3, MXFP4, "gemm15"),
+        (33, MXFP4, "gemm15"),
     ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
@@ -186,7 +188,7 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
 
     monkeypatch.setattr(matmul, "I15_GEMM", gemm)  # the tensor-core core above 8 rows
     monkeypatch.setattr(matmul, "I15_DP4A_ROWS", dp4a_rows)
-    n, k = 200, 896 if qtype in (Q4_0, Q5_0, Q8_0) else 1280
+    n, k = 200, 896 if qtype in (Q4_0, Q5_0, Q8_0, MXFP4) else 1280
     raw, x = _case(m, n, k, qtype)
     w_raw = aligned(raw)
     w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
@@ -219,7 +221,7 @@ def emu_i15() -> Any:
     return load("i15.cu")
 
 
-@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
+@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0, MXFP4])
 @pytest.mark.parametrize(
     ("m", "n", "k", "splits", "core"),
     [
@@ -239,11 +241,16 @@ def emu_i15() -> Any:
 def test_legacy_cores_are_the_twin_bit_for_bit(
     emu_i15: Any, qtype: int, m: int, n: int, k: int, splits: int, core: str
 ) -> None:
-    """Q4_0 / Q5_0 / Q8_0 (blocks of 32, X scaled per 32): the dp4a core (unsigned codes,
-    off * sq subtracted) and the staged tensor-core core (signed codes) give the twin's bits,
-    with K not a multiple of 256 and the 18-, 22- and 34-byte blocks at every even offset."""
+    """Q4_0 / Q5_0 / Q8_0 / MXFP4 (blocks of 32, X scaled per 32): the dp4a core (unsigned
+    codes, off * sq subtracted) and the staged tensor-core cores (signed codes) give the
+    twin's bits, with K not a multiple of 256, the 18-, 22- and 34-byte blocks at every even
+    offset and MXFP4's 17-byte ones at every offset (its exponents 0, 1 and 2 too: subnormal
+    and smallest steps)."""
     i15 = I15(emu_i15, qtype)
     raw, x = _case(m, n, k, qtype)
+    if qtype == MXFP4:
+        raw = raw.copy()
+        raw.reshape(n, -1, 17)[:3, :3, 0] = [[0, 1, 2], [2, 1, 0], [1, 0, 2]]
     y = np.full((m, n), np.nan, np.float32)
     buffers = {
         key: np.random.default_rng(99).integers(-100, 100, shape).astype(dt)

@@ -60,3 +60,21 @@ def test_a_row_of_the_twin_does_not_depend_on_its_batch() -> None:
     all_rows = product_twin(raw, x, 2)
     for t in (0, 4, 8):
         assert all_rows[t].tobytes() == product_twin(raw, x[t : t + 1], 2)[0].tobytes()
+
+
+@pytest.mark.parametrize("qtype", [2, 6, 8, 39])  # Q4_0, Q5_0, Q8_0, MXFP4
+def test_legacy_fields_and_twin(qtype: int) -> None:
+    """Blocks of 32: the fields decode to worker.gguf.quants' dequantization exactly, and the
+    twin (X scaled per 32, a float step a block) is the float64 product within the 15-bit
+    rounding of X (~4e-5 measured on unit normals)."""
+    from tools.i15 import legacy_fields
+
+    rng = np.random.default_rng(qtype)
+    raw, dense = random_matrix(qtype, 48, 896, rng)
+    d, c = legacy_fields(raw, 896, qtype)
+    assert np.array_equal((d[..., None] * c).reshape(48, 896), dense)
+    x = rng.standard_normal((5, 896), dtype=np.float32)
+    ref = x.astype(np.float64) @ dense.astype(np.float64).T
+    for splits in (1, 2, 4):
+        y = product_twin(raw, x, splits, qtype)
+        assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-4

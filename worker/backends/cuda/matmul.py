@@ -80,15 +80,15 @@ INT32_MAX = 2**31 - 1
 # 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"):
 # WORKER_ORCD_INT15=1 sends the batch-invariant products of these formats through them (A/B).
 INT15 = os.environ.get("WORKER_ORCD_INT15", "0") == "1"
-# Q4_0, Q5_0, Q8_0 (blocks of 32, X scaled per 32) unless WORKER_ORCD_I15_LEGACY=0; Q4_K,
-# Q5_K; Q6_K unless WORKER_ORCD_I15_Q6K=0 (A/B)
-I15_LEGACY = (2, 6, 8) if os.environ.get("WORKER_ORCD_I15_LEGACY", "1") == "1" else ()
+# Q4_0, Q5_0, Q8_0, MXFP4 (blocks of 32, X scaled per 32) unless WORKER_ORCD_I15_LEGACY=0;
+# Q4_K, Q5_K; Q6_K unless WORKER_ORCD_I15_Q6K=0 (A/B)
+I15_LEGACY = (2, 6, 8, 39) if os.environ.get("WORKER_ORCD_I15_LEGACY", "1") == "1" else ()
 I15_TYPES = (
     I15_LEGACY + (12, 13) + ((14,) if os.environ.get("WORKER_ORCD_I15_Q6K", "1") == "1" else ())
 )
 I15_Q6_K = 14
 I15_CHUNK = 8  # legacy formats: blocks of 32 a chunk (splits are whole chunks)
-I15_LEGACY_PITCH = {2: 176, 6: 208, 8: 304}  # I15Leg<T>::PITCH: gemm15p's staged row
+I15_LEGACY_PITCH = {2: 176, 6: 208, 8: 304, 39: 176}  # I15Leg<T>::PITCH: a staged row
 I15_SKINNY_MAX_ROWS = 8  # skinny15's rows at most (I15_MAX_ROWS in i15.cu)
 # steps of up to this many rows take the dp4a cores, the rest up to 8 the staged tensor-core
 # core with one n8 tile (gemm15p8_*; the same bits): WORKER_ORCD_I15_DP4A_ROWS (A/B, 0-8)
@@ -537,7 +537,7 @@ def plan_splitk_reduce(
 def i15_block(qtype: int) -> int:
     """Elements of X a 15-bit scale covers for this weight format: its float-step block
     (32 for the legacy formats, a super-block of 256 for the K-quants)."""
-    return 32 if qtype in (2, 6, 8) else 256
+    return 32 if qtype in (2, 6, 8, 39) else 256
 
 
 def i15_split(w: QWeight, sms: int) -> int:
