@@ -1127,24 +1127,53 @@ template <int T, int TOK> struct G15L {
   static constexpr int SLOT = DX + TOK * I15_CHUNK * 4;  // a multiple of 16
 };
 
-template <int T, int NT>
+// A routed launch (the experts of a MoE layer, moe_route's table): block y takes tile y
+// (expert e = tiles[y].x, its matrix at w + e * expert_bytes) and its rows r < tiles[y].z are
+// the assignments a = list[tiles[y].y + r], reading X row a (per_slot) or a / topk, writing
+// output row a.
+struct I15Route {
+  const int* ntiles;
+  const int4* tiles;
+  const int* list;
+  int topk, per_slot;
+  long long expert_bytes;
+};
+
+template <int T, int NT, bool ROUTED = false>
 __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, int K,
                                          const int8_t* __restrict__ xhi,
                                          const int8_t* __restrict__ xlo,
                                          const float* __restrict__ xd, int M, int splits,
-                                         I15Out out) {
+                                         I15Out out, I15Route route = {}) {
   using F = I15Leg<T>;
   constexpr int TOK = 8 * NT;  // rows of X a block: NT n8 tiles
   using L = G15L<T, TOK>;
   extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int s_xrow[TOK], s_yrow[TOK];  // a tile row's row of X and of the output (-1: none)
   const int slots = (int)(i15_dyn_smem() / L::SLOT);
   if (slots < 1) __trap();
+  if constexpr (ROUTED) {
+    if ((int)blockIdx.y >= route.ntiles[0]) return;  // the whole block: past the table
+    const int4 tl = route.tiles[blockIdx.y];
+    w += (size_t)tl.x * route.expert_bytes;
+    for (int r = threadIdx.x; r < TOK; r += 128) {
+      const int a = r < tl.z ? route.list[tl.y + r] : -1;
+      s_xrow[r] = a < 0 ? -1 : (route.per_slot ? a : a / route.topk);
+      s_yrow[r] = a;
+    }
+  } else {
+    for (int r = threadIdx.x; r < TOK; r += 128) {
+      const int t = blockIdx.y * TOK + r;
+      s_xrow[r] = s_yrow[r] = t < M ? t : -1;
+    }
+  }
+  __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int nb = K / 32;
   const int per = i15_leg_per(nb, splits);
   const int z = blockIdx.z;
   const int b0 = min(nb, z * per), b1 = min(nb, b0 + per);
-  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * G15_ROWS;
+  const int n0 = blockIdx.x * G15_ROWS;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
   const size_t rowb = (size_t)nb * F::BYTES;
   float y[NT][4];
@@ -1159,11 +1188,10 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
       uint8_t* sl = smem + c * L::SLOT;
       const int jb = c0 + c * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
       for (int i = threadIdx.x; i < TOK * 2 * nbc; i += 128) {  // planes: 2 pieces a block
-        const int t = i / (2 * nbc), o = (i % (2 * nbc)) * 16;
-        const bool ok = t0 + t < M;
-        const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)jb * 32 + o;
-        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, ok);
-        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, ok);
+        const int t = i / (2 * nbc), o = (i % (2 * nbc)) * 16, xr = s_xrow[t];
+        const size_t src = (size_t)max(xr, 0) * K + (size_t)jb * 32 + o;
+        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, xr >= 0);
+        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, xr >= 0);
       }
       constexpr int PIECES = (F::PITCH - 16) / 16;
       for (int i = threadIdx.x; i < G15_ROWS * PIECES; i += 128) {  // weights: aligned covers
@@ -1175,9 +1203,9 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
         if (left > 0) i15_cpn(sl + L::WQ + r * F::PITCH + o, a16 + o, min(16, left));
       }
       for (int i = threadIdx.x; i < TOK * I15_CHUNK; i += 128) {
-        const int t = i / I15_CHUNK, b = i % I15_CHUNK;
+        const int t = i / I15_CHUNK, b = i % I15_CHUNK, xr = s_xrow[t];
         reinterpret_cast<float*>(sl + L::DX)[i] =
-            t0 + t < M && b < nbc ? xd[(size_t)(t0 + t) * nb + jb + b] : 0.f;
+            xr >= 0 && b < nbc ? xd[(size_t)xr * nb + jb + b] : 0.f;
       }
     }
     i15_cp_wait_all();
@@ -1229,11 +1257,12 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
+      const int t = s_yrow[nt * 8 + 2 * tg + (e & 1)], n = e < 2 ? r0 : r1;
+      if (t >= 0 && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
-  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
-             TOK, blockIdx.x * G15_ROWS, G15_ROWS);
+  if constexpr (!ROUTED)  // (a routed launch writes partials: out.y is null)
+    i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
+               TOK, blockIdx.x * G15_ROWS, G15_ROWS);
 }
 
 #define GEMM15PL(TY, NAME, NT, SUFFIX)                                                      \
@@ -1257,6 +1286,27 @@ GEMM15PL(QT_Q4_0, q4_0, 8, 64)  // (Q6_K has none: 8 tiles would spill)
 GEMM15PL(QT_Q5_0, q5_0, 8, 64)
 GEMM15PL(QT_Q8_0, q8_0, 8, 64)
 GEMM15PL(QT_MXFP4, mxfp4, 8, 64)
+
+// moe15p<TOK>_<fmt>: the routed form over moe_route's table of tiles of TOK (16 or 64)
+// assignments; grid (ceil(N / 64), tile bound, splits). Writes split partials of the
+// assignments' rows (part [splits][M = assignments][N]); gemm_splitk_reduce adds them in
+// order with each assignment's expert bias. An assignment's result is the dense core's on
+// its expert's matrix and its row of X.
+#define MOE15P(TY, NAME, NT, TOKS)                                                          \
+  extern "C" __global__ void __launch_bounds__(128) moe15p##TOKS##_##NAME(                 \
+      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
+      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
+      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part,            \
+      const int* ntiles, const int4* tiles, const int* list, int topk, int per_slot,       \
+      long long expert_bytes) {                                                            \
+    pdl_start();                                                                           \
+    gemm15pl<TY, NT, true>(w, N, K, xhi, xlo, xd, M, splits, {part, 0, 0, 0, 0, 0},        \
+                           {ntiles, tiles, list, topk, per_slot, expert_bytes});           \
+  }
+MOE15P(QT_MXFP4, mxfp4, 2, 16)
+MOE15P(QT_MXFP4, mxfp4, 8, 64)
+MOE15P(QT_Q8_0, q8_0, 2, 16)
+MOE15P(QT_Q8_0, q8_0, 8, 64)
 
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,

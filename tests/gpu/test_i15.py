@@ -203,3 +203,54 @@ def test_worker_linear_takes_the_integer_cores(
     gpu.Context.synchronize()
     want = (product_twin(raw, x, i15_split(w, mm._sms), qtype) + bias) + y0
     assert y_dev.get().tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("qtype", [MXFP4, Q8_0])
+@pytest.mark.parametrize(("ntok", "per_slot"), [(1, False), (7, True), (64, False), (100, True)])
+def test_worker_moe_takes_the_routed_integer_cores(
+    gpu: Any, qtype: int, ntok: int, per_slot: bool
+) -> None:
+    """MatmulKernels.moe with int15 on routes for the integer form (tiles of 16 up to 64
+    tokens, 64 above) and gives every assignment the twin's product of its expert's matrix
+    and its row of X, plus the expert's bias, bit for bit; with a pair, both matrices."""
+    from worker.backends.cuda.arena import DevBuf
+    from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
+
+    mm = MatmulKernels()
+    mm.invariant = True
+    mm.int15 = True
+    n, k, n_experts, topk = 640, 2880, 32, 4
+    rng = np.random.default_rng(ntok)
+    raws = [random_matrix(qtype, n_experts * n, k, rng)[0] for _ in range(2)]
+    ids = np.stack([rng.permutation(n_experts)[:topk] for _ in range(ntok)]).astype(np.int32)
+    x_rows = ntok * topk if per_slot else ntok
+    x = rng.standard_normal((x_rows, k)).astype(np.float32)
+    biases = [rng.standard_normal((n_experts, n)).astype(np.float32) for _ in range(2)]
+    w_devs = [upload(r) for r in raws]
+    ws = [
+        QWeight(int(d.gpudata), qtype, n, k, r.nbytes, experts=n_experts)
+        for d, r in zip(w_devs, raws, strict=True)
+    ]
+    ids_dev, x_dev = upload(ids.reshape(-1)), upload(x)
+    b_devs = [upload(b) for b in biases]
+    ys = [poisoned((ntok * topk, n)) for _ in range(2)]
+    route = mm.moe_route(ids_dev, ntok, topk, n_experts, qtype=qtype)
+    assert route.form == "i15" and route.tile_m == (16 if ntok <= 64 else 64)
+
+    def buf(a: Any) -> DevBuf:
+        return DevBuf(int(a.gpudata), a.nbytes)
+
+    mm.moe(
+        ws[0], ids_dev, ntok, topk, x_dev, ys[0], per_slot_input=per_slot, route=route,
+        bias=buf(b_devs[0]), pair=(ws[1], ys[1], buf(b_devs[1])),
+    )  # fmt: skip
+    gpu.Context.synchronize()
+    splits = i15_split(ws[0], mm._sms)
+    flat = ids.reshape(-1)
+    for raw, bias, y in zip(raws, biases, ys, strict=True):
+        got = y.get()
+        experts = raw.reshape(n_experts, n, -1)
+        for a in range(ntok * topk):
+            e, row = flat[a], a if per_slot else a // topk
+            want = product_twin(experts[e], x[row : row + 1], splits, qtype)[0] + bias[e]
+            assert got[a].tobytes() == want.tobytes(), a

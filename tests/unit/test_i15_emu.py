@@ -259,3 +259,94 @@ def test_legacy_cores_are_the_twin_bit_for_bit(
     i15.run(aligned(raw), x, y, m, n, k, splits, buffers, core=core)
     twin = product_twin(raw, x, splits, qtype)
     assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
+
+
+def _route_workspace(ids: np.ndarray, n_experts: int, tile_m: int) -> np.ndarray:
+    """moe_route's workspace as the kernel writes it (tile count; tiles (expert, first list
+    entry, rows, 0) of at most tile_m assignments, experts ascending; the assignments of each
+    expert ascending), built here so the routed core is checked on its own."""
+    from worker.backends.cuda.matmul import moe_tile_bound, moe_workspace_bytes
+
+    n_assign = ids.size
+    ws = np.zeros(moe_workspace_bytes(n_assign, n_experts, tile_m), np.uint8)
+    bound = moe_tile_bound(n_assign, n_experts, tile_m)
+    tiles = ws[16 : 16 + 16 * bound].view(np.int32).reshape(bound, 4)
+    lst = ws[16 + 16 * bound :].view(np.int32)
+    pos = nt = 0
+    for e in range(n_experts):
+        mine = np.flatnonzero(ids == e)
+        lst[pos : pos + mine.size] = mine
+        for j in range(0, mine.size, tile_m):
+            tiles[nt] = (e, pos + j, min(tile_m, mine.size - j), 0)
+            nt += 1
+        pos += mine.size
+    ws[:4].view(np.int32)[0] = nt
+    return aligned(ws, 16)
+
+
+@pytest.mark.parametrize("qtype", [MXFP4, Q8_0])
+@pytest.mark.parametrize(
+    ("ntok", "topk", "n_experts", "tile_m", "per_slot"),
+    [
+        (1, 4, 8, 16, False),  # one token, four experts (gate / up: the token's row)
+        (5, 2, 4, 16, True),  # down: a row a assignment
+        (11, 3, 4, 16, False),  # an expert with more than one tile
+        (40, 2, 3, 64, True),  # prefill tiles of 64
+    ],
+)
+def test_routed_core_is_the_dense_core_per_assignment(
+    qtype: int, ntok: int, topk: int, n_experts: int, tile_m: int, per_slot: bool
+) -> None:
+    """moe15p<16|64>_<fmt> over a routing table, the split partials summed with each
+    assignment's expert bias (the worker's launches): every assignment's row is the twin's
+    product of its expert's matrix and its row of X, then the bias, bit for bit."""
+    from tools import kernel_emu
+    from tools.i15 import LEGACY_BYTES
+    from worker.backends.cuda.arena import DevBuf
+    from worker.backends.cuda.matmul import (
+        MoeRoute,
+        QWeight,
+        i15_planes,
+        i15_split,
+        plan_moe_i15,
+        plan_quant_x15,
+        plan_splitk_reduce,
+    )
+
+    n, k = 70, 896
+    n_assign = ntok * topk
+    rng = np.random.default_rng(ntok * 100 + n_experts)
+    raw, _ = random_matrix(qtype, n_experts * n, k, rng)  # experts one after another
+    wr = aligned(raw)
+    w = QWeight(wr.ctypes.data, qtype, n, k, wr.nbytes, experts=n_experts)
+    assert w.expert_bytes == n * k // 32 * LEGACY_BYTES[qtype]
+    ids = np.stack([rng.permutation(n_experts)[:topk] for _ in range(ntok)]).astype(np.int32)
+    ids = aligned(ids.reshape(-1), 16)
+    x_rows = n_assign if per_slot else ntok
+    x = aligned(rng.standard_normal((x_rows, k)).astype(np.float32), 16)
+    bias = aligned(rng.standard_normal((n_experts, n)).astype(np.float32), 16)
+    ws = _route_workspace(ids, n_experts, tile_m)
+    route = MoeRoute(
+        ids.ctypes.data, ntok, topk, n_experts, "i15", tile_m, 1, DevBuf(ws.ctypes.data, ws.nbytes)
+    )
+    splits = i15_split(w, 132)
+    planes = aligned(np.zeros(i15_planes(x_rows, k, 32)[4], np.uint8), 16)
+    part = aligned(np.zeros((splits, n_assign, n), np.float32), 16)
+    y = aligned(np.full((n_assign, n), np.nan, np.float32), 16)
+
+    def buf(a: np.ndarray) -> DevBuf:
+        return DevBuf(a.ctypes.data, a.nbytes)
+
+    kernel_emu.run(plan_quant_x15(buf(x), buf(planes), x_rows, k, blk=32))
+    opts = {"x_rows": x_rows, "per_slot_input": per_slot}
+    kernel_emu.run(plan_moe_i15(w, buf(planes), buf(part), n_assign, splits, route, **opts))
+    kernel_emu.run(
+        plan_splitk_reduce(
+            buf(part), splits, n_assign, n, buf(y), bias=buf(bias), experts=(buf(ids), n_experts)
+        )
+    )
+    experts = raw.reshape(n_experts, n, -1)
+    for a in range(n_assign):
+        e, row = ids[a], a if per_slot else a // topk
+        want = product_twin(experts[e], x[row : row + 1], splits, qtype)[0] + bias[e]
+        assert y[a].tobytes() == want.tobytes(), (a, np.abs(y[a] - want).max())

@@ -594,8 +594,9 @@ class _PlanOnly(MatmulKernels):
     """MatmulKernels without a device: launches are recorded, workspaces are fake buffers
     that grow as the real ones do (a larger request gets a new buffer)."""
 
-    def __init__(self, invariant: bool = True) -> None:  # no super(): nothing to load
-        self.invariant = invariant
+    def __init__(self, invariant: bool = True, int15: bool = False) -> None:  # no super()
+        self.invariant, self.int15 = invariant, int15
+        self._sms = 132
         self._route_gen = 0
         self.queued: list[Launch] = []
         self._bufs: dict[str, DevBuf] = {}
@@ -611,6 +612,9 @@ class _PlanOnly(MatmulKernels):
 
     def _splitk_workspace(self, nbytes: int) -> DevBuf:
         return self._grow("splitk", 1 << 35, nbytes)
+
+    def _i15_workspace(self, nbytes: int) -> DevBuf:
+        return self._grow("i15", 1 << 37, nbytes)
 
     def run(self, launch: Launch, stream: Any = None) -> None:
         self.queued.append(launch)
@@ -649,6 +653,25 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
         mm.moe_route(DevBuf(1 << 33, 4 * 4 * 512), 512, 4, 32)
         with pytest.raises(LaunchRefused):
             mm.moe(down, ids, ntok, 4, yg, yd, per_slot_input=True, route=r)
+    # the integer form (WORKER_ORCD_INT15=1): routed for it by the experts' format, one
+    # pre-pass of x for gate and up (token rows) and one for down (assignment rows), each
+    # matrix its routed core and its reduce with the experts' biases
+    for ntok, tile in ((1, 16), (64, 16), (70, 64)):
+        n_assign = ntok * 4
+        ids = DevBuf(1 << 33, 4 * n_assign)
+        x = DevBuf(1 << 30, ntok * 2880 * 4)
+        yg, yu, yd = (DevBuf((k + 3) << 36, n_assign * 2880 * 4) for k in range(3))
+        mm = _PlanOnly(int15=True)
+        r = mm.moe_route(ids, ntok, 4, 32, qtype=39)
+        assert (r.form, r.tile_m) == ("i15", tile)
+        mm.moe(gate, ids, ntok, 4, x, yg, per_slot_input=False, route=r, pair=(up, yu, None))
+        mm.moe(down, ids, ntok, 4, yg, yd, per_slot_input=True, route=r)
+        core, reduce = f"moe15p{tile}_mxfp4", "gemm_splitk_reduce"
+        assert [q.kernel for q in mm.queued] == [
+            "moe_route", "quant_x15", core, reduce, core, reduce, "quant_x15", core, reduce,
+        ]  # fmt: skip
+        assert mm.queued[1].args[2] == ntok and mm.queued[6].args[2] == n_assign  # X rows
+        assert mm.moe_route(ids, ntok, 4, 32).form != "i15"  # the format decides
     # invariance off at one token: the gemv, no pre-pass, gate and up one after the other
     mm = _PlanOnly(invariant=False)
     ids1, x1 = DevBuf(1 << 33, 16), DevBuf(1 << 30, 2880 * 4)

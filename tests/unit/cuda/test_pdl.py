@@ -48,7 +48,7 @@ def test_macro_families_wait_in_their_core() -> None:
     assert re.search(r"gemm2_##NAME##_m128[^{]*\{\s*\\\s*g2::run", src)
     # the 15-bit integer cores: every kernel of the families waits first, those made by a
     # macro and those written out
-    for family in ("skinny15_", "gemm15_", "gemm15p"):  # gemm15p: gemm15p_ and gemm15p8_
+    for family in ("skinny15_", "gemm15_", "gemm15p", "moe15p"):  # gemm15p_, gemm15p8_ ...
         macro = rf"{family}\w*##[#\w]*\("  # a kernel name made by a macro
         made = len(re.findall(macro, src))
         waits = len(re.findall(macro + r"[^{]*\{\s*\\\s*pdl_start\(\);", src))
@@ -56,7 +56,7 @@ def test_macro_families_wait_in_their_core() -> None:
         assert made > 0 and waits == made, family
         for name in written:
             assert _body(src, name).split("{", 1)[1].lstrip().startswith("pdl_start();"), name
-    assert pdl_aware("gemm15p8_q4_k") and pdl_aware("gemm15p_q6_k")
+    assert pdl_aware("gemm15p8_q4_k") and pdl_aware("gemm15p_q6_k") and pdl_aware("moe15p16_mxfp4")
     # the tensor-core prefill attention waits before its body
     assert re.search(r"attn_prefill_tc_d##D\([^{]*\{\s*\\\s*pdl_start\(\);", src)
 

@@ -240,6 +240,8 @@ PDL_KERNELS = (
     "gemm15_",
     "gemm15p_",
     "gemm15p8_",
+    "moe15p16_",
+    "moe15p64_",
 )
 PDL_DEFAULT = os.environ.get("WORKER_ORCD_PDL", "1") != "0"
 

@@ -420,7 +420,10 @@ class Executor:
         # one routing pre-pass for the layer's three expert products; gate and up in one
         # launch (the skinny form pairs them: fuller waves at one token)
         eidx = _b(s["eidx"])
-        route = self.mm.moe_route(eidx, T, kk, hp.n_expert, stream=st)
+        # (the experts' format picks the integer form when it is on: one format for all three)
+        types = {self.weight(f"{n}.weight").qtype for n in (gate, up, L.ffn_out)}
+        qtype = types.pop() if len(types) == 1 else None
+        route = self.mm.moe_route(eidx, T, kk, hp.n_expert, stream=st, qtype=qtype)
 
         def experts(name: str, out: str) -> tuple[QWeight, Buf, Buf | None]:
             b = self.tensor(f"{name}.bias")

@@ -120,6 +120,7 @@ _ARG_FORMATS: dict[str, str] = {
     "moe_route": "PiiiPPP",
     "quant_x15": "PqiiiPPPP",
     "i15": "PiiPPPPiiPPPPqP",  # the 15-bit cores: ... partials, y, bias, residual, ldy, tickets
+    "moe15": "PiiPPPPiiPPPPiiq",  # routed: ... partials, ntiles, tiles, list, topk, slot, bytes
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
@@ -704,6 +705,60 @@ def plan_i15(
         grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), splits)
         block = (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
+
+
+# the routed integer cores (moe15p<16|64>_<fmt>): the formats of gpt-oss's experts
+I15_MOE_TYPES = (8, 39)
+
+
+def plan_moe_i15(
+    w: QWeight,
+    planes: BufLike,
+    part: BufLike,
+    n_assign: int,
+    splits: int,
+    route: MoeRoute,
+    *,
+    x_rows: int,
+    per_slot_input: bool,
+) -> Launch:
+    """The 15-bit products of the experts w over moe_route's tiles (route.tile_m 16 or 64):
+    split partials part[splits][n_assign][w.rows] of every assignment a, from row a (per
+    slot) or a / topk of quant_x15's planes (x_rows rows, scaled per 32); the in-order sum
+    with the experts' biases is gemm_splitk_reduce's. An assignment's bits are the dense
+    core's on its expert's matrix."""
+    lay = _check_weight("moe15", w)
+    kernel = f"moe15p{route.tile_m}_{lay.name}"
+    _need(kernel, w.qtype in I15_MOE_TYPES and w.experts > 1, f"no routed 15-bit {lay.name}")
+    _need(kernel, route.tile_m in (16, 64) and route.workspace is not None, "not routed for it")
+    _need(kernel, route.experts == w.experts, f"routed for {route.experts} experts")
+    _need(kernel, n_assign == route.ntok * route.topk, f"{n_assign} assignments")
+    _need(kernel, w.cols % 32 == 0, f"row length {w.cols} not a multiple of 32")
+    units = -(-(w.cols // 32) // I15_CHUNK)
+    _need(kernel, 1 <= splits <= units, f"{splits} splits of {units} chunks")
+    per = -(-units // splits)
+    _need(kernel, (splits - 1) * per < units, f"{splits} splits of {units} chunks: one empty")
+    pb, qb = as_buf(part), as_buf(planes)
+    hi, lo, d, sq, total = i15_planes(x_rows, w.cols, 32)
+    _need(kernel, x_rows >= (n_assign if per_slot_input else route.ntok), f"{x_rows} rows of X")
+    _need(kernel, qb.ptr > 0 and qb.nbytes >= total, f"planes buffer {qb.nbytes} < {total} bytes")
+    need = splits * n_assign * w.rows * 4
+    _need(kernel, pb.ptr > 0 and pb.nbytes >= need, f"partials buffer {pb.nbytes} < {need} bytes")
+    _disjoint(kernel, (qb.ptr, qb.ptr + total), (pb.ptr, pb.ptr + need), "planes and partials")
+    ws = route.workspace
+    assert ws is not None
+    _check_moe_ws(kernel, ws, n_assign, w.experts, route.tile_m)
+    q = qb.ptr
+    args = (
+        w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, n_assign, splits, pb.ptr,
+        *_moe_ws_ptrs(ws, n_assign, w.experts, route.tile_m), route.topk,
+        int(per_slot_input), w.expert_bytes,
+    )  # fmt: skip
+    slot = i15_gemmp_slot(w.qtype, lay.block_bytes, route.tile_m)
+    shared = min(per, 2 if route.tile_m == 64 else I15_GEMMP_SLOTS) * slot
+    bound = moe_tile_bound(n_assign, w.experts, route.tile_m)
+    grid = (-(-w.rows // I15_GEMM_ROWS), bound, splits)
+    return Launch("i15", kernel, grid, (128, 1, 1), args, _ARG_FORMATS["moe15"], shared=shared)
 
 
 def gemm_version(w: QWeight) -> int:
@@ -1479,13 +1534,16 @@ class MatmulKernels:
     ) -> None:
         self.run(plan_embed(w, ids, n, out, ldo=ldo), stream)
 
-    def moe_form(self, ntok: int, form: str = "auto") -> str:
+    def moe_form(self, ntok: int, form: str = "auto", qtype: int | None = None) -> str:
         """The form of the expert products of a step of ntok tokens: the decode gemv (not
-        invariant, ntok <= 2), skinny (ntok <= MOE_SKINNY_MAX_TOKENS) or the routed gemm."""
+        invariant, ntok <= 2), skinny (ntok <= MOE_SKINNY_MAX_TOKENS) or the routed gemm;
+        the routed integer cores ("i15") for experts of qtype when int15 is on."""
         if form != "auto":
             return form
         if ntok <= 2 and not self.invariant:
             return "gemv"
+        if self.int15 and self.invariant and qtype in I15_MOE_TYPES and qtype in I15_TYPES:
+            return "i15"
         return "skinny" if ntok <= MOE_SKINNY_MAX_TOKENS else "gemm"
 
     def moe_route(
@@ -1498,16 +1556,22 @@ class MatmulKernels:
         stream: Any = None,
         form: str = "auto",
         tile_m: int | None = None,
+        qtype: int | None = None,
     ) -> MoeRoute:
         """Queue the routing pre-pass of the routed forms into this object's workspace (none
         for the gemv form): the expert products of one layer that share these ids pass the
-        returned MoeRoute to `moe` instead of routing again. Valid until the next moe_route."""
-        form = self.moe_form(ntok, form)
+        returned MoeRoute to `moe` instead of routing again. Valid until the next moe_route.
+        `qtype`: the experts' format (the integer form is chosen by it)."""
+        form = self.moe_form(ntok, form, qtype)
         n_assign = ntok * topk
         tm, ws = 0, None
+        if form == "i15":  # tiles of 16 assignments for decode steps, 64 above
+            tm = tile_m or (16 if ntok <= MOE_SKINNY_MAX_TOKENS else 64)
         if form != "gemv":
-            tm = tile_m or (
-                MOE_SKINNY_TILE_M if form == "skinny" else moe5_tile_m(n_assign, n_experts)
+            tm = (
+                tm
+                or tile_m
+                or (MOE_SKINNY_TILE_M if form == "skinny" else moe5_tile_m(n_assign, n_experts))
             )
             ws = self._moe_workspace(moe_workspace_bytes(n_assign, n_experts, tm))
             self.run(plan_moe_route(ids, n_assign, n_experts, ws, tile_m=tm), stream)
@@ -1554,7 +1618,9 @@ class MatmulKernels:
         mats = [(w, y, kw.pop("bias", None))]
         if pair is not None:
             mats.append(pair)
-        if form == "gemv":
+        if form == "i15":
+            launches = self._routed_i15(mats, ids, ntok, topk, x, per_slot_input, route, kw)
+        elif form == "gemv":
             launches = [
                 plan_moe(
                     m,
@@ -1574,6 +1640,49 @@ class MatmulKernels:
             launches = self._routed(mats, ids, ntok, topk, x, per_slot_input, route, kw)
         for launch in launches:  # all checked before any is queued
             self.run(launch, stream)
+
+    def _routed_i15(
+        self,
+        mats: list[tuple[QWeight, BufLike, BufLike | None]],
+        ids: BufLike,
+        ntok: int,
+        topk: int,
+        x: BufLike,
+        per_slot_input: bool,
+        route: MoeRoute,
+        kw: dict[str, Any],
+    ) -> list[Launch]:
+        """The integer form: one pre-pass of x (every matrix of `mats` reads the same x),
+        then per matrix the routed core into split partials and the in-order sum with each
+        assignment's expert bias."""
+        _need("moe15", not kw.keys() - {"ldx"}, f"options {sorted(kw)} not for the integer form")
+        n_assign = ntok * topk
+        w0 = mats[0][0]
+        x_rows = n_assign if per_slot_input else ntok
+        planes = self._i15_workspace(i15_planes(x_rows, w0.cols, 32)[4])
+        launches = [plan_quant_x15(x, planes, x_rows, w0.cols, ldx=kw.get("ldx"), blk=32)]
+        for m, y, b in mats:
+            _need("moe15", m.cols == w0.cols, "paired experts of another width")
+            splits = i15_split(m, self._sms)
+            part = self._splitk_workspace(splits * n_assign * m.rows * 4)
+            launches.append(
+                plan_moe_i15(
+                    m,
+                    planes,
+                    part,
+                    n_assign,
+                    splits,
+                    route,
+                    x_rows=x_rows,
+                    per_slot_input=per_slot_input,
+                )
+            )
+            launches.append(
+                plan_splitk_reduce(
+                    part, splits, n_assign, m.rows, y, bias=b, experts=(ids, m.experts)
+                )
+            )
+        return launches
 
     def _routed(
         self,
@@ -1639,13 +1748,17 @@ class MatmulKernels:
                 if w.experts == 1 and w.qtype in I15_TYPES
             ]
         parts += [moe_split(w)[0] * w.rows * topk for w in weights if w.experts > 1]
+        moe15 = [w for w in weights if w.experts > 1 and w.qtype in I15_MOE_TYPES]
+        if self.int15 and moe15:
+            self._i15_workspace(i15_planes(max_tokens * topk, max(w.cols for w in moe15), 32)[4])
+            parts += [i15_split(w, self._sms) * w.rows * topk for w in moe15]
         if max(parts, default=1) > 1:
             self._splitk_workspace(max_tokens * max(parts) * 4)
         if n_experts:
             n = max_tokens * topk
             self._moe_workspace(
                 max(moe_workspace_bytes(n, n_experts, tm) for tm in (MOE_SKINNY_TILE_M, 64, 128))
-            )
+            )  # (the integer form routes in tiles of 16 or 64)
 
     def _moe_workspace(self, nbytes: int) -> DevBuf:
         """The routing workspace, grown (never shrunk, never freed while this object lives, so a
