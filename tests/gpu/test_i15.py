@@ -206,7 +206,9 @@ def test_worker_linear_takes_the_integer_cores(
 
 
 @pytest.mark.parametrize("qtype", [MXFP4, Q8_0])
-@pytest.mark.parametrize(("ntok", "per_slot"), [(1, False), (7, True), (64, False), (100, True)])
+@pytest.mark.parametrize(
+    ("ntok", "per_slot"), [(1, False), (2, True), (7, True), (64, False), (100, True)]
+)
 def test_worker_moe_takes_the_routed_integer_cores(
     gpu: Any, qtype: int, ntok: int, per_slot: bool
 ) -> None:
