@@ -1,6 +1,8 @@
-// Products on 15-bit activations against Q4_K / Q5_K codes (docs/kernels.md, "Integer
-// products"): a dp4a core for 1-8 rows and an int8 tensor-core core for any row count, giving
-// the same bits.
+// Products on 15-bit activations against quantized weight codes (docs/kernels.md, "Integer
+// products"): dp4a cores for 1-8 rows and int8 tensor-core cores (8, 32 or 64 rows of X a
+// block; a routed form for MoE experts) for any row count, all giving the same bits. Formats:
+// Q4_K, Q5_K, Q6_K (a float step a super-block, below) and Q4_0, Q5_0, Q8_0, MXFP4 (a float
+// step a block of 32, further down).
 //
 // quant_x15: each block of `blk` elements (256 for the K-quants, 32 otherwise) of a row of X
 // (row stride ldx) becomes its 15-bit codes (i15.cuh: d, the planes hi and lo, sq).

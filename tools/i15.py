@@ -1,7 +1,9 @@
-"""Products on 15-bit activations against Q4_K / Q5_K codes (cuda_src/i15.cu; docs/kernels.md,
-"Integer products"): the launches, and a NumPy float32 twin that takes the kernels' rounded
-steps in the same order, so the two agree bit for bit (tests/gpu/test_i15.py). Timing:
-`python3 -m tools.skinny_sweep --i15 --shapes phi3.gate_up,phi3.o --rows 1,8`.
+"""Products on 15-bit activations against quantized weight codes (cuda_src/i15.cu;
+docs/kernels.md, "Integer products"): Q4_K, Q5_K, Q6_K (a float step a super-block) and Q4_0,
+Q5_0, Q8_0, MXFP4 (a float step a block of 32). The launches, and a NumPy float32 twin that
+takes the kernels' rounded steps in the same order, so the two agree bit for bit
+(tests/unit/test_i15_emu.py on the CPU, tests/gpu/test_i15.py on the GPU). Timing:
+`python3 -m tools.skinny_sweep --i15 --shapes phi3.gate_up,qwen.gate_up --rows 1,8,64`.
 """
 
 from __future__ import annotations
