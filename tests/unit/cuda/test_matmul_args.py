@@ -671,7 +671,18 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
             "moe_route", "quant_x15", core, reduce, core, reduce, "quant_x15", core, reduce,
         ]  # fmt: skip
         assert mm.queued[1].args[2] == ntok and mm.queued[6].args[2] == n_assign  # X rows
-        assert mm.moe_route(ids, ntok, 4, 32).form != "i15"  # the format decides
+        # the norm wrote xn's codes: gate and up queue no pre-pass and read them
+        codes = DevBuf(1 << 38, 1 << 24)
+        r = mm.moe_route(ids, ntok, 4, 32, qtype=39)
+        mm.queued.clear()
+        mm.moe(gate, ids, ntok, 4, x, yg, per_slot_input=False, route=r, pair=(up, yu, None),
+               planes=codes)  # fmt: skip
+        assert [q.kernel for q in mm.queued] == [core, reduce, core, reduce]
+        assert mm.queued[0].args[3] == codes.ptr  # the planes' hi
+        r = mm.moe_route(ids, ntok, 4, 32)
+        assert r.form != "i15"  # the format decides
+        with pytest.raises(LaunchRefused, match="planes"):
+            mm.moe(gate, ids, ntok, 4, x, yg, per_slot_input=False, route=r, planes=codes)
     # invariance off at one token: the gemv, no pre-pass, gate and up one after the other
     mm = _PlanOnly(invariant=False)
     ids1, x1 = DevBuf(1 << 33, 16), DevBuf(1 << 30, 2880 * 4)

@@ -135,6 +135,9 @@ class Executor:
             mm.i15_input_block([qw for qw, _, _ in plan]) if rms and plan else None
             for plan in self._gu_plan
         ]
+        for il, L in enumerate(recipe.layers):  # MoE: the experts' gate and up read xn
+            if L.ffn == "moe_oai" and rms and mm.moe_takes_i15(self._expert_qtype(L)):
+                self._q15_ffn[il] = 32
         self._q15_down = [
             mm.i15_input_block([weight(f"{L.ffn_out}.weight")]) if L.ffn == "gated" else None
             for L in recipe.layers
@@ -276,7 +279,7 @@ class Executor:
             self._attention_block(il, L, st)
             planes = self._norm(s["x"], s["xn"], L.ffn_norm, T, self._q15_ffn[il])
             if L.ffn == "moe_oai":
-                self._moe(L, T)
+                self._moe(L, T, planes)
             else:
                 self._ffn(il, L, T, planes)
         if st.rows:
@@ -401,10 +404,17 @@ class Executor:
             planes = s["xq"] if q15 else None
         self._lin(L.ffn_out, _b(act), x, T, residual=x, bias=L.ffn_out, planes=planes)
 
-    def _moe(self, L: LayerRecipe, T: int) -> None:
+    def _expert_qtype(self, L: LayerRecipe) -> int | None:
+        """The format of a MoE layer's expert tensors (gate, up, down), None if they differ."""
+        names = (*L.ffn_in[1:], L.ffn_out)
+        types = {self.weight(f"{n}.weight").qtype for n in names}
+        return types.pop() if len(types) == 1 else None
+
+    def _moe(self, L: LayerRecipe, T: int, planes: DevBuf | None = None) -> None:
         """gpt-oss: router top-k + softmax over the chosen, expert gate/up (+bias), clamped
         SwiGLU, expert down (+bias), weighted sum into the residual stream. Tokens are
-        grouped by expert inside the routed matrix kernels."""
+        grouped by expert inside the routed matrix kernels. `planes`: xn's 15-bit codes
+        (written by the norm) for the integer form's gate and up."""
         hp, k, s = self.hp, self.k, self.s
         kk, ff = hp.n_expert_used, hp.n_ff_exp
         router, gate, up = L.ffn_in
@@ -421,8 +431,7 @@ class Executor:
         # launch (the skinny form pairs them: fuller waves at one token)
         eidx = _b(s["eidx"])
         # (the experts' format picks the integer form when it is on: one format for all three)
-        types = {self.weight(f"{n}.weight").qtype for n in (gate, up, L.ffn_out)}
-        qtype = types.pop() if len(types) == 1 else None
+        qtype = self._expert_qtype(L)
         route = self.mm.moe_route(eidx, T, kk, hp.n_expert, stream=st, qtype=qtype)
 
         def experts(name: str, out: str) -> tuple[QWeight, Buf, Buf | None]:
@@ -443,6 +452,7 @@ class Executor:
             route=route,
             bias=bg,
             pair=experts(up, "eu"),
+            planes=planes if route.form == "i15" else None,
         )
         k.swiglu(s["eg"], s["eu"], s["eg"], T * kk, ff, ff, ff, ff, oai=(1.702, 7.0))
         wd, yd, bd = experts(L.ffn_out, "ed")

@@ -1534,6 +1534,10 @@ class MatmulKernels:
     ) -> None:
         self.run(plan_embed(w, ids, n, out, ldo=ldo), stream)
 
+    def moe_takes_i15(self, qtype: int | None) -> bool:
+        """Whether experts of this format take the routed integer cores (any step size)."""
+        return self.int15 and self.invariant and qtype in I15_MOE_TYPES and qtype in I15_TYPES
+
     def moe_form(self, ntok: int, form: str = "auto", qtype: int | None = None) -> str:
         """The form of the expert products of a step of ntok tokens: the decode gemv (not
         invariant, ntok <= 2), skinny (ntok <= MOE_SKINNY_MAX_TOKENS) or the routed gemm;
@@ -1542,7 +1546,7 @@ class MatmulKernels:
             return form
         if ntok <= 2 and not self.invariant:
             return "gemv"
-        if self.int15 and self.invariant and qtype in I15_MOE_TYPES and qtype in I15_TYPES:
+        if self.moe_takes_i15(qtype):
             return "i15"
         return "skinny" if ntok <= MOE_SKINNY_MAX_TOKENS else "gemm"
 
@@ -1591,6 +1595,7 @@ class MatmulKernels:
         stream: Any = None,
         route: MoeRoute | None = None,
         pair: tuple[QWeight, BufLike, BufLike | None] | None = None,
+        planes: BufLike | None = None,
         **kw: Any,
     ) -> None:
         """plan_moe's launch; the routed forms (gemm, skinny) read the routing pre-pass of
@@ -1600,7 +1605,8 @@ class MatmulKernels:
         a second tensor of w's type and shape over the same x into y2 (the skinny form takes
         both in one launch, the others one after the other). The workspaces are shared by
         every call: queue all MoE launches of one MatmulKernels on one stream (the backend
-        does)."""
+        does). `planes` (the integer form, token inputs): x's 15-bit codes scaled per 32,
+        already written by x's producer, so no pre-pass is queued."""
         form = kw.pop("form", "auto")
         tile_m = kw.pop("tile_m", None)
         if route is None:
@@ -1619,7 +1625,11 @@ class MatmulKernels:
         if pair is not None:
             mats.append(pair)
         if form == "i15":
-            launches = self._routed_i15(mats, ids, ntok, topk, x, per_slot_input, route, kw)
+            launches = self._routed_i15(
+                mats, ids, ntok, topk, x, per_slot_input, route, kw, planes=planes
+            )
+        elif planes is not None:
+            raise LaunchRefused("moe", f"15-bit planes given to the {form} form")
         elif form == "gemv":
             launches = [
                 plan_moe(
@@ -1651,16 +1661,20 @@ class MatmulKernels:
         per_slot_input: bool,
         route: MoeRoute,
         kw: dict[str, Any],
+        *,
+        planes: BufLike | None = None,
     ) -> list[Launch]:
-        """The integer form: one pre-pass of x (every matrix of `mats` reads the same x),
-        then per matrix the routed core into split partials and the in-order sum with each
-        assignment's expert bias."""
+        """The integer form: one pre-pass of x (every matrix of `mats` reads the same x;
+        none when `planes` holds its codes), then per matrix the routed core into split
+        partials and the in-order sum with each assignment's expert bias."""
         _need("moe15", not kw.keys() - {"ldx"}, f"options {sorted(kw)} not for the integer form")
         n_assign = ntok * topk
         w0 = mats[0][0]
         x_rows = n_assign if per_slot_input else ntok
-        planes = self._i15_workspace(i15_planes(x_rows, w0.cols, 32)[4])
-        launches = [plan_quant_x15(x, planes, x_rows, w0.cols, ldx=kw.get("ldx"), blk=32)]
+        launches = []
+        if planes is None:
+            planes = self._i15_workspace(i15_planes(x_rows, w0.cols, 32)[4])
+            launches.append(plan_quant_x15(x, planes, x_rows, w0.cols, ldx=kw.get("ldx"), blk=32))
         for m, y, b in mats:
             _need("moe15", m.cols == w0.cols, "paired experts of another width")
             splits = i15_split(m, self._sms)
