@@ -255,6 +255,28 @@ def _disjoint(kernel: str, a: tuple[int, int], b: tuple[int, int], what: str) ->
     _need(kernel, a[1] <= b[0] or b[1] <= a[0], f"{what} overlap")
 
 
+def _check_epilogue(
+    kernel: str,
+    yr: tuple[int, int],
+    bias: BufLike | None,
+    residual: BufLike | None,
+    m: int,
+    n: int,
+    ldy: int,
+    bias_rows: int = 1,
+) -> tuple[int, int]:
+    """The optional bias (bias_rows rows of n fp32) and residual (m rows of n, stride ldy:
+    y itself or apart from it) of a launch writing y's byte range yr; their pointers (0:
+    none)."""
+    bb, rb = _opt_buf(bias), _opt_buf(residual)
+    if bb is not None:
+        _check_f32(kernel, "bias", bb, bias_rows, n, n)
+    if rb is not None:
+        rr = _check_f32(kernel, "residual", rb, m, n, ldy)
+        _need(kernel, rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0], "residual overlaps y")
+    return (bb.ptr if bb else 0, rb.ptr if rb else 0)
+
+
 def plan_gemv(
     w: QWeight,
     x: BufLike,
@@ -504,7 +526,6 @@ def plan_splitk_reduce(
     kernel = "gemm_splitk_reduce"
     ldy = n if ldy is None else ldy
     pb, yb = as_buf(part), as_buf(y)
-    bb, rb = _opt_buf(bias), _opt_buf(residual)
     _need(kernel, n_split >= 1 and 1 <= m <= MAX_GRID_YZ, f"{n_split} splits, {m} rows")
     _need(kernel, pb.nbytes >= n_split * m * n * 4, "partials buffer too small")
     yr = _check_f32(kernel, "y", yb, m, n, ldy)
@@ -513,19 +534,15 @@ def plan_splitk_reduce(
     if ib is not None:
         _need(kernel, ib.nbytes >= 4 * m, f"expert ids buffer {ib.nbytes} bytes < {4 * m}")
         _need(kernel, n_expert >= 1, f"{n_expert} experts")
-    if bb is not None:
-        _check_f32(kernel, "bias", bb, max(1, n_expert), n, n)
-    if rb is not None:
-        rr = _check_f32(kernel, "residual", rb, m, n, ldy)
-        _need(kernel, rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0], "residual overlaps y")
+    bptr, rptr = _check_epilogue(kernel, yr, bias, residual, m, n, ldy, max(1, n_expert))
     args = (
         pb.ptr,
         n_split,
         m * n,
         m,
         n,
-        bb.ptr if bb else 0,
-        rb.ptr if rb else 0,
+        bptr,
+        rptr,
         yb.ptr,
         ldy,
         ib.ptr if ib else 0,
@@ -676,16 +693,11 @@ def plan_i15(
         yr = _check_f32(kernel, "y", as_buf(y), m, w.rows, ldy)
         _disjoint(kernel, (pb.ptr, pb.ptr + need), yr, "partials and y")
         _disjoint(kernel, (qb.ptr, qb.ptr + total), yr, "planes and y")
-        bb, rb = _opt_buf(bias), _opt_buf(residual)
-        if bb is not None:
-            _check_f32(kernel, "bias", bb, 1, w.rows, w.rows)
-        if rb is not None:
-            rr = _check_f32(kernel, "residual", rb, m, w.rows, ldy)
-            _need(kernel, rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0], "residual overlaps y")
+        bptr, rptr = _check_epilogue(kernel, yr, bias, residual, m, w.rows, ldy)
         tb = _opt_buf(tickets)
         _need(kernel, tb is not None and tb.nbytes >= 4 * i15_tiles(w, m), "tickets too small")
         assert tb is not None
-        out = (as_buf(y).ptr, bb.ptr if bb else 0, rb.ptr if rb else 0, ldy, tb.ptr)
+        out = (as_buf(y).ptr, bptr, rptr, ldy, tb.ptr)
     else:
         _need(kernel, bias is None and residual is None, "bias or residual without y")
     args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr, *out)
@@ -917,20 +929,11 @@ def _plan_linear(
     ldy = n if ldy is None else ldy
     _need(kernel, ldx % 4 == 0, f"x row stride {ldx} not a multiple of 4 elements")
     xb, yb = as_buf(x), as_buf(y)
-    bb, rb = _opt_buf(bias), _opt_buf(residual)
     xr = _check_f32(kernel, "x", xb, ntok, k, ldx, align=16)
     yr = _check_f32(kernel, "y", yb, ntok, n, ldy)
     _disjoint(kernel, xr, yr, "x and y")
     _disjoint(kernel, (w.ptr, w.ptr + w.nbytes), yr, "weights and y")
-    if bb is not None:
-        _check_f32(kernel, "bias", bb, 1, n, n)
-    if rb is not None:
-        rr = _check_f32(kernel, "residual", rb, ntok, n, ldy)
-        _need(
-            kernel,
-            rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0],
-            "residual must be y itself or not overlap it",
-        )
+    bptr, rptr = _check_epilogue(kernel, yr, bias, residual, ntok, n, ldy)
     args = (
         w.ptr,
         lay.row_bytes(k),
@@ -939,8 +942,8 @@ def _plan_linear(
         xb.ptr,
         ldx,
         ntok,
-        bb.ptr if bb else 0,
-        rb.ptr if rb else 0,
+        bptr,
+        rptr,
         yb.ptr,
         ldy,
     )
