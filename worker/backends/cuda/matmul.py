@@ -91,8 +91,10 @@ I15_CHUNK = 8  # legacy formats: blocks of 32 a chunk (splits are whole chunks)
 I15_LEGACY_PITCH = {2: 176, 6: 208, 8: 304, 39: 176}  # I15Leg<T>::PITCH: a staged row
 I15_SKINNY_MAX_ROWS = 8  # skinny15's rows at most (I15_MAX_ROWS in i15.cu)
 # steps of up to this many rows take the dp4a cores, the rest up to 8 the staged tensor-core
-# core with one n8 tile (gemm15p8_*; the same bits): WORKER_ORCD_I15_DP4A_ROWS (A/B, 0-8)
-I15_DP4A_ROWS = min(8, max(0, int(os.environ.get("WORKER_ORCD_I15_DP4A_ROWS", "8"))))
+# core with one n8 tile (gemm15p8_*; the same bits): WORKER_ORCD_I15_DP4A_ROWS (A/B, 0-8).
+# 0: on an H100 the whole Phi-3 step at B = 1 / 8 ran 317 / 1,929 tok/s with gemm15p8 and
+# 241 / 1,113 with the dp4a cores (Qwen B = 1: 595 vs 523 with dp4a at one row)
+I15_DP4A_ROWS = min(8, max(0, int(os.environ.get("WORKER_ORCD_I15_DP4A_ROWS", "0"))))
 I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in shared memory
 I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
 I15_GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
@@ -601,7 +603,8 @@ def i15_gemmp_slot(qtype: int, block_bytes: int, tok: int = I15_GEMM_TOK) -> int
 
 def i15_core(w: QWeight, m: int) -> str:
     """The integer core for m rows of w (all give the same bits): the dp4a skinny15 up to
-    I15_DP4A_ROWS rows, the staged tensor-core core with one n8 tile (gemm15p8) up to 8, then
+    I15_DP4A_ROWS rows (none by default), the staged tensor-core core with one n8 tile
+    (gemm15p8) up to 8, then
     gemm15p (32 rows a block), or under WORKER_ORCD_I15_GEMM gemm15 (Q4_K / Q5_K) or
     gemm15p64 (64 rows a block, from 64 rows)."""
     if m <= I15_DP4A_ROWS:
