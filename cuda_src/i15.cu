@@ -437,8 +437,8 @@ GEMM15(QT_Q5_K, q5_k)
 template <int T, int TOK> struct G15P {
   static constexpr int W = I15Fmt<T>::BYTES;
   static constexpr int XH = 0, XL = TOK * G15_PAD, WQ = 2 * TOK * G15_PAD;
-  static constexpr int DX = WQ + G15_ROWS * W, SQ = DX + TOK * 4;
-  static constexpr int SLOT = SQ + TOK * 8 * 4;  // a multiple of 16
+  int DX, SQ, SLOT;  // for R weight rows a block (multiples of 16)
+  __device__ explicit G15P(int R) : DX(WQ + R * W), SQ(DX + TOK * 4), SLOT(SQ + TOK * 8 * 4) {}
 };
 
 // 16 bytes to shared memory by cp.async, of which the first n are read (the rest zeros)
@@ -454,10 +454,57 @@ __device__ __forceinline__ void i15_cpn(void* dst, const void* src, int n) {
 __device__ __forceinline__ void i15_cp16(void* dst, const void* src, bool valid) {
   i15_cpn(dst, src, valid ? 16 : 0);
 }
-__device__ __forceinline__ void i15_cp_wait_all() {
-#ifndef KERNEL_EMU
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+// 4 bytes to shared memory by cp.async (zeros when !valid, nothing read)
+__device__ __forceinline__ void i15_cp4(void* dst, const void* src, bool valid) {
+#ifdef KERNEL_EMU
+  emu::copy4(dst, src, valid ? 4 : 0);
+#else
+  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(a), "l"(src),
+               "r"(valid ? 4 : 0)
+               : "memory");
 #endif
+}
+__device__ __forceinline__ void i15_cp_commit() {
+#ifndef KERNEL_EMU
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// this thread's cp.async groups but the newest n (0-2) have landed
+__device__ __forceinline__ void i15_cp_wait(int n) {
+#ifndef KERNEL_EMU
+  if (n >= 2)
+    asm volatile("cp.async.wait_group 2;" ::: "memory");
+  else if (n == 1)
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+  else
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// The staged cores' pipeline over their units [u0, u1) (super-blocks, or chunks of 8 blocks)
+// in `slots` (1-3) slots of shared memory: unit u goes to slot (u - u0) % slots, requested
+// slots - 1 units ahead of the one computed (a cp.async group a unit; empty groups past u1
+// keep the count fixed). A unit is computed once its group has landed for every thread; its
+// slot is staged again only after every thread is done with it. stage(u, slot) issues unit
+// u's reads; compute(u, slot) reads only that slot.
+template <class Stage, class Compute>
+__device__ __forceinline__ void i15_ring(int u0, int u1, int slots, Stage&& stage,
+                                         Compute&& compute) {
+  const int ahead = min(slots, 3) - 1;
+  for (int p = 0; p < ahead; ++p) {
+    if (u0 + p < u1) stage(u0 + p, p);
+    i15_cp_commit();
+  }
+  for (int u = u0; u < u1; ++u) {
+    const int i = u - u0;
+    if (u + ahead < u1) stage(u + ahead, (i + ahead) % (ahead + 1));  // unit u - 1's slot
+    i15_cp_commit();
+    i15_cp_wait(ahead);  // unit u's group (the ahead newer ones may still be in flight)
+    __syncthreads();     // ... for every thread
+    compute(u, i % (ahead + 1));
+    __syncthreads();  // the slot is read before it is staged again
+  }
 }
 __device__ __forceinline__ unsigned i15_dyn_smem() {
 #ifdef KERNEL_EMU
@@ -478,131 +525,127 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
                                         I15Out out) {
   using F = I15Fmt<T>;
   constexpr int TOK = 8 * NT;  // rows of X a block: NT n8 tiles
-  using L = G15P<T, TOK>;
+  const int R = (int)blockDim.x >> 1;  // weight rows a block: 16 a warp
+  using LT = G15P<T, TOK>;
+  const LT L(R);
   extern __shared__ __align__(16) uint8_t smem[];
-  const int slots = (int)(i15_dyn_smem() / L::SLOT);
+  const int slots = (int)(i15_dyn_smem() / L.SLOT);
   if (slots < 1) __trap();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
   const int z = blockIdx.z;
   const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
-  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * G15_ROWS;
+  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * R;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;  // this lane's weight rows in the tile
   float y[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
-  for (int c0 = sb0; c0 < sb1; c0 += slots) {
-    const int cn = min(slots, sb1 - c0);
-    if (c0 != sb0) __syncthreads();  // the previous chunk is read
-    for (int c = 0; c < cn; ++c) {
-      uint8_t* sl = smem + c * L::SLOT;
-      const int j = c0 + c;
-      for (int i = threadIdx.x; i < TOK * 16; i += 128) {  // planes: 16 pieces a row
-        const int t = i >> 4, o = (i & 15) * 16;
+  const auto stage = [&](int j, int c) {
+    uint8_t* sl = smem + c * L.SLOT;
+    for (int i = threadIdx.x; i < TOK * 16; i += blockDim.x) {  // planes: 16 pieces a row
+      const int t = i >> 4, o = (i & 15) * 16;
+      const bool ok = t0 + t < M;
+      const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
+      i15_cp16(sl + LT::XH + t * G15_PAD + o, xhi + src, ok);
+      i15_cp16(sl + LT::XL + t * G15_PAD + o, xlo + src, ok);
+    }
+    for (int i = threadIdx.x; i < R * (F::BYTES / 16); i += blockDim.x) {  // weights
+      const int r = i / (F::BYTES / 16), o = (i % (F::BYTES / 16)) * 16;
+      const size_t src = (size_t)min(n0 + r, N - 1) * nsb * F::BYTES + (size_t)j * F::BYTES + o;
+      i15_cp16(sl + LT::WQ + r * F::BYTES + o, w + src, true);
+    }
+    for (int i = threadIdx.x; i < TOK * 3; i += blockDim.x) {
+      if (i < TOK * 2) {  // sq: two pieces a row
+        const int t = i >> 1, o = (i & 1) * 4;
         const bool ok = t0 + t < M;
-        const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
-        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, ok);
-        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, ok);
-      }
-      for (int i = threadIdx.x; i < G15_ROWS * (F::BYTES / 16); i += 128) {  // weights
-        const int r = i / (F::BYTES / 16), o = (i % (F::BYTES / 16)) * 16;
-        const size_t src = (size_t)min(n0 + r, N - 1) * nsb * F::BYTES + (size_t)j * F::BYTES + o;
-        i15_cp16(sl + L::WQ + r * F::BYTES + o, w + src, true);
-      }
-      for (int i = threadIdx.x; i < TOK * 3; i += 128) {
-        if (i < TOK * 2) {  // sq: two pieces a row
-          const int t = i >> 1, o = (i & 1) * 4;
-          const bool ok = t0 + t < M;
-          i15_cp16(sl + L::SQ + (t * 8 + o) * 4,
-                   xsq + (size_t)(ok ? t0 + t : 0) * (K / 32) + (size_t)j * 8 + o, ok);
-        } else {  // d: one a row
-          const int t = i - TOK * 2;
-          reinterpret_cast<float*>(sl + L::DX)[t] =
-              t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
-        }
+        i15_cp16(sl + L.SQ + (t * 8 + o) * 4,
+                 xsq + (size_t)(ok ? t0 + t : 0) * (K / 32) + (size_t)j * 8 + o, ok);
+      } else {  // d: one a row
+        const int t = i - TOK * 2;
+        const bool ok = t0 + t < M;
+        i15_cp4(sl + L.DX + 4 * t, xd + (size_t)(ok ? t0 + t : 0) * nsb + j, ok);
       }
     }
-    i15_cp_wait_all();
-    __syncthreads();
-    for (int c = 0; c < cn; ++c) {
-      const uint8_t* sl = smem + c * L::SLOT;
-      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + L::XH);
-      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + L::XL);
-      const float* sdx = reinterpret_cast<const float*>(sl + L::DX);
-      const int* ssq = reinterpret_cast<const int*>(sl + L::SQ);
-      const uint8_t* b0 = sl + L::WQ + lr0 * F::BYTES;
-      const uint8_t* b1 = sl + L::WQ + lr1 * F::BYTES;
-      const uint4 hd0 = *reinterpret_cast<const uint4*>(b0);
-      const uint4 hd1 = *reinterpret_cast<const uint4*>(b1);
-      const uint8_t* sc0 = reinterpret_cast<const uint8_t*>(&hd0) + 4;
-      const uint8_t* sc1 = reinterpret_cast<const uint8_t*>(&hd1) + 4;
-      uint32_t h0[2] = {0u, 0u}, h1[2] = {0u, 0u};
-      if constexpr (T == QT_Q5_K) {
+  };
+  const auto compute = [&](int, int c) {
+    const uint8_t* sl = smem + c * L.SLOT;
+    const int8_t* shi = reinterpret_cast<const int8_t*>(sl + LT::XH);
+    const int8_t* slo = reinterpret_cast<const int8_t*>(sl + LT::XL);
+    const float* sdx = reinterpret_cast<const float*>(sl + L.DX);
+    const int* ssq = reinterpret_cast<const int*>(sl + L.SQ);
+    const uint8_t* b0 = sl + LT::WQ + lr0 * F::BYTES;
+    const uint8_t* b1 = sl + LT::WQ + lr1 * F::BYTES;
+    const uint4 hd0 = *reinterpret_cast<const uint4*>(b0);
+    const uint4 hd1 = *reinterpret_cast<const uint4*>(b1);
+    const uint8_t* sc0 = reinterpret_cast<const uint8_t*>(&hd0) + 4;
+    const uint8_t* sc1 = reinterpret_cast<const uint8_t*>(&hd1) + 4;
+    uint32_t h0[2] = {0u, 0u}, h1[2] = {0u, 0u};
+    if constexpr (T == QT_Q5_K) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          h0[h] = *reinterpret_cast<const uint32_t*>(b0 + 16 + 16 * h + 4 * tg);
-          h1[h] = *reinterpret_cast<const uint32_t*>(b1 + 16 + 16 * h + 4 * tg);
-        }
+      for (int h = 0; h < 2; ++h) {
+        h0[h] = *reinterpret_cast<const uint32_t*>(b0 + 16 + 16 * h + 4 * tg);
+        h1[h] = *reinterpret_cast<const uint32_t*>(b1 + 16 + 16 * h + 4 * tg);
       }
-      int th[NT][4], tl[NT][4];
+    }
+    int th[NT][4], tl[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
+      for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
 #pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        int sa, ma, sb, mb;
-        scale_min_k4(sc0, s, sa, ma);
-        scale_min_k4(sc1, s, sb, mb);
-        const int o = F::QS + 32 * (s >> 1) + 4 * tg;  // k half h at + 16 h
-        const uint32_t a[4] = {F::code(*reinterpret_cast<const uint32_t*>(b0 + o), h0[0], s),
-                               F::code(*reinterpret_cast<const uint32_t*>(b1 + o), h1[0], s),
-                               F::code(*reinterpret_cast<const uint32_t*>(b0 + o + 16), h0[1], s),
-                               F::code(*reinterpret_cast<const uint32_t*>(b1 + o + 16), h1[1], s)};
-        const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + s * 32 +
-                             ((lane >> 3) & 1) * 16;
+    for (int s = 0; s < 8; ++s) {
+      int sa, ma, sb, mb;
+      scale_min_k4(sc0, s, sa, ma);
+      scale_min_k4(sc1, s, sb, mb);
+      const int o = F::QS + 32 * (s >> 1) + 4 * tg;  // k half h at + 16 h
+      const uint32_t a[4] = {F::code(*reinterpret_cast<const uint32_t*>(b0 + o), h0[0], s),
+                             F::code(*reinterpret_cast<const uint32_t*>(b1 + o), h1[0], s),
+                             F::code(*reinterpret_cast<const uint32_t*>(b0 + o + 16), h0[1], s),
+                             F::code(*reinterpret_cast<const uint32_t*>(b1 + o + 16), h1[1], s)};
+      const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + s * 32 +
+                           ((lane >> 3) & 1) * 16;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bf[4];
-          ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
-          int dh[4], dl[4];
-          mma_u8s8(dh, a, bf);
-          mma_u8s8(dl, a, bf + 2);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int sc = e < 2 ? sa : sb;
-            th[nt][e] += sc * dh[e];
-            tl[nt][e] += sc * dl[e];
-          }
-        }
-      }
-      const float ds0 = __half2float(__ushort_as_half((uint16_t)(hd0.x & 0xFFFFu)));
-      const float dm0 = __half2float(__ushort_as_half((uint16_t)(hd0.x >> 16)));
-      const float ds1 = __half2float(__ushort_as_half((uint16_t)(hd1.x & 0xFFFFu)));
-      const float dm1 = __half2float(__ushort_as_half((uint16_t)(hd1.x >> 16)));
-      int m0[8], m1[8];
-#pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        int sc;
-        scale_min_k4(sc0, s, sc, m0[s]);
-        scale_min_k4(sc1, s, sc, m1[s]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bf[4];
+        ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
+        int dh[4], dl[4];
+        mma_u8s8(dh, a, bf);
+        mma_u8s8(dl, a, bf + 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int t = nt * 8 + 2 * tg + (e & 1);
-          int u = 0;
-#pragma unroll
-          for (int s = 0; s < 8; ++s) u += (e < 2 ? m0[s] : m1[s]) * ssq[t * 8 + s];
-          y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? ds0 : ds1, e < 2 ? dm0 : dm1,
-                              th[nt][e], tl[nt][e], u);
+          const int sc = e < 2 ? sa : sb;
+          th[nt][e] += sc * dh[e];
+          tl[nt][e] += sc * dl[e];
         }
+      }
     }
-  }
+    const float ds0 = __half2float(__ushort_as_half((uint16_t)(hd0.x & 0xFFFFu)));
+    const float dm0 = __half2float(__ushort_as_half((uint16_t)(hd0.x >> 16)));
+    const float ds1 = __half2float(__ushort_as_half((uint16_t)(hd1.x & 0xFFFFu)));
+    const float dm1 = __half2float(__ushort_as_half((uint16_t)(hd1.x >> 16)));
+    int m0[8], m1[8];
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      int sc;
+      scale_min_k4(sc0, s, sc, m0[s]);
+      scale_min_k4(sc1, s, sc, m1[s]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = nt * 8 + 2 * tg + (e & 1);
+        int u = 0;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) u += (e < 2 ? m0[s] : m1[s]) * ssq[t * 8 + s];
+        y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? ds0 : ds1, e < 2 ? dm0 : dm1,
+                            th[nt][e], tl[nt][e], u);
+      }
+  };
+  i15_ring(sb0, sb1, slots, stage, compute);
   const int r0 = n0 + lr0, r1 = n0 + lr1;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -612,11 +655,11 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
       if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
   i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
-             TOK, blockIdx.x * G15_ROWS, G15_ROWS);
+             TOK, blockIdx.x * R, R);
 }
 
 #define GEMM15P(TY, NAME, NT, SUFFIX)                                                       \
-  extern "C" __global__ void __launch_bounds__(128) gemm15p##SUFFIX##_##NAME(              \
+  extern "C" __global__ void __launch_bounds__(256) gemm15p##SUFFIX##_##NAME(              \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
@@ -756,8 +799,8 @@ extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
 constexpr int Q6P_ROW = 240;
 template <int TOK> struct Q6P {
   static constexpr int XH = 0, XL = TOK * G15_PAD, WQ = 2 * TOK * G15_PAD;
-  static constexpr int DX = WQ + G15_ROWS * Q6P_ROW;
-  static constexpr int SLOT = DX + TOK * 4;  // a multiple of 16
+  int DX, SLOT;  // for R weight rows a block (multiples of 16)
+  __device__ explicit Q6P(int R) : DX(WQ + R * Q6P_ROW), SLOT(DX + TOK * 4) {}
 };
 
 __device__ __forceinline__ uint32_t q6p_word(const uint8_t* rowp, int off, int b) {
@@ -772,116 +815,112 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
                                             const float* __restrict__ xd, int M, int splits,
                                             I15Out out) {
   constexpr int TOK = 8 * NT;  // rows of X a block: NT n8 tiles
-  using L = Q6P<TOK>;
+  const int R = (int)blockDim.x >> 1;  // weight rows a block: 16 a warp
+  using LT = Q6P<TOK>;
+  const LT L(R);
   extern __shared__ __align__(16) uint8_t smem[];
-  const int slots = (int)(i15_dyn_smem() / L::SLOT);
+  const int slots = (int)(i15_dyn_smem() / L.SLOT);
   if (slots < 1) __trap();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
   const int z = blockIdx.z;
   const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
-  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * G15_ROWS;
+  const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * R;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
   float y[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
-  for (int c0 = sb0; c0 < sb1; c0 += slots) {
-    const int cn = min(slots, sb1 - c0);
-    if (c0 != sb0) __syncthreads();  // the previous chunk is read
-    for (int c = 0; c < cn; ++c) {
-      uint8_t* sl = smem + c * L::SLOT;
-      const int j = c0 + c;
-      for (int i = threadIdx.x; i < TOK * 16; i += 128) {
-        const int t = i >> 4, o = (i & 15) * 16;
-        const bool ok = t0 + t < M;
-        const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
-        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, ok);
-        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, ok);
-      }
-      for (int i = threadIdx.x; i < G15_ROWS * 14; i += 128) {
-        const int r = i / 14, o = (i % 14) * 16;
-        const uint8_t* b = w + (size_t)min(n0 + r, N - 1) * nsb * 210 + (size_t)j * 210;
-        const uint8_t* a16 = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) & ~(uintptr_t)15);
-        const int left = (int)(b + 210 - (a16 + o));  // block bytes from this piece on
-        i15_cpn(sl + L::WQ + r * Q6P_ROW + o, a16 + o, max(0, min(16, left)));
-      }
-      for (int t = threadIdx.x; t < TOK; t += 128)
-        reinterpret_cast<float*>(sl + L::DX)[t] =
-            t0 + t < M ? xd[(size_t)(t0 + t) * nsb + j] : 0.f;
+  const auto stage = [&](int j, int c) {
+    uint8_t* sl = smem + c * L.SLOT;
+    for (int i = threadIdx.x; i < TOK * 16; i += blockDim.x) {
+      const int t = i >> 4, o = (i & 15) * 16;
+      const bool ok = t0 + t < M;
+      const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
+      i15_cp16(sl + LT::XH + t * G15_PAD + o, xhi + src, ok);
+      i15_cp16(sl + LT::XL + t * G15_PAD + o, xlo + src, ok);
     }
-    i15_cp_wait_all();
-    __syncthreads();
-    for (int c = 0; c < cn; ++c) {
-      const uint8_t* sl = smem + c * L::SLOT;
-      const int j = c0 + c;
-      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + L::XH);
-      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + L::XL);
-      const float* sdx = reinterpret_cast<const float*>(sl + L::DX);
-      // this lane's two rows: their blocks' offsets in the staged covers
-      const size_t e0 = (size_t)min(n0 + lr0, N - 1) * nsb * 210 + (size_t)j * 210;
-      const size_t e1 = (size_t)min(n0 + lr1, N - 1) * nsb * 210 + (size_t)j * 210;
-      const int off0 = (int)((reinterpret_cast<uintptr_t>(w) + e0) & 15);
-      const int off1 = (int)((reinterpret_cast<uintptr_t>(w) + e1) & 15);
-      const uint8_t* p0 = sl + L::WQ + lr0 * Q6P_ROW;
-      const uint8_t* p1 = sl + L::WQ + lr1 * Q6P_ROW;
-      int th[NT][4], tl[NT][4];
+    for (int i = threadIdx.x; i < R * 14; i += blockDim.x) {
+      const int r = i / 14, o = (i % 14) * 16;
+      const uint8_t* b = w + (size_t)min(n0 + r, N - 1) * nsb * 210 + (size_t)j * 210;
+      const uint8_t* a16 = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) & ~(uintptr_t)15);
+      const int left = (int)(b + 210 - (a16 + o));  // block bytes from this piece on
+      i15_cpn(sl + LT::WQ + r * Q6P_ROW + o, a16 + o, max(0, min(16, left)));
+    }
+    for (int t = threadIdx.x; t < TOK; t += blockDim.x) {
+      const bool ok = t0 + t < M;
+      i15_cp4(sl + L.DX + 4 * t, xd + (size_t)(ok ? t0 + t : 0) * nsb + j, ok);
+    }
+  };
+  const auto compute = [&](int j, int c) {
+    const uint8_t* sl = smem + c * L.SLOT;
+    const int8_t* shi = reinterpret_cast<const int8_t*>(sl + LT::XH);
+    const int8_t* slo = reinterpret_cast<const int8_t*>(sl + LT::XL);
+    const float* sdx = reinterpret_cast<const float*>(sl + L.DX);
+    // this lane's two rows: their blocks' offsets in the staged covers
+    const size_t e0 = (size_t)min(n0 + lr0, N - 1) * nsb * 210 + (size_t)j * 210;
+    const size_t e1 = (size_t)min(n0 + lr1, N - 1) * nsb * 210 + (size_t)j * 210;
+    const int off0 = (int)((reinterpret_cast<uintptr_t>(w) + e0) & 15);
+    const int off1 = (int)((reinterpret_cast<uintptr_t>(w) + e1) & 15);
+    const uint8_t* p0 = sl + LT::WQ + lr0 * Q6P_ROW;
+    const uint8_t* p1 = sl + LT::WQ + lr1 * Q6P_ROW;
+    int th[NT][4], tl[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
+      for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
 #pragma unroll
-      for (int G = 0; G < 8; ++G) {
-        const uint32_t s0 = q6p_word(p0, off0, 192 + (G / 2) * 4);  // scales 4(G/2) ..
-        const uint32_t s1 = q6p_word(p1, off1, 192 + (G / 2) * 4);
-        const int sh8 = 16 * (G & 1);                               // 2G, 2G + 1 in the word
-        const int sa0 = (int)(int8_t)(s0 >> sh8), sb0_ = (int)(int8_t)(s0 >> (sh8 + 8));
-        const int sa1 = (int)(int8_t)(s1 >> sh8), sb1_ = (int)(int8_t)(s1 >> (sh8 + 8));
-        uint32_t a[2][4];  // [half][fragment]: half 0 = sub-block 2G, 1 = 2G + 1
+    for (int G = 0; G < 8; ++G) {
+      const uint32_t s0 = q6p_word(p0, off0, 192 + (G / 2) * 4);  // scales 4(G/2) ..
+      const uint32_t s1 = q6p_word(p1, off1, 192 + (G / 2) * 4);
+      const int sh8 = 16 * (G & 1);                               // 2G, 2G + 1 in the word
+      const int sa0 = (int)(int8_t)(s0 >> sh8), sb0_ = (int)(int8_t)(s0 >> (sh8 + 8));
+      const int sa1 = (int)(int8_t)(s1 >> sh8), sb1_ = (int)(int8_t)(s1 >> (sh8 + 8));
+      uint32_t a[2][4];  // [half][fragment]: half 0 = sub-block 2G, 1 = 2G + 1
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int l = 16 * h + 4 * tg;
-          const uint32_t c0w = q6_codes(q6p_word(p0, off0, q6_ql_byte(G, l)),
-                                        q6p_word(p0, off0, q6_qh_byte(G, l)), G & 3);
-          const uint32_t c1w = q6_codes(q6p_word(p1, off1, q6_ql_byte(G, l)),
-                                        q6p_word(p1, off1, q6_qh_byte(G, l)), G & 3);
-          a[h][0] = h == 0 ? c0w : 0u;
-          a[h][1] = h == 0 ? c1w : 0u;
-          a[h][2] = h == 1 ? c0w : 0u;
-          a[h][3] = h == 1 ? c1w : 0u;
-        }
-        const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + G * 32 +
-                             ((lane >> 3) & 1) * 16;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bf[4];
-          ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
-          int dh0[4], dl0[4], dh1[4], dl1[4];
-          mma_s8s8(dh0, a[0], bf);
-          mma_s8s8(dl0, a[0], bf + 2);
-          mma_s8s8(dh1, a[1], bf);
-          mma_s8s8(dl1, a[1], bf + 2);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int sa = e < 2 ? sa0 : sa1, sb = e < 2 ? sb0_ : sb1_;
-            th[nt][e] += sa * dh0[e] + sb * dh1[e];
-            tl[nt][e] += sa * dl0[e] + sb * dl1[e];
-          }
-        }
+      for (int h = 0; h < 2; ++h) {
+        const int l = 16 * h + 4 * tg;
+        const uint32_t c0w = q6_codes(q6p_word(p0, off0, q6_ql_byte(G, l)),
+                                      q6p_word(p0, off0, q6_qh_byte(G, l)), G & 3);
+        const uint32_t c1w = q6_codes(q6p_word(p1, off1, q6_ql_byte(G, l)),
+                                      q6p_word(p1, off1, q6_qh_byte(G, l)), G & 3);
+        a[h][0] = h == 0 ? c0w : 0u;
+        a[h][1] = h == 0 ? c1w : 0u;
+        a[h][2] = h == 1 ? c0w : 0u;
+        a[h][3] = h == 1 ? c1w : 0u;
       }
-      const float d0 = __half2float(__ushort_as_half((uint16_t)q6p_word(p0, off0, 208)));
-      const float d1 = __half2float(__ushort_as_half((uint16_t)q6p_word(p1, off1, 208)));
+      const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + G * 32 +
+                           ((lane >> 3) & 1) * 16;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bf[4];
+        ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
+        int dh0[4], dl0[4], dh1[4], dl1[4];
+        mma_s8s8(dh0, a[0], bf);
+        mma_s8s8(dl0, a[0], bf + 2);
+        mma_s8s8(dh1, a[1], bf);
+        mma_s8s8(dl1, a[1], bf + 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int t = nt * 8 + 2 * tg + (e & 1);
-          y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? d0 : d1, 0.f, th[nt][e], tl[nt][e], 0);
+          const int sa = e < 2 ? sa0 : sa1, sb = e < 2 ? sb0_ : sb1_;
+          th[nt][e] += sa * dh0[e] + sb * dh1[e];
+          tl[nt][e] += sa * dl0[e] + sb * dl1[e];
         }
+      }
     }
-  }
+    const float d0 = __half2float(__ushort_as_half((uint16_t)q6p_word(p0, off0, 208)));
+    const float d1 = __half2float(__ushort_as_half((uint16_t)q6p_word(p1, off1, 208)));
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = nt * 8 + 2 * tg + (e & 1);
+        y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? d0 : d1, 0.f, th[nt][e], tl[nt][e], 0);
+      }
+  };
+  i15_ring(sb0, sb1, slots, stage, compute);
   const int r0 = n0 + lr0, r1 = n0 + lr1;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -891,11 +930,11 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
       if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
     }
   i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
-             TOK, blockIdx.x * G15_ROWS, G15_ROWS);
+             TOK, blockIdx.x * R, R);
 }
 
 #define GEMM15P_Q6K(NT, SUFFIX)                                                              \
-  extern "C" __global__ void __launch_bounds__(128) gemm15p##SUFFIX##_q6_k(                \
+  extern "C" __global__ void __launch_bounds__(256) gemm15p##SUFFIX##_q6_k(                \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
@@ -1125,8 +1164,8 @@ SKINNY15L(QT_MXFP4, mxfp4)
 // float step an output.
 template <int T, int TOK> struct G15L {
   static constexpr int XH = 0, XL = TOK * G15_PAD, WQ = 2 * TOK * G15_PAD;
-  static constexpr int DX = WQ + G15_ROWS * I15Leg<T>::PITCH;
-  static constexpr int SLOT = DX + TOK * I15_CHUNK * 4;  // a multiple of 16
+  int DX, SLOT;  // for R weight rows a block (multiples of 16)
+  __device__ explicit G15L(int R) : DX(WQ + R * I15Leg<T>::PITCH), SLOT(DX + TOK * I15_CHUNK * 4) {}
 };
 
 // A routed launch (the experts of a MoE layer, moe_route's table): block y takes tile y
@@ -1149,22 +1188,24 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
                                          I15Out out, I15Route route = {}) {
   using F = I15Leg<T>;
   constexpr int TOK = 8 * NT;  // rows of X a block: NT n8 tiles
-  using L = G15L<T, TOK>;
+  const int R = (int)blockDim.x >> 1;  // weight rows a block: 16 a warp
+  using LT = G15L<T, TOK>;
+  const LT L(R);
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_xrow[TOK], s_yrow[TOK];  // a tile row's row of X and of the output (-1: none)
-  const int slots = (int)(i15_dyn_smem() / L::SLOT);
+  const int slots = (int)(i15_dyn_smem() / L.SLOT);
   if (slots < 1) __trap();
   if constexpr (ROUTED) {
     if ((int)blockIdx.y >= route.ntiles[0]) return;  // the whole block: past the table
     const int4 tl = route.tiles[blockIdx.y];
     w += (size_t)tl.x * route.expert_bytes;
-    for (int r = threadIdx.x; r < TOK; r += 128) {
+    for (int r = threadIdx.x; r < TOK; r += blockDim.x) {
       const int a = r < tl.z ? route.list[tl.y + r] : -1;
       s_xrow[r] = a < 0 ? -1 : (route.per_slot ? a : a / route.topk);
       s_yrow[r] = a;
     }
   } else {
-    for (int r = threadIdx.x; r < TOK; r += 128) {
+    for (int r = threadIdx.x; r < TOK; r += blockDim.x) {
       const int t = blockIdx.y * TOK + r;
       s_xrow[r] = s_yrow[r] = t < M ? t : -1;
     }
@@ -1175,7 +1216,7 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
   const int per = i15_leg_per(nb, splits);
   const int z = blockIdx.z;
   const int b0 = min(nb, z * per), b1 = min(nb, b0 + per);
-  const int n0 = blockIdx.x * G15_ROWS;
+  const int n0 = blockIdx.x * R;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
   const size_t rowb = (size_t)nb * F::BYTES;
   float y[NT][4];
@@ -1183,77 +1224,73 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
-  for (int c0 = b0; c0 < b1; c0 += slots * I15_CHUNK) {
-    const int cn = min(slots, (b1 - c0 + I15_CHUNK - 1) / I15_CHUNK);
-    if (c0 != b0) __syncthreads();  // the previous chunks are read
-    for (int c = 0; c < cn; ++c) {
-      uint8_t* sl = smem + c * L::SLOT;
-      const int jb = c0 + c * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
-      for (int i = threadIdx.x; i < TOK * 2 * nbc; i += 128) {  // planes: 2 pieces a block
-        const int t = i / (2 * nbc), o = (i % (2 * nbc)) * 16, xr = s_xrow[t];
-        const size_t src = (size_t)max(xr, 0) * K + (size_t)jb * 32 + o;
-        i15_cp16(sl + L::XH + t * G15_PAD + o, xhi + src, xr >= 0);
-        i15_cp16(sl + L::XL + t * G15_PAD + o, xlo + src, xr >= 0);
-      }
-      constexpr int PIECES = (F::PITCH - 16) / 16;
-      for (int i = threadIdx.x; i < G15_ROWS * PIECES; i += 128) {  // weights: aligned covers
-        const int r = i / PIECES, o = (i % PIECES) * 16;
-        const uint8_t* s = w + (size_t)min(n0 + r, N - 1) * rowb + (size_t)jb * F::BYTES;
-        const uint8_t* a16 =
-            reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(s) & ~(uintptr_t)15);
-        const int left = (int)(s + nbc * F::BYTES - (a16 + o));  // block bytes from here on
-        if (left > 0) i15_cpn(sl + L::WQ + r * F::PITCH + o, a16 + o, min(16, left));
-      }
-      for (int i = threadIdx.x; i < TOK * I15_CHUNK; i += 128) {
-        const int t = i / I15_CHUNK, b = i % I15_CHUNK, xr = s_xrow[t];
-        reinterpret_cast<float*>(sl + L::DX)[i] =
-            xr >= 0 && b < nbc ? xd[(size_t)xr * nb + jb + b] : 0.f;
-      }
+  // units: the split's chunks of 8 blocks
+  const auto stage = [&](int u, int c) {
+    uint8_t* sl = smem + c * L.SLOT;
+    const int jb = b0 + u * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
+    for (int i = threadIdx.x; i < TOK * 2 * nbc; i += blockDim.x) {  // planes: 2 pieces a block
+      const int t = i / (2 * nbc), o = (i % (2 * nbc)) * 16, xr = s_xrow[t];
+      const size_t src = (size_t)max(xr, 0) * K + (size_t)jb * 32 + o;
+      i15_cp16(sl + LT::XH + t * G15_PAD + o, xhi + src, xr >= 0);
+      i15_cp16(sl + LT::XL + t * G15_PAD + o, xlo + src, xr >= 0);
     }
-    i15_cp_wait_all();
-    __syncthreads();
-    for (int c = 0; c < cn; ++c) {
-      const uint8_t* sl = smem + c * L::SLOT;
-      const int jb = c0 + c * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
-      const int8_t* shi = reinterpret_cast<const int8_t*>(sl + L::XH);
-      const int8_t* slo = reinterpret_cast<const int8_t*>(sl + L::XL);
-      const float* sdx = reinterpret_cast<const float*>(sl + L::DX);
-      // this lane's two rows: where their chunk starts in the staged covers
-      const size_t e0 = (size_t)min(n0 + lr0, N - 1) * rowb + (size_t)jb * F::BYTES;
-      const size_t e1 = (size_t)min(n0 + lr1, N - 1) * rowb + (size_t)jb * F::BYTES;
-      const uint8_t* p0 = sl + L::WQ + lr0 * F::PITCH;
-      const uint8_t* p1 = sl + L::WQ + lr1 * F::PITCH;
-      const int off0 = (int)((reinterpret_cast<uintptr_t>(w) + e0) & 15);
-      const int off1 = (int)((reinterpret_cast<uintptr_t>(w) + e1) & 15);
-      for (int b = 0; b < nbc; ++b) {
-        const int o0 = off0 + b * F::BYTES, o1 = off1 + b * F::BYTES;
-        const auto get0 = [&](int q) { return i15_sword(p0, o0 + q); };
-        const auto get1 = [&](int q) { return i15_sword(p1, o1 + q); };
-        const float d0 = i15_leg_d<T>(T == QT_MXFP4 ? p0[o0] : *reinterpret_cast<const uint16_t*>(p0 + o0));
-        const float d1 = i15_leg_d<T>(T == QT_MXFP4 ? p1[o1] : *reinterpret_cast<const uint16_t*>(p1 + o1));
-        const uint32_t a[4] = {i15_leg_signed<T>(i15_leg_codes<T>(get0, tg)),
-                               i15_leg_signed<T>(i15_leg_codes<T>(get1, tg)),
-                               i15_leg_signed<T>(i15_leg_codes<T>(get0, 4 + tg)),
-                               i15_leg_signed<T>(i15_leg_codes<T>(get1, 4 + tg))};
-        const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + b * 32 +
-                             ((lane >> 3) & 1) * 16;
+    constexpr int PIECES = (F::PITCH - 16) / 16;
+    for (int i = threadIdx.x; i < R * PIECES; i += blockDim.x) {  // weights: aligned covers
+      const int r = i / PIECES, o = (i % PIECES) * 16;
+      const uint8_t* s = w + (size_t)min(n0 + r, N - 1) * rowb + (size_t)jb * F::BYTES;
+      const uint8_t* a16 =
+          reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(s) & ~(uintptr_t)15);
+      const int left = (int)(s + nbc * F::BYTES - (a16 + o));  // block bytes from here on
+      if (left > 0) i15_cpn(sl + LT::WQ + r * F::PITCH + o, a16 + o, min(16, left));
+    }
+    for (int i = threadIdx.x; i < TOK * I15_CHUNK; i += blockDim.x) {
+      const int t = i / I15_CHUNK, b = i % I15_CHUNK, xr = s_xrow[t];
+      const bool ok = xr >= 0 && b < nbc;
+      i15_cp4(sl + L.DX + 4 * i, xd + (ok ? (size_t)xr * nb + jb + b : 0), ok);
+    }
+  };
+  const auto compute = [&](int u, int c) {
+    const uint8_t* sl = smem + c * L.SLOT;
+    const int jb = b0 + u * I15_CHUNK, nbc = min(I15_CHUNK, b1 - jb);
+    const int8_t* shi = reinterpret_cast<const int8_t*>(sl + LT::XH);
+    const int8_t* slo = reinterpret_cast<const int8_t*>(sl + LT::XL);
+    const float* sdx = reinterpret_cast<const float*>(sl + L.DX);
+    // this lane's two rows: where their chunk starts in the staged covers
+    const size_t e0 = (size_t)min(n0 + lr0, N - 1) * rowb + (size_t)jb * F::BYTES;
+    const size_t e1 = (size_t)min(n0 + lr1, N - 1) * rowb + (size_t)jb * F::BYTES;
+    const uint8_t* p0 = sl + LT::WQ + lr0 * F::PITCH;
+    const uint8_t* p1 = sl + LT::WQ + lr1 * F::PITCH;
+    const int off0 = (int)((reinterpret_cast<uintptr_t>(w) + e0) & 15);
+    const int off1 = (int)((reinterpret_cast<uintptr_t>(w) + e1) & 15);
+    for (int b = 0; b < nbc; ++b) {
+      const int o0 = off0 + b * F::BYTES, o1 = off1 + b * F::BYTES;
+      const auto get0 = [&](int q) { return i15_sword(p0, o0 + q); };
+      const auto get1 = [&](int q) { return i15_sword(p1, o1 + q); };
+      const float d0 = i15_leg_d<T>(T == QT_MXFP4 ? p0[o0] : *reinterpret_cast<const uint16_t*>(p0 + o0));
+      const float d1 = i15_leg_d<T>(T == QT_MXFP4 ? p1[o1] : *reinterpret_cast<const uint16_t*>(p1 + o1));
+      const uint32_t a[4] = {i15_leg_signed<T>(i15_leg_codes<T>(get0, tg)),
+                             i15_leg_signed<T>(i15_leg_codes<T>(get1, tg)),
+                             i15_leg_signed<T>(i15_leg_codes<T>(get0, 4 + tg)),
+                             i15_leg_signed<T>(i15_leg_codes<T>(get1, 4 + tg))};
+      const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + b * 32 +
+                           ((lane >> 3) & 1) * 16;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bf[4];
-          ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
-          int dh[4], dl[4];
-          mma_s8s8(dh, a, bf);
-          mma_s8s8(dl, a, bf + 2);
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bf[4];
+        ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
+        int dh[4], dl[4];
+        mma_s8s8(dh, a, bf);
+        mma_s8s8(dl, a, bf + 2);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int t = nt * 8 + 2 * tg + (e & 1);
-            y[nt][e] = i15_step32(y[nt][e], sdx[t * I15_CHUNK + b], e < 2 ? d0 : d1,
-                                  128 * dh[e] + dl[e]);
-          }
+        for (int e = 0; e < 4; ++e) {
+          const int t = nt * 8 + 2 * tg + (e & 1);
+          y[nt][e] = i15_step32(y[nt][e], sdx[t * I15_CHUNK + b], e < 2 ? d0 : d1,
+                                128 * dh[e] + dl[e]);
         }
       }
     }
-  }
+  };
+  i15_ring(0, (b1 - b0 + I15_CHUNK - 1) / I15_CHUNK, slots, stage, compute);
   const int r0 = n0 + lr0, r1 = n0 + lr1;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -1264,11 +1301,11 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
     }
   if constexpr (!ROUTED)  // (a routed launch writes partials: out.y is null)
     i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
-               TOK, blockIdx.x * G15_ROWS, G15_ROWS);
+               TOK, blockIdx.x * R, R);
 }
 
 #define GEMM15PL(TY, NAME, NT, SUFFIX)                                                      \
-  extern "C" __global__ void __launch_bounds__(128) gemm15p##SUFFIX##_##NAME(              \
+  extern "C" __global__ void __launch_bounds__(256) gemm15p##SUFFIX##_##NAME(              \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
@@ -1295,7 +1332,7 @@ GEMM15PL(QT_MXFP4, mxfp4, 8, 64)
 // order with each assignment's expert bias. An assignment's result is the dense core's on
 // its expert's matrix and its row of X.
 #define MOE15P(TY, NAME, NT, TOKS)                                                          \
-  extern "C" __global__ void __launch_bounds__(128) moe15p##TOKS##_##NAME(                 \
+  extern "C" __global__ void __launch_bounds__(256) moe15p##TOKS##_##NAME(                 \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part,            \

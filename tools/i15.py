@@ -16,25 +16,30 @@ STEPS = 16256  # 127 * 128: the codes' range
 SKINNY_MAX_ROWS = 8  # cuda_src/i15.cu I15_MAX_ROWS
 GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
 GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
-GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
 
 
-def gemmp_slot(qtype: int, tok: int = GEMM_TOK) -> int:
+def gemmp_slot(qtype: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS) -> int:
     """Shared bytes of one super-block (legacy: chunk of 8 blocks) gemm15p (tok 32) or
-    gemm15p8 (tok 8) stages: the worker's layout (worker.backends.cuda.matmul.i15_gemmp_slot)."""
+    gemm15p8 (tok 8) stages for `rows` weight rows a block: the worker's layout
+    (worker.backends.cuda.matmul.i15_gemmp_slot)."""
     from worker.backends.cuda.matmul import i15_gemmp_slot
 
-    return i15_gemmp_slot(qtype, BYTES.get(qtype, 0), tok)
+    return i15_gemmp_slot(qtype, BYTES.get(qtype, 0), tok, rows)
 
 
-def gemmp_shared(qtype: int, k: int, splits: int, tok: int = GEMM_TOK) -> int:
+def gemmp_shared(
+    qtype: int, k: int, splits: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS
+) -> int:
     """gemm15p's (gemm15p8's, gemm15p64's) dynamic shared memory: a slot for each
-    super-block (legacy: chunk) of a split, at most GEMMP_SLOTS (2 with 64 rows of X)."""
+    super-block (legacy: chunk) of a split, at most the worker's I15_GEMMP_SLOTS (2 with 64
+    rows of X)."""
     if qtype in LEGACY:
         per = legacy_split_blocks(k, splits) // CHUNK
     else:
         per = -(-(k // 256) // splits)
-    return min(per, 2 if tok == 64 else GEMMP_SLOTS) * gemmp_slot(qtype, tok)
+    from worker.backends.cuda.matmul import I15_GEMMP_SLOTS
+
+    return min(per, 2 if tok == 64 else I15_GEMMP_SLOTS) * gemmp_slot(qtype, tok, rows)
 
 
 def block_of(qtype: int) -> int:
@@ -239,11 +244,12 @@ class I15:
 
             for fn in (self.quant, self.skinny, self.gemm, self.gemmp, self.gemmp8, self.reduce):
                 _prefer_shared(fn)
-            _allow_dynamic_shared(self.gemmp, "gemm15p", GEMMP_SLOTS * gemmp_slot(qtype))
-            _allow_dynamic_shared(self.gemmp8, "gemm15p8", GEMMP_SLOTS * gemmp_slot(qtype, 8))
+            # (at most 3 slots, at most 8 warps: 128 weight rows)
+            _allow_dynamic_shared(self.gemmp, "gemm15p", 3 * gemmp_slot(qtype, 32, 128))
+            _allow_dynamic_shared(self.gemmp8, "gemm15p8", 3 * gemmp_slot(qtype, 8))
             if self.gemmp64 is not None:
                 _prefer_shared(self.gemmp64)
-                _allow_dynamic_shared(self.gemmp64, "gemm15p64", 2 * gemmp_slot(qtype, 64))
+                _allow_dynamic_shared(self.gemmp64, "gemm15p64", 2 * gemmp_slot(qtype, 64, 128))
 
     @staticmethod
     def shapes(
@@ -279,12 +285,14 @@ class I15:
         stream: Any = None,
         core: str = "auto",
         fused: bool = False,
+        warps: int = 4,
     ) -> None:
         """y = x w^T by the dp4a core (`core` "skinny", at most 8 rows), the tensor-core one
         ("gemm"), the same staged through shared memory ("gemmp"; "gemmp8": one n8 tile, 8
         rows a block; "gemmp64": 8 tiles, 64 rows), or "auto": skinny up to 8 rows. The
         splits' partials are summed by i15_reduce, or with `fused` by the core itself (its
-        last block of a tile; b["tickets"] must be zeros), as the worker runs it."""
+        last block of a tile; b["tickets"] must be zeros), as the worker runs it. The staged
+        cores take `warps` warps a block, 16 weight rows each."""
         i32 = np.int32
         if core == "auto":
             core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
@@ -315,19 +323,15 @@ class I15:
                 *args, b["part"], *out, block=(256, 1, 1), grid=((n + 255) // 256, splits),
                 shared=smem, stream=stream,
             )  # fmt: skip
-        elif core in ("gemmp8", "gemmp64"):
-            tok = 8 if core == "gemmp8" else 64
-            fn = self.gemmp8 if core == "gemmp8" else self.gemmp64
+        elif core in ("gemmp8", "gemmp64") or core == "gemmp" or self.gemm is self.gemmp:
+            tok = {"gemmp8": 8, "gemmp64": 64}.get(core, GEMM_TOK)
+            fn = {"gemmp8": self.gemmp8, "gemmp64": self.gemmp64}.get(core, self.gemmp)
             assert fn is not None, "no gemm15p64 for Q6_K"
+            rows = 16 * warps
             fn(
-                *args, b["part"], *out, block=(128, 1, 1),
-                grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + tok - 1) // tok, splits),
-                shared=gemmp_shared(self.qtype, k, splits, tok), stream=stream,
-            )  # fmt: skip
-        elif core == "gemmp" or self.gemm is self.gemmp:
-            self.gemmp(
-                *args, b["part"], *out, block=(128, 1, 1), grid=tiles,
-                shared=gemmp_shared(self.qtype, k, splits), stream=stream,
+                *args, b["part"], *out, block=(32 * warps, 1, 1),
+                grid=((n + rows - 1) // rows, (m + tok - 1) // tok, splits),
+                shared=gemmp_shared(self.qtype, k, splits, tok, rows), stream=stream,
             )  # fmt: skip
         else:
             self.gemm(*args, b["part"], *out, block=(128, 1, 1), grid=tiles, stream=stream)

@@ -123,6 +123,7 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
     from tools.i15 import I15, LEGACY, SKINNY_MAX_ROWS
     from tools.synth_blocks import random_matrix
     from worker.backends.cuda.compile import load_module
+    from worker.backends.cuda.matmul import I15_WARPS
 
     rng = np.random.default_rng(0)
     n, k, qtype = SHAPES[name]
@@ -150,8 +151,9 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
                     continue
                 if core == "gemm" and i15.gemm is i15.gemmp:  # Q6_K: the staged core only
                     continue
+                warps = I15_WARPS if core in ("gemmp", "gemmp64") else 4
                 steps: list[Callable[[], None]] = [
-                    partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, fused=True)
+                    partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, True, warps)
                     for c in copies
                 ]
                 us = _time(ctx, steps)

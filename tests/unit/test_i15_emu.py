@@ -350,3 +350,33 @@ def test_routed_core_is_the_dense_core_per_assignment(
         e, row = ids[a], a if per_slot else a // topk
         want = product_twin(experts[e], x[row : row + 1], splits, qtype)[0] + bias[e]
         assert y[a].tobytes() == want.tobytes(), (a, np.abs(y[a] - want).max())
+
+
+@pytest.mark.parametrize(
+    ("qtype", "m", "n", "k", "splits", "core"),
+    [
+        (Q4_K, 33, 200, 2048, 1, "gemmp"),  # 8 super-blocks through the ring of 3 slots
+        (Q5_K, 9, 130, 768, 3, "gemmp"),
+        (Q4_K, 65, 130, 768, 2, "gemmp64"),
+        (Q6_K, 33, 150, 2048, 1, "gemmp"),
+        (Q8_0, 40, 150, 2048, 2, "gemmp"),
+        (MXFP4, 11, 37, 896, 1, "gemmp"),
+    ],
+)
+def test_staged_cores_with_eight_warps(
+    emu_i15: Any, qtype: int, m: int, n: int, k: int, splits: int, core: str
+) -> None:
+    """The staged cores with 8 warps a block (128 weight rows: WORKER_ORCD_I15_WARPS=8) give
+    the twin's bits, with tiles of rows past n."""
+    i15 = I15(emu_i15, qtype)
+    raw, x = _case(m, n, k, qtype)
+    w = aligned(raw)
+    y = np.full((m, n), np.nan, np.float32)
+    blk = 32 if qtype in (Q8_0, MXFP4) else 256
+    buffers = {
+        key: np.random.default_rng(99).integers(-100, 100, shape).astype(dt)
+        for key, (shape, dt) in I15.shapes(m, k, n, splits, blk).items()
+    }
+    i15.run(w, x, y, m, n, k, splits, buffers, core=core, warps=8)
+    twin = product_twin(raw, x, splits, qtype)
+    assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()

@@ -410,6 +410,11 @@ inline void copy16(void* dst, const void* src, int src_bytes) {
   std::memset(dst, 0, 16);
   if (src_bytes > 0) std::memcpy(dst, src, size_t(std::min(src_bytes, 16)));
 }
+// cp.async's 4 bytes (zeros when src_bytes is 0), done at once
+inline void copy4(void* dst, const void* src, int src_bytes) {
+  std::memset(dst, 0, 4);
+  if (src_bytes > 0) std::memcpy(dst, src, 4);
+}
 inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
   copy16(g_dyn_smem.data() + dst, src, src_bytes);
 }

@@ -103,7 +103,13 @@ I15_GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
 # staged in shared memory by one burst of cp.async), or gemm15p64 (gemm15p with 64 rows of X
 # a block from 64 rows on, prefill; not for Q6_K); WORKER_ORCD_I15_GEMM picks (A/B)
 I15_GEMM = os.environ.get("WORKER_ORCD_I15_GEMM", "gemm15")
-I15_GEMMP_SLOTS = 3  # gemm15p: super-blocks staged at once, at most
+# gemm15p: super-blocks (legacy: chunks) staged at once, at most; a ring, one requested
+# this many minus one ahead of the one multiplied (WORKER_ORCD_I15_SLOTS, A/B: 1-3)
+I15_GEMMP_SLOTS = min(3, max(1, int(os.environ.get("WORKER_ORCD_I15_SLOTS", "3"))))
+# gemm15p / gemm15p64: warps a block, 16 weight rows each (WORKER_ORCD_I15_WARPS, A/B: 4 or
+# 8; more weight rows a block read each row of X fewer times); gemm15p8 and the routed
+# cores keep 4
+I15_WARPS = 8 if os.environ.get("WORKER_ORCD_I15_WARPS", "4") == "8" else 4
 
 MODULES = ("gemv", "gemm", "embed", "moe", "i15")
 
@@ -588,17 +594,24 @@ def i15_planes(m: int, k: int, blk: int = 256) -> tuple[int, int, int, int, int]
     return hi, lo, d, sq, sq + 4 * m * (k // 32)
 
 
-def i15_gemmp_slot(qtype: int, block_bytes: int, tok: int = I15_GEMM_TOK) -> int:
+def i15_gemmp_slot(
+    qtype: int, block_bytes: int, tok: int = I15_GEMM_TOK, rows: int = I15_GEMM_ROWS
+) -> int:
     """Shared bytes of one staged super-block (legacy: chunk of 8 blocks) of gemm15p with
     `tok` rows of X a block (32, or 8 for gemm15p8): both planes of those rows (rows of 272
-    bytes), its 64 weight rows (Q6_K and legacy: the 16-byte aligned covers), d and, for
+    bytes), its `rows` weight rows (Q6_K and legacy: the 16-byte aligned covers), d and, for
     Q4_K / Q5_K, sq (G15P<T, TOK>, Q6P<TOK>, G15L<T, TOK>)."""
     planes = 2 * tok * 272
     if qtype == I15_Q6_K:
-        return planes + I15_GEMM_ROWS * 240 + tok * 4
+        return planes + rows * 240 + tok * 4
     if i15_block(qtype) == 32:
-        return planes + I15_GEMM_ROWS * I15_LEGACY_PITCH[qtype] + tok * I15_CHUNK * 4
-    return planes + I15_GEMM_ROWS * block_bytes + tok * 36
+        return planes + rows * I15_LEGACY_PITCH[qtype] + tok * I15_CHUNK * 4
+    return planes + rows * block_bytes + tok * 36
+
+
+def i15_rows(core: str) -> int:
+    """Weight rows a block of a tensor-core integer core (16 a warp)."""
+    return 16 * I15_WARPS if core in ("gemm15p", "gemm15p64") else I15_GEMM_ROWS
 
 
 def i15_core(w: QWeight, m: int) -> str:
@@ -649,7 +662,7 @@ def i15_tiles(w: QWeight, m: int) -> int:
     core = i15_core(w, m)
     if core == "skinny15":
         return -(-w.rows // (32 if i15_block(w.qtype) == 32 else 256))
-    return -(-w.rows // I15_GEMM_ROWS) * -(-m // i15_core_tok(core))
+    return -(-w.rows // i15_rows(core)) * -(-m // i15_core_tok(core))
 
 
 def plan_i15(
@@ -712,13 +725,13 @@ def plan_i15(
         _need(kernel, shared <= I15_SKINNY_SMEM, f"{shared} bytes of shared memory")
         grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
     else:
-        tok = i15_core_tok(core)
+        tok, rows = i15_core_tok(core), i15_rows(core)
         shared = 0
         if core != "gemm15":  # (64 rows of X: two slots, so two blocks fit an SM)
-            slot = i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
+            slot = i15_gemmp_slot(w.qtype, lay.block_bytes, tok, rows)
             shared = min(per, 2 if tok == 64 else I15_GEMMP_SLOTS) * slot
-        grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), splits)
-        block = (128, 1, 1)
+        grid = (-(-w.rows // rows), -(-m // tok), splits)
+        block = (2 * rows, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
 
 
