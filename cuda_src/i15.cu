@@ -1,6 +1,6 @@
 // Products on 15-bit activations against quantized weight codes (docs/kernels.md, "Integer
-// products"): dp4a cores for 1-8 rows and int8 tensor-core cores (8, 32 or 64 rows of X a
-// block; a routed form for MoE experts) for any row count, all giving the same bits. Formats:
+// products"): int8 tensor-core cores with 8 or 32 rows of X a block (and a routed form for MoE
+// experts with 16 or 64), all giving the same bits whatever the row count. Formats:
 // Q4_K, Q5_K, Q6_K (a float step a super-block, below) and Q4_0, Q5_0, Q8_0, MXFP4 (a float
 // step a block of 32, further down).
 //
@@ -19,10 +19,7 @@
 #include "quant.cuh"
 #include "i15.cuh"
 
-constexpr int I15_MAX_ROWS = 8;   // skinny15: rows a launch
-constexpr int G15_ROWS = 64;      // gemm15: weight rows a block (4 warps x m16)
-constexpr int G15_TOK = 32;       // gemm15: rows of X a block (4 x n8)
-constexpr int G15_PAD = 272;      // gemm15: shared bytes a row of a plane (256 + 16: no bank
+constexpr int G15_PAD = 272;      // shared bytes a staged row of a plane (256 + 16: no bank
                                   // conflicts between the 8 rows an n8 fragment reads)
 
 extern "C" __global__ void __launch_bounds__(256) quant_x15(
@@ -140,118 +137,6 @@ template <> struct I15Fmt<QT_Q5_K> {
   }
 };
 
-// dp4a core: one thread per (weight row n, split z), the split's planes of every row staged
-// in shared memory: [t][element] hi, then lo, then d per [t][super-block], sq per
-// [t][sub-block]; the host sizes it, M * per * (512 + 4 + 32) bytes.
-template <int T>
-__device__ __forceinline__ void skinny15(const uint8_t* __restrict__ w, int N, int K,
-                                         const int8_t* __restrict__ xhi,
-                                         const int8_t* __restrict__ xlo,
-                                         const float* __restrict__ xd,
-                                         const int* __restrict__ xsq, int M, int splits,
-                                         I15Out out) {
-  using F = I15Fmt<T>;
-  extern __shared__ __align__(16) uint8_t smem[];
-  const int nsb = K / 256;
-  const int per = (nsb + splits - 1) / splits;
-  const int z = blockIdx.y;
-  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
-  const int nloc = max(0, sb1 - sb0);  // super-blocks of this split
-  const int kloc = nloc * 256;
-  int8_t* shi = reinterpret_cast<int8_t*>(smem);
-  int8_t* slo = shi + M * per * 256;
-  float* sd = reinterpret_cast<float*>(slo + M * per * 256);
-  int* ssq = reinterpret_cast<int*>(sd + M * per);
-  for (int t = 0; t < M; ++t) {
-    const size_t src = (size_t)t * K + (size_t)sb0 * 256;
-    for (int e = threadIdx.x * 16; e < kloc; e += 256 * 16) {
-      *reinterpret_cast<int4*>(shi + t * per * 256 + e) =
-          *reinterpret_cast<const int4*>(xhi + src + e);
-      *reinterpret_cast<int4*>(slo + t * per * 256 + e) =
-          *reinterpret_cast<const int4*>(xlo + src + e);
-    }
-    for (int b = threadIdx.x; b < nloc; b += 256) sd[t * per + b] = xd[(size_t)t * nsb + sb0 + b];
-    for (int b = threadIdx.x; b < nloc * 8; b += 256)
-      ssq[t * per * 8 + b] = xsq[(size_t)t * (K / 32) + sb0 * 8 + b];
-  }
-  __syncthreads();
-  const int n = blockIdx.x * 256 + threadIdx.x;  // rows past N: row N - 1, results dropped
-  float y[I15_MAX_ROWS];
-#pragma unroll
-  for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
-  const uint8_t* row = w + (size_t)min(n, N - 1) * nsb * F::BYTES;
-  for (int j = 0; j < nloc; ++j) {
-    const uint8_t* blk = row + (size_t)(sb0 + j) * F::BYTES;
-    uint4 raw[F::BYTES / 16];
-#pragma unroll
-    for (int i = 0; i < F::BYTES / 16; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(blk) + i);
-    const uint32_t* u = reinterpret_cast<const uint32_t*>(raw);
-    const float dsup = __half2float(__ushort_as_half((uint16_t)(u[0] & 0xFFFFu)));
-    const float dmin = __half2float(__ushort_as_half((uint16_t)(u[0] >> 16)));
-    const uint8_t* sc12 = reinterpret_cast<const uint8_t*>(raw) + 4;
-    const uint32_t* qs = u + F::QS / 4;  // 128 bytes: pair p of sub-blocks in words 8p..8p+7
-    const uint32_t* qh = u + 4;          // Q5_K's 32 bytes of fifth bits
-    int th[I15_MAX_ROWS], tl[I15_MAX_ROWS], um[I15_MAX_ROWS];
-#pragma unroll
-    for (int t = 0; t < I15_MAX_ROWS; ++t) th[t] = tl[t] = um[t] = 0;
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      int sc, mn;
-      scale_min_k4(sc12, s, sc, mn);
-      uint32_t c[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) c[i] = F::code(qs[8 * (s >> 1) + i], qh[i], s);
-      const int e0 = j * 256 + s * 32;
-#pragma unroll
-      for (int t = 0; t < I15_MAX_ROWS; ++t) {
-        if (t >= M) break;
-        const int4* ph = reinterpret_cast<const int4*>(shi + t * per * 256 + e0);
-        const int4* pl = reinterpret_cast<const int4*>(slo + t * per * 256 + e0);
-        const int4 h0 = ph[0], h1 = ph[1], l0 = pl[0], l1 = pl[1];
-        int sh_ = 0, sl_ = 0;
-        sh_ = __dp4a((int)c[0], h0.x, sh_);
-        sh_ = __dp4a((int)c[1], h0.y, sh_);
-        sh_ = __dp4a((int)c[2], h0.z, sh_);
-        sh_ = __dp4a((int)c[3], h0.w, sh_);
-        sh_ = __dp4a((int)c[4], h1.x, sh_);
-        sh_ = __dp4a((int)c[5], h1.y, sh_);
-        sh_ = __dp4a((int)c[6], h1.z, sh_);
-        sh_ = __dp4a((int)c[7], h1.w, sh_);
-        sl_ = __dp4a((int)c[0], l0.x, sl_);
-        sl_ = __dp4a((int)c[1], l0.y, sl_);
-        sl_ = __dp4a((int)c[2], l0.z, sl_);
-        sl_ = __dp4a((int)c[3], l0.w, sl_);
-        sl_ = __dp4a((int)c[4], l1.x, sl_);
-        sl_ = __dp4a((int)c[5], l1.y, sl_);
-        sl_ = __dp4a((int)c[6], l1.z, sl_);
-        sl_ = __dp4a((int)c[7], l1.w, sl_);
-        th[t] += sc * sh_;
-        tl[t] += sc * sl_;
-        um[t] += mn * ssq[t * per * 8 + j * 8 + s];
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < I15_MAX_ROWS; ++t)
-      if (t < M) y[t] = i15_step(y[t], sd[t * per + j], dsup, dmin, th[t], tl[t], um[t]);
-  }
-#pragma unroll
-  for (int t = 0; t < I15_MAX_ROWS; ++t)
-    if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[t]);
-  i15_finish(out, splits, blockIdx.x, M, N, 0, M, blockIdx.x * 256, 256);
-}
-
-#define SKINNY15(TY, NAME)                                                                  \
-  extern "C" __global__ void __launch_bounds__(256) skinny15_##NAME(                       \
-      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
-      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
-      const float* bias, const float* res, long long ldy, int* tickets) {                  \
-    pdl_start();                                                                           \
-    skinny15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
-  }
-SKINNY15(QT_Q4_K, q4_k)
-SKINNY15(QT_Q5_K, q5_k)
-
 // D = A (16 x 32 u8, the weight codes) . B (32 x 8 s8, a plane of X), int32, from zero.
 __device__ __forceinline__ void mma_u8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
 #ifdef KERNEL_EMU
@@ -280,160 +165,15 @@ __device__ __forceinline__ void ldsm_x4(uint32_t b[4], const int8_t* row) {
 #endif
 }
 
-// Tensor-core core: a block of 4 warps takes 64 weight rows (a warp's m16 tile: rows
-// g and g + 8 of its 16, g = lane / 4) by 32 rows of X (four n8 tiles) over one split; per
-// super-block the 32 rows' planes, d and sq go to shared memory, each lane loads its two
-// weight rows' scales and the code words its A fragments need (Q4_K keeps sub-blocks 2p and
-// 2p + 1 in the low and high nibbles of the same 32 bytes: one word gives both), and per
-// sub-block every n8 tile takes two mma (hi and lo) whose sums fold into T_hi, T_lo.
-template <int T>
-__device__ __forceinline__ void gemm15(const uint8_t* __restrict__ w, int N, int K,
-                                       const int8_t* __restrict__ xhi,
-                                       const int8_t* __restrict__ xlo,
-                                       const float* __restrict__ xd, const int* __restrict__ xsq,
-                                       int M, int splits, I15Out out) {
-  using F = I15Fmt<T>;
-  __shared__ __align__(16) int8_t shi[G15_TOK * G15_PAD];
-  __shared__ __align__(16) int8_t slo[G15_TOK * G15_PAD];
-  __shared__ float sdx[G15_TOK];
-  __shared__ int ssq[G15_TOK * 8];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
-  const int nsb = K / 256;
-  const int per = (nsb + splits - 1) / splits;
-  const int z = blockIdx.z;
-  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
-  const int t0 = blockIdx.y * G15_TOK;
-  const int r0 = blockIdx.x * G15_ROWS + warp * 16 + g, r1 = r0 + 8;
-  const uint8_t* w0 = w + (size_t)min(r0, N - 1) * nsb * F::BYTES;  // rows past N: any valid
-  const uint8_t* w1 = w + (size_t)min(r1, N - 1) * nsb * F::BYTES;  // row, results dropped
-  float y[4][4];
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
-  for (int j = sb0; j < sb1; ++j) {
-    __syncthreads();  // the previous super-block's planes are read
-    for (int i = threadIdx.x; i < G15_TOK * 16; i += 128) {
-      const int t = i >> 4, c = (i & 15) * 16;
-      int4 h = make_int4(0, 0, 0, 0), l = make_int4(0, 0, 0, 0);
-      if (t0 + t < M) {
-        const size_t src = (size_t)(t0 + t) * K + (size_t)j * 256 + c;
-        h = *reinterpret_cast<const int4*>(xhi + src);
-        l = *reinterpret_cast<const int4*>(xlo + src);
-      }
-      *reinterpret_cast<int4*>(shi + t * G15_PAD + c) = h;
-      *reinterpret_cast<int4*>(slo + t * G15_PAD + c) = l;
-    }
-    if (threadIdx.x < G15_TOK)
-      sdx[threadIdx.x] = t0 + threadIdx.x < M ? xd[(size_t)(t0 + threadIdx.x) * nsb + j] : 0.f;
-    for (int i = threadIdx.x; i < G15_TOK * 8; i += 128)
-      ssq[i] = t0 + (i >> 3) < M ? xsq[(size_t)(t0 + (i >> 3)) * (K / 32) + j * 8 + (i & 7)] : 0;
-    const uint8_t* b0 = w0 + (size_t)j * F::BYTES;
-    const uint8_t* b1 = w1 + (size_t)j * F::BYTES;
-    const uint4 hd0 = __ldg(reinterpret_cast<const uint4*>(b0));
-    const uint4 hd1 = __ldg(reinterpret_cast<const uint4*>(b1));
-    uint32_t q0[4][2], q1[4][2];  // [pair][k half]: bytes 32p + 16h + 4tg .. + 3 of the codes
-    uint32_t h0[2] = {0u, 0u}, h1[2] = {0u, 0u};  // Q5_K: qh bytes 16h + 4tg .. + 3
-#pragma unroll
-    for (int p = 0; p < 4; ++p)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int o = F::QS + 32 * p + 16 * h + 4 * tg;
-        q0[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b0 + o));
-        q1[p][h] = __ldg(reinterpret_cast<const uint32_t*>(b1 + o));
-      }
-    if constexpr (T == QT_Q5_K) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        h0[h] = __ldg(reinterpret_cast<const uint32_t*>(b0 + 16 + 16 * h + 4 * tg));
-        h1[h] = __ldg(reinterpret_cast<const uint32_t*>(b1 + 16 + 16 * h + 4 * tg));
-      }
-    }
-    __syncthreads();
-    const uint8_t* sc0 = reinterpret_cast<const uint8_t*>(&hd0) + 4;
-    const uint8_t* sc1 = reinterpret_cast<const uint8_t*>(&hd1) + 4;
-    int th[4][4], tl[4][4];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) th[nt][e] = tl[nt][e] = 0;
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      int sa, ma, sb, mb;
-      scale_min_k4(sc0, s, sa, ma);
-      scale_min_k4(sc1, s, sb, mb);
-      const int p = s >> 1;
-      const uint32_t a[4] = {F::code(q0[p][0], h0[0], s), F::code(q1[p][0], h1[0], s),
-                             F::code(q0[p][1], h0[1], s), F::code(q1[p][1], h1[1], s)};
-      const int8_t* lrow = (lane < 16 ? shi : slo) + (lane & 7) * G15_PAD + s * 32 +
-                           ((lane >> 3) & 1) * 16;
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        uint32_t bf[4];
-        ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
-        int dh[4], dl[4];
-        mma_u8s8(dh, a, bf);
-        mma_u8s8(dl, a, bf + 2);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int sc = e < 2 ? sa : sb;
-          th[nt][e] += sc * dh[e];
-          tl[nt][e] += sc * dl[e];
-        }
-      }
-    }
-    const float ds0 = __half2float(__ushort_as_half((uint16_t)(hd0.x & 0xFFFFu)));
-    const float dm0 = __half2float(__ushort_as_half((uint16_t)(hd0.x >> 16)));
-    const float ds1 = __half2float(__ushort_as_half((uint16_t)(hd1.x & 0xFFFFu)));
-    const float dm1 = __half2float(__ushort_as_half((uint16_t)(hd1.x >> 16)));
-    int m0[8], m1[8];
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      int sc;
-      scale_min_k4(sc0, s, sc, m0[s]);
-      scale_min_k4(sc1, s, sc, m1[s]);
-    }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t = nt * 8 + 2 * tg + (e & 1);
-        const int* mm = e < 2 ? m0 : m1;
-        int u = 0;
-#pragma unroll
-        for (int s = 0; s < 8; ++s) u += mm[s] * ssq[t * 8 + s];
-        y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? ds0 : ds1, e < 2 ? dm0 : dm1, th[nt][e],
-                            tl[nt][e], u);
-      }
-  }
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
-    }
-  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * G15_TOK,
-             G15_TOK, blockIdx.x * G15_ROWS, G15_ROWS);
-}
-
-#define GEMM15(TY, NAME)                                                                    \
-  extern "C" __global__ void __launch_bounds__(128) gemm15_##NAME(                         \
-      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
-      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
-      const float* bias, const float* res, long long ldy, int* tickets) {                  \
-    pdl_start();                                                                           \
-    gemm15<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
-  }
-GEMM15(QT_Q4_K, q4_k)
-GEMM15(QT_Q5_K, q5_k)
-
-// gemm15p: gemm15's tiles and fragment arithmetic (the same bits), with every global read of a
-// chunk of the split's super-blocks issued at once: the planes, d and sq of the block's 32 rows
-// of X and the raw super-blocks of its 64 weight rows go to dynamic shared memory by cp.async
-// (rows of X past M as zeros), then one wait and one barrier, then the chunk's products from
-// shared memory only. The host gives min(per, 3) chunk slots of G15P_SLOT<T> bytes each.
+// gemm15p (Q4_K, Q5_K): a block of W warps takes 16 W weight rows (a warp's m16 tile: rows g
+// and g + 8 of its 16, g = lane / 4) by 8 NT rows of X (NT n8 tiles) over one split. Each
+// super-block of the split is staged by i15_ring: the planes, d and sq of the block's rows of
+// X (rows past M as zeros) and the raw super-blocks of its weight rows go to a slot of dynamic
+// shared memory by cp.async. Per staged super-block each lane reads its two weight rows'
+// scales and the code words its A fragments need (Q4_K keeps sub-blocks 2p and 2p + 1 in the
+// low and high nibbles of the same 32 bytes: one word gives both), and per sub-block every
+// n8 tile takes two mma (hi and lo) whose sums fold into T_hi, T_lo. The host gives min(per,
+// 3) slots of G15P(R).SLOT bytes.
 template <int T, int TOK> struct G15P {
   static constexpr int W = I15Fmt<T>::BYTES;
   static constexpr int XH = 0, XL = TOK * G15_PAD, WQ = 2 * TOK * G15_PAD;
@@ -671,8 +411,6 @@ GEMM15P(QT_Q4_K, q4_k, 4, )
 GEMM15P(QT_Q5_K, q5_k, 4, )
 GEMM15P(QT_Q4_K, q4_k, 1, 8)
 GEMM15P(QT_Q5_K, q5_k, 1, 8)
-GEMM15P(QT_Q4_K, q4_k, 8, 64)  // prefill: 64 rows of X a block
-GEMM15P(QT_Q5_K, q5_k, 8, 64)
 
 // ---- Q6_K: 210-byte blocks (2-byte aligned): ql[128], qh[64], int8 scales[16], fp16 d.
 // Element 32G + l of a super-block (32-group G = 4h + r, l < 32) is d * sc[2G + l / 16] *
@@ -703,93 +441,6 @@ __device__ __forceinline__ void mma_s8s8(int d[4], const uint32_t a[4], const ui
       : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
 #endif
-}
-
-// dp4a core for Q6_K: skinny15's staging and threads; a thread reads its block as the 53
-// aligned words that cover it (the last as 16 bits when the block is 4-byte aligned, so no
-// byte past the block is read) and shifts each word it uses into place.
-extern "C" __global__ void __launch_bounds__(256) skinny15_q6_k(
-    const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,
-    const int8_t* __restrict__ xlo, const float* __restrict__ xd, const int* __restrict__ xsq,
-    int M, int splits, float* __restrict__ part, float* dst, const float* bias, const float* res,
-    long long ldy, int* tickets) {
-  pdl_start();  // PDL-aware (worker/backends/cuda/context.py)
-  const I15Out out{part, dst, bias, res, ldy, tickets};
-  extern __shared__ __align__(16) uint8_t q6smem[];
-  const int nsb = K / 256;
-  const int per = (nsb + splits - 1) / splits;
-  const int z = blockIdx.y;
-  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
-  const int nloc = max(0, sb1 - sb0);
-  const int kloc = nloc * 256;
-  int8_t* shi = reinterpret_cast<int8_t*>(q6smem);
-  int8_t* slo = shi + M * per * 256;
-  float* sd = reinterpret_cast<float*>(slo + M * per * 256);
-  for (int t = 0; t < M; ++t) {  // the layout skinny15 stages (its sq part unused here)
-    const size_t src = (size_t)t * K + (size_t)sb0 * 256;
-    for (int e = threadIdx.x * 16; e < kloc; e += 256 * 16) {
-      *reinterpret_cast<int4*>(shi + t * per * 256 + e) =
-          *reinterpret_cast<const int4*>(xhi + src + e);
-      *reinterpret_cast<int4*>(slo + t * per * 256 + e) =
-          *reinterpret_cast<const int4*>(xlo + src + e);
-    }
-    for (int b = threadIdx.x; b < nloc; b += 256) sd[t * per + b] = xd[(size_t)t * nsb + sb0 + b];
-  }
-  __syncthreads();
-  const int n = blockIdx.x * 256 + threadIdx.x;  // rows past N: row N - 1, results dropped
-  float y[I15_MAX_ROWS];
-#pragma unroll
-  for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
-  const uint8_t* row = w + (size_t)min(n, N - 1) * nsb * 210;
-  for (int j = 0; j < nloc; ++j) {
-    const uint8_t* blk = row + (size_t)(sb0 + j) * 210;
-    const uint32_t* a = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(blk) & ~(uintptr_t)3);
-    const unsigned sh = (unsigned)(reinterpret_cast<uintptr_t>(blk) & 3) * 8;  // 0 or 16
-    uint32_t u[53];
-#pragma unroll
-    for (int i = 0; i < 52; ++i) u[i] = __ldg(a + i);
-    u[52] = sh ? __ldg(a + 52) : (uint32_t)__ldg(reinterpret_cast<const uint16_t*>(a + 52));
-    const float d = __half2float(__ushort_as_half((uint16_t)(u[52] >> sh)));
-    int th[I15_MAX_ROWS], tl[I15_MAX_ROWS];
-#pragma unroll
-    for (int t = 0; t < I15_MAX_ROWS; ++t) th[t] = tl[t] = 0;
-#pragma unroll
-    for (int s = 0; s < 16; ++s) {  // sub-blocks of 16: group G = s / 2, its half s & 1
-      const int G = s >> 1, l0 = 16 * (s & 1);
-      const uint32_t scw = __funnelshift_r(u[48 + s / 4], u[49 + s / 4], sh);
-      const int sc = (int)(int8_t)(scw >> (8 * (s & 3)));
-      uint32_t c[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int bl = q6_ql_byte(G, l0 + 4 * i) / 4, bh = q6_qh_byte(G, l0 + 4 * i) / 4;
-        c[i] = q6_codes(__funnelshift_r(u[bl], u[bl + 1], sh), __funnelshift_r(u[bh], u[bh + 1], sh),
-                        G & 3);
-      }
-      const int e0 = j * 256 + s * 16;
-#pragma unroll
-      for (int t = 0; t < I15_MAX_ROWS; ++t) {
-        if (t >= M) break;
-        const int4 h = *reinterpret_cast<const int4*>(shi + t * per * 256 + e0);
-        const int4 l = *reinterpret_cast<const int4*>(slo + t * per * 256 + e0);
-        int sh_ = __dp4a((int)c[0], h.x, 0), sl_ = __dp4a((int)c[0], l.x, 0);
-        sh_ = __dp4a((int)c[1], h.y, sh_);
-        sh_ = __dp4a((int)c[2], h.z, sh_);
-        sh_ = __dp4a((int)c[3], h.w, sh_);
-        sl_ = __dp4a((int)c[1], l.y, sl_);
-        sl_ = __dp4a((int)c[2], l.z, sl_);
-        sl_ = __dp4a((int)c[3], l.w, sl_);
-        th[t] += sc * sh_;
-        tl[t] += sc * sl_;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < I15_MAX_ROWS; ++t)
-      if (t < M) y[t] = i15_step(y[t], sd[t * per + j], d, 0.f, th[t], tl[t], 0);
-  }
-#pragma unroll
-  for (int t = 0; t < I15_MAX_ROWS; ++t)
-    if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[t]);
-  i15_finish(out, splits, blockIdx.x, M, N, 0, M, blockIdx.x * 256, 256);
 }
 
 // gemm15p for Q6_K: the same tiles and staging, a weight row's block staged as its 16-byte
@@ -953,9 +604,7 @@ GEMM15P_Q6K(1, 8)
 //   V = sum((q - off) * (128 hi + lo)) = 128 S_hi + S_lo (exact int32, < 2^27)
 //   y += dx * (d * float(V))
 // as separately rounded float steps, blocks in K order within a split (whole chunks of 8
-// blocks), splits added in order. The dp4a core takes the unsigned codes and subtracts
-// off * sq (sq = the sum of the block's 15-bit X codes); the tensor-core core makes the codes
-// signed: the same integer V.
+// blocks), splits added in order. The tensor-core cores make the codes signed.
 template <int T> struct I15Leg;
 template <> struct I15Leg<QT_Q4_0> {
   static constexpr int BYTES = 18, OFF = 8;
@@ -1041,120 +690,6 @@ __device__ __forceinline__ int i15_leg_per(int nb, int splits) {
   const int chunks = (nb + I15_CHUNK - 1) / I15_CHUNK;
   return I15_CHUNK * ((chunks + splits - 1) / splits);
 }
-
-// dp4a core: a warp takes 4 weight rows, 8 lanes a row, lane l the blocks 8c + l of the split
-// (consecutive lanes read consecutive blocks of a row); each lane reads its block as the
-// (BYTES + 2) / 4 aligned words covering it (the last as 16 bits when the block is 4-byte
-// aligned, so no byte past it) and takes its products with every row of X; then each row's
-// 8 lanes add their block terms in block order by shuffles (every lane of the 8 the same
-// chain). A block of 8 warps takes 32 weight rows.
-template <int T>
-__device__ __forceinline__ void skinny15l(const uint8_t* __restrict__ w, int N, int K,
-                                          const int8_t* __restrict__ xhi,
-                                          const int8_t* __restrict__ xlo,
-                                          const float* __restrict__ xd,
-                                          const int* __restrict__ xsq, int M, int splits,
-                                          I15Out out) {
-  using F = I15Leg<T>;
-  // aligned words covering a block: 2-byte aligned blocks (BYTES = 2 mod 4) at offset 0 or 2,
-  // MXFP4's at any offset
-  constexpr int NW = T == QT_MXFP4 ? 5 : (F::BYTES + 2) / 4;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, l8 = lane & 7;
-  const int nb = K / 32;
-  const int per = i15_leg_per(nb, splits);
-  const int z = blockIdx.y;
-  const int b0 = min(nb, z * per), b1 = min(nb, b0 + per);
-  const int n = blockIdx.x * 32 + warp * 4 + (lane >> 3);
-  const uint8_t* row = w + (size_t)min(n, N - 1) * nb * F::BYTES;  // rows past N: any valid
-  float y[I15_MAX_ROWS];                                            // row, results dropped
-#pragma unroll
-  for (int t = 0; t < I15_MAX_ROWS; ++t) y[t] = 0.f;
-  for (int c = b0; c < b1; c += I15_CHUNK) {
-    const int b = c + l8;
-    float wv[I15_MAX_ROWS] = {};
-    if (b < b1) {
-      const uint8_t* blk = row + (size_t)b * F::BYTES;
-      const uint32_t* a =
-          reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(blk) & ~(uintptr_t)3);
-      const unsigned o = (unsigned)(reinterpret_cast<uintptr_t>(blk) & 3), o8 = 8 * o;
-      uint32_t u[NW];
-#pragma unroll
-      for (int i = 0; i < NW - 1; ++i) u[i] = __ldg(a + i);
-      if constexpr (T == QT_MXFP4) {  // the last word: only the block's 1 + o bytes of it
-        const uint8_t* lw = reinterpret_cast<const uint8_t*>(a + NW - 1);
-        u[NW - 1] = o == 3 ? __ldg(a + NW - 1) : (uint32_t)__ldg(lw);
-        if (o == 1 || o == 2) u[NW - 1] |= (uint32_t)__ldg(lw + 1) << 8;
-        if (o == 2) u[NW - 1] |= (uint32_t)__ldg(lw + 2) << 16;
-      } else {  // the last word as 16 bits when the block is 4-byte aligned
-        u[NW - 1] = o8 ? __ldg(a + NW - 1)
-                       : (uint32_t)__ldg(reinterpret_cast<const uint16_t*>(a + NW - 1));
-      }
-      // bytes q .. q + 3 of the block (q & 3 plus the offset never above 4 bytes: q is even,
-      // or 1 mod 4 for MXFP4)
-      const auto get = [&](int q) {
-        return __funnelshift_rc(u[q >> 2], u[(q >> 2) + 1], 8 * (q & 3) + o8);
-      };
-      const float dw = i15_leg_d<T>(get(0));
-      uint32_t cw[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) cw[i] = i15_leg_codes<T>(get, i);
-#pragma unroll
-      for (int t = 0; t < I15_MAX_ROWS; ++t) {
-        if (t >= M) break;
-        const int4* ph = reinterpret_cast<const int4*>(xhi + (size_t)t * K + (size_t)b * 32);
-        const int4* pl = reinterpret_cast<const int4*>(xlo + (size_t)t * K + (size_t)b * 32);
-        const int4 h0 = __ldg(ph), h1 = __ldg(ph + 1), l0 = __ldg(pl), l1 = __ldg(pl + 1);
-        int sh_ = __dp4a((int)cw[0], h0.x, 0), sl_ = __dp4a((int)cw[0], l0.x, 0);
-        sh_ = __dp4a((int)cw[1], h0.y, sh_);
-        sh_ = __dp4a((int)cw[2], h0.z, sh_);
-        sh_ = __dp4a((int)cw[3], h0.w, sh_);
-        sh_ = __dp4a((int)cw[4], h1.x, sh_);
-        sh_ = __dp4a((int)cw[5], h1.y, sh_);
-        sh_ = __dp4a((int)cw[6], h1.z, sh_);
-        sh_ = __dp4a((int)cw[7], h1.w, sh_);
-        sl_ = __dp4a((int)cw[1], l0.y, sl_);
-        sl_ = __dp4a((int)cw[2], l0.z, sl_);
-        sl_ = __dp4a((int)cw[3], l0.w, sl_);
-        sl_ = __dp4a((int)cw[4], l1.x, sl_);
-        sl_ = __dp4a((int)cw[5], l1.y, sl_);
-        sl_ = __dp4a((int)cw[6], l1.z, sl_);
-        sl_ = __dp4a((int)cw[7], l1.w, sl_);
-        int v = 128 * sh_ + sl_;
-        if constexpr (F::OFF != 0) v -= F::OFF * __ldg(xsq + (size_t)t * nb + b);
-        wv[t] = __fmul_rn(__ldg(xd + (size_t)t * nb + b), __fmul_rn(dw, __int2float_rn(v)));
-      }
-    }
-    const int cnt = min(I15_CHUNK, b1 - c);  // the same for every lane of the warp
-    for (int i = 0; i < cnt; ++i) {
-      const int src = (lane & ~7) + i;
-#pragma unroll
-      for (int t = 0; t < I15_MAX_ROWS; ++t) {
-        if (t >= M) break;
-        y[t] = __fadd_rn(y[t], __shfl_sync(0xffffffffu, wv[t], src));
-      }
-    }
-  }
-  if (n < N && l8 == 0) {
-#pragma unroll
-    for (int t = 0; t < I15_MAX_ROWS; ++t)
-      if (t < M) i15_put(out, splits, z, M, N, t, n, y[t]);
-  }
-  i15_finish(out, splits, blockIdx.x, M, N, 0, M, blockIdx.x * 32, 32);
-}
-
-#define SKINNY15L(TY, NAME)                                                                 \
-  extern "C" __global__ void __launch_bounds__(256) skinny15_##NAME(                       \
-      const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
-      const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
-      const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
-      const float* bias, const float* res, long long ldy, int* tickets) {                  \
-    pdl_start();                                                                           \
-    skinny15l<TY>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
-  }
-SKINNY15L(QT_Q4_0, q4_0)
-SKINNY15L(QT_Q5_0, q5_0)
-SKINNY15L(QT_Q8_0, q8_0)
-SKINNY15L(QT_MXFP4, mxfp4)
 
 // gemm15p for the legacy formats: gemm15p's tiles, one chunk of up to 8 blocks a slot: both
 // planes of the 32 rows of X, each weight row's 8 blocks as their 16-byte aligned cover (the
@@ -1321,10 +856,6 @@ GEMM15PL(QT_Q4_0, q4_0, 1, 8)
 GEMM15PL(QT_Q5_0, q5_0, 1, 8)
 GEMM15PL(QT_Q8_0, q8_0, 1, 8)
 GEMM15PL(QT_MXFP4, mxfp4, 1, 8)
-GEMM15PL(QT_Q4_0, q4_0, 8, 64)  // (Q6_K has none: 8 tiles would spill)
-GEMM15PL(QT_Q5_0, q5_0, 8, 64)
-GEMM15PL(QT_Q8_0, q8_0, 8, 64)
-GEMM15PL(QT_MXFP4, mxfp4, 8, 64)
 
 // moe15p<TOK>_<fmt>: the routed form over moe_route's table of tiles of TOK (16 or 64)
 // assignments; grid (ceil(N / 64), tile bound, splits). Writes split partials of the

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 STEPS = 16256  # 127 * 128: the codes' range
-SKINNY_MAX_ROWS = 8  # cuda_src/i15.cu I15_MAX_ROWS
-GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
-GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
+P8_ROWS = 8  # steps of up to this many rows take gemm15p8 (matmul.I15_P8_ROWS)
+GEMM_ROWS = 64  # weight rows a block of 4 warps
+GEMM_TOK = 32  # rows of X a gemm15p block
 
 
 def gemmp_slot(qtype: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS) -> int:
@@ -30,9 +30,9 @@ def gemmp_slot(qtype: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS) -> int:
 def gemmp_shared(
     qtype: int, k: int, splits: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS
 ) -> int:
-    """gemm15p's (gemm15p8's, gemm15p64's) dynamic shared memory: a slot for each
-    super-block (legacy: chunk) of a split, at most the worker's I15_GEMMP_SLOTS (2 with 64
-    rows of X)."""
+    """gemm15p's (gemm15p8's; the routed cores' with tok 16 or 64) dynamic shared memory: a
+    slot for each super-block (legacy: chunk) of a split, at most the worker's
+    I15_GEMMP_SLOTS (2 with 64 rows of X)."""
     if qtype in LEGACY:
         per = legacy_split_blocks(k, splits) // CHUNK
     else:
@@ -225,31 +225,21 @@ class I15:
         name = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q4_0: "q4_0", Q5_0: "q5_0"}.get(
             qtype, "mxfp4" if qtype == MXFP4 else "q8_0"
         )
+        self.qtype = qtype
         self.quant = mod.get_function("quant_x15")
-        self.skinny = mod.get_function(f"skinny15_{name}")
         self.gemmp = mod.get_function(f"gemm15p_{name}")
         self.gemmp8 = mod.get_function(f"gemm15p8_{name}")  # one n8 tile: 8 rows a block
-        # 8 n8 tiles, 64 rows a block (prefill); none for Q6_K (it would spill)
-        self.gemmp64 = None if qtype == Q6_K else mod.get_function(f"gemm15p64_{name}")
-        # Q6_K and the legacy formats have only the staged tensor-core core
-        staged_only = qtype == Q6_K or qtype in LEGACY
-        self.gemm = self.gemmp if staged_only else mod.get_function(f"gemm15_{name}")
-        self.qtype = qtype
         self.blk = block_of(qtype)
         self.reduce = mod.get_function("i15_reduce")
-        if hasattr(self.gemm, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
+        if hasattr(self.gemmp, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
             # the largest shared-memory carveout (the context prefers L1, which leaves room for
             # fewer blocks an SM) and gemm15p's dynamic shared memory above 48 KB
             from worker.backends.cuda.matmul import _allow_dynamic_shared, _prefer_shared
 
-            for fn in (self.quant, self.skinny, self.gemm, self.gemmp, self.gemmp8, self.reduce):
+            for fn in (self.quant, self.gemmp, self.gemmp8, self.reduce):
                 _prefer_shared(fn)
-            # (at most 3 slots, at most 8 warps: 128 weight rows)
-            _allow_dynamic_shared(self.gemmp, "gemm15p", 3 * gemmp_slot(qtype, 32, 128))
+            _allow_dynamic_shared(self.gemmp, "gemm15p", 3 * gemmp_slot(qtype))
             _allow_dynamic_shared(self.gemmp8, "gemm15p8", 3 * gemmp_slot(qtype, 8))
-            if self.gemmp64 is not None:
-                _prefer_shared(self.gemmp64)
-                _allow_dynamic_shared(self.gemmp64, "gemm15p64", 2 * gemmp_slot(qtype, 64, 128))
 
     @staticmethod
     def shapes(
@@ -285,17 +275,15 @@ class I15:
         stream: Any = None,
         core: str = "auto",
         fused: bool = False,
-        warps: int = 4,
     ) -> None:
-        """y = x w^T by the dp4a core (`core` "skinny", at most 8 rows), the tensor-core one
-        ("gemm"), the same staged through shared memory ("gemmp"; "gemmp8": one n8 tile, 8
-        rows a block; "gemmp64": 8 tiles, 64 rows), or "auto": skinny up to 8 rows. The
+        """y = x w^T by the staged tensor-core core ("gemmp": 32 rows of X a block; "gemmp8":
+        one n8 tile, 8 rows a block; "auto": gemmp8 up to 8 rows, as the worker picks). The
         splits' partials are summed by i15_reduce, or with `fused` by the core itself (its
-        last block of a tile; b["tickets"] must be zeros), as the worker runs it. The staged
-        cores take `warps` warps a block, 16 weight rows each."""
+        last block of a tile; b["tickets"] must be zeros), as the worker runs it."""
         i32 = np.int32
         if core == "auto":
-            core = "skinny" if m <= SKINNY_MAX_ROWS else "gemm"
+            core = "gemmp8" if m <= P8_ROWS else "gemmp"
+        assert core in ("gemmp", "gemmp8"), core
         self.quant(
             x, np.int64(k), i32(m), i32(k), i32(self.blk), b["hi"], b["lo"], b["d"], b["sq"],
             block=(256, 1, 1), grid=(-(-k // 256), m), stream=stream,
@@ -307,34 +295,13 @@ class I15:
             else (null, null, null, np.int64(0), null)
         )
         args = (w, i32(n), i32(k), b["hi"], b["lo"], b["d"], b["sq"], i32(m), i32(splits))
-        tiles = ((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + GEMM_TOK - 1) // GEMM_TOK, splits)
-        if core == "skinny" and self.blk == 32:  # 32 weight rows a block
-            assert m <= SKINNY_MAX_ROWS, m
-            self.skinny(
-                *args, b["part"], *out, block=(256, 1, 1), grid=((n + 31) // 32, splits),
-                stream=stream,
-            )  # fmt: skip
-        elif core == "skinny":
-            assert m <= SKINNY_MAX_ROWS, m
-            per = -(-(k // 256) // splits)
-            smem = m * per * (512 + 4 + 32)
-            assert smem <= 48 * 1024, smem
-            self.skinny(
-                *args, b["part"], *out, block=(256, 1, 1), grid=((n + 255) // 256, splits),
-                shared=smem, stream=stream,
-            )  # fmt: skip
-        elif core in ("gemmp8", "gemmp64") or core == "gemmp" or self.gemm is self.gemmp:
-            tok = {"gemmp8": 8, "gemmp64": 64}.get(core, GEMM_TOK)
-            fn = {"gemmp8": self.gemmp8, "gemmp64": self.gemmp64}.get(core, self.gemmp)
-            assert fn is not None, "no gemm15p64 for Q6_K"
-            rows = 16 * warps
-            fn(
-                *args, b["part"], *out, block=(32 * warps, 1, 1),
-                grid=((n + rows - 1) // rows, (m + tok - 1) // tok, splits),
-                shared=gemmp_shared(self.qtype, k, splits, tok, rows), stream=stream,
-            )  # fmt: skip
-        else:
-            self.gemm(*args, b["part"], *out, block=(128, 1, 1), grid=tiles, stream=stream)
+        tok = 8 if core == "gemmp8" else GEMM_TOK
+        fn = self.gemmp8 if core == "gemmp8" else self.gemmp
+        fn(
+            *args, b["part"], *out, block=(128, 1, 1),
+            grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + tok - 1) // tok, splits),
+            shared=gemmp_shared(self.qtype, k, splits, tok), stream=stream,
+        )  # fmt: skip
         if not fused:
             self.reduce(
                 b["part"], i32(n), i32(m), i32(splits), y,

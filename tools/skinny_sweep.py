@@ -113,17 +113,13 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
 def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes: int) -> None:
     """The same for the 15-bit integer product (cuda_src/i15.cu: the K-quant shapes whose K
     is a multiple of 256, and the Q4_0 / Q5_0 / Q8_0 ones) as the worker launches it (the
-    activation pre-pass, then the product summing its own splits), by the dp4a core (`i15s`,
-    up to 8 rows; for the K-quants where the split's planes fit 48 KiB of shared memory), by
-    the tensor-core one (`i15g`, K-quants) and by the same staged through shared memory
-    (`i15gp`; `i15gp8`, up to 8 rows: one n8 tile a block; `i15gp64`, from 64 rows: 64 rows of X
-    a block)."""
+    activation pre-pass, then the product summing its own splits), by the staged tensor-core
+    core (`i15gp`) and, up to 8 rows, its one-n8-tile form (`i15gp8`)."""
     import pycuda.gpuarray as ga
 
-    from tools.i15 import I15, LEGACY, SKINNY_MAX_ROWS
+    from tools.i15 import I15, LEGACY, P8_ROWS
     from tools.synth_blocks import random_matrix
     from worker.backends.cuda.compile import load_module
-    from worker.backends.cuda.matmul import I15_WARPS
 
     rng = np.random.default_rng(0)
     n, k, qtype = SHAPES[name]
@@ -141,19 +137,11 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
             if (split - 1) * -(-units // split) >= units:
                 continue  # an empty split
             b = i15.buffers(m, k, n, split)
-            fits = legacy or m * -(-units // split) * (512 + 4 + 32) <= 48 * 1024
-            for core in ("skinny", "gemm", "gemmp", "gemmp8", "gemmp64"):
-                if core in ("skinny", "gemmp8") and m > SKINNY_MAX_ROWS:
+            for core in ("gemmp", "gemmp8"):
+                if core == "gemmp8" and m > P8_ROWS:
                     continue
-                if core == "gemmp64" and (m < 64 or i15.gemmp64 is None):
-                    continue
-                if core == "skinny" and not fits:
-                    continue
-                if core == "gemm" and i15.gemm is i15.gemmp:  # Q6_K: the staged core only
-                    continue
-                warps = I15_WARPS if core in ("gemmp", "gemmp64") else 4
                 steps: list[Callable[[], None]] = [
-                    partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, True, warps)
+                    partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, True)
                     for c in copies
                 ]
                 us = _time(ctx, steps)

@@ -1,10 +1,9 @@
-"""cuda_src/i15.cu (15-bit activations against K-quant codes; docs/kernels.md "Integer
-products"): both cores against the NumPy float32 twin that takes the same rounded steps in
-the same order (bit for bit), hence against each other at any row count (batch invariance),
-and against the float64 product (the 15-bit rounding of X only). The same checks run on the
-CPU through tools.kernel_emu (tests/unit/test_i15_emu.py); this file asks the GPU.
-Timing: `python3 -m tools.skinny_sweep --i15 --shapes phi3.gate_up,phi3.o --rows 1,8,64`.
-"""
+"""cuda_src/i15.cu (15-bit activations against K-quant codes; docs/kernels.md "Integer products"):
+both cores (gemm15p, gemm15p8) against the NumPy float32 twin that takes the same rounded steps in
+the same order (bit for bit), hence against each other at any row count (batch invariance), and
+against the float64 product (the 15-bit rounding of X only). The same checks run on the CPU through
+tools.kernel_emu (tests/unit/test_i15_emu.py); this file asks the GPU. Timing: `python3 -m
+tools.skinny_sweep --i15 --shapes phi3.gate_up,phi3.o --rows 1,8,64`."""
 
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ from tools.i15 import (
     Q5_K,
     Q6_K,
     Q8_0,
-    SKINNY_MAX_ROWS,
     product_twin,
     quant_x15,
 )
@@ -68,11 +66,7 @@ def test_both_cores_are_the_twin_bit_for_bit(
     b = i15.buffers(m, k, n, splits)
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits)
-    per = -(-(k // 256) // splits)
-    cores = ["gemm", "gemmp", "gemmp8"] + (["gemmp64"] if m >= 64 else [])
-    if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024:
-        cores.append("skinny")
-    for core in cores:
+    for core in ("gemmp", "gemmp8"):
         outs = []
         for fused in (False, False, True, True):  # the worker's launch sums its own splits
             y = poisoned((m, n))
@@ -110,10 +104,7 @@ def test_q6_k_cores_are_the_twin_bit_for_bit(gpu: Any, m: int, n: int, k: int, s
     b = i15.buffers(m, k, n, splits)
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits, Q6_K)
-    per = -(-(k // 256) // splits)
-    small = ["skinny"] if m <= SKINNY_MAX_ROWS and m * per * 548 <= 48 * 1024 else []
-    cores = ["gemmp", "gemmp8", *small]
-    for core in cores:
+    for core in ("gemmp", "gemmp8"):
         for fused in (False, True):
             y = poisoned((m, n))
             i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core, fused=fused)
@@ -140,8 +131,7 @@ def test_legacy_cores_are_the_twin_bit_for_bit(
     b = i15.buffers(m, k, n, splits)
     x_dev, w_dev = upload(x), upload(raw)
     twin = product_twin(raw, x, splits, qtype)
-    small = ["skinny"] if m <= SKINNY_MAX_ROWS else []
-    for core in ["gemmp", "gemmp8", *small] + (["gemmp64"] if m >= 64 else []):
+    for core in ("gemmp", "gemmp8"):
         for fused in (False, True):
             y = poisoned((m, n))
             i15.run(w_dev, x_dev, y, m, n, k, splits, b, core=core, fused=fused)
@@ -155,7 +145,7 @@ def test_legacy_cores_are_the_twin_bit_for_bit(
 
 
 def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
-    """Row 5 of a 64-row product (tensor-core core) equals the same row alone (dp4a core)."""
+    """Row 5 of a 64-row product (gemm15p) equals the same row alone (gemm15p8)."""
     n, k, splits = 640, 2048, 2
     raw, _, x = _case(64, n, k)
     w_dev = upload(raw)
@@ -167,28 +157,16 @@ def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     assert y64.get()[5].tobytes() == y1.get()[0].tobytes()
 
 
-# (format, core above 8 rows, rows up to which the dp4a core runs (then gemm15p8)): the
-# K-quants with each tensor-core core, every format with gemm15p8 at 1-8 rows
-_LINEAR = [(q, g, 8) for q in (Q4_K, Q5_K, Q6_K) for g in ("gemm15", "gemm15p")] + [
-    (q, "gemm15p", 0) for q in (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0, MXFP4)
-]
-_LINEAR += [(q, "gemm15p64", 8) for q in (Q4_K, Q6_K, Q5_0)]  # 64 rows of X a block at 64
-
-
-@pytest.mark.parametrize(("qtype", "gemm", "dp4a_rows"), _LINEAR)
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0, MXFP4])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 64])
-def test_worker_linear_takes_the_integer_cores(
-    gpu: Any, m: int, qtype: int, gemm: str, dp4a_rows: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """MatmulKernels.linear with int15 on (WORKER_ORCD_INT15=1): a K-quant product with bias and
-    an in-place residual is the twin's, then the bias, then the residual, bit for bit, at
-    every row count (skinny15 up to 8 rows, gemm15 above)."""
-    from worker.backends.cuda import matmul
+def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int, qtype: int) -> None:
+    """MatmulKernels.linear with the dense products on the integer cores
+    (WORKER_ORCD_INT15=all): a product with bias and an in-place residual is the twin's, then
+    the bias, then the residual, bit for bit, at every row count (gemm15p8 up to 8 rows,
+    gemm15p above)."""
     from worker.backends.cuda.arena import DevBuf
     from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
 
-    monkeypatch.setattr(matmul, "I15_GEMM", gemm)
-    monkeypatch.setattr(matmul, "I15_DP4A_ROWS", dp4a_rows)
     mm = MatmulKernels()
     mm.invariant = True
     mm.int15 = True
@@ -212,15 +190,16 @@ def test_worker_linear_takes_the_integer_cores(
 def test_worker_moe_takes_the_routed_integer_cores(
     gpu: Any, qtype: int, ntok: int, per_slot: bool
 ) -> None:
-    """MatmulKernels.moe with int15 on routes for the integer form (tiles of 16 up to 64
-    tokens, 64 above) and gives every assignment the twin's product of its expert's matrix
-    and its row of X, plus the expert's bias, bit for bit; with a pair, both matrices."""
+    """MatmulKernels.moe with the experts on the integer cores (the default) routes for the integer
+    form (tiles of 16 up to 64 tokens, 64 above) and gives every assignment the twin's product of
+    its expert's matrix and its row of X, plus the expert's bias, bit for bit; with a pair, both
+    matrices."""
     from worker.backends.cuda.arena import DevBuf
     from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
 
     mm = MatmulKernels()
     mm.invariant = True
-    mm.int15 = True
+    mm.int15_experts = True
     n, k, n_experts, topk = 640, 2880, 32, 4
     rng = np.random.default_rng(ntok)
     raws = [random_matrix(qtype, n_experts * n, k, rng)[0] for _ in range(2)]

@@ -1,7 +1,7 @@
 """cuda_src/i15.cu run on the CPU (tools.kernel_emu: the kernels compiled with g++, a block's
-threads as OS threads, the warp's mma from the PTX fragment layout): the pre-pass and both
-cores give the twin's bits (tools.i15), so the same rows give the same bits from the dp4a core
-at 1 row and the tensor-core one at 33. tests/gpu/test_i15.py asks the GPU the same."""
+threads as OS threads, the warp's mma from the PTX fragment layout): the pre-pass and the
+cores give the twin's bits (tools.i15), so the same rows give the same bits from gemm15p8 at
+1 row and gemm15p at 33. tests/gpu/test_i15.py asks the GPU the same."""
 
 from __future__ import annotations
 
@@ -61,19 +61,12 @@ def test_pre_pass_is_the_twin(i15: I15, blk: int) -> None:
 @pytest.mark.parametrize(
     ("m", "n", "k", "splits", "core"),
     [
-        (1, 100, 512, 1, "skinny"),
-        (1, 100, 512, 1, "gemm"),
-        (3, 70, 1024, 2, "skinny"),
-        (7, 130, 768, 3, "gemm"),
-        (8, 64, 768, 2, "skinny"),
-        (33, 72, 512, 2, "gemm"),
         (1, 100, 512, 1, "gemmp"),
         (7, 130, 768, 3, "gemmp"),
         (33, 72, 2048, 1, "gemmp"),  # 8 super-blocks: three chunks of up to 3
         (1, 100, 512, 1, "gemmp8"),  # one n8 tile a block
         (8, 130, 768, 3, "gemmp8"),
         (17, 72, 2048, 1, "gemmp8"),  # three tiles of rows, 8 super-blocks
-        (65, 70, 768, 2, "gemmp64"),  # 64 rows of X a block: two tiles of rows
     ],
 )
 def test_cores_are_the_twin_bit_for_bit(
@@ -86,7 +79,7 @@ def test_cores_are_the_twin_bit_for_bit(
     assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()
 
 
-@pytest.mark.parametrize(("m", "core"), [(3, "skinny"), (9, "gemm"), (9, "gemmp")])
+@pytest.mark.parametrize(("m", "core"), [(3, "gemmp8"), (9, "gemmp")])
 def test_q5_k_cores_are_the_twin_bit_for_bit(i15_q5: I15, m: int, core: str) -> None:
     n, k, splits = 72, 768, 2
     raw, x = _case(m, n, k, Q5_K)
@@ -104,8 +97,6 @@ def i15_q6() -> I15:
 @pytest.mark.parametrize(
     ("m", "n", "k", "splits", "core"),
     [
-        (1, 70, 512, 1, "skinny"),
-        (8, 66, 768, 2, "skinny"),
         (1, 70, 512, 1, "gemmp"),
         (9, 130, 768, 3, "gemmp"),
         (33, 66, 2048, 1, "gemmp"),  # 8 super-blocks: three chunks of up to 3
@@ -130,49 +121,39 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     n, k, splits = 80, 512, 2
     raw, x = _case(33, n, k)
     y33 = np.full((33, n), np.nan, np.float32)
-    i15.run(raw, x, y33, 33, n, k, splits, _buffers(33, k, n, splits), core="gemm")
+    i15.run(raw, x, y33, 33, n, k, splits, _buffers(33, k, n, splits), core="gemmp")
     y1 = np.full((1, n), np.nan, np.float32)
     row = np.ascontiguousarray(x[20:21])
-    i15.run(raw, row, y1, 1, n, k, splits, _buffers(1, k, n, splits), core="skinny")
+    i15.run(raw, row, y1, 1, n, k, splits, _buffers(1, k, n, splits), core="gemmp8")
     assert y33[20].tobytes() == y1[0].tobytes()
 
 
-@pytest.mark.parametrize("dp4a_rows", [8, 0])  # up to 8 rows: dp4a, then gemm15p8
 @pytest.mark.parametrize("one_split", [False, True])  # one split: y written at once
 @pytest.mark.parametrize(
-    ("m", "qtype", "gemm"),
+    ("m", "qtype"),
     [
-        (1, Q4_K, "gemm15"),
-        (7, Q5_K, "gemm15"),
-        (33, Q4_K, "gemm15"),
-        (33, Q5_K, "gemm15"),
-        (33, Q4_K, "gemm15p"),
-        (33, Q5_K, "gemm15p"),
-        (5, Q6_K, "gemm15"),
-        (33, Q6_K, "gemm15"),  # Q6_K takes gemm15p whatever I15_GEMM says
-        (1, Q5_0, "gemm15"),  # the legacy formats too (K = 896: not a multiple of 256)
-        (8, Q8_0, "gemm15"),
-        (9, Q4_0, "gemm15"),
-        (33, Q5_0, "gemm15"),
-        (65, Q5_K, "gemm15p64"),  # 64 rows of X a block from 64 rows on
-        (64, Q8_0, "gemm15p64"),
-        (64, Q6_K, "gemm15p64"),  # (none for Q6_K: gemm15p)
-        (3, MXFP4, "gemm15"),
-        (33, MXFP4, "gemm15"),
+        (1, Q4_K),
+        (7, Q5_K),
+        (33, Q4_K),
+        (33, Q5_K),
+        (5, Q6_K),
+        (33, Q6_K),
+        (1, Q5_0),  # the legacy formats too (K = 896: not a multiple of 256)
+        (8, Q8_0),
+        (9, Q4_0),
+        (33, Q5_0),
+        (65, Q5_K),
+        (3, MXFP4),
+        (33, MXFP4),
     ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
-    m: int,
-    qtype: int,
-    gemm: str,
-    one_split: bool,
-    dp4a_rows: int,
-    monkeypatch: pytest.MonkeyPatch,
+    m: int, qtype: int, one_split: bool
 ) -> None:
     """MatmulKernels.i15's launches as the worker plans them (x with a row stride, bias,
-    in-place residual into a strided y; the core sums its own splits), run on the CPU: the
-    twin's product, then the bias, then the residual, bit for bit, and the tickets zero
-    again afterwards."""
+    in-place residual into a strided y; the core sums its own splits; gemm15p8 up to 8 rows,
+    gemm15p above), run on the CPU: the twin's product, then the bias, then the residual,
+    bit for bit, and the tickets zero again afterwards."""
     from tools import kernel_emu
     from worker.backends.cuda import matmul
     from worker.backends.cuda.arena import DevBuf
@@ -186,13 +167,11 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
         plan_quant_x15,
     )
 
-    monkeypatch.setattr(matmul, "I15_GEMM", gemm)  # the tensor-core core above 8 rows
-    monkeypatch.setattr(matmul, "I15_DP4A_ROWS", dp4a_rows)
     n, k = 200, 896 if qtype in (Q4_0, Q5_0, Q8_0, MXFP4) else 1280
     raw, x = _case(m, n, k, qtype)
     w_raw = aligned(raw)
     w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
-    assert (matmul.i15_core(w, m) == "gemm15p8") == (dp4a_rows < m <= 8)
+    assert (matmul.i15_core(m) == "gemm15p8") == (m <= 8)
     splits = 1 if one_split else i15_split(w, 132)
     assert one_split or splits > 1
     xs = aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
@@ -225,27 +204,24 @@ def emu_i15() -> Any:
 @pytest.mark.parametrize(
     ("m", "n", "k", "splits", "core"),
     [
-        (1, 70, 896, 1, "skinny"),  # 28 blocks: a last chunk of 4
-        (3, 37, 896, 2, "skinny"),  # odd n: rows start at every even offset mod 16
-        (8, 66, 2048, 3, "skinny"),  # 64 blocks, 8 chunks: splits of 3, 3, 2 chunks
         (1, 70, 896, 1, "gemmp"),
+        (3, 37, 896, 2, "gemmp8"),  # odd n: rows start at every even offset mod 16
+        (8, 66, 2048, 3, "gemmp8"),  # 64 blocks, 8 chunks: splits of 3, 3, 2 chunks
         (9, 130, 896, 4, "gemmp"),  # splits of 8, 8, 8, 4 blocks
         (33, 66, 2048, 1, "gemmp"),  # 8 chunks: three rounds of up to 3 slots
         (40, 37, 160, 1, "gemmp"),  # K under a chunk: one chunk of 5 blocks
         (1, 70, 896, 1, "gemmp8"),
         (8, 130, 896, 4, "gemmp8"),
         (11, 37, 2048, 3, "gemmp8"),
-        (66, 37, 896, 2, "gemmp64"),
     ],
 )
 def test_legacy_cores_are_the_twin_bit_for_bit(
     emu_i15: Any, qtype: int, m: int, n: int, k: int, splits: int, core: str
 ) -> None:
-    """Q4_0 / Q5_0 / Q8_0 / MXFP4 (blocks of 32, X scaled per 32): the dp4a core (unsigned
-    codes, off * sq subtracted) and the staged tensor-core cores (signed codes) give the
-    twin's bits, with K not a multiple of 256, the 18-, 22- and 34-byte blocks at every even
-    offset and MXFP4's 17-byte ones at every offset (its exponents 0, 1 and 2 too: subnormal
-    and smallest steps)."""
+    """Q4_0 / Q5_0 / Q8_0 / MXFP4 (blocks of 32, X scaled per 32): the staged tensor-core cores
+    (signed codes) give the twin's bits, with K not a multiple of 256, the 18-, 22- and 34-byte
+    blocks at every even offset and MXFP4's 17-byte ones at every offset (its exponents 0, 1 and 2
+    too: subnormal and smallest steps)."""
     i15 = I15(emu_i15, qtype)
     raw, x = _case(m, n, k, qtype)
     if qtype == MXFP4:
@@ -350,33 +326,3 @@ def test_routed_core_is_the_dense_core_per_assignment(
         e, row = ids[a], a if per_slot else a // topk
         want = product_twin(experts[e], x[row : row + 1], splits, qtype)[0] + bias[e]
         assert y[a].tobytes() == want.tobytes(), (a, np.abs(y[a] - want).max())
-
-
-@pytest.mark.parametrize(
-    ("qtype", "m", "n", "k", "splits", "core"),
-    [
-        (Q4_K, 33, 200, 2048, 1, "gemmp"),  # 8 super-blocks through the ring of 3 slots
-        (Q5_K, 9, 130, 768, 3, "gemmp"),
-        (Q4_K, 65, 130, 768, 2, "gemmp64"),
-        (Q6_K, 33, 150, 2048, 1, "gemmp"),
-        (Q8_0, 40, 150, 2048, 2, "gemmp"),
-        (MXFP4, 11, 37, 896, 1, "gemmp"),
-    ],
-)
-def test_staged_cores_with_eight_warps(
-    emu_i15: Any, qtype: int, m: int, n: int, k: int, splits: int, core: str
-) -> None:
-    """The staged cores with 8 warps a block (128 weight rows: WORKER_ORCD_I15_WARPS=8) give
-    the twin's bits, with tiles of rows past n."""
-    i15 = I15(emu_i15, qtype)
-    raw, x = _case(m, n, k, qtype)
-    w = aligned(raw)
-    y = np.full((m, n), np.nan, np.float32)
-    blk = 32 if qtype in (Q8_0, MXFP4) else 256
-    buffers = {
-        key: np.random.default_rng(99).integers(-100, 100, shape).astype(dt)
-        for key, (shape, dt) in I15.shapes(m, k, n, splits, blk).items()
-    }
-    i15.run(w, x, y, m, n, k, splits, buffers, core=core, warps=8)
-    twin = product_twin(raw, x, splits, qtype)
-    assert y.tobytes() == twin.tobytes(), np.abs(y - twin).max()

@@ -595,7 +595,7 @@ class _PlanOnly(MatmulKernels):
     that grow as the real ones do (a larger request gets a new buffer)."""
 
     def __init__(self, invariant: bool = True, int15: bool = False) -> None:  # no super()
-        self.invariant, self.int15 = invariant, int15
+        self.invariant, self.int15, self.int15_experts = invariant, int15, int15
         self._sms = 132
         self._route_gen = 0
         self.queued: list[Launch] = []
@@ -653,7 +653,7 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
         mm.moe_route(DevBuf(1 << 33, 4 * 4 * 512), 512, 4, 32)
         with pytest.raises(LaunchRefused):
             mm.moe(down, ids, ntok, 4, yg, yd, per_slot_input=True, route=r)
-    # the integer form (WORKER_ORCD_INT15=1): routed for it by the experts' format, one
+    # the integer form (the default for these experts): routed for it by their format, one
     # pre-pass of x for gate and up (token rows) and one for down (assignment rows), each
     # matrix its routed core and its reduce with the experts' biases
     for ntok, tile in ((1, 16), (64, 16), (70, 64)):

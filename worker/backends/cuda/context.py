@@ -236,8 +236,6 @@ PDL_KERNELS = (
     "qkv_rope_store",
     "sample_rows",
     "quant_x15",
-    "skinny15_",
-    "gemm15_",
     "gemm15p_",
     "gemm15p8_",
     "moe15p16_",

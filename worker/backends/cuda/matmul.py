@@ -77,39 +77,27 @@ EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
 INT32_MAX = 2**31 - 1
-# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"):
-# WORKER_ORCD_INT15=1 sends the batch-invariant products of these formats through them (A/B).
-INT15 = os.environ.get("WORKER_ORCD_INT15", "0") == "1"
-# Q4_0, Q5_0, Q8_0, MXFP4 (blocks of 32, X scaled per 32) unless WORKER_ORCD_I15_LEGACY=0;
-# Q4_K, Q5_K; Q6_K unless WORKER_ORCD_I15_Q6K=0 (A/B)
-I15_LEGACY = (2, 6, 8, 39) if os.environ.get("WORKER_ORCD_I15_LEGACY", "1") == "1" else ()
-I15_TYPES = (
-    I15_LEGACY + (12, 13) + ((14,) if os.environ.get("WORKER_ORCD_I15_Q6K", "1") == "1" else ())
-)
+# 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"), with
+# batch invariance on: the routed MoE experts (MXFP4, Q8_0) take them by default
+# (WORKER_ORCD_INT15 `experts`); `all` sends every dense product of the formats below through
+# them too (faster steps of 1-8 rows, slower from 32 rows and in prefill: BENCHMARKS.md),
+# `0` none (A/B).
+_INT15 = os.environ.get("WORKER_ORCD_INT15", "experts").lower()
+INT15_EXPERTS = _INT15 in ("experts", "all", "1")
+INT15_DENSE = _INT15 in ("all", "1")
+# Q4_0, Q5_0, Q8_0, MXFP4 (blocks of 32, X scaled per 32); Q4_K, Q5_K, Q6_K
+I15_TYPES = (2, 6, 8, 39, 12, 13, 14)
 I15_Q6_K = 14
 I15_CHUNK = 8  # legacy formats: blocks of 32 a chunk (splits are whole chunks)
 I15_LEGACY_PITCH = {2: 176, 6: 208, 8: 304, 39: 176}  # I15Leg<T>::PITCH: a staged row
-I15_SKINNY_MAX_ROWS = 8  # skinny15's rows at most (I15_MAX_ROWS in i15.cu)
-# steps of up to this many rows take the dp4a cores, the rest up to 8 the staged tensor-core
-# core with one n8 tile (gemm15p8_*; the same bits): WORKER_ORCD_I15_DP4A_ROWS (A/B, 0-8).
-# 0: on an H100 the whole Phi-3 step at B = 1 / 8 ran 317 / 1,929 tok/s with gemm15p8 and
-# 241 / 1,113 with the dp4a cores (Qwen B = 1: 595 vs 523 with dp4a at one row)
-I15_DP4A_ROWS = min(8, max(0, int(os.environ.get("WORKER_ORCD_I15_DP4A_ROWS", "0"))))
-I15_SKINNY_SMEM = 48 * 1024  # skinny15 stages a split's planes of every row in shared memory
-I15_SB_BYTES = 2 * 256 + 4 + 8 * 4  # a row's super-block there: hi, lo, d, 8 sums of q
-I15_GEMM_ROWS = 64  # G15_ROWS: weight rows a gemm15 block
-I15_GEMM_TOK = 32  # G15_TOK: rows of X a gemm15 block
-# the tensor-core core above 8 rows: gemm15, or gemm15p (a chunk of the split's super-blocks
-# staged in shared memory by one burst of cp.async), or gemm15p64 (gemm15p with 64 rows of X
-# a block from 64 rows on, prefill; not for Q6_K); WORKER_ORCD_I15_GEMM picks (A/B)
-I15_GEMM = os.environ.get("WORKER_ORCD_I15_GEMM", "gemm15")
-# gemm15p: super-blocks (legacy: chunks) staged at once, at most; a ring, one requested
-# this many minus one ahead of the one multiplied (WORKER_ORCD_I15_SLOTS, A/B: 1-3)
-I15_GEMMP_SLOTS = min(3, max(1, int(os.environ.get("WORKER_ORCD_I15_SLOTS", "3"))))
-# gemm15p / gemm15p64: warps a block, 16 weight rows each (WORKER_ORCD_I15_WARPS, A/B: 4 or
-# 8; more weight rows a block read each row of X fewer times); gemm15p8 and the routed
-# cores keep 4
-I15_WARPS = 8 if os.environ.get("WORKER_ORCD_I15_WARPS", "4") == "8" else 4
+# steps of up to 8 rows take gemm15p8_* (one n8 tile a block), the rest gemm15p_* (32 rows
+# of X a block); the same bits. (A dp4a core for 1-8 rows lost to gemm15p8 in the model, an
+# unstaged tensor-core core to gemm15p, 64 rows of X a block to 32: docs/kernels.md.)
+I15_P8_ROWS = 8
+I15_SPLIT_MAX_SB = 11  # K-quants: super-blocks a split at most
+I15_GEMM_ROWS = 64  # weight rows a block of the tensor-core cores (4 warps of 16)
+I15_GEMM_TOK = 32  # rows of X a gemm15p block
+I15_GEMMP_SLOTS = 3  # staged units (super-blocks, legacy: chunks) in a block's ring, at most
 
 MODULES = ("gemv", "gemm", "embed", "moe", "i15")
 
@@ -567,11 +555,10 @@ def i15_block(qtype: int) -> int:
 
 
 def i15_split(w: QWeight, sms: int) -> int:
-    """K splits of both 15-bit cores for this shape on this GPU, never a function of the row
+    """K splits of the 15-bit cores for this shape on this GPU, never a function of the row
     count (the cores must give the same bits), and no empty split. K-quants: whole
-    super-blocks, enough skinny15 blocks (256 weight rows each) for two a multiprocessor,
-    each split no longer than 8 rows' planes can stage in shared memory. Legacy formats:
-    whole chunks of 8 blocks, enough gemm15p tiles (64 weight rows) for two a
+    super-blocks, enough 256-row tiles for two a multiprocessor, at most I15_SPLIT_MAX_SB a
+    split. Legacy formats: whole chunks of 8 blocks, enough 64-row tiles for two a
     multiprocessor."""
     if i15_block(w.qtype) == 32:
         chunks = -(-(w.cols // 32) // I15_CHUNK)
@@ -579,9 +566,8 @@ def i15_split(w: QWeight, sms: int) -> int:
         per = -(-chunks // min(chunks, want))
         return -(-chunks // per)
     nsb = w.cols // 256
-    per_max = I15_SKINNY_SMEM // (I15_SKINNY_MAX_ROWS * I15_SB_BYTES)
     want = max(1, -(-2 * sms // -(-w.rows // 256)))
-    per = min(per_max, -(-nsb // min(nsb, want)))
+    per = min(I15_SPLIT_MAX_SB, -(-nsb // min(nsb, want)))
     return -(-nsb // per)
 
 
@@ -609,30 +595,15 @@ def i15_gemmp_slot(
     return planes + rows * block_bytes + tok * 36
 
 
-def i15_rows(core: str) -> int:
-    """Weight rows a block of a tensor-core integer core (16 a warp)."""
-    return 16 * I15_WARPS if core in ("gemm15p", "gemm15p64") else I15_GEMM_ROWS
-
-
-def i15_core(w: QWeight, m: int) -> str:
-    """The integer core for m rows of w (all give the same bits): the dp4a skinny15 up to
-    I15_DP4A_ROWS rows (none by default), the staged tensor-core core with one n8 tile
-    (gemm15p8) up to 8, then
-    gemm15p (32 rows a block), or under WORKER_ORCD_I15_GEMM gemm15 (Q4_K / Q5_K) or
-    gemm15p64 (64 rows a block, from 64 rows)."""
-    if m <= I15_DP4A_ROWS:
-        return "skinny15"
-    if m <= I15_SKINNY_MAX_ROWS:
-        return "gemm15p8"
-    if I15_GEMM == "gemm15p64":
-        return "gemm15p64" if m >= 64 and w.qtype != I15_Q6_K else "gemm15p"
-    staged_only = w.qtype == I15_Q6_K or i15_block(w.qtype) == 32
-    return "gemm15p" if staged_only else I15_GEMM
+def i15_core(m: int) -> str:
+    """The integer core for m rows (both give the same bits): gemm15p8 (one n8 tile a block)
+    up to 8 rows, gemm15p (four) above."""
+    return "gemm15p8" if m <= I15_P8_ROWS else "gemm15p"
 
 
 def i15_core_tok(core: str) -> int:
     """Rows of X a block of a tensor-core integer core."""
-    return {"gemm15p8": 8, "gemm15p64": 64}.get(core, I15_GEMM_TOK)
+    return 8 if core == "gemm15p8" else I15_GEMM_TOK
 
 
 def plan_quant_x15(
@@ -659,10 +630,7 @@ def plan_quant_x15(
 def i15_tiles(w: QWeight, m: int) -> int:
     """Output tiles of the core plan_i15 picks for m rows (a ticket each when it finishes
     its own splits)."""
-    core = i15_core(w, m)
-    if core == "skinny15":
-        return -(-w.rows // (32 if i15_block(w.qtype) == 32 else 256))
-    return -(-w.rows // i15_rows(core)) * -(-m // i15_core_tok(core))
+    return -(-w.rows // I15_GEMM_ROWS) * -(-m // i15_core_tok(i15_core(m)))
 
 
 def plan_i15(
@@ -686,7 +654,7 @@ def plan_i15(
     on `tickets`, i15_tiles int32 zeros, zeros again after the launch)."""
     lay = _check_weight("i15", w)
     blk = i15_block(w.qtype)
-    core = i15_core(w, m)
+    core = i15_core(m)
     kernel = f"{core}_{lay.name}"
     _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
     _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
@@ -717,21 +685,9 @@ def plan_i15(
     else:
         _need(kernel, bias is None and residual is None, "bias or residual without y")
     args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr, *out)
-    if core == "skinny15" and blk == 32:  # 8 warps of 4 rows, X read through L1
-        shared = 0
-        grid, block = (-(-w.rows // 32), splits, 1), (256, 1, 1)
-    elif core == "skinny15":
-        shared = m * per * I15_SB_BYTES
-        _need(kernel, shared <= I15_SKINNY_SMEM, f"{shared} bytes of shared memory")
-        grid, block = (-(-w.rows // 256), splits, 1), (256, 1, 1)
-    else:
-        tok, rows = i15_core_tok(core), i15_rows(core)
-        shared = 0
-        if core != "gemm15":  # (64 rows of X: two slots, so two blocks fit an SM)
-            slot = i15_gemmp_slot(w.qtype, lay.block_bytes, tok, rows)
-            shared = min(per, 2 if tok == 64 else I15_GEMMP_SLOTS) * slot
-        grid = (-(-w.rows // rows), -(-m // tok), splits)
-        block = (2 * rows, 1, 1)
+    tok = i15_core_tok(core)
+    shared = min(per, I15_GEMMP_SLOTS) * i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
+    grid, block = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), splits), (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
 
 
@@ -1290,7 +1246,9 @@ class MatmulKernels:
         self._moe_ws_keep: list[Any] = []
         self._i15_ws: DevBuf | None = None  # quant_x15's planes (_i15_workspace)
         self._i15_tk: DevBuf | None = None  # the integer cores' tickets (_i15_tickets)
-        self.int15 = INT15  # K-quant products by the 15-bit integer cores (with `invariant`)
+        # dense products / routed experts by the 15-bit integer cores (with `invariant`)
+        self.int15 = INT15_DENSE
+        self.int15_experts = INT15_EXPERTS
         # batch invariance: every row count takes the tensor-core forms (gemm, routed
         # moe_gemm), whose per-row arithmetic does not depend on the other rows, so a row's
         # result is the same in a launch of 1 row or of 256; False lets 1-8 rows take the
@@ -1483,8 +1441,8 @@ class MatmulKernels:
         planes: BufLike | None = None,
     ) -> None:
         """y = w x (+ bias) (+ residual) by the 15-bit integer cores: quant_x15 (unless
-        `planes` holds x's codes already), then skinny15 or gemm15 / gemm15p, which also sum
-        their splits in order and add bias and residual (one launch)."""
+        `planes` holds x's codes already), then gemm15p8 or gemm15p, which also sum their
+        splits in order and add bias and residual (one launch)."""
         splits = i15_split(w, self._sms)
         blk = i15_block(w.qtype)
         part = self._splitk_workspace(splits * m * w.rows * 4)
@@ -1555,7 +1513,7 @@ class MatmulKernels:
 
     def moe_takes_i15(self, qtype: int | None) -> bool:
         """Whether experts of this format take the routed integer cores (any step size)."""
-        return self.int15 and self.invariant and qtype in I15_MOE_TYPES and qtype in I15_TYPES
+        return self.int15_experts and self.invariant and qtype in I15_MOE_TYPES
 
     def moe_form(self, ntok: int, form: str = "auto", qtype: int | None = None) -> str:
         """The form of the expert products of a step of ntok tokens: the decode gemv (not
@@ -1782,7 +1740,7 @@ class MatmulKernels:
             ]
         parts += [moe_split(w)[0] * w.rows * topk for w in weights if w.experts > 1]
         moe15 = [w for w in weights if w.experts > 1 and w.qtype in I15_MOE_TYPES]
-        if self.int15 and moe15:
+        if self.int15_experts and self.invariant and moe15:
             self._i15_workspace(i15_planes(max_tokens * topk, max(w.cols for w in moe15), 32)[4])
             parts += [i15_split(w, self._sms) * w.rows * topk for w in moe15]
         if max(parts, default=1) > 1:
