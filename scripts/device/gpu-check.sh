@@ -49,7 +49,7 @@ python3 -c "from worker.backends.cuda.compile import prewarm; print('compiled:',
   >"$OUT/prewarm.log" 2>&1
 echo "prewarm: $(cat "$OUT/prewarm.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
 if [ "$TESTS" != none ]; then
-  files=${TEST_FILES:-tests/gpu/test_kernels.py tests/gpu/test_matmul.py tests/gpu/test_embed_moe.py tests/gpu/test_model.py}
+  files=${TEST_FILES:-tests/gpu/test_kernels.py tests/gpu/test_matmul.py tests/gpu/test_i15.py tests/gpu/test_embed_moe.py tests/gpu/test_model.py}
   timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
     --timeout 200 $files ${TESTS:+-k "$TESTS"} >"$OUT/pytest.log" 2>&1
   echo "tests rc=$? ($(( $(date +%s) - t0 )) s): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
