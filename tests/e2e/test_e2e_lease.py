@@ -204,7 +204,9 @@ async def test_cancel_with_a_reason_carries_it_to_the_event(
     task = asyncio.create_task(
         client.run_job(
             REF,
-            OrcdClient.make_job(prompt=LONG_PROMPT, job_id="gw-1", max_tokens=2048),
+            # greedy: a sampled first token may be the tiny model's EOS, and the job must
+            # still be running when the cancel arrives
+            OrcdClient.make_job(prompt=LONG_PROMPT, job_id="gw-1", max_tokens=2048, temperature=0),
             timeout_s=60,
         ).__anext__()
     )
