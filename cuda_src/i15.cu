@@ -137,17 +137,26 @@ template <> struct I15Fmt<QT_Q5_K> {
   }
 };
 
-// D = A (16 x 32 u8, the weight codes) . B (32 x 8 s8, a plane of X), int32, from zero.
-__device__ __forceinline__ void mma_u8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
+// D = A (16 x 32 weight codes: s8 when SA, else u8) . B (32 x 8 s8, a plane of X), int32,
+// from zero.
+template <bool SA>
+__device__ __forceinline__ void mma_k32(int d[4], const uint32_t a[4], const uint32_t b[2]) {
 #ifdef KERNEL_EMU
   const int c[4] = {0, 0, 0, 0};
-  emu::mma_m16n8k32<false, true>(d, a, b, c);
+  emu::mma_m16n8k32<SA, true>(d, a, b, c);
 #else
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%10,%10,%10};"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+  if constexpr (SA)
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
 #endif
 }
 
@@ -256,6 +265,40 @@ __device__ __forceinline__ unsigned i15_dyn_smem() {
 #endif
 }
 
+// The staged super-block j of the planes of a dense core's TOK rows of X from row t0 (rows
+// past M as zeros): 16 pieces a row, hi at slot + XH, lo at slot + XL (rows G15_PAD apart).
+template <int TOK>
+__device__ __forceinline__ void i15_stage_planes(uint8_t* sl, const int8_t* __restrict__ xhi,
+                                                 const int8_t* __restrict__ xlo, int t0, int M,
+                                                 int K, int j) {
+  constexpr int XL = TOK * G15_PAD;
+  for (int i = threadIdx.x; i < TOK * 16; i += blockDim.x) {
+    const int t = i >> 4, o = (i & 15) * 16;
+    const bool ok = t0 + t < M;
+    const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
+    i15_cp16(sl + t * G15_PAD + o, xhi + src, ok);
+    i15_cp16(sl + XL + t * G15_PAD + o, xlo + src, ok);
+  }
+}
+
+// A dense core's results: lane (r0 = its first weight row, tg) holds y[nt][e] of row of X
+// t0 + 8 nt + 2 tg + (e & 1) and weight row r0 (e < 2) or r0 + 8; then the block's tile of
+// 8 NT rows by R weight rows is finished (every thread of the block calls this).
+template <int NT>
+__device__ __forceinline__ void i15_put_dense(const I15Out& out, const float (&y)[NT][4],
+                                              int splits, int z, int M, int N, int t0, int r0,
+                                              int tg, int R) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r0 + 8;
+      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
+    }
+  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, t0, 8 * NT,
+             blockIdx.x * R, R);
+}
+
 template <int T, int NT>
 __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, int K,
                                         const int8_t* __restrict__ xhi,
@@ -285,13 +328,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
   const auto stage = [&](int j, int c) {
     uint8_t* sl = smem + c * L.SLOT;
-    for (int i = threadIdx.x; i < TOK * 16; i += blockDim.x) {  // planes: 16 pieces a row
-      const int t = i >> 4, o = (i & 15) * 16;
-      const bool ok = t0 + t < M;
-      const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
-      i15_cp16(sl + LT::XH + t * G15_PAD + o, xhi + src, ok);
-      i15_cp16(sl + LT::XL + t * G15_PAD + o, xlo + src, ok);
-    }
+    i15_stage_planes<TOK>(sl, xhi, xlo, t0, M, K, j);
     for (int i = threadIdx.x; i < R * (F::BYTES / 16); i += blockDim.x) {  // weights
       const int r = i / (F::BYTES / 16), o = (i % (F::BYTES / 16)) * 16;
       const size_t src = (size_t)min(n0 + r, N - 1) * nsb * F::BYTES + (size_t)j * F::BYTES + o;
@@ -352,8 +389,8 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
         uint32_t bf[4];
         ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
         int dh[4], dl[4];
-        mma_u8s8(dh, a, bf);
-        mma_u8s8(dl, a, bf + 2);
+        mma_k32<false>(dh, a, bf);
+        mma_k32<false>(dl, a, bf + 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int sc = e < 2 ? sa : sb;
@@ -386,16 +423,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
       }
   };
   i15_ring(sb0, sb1, slots, stage, compute);
-  const int r0 = n0 + lr0, r1 = n0 + lr1;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
-    }
-  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
-             TOK, blockIdx.x * R, R);
+  i15_put_dense<NT>(out, y, splits, z, M, N, t0, n0 + lr0, tg, R);
 }
 
 #define GEMM15P(TY, NAME, NT, SUFFIX)                                                       \
@@ -428,20 +456,6 @@ __device__ __forceinline__ uint32_t q6_codes(uint32_t ql, uint32_t qh, int r) {
 }
 __device__ __forceinline__ int q6_ql_byte(int G, int l) { return 64 * (G >> 2) + 32 * (G & 1) + l; }
 __device__ __forceinline__ int q6_qh_byte(int G, int l) { return 128 + 32 * (G >> 2) + l; }
-
-// D = A (16 x 32 s8) . B (32 x 8 s8), int32, from zero.
-__device__ __forceinline__ void mma_s8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
-#ifdef KERNEL_EMU
-  const int c[4] = {0, 0, 0, 0};
-  emu::mma_m16n8k32<true, true>(d, a, b, c);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%10,%10,%10};"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
-#endif
-}
 
 // gemm15p for Q6_K: the same tiles and staging, a weight row's block staged as its 16-byte
 // aligned cover (14 pieces into a 240-byte row: rows 60 words apart, so the 8 rows of a
@@ -486,13 +500,7 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
     for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
   const auto stage = [&](int j, int c) {
     uint8_t* sl = smem + c * L.SLOT;
-    for (int i = threadIdx.x; i < TOK * 16; i += blockDim.x) {
-      const int t = i >> 4, o = (i & 15) * 16;
-      const bool ok = t0 + t < M;
-      const size_t src = (size_t)(ok ? t0 + t : 0) * K + (size_t)j * 256 + o;
-      i15_cp16(sl + LT::XH + t * G15_PAD + o, xhi + src, ok);
-      i15_cp16(sl + LT::XL + t * G15_PAD + o, xlo + src, ok);
-    }
+    i15_stage_planes<TOK>(sl, xhi, xlo, t0, M, K, j);
     for (int i = threadIdx.x; i < R * 14; i += blockDim.x) {
       const int r = i / 14, o = (i % 14) * 16;
       const uint8_t* b = w + (size_t)min(n0 + r, N - 1) * nsb * 210 + (size_t)j * 210;
@@ -549,10 +557,10 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
         uint32_t bf[4];
         ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
         int dh0[4], dl0[4], dh1[4], dl1[4];
-        mma_s8s8(dh0, a[0], bf);
-        mma_s8s8(dl0, a[0], bf + 2);
-        mma_s8s8(dh1, a[1], bf);
-        mma_s8s8(dl1, a[1], bf + 2);
+        mma_k32<true>(dh0, a[0], bf);
+        mma_k32<true>(dl0, a[0], bf + 2);
+        mma_k32<true>(dh1, a[1], bf);
+        mma_k32<true>(dl1, a[1], bf + 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int sa = e < 2 ? sa0 : sa1, sb = e < 2 ? sb0_ : sb1_;
@@ -572,16 +580,7 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
       }
   };
   i15_ring(sb0, sb1, slots, stage, compute);
-  const int r0 = n0 + lr0, r1 = n0 + lr1;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = t0 + nt * 8 + 2 * tg + (e & 1), n = e < 2 ? r0 : r1;
-      if (t < M && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
-    }
-  i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
-             TOK, blockIdx.x * R, R);
+  i15_put_dense<NT>(out, y, splits, z, M, N, t0, n0 + lr0, tg, R);
 }
 
 #define GEMM15P_Q6K(NT, SUFFIX)                                                              \
@@ -814,8 +813,8 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
         uint32_t bf[4];
         ldsm_x4(bf, lrow + nt * 8 * G15_PAD);
         int dh[4], dl[4];
-        mma_s8s8(dh, a, bf);
-        mma_s8s8(dl, a, bf + 2);
+        mma_k32<true>(dh, a, bf);
+        mma_k32<true>(dl, a, bf + 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int t = nt * 8 + 2 * tg + (e & 1);
