@@ -692,3 +692,13 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
     mm.moe(gate, ids1, 1, 4, x1, y1, per_slot_input=False, route=r, pair=(up, y2, None))
     assert [q.kernel for q in mm.queued] == ["moe_gemv_mxfp4_r2", "moe_gemv_mxfp4_r2"]
     assert mm.queued[1].args[0] == up.ptr and mm.queued[1].args[12] == y2.ptr
+
+
+def test_int15_setting_puts_the_experts_on_the_integer_cores_by_default() -> None:
+    """WORKER_ORCD_INT15: `experts` (the default) the routed experts only, `all` the dense
+    products too, `0` none."""
+    from worker.backends.cuda.matmul import int15_choice
+
+    assert int15_choice("experts") == (True, False)
+    assert int15_choice("all") == int15_choice("1") == (True, True)
+    assert int15_choice("0") == (False, False)

@@ -77,14 +77,20 @@ EMBED_THREADS = 128
 WEIGHT_ALIGN = 256
 MAX_GRID_YZ = 65535
 INT32_MAX = 2**31 - 1
+
+
+def int15_choice(value: str) -> tuple[bool, bool]:
+    """(routed experts, dense products) on the integer cores for a WORKER_ORCD_INT15 value."""
+    v = value.lower()
+    return v in ("experts", "all", "1"), v in ("all", "1")
+
+
 # 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"), with
 # batch invariance on: the routed MoE experts (MXFP4, Q8_0) take them by default
 # (WORKER_ORCD_INT15 `experts`); `all` sends every dense product of the formats below through
 # them too (faster steps of 1-8 rows, slower from 32 rows and in prefill: BENCHMARKS.md),
 # `0` none (A/B).
-_INT15 = os.environ.get("WORKER_ORCD_INT15", "experts").lower()
-INT15_EXPERTS = _INT15 in ("experts", "all", "1")
-INT15_DENSE = _INT15 in ("all", "1")
+INT15_EXPERTS, INT15_DENSE = int15_choice(os.environ.get("WORKER_ORCD_INT15", "experts"))
 # Q4_0, Q5_0, Q8_0, MXFP4 (blocks of 32, X scaled per 32); Q4_K, Q5_K, Q6_K
 I15_TYPES = (2, 6, 8, 39, 12, 13, 14)
 I15_Q6_K = 14
