@@ -856,11 +856,13 @@ GEMM15PL(QT_Q5_0, q5_0, 1, 8)
 GEMM15PL(QT_Q8_0, q8_0, 1, 8)
 GEMM15PL(QT_MXFP4, mxfp4, 1, 8)
 
-// moe15p<TOK>_<fmt>: the routed form over moe_route's table of tiles of TOK (16 or 64)
-// assignments; grid (ceil(N / 64), tile bound, splits). Writes split partials of the
-// assignments' rows (part [splits][M = assignments][N]); gemm_splitk_reduce adds them in
-// order with each assignment's expert bias. An assignment's result is the dense core's on
-// its expert's matrix and its row of X.
+// moe15p<TOK>_<fmt>: the routed form over moe_route's table of tiles of TOK (8, 16 or 64)
+// assignments; grid (ceil(N / 64), tile bound, splits). The tile size only sets how many
+// assignments share a staged weight unit (8 for decode steps of a few tokens, where an expert
+// rarely has more than one: a smaller staged unit and fewer instructions a weight than 16's).
+// Writes split partials of the assignments' rows (part [splits][M = assignments][N]);
+// gemm_splitk_reduce adds them in order with each assignment's expert bias. An assignment's
+// result is the dense core's on its expert's matrix and its row of X.
 #define MOE15P(TY, NAME, NT, TOKS)                                                          \
   extern "C" __global__ void __launch_bounds__(256) moe15p##TOKS##_##NAME(                 \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
@@ -872,8 +874,10 @@ GEMM15PL(QT_MXFP4, mxfp4, 1, 8)
     gemm15pl<TY, NT, true>(w, N, K, xhi, xlo, xd, M, splits, {part, 0, 0, 0, 0, 0},        \
                            {ntiles, tiles, list, topk, per_slot, expert_bytes});           \
   }
+MOE15P(QT_MXFP4, mxfp4, 1, 8)
 MOE15P(QT_MXFP4, mxfp4, 2, 16)
 MOE15P(QT_MXFP4, mxfp4, 8, 64)
+MOE15P(QT_Q8_0, q8_0, 1, 8)
 MOE15P(QT_Q8_0, q8_0, 2, 16)
 MOE15P(QT_Q8_0, q8_0, 8, 64)
 

@@ -185,15 +185,16 @@ def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int, qtype: int) -> 
 
 @pytest.mark.parametrize("qtype", [MXFP4, Q8_0])
 @pytest.mark.parametrize(
-    ("ntok", "per_slot"), [(1, False), (2, True), (7, True), (64, False), (100, True)]
+    ("ntok", "per_slot"),
+    [(1, False), (2, True), (7, True), (32, False), (33, True), (64, False), (100, True)],
 )
 def test_worker_moe_takes_the_routed_integer_cores(
     gpu: Any, qtype: int, ntok: int, per_slot: bool
 ) -> None:
-    """MatmulKernels.moe with the experts on the integer cores (the default) routes for the integer
-    form (tiles of 16 up to 64 tokens, 64 above) and gives every assignment the twin's product of
-    its expert's matrix and its row of X, plus the expert's bias, bit for bit; with a pair, both
-    matrices."""
+    """MatmulKernels.moe with the experts on the integer cores (the default) routes for the
+    integer form (tiles of 8 up to 32 tokens, 16 up to 64, 64 above) and gives every assignment
+    the twin's product of its expert's matrix and its row of X, plus the expert's bias, bit for
+    bit; with a pair, both matrices."""
     from worker.backends.cuda.arena import DevBuf
     from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
 
@@ -216,7 +217,7 @@ def test_worker_moe_takes_the_routed_integer_cores(
     b_devs = [upload(b) for b in biases]
     ys = [poisoned((ntok * topk, n)) for _ in range(2)]
     route = mm.moe_route(ids_dev, ntok, topk, n_experts, qtype=qtype)
-    assert route.form == "i15" and route.tile_m == (16 if ntok <= 64 else 64)
+    assert route.form == "i15" and route.tile_m == (8 if ntok <= 32 else 16 if ntok <= 64 else 64)
 
     def buf(a: Any) -> DevBuf:
         return DevBuf(int(a.gpudata), a.nbytes)

@@ -264,8 +264,10 @@ def _route_workspace(ids: np.ndarray, n_experts: int, tile_m: int) -> np.ndarray
 @pytest.mark.parametrize(
     ("ntok", "topk", "n_experts", "tile_m", "per_slot"),
     [
-        (1, 4, 8, 16, False),  # one token, four experts (gate / up: the token's row)
-        (5, 2, 4, 16, True),  # down: a row a assignment
+        (1, 4, 8, 8, False),  # one token, four experts (gate / up: the token's row)
+        (5, 2, 4, 8, True),  # down: a row a assignment; an expert with more than one tile
+        (1, 4, 8, 16, False),
+        (5, 2, 4, 16, True),
         (11, 3, 4, 16, False),  # an expert with more than one tile
         (40, 2, 3, 64, True),  # prefill tiles of 64
     ],
@@ -273,7 +275,7 @@ def _route_workspace(ids: np.ndarray, n_experts: int, tile_m: int) -> np.ndarray
 def test_routed_core_is_the_dense_core_per_assignment(
     qtype: int, ntok: int, topk: int, n_experts: int, tile_m: int, per_slot: bool
 ) -> None:
-    """moe15p<16|64>_<fmt> over a routing table, the split partials summed with each
+    """moe15p<8|16|64>_<fmt> over a routing table, the split partials summed with each
     assignment's expert bias (the worker's launches): every assignment's row is the twin's
     product of its expert's matrix and its row of X, then the bias, bit for bit."""
     from tools import kernel_emu

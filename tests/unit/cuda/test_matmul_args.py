@@ -656,7 +656,7 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
     # the integer form (the default for these experts): routed for it by their format, one
     # pre-pass of x for gate and up (token rows) and one for down (assignment rows), each
     # matrix its routed core and its reduce with the experts' biases
-    for ntok, tile in ((1, 16), (64, 16), (70, 64)):
+    for ntok, tile in ((1, 8), (32, 8), (33, 16), (64, 16), (70, 64)):
         n_assign = ntok * 4
         ids = DevBuf(1 << 33, 4 * n_assign)
         x = DevBuf(1 << 30, ntok * 2880 * 4)

@@ -135,6 +135,21 @@ MOE_SKINNY_TILE_M = 16  # moe_skinny's routed tiles: at most 16 rows (one mma's 
 # (H200, BENCHMARKS.md): 4 splits against 1 and 8, skinny up to 64 tokens against 16.
 MOE_SPLIT_WANT = 4
 MOE_SKINNY_MAX_TOKENS = 64
+# The routed integer cores' tiles of assignments (moe15p<8|16|64>): 8 up to
+# MOE15_TILE8_MAX_TOKENS tokens a step, 16 up to MOE_SKINNY_MAX_TOKENS, 64 above. With few
+# assignments an expert, the 8-row core issues fewer instructions a weight and fits more blocks
+# a multiprocessor (gpt-oss on an H100, BENCHMARKS.md: +6 / +13 / +11 % S_TG at 1 / 8 / 32
+# tokens against tiles of 16, -10 % at 64). A tile's size never changes an assignment's bits.
+MOE15_TILE8_MAX_TOKENS = 32
+
+
+def moe15_tile(ntok: int) -> int:
+    """Assignments a tile of the routed integer cores for a step of ntok tokens."""
+    if ntok <= MOE15_TILE8_MAX_TOKENS:
+        return 8
+    return 16 if ntok <= MOE_SKINNY_MAX_TOKENS else 64
+
+
 # Routed gemm (docs/kernels.md, MoE): moe_gemm5_<type>_m128/_m64 (gemm2 core, 128 weight rows a
 # block, gathered token rows); on an H100 against the gemm_tile-core kernel it replaced
 # (gpt-oss 32 experts top-4): 512 tokens 727.7 -> 523.1 us a launch, pp512 7453 -> 9534 tok/s.
@@ -712,7 +727,7 @@ def plan_moe_i15(
     x_rows: int,
     per_slot_input: bool,
 ) -> Launch:
-    """The 15-bit products of the experts w over moe_route's tiles (route.tile_m 16 or 64):
+    """The 15-bit products of the experts w over moe_route's tiles (route.tile_m 8, 16 or 64):
     split partials part[splits][n_assign][w.rows] of every assignment a, from row a (per
     slot) or a / topk of quant_x15's planes (x_rows rows, scaled per 32); the in-order sum
     with the experts' biases is gemm_splitk_reduce's. An assignment's bits are the dense
@@ -720,7 +735,7 @@ def plan_moe_i15(
     lay = _check_weight("moe15", w)
     kernel = f"moe15p{route.tile_m}_{lay.name}"
     _need(kernel, w.qtype in I15_MOE_TYPES and w.experts > 1, f"no routed 15-bit {lay.name}")
-    _need(kernel, route.tile_m in (16, 64) and route.workspace is not None, "not routed for it")
+    _need(kernel, route.tile_m in (8, 16, 64) and route.workspace is not None, "not routed for it")
     _need(kernel, route.experts == w.experts, f"routed for {route.experts} experts")
     _need(kernel, n_assign == route.ntok * route.topk, f"{n_assign} assignments")
     _need(kernel, w.cols % 32 == 0, f"row length {w.cols} not a multiple of 32")
@@ -988,7 +1003,7 @@ def plan_moe_route(
         1 <= n_experts <= MOE_MAX_EXPERTS,
         f"{n_experts} experts not in 1..{MOE_MAX_EXPERTS}",
     )
-    _need(kernel, tile_m in (16, 64, 128), f"tile_m {tile_m} not 16, 64 or 128")
+    _need(kernel, tile_m in (8, 16, 64, 128), f"tile_m {tile_m} not 8, 16, 64 or 128")
     ib, wb = as_buf(ids), as_buf(workspace)
     _need(kernel, ib.ptr > 0 and ib.ptr % 4 == 0, "ids pointer null or not 4-byte aligned")
     _need(kernel, ib.nbytes >= 4 * n_assign, f"ids buffer {ib.nbytes} bytes < {4 * n_assign}")
@@ -1552,8 +1567,8 @@ class MatmulKernels:
         form = self.moe_form(ntok, form, qtype)
         n_assign = ntok * topk
         tm, ws = 0, None
-        if form == "i15":  # tiles of 16 assignments for decode steps, 64 above
-            tm = tile_m or (16 if ntok <= MOE_SKINNY_MAX_TOKENS else 64)
+        if form == "i15":
+            tm = tile_m or moe15_tile(ntok)
         if form != "gemv":
             tm = (
                 tm
@@ -1754,8 +1769,8 @@ class MatmulKernels:
         if n_experts:
             n = max_tokens * topk
             self._moe_workspace(
-                max(moe_workspace_bytes(n, n_experts, tm) for tm in (MOE_SKINNY_TILE_M, 64, 128))
-            )  # (the integer form routes in tiles of 16 or 64)
+                max(moe_workspace_bytes(n, n_experts, tm) for tm in (8, MOE_SKINNY_TILE_M, 64, 128))
+            )  # (the integer form routes in tiles of 8, 16 or 64)
 
     def _moe_workspace(self, nbytes: int) -> DevBuf:
         """The routing workspace, grown (never shrunk, never freed while this object lives, so a
