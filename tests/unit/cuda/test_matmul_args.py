@@ -692,6 +692,14 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
     mm.moe(gate, ids1, 1, 4, x1, y1, per_slot_input=False, route=r, pair=(up, y2, None))
     assert [q.kernel for q in mm.queued] == ["moe_gemv_mxfp4_r2", "moe_gemv_mxfp4_r2"]
     assert mm.queued[1].args[0] == up.ptr and mm.queued[1].args[12] == y2.ptr
+    # invariance off, experts on the integer cores: the gemv up to 2 tokens, the routed
+    # integer cores above (not the fp16 forms: they are slower at every token count)
+    mm = _PlanOnly(invariant=False, int15=True)
+    assert mm.moe_route(ids1, 1, 4, 32, qtype=39).form == "gemv"
+    assert mm.moe_form(2) == "gemv"
+    r = mm.moe_route(DevBuf(1 << 33, 4 * 32), 8, 4, 32, qtype=39)
+    assert (r.form, r.tile_m) == ("i15", 8)
+    assert mm.moe_route(DevBuf(1 << 33, 4 * 32), 8, 4, 32).form == "skinny"  # other formats
 
 
 def test_int15_setting_puts_the_experts_on_the_integer_cores_by_default() -> None:

@@ -277,7 +277,10 @@ class Executor:
         for il, L in enumerate(self.r.layers):
             self._layer = il
             self._attention_block(il, L, st)
-            planes = self._norm(s["x"], s["xn"], L.ffn_norm, T, self._q15_ffn[il])
+            blk = self._q15_ffn[il]
+            if L.ffn == "moe_oai" and self.mm.moe_form(T) == "gemv":
+                blk = None  # (invariance off, a step of 1-2 tokens: the gemv reads xn)
+            planes = self._norm(s["x"], s["xn"], L.ffn_norm, T, blk)
             if L.ffn == "moe_oai":
                 self._moe(L, T, planes)
             else:

@@ -1533,13 +1533,15 @@ class MatmulKernels:
         self.run(plan_embed(w, ids, n, out, ldo=ldo), stream)
 
     def moe_takes_i15(self, qtype: int | None) -> bool:
-        """Whether experts of this format take the routed integer cores (any step size)."""
-        return self.int15_experts and self.invariant and qtype in I15_MOE_TYPES
+        """Whether experts of this format take the routed integer cores: every step with
+        batch invariance on, every step the decode gemv does not take with it off (they are
+        faster than the fp16 routed forms at every token count)."""
+        return self.int15_experts and qtype in I15_MOE_TYPES
 
     def moe_form(self, ntok: int, form: str = "auto", qtype: int | None = None) -> str:
         """The form of the expert products of a step of ntok tokens: the decode gemv (not
-        invariant, ntok <= 2), skinny (ntok <= MOE_SKINNY_MAX_TOKENS) or the routed gemm;
-        the routed integer cores ("i15") for experts of qtype when int15 is on."""
+        invariant, ntok <= 2), else the routed integer cores ("i15") for experts of qtype
+        when they take them, else skinny (ntok <= MOE_SKINNY_MAX_TOKENS) or the routed gemm."""
         if form != "auto":
             return form
         if ntok <= 2 and not self.invariant:
@@ -1761,7 +1763,7 @@ class MatmulKernels:
             ]
         parts += [moe_split(w)[0] * w.rows * topk for w in weights if w.experts > 1]
         moe15 = [w for w in weights if w.experts > 1 and w.qtype in I15_MOE_TYPES]
-        if self.int15_experts and self.invariant and moe15:
+        if self.int15_experts and moe15:
             self._i15_workspace(i15_planes(max_tokens * topk, max(w.cols for w in moe15), 32)[4])
             parts += [i15_split(w, self._sms) * w.rows * topk for w in moe15]
         if max(parts, default=1) > 1:
