@@ -30,7 +30,7 @@ def gemmp_slot(qtype: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS) -> int:
 def gemmp_shared(
     qtype: int, k: int, splits: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS
 ) -> int:
-    """gemm15p's (gemm15p8's; the routed cores' with tok 16 or 64) dynamic shared memory: a
+    """gemm15p's (gemm15p8's; the routed cores' with tok 8, 16 or 64) dynamic shared memory: a
     slot for each super-block (legacy: chunk) of a split, at most the worker's
     I15_GEMMP_SLOTS (2 with 64 rows of X)."""
     if qtype in LEGACY:

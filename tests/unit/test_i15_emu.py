@@ -265,10 +265,11 @@ def _route_workspace(ids: np.ndarray, n_experts: int, tile_m: int) -> np.ndarray
     ("ntok", "topk", "n_experts", "tile_m", "per_slot"),
     [
         (1, 4, 8, 8, False),  # one token, four experts (gate / up: the token's row)
-        (5, 2, 4, 8, True),  # down: a row a assignment; an expert with more than one tile
+        (5, 2, 4, 8, True),  # down: a row an assignment
+        (11, 3, 4, 8, False),  # 33 assignments on 4 experts: one has more than one tile
         (1, 4, 8, 16, False),
         (5, 2, 4, 16, True),
-        (11, 3, 4, 16, False),  # an expert with more than one tile
+        (23, 3, 4, 16, False),  # 69 on 4: an expert with more than one tile
         (40, 2, 3, 64, True),  # prefill tiles of 64
     ],
 )
