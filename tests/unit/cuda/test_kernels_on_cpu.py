@@ -161,7 +161,12 @@ test_gather_rows = _G.test_gather_rows
 
 @pytest.mark.parametrize(
     "nh,nkv,hd,window,sinks",
-    [(14, 2, 64, 0, False), (16, 2, 32, 16, True)],  # qwen2; the tiny presets (window, sinks)
+    [
+        (14, 2, 64, 0, False),  # qwen2
+        (16, 2, 32, 16, True),  # the tiny presets (window, sinks)
+        (4, 4, 32, 0, False),  # MHA (Phi-3, GPT-2) at a head size the CPU runs quickly
+        (4, 2, 16, 0, True),  # 2 heads a KV head, sinks
+    ],
 )
 def test_decode_attention_batch(
     kern: CpuKernels, dev: HostDev, nh: int, nkv: int, hd: int, window: int, sinks: bool
