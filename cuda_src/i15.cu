@@ -117,6 +117,36 @@ __device__ __forceinline__ void i15_finish(const I15Out& o, int splits, int tile
   }
 }
 
+// Splits folded in one block: launched with grid z 1 and splits > 1, a core walks all of K
+// and at the end of each split's units adds that split's sum to a running total in split
+// order (v = p0, v += p1, ..., + 0 for each empty split), the steps the split sum takes on the
+// partials: the same bits as `splits` blocks and their sum, without the partials' memory
+// traffic or the tickets. The host folds steps with enough output tiles to fill the GPU.
+template <int NT>
+__device__ __forceinline__ void i15_fold(float (&v)[NT][4], float (&y)[NT][4], bool first) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      v[nt][e] = first ? y[nt][e] : __fadd_rn(v[nt][e], y[nt][e]);
+      y[nt][e] = 0.f;
+    }
+}
+// after the last unit: y = the fold of every split (`folded`: one split's end was folded
+// before), then `empty` empty splits' zeros
+template <int NT>
+__device__ __forceinline__ void i15_fold_end(const float (&v)[NT][4], float (&y)[NT][4],
+                                             bool folded, int empty) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float r = folded ? __fadd_rn(v[nt][e], y[nt][e]) : y[nt][e];
+      for (int k = 0; k < empty; ++k) r = __fadd_rn(r, 0.f);
+      y[nt][e] = r;
+    }
+}
+
 // The weight formats: a super-block's bytes, where its 4-bit codes start, and the codes of
 // sub-block s as bytes (k = 4i .. 4i + 3 of the sub-block in word i): Q4_K keeps sub-blocks
 // 2p and 2p + 1 in the low and high nibbles of qs[32p ..]; Q5_K adds bit s of qh[k] as the
@@ -299,7 +329,7 @@ __device__ __forceinline__ void i15_put_dense(const I15Out& out, const float (&y
              blockIdx.x * R, R);
 }
 
-template <int T, int NT>
+template <int T, int NT, bool FOLD>
 __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, int K,
                                         const int8_t* __restrict__ xhi,
                                         const int8_t* __restrict__ xlo,
@@ -317,15 +347,16 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
+  const bool fold = FOLD && splits > 1;  // every split in this block (i15_fold; grid z 1)
   const int z = blockIdx.z;
-  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
+  const int sb0 = z * per, sb1 = fold ? nsb : min(nsb, sb0 + per);
   const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * R;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;  // this lane's weight rows in the tile
-  float y[NT][4];
+  float y[NT][4], v[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
+    for (int e = 0; e < 4; ++e) y[nt][e] = v[nt][e] = 0.f;
   const auto stage = [&](int j, int c) {
     uint8_t* sl = smem + c * L.SLOT;
     i15_stage_planes<TOK>(sl, xhi, xlo, t0, M, K, j);
@@ -347,7 +378,7 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
       }
     }
   };
-  const auto compute = [&](int, int c) {
+  const auto compute = [&](int j, int c) {
     const uint8_t* sl = smem + c * L.SLOT;
     const int8_t* shi = reinterpret_cast<const int8_t*>(sl + LT::XH);
     const int8_t* slo = reinterpret_cast<const int8_t*>(sl + LT::XL);
@@ -421,24 +452,29 @@ __device__ __forceinline__ void gemm15p(const uint8_t* __restrict__ w, int N, in
         y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? ds0 : ds1, e < 2 ? dm0 : dm1,
                             th[nt][e], tl[nt][e], u);
       }
+    if (fold && (j + 1) % per == 0 && j + 1 < nsb) i15_fold<NT>(v, y, j + 1 == per);
   };
   i15_ring(sb0, sb1, slots, stage, compute);
-  i15_put_dense<NT>(out, y, splits, z, M, N, t0, n0 + lr0, tg, R);
+  if (fold) i15_fold_end<NT>(v, y, nsb > per, splits - (nsb + per - 1) / per);
+  i15_put_dense<NT>(out, y, fold ? 1 : splits, z, M, N, t0, n0 + lr0, tg, R);
 }
 
-#define GEMM15P(TY, NAME, NT, SUFFIX)                                                       \
+#define GEMM15P(TY, NAME, NT, FOLD, SUFFIX)                                                  \
   extern "C" __global__ void __launch_bounds__(256) gemm15p##SUFFIX##_##NAME(              \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
       const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15p<TY, NT>(w, N, K, xhi, xlo, xd, xsq, M, splits, {part, y, bias, res, ldy, tickets}); \
+    gemm15p<TY, NT, FOLD>(w, N, K, xhi, xlo, xd, xsq, M, splits,                          \
+                          {part, y, bias, res, ldy, tickets});                              \
   }
-GEMM15P(QT_Q4_K, q4_k, 4, )
-GEMM15P(QT_Q5_K, q5_k, 4, )
-GEMM15P(QT_Q4_K, q4_k, 1, 8)
-GEMM15P(QT_Q5_K, q5_k, 1, 8)
+GEMM15P(QT_Q4_K, q4_k, 4, false, )
+GEMM15P(QT_Q5_K, q5_k, 4, false, )
+GEMM15P(QT_Q4_K, q4_k, 4, true, f)
+GEMM15P(QT_Q5_K, q5_k, 4, true, f)
+GEMM15P(QT_Q4_K, q4_k, 1, false, 8)
+GEMM15P(QT_Q5_K, q5_k, 1, false, 8)
 
 // ---- Q6_K: 210-byte blocks (2-byte aligned): ql[128], qh[64], int8 scales[16], fp16 d.
 // Element 32G + l of a super-block (32-group G = 4h + r, l < 32) is d * sc[2G + l / 16] *
@@ -473,7 +509,7 @@ __device__ __forceinline__ uint32_t q6p_word(const uint8_t* rowp, int off, int b
   return __funnelshift_r(p[0], p[1], (unsigned)(off & 3) * 8);
 }
 
-template <int NT>
+template <int NT, bool FOLD>
 __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N, int K,
                                             const int8_t* __restrict__ xhi,
                                             const int8_t* __restrict__ xlo,
@@ -489,15 +525,16 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int nsb = K / 256;
   const int per = (nsb + splits - 1) / splits;
+  const bool fold = FOLD && splits > 1;  // every split in this block (i15_fold; grid z 1)
   const int z = blockIdx.z;
-  const int sb0 = z * per, sb1 = min(nsb, sb0 + per);
+  const int sb0 = z * per, sb1 = fold ? nsb : min(nsb, sb0 + per);
   const int t0 = blockIdx.y * TOK, n0 = blockIdx.x * R;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
-  float y[NT][4];
+  float y[NT][4], v[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
+    for (int e = 0; e < 4; ++e) y[nt][e] = v[nt][e] = 0.f;
   const auto stage = [&](int j, int c) {
     uint8_t* sl = smem + c * L.SLOT;
     i15_stage_planes<TOK>(sl, xhi, xlo, t0, M, K, j);
@@ -578,22 +615,26 @@ __device__ __forceinline__ void gemm15p_q6k(const uint8_t* __restrict__ w, int N
         const int t = nt * 8 + 2 * tg + (e & 1);
         y[nt][e] = i15_step(y[nt][e], sdx[t], e < 2 ? d0 : d1, 0.f, th[nt][e], tl[nt][e], 0);
       }
+    if (fold && (j + 1) % per == 0 && j + 1 < nsb) i15_fold<NT>(v, y, j + 1 == per);
   };
   i15_ring(sb0, sb1, slots, stage, compute);
-  i15_put_dense<NT>(out, y, splits, z, M, N, t0, n0 + lr0, tg, R);
+  if (fold) i15_fold_end<NT>(v, y, nsb > per, splits - (nsb + per - 1) / per);
+  i15_put_dense<NT>(out, y, fold ? 1 : splits, z, M, N, t0, n0 + lr0, tg, R);
 }
 
-#define GEMM15P_Q6K(NT, SUFFIX)                                                              \
+#define GEMM15P_Q6K(NT, FOLD, SUFFIX)                                                         \
   extern "C" __global__ void __launch_bounds__(256) gemm15p##SUFFIX##_q6_k(                \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
       const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15p_q6k<NT>(w, N, K, xhi, xlo, xd, M, splits, {part, y, bias, res, ldy, tickets}); \
+    gemm15p_q6k<NT, FOLD>(w, N, K, xhi, xlo, xd, M, splits,                               \
+                          {part, y, bias, res, ldy, tickets});                              \
   }
-GEMM15P_Q6K(4, )
-GEMM15P_Q6K(1, 8)
+GEMM15P_Q6K(4, false, )
+GEMM15P_Q6K(4, true, f)
+GEMM15P_Q6K(1, false, 8)
 
 // ---- Q4_0 / Q5_0 / Q8_0: blocks of 32 (18 / 22 / 34 bytes, 2-byte aligned), an fp16 step d
 // at bytes 0-1, value d * (q - off): Q4_0 q = nibble (elements 0-15 the low nibbles of qs[16]
@@ -714,7 +755,7 @@ struct I15Route {
   long long expert_bytes;
 };
 
-template <int T, int NT, bool ROUTED = false>
+template <int T, int NT, bool FOLD, bool ROUTED = false>
 __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, int K,
                                          const int8_t* __restrict__ xhi,
                                          const int8_t* __restrict__ xlo,
@@ -747,17 +788,18 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int nb = K / 32;
-  const int per = i15_leg_per(nb, splits);
+  const int per = i15_leg_per(nb, splits);  // blocks a split (whole chunks)
+  const bool fold = FOLD && splits > 1;  // every split in this block (i15_fold; grid z 1)
   const int z = blockIdx.z;
-  const int b0 = min(nb, z * per), b1 = min(nb, b0 + per);
+  const int b0 = min(nb, z * per), b1 = fold ? nb : min(nb, b0 + per);
   const int n0 = blockIdx.x * R;
   const int lr0 = warp * 16 + g, lr1 = lr0 + 8;
   const size_t rowb = (size_t)nb * F::BYTES;
-  float y[NT][4];
+  float y[NT][4], v[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) y[nt][e] = 0.f;
+    for (int e = 0; e < 4; ++e) y[nt][e] = v[nt][e] = 0.f;
   // units: the split's chunks of 8 blocks
   const auto stage = [&](int u, int c) {
     uint8_t* sl = smem + c * L.SLOT;
@@ -823,38 +865,47 @@ __device__ __forceinline__ void gemm15pl(const uint8_t* __restrict__ w, int N, i
         }
       }
     }
+    const int done = jb + nbc;  // blocks of K behind this unit
+    if (fold && done % per == 0 && done < nb) i15_fold<NT>(v, y, done == per);
   };
   i15_ring(0, (b1 - b0 + I15_CHUNK - 1) / I15_CHUNK, slots, stage, compute);
+  if (fold) i15_fold_end<NT>(v, y, nb > per, splits - (nb + per - 1) / per);
+  const int zo = fold ? 0 : z, so = fold ? 1 : splits;  // where, and as how many splits
   const int r0 = n0 + lr0, r1 = n0 + lr1;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = s_yrow[nt * 8 + 2 * tg + (e & 1)], n = e < 2 ? r0 : r1;
-      if (t >= 0 && n < N) i15_put(out, splits, z, M, N, t, n, y[nt][e]);
+      if (t >= 0 && n < N) i15_put(out, so, zo, M, N, t, n, y[nt][e]);
     }
   if constexpr (!ROUTED)  // (a routed launch writes partials: out.y is null)
-    i15_finish(out, splits, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
+    i15_finish(out, so, blockIdx.y * gridDim.x + blockIdx.x, M, N, blockIdx.y * TOK,
                TOK, blockIdx.x * R, R);
 }
 
-#define GEMM15PL(TY, NAME, NT, SUFFIX)                                                      \
+#define GEMM15PL(TY, NAME, NT, FOLD, SUFFIX)                                                 \
   extern "C" __global__ void __launch_bounds__(256) gemm15p##SUFFIX##_##NAME(              \
       const uint8_t* __restrict__ w, int N, int K, const int8_t* __restrict__ xhi,         \
       const int8_t* __restrict__ xlo, const float* __restrict__ xd,                        \
       const int* __restrict__ xsq, int M, int splits, float* __restrict__ part, float* y,  \
       const float* bias, const float* res, long long ldy, int* tickets) {                  \
     pdl_start();                                                                           \
-    gemm15pl<TY, NT>(w, N, K, xhi, xlo, xd, M, splits, {part, y, bias, res, ldy, tickets}); \
+    gemm15pl<TY, NT, FOLD>(w, N, K, xhi, xlo, xd, M, splits,                              \
+                           {part, y, bias, res, ldy, tickets});                             \
   }
-GEMM15PL(QT_Q4_0, q4_0, 4, )
-GEMM15PL(QT_Q5_0, q5_0, 4, )
-GEMM15PL(QT_Q8_0, q8_0, 4, )
-GEMM15PL(QT_MXFP4, mxfp4, 4, )
-GEMM15PL(QT_Q4_0, q4_0, 1, 8)
-GEMM15PL(QT_Q5_0, q5_0, 1, 8)
-GEMM15PL(QT_Q8_0, q8_0, 1, 8)
-GEMM15PL(QT_MXFP4, mxfp4, 1, 8)
+GEMM15PL(QT_Q4_0, q4_0, 4, false, )
+GEMM15PL(QT_Q5_0, q5_0, 4, false, )
+GEMM15PL(QT_Q8_0, q8_0, 4, false, )
+GEMM15PL(QT_MXFP4, mxfp4, 4, false, )
+GEMM15PL(QT_Q4_0, q4_0, 4, true, f)
+GEMM15PL(QT_Q5_0, q5_0, 4, true, f)
+GEMM15PL(QT_Q8_0, q8_0, 4, true, f)
+GEMM15PL(QT_MXFP4, mxfp4, 4, true, f)
+GEMM15PL(QT_Q4_0, q4_0, 1, false, 8)
+GEMM15PL(QT_Q5_0, q5_0, 1, false, 8)
+GEMM15PL(QT_Q8_0, q8_0, 1, false, 8)
+GEMM15PL(QT_MXFP4, mxfp4, 1, false, 8)
 
 // moe15p<TOK>_<fmt>: the routed form over moe_route's table of tiles of TOK (8, 16 or 64)
 // assignments; grid (ceil(N / 64), tile bound, splits). The tile size only sets how many
@@ -871,7 +922,7 @@ GEMM15PL(QT_MXFP4, mxfp4, 1, 8)
       const int* ntiles, const int4* tiles, const int* list, int topk, int per_slot,       \
       long long expert_bytes) {                                                            \
     pdl_start();                                                                           \
-    gemm15pl<TY, NT, true>(w, N, K, xhi, xlo, xd, M, splits, {part, 0, 0, 0, 0, 0},        \
+    gemm15pl<TY, NT, false, true>(w, N, K, xhi, xlo, xd, M, splits, {part, 0, 0, 0, 0, 0},        \
                            {ntiles, tiles, list, topk, per_slot, expert_bytes});           \
   }
 MOE15P(QT_MXFP4, mxfp4, 1, 8)

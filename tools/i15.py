@@ -229,6 +229,7 @@ class I15:
         self.quant = mod.get_function("quant_x15")
         self.gemmp = mod.get_function(f"gemm15p_{name}")
         self.gemmp8 = mod.get_function(f"gemm15p8_{name}")  # one n8 tile: 8 rows a block
+        self.gemmpf = mod.get_function(f"gemm15pf_{name}")  # gemm15p, its splits folded
         self.blk = block_of(qtype)
         self.reduce = mod.get_function("i15_reduce")
         if hasattr(self.gemmp, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
@@ -236,9 +237,10 @@ class I15:
             # fewer blocks an SM) and gemm15p's dynamic shared memory above 48 KB
             from worker.backends.cuda.matmul import _allow_dynamic_shared, _prefer_shared
 
-            for fn in (self.quant, self.gemmp, self.gemmp8, self.reduce):
+            for fn in (self.quant, self.gemmp, self.gemmp8, self.gemmpf, self.reduce):
                 _prefer_shared(fn)
             _allow_dynamic_shared(self.gemmp, "gemm15p", 3 * gemmp_slot(qtype))
+            _allow_dynamic_shared(self.gemmpf, "gemm15pf", 3 * gemmp_slot(qtype))
             _allow_dynamic_shared(self.gemmp8, "gemm15p8", 3 * gemmp_slot(qtype, 8))
 
     @staticmethod
@@ -277,13 +279,15 @@ class I15:
         fused: bool = False,
     ) -> None:
         """y = x w^T by the staged tensor-core core ("gemmp": 32 rows of X a block; "gemmp8":
-        one n8 tile, 8 rows a block; "auto": gemmp8 up to 8 rows, as the worker picks). The
-        splits' partials are summed by i15_reduce, or with `fused` by the core itself (its
-        last block of a tile; b["tickets"] must be zeros), as the worker runs it."""
+        one n8 tile, 8 rows a block; "gemmpf": gemmp with one block a tile folding its
+        splits; "auto": gemmp8 up to 8 rows, as the worker picks). The splits' partials are
+        summed by i15_reduce, or with `fused` by the core itself (its last block of a tile;
+        b["tickets"] must be zeros), as the worker runs it."""
         i32 = np.int32
         if core == "auto":
             core = "gemmp8" if m <= P8_ROWS else "gemmp"
-        assert core in ("gemmp", "gemmp8"), core
+        assert core in ("gemmp", "gemmp8", "gemmpf"), core
+        fold = core == "gemmpf"
         self.quant(
             x, np.int64(k), i32(m), i32(k), i32(self.blk), b["hi"], b["lo"], b["d"], b["sq"],
             block=(256, 1, 1), grid=(-(-k // 256), m), stream=stream,
@@ -296,14 +300,14 @@ class I15:
         )
         args = (w, i32(n), i32(k), b["hi"], b["lo"], b["d"], b["sq"], i32(m), i32(splits))
         tok = 8 if core == "gemmp8" else GEMM_TOK
-        fn = self.gemmp8 if core == "gemmp8" else self.gemmp
+        fn = {"gemmp8": self.gemmp8, "gemmpf": self.gemmpf}.get(core, self.gemmp)
         fn(
             *args, b["part"], *out, block=(128, 1, 1),
-            grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + tok - 1) // tok, splits),
-            shared=gemmp_shared(self.qtype, k, splits, tok), stream=stream,
+            grid=((n + GEMM_ROWS - 1) // GEMM_ROWS, (m + tok - 1) // tok, 1 if fold else splits),
+            shared=gemmp_shared(self.qtype, k, 1 if fold else splits, tok), stream=stream,
         )  # fmt: skip
         if not fused:
             self.reduce(
-                b["part"], i32(n), i32(m), i32(splits), y,
+                b["part"], i32(n), i32(m), i32(1 if fold else splits), y,
                 block=(256, 1, 1), grid=((n + 255) // 256, m), stream=stream,
             )  # fmt: skip

@@ -114,7 +114,8 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
     """The same for the 15-bit integer product (cuda_src/i15.cu: the K-quant shapes whose K
     is a multiple of 256, and the Q4_0 / Q5_0 / Q8_0 ones) as the worker launches it (the
     activation pre-pass, then the product summing its own splits), by the staged tensor-core
-    core (`i15gp`) and, up to 8 rows, its one-n8-tile form (`i15gp8`)."""
+    core (`i15gp`), up to 8 rows its one-n8-tile form (`i15gp8`), above it its form that
+    folds the splits in one block a tile (`i15gpf`)."""
     import pycuda.gpuarray as ga
 
     from tools.i15 import I15, LEGACY, P8_ROWS
@@ -137,9 +138,9 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
             if (split - 1) * -(-units // split) >= units:
                 continue  # an empty split
             b = i15.buffers(m, k, n, split)
-            for core in ("gemmp", "gemmp8"):
-                if core == "gemmp8" and m > P8_ROWS:
-                    continue
+            for core in ("gemmp", "gemmp8", "gemmpf"):
+                if (core == "gemmp8") != (m <= P8_ROWS) and core != "gemmp":
+                    continue  # gemm15p8 up to 8 rows, the folded gemm15p above
                 steps: list[Callable[[], None]] = [
                     partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, True)
                     for c in copies

@@ -144,6 +144,29 @@ def test_legacy_cores_are_the_twin_bit_for_bit(
     assert rel < 1e-6, rel  # a float step a block of 32: still about 1e-7
 
 
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0, MXFP4])
+@pytest.mark.parametrize("m", [9, 33, 64, 200])
+def test_the_folded_core_is_the_split_core_bit_for_bit(gpu: Any, m: int, qtype: int) -> None:
+    """gemm15pf (one block a tile adding its 3 splits of 3, 3 and 2 units in order, y written
+    at once) gives gemm15p's bits with the splits summed by the reduce, and the twin's."""
+    from worker.backends.cuda.compile import load_module
+
+    major, minor = gpu.Context.get_device().compute_capability()
+    core = I15(load_module("i15", f"sm_{major}{minor}"), qtype)
+    n, k, splits = 640, 2048, 3
+    raw, _, x = _case(m, n, k, qtype)
+    w_dev, x_dev = upload(raw), upload(x)
+    got = {}
+    for form in ("gemmp", "gemmpf"):
+        y = poisoned((m, n))
+        core.run(w_dev, x_dev, y, m, n, k, splits, core.buffers(m, k, n, splits), core=form,
+                 fused=form == "gemmpf")  # fmt: skip
+        gpu.Context.synchronize()
+        got[form] = y.get()
+    assert got["gemmpf"].tobytes() == got["gemmp"].tobytes()
+    assert got["gemmpf"].tobytes() == product_twin(raw, x, splits, qtype).tobytes()
+
+
 def test_a_row_alone_and_in_a_batch_of_64(gpu: Any, i15: I15) -> None:
     """Row 5 of a 64-row product (gemm15p) equals the same row alone (gemm15p8)."""
     n, k, splits = 640, 2048, 2

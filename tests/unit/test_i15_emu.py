@@ -128,32 +128,37 @@ def test_a_row_alone_and_in_a_batch(i15: I15) -> None:
     assert y33[20].tobytes() == y1[0].tobytes()
 
 
-@pytest.mark.parametrize("one_split", [False, True])  # one split: y written at once
+_LAUNCH_CASES = [
+    (1, Q4_K),
+    (7, Q5_K),
+    (33, Q4_K),
+    (33, Q5_K),
+    (5, Q6_K),
+    (33, Q6_K),
+    (1, Q5_0),  # the legacy formats too (K = 896: not a multiple of 256)
+    (8, Q8_0),
+    (9, Q4_0),
+    (33, Q5_0),
+    (65, Q5_K),
+    (3, MXFP4),
+    (33, MXFP4),
+]
+
+
+# "one": one split, y written at once; "split": the core sums its own splits (tickets);
+# "fold": one block a tile adds its splits itself (gemm15pf: only above 8 rows)
 @pytest.mark.parametrize(
-    ("m", "qtype"),
-    [
-        (1, Q4_K),
-        (7, Q5_K),
-        (33, Q4_K),
-        (33, Q5_K),
-        (5, Q6_K),
-        (33, Q6_K),
-        (1, Q5_0),  # the legacy formats too (K = 896: not a multiple of 256)
-        (8, Q8_0),
-        (9, Q4_0),
-        (33, Q5_0),
-        (65, Q5_K),
-        (3, MXFP4),
-        (33, MXFP4),
-    ],
+    ("m", "qtype", "form"),
+    [(m, q, f) for m, q in _LAUNCH_CASES for f in ("split", "one", "fold") if f != "fold" or m > 8],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
-    m: int, qtype: int, one_split: bool
+    m: int, qtype: int, form: str
 ) -> None:
     """MatmulKernels.i15's launches as the worker plans them (x with a row stride, bias,
-    in-place residual into a strided y; the core sums its own splits; gemm15p8 up to 8 rows,
-    gemm15p above), run on the CPU: the twin's product, then the bias, then the residual,
-    bit for bit, and the tickets zero again afterwards."""
+    in-place residual into a strided y; the core sums its own splits, or folds them in one
+    block; gemm15p8 up to 8 rows, gemm15p above), run on the CPU: the twin's product, then
+    the bias, then the residual, bit for bit, and the tickets zero again afterwards."""
+    one_split = form == "one"
     from tools import kernel_emu
     from worker.backends.cuda import matmul
     from worker.backends.cuda.arena import DevBuf
@@ -190,9 +195,37 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
 
     kernel_emu.run(plan_quant_x15(buf(xs), buf(planes), m, k, ldx=k + 8, blk=blk))
     out = {"bias": buf(bias), "residual": buf(y), "ldy": n + 4, "tickets": buf(tickets)}
-    kernel_emu.run(plan_i15(w, buf(planes), buf(part), m, splits, y=buf(y), **out))
+    launch = plan_i15(w, buf(planes), buf(part), m, splits, y=buf(y), fold=form == "fold", **out)
+    assert (launch.grid[2] == 1) == (form != "split")
+    kernel_emu.run(launch)
     assert y.tobytes() == want.tobytes()
     assert not tickets.any()
+
+
+@pytest.mark.parametrize("qtype", [Q4_K, Q6_K, Q8_0])
+def test_a_fold_of_splits_of_several_units_is_the_twin(qtype: int) -> None:
+    """gemm15pf over 5 units (super-blocks; legacy: chunks of 8 blocks) in 3 splits of 2, 2
+    and 1: its split sums cross units and the last is short. Without y its one partial is
+    the twin's in-order sum of the 3 splits, bit for bit."""
+    from tools import kernel_emu
+    from worker.backends.cuda.arena import DevBuf
+    from worker.backends.cuda.matmul import QWeight, i15_block, i15_planes, plan_i15, plan_quant_x15
+
+    m, n, k, splits = 17, 70, 1280, 3
+    raw, x = _case(m, n, k, qtype)
+    w_raw = aligned(raw)
+    w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
+    blk = i15_block(qtype)
+    xs = aligned(x, 16)
+    planes = aligned(np.zeros(i15_planes(m, k, blk)[4], np.uint8), 16)
+    part = aligned(np.full((1, m, n), np.nan, np.float32), 16)
+
+    def buf(a: np.ndarray) -> DevBuf:
+        return DevBuf(a.ctypes.data, a.nbytes)
+
+    kernel_emu.run(plan_quant_x15(buf(xs), buf(planes), m, k, blk=blk))
+    kernel_emu.run(plan_i15(w, buf(planes), buf(part), m, splits, fold=True))
+    assert part[0].tobytes() == product_twin(raw, x, splits, qtype).tobytes()
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ def test_macro_families_wait_in_their_core() -> None:
         for name in written:
             assert _body(src, name).split("{", 1)[1].lstrip().startswith("pdl_start();"), name
     assert pdl_aware("gemm15p8_q4_k") and pdl_aware("gemm15p_q6_k") and pdl_aware("moe15p16_mxfp4")
+    assert pdl_aware("gemm15pf_q4_k")
     # the tensor-core prefill attention waits before its body
     assert re.search(r"attn_prefill_tc_d##D\([^{]*\{\s*\\\s*pdl_start\(\);", src)
 

@@ -238,6 +238,7 @@ PDL_KERNELS = (
     "quant_x15",
     "gemm15p_",
     "gemm15p8_",
+    "gemm15pf_",
     "moe15p8_",
     "moe15p16_",
     "moe15p64_",

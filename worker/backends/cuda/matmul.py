@@ -648,6 +648,13 @@ def plan_quant_x15(
     return Launch("i15", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
 
+def i15_fold(w: QWeight, m: int, splits: int, sms: int) -> bool:
+    """Whether gemm15p folds w's splits into one block a tile (gemm15pf: the same bits, no
+    partials): for steps of more than I15_P8_ROWS rows whose output tiles fill the GPU's
+    multiprocessors without the split (at fewer, the split's blocks are what fill it)."""
+    return splits > 1 and m > I15_P8_ROWS and i15_tiles(w, m) >= sms
+
+
 def i15_tiles(w: QWeight, m: int) -> int:
     """Output tiles of the core plan_i15 picks for m rows (a ticket each when it finishes
     its own splits)."""
@@ -666,17 +673,21 @@ def plan_i15(
     residual: BufLike | None = None,
     ldy: int | None = None,
     tickets: BufLike | None = None,
+    fold: bool = False,
 ) -> Launch:
     """The 15-bit product of w and quant_x15's planes (m rows, scaled per i15_block) by the
     core i15_core picks; the same bits whichever. Without y: split partials
     part[splits][m][w.rows] (gemm_splitk_reduce sums them). With y: y = the product (+ bias)
     (+ residual) by gemm_splitk_reduce's steps in the same launch (one split: at once;
     several: the last block of each output tile adds the tile's partials in order, counting
-    on `tickets`, i15_tiles int32 zeros, zeros again after the launch)."""
+    on `tickets`, i15_tiles int32 zeros, zeros again after the launch). fold (gemm15p only,
+    i15_fold): a block a tile adds its splits in order itself, the same bits; without y its
+    sum is part[0] (a one-split sum of it adds bias the same way), no tickets needed."""
     lay = _check_weight("i15", w)
     blk = i15_block(w.qtype)
     core = i15_core(m)
-    kernel = f"{core}_{lay.name}"
+    kernel = f"{core}{'f' if fold else ''}_{lay.name}"
+    _need(kernel, not fold or core == "gemm15p", f"no folded form of {core}")
     _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
     _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
     _need(kernel, w.cols % blk == 0, f"row length {w.cols} not a multiple of {blk}")
@@ -688,7 +699,7 @@ def plan_i15(
     pb, qb = as_buf(part), as_buf(planes)
     hi, lo, d, sq, total = i15_planes(m, w.cols, blk)
     _need(kernel, qb.ptr > 0 and qb.nbytes >= total, f"planes buffer {qb.nbytes} < {total} bytes")
-    need = splits * m * w.rows * 4
+    need = (1 if fold else splits) * m * w.rows * 4
     _need(kernel, pb.ptr > 0 and pb.nbytes >= need, f"partials buffer {pb.nbytes} < {need} bytes")
     _disjoint(kernel, (qb.ptr, qb.ptr + total), (pb.ptr, pb.ptr + need), "planes and partials")
     q = qb.ptr
@@ -696,19 +707,24 @@ def plan_i15(
     if y is not None:
         ldy = w.rows if ldy is None else ldy
         yr = _check_f32(kernel, "y", as_buf(y), m, w.rows, ldy)
-        _disjoint(kernel, (pb.ptr, pb.ptr + need), yr, "partials and y")
         _disjoint(kernel, (qb.ptr, qb.ptr + total), yr, "planes and y")
         bptr, rptr = _check_epilogue(kernel, yr, bias, residual, m, w.rows, ldy)
-        tb = _opt_buf(tickets)
-        _need(kernel, tb is not None and tb.nbytes >= 4 * i15_tiles(w, m), "tickets too small")
-        assert tb is not None
-        out = (as_buf(y).ptr, bptr, rptr, ldy, tb.ptr)
+        tk = 0
+        if splits > 1 and not fold:  # a tile's last block sums its partials: a ticket a tile
+            _disjoint(kernel, (pb.ptr, pb.ptr + need), yr, "partials and y")
+            tb = _opt_buf(tickets)
+            _need(kernel, tb is not None and tb.nbytes >= 4 * i15_tiles(w, m), "tickets too small")
+            assert tb is not None
+            tk = tb.ptr
+        out = (as_buf(y).ptr, bptr, rptr, ldy, tk)
     else:
         _need(kernel, bias is None and residual is None, "bias or residual without y")
     args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr, *out)
     tok = i15_core_tok(core)
-    shared = min(per, I15_GEMMP_SLOTS) * i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
-    grid, block = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), splits), (128, 1, 1)
+    ring = units if fold else per  # units a block walks
+    shared = min(ring, I15_GEMMP_SLOTS) * i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
+    grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), 1 if fold else splits)
+    block = (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
 
 
@@ -1465,13 +1481,14 @@ class MatmulKernels:
         `planes` holds x's codes already), then gemm15p8 or gemm15p, which also sum their
         splits in order and add bias and residual (one launch)."""
         splits = i15_split(w, self._sms)
+        fold = i15_fold(w, m, splits, self._sms)
         blk = i15_block(w.qtype)
-        part = self._splitk_workspace(splits * m * w.rows * 4)
+        part = self._splitk_workspace((1 if fold else splits) * m * w.rows * 4)
         launches = []
         if planes is None:
             planes = self._i15_workspace(i15_planes(m, w.cols, blk)[4])
             launches.append(plan_quant_x15(x, planes, m, w.cols, ldx=ldx, blk=blk))
-        tickets = self._i15_tickets(i15_tiles(w, m))
+        tickets = None if fold else self._i15_tickets(i15_tiles(w, m))
         launches.append(
             plan_i15(
                 w,
@@ -1484,6 +1501,7 @@ class MatmulKernels:
                 residual=residual,
                 ldy=ldy,
                 tickets=tickets,
+                fold=fold,
             )
         )
         for launch in launches:  # all checked before any is queued
