@@ -265,6 +265,49 @@ def test_batch_invariance_full_size(cuda_be: Any) -> None:
             _same(want, got, f"{r.job_id} among {size}")
 
 
+def test_batch_invariance_full_size_integer_products(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Full-size Phi-3, whose dense products take the 15-bit integer cores by default
+    (gemm15p8 up to 8 rows, gemm15pf folding its splits above): 24 jobs alone, together
+    (prefill chunks of 64 tokens mixed with the decode rows) and in random batches of 2-17,
+    every job's ids and every step's logits bit-identical."""
+    from tools.synth import preset, write_synthetic
+    from worker.backends.cuda import CudaBackend
+    from worker.backends.cuda.matmul import QWeight
+
+    d = os.environ.get("WORKER_ORCD_SYNTH_DIR")
+    base = Path(d) if d else tmp_path_factory.mktemp("synth")
+    path = base / "phi3-full-q4_k_m.gguf"
+    if not path.exists():
+        write_synthetic(path, preset("phi3", "full", mix="q4_k_m", seed=1))
+    be = CudaBackend(path, ctx_size=CTX, max_batch=24, kv_cache_size_mb=4096)
+    try:
+        gate_up = QWeight(1 << 20, 12, 16384, 3072, 0)  # Phi-3's (Q4_K)
+        assert be.mm.takes_i15(gate_up), "the default no longer puts Phi-3 on the integer cores"
+        reqs = _jobs(be.vocab_size, 24, seed=3)
+        alone = {}
+        for r in reqs[:6]:
+            fin = _run(be, [r], max_batch=1, prefill_chunk=512)[r.job_id][-1]
+            assert isinstance(fin, Finished)
+            alone[r.job_id] = fin
+        together = _run(be, reqs, max_batch=24, prefill_chunk=64)
+        for job_id, fin in alone.items():
+            got = together[job_id][-1]
+            assert isinstance(got, Finished)
+            _same(fin, got, f"{job_id} among 24")
+        rnd = random.Random(7)
+        for size in (2, 9, 17):
+            group = rnd.sample(reqs, size)
+            some = _run(be, group, max_batch=size, prefill_chunk=rnd.choice([1, 37, 512]))
+            for r in group:
+                want, got = together[r.job_id][-1], some[r.job_id][-1]
+                assert isinstance(want, Finished) and isinstance(got, Finished)
+                _same(want, got, f"{r.job_id} among {size}")
+    finally:
+        be.close()
+
+
 def _graphs_equal_eager(
     graphs: Any, eager: Any, tok: Any, reqs: list[Request], prefill_chunk: int
 ) -> None:

@@ -116,7 +116,7 @@ def test_a_producer_writes_codes_only_for_products_that_all_take_them() -> None:
     from worker.backends.cuda.matmul import MatmulKernels, QWeight
 
     mm = MatmulKernels.__new__(MatmulKernels)  # the choice is host logic: no GPU needed
-    mm.int15, mm.invariant = True, True
+    mm.int15, mm.int15_large, mm.invariant = True, False, True
 
     def w(qtype: int, cols: int = 896) -> QWeight:
         return QWeight(1 << 20, qtype, 128, cols, 0)
@@ -130,3 +130,8 @@ def test_a_producer_writes_codes_only_for_products_that_all_take_them() -> None:
     assert mm.i15_input_block([w(6)]) is None
     mm.invariant, mm.int15 = True, False
     assert mm.i15_input_block([w(6)]) is None
+    mm.int15_large = True  # the default: only K-quant products of 8 Mi weights and more
+    assert mm.i15_input_block([w(6)]) is None
+    big = QWeight(1 << 20, 12, 3072, 3072, 0)
+    assert mm.i15_input_block([big, QWeight(1 << 20, 13, 9216, 3072, 0)]) == 256
+    assert mm.i15_input_block([big, w(12, 3072)]) is None  # 128 rows: below the size

@@ -594,8 +594,11 @@ class _PlanOnly(MatmulKernels):
     """MatmulKernels without a device: launches are recorded, workspaces are fake buffers
     that grow as the real ones do (a larger request gets a new buffer)."""
 
-    def __init__(self, invariant: bool = True, int15: bool = False) -> None:  # no super()
+    def __init__(  # no super()
+        self, invariant: bool = True, int15: bool = False, large: bool = False
+    ) -> None:
         self.invariant, self.int15, self.int15_experts = invariant, int15, int15
+        self.int15_large = large
         self._sms = 132
         self._route_gen = 0
         self.queued: list[Launch] = []
@@ -702,11 +705,29 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
     assert mm.moe_route(DevBuf(1 << 33, 4 * 32), 8, 4, 32).form == "skinny"  # other formats
 
 
-def test_int15_setting_puts_the_experts_on_the_integer_cores_by_default() -> None:
-    """WORKER_ORCD_INT15: `experts` (the default) the routed experts only, `all` the dense
-    products too, `0` none."""
-    from worker.backends.cuda.matmul import int15_choice
+def test_int15_setting_puts_experts_and_large_k_quant_products_on_the_integer_cores() -> None:
+    """WORKER_ORCD_INT15: `auto` (the default) the routed experts and the dense K-quant
+    products of 8 Mi weights or more, `experts` the experts only, `all` every dense product
+    too, `0` none. The choice is per weight: Phi-3's products all take the integer cores,
+    none of Qwen2.5-0.5B's (K-quant ones of 4.4 M weights, a Q8_0 head) or gpt-oss's
+    dense ones (Q8_0); never with batch invariance off."""
+    from worker.backends.cuda.matmul import INT15_LARGE, int15_choice
 
-    assert int15_choice("experts") == (True, False)
-    assert int15_choice("all") == int15_choice("1") == (True, True)
-    assert int15_choice("0") == (False, False)
+    assert int15_choice("auto") == (True, False, True) and INT15_LARGE  # the default
+    assert int15_choice("experts") == (True, False, False)
+    assert int15_choice("all") == int15_choice("1") == (True, True, False)
+    assert int15_choice("0") == (False, False, False)
+    mm = _PlanOnly(large=True)
+    phi3 = [(9216, 3072, 13), (3072, 3072, 12), (16384, 3072, 12), (3072, 8192, 14)]
+    phi3 += [(32064, 3072, 14)]  # qkv, o, gate_up, down (Q6_K half), the head
+    qwen = [(896, 4864, 12), (896, 4864, 14), (9728, 896, 6), (151936, 896, 8)]
+    gptoss = [(5120, 2880, 8), (2880, 4096, 8), (201088, 2880, 8)]
+
+    def w(n: int, k: int, t: int) -> QWeight:
+        return QWeight(A, t, n, k, n * layout(t).row_bytes(k))
+
+    assert all(mm.takes_i15(w(*s)) for s in phi3)
+    assert not any(mm.takes_i15(w(*s)) for s in qwen + gptoss)
+    assert all(_PlanOnly(int15=True).takes_i15(w(*s)) for s in phi3 + qwen + gptoss)
+    assert not any(_PlanOnly(invariant=False, large=True).takes_i15(w(*s)) for s in phi3)
+    assert not any(_PlanOnly().takes_i15(w(*s)) for s in phi3)  # `experts`

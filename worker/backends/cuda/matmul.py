@@ -79,18 +79,24 @@ MAX_GRID_YZ = 65535
 INT32_MAX = 2**31 - 1
 
 
-def int15_choice(value: str) -> tuple[bool, bool]:
-    """(routed experts, dense products) on the integer cores for a WORKER_ORCD_INT15 value."""
+def int15_choice(value: str) -> tuple[bool, bool, bool]:
+    """(routed experts, every dense product, the large K-quant dense products) on the
+    integer cores for a WORKER_ORCD_INT15 value."""
     v = value.lower()
-    return v in ("experts", "all", "1"), v in ("all", "1")
+    return v in ("auto", "experts", "all", "1"), v in ("all", "1"), v == "auto"
 
 
 # 15-bit integer products (cuda_src/i15.cu; docs/kernels.md, "Integer products"), with
-# batch invariance on: the routed MoE experts (MXFP4, Q8_0) take them by default
-# (WORKER_ORCD_INT15 `experts`); `all` sends every dense product of the formats below through
-# them too (faster steps of 1-8 rows, slower from 32 rows and in prefill: BENCHMARKS.md),
-# `0` none (A/B).
-INT15_EXPERTS, INT15_DENSE = int15_choice(os.environ.get("WORKER_ORCD_INT15", "experts"))
+# batch invariance on. By default (WORKER_ORCD_INT15 `auto`) the routed MoE experts (MXFP4,
+# Q8_0) and the dense Q4_K / Q5_K / Q6_K products of at least I15_DENSE_MIN_WEIGHTS weights
+# (Phi-3-class and larger files; not Qwen2.5-0.5B's small ones, where staging costs more than
+# the fp16 decoding saves) take them: K-quant decoding is what the fp16 products are most
+# issue-bound on, so these gain most (Phi-3: decode +50 / +70 % at 1 / 8 streams, -17 % at
+# 64, prefill -24 %: BENCHMARKS.md). `experts`: the experts only; `all`: every dense product
+# of the formats below too; `0` none (A/B).
+INT15_EXPERTS, INT15_DENSE, INT15_LARGE = int15_choice(os.environ.get("WORKER_ORCD_INT15", "auto"))
+I15_KQUANTS = (12, 13, 14)
+I15_DENSE_MIN_WEIGHTS = 8 << 20
 # Q4_0, Q5_0, Q8_0, MXFP4 (blocks of 32, X scaled per 32); Q4_K, Q5_K, Q6_K
 I15_TYPES = (2, 6, 8, 39, 12, 13, 14)
 I15_Q6_K = 14
@@ -1285,6 +1291,7 @@ class MatmulKernels:
         self._i15_tk: DevBuf | None = None  # the integer cores' tickets (_i15_tickets)
         # dense products / routed experts by the 15-bit integer cores (with `invariant`)
         self.int15 = INT15_DENSE
+        self.int15_large = INT15_LARGE  # (the K-quant products of I15_DENSE_MIN_WEIGHTS)
         self.int15_experts = INT15_EXPERTS
         # batch invariance: every row count takes the tensor-core forms (gemm, routed
         # moe_gemm), whose per-row arithmetic does not depend on the other rows, so a row's
@@ -1417,9 +1424,11 @@ class MatmulKernels:
         return self._x16
 
     def takes_i15(self, w: QWeight) -> bool:
-        """Whether linear() sends w through the 15-bit integer cores."""
+        """Whether linear() sends w through the 15-bit integer cores (a choice per weight,
+        never per row count: a product's bits must not depend on its batch)."""
+        large = w.qtype in I15_KQUANTS and w.rows * w.cols >= I15_DENSE_MIN_WEIGHTS
         return (
-            self.int15
+            (self.int15 or (self.int15_large and large))
             and self.invariant
             and w.qtype in I15_TYPES
             and w.experts == 1
@@ -1768,17 +1777,13 @@ class MatmulKernels:
         so that no launch allocates (a launch inside a graph capture must not)."""
         self._x16_workspace(max_tokens * max_k * 2)
         parts = [gemm_split(w, self._sms)[0] * w.rows for w in weights if w.experts == 1]
-        if self.int15:
+        i15w = [w for w in weights if self.takes_i15(w)]
+        if i15w:
             # (scales per 32 need the most bytes)
             self._i15_workspace(i15_planes(max_tokens, -(-max_k // 256) * 256, 32)[4])
-            i15w = [w for w in weights if w.experts == 1 and w.qtype in I15_TYPES]
             tiles = [i15_tiles(w, m) for w in i15w for m in (1, max_tokens)]
             self._i15_tickets(max(tiles, default=1))
-            parts += [
-                i15_split(w, self._sms) * w.rows
-                for w in weights
-                if w.experts == 1 and w.qtype in I15_TYPES
-            ]
+            parts += [i15_split(w, self._sms) * w.rows for w in i15w]
         parts += [moe_split(w)[0] * w.rows * topk for w in weights if w.experts > 1]
         moe15 = [w for w in weights if w.experts > 1 and w.qtype in I15_MOE_TYPES]
         if self.int15_experts and moe15:
