@@ -96,8 +96,15 @@ def main() -> int:
         for k in range(a.batch):
             mine = [int(t) for t in rng.integers(0, be.vocab_size, 64)]
             sched.add(
-                Request(f"p{k}", mine, max_tokens=a.steps + 10, params=greedy, ignore_eos=True)
+                # (no job ends inside the profile, however long its warm-up)
+                Request(f"p{k}", mine, max_tokens=a.steps + 1000, params=greedy, ignore_eos=True)
             )
+        # warm until every job is past its prompt (64 jobs' prompts take several steps of
+        # prefill chunks), so the profiled steps are decode rows only
+        for _ in range(10_000):
+            if not sched.waiting and not any(s.prefilling for s in sched.running.values()):
+                break
+            sched.step()
         for _ in range(6):
             sched.step()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
