@@ -151,6 +151,9 @@ def _load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
     device_fields: dict[str, Any] = (
         {"vram_bytes_used": backend.info.vram_bytes_used} if on_gpu else {}
     )
+    arithmetic = getattr(backend, "arithmetic", None)  # the CUDA backend's products
+    if arithmetic is not None:
+        device_fields["arithmetic"] = arithmetic
     narrate(
         "model_load_complete",
         f"loaded {model_name} in {seconds:.2f} s",

@@ -268,6 +268,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result["vram_bytes_used"] = be.vram_bytes_used()
     result["graphs"] = be.use_graphs
     result["batch_invariant"] = be.invariant
+    result["arithmetic"] = be.arithmetic
     rng = np.random.default_rng(0)
     V = be.vocab_size
     prompt = [int(t) for t in rng.integers(0, V, size=args.pp)]

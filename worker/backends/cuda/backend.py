@@ -248,6 +248,9 @@ class CudaBackend:
             width=self.width,
             hist_len=self.context_length,
         )
+        # which arithmetic the matrices take (the integer cores, the fp16 ones): logged at
+        # load, recorded by bench
+        self.arithmetic: dict[str, Any] = self.ex.arithmetic
         self.inputs = ctx.alloc(big.total * 4, "step inputs")
         # per parity (alternate steps): pinned inputs and outputs, and the event recorded
         # after the step that last used them

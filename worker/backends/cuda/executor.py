@@ -161,6 +161,7 @@ class Executor:
             mats += [weight(f"{n}.weight") for n in names]
         mats.append(weight(recipe.head))
         mm.reserve(max(max_tokens, max_rows), max(E, ff, hp.q_dim), hp.n_expert, kx, mats)
+        self.arithmetic = mm.arithmetic(mats)  # what the load log and bench record
 
     def _zero(self, buf: DevBuf) -> None:
         import numpy as np

@@ -1559,6 +1559,24 @@ class MatmulKernels:
     ) -> None:
         self.run(plan_embed(w, ids, n, out, ldo=ldo), stream)
 
+    def arithmetic(self, weights: list[QWeight]) -> dict[str, Any]:
+        """Which arithmetic these matrices take (for the load log and bench's record): the
+        WORKER_ORCD_INT15 setting, batch invariance, how many dense matrices take the 15-bit
+        integer cores and how many the fp16 ones (with invariance off: the decode gemv at
+        few rows), and which the experts take ("integer", "fp16", "mixed"; "none")."""
+        dense = [w for w in weights if w.experts == 1]
+        on = {self.moe_takes_i15(w.qtype) for w in weights if w.experts > 1}
+        experts = "none"
+        if on:
+            experts = "mixed" if len(on) > 1 else "integer" if True in on else "fp16"
+        return {
+            "int15": os.environ.get("WORKER_ORCD_INT15", "auto"),
+            "batch_invariant": self.invariant,
+            "dense_integer": sum(self.takes_i15(w) for w in dense),
+            "dense_fp16": sum(not self.takes_i15(w) for w in dense),
+            "experts": experts,
+        }
+
     def moe_takes_i15(self, qtype: int | None) -> bool:
         """Whether experts of this format take the routed integer cores: every step with
         batch invariance on, every step the decode gemv does not take with it off (they are
