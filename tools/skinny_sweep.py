@@ -139,7 +139,7 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
                 continue  # an empty split
             b = i15.buffers(m, k, n, split)
             for core in ("gemmp", "gemmp8", "gemmpf"):
-                if (core == "gemmp8") != (m <= P8_ROWS) and core != "gemmp":
+                if (core == "gemmp8" and m > P8_ROWS) or (core == "gemmpf" and m <= P8_ROWS):
                     continue  # gemm15p8 up to 8 rows, the folded gemm15p above
                 steps: list[Callable[[], None]] = [
                     partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, True)

@@ -239,30 +239,39 @@ def _same(a: Finished, b: Finished, what: str) -> None:
         assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), f"{what}: step {i}"
 
 
+def _check_batch_invariance(
+    be: Any, reqs: list[Request], alone: list[Request], sizes: tuple[int, ...], seed: int
+) -> None:
+    """The jobs `alone` one at a time, then all of `reqs` together (prefill chunks of 64
+    tokens mixed with the decode rows, so prompts are cut differently), then random groups
+    of each of `sizes` (random prefill chunks): every job's ids and every step's logits
+    bit-identical."""
+    first = {}
+    for r in alone:
+        fin = _run(be, [r], max_batch=1, prefill_chunk=512)[r.job_id][-1]
+        assert isinstance(fin, Finished)
+        first[r.job_id] = fin
+    together = _run(be, reqs, max_batch=len(reqs), prefill_chunk=64)
+    for job_id, fin in first.items():
+        got = together[job_id][-1]
+        assert isinstance(got, Finished)
+        _same(fin, got, f"{job_id} among {len(reqs)}")
+    rnd = random.Random(seed)
+    for size in sizes:
+        group = rnd.sample(reqs, size)
+        some = _run(be, group, max_batch=size, prefill_chunk=rnd.choice([1, 37, 512]))
+        for r in group:
+            want, got = together[r.job_id][-1], some[r.job_id][-1]
+            assert isinstance(want, Finished) and isinstance(got, Finished)
+            _same(want, got, f"{r.job_id} among {size}")
+
+
 def test_batch_invariance_full_size(cuda_be: Any) -> None:
     """64 jobs alone, then together (prefill chunks of 64 tokens mixed with the decode
     rows, so prompts are cut differently), then in random batches of 2-63: every job's ids
     and every step's logits bit-identical."""
     reqs = _jobs(cuda_be.vocab_size, 64, seed=1)
-    alone = {}
-    for r in reqs[:16] + reqs[-4:]:
-        fin = _run(cuda_be, [r], max_batch=1, prefill_chunk=512)[r.job_id][-1]
-        assert isinstance(fin, Finished)
-        alone[r.job_id] = fin
-    together = _run(cuda_be, reqs, max_batch=64, prefill_chunk=64)
-    for job_id, fin in alone.items():
-        got = together[job_id][-1]
-        assert isinstance(got, Finished)
-        _same(fin, got, f"{job_id} among 64")
-    rnd = random.Random(5)
-    for size in (2, 7, 33, 63):
-        group = rnd.sample(reqs, size)
-        some = _run(cuda_be, group, max_batch=size, prefill_chunk=rnd.choice([1, 37, 512]))
-        for r in group:
-            want = together[r.job_id][-1]
-            got = some[r.job_id][-1]
-            assert isinstance(want, Finished) and isinstance(got, Finished)
-            _same(want, got, f"{r.job_id} among {size}")
+    _check_batch_invariance(cuda_be, reqs, reqs[:16] + reqs[-4:], (2, 7, 33, 63), seed=5)
 
 
 def test_batch_invariance_full_size_integer_products(
@@ -286,24 +295,7 @@ def test_batch_invariance_full_size_integer_products(
         gate_up = QWeight(1 << 20, 12, 16384, 3072, 0)  # Phi-3's (Q4_K)
         assert be.mm.takes_i15(gate_up), "the default no longer puts Phi-3 on the integer cores"
         reqs = _jobs(be.vocab_size, 24, seed=3)
-        alone = {}
-        for r in reqs[:6]:
-            fin = _run(be, [r], max_batch=1, prefill_chunk=512)[r.job_id][-1]
-            assert isinstance(fin, Finished)
-            alone[r.job_id] = fin
-        together = _run(be, reqs, max_batch=24, prefill_chunk=64)
-        for job_id, fin in alone.items():
-            got = together[job_id][-1]
-            assert isinstance(got, Finished)
-            _same(fin, got, f"{job_id} among 24")
-        rnd = random.Random(7)
-        for size in (2, 9, 17):
-            group = rnd.sample(reqs, size)
-            some = _run(be, group, max_batch=size, prefill_chunk=rnd.choice([1, 37, 512]))
-            for r in group:
-                want, got = together[r.job_id][-1], some[r.job_id][-1]
-                assert isinstance(want, Finished) and isinstance(got, Finished)
-                _same(want, got, f"{r.job_id} among {size}")
+        _check_batch_invariance(be, reqs, reqs[:6], (2, 9, 17), seed=7)
     finally:
         be.close()
 
