@@ -735,8 +735,9 @@ def test_int15_setting_puts_experts_and_large_k_quant_products_on_the_integer_co
     ex = QWeight(A, 39, 2880, 2880, 32 * 2880 * layout(39).row_bytes(2880), experts=32)
     got = mm.arithmetic([w(*s) for s in phi3] + [w(*s) for s in qwen])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (5, 4, "none")
-    assert got["batch_invariant"] is True
+    assert got["batch_invariant"] is True and got["int15"] == "auto"
     got = _PlanOnly(int15=True).arithmetic([w(*s) for s in gptoss] + [ex])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (3, 0, "integer")
+    assert got["int15"] == "all"
     got = _PlanOnly(invariant=False).arithmetic([ex, w(*gptoss[0])])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (0, 1, "fp16")

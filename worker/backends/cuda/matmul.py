@@ -1569,8 +1569,9 @@ class MatmulKernels:
         experts = "none"
         if on:
             experts = "mixed" if len(on) > 1 else "integer" if True in on else "fp16"
+        setting = "all" if self.int15 else "auto" if self.int15_large else "experts"
         return {
-            "int15": os.environ.get("WORKER_ORCD_INT15", "auto"),
+            "int15": setting if self.int15 or self.int15_large or self.int15_experts else "0",
             "batch_invariant": self.invariant,
             "dense_integer": sum(self.takes_i15(w) for w in dense),
             "dense_fp16": sum(not self.takes_i15(w) for w in dense),
