@@ -13,8 +13,9 @@
 // heads in a fixed order, so results are bit-identical run to run whatever order the blocks
 // ran in (the atomic only picks which block merges, never the order of a sum). A row's
 // chunks depend only on its own position (max(64, ceil((pos + 1) / n_split)) keys each;
-// splits past its keys are empty and merge as exact zeros), never on the other rows: a
-// sequence's result is the same in any batch.
+// the blocks of chunks without keys, past its position or before its window, leave at once
+// and the merge counts only the others), never on the other rows: a sequence's result is
+// the same in any batch.
 //
 // Prefill (attn_prefill_tc_d<D>): see below; also one row's arithmetic never depends on the
 // other rows of its tile or on how its prompt was cut into chunks.
@@ -57,39 +58,41 @@ __device__ __forceinline__ void tc_wait() {
 #endif
 }
 
-// The last block of a (row, KV head) to arrive merges the chunks of its G query heads (see
-// the file comment). smem: at least 2 * G * n_split + 2 * G floats.
+// The last of the nc blocks of a (row, KV head) with keys (chunks c0 .. c0 + nc - 1) to arrive
+// merges those chunks of its G query heads (see the file comment). smem: at least 2 * G * nc
+// + 2 * G floats.
 __device__ __forceinline__ void attn_merge(
     const float* __restrict__ ml, const float* __restrict__ opart, const float* __restrict__ sinks,
     float* __restrict__ out, int out_stride, unsigned int* __restrict__ tickets, float* smem,
     unsigned int& s_ticket, int t, int kh, int G, int n_head, int n_kv, int head_dim,
-    int n_split) {
+    int n_split, int c0, int nc) {
   __threadfence();
   __syncthreads();
   const unsigned int slot = (unsigned int)t * n_kv + kh;
   if (threadIdx.x == 0) s_ticket = atomicAdd(&tickets[slot], 1u);
   __syncthreads();
-  if (s_ticket != (unsigned int)(n_split - 1)) return;
+  if (s_ticket != (unsigned int)(nc - 1)) return;
   __threadfence();
-  float* cm = smem;  // [G][n_split] chunk max, then the chunk's weight
-  float* cl = smem + G * n_split;  // [G][n_split] chunk sum
-  float* inv = cl + G * n_split;  // [G]
+  float* cm = smem;  // [G][nc] chunk max, then the chunk's weight
+  float* cl = smem + G * nc;  // [G][nc] chunk sum
+  float* inv = cl + G * nc;  // [G]
   const int h0 = kh * G;
-  for (int i = threadIdx.x; i < G * n_split; i += AT) {
-    const size_t pidx = ((size_t)t * n_head + h0) * n_split + i;  // heads h0.. are adjacent
+  for (int i = threadIdx.x; i < G * nc; i += AT) {
+    const int g = i / nc, c = i - g * nc;
+    const size_t pidx = ((size_t)t * n_head + h0 + g) * n_split + c0 + c;
     cm[i] = __ldcg(&ml[2 * pidx]);
     cl[i] = __ldcg(&ml[2 * pidx + 1]);
   }
   __syncthreads();
   if (threadIdx.x < G) {  // fixed order over the chunks, one head a thread
     const int g = threadIdx.x, h = h0 + g;
-    float* w = cm + g * n_split;
-    const float* l = cl + g * n_split;
+    float* w = cm + g * nc;
+    const float* l = cl + g * nc;
     float M = sinks ? sinks[h] : -CUDART_INF_F;
-    for (int c = 0; c < n_split; ++c)
+    for (int c = 0; c < nc; ++c)
       if (l[c] > 0.0f) M = fmaxf(M, w[c]);
     float L = sinks ? expf(sinks[h] - M) : 0.0f;
-    for (int c = 0; c < n_split; ++c) {
+    for (int c = 0; c < nc; ++c) {
       const float wc = l[c] > 0.0f ? expf(w[c] - M) : 0.0f;
       if (l[c] > 0.0f) L += l[c] * wc;
       w[c] = wc;  // chunk weight; 0 for an empty chunk
@@ -99,12 +102,12 @@ __device__ __forceinline__ void attn_merge(
   __syncthreads();
   for (int i = threadIdx.x; i < G * head_dim; i += AT) {
     const int g = i / head_dim, d = i % head_dim;
-    const size_t base = ((size_t)t * n_head + h0 + g) * n_split;
+    const size_t base = ((size_t)t * n_head + h0 + g) * n_split + c0;
     float o = 0.0f;
 #pragma unroll 8
-    for (int c = 0; c < n_split; ++c) {
-      const float v = cl[g * n_split + c] > 0.0f ? __ldcg(&opart[(base + c) * head_dim + d]) : 0.0f;
-      o += v * cm[g * n_split + c];
+    for (int c = 0; c < nc; ++c) {
+      const float v = cl[g * nc + c] > 0.0f ? __ldcg(&opart[(base + c) * head_dim + d]) : 0.0f;
+      o += v * cm[g * nc + c];
     }
     out[(size_t)t * out_stride + (size_t)(h0 + g) * head_dim + d] = o * inv[g];
   }
@@ -146,6 +149,11 @@ extern "C" __global__ void __launch_bounds__(AT)
   int chunk = max(MIN_CHUNK, (qpos + 1 + n_split - 1) / n_split);  // the row's own length
   if (chunk > max_chunk || qpos < 0) chunk = 0;  // padding row (or never allowed by the host)
   const int kv_begin = window > 0 ? max(0, qpos - window + 1) : 0;
+  // the row's chunks with keys, c0 .. c0 + nc - 1 (a padding row: chunk 0 alone, no keys);
+  // the other blocks of the grid (short rows, windows) leave at once and the merge counts
+  // only these
+  const int c0 = chunk > 0 ? kv_begin / chunk : 0, nc = chunk > 0 ? qpos / chunk - c0 + 1 : 1;
+  if (s < c0 || s >= c0 + nc) return;
   const int j0 = max(kv_begin, s * chunk), j1 = min(qpos + 1, (s + 1) * chunk);
   if (j0 < j1) {
     const int* __restrict__ btr = bt + (size_t)t * bt_stride;
@@ -258,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(AT)
     }
   }
   attn_merge(ml, opart, sinks, out, out_stride, tickets, sS, s_ticket, t, kh, G, n_head, n_kv,
-             D, n_split);
+             D, n_split, c0, nc);
 }
 
 // ==================================================================== tensor-core prefill
