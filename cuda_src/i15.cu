@@ -922,8 +922,8 @@ GEMM15PL(QT_MXFP4, mxfp4, 1, false, 8)
       const int* ntiles, const int4* tiles, const int* list, int topk, int per_slot,       \
       long long expert_bytes) {                                                            \
     pdl_start();                                                                           \
-    gemm15pl<TY, NT, false, true>(w, N, K, xhi, xlo, xd, M, splits, {part, 0, 0, 0, 0, 0},        \
-                           {ntiles, tiles, list, topk, per_slot, expert_bytes});           \
+    gemm15pl<TY, NT, false, true>(w, N, K, xhi, xlo, xd, M, splits, {part, 0, 0, 0, 0, 0}, \
+                                  {ntiles, tiles, list, topk, per_slot, expert_bytes});    \
   }
 MOE15P(QT_MXFP4, mxfp4, 1, 8)
 MOE15P(QT_MXFP4, mxfp4, 2, 16)
@@ -931,6 +931,76 @@ MOE15P(QT_MXFP4, mxfp4, 8, 64)
 MOE15P(QT_Q8_0, q8_0, 1, 8)
 MOE15P(QT_Q8_0, q8_0, 2, 16)
 MOE15P(QT_Q8_0, q8_0, 8, 64)
+
+// The ends of an integer MoE layer (gpt-oss), one launch each where there were several, with
+// the same float steps in the same order, so the same bits:
+// moe15_glu, per assignment m (expert e = experts[m]) and element n < N: the gate's and up's
+// split partials (gpart / upart + z * sstride + m * N + n) added in split order, then each
+// one's expert bias (gemm_splitk_reduce's steps), gpt-oss's clamped SwiGLU (swiglu_oai_f32's
+// expression), and that row's 15-bit codes per 32 for the down product (quant_x15's, blk 32:
+// hi, lo [M][N], d, sq [M][N / 32]). grid (ceil(N / 256), M), block 256, N a multiple of 32;
+// an assignment with no valid expert writes nothing (the routing never lists it).
+extern "C" __global__ void __launch_bounds__(256) moe15_glu(
+    const float* __restrict__ gpart, const float* __restrict__ upart, int S, long long sstride,
+    int M, int N, const float* __restrict__ gbias, const float* __restrict__ ubias,
+    const int* __restrict__ experts, int n_expert, float alpha, float limit,
+    int8_t* __restrict__ hi, int8_t* __restrict__ lo, float* __restrict__ d,
+    int* __restrict__ sq) {
+  pdl_start();
+  const int n = blockIdx.x * 256 + threadIdx.x, m = blockIdx.y, lane = threadIdx.x & 31;
+  if (n - lane >= N || m >= M) return;  // whole warps (N a multiple of 32)
+  const int e = experts[m];
+  if (e < 0 || e >= n_expert) return;  // the whole block
+  const long long brow = (long long)e * N, off = (long long)m * N + n;
+  float g = gpart[off], u = upart[off];
+  for (int z = 1; z < S; ++z) {
+    g += gpart[(long long)z * sstride + off];
+    u += upart[(long long)z * sstride + off];
+  }
+  if (gbias) g += gbias[brow + n];
+  if (ubias) u += ubias[brow + n];
+  g = fminf(g, limit);
+  u = fminf(fmaxf(u, -limit), limit);
+  const float v = g / (1.0f + expf(-alpha * g)) * (u + 1.0f);
+  float a = fabsf(v);
+#pragma unroll
+  for (int o = 16; o; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  const float dd = i15_scale(a);
+  int q = i15_code(v, dd, hi[off], lo[off]);
+#pragma unroll
+  for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+  if (lane == 0) {
+    const long long b = (long long)m * (N / 32) + n / 32;
+    sq[b] = q;
+    d[b] = dd;
+  }
+}
+
+// moe15_combine, per token t < T and element n < N: x[t][n] += the sum over its k slots (in
+// order) of w[t k + s] times assignment t k + s's down output, its split partials added in
+// order plus its expert's bias: gemm_splitk_reduce's and moe_combine_f32's steps in one
+// launch. grid (ceil(N / 256), T), block 256.
+extern "C" __global__ void __launch_bounds__(256) moe15_combine(
+    float* __restrict__ x, const float* __restrict__ part, int S, long long sstride, int N,
+    const float* __restrict__ bias, const int* __restrict__ experts, int n_expert,
+    const float* __restrict__ w, int k) {
+  pdl_start();
+  const int n = blockIdx.x * 256 + threadIdx.x;
+  const size_t t = blockIdx.y;
+  if (n >= N) return;
+  float acc = 0.0f;
+  for (int s = 0; s < k; ++s) {
+    const long long a = (long long)t * k + s;
+    const int e = experts[a];
+    if (e < 0 || e >= n_expert) continue;
+    const float* p = part + a * N + n;
+    float y = p[0];
+    for (int z = 1; z < S; ++z) y += p[(long long)z * sstride];
+    if (bias) y += bias[(long long)e * N + n];
+    acc = fmaf(w[a], y, acc);
+  }
+  x[t * N + n] += acc;
+}
 
 // y[t][n] = the splits' partials added in order (split 0 first).
 extern "C" __global__ void i15_reduce(const float* __restrict__ part, int N, int M, int splits,

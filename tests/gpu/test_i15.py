@@ -259,3 +259,63 @@ def test_worker_moe_takes_the_routed_integer_cores(
             e, row = flat[a], a if per_slot else a // topk
             want = product_twin(experts[e], x[row : row + 1], splits, qtype)[0] + bias[e]
             assert got[a].tobytes() == want.tobytes(), a
+
+
+@pytest.mark.parametrize("qtype", [MXFP4, Q8_0])
+@pytest.mark.parametrize("ntok", [1, 2, 7, 33, 64, 100])
+def test_integer_moe_layer_ends_are_the_separate_launches(gpu: Any, qtype: int, ntok: int) -> None:
+    """MatmulKernels.moe15_ffn (each half of the integer MoE layer ending in one launch:
+    moe15_glu, moe15_combine) leaves the residual stream bit for bit as the launches it
+    replaces (moe() for gate and up, swiglu_oai_f32, moe() for down, moe_combine_f32), at
+    gpt-oss's widths, 32 experts, 4 slots a token, with biases."""
+    from worker.backends.cuda.arena import DevBuf
+    from worker.backends.cuda.compile import load_module
+    from worker.backends.cuda.matmul import MatmulKernels, QWeight
+
+    mm = MatmulKernels()
+    mm.invariant, mm.int15_experts = True, True
+    major, minor = gpu.Context.get_device().compute_capability()
+    E, ff, n_exp, topk = 2880, 2880, 32, 4
+    rng = np.random.default_rng(ntok)
+
+    def buf(a: Any) -> DevBuf:
+        return DevBuf(int(a.gpudata), a.nbytes)
+
+    keep = []
+
+    def experts(rows: int, cols: int) -> tuple[QWeight, DevBuf]:
+        raw = random_matrix(qtype, n_exp * rows, cols, rng)[0]
+        d = upload(raw)
+        b = upload((rng.standard_normal((n_exp, rows)) * 0.5).astype(np.float32))
+        keep.extend((d, b))
+        return QWeight(int(d.gpudata), qtype, rows, cols, raw.nbytes, experts=n_exp), buf(b)
+
+    gate, up, down = experts(ff, E), experts(ff, E), experts(E, ff)
+    ids = upload(np.stack([rng.permutation(n_exp)[:topk] for _ in range(ntok)]).astype(np.int32))
+    ew = upload(rng.random((ntok, topk)).astype(np.float32))
+    xn = upload(rng.standard_normal((ntok, E)).astype(np.float32))
+    x0 = rng.standard_normal((ntok, E)).astype(np.float32)
+    n_assign = ntok * topk
+    # the separate launches (the SwiGLU and the weighted sum as the worker launches them)
+    x_a = upload(x0)
+    yg, yu, yd = (poisoned((n_assign, w)) for w in (ff, ff, E))
+    route = mm.moe_route(buf(ids), ntok, topk, n_exp, qtype=qtype)
+    mm.moe(gate[0], buf(ids), ntok, topk, buf(xn), buf(yg), per_slot_input=False, route=route,
+           bias=gate[1], pair=(up[0], buf(yu), up[1]))  # fmt: skip
+    act = load_module("activation", f"sm_{major}{minor}").get_function("swiglu_oai_f32")
+    act(yg.gpudata, yu.gpudata, yg.gpudata, np.int32(ff), np.int32(ff), np.int32(ff),
+        np.int32(ff), np.float32(1.702), np.float32(7.0), block=(256, 1, 1),
+        grid=(-(-ff // 256), n_assign))  # fmt: skip
+    mm.moe(down[0], buf(ids), ntok, topk, buf(yg), buf(yd), per_slot_input=True, route=route,
+           bias=down[1])  # fmt: skip
+    comb = load_module("elementwise", f"sm_{major}{minor}").get_function("moe_combine_f32")
+    comb(x_a.gpudata, yd.gpudata, ew.gpudata, np.int32(E), np.int32(topk), block=(256, 1, 1),
+         grid=(-(-E // 256), ntok))  # fmt: skip
+    # the fused ends
+    x_b = upload(x0)
+    route = mm.moe_route(buf(ids), ntok, topk, n_exp, qtype=qtype)
+    mm.moe15_ffn(gate, up, down, buf(ids), buf(ew), ntok, topk, buf(xn), buf(x_b), route)
+    gpu.Context.synchronize()
+    a, b = x_a.get(), x_b.get()
+    assert np.isfinite(a).all() and not np.array_equal(a, x0)
+    assert a.tobytes() == b.tobytes()

@@ -361,3 +361,66 @@ test_moe_gemm_routed_tiles_give_the_same_bytes = _M.test_moe_gemm_routed_tiles_g
 test_moe_gemm_invalid_ids_left_unwritten = _M.test_moe_gemm_invalid_ids_left_unwritten
 # (its batch-invariance, skinny-equals-gemm and paired-launch tests pass here too, but take
 # about a minute each on the 2-core box: CI leaves them to the GPU run)
+
+
+class CpuMatmul15(CpuMatmul):
+    """CpuMatmul with the experts on the routed integer cores (the default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.int15, self.int15_large, self.int15_experts = False, False, True
+        self._i15_ws = None
+
+    def _i15_workspace(self, nbytes: int) -> DevBuf:
+        return self._workspace(nbytes)
+
+
+@pytest.mark.parametrize("ntok", [1, 3])
+def test_integer_moe_layer_ends_are_the_separate_launches(
+    kern: CpuKernels, dev: HostDev, ntok: int
+) -> None:
+    """MatmulKernels.moe15_ffn (gpt-oss's expert FFN on the routed integer cores, each half
+    ending in one launch: moe15_glu, moe15_combine) leaves the residual stream byte for byte
+    as the launches it replaces: moe() for gate and up, swiglu_oai_f32, moe() for down and
+    moe_combine_f32. MXFP4 experts with biases, 4 experts, 2 slots a token, gate and up K
+    split 4 ways and down 3 (i15_split at these widths)."""
+    from worker.backends.cuda.matmul import i15_split
+
+    E, ff, n_exp, topk = 1024, 768, 4, 2
+    rng = np.random.default_rng(ntok)
+
+    def experts(rows: int, cols: int) -> tuple[QWeight, DevBuf]:
+        raw = np.concatenate([random_matrix(39, rows, cols, rng)[0] for _ in range(n_exp)])
+        b = dev.put(raw)
+        w = QWeight(b.ptr, 39, rows, cols, raw.nbytes, experts=n_exp)
+        bias = dev.put((rng.standard_normal((n_exp, rows)) * 0.5).astype(np.float32))
+        return w, bias
+
+    (wg, bg), (wu, bu), (wd, bd) = experts(ff, E), experts(ff, E), experts(E, ff)
+    mm = CpuMatmul15()
+    assert (i15_split(wg, mm._sms), i15_split(wd, mm._sms)) == (4, 3)
+    n_assign = ntok * topk
+    ids = dev.put(
+        np.stack([rng.choice(n_exp, topk, replace=False) for _ in range(ntok)]).astype(np.int32)
+    )
+    ew = dev.put(rng.random((ntok, topk)).astype(np.float32))
+    xn = dev.put(rng.standard_normal((ntok, E)).astype(np.float32))
+    x0 = rng.standard_normal((ntok, E)).astype(np.float32)
+    # the separate launches
+    x_a = dev.put(x0)
+    yg, yu = dev.poison(n_assign * ff * 4), dev.poison(n_assign * ff * 4)
+    yd = dev.poison(n_assign * E * 4)
+    route = mm.moe_route(ids, ntok, topk, n_exp, qtype=39)
+    assert route.form == "i15"
+    mm.moe(wg, ids, ntok, topk, xn, yg, per_slot_input=False, route=route, bias=bg,
+           pair=(wu, yu, bu))  # fmt: skip
+    kern.swiglu(yg, yu, yg, n_assign, ff, ff, ff, ff, oai=(1.702, 7.0))
+    mm.moe(wd, ids, ntok, topk, yg, yd, per_slot_input=True, route=route, bias=bd)
+    kern.moe_combine(x_a, yd, ew, ntok, E, topk)
+    # the fused ends
+    x_b = dev.put(x0)
+    route = mm.moe_route(ids, ntok, topk, n_exp, qtype=39)
+    mm.moe15_ffn((wg, bg), (wu, bu), (wd, bd), ids, ew, ntok, topk, xn, x_b, route)
+    a, b = dev.get(x_a, (ntok, E)), dev.get(x_b, (ntok, E))
+    assert np.isfinite(a).all() and not np.array_equal(a, x0)
+    assert a.tobytes() == b.tobytes()

@@ -705,6 +705,46 @@ def test_moe_shares_one_routing_and_pairs_gate_and_up() -> None:
     assert mm.moe_route(DevBuf(1 << 33, 4 * 32), 8, 4, 32).form == "skinny"  # other formats
 
 
+def test_integer_moe_ffn_ends_each_half_in_one_launch() -> None:
+    """MatmulKernels.moe15_ffn queues gpt-oss's expert FFN on the routed integer cores: the
+    token pre-pass (none when the norm wrote the codes), gate and up into the two halves of
+    the split workspace, moe15_glu writing down's codes, down, moe15_combine into the
+    residual stream; it refuses a routing that is not the latest or not for the integer form."""
+    gate = QWeight(A, 39, 2880, 2880, 32 * 2880 * layout(39).row_bytes(2880), experts=32)
+    up = QWeight(A + (1 << 32), 39, 2880, 2880, gate.nbytes, experts=32)
+    down = QWeight(A + (2 << 32), 39, 2880, 2880, gate.nbytes, experts=32)
+    bias = DevBuf(1 << 39, 32 * 2880 * 4)
+    for ntok in (1, 33):
+        n_assign = ntok * 4
+        ids, ew = DevBuf(1 << 33, 4 * n_assign), DevBuf(3 << 33, 4 * n_assign)
+        xn, x = DevBuf(1 << 30, ntok * 2880 * 4), DevBuf(3 << 30, ntok * 2880 * 4)
+        mm = _PlanOnly(int15=True)
+        r = mm.moe_route(ids, ntok, 4, 32, qtype=39)
+        mats = ((gate, bias), (up, bias), (down, None))
+        mm.moe15_ffn(*mats, ids, ew, ntok, 4, xn, x, r)
+        core = f"moe15p{r.tile_m}_mxfp4"
+        assert [q.kernel for q in mm.queued] == [
+            "moe_route", "quant_x15", core, core, "moe15_glu", core, "moe15_combine",
+        ]  # fmt: skip
+        g, u, glu, d, comb = mm.queued[2:]
+        assert u.args[9] > g.args[9]  # up's partials after gate's
+        assert glu.args[:2] == (g.args[9], u.args[9]) and glu.args[12] == d.args[3]  # codes
+        assert comb.args[0] == x.ptr and comb.args[1] == d.args[9]
+        codes = DevBuf(1 << 38, 1 << 24)  # the norm wrote xn's codes
+        r = mm.moe_route(ids, ntok, 4, 32, qtype=39)
+        mm.queued.clear()
+        mm.moe15_ffn(*mats, ids, ew, ntok, 4, xn, x, r, planes=codes)
+        assert [q.kernel for q in mm.queued] == [core, core, "moe15_glu", core, "moe15_combine"]
+        assert mm.queued[0].args[3] == codes.ptr
+        with pytest.raises(LaunchRefused, match="latest"):  # a later pre-pass moved on
+            mm.moe_route(ids, ntok, 4, 32, qtype=39)
+            mm.moe15_ffn(*mats, ids, ew, ntok, 4, xn, x, r)
+    mm = _PlanOnly(int15=False)
+    r = mm.moe_route(ids, 1, 4, 32)
+    with pytest.raises(LaunchRefused, match="form"):
+        mm.moe15_ffn(*mats, ids, ew, 1, 4, xn, x, r)
+
+
 def test_int15_setting_puts_experts_and_large_k_quant_products_on_the_integer_cores() -> None:
     """WORKER_ORCD_INT15: `auto` (the default) the routed experts and the dense K-quant
     products of 8 Mi weights or more, `experts` the experts only, `all` every dense product
@@ -735,9 +775,10 @@ def test_int15_setting_puts_experts_and_large_k_quant_products_on_the_integer_co
     ex = QWeight(A, 39, 2880, 2880, 32 * 2880 * layout(39).row_bytes(2880), experts=32)
     got = mm.arithmetic([w(*s) for s in phi3] + [w(*s) for s in qwen])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (5, 4, "none")
-    assert got["batch_invariant"] is True and got["int15"] == "auto"
+    assert got["batch_invariant"] is True and got["int15"] == "auto" and got["int15"] == "auto"
     got = _PlanOnly(int15=True).arithmetic([w(*s) for s in gptoss] + [ex])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (3, 0, "integer")
+    assert got["int15"] == "all"
     assert got["int15"] == "all"
     got = _PlanOnly(invariant=False).arithmetic([ex, w(*gptoss[0])])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (0, 1, "fp16")

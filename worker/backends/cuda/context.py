@@ -242,6 +242,8 @@ PDL_KERNELS = (
     "moe15p8_",
     "moe15p16_",
     "moe15p64_",
+    "moe15_glu",
+    "moe15_combine",
 )
 PDL_DEFAULT = os.environ.get("WORKER_ORCD_PDL", "1") != "0"
 

@@ -438,10 +438,32 @@ class Executor:
         qtype = self._expert_qtype(L)
         route = self.mm.moe_route(eidx, T, kk, hp.n_expert, stream=st, qtype=qtype)
 
-        def experts(name: str, out: str) -> tuple[QWeight, Buf, Buf | None]:
+        def expert(name: str) -> tuple[QWeight, Buf | None]:
             b = self.tensor(f"{name}.bias")
-            return self.weight(f"{name}.weight"), _b(s[out]), _b(b) if b is not None else None
+            return self.weight(f"{name}.weight"), _b(b) if b is not None else None
 
+        def experts(name: str, out: str) -> tuple[QWeight, Buf, Buf | None]:
+            w, b = expert(name)
+            return w, _b(s[out]), b
+
+        if route.form == "i15":  # each half of the layer ends in one launch
+            self.mm.moe15_ffn(
+                expert(gate),
+                expert(up),
+                expert(L.ffn_out),
+                eidx,
+                _b(s["ew"]),
+                T,
+                kk,
+                _b(s["xn"]),
+                _b(s["x"]),
+                route,
+                swiglu=(1.702, 7.0),
+                planes=planes,
+                stream=st,
+            )
+            self._checked("moe")
+            return
         wg, yg, bg = experts(gate, "eg")
         xn = _b(s["xn"])
         self.mm.moe(

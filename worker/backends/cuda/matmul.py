@@ -129,6 +129,8 @@ _ARG_FORMATS: dict[str, str] = {
     "quant_x15": "PqiiiPPPP",
     "i15": "PiiPPPPiiPPPPqP",  # the 15-bit cores: ... partials, y, bias, residual, ldy, tickets
     "moe15": "PiiPPPPiiPPPPiiq",  # routed: ... partials, ntiles, tiles, list, topk, slot, bytes
+    "moe15_glu": "PPiqiiPPPiffPPPP",
+    "moe15_combine": "PPiqiPPiPi",
 }
 # MoE (moe.cu; docs/kernels.md, MoE): moe_gemv's default rows per warp, the
 # routing pre-pass's block and expert limit, the prefill token tiles.
@@ -214,7 +216,7 @@ class Launch:
     kernel: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
-    args: tuple[int, ...]
+    args: tuple[int | float, ...]
     arg_format: str
     # grid[0] is capped at the blocks resident at once (MatmulKernels.run): the gemv's async walk,
     # whose warps load their next row tile while decoding the current one.
@@ -786,6 +788,92 @@ def plan_moe_i15(
     bound = moe_tile_bound(n_assign, w.experts, route.tile_m)
     grid = (-(-w.rows // I15_GEMM_ROWS), bound, splits)
     return Launch("i15", kernel, grid, (128, 1, 1), args, _ARG_FORMATS["moe15"], shared=shared)
+
+
+def plan_moe15_glu(
+    gpart: BufLike,
+    upart: BufLike,
+    splits: int,
+    n_assign: int,
+    n: int,
+    ids: BufLike,
+    n_expert: int,
+    planes: BufLike,
+    *,
+    gate_bias: BufLike | None = None,
+    up_bias: BufLike | None = None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Launch:
+    """The end of the integer MoE layer's first half in one launch: per assignment, the
+    gate's and up's split partials ([splits][n_assign][n] each) added in order with their
+    experts' biases ([n_expert][n]), the clamped SwiGLU, and the result's 15-bit codes per 32
+    into `planes` (i15_planes(n_assign, n, 32)) for the down product: the bits of
+    gemm_splitk_reduce twice, swiglu_oai_f32 and quant_x15."""
+    kernel = "moe15_glu"
+    gb, ub, qb, ib = as_buf(gpart), as_buf(upart), as_buf(planes), as_buf(ids)
+    _need(kernel, 1 <= n_assign <= MAX_GRID_YZ and splits >= 1, f"{n_assign} rows, {splits} splits")
+    _need(kernel, n >= 32 and n % 32 == 0, f"row length {n} not a multiple of 32")
+    part = splits * n_assign * n * 4
+    _need(kernel, gb.nbytes >= part and ub.nbytes >= part, "partials buffers too small")
+    _disjoint(kernel, (gb.ptr, gb.ptr + part), (ub.ptr, ub.ptr + part), "gate and up partials")
+    hi, lo, d, sq, total = i15_planes(n_assign, n, 32)
+    _need(kernel, qb.ptr > 0 and qb.ptr % 16 == 0, "planes pointer null or not 16-byte aligned")
+    _need(kernel, qb.nbytes >= total, f"planes buffer {qb.nbytes} bytes < {total} needed")
+    for what, pb in (("gate", gb), ("up", ub)):
+        _disjoint(kernel, (pb.ptr, pb.ptr + part), (qb.ptr, qb.ptr + total), f"{what} and planes")
+    _need(kernel, ib.nbytes >= 4 * n_assign and n_expert >= 1, "expert ids buffer too small")
+    biases = []
+    for b in (gate_bias, up_bias):
+        bb = _opt_buf(b)
+        if bb is not None:
+            _check_f32(kernel, "bias", bb, n_expert, n, n)
+        biases.append(bb.ptr if bb else 0)
+    q = qb.ptr
+    args = (
+        gb.ptr, ub.ptr, splits, n_assign * n, n_assign, n, *biases, ib.ptr, n_expert,
+        float(alpha), float(limit), q + hi, q + lo, q + d, q + sq,
+    )  # fmt: skip
+    grid = (-(-n // 256), n_assign, 1)
+    return Launch("i15", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
+
+
+def plan_moe15_combine(
+    x: BufLike,
+    part: BufLike,
+    splits: int,
+    ntok: int,
+    topk: int,
+    n: int,
+    ids: BufLike,
+    n_expert: int,
+    weights: BufLike,
+    *,
+    bias: BufLike | None = None,
+) -> Launch:
+    """The end of the integer MoE layer in one launch: x[t] += the sum over token t's topk
+    slots, in order, of its weight ([ntok][topk]) times the down product of that assignment
+    (its split partials [splits][ntok * topk][n] added in order, plus its expert's bias):
+    the bits of gemm_splitk_reduce and moe_combine_f32."""
+    kernel = "moe15_combine"
+    n_assign = ntok * topk
+    xb, pb, ib, wb = as_buf(x), as_buf(part), as_buf(ids), as_buf(weights)
+    _need(kernel, 1 <= ntok <= MAX_GRID_YZ and topk >= 1 and splits >= 1, "rows, slots, splits")
+    need = splits * n_assign * n * 4
+    _need(kernel, pb.nbytes >= need, f"partials buffer {pb.nbytes} bytes < {need}")
+    xr = _check_f32(kernel, "x", xb, ntok, n, n)
+    _disjoint(kernel, (pb.ptr, pb.ptr + need), xr, "partials and x")
+    _need(kernel, ib.nbytes >= 4 * n_assign and n_expert >= 1, "expert ids buffer too small")
+    _need(kernel, wb.nbytes >= 4 * n_assign, "slot weights buffer too small")
+    bb = _opt_buf(bias)
+    if bb is not None:
+        _check_f32(kernel, "bias", bb, n_expert, n, n)
+    args = (
+        xb.ptr, pb.ptr, splits, n_assign * n, n, bb.ptr if bb else 0, ib.ptr, n_expert,
+        wb.ptr, topk,
+    )  # fmt: skip
+    grid = (-(-n // 256), ntok, 1)
+    return Launch("i15", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
 
 def gemm_version(w: QWeight) -> int:
@@ -1659,11 +1747,7 @@ class MatmulKernels:
             route = self.moe_route(
                 ids, ntok, topk, w.experts, stream=stream, form=form, tile_m=tile_m
             )
-        key = (as_buf(ids).ptr, ntok, topk, w.experts, self._route_gen)
-        if (route.ids, route.ntok, route.topk, route.experts, route.gen) != key:
-            raise LaunchRefused(
-                "moe", f"routing {route} is not the latest one of these ids and experts"
-            )
+        self._check_route("moe", route, ids, ntok, topk, w.experts)
         _need("moe", form in ("auto", route.form), f"form {form} but routed for {route.form}")
         _need("moe", tile_m in (None, route.tile_m), f"tile_m {tile_m}, routed for {route.tile_m}")
         form = route.form
@@ -1694,6 +1778,85 @@ class MatmulKernels:
             ]
         else:
             launches = self._routed(mats, ids, ntok, topk, x, per_slot_input, route, kw)
+        for launch in launches:  # all checked before any is queued
+            self.run(launch, stream)
+
+    def _check_route(
+        self, kernel: str, route: MoeRoute, ids: BufLike, ntok: int, topk: int, experts: int
+    ) -> None:
+        """Refuse a routing that is not the latest pre-pass of these ids and experts (a later
+        one overwrote the workspace)."""
+        key = (as_buf(ids).ptr, ntok, topk, experts, self._route_gen)
+        if (route.ids, route.ntok, route.topk, route.experts, route.gen) != key:
+            raise LaunchRefused(
+                kernel, f"routing {route} is not the latest one of these ids and experts"
+            )
+
+    def moe15_ffn(
+        self,
+        gate: tuple[QWeight, BufLike | None],
+        up: tuple[QWeight, BufLike | None],
+        down: tuple[QWeight, BufLike | None],
+        ids: BufLike,
+        slot_weights: BufLike,
+        ntok: int,
+        topk: int,
+        x: BufLike,
+        out: BufLike,
+        route: MoeRoute,
+        *,
+        swiglu: tuple[float, float] = (1.702, 7.0),
+        planes: BufLike | None = None,
+        stream: Any = None,
+    ) -> None:
+        """gpt-oss's expert FFN on the routed integer cores (route.form "i15"), each half
+        ending in one launch: quant_x15 of x (ntok rows; none when `planes` holds its codes),
+        gate and up (matrix, expert biases) by the routed core into split partials, moe15_glu
+        (their in-order sums with the biases, the clamped SwiGLU (alpha, limit), down's
+        codes), down by the routed core, moe15_combine (its in-order sum with its biases,
+        weighted over each token's slots in order, added into `out`, ntok rows of down's
+        width). The bits of moe() for gate and up, swiglu_oai, moe() for down, and
+        moe_combine, which it replaces."""
+        (wg, bg), (wu, bu), (wd, bd) = gate, up, down
+        self._check_route("moe15", route, ids, ntok, topk, wg.experts)
+        _need("moe15", route.form == "i15", f"routed for the {route.form} form")
+        _need("moe15", wg.rows == wu.rows == wd.cols, "gate, up and down widths differ")
+        n_assign, ff = ntok * topk, wg.rows
+        sg, sd = i15_split(wg, self._sms), i15_split(wd, self._sms)
+        _need("moe15", i15_split(wu, self._sms) == sg, "gate and up split differently")
+        half = -(-sg * n_assign * ff * 4 // 256) * 256  # gate's partials, then up's
+        ws = self._splitk_workspace(max(2 * half, sd * n_assign * wd.rows * 4))
+        gpart = DevBuf(ws.ptr, half)
+        upart = DevBuf(ws.ptr + half, ws.nbytes - half)
+        launches = []
+        if planes is None:
+            planes = self._i15_workspace(i15_planes(ntok, wg.cols, 32)[4])
+            launches.append(plan_quant_x15(x, planes, ntok, wg.cols, blk=32))
+        for m, part in ((wg, gpart), (wu, upart)):
+            launches.append(
+                plan_moe_i15(
+                    m, planes, part, n_assign, sg, route, x_rows=ntok, per_slot_input=False
+                )
+            )
+        # down's codes: the token planes are read by now (one stream), so their workspace
+        # takes them unless the producer's planes were given
+        dplanes = self._i15_workspace(i15_planes(n_assign, ff, 32)[4])
+        alpha, limit = swiglu
+        launches.append(
+            plan_moe15_glu(
+                gpart, upart, sg, n_assign, ff, ids, wg.experts, dplanes,
+                gate_bias=bg, up_bias=bu, alpha=alpha, limit=limit,
+            )
+        )  # fmt: skip
+        launches.append(
+            plan_moe_i15(wd, dplanes, ws, n_assign, sd, route, x_rows=n_assign, per_slot_input=True)
+        )
+        launches.append(
+            plan_moe15_combine(
+                out, ws, sd, ntok, topk, wd.rows, ids, wd.experts, slot_weights,
+                bias=bd,
+            )
+        )  # fmt: skip
         for launch in launches:  # all checked before any is queued
             self.run(launch, stream)
 
@@ -1807,7 +1970,8 @@ class MatmulKernels:
         moe15 = [w for w in weights if w.experts > 1 and w.qtype in I15_MOE_TYPES]
         if self.int15_experts and moe15:
             self._i15_workspace(i15_planes(max_tokens * topk, max(w.cols for w in moe15), 32)[4])
-            parts += [i15_split(w, self._sms) * w.rows * topk for w in moe15]
+            # moe15_ffn holds gate's and up's partials at once (+ 256 bytes to align up's)
+            parts += [2 * i15_split(w, self._sms) * w.rows * topk + 64 for w in moe15]
         if max(parts, default=1) > 1:
             self._splitk_workspace(max_tokens * max(parts) * 4)
         if n_experts:
