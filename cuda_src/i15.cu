@@ -275,14 +275,18 @@ __device__ __forceinline__ void i15_ring(int u0, int u1, int slots, Stage&& stag
     if (u0 + p < u1) stage(u0 + p, p);
     i15_cp_commit();
   }
+  // unit u computes in slot cs = (u - u0) % (ahead + 1) and stages unit u + ahead in ss, the
+  // slot before it (counted: the modulo's division took ~25 instructions a unit)
+  int cs = 0, ss = ahead;
   for (int u = u0; u < u1; ++u) {
-    const int i = u - u0;
-    if (u + ahead < u1) stage(u + ahead, (i + ahead) % (ahead + 1));  // unit u - 1's slot
+    if (u + ahead < u1) stage(u + ahead, ss);  // unit u - 1's slot
     i15_cp_commit();
     i15_cp_wait(ahead);  // unit u's group (the ahead newer ones may still be in flight)
     __syncthreads();     // ... for every thread
-    compute(u, i % (ahead + 1));
+    compute(u, cs);
     __syncthreads();  // the slot is read before it is staged again
+    ss = cs;
+    cs = cs == ahead ? 0 : cs + 1;
   }
 }
 __device__ __forceinline__ unsigned i15_dyn_smem() {

@@ -197,6 +197,9 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     out = {"bias": buf(bias), "residual": buf(y), "ldy": n + 4, "tickets": buf(tickets)}
     launch = plan_i15(w, buf(planes), buf(part), m, splits, y=buf(y), fold=form == "fold", **out)
     assert (launch.grid[2] == 1) == (form != "split")
+    # the staged ring: two slots for gemm15p8, three for gemm15p (at most a split's units)
+    slot = matmul.i15_gemmp_slot(qtype, matmul.layout(qtype).block_bytes, 8 if m <= 8 else 32)
+    assert launch.shared % slot == 0 and launch.shared // slot <= (2 if m <= 8 else 3)
     kernel_emu.run(launch)
     assert y.tobytes() == want.tobytes()
     assert not tickets.any()
