@@ -229,7 +229,8 @@ class I15:
         self.quant = mod.get_function("quant_x15")
         self.gemmp = mod.get_function(f"gemm15p_{name}")
         self.gemmp8 = mod.get_function(f"gemm15p8_{name}")  # one n8 tile: 8 rows a block
-        self.gemmpf = mod.get_function(f"gemm15pf_{name}")  # gemm15p, its splits folded
+        # gemm15p, its splits folded (no Q6_K form: i15_fold never picks it)
+        self.gemmpf = None if qtype == Q6_K else mod.get_function(f"gemm15pf_{name}")
         self.blk = block_of(qtype)
         self.reduce = mod.get_function("i15_reduce")
         if hasattr(self.gemmp, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
@@ -238,9 +239,11 @@ class I15:
             from worker.backends.cuda.matmul import _allow_dynamic_shared, _prefer_shared
 
             for fn in (self.quant, self.gemmp, self.gemmp8, self.gemmpf, self.reduce):
-                _prefer_shared(fn)
+                if fn is not None:
+                    _prefer_shared(fn)
             _allow_dynamic_shared(self.gemmp, "gemm15p", 3 * gemmp_slot(qtype))
-            _allow_dynamic_shared(self.gemmpf, "gemm15pf", 3 * gemmp_slot(qtype))
+            if self.gemmpf is not None:
+                _allow_dynamic_shared(self.gemmpf, "gemm15pf", 3 * gemmp_slot(qtype))
             _allow_dynamic_shared(self.gemmp8, "gemm15p8", 3 * gemmp_slot(qtype, 8))
 
     @staticmethod
@@ -287,6 +290,7 @@ class I15:
         if core == "auto":
             core = "gemmp8" if m <= P8_ROWS else "gemmp"
         assert core in ("gemmp", "gemmp8", "gemmpf"), core
+        assert core != "gemmpf" or self.gemmpf is not None, "no folded Q6_K core"
         fold = core == "gemmpf"
         self.quant(
             x, np.int64(k), i32(m), i32(k), i32(self.blk), b["hi"], b["lo"], b["d"], b["sq"],

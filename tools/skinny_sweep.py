@@ -141,6 +141,8 @@ def _sweep_i15(ctx: Any, name: str, rows: list[int], wants: list[int], l2_bytes:
             for core in ("gemmp", "gemmp8", "gemmpf"):
                 if (core == "gemmp8" and m > P8_ROWS) or (core == "gemmpf" and m <= P8_ROWS):
                     continue  # gemm15p8 up to 8 rows, the folded gemm15p above
+                if core == "gemmpf" and i15.gemmpf is None:
+                    continue  # no folded Q6_K core
                 steps: list[Callable[[], None]] = [
                     partial(i15.run, c, x, y, m, n, k, split, b, ctx.stream, core, True)
                     for c in copies

@@ -149,7 +149,12 @@ _LAUNCH_CASES = [
 # "fold": one block a tile adds its splits itself (gemm15pf: only above 8 rows)
 @pytest.mark.parametrize(
     ("m", "qtype", "form"),
-    [(m, q, f) for m, q in _LAUNCH_CASES for f in ("split", "one", "fold") if f != "fold" or m > 8],
+    [
+        (m, q, f)
+        for m, q in _LAUNCH_CASES
+        for f in ("split", "one", "fold")
+        if f != "fold" or (m > 8 and q != Q6_K)  # gemm15pf: above 8 rows, no Q6_K form
+    ],
 )
 def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     m: int, qtype: int, form: str
@@ -205,7 +210,7 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     assert not tickets.any()
 
 
-@pytest.mark.parametrize("qtype", [Q4_K, Q6_K, Q8_0])
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q8_0])
 def test_a_fold_of_splits_of_several_units_is_the_twin(qtype: int) -> None:
     """gemm15pf over 5 units (super-blocks; legacy: chunks of 8 blocks) in 3 splits of 2, 2
     and 1: its split sums cross units and the last is short. Without y its one partial is

@@ -745,6 +745,35 @@ def test_integer_moe_ffn_ends_each_half_in_one_launch() -> None:
         mm.moe15_ffn(*mats, ids, ew, 1, 4, xn, x, r)
 
 
+def test_integer_cores_fold_their_splits_where_the_tiles_fill_the_gpu() -> None:
+    """i15_fold on Phi-3's products and an H100's 132 multiprocessors: never at 1-8 rows
+    (gemm15p8) nor for Q6_K (its folded core spills: slower at every row count), always
+    where the output tiles fill the multiprocessors (qkv and gate_up above 8 rows), and where
+    they fill half of them if each split is one super-block (o, 12 splits of 12, at 33-64
+    rows: 96 tiles), but not Q4_K down's splits of two (96 tiles at 64 rows)."""
+    from worker.backends.cuda.matmul import i15_fold, i15_split
+
+    def folds(n: int, k: int, t: int) -> list[int]:
+        w = QWeight(A, t, n, k, n * layout(t).row_bytes(k))
+        return [
+            m for m in (1, 8, 9, 16, 32, 33, 64, 65, 128) if i15_fold(w, m, i15_split(w, 132), 132)
+        ]
+
+    assert folds(9216, 3072, 13) == [9, 16, 32, 33, 64, 65, 128]  # qkv, 6 splits
+    assert folds(16384, 3072, 12) == [9, 16, 32, 33, 64, 65, 128]  # gate_up, 4
+    assert folds(3072, 3072, 12) == [33, 64, 65, 128]  # o, 12 splits of one super-block
+    assert folds(3072, 8192, 12) == [65, 128]  # Q4_K down, 16 splits of two: 144 tiles at 65
+    assert folds(3072, 8192, 14) == folds(32064, 3072, 14) == []  # Q6_K down, the head
+    w = QWeight(A, 12, 3072, 3072, 3072 * layout(12).row_bytes(3072))
+    assert not i15_fold(w, 64, 1, 132)  # nothing to fold
+    from worker.backends.cuda.matmul import plan_i15
+
+    q6 = QWeight(A, 14, 3072, 8192, 3072 * layout(14).row_bytes(8192))
+    planes, part = DevBuf(A << 8, 1 << 28), DevBuf(A << 9, 1 << 28)
+    assert "no folded form" in str(refused(plan_i15, q6, planes, part, 64, 16, fold=True))
+    assert plan_i15(q6, planes, part, 64, 16).kernel == "gemm15p_q6_k"
+
+
 def test_int15_setting_puts_experts_and_large_k_quant_products_on_the_integer_cores() -> None:
     """WORKER_ORCD_INT15: `auto` (the default) the routed experts and the dense K-quant
     products of 8 Mi weights or more, `experts` the experts only, `all` every dense product
@@ -775,10 +804,9 @@ def test_int15_setting_puts_experts_and_large_k_quant_products_on_the_integer_co
     ex = QWeight(A, 39, 2880, 2880, 32 * 2880 * layout(39).row_bytes(2880), experts=32)
     got = mm.arithmetic([w(*s) for s in phi3] + [w(*s) for s in qwen])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (5, 4, "none")
-    assert got["batch_invariant"] is True and got["int15"] == "auto" and got["int15"] == "auto"
+    assert got["batch_invariant"] is True and got["int15"] == "auto"
     got = _PlanOnly(int15=True).arithmetic([w(*s) for s in gptoss] + [ex])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (3, 0, "integer")
-    assert got["int15"] == "all"
     assert got["int15"] == "all"
     got = _PlanOnly(invariant=False).arithmetic([ex, w(*gptoss[0])])
     assert (got["dense_integer"], got["dense_fp16"], got["experts"]) == (0, 1, "fp16")

@@ -664,8 +664,15 @@ def plan_quant_x15(
 def i15_fold(w: QWeight, m: int, splits: int, sms: int) -> bool:
     """Whether gemm15p folds w's splits into one block a tile (gemm15pf: the same bits, no
     partials): for steps of more than I15_P8_ROWS rows whose output tiles fill the GPU's
-    multiprocessors without the split (at fewer, the split's blocks are what fill it)."""
-    return splits > 1 and m > I15_P8_ROWS and i15_tiles(w, m) >= sms
+    multiprocessors without the split (at fewer, the split's blocks are what fill it), or
+    fill half of them where each split is a single unit (such a block cannot overlap its one
+    unit's copy with its arithmetic). Never Q6_K: gemm15pf_q6_k spills, and was slower than
+    the split core at every row count measured (BENCHMARKS.md)."""
+    if splits <= 1 or m <= I15_P8_ROWS or w.qtype == I15_Q6_K:
+        return False
+    tiles = i15_tiles(w, m)
+    single = -(-(w.cols // 256) // splits) == 1 if i15_block(w.qtype) == 256 else False
+    return tiles >= sms or (single and 2 * tiles >= sms)
 
 
 def i15_tiles(w: QWeight, m: int) -> int:
@@ -701,6 +708,7 @@ def plan_i15(
     core = i15_core(m)
     kernel = f"{core}{'f' if fold else ''}_{lay.name}"
     _need(kernel, not fold or core == "gemm15p", f"no folded form of {core}")
+    _need(kernel, not fold or w.qtype != I15_Q6_K, "no folded form for q6_k (i15_fold)")
     _need(kernel, w.qtype in I15_TYPES and w.experts == 1, f"no 15-bit product for {lay.name}")
     _need(kernel, 1 <= m <= MAX_GRID_YZ * I15_GEMM_TOK, f"row count {m} out of range")
     _need(kernel, w.cols % blk == 0, f"row length {w.cols} not a multiple of {blk}")
