@@ -28,7 +28,7 @@ extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const floa
   }
 }
 
-// gpt-oss: g = min(g, limit); u = clamp(u, -limit, limit); out = g * sigmoid(alpha * g) * (u + 1).
+// gpt-oss's clamped SwiGLU (common.cuh swiglu_oai).
 extern "C" __global__ void swiglu_oai_f32(const float* __restrict__ gate,
                                           const float* __restrict__ up, float* __restrict__ out,
                                           int n, int gate_stride, int up_stride, int out_stride,
@@ -37,9 +37,8 @@ extern "C" __global__ void swiglu_oai_f32(const float* __restrict__ gate,
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const size_t r = blockIdx.y;
-  const float g = fminf(gate[r * gate_stride + i], limit);
-  const float u = fminf(fmaxf(up[r * up_stride + i], -limit), limit);
-  out[r * out_stride + i] = g / (1.0f + expf(-alpha * g)) * (u + 1.0f);
+  out[r * out_stride + i] =
+      swiglu_oai(gate[r * gate_stride + i], up[r * up_stride + i], alpha, limit);
 }
 
 // GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). In place ok.

@@ -1,5 +1,5 @@
 // Shared helpers of the kernels: deterministic block reductions (fixed shape, fixed order),
-// and the paged KV cache's block size.
+// gpt-oss's SwiGLU, and the paged KV cache's block size.
 #pragma once
 #include <cuda_fp16.h>
 #include "pdl.cuh"
@@ -8,6 +8,14 @@
 // Positions per KV-cache block (worker/backends/cuda/kv.py KV_BLOCK mirrors it; the
 // tensor-core prefill attention streams one block per key tile).
 #define KV_BLOCK 64
+
+// gpt-oss's clamped SwiGLU: g = min(g, limit), u = clamp(u, -limit, limit),
+// g * sigmoid(alpha * g) * (u + 1) (swiglu_oai_f32 and the integer MoE layer's moe15_glu).
+__device__ __forceinline__ float swiglu_oai(float g, float u, float alpha, float limit) {
+  g = fminf(g, limit);
+  u = fminf(fmaxf(u, -limit), limit);
+  return g / (1.0f + expf(-alpha * g)) * (u + 1.0f);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -961,16 +961,9 @@ extern "C" __global__ void __launch_bounds__(256) moe15_glu(
   }
   if (gbias) g += gbias[brow + n];
   if (ubias) u += ubias[brow + n];
-  g = fminf(g, limit);
-  u = fminf(fmaxf(u, -limit), limit);
-  const float v = g / (1.0f + expf(-alpha * g)) * (u + 1.0f);
-  float a = fabsf(v);
-#pragma unroll
-  for (int o = 16; o; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-  const float dd = i15_scale(a);
-  int q = i15_code(v, dd, hi[off], lo[off]);
-#pragma unroll
-  for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+  const float v = swiglu_oai(g, u, alpha, limit);
+  const float dd = i15_scale(warp_max(fabsf(v)));  // the row's 32-group of this warp
+  const int q = i15_codes32(v, dd, hi[off], lo[off]);
   if (lane == 0) {
     const long long b = (long long)m * (N / 32) + n / 32;
     sq[b] = q;

@@ -7,6 +7,7 @@
 // two int8 planes, q = 128 hi + lo (hi = rint(q / 128), |lo| <= 64); sq = the sum of q of every
 // 32 elements (int32).
 #pragma once
+#include "common.cuh"
 
 constexpr int I15_STEPS = 16256;  // 127 * 128
 
@@ -25,6 +26,15 @@ __device__ __forceinline__ int i15_code(float v, float dd, int8_t& hi, int8_t& l
   return q;
 }
 
+// A warp's codes of one group of 32 at step dd, a value v a lane (into hi, lo); returns
+// the group's sq (every lane).
+__device__ __forceinline__ int i15_codes32(float v, float dd, int8_t& hi, int8_t& lo) {
+  int s = i15_code(v, dd, hi, lo);
+#pragma unroll
+  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
 // The calling block quantizes x[0 .. len) (len a multiple of blk, the first element
 // at the start of a group): its warps take groups in turn, a lane 1 or 8 elements of
 // each. Writes hi[i], lo[i], d[group], sq[i / 32]. Every thread of the block must call it.
@@ -37,14 +47,10 @@ __device__ __forceinline__ void i15_quant_span(const float* x, int len, int blk,
     const float* xg = x + (size_t)g * blk;
     float a = 0.f;
     for (int j = 0; j < per; ++j) a = fmaxf(a, fabsf(xg[32 * j + lane]));
-#pragma unroll
-    for (int o = 16; o; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-    const float dd = i15_scale(a);
+    const float dd = i15_scale(warp_max(a));
     for (int j = 0; j < per; ++j) {
       const size_t i = (size_t)g * blk + 32 * j + lane;
-      int s = i15_code(xg[32 * j + lane], dd, hi[i], lo[i]);
-#pragma unroll
-      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      const int s = i15_codes32(xg[32 * j + lane], dd, hi[i], lo[i]);
       if (lane == 0) sq[(size_t)g * per + j] = s;
     }
     if (lane == 0) d[g] = dd;

@@ -414,7 +414,12 @@ def test_integer_moe_layer_ends_are_the_separate_launches(
     assert route.form == "i15"
     mm.moe(wg, ids, ntok, topk, xn, yg, per_slot_input=False, route=route, bias=bg,
            pair=(wu, yu, bu))  # fmt: skip
+    g, u = dev.get(yg, (n_assign, ff)), dev.get(yu, (n_assign, ff))
     kern.swiglu(yg, yu, yg, n_assign, ff, ff, ff, ff, oai=(1.702, 7.0))
+    # (moe15_glu shares the SwiGLU's expression: held to gpt-oss's formula here)
+    gc, uc = np.minimum(g, 7.0), np.clip(u, -7.0, 7.0)
+    want = gc / (1.0 + np.exp(-1.702 * gc)) * (uc + 1.0)
+    np.testing.assert_allclose(dev.get(yg, (n_assign, ff)), want, rtol=2e-6, atol=1e-6)
     mm.moe(wd, ids, ntok, topk, yg, yd, per_slot_input=True, route=route, bias=bd)
     kern.moe_combine(x_a, yd, ew, ntok, E, topk)
     # the fused ends
