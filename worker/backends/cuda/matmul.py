@@ -285,6 +285,16 @@ def _disjoint(kernel: str, a: tuple[int, int], b: tuple[int, int], what: str) ->
     _need(kernel, a[1] <= b[0] or b[1] <= a[0], f"{what} overlap")
 
 
+def _bias_ptr(kernel: str, bias: BufLike | None, rows: int, n: int) -> int:
+    """The optional fp32 bias (rows rows of n: one, or one an expert) checked; its pointer,
+    0 for none."""
+    bb = _opt_buf(bias)
+    if bb is None:
+        return 0
+    _check_f32(kernel, "bias", bb, rows, n, n)
+    return bb.ptr
+
+
 def _check_epilogue(
     kernel: str,
     yr: tuple[int, int],
@@ -298,13 +308,11 @@ def _check_epilogue(
     """The optional bias (bias_rows rows of n fp32) and residual (m rows of n, stride ldy:
     y itself or apart from it) of a launch writing y's byte range yr; their pointers (0:
     none)."""
-    bb, rb = _opt_buf(bias), _opt_buf(residual)
-    if bb is not None:
-        _check_f32(kernel, "bias", bb, bias_rows, n, n)
+    bptr, rb = _bias_ptr(kernel, bias, bias_rows, n), _opt_buf(residual)
     if rb is not None:
         rr = _check_f32(kernel, "residual", rb, m, n, ldy)
         _need(kernel, rr == yr or rr[1] <= yr[0] or yr[1] <= rr[0], "residual overlaps y")
-    return (bb.ptr if bb else 0, rb.ptr if rb else 0)
+    return (bptr, rb.ptr if rb else 0)
 
 
 def plan_gemv(
@@ -671,7 +679,7 @@ def i15_fold(w: QWeight, m: int, splits: int, sms: int) -> bool:
     if splits <= 1 or m <= I15_P8_ROWS or w.qtype == I15_Q6_K:
         return False
     tiles = i15_tiles(w, m)
-    single = -(-(w.cols // 256) // splits) == 1 if i15_block(w.qtype) == 256 else False
+    single = i15_block(w.qtype) == 256 and w.cols // 256 <= splits  # a super-block a split
     return tiles >= sms or (single and 2 * tiles >= sms)
 
 
@@ -837,12 +845,7 @@ def plan_moe15_glu(
     for what, pb in (("gate", gb), ("up", ub)):
         _disjoint(kernel, (pb.ptr, pb.ptr + part), (qb.ptr, qb.ptr + total), f"{what} and planes")
     _need(kernel, ib.nbytes >= 4 * n_assign and n_expert >= 1, "expert ids buffer too small")
-    biases = []
-    for b in (gate_bias, up_bias):
-        bb = _opt_buf(b)
-        if bb is not None:
-            _check_f32(kernel, "bias", bb, n_expert, n, n)
-        biases.append(bb.ptr if bb else 0)
+    biases = [_bias_ptr(kernel, b, n_expert, n) for b in (gate_bias, up_bias)]
     q = qb.ptr
     args = (
         gb.ptr, ub.ptr, splits, n_assign * n, n_assign, n, *biases, ib.ptr, n_expert,
@@ -879,13 +882,8 @@ def plan_moe15_combine(
     _disjoint(kernel, (pb.ptr, pb.ptr + need), xr, "partials and x")
     _need(kernel, ib.nbytes >= 4 * n_assign and n_expert >= 1, "expert ids buffer too small")
     _need(kernel, wb.nbytes >= 4 * n_assign, "slot weights buffer too small")
-    bb = _opt_buf(bias)
-    if bb is not None:
-        _check_f32(kernel, "bias", bb, n_expert, n, n)
-    args = (
-        xb.ptr, pb.ptr, splits, n_assign * n, n, bb.ptr if bb else 0, ib.ptr, n_expert,
-        wb.ptr, topk,
-    )  # fmt: skip
+    bptr = _bias_ptr(kernel, bias, n_expert, n)
+    args = (xb.ptr, pb.ptr, splits, n_assign * n, n, bptr, ib.ptr, n_expert, wb.ptr, topk)
     grid = (-(-n // 256), ntok, 1)
     return Launch("i15", kernel, grid, (256, 1, 1), args, _ARG_FORMATS[kernel])
 
