@@ -30,16 +30,16 @@ def gemmp_slot(qtype: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS) -> int:
 def gemmp_shared(
     qtype: int, k: int, splits: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS
 ) -> int:
-    """gemm15p's (gemm15p8's; the routed cores' with tok 8, 16 or 64) dynamic shared memory: a
-    slot for each super-block (legacy: chunk) of a split, at most the worker's
-    I15_GEMMP_SLOTS (2 with 64 rows of X)."""
+    """gemm15p's (gemm15p8's with tok 8) dynamic shared memory: a slot for each super-block
+    (legacy: chunk) of a split, at most as many as the worker's ring holds
+    (matmul.i15_dense_slots)."""
     if qtype in LEGACY:
         per = legacy_split_blocks(k, splits) // CHUNK
     else:
         per = -(-(k // 256) // splits)
-    from worker.backends.cuda.matmul import I15_GEMMP_SLOTS
+    from worker.backends.cuda.matmul import i15_dense_slots
 
-    return min(per, 2 if tok == 64 else I15_GEMMP_SLOTS) * gemmp_slot(qtype, tok, rows)
+    return min(per, i15_dense_slots(tok)) * gemmp_slot(qtype, tok, rows)
 
 
 def block_of(qtype: int) -> int:

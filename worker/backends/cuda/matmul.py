@@ -643,6 +643,12 @@ def i15_core(m: int) -> str:
     return "gemm15p8" if m <= I15_P8_ROWS else "gemm15p"
 
 
+def i15_dense_slots(tok: int) -> int:
+    """Staged units a dense integer core's ring holds at most: I15_P8_SLOTS for gemm15p8
+    (tok 8), I15_GEMMP_SLOTS for gemm15p."""
+    return I15_P8_SLOTS if tok == 8 else I15_GEMMP_SLOTS
+
+
 def i15_core_tok(core: str) -> int:
     """Rows of X a block of a tensor-core integer core."""
     return 8 if core == "gemm15p8" else I15_GEMM_TOK
@@ -751,8 +757,7 @@ def plan_i15(
     args = (w.ptr, w.rows, w.cols, q + hi, q + lo, q + d, q + sq, m, splits, pb.ptr, *out)
     tok = i15_core_tok(core)
     ring = units if fold else per  # units a block walks
-    slots = I15_P8_SLOTS if tok == 8 else I15_GEMMP_SLOTS
-    shared = min(ring, slots) * i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
+    shared = min(ring, i15_dense_slots(tok)) * i15_gemmp_slot(w.qtype, lay.block_bytes, tok)
     grid = (-(-w.rows // I15_GEMM_ROWS), -(-m // tok), 1 if fold else splits)
     block = (128, 1, 1)
     return Launch("i15", kernel, grid, block, args, _ARG_FORMATS["i15"], shared=shared)
