@@ -84,7 +84,7 @@ template <int T> struct Smem {
 // gemm3_<type>_m128 / _m64: the same with X already fp16 (gemm_x16 pre-pass into a workspace):
 // the X tile goes global -> shared by cp.async through 3 stages, two steps ahead, with no
 // conversion and no registers held; one __syncthreads per step (the chunk waits ride on it).
-// Shared memory is dynamic (g2::Smem<T, BM>::bytes, g2::Smem3 for gemm3, mirrored by gemm2_smem_bytes in matmul.py
+// Shared memory is dynamic (g2::Smem<T, BM>::bytes, g2::Smem3 for gemm3, mirrored by gemm2_smem_bytes in plans/dense.py
 // and checked against it in tests/unit/cuda/test_matmul_args.py); the kernel traps if launched
 // with less.
 namespace g2 {
@@ -434,7 +434,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ W, long long row
 // Rows: row r < 16 reads X + s_xoff[r] and writes Y + s_yoff[r] (-1: no row), set by the
 // caller before a barrier; the matrix starts w_off bytes after W (any alignment).
 // Dynamic shared memory: NW * sk::Smem<T>::warp + G * S * sk::Smem<T>::item bytes
-// (skinny_warp_bytes and SKINNY_ITEM_BYTES in matmul.py); the kernel traps with less.
+// (skinny_warp_bytes and SKINNY_ITEM_BYTES in plans/dense.py); the kernel traps with less.
 template <int T>
 __device__ __forceinline__ void skinny_run(const uint8_t* __restrict__ W, long long w_off,
                                            long long row_bytes, int N, int K,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 STEPS = 16256  # 127 * 128: the codes' range
-P8_ROWS = 8  # steps of up to this many rows take gemm15p8 (matmul.I15_P8_ROWS)
+P8_ROWS = 8  # steps of up to this many rows take gemm15p8 (plans.i15.I15_P8_ROWS)
 GEMM_ROWS = 64  # weight rows a block of 4 warps
 GEMM_TOK = 32  # rows of X a gemm15p block
 
@@ -21,8 +21,8 @@ GEMM_TOK = 32  # rows of X a gemm15p block
 def gemmp_slot(qtype: int, tok: int = GEMM_TOK, rows: int = GEMM_ROWS) -> int:
     """Shared bytes of one super-block (legacy: chunk of 8 blocks) gemm15p (tok 32) or
     gemm15p8 (tok 8) stages for `rows` weight rows a block: the worker's layout
-    (worker.backends.cuda.matmul.i15_gemmp_slot)."""
-    from worker.backends.cuda.matmul import i15_gemmp_slot
+    (worker.backends.cuda.plans.i15.i15_gemmp_slot)."""
+    from worker.backends.cuda.plans.i15 import i15_gemmp_slot
 
     return i15_gemmp_slot(qtype, BYTES.get(qtype, 0), tok, rows)
 
@@ -32,12 +32,12 @@ def gemmp_shared(
 ) -> int:
     """gemm15p's (gemm15p8's with tok 8) dynamic shared memory: a slot for each super-block
     (legacy: chunk) of a split, at most as many as the worker's ring holds
-    (matmul.i15_dense_slots)."""
+    (plans.i15.i15_dense_slots)."""
     if qtype in LEGACY:
         per = legacy_split_blocks(k, splits) // CHUNK
     else:
         per = -(-(k // 256) // splits)
-    from worker.backends.cuda.matmul import i15_dense_slots
+    from worker.backends.cuda.plans.i15 import i15_dense_slots
 
     return min(per, i15_dense_slots(tok)) * gemmp_slot(qtype, tok, rows)
 
@@ -236,15 +236,15 @@ class I15:
         if hasattr(self.gemmp, "set_attribute"):  # PyCUDA's, as MatmulKernels sets its own:
             # the largest shared-memory carveout (the context prefers L1, which leaves room for
             # fewer blocks an SM) and gemm15p's dynamic shared memory above 48 KB
-            from worker.backends.cuda.matmul import _allow_dynamic_shared, _prefer_shared
+            from worker.backends.cuda.matmul import allow_dynamic_shared, prefer_shared
 
             for fn in (self.quant, self.gemmp, self.gemmp8, self.gemmpf, self.reduce):
                 if fn is not None:
-                    _prefer_shared(fn)
-            _allow_dynamic_shared(self.gemmp, "gemm15p", 3 * gemmp_slot(qtype))
+                    prefer_shared(fn)
+            allow_dynamic_shared(self.gemmp, "gemm15p", 3 * gemmp_slot(qtype))
             if self.gemmpf is not None:
-                _allow_dynamic_shared(self.gemmpf, "gemm15pf", 3 * gemmp_slot(qtype))
-            _allow_dynamic_shared(self.gemmp8, "gemm15p8", 3 * gemmp_slot(qtype, 8))
+                allow_dynamic_shared(self.gemmpf, "gemm15pf", 3 * gemmp_slot(qtype))
+            allow_dynamic_shared(self.gemmp8, "gemm15p8", 3 * gemmp_slot(qtype, 8))
 
     @staticmethod
     def shapes(

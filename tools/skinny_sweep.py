@@ -74,13 +74,8 @@ def _sweep(ctx: Any, mk: Any, name: str, rows: list[int], wants: list[int], l2_b
     import pycuda.driver as drv
 
     from tools.synth_blocks import random_matrix
-    from worker.backends.cuda.matmul import (
-        SKINNY_MAX_ROWS,
-        QWeight,
-        gemm_split,
-        plan_skinny,
-        split_k,
-    )
+    from worker.backends.cuda.plans.base import QWeight
+    from worker.backends.cuda.plans.dense import SKINNY_MAX_ROWS, gemm_split, plan_skinny, split_k
 
     rng = np.random.default_rng(0)
     n, k, qtype = SHAPES[name]

@@ -188,7 +188,9 @@ def test_worker_linear_takes_the_integer_cores(gpu: Any, m: int, qtype: int) -> 
     the bias, then the residual, bit for bit, at every row count (gemm15p8 up to 8 rows,
     gemm15p above)."""
     from worker.backends.cuda.arena import DevBuf
-    from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
+    from worker.backends.cuda.matmul import MatmulKernels
+    from worker.backends.cuda.plans.base import QWeight
+    from worker.backends.cuda.plans.i15 import i15_split
 
     mm = MatmulKernels()
     mm.invariant = True
@@ -219,7 +221,9 @@ def test_worker_moe_takes_the_routed_integer_cores(
     the twin's product of its expert's matrix and its row of X, plus the expert's bias, bit for
     bit; with a pair, both matrices."""
     from worker.backends.cuda.arena import DevBuf
-    from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_split
+    from worker.backends.cuda.matmul import MatmulKernels
+    from worker.backends.cuda.plans.base import QWeight
+    from worker.backends.cuda.plans.i15 import i15_split
 
     mm = MatmulKernels()
     mm.invariant = True
@@ -270,7 +274,8 @@ def test_integer_moe_layer_ends_are_the_separate_launches(gpu: Any, qtype: int, 
     gpt-oss's widths, 32 experts, 4 slots a token, with biases."""
     from worker.backends.cuda.arena import DevBuf
     from worker.backends.cuda.compile import load_module
-    from worker.backends.cuda.matmul import MatmulKernels, QWeight
+    from worker.backends.cuda.matmul import MatmulKernels
+    from worker.backends.cuda.plans.base import QWeight
 
     mm = MatmulKernels()
     mm.invariant, mm.int15_experts = True, True

@@ -540,7 +540,7 @@ def test_norm_and_swiglu_write_the_codes_of_their_output(
     """rmsnorm / swiglu with planes: the output they write without, and quant_x15's codes of
     it (tools.i15's twin; cuda_src/i15.cuh), bit for bit, for the integer products."""
     from tools.i15 import quant_x15
-    from worker.backends.cuda.matmul import i15_planes
+    from worker.backends.cuda.plans.i15 import i15_planes
 
     rows = 3
     rng = np.random.default_rng(n + blk)

@@ -21,12 +21,9 @@ from pycuda_arrays import poisoned, rel_err, upload
 
 from tools.synth_blocks import random_matrix
 from worker.backends.cuda.arena import LaunchRefused
-from worker.backends.cuda.matmul import (
-    MatmulKernels,
-    QWeight,
-    gemm_split,
-    gemm_version,
-)
+from worker.backends.cuda.matmul import MatmulKernels
+from worker.backends.cuda.plans.base import QWeight
+from worker.backends.cuda.plans.dense import gemm_split, gemm_version
 from worker.backends.cuda.quant_layout import LAYOUTS
 
 pytestmark = pytest.mark.gpu

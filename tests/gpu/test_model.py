@@ -283,7 +283,7 @@ def test_batch_invariance_full_size_integer_products(
     every job's ids and every step's logits bit-identical."""
     from tools.synth import preset, write_synthetic
     from worker.backends.cuda import CudaBackend
-    from worker.backends.cuda.matmul import QWeight
+    from worker.backends.cuda.plans.base import QWeight
 
     d = os.environ.get("WORKER_ORCD_SYNTH_DIR")
     base = Path(d) if d else tmp_path_factory.mktemp("synth")

@@ -165,23 +165,25 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     the bias, then the residual, bit for bit, and the tickets zero again afterwards."""
     one_split = form == "one"
     from tools import kernel_emu
-    from worker.backends.cuda import matmul
     from worker.backends.cuda.arena import DevBuf
-    from worker.backends.cuda.matmul import (
-        QWeight,
+    from worker.backends.cuda.plans.base import QWeight
+    from worker.backends.cuda.plans.i15 import (
         i15_block,
+        i15_core,
+        i15_gemmp_slot,
         i15_planes,
         i15_split,
         i15_tiles,
         plan_i15,
         plan_quant_x15,
     )
+    from worker.backends.cuda.quant_layout import layout
 
     n, k = 200, 896 if qtype in (Q4_0, Q5_0, Q8_0, MXFP4) else 1280
     raw, x = _case(m, n, k, qtype)
     w_raw = aligned(raw)
     w = QWeight(w_raw.ctypes.data, qtype, n, k, w_raw.nbytes)
-    assert (matmul.i15_core(m) == "gemm15p8") == (m <= 8)
+    assert (i15_core(m) == "gemm15p8") == (m <= 8)
     splits = 1 if one_split else i15_split(w, 132)
     assert one_split or splits > 1
     xs = aligned(np.pad(x, ((0, 0), (0, 8))), 16)  # rows of k + 8: ldx
@@ -203,7 +205,7 @@ def test_the_worker_launches_give_the_twin_with_bias_and_residual(
     launch = plan_i15(w, buf(planes), buf(part), m, splits, y=buf(y), fold=form == "fold", **out)
     assert (launch.grid[2] == 1) == (form != "split")
     # the staged ring: two slots for gemm15p8, three for gemm15p (at most a split's units)
-    slot = matmul.i15_gemmp_slot(qtype, matmul.layout(qtype).block_bytes, 8 if m <= 8 else 32)
+    slot = i15_gemmp_slot(qtype, layout(qtype).block_bytes, 8 if m <= 8 else 32)
     assert launch.shared % slot == 0 and launch.shared // slot <= (2 if m <= 8 else 3)
     kernel_emu.run(launch)
     assert y.tobytes() == want.tobytes()
@@ -217,7 +219,8 @@ def test_a_fold_of_splits_of_several_units_is_the_twin(qtype: int) -> None:
     the twin's in-order sum of the 3 splits, bit for bit."""
     from tools import kernel_emu
     from worker.backends.cuda.arena import DevBuf
-    from worker.backends.cuda.matmul import QWeight, i15_block, i15_planes, plan_i15, plan_quant_x15
+    from worker.backends.cuda.plans.base import QWeight
+    from worker.backends.cuda.plans.i15 import i15_block, i15_planes, plan_i15, plan_quant_x15
 
     m, n, k, splits = 17, 70, 1280, 3
     raw, x = _case(m, n, k, qtype)
@@ -282,7 +285,7 @@ def _route_workspace(ids: np.ndarray, n_experts: int, tile_m: int) -> np.ndarray
     """moe_route's workspace as the kernel writes it (tile count; tiles (expert, first list
     entry, rows, 0) of at most tile_m assignments, experts ascending; the assignments of each
     expert ascending), built here so the routed core is checked on its own."""
-    from worker.backends.cuda.matmul import moe_tile_bound, moe_workspace_bytes
+    from worker.backends.cuda.plans.moe import moe_tile_bound, moe_workspace_bytes
 
     n_assign = ids.size
     ws = np.zeros(moe_workspace_bytes(n_assign, n_experts, tile_m), np.uint8)
@@ -323,15 +326,10 @@ def test_routed_core_is_the_dense_core_per_assignment(
     from tools import kernel_emu
     from tools.i15 import LEGACY_BYTES
     from worker.backends.cuda.arena import DevBuf
-    from worker.backends.cuda.matmul import (
-        MoeRoute,
-        QWeight,
-        i15_planes,
-        i15_split,
-        plan_moe_i15,
-        plan_quant_x15,
-        plan_splitk_reduce,
-    )
+    from worker.backends.cuda.plans.base import QWeight
+    from worker.backends.cuda.plans.dense import plan_splitk_reduce
+    from worker.backends.cuda.plans.i15 import i15_planes, i15_split, plan_moe_i15, plan_quant_x15
+    from worker.backends.cuda.plans.moe import MoeRoute
 
     n, k = 70, 896
     n_assign = ntok * topk

@@ -15,7 +15,7 @@ from tools.i15 import quant_x15
 from tools.kernel_emu import aligned, load
 from worker.backends.cuda.arena import DevBuf, LaunchRefused
 from worker.backends.cuda.kernels import i15_args
-from worker.backends.cuda.matmul import i15_planes
+from worker.backends.cuda.plans.i15 import i15_planes
 
 
 def _planes(rows: int, n: int, blk: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -113,7 +113,8 @@ def test_a_producer_writes_codes_only_for_products_that_all_take_them() -> None:
     """MatmulKernels.i15_input_block: the scale block when every product of an input takes
     the integer cores at one block (Qwen's q/k (Q5_0) and v (Q8_0): 32), None when one
     does not (an F16 product, the switch off, invariance off) or the blocks differ."""
-    from worker.backends.cuda.matmul import MatmulKernels, QWeight
+    from worker.backends.cuda.matmul import MatmulKernels
+    from worker.backends.cuda.plans.base import QWeight
 
     mm = MatmulKernels.__new__(MatmulKernels)  # the choice is host logic: no GPU needed
     mm.int15, mm.int15_large, mm.invariant = True, False, True

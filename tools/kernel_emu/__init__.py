@@ -10,7 +10,7 @@ Arguments: NumPy arrays (their memory is the kernel's global memory) or addresse
 e.g. `arr.ctypes.data`, as the worker's launch plans carry them; None is a null pointer), and
 scalars, converted by the kernel's own parameter types. Launches are synchronous; `shared`
 sizes the dynamic shared memory; `stream` is ignored. `run(launch)` runs a
-worker.backends.cuda.matmul.Launch; `aligned(a)` copies an array to the alignment a launch
+worker.backends.cuda.plans.base.Launch; `aligned(a)` copies an array to the alignment a launch
 plan checks for.
 """
 
@@ -209,7 +209,7 @@ def load(*files: str, cache: Path | None = None) -> EmuModule:
 
 
 def run(launch: Any) -> None:
-    """Runs a worker.backends.cuda.matmul.Launch (its module cuda_src/<module>.cu, its kernel,
+    """Runs a worker.backends.cuda.plans.base.Launch (its module cuda_src/<module>.cu, its kernel,
     grid, block, shared memory and raw arguments) as MatmulKernels.run would queue it."""
     load(f"{launch.module}.cu").get_function(launch.kernel)(
         *launch.args, block=launch.block, grid=launch.grid, shared=launch.shared

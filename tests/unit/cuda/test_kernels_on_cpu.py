@@ -22,10 +22,9 @@ from tools.kernel_emu import aligned
 from tools.synth_blocks import random_matrix
 from worker.backends.cuda.arena import DevBuf
 from worker.backends.cuda.kernels import Kernels
-from worker.backends.cuda.matmul import (
-    Launch,
-    MatmulKernels,
-    QWeight,
+from worker.backends.cuda.matmul import MatmulKernels
+from worker.backends.cuda.plans.base import Launch, QWeight
+from worker.backends.cuda.plans.dense import (
     plan_embed,
     plan_gemm_x16,
     plan_gemv,
@@ -384,7 +383,7 @@ def test_integer_moe_layer_ends_are_the_separate_launches(
     as the launches it replaces: moe() for gate and up, swiglu_oai_f32, moe() for down and
     moe_combine_f32. MXFP4 experts with biases, 4 experts, 2 slots a token, gate and up K
     split 4 ways and down 3 (i15_split at these widths)."""
-    from worker.backends.cuda.matmul import i15_split
+    from worker.backends.cuda.plans.i15 import i15_split
 
     E, ff, n_exp, topk = 1024, 768, 4, 2
     rng = np.random.default_rng(ntok)

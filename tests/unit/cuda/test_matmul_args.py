@@ -19,28 +19,29 @@ import pytest
 
 from tools.synth_blocks import random_matrix
 from worker.backends.cuda.arena import DevBuf, LaunchRefused
-from worker.backends.cuda.matmul import (
-    MOE5_MIN_AVG_128,
+from worker.backends.cuda.matmul import MatmulKernels
+from worker.backends.cuda.plans.base import Launch, QWeight
+from worker.backends.cuda.plans.dense import (
     SKINNY_ITEM_BYTES,
-    Launch,
-    MatmulKernels,
-    QWeight,
     gemm2_smem_bytes,
     gemm_split,
     gemm_version,
-    moe5_tile_m,
-    moe_split,
-    moe_tile_bound,
-    moe_workspace_bytes,
     plan_embed,
     plan_gemm,
     plan_gemm_x16,
     plan_gemv,
-    plan_moe,
-    plan_moe_route,
     plan_skinny,
     skinny_shape,
     skinny_warp_bytes,
+)
+from worker.backends.cuda.plans.moe import (
+    MOE5_MIN_AVG_128,
+    moe5_tile_m,
+    moe_split,
+    moe_tile_bound,
+    moe_workspace_bytes,
+    plan_moe,
+    plan_moe_route,
 )
 from worker.backends.cuda.quant_layout import LAYOUTS, layout
 from worker.errors import CudaError, ErrorCode
@@ -556,7 +557,7 @@ def test_split_k_depends_on_the_shape_only() -> None:
     and the GPU alone (batch invariance): none where one column of 128-row tiles fills the
     GPU; else between the splits that fill it with the gemm's blocks and twice that, the one
     whose skinny launch fills the resident warps in whole waves."""
-    from worker.backends.cuda.matmul import gemm_split, plan_gemm, plan_splitk_reduce
+    from worker.backends.cuda.plans.dense import gemm_split, plan_gemm, plan_splitk_reduce
 
     q4k, q50, q80, q5k, q6k = 12, 6, 8, 13, 14
     down = QWeight(A, q4k, 896, 4864, 896 * 4864 // 256 * 144)
@@ -751,7 +752,7 @@ def test_integer_cores_fold_their_splits_where_the_tiles_fill_the_gpu() -> None:
     where the output tiles fill the multiprocessors (qkv and gate_up above 8 rows), and where
     they fill half of them if each split is one super-block (o, 12 splits of 12, at 33-64
     rows: 96 tiles), but not Q4_K down's splits of two (96 tiles at 64 rows)."""
-    from worker.backends.cuda.matmul import i15_fold, i15_split
+    from worker.backends.cuda.plans.i15 import i15_fold, i15_split
 
     def folds(n: int, k: int, t: int) -> list[int]:
         w = QWeight(A, t, n, k, n * layout(t).row_bytes(k))
@@ -766,7 +767,7 @@ def test_integer_cores_fold_their_splits_where_the_tiles_fill_the_gpu() -> None:
     assert folds(3072, 8192, 14) == folds(32064, 3072, 14) == []  # Q6_K down, the head
     w = QWeight(A, 12, 3072, 3072, 3072 * layout(12).row_bytes(3072))
     assert not i15_fold(w, 64, 1, 132)  # nothing to fold
-    from worker.backends.cuda.matmul import plan_i15
+    from worker.backends.cuda.plans.i15 import plan_i15
 
     q6 = QWeight(A, 14, 3072, 8192, 3072 * layout(14).row_bytes(8192))
     planes, part = DevBuf(A << 8, 1 << 28), DevBuf(A << 9, 1 << 28)
@@ -780,7 +781,7 @@ def test_int15_setting_puts_experts_and_large_k_quant_products_on_the_integer_co
     too, `0` none. The choice is per weight: Phi-3's products all take the integer cores,
     none of Qwen2.5-0.5B's (K-quant ones of 4.4 M weights, a Q8_0 head) or gpt-oss's
     dense ones (Q8_0); never with batch invariance off."""
-    from worker.backends.cuda.matmul import INT15_LARGE, int15_choice
+    from worker.backends.cuda.plans.i15 import INT15_LARGE, int15_choice
 
     assert int15_choice("auto") == (True, False, True) and INT15_LARGE  # the default
     assert int15_choice("experts") == (True, False, False)

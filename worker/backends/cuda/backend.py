@@ -311,7 +311,7 @@ class CudaBackend:
         return self.arena.view(off, self.plan.sizes[name], name)
 
     def _w(self, name: str) -> Any:
-        from worker.backends.cuda.matmul import QWeight
+        from worker.backends.cuda.plans.base import QWeight
 
         ti = self.gf.tensors[name]
         if len(ti.shape) == 3:  # experts: ggml ne [K, N, experts]

@@ -29,14 +29,16 @@ from worker.backends.cuda.kernels import (
     Kernels,
 )
 from worker.backends.cuda.kv import KvPool
-from worker.backends.cuda.matmul import MatmulKernels, QWeight, i15_planes
+from worker.backends.cuda.matmul import MatmulKernels
+from worker.backends.cuda.plans.base import QWeight
+from worker.backends.cuda.plans.i15 import i15_planes
 from worker.gguf.hparams import HParams
 from worker.models.recipe import LayerRecipe, ModelRecipe
 
 DECODE_SPLITS = 16  # key chunks per decode row (fixed: a row's chunks depend only on its length)
 MIN_CHUNK = 64  # keys a decode split takes at least (attention.cu MIN_CHUNK)
 F32_TYPE = 0
-Buf = tuple[int, int]  # (ptr, nbytes) as matmul.py takes it
+Buf = tuple[int, int]  # (ptr, nbytes) as the launch plans take it
 
 
 def _b(d: DevBuf) -> Buf:

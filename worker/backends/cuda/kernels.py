@@ -60,10 +60,10 @@ def need(kernel: str, buf: DevBuf | None, nbytes: int, what: str, align: int = 4
 def i15_args(kernel: str, planes: tuple[DevBuf, int] | None, rows: int, n: int) -> tuple[int, ...]:
     """The trailing (hi, lo, d, sq, blk) arguments of a producer that may also write its
     output's 15-bit codes (i15.cuh): null pointers without planes; else checked against the
-    layout matmul.i15_planes gives the integer products."""
+    layout plans.i15.i15_planes gives the integer products."""
     if planes is None:
         return (0, 0, 0, 0, 0)
-    from worker.backends.cuda.matmul import i15_planes
+    from worker.backends.cuda.plans.i15 import i15_planes
 
     buf, blk = planes
     if blk not in (32, 256) or n % blk:
@@ -251,7 +251,7 @@ class Kernels:
             ("elementwise", "resolve_pending_ids"): "PPi",
             ("sampling", "sample_rows"): "PqiPPPiPPPP",
         }
-        from worker.backends.cuda.matmul import _prefer_shared
+        from worker.backends.cuda.matmul import prefer_shared
 
         self.fn: dict[str, Any] = {}
         for (mod, name), s in sig.items():
@@ -260,15 +260,15 @@ class Kernels:
             # the same shared-memory carveout as every matmul kernel: where two kernels in a
             # row ask for different carveouts, each SM drains and reconfigures between them
             # (~150 such switches per Qwen decode step cost ~190 us, docs/kernels.md)
-            _prefer_shared(f)
+            prefer_shared(f)
             self.fn[name] = f
-        from worker.backends.cuda.matmul import _allow_dynamic_shared
+        from worker.backends.cuda.matmul import allow_dynamic_shared
 
         for d in TC_HEAD_DIMS:
             nb = attn_tc_smem_bytes(d)
             if nb > MAX_DYN_SMEM:
                 name = f"attn_prefill_tc_d{d}"
-                _allow_dynamic_shared(self.fn[name], name, nb)
+                allow_dynamic_shared(self.fn[name], name, nb)
 
     def launch(
         self,
@@ -307,7 +307,7 @@ class Kernels:
     ) -> None:
         """out = x * rsqrt(mean(x^2) + eps) * w per row (x += delta first); `planes` (a
         buffer and a scale block of 32 or 256): also out's 15-bit codes there, laid out as
-        matmul.i15_planes(rows, n, blk), for the integer products that read out."""
+        plans.i15.i15_planes(rows, n, blk), for the integer products that read out."""
         k = "rmsnorm_f32"
         positive(k, rows=rows, n=n)
         nb = rows * n * F32
