@@ -272,11 +272,6 @@ class Scheduler:
     def jobs(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    @property
-    def free_capacity(self) -> int:
-        """Jobs the engine can take now without one of them having to wait for a slot."""
-        return max(0, self.max_batch - self.jobs)
-
     def holds(self, job_id: str) -> bool:
         return job_id in self.running or any(s.req.job_id == job_id for s in self.waiting)
 

@@ -187,10 +187,6 @@ class MatmulKernels:
         by_threads = self._sm_threads // threads
         return max(1, min(by_regs, by_smem, by_threads, 32))
 
-    def resident_blocks(self, kernel: str) -> int:
-        """Blocks of a loaded kernel resident on the whole GPU at once (after its first use)."""
-        return self._resident[kernel]
-
     def run(self, launch: Launch, stream: Any = None) -> None:
         """Queue a checked launch on `stream` (pycuda Stream or None)."""
         fn = self._func(launch)

@@ -224,7 +224,7 @@ def plan_gemm(
     ybytes = ((m - 1) * (w.rows if ldy is None else ldy) + w.rows) * 4
     disjoint(kernel, (hb.ptr, hb.ptr + hbytes), (yb.ptr, yb.ptr + ybytes), "xh and y")
     args = (*launch.args[:4], hb.ptr, w.cols, *launch.args[6:])
-    return replace(launch, args=args, shared=gemm2_smem_bytes(lay, tile_m, x_stages=3))
+    return replace(launch, args=args, shared=gemm2_smem_bytes(lay, tile_m, x_stages=GEMM3_X_STAGES))
 
 
 GEMM2_BK = 32  # g2::BK: K elements a step
