@@ -392,3 +392,44 @@ def test_serve_embedded_on_4222_ends_with_the_command_to_try(tiny_model: Path) -
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--batch", "1,,8"], "not a comma list of integers"),
+        (["--batch", "0,8"], "must be positive: 0"),
+        (["--suite", "--device", "cpu", "--concurrency", "8,x"], "not an integer: 'x'"),
+        (["--device", "cpu"], "--device: only for --suite"),
+    ],
+)
+def test_bench_refuses_bad_lists_and_a_stray_device_before_loading(
+    real_qwen: Path, args: list[str], says: str
+) -> None:
+    """A wrong `--batch` list used to surface only after the model had loaded on the GPU."""
+    out, took = cli("bench", *args, str(real_qwen))
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert says in out.stderr and "Traceback" not in out.stderr
+    assert took < 10
+
+
+def test_bench_without_the_gpu_stack_says_so_in_one_json_line(
+    real_qwen: Path, tmp_path: Path
+) -> None:
+    """Where PyCUDA cannot be imported (here: made so by a shadowing package), the in-process
+    bench answers one JSON error that names the way out, not a bare ModuleNotFoundError."""
+    shadow = tmp_path / "pycuda"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('No module named pycuda (shadowed)')\n")
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join([str(tmp_path), e.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [WORKER_ORCD, "bench", "--no-cold", "--batch", "1", str(real_qwen)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=e,
+    )
+    error = one_json_failure(out)
+    assert error.startswith("the CUDA backend cannot start (No module named pycuda")
+    assert "bench --suite --device cpu" in error

@@ -265,6 +265,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_list(text: str) -> list[int]:
+    """A comma list of decimal integers > 0 (e.g. 1,8,32); anything else is a usage error."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or not all(parts):
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}")
+    return [positive_int(p) for p in parts]
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

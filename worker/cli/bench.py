@@ -36,6 +36,7 @@ from worker.cli._common import (
     add_model_ref_option,
     model_path,
     positive_int,
+    positive_int_list,
 )
 
 ORDER = 70
@@ -89,7 +90,8 @@ def register(subparsers: SubParsers) -> None:
     )
     p.add_argument(
         "--batch",
-        default="",
+        type=positive_int_list,
+        default=[],
         metavar="LIST",
         help="also run llama-batched-bench's measurement for these B, e.g. 1,8,32,64,128, "
         "and print its table",
@@ -102,7 +104,12 @@ def register(subparsers: SubParsers) -> None:
         action="store_true",
         help="run `worker-orcd serve` subprocesses and measure them over NATS",
     )
-    s.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="worker backend")
+    s.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default=None,
+        help="the suite's workers' backend (cuda); without --suite the bench is the GPU's",
+    )
     s.add_argument(
         "--nats-url",
         default=None,
@@ -146,7 +153,8 @@ def register(subparsers: SubParsers) -> None:
     )
     s.add_argument(
         "--concurrency",
-        default="",
+        type=positive_int_list,
+        default=[],
         metavar="LIST",
         help="also run N clients at once for each N, e.g. 1,16,64 (each sends its next job "
         "when its last ends): aggregate tokens/s, TTFT and inter-token percentiles",
@@ -209,6 +217,10 @@ def _commit() -> str:
         return "unknown"
 
 
+class NoGpuStack(Exception):
+    """The CUDA backend cannot start here (PyCUDA or cuda-bindings missing)."""
+
+
 def _load(path: Path, args: argparse.Namespace, cache_dir: str | None) -> tuple[Any, float]:
     from worker.backends.cuda import CudaBackend
 
@@ -227,6 +239,11 @@ def _load(path: Path, args: argparse.Namespace, cache_dir: str | None) -> tuple[
             batch_invariant=not args.no_invariant,
         )
         return be, time.perf_counter() - t0
+    except ImportError as exc:  # the backend imports PyCUDA / cuda-bindings as it starts
+        raise NoGpuStack(
+            f"the CUDA backend cannot start ({exc}): bench measures an NVIDIA GPU "
+            "(pip install '.[cuda]' there); `bench --suite --device cpu` runs without one"
+        ) from exc
     finally:
         if cache_dir is not None:
             if old is None:
@@ -331,7 +348,7 @@ def measure_batched(be: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     print(BATCHED_HEADER)
     print("|" + "|".join("-" * (len(c)) for c in BATCHED_HEADER.split("|")[1:-1]) + "|")
-    for b in [int(x) for x in args.batch.split(",")]:
+    for b in args.batch:
         if b > be.max_batch:
             print(f"| B={b} skipped: more than max_batch {be.max_batch} |")
             continue
@@ -426,7 +443,7 @@ def measure_suite(args: argparse.Namespace, nats_options: Any) -> dict[str, Any]
         vram_jobs=args.vram_jobs,
         loads=args.loads,
         cold=not args.no_cold,
-        concurrency=[int(x) for x in args.concurrency.split(",") if x.strip()],
+        concurrency=args.concurrency,
         jobs_per_client=args.jobs_per_client,
         prefix_tokens=args.prefix_tokens,
         load_timeout_s=args.load_timeout_s,
@@ -443,6 +460,12 @@ def run(args: argparse.Namespace) -> int:
     given = connect_flags_given(args)
     if given and not args.suite:
         args.parser.error(f"{' '.join(given)}: only for --suite with --nats-url")
+    if args.device is not None and not args.suite:
+        args.parser.error(
+            "--device: only for --suite (the in-process bench measures the GPU; "
+            "`bench --suite --device cpu` measures a CPU worker over NATS)"
+        )
+    args.device = args.device or "cuda"
     try:
         nats_options = url_connect_options(args) if args.suite else None
     except ValueError as exc:
@@ -452,6 +475,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(json.dumps({"error": "interrupted"}), flush=True)
         return EXIT_INTERRUPTED
+    except NoGpuStack as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 1
     except Exception as exc:  # report, do not hide: one JSON object either way
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 1
