@@ -113,6 +113,7 @@ def _load_model_blocking(cfg: WorkerConfig) -> LoadedModel:
         "progress": progress,
         "max_batch": cfg.max_batch,
         "prefill_chunk": cfg.prefill_chunk,
+        "batch_invariant": cfg.batch_invariant,
     }
     backend: BatchBackend
     if cfg.device == "cpu":

@@ -57,6 +57,9 @@ class WorkerConfig:
     prefill_chunk: int = 256
     prefill_wait_ms: float = 50.0
     prefix_cache: bool = True
+    # every job's bits independent of the rest of the batch (the CUDA backend; the NumPy one
+    # is invariant whatever this says); off: steps of 1-8 rows take the faster decode kernels
+    batch_invariant: bool = True
     nats_connect_timeout_s: float = 60.0  # give up (exit 2) if NATS cannot be reached
     # credentials and TLS for --nats-url (worker/nats/options.py)
     nats_options: NatsConnectOptions = field(default_factory=NatsConnectOptions)
@@ -357,6 +360,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="do not share KV blocks of identical prompt prefixes between jobs "
         f"(env {env_name('prefix_cache')}=0)",
     )
+    b.add_argument(
+        "--no-batch-invariance",
+        dest="batch_invariant",
+        action="store_false",
+        default=None,
+        help="let a job's bits depend on what runs beside it: steps of 1-8 jobs take the "
+        "decode matrix-vector kernels, faster at one or a few streams (GPU; "
+        f"env {env_name('batch_invariant')}=0)",
+    )
     add_nats_connect_arguments(p)
 
 
@@ -384,6 +396,10 @@ def config_from_args(
     if pc is None:
         pc = env.get(ENV_PREFIX + "PREFIX_CACHE", "1").lower() not in ("0", "false", "no")
     values["prefix_cache"] = bool(pc)
+    bi = getattr(args, "batch_invariant", None)
+    if bi is None:
+        bi = env.get(ENV_PREFIX + "BATCH_INVARIANT", "1").lower() not in ("0", "false", "no")
+    values["batch_invariant"] = bool(bi)
     values["nats_options"] = nats_connect_options(args, env)
     if "model" not in values:
         raise ValueError("--model is required (or WORKER_ORCD_MODEL)")

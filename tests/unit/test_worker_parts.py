@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import io
 import json
 import time
@@ -92,6 +93,22 @@ def test_config_flags_override_environment(tmp_path: Path) -> None:
         config_from_args(p.parse_args(["--model", "m.gguf", "--worker-id", "a.b"]), {})
     with pytest.raises(ValueError, match="max-tokens-out"):
         config_from_args(p.parse_args(["--model", "m.gguf", "--max-tokens-out", "5000"]), {})
+
+
+def test_batch_invariance_is_on_unless_the_flag_or_the_environment_turns_it_off() -> None:
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    m = ["--model", "m.gguf"]
+    assert config_from_args(p.parse_args(m), {}).batch_invariant
+    assert not config_from_args(p.parse_args([*m, "--no-batch-invariance"]), {}).batch_invariant
+    for off in ("0", "false", "no"):
+        env = {"WORKER_ORCD_BATCH_INVARIANT": off}
+        assert not config_from_args(p.parse_args(m), env).batch_invariant
+    assert config_from_args(p.parse_args(m), {"WORKER_ORCD_BATCH_INVARIANT": "1"}).batch_invariant
+    # the loader hands the setting to the CUDA backend by this keyword (actors/loader.py)
+    from worker.backends.cuda.backend import CudaBackend
+
+    assert "batch_invariant" in inspect.signature(CudaBackend).parameters
 
 
 def test_metrics_text() -> None:
