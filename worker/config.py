@@ -156,6 +156,19 @@ def env_name(dest: str) -> str:
     return ENV_PREFIX + dest.upper()
 
 
+def env_switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """An on/off setting from the environment: when on by default, anything but 0 / false /
+    no (any case) keeps it on; when off by default, only 1 / true / yes turns it on."""
+    raw = env.get(name, "").lower()
+    return raw not in ("0", "false", "no") if default else raw in ("1", "true", "yes")
+
+
+def _switch(args: argparse.Namespace, env: Mapping[str, str], dest: str, default: bool) -> bool:
+    """A serve on/off setting: its flag when given, else its environment variable."""
+    flag = getattr(args, dest, None)
+    return bool(flag) if flag is not None else env_switch(env, env_name(dest), default)
+
+
 def _default_of(dest: str) -> object:
     return WorkerConfig.__dataclass_fields__[dest].default
 
@@ -388,18 +401,9 @@ def config_from_args(
                 values[name] = typ(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise ValueError(f"{ENV_PREFIX + name.upper()}={raw!r}: {exc}") from None
-    lp = getattr(args, "log_prompts", None)
-    if lp is None:
-        lp = env.get(ENV_PREFIX + "LOG_PROMPTS", "").lower() in ("1", "true", "yes")
-    values["log_prompts"] = bool(lp)
-    pc = getattr(args, "prefix_cache", None)
-    if pc is None:
-        pc = env.get(ENV_PREFIX + "PREFIX_CACHE", "1").lower() not in ("0", "false", "no")
-    values["prefix_cache"] = bool(pc)
-    bi = getattr(args, "batch_invariant", None)
-    if bi is None:
-        bi = env.get(ENV_PREFIX + "BATCH_INVARIANT", "1").lower() not in ("0", "false", "no")
-    values["batch_invariant"] = bool(bi)
+    values["log_prompts"] = _switch(args, env, "log_prompts", False)
+    values["prefix_cache"] = _switch(args, env, "prefix_cache", True)
+    values["batch_invariant"] = _switch(args, env, "batch_invariant", True)
     values["nats_options"] = nats_connect_options(args, env)
     if "model" not in values:
         raise ValueError("--model is required (or WORKER_ORCD_MODEL)")

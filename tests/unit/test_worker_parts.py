@@ -8,6 +8,9 @@ import hashlib
 import inspect
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,6 +112,15 @@ def test_batch_invariance_is_on_unless_the_flag_or_the_environment_turns_it_off(
     from worker.backends.cuda.backend import CudaBackend
 
     assert "batch_invariant" in inspect.signature(CudaBackend).parameters
+    # callers that pass no setting (generate, the tools) read the variable as serve does
+    for value, on in (("false", False), ("No", False), ("0", False), ("1", True), ("", True)):
+        out = subprocess.run(
+            [sys.executable, "-c", "from worker.backends.cuda.backend import BATCH_INVARIANT as b;"
+             " print(b)"],
+            env={**os.environ, "WORKER_ORCD_BATCH_INVARIANT": value},
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert out.stdout.strip() == str(on), (value, out.stdout, out.stderr)
 
 
 def test_metrics_text() -> None:

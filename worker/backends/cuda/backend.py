@@ -39,6 +39,7 @@ from worker.backends.cuda.executor import DeviceStep, Executor
 from worker.backends.cuda.kernels import KV_BLOCK
 from worker.backends.cuda.kv import KvPool, kv_block_bytes
 from worker.backends.cuda.step import Bucket, Sizes, choose_bucket, layout_step, prompt_buckets
+from worker.config import env_switch
 from worker.engine.batch import Chunk, StepOutput
 from worker.errors import (
     ContextLengthExceeded,
@@ -59,9 +60,10 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_GRAPHS = 128
 LOGIT_ROWS = 64  # rows of all-position logits (tests, tools) computed per step
 DEFAULT_JOB_TOKENS = 2048  # the default --max-batch gives each running job this much KV
-# Batch invariance is on unless WORKER_ORCD_BATCH_INVARIANT=0 (then steps of 1-8 rows use
-# the decode gemv: faster at batch 1, but a job's bits then depend on the batch it ran in)
-BATCH_INVARIANT = os.environ.get("WORKER_ORCD_BATCH_INVARIANT", "1") != "0"
+# Batch invariance is on unless WORKER_ORCD_BATCH_INVARIANT=0 / false / no, read as serve
+# reads it (then steps of 1-8 rows use the decode gemv: faster at batch 1, but a job's bits
+# then depend on the batch it ran in); serve passes its setting explicitly
+BATCH_INVARIANT = env_switch(os.environ, "WORKER_ORCD_BATCH_INVARIANT", True)
 
 _GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 
